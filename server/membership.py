@@ -1,0 +1,52 @@
+"""Membership: the root URLs of the nodes this node replicates with, persisted (`n<url>` -> '')."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.storage import Store, prefix_end
+from potboiler.server.urls import node_url
+
+_PREFIX = b"n"
+
+
+class Membership:
+    """The known peers. Listeners hear of every addition and removal (replication follows them)."""
+
+    def __init__(self, store: Store, self_url: str) -> None:
+        self._store = store
+        self.self_url = node_url(self_url)
+        self._urls = {key[1:].decode() for key, _ in store.scan(_PREFIX, prefix_end(_PREFIX))}
+        self._listeners: list[Callable[[str, bool], None]] = []
+
+    def on_change(self, listener: Callable[[str, bool], None]) -> None:
+        """Call `listener(url, added)` on every change."""
+        self._listeners.append(listener)
+
+    def urls(self) -> list[str]:
+        """The peers' root URLs, sorted."""
+        return sorted(self._urls)
+
+    def add(self, url: str) -> bool:
+        """Add a peer; returns False if it was known already."""
+        url = node_url(url)
+        if url == self.self_url:
+            raise InvalidArgument(f"{url} is this node itself")
+        if url in self._urls:
+            return False
+        self._store.write([(_PREFIX + url.encode(), b"")], sync=True)
+        self._urls.add(url)
+        for listener in self._listeners:
+            listener(url, True)
+        return True
+
+    def remove(self, url: str) -> None:
+        """Remove a peer; NotFound if it is not known."""
+        url = node_url(url)
+        if url not in self._urls:
+            raise NotFound(f"{url} is not a known node")
+        self._store.write([(_PREFIX + url.encode(), None)], sync=True)
+        self._urls.discard(url)
+        for listener in self._listeners:
+            listener(url, False)

@@ -1,0 +1,176 @@
+"""One Potboiler node: the log and its services on a gRPC server, with its Envoy gateway."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from potboiler.server.appender import Appender
+from potboiler.server.gateway import Gateway, Ports
+from potboiler.server.hlc import HybridClock
+from potboiler.server.log import Log
+from potboiler.server.log_servicer import LogServicer
+from potboiler.server.logclient import LocalLogClient
+from potboiler.server.membership import Membership
+from potboiler.server.nodes_servicer import NodesServicer
+from potboiler.server.plugin import NodeContext, NodeService
+from potboiler.server.rest_servicer import CoreRestServicer
+from potboiler.server.storage import RocksStore
+from potboiler.server.webhooks import Webhooks
+from potboiler.server.webhooks_servicer import WebhooksServicer
+from potboiler.v1 import core_rest_pb2_grpc, log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc, webhooks_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: Largest gRPC message a node accepts (a batch of entries, a replication batch).
+MAX_MESSAGE_BYTES = 64 << 20
+
+#: The services every node runs beside the log, as factories.
+ServiceFactory = Callable[[NodeContext], NodeService]
+
+
+def default_services() -> list[tuple[str, ServiceFactory]]:
+    """(name, factory) of the services a full node runs: KV and Pigtail."""
+    return []
+
+
+def server_options() -> list[tuple[str, int]]:
+    """gRPC server options: no silent port sharing, big messages, keepalive."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+@dataclass
+class NodeConfig:
+    """How to run a node."""
+
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    base_port: int = 8000
+    peers: list[str] = field(default_factory=list)
+    #: Sync every write batch to disk (survives power loss), not just to the WAL.
+    fsync: bool = False
+    #: Start Envoy (the REST ports); off in in-process tests that speak gRPC only.
+    gateway: bool = True
+    #: Port of the gRPC server; base_port + 10 unless set (0 lets the OS choose).
+    grpc_port: int | None = None
+    services: list[tuple[str, ServiceFactory]] = field(default_factory=default_services)
+    clock: HybridClock | None = None
+
+    @property
+    def ports(self) -> Ports:
+        """The node's ports from its base port."""
+        return Ports(self.base_port)
+
+    @property
+    def url(self) -> str:
+        """The node's root URL, its name among peers."""
+        return f"http://{self.host}:{self.base_port}"
+
+
+class Node:
+    """A running node. `start()` opens the store and serves; `stop()` undoes it all."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = RocksStore(config.data_dir / "log")
+        self.log = Log(self.store, config.clock)
+        self.appender = Appender(self.log, self.store, sync=config.fsync)
+        self.membership = Membership(self.store, config.url)
+        self.webhooks = Webhooks(self.store, self.appender)
+        self.services: list[NodeService] = []
+        self.server: grpc.aio.Server | None = None
+        self.gateway: Gateway | None = None
+        self.grpc_port = 0
+        self._health = health.aio.HealthServicer()
+
+    def peer_status(self) -> list[nodes_pb2.PeerStatus]:
+        """Replication state per peer."""
+        return [
+            nodes_pb2.PeerStatus(url=url, state=nodes_pb2.PeerStatus.STATE_DISCONNECTED)
+            for url in self.membership.urls()
+        ]
+
+    async def start(self) -> None:
+        """Serve gRPC, start the services and the gateway."""
+        config = self.config
+        self.appender.start()
+        server = grpc.aio.server(options=server_options())
+        log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), server)
+        core_rest_pb2_grpc.add_CoreRestServiceServicer_to_server(
+            CoreRestServicer(self.appender, self.membership), server
+        )
+        nodes_pb2_grpc.add_NodesServiceServicer_to_server(
+            NodesServicer(self.log, self.membership, self.peer_status), server
+        )
+        webhooks_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(self.webhooks), server)
+        names = [
+            log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
+            "potboiler.v1.CoreRestService",
+            "potboiler.v1.NodesService",
+            "potboiler.v1.WebhooksService",
+        ]
+        context = NodeContext(
+            log=LocalLogClient(self.appender), data_dir=config.data_dir, clock=self.log.clock, fsync=config.fsync
+        )
+        for name, factory in config.services:
+            service = factory(NodeContext(context.log, config.data_dir / name, context.clock, context.fsync))
+            names += service.register(server)
+            self.services.append(service)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        port = config.ports.grpc if config.grpc_port is None else config.grpc_port
+        self.grpc_port = server.add_insecure_port(f"{config.host}:{port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind the gRPC port {config.host}:{port}")
+        await server.start()
+        self.server = server
+        for service in self.services:
+            await service.start()
+        self.webhooks.start()
+        for peer in config.peers:
+            self.membership.add(peer)
+        for name in names:
+            await self._set_health(name, serving=True)
+        await self._set_health("", serving=True)
+        if config.gateway:
+            self.gateway = Gateway(
+                config.host, config.ports, config.host, config.data_dir / "gateway"
+            )
+            await self.gateway.start()
+        log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
+
+    async def _set_health(self, name: str, *, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set(name, status)
+
+    async def stop(self) -> None:
+        """Stop the gateway, the server (letting calls finish for a moment), services and the log."""
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self.server is not None:
+            await self._set_health("", serving=False)
+            await self.server.stop(grace=1.0)
+            self.server = None
+        await self.webhooks.stop()
+        for service in reversed(self.services):
+            await service.stop()
+        self.services.clear()
+        await self.appender.stop()
+        self.store.close()

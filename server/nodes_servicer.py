@@ -1,0 +1,62 @@
+"""NodesService: membership and replication status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from potboiler.server import rest
+from potboiler.server.grpc_errors import unary
+from potboiler.server.log import Log
+from potboiler.server.membership import Membership
+from potboiler.v1 import nodes_pb2, nodes_pb2_grpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def vector_message(vector: dict[str, int]) -> list[nodes_pb2.VectorComponent]:
+    """A version vector as sorted components."""
+    return [nodes_pb2.VectorComponent(owner=o, seq=s) for o, s in sorted(vector.items())]
+
+
+class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
+    """Thin over `Membership`; peer states come from the replicator."""
+
+    def __init__(
+        self,
+        log: Log,
+        membership: Membership,
+        peer_status: Callable[[], list[nodes_pb2.PeerStatus]],
+    ) -> None:
+        self._log = log
+        self._membership = membership
+        self._peer_status = peer_status
+
+    @unary
+    async def ListNodes(self, request: nodes_pb2.ListNodesRequest, context: Ctx) -> nodes_pb2.ListNodesResponse:
+        return nodes_pb2.ListNodesResponse(urls=self._membership.urls())
+
+    @unary
+    async def AddNode(self, request: nodes_pb2.AddNodeRequest, context: Ctx) -> nodes_pb2.AddNodeResponse:
+        self._membership.add(request.url)
+        await rest.no_content(context)
+        return nodes_pb2.AddNodeResponse()
+
+    @unary
+    async def RemoveNode(self, request: nodes_pb2.RemoveNodeRequest, context: Ctx) -> nodes_pb2.RemoveNodeResponse:
+        self._membership.remove(request.url)
+        await rest.no_content(context)
+        return nodes_pb2.RemoveNodeResponse()
+
+    @unary
+    async def GetStatus(self, request: nodes_pb2.GetStatusRequest, context: Ctx) -> nodes_pb2.GetStatusResponse:
+        return nodes_pb2.GetStatusResponse(
+            node_id=self._log.node_id,
+            url=self._membership.self_url,
+            vector=vector_message(self._log.vector()),
+            pending=self._log.pending,
+            delivered_position=self._log.position,
+            peers=self._peer_status(),
+        )

@@ -1,0 +1,40 @@
+"""How a service built on the log (KV, Pigtail) plugs into a node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from potboiler.server.hlc import HybridClock
+from potboiler.server.logclient import LogClient
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a node gives each of its services."""
+
+    log: LogClient
+    #: A directory of the service's own (its RocksDB store lives there).
+    data_dir: Path
+    clock: HybridClock
+    #: Sync every write of the service's store (the node's --fsync).
+    fsync: bool
+
+
+class NodeService(Protocol):
+    """A service run by a node, started after the log and stopped before it."""
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        """Add the servicers to `server`; returns their full service names (for reflection)."""
+        ...
+
+    async def start(self) -> None:
+        """Start background work (e.g. applying the log to the service's state)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop background work and close the service's store."""
+        ...

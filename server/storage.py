@@ -1,0 +1,146 @@
+"""The narrow storage interface every Potboiler store sits on, and its two implementations.
+
+A store is an ordered map of byte keys to byte values with atomic batched writes. `RocksStore`
+keeps it in embedded RocksDB (rocksdict); `MemoryStore` is its in-memory twin for unit tests.
+Both pass the same contract test (tests/unit/test_storage.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+#: One write of a batch: (key, value) puts, (key, None) deletes.
+Write = tuple[bytes, bytes | None]
+
+
+class Store(Protocol):
+    """An ordered byte-key/byte-value store with atomic batches."""
+
+    def get(self, key: bytes) -> bytes | None:
+        """The value at `key`, or None."""
+        ...
+
+    def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
+        """Apply all writes atomically; with `sync`, return only once they are on stable storage."""
+        ...
+
+    def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Items with start <= key < end in key order, at most `limit` of them."""
+        ...
+
+    def last(self, start: bytes, end: bytes) -> tuple[bytes, bytes] | None:
+        """The item with the greatest key in [start, end), or None."""
+        ...
+
+    def close(self) -> None:
+        """Release the store; it is unusable afterwards."""
+        ...
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\xff" * (len(prefix) + 1)
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class RocksStore:
+    """A Store in embedded RocksDB. Every write goes through the WAL, so it survives a process crash;
+    `sync=True` also survives power loss. One process may open a path once."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_max_background_jobs(2)
+        self._db = Rdict(str(path / "rocksdb"), options)
+        self._nosync = WriteOptions()
+        self._sync = WriteOptions()
+        self._sync.sync = True
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._db.get(key)
+        return value
+
+    def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
+        wb = WriteBatch(raw_mode=True)
+        for key, value in batch:
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+        self._db.write(wb, self._sync if sync else self._nosync)
+
+    def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        it = self._db.iter()
+        it.seek(start)
+        n = 0
+        while it.valid() and (limit is None or n < limit):
+            key: bytes = it.key()
+            if key >= end:
+                return
+            yield key, it.value()
+            n += 1
+            it.next()
+
+    def last(self, start: bytes, end: bytes) -> tuple[bytes, bytes] | None:
+        it = self._db.iter()
+        it.seek_for_prev(end)
+        while it.valid():
+            key: bytes = it.key()
+            if key < start:
+                return None
+            if key < end:
+                return key, it.value()
+            it.prev()
+        return None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class MemoryStore:
+    """A Store in a sorted in-memory list: the twin of RocksStore for fast unit tests."""
+
+    def __init__(self) -> None:
+        self._keys: list[bytes] = []
+        self._values: dict[bytes, bytes] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._values.get(key)
+
+    def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
+        for key, value in batch:
+            if value is None:
+                if key in self._values:
+                    del self._values[key]
+                    del self._keys[bisect.bisect_left(self._keys, key)]
+            else:
+                if key not in self._values:
+                    bisect.insort(self._keys, key)
+                self._values[key] = value
+
+    def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        i = bisect.bisect_left(self._keys, start)
+        n = 0
+        while i < len(self._keys) and self._keys[i] < end and (limit is None or n < limit):
+            key = self._keys[i]
+            yield key, self._values[key]
+            i += 1
+            n += 1
+
+    def last(self, start: bytes, end: bytes) -> tuple[bytes, bytes] | None:
+        i = bisect.bisect_left(self._keys, end) - 1
+        if i >= 0 and self._keys[i] >= start:
+            return self._keys[i], self._values[self._keys[i]]
+        return None
+
+    def close(self) -> None:
+        self._keys.clear()
+        self._values.clear()

@@ -1,0 +1,44 @@
+"""Validation of the URLs users give: webhook targets and node root URLs."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from potboiler.server.errors import InvalidArgument
+
+MAX_URL_LENGTH = 2048
+
+
+def http_url(text: str, what: str = "url") -> str:
+    """`text` if it is an absolute http(s) URL with a host; InvalidArgument otherwise."""
+    if not text:
+        raise InvalidArgument(f"{what} is required")
+    if len(text) > MAX_URL_LENGTH:
+        raise InvalidArgument(f"{what} is longer than {MAX_URL_LENGTH} characters")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidArgument(f"{what} {text!r} contains whitespace or control characters")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} {text!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise InvalidArgument(f"{what} {text!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise InvalidArgument(f"{what} {text!r} has no host")
+    if port == 0:
+        raise InvalidArgument(f"{what} {text!r} has port 0")
+    return text
+
+
+def node_url(text: str) -> str:
+    """A node's root URL, normalised to scheme://host:port with no path."""
+    http_url(text, "node url")
+    parts = urlsplit(text)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise InvalidArgument(f"node url {text!r} must be a root URL like http://host:8000 (no path or query)")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host.lower()}:{port}"

@@ -1,0 +1,157 @@
+"""The log store: chains and seq, heads and firsts, causal delivery, remote ingest, restart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
+from potboiler.server.hlc import HybridClock
+from potboiler.server.log import MAX_ENTRY_BYTES, Log, NewEntry, validate_new_entry
+from potboiler.server.storage import MemoryStore, Store
+from potboiler.v1.entry_pb2 import Entry
+
+
+def value(n: int | str) -> Value:
+    v = Value()
+    if isinstance(n, str):
+        v.string_value = n
+    else:
+        v.number_value = n
+    return v
+
+
+def commit_local(log: Log, store: Store, items: Sequence[NewEntry]) -> list[Entry]:
+    plan = log.begin()
+    entries = log.plan_local(plan, items)
+    store.write(plan.writes)
+    log.apply(plan)
+    return entries
+
+
+def commit_remote(log: Log, store: Store, entries: Sequence[Entry]) -> list[Entry]:
+    plan = log.begin()
+    taken = log.plan_remote(plan, [copy(e) for e in entries])
+    store.write(plan.writes)
+    log.apply(plan)
+    return taken
+
+
+def copy(entry: Entry) -> Entry:
+    out = Entry()
+    out.CopyFrom(entry)
+    return out
+
+
+def delivered_ids(log: Log) -> list[str]:
+    return [e.id for _, e in log.delivered(0, 10_000)]
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+def test_chain_numbers_and_links_entries(store: MemoryStore) -> None:
+    log = Log(store)
+    a, b, c = commit_local(log, store, [NewEntry(value(i)) for i in range(3)])
+    assert [e.seq for e in (a, b, c)] == [1, 2, 3]
+    assert (a.prev, b.prev, c.prev) == ("", a.id, b.id)
+    assert log.get(a.id).next == b.id
+    assert log.get(c.id).next == ""
+    assert all(e.owner == log.node_id for e in (a, b, c))
+    assert (a.when.wall_ms, a.when.logical) < (b.when.wall_ms, b.when.logical)
+    [head] = log.heads()
+    assert (head.owner, head.first, head.head, head.seq) == (log.node_id, a.id, c.id, 3)
+    assert log.vector() == {log.node_id: 3}
+
+
+def test_get_rejects_bad_and_unknown_ids(store: MemoryStore) -> None:
+    log = Log(store)
+    with pytest.raises(InvalidArgument, match="not a UUID"):
+        log.get("nope")
+    with pytest.raises(NotFound):
+        log.get("00000000-0000-0000-0000-000000000000")
+
+
+def test_validation() -> None:
+    with pytest.raises(InvalidArgument, match="needs data"):
+        validate_new_entry(Value(), [])
+    with pytest.raises(InvalidArgument, match="dependency 'x' is not a UUID"):
+        validate_new_entry(value(1), ["x"])
+    with pytest.raises(TooLarge):
+        validate_new_entry(value("x" * (MAX_ENTRY_BYTES + 1)), [])
+
+
+def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store: MemoryStore) -> None:
+    other = Log(MemoryStore())
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])  # noqa: SLF001
+    log = Log(store)
+    dep_raw = validate_new_entry(value(0), [dep.id]).dependencies
+    waiting, after = commit_local(log, store, [NewEntry(value(1), dep_raw), NewEntry(value(2))])
+    assert log.pending == 2
+    assert delivered_ids(log) == []
+    assert log.get(waiting.id).id == waiting.id  # stored (acknowledged) though not delivered
+    commit_remote(log, store, [dep])
+    assert delivered_ids(log) == [dep.id, waiting.id, after.id]
+    assert log.pending == 0
+    assert [p for p, _ in log.delivered(0, 10)] == [1, 2, 3]
+
+
+def test_dependency_inside_the_same_batch(store: MemoryStore) -> None:
+    log = Log(store)
+    [a] = commit_local(log, store, [NewEntry(value(1))])
+    b, c = commit_local(log, store, [NewEntry(value(2), (bytes(16),)), NewEntry(value(3))])
+    assert delivered_ids(log) == [a.id]
+    assert log.pending == 2
+
+
+def test_remote_entries_are_taken_once_and_in_chain_order(store: MemoryStore) -> None:
+    origin = Log(MemoryStore(), HybridClock(lambda: 10**12))
+    entries = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(4)])  # noqa: SLF001
+    log = Log(store, HybridClock(lambda: 5))
+    assert commit_remote(log, store, [entries[1]]) == []  # gap: skipped
+    assert [e.seq for e in commit_remote(log, store, entries[:2])] == [1, 2]
+    assert [e.seq for e in commit_remote(log, store, entries)] == [3, 4]  # duplicates skipped
+    assert commit_remote(log, store, entries) == []
+    assert delivered_ids(log) == [e.id for e in entries]
+    assert log.vector() == {origin.node_id: 4}
+    assert log.clock.now().wall_ms == 10**12  # observed the remote stamps
+
+
+def test_dependency_chains_resolve_transitively(store: MemoryStore) -> None:
+    a_log, b_log = Log(MemoryStore()), Log(MemoryStore())
+    [a1] = commit_local(a_log, a_log._store, [NewEntry(value("a1"))])  # noqa: SLF001
+    commit_remote(b_log, b_log._store, [a1])  # noqa: SLF001
+    [b1] = commit_local(b_log, b_log._store, [NewEntry(value("b1"), (validate_new_entry(value(0), [a1.id]).dependencies))])  # noqa: SLF001,E501
+    log = Log(store)
+    commit_remote(log, store, [b1])
+    assert log.pending == 1
+    commit_remote(log, store, [a1])
+    assert delivered_ids(log) == [a1.id, b1.id]
+
+
+def test_restart_keeps_identity_heads_pending_and_clock(store: MemoryStore) -> None:
+    log = Log(store, HybridClock(lambda: 1000))
+    [a] = commit_local(log, store, [NewEntry(value(1), (bytes(16),))])
+    again = Log(store, HybridClock(lambda: 1))
+    assert again.node_id == log.node_id
+    assert again.vector() == log.vector()
+    assert again.pending == 1
+    assert again.position == 0
+    [b] = commit_local(again, store, [NewEntry(value(2))])
+    assert b.prev == a.id
+    assert (b.when.wall_ms, b.when.logical) > (a.when.wall_ms, a.when.logical)
+
+
+def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
+    origin = Log(MemoryStore())
+    [a, b] = commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))])  # noqa: SLF001
+    log = Log(store)
+    commit_remote(log, store, [a])
+    forged = copy(b)
+    forged.prev = "00000000-0000-0000-0000-000000000000"
+    with pytest.raises(InvalidArgument):
+        commit_remote(log, store, [forged])
