@@ -83,7 +83,9 @@ class Appender:
         """Wait until the delivery position exceeds `position`; False on timeout."""
         async with self._delivered:
             try:
-                await asyncio.wait_for(self._delivered.wait_for(lambda: self.log.position > position), timeout)
+                await asyncio.wait_for(
+                    self._delivered.wait_for(lambda: self.log.position > position), timeout
+                )
             except TimeoutError:
                 return False
         return True

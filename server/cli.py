@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from potboiler.server.gateway import Ports
 from potboiler.server.node import Node, NodeConfig
+from potboiler.server.processes import NodeProcess
 
 log = logging.getLogger("potboiler")
 
 
 def _common(parser: argparse.ArgumentParser, data_dir: str) -> None:
     parser.add_argument("--base-port", type=int, default=8000, help="base port B (default 8000)")
-    parser.add_argument("--data-dir", type=Path, default=Path(data_dir), help=f"data directory (default {data_dir})")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(data_dir), help=f"data directory (default {data_dir})"
+    )
     parser.add_argument("--peer", action="append", default=[], help="root URL of a node to join (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    parser.add_argument("--fsync", action="store_true", help="sync every write batch to disk (survives power loss)")
+    parser.add_argument(
+        "--fsync", action="store_true", help="sync every write batch to disk (survives power loss)"
+    )
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
 
 
@@ -71,46 +75,42 @@ def run_cluster(args: argparse.Namespace) -> int:
         print("--nodes must be at least 1", file=sys.stderr)
         return 2
     urls = [f"http://{args.host}:{args.base_port + 100 * i}" for i in range(args.nodes)]
-    children: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def terminate(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, terminate)
-    signal.signal(signal.SIGTERM, terminate)
-    for i, url in enumerate(urls):
-        cmd = [
-            sys.executable, "-m", "potboiler.server.cli", "node",
-            "--base-port", str(args.base_port + 100 * i),
-            "--data-dir", str(args.data_dir / f"node{i}"),
-            "--host", args.host,
-            "--log-level", args.log_level,
-        ]  # fmt: skip
-        cmd += [arg for peer in urls if peer != url for arg in ("--peer", peer)]
-        cmd += ["--fsync"] if args.fsync else []
-        # Each node runs in its own process group so Ctrl-C reaches it only through us, once.
-        children.append(subprocess.Popen(cmd, start_new_session=True))
-    print(f"cluster of {args.nodes} nodes; Ctrl-C stops them all", flush=True)
+    extra = ["--log-level", args.log_level] + (["--fsync"] if args.fsync else [])
+    nodes = [
+        NodeProcess(
+            args.data_dir / f"node{i}",
+            args.base_port + 100 * i,
+            host=args.host,
+            peers=[u for u in urls if u != url],
+            extra_args=extra,
+            log_file=args.data_dir / f"node{i}.log",
+        )
+        for i, url in enumerate(urls)
+    ]
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     code = 0
-    while children and not stopping:
-        for child in children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                if child.wait(timeout=0.2) != 0:
-                    code = child.returncode
-                    print(f"node process {child.pid} exited with {code}; stopping the cluster", file=sys.stderr)
-                    terminate(signal.SIGTERM, None)
-                    break
-    for child in children:
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    try:
+        for node in nodes:
+            node.start(wait=False)
+        for i, node in enumerate(nodes):
+            node.wait_ready()
+            print(f"node{i}: {ports_line(args.host, node.ports.base)}  (log {node.log_file})", flush=True)
+        print(f"cluster of {args.nodes} nodes is up; Ctrl-C stops them all", flush=True)
+        while not stop.wait(0.5):
+            if dead := [n for n in nodes if not n.alive()]:
+                print(f"a node exited (see {dead[0].log_file}); stopping the cluster", file=sys.stderr)
+                code = 1
+                break
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"cluster failed to start: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        for node in nodes:
+            node.signal(signal.SIGTERM) if node.alive() else None
+        for node in nodes:
+            node.stop()
     return code
 
 

@@ -5,7 +5,7 @@ with null `next` / `prev` when there is none."""
 from __future__ import annotations
 
 from google.protobuf import json_format
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.struct_pb2 import NULL_VALUE, Struct
 
 from potboiler.v1.entry_pb2 import Entry
 
@@ -24,7 +24,7 @@ def entry_struct(entry: Entry) -> Struct:
         if text:
             f[name].string_value = text
         else:
-            f[name].null_value = 0
+            f[name].null_value = NULL_VALUE
     f["owner"].string_value = entry.owner
     f["seq"].number_value = entry.seq
     when = f["when"].struct_value.fields

@@ -89,7 +89,12 @@ def render(host: str, ports: Ports, grpc_host: str) -> str:
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
     blocks = []
-    for name, port in (("core", ports.core), ("kv", ports.kv), ("browser", ports.browser), ("pigtail", ports.pigtail)):
+    for name, port in (
+        ("core", ports.core),
+        ("kv", ports.kv),
+        ("browser", ports.browser),
+        ("pigtail", ports.pigtail),
+    ):
         if not services[name]:
             continue
         block = string.Template(listener).substitute(
@@ -114,7 +119,9 @@ def _die_with_parent() -> None:
 class Gateway:
     """One Envoy process serving a node's REST ports."""
 
-    def __init__(self, host: str, ports: Ports, grpc_host: str, workdir: Path, log_level: str = "warning") -> None:
+    def __init__(
+        self, host: str, ports: Ports, grpc_host: str, workdir: Path, log_level: str = "warning"
+    ) -> None:
         self._config = render(host, ports, grpc_host)
         self._workdir = workdir
         self._log_level = log_level

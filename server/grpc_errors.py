@@ -8,7 +8,14 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from potboiler.server.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, PotboilerError, TooLarge
+from potboiler.server.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    PotboilerError,
+    TooLarge,
+)
 
 STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -27,7 +34,7 @@ def status_of(error: PotboilerError) -> grpc.StatusCode:
     """The gRPC status of a domain error (its nearest mapped base class)."""
     for cls in type(error).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -58,7 +65,9 @@ def streaming(
     """Map domain errors raised by a server-streaming RPC to their status."""
 
     @functools.wraps(method)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
         try:
             async for item in method(self, request, context):
                 yield item

@@ -15,6 +15,9 @@ class Stamp(NamedTuple):
     logical: int
 
 
+ZERO = Stamp(0, 0)
+
+
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch."""
     return time.time_ns() // 1_000_000
@@ -23,7 +26,7 @@ def wall_clock_ms() -> int:
 class HybridClock:
     """One node's clock. `physical` is injectable so tests can skew or freeze time."""
 
-    def __init__(self, physical: Callable[[], int] = wall_clock_ms, last: Stamp = Stamp(0, 0)) -> None:
+    def __init__(self, physical: Callable[[], int] = wall_clock_ms, last: Stamp = ZERO) -> None:
         self._physical = physical
         self._last = last
 

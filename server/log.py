@@ -223,7 +223,9 @@ class Log:
                 continue
             raw = parse_uuid(entry.id)
             if entry.prev != (uuid_str(prev) if prev else ""):
-                raise InvalidArgument(f"entry {entry.id} names prev {entry.prev!r}, this node holds otherwise")
+                raise InvalidArgument(
+                    f"entry {entry.id} names prev {entry.prev!r}, this node holds otherwise"
+                )
             self.clock.observe(Stamp(entry.when.wall_ms, entry.when.logical))
             entry.next = ""
             deps = tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
@@ -306,4 +308,3 @@ class Log:
         self._undelivered |= plan.undelivered
         self._undelivered.difference_update(plan.delivered)
         self._position = plan.position
-

@@ -11,8 +11,8 @@ import grpc
 from potboiler.server.appender import Appender
 from potboiler.server.errors import InvalidArgument, PotboilerError, TooLarge
 from potboiler.server.grpc_errors import abort, streaming, unary
-from potboiler.server.logclient import LocalLogClient
 from potboiler.server.log import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
+from potboiler.server.logclient import LocalLogClient
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
 
@@ -49,7 +49,9 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         self._log = appender.log
 
     @unary
-    async def AppendEntry(self, request: log_pb2.AppendEntryRequest, context: Ctx) -> log_pb2.AppendEntryResponse:
+    async def AppendEntry(
+        self, request: log_pb2.AppendEntryRequest, context: Ctx
+    ) -> log_pb2.AppendEntryResponse:
         new = validate_new_entry(request.data if request.HasField("data") else None, request.dependencies)
         [entry] = await self._appender.append([new])
         return appended(entry)
@@ -61,7 +63,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         entries = await self._appender.append(validate_batch(request.entries))
         return log_pb2.AppendEntriesResponse(entries=[appended(e) for e in entries])
 
-    async def AppendEntryStream(  # type: ignore[override]
+    async def AppendEntryStream(
         self, request_iterator: AsyncIterator[log_pb2.AppendEntryStreamRequest], context: Ctx
     ) -> AsyncIterator[log_pb2.AppendEntryStreamResponse]:
         # Requests are validated and queued as they arrive, without waiting for the previous ack,
@@ -94,7 +96,10 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     @unary
     async def ListHeads(self, request: log_pb2.ListHeadsRequest, context: Ctx) -> log_pb2.ListHeadsResponse:
         return log_pb2.ListHeadsResponse(
-            heads=[log_pb2.LogHead(owner=h.owner, first=h.first, head=h.head, seq=h.seq) for h in self._log.heads()]
+            heads=[
+                log_pb2.LogHead(owner=h.owner, first=h.first, head=h.head, seq=h.seq)
+                for h in self._log.heads()
+            ]
         )
 
     @streaming

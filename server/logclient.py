@@ -47,7 +47,9 @@ class LocalLogClient:
         [entry] = await self._appender.append([validate_new_entry(data, dependencies)])
         return entry
 
-    async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[list[tuple[int, Entry]]]:
+    async def subscribe(
+        self, after_position: int, limit: int = 1000
+    ) -> AsyncIterator[list[tuple[int, Entry]]]:
         position = after_position
         while True:
             batch = self._appender.log.delivered(position, limit)

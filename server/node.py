@@ -24,7 +24,14 @@ from potboiler.server.rest_servicer import CoreRestServicer
 from potboiler.server.storage import RocksStore
 from potboiler.server.webhooks import Webhooks
 from potboiler.server.webhooks_servicer import WebhooksServicer
-from potboiler.v1 import core_rest_pb2_grpc, log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc, webhooks_pb2_grpc
+from potboiler.v1 import (
+    core_rest_pb2_grpc,
+    log_pb2,
+    log_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+    webhooks_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +132,10 @@ class Node:
             "potboiler.v1.WebhooksService",
         ]
         context = NodeContext(
-            log=LocalLogClient(self.appender), data_dir=config.data_dir, clock=self.log.clock, fsync=config.fsync
+            log=LocalLogClient(self.appender),
+            data_dir=config.data_dir,
+            clock=self.log.clock,
+            fsync=config.fsync,
         )
         for name, factory in config.services:
             service = factory(NodeContext(context.log, config.data_dir / name, context.clock, context.fsync))
@@ -149,14 +159,14 @@ class Node:
             await self._set_health(name, serving=True)
         await self._set_health("", serving=True)
         if config.gateway:
-            self.gateway = Gateway(
-                config.host, config.ports, config.host, config.data_dir / "gateway"
-            )
+            self.gateway = Gateway(config.host, config.ports, config.host, config.data_dir / "gateway")
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
 
     async def _set_health(self, name: str, *, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self._health.set(name, status)
 
     async def stop(self) -> None:

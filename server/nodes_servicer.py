@@ -35,7 +35,9 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
         self._peer_status = peer_status
 
     @unary
-    async def ListNodes(self, request: nodes_pb2.ListNodesRequest, context: Ctx) -> nodes_pb2.ListNodesResponse:
+    async def ListNodes(
+        self, request: nodes_pb2.ListNodesRequest, context: Ctx
+    ) -> nodes_pb2.ListNodesResponse:
         return nodes_pb2.ListNodesResponse(urls=self._membership.urls())
 
     @unary
@@ -45,13 +47,17 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
         return nodes_pb2.AddNodeResponse()
 
     @unary
-    async def RemoveNode(self, request: nodes_pb2.RemoveNodeRequest, context: Ctx) -> nodes_pb2.RemoveNodeResponse:
+    async def RemoveNode(
+        self, request: nodes_pb2.RemoveNodeRequest, context: Ctx
+    ) -> nodes_pb2.RemoveNodeResponse:
         self._membership.remove(request.url)
         await rest.no_content(context)
         return nodes_pb2.RemoveNodeResponse()
 
     @unary
-    async def GetStatus(self, request: nodes_pb2.GetStatusRequest, context: Ctx) -> nodes_pb2.GetStatusResponse:
+    async def GetStatus(
+        self, request: nodes_pb2.GetStatusRequest, context: Ctx
+    ) -> nodes_pb2.GetStatusResponse:
         return nodes_pb2.GetStatusResponse(
             node_id=self._log.node_id,
             url=self._membership.self_url,

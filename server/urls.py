@@ -36,7 +36,9 @@ def node_url(text: str) -> str:
     http_url(text, "node url")
     parts = urlsplit(text)
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise InvalidArgument(f"node url {text!r} must be a root URL like http://host:8000 (no path or query)")
+        raise InvalidArgument(
+            f"node url {text!r} must be a root URL like http://host:8000 (no path or query)"
+        )
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname or ""
     if ":" in host:

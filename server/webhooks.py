@@ -161,5 +161,11 @@ class Webhooks:
             state.last_error = error
             self._on_result(state.url, False)
             delay = self._backoff.delay(state.failures)
-            log.warning("webhook %s failed (%s); attempt %d, retrying in %.1fs", state.url, error, state.failures, delay)
+            log.warning(
+                "webhook %s failed (%s); attempt %d, retrying in %.1fs",
+                state.url,
+                error,
+                state.failures,
+                delay,
+            )
             await asyncio.sleep(delay)

@@ -87,7 +87,7 @@ def test_validation() -> None:
 
 def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store: MemoryStore) -> None:
     other = Log(MemoryStore())
-    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])  # noqa: SLF001
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
     log = Log(store)
     dep_raw = validate_new_entry(value(0), [dep.id]).dependencies
     waiting, after = commit_local(log, store, [NewEntry(value(1), dep_raw), NewEntry(value(2))])
@@ -103,14 +103,14 @@ def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store:
 def test_dependency_inside_the_same_batch(store: MemoryStore) -> None:
     log = Log(store)
     [a] = commit_local(log, store, [NewEntry(value(1))])
-    b, c = commit_local(log, store, [NewEntry(value(2), (bytes(16),)), NewEntry(value(3))])
+    commit_local(log, store, [NewEntry(value(2), (bytes(16),)), NewEntry(value(3))])
     assert delivered_ids(log) == [a.id]
     assert log.pending == 2
 
 
 def test_remote_entries_are_taken_once_and_in_chain_order(store: MemoryStore) -> None:
     origin = Log(MemoryStore(), HybridClock(lambda: 10**12))
-    entries = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(4)])  # noqa: SLF001
+    entries = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(4)])
     log = Log(store, HybridClock(lambda: 5))
     assert commit_remote(log, store, [entries[1]]) == []  # gap: skipped
     assert [e.seq for e in commit_remote(log, store, entries[:2])] == [1, 2]
@@ -123,9 +123,11 @@ def test_remote_entries_are_taken_once_and_in_chain_order(store: MemoryStore) ->
 
 def test_dependency_chains_resolve_transitively(store: MemoryStore) -> None:
     a_log, b_log = Log(MemoryStore()), Log(MemoryStore())
-    [a1] = commit_local(a_log, a_log._store, [NewEntry(value("a1"))])  # noqa: SLF001
-    commit_remote(b_log, b_log._store, [a1])  # noqa: SLF001
-    [b1] = commit_local(b_log, b_log._store, [NewEntry(value("b1"), (validate_new_entry(value(0), [a1.id]).dependencies))])  # noqa: SLF001,E501
+    [a1] = commit_local(a_log, a_log._store, [NewEntry(value("a1"))])
+    commit_remote(b_log, b_log._store, [a1])
+    [b1] = commit_local(
+        b_log, b_log._store, [NewEntry(value("b1"), (validate_new_entry(value(0), [a1.id]).dependencies))]
+    )
     log = Log(store)
     commit_remote(log, store, [b1])
     assert log.pending == 1
@@ -148,7 +150,7 @@ def test_restart_keeps_identity_heads_pending_and_clock(store: MemoryStore) -> N
 
 def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
-    [a, b] = commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))])  # noqa: SLF001
+    [a, b] = commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))])
     log = Log(store)
     commit_remote(log, store, [a])
     forged = copy(b)

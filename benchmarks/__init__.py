@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print their figures as JSON (see the README)."""

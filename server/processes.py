@@ -1,0 +1,148 @@
+"""Node processes: start `potboiler node` as a child, wait until it serves, stop or kill it.
+
+Used by `potboiler cluster`, the end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from potboiler.server.gateway import Ports
+
+#: Offsets from a base port that a node binds (REST ports, metrics, gRPC).
+PORT_OFFSETS = (0, 1, 2, 3, 5, 10)
+
+
+def ports_free(host: str, base: int) -> bool:
+    """Whether every port a node with base `base` needs is free on `host`."""
+    for offset in PORT_OFFSETS:
+        with socket.socket() as s:
+            try:
+                s.bind((host, base + offset))
+            except OSError:
+                return False
+    return True
+
+
+def find_base_port(host: str = "127.0.0.1", start: int = 20000, end: int = 60000, count: int = 1) -> int:
+    """A base port B such that `count` nodes at B, B+100, ... can bind all their ports. The search
+    starts at a point derived from the process id, so parallel test workers rarely collide."""
+    span = (end - start) // 100
+    first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % span
+    for i in range(span):
+        base = start + ((first + i) % span) * 100
+        if base + 100 * count >= end:
+            continue
+        if all(ports_free(host, base + 100 * n) for n in range(count)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+class NodeProcess:
+    """One `potboiler node` child process."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        base_port: int,
+        host: str = "127.0.0.1",
+        peers: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        log_file: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.ports = Ports(base_port)
+        self.peers = list(peers)
+        self.extra_args = list(extra_args)
+        self.log_file = log_file or data_dir.with_name(data_dir.name + ".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The node's root URL (core REST)."""
+        return f"http://{self.host}:{self.ports.core}"
+
+    def port_url(self, port: int) -> str:
+        """http://host:port of one of the node's ports."""
+        return f"http://{self.host}:{port}"
+
+    @property
+    def grpc_target(self) -> str:
+        """host:port of the node's own gRPC server."""
+        return f"{self.host}:{self.ports.grpc}"
+
+    def command(self) -> list[str]:
+        """The command line that runs the node."""
+        cmd = [
+            sys.executable, "-m", "potboiler.server.cli", "node",
+            "--base-port", str(self.ports.base),
+            "--data-dir", str(self.data_dir),
+            "--host", self.host,
+        ]  # fmt: skip
+        for peer in self.peers:
+            cmd += ["--peer", peer]
+        return cmd + self.extra_args
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> NodeProcess:
+        """Start the node (in its own session, so terminal signals reach it only through us)."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as out:
+            self.process = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the node answers REST on its core port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"node exited with {self.process.returncode}; see {self.log_file}")
+            try:
+                if httpx.get(f"{self.url}/log", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node at {self.url} not ready after {timeout}s; see {self.log_file}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        """Whether the process is running."""
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, SIGKILL if it does not stop in time; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the node (a crash); its Envoy follows it (PR_SET_PDEATHSIG)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the node process (e.g. SIGSTOP / SIGCONT)."""
+        if self.process is not None:
+            self.process.send_signal(sig)
