@@ -1,0 +1,1126 @@
+"""Pigtail's pure state machine: queue and task state built from replicated events.
+
+Nothing here does I/O. The Pigtail service appends events to the replicated log, feeds every delivered
+event to :func:`apply_queue_event` / :func:`apply_task_event`, stores the JSON-able states they return,
+and answers clients with the check and query functions below (which take the current wall time
+``now_ms``).
+
+Why the states converge
+-----------------------
+Every event carries an HLC stamp; :class:`Stamp` ``(wall_ms, logical, owner)`` is a total order that every
+node agrees on. A state is not "what happened in arrival order" but a set of facts (which claims, which
+dones, which retries, which creates and deletes exist), and everything the service sees is computed by
+walking those facts in stamp order. Applying an event twice changes nothing, and concurrent events give
+the same state whatever order they arrive in, so two replicas that have seen the same events hold equal
+states and give equal answers.
+
+The rules, in plain words
+-------------------------
+* **Queues.** Creates and deletes of a queue are judged in stamp order. A queue exists when its latest
+  create/delete (by stamp) is a create. A create of a queue that already exists changes nothing: the first
+  create after a delete (or the very first create) starts an *incarnation* and fixes its ``timeout_ms``
+  and ``max_attempts``. So a concurrent create and delete resolve to whichever has the later stamp, and
+  deleting then re-creating a queue gives a fresh, empty queue.
+* **Tasks belong to an incarnation.** A task is kept only if, in stamp order, its queue existed when it
+  was added and has not been deleted since; tasks of a deleted incarnation never come back, not even when
+  the queue is re-created.
+* **Idempotency keys.** Adding a task with a key that a task of the current incarnation already has is a
+  no-op (the service answers the original task id, see :func:`check_add`). If two nodes add the same key
+  concurrently, the add with the lowest stamp wins and the other task is hidden on every node (it is not
+  listed, not claimable and answers 404). Keys are remembered for the life of the incarnation, also once
+  the task is done.
+* **Claims (the conflict rule).** The claims of a task are judged one after another in stamp order. A
+  claim *starts a lease* when, at the claim's wall time, the task is due (``not_before_ms`` passed), not
+  done, not dead, and nobody holds an unexpired lease; a claim by the worker that holds the unexpired lease
+  *renews* it (heartbeat: the lease then runs ``timeout_ms`` from this claim); any other claim is *void*.
+  A lease expires ``timeout_ms`` after its holder's latest valid claim. So when two workers claim the same
+  pending task on two sides of a partition, the claim with the lower stamp wins on every node once the
+  partition heals, and the other claim is void (its worker learns it from a 409 on its next renewal, or
+  from the task's ``worker``).
+* **Attempts and the dead letter.** Every claim that starts a lease counts one attempt (a renewal does
+  not, and a worker claiming again after its own lease expired starts a new lease). When the queue has
+  ``max_attempts``, a task whose attempts reached it and whose last lease expired without a done is
+  ``"dead"``: listed only by the dead-letter listing, not claimable, until a retry. A retry is valid only
+  while the task is dead (judged at the retry's stamp); it resets the attempts to 0 and the task is pending
+  again.
+* **Done** is final and wins over everything: whoever sends it (delivery is at-least-once), at whatever
+  stamp, the task is done; claims and retries stamped after the earliest done are void. ``done_by`` is the
+  worker of the earliest done, ``worker`` stays the holder of the last lease.
+* **Delay and priority.** A task with ``not_before_ms`` in the future is ``"delayed"``: it is listed with
+  that state by ``GET /queue/Q``, cannot be claimed (a claim stamped before ``not_before_ms`` is void), and
+  becomes ``"pending"`` once due. The next task to hand out (:func:`next_claimable`) is the pending one with
+  the highest priority, then the earliest available time (``max(added, not_before_ms)``), then the earliest
+  add stamp.
+
+Task states seen by clients: ``"pending"``, ``"working"`` (an unexpired lease), ``"done"``, ``"dead"``
+(dead letter) and ``"delayed"`` (not due yet). A ``working`` task whose lease expired shows as ``pending``
+(or ``dead``) without any event: views depend on ``now_ms``.
+
+Bounded state
+-------------
+Duplicates are dropped, and claims and retries stamped after the (earliest) done are pruned at once. A
+long-running task's heartbeats would still pile up, because a claim that arrives late (from the other side
+of a partition) can slot in between any two of them. :func:`compact_task` folds every claim and retry
+stamped at or before a *stable horizon* into a small summary: a stamp no later than the last stamp the node
+has applied from each node it knows (events of one owner arrive in that owner's order, so nothing older can
+still come). A queue's state trims itself: only its latest delete and what follows it are kept (whatever
+is stamped before the latest delete belongs to an ended incarnation).
+
+JSON shapes (all stamps are ``[wall_ms, logical, owner]``)::
+
+    queue state: {"name": str,
+                  "history": [{"at": stamp, "op": "created"|"deleted",  # by stamp, from the latest
+                               "timeout_ms": int|null, "max_attempts": int|null}, ...],  # delete on
+                  "keys": {idempotency_key: [{"at": stamp, "task_id": str}, ...]}}        # by stamp
+    task state:  {"queue": str, "task_id": str, "added": stamp|null, "task_name": str, "info": JSON,
+                  "priority": int, "not_before_ms": int|null, "idempotency_key": str|null,
+                  "claims": [{"at": stamp, "worker": str}, ...],        # by stamp, all before "done"
+                  "retries": [stamp, ...],                              # by stamp, all before "done"
+                  "done": {"at": stamp, "worker": str}|null,            # the earliest done
+                  "base": {"horizon": stamp, "holder": str|null, "lease_from_ms": int|null,
+                           "attempts": int}|null}                       # folded by compact_task
+    event:       {"kind": "queue_created"|"queue_deleted"|"task_added"|"task_claimed"|"task_done"
+                          |"task_retried", ...the fields of its dataclass}
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal, NamedTuple, TypeAlias, TypedDict
+
+__all__ = [
+    "ClaimDecision",
+    "ClaimRecord",
+    "Decision",
+    "DoneRecord",
+    "Event",
+    "InvalidEvent",
+    "JSONValue",
+    "KeyCandidate",
+    "LeaseBase",
+    "ListEntry",
+    "QueueConfig",
+    "QueueCreated",
+    "QueueDeleted",
+    "QueueEvent",
+    "QueueMark",
+    "QueueState",
+    "Reason",
+    "Stamp",
+    "StampJSON",
+    "TaskAdded",
+    "TaskClaimed",
+    "TaskDone",
+    "TaskEvent",
+    "TaskRetried",
+    "TaskState",
+    "TaskStatus",
+    "TaskView",
+    "Verdict",
+    "apply_queue_event",
+    "apply_task_event",
+    "check_add",
+    "check_claim",
+    "check_create",
+    "check_delete",
+    "check_done",
+    "check_retry",
+    "claimable_order",
+    "compact_task",
+    "event_from_json",
+    "find_by_key",
+    "is_dead_lettered",
+    "is_listed",
+    "list_dead",
+    "list_tasks",
+    "next_claimable",
+    "queue_config",
+    "queue_exists",
+    "task_view",
+]
+
+JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
+"""Any JSON value."""
+
+StampJSON: TypeAlias = list[int | str]
+"""A stamp as stored in JSON: ``[wall_ms, logical, owner]``."""
+
+TaskStatus: TypeAlias = Literal["pending", "working", "done", "dead", "delayed"]
+"""What a client sees of a task (see the module docstring)."""
+
+
+class InvalidEvent(ValueError):
+    """An event, stamp or state that breaks the rules (bad field type, bad value, wrong task)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Stamp(NamedTuple):
+    """An event's HLC stamp; tuple order ``(wall_ms, logical, owner)`` is the total order of events."""
+
+    wall_ms: int
+    logical: int
+    owner: str
+
+    def to_json(self) -> StampJSON:
+        """The JSON form ``[wall_ms, logical, owner]``."""
+        return [self.wall_ms, self.logical, self.owner]
+
+    @classmethod
+    def coerce(cls, raw: Stamp | Sequence[int | str]) -> Stamp:
+        """A :class:`Stamp` from itself or its JSON form (a list or tuple of three); checks the types."""
+        if isinstance(raw, Stamp):
+            return raw
+        if isinstance(raw, str) or len(raw) != 3:
+            raise InvalidEvent(f"a stamp is [wall_ms, logical, owner], not {raw!r}")
+        wall, logical, owner = raw
+        if not isinstance(wall, int) or not isinstance(logical, int) or not isinstance(owner, str):
+            raise InvalidEvent(f"a stamp is [wall_ms, logical, owner], not {raw!r}")
+        if isinstance(wall, bool) or isinstance(logical, bool):
+            raise InvalidEvent(f"a stamp is [wall_ms, logical, owner], not {raw!r}")
+        return cls(wall, logical, owner)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------------------
+
+
+def _need_str(value: object, field: str, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str) or (not empty_ok and not value):
+        raise InvalidEvent(f"{field} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _need_int(value: object, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidEvent(f"{field} must be an integer, not {value!r}")
+    return value
+
+
+def _opt_int(value: object, field: str) -> int | None:
+    return None if value is None else _need_int(value, field)
+
+
+@dataclass(frozen=True)
+class QueueCreated:
+    """Create queue ``name``: leases last ``timeout_ms``; ``max_attempts`` leases per task (None: no cap)."""
+
+    KIND: ClassVar[str] = "queue_created"
+    name: str
+    timeout_ms: int
+    max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        _need_str(self.name, "name")
+        if _need_int(self.timeout_ms, "timeout_ms") <= 0:
+            raise InvalidEvent(f"timeout_ms must be > 0, not {self.timeout_ms}")
+        max_attempts = _opt_int(self.max_attempts, "max_attempts")
+        if max_attempts is not None and max_attempts < 1:
+            raise InvalidEvent(f"max_attempts must be >= 1 or null, not {self.max_attempts}")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {
+            "kind": self.KIND,
+            "name": self.name,
+            "timeout_ms": self.timeout_ms,
+            "max_attempts": self.max_attempts,
+        }
+
+
+@dataclass(frozen=True)
+class QueueDeleted:
+    """Delete queue ``name`` and, with it, every task of its current incarnation."""
+
+    KIND: ClassVar[str] = "queue_deleted"
+    name: str
+
+    def __post_init__(self) -> None:
+        _need_str(self.name, "name")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {"kind": self.KIND, "name": self.name}
+
+
+@dataclass(frozen=True)
+class TaskAdded:
+    """Add task ``task_id`` to ``queue``; it is claimable from ``not_before_ms`` on, higher priority first."""
+
+    KIND: ClassVar[str] = "task_added"
+    queue: str
+    task_id: str
+    task_name: str
+    info: JSONValue = None
+    not_before_ms: int | None = None
+    priority: int = 0
+    idempotency_key: str | None = None
+
+    def __post_init__(self) -> None:
+        _need_str(self.queue, "queue")
+        _need_str(self.task_id, "task_id")
+        _need_str(self.task_name, "task_name", empty_ok=True)
+        _opt_int(self.not_before_ms, "not_before_ms")
+        _need_int(self.priority, "priority")
+        if self.idempotency_key is not None:
+            _need_str(self.idempotency_key, "idempotency_key")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {
+            "kind": self.KIND,
+            "queue": self.queue,
+            "task_id": self.task_id,
+            "task_name": self.task_name,
+            "info": self.info,
+            "not_before_ms": self.not_before_ms,
+            "priority": self.priority,
+            "idempotency_key": self.idempotency_key,
+        }
+
+
+@dataclass(frozen=True)
+class TaskClaimed:
+    """Worker ``worker_id`` claims (or, holding the lease, renews) the task at the event's stamp."""
+
+    KIND: ClassVar[str] = "task_claimed"
+    queue: str
+    task_id: str
+    worker_id: str
+
+    def __post_init__(self) -> None:
+        _need_str(self.queue, "queue")
+        _need_str(self.task_id, "task_id")
+        _need_str(self.worker_id, "worker_id")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    """The task is done (sent by ``worker_id``, whoever that is): final."""
+
+    KIND: ClassVar[str] = "task_done"
+    queue: str
+    task_id: str
+    worker_id: str
+
+    def __post_init__(self) -> None:
+        _need_str(self.queue, "queue")
+        _need_str(self.task_id, "task_id")
+        _need_str(self.worker_id, "worker_id", empty_ok=True)
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
+
+
+@dataclass(frozen=True)
+class TaskRetried:
+    """Take a dead-lettered task back to pending with its attempts reset (void unless it is dead)."""
+
+    KIND: ClassVar[str] = "task_retried"
+    queue: str
+    task_id: str
+
+    def __post_init__(self) -> None:
+        _need_str(self.queue, "queue")
+        _need_str(self.task_id, "task_id")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id}
+
+
+QueueEvent: TypeAlias = QueueCreated | QueueDeleted
+"""Events that change a queue's own life (apply to the queue state only)."""
+TaskEvent: TypeAlias = TaskAdded | TaskClaimed | TaskDone | TaskRetried
+"""Events about one task (apply to that task's state; TaskAdded also to its queue's state)."""
+Event: TypeAlias = QueueEvent | TaskEvent
+"""Any Pigtail event."""
+
+
+def event_from_json(raw: Mapping[str, object]) -> Event:
+    """Parse an event from its JSON object (as made by ``to_json``); raises :class:`InvalidEvent`."""
+    kind = raw.get("kind")
+    try:
+        if kind == QueueCreated.KIND:
+            return QueueCreated(
+                name=_need_str(raw.get("name"), "name"),
+                timeout_ms=_need_int(raw.get("timeout_ms"), "timeout_ms"),
+                max_attempts=_opt_int(raw.get("max_attempts"), "max_attempts"),
+            )
+        if kind == QueueDeleted.KIND:
+            return QueueDeleted(name=_need_str(raw.get("name"), "name"))
+        if kind == TaskAdded.KIND:
+            key = raw.get("idempotency_key")
+            return TaskAdded(
+                queue=_need_str(raw.get("queue"), "queue"),
+                task_id=_need_str(raw.get("task_id"), "task_id"),
+                task_name=_need_str(raw.get("task_name"), "task_name", empty_ok=True),
+                info=_json_value(raw.get("info")),
+                not_before_ms=_opt_int(raw.get("not_before_ms"), "not_before_ms"),
+                priority=_need_int(raw.get("priority", 0), "priority"),
+                idempotency_key=None if key is None else _need_str(key, "idempotency_key"),
+            )
+        if kind == TaskClaimed.KIND:
+            return TaskClaimed(
+                queue=_need_str(raw.get("queue"), "queue"),
+                task_id=_need_str(raw.get("task_id"), "task_id"),
+                worker_id=_need_str(raw.get("worker_id"), "worker_id"),
+            )
+        if kind == TaskDone.KIND:
+            return TaskDone(
+                queue=_need_str(raw.get("queue"), "queue"),
+                task_id=_need_str(raw.get("task_id"), "task_id"),
+                worker_id=_need_str(raw.get("worker_id", ""), "worker_id", empty_ok=True),
+            )
+        if kind == TaskRetried.KIND:
+            return TaskRetried(
+                queue=_need_str(raw.get("queue"), "queue"), task_id=_need_str(raw.get("task_id"), "task_id")
+            )
+    except TypeError as exc:  # pragma: no cover - defensive: dataclass construction with odd input
+        raise InvalidEvent(str(exc)) from exc
+    raise InvalidEvent(f"unknown Pigtail event kind {kind!r}")
+
+
+def _json_value(value: object) -> JSONValue:
+    """``value`` if it is plain JSON (as parsed from JSON text), else :class:`InvalidEvent`."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        out: dict[str, JSONValue] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidEvent(f"JSON object keys are strings, not {key!r}")
+            out[key] = _json_value(item)
+        return out
+    raise InvalidEvent(f"not a JSON value: {value!r}")
+
+
+def _event_queue(event: Event) -> str:
+    return event.name if isinstance(event, QueueCreated | QueueDeleted) else event.queue
+
+
+# --------------------------------------------------------------------------------------------------------
+# States
+# --------------------------------------------------------------------------------------------------------
+
+
+class QueueMark(TypedDict):
+    """One create or delete of a queue (``timeout_ms``/``max_attempts`` are null for a delete)."""
+
+    at: StampJSON
+    op: Literal["created", "deleted"]
+    timeout_ms: int | None
+    max_attempts: int | None
+
+
+class KeyCandidate(TypedDict):
+    """A task added with an idempotency key."""
+
+    at: StampJSON
+    task_id: str
+
+
+class QueueState(TypedDict):
+    """The stored state of one queue (see the module docstring for its JSON shape)."""
+
+    name: str
+    history: list[QueueMark]
+    keys: dict[str, list[KeyCandidate]]
+
+
+class ClaimRecord(TypedDict):
+    """One claim of a task."""
+
+    at: StampJSON
+    worker: str
+
+
+class DoneRecord(TypedDict):
+    """The earliest done of a task."""
+
+    at: StampJSON
+    worker: str
+
+
+class LeaseBase(TypedDict):
+    """The outcome of every claim and retry stamped at or before ``horizon`` (see :func:`compact_task`)."""
+
+    horizon: StampJSON
+    holder: str | None
+    lease_from_ms: int | None
+    attempts: int
+
+
+class TaskState(TypedDict):
+    """The stored state of one task (see the module docstring for its JSON shape)."""
+
+    queue: str
+    task_id: str
+    added: StampJSON | None
+    task_name: str
+    info: JSONValue
+    priority: int
+    not_before_ms: int | None
+    idempotency_key: str | None
+    claims: list[ClaimRecord]
+    retries: list[StampJSON]
+    done: DoneRecord | None
+    base: LeaseBase | None
+
+
+class TaskView(TypedDict):
+    """What ``GET /queue/Q/{id}`` shows of a task at ``now_ms``.
+
+    ``worker`` is the holder of the task's last lease (null until claimed, and after a retry);
+    ``lease_expires_ms`` when that lease ends (or ended); ``done_by`` the worker that marked it done.
+    """
+
+    task_id: str
+    queue: str
+    task_name: str
+    state: TaskStatus
+    info: JSONValue
+    worker: str | None
+    attempts: int
+    max_attempts: int | None
+    priority: int
+    not_before_ms: int | None
+    added_ms: int
+    lease_expires_ms: int | None
+    done_by: str | None
+    idempotency_key: str | None
+
+
+class ListEntry(TypedDict):
+    """One task in ``GET /queue/Q`` (and in the dead-letter listing)."""
+
+    task_name: str
+    state: TaskStatus
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The settings of a queue's current incarnation, fixed by the create that started it at ``created``."""
+
+    timeout_ms: int
+    max_attempts: int | None
+    created: Stamp
+
+
+def _new_queue_state(name: str) -> QueueState:
+    return QueueState(name=name, history=[], keys={})
+
+
+def _new_task_state(queue: str, task_id: str) -> TaskState:
+    return TaskState(
+        queue=queue,
+        task_id=task_id,
+        added=None,
+        task_name="",
+        info=None,
+        priority=0,
+        not_before_ms=None,
+        idempotency_key=None,
+        claims=[],
+        retries=[],
+        done=None,
+        base=None,
+    )
+
+
+def _at(record: QueueMark | KeyCandidate | ClaimRecord | DoneRecord) -> Stamp:
+    return Stamp.coerce(record["at"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Applying events
+# --------------------------------------------------------------------------------------------------------
+
+
+def apply_queue_event(
+    state: QueueState | None, event: Event, stamp: Stamp | StampJSON, event_id: str
+) -> QueueState:
+    """The queue state after ``event`` (stamped ``stamp``); call it for every event of the queue.
+
+    QueueCreated/QueueDeleted join the queue's history; a TaskAdded with an idempotency key joins the key
+    index; other events change nothing. ``state`` None means "nothing seen yet for this queue". The input
+    is never mutated: the result is a new object, or ``state`` itself when the event changes nothing (a
+    duplicate), so ``new is old`` tells the service it may skip the write. Stamps are unique per event,
+    so deduplication uses them; ``event_id`` is accepted for symmetry and not needed.
+    """
+    del event_id
+    at = Stamp.coerce(stamp)
+    name = _event_queue(event)
+    if state is None:
+        state = _new_queue_state(name)
+    elif state["name"] != name:
+        raise InvalidEvent(f"event for queue {name!r} applied to queue {state['name']!r}")
+    history = state["history"]
+    # Only the latest delete and what follows it can still matter (tasks, keys and creates stamped before
+    # it belong to ended incarnations), so the history is kept trimmed to that: bounded, and the same for
+    # every arrival order.
+    if history and history[0]["op"] == "deleted" and at < _at(history[0]):
+        return state
+    if isinstance(event, QueueCreated | QueueDeleted):
+        if any(_at(mark) == at for mark in history):
+            return state
+        mark = QueueMark(
+            at=at.to_json(),
+            op="created" if isinstance(event, QueueCreated) else "deleted",
+            timeout_ms=event.timeout_ms if isinstance(event, QueueCreated) else None,
+            max_attempts=event.max_attempts if isinstance(event, QueueCreated) else None,
+        )
+        marks = sorted([*history, mark], key=_at)
+        last_delete = max((i for i, m in enumerate(marks) if m["op"] == "deleted"), default=None)
+        new = state.copy()
+        new["history"] = marks if last_delete is None else marks[last_delete:]
+        if last_delete is not None:
+            cut = _at(marks[last_delete])
+            new["keys"] = {}
+            for key, candidates in state["keys"].items():
+                kept = [c for c in candidates if _at(c) > cut]
+                if kept:
+                    new["keys"][key] = kept
+        return new
+    if isinstance(event, TaskAdded) and event.idempotency_key is not None:
+        key = event.idempotency_key
+        candidates = state["keys"].get(key, [])
+        if any(_at(c) == at for c in candidates):
+            return state
+        new = state.copy()
+        new["keys"] = dict(state["keys"])
+        new["keys"][key] = sorted(
+            [*candidates, KeyCandidate(at=at.to_json(), task_id=event.task_id)], key=_at
+        )
+        return new
+    return state
+
+
+def apply_task_event(
+    state: TaskState | None, event: TaskEvent, stamp: Stamp | StampJSON, event_id: str
+) -> TaskState:
+    """The task state after ``event`` (stamped ``stamp``); ``state`` None means "nothing seen yet".
+
+    Idempotent (a duplicate changes nothing) and commutative (concurrent events give the same state in
+    any order). Events may arrive before the task's TaskAdded (a ghost state with ``added`` null, hidden
+    until the add arrives). Never mutates its input; returns ``state`` itself when nothing changed.
+    ``event_id`` is accepted for symmetry: stamps are unique per event and deduplicate.
+    """
+    del event_id
+    at = Stamp.coerce(stamp)
+    if state is None:
+        state = _new_task_state(event.queue, event.task_id)
+    elif (state["queue"], state["task_id"]) != (event.queue, event.task_id):
+        raise InvalidEvent(
+            f"event for task {event.queue}/{event.task_id} "
+            f"applied to task {state['queue']}/{state['task_id']}"
+        )
+    new = state.copy()
+    if isinstance(event, TaskAdded):
+        # One add per task id; should the same id ever be added twice, the lowest stamp wins.
+        if state["added"] is not None and Stamp.coerce(state["added"]) <= at:
+            return state
+        new["added"] = at.to_json()
+        new["task_name"] = event.task_name
+        new["info"] = event.info
+        new["priority"] = event.priority
+        new["not_before_ms"] = event.not_before_ms
+        new["idempotency_key"] = event.idempotency_key
+        return new
+    base = state["base"]
+    done_at = None if state["done"] is None else _at(state["done"])
+    if isinstance(event, TaskDone):
+        if done_at is not None and done_at <= at:
+            return state
+        new["done"] = DoneRecord(at=at.to_json(), worker=event.worker_id)
+        # Done is final: claims and retries stamped after it can never count.
+        new["claims"] = [c for c in state["claims"] if _at(c) < at]
+        new["retries"] = [r for r in state["retries"] if Stamp.coerce(r) < at]
+        return new
+    if (base is not None and at <= Stamp.coerce(base["horizon"])) or (done_at is not None and at > done_at):
+        return state  # already folded into the base, or void because the task was done before
+    if isinstance(event, TaskClaimed):
+        if any(_at(c) == at and c["worker"] == event.worker_id for c in state["claims"]):
+            return state
+        claim = ClaimRecord(at=at.to_json(), worker=event.worker_id)
+        new["claims"] = sorted([*state["claims"], claim], key=lambda c: (_at(c), c["worker"]))
+        return new
+    if any(Stamp.coerce(r) == at for r in state["retries"]):
+        return state
+    new["retries"] = sorted([*state["retries"], at.to_json()], key=Stamp.coerce)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------------
+# Queue queries
+# --------------------------------------------------------------------------------------------------------
+
+
+def _incarnation(queue: QueueState, before: Stamp | None) -> QueueMark | None:
+    """The create that started the incarnation alive just before ``before`` (None: the end), if any."""
+    start: QueueMark | None = None
+    for mark in queue["history"]:
+        if before is not None and _at(mark) >= before:
+            break
+        if mark["op"] == "deleted":
+            start = None
+        elif start is None:
+            start = mark
+    return start
+
+
+def queue_config(queue: QueueState | None) -> QueueConfig | None:
+    """The current incarnation's settings, or None when the queue does not exist (never made, or deleted)."""
+    if queue is None:
+        return None
+    start = _incarnation(queue, None)
+    if start is None or start["timeout_ms"] is None:
+        return None
+    return QueueConfig(timeout_ms=start["timeout_ms"], max_attempts=start["max_attempts"], created=_at(start))
+
+
+def queue_exists(queue: QueueState | None) -> bool:
+    """Whether the queue exists now (its latest create/delete by stamp is a create)."""
+    return queue_config(queue) is not None
+
+
+def find_by_key(queue: QueueState | None, idempotency_key: str) -> str | None:
+    """The id of the current incarnation's task with this idempotency key (lowest stamp wins), if any."""
+    if queue is None:
+        return None
+    current = _incarnation(queue, None)
+    if current is None:
+        return None
+    for candidate in queue["keys"].get(idempotency_key, []):
+        if _incarnation(queue, _at(candidate)) == current:
+            return candidate["task_id"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Task replay
+# --------------------------------------------------------------------------------------------------------
+
+
+class Verdict(enum.StrEnum):
+    """The outcome of a check: go ahead (HTTP 200/201), no such thing (404) or conflict (409)."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+
+
+class Reason(enum.StrEnum):
+    """Why a check did not answer OK."""
+
+    NO_QUEUE = "no_queue"
+    UNKNOWN_TASK = "unknown_task"
+    DONE = "done"
+    DEAD = "dead"
+    HELD = "held"
+    NOT_DUE = "not_due"
+    NOT_DEAD = "not_dead"
+    EXISTS = "exists"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of a ``check_*`` function, made before the service appends an event.
+
+    ``noop`` means the request is fine but changes nothing (the service need not append an event);
+    ``holder``/``until_ms`` say who holds the task and until when (for HELD; for an OK claim the new
+    lease's end); ``renewal`` that an OK claim renews the worker's own lease; ``task_id`` the existing
+    task for an idempotent add; ``attempts`` the task's attempts after the claim.
+    """
+
+    verdict: Verdict
+    reason: Reason | None = None
+    message: str = ""
+    holder: str | None = None
+    until_ms: int | None = None
+    renewal: bool = False
+    noop: bool = False
+    task_id: str | None = None
+    attempts: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request may go ahead."""
+        return self.verdict is Verdict.OK
+
+    @property
+    def http_status(self) -> int:
+        """200, 404 or 409."""
+        return {Verdict.OK: 200, Verdict.NOT_FOUND: 404, Verdict.CONFLICT: 409}[self.verdict]
+
+
+ClaimDecision = Decision
+"""The answer of :func:`check_claim` (the same type as every other check's)."""
+
+
+@dataclass
+class _Lease:
+    holder: str | None = None
+    lease_from_ms: int | None = None
+    attempts: int = 0
+
+    def until_ms(self, config: QueueConfig) -> int | None:
+        return None if self.lease_from_ms is None else self.lease_from_ms + config.timeout_ms
+
+    def active_at(self, wall_ms: int, config: QueueConfig) -> bool:
+        until = self.until_ms(config)
+        return self.holder is not None and until is not None and wall_ms < until
+
+    def dead_at(self, wall_ms: int, config: QueueConfig) -> bool:
+        return (
+            config.max_attempts is not None
+            and self.attempts >= config.max_attempts
+            and not self.active_at(wall_ms, config)
+        )
+
+
+def _claim_step(
+    lease: _Lease, worker: str, wall_ms: int, not_before_ms: int | None, config: QueueConfig
+) -> tuple[Reason | None, bool]:
+    """Judge one claim against ``lease`` (updated in place when valid): (why void or None, renewal?)."""
+    if not_before_ms is not None and wall_ms < not_before_ms:
+        return Reason.NOT_DUE, False
+    if lease.active_at(wall_ms, config):
+        if lease.holder != worker:
+            return Reason.HELD, False
+        lease.lease_from_ms = max(lease.lease_from_ms or wall_ms, wall_ms)
+        return None, True
+    if lease.dead_at(wall_ms, config):
+        return Reason.DEAD, False
+    lease.holder, lease.lease_from_ms, lease.attempts = worker, wall_ms, lease.attempts + 1
+    return None, False
+
+
+def _retry_step(lease: _Lease, wall_ms: int, config: QueueConfig) -> bool:
+    if not lease.dead_at(wall_ms, config):
+        return False
+    lease.holder, lease.lease_from_ms, lease.attempts = None, None, 0
+    return True
+
+
+def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> _Lease:
+    base = task["base"]
+    lease = (
+        _Lease()
+        if base is None
+        else _Lease(holder=base["holder"], lease_from_ms=base["lease_from_ms"], attempts=base["attempts"])
+    )
+    steps: list[tuple[Stamp, int, str]] = [(_at(c), 0, c["worker"]) for c in task["claims"]]
+    steps += [(Stamp.coerce(r), 1, "") for r in task["retries"]]
+    steps.sort()
+    for at, kind, worker in steps:
+        if upto is not None and at > upto:
+            break
+        if kind == 0:
+            _claim_step(lease, worker, at.wall_ms, task["not_before_ms"], config)
+        else:
+            _retry_step(lease, at.wall_ms, config)
+    return lease
+
+
+def _latest_wall(task: TaskState) -> int:
+    """The highest wall time stamped on anything in the task (a new event's HLC stamp is at least that)."""
+    walls = [_at(c).wall_ms for c in task["claims"]] + [Stamp.coerce(r).wall_ms for r in task["retries"]]
+    for raw in (task["added"], None if task["done"] is None else task["done"]["at"]):
+        if raw is not None:
+            walls.append(Stamp.coerce(raw).wall_ms)
+    if task["base"] is not None:
+        walls.append(Stamp.coerce(task["base"]["horizon"]).wall_ms)
+    return max(walls, default=0)
+
+
+def _visible_config(task: TaskState | None, queue: QueueState | None) -> QueueConfig | None:
+    """The queue's config if ``task`` is visible: added, in the current incarnation, not a key loser."""
+    if task is None or queue is None or task["added"] is None or task["queue"] != queue["name"]:
+        return None
+    config = queue_config(queue)
+    current = _incarnation(queue, None)
+    if config is None or current is None:
+        return None
+    added = Stamp.coerce(task["added"])
+    if _incarnation(queue, added) != current:
+        return None
+    key = task["idempotency_key"]
+    if key is not None:
+        winner = next((c for c in queue["keys"].get(key, []) if _incarnation(queue, _at(c)) == current), None)
+        # No candidate yet means the queue state has not seen this add: the task is visible meanwhile.
+        if winner is not None and winner["task_id"] != task["task_id"]:
+            return None
+    return config
+
+
+def _status(task: TaskState, lease: _Lease, config: QueueConfig, now_ms: int) -> TaskStatus:
+    if task["done"] is not None:
+        return "done"
+    if lease.active_at(now_ms, config):
+        return "working"
+    if lease.dead_at(now_ms, config):
+        return "dead"
+    if task["not_before_ms"] is not None and now_ms < task["not_before_ms"]:
+        return "delayed"
+    return "pending"
+
+
+def compact_task(task: TaskState, queue: QueueState, horizon: Stamp | StampJSON) -> TaskState:
+    """Fold the claims and retries stamped at or before ``horizon`` into ``task["base"]``.
+
+    ``horizon`` must be *stable*: every event stamped at or before it has been applied to this node's
+    states. A node may take the smallest, over every node it knows, of the last stamp it applied from that
+    node (each owner's events arrive in that owner's order, and HLC stamps only grow); a node it does not
+    know yet could still send older stamps, so hold the horizon well behind the clock while membership
+    changes, or do not compact then. Views and checks are the same before and after. A task that is not visible, or added after the horizon, is returned
+    unchanged.
+    """
+    limit = Stamp.coerce(horizon)
+    config = _visible_config(task, queue)
+    if config is None or task["added"] is None or Stamp.coerce(task["added"]) > limit:
+        return task
+    base = task["base"]
+    if base is not None and Stamp.coerce(base["horizon"]) >= limit:
+        return task
+    lease = _replay(task, config, upto=limit)
+    new = task.copy()
+    new["base"] = LeaseBase(
+        horizon=limit.to_json(),
+        holder=lease.holder,
+        lease_from_ms=lease.lease_from_ms,
+        attempts=lease.attempts,
+    )
+    new["claims"] = [c for c in task["claims"] if _at(c) > limit]
+    new["retries"] = [r for r in task["retries"] if Stamp.coerce(r) > limit]
+    return new
+
+
+# --------------------------------------------------------------------------------------------------------
+# Views and listings
+# --------------------------------------------------------------------------------------------------------
+
+
+def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> TaskView | None:
+    """What a client sees of ``task`` at ``now_ms``; None (404) if it is unknown or hidden."""
+    config = _visible_config(task, queue)
+    if task is None or config is None or task["added"] is None:
+        return None
+    lease = _replay(task, config)
+    return TaskView(
+        task_id=task["task_id"],
+        queue=task["queue"],
+        task_name=task["task_name"],
+        state=_status(task, lease, config, now_ms),
+        info=task["info"],
+        worker=lease.holder,
+        attempts=lease.attempts,
+        max_attempts=config.max_attempts,
+        priority=task["priority"],
+        not_before_ms=task["not_before_ms"],
+        added_ms=Stamp.coerce(task["added"]).wall_ms,
+        lease_expires_ms=lease.until_ms(config) if lease.holder is not None else None,
+        done_by=None if task["done"] is None else task["done"]["worker"],
+        idempotency_key=task["idempotency_key"],
+    )
+
+
+def _task_states(tasks: Iterable[TaskState] | Mapping[str, TaskState]) -> Iterable[TaskState]:
+    return tasks.values() if isinstance(tasks, Mapping) else tasks
+
+
+def is_listed(task: TaskState | None, queue: QueueState | None, now_ms: int) -> bool:
+    """Whether ``GET /queue/Q`` lists the task: visible and pending, working or delayed (not done/dead)."""
+    view = task_view(task, queue, now_ms)
+    return view is not None and view["state"] in ("pending", "working", "delayed")
+
+
+def is_dead_lettered(task: TaskState | None, queue: QueueState | None, now_ms: int) -> bool:
+    """Whether the dead-letter listing shows the task (visible and dead)."""
+    view = task_view(task, queue, now_ms)
+    return view is not None and view["state"] == "dead"
+
+
+def list_tasks(
+    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
+) -> dict[str, ListEntry]:
+    """``GET /queue/Q``: ``{task_id: {"task_name", "state"}}`` of the listed tasks (see :func:`is_listed`)."""
+    out: dict[str, ListEntry] = {}
+    for task in _task_states(tasks):
+        view = task_view(task, queue, now_ms)
+        if view is not None and view["state"] in ("pending", "working", "delayed"):
+            out[view["task_id"]] = ListEntry(task_name=view["task_name"], state=view["state"])
+    return out
+
+
+def list_dead(
+    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
+) -> dict[str, ListEntry]:
+    """The dead-letter listing: ``{task_id: {"task_name", "state": "dead"}}``."""
+    out: dict[str, ListEntry] = {}
+    for task in _task_states(tasks):
+        view = task_view(task, queue, now_ms)
+        if view is not None and view["state"] == "dead":
+            out[view["task_id"]] = ListEntry(task_name=view["task_name"], state="dead")
+    return out
+
+
+def claimable_order(
+    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
+) -> list[str]:
+    """Ids of the tasks claimable now (state pending), best first.
+
+    Order: priority descending, then available time ascending (``max(added wall time, not_before_ms)``),
+    then add stamp, then task id.
+    """
+    ranked: list[tuple[int, int, Stamp, str]] = []
+    for task in _task_states(tasks):
+        view = task_view(task, queue, now_ms)
+        if view is None or view["state"] != "pending" or task["added"] is None:
+            continue
+        added = Stamp.coerce(task["added"])
+        available = max(added.wall_ms, task["not_before_ms"] or added.wall_ms)
+        ranked.append((-task["priority"], available, added, task["task_id"]))
+    ranked.sort()
+    return [task_id for *_, task_id in ranked]
+
+
+def next_claimable(
+    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
+) -> str | None:
+    """The id of the task to hand out next (first of :func:`claimable_order`), or None."""
+    order = claimable_order(tasks, queue, now_ms)
+    return order[0] if order else None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks made before appending an event
+# --------------------------------------------------------------------------------------------------------
+
+
+def _not_found(task: TaskState | None, queue: QueueState | None) -> Decision | None:
+    if not queue_exists(queue):
+        name = queue["name"] if queue is not None else (task["queue"] if task is not None else "?")
+        return Decision(Verdict.NOT_FOUND, Reason.NO_QUEUE, f"no such queue {name!r}")
+    if _visible_config(task, queue) is None:
+        task_id = task["task_id"] if task is not None else "?"
+        return Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, f"no such task {task_id!r}")
+    return None
+
+
+def check_create(queue: QueueState | None, timeout_ms: int, max_attempts: int | None = None) -> Decision:
+    """Before QueueCreated: OK; OK with ``noop`` if it exists with these settings; 409 EXISTS if not."""
+    config = queue_config(queue)
+    if config is None:
+        return Decision(Verdict.OK)
+    if (config.timeout_ms, config.max_attempts) == (timeout_ms, max_attempts):
+        return Decision(Verdict.OK, noop=True, message="queue exists with these settings")
+    return Decision(
+        Verdict.CONFLICT,
+        Reason.EXISTS,
+        f"queue exists with timeout_ms={config.timeout_ms}, max_attempts={config.max_attempts}",
+    )
+
+
+def check_delete(queue: QueueState | None) -> Decision:
+    """Before QueueDeleted: OK if the queue exists, else 404."""
+    if not queue_exists(queue):
+        return Decision(Verdict.NOT_FOUND, Reason.NO_QUEUE, "no such queue")
+    return Decision(Verdict.OK)
+
+
+def check_add(queue: QueueState | None, idempotency_key: str | None = None) -> Decision:
+    """Before TaskAdded: 404 without the queue; OK with ``noop`` and ``task_id`` if the key is known."""
+    if not queue_exists(queue):
+        return Decision(Verdict.NOT_FOUND, Reason.NO_QUEUE, "no such queue")
+    if idempotency_key is not None:
+        existing = find_by_key(queue, idempotency_key)
+        if existing is not None:
+            return Decision(Verdict.OK, noop=True, task_id=existing, message="idempotency key already used")
+    return Decision(Verdict.OK)
+
+
+def check_claim(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
+    """Before TaskClaimed: OK (new lease, or ``renewal``), 404, or 409 DONE / DEAD / HELD / NOT_DUE.
+
+    Judged exactly as the replay will judge the claim, at wall time ``max(now_ms, latest stamp seen on the
+    task)`` (the new event's HLC stamp is at least that). A concurrent claim elsewhere may still win once
+    both are replicated; the task's ``worker`` then tells.
+    """
+    missing = _not_found(task, queue)
+    config = _visible_config(task, queue)
+    if missing is not None or task is None or config is None:
+        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
+    if task["done"] is not None:
+        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
+    lease = _replay(task, config)
+    wall = max(now_ms, _latest_wall(task))
+    before = _Lease(lease.holder, lease.lease_from_ms, lease.attempts)
+    reason, renewal = _claim_step(lease, worker_id, wall, task["not_before_ms"], config)
+    if reason is Reason.NOT_DUE:
+        return Decision(
+            Verdict.CONFLICT,
+            reason,
+            f"task is delayed until {task['not_before_ms']}",
+            until_ms=task["not_before_ms"],
+        )
+    if reason is Reason.HELD:
+        until = before.until_ms(config)
+        return Decision(
+            Verdict.CONFLICT,
+            reason,
+            f"task is held by worker {before.holder!r} until {until}",
+            before.holder,
+            until,
+        )
+    if reason is Reason.DEAD:
+        return Decision(
+            Verdict.CONFLICT,
+            reason,
+            f"task is dead-lettered after {before.attempts} attempts; retry it first",
+            attempts=before.attempts,
+        )
+    return Decision(
+        Verdict.OK,
+        holder=worker_id,
+        until_ms=lease.until_ms(config),
+        renewal=renewal,
+        attempts=lease.attempts,
+    )
+
+
+def check_done(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
+    """Before TaskDone: OK for any visible task, whoever asks (``noop`` if already done); else 404."""
+    del worker_id, now_ms
+    missing = _not_found(task, queue)
+    if missing is not None or task is None:
+        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
+    if task["done"] is not None:
+        return Decision(Verdict.OK, noop=True, message="task is already done", holder=task["done"]["worker"])
+    return Decision(Verdict.OK)
+
+
+def check_retry(task: TaskState | None, queue: QueueState | None, now_ms: int) -> Decision:
+    """Before TaskRetried: OK if the task is dead-lettered; 409 DONE / NOT_DEAD otherwise; 404."""
+    missing = _not_found(task, queue)
+    config = _visible_config(task, queue)
+    if missing is not None or task is None or config is None:
+        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
+    if task["done"] is not None:
+        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
+    lease = _replay(task, config)
+    if not lease.dead_at(max(now_ms, _latest_wall(task)), config):
+        return Decision(Verdict.CONFLICT, Reason.NOT_DEAD, "only a dead-lettered task can be retried")
+    return Decision(Verdict.OK)
