@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Envoy is forked from a process that runs gRPC threads; grpc's fork handlers are not needed for
+# that (the child execs at once), and without this grpc warns on every node start.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import threading
@@ -29,6 +34,9 @@ def _common(parser: argparse.ArgumentParser, data_dir: str) -> None:
         "--fsync", action="store_true", help="sync every write batch to disk (survives power loss)"
     )
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    parser.add_argument(
+        "--no-gossip", action="store_true", help="do not learn peers from other nodes (static membership)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,12 +140,22 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format=f"%(asctime)s {os.getpid()} %(name)s %(levelname)s %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "cluster":
         return run_cluster(args)
     config = NodeConfig(
-        data_dir=args.data_dir, host=args.host, base_port=args.base_port, peers=args.peer, fsync=args.fsync
+        data_dir=args.data_dir,
+        host=args.host,
+        base_port=args.base_port,
+        peers=args.peer,
+        fsync=args.fsync,
+        gossip=not args.no_gossip,
     )
-    asyncio.run(run_node(config))
+    try:
+        asyncio.run(run_node(config))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Membership: the root URLs of the nodes this node replicates with, persisted (`n<url>` -> '')."""
+"""Membership: the root URLs of the nodes this node replicates with, persisted (`n<url>` -> '').
+
+A peer removed by an operator is remembered (`r<url>` -> '') so that gossip and the removed node's
+own reconnection attempts do not bring it back; only an explicit add does.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from potboiler.server.storage import Store, prefix_end
 from potboiler.server.urls import node_url
 
 _PREFIX = b"n"
+_REMOVED = b"r"
 
 
 class Membership:
@@ -18,6 +23,7 @@ class Membership:
         self._store = store
         self.self_url = node_url(self_url)
         self._urls = {key[1:].decode() for key, _ in store.scan(_PREFIX, prefix_end(_PREFIX))}
+        self._removed = {key[1:].decode() for key, _ in store.scan(_REMOVED, prefix_end(_REMOVED))}
         self._listeners: list[Callable[[str, bool], None]] = []
 
     def on_change(self, listener: Callable[[str, bool], None]) -> None:
@@ -28,25 +34,43 @@ class Membership:
         """The peers' root URLs, sorted."""
         return sorted(self._urls)
 
+    @staticmethod
+    def normalise(url: str) -> str:
+        """The canonical form of a node root URL (InvalidArgument if it is not one)."""
+        return node_url(url)
+
+    def is_removed(self, url: str) -> bool:
+        """Whether an operator removed `url` (and has not added it again)."""
+        return node_url(url) in self._removed
+
     def add(self, url: str) -> bool:
-        """Add a peer; returns False if it was known already."""
+        """Add a peer (an operator's explicit add); returns False if it was known already."""
         url = node_url(url)
         if url == self.self_url:
             raise InvalidArgument(f"{url} is this node itself")
         if url in self._urls:
             return False
-        self._store.write([(_PREFIX + url.encode(), b"")], sync=True)
+        self._store.write([(_PREFIX + url.encode(), b""), (_REMOVED + url.encode(), None)], sync=True)
+        self._removed.discard(url)
         self._urls.add(url)
         for listener in self._listeners:
             listener(url, True)
         return True
+
+    def learn(self, url: str) -> bool:
+        """Add a peer heard of from another node, unless it is this node or was removed here."""
+        url = node_url(url)
+        if url == self.self_url or url in self._removed or url in self._urls:
+            return False
+        return self.add(url)
 
     def remove(self, url: str) -> None:
         """Remove a peer; NotFound if it is not known."""
         url = node_url(url)
         if url not in self._urls:
             raise NotFound(f"{url} is not a known node")
-        self._store.write([(_PREFIX + url.encode(), None)], sync=True)
+        self._store.write([(_PREFIX + url.encode(), None), (_REMOVED + url.encode(), b"")], sync=True)
         self._urls.discard(url)
+        self._removed.add(url)
         for listener in self._listeners:
             listener(url, False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from potboiler.server.logclient import LocalLogClient
 from potboiler.server.membership import Membership
 from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.plugin import NodeContext, NodeService
+from potboiler.server.replication import ReplicationServicer, Replicator
 from potboiler.server.rest_servicer import CoreRestServicer
+from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
 from potboiler.server.webhooks import Webhooks
 from potboiler.server.webhooks_servicer import WebhooksServicer
@@ -28,8 +29,8 @@ from potboiler.v1 import (
     core_rest_pb2_grpc,
     log_pb2,
     log_pb2_grpc,
-    nodes_pb2,
     nodes_pb2_grpc,
+    replication_pb2_grpc,
     webhooks_pb2_grpc,
 )
 
@@ -37,14 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Largest gRPC message a node accepts (a batch of entries, a replication batch).
 MAX_MESSAGE_BYTES = 64 << 20
-
-#: The services every node runs beside the log, as factories.
-ServiceFactory = Callable[[NodeContext], NodeService]
-
-
-def default_services() -> list[tuple[str, ServiceFactory]]:
-    """(name, factory) of the services a full node runs: KV and Pigtail."""
-    return []
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -77,6 +70,8 @@ class NodeConfig:
     grpc_port: int | None = None
     services: list[tuple[str, ServiceFactory]] = field(default_factory=default_services)
     clock: HybridClock | None = None
+    #: Learn peers from other nodes' peer lists (off: membership is only what operators add).
+    gossip: bool = True
 
     @property
     def ports(self) -> Ports:
@@ -99,18 +94,12 @@ class Node:
         self.appender = Appender(self.log, self.store, sync=config.fsync)
         self.membership = Membership(self.store, config.url)
         self.webhooks = Webhooks(self.store, self.appender)
+        self.replicator = Replicator(self.appender, self.membership, gossip=config.gossip)
         self.services: list[NodeService] = []
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
         self.grpc_port = 0
         self._health = health.aio.HealthServicer()
-
-    def peer_status(self) -> list[nodes_pb2.PeerStatus]:
-        """Replication state per peer."""
-        return [
-            nodes_pb2.PeerStatus(url=url, state=nodes_pb2.PeerStatus.STATE_DISCONNECTED)
-            for url in self.membership.urls()
-        ]
 
     async def start(self) -> None:
         """Serve gRPC, start the services and the gateway."""
@@ -122,7 +111,10 @@ class Node:
             CoreRestServicer(self.appender, self.membership), server
         )
         nodes_pb2_grpc.add_NodesServiceServicer_to_server(
-            NodesServicer(self.log, self.membership, self.peer_status), server
+            NodesServicer(self.log, self.membership, self.replicator.status), server
+        )
+        replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
+            ReplicationServicer(self.replicator), server
         )
         webhooks_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(self.webhooks), server)
         names = [
@@ -130,6 +122,7 @@ class Node:
             "potboiler.v1.CoreRestService",
             "potboiler.v1.NodesService",
             "potboiler.v1.WebhooksService",
+            "potboiler.v1.ReplicationService",
         ]
         context = NodeContext(
             log=LocalLogClient(self.appender),
@@ -145,14 +138,16 @@ class Node:
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         port = config.ports.grpc if config.grpc_port is None else config.grpc_port
-        self.grpc_port = server.add_insecure_port(f"{config.host}:{port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind the gRPC port {config.host}:{port}")
+        try:
+            self.grpc_port = server.add_insecure_port(f"{config.host}:{port}")
+        except RuntimeError:
+            raise OSError(f"cannot listen on {config.host}:{port} (gRPC): the port is in use") from None
         await server.start()
         self.server = server
         for service in self.services:
             await service.start()
         self.webhooks.start()
+        self.replicator.start()
         for peer in config.peers:
             self.membership.add(peer)
         for name in names:
@@ -178,6 +173,7 @@ class Node:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)
             self.server = None
+        await self.replicator.stop()
         await self.webhooks.stop()
         for service in reversed(self.services):
             await service.stop()

@@ -1,0 +1,579 @@
+"""Replication: one bidirectional gRPC stream per peer pair, over which both nodes send each other
+what the other lacks and then keep streaming new entries.
+
+Both ends of a stream run the same `Session`: it sends a Hello (node id, URL, version vector, peers),
+then a sender task streams, owner by owner and in chain order, the entries the peer's vector lacks,
+reading them from the store (never from memory, so a slow peer costs nothing but its cursor), with
+at most `window` entries unacknowledged; a receiver task stores incoming batches through the
+Appender (each entry once, whichever path it came by) and acknowledges them with this node's whole
+vector, which also tells the sender what the peer got from others.
+
+`Replicator` keeps a `Peer` per member URL: it dials the peer's direct gRPC port with capped
+exponential backoff and keepalive, accepts the peer's inbound streams, and keeps one stream per pair
+(the one dialed by the node with the lower id when both dial). It follows membership: peers learned
+from a Hello or a PeerList are added (gossip), and a removed peer is refused until added again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import grpc
+
+from potboiler.server.appender import Appender
+from potboiler.server.errors import Conflict, InvalidArgument, PotboilerError
+from potboiler.server.grpc_errors import status_of
+from potboiler.server.ids import parse_uuid
+from potboiler.server.log import Plan
+from potboiler.server.membership import Membership
+from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
+from potboiler.v1.entry_pb2 import Entry
+
+log = logging.getLogger(__name__)
+
+#: Most entries in one EntryBatch message.
+MAX_BATCH = 1000
+#: Most bytes of entries in one EntryBatch message (well under the 64 MiB message limit).
+MAX_BATCH_BYTES = 4 << 20
+#: Most entries sent to a peer and not yet acknowledged.
+WINDOW = 20_000
+#: Offset of the direct gRPC port from a node's base port.
+GRPC_PORT_OFFSET = 10
+
+Message = replication_pb2.ReplicateRequest | replication_pb2.ReplicateResponse
+
+
+class PeerState(enum.Enum):
+    """How replication with one peer stands (see PeerStatus.State in nodes.proto)."""
+
+    DISCONNECTED = nodes_pb2.PeerStatus.STATE_DISCONNECTED
+    CATCHING_UP = nodes_pb2.PeerStatus.STATE_CATCHING_UP
+    LIVE = nodes_pb2.PeerStatus.STATE_LIVE
+
+
+def grpc_target(url: str) -> str:
+    """host:port of the direct gRPC server of the node with root URL `url`."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{(parts.port or 80) + GRPC_PORT_OFFSET}"
+
+
+def vector_to_proto(vector: dict[str, int]) -> list[nodes_pb2.VectorComponent]:
+    """A version vector as sorted message components."""
+    return [nodes_pb2.VectorComponent(owner=o, seq=s) for o, s in sorted(vector.items())]
+
+
+def vector_from_proto(components: Any) -> dict[str, int]:
+    """A version vector from message components (owners validated)."""
+    out: dict[str, int] = {}
+    for c in components:
+        parse_uuid(c.owner, "owner")
+        out[c.owner] = max(out.get(c.owner, 0), c.seq)
+    return out
+
+
+def lag(mine: dict[str, int], theirs: dict[str, int]) -> int:
+    """How many of my entries the other vector lacks."""
+    return sum(max(0, seq - theirs.get(owner, 0)) for owner, seq in mine.items())
+
+
+class Transport(Protocol):
+    """One end of a replication stream."""
+
+    async def send(
+        self, message: replication_pb2.ReplicateRequest | replication_pb2.ReplicateResponse
+    ) -> None:
+        """Send one message."""
+        ...
+
+    def receive(self) -> AsyncIterator[Message]:
+        """The messages from the other end, until it closes."""
+        ...
+
+
+@dataclass
+class Counters:
+    """Traffic with one peer, for status and metrics."""
+
+    entries_out: int = 0
+    entries_in: int = 0
+    messages_out: int = 0
+    messages_in: int = 0
+
+
+@dataclass
+class Session:
+    """One replication stream with a peer, seen from this node."""
+
+    replicator: Replicator
+    transport: Transport
+    dialed: bool
+    make_message: Callable[..., Any]
+    peer_id: str = ""
+    peer_url: str = ""
+    acked: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
+    live: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _progress: asyncio.Event = field(default_factory=asyncio.Event)
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, **kwargs: Any) -> None:
+        """Send one protocol message (hello=, entries=, ack= or peers=); gRPC allows one write at a time."""
+        async with self._writing:
+            await self.transport.send(self.make_message(**kwargs))
+        self.replicator.counters_for(self.peer_url).messages_out += 1
+
+    async def hello(self) -> None:
+        """Send this node's Hello."""
+        r = self.replicator
+        await self.send(
+            hello=replication_pb2.Hello(
+                node_id=r.log.node_id,
+                url=r.membership.self_url,
+                vector=vector_to_proto(r.log.vector()),
+                peers=r.membership.urls(),
+            )
+        )
+
+    def accept_hello(self, hello: replication_pb2.Hello) -> None:
+        """Take in the peer's Hello: who it is and what it holds."""
+        parse_uuid(hello.node_id, "node id")
+        if hello.node_id == self.replicator.log.node_id:
+            raise Conflict("a node cannot replicate with itself")
+        self.peer_id = hello.node_id
+        self.peer_url = self.replicator.membership.normalise(hello.url)
+        self.acked = vector_from_proto(hello.vector)
+        self.sent = dict(self.acked)
+
+    async def run(self) -> None:
+        """Stream both ways until either side closes; raises what ended it."""
+        tasks = [
+            asyncio.create_task(self._send_loop(), name=f"replicate to {self.peer_url}"),
+            asyncio.create_task(self._receive_loop(), name=f"replicate from {self.peer_url}"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if (exc := task.exception()) is not None:
+                    raise exc
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.closed.set()
+
+    def wake(self) -> None:
+        """New local entries or an ack: let the sender look again."""
+        self._progress.set()
+
+    async def _send_loop(self) -> None:
+        r = self.replicator
+        while True:
+            self._progress.clear()
+            sent_any = await self._send_available()
+            mine = r.log.vector()
+            self.live = lag(mine, self.acked) == 0
+            if not sent_any:
+                await self._progress.wait()
+            elif r.linger and sum(self._unacked().values()) < MAX_BATCH:
+                # Under steady load, wait a moment so the next message carries several entries.
+                await asyncio.sleep(r.linger)
+
+    def _unacked(self) -> dict[str, int]:
+        return {o: s - self.acked.get(o, 0) for o, s in self.sent.items() if s > self.acked.get(o, 0)}
+
+    async def _send_available(self) -> bool:
+        """Send batches of what the peer lacks, within the window; returns whether anything was sent."""
+        r = self.replicator
+        sent_any = False
+        for owner, seq in sorted(r.log.vector().items()):
+            while self.sent.get(owner, 0) < seq:
+                room = WINDOW - sum(self._unacked().values())
+                if room <= 0:
+                    return sent_any
+                after = max(self.sent.get(owner, 0), self.acked.get(owner, 0))
+                entries = r.log.chain(parse_uuid(owner), after, min(MAX_BATCH, room))
+                batch: list[Entry] = []
+                size = 0
+                for e in entries:
+                    size += e.ByteSize()
+                    if batch and size > MAX_BATCH_BYTES:
+                        break
+                    batch.append(e)
+                if not batch:
+                    break
+                await self.send(entries=replication_pb2.EntryBatch(entries=batch))
+                self.sent[owner] = batch[-1].seq
+                counters = r.counters_for(self.peer_url)
+                counters.entries_out += len(batch)
+                sent_any = True
+        return sent_any
+
+    async def _receive_loop(self) -> None:
+        r = self.replicator
+        async for message in self.transport.receive():
+            counters = r.counters_for(self.peer_url)
+            counters.messages_in += 1
+            kind = message.WhichOneof("message")
+            if kind == "entries":
+                entries = list(message.entries.entries)
+                counters.entries_in += len(entries)
+                await r.appender.ingest(entries)
+                await self.send(ack=replication_pb2.Ack(vector=vector_to_proto(r.log.vector())))
+            elif kind == "ack":
+                for owner, seq in vector_from_proto(message.ack.vector).items():
+                    if seq > self.acked.get(owner, 0):
+                        self.acked[owner] = seq
+                    if seq > self.sent.get(owner, 0):
+                        self.sent[owner] = seq
+                self.wake()
+            elif kind == "peers":
+                r.learn_peers(message.peers.urls)
+            else:
+                raise InvalidArgument(f"unexpected {kind} message after the hello")
+
+
+class _ClientTransport:
+    """The dialing end: a grpc.aio bidi call."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, message: Any) -> None:
+        await self._call.write(message)
+
+    async def receive(self) -> AsyncIterator[Message]:
+        while True:
+            message = await self._call.read()
+            if message is grpc.aio.EOF:
+                return
+            yield message
+
+
+class _ServerTransport:
+    """The dialed end: the servicer's request iterator and context."""
+
+    def __init__(self, requests: AsyncIterator[replication_pb2.ReplicateRequest], context: Any) -> None:
+        self._requests = requests
+        self._context = context
+
+    async def send(self, message: Any) -> None:
+        await self._context.write(message)
+
+    async def receive(self) -> AsyncIterator[Message]:
+        async for message in self._requests:
+            yield message
+
+
+@dataclass
+class Peer:
+    """Replication state with one member URL."""
+
+    url: str
+    node_id: str = ""
+    state: PeerState = PeerState.DISCONNECTED
+    sessions: list[Session] = field(default_factory=list)
+    last_error: str = ""
+    acked: dict[str, int] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: `first` seconds, doubling up to `cap`."""
+
+    first: float = 0.05
+    cap: float = 5.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` consecutive failures."""
+        return float(min(self.cap, self.first * 2 ** max(0, failures - 1)))
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Options of the channels to peers: keepalive, big messages, no port sharing."""
+    return [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+class Replicator:
+    """All of a node's replication: a Peer per member, dialing and accepting streams."""
+
+    def __init__(
+        self,
+        appender: Appender,
+        membership: Membership,
+        *,
+        gossip: bool = True,
+        backoff: Backoff = Backoff(),
+        linger: float = 0.001,
+    ) -> None:
+        self.appender = appender
+        self.log = appender.log
+        self.membership = membership
+        self.gossip = gossip
+        self.backoff = backoff
+        self.linger = linger
+        self.peers: dict[str, Peer] = {}
+        self.counters: dict[str, Counters] = {}
+        self._running = False
+        appender.on_commit(self._on_commit)
+        membership.on_change(self._on_membership)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start dialing every member."""
+        self._running = True
+        for url in self.membership.urls():
+            self._add_peer(url)
+
+    async def stop(self) -> None:
+        """Close every stream and stop dialing."""
+        self._running = False
+        for url in list(self.peers):
+            await self._drop_peer(url)
+
+    def counters_for(self, url: str) -> Counters:
+        """Traffic counters of one peer URL."""
+        return self.counters.setdefault(url, Counters())
+
+    # -- membership ---------------------------------------------------------------------
+
+    def _on_membership(self, url: str, added: bool) -> None:
+        if not self._running:
+            return
+        if added:
+            self._add_peer(url)
+        else:
+            asyncio.get_running_loop().create_task(self._drop_peer(url))
+        self._broadcast_peers()
+
+    def learn_peers(self, urls: Any) -> None:
+        """Gossip: add the peers another node told of (unless removed here, or gossip is off)."""
+        if not self.gossip:
+            return
+        for url in urls:
+            with contextlib.suppress(PotboilerError):
+                self.membership.learn(url)
+
+    def _broadcast_peers(self) -> None:
+        urls = self.membership.urls()
+        for peer in self.peers.values():
+            for session in peer.sessions:
+                asyncio.get_running_loop().create_task(self._send_quietly(session, urls))
+
+    @staticmethod
+    async def _send_quietly(session: Session, urls: list[str]) -> None:
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
+            await session.send(peers=replication_pb2.PeerList(urls=urls))
+
+    def _add_peer(self, url: str) -> None:
+        if url in self.peers:
+            return
+        peer = Peer(url)
+        self.peers[url] = peer
+        peer.task = asyncio.get_running_loop().create_task(self._dial_loop(peer), name=f"dial {url}")
+
+    async def _drop_peer(self, url: str) -> None:
+        peer = self.peers.pop(url, None)
+        if peer is None:
+            return
+        if peer.task is not None:
+            peer.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await peer.task
+        for session in list(peer.sessions):
+            session.closed.set()
+        log.info("stopped replicating with %s", url)
+
+    # -- the streams --------------------------------------------------------------------
+
+    def _on_commit(self, plan: Plan) -> None:
+        if not plan.entries:
+            return
+        for peer in self.peers.values():
+            for session in peer.sessions:
+                session.wake()
+
+    async def _dial_loop(self, peer: Peer) -> None:
+        failures = 0
+        target = grpc_target(peer.url)
+        async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+            stub = replication_pb2_grpc.ReplicationServiceStub(channel)
+            while self._running:
+                # While the peer's own stream to us is the one kept, do not dial.
+                if peer.sessions and not any(s.dialed for s in peer.sessions):
+                    await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
+                    continue
+                call = stub.Replicate()
+                session = Session(
+                    self, _ClientTransport(call), dialed=True, make_message=replication_pb2.ReplicateRequest
+                )
+                session.peer_url = peer.url
+                try:
+                    await session.hello()
+                    first = await call.read()
+                    if not isinstance(first, replication_pb2.ReplicateResponse) or not first.HasField(
+                        "hello"
+                    ):
+                        raise InvalidArgument("the peer did not start with a hello")
+                    session.accept_hello(first.hello)
+                    session.peer_url = peer.url
+                    if not self._register(peer, session):
+                        continue
+                    self.learn_peers(first.hello.peers)
+                    failures = 0
+                    log.info("connected to %s (node %s)", peer.url, peer.node_id)
+                    await self._run_session(peer, session)
+                    peer.last_error = "the peer closed the stream"
+                except (grpc.RpcError, PotboilerError, OSError) as exc:
+                    peer.last_error = _describe(exc)
+                    log.debug("stream to %s ended: %s", peer.url, peer.last_error)
+                finally:
+                    call.cancel()
+                    self._unregister(peer, session)
+                failures += 1
+                delay = self.backoff.delay(failures)
+                if failures in (1, 5) or failures % 50 == 0:
+                    log.info("replication with %s: %s; retrying in %.2fs", peer.url, peer.last_error, delay)
+                peer.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(peer.wake.wait(), delay)
+
+    async def serve(self, requests: AsyncIterator[replication_pb2.ReplicateRequest], context: Any) -> None:
+        """Run the dialed end of a stream (called by the servicer)."""
+        iterator = aiter(requests)
+        session = Session(
+            self,
+            _ServerTransport(iterator, context),
+            dialed=False,
+            make_message=replication_pb2.ReplicateResponse,
+        )
+        first = await anext(iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("message") != "hello":
+            raise InvalidArgument("the first message of a replication stream must be a hello")
+        session.accept_hello(first.hello)
+        if self.membership.is_removed(session.peer_url):
+            raise Conflict(f"{session.peer_url} was removed from this node's peers")
+        self.membership.learn(session.peer_url)
+        peer = self.peers.get(session.peer_url)
+        if peer is None:
+            raise Conflict(f"{session.peer_url} is not a peer of this node")
+        await session.hello()
+        if not self._register(peer, session):
+            return
+        self.learn_peers(first.hello.peers)
+        log.info("accepted stream from %s (node %s)", peer.url, peer.node_id)
+        try:
+            await self._run_session(peer, session)
+        finally:
+            self._unregister(peer, session)
+
+    def _register(self, peer: Peer, session: Session) -> bool:
+        """Add a session to its peer, keeping one per pair; False if this one is dropped."""
+        peer.node_id = session.peer_id
+        keep_dialed = self.log.node_id < session.peer_id
+        for other in list(peer.sessions):
+            if other.dialed != session.dialed and session.dialed != keep_dialed:
+                # Both nodes dialed: the stream dialed by the node with the lower id is kept.
+                return False
+            other.closed.set()  # the replaced stream (or a stale one of the same direction)
+            peer.sessions.remove(other)
+        peer.sessions.append(session)
+        return True
+
+    def _unregister(self, peer: Peer, session: Session) -> None:
+        if session in peer.sessions:
+            peer.sessions.remove(session)
+            peer.acked = dict(session.acked)
+        if not peer.sessions:
+            peer.state = PeerState.DISCONNECTED
+
+    async def _run_session(self, peer: Peer, session: Session) -> None:
+        peer.last_error = ""
+        runner = asyncio.ensure_future(session.run())
+        closer = asyncio.ensure_future(session.closed.wait())
+        try:
+            done, _ = await asyncio.wait({runner, closer}, return_when=asyncio.FIRST_COMPLETED)
+            if runner in done:
+                runner.result()
+        finally:
+            for task in (runner, closer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            peer.acked = dict(session.acked)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> list[nodes_pb2.PeerStatus]:
+        """Per peer: state, acknowledged vector, lag and last error."""
+        mine = self.log.vector()
+        out = []
+        for url in sorted(self.peers):
+            peer = self.peers[url]
+            session = peer.sessions[0] if peer.sessions else None
+            acked = session.acked if session else peer.acked
+            if session is None:
+                state = PeerState.DISCONNECTED
+            else:
+                state = PeerState.LIVE if lag(mine, acked) == 0 or session.live else PeerState.CATCHING_UP
+            out.append(
+                nodes_pb2.PeerStatus(
+                    url=url,
+                    node_id=peer.node_id,
+                    state=state.value,
+                    vector=vector_to_proto(acked),
+                    lag=lag(mine, acked),
+                    last_error=peer.last_error,
+                )
+            )
+        return out
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, PotboilerError):
+        return f"{status_of(exc).name}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ReplicationServicer(replication_pb2_grpc.ReplicationServiceServicer):
+    """The dialed end of replication streams (thin over Replicator.serve)."""
+
+    def __init__(self, replicator: Replicator) -> None:
+        self._replicator = replicator
+
+    # The dialed end writes with context.write (both ends share one Session), so it returns None.
+    async def Replicate(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[replication_pb2.ReplicateRequest], context: Any
+    ) -> None:
+        try:
+            await self._replicator.serve(request_iterator, context)
+        except PotboilerError as error:
+            await context.abort(status_of(error), str(error))
