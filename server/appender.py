@@ -46,6 +46,8 @@ class Appender:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.batches = 0
+        self.appended = 0
+        self.ingested = 0
 
     def start(self) -> None:
         """Start the writer task."""
@@ -130,6 +132,10 @@ class Appender:
         self.log.apply(plan)
         self.batches += 1
         for job, entries in results:
+            if job.local is not None:
+                self.appended += len(entries)
+            else:
+                self.ingested += len(entries)
             if not job.done.done():
                 job.done.set_result(entries)
         for listener in self._listeners:

@@ -17,6 +17,7 @@ from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
 from potboiler.server.logclient import LocalLogClient
 from potboiler.server.membership import Membership
+from potboiler.server.metrics import MetricsServer
 from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.replication import ReplicationServicer, Replicator
@@ -72,6 +73,8 @@ class NodeConfig:
     clock: HybridClock | None = None
     #: Learn peers from other nodes' peer lists (off: membership is only what operators add).
     gossip: bool = True
+    #: Serve Prometheus metrics on base_port + 5.
+    metrics: bool = True
 
     @property
     def ports(self) -> Ports:
@@ -99,6 +102,7 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
         self.grpc_port = 0
+        self.metrics: MetricsServer | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self) -> None:
@@ -153,6 +157,8 @@ class Node:
         for name in names:
             await self._set_health(name, serving=True)
         await self._set_health("", serving=True)
+        if config.metrics:
+            self.metrics = MetricsServer(self, config.host, config.ports.metrics)
         if config.gateway:
             self.gateway = Gateway(config.host, config.ports, config.host, config.data_dir / "gateway")
             await self.gateway.start()
@@ -169,6 +175,9 @@ class Node:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self.server is not None:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)

@@ -37,6 +37,10 @@ class Store(Protocol):
         """The item with the greatest key in [start, end), or None."""
         ...
 
+    def size_bytes(self) -> int:
+        """Approximate bytes the store occupies."""
+        ...
+
     def close(self) -> None:
         """Release the store; it is unusable afterwards."""
         ...
@@ -101,6 +105,12 @@ class RocksStore:
             it.prev()
         return None
 
+    def size_bytes(self) -> int:
+        total = 0
+        for prop in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
+            total += self._db.property_int_value(prop) or 0
+        return total
+
     def close(self) -> None:
         self._db.close()
 
@@ -140,6 +150,9 @@ class MemoryStore:
         if i >= 0 and self._keys[i] >= start:
             return self._keys[i], self._values[self._keys[i]]
         return None
+
+    def size_bytes(self) -> int:
+        return sum(len(k) + len(v) for k, v in self._values.items())
 
     def close(self) -> None:
         self._keys.clear()

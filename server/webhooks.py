@@ -41,6 +41,7 @@ class WebhookState:
     failures: int = 0
     last_error: str = ""
     delivered: int = 0
+    failed_attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,12 @@ class Webhooks:
         *,
         client: Callable[[], httpx.AsyncClient] = lambda: httpx.AsyncClient(timeout=10.0),
         backoff: Backoff = Backoff(),
-        on_result: Callable[[str, bool], None] = lambda url, ok: None,
     ) -> None:
         self._store = store
         self._appender = appender
         self._client_factory = client
         self._client: httpx.AsyncClient | None = None
         self._backoff = backoff
-        self._on_result = on_result
         self._states: dict[str, WebhookState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         for key, value in store.scan(_PREFIX, prefix_end(_PREFIX)):
@@ -152,14 +151,13 @@ class Webhooks:
                 )
                 if response.is_success:
                     state.failures, state.last_error = 0, ""
-                    self._on_result(state.url, True)
                     return
                 error = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             state.failures += 1
+            state.failed_attempts += 1
             state.last_error = error
-            self._on_result(state.url, False)
             delay = self._backoff.delay(state.failures)
             log.warning(
                 "webhook %s failed (%s); attempt %d, retrying in %.1fs",

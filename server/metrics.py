@@ -1,0 +1,110 @@
+"""Prometheus metrics of a node, served on port B+5 (`/metrics`).
+
+Nothing on the hot path is instrumented: a collector reads the node's own counters (appender,
+replicator, webhooks, store) when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from potboiler.server.replication import lag
+
+if TYPE_CHECKING:
+    from potboiler.server.node import Node
+
+
+class NodeCollector(Collector):
+    """Reads a node's state at scrape time."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        node = self._node
+        log = node.log
+        yield CounterMetricFamily(
+            "potboiler_appends", "Entries appended to this node's own log", value=node.appender.appended
+        )
+        yield CounterMetricFamily(
+            "potboiler_entries_ingested", "Entries stored from peers", value=node.appender.ingested
+        )
+        yield CounterMetricFamily(
+            "potboiler_write_batches", "Write batches committed", value=node.appender.batches
+        )
+        yield GaugeMetricFamily("potboiler_entries", "Entries held, all owners", value=log.total())
+        yield GaugeMetricFamily(
+            "potboiler_pending_entries", "Entries waiting for a dependency", value=log.pending
+        )
+        yield GaugeMetricFamily(
+            "potboiler_delivered_position", "Newest delivery position", value=log.position
+        )
+        yield GaugeMetricFamily(
+            "potboiler_store_bytes", "Approximate size of the log store", value=node.store.size_bytes()
+        )
+
+        entries_in = CounterMetricFamily(
+            "potboiler_replicated_entries_in", "Entries received per peer", labels=["peer"]
+        )
+        entries_out = CounterMetricFamily(
+            "potboiler_replicated_entries_out", "Entries sent per peer", labels=["peer"]
+        )
+        msgs_in = CounterMetricFamily(
+            "potboiler_replication_messages_in", "Messages received per peer", labels=["peer"]
+        )
+        msgs_out = CounterMetricFamily(
+            "potboiler_replication_messages_out", "Messages sent per peer", labels=["peer"]
+        )
+        for url, c in sorted(node.replicator.counters.items()):
+            entries_in.add_metric([url], c.entries_in)
+            entries_out.add_metric([url], c.entries_out)
+            msgs_in.add_metric([url], c.messages_in)
+            msgs_out.add_metric([url], c.messages_out)
+        yield from (entries_in, entries_out, msgs_in, msgs_out)
+
+        peer_lag = GaugeMetricFamily(
+            "potboiler_peer_lag_entries", "Entries a peer has not acknowledged", labels=["peer"]
+        )
+        connected = GaugeMetricFamily(
+            "potboiler_peer_connected", "1 if a stream with the peer is open", labels=["peer"]
+        )
+        mine = log.vector()
+        for url, peer in sorted(node.replicator.peers.items()):
+            acked = peer.sessions[0].acked if peer.sessions else peer.acked
+            peer_lag.add_metric([url], lag(mine, acked))
+            connected.add_metric([url], 1 if peer.sessions else 0)
+        yield from (peer_lag, connected)
+
+        delivered = CounterMetricFamily(
+            "potboiler_webhook_deliveries", "Entries delivered per webhook", labels=["url"]
+        )
+        failed = CounterMetricFamily(
+            "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=["url"]
+        )
+        for state in node.webhooks.states():
+            delivered.add_metric([state.url], state.delivered)
+            failed.add_metric([state.url], state.failed_attempts)
+        yield from (delivered, failed)
+
+
+class MetricsServer:
+    """The node's metrics over HTTP on host:port, in a background thread."""
+
+    def __init__(self, node: Node, host: str, port: int) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(NodeCollector(node))
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (metrics): {exc.strerror}") from None
+
+    def stop(self) -> None:
+        """Stop serving and free the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)

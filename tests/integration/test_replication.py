@@ -1,0 +1,228 @@
+"""Replication between in-process nodes (gRPC only, no Envoy): convergence, multi-hop, catch-up,
+resume after restart, removal, one stream per pair, flow control and causal delivery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server import replication
+from potboiler.server.log import NewEntry, validate_new_entry
+from potboiler.server.node import Node, NodeConfig
+from potboiler.server.processes import find_base_port
+from potboiler.v1 import nodes_pb2
+
+pytestmark = pytest.mark.asyncio
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+def number(n: float) -> Value:
+    v = Value()
+    v.number_value = n
+    return v
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds or `timeout` passes."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
+    """Start in-process nodes on free ports; stop them all at the end."""
+    nodes: list[Node] = []
+    base = find_base_port(count=6)
+    counter = iter(range(6))
+
+    async def make(
+        name: str | None = None,
+        peers: list[Node] | None = None,
+        gossip: bool = True,
+        index: int | None = None,
+    ) -> Node:
+        i = next(counter) if index is None else index
+        config = NodeConfig(
+            data_dir=tmp_path / (name or f"n{i}"),
+            base_port=base + 100 * i,
+            peers=[p.config.url for p in peers or []],
+            gateway=False,
+            metrics=False,
+            gossip=gossip,
+            services=[],
+        )
+        node = Node(config)
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        if node.server is not None:
+            await node.stop()
+
+
+async def append(node: Node, n: int, deps: tuple[bytes, ...] = ()) -> list[str]:
+    entries = await node.appender.append([NewEntry(number(i), deps) for i in range(n)])
+    return [e.id for e in entries]
+
+
+def converged(*nodes: Node) -> bool:
+    vectors = [n.log.vector() for n in nodes]
+    return all(v == vectors[0] for v in vectors) and all(n.log.pending == 0 for n in nodes)
+
+
+def delivered_ids(node: Node) -> list[str]:
+    return [e.id for _, e in node.log.delivered(0, 1_000_000)]
+
+
+async def test_two_nodes_exchange_everything(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await append(a, 50)
+    await append(b, 30)
+    await eventually(lambda: converged(a, b) and a.log.total() == 80, what="convergence")
+    assert sorted(delivered_ids(a)) == sorted(delivered_ids(b))
+    assert len(set(delivered_ids(a))) == 80
+    assert a.membership.urls() == [b.config.url]  # b joined a: both directions
+
+
+async def test_three_nodes_writing_concurrently_converge(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    c = await make_node(peers=[a])
+    await asyncio.gather(*(append(n, 200) for n in (a, b, c)))
+    await eventually(lambda: converged(a, b, c) and a.log.total() == 600, what="convergence")
+    heads = [[(h.owner, h.head, h.seq) for h in n.log.heads()] for n in (a, b, c)]
+    assert heads[0] == heads[1] == heads[2]
+    # gossip: c learned b through a
+    await eventually(lambda: b.config.url in c.membership.urls(), what="gossip")
+
+
+async def test_line_topology_converges_through_the_middle(make_node: NodeFactory) -> None:
+    a = await make_node(gossip=False)
+    b = await make_node(peers=[a], gossip=False)
+    c = await make_node(peers=[b], gossip=False)
+    await append(a, 20)
+    await append(c, 20)
+    await eventually(lambda: converged(a, b, c) and a.log.total() == 40, what="multi-hop convergence")
+    assert c.config.url not in a.membership.urls()
+    assert a.config.url not in c.membership.urls()
+
+
+async def test_late_node_catches_up_in_batches(make_node: NodeFactory) -> None:
+    a = await make_node()
+    for _ in range(5):
+        await append(a, 1000)
+    b = await make_node(peers=[a])
+    await eventually(lambda: converged(a, b) and b.log.total() == 5000, what="catch-up")
+    counters = b.replicator.counters[a.config.url]
+    assert counters.messages_in < 100  # batched, not one message per entry
+
+
+async def test_flow_control_window_bounds_unacked_entries(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication, "WINDOW", 50)
+    monkeypatch.setattr(replication, "MAX_BATCH", 20)
+    a = await make_node()
+    await append(a, 1000)
+    b = await make_node(peers=[a])
+    await eventually(lambda: converged(a, b) and b.log.total() == 1000, what="windowed catch-up")
+
+
+async def test_restart_resumes_without_loss_or_duplicates(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node(name="b", peers=[a], index=1)
+    await append(a, 100)
+    await eventually(lambda: converged(a, b), what="first convergence")
+    await b.stop()
+    await append(a, 100)
+    b2 = await make_node(name="b", index=1)  # same data dir and port: same identity
+    assert b2.log.node_id == b.log.node_id
+    await append(b2, 10)
+    await eventually(lambda: converged(a, b2) and a.log.total() == 210, what="convergence after restart")
+    ids = delivered_ids(b2)
+    assert len(ids) == len(set(ids)) == 210
+
+
+async def test_removed_peer_stops_receiving_and_cannot_rejoin_by_itself(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await append(a, 5)
+    await eventually(lambda: converged(a, b), what="convergence")
+    a.membership.remove(b.config.url)
+    await eventually(lambda: not a.replicator.peers.get(b.config.url), what="peer dropped")
+    await append(a, 5)
+    await asyncio.sleep(0)  # let any stray send run
+    await eventually(
+        lambda: all(s.peer_url != a.config.url for p in b.replicator.peers.values() for s in p.sessions),
+        what="stream closed",
+    )
+    assert b.log.total() == 5
+    assert b.config.url not in a.membership.urls()  # b's redials did not bring it back
+    a.membership.add(b.config.url)
+    await eventually(lambda: converged(a, b) and b.log.total() == 10, what="convergence after re-adding")
+
+
+async def test_one_stream_per_pair_when_both_dial(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node()
+    a.membership.add(b.config.url)
+    b.membership.add(a.config.url)
+    await append(a, 3)
+    await eventually(lambda: converged(a, b) and b.log.total() == 3, what="convergence")
+
+    def sessions(n: Node) -> int:
+        return sum(len(p.sessions) for p in n.replicator.peers.values())
+
+    await eventually(lambda: sessions(a) == 1 and sessions(b) == 1, what="one stream per pair")
+    [pa] = a.replicator.peers.values()
+    [pb] = b.replicator.peers.values()
+    assert pa.sessions[0].dialed != pb.sessions[0].dialed
+    lower = a if a.log.node_id < b.log.node_id else b
+    [lower_peer] = lower.replicator.peers.values()
+    assert lower_peer.sessions[0].dialed  # the lower id's stream is the one kept
+
+
+async def test_entry_waits_for_a_dependency_from_another_node(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node()
+    [dep] = await append(a, 1)
+    [waiting] = await append(b, 1, validate_new_entry(number(0), [dep]).dependencies)
+    assert b.log.pending == 1 and delivered_ids(b) == []
+    b.membership.add(a.config.url)
+    await eventually(lambda: converged(a, b), what="dependency arrival")
+    order = delivered_ids(b)
+    assert order.index(dep) < order.index(waiting)
+    order_a = delivered_ids(a)
+    assert order_a.index(dep) < order_a.index(waiting)
+
+
+async def test_status_reports_peers(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await append(a, 10)
+    await eventually(lambda: converged(a, b), what="convergence")
+    await eventually(
+        lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_LIVE],
+        what="live state",
+    )
+    [status] = a.replicator.status()
+    assert status.url == b.config.url and status.node_id == b.log.node_id and status.lag == 0
+    await b.stop()
+    await eventually(
+        lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_DISCONNECTED],
+        what="disconnected state",
+    )
+    await append(a, 4)
+    [status] = a.replicator.status()
+    assert status.lag == 4 and status.last_error
