@@ -1,0 +1,268 @@
+"""WebhooksService, NodesService and CoreRestService over gRPC against an in-process node."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.urls import MAX_URL_LENGTH
+from potboiler.server.webhooks import MAX_WEBHOOKS
+from potboiler.v1 import core_rest_pb2, log_pb2, nodes_pb2, webhooks_pb2
+from tests.conftest import GrpcNode, GrpcNodeFactory
+
+JSON = Any
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+async def webhook_urls(node: GrpcNode) -> list[str]:
+    response = await node.webhooks.ListWebhooks(webhooks_pb2.ListWebhooksRequest())
+    return [w.url for w in response.webhooks]
+
+
+async def node_urls(node: GrpcNode) -> list[str]:
+    return list((await node.nodes.ListNodes(nodes_pb2.ListNodesRequest())).urls)
+
+
+BAD_URLS = [
+    "",
+    "garbage",
+    "ftp://example.com/hook",
+    "file:///etc/passwd",
+    "http://",
+    "http:///path",
+    "http://exa mple.com/",
+    "http://example.com/\n",
+    "http://example.com:0/",
+    "http://example.com:99999/",
+    "http://example.com:port/",
+    "//example.com/hook",
+    "http://example.com/" + "x" * MAX_URL_LENGTH,
+]
+
+
+# -- webhooks --------------------------------------------------------------------------------
+
+
+async def test_register_list_deregister(grpc_node: GrpcNode) -> None:
+    assert await webhook_urls(grpc_node) == []
+    b, a = "http://127.0.0.1:9/b", "https://example.com/a?x=1"
+    for url in (b, a, b):
+        await grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url))
+    assert await webhook_urls(grpc_node) == sorted([a, b])
+    listed = (await grpc_node.webhooks.ListWebhooks(webhooks_pb2.ListWebhooksRequest())).webhooks
+    assert all((w.delivered_position, w.failures, w.last_error) == (0, 0, "") for w in listed)
+
+    await grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest(url=a))
+    assert await webhook_urls(grpc_node) == [b]
+    error = await rpc_error(
+        grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest(url=a))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert a in (error.details() or "")
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+async def test_register_rejects_bad_urls(grpc_node: GrpcNode, url: str) -> None:
+    error = await rpc_error(grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details()
+    assert await webhook_urls(grpc_node) == []
+
+
+async def test_webhook_limit(grpc_node: GrpcNode) -> None:
+    for i in range(MAX_WEBHOOKS):
+        await grpc_node.webhooks.RegisterWebhook(
+            webhooks_pb2.RegisterWebhookRequest(url=f"http://h{i}.invalid/")
+        )
+    error = await rpc_error(
+        grpc_node.webhooks.RegisterWebhook(
+            webhooks_pb2.RegisterWebhookRequest(url="http://one-more.invalid/")
+        )
+    )
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Registering a known one again is still fine at the limit.
+    await grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url="http://h0.invalid/"))
+    assert len(await webhook_urls(grpc_node)) == MAX_WEBHOOKS
+
+
+async def test_deregister_unknown(grpc_node: GrpcNode) -> None:
+    error = await rpc_error(
+        grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest(url="http://x.invalid/"))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_webhooks_survive_restart(grpc_node_factory: GrpcNodeFactory) -> None:
+    node = await grpc_node_factory("n")
+    url = "http://127.0.0.1:9/hook"
+    await node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url))
+    await node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url="http://127.0.0.1:9/gone"))
+    await node.webhooks.DeregisterWebhook(
+        webhooks_pb2.DeregisterWebhookRequest(url="http://127.0.0.1:9/gone")
+    )
+    await grpc_node_factory.stop(node)
+    again = await grpc_node_factory("n")
+    assert await webhook_urls(again) == [url]
+
+
+# -- nodes -----------------------------------------------------------------------------------
+
+
+async def test_add_list_remove_nodes(grpc_node: GrpcNode) -> None:
+    assert await node_urls(grpc_node) == []
+    for url in ("http://127.0.0.1:9100", "http://127.0.0.1:9000", "http://127.0.0.1:9100"):
+        await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url=url))
+    assert await node_urls(grpc_node) == ["http://127.0.0.1:9000", "http://127.0.0.1:9100"]
+    await grpc_node.nodes.RemoveNode(nodes_pb2.RemoveNodeRequest(url="http://127.0.0.1:9000"))
+    assert await node_urls(grpc_node) == ["http://127.0.0.1:9100"]
+    error = await rpc_error(
+        grpc_node.nodes.RemoveNode(nodes_pb2.RemoveNodeRequest(url="http://127.0.0.1:9000"))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "127.0.0.1:9000" in (error.details() or "")
+
+
+async def test_node_urls_are_normalised(grpc_node: GrpcNode) -> None:
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://Example.COM/"))
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="https://example.com"))
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://[::1]:9000"))
+    assert await node_urls(grpc_node) == [
+        "http://[::1]:9000",
+        "http://example.com:80",
+        "https://example.com:443",
+    ]
+    # The same node under another spelling is the same node.
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://example.com:80"))
+    await grpc_node.nodes.RemoveNode(nodes_pb2.RemoveNodeRequest(url="HTTP://EXAMPLE.COM:80/"))
+    assert await node_urls(grpc_node) == ["http://[::1]:9000", "https://example.com:443"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        *BAD_URLS,
+        "http://example.com:8000/path",
+        "http://example.com:8000/?q=1",
+        "http://u:p@example.com:8000",
+    ],
+)
+async def test_add_node_rejects_bad_urls(grpc_node: GrpcNode, url: str) -> None:
+    error = await rpc_error(grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url=url)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details()
+    assert await node_urls(grpc_node) == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.0.0.1:8000/"])
+async def test_add_node_refuses_itself(grpc_node: GrpcNode, url: str) -> None:
+    # The in-process node's root URL is http://127.0.0.1:8000 (its config's default base port).
+    assert grpc_node.node.config.url == "http://127.0.0.1:8000"
+    error = await rpc_error(grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url=url)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "itself" in (error.details() or "")
+    assert await node_urls(grpc_node) == []
+
+
+async def test_status(grpc_node: GrpcNode) -> None:
+    status = await grpc_node.nodes.GetStatus(nodes_pb2.GetStatusRequest())
+    assert status.node_id == grpc_node.node_id
+    assert str(uuid.UUID(status.node_id)) == status.node_id
+    assert status.url == "http://127.0.0.1:8000"
+    assert (list(status.vector), status.pending, status.delivered_position, list(status.peers)) == (
+        [],
+        0,
+        0,
+        [],
+    )
+
+    for i in range(3):
+        await grpc_node.log.AppendEntry(log_pb2.AppendEntryRequest(data=Value(number_value=i)))
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://127.0.0.1:9200"))
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://127.0.0.1:9100"))
+    status = await grpc_node.nodes.GetStatus(nodes_pb2.GetStatusRequest())
+    assert [(c.owner, c.seq) for c in status.vector] == [(grpc_node.node_id, 3)]
+    assert (status.pending, status.delivered_position) == (0, 3)
+    assert [p.url for p in status.peers] == ["http://127.0.0.1:9100", "http://127.0.0.1:9200"]
+    assert all(p.state != nodes_pb2.PeerStatus.STATE_UNSPECIFIED for p in status.peers)
+
+
+async def test_membership_survives_restart(grpc_node_factory: GrpcNodeFactory) -> None:
+    node = await grpc_node_factory("n")
+    await node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://127.0.0.1:9100"))
+    await node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://127.0.0.1:9200"))
+    await node.nodes.RemoveNode(nodes_pb2.RemoveNodeRequest(url="http://127.0.0.1:9200"))
+    await grpc_node_factory.stop(node)
+    again = await grpc_node_factory("n")
+    assert await node_urls(again) == ["http://127.0.0.1:9100"]
+
+
+# -- CoreRestService (the REST shapes) over gRPC --------------------------------------------------
+
+
+async def test_core_rest_shapes(grpc_node: GrpcNode) -> None:
+    assert (
+        json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())) == {}
+    )
+    call = grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(data=Value(string_value="hello")))
+    response = await call
+    metadata = dict((k, v) for k, v in (await call.initial_metadata() or ()))
+    assert metadata.get("x-http-code") == "201"
+    assert metadata.get("location") == f"/log/{response.id}"
+    second = await grpc_node.rest.PostLogEntry(
+        core_rest_pb2.PostLogEntryRequest(data=Value(number_value=2), dependency=[response.id])
+    )
+
+    heads = json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest()))
+    firsts = json_format.MessageToDict(await grpc_node.rest.GetLogFirsts(core_rest_pb2.GetLogFirstsRequest()))
+    assert heads == {grpc_node.node_id: second.id}
+    assert firsts == {grpc_node.node_id: response.id}
+
+    entry = json_format.MessageToDict(
+        await grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=second.id))
+    )
+    when = entry.pop("when")
+    assert entry == {
+        "data": 2,
+        "dependencies": [response.id],
+        "id": second.id,
+        "next": None,
+        "owner": grpc_node.node_id,
+        "prev": response.id,
+        "seq": 2,
+    }
+    assert set(when) == {"wall_ms", "logical"}
+    first = json_format.MessageToDict(
+        await grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=response.id))
+    )
+    assert (first["prev"], first["next"], first["dependencies"]) == (None, second.id, [])
+
+    await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://127.0.0.1:9100"))
+    nodes: JSON = json_format.MessageToDict(await grpc_node.rest.GetNodes(core_rest_pb2.GetNodesRequest()))
+    assert nodes == ["http://127.0.0.1:9100"]
+
+
+async def test_core_rest_errors(grpc_node: GrpcNode) -> None:
+    error = await rpc_error(grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id="nope")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = await rpc_error(
+        grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=str(uuid.uuid4())))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = await rpc_error(
+        grpc_node.rest.PostLogEntry(
+            core_rest_pb2.PostLogEntryRequest(data=Value(number_value=1), dependency=["x"])
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = await rpc_error(grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
