@@ -24,5 +24,10 @@ class Conflict(PotboilerError):
     """The request does not fit the current state (e.g. a task claimed by another worker)."""
 
 
+class Contended(Conflict):
+    """The request collides with another client's hold on the same thing, or with work already
+    finished (a task claimed by another worker, dead-lettered, or done): REST 409."""
+
+
 class TooLarge(PotboilerError):
     """The request exceeds a documented size or count limit."""

@@ -11,6 +11,7 @@ import grpc
 from potboiler.server.errors import (
     AlreadyExists,
     Conflict,
+    Contended,
     InvalidArgument,
     NotFound,
     PotboilerError,
@@ -22,6 +23,8 @@ STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    # ABORTED (a concurrency conflict), which Envoy's transcoder answers as HTTP 409.
+    Contended: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
