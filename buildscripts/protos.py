@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -97,9 +98,20 @@ def main() -> int:
             return 1
         print("gen/ is fresh")
         return 0
-    shutil.rmtree(GEN / PACKAGE, ignore_errors=True)
-    generate(GEN)
-    print(f"regenerated {GEN / PACKAGE}")
+    # Generate aside, then swap files in one by one (os.replace is atomic), so a node or test running
+    # meanwhile never sees a missing module or descriptor set; then drop files no proto makes any more.
+    target = GEN / PACKAGE
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=GEN) as tmp:
+        generate(Path(tmp))
+        fresh = sorted((Path(tmp) / PACKAGE).iterdir())
+        for path in fresh:
+            os.replace(path, target / path.name)
+    keep = {p.name for p in fresh}
+    for path in target.iterdir():
+        if path.is_file() and path.name not in keep:
+            path.unlink()
+    print(f"regenerated {target}")
     return 0
 
 

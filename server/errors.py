@@ -29,5 +29,9 @@ class Contended(Conflict):
     finished (a task claimed by another worker, dead-lettered, or done): REST 409."""
 
 
+class Removed(PotboilerError):
+    """A peer removed by this node's operator tried to replicate."""
+
+
 class TooLarge(PotboilerError):
     """The request exceeds a documented size or count limit."""

@@ -15,6 +15,7 @@ from potboiler.server.errors import (
     InvalidArgument,
     NotFound,
     PotboilerError,
+    Removed,
     TooLarge,
 )
 
@@ -23,6 +24,7 @@ STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    Removed: grpc.StatusCode.PERMISSION_DENIED,
     # ABORTED (a concurrency conflict), which Envoy's transcoder answers as HTTP 409.
     Contended: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,

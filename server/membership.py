@@ -25,6 +25,8 @@ class Membership:
         self._urls = {key[1:].decode() for key, _ in store.scan(_PREFIX, prefix_end(_PREFIX))}
         self._removed = {key[1:].decode() for key, _ in store.scan(_REMOVED, prefix_end(_REMOVED))}
         self._listeners: list[Callable[[str, bool], None]] = []
+        #: Peers an operator added since start whose replication has not started yet.
+        self.joining: set[str] = set()
 
     def on_change(self, listener: Callable[[str, bool], None]) -> None:
         """Call `listener(url, added)` on every change."""
@@ -44,10 +46,22 @@ class Membership:
         return node_url(url) in self._removed
 
     def add(self, url: str) -> bool:
-        """Add a peer (an operator's explicit add); returns False if it was known already."""
+        """Add a peer by an operator's decision (clears an earlier removal); the peer is then
+        `joining` until replication with it starts. Returns False if it was known already."""
         url = node_url(url)
         if url == self.self_url:
             raise InvalidArgument(f"{url} is this node itself")
+        self.joining.add(url)
+        return self._insert(url)
+
+    def learn(self, url: str) -> bool:
+        """Add a peer heard of from another node, unless it is this node or was removed here."""
+        url = node_url(url)
+        if url == self.self_url or url in self._removed:
+            return False
+        return self._insert(url)
+
+    def _insert(self, url: str) -> bool:
         if url in self._urls:
             return False
         self._store.write([(_PREFIX + url.encode(), b""), (_REMOVED + url.encode(), None)], sync=True)
@@ -57,13 +71,6 @@ class Membership:
             listener(url, True)
         return True
 
-    def learn(self, url: str) -> bool:
-        """Add a peer heard of from another node, unless it is this node or was removed here."""
-        url = node_url(url)
-        if url == self.self_url or url in self._removed or url in self._urls:
-            return False
-        return self.add(url)
-
     def remove(self, url: str) -> None:
         """Remove a peer; NotFound if it is not known."""
         url = node_url(url)
@@ -72,5 +79,6 @@ class Membership:
         self._store.write([(_PREFIX + url.encode(), None), (_REMOVED + url.encode(), b"")], sync=True)
         self._urls.discard(url)
         self._removed.add(url)
+        self.joining.discard(url)
         for listener in self._listeners:
             listener(url, False)

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from potboiler.server.appender import Appender
-from potboiler.server.errors import Conflict, InvalidArgument, PotboilerError
+from potboiler.server.errors import Conflict, InvalidArgument, PotboilerError, Removed
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Plan
@@ -133,7 +133,7 @@ class Session:
             await self.transport.send(self.make_message(**kwargs))
         self.replicator.counters_for(self.peer_url).messages_out += 1
 
-    async def hello(self) -> None:
+    async def hello(self, join: bool = False) -> None:
         """Send this node's Hello."""
         r = self.replicator
         await self.send(
@@ -142,6 +142,7 @@ class Session:
                 url=r.membership.self_url,
                 vector=vector_to_proto(r.log.vector()),
                 peers=r.membership.urls(),
+                join=join,
             )
         )
 
@@ -433,7 +434,7 @@ class Replicator:
                 )
                 session.peer_url = peer.url
                 try:
-                    await session.hello()
+                    await session.hello(join=peer.url in self.membership.joining)
                     first = await call.read()
                     if not isinstance(first, replication_pb2.ReplicateResponse) or not first.HasField(
                         "hello"
@@ -445,9 +446,16 @@ class Replicator:
                         continue
                     self.learn_peers(first.hello.peers)
                     failures = 0
+                    self.membership.joining.discard(peer.url)
                     log.info("connected to %s (node %s)", peer.url, peer.node_id)
                     await self._run_session(peer, session)
                     peer.last_error = "the peer closed the stream"
+                except grpc.aio.AioRpcError as exc:
+                    peer.last_error = _describe(exc)
+                    if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                        log.warning("%s removed this node from its peers; removing it here too", peer.url)
+                        self.membership.remove(peer.url)
+                        return
                 except (grpc.RpcError, PotboilerError, OSError) as exc:
                     peer.last_error = _describe(exc)
                     log.debug("stream to %s ended: %s", peer.url, peer.last_error)
@@ -478,8 +486,12 @@ class Replicator:
             raise InvalidArgument("the first message of a replication stream must be a hello")
         session.accept_hello(first.hello)
         if self.membership.is_removed(session.peer_url):
-            raise Conflict(f"{session.peer_url} was removed from this node's peers")
+            if not first.hello.join:
+                raise Removed(f"{session.peer_url} was removed from this node's peers")
+            log.info("%s joins again after its removal", session.peer_url)
+            self.membership.add(session.peer_url)
         self.membership.learn(session.peer_url)
+        self.membership.joining.discard(session.peer_url)
         peer = self.peers.get(session.peer_url)
         if peer is None:
             raise Conflict(f"{session.peer_url} is not a peer of this node")

@@ -30,10 +30,15 @@ class Hello(_message.Message):
     URL_FIELD_NUMBER: _builtins.int
     VECTOR_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The sender's node id (UUID)."""
     url: _builtins.str
     """The sender's root URL, as its peers name it."""
+    join: _builtins.bool
+    """Set by a dialer whose operator has just added the dialed node: the dialed
+    node forgets an earlier removal of the dialer and accepts it again.
+    """
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.VectorComponent]:
         """The sender's version vector: per owner, the highest seq it holds."""
@@ -49,10 +54,11 @@ class Hello(_message.Message):
         url: _builtins.str = ...,
         vector: _abc.Iterable[_nodes_pb2.VectorComponent] | None = ...,
         peers: _abc.Iterable[_builtins.str] | None = ...,
+        join: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "peers", b"peers", "url", b"url", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["join", b"join", "node_id", b"node_id", "peers", b"peers", "url", b"url", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

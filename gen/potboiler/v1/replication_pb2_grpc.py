@@ -62,8 +62,9 @@ class ReplicationServiceServicer:
 
     def Replicate(self, request_iterator, context):
         """The replication stream. Errors: INVALID_ARGUMENT (the first message is
-        not a Hello, or a malformed entry), FAILED_PRECONDITION (the dialer was
-        removed from this node's peers, or is this node itself).
+        not a Hello, or a malformed entry), PERMISSION_DENIED (the dialer was
+        removed from this node's peers: the dialer then removes this node too),
+        FAILED_PRECONDITION (the dialer is this node itself).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

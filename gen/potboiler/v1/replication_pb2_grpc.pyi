@@ -43,8 +43,9 @@ class ReplicationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ReplicationServiceAsyncStub: ...
     Replicate: _grpc.StreamStreamMultiCallable[_replication_pb2.ReplicateRequest, _replication_pb2.ReplicateResponse]
     """The replication stream. Errors: INVALID_ARGUMENT (the first message is
-    not a Hello, or a malformed entry), FAILED_PRECONDITION (the dialer was
-    removed from this node's peers, or is this node itself).
+    not a Hello, or a malformed entry), PERMISSION_DENIED (the dialer was
+    removed from this node's peers: the dialer then removes this node too),
+    FAILED_PRECONDITION (the dialer is this node itself).
     """
 
 @_typing.type_check_only
@@ -62,8 +63,9 @@ class ReplicationServiceAsyncStub(ReplicationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Replicate: _aio.StreamStreamMultiCallable[_replication_pb2.ReplicateRequest, _replication_pb2.ReplicateResponse]  # type: ignore[assignment]
     """The replication stream. Errors: INVALID_ARGUMENT (the first message is
-    not a Hello, or a malformed entry), FAILED_PRECONDITION (the dialer was
-    removed from this node's peers, or is this node itself).
+    not a Hello, or a malformed entry), PERMISSION_DENIED (the dialer was
+    removed from this node's peers: the dialer then removes this node too),
+    FAILED_PRECONDITION (the dialer is this node itself).
     """
 
 class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -84,8 +86,9 @@ class ReplicationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_replication_pb2.ReplicateResponse], _abc.AsyncIterator[_replication_pb2.ReplicateResponse]]:
         """The replication stream. Errors: INVALID_ARGUMENT (the first message is
-        not a Hello, or a malformed entry), FAILED_PRECONDITION (the dialer was
-        removed from this node's peers, or is this node itself).
+        not a Hello, or a malformed entry), PERMISSION_DENIED (the dialer was
+        removed from this node's peers: the dialer then removes this node too),
+        FAILED_PRECONDITION (the dialer is this node itself).
         """
 
 def add_ReplicationServiceServicer_to_server(servicer: ReplicationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,311 @@
+"""Replication between real node processes (each with its Envoy): convergence under concurrent writes,
+late joiners, kill -9 and restart, line topology, removal, cross-node dependencies with webhooks,
+and the `potboiler cluster` command."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.v1 import log_pb2, log_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+Cluster = Callable[..., list[NodeProcess]]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Start nodes peered as asked; stop them all at the end."""
+    started: list[NodeProcess] = []
+    base = find_base_port(count=4)
+
+    def make(
+        n: int, peers: Callable[[int, list[str]], list[str]] | None = None, extra: list[str] | None = None
+    ) -> list[NodeProcess]:
+        first = len(started)
+        urls = [f"http://127.0.0.1:{base + 100 * (first + i)}" for i in range(n)]
+        nodes = []
+        for i in range(n):
+            chosen = peers(i, urls) if peers else [u for j, u in enumerate(urls) if j != i]
+            node = NodeProcess(
+                tmp_path / f"node{first + i}", base + 100 * (first + i), peers=chosen, extra_args=extra or []
+            )
+            started.append(node)
+            nodes.append(node.start(wait=False))
+        for node in nodes:
+            node.wait_ready()
+        return nodes
+
+    yield make
+    for node in started:
+        node.stop()
+
+
+def heads(node: NodeProcess) -> dict[str, str]:
+    result: dict[str, str] = httpx.get(f"{node.url}/log", timeout=5).json()
+    return result
+
+
+def delivered_position(node: NodeProcess) -> int:
+    return int(httpx.get(f"{node.url}/status", timeout=5).json()["delivered_position"])
+
+
+def all_ids(node: NodeProcess) -> list[str]:
+    """Every delivered entry id on a node, in its delivery order (via the subscription)."""
+
+    async def read() -> list[str]:
+        async with grpc.aio.insecure_channel(node.grpc_target) as channel:
+            stub = log_pb2_grpc.LogServiceStub(channel)
+            total = delivered_position(node)
+            ids: list[str] = []
+            if total == 0:
+                return ids
+            async for message in stub.SubscribeEntries(log_pb2.SubscribeEntriesRequest(after_position=0)):
+                ids += [d.entry.id for d in message.entries]
+                if len(ids) >= total:
+                    return ids
+            return ids
+
+    return asyncio.run(read())
+
+
+def total(node: NodeProcess) -> int:
+    status = httpx.get(f"{node.url}/status", timeout=5).json()
+    return sum(int(c["seq"]) for c in status["vector"])
+
+
+def post(node: NodeProcess, body: object, params: dict[str, str] | None = None) -> str:
+    response = httpx.post(f"{node.url}/log", json=body, params=params, timeout=10)
+    assert response.status_code == 201, response.text
+    entry_id: str = response.json()["id"]
+    return entry_id
+
+
+def converged(nodes: list[NodeProcess], expected: int) -> bool:
+    try:
+        h = [heads(n) for n in nodes]
+        return all(x == h[0] for x in h) and all(total(n) == expected for n in nodes)
+    except httpx.HTTPError:
+        return False
+
+
+def test_three_nodes_writing_concurrently_converge(cluster: Cluster) -> None:
+    nodes = cluster(3)
+
+    def writer(node: NodeProcess) -> list[str]:
+        with httpx.Client(timeout=10) as client:
+            return [client.post(f"{node.url}/log", json={"n": i}).json()["id"] for i in range(150)]
+
+    results: list[list[str]] = [[] for _ in nodes]
+    threads = [threading.Thread(target=lambda i=i: results[i].extend(writer(nodes[i]))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    acknowledged = {i for r in results for i in r}
+    assert len(acknowledged) == 450
+    wait_until(lambda: converged(nodes, 450), what="convergence")
+    for node in nodes:
+        ids = all_ids(node)
+        assert len(ids) == len(set(ids)) == 450
+        assert set(ids) == acknowledged
+    sample = sorted(acknowledged)[:20]
+    for entry_id in sample:
+        bodies = [httpx.get(f"{n.url}/log/{entry_id}", timeout=5).json() for n in nodes]
+        assert bodies[0] == bodies[1] == bodies[2]
+
+
+def test_node_added_later_catches_up(cluster: Cluster) -> None:
+    a, b = cluster(2)
+    for i in range(300):
+        post(a if i % 2 else b, {"i": i})
+    [late] = cluster(1, peers=lambda i, urls: [])
+    assert httpx.post(f"{late.url}/nodes", json={"url": a.url}, timeout=5).status_code == 204
+    wait_until(lambda: converged([a, b, late], 300), what="late node catch-up")
+    # it joined both ways, and learned b by gossip
+    wait_until(lambda: late.url in httpx.get(f"{a.url}/nodes").json(), what="join both ways")
+    wait_until(lambda: b.url in httpx.get(f"{late.url}/nodes").json(), what="gossip")
+
+
+def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster) -> None:
+    a, b, c = cluster(3)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not stop.is_set():
+                response = client.post(f"{a.url}/log", json={"i": i})
+                if response.status_code == 201:
+                    acknowledged.append(response.json()["id"])
+                i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        wait_until(lambda: len(acknowledged) > 100, what="writes before the crash")
+        b.kill()
+        n = len(acknowledged)
+        wait_until(lambda: len(acknowledged) > n + 100, what="writes while b is down")
+        b.start()
+        n = len(acknowledged)
+        wait_until(lambda: len(acknowledged) > n + 100, what="writes after the restart")
+    finally:
+        stop.set()
+        thread.join()
+    wait_until(lambda: converged([a, b, c], len(acknowledged)), what="convergence after kill -9")
+    for node in (a, b, c):
+        ids = all_ids(node)
+        assert len(ids) == len(set(ids)), "duplicates"
+        assert set(ids) == set(acknowledged), "lost or invented entries"
+
+
+def test_line_topology_converges_through_the_middle(cluster: Cluster) -> None:
+    def line(i: int, urls: list[str]) -> list[str]:
+        return [urls[1]] if i != 1 else []
+
+    a, b, c = cluster(3, peers=line, extra=["--no-gossip"])
+    for i in range(50):
+        post(a, {"from": "a", "i": i})
+        post(c, {"from": "c", "i": i})
+    wait_until(lambda: converged([a, b, c], 100), what="multi-hop convergence")
+    assert httpx.get(f"{a.url}/nodes").json() == [b.url]
+    assert httpx.get(f"{c.url}/nodes").json() == [b.url]
+    assert sorted(httpx.get(f"{b.url}/nodes").json()) == sorted([a.url, c.url])
+
+
+def test_removed_peer_stops_receiving(cluster: Cluster) -> None:
+    a, b = cluster(2)
+    post(a, 1)
+    wait_until(lambda: converged([a, b], 1), what="convergence")
+    assert httpx.request("DELETE", f"{a.url}/nodes", json={"url": b.url}).status_code == 204
+    assert httpx.request("DELETE", f"{a.url}/nodes", json={"url": b.url}).status_code == 404
+    # b is refused when it redials, and drops a from its own peers
+    wait_until(lambda: httpx.get(f"{b.url}/nodes").json() == [], what="b forgets a")
+    for i in range(5):
+        post(a, {"after": i})
+    wait_until(lambda: total(a) == 6, what="writes on a")
+    deadline = time.monotonic() + 1.0  # b never gets them: watch it for a while
+    while time.monotonic() < deadline:
+        assert total(b) == 1
+        time.sleep(0.05)
+    assert httpx.get(f"{a.url}/nodes").json() == []
+    # an operator's explicit add on either side joins them again, both ways
+    assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
+    wait_until(lambda: converged([a, b], 6), what="convergence after re-adding")
+    assert httpx.get(f"{a.url}/nodes").json() == [b.url]
+
+
+class Receiver:
+    """A webhook receiver on an OS-chosen port, recording entry ids in arrival order."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        received = self.ids
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.append(json.loads(body)["id"])
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arrives(cluster: Cluster) -> None:
+    a, b = cluster(2, peers=lambda i, urls: [])
+    receiver = Receiver()
+    try:
+        assert httpx.post(f"{b.url}/log/register", json={"url": receiver.url}).status_code == 204
+        x = post(a, {"on": "a"})
+        before = post(b, {"on": "b", "n": 1})
+        y = post(b, {"needs": x}, params={"dependency": x})
+        after = post(b, {"on": "b", "n": 2})
+        wait_until(lambda: receiver.ids == [before], what="the entry without dependencies")
+        time.sleep(0)  # y and `after` must not arrive while x is missing
+        assert httpx.get(f"{b.url}/log/{y}").status_code == 200  # stored and acknowledged
+        assert receiver.ids == [before]
+        assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
+        wait_until(lambda: len(receiver.ids) == 4, what="delivery once the dependency arrived")
+        assert receiver.ids == [before, x, y, after]
+    finally:
+        receiver.close()
+
+
+def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
+    base = find_base_port(count=3)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "potboiler.server.cli",
+        "cluster",
+        "--nodes",
+        "3",
+        "--base-port",
+        str(base),
+        "--data-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode())
+            if "is up" in lines[-1]:
+                break
+        assert any(f"REST http://127.0.0.1:{base + 200}" in line for line in lines), lines
+        nodes = [NodeProcess(tmp_path / f"node{i}", base + 100 * i) for i in range(3)]
+        post(nodes[0], {"hello": "cluster"})
+        wait_until(lambda: converged(nodes, 1), what="cluster convergence")
+        status = subprocess.run(
+            [sys.executable, "-m", "potboiler.server.cli", "status", "--url", nodes[1].url],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        peers = json.loads(status.stdout)["peers"]
+        assert sorted(p["url"] for p in peers) == sorted([nodes[0].url, nodes[2].url])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert leftover == [], f"processes left behind: {leftover}"
