@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import grpc
 import pytest
@@ -49,12 +49,30 @@ class WaitTimeout(AssertionError):
     """A condition did not hold before its deadline."""
 
 
+@overload
 async def wait_for(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = ...,
+    message: str | Callable[[], str] = ...,
+    interval: float = ...,
+) -> T: ...
+
+
+@overload
+async def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = ...,
+    message: str | Callable[[], str] = ...,
+    interval: float = ...,
+) -> T: ...
+
+
+async def wait_for(
+    predicate: Callable[[], Any],
     timeout: float = DEFAULT_TIMEOUT,
     message: str | Callable[[], str] = "",
     interval: float = POLL_INTERVAL,
-) -> T:
+) -> Any:
     """Poll `predicate` (sync or async) until it returns something truthy, and return that.
     Raises WaitTimeout (an AssertionError) after `timeout` seconds, with `message` (or its result)."""
     loop = asyncio.get_running_loop()

@@ -1,0 +1,443 @@
+"""The core REST contract through a real node and its Envoy: every path, status code, header and body
+shape, and the errors (all JSON with a message)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from potboiler.server.gateway import MAX_BODY_BYTES
+from potboiler.server.log import MAX_ENTRY_BYTES
+from potboiler.server.processes import NodeProcess
+from tests.e2e.conftest import NodeProcesses
+
+pytestmark = pytest.mark.e2e
+
+RestClient = Callable[[NodeProcess], httpx.Client]
+JSON = Any
+ENTRY_KEYS = {"data", "dependencies", "id", "next", "owner", "prev", "seq", "when"}
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node for the tests that only add entries (they do not depend on the log being empty)."""
+    factory = NodeProcesses(tmp_path_factory.mktemp("rest"))
+    try:
+        yield factory("shared")
+    finally:
+        assert not factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def http(shared_node: NodeProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=shared_node.url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture
+def fresh(node_process: NodeProcesses, rest_client: RestClient) -> tuple[NodeProcess, httpx.Client]:
+    """A node of this test's own, with an empty log."""
+    node = node_process("fresh")
+    return node, rest_client(node)
+
+
+def post(http: httpx.Client, body: str | bytes, params: Any = None) -> httpx.Response:
+    return http.post("/log", content=body, params=params, headers={"content-type": "application/json"})
+
+
+def append(http: httpx.Client, data: JSON, params: Any = None) -> str:
+    response = post(http, json.dumps(data), params)
+    assert response.status_code == 201, response.text
+    entry_id: str = response.json()["id"]
+    return entry_id
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> str:
+    """The response is a JSON error with this status and a message containing `words`."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body, dict), body
+    message = body.get("message")
+    assert isinstance(message, str) and message.strip(), body
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
+def node_id(http: httpx.Client) -> str:
+    status = http.get("/status")
+    assert status.status_code == 200
+    value: str = status.json()["node_id"]
+    return value
+
+
+def assert_no_content(response: httpx.Response) -> None:
+    assert response.status_code == 204, (response.status_code, response.text)
+    assert response.content == b""
+    assert "content-type" not in response.headers
+
+
+# -- the log ---------------------------------------------------------------------------------
+
+
+def test_heads_and_firsts_of_an_empty_then_growing_log(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    _, http = fresh
+    for path in ("/log", "/log/first"):
+        response = http.get(path)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == {}
+    ids = [append(http, {"n": i}) for i in range(3)]
+    owner = node_id(http)
+    assert http.get("/log").json() == {owner: ids[-1]}
+    assert http.get("/log/first").json() == {owner: ids[0]}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"a": 1, "b": "two"},
+        [1, "two", None, {"x": []}],
+        "a string",
+        "",
+        42,
+        -3.25,
+        0,
+        True,
+        False,
+        None,
+        {},
+        [],
+        {"deep": {"er": {"est": [[[{"k": [1, 2, {"z": None}]}]]]}}},
+        {"unicode": "héllo ☃ 𝄞", "escapes": 'a"b\\c\nd\u0000'},
+    ],
+    ids=[
+        "object",
+        "array",
+        "string",
+        "empty-string",
+        "int",
+        "float",
+        "zero",
+        "true",
+        "false",
+        "null",
+        "empty-object",
+        "empty-array",
+        "nested",
+        "unicode",
+    ],
+)
+def test_post_any_json(http: httpx.Client, data: JSON) -> None:
+    response = post(http, json.dumps(data))
+    assert response.status_code == 201, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"id"}
+    entry_id = body["id"]
+    assert str(uuid.UUID(entry_id)) == entry_id
+    assert response.headers["location"] == f"/log/{entry_id}"
+    entry = http.get(response.headers["location"])
+    assert entry.status_code == 200
+    assert entry.json()["data"] == data
+
+
+def test_entry_shape(http: httpx.Client) -> None:
+    first_id = append(http, {"first": True})
+    first = http.get(f"/log/{first_id}").json()
+    assert set(first) == ENTRY_KEYS
+    assert first["next"] is None
+    assert first["dependencies"] == []
+    assert first["owner"] == node_id(http)
+    assert set(first["when"]) == {"wall_ms", "logical"}
+    assert all(isinstance(v, int) and v >= 0 for v in first["when"].values())
+    assert isinstance(first["seq"], int) and first["seq"] >= 1
+
+    second_id = append(http, "second")
+    first = http.get(f"/log/{first_id}").json()
+    second = http.get(f"/log/{second_id}").json()
+    assert first["next"] == second_id
+    assert second["prev"] == first_id
+    assert second["next"] is None
+    assert second["seq"] == first["seq"] + 1
+    assert (second["when"]["wall_ms"], second["when"]["logical"]) > (
+        first["when"]["wall_ms"],
+        first["when"]["logical"],
+    )
+
+
+def test_first_entry_has_null_prev(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    _, http = fresh
+    entry = http.get(f"/log/{append(http, 1)}").json()
+    assert (entry["prev"], entry["seq"], entry["next"]) == (None, 1, None)
+
+
+def test_unknown_entry_is_404(http: httpx.Client) -> None:
+    unknown = str(uuid.uuid4())
+    assert_error(http.get(f"/log/{unknown}"), 404, unknown)
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["nope", "1234", "00000000-0000-0000-0000-00000000000", "00000000000000000000000000000000"]
+)
+def test_non_uuid_id_is_400(http: httpx.Client, bad_id: str) -> None:
+    assert_error(http.get(f"/log/{bad_id}"), 400, bad_id)
+
+
+def test_upper_case_id_finds_the_entry(http: httpx.Client) -> None:
+    entry_id = append(http, "case")
+    response = http.get(f"/log/{entry_id.upper()}")
+    assert response.status_code == 200
+    assert response.json()["id"] == entry_id
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["{bad", "{", "[1,", "1 2", '{"a":1}garbage', "nul", "NaN", "01", "[1 2]", "+1", " ", "\n"],
+)
+def test_invalid_json_is_400(http: httpx.Client, body: str) -> None:
+    before = http.get("/log").json()
+    assert_error(post(http, body), 400)
+    assert http.get("/log").json() == before
+
+
+@pytest.mark.xfail(
+    reason="BUG: the transcoder's JSON parser is lenient: single-quoted strings, unquoted keys and "
+    "trailing commas are accepted (201) although they are not JSON",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    "body",
+    ["'single'", "{'a': 1}", "{a: 1}", "[1,]", '{"a": 1,}'],
+    ids=[
+        "single-quotes",
+        "single-quoted-key",
+        "unquoted-key",
+        "array-trailing-comma",
+        "object-trailing-comma",
+    ],
+)
+def test_lenient_non_json_is_400(http: httpx.Client, body: str) -> None:
+    before = http.get("/log").json()
+    assert_error(post(http, body), 400)
+    assert http.get("/log").json() == before
+
+
+def test_empty_body_is_400(http: httpx.Client) -> None:
+    before = http.get("/log").json()
+    assert_error(http.post("/log"), 400, "JSON")
+    assert_error(post(http, b""), 400)
+    assert http.get("/log").json() == before
+
+
+def test_bad_dependency_is_400(http: httpx.Client) -> None:
+    before = http.get("/log").json()
+    assert_error(post(http, "1", params={"dependency": "bad"}), 400, "dependency", "bad")
+    good = str(uuid.uuid4())
+    assert_error(post(http, "1", params=[("dependency", good), ("dependency", "")]), 400, "dependency")
+    assert http.get("/log").json() == before
+
+
+def test_dependencies_in_the_query(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    _, http = fresh
+    a = append(http, "a")
+    b = append(http, "b")
+    c = append(http, "c", params=[("dependency", a), ("dependency", b)])
+    assert http.get(f"/log/{c}").json()["dependencies"] == [a, b]
+    # A dependency on an entry this node has never seen is accepted; the entry waits for it.
+    unknown = str(uuid.uuid4())
+    d = append(http, "d", params={"dependency": unknown})
+    entry = http.get(f"/log/{d}").json()
+    assert entry["dependencies"] == [unknown] and entry["prev"] == c
+    status = http.get("/status").json()
+    assert int(status["pending"]) == 1
+    assert int(status["delivered_position"]) == 3
+
+
+def test_unknown_query_parameters_are_ignored(http: httpx.Client) -> None:
+    response = post(http, "1", params={"whatever": "x"})
+    assert response.status_code == 201
+    assert http.get(f"/log/{response.json()['id']}").json()["dependencies"] == []
+
+
+def test_entry_size_limit_exactly(http: httpx.Client) -> None:
+    # A JSON string of n characters is a Value of n + 4 bytes (for n in 2^14..2^21).
+    at_limit = json.dumps("x" * (MAX_ENTRY_BYTES - 4))
+    response = post(http, at_limit)
+    assert response.status_code == 201, response.text
+    entry = http.get(response.headers["location"]).json()
+    assert len(entry["data"]) == MAX_ENTRY_BYTES - 4
+
+
+@pytest.mark.xfail(
+    reason="BUG: entry data over the 1 MiB limit in a body under Envoy's 2 MiB limit is refused with "
+    "429 Too Many Requests (gRPC RESOURCE_EXHAUSTED mapped by the transcoder), not 413",
+    strict=True,
+)
+def test_entry_over_the_limit_is_413(http: httpx.Client) -> None:
+    over = json.dumps("x" * (MAX_ENTRY_BYTES - 3))
+    assert len(over) < MAX_BODY_BYTES
+    assert_error(post(http, over), 413, str(MAX_ENTRY_BYTES))
+
+
+def test_entry_over_the_limit_is_refused_with_a_clear_message(http: httpx.Client) -> None:
+    before = http.get("/log").json()
+    response = post(http, json.dumps("x" * (MAX_ENTRY_BYTES - 3)))
+    assert 400 <= response.status_code < 500
+    assert_error(response, response.status_code, str(MAX_ENTRY_BYTES))
+    assert http.get("/log").json() == before
+
+
+def test_oversized_body_is_413_and_the_node_keeps_serving(http: httpx.Client) -> None:
+    before = http.get("/log").json()
+    body = json.dumps("x" * (MAX_BODY_BYTES + 1024))
+    assert_error(post(http, body), 413)
+    assert_error(post(http, b"[" + b"1," * (MAX_BODY_BYTES // 2) + b"1]"), 413)
+    assert http.get("/log").json() == before
+    assert post(http, "1").status_code == 201
+
+
+# -- webhooks registration --------------------------------------------------------------------
+
+
+def test_register_and_deregister(http: httpx.Client) -> None:
+    url = f"http://127.0.0.1:9/hook-{uuid.uuid4()}"
+    assert_no_content(http.post("/log/register", json={"url": url}))
+    assert_no_content(http.post("/log/register", json={"url": url}))
+    assert_no_content(http.post("/log/deregister", json={"url": url}))
+    assert_error(http.post("/log/deregister", json={"url": url}), 404, url)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"url": "ftp://example.com/hook"},
+        {"url": "garbage"},
+        {"url": "http://"},
+        {"url": "http://exa mple.com/"},
+        {"url": ""},
+        {},
+        {"url": 5},
+        {"url": ["http://example.com"]},
+    ],
+    ids=["ftp", "garbage", "no-host", "space", "empty", "missing", "number", "list"],
+)
+def test_register_bad_url_is_400(http: httpx.Client, body: JSON) -> None:
+    assert_error(http.post("/log/register", json=body), 400)
+
+
+@pytest.mark.parametrize("path", ["/log/register", "/log/deregister", "/nodes"])
+def test_registration_bodies_must_be_json(http: httpx.Client, path: str) -> None:
+    assert_error(http.post(path, content=b"url=http://x", headers={"content-type": "application/json"}), 400)
+    assert_error(http.post(path), 400)
+
+
+def test_connection_is_reused_after_204(http: httpx.Client) -> None:
+    # A 204 with a body would break HTTP/1.1 keep-alive: the next request on the connection must work.
+    url = "http://127.0.0.1:9/keepalive"
+    for _ in range(3):
+        assert_no_content(http.post("/log/register", json={"url": url}))
+        assert http.get("/log").status_code == 200
+    assert_no_content(http.post("/log/deregister", json={"url": url}))
+    assert http.get("/log").status_code == 200
+
+
+@pytest.mark.xfail(
+    reason="BUG: gateway/envoy.yaml's Lua envoy_on_response uses `headers` after `handle:body(true)` "
+    "('object used outside of proper scope'), so 204s keep `content-length: 0` (RFC 9110 forbids it) "
+    "and every 204 logs a Lua error",
+    strict=True,
+)
+def test_204_has_no_content_length_and_no_lua_error(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    node, http = fresh
+    response = http.post("/log/register", json={"url": "http://127.0.0.1:9/x"})
+    assert_no_content(response)
+    problems = []
+    if "content-length" in response.headers:
+        problems.append("204 with a content-length header")
+    if "[lua]" in node.log_file.read_text(errors="replace"):
+        problems.append("Lua error in the node's log")
+    assert not problems, problems
+
+
+# -- nodes -----------------------------------------------------------------------------------
+
+
+def test_nodes(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    _, http = fresh
+    response = http.get("/nodes")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == []
+    peer = "http://127.0.0.1:9"  # nothing listens there: it is retried in the background
+    assert_no_content(http.post("/nodes", json={"url": peer}))
+    assert_no_content(http.post("/nodes", json={"url": peer + "/"}))
+    assert http.get("/nodes").json() == [peer]
+    assert_error(http.post("/nodes", json={"url": "bad"}), 400, "bad")
+    assert_error(http.post("/nodes", json={"url": "http://127.0.0.1:9/some/path"}), 400)
+    assert_error(http.post("/nodes", json={}), 400)
+    assert_error(http.request("DELETE", "/nodes", json={"url": "http://127.0.0.1:19"}), 404, "127.0.0.1:19")
+    assert_no_content(http.request("DELETE", "/nodes", json={"url": peer}))
+    assert http.get("/nodes").json() == []
+    assert_error(http.request("DELETE", "/nodes", json={"url": peer}), 404)
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_a_node_refuses_itself_as_peer(fresh: tuple[NodeProcess, httpx.Client], suffix: str) -> None:
+    node, http = fresh
+    assert_error(http.post("/nodes", json={"url": node.url + suffix}), 400, "itself")
+    assert http.get("/nodes").json() == []
+
+
+def test_status(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    node, http = fresh
+    status = http.get("/status")
+    assert status.status_code == 200
+    body = status.json()
+    assert str(uuid.UUID(body["node_id"])) == body["node_id"]
+    assert body["url"] == node.url
+    assert body["vector"] == [] and body["peers"] == []
+    assert int(body["pending"]) == 0 and int(body["delivered_position"]) == 0
+    append(http, 1)
+    append(http, 2)
+    body = http.get("/status").json()
+    assert [(c["owner"], int(c["seq"])) for c in body["vector"]] == [(body["node_id"], 2)]
+    assert int(body["delivered_position"]) == 2
+    # The node id is the owner of its entries, and stays the same across requests.
+    assert list(http.get("/log").json()) == [body["node_id"]]
+
+
+# -- unknown paths and methods ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/nothing"),
+        ("GET", "/"),
+        ("GET", "/log/a/b"),
+        ("PUT", "/log"),
+        ("DELETE", "/log"),
+        ("PATCH", "/log"),
+        ("DELETE", "/log/3f1c0e4a-5b7d-4c8e-9f60-1a2b3c4d5e6f"),
+        ("POST", "/status"),
+        ("GET", "/kv"),
+        ("POST", "/create"),
+    ],
+)
+def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) -> None:
+    content = b"{}" if method in ("PUT", "POST", "PATCH", "DELETE") else None
+    assert_error(http.request(method, path, content=content), 404)
+
+
+def test_node_log_has_no_tracebacks(shared_node: NodeProcess, http: httpx.Client) -> None:
+    # After all the bad requests above (when run in one process), the node is healthy.
+    assert http.get("/log").status_code == 200
+    assert "Traceback" not in Path(shared_node.log_file).read_text(errors="replace")

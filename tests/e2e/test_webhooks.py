@@ -1,0 +1,309 @@
+"""Webhooks end to end: a real receiver (an HTTP server in a thread, on a port the OS picks) registered
+on real nodes gets every entry as a JSON POST, in causal order, at least once: retried with backoff
+while it fails, withheld while a dependency is missing, continued across node restarts, and stopped
+by deregistering."""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.processes import NodeProcess
+from potboiler.server.webhooks import Backoff
+from potboiler.v1 import log_pb2, webhooks_pb2, webhooks_pb2_grpc
+from tests.conftest import GrpcNode, GrpcNodeFactory, wait_for, wait_for_sync
+from tests.e2e.conftest import NodeProcesses
+
+pytestmark = pytest.mark.e2e
+
+JSON = Any
+RestClient = Callable[[NodeProcess], httpx.Client]
+ENTRY_KEYS = {"data", "dependencies", "id", "next", "owner", "prev", "seq", "when"}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One POST the receiver got."""
+
+    path: str
+    body: JSON
+    content_type: str
+    status: int
+    at: float
+
+
+class Receiver:
+    """A webhook receiver: records every POST; answers 500 on paths set to fail, else 200."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._attempts: list[Attempt] = []
+        self._failing: set[str] = set()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length)
+                with receiver._lock:
+                    status = 500 if self.path in receiver._failing else 200
+                    receiver._attempts.append(
+                        Attempt(
+                            self.path,
+                            json.loads(raw),
+                            self.headers.get("content-type", ""),
+                            status,
+                            time.monotonic(),
+                        )
+                    )
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook receiver")
+        self._thread.start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def fail(self, path: str, failing: bool = True) -> None:
+        """Answer 500 to POSTs on `path` (or stop doing so)."""
+        with self._lock:
+            (self._failing.add if failing else self._failing.discard)(path)
+
+    def attempts(self, path: str = "/hook") -> list[Attempt]:
+        with self._lock:
+            return [a for a in self._attempts if a.path == path]
+
+    def accepted(self, path: str = "/hook") -> list[JSON]:
+        """Bodies answered 200, in arrival order."""
+        return [a.body for a in self.attempts(path) if a.status == 200]
+
+    def accepted_ids(self, path: str = "/hook") -> list[str]:
+        return [body["id"] for body in self.accepted(path)]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def register(http: httpx.Client, url: str) -> None:
+    response = http.post("/log/register", json={"url": url})
+    assert response.status_code == 204, response.text
+
+
+def append(http: httpx.Client, data: JSON, dependencies: Sequence[str] = ()) -> str:
+    response = http.post("/log", json=data, params=[("dependency", d) for d in dependencies])
+    assert response.status_code == 201, response.text
+    entry_id: str = response.json()["id"]
+    return entry_id
+
+
+def assert_causal(bodies: Sequence[JSON]) -> None:
+    """Each entry comes after its owner's previous entry and after its dependencies."""
+    seen: set[str] = set()
+    for body in bodies:
+        if body["prev"] is not None:
+            assert body["prev"] in seen, f"{body['id']} before its prev {body['prev']}"
+        for dep in body["dependencies"]:
+            assert dep in seen, f"{body['id']} before its dependency {dep}"
+        seen.add(body["id"])
+
+
+def without_next(entry: JSON) -> JSON:
+    """An entry's JSON without `next` (which a webhook body has as known when it was sent)."""
+    return {k: v for k, v in entry.items() if k != "next"}
+
+
+async def webhook_state(node: NodeProcess, url: str) -> webhooks_pb2.Webhook:
+    async with grpc.aio.insecure_channel(node.grpc_target) as channel:
+        response = await webhooks_pb2_grpc.WebhooksServiceStub(channel).ListWebhooks(
+            webhooks_pb2.ListWebhooksRequest()
+        )
+    [state] = [w for w in response.webhooks if w.url == url]
+    return state
+
+
+# -- a real node process ------------------------------------------------------------------------
+
+
+def test_every_entry_in_causal_order(
+    node_process: NodeProcesses, rest_client: RestClient, receiver: Receiver
+) -> None:
+    node = node_process("n")
+    http = rest_client(node)
+    before = [append(http, {"before": i}) for i in range(3)]  # registered later: still delivered
+    register(http, receiver.url())
+    ids = list(before)
+    for i in range(12):
+        deps = [ids[-2], ids[-3]] if i % 3 == 0 else []
+        ids.append(append(http, {"i": i, "nested": {"list": [i, None]}}, deps))
+
+    wait_for_sync(lambda: len(receiver.accepted()) >= len(ids), message=lambda: f"{len(receiver.accepted())}")
+    bodies = receiver.accepted()
+    assert [b["id"] for b in bodies] == ids  # exactly once each, in the node's delivery order
+    assert [b["seq"] for b in bodies] == list(range(1, len(ids) + 1))
+    assert_causal(bodies)
+    for body in bodies:
+        assert set(body) == ENTRY_KEYS
+        assert without_next(body) == without_next(http.get(f"/log/{body['id']}").json())
+    assert all(a.content_type == "application/json" for a in receiver.attempts())
+
+
+async def test_failing_receiver_is_retried_with_backoff_in_order(
+    node_process: NodeProcesses, rest_client: RestClient, receiver: Receiver
+) -> None:
+    node = node_process("n")
+    http = rest_client(node)
+    receiver.fail("/flaky")
+    register(http, receiver.url("/flaky"))
+    register(http, receiver.url("/ok"))
+    ids = [append(http, i) for i in range(4)]
+
+    # A failing receiver delays only itself: the healthy one gets everything meanwhile.
+    await wait_for(lambda: receiver.accepted_ids("/ok") == ids)
+    await wait_for(lambda: len(receiver.attempts("/flaky")) >= 4)
+    state = await webhook_state(node, receiver.url("/flaky"))
+    assert state.failures >= 1 and "500" in state.last_error
+    assert state.delivered_position == 0
+
+    receiver.fail("/flaky", False)
+    await wait_for(lambda: len(receiver.accepted("/flaky")) >= len(ids))
+    assert receiver.accepted_ids("/flaky") == ids
+    attempts = receiver.attempts("/flaky")
+    failed = [a for a in attempts if a.status == 500]
+    # The first entry was retried until accepted; nothing after it was tried meanwhile.
+    first_ok = next(i for i, a in enumerate(attempts) if a.status == 200)
+    assert all(a.body["id"] == ids[0] for a in attempts[: first_ok + 1])
+    assert len(failed) == first_ok >= 4
+    # Backoff: the waits between attempts grow (lower bounds only; the machine may be slow).
+    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts[: first_ok + 1])]
+    backoff = Backoff()
+    for n, gap in enumerate(gaps, start=1):
+        assert gap >= 0.9 * backoff.delay(n), (n, gaps)
+
+    async def caught_up(url: str) -> bool:
+        state = await webhook_state(node, url)
+        return (state.delivered_position, state.failures, state.last_error) == (len(ids), 0, "")
+
+    await wait_for(lambda: caught_up(receiver.url("/flaky")))
+    await wait_for(lambda: caught_up(receiver.url("/ok")))
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill"])
+async def test_delivery_continues_after_restart(
+    node_process: NodeProcesses, rest_client: RestClient, receiver: Receiver, how: str
+) -> None:
+    node = node_process("n")
+    http = rest_client(node)
+    register(http, receiver.url())
+    ids = [append(http, {"run": 1, "i": i}) for i in range(5)]
+    await wait_for(lambda: len(receiver.accepted()) >= 5)
+
+    if how == "sigterm":
+        assert node.stop() == 0
+    else:
+        node.kill()
+    node_process.start(node)
+    http = rest_client(node)
+    ids += [append(http, {"run": 2, "i": i}) for i in range(5)]
+    await wait_for(
+        lambda: set(receiver.accepted_ids()) >= set(ids), message=lambda: f"{receiver.accepted_ids()}"
+    )
+
+    received = receiver.accepted_ids()
+    # At least once and no gap: the first run's 5, then a contiguous run from at most 5 back
+    # (entries resent around the restart), to the end.
+    assert received[:5] == ids[:5]
+    rest = received[5:]
+    resent = len(rest) - 5
+    assert 0 <= resent <= 5
+    assert rest == ids[5 - resent :], received
+    assert_causal(receiver.accepted())
+
+
+def test_deregister_stops_delivery(
+    node_process: NodeProcesses, rest_client: RestClient, receiver: Receiver
+) -> None:
+    node = node_process("n")
+    http = rest_client(node)
+    register(http, receiver.url("/a"))
+    register(http, receiver.url("/b"))
+    ids = [append(http, i) for i in range(3)]
+    wait_for_sync(lambda: receiver.accepted_ids("/a") == ids and receiver.accepted_ids("/b") == ids)
+
+    assert http.post("/log/deregister", json={"url": receiver.url("/a")}).status_code == 204
+    ids += [append(http, i) for i in range(3, 6)]
+    wait_for_sync(lambda: receiver.accepted_ids("/b") == ids)
+    assert receiver.accepted_ids("/a") == ids[:3]
+    assert len(receiver.attempts("/a")) == 3
+
+    # Registering again starts over from the beginning of the log.
+    register(http, receiver.url("/a"))
+    wait_for_sync(lambda: len(receiver.accepted_ids("/a")) == 3 + len(ids))
+    assert receiver.accepted_ids("/a") == ids[:3] + ids
+
+
+# -- a missing dependency, with in-process nodes -------------------------------------------------
+
+
+async def test_entry_waits_for_its_missing_dependency(
+    grpc_node_factory: GrpcNodeFactory, receiver: Receiver
+) -> None:
+    a = await grpc_node_factory("a")
+    b = await grpc_node_factory("b")
+    c = await grpc_node_factory("c")
+    await a.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=receiver.url()))
+
+    async def append_to(node: GrpcNode, text: str, deps: Sequence[str] = ()) -> str:
+        request = log_pb2.AppendEntryRequest(data=Value(string_value=text), dependencies=list(deps))
+        return (await node.log.AppendEntry(request)).id
+
+    async def entry(node: GrpcNode, entry_id: str) -> Any:
+        return (await node.log.GetEntry(log_pb2.GetEntryRequest(id=entry_id))).entry
+
+    x = await append_to(b, "x: the dependency, on b")
+    q = await append_to(c, "q: independent, on c")
+    a1 = await append_to(a, "a1")
+    y = await append_to(a, "y: needs x", [x])
+    z = await append_to(a, "z: after y in a's log")
+    await wait_for(lambda: receiver.accepted_ids() == [a1])
+
+    # q arrives and is deliverable: it overtakes y and z, which wait for x.
+    await a.node.appender.ingest([await entry(c, q)])
+    await wait_for(lambda: len(receiver.accepted_ids()) >= 2)
+    assert receiver.accepted_ids() == [a1, q]
+
+    await a.node.appender.ingest([await entry(b, x)])
+    await wait_for(lambda: len(receiver.accepted_ids()) >= 5)
+    assert receiver.accepted_ids() == [a1, q, x, y, z]
+    bodies = receiver.accepted()
+    assert_causal(bodies)
+    assert bodies[3]["dependencies"] == [x]
+    assert {body["owner"] for body in bodies} == {a.node_id, b.node_id, c.node_id}
