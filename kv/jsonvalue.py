@@ -1,0 +1,74 @@
+"""Conversions between `google.protobuf.Value` (what entries and REST bodies carry) and plain JSON.
+
+JSON numbers travel as doubles in a `Value` (REST bodies go through Envoy as `Value` too), so `1` and
+`1.0` cannot be told apart on the wire. `from_value` therefore gives an `int` for every integral number
+within ±2**53 (where doubles are exact) and a `float` otherwise: counters sum integers exactly and the
+same JSON gives the same Python value on every node.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.struct_pb2 import NULL_VALUE, ListValue, Struct, Value
+
+from potboiler.kv.crdts import JSON
+
+_EXACT = float(2**53)
+
+
+def from_value(v: Value) -> JSON:
+    """The plain JSON of a Value (an unset Value is null)."""
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "struct_value":
+        fields = v.struct_value.fields
+        # Indexing by key is much faster than .items() on upb map containers.
+        return {k: from_value(fields[k]) for k in fields}
+    if kind == "number_value":
+        n = v.number_value
+        return int(n) if n.is_integer() and -_EXACT <= n <= _EXACT else n
+    if kind == "list_value":
+        return [from_value(x) for x in v.list_value.values]
+    if kind == "bool_value":
+        return v.bool_value
+    return None
+
+
+def from_struct(s: Struct) -> dict[str, JSON]:
+    """The plain JSON object of a Struct."""
+    fields = s.fields
+    return {k: from_value(fields[k]) for k in fields}
+
+
+def set_value(out: Value, x: JSON) -> Value:
+    """Store the plain JSON `x` in `out` (which is returned)."""
+    if isinstance(x, str):
+        out.string_value = x
+    elif isinstance(x, bool):
+        out.bool_value = x
+    elif isinstance(x, int | float):
+        out.number_value = x
+    elif isinstance(x, dict):
+        fields = out.struct_value.fields
+        out.struct_value.SetInParent()
+        for k, y in x.items():
+            set_value(fields[k], y)
+    elif isinstance(x, list):
+        set_list(out.list_value, x)
+    else:
+        out.null_value = NULL_VALUE
+    return out
+
+
+def set_list(out: ListValue, items: list[JSON]) -> ListValue:
+    """Store the plain JSON list `items` in `out` (which is returned)."""
+    out.SetInParent()
+    values = out.values
+    for y in items:
+        set_value(values.add(), y)
+    return out
+
+
+def to_value(x: JSON) -> Value:
+    """A new Value holding the plain JSON `x`."""
+    return set_value(Value(), x)

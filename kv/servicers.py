@@ -1,0 +1,175 @@
+"""The KV gRPC servicers (thin: validate, call the KV domain, map errors).
+
+- `KvServicer`: the typed KvService (and `POST /kv/{table}/{key}`, its UpdateValue).
+- `KvRestServicer`: `GET /kv`, `/kv/{table}`, `/kv/{table}/{key}` as bare JSON (ListValue / Value).
+- `KvBrowserServicer`: the browser's HTML pages (google.api.HttpBody).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.api.httpbody_pb2 import HttpBody
+from google.protobuf.struct_pb2 import ListValue, Value
+
+from potboiler.kv import browser
+from potboiler.kv.crdts import CrdtType
+from potboiler.kv.events import CONFIG_TABLE, check_name
+from potboiler.kv.jsonvalue import from_value, set_value, to_value
+from potboiler.server import rest
+from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.grpc_errors import unary
+from potboiler.v1 import (
+    kv_browser_pb2,
+    kv_browser_pb2_grpc,
+    kv_pb2,
+    kv_pb2_grpc,
+    kv_rest_pb2,
+    kv_rest_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from potboiler.kv.service import KvService
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+#: Most keys of one ListKeys page (and its default).
+MAX_PAGE_KEYS = 10_000
+#: Keys shown on one page of the browser.
+BROWSER_PAGE_KEYS = 500
+HTML = "text/html; charset=utf-8"
+
+
+def crdt_proto(crdt: CrdtType) -> kv_pb2.CrdtType.ValueType:
+    """The proto enum value of a table type."""
+    return kv_pb2.CrdtType.Value(f"CRDT_TYPE_{crdt.value}")
+
+
+def crdt_from_proto(value: kv_pb2.CrdtType.ValueType) -> CrdtType:
+    """The table type of a proto enum value; InvalidArgument for CRDT_TYPE_UNSPECIFIED or unknown."""
+    if value == kv_pb2.CRDT_TYPE_UNSPECIFIED or value not in kv_pb2.CrdtType.values():
+        raise InvalidArgument(f"a table needs a type (crdt), got {value}")
+    return CrdtType(kv_pb2.CrdtType.Name(value).removeprefix("CRDT_TYPE_"))
+
+
+class KvServicer(kv_pb2_grpc.KvServiceServicer):
+    """The typed KV API."""
+
+    def __init__(self, service: KvService) -> None:
+        self._service = service
+        self._state = service.state
+
+    @unary
+    async def UpdateValue(
+        self, request: kv_pb2.UpdateValueRequest, context: Ctx
+    ) -> kv_pb2.UpdateValueResponse:
+        has_change = request.HasField("change")
+        planned = self._state.plan_write(
+            request.table,
+            request.key,
+            request.op,
+            from_value(request.change) if has_change else None,
+            has_change=has_change,
+        )
+        entry = await self._service.write(planned)
+        return kv_pb2.UpdateValueResponse(id=entry.id, pending=planned.pending)
+
+    @unary
+    async def GetValue(self, request: kv_pb2.GetValueRequest, context: Ctx) -> kv_pb2.GetValueResponse:
+        crdt, value = self._state.get(request.table, request.key)
+        return kv_pb2.GetValueResponse(crdt=crdt_proto(crdt), value=to_value(value))
+
+    @unary
+    async def CreateTable(
+        self, request: kv_pb2.CreateTableRequest, context: Ctx
+    ) -> kv_pb2.CreateTableResponse:
+        crdt = crdt_from_proto(request.crdt)
+        planned = self._state.plan_write(CONFIG_TABLE, request.name, "set", {"crdt": crdt.value})
+        entry = await self._service.write(planned)
+        return kv_pb2.CreateTableResponse(id=entry.id)
+
+    @unary
+    async def ListTables(self, request: kv_pb2.ListTablesRequest, context: Ctx) -> kv_pb2.ListTablesResponse:
+        return kv_pb2.ListTablesResponse(
+            tables=[
+                kv_pb2.Table(name=t.name, crdt=crdt_proto(t.crdt), config_id=t.config_id)
+                for t in self._state.tables()
+            ]
+        )
+
+    @unary
+    async def ListKeys(self, request: kv_pb2.ListKeysRequest, context: Ctx) -> kv_pb2.ListKeysResponse:
+        size = min(request.page_size or MAX_PAGE_KEYS, MAX_PAGE_KEYS)
+        after = request.page_token
+        if after and not check_page_token(after):
+            raise InvalidArgument(f"invalid page token {after[:40]!r}")
+        keys = self._state.keys(request.table, after, size + 1)
+        more = len(keys) > size
+        keys = keys[:size]
+        return kv_pb2.ListKeysResponse(keys=keys, next_page_token=keys[-1] if more else "")
+
+
+def check_page_token(token: str) -> bool:
+    """Whether a page token is well formed (tokens are key names)."""
+    try:
+        check_name(token, "key")
+    except InvalidArgument:
+        return False
+    return True
+
+
+class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
+    """The seed's KV REST answers: bare JSON values and lists."""
+
+    def __init__(self, service: KvService) -> None:
+        self._state = service.state
+
+    @unary
+    async def GetKvTables(self, request: kv_rest_pb2.GetKvTablesRequest, context: Ctx) -> ListValue:
+        out = ListValue()
+        for t in self._state.tables():
+            out.values.add().string_value = t.name
+        return out
+
+    @unary
+    async def GetKvKeys(self, request: kv_rest_pb2.GetKvKeysRequest, context: Ctx) -> ListValue:
+        out = ListValue()
+        for key in self._state.keys(request.table):
+            out.values.add().string_value = key
+        return out
+
+    @unary
+    async def GetKvValue(self, request: kv_rest_pb2.GetKvValueRequest, context: Ctx) -> Value:
+        _, value = self._state.get(request.table, request.key)
+        return set_value(Value(), value)
+
+
+class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
+    """The browser's pages."""
+
+    def __init__(self, service: KvService) -> None:
+        self._service = service
+        self._state = service.state
+
+    async def GetIndexPage(self, request: kv_browser_pb2.GetIndexPageRequest, context: Ctx) -> HttpBody:
+        tables = [(t.name, t.crdt) for t in self._state.tables()]
+        return HttpBody(content_type=HTML, data=browser.index_page(tables, self._service.node_id))
+
+    async def GetTablePage(self, request: kv_browser_pb2.GetTablePageRequest, context: Ctx) -> HttpBody:
+        table, after = request.table, request.after
+        try:
+            info = self._state.table(table)
+            if after:
+                check_name(after, "key")
+            rows = list(self._state.items(table, after, BROWSER_PAGE_KEYS + 1))
+        except (NotFound, InvalidArgument) as error:
+            status = 404 if isinstance(error, NotFound) else 400
+            await context.send_initial_metadata(((rest.HTTP_CODE_HEADER, str(status)),))
+            return HttpBody(content_type=HTML, data=browser.error_page(status, str(error)))
+        more = len(rows) > BROWSER_PAGE_KEYS
+        rows = rows[:BROWSER_PAGE_KEYS]
+        page = browser.table_page(
+            table, info.crdt, rows, after=after, next_after=rows[-1][0] if more else None
+        )
+        return HttpBody(content_type=HTML, data=page)

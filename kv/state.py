@@ -1,0 +1,419 @@
+"""The materialised KV state of one node on a `Store`: applying log entries, preparing writes, reads.
+
+Keys (table and key names are ASCII, so they sort as their names; `\\x00` ends a table name):
+
+    c                          -> u64 BE: position of the last log entry applied (the cursor)
+    s<T><table>\\x00<key>      -> JSON (orjson): the CRDT state of `key` in `table` for type code T
+
+A key's state is kept per table *type* (T is one byte: L, O, G, P, M). A table's type comes from the
+built-in LWW table `_config`; reads look only at the states of the table's current type. Keeping the
+types apart makes every node's state a function of the set of events it applied, whatever order the
+table configs and the writes arrive in:
+
+- an event prepared for type X (see `potboiler.kv.events`) is applied to the X states, even before the
+  table is configured, so a write never waits and is never lost;
+- an event written while its node did not know the table is applied, prepared against an empty state,
+  to every type whose ops include its op; the states of the type the table gets are the ones that show;
+- re-typing a table shows the states of its new type (empty unless writes of that type were made).
+
+A batch of entries is applied with ONE store write holding every changed state and the new cursor, so
+a restart resumes exactly after the last applied entry: nothing is skipped or applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.kv.crdts import JSON, CrdtType, EventContext, InvalidOperation, Stamp, apply, prepare, value
+from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
+from potboiler.kv.jsonvalue import from_value
+from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.log import MAX_DEPENDENCIES
+from potboiler.server.storage import Store, Write, prefix_end
+from potboiler.v1.entry_pb2 import Entry
+
+log = logging.getLogger(__name__)
+
+CURSOR_KEY = b"c"
+_U64 = struct.Struct(">Q")
+_CODE = {
+    CrdtType.LWW: b"L",
+    CrdtType.ORSET: b"O",
+    CrdtType.GSET: b"G",
+    CrdtType.PNCOUNTER: b"P",
+    CrdtType.MVREGISTER: b"M",
+}
+_CONFIG_PREFIX = b"s" + _CODE[CrdtType.LWW] + CONFIG_TABLE.encode() + b"\x00"
+_ALL_OPS = ", ".join(TYPES_OF_OP)
+_STRUCT = "struct_value"
+
+
+def table_prefix(crdt: CrdtType, table: str) -> bytes:
+    """The prefix of every state key of `table` for type `crdt`."""
+    return b"s" + _CODE[crdt] + table.encode() + b"\x00"
+
+
+def state_key(crdt: CrdtType, table: str, key: str) -> bytes:
+    """The store key of one key's state."""
+    return b"s" + _CODE[crdt] + table.encode() + b"\x00" + key.encode()
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A configured table."""
+
+    name: str
+    crdt: CrdtType
+    #: Id of the `_config` entry that gave the table its type (its LWW winner).
+    config_id: str
+
+
+@dataclass(frozen=True)
+class PlannedWrite:
+    """A validated write: the event to append and the entries it depends on."""
+
+    event: KvEvent
+    dependencies: tuple[str, ...]
+    #: The table is not known here yet (the event waits for it on every node).
+    pending: bool
+
+
+CONFIG_INFO = TableInfo(CONFIG_TABLE, CrdtType.LWW, "")
+
+
+def _table_of_config(name: str, state: JSON) -> TableInfo | None:
+    """The table a `_config` LWW state describes, or None if its value is not {"crdt": <type>}."""
+    if not isinstance(state, dict):
+        return None
+    config, tag = state.get("value"), state.get("tag")
+    if not isinstance(config, dict) or not isinstance(tag, str):
+        return None
+    try:
+        return TableInfo(name, CrdtType.parse(config.get("crdt")), tag)
+    except InvalidOperation:
+        return None
+
+
+def _dumps(state: JSON) -> bytes:
+    try:
+        return orjson.dumps(state)
+    except TypeError:  # an integer beyond 64 bits (a huge counter): the standard library has no limit
+        return json.dumps(state, separators=(",", ":")).encode()
+
+
+def _observed_tags(payload: JSON) -> list[str]:
+    """The event tags (entry ids) a payload takes away or supersedes: the entries it causally follows."""
+    if not isinstance(payload, dict):
+        return []
+    tags = payload.get("tags", payload.get("supersedes"))
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
+class KvState:
+    """The KV tables of one node in its own store. Single writer: `apply_batch` is called by one task."""
+
+    def __init__(self, store: Store, *, sync: bool = False) -> None:
+        self._store = store
+        self._sync = sync
+        raw = store.get(CURSOR_KEY)
+        self._position = _U64.unpack(raw)[0] if raw is not None else 0
+        self._tables: dict[str, TableInfo] = {}
+        for k, v in store.scan(_CONFIG_PREFIX, prefix_end(_CONFIG_PREFIX)):
+            name = k[len(_CONFIG_PREFIX) :].decode()
+            info = _table_of_config(name, orjson.loads(v))
+            if info is not None:
+                self._tables[name] = info
+        #: Decoded states by store key, as committed (bounded; see apply_batch).
+        self._cache: dict[bytes, JSON | None] = {}
+        #: How many events were applied since the state was opened (for benchmarks and metrics).
+        self.events_applied = 0
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """Position (in the node's delivery order) of the last log entry applied."""
+        return self._position
+
+    def tables(self) -> list[TableInfo]:
+        """The configured tables, sorted by name (without `_config`)."""
+        return [self._tables[name] for name in sorted(self._tables)]
+
+    def table(self, name: str) -> TableInfo:
+        """The table called `name`: InvalidArgument for a bad name, NotFound if unknown."""
+        check_name(name, "table")
+        if name == CONFIG_TABLE:
+            return CONFIG_INFO
+        info = self._tables.get(name)
+        if info is None:
+            raise NotFound(f"No such table '{name}'")
+        return info
+
+    def state(self, crdt: CrdtType, table: str, key: str) -> JSON | None:
+        """The stored state of a key for a type, or None."""
+        skey = state_key(crdt, table, key)
+        cached = self._cache.get(skey, _MISSING)
+        if cached is not _MISSING:
+            return cast(JSON, cached)
+        raw = self._store.get(skey)
+        return None if raw is None else orjson.loads(raw)
+
+    def get(self, table: str, key: str) -> tuple[CrdtType, JSON]:
+        """The table's type and the key's value: InvalidArgument for a bad name, NotFound if the
+        table or the key does not exist."""
+        info = self.table(table)
+        check_name(key, "key")
+        state = self.state(info.crdt, table, key)
+        if state is None:
+            raise NotFound(f"No such key '{key}'")
+        return info.crdt, value(info.crdt, state)
+
+    def keys(self, table: str, after: str = "", limit: int | None = None) -> list[str]:
+        """The table's keys in name order, those after `after`, at most `limit` of them."""
+        return [k for k, _ in self.items(table, after, limit, states=False)]
+
+    def items(
+        self, table: str, after: str = "", limit: int | None = None, *, states: bool = True
+    ) -> Iterator[tuple[str, JSON]]:
+        """(key, value) of the table's keys in name order (value None when `states` is False)."""
+        info = self.table(table)
+        prefix = table_prefix(info.crdt, table)
+        start = prefix + after.encode() + b"\x00" if after else prefix
+        n = len(prefix)
+        for k, raw in self._store.scan(start, prefix_end(prefix), limit=limit):
+            yield k[n:].decode(), value(info.crdt, orjson.loads(raw)) if states else None
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def plan_write(
+        self, table: str, key: str, op: str, change: JSON, *, has_change: bool = True
+    ) -> PlannedWrite:
+        """Validate a client's write and build its event. InvalidArgument says what is wrong."""
+        check_name(table, "table")
+        check_name(key, "key")
+        if not op:
+            raise InvalidArgument(f"the request needs an 'op' (one of: {_ALL_OPS})")
+        if not has_change and op != "create":
+            raise InvalidArgument(f"op {op!r} needs a 'change'")
+        if not has_change:
+            change = {}
+        if table == CONFIG_TABLE:
+            return self._plan_config(key, op, change)
+        info = self._tables.get(table)
+        if info is None:
+            return self._plan_unknown_table(table, key, op, change)
+        state = self.state(info.crdt, table, key)
+        try:
+            payload = prepare(info.crdt, state, op, change)
+        except InvalidOperation as exc:
+            raise InvalidArgument(f"table {table!r}: {exc}") from None
+        deps = dict.fromkeys([info.config_id, *_observed_tags(payload)])
+        return PlannedWrite(
+            KvEvent(table, key, info.crdt, op, payload), tuple(deps)[:MAX_DEPENDENCIES], pending=False
+        )
+
+    def _plan_config(self, name: str, op: str, change: JSON) -> PlannedWrite:
+        if name == CONFIG_TABLE:
+            raise InvalidArgument(f"{CONFIG_TABLE!r} is built in: it cannot be configured")
+        if op != "set":
+            raise InvalidArgument(
+                f'the {CONFIG_TABLE} table takes only op \'set\' (with a change like {{"crdt": "LWW"}}), not {op!r}'
+            )
+        if not isinstance(change, dict) or "crdt" not in change:
+            raise InvalidArgument(
+                f'a {CONFIG_TABLE} change must be an object like {{"crdt": "LWW"}} '
+                f"(types: {', '.join(c.value for c in CrdtType)})"
+            )
+        try:
+            CrdtType.parse(change["crdt"])
+            payload = prepare(CrdtType.LWW, None, "set", change)
+        except InvalidOperation as exc:
+            raise InvalidArgument(f"{CONFIG_TABLE} {name!r}: {exc}") from None
+        return PlannedWrite(KvEvent(CONFIG_TABLE, name, CrdtType.LWW, op, payload), (), pending=False)
+
+    def _plan_unknown_table(self, table: str, key: str, op: str, change: JSON) -> PlannedWrite:
+        types = TYPES_OF_OP.get(op)
+        if types is None:
+            raise InvalidArgument(f"unknown op {op!r} (valid ops: {_ALL_OPS})")
+        errors = []
+        for crdt in types:
+            try:
+                prepare(crdt, None, op, change)
+                break
+            except InvalidOperation as exc:
+                errors.append(str(exc))
+        else:
+            raise InvalidArgument(f"table {table!r} (not known here yet): {'; '.join(errors)}")
+        return PlannedWrite(KvEvent(table, key, None, op, change), (), pending=True)
+
+    # -- applying the log -----------------------------------------------------------------------
+
+    def apply_batch(self, batch: Sequence[tuple[int, Entry]]) -> None:
+        """Apply delivered log entries (in delivery order, after `position`) and store the changed
+        states together with the new cursor in one write. Entries that are not KV events are skipped.
+
+        This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
+        change is converted to JSON), states are read at most once per batch (and kept across batches
+        in a bounded cache), and LWW sets are compared without the generic CRDT machinery."""
+        if not batch or batch[-1][0] <= self._position:
+            return
+        states: dict[bytes, JSON | None] = {}
+        cache = self._cache
+        get = self._store.get
+        applied = 0
+        for position, entry in batch:
+            if position <= self._position:
+                continue  # already applied (a subscription resumed from an older cursor)
+            data = entry.data
+            if data.WhichOneof("kind") != _STRUCT:
+                continue
+            fields = data.struct_value.fields
+            if len(fields) != 5:
+                continue
+            event = _event_of_fields(fields)
+            if event is None:
+                continue
+            table, key, crdt, op, change = event
+            if crdt is CrdtType.LWW and op == "set":
+                skey = state_key(crdt, table, key)
+                state = states[skey] if skey in states else cache.get(skey, _MISSING)
+                if state is _MISSING:
+                    raw = get(skey)
+                    state = None if raw is None else orjson.loads(raw)
+                new = _lww_set(state, change, entry)
+                if new is not _MISSING:
+                    if new is not state:
+                        states[skey] = new
+                    applied += 1
+                    continue
+            ctx = _context(entry)
+            if crdt is not None:
+                changes = [(crdt, from_value(change))]
+            else:  # written while its node did not know the table: prepared here, against nothing
+                raw_change = from_value(change)
+                changes = []
+                for each in TYPES_OF_OP[op]:
+                    try:
+                        changes.append((each, prepare(each, None, op, raw_change)))
+                    except InvalidOperation:
+                        continue
+            for each, payload in changes:
+                skey = state_key(each, table, key)
+                state = states[skey] if skey in states else cache.get(skey, _MISSING)
+                if state is _MISSING:
+                    raw = get(skey)
+                    state = None if raw is None else orjson.loads(raw)
+                try:
+                    new = apply(each, state, payload, ctx)
+                except InvalidOperation as exc:
+                    log.warning("skipping KV event %s (%s/%s): %s", entry.id, table, key, exc)
+                    continue
+                if new is not state:
+                    states[skey] = new
+            applied += 1
+        last = batch[-1][0]
+        writes: list[Write] = []
+        for k, state in states.items():
+            blob = _dumps(state)
+            writes.append((k, blob))
+            if len(blob) <= _CACHE_STATE_BYTES:
+                cache[k] = state
+            else:
+                cache.pop(k, None)
+        writes.append((CURSOR_KEY, _U64.pack(last)))
+        try:
+            self._store.write(writes, sync=self._sync)
+        except BaseException:
+            cache.clear()  # it may hold states that were not written
+            raise
+        if len(cache) > _CACHE_STATES:
+            cache.clear()
+        self._position = last
+        self.events_applied += applied
+        for k, state in states.items():
+            if k.startswith(_CONFIG_PREFIX):
+                name = k[len(_CONFIG_PREFIX) :].decode()
+                info = _table_of_config(name, state)
+                if info is None:
+                    self._tables.pop(name, None)
+                else:
+                    self._tables[name] = info
+
+
+_MISSING: Any = object()
+#: Most states kept decoded in memory across batches, and the largest (serialized) one kept.
+_CACHE_STATES = 50_000
+_CACHE_STATE_BYTES = 4096
+_CRDTS = {c.value: c for c in CrdtType}
+_NAMES: dict[str, bool] = {}
+
+
+def _valid_name(name: str) -> bool:
+    ok = _NAMES.get(name)
+    if ok is None:
+        ok = is_name(name)
+        if len(_NAMES) < 100_000:
+            _NAMES[name] = ok
+    return ok
+
+
+def _event_of_fields(fields: Any) -> tuple[str, str, CrdtType | None, str, Value] | None:
+    """(table, key, crdt, op, change) of an entry's data if it is a KV event (see potboiler.kv.events,
+    whose `parse_event` is the same check on plain JSON), else None. `fields` is the data's Struct map."""
+    get = fields.get
+    table, key, crdt, op, change = get("table"), get("key"), get("crdt"), get("op"), get("change")
+    if table is None or key is None or crdt is None or op is None or change is None:
+        return None
+    t, k, o = table.string_value, key.string_value, op.string_value
+    if not (_valid_name(t) and _valid_name(k)) or o not in TYPES_OF_OP:
+        return None
+    kind = crdt.WhichOneof("kind")
+    if kind == "null_value":
+        return t, k, None, o, change
+    c = _CRDTS.get(crdt.string_value) if kind == "string_value" else None
+    return None if c is None else (t, k, c, o, change)
+
+
+def _context(entry: Entry) -> EventContext:
+    when = entry.when
+    owner = entry.owner
+    return EventContext(entry.id, owner, entry.seq, Stamp(when.wall_ms, when.logical, owner))
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int
+
+
+def _lww_set(state: JSON | None, change: Value, entry: Entry) -> Any:
+    """`crdts.apply` of an LWW set payload, for the common case: the new state, `state` itself when
+    the event loses (or is a duplicate), or _MISSING when the payload or state is unusual (the caller
+    then takes the generic path, which also reports what is wrong)."""
+    if change.WhichOneof("kind") != _STRUCT:
+        return _MISSING
+    payload = change.struct_value.fields
+    new_value = payload.get("value")
+    if len(payload) != 2 or new_value is None or payload.get("op") is None:
+        return _MISSING
+    when = entry.when
+    owner, tag = entry.owner, entry.id
+    wall, logical = when.wall_ms, when.logical
+    if state is not None:
+        if not isinstance(state, dict):
+            return _MISSING
+        old, old_tag = state.get("stamp"), state.get("tag")
+        if not (isinstance(old, list) and len(old) == 3 and isinstance(old_tag, str)):
+            return _MISSING
+        old_wall, old_logical, old_owner = old
+        if not (_is_int(old_wall) and _is_int(old_logical) and isinstance(old_owner, str)):
+            return _MISSING
+        if (cast(int, old_wall), cast(int, old_logical), old_owner, old_tag) >= (wall, logical, owner, tag):
+            return state
+    return {"value": from_value(new_value), "stamp": [wall, logical, owner], "tag": tag}
