@@ -11,7 +11,7 @@ from collections.abc import Callable
 from potboiler.server.plugin import NodeContext, NodeService
 
 #: name -> module providing `create`.
-SERVICES: dict[str, str] = {"kv": "potboiler.kv.service"}
+SERVICES: dict[str, str] = {"kv": "potboiler.kv.service", "pigtail": "potboiler.pigtail.service"}
 
 ServiceFactory = Callable[[NodeContext], NodeService]
 

@@ -1,0 +1,506 @@
+"""Pigtail's operations on one node: check a request against the state, append the event, wait until
+this node has applied it, answer from the state.
+
+Writes go to the log through the narrow :class:`~potboiler.server.logclient.LogClient` (append and
+subscribe). One background task (the *applier*) reads the log from the state's cursor and applies every
+delivered batch to :class:`~potboiler.pigtail.state.PigtailState`, writing the new states and the cursor
+in one store batch. An operation that appended an entry waits (bounded) until the applier has applied
+that entry before answering, so a client reads its own writes on the node that took them.
+
+Decisions follow the state machine (:mod:`potboiler.pigtail.machine`): a request is checked with its
+``check_*`` function before anything is appended (a refused request appends nothing), and a claim is
+checked again once applied, because a concurrent claim with a lower stamp may have won meanwhile (its
+worker then gets a 409 at once). ``now_ms`` comes from the node's hybrid logical clock, so the decisions
+use the same time base as the stamps of the events they append.
+
+Events declare dependencies so that replicas apply them in an order that makes sense: a task's add (and
+a queue's delete) depends on the entry that created the queue's incarnation; a claim, done or retry
+depends on that create entry and on the task's add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from potboiler.pigtail import validate
+from potboiler.pigtail.codec import event_data, stamp_of
+from potboiler.pigtail.machine import (
+    Decision,
+    Event,
+    JSONValue,
+    ListEntry,
+    QueueConfig,
+    QueueCreated,
+    QueueDeleted,
+    QueueState,
+    Reason,
+    TaskAdded,
+    TaskClaimed,
+    TaskDone,
+    TaskRetried,
+    TaskState,
+    TaskView,
+    Verdict,
+    check_add,
+    check_claim,
+    check_create,
+    check_delete,
+    check_done,
+    check_retry,
+    find_by_key,
+    list_dead,
+    list_tasks,
+    queue_config,
+    task_view,
+)
+from potboiler.pigtail.scheduler import Scheduler, rank
+from potboiler.pigtail.state import Applied, PigtailState
+from potboiler.server.errors import AlreadyExists, Contended, NotFound
+from potboiler.server.hlc import HybridClock
+from potboiler.server.logclient import LogClient
+from potboiler.server.storage import Store
+from potboiler.v1.entry_pb2 import Entry
+
+log = logging.getLogger(__name__)
+
+#: Longest an operation waits for the applier to apply the entry it appended.
+APPLY_TIMEOUT_S = 30.0
+#: How many applied entry ids are remembered for callers that start waiting after the fact.
+RECENT_IDS = 100_000
+
+
+class _Lost:
+    """A claim that lost a race (another claim won first): try the next task."""
+
+
+LOST: Final = _Lost()
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """A queue's settings and how many of its tasks are in each state."""
+
+    name: str
+    config: QueueConfig
+    pending: int = 0
+    working: int = 0
+    delayed: int = 0
+    dead: int = 0
+
+
+def _settings(config: QueueConfig) -> str:
+    limit = "no max_attempts" if config.max_attempts is None else f"max_attempts={config.max_attempts}"
+    return f"timeout_ms={config.timeout_ms} and {limit}"
+
+
+class Pigtail:
+    """The task queues of one node."""
+
+    def __init__(
+        self, log_client: LogClient, store: Store, clock: HybridClock, *, sync: bool = False
+    ) -> None:
+        self._log = log_client
+        self._store = store
+        self._clock = clock
+        self._sync = sync
+        self.state = PigtailState(store)
+        self._scheduler = Scheduler()
+        for name in self.state.queue_names():
+            for task in self.state.open_tasks(name).values():
+                self._scheduler.touch(task)
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._changed: dict[str, asyncio.Event] = {}
+        self._reserved: dict[str, set[str]] = {}
+        self._applier: asyncio.Task[None] | None = None
+
+    # -- life --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start applying the log."""
+        self._applier = asyncio.create_task(self._apply_loop(), name="pigtail-applier")
+
+    async def stop(self) -> None:
+        """Stop applying the log; operations waiting for it fail."""
+        applier, self._applier = self._applier, None
+        if applier is not None:
+            applier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await applier
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the node is stopping"))
+        self._waiters.clear()
+
+    async def _apply_loop(self) -> None:
+        async for batch in self._log.subscribe(self.state.cursor):
+            try:
+                await self._apply(batch)
+            except Exception:  # a bug must not stop the node applying: isolate the entry at fault
+                log.exception("applying a batch of %d entries failed; applying them one by one", len(batch))
+                for item in batch:
+                    try:
+                        await self._apply([item])
+                    except Exception:
+                        log.exception("skipping log entry %s at position %d", item[1].id, item[0])
+                        await self._apply([item], skip=True)
+
+    async def _apply(self, batch: Sequence[tuple[int, Entry]], *, skip: bool = False) -> None:
+        applied = self.state.plan_skip(batch[-1][0]) if skip else self.state.plan(batch)
+        if self._sync:
+            await asyncio.to_thread(self._store.write, applied.writes, sync=True)
+        else:
+            self._store.write(applied.writes)
+        self.state.adopt(applied)
+        self._after(applied)
+
+    def _after(self, applied: Applied) -> None:
+        touched = set(applied.queues)
+        for (queue, task_id), record in applied.tasks.items():
+            touched.add(queue)
+            if record is None:
+                self._scheduler.forget(queue, task_id)
+            else:
+                self._scheduler.touch(record["state"])
+        for queue in touched:
+            event = self._changed.pop(queue, None)
+            if event is not None:
+                event.set()
+        for entry_id in applied.entry_ids:
+            future = self._waiters.pop(entry_id, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            self._recent[entry_id] = None
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    async def _append(self, event: Event, dependencies: Sequence[str | None] = ()) -> Entry:
+        """Append `event` and wait until this node has applied it."""
+        deps = [d for d in dict.fromkeys(dependencies) if d is not None]
+        entry = await self._log.append(event_data(event), deps)
+        if entry.id in self._recent:
+            return entry
+        if self._applier is None or self._applier.done():
+            raise RuntimeError("Pigtail is not applying the log (the node is stopping)")
+        future = self._waiters.get(entry.id)
+        if future is None:
+            future = self._waiters[entry.id] = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), APPLY_TIMEOUT_S)
+        except TimeoutError:
+            self._waiters.pop(entry.id, None)
+            raise RuntimeError(
+                f"entry {entry.id} was appended but not applied within {APPLY_TIMEOUT_S:g} s"
+            ) from None
+        return entry
+
+    def _changed_event(self, queue: str) -> asyncio.Event:
+        event = self._changed.get(queue)
+        if event is None:
+            event = self._changed[queue] = asyncio.Event()
+        return event
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """Now, by the node's hybrid logical clock (never behind a stamp the node has seen)."""
+        return self._clock.now().wall_ms
+
+    def _queue(self, name: str) -> tuple[QueueState, QueueConfig]:
+        state = self.state.queue(name)
+        config = queue_config(state)
+        if state is None or config is None:
+            raise NotFound(f"no such queue {name!r}")
+        return state, config
+
+    @staticmethod
+    def _refuse(decision: Decision, queue: str, task_id: str = "") -> None:
+        """Raise the domain error of a check that did not answer OK."""
+        if decision.verdict is Verdict.OK:
+            return
+        if decision.verdict is Verdict.NOT_FOUND:
+            if decision.reason is Reason.NO_QUEUE:
+                raise NotFound(f"no such queue {queue!r}")
+            raise NotFound(f"no such task {task_id!r} in queue {queue!r}")
+        raise Contended(f"task {task_id!r}: {decision.message}")
+
+    def _view(self, queue: str, task_id: str, now_ms: int | None = None) -> TaskView:
+        view = task_view(
+            self.state.task(queue, task_id) if validate.is_task_id(task_id) else None,
+            self.state.queue(queue),
+            self.now_ms() if now_ms is None else now_ms,
+        )
+        if view is None:
+            self._queue(queue)
+            raise NotFound(f"no such task {task_id!r} in queue {queue!r}")
+        return view
+
+    def _task_deps(self, queue: str, task_id: str) -> list[str | None]:
+        return [self.state.create_entry_id(queue), self.state.add_entry_id(queue, task_id)]
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    async def create_queue(
+        self, name: str, timeout_ms: int, max_attempts: int | None = None
+    ) -> tuple[QueueConfig, bool]:
+        """Create a queue; (its settings, False) when it existed with the same settings."""
+        validate.queue_name(name)
+        validate.timeout_ms(timeout_ms)
+        validate.max_attempts(max_attempts)
+        decision = check_create(self.state.queue(name), timeout_ms, max_attempts)
+        if decision.reason is Reason.EXISTS:
+            raise AlreadyExists(
+                f"queue {name!r} exists with other settings: {_settings(self._queue(name)[1])}"
+            )
+        self._refuse(decision, name)
+        if decision.noop:
+            return self._queue(name)[1], False
+        entry = await self._append(QueueCreated(name, timeout_ms, max_attempts))
+        config = queue_config(self.state.queue(name))
+        if config is None:
+            raise Contended(f"queue {name!r} was deleted concurrently")
+        if (config.timeout_ms, config.max_attempts) != (timeout_ms, max_attempts):
+            raise AlreadyExists(f"queue {name!r} was created concurrently with {_settings(config)}")
+        return config, config.created == stamp_of(entry)
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue and its tasks."""
+        validate.queue_name(name)
+        self._refuse(check_delete(self.state.queue(name)), name)
+        await self._append(QueueDeleted(name), [self.state.create_entry_id(name)])
+
+    def get_queue(self, name: str) -> QueueInfo:
+        """A queue's settings and task counts."""
+        validate.queue_name(name)
+        state, config = self._queue(name)
+        now = self.now_ms()
+        counts = {"pending": 0, "working": 0, "delayed": 0, "dead": 0}
+        for task in self.state.open_tasks(name).values():
+            view = task_view(task, state, now)
+            if view is not None and view["state"] in counts:
+                counts[view["state"]] += 1
+        return QueueInfo(name, config, **counts)
+
+    def list_queues(self) -> list[tuple[str, QueueConfig]]:
+        """The queues that exist, by name."""
+        out = []
+        for name in self.state.queue_names():
+            config = queue_config(self.state.queue(name))
+            if config is not None:
+                out.append((name, config))
+        return out
+
+    # -- tasks -------------------------------------------------------------------------------------
+
+    async def add_task(
+        self,
+        queue: str,
+        task_name: str,
+        info: JSONValue = None,
+        *,
+        not_before_ms: int | None = None,
+        delay_ms: int | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> tuple[TaskView, bool]:
+        """Add a task; (the task, False) when the idempotency key was used already."""
+        validate.queue_name(queue)
+        validate.text(task_name, "task_name")
+        validate.priority(priority)
+        validate.info(info)
+        if idempotency_key is not None:
+            validate.text(idempotency_key, "idempotency_key")
+        now = self.now_ms()
+        due = validate.not_before(not_before_ms, delay_ms, now)
+        decision = check_add(self.state.queue(queue), idempotency_key)
+        self._refuse(decision, queue)
+        if decision.noop and decision.task_id is not None:
+            return self._view(queue, decision.task_id), False
+        task_id = str(uuid.uuid4())
+        event = TaskAdded(queue, task_id, task_name, info, due, priority, idempotency_key)
+        await self._append(event, [self.state.create_entry_id(queue)])
+        view = task_view(self.state.task(queue, task_id), self.state.queue(queue), self.now_ms())
+        if view is not None:
+            return view, True
+        winner = None if idempotency_key is None else find_by_key(self.state.queue(queue), idempotency_key)
+        if winner is not None:  # a concurrent add with the same key came first
+            return self._view(queue, winner), False
+        self._queue(queue)
+        raise NotFound(f"queue {queue!r} was deleted concurrently")
+
+    def get_task(self, queue: str, task_id: str) -> TaskView:
+        """A task in any state."""
+        validate.queue_name(queue)
+        return self._view(queue, task_id)
+
+    def list_tasks(self, queue: str) -> list[tuple[str, ListEntry]]:
+        """The pending, working and delayed tasks of a queue, best first."""
+        validate.queue_name(queue)
+        state, _ = self._queue(queue)
+        tasks = self.state.open_tasks(queue)
+        listed = list_tasks(tasks, state, self.now_ms())
+        return sorted(listed.items(), key=lambda item: rank(tasks[item[0]]))
+
+    def list_dead(self, queue: str) -> list[tuple[str, ListEntry]]:
+        """The dead-lettered tasks of a queue, by id."""
+        validate.queue_name(queue)
+        state, _ = self._queue(queue)
+        return sorted(list_dead(self.state.open_tasks(queue), state, self.now_ms()).items())
+
+    async def claim(self, queue: str, task_id: str, worker_id: str) -> tuple[TaskView, bool]:
+        """Claim a task for a worker (or renew its claim); (the task, whether it was a renewal)."""
+        validate.queue_name(queue)
+        validate.text(worker_id, "worker_id")
+        decision = check_claim(
+            self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
+        )
+        self._refuse(decision, queue, task_id)
+        return await self._claim(queue, task_id, worker_id), decision.renewal
+
+    async def heartbeat(self, queue: str, task_id: str, worker_id: str) -> TaskView:
+        """Extend the worker's unexpired lease on a task."""
+        validate.queue_name(queue)
+        validate.text(worker_id, "worker_id")
+        decision = check_claim(
+            self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
+        )
+        self._refuse(decision, queue, task_id)
+        if not decision.renewal:
+            raise Contended(f"task {task_id!r}: worker {worker_id!r} holds no unexpired lease on it")
+        return await self._claim(queue, task_id, worker_id)
+
+    def _task_or_none(self, queue: str, task_id: str) -> TaskState | None:
+        return self.state.task(queue, task_id) if validate.is_task_id(task_id) else None
+
+    async def _claim(self, queue: str, task_id: str, worker_id: str) -> TaskView:
+        entry = await self._append(TaskClaimed(queue, task_id, worker_id), self._task_deps(queue, task_id))
+        _, config = self._queue(queue)
+        view = self._view(queue, task_id)
+        if view["state"] == "done":
+            raise Contended(f"task {task_id!r}: task is done")
+        if (
+            view["worker"] != worker_id
+            or (view["lease_expires_ms"] or 0) < entry.when.wall_ms + config.timeout_ms
+        ):
+            raise Contended(
+                f"task {task_id!r}: a concurrent claim won: it is {view['state']}, held by worker "
+                f"{view['worker']!r} until {view['lease_expires_ms']}"
+            )
+        return view
+
+    async def complete(self, queue: str, task_id: str, worker_id: str = "") -> tuple[TaskView, bool]:
+        """Mark a task done; (the task, whether it was done already)."""
+        validate.queue_name(queue)
+        validate.text(worker_id, "worker_id", required=False)
+        decision = check_done(
+            self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
+        )
+        self._refuse(decision, queue, task_id)
+        if decision.noop:
+            return self._view(queue, task_id), True
+        await self._append(TaskDone(queue, task_id, worker_id), self._task_deps(queue, task_id))
+        return self._view(queue, task_id), False
+
+    async def retry(self, queue: str, task_id: str) -> TaskView:
+        """Take a dead-lettered task back to pending."""
+        validate.queue_name(queue)
+        decision = check_retry(self._task_or_none(queue, task_id), self.state.queue(queue), self.now_ms())
+        self._refuse(decision, queue, task_id)
+        await self._append(TaskRetried(queue, task_id), self._task_deps(queue, task_id))
+        view = self._view(queue, task_id)
+        if view["state"] not in ("pending", "delayed", "working"):
+            raise Contended(f"task {task_id!r}: the retry lost to a concurrent change; it is {view['state']}")
+        return view
+
+    # -- handing out tasks -------------------------------------------------------------------------
+
+    async def _claim_next(self, queue: str, worker_id: str) -> TaskView | _Lost | None:
+        """Claim the best claimable task for the worker: its view, LOST after a lost race, None if none."""
+        reserved = self._reserved.setdefault(queue, set())
+        refused: set[str] = set()
+        while True:
+            now = self.now_ms()
+            state = self.state.queue(queue)
+            tasks = self.state.open_tasks(queue)
+            task_id = self._scheduler.pick(queue, tasks.get, state, now, exclude=reserved | refused)
+            if task_id is None:
+                return None
+            if check_claim(tasks.get(task_id), state, worker_id, now).ok:
+                break
+            refused.add(task_id)  # e.g. stamped ahead of our clock by a remote node: not claimable yet
+        reserved.add(task_id)
+        try:
+            return await self._claim(queue, task_id, worker_id)
+        except Contended:
+            return LOST
+        finally:
+            reserved.discard(task_id)
+
+    async def claim_next(self, queue: str, worker_id: str, wait_ms: int = 0) -> TaskView | None:
+        """Claim the next claimable task, waiting up to `wait_ms` for one; None if none."""
+        validate.queue_name(queue)
+        validate.text(worker_id, "worker_id")
+        validate.wait_ms(wait_ms)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            changed = self._changed_event(queue)
+            self._queue(queue)
+            result = await self._claim_next(queue, worker_id)
+            if isinstance(result, _Lost):
+                continue
+            if result is not None:
+                return result
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            wake = self._scheduler.next_wake_ms(queue)
+            if wake is not None:
+                remaining = min(remaining, max(0.0, (wake - self.now_ms()) / 1000) + 0.001)
+            await self._wait(changed, remaining)
+
+    async def lease(
+        self, queue: str, worker_id: str, max_in_flight: int = 1
+    ) -> AsyncGenerator[TaskView, None]:
+        """Claim tasks for the worker as they become claimable, keeping at most `max_in_flight` of them
+        held (working, by this worker, not done) at once. Runs until the caller stops iterating."""
+        validate.queue_name(queue)
+        validate.text(worker_id, "worker_id")
+        max_in_flight = validate.in_flight(max_in_flight)
+        held: dict[str, int] = {}
+        while True:
+            changed = self._changed_event(queue)
+            state, _ = self._queue(queue)
+            now = self.now_ms()
+            for task_id in list(held):
+                view = task_view(self.state.task(queue, task_id), state, now)
+                if view is None or view["state"] != "working" or view["worker"] != worker_id:
+                    del held[task_id]
+                else:
+                    held[task_id] = view["lease_expires_ms"] or now
+            wakes = list(held.values())
+            if len(held) < max_in_flight:
+                result = await self._claim_next(queue, worker_id)
+                if isinstance(result, _Lost):
+                    continue
+                if result is not None:
+                    held[result["task_id"]] = result["lease_expires_ms"] or now
+                    yield result
+                    continue
+                wake = self._scheduler.next_wake_ms(queue)
+                if wake is not None:
+                    wakes.append(wake)
+            timeout = max(0.0, (min(wakes) - self.now_ms()) / 1000) + 0.001 if wakes else None
+            await self._wait(changed, timeout)

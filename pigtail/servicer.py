@@ -1,0 +1,233 @@
+"""The gRPC servicers of Pigtail, thin: read the request, call :class:`~potboiler.pigtail.engine.Pigtail`,
+shape the answer; domain errors become gRPC statuses through the one table in
+:mod:`potboiler.server.grpc_errors` (Contended: ABORTED, which Envoy answers as 409)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.struct_pb2 import ListValue, Struct
+
+from potboiler.pigtail import views
+from potboiler.pigtail.engine import Pigtail
+from potboiler.pigtail.jsonvalue import from_value, to_struct
+from potboiler.server import rest
+from potboiler.server.grpc_errors import streaming, unary
+from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
+    """The typed PigtailService."""
+
+    def __init__(self, pigtail: Pigtail) -> None:
+        self._p = pigtail
+
+    @unary
+    async def CreateQueue(
+        self, request: pigtail_pb2.CreateQueueRequest, context: Ctx
+    ) -> pigtail_pb2.CreateQueueResponse:
+        max_attempts = request.max_attempts if request.HasField("max_attempts") else None
+        config, created = await self._p.create_queue(request.name, request.timeout_ms, max_attempts)
+        return pigtail_pb2.CreateQueueResponse(
+            queue=views.queue_message(request.name, config), created=created
+        )
+
+    @unary
+    async def DeleteQueue(
+        self, request: pigtail_pb2.DeleteQueueRequest, context: Ctx
+    ) -> pigtail_pb2.DeleteQueueResponse:
+        await self._p.delete_queue(request.name)
+        return pigtail_pb2.DeleteQueueResponse()
+
+    @unary
+    async def GetQueue(
+        self, request: pigtail_pb2.GetQueueRequest, context: Ctx
+    ) -> pigtail_pb2.GetQueueResponse:
+        info = self._p.get_queue(request.name)
+        return pigtail_pb2.GetQueueResponse(
+            queue=views.queue_message(info.name, info.config),
+            pending=info.pending,
+            working=info.working,
+            delayed=info.delayed,
+            dead=info.dead,
+        )
+
+    @unary
+    async def ListQueues(
+        self, request: pigtail_pb2.ListQueuesRequest, context: Ctx
+    ) -> pigtail_pb2.ListQueuesResponse:
+        queues = [views.queue_message(name, config) for name, config in self._p.list_queues()]
+        return pigtail_pb2.ListQueuesResponse(queues=queues)
+
+    @unary
+    async def AddTask(self, request: pigtail_pb2.AddTaskRequest, context: Ctx) -> pigtail_pb2.AddTaskResponse:
+        view, created = await self._p.add_task(**_add_arguments(request))
+        return pigtail_pb2.AddTaskResponse(
+            task_id=view["task_id"], created=created, task=views.task_message(view)
+        )
+
+    @unary
+    async def GetTask(self, request: pigtail_pb2.GetTaskRequest, context: Ctx) -> pigtail_pb2.GetTaskResponse:
+        return pigtail_pb2.GetTaskResponse(
+            task=views.task_message(self._p.get_task(request.queue, request.task_id))
+        )
+
+    @unary
+    async def ListTasks(
+        self, request: pigtail_pb2.ListTasksRequest, context: Ctx
+    ) -> pigtail_pb2.ListTasksResponse:
+        entries = self._p.list_tasks(request.queue)
+        return pigtail_pb2.ListTasksResponse(tasks=[views.summary_message(i, e) for i, e in entries])
+
+    @unary
+    async def ClaimTask(
+        self, request: pigtail_pb2.ClaimTaskRequest, context: Ctx
+    ) -> pigtail_pb2.ClaimTaskResponse:
+        view, renewal = await self._p.claim(request.queue, request.task_id, request.worker_id)
+        return pigtail_pb2.ClaimTaskResponse(task=views.task_message(view), renewal=renewal)
+
+    @unary
+    async def ClaimNextTask(
+        self, request: pigtail_pb2.ClaimNextTaskRequest, context: Ctx
+    ) -> pigtail_pb2.ClaimNextTaskResponse:
+        view = await self._p.claim_next(request.queue, request.worker_id, request.wait_ms)
+        if view is None:
+            return pigtail_pb2.ClaimNextTaskResponse()
+        return pigtail_pb2.ClaimNextTaskResponse(task=views.task_message(view))
+
+    @unary
+    async def HeartbeatTask(
+        self, request: pigtail_pb2.HeartbeatTaskRequest, context: Ctx
+    ) -> pigtail_pb2.HeartbeatTaskResponse:
+        view = await self._p.heartbeat(request.queue, request.task_id, request.worker_id)
+        return pigtail_pb2.HeartbeatTaskResponse(task=views.task_message(view))
+
+    @unary
+    async def CompleteTask(
+        self, request: pigtail_pb2.CompleteTaskRequest, context: Ctx
+    ) -> pigtail_pb2.CompleteTaskResponse:
+        view, already = await self._p.complete(request.queue, request.task_id, request.worker_id)
+        return pigtail_pb2.CompleteTaskResponse(task=views.task_message(view), already_done=already)
+
+    @unary
+    async def ListDeadTasks(
+        self, request: pigtail_pb2.ListDeadTasksRequest, context: Ctx
+    ) -> pigtail_pb2.ListDeadTasksResponse:
+        entries = self._p.list_dead(request.queue)
+        return pigtail_pb2.ListDeadTasksResponse(tasks=[views.summary_message(i, e) for i, e in entries])
+
+    @unary
+    async def RetryTask(
+        self, request: pigtail_pb2.RetryTaskRequest, context: Ctx
+    ) -> pigtail_pb2.RetryTaskResponse:
+        view = await self._p.retry(request.queue, request.task_id)
+        return pigtail_pb2.RetryTaskResponse(task=views.task_message(view))
+
+    @streaming
+    async def LeaseTasks(
+        self, request: pigtail_pb2.LeaseTasksRequest, context: Ctx
+    ) -> AsyncIterator[pigtail_pb2.LeaseTasksResponse]:
+        leases = self._p.lease(request.queue, request.worker_id, request.max_in_flight)
+        try:
+            async for view in leases:
+                yield pigtail_pb2.LeaseTasksResponse(task=views.task_message(view))
+        finally:
+            await leases.aclose()
+
+
+def _add_arguments(request: pigtail_pb2.AddTaskRequest | pigtail_pb2.RestAddTaskRequest) -> dict[str, Any]:
+    """The keyword arguments of Pigtail.add_task from an add request (typed or REST)."""
+    return {
+        "queue": request.queue,
+        "task_name": request.task_name,
+        "info": from_value(request.info) if request.HasField("info") else None,
+        "not_before_ms": request.not_before_ms if request.HasField("not_before_ms") else None,
+        "delay_ms": request.delay_ms if request.HasField("delay_ms") else None,
+        "priority": request.priority,
+        "idempotency_key": request.idempotency_key if request.HasField("idempotency_key") else None,
+    }
+
+
+class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
+    """The contract's REST paths (port B+3) over the same domain code."""
+
+    def __init__(self, pigtail: Pigtail) -> None:
+        self._p = pigtail
+
+    @unary
+    async def RestCreateQueue(self, request: pigtail_pb2.RestCreateQueueRequest, context: Ctx) -> Struct:
+        max_attempts = request.max_attempts if request.HasField("max_attempts") else None
+        config, created = await self._p.create_queue(request.name, request.timeout_ms, max_attempts)
+        location = f"/queue/{request.name}"
+        if created:
+            await rest.created(context, location)
+        else:
+            await context.send_initial_metadata((("location", location),))
+        return to_struct(views.rest_queue(request.name, config))
+
+    @unary
+    async def RestListQueues(self, request: pigtail_pb2.RestListQueuesRequest, context: Ctx) -> ListValue:
+        out = ListValue()
+        for name, _ in self._p.list_queues():
+            out.values.add().string_value = name
+        return out
+
+    @unary
+    async def RestDeleteQueue(self, request: pigtail_pb2.RestDeleteQueueRequest, context: Ctx) -> Struct:
+        await self._p.delete_queue(request.queue)
+        return Struct()
+
+    @unary
+    async def RestAddTask(self, request: pigtail_pb2.RestAddTaskRequest, context: Ctx) -> Struct:
+        view, created = await self._p.add_task(**_add_arguments(request))
+        location = f"/queue/{request.queue}/{view['task_id']}"
+        if created:
+            await rest.created(context, location)
+        else:
+            await context.send_initial_metadata((("location", location),))
+        return to_struct({"id": view["task_id"]})
+
+    @unary
+    async def RestListTasks(self, request: pigtail_pb2.RestListTasksRequest, context: Ctx) -> Struct:
+        return to_struct(views.rest_listing(self._p.list_tasks(request.queue)))
+
+    @unary
+    async def RestListDeadTasks(self, request: pigtail_pb2.RestListDeadTasksRequest, context: Ctx) -> Struct:
+        return to_struct(views.rest_listing(self._p.list_dead(request.queue)))
+
+    @unary
+    async def RestClaimNextTask(self, request: pigtail_pb2.RestClaimNextTaskRequest, context: Ctx) -> Struct:
+        view = await self._p.claim_next(request.queue, request.worker_id, request.wait_ms)
+        if view is None:
+            await rest.no_content(context)
+            return Struct()
+        return to_struct(views.rest_view(view, with_id=True))
+
+    @unary
+    async def RestGetTask(self, request: pigtail_pb2.RestGetTaskRequest, context: Ctx) -> Struct:
+        view = self._p.get_task(request.queue, request.task_id)
+        return to_struct(views.rest_view(view, verbose=request.verbose))
+
+    @unary
+    async def RestClaimTask(self, request: pigtail_pb2.RestClaimTaskRequest, context: Ctx) -> Struct:
+        view, _ = await self._p.claim(request.queue, request.task_id, request.worker_id)
+        return to_struct(views.rest_view(view))
+
+    @unary
+    async def RestCompleteTask(self, request: pigtail_pb2.RestCompleteTaskRequest, context: Ctx) -> Struct:
+        view, _ = await self._p.complete(request.queue, request.task_id, request.worker_id)
+        return to_struct(views.rest_view(view))
+
+    @unary
+    async def RestHeartbeatTask(self, request: pigtail_pb2.RestHeartbeatTaskRequest, context: Ctx) -> Struct:
+        view = await self._p.heartbeat(request.queue, request.task_id, request.worker_id)
+        return to_struct(views.rest_view(view))
+
+    @unary
+    async def RestRetryTask(self, request: pigtail_pb2.RestRetryTaskRequest, context: Ctx) -> Struct:
+        view = await self._p.retry(request.queue, request.task_id)
+        return to_struct(views.rest_view(view))

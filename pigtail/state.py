@@ -1,0 +1,333 @@
+"""Pigtail's materialised state: every queue's and task's state, built from the log in the service's own
+store, with the log position it reflects.
+
+Keys (queue names and task ids are restricted to letters, digits, ``_`` and ``-``, so ``\\x00`` separates
+them unambiguously)::
+
+    c                       -> u64: position of the last applied log entry (the cursor)
+    q<queue>                -> QueueRecord (JSON): the machine's queue state and its marks' entry ids
+    t<queue>\\x00<task id>   -> TaskRecord (JSON): the machine's task state and its add's entry id
+    o<queue>\\x00<task id>   -> '': the task is not done (what listings and the scheduler walk)
+    s<owner>                -> [wall_ms, logical]: the stamp of the last entry applied from that owner
+
+A batch of delivered entries is applied in two steps: :meth:`PigtailState.plan` computes the new states
+and the ONE store batch that holds them and the new cursor (nothing is changed yet), then the caller
+writes that batch and :meth:`PigtailState.adopt` makes it the current state. So a crash between the two
+replays the batch from the old cursor (applying is idempotent anyway), and a restart neither skips nor
+double-applies an entry. Queues and the tasks that are not done are kept in memory; done tasks are read
+from the store when asked for.
+
+Deleting a queue drops the stored tasks added before the delete (they can never be seen again); task
+events stamped before the latest delete of their queue, for tasks that are not known, are not stored.
+
+Compaction: a task whose claims and retries pile up (heartbeats) is folded by
+:func:`~potboiler.pigtail.machine.compact_task` up to a horizon well behind the oldest "last stamp
+applied" of every owner seen, so a late event from another node is never older than the horizon unless
+clocks are skewed by more than :data:`COMPACT_MARGIN_MS`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypedDict, cast
+
+import orjson
+
+from potboiler.pigtail.codec import decode, stamp_of
+from potboiler.pigtail.machine import (
+    QueueCreated,
+    QueueDeleted,
+    QueueState,
+    Stamp,
+    StampJSON,
+    TaskAdded,
+    TaskState,
+    apply_queue_event,
+    apply_task_event,
+    compact_task,
+    queue_config,
+)
+from potboiler.server.storage import Store, Write, prefix_end
+from potboiler.v1.entry_pb2 import Entry
+
+_U64 = struct.Struct(">Q")
+_CURSOR = b"c"
+_SEP = b"\x00"
+#: A task is compacted once it holds this many claims and retries.
+COMPACT_AT = 64
+#: How far behind the oldest per-owner stamp the compaction horizon stays (clock skew allowance).
+COMPACT_MARGIN_MS = 10 * 60_000
+
+
+class QueueRecord(TypedDict):
+    """What is stored per queue."""
+
+    state: QueueState
+    #: Entry id of each create/delete in the state's history, by :func:`stamp_key`.
+    ids: dict[str, str]
+
+
+class TaskRecord(TypedDict):
+    """What is stored per task."""
+
+    state: TaskState
+    #: Id of the entry that added the task (once known).
+    add_id: str | None
+
+
+def stamp_key(stamp: Stamp | StampJSON) -> str:
+    """A stamp as a JSON object key."""
+    s = Stamp.coerce(stamp)
+    return f"{s.wall_ms}:{s.logical}:{s.owner}"
+
+
+def _queue_key(name: str) -> bytes:
+    return b"q" + name.encode()
+
+
+def _task_key(queue: str, task_id: str) -> bytes:
+    return b"t" + queue.encode() + _SEP + task_id.encode()
+
+
+def _open_key(queue: str, task_id: str) -> bytes:
+    return b"o" + queue.encode() + _SEP + task_id.encode()
+
+
+def _cut(queue: QueueState | None) -> Stamp | None:
+    """The stamp of the queue's latest delete (its history is trimmed to start there), if any."""
+    if queue is None or not queue["history"] or queue["history"][0]["op"] != "deleted":
+        return None
+    return Stamp.coerce(queue["history"][0]["at"])
+
+
+TaskKey = tuple[str, str]
+
+
+@dataclass
+class Applied:
+    """A planned batch: the store writes, and the new records to adopt once they are written."""
+
+    position: int
+    writes: list[Write] = field(default_factory=list)
+    queues: dict[str, QueueRecord] = field(default_factory=dict)
+    #: Changed tasks; None for a task dropped with its deleted queue.
+    tasks: dict[TaskKey, TaskRecord | None] = field(default_factory=dict)
+    owners: dict[str, Stamp] = field(default_factory=dict)
+    #: Ids of every entry of the batch (Pigtail's or not), in order.
+    entry_ids: list[str] = field(default_factory=list)
+
+
+class PigtailState:
+    """The state of every queue and task on one node (single writer: the service's applier)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        raw = store.get(_CURSOR)
+        self.cursor = _U64.unpack(raw)[0] if raw else 0
+        self._queues: dict[str, QueueRecord] = {}
+        for key, value in store.scan(b"q", prefix_end(b"q")):
+            self._queues[key[1:].decode()] = cast(QueueRecord, orjson.loads(value))
+        self._open: dict[str, dict[str, TaskState]] = {}
+        self._add_ids: dict[TaskKey, str | None] = {}
+        for key, _ in store.scan(b"o", prefix_end(b"o")):
+            queue, task_id = key[1:].decode().split("\x00", 1)
+            record = self._load_task(queue, task_id)
+            if record is not None:
+                self._open.setdefault(queue, {})[task_id] = record["state"]
+                self._add_ids[queue, task_id] = record["add_id"]
+        self._owners: dict[str, Stamp] = {}
+        for key, value in store.scan(b"s", prefix_end(b"s")):
+            wall, logical = orjson.loads(value)
+            self._owners[key[1:].decode()] = Stamp(wall, logical, key[1:].decode())
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> QueueState | None:
+        """The queue's state (whatever it is: it may be deleted), or None if never seen."""
+        record = self._queues.get(name)
+        return None if record is None else record["state"]
+
+    def queue_names(self) -> list[str]:
+        """Names of every queue ever seen, sorted (existing or not)."""
+        return sorted(self._queues)
+
+    def create_entry_id(self, name: str) -> str | None:
+        """Id of the entry that created the queue's current incarnation, if it exists."""
+        record = self._queues.get(name)
+        config = queue_config(None if record is None else record["state"])
+        if record is None or config is None:
+            return None
+        return record["ids"].get(stamp_key(config.created))
+
+    def task(self, queue: str, task_id: str) -> TaskState | None:
+        """The task's state (done ones from the store), or None."""
+        state = self._open.get(queue, {}).get(task_id)
+        if state is not None:
+            return state
+        record = self._load_task(queue, task_id)
+        return None if record is None else record["state"]
+
+    def add_entry_id(self, queue: str, task_id: str) -> str | None:
+        """Id of the entry that added the task, if known."""
+        if (queue, task_id) in self._add_ids:
+            return self._add_ids[queue, task_id]
+        record = self._load_task(queue, task_id)
+        return None if record is None else record["add_id"]
+
+    def open_tasks(self, queue: str) -> Mapping[str, TaskState]:
+        """The queue's tasks that are not done, by id (possibly hidden ones: use the machine's views)."""
+        return self._open.get(queue, {})
+
+    def done_tasks(self, queue: str) -> Iterator[TaskState]:
+        """The queue's stored done tasks (read from the store)."""
+        prefix = b"t" + queue.encode() + _SEP
+        for _, value in self._store.scan(prefix, prefix_end(prefix)):
+            record = cast(TaskRecord, orjson.loads(value))
+            if record["state"]["done"] is not None:
+                yield record["state"]
+
+    def _load_task(self, queue: str, task_id: str) -> TaskRecord | None:
+        raw = self._store.get(_task_key(queue, task_id))
+        return None if raw is None else cast(TaskRecord, orjson.loads(raw))
+
+    # -- applying --------------------------------------------------------------------------------
+
+    def plan(self, batch: Sequence[tuple[int, Entry]]) -> Applied:
+        """The writes and new records for a batch of delivered entries; changes nothing yet."""
+        applied = Applied(position=batch[-1][0] if batch else self.cursor)
+        queues = applied.queues
+        tasks = applied.tasks
+
+        def queue_record(name: str) -> QueueRecord | None:
+            return queues.get(name) or self._queues.get(name)
+
+        def task_record(key: TaskKey) -> TaskRecord | None:
+            if key in tasks:
+                return tasks[key]
+            queue, task_id = key
+            state = self._open.get(queue, {}).get(task_id)
+            if state is not None:
+                return TaskRecord(state=state, add_id=self._add_ids.get(key))
+            return self._load_task(queue, task_id)
+
+        for _, entry in batch:
+            applied.entry_ids.append(entry.id)
+            stamp = stamp_of(entry)
+            applied.owners[entry.owner] = stamp
+            delivered = decode(entry)
+            if delivered is None:
+                continue
+            event = delivered.event
+            if isinstance(event, QueueCreated | QueueDeleted):
+                record = queue_record(event.name)
+                old = None if record is None else record["state"]
+                new = apply_queue_event(old, event, stamp, delivered.entry_id)
+                if new is old:
+                    continue
+                ids = dict(record["ids"]) if record is not None else {}
+                ids[stamp_key(stamp)] = delivered.entry_id
+                keep = {stamp_key(mark["at"]) for mark in new["history"]}
+                queues[event.name] = QueueRecord(state=new, ids={k: v for k, v in ids.items() if k in keep})
+                cut = _cut(new)
+                if cut is not None and cut != _cut(old):
+                    self._purge(event.name, cut, tasks)
+                continue
+            record = queue_record(event.queue)
+            cut = _cut(None if record is None else record["state"])
+            key = (event.queue, event.task_id)
+            current = task_record(key)
+            if cut is not None and stamp < cut and (isinstance(event, TaskAdded) or current is None):
+                continue  # belongs to an incarnation deleted since
+            if isinstance(event, TaskAdded):
+                old_queue = None if record is None else record["state"]
+                new_queue = apply_queue_event(old_queue, event, stamp, delivered.entry_id)
+                if new_queue is not old_queue:
+                    queues[event.queue] = QueueRecord(
+                        state=new_queue, ids={} if record is None else record["ids"]
+                    )
+            old_task = None if current is None else current["state"]
+            new_task = apply_task_event(old_task, event, stamp, delivered.entry_id)
+            if new_task is old_task:
+                continue
+            add_id = None if current is None else current["add_id"]
+            if isinstance(event, TaskAdded) and new_task["added"] == stamp.to_json():
+                add_id = delivered.entry_id
+            tasks[key] = TaskRecord(state=new_task, add_id=add_id)
+
+        self._compact(applied)
+        writes = applied.writes
+        for name, queue in queues.items():
+            writes.append((_queue_key(name), orjson.dumps(queue)))
+        for (queue_name, task_id), task in tasks.items():
+            if task is None:
+                writes.append((_task_key(queue_name, task_id), None))
+                writes.append((_open_key(queue_name, task_id), None))
+                continue
+            writes.append((_task_key(queue_name, task_id), orjson.dumps(task)))
+            writes.append((_open_key(queue_name, task_id), b"" if task["state"]["done"] is None else None))
+        for owner, stamp in applied.owners.items():
+            writes.append((b"s" + owner.encode(), orjson.dumps([stamp.wall_ms, stamp.logical])))
+        writes.append((_CURSOR, _U64.pack(applied.position)))
+        return applied
+
+    def plan_skip(self, position: int) -> Applied:
+        """A batch that only moves the cursor to `position` (past entries that cannot be applied)."""
+        return Applied(position=position, writes=[(_CURSOR, _U64.pack(position))])
+
+    def _purge(
+        self,
+        queue: str,
+        cut: Stamp,
+        tasks: dict[TaskKey, TaskRecord | None],
+    ) -> None:
+        """Drop the queue's tasks added before `cut` (its latest delete)."""
+        candidates: dict[str, TaskState] = dict(self._open.get(queue, {}))
+        for state in self.done_tasks(queue):
+            candidates[state["task_id"]] = state
+        for (q, task_id), record in tasks.items():
+            if q == queue and record is not None:
+                candidates[task_id] = record["state"]
+        for task_id, state in candidates.items():
+            if state["added"] is not None and Stamp.coerce(state["added"]) < cut:
+                tasks[queue, task_id] = None
+
+    def _compact(self, applied: Applied) -> None:
+        owners = {**self._owners, **applied.owners}
+        if not owners:
+            return
+        oldest = min(owners.values())
+        horizon = Stamp(oldest.wall_ms - COMPACT_MARGIN_MS, 0, "")
+        for (queue, _), record in applied.tasks.items():
+            if record is None:
+                continue
+            state = record["state"]
+            if len(state["claims"]) + len(state["retries"]) < COMPACT_AT:
+                continue
+            queue_record = applied.queues.get(queue) or self._queues.get(queue)
+            if queue_record is not None:
+                record["state"] = compact_task(state, queue_record["state"], horizon)
+
+    def adopt(self, applied: Applied) -> None:
+        """Make a planned batch (already written to the store) the current state."""
+        self._queues.update(applied.queues)
+        for (queue, task_id), record in applied.tasks.items():
+            open_tasks = self._open.setdefault(queue, {})
+            if record is None or record["state"]["done"] is not None:
+                open_tasks.pop(task_id, None)
+                self._add_ids.pop((queue, task_id), None)
+                if not open_tasks:
+                    del self._open[queue]
+            else:
+                open_tasks[task_id] = record["state"]
+                self._add_ids[queue, task_id] = record["add_id"]
+        self._owners.update(applied.owners)
+        self.cursor = applied.position
+
+    def apply(self, batch: Sequence[tuple[int, Entry]], *, sync: bool = False) -> Applied:
+        """Plan, write and adopt a batch in one go."""
+        applied = self.plan(batch)
+        self._store.write(applied.writes, sync=sync)
+        self.adopt(applied)
+        return applied

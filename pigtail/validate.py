@@ -1,0 +1,138 @@
+"""Checks of what clients send Pigtail; each failure is an InvalidArgument saying what is wrong.
+
+Nothing is appended to the log unless the whole request passes. The limits (also in pigtail.proto):
+
+- queue names: 1 to 128 letters, digits, ``_`` or ``-`` (like KV table names);
+- ``timeout_ms``: 1 to 86,400,000 (a day); ``max_attempts``: 1 to 1,000 or absent (no limit);
+- ``task_name``, ``worker_id``, ``idempotency_key``: 1 to 256 characters, no control characters
+  (``worker_id`` may be empty on a done);
+- ``info``: any JSON of at most 512 KiB (as compact JSON text);
+- ``not_before_ms``: 0 to a year from now; ``delay_ms``: 0 to a year; never both;
+- ``priority``: -1,000,000 to 1,000,000;
+- ``wait_ms`` (claim next): 0 to 60,000; ``max_in_flight`` (lease stream): 1 to 1,000 (0 means 1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from potboiler.pigtail.machine import JSONValue
+from potboiler.server.errors import InvalidArgument, TooLarge
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+MAX_TIMEOUT_MS = 86_400_000
+MAX_ATTEMPTS = 1_000
+MAX_TEXT = 256
+MAX_INFO_BYTES = 512 * 1024
+MAX_DELAY_MS = 365 * 86_400_000
+MAX_PRIORITY = 1_000_000
+MAX_WAIT_MS = 60_000
+MAX_IN_FLIGHT = 1_000
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def is_name(name: str) -> bool:
+    """Whether `name` is a valid queue name."""
+    return _NAME.fullmatch(name) is not None
+
+
+def is_task_id(task_id: str) -> bool:
+    """Whether `task_id` can be a task id (the service makes UUIDs; events may carry any such name)."""
+    return _NAME.fullmatch(task_id) is not None
+
+
+def queue_name(name: str) -> str:
+    """A valid queue name, else InvalidArgument."""
+    if not is_name(name):
+        detail = f" (it has {len(name)} characters)" if len(name) > 128 else ""
+        raise InvalidArgument(
+            f"queue name {_shown(name)} is invalid: use 1 to 128 letters, digits, '_' or '-'{detail}"
+        )
+    return name
+
+
+def timeout_ms(value: int) -> int:
+    """A valid claim timeout, else InvalidArgument."""
+    if not 1 <= value <= MAX_TIMEOUT_MS:
+        if value == 0:
+            raise InvalidArgument(f"timeout_ms is required: 1 to {MAX_TIMEOUT_MS} milliseconds")
+        raise InvalidArgument(f"timeout_ms must be 1 to {MAX_TIMEOUT_MS} milliseconds, not {value}")
+    return value
+
+
+def max_attempts(value: int | None) -> int | None:
+    """A valid max_attempts (None: no limit), else InvalidArgument."""
+    if value is not None and not 1 <= value <= MAX_ATTEMPTS:
+        raise InvalidArgument(
+            f"max_attempts must be 1 to {MAX_ATTEMPTS}, or absent for no limit, not {value}"
+        )
+    return value
+
+
+def text(value: str, field: str, *, required: bool = True) -> str:
+    """A valid short text field (task_name, worker_id, idempotency_key), else InvalidArgument."""
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required (1 to {MAX_TEXT} characters)")
+        return value
+    if len(value) > MAX_TEXT:
+        raise InvalidArgument(f"{field} is {len(value)} characters long; at most {MAX_TEXT} are allowed")
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{field} {_shown(value)} contains control characters")
+    return value
+
+
+def info(value: JSONValue) -> JSONValue:
+    """A task's info within the size limit (as compact JSON), else TooLarge."""
+    size = len(orjson.dumps(value))
+    if size > MAX_INFO_BYTES:
+        raise TooLarge(f"info is {size} bytes of JSON; at most {MAX_INFO_BYTES} are allowed")
+    return value
+
+
+def not_before(not_before_ms: int | None, delay_ms: int | None, now_ms: int) -> int | None:
+    """The absolute time a new task becomes claimable (None: at once), from either field."""
+    if not_before_ms is not None and delay_ms is not None:
+        raise InvalidArgument("give not_before_ms or delay_ms, not both")
+    if delay_ms is not None:
+        if not 0 <= delay_ms <= MAX_DELAY_MS:
+            raise InvalidArgument(f"delay_ms must be 0 to {MAX_DELAY_MS} (a year), not {delay_ms}")
+        return now_ms + delay_ms if delay_ms else None
+    if not_before_ms is not None:
+        if not 0 <= not_before_ms <= now_ms + MAX_DELAY_MS:
+            raise InvalidArgument(
+                f"not_before_ms must be a time in ms since the Unix epoch, at most a year ahead, "
+                f"not {not_before_ms}"
+            )
+        return not_before_ms
+    return None
+
+
+def priority(value: int) -> int:
+    """A valid priority, else InvalidArgument."""
+    if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority must be {-MAX_PRIORITY} to {MAX_PRIORITY}, not {value}")
+    return value
+
+
+def wait_ms(value: int) -> int:
+    """A valid long-poll wait, else InvalidArgument."""
+    if not 0 <= value <= MAX_WAIT_MS:
+        raise InvalidArgument(f"wait_ms must be 0 to {MAX_WAIT_MS}, not {value}")
+    return value
+
+
+def in_flight(value: int) -> int:
+    """A valid max_in_flight (0 means 1), else InvalidArgument."""
+    if value == 0:
+        return 1
+    if not 1 <= value <= MAX_IN_FLIGHT:
+        raise InvalidArgument(f"max_in_flight must be 1 to {MAX_IN_FLIGHT}, not {value}")
+    return value

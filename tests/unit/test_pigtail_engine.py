@@ -1,0 +1,400 @@
+"""Pigtail's operations (``potboiler.pigtail.engine``) against an in-memory log and a MemoryStore, with a
+clock the tests move: read-your-writes, conflicts, expiry, races between claims, dead letters, delays,
+idempotency, claim-next and the lease stream, restart, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.pigtail.codec import event_data
+from potboiler.pigtail.engine import Pigtail
+from potboiler.pigtail.machine import Event, TaskClaimed, TaskView
+from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
+from potboiler.server.hlc import HybridClock
+from potboiler.server.storage import MemoryStore
+from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
+from tests.conftest import wait_for
+
+A = "00000000-0000-4000-8000-00000000000a"
+B = "00000000-0000-4000-8000-00000000000b"
+T0 = 1_700_000_000_000
+
+
+class Clock:
+    """A physical clock the test sets."""
+
+    def __init__(self) -> None:
+        self.ms = T0
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+class FakeLog:
+    """A LogClient over a list: appends are delivered at once; other nodes' entries via `deliver`."""
+
+    def __init__(self, clock: HybridClock, node_id: str = A) -> None:
+        self.clock = clock
+        self._node_id = node_id
+        self.entries: list[Entry] = []
+        self._seq: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    def make(self, owner: str, wall_ms: int, logical: int, data: Value, deps: Sequence[str] = ()) -> Entry:
+        self._seq[owner] = self._seq.get(owner, 0) + 1
+        return Entry(
+            id=str(uuid.uuid4()),
+            owner=owner,
+            seq=self._seq[owner],
+            when=HlcTimestamp(wall_ms=wall_ms, logical=logical),
+            data=data,
+            dependencies=list(deps),
+        )
+
+    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
+        stamp = self.clock.now()
+        entry = self.make(self._node_id, stamp.wall_ms, stamp.logical, data, dependencies)
+        self.deliver(entry)
+        return entry
+
+    def deliver(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        self._changed.set()
+
+    def remote(self, owner: str, wall_ms: int, event: Event) -> Entry:
+        """Deliver another node's event stamped `wall_ms`."""
+        entry = self.make(owner, wall_ms, 0, event_data(event))
+        self.deliver(entry)
+        return entry
+
+    async def subscribe(
+        self, after_position: int, limit: int = 1000
+    ) -> AsyncIterator[list[tuple[int, Entry]]]:
+        position = after_position
+        while True:
+            if position < len(self.entries):
+                end = min(len(self.entries), position + limit)
+                batch = [(i + 1, self.entries[i]) for i in range(position, end)]
+                position = end
+                yield batch
+            else:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.physical = Clock()
+        self.clock = HybridClock(self.physical)
+        self.log = FakeLog(self.clock)
+        self.store = MemoryStore()
+        self.pigtail = Pigtail(self.log, self.store, self.clock)
+
+    def advance(self, ms: int) -> None:
+        self.physical.ms += ms
+
+    async def restart(self) -> None:
+        await self.pigtail.stop()
+        self.pigtail = Pigtail(self.log, self.store, self.clock)
+        await self.pigtail.start()
+
+    async def add(self, queue: str = "q", **kwargs: object) -> str:
+        view, created = await self.pigtail.add_task(queue, "job", **kwargs)  # type: ignore[arg-type]
+        assert created
+        return view["task_id"]
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    harness = Harness()
+    await harness.pigtail.start()
+    try:
+        yield harness
+    finally:
+        await harness.pigtail.stop()
+
+
+async def test_create_add_claim_complete_reads_its_writes(h: Harness) -> None:
+    config, created = await h.pigtail.create_queue("q", 1000)
+    assert created and config.timeout_ms == 1000 and config.max_attempts is None
+    assert await h.pigtail.create_queue("q", 1000) == (config, False)
+    view, created = await h.pigtail.add_task("q", "hello_world", {"foo": "bar"})
+    task_id = view["task_id"]
+    assert created and view["state"] == "pending" and view["worker"] is None
+    assert h.pigtail.list_tasks("q") == [(task_id, {"task_name": "hello_world", "state": "pending"})]
+    view, renewal = await h.pigtail.claim("q", task_id, "w1")
+    assert not renewal and view["state"] == "working" and view["worker"] == "w1"
+    assert view["info"] == {"foo": "bar"}
+    assert view["lease_expires_ms"] == T0 + 1000
+    view, renewal = await h.pigtail.claim("q", task_id, "w1")
+    assert renewal
+    view, already = await h.pigtail.complete("q", task_id, "w1")
+    assert not already and view["state"] == "done" and view["done_by"] == "w1"
+    assert h.pigtail.list_tasks("q") == []
+    assert h.pigtail.get_task("q", task_id)["state"] == "done"
+    view, already = await h.pigtail.complete("q", task_id, "w2")
+    assert already and view["done_by"] == "w1"
+
+
+async def test_events_depend_on_the_queue_create_and_the_task_add(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    create = h.log.entries[-1]
+    task_id = await h.add()
+    add = h.log.entries[-1]
+    assert list(add.dependencies) == [create.id]
+    await h.pigtail.claim("q", task_id, "w")
+    assert list(h.log.entries[-1].dependencies) == [create.id, add.id]
+    await h.pigtail.delete_queue("q")
+    assert list(h.log.entries[-1].dependencies) == [create.id]
+
+
+async def test_conflicts_and_not_found(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    count = len(h.log.entries)
+    with pytest.raises(Contended, match="held by worker 'w1'"):
+        await h.pigtail.claim("q", task_id, "w2")
+    with pytest.raises(Contended, match="held by worker 'w1'"):
+        await h.pigtail.heartbeat("q", task_id, "w2")
+    await h.pigtail.complete("q", task_id, "w1")
+    with pytest.raises(Contended, match="done"):
+        await h.pigtail.claim("q", task_id, "w2")
+    with pytest.raises(NotFound, match="no such task"):
+        await h.pigtail.claim("q", str(uuid.uuid4()), "w2")
+    with pytest.raises(NotFound, match="no such task"):
+        h.pigtail.get_task("q", "not-an-id")
+    with pytest.raises(NotFound, match="no such queue 'nope'"):
+        await h.pigtail.add_task("nope", "job")
+    with pytest.raises(NotFound, match="no such queue"):
+        h.pigtail.list_tasks("nope")
+    with pytest.raises(NotFound, match="no such queue"):
+        await h.pigtail.delete_queue("nope")
+    with pytest.raises(AlreadyExists, match="timeout_ms=1000 and no max_attempts"):
+        await h.pigtail.create_queue("q", 5)
+    assert len(h.log.entries) == count + 1  # only the done was appended
+
+
+async def test_bad_input_appends_nothing(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    count = len(h.log.entries)
+    with pytest.raises(InvalidArgument, match="timeout_ms"):
+        await h.pigtail.create_queue("r", -1)
+    with pytest.raises(InvalidArgument, match="queue name"):
+        await h.pigtail.create_queue("no spaces", 10)
+    with pytest.raises(InvalidArgument, match="max_attempts"):
+        await h.pigtail.create_queue("r", 10, 0)
+    with pytest.raises(InvalidArgument, match="task_name is required"):
+        await h.pigtail.add_task("q", "")
+    with pytest.raises(InvalidArgument, match="not both"):
+        await h.pigtail.add_task("q", "job", not_before_ms=T0, delay_ms=5)
+    with pytest.raises(TooLarge, match="info"):
+        await h.pigtail.add_task("q", "job", "x" * 600_000)
+    with pytest.raises(InvalidArgument, match="worker_id is required"):
+        await h.pigtail.claim("q", task_id, "")
+    with pytest.raises(InvalidArgument, match="wait_ms"):
+        await h.pigtail.claim_next("q", "w", -1)
+    assert len(h.log.entries) == count
+
+
+async def test_an_expired_claim_goes_back_to_pending(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    h.advance(999)
+    assert h.pigtail.list_tasks("q")[0][1]["state"] == "working"
+    h.advance(1)
+    assert h.pigtail.list_tasks("q")[0][1]["state"] == "pending"
+    with pytest.raises(Contended, match="holds no unexpired lease"):
+        await h.pigtail.heartbeat("q", task_id, "w1")
+    view, _ = await h.pigtail.claim("q", task_id, "w2")
+    assert view["worker"] == "w2" and view["attempts"] == 2
+
+
+async def test_heartbeat_extends_the_lease(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    h.advance(800)
+    view = await h.pigtail.heartbeat("q", task_id, "w1")
+    assert view["lease_expires_ms"] == T0 + 1800 and view["attempts"] == 1
+    h.advance(900)
+    assert h.pigtail.get_task("q", task_id)["state"] == "working"
+
+
+async def test_concurrent_claims_on_one_node_have_one_winner(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    results = await asyncio.gather(
+        *(h.pigtail.claim("q", task_id, f"w{i}") for i in range(5)), return_exceptions=True
+    )
+    winners = [r for r in results if not isinstance(r, BaseException)]
+    assert len(winners) == 1
+    assert all(isinstance(r, Contended) for r in results if isinstance(r, BaseException))
+    assert h.pigtail.get_task("q", task_id)["worker"] == winners[0][0]["worker"]
+
+
+async def test_an_earlier_claim_from_another_node_wins_when_it_arrives(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    h.advance(10)
+    view, _ = await h.pigtail.claim("q", task_id, "local")
+    assert view["worker"] == "local"
+    # The other side of a partition claimed it 5 ms earlier: once replicated, it wins here too.
+    h.log.remote(B, T0 + 5, TaskClaimed("q", task_id, "remote"))
+    await wait_for(lambda: h.pigtail.get_task("q", task_id)["worker"] == "remote")
+    with pytest.raises(Contended, match="held by worker 'remote'"):
+        await h.pigtail.heartbeat("q", task_id, "local")
+
+
+async def test_idempotency_key_makes_a_repeated_add_a_no_op(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    first, created = await h.pigtail.add_task("q", "job", 1, idempotency_key="order-7")
+    assert created
+    count = len(h.log.entries)
+    again, created = await h.pigtail.add_task("q", "job", 2, idempotency_key="order-7")
+    assert not created and again["task_id"] == first["task_id"] and again["info"] == 1
+    assert len(h.log.entries) == count
+    await h.pigtail.complete("q", first["task_id"])
+    _, created = await h.pigtail.add_task("q", "job", 3, idempotency_key="order-7")
+    assert not created  # keys last as long as the queue
+
+
+async def test_dead_letter_and_retry(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 100, max_attempts=2)
+    task_id = await h.add()
+    for worker in ("w1", "w2"):
+        await h.pigtail.claim("q", task_id, worker)
+        h.advance(100)
+    assert h.pigtail.list_tasks("q") == []
+    assert h.pigtail.list_dead("q") == [(task_id, {"task_name": "job", "state": "dead"})]
+    with pytest.raises(Contended, match="dead-lettered"):
+        await h.pigtail.claim("q", task_id, "w3")
+    assert await h.pigtail.claim_next("q", "w3") is None
+    view = await h.pigtail.retry("q", task_id)
+    assert view["state"] == "pending" and view["attempts"] == 0
+    assert h.pigtail.list_dead("q") == []
+    with pytest.raises(Contended, match="only a dead-lettered task"):
+        await h.pigtail.retry("q", task_id)
+    claimed = await h.pigtail.claim_next("q", "w3")
+    assert claimed is not None and claimed["task_id"] == task_id
+
+
+async def test_delayed_tasks_wait_until_due(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add(delay_ms=500)
+    assert h.pigtail.list_tasks("q")[0][1]["state"] == "delayed"
+    with pytest.raises(Contended, match="delayed"):
+        await h.pigtail.claim("q", task_id, "w")
+    assert await h.pigtail.claim_next("q", "w") is None
+    h.advance(500)
+    claimed = await h.pigtail.claim_next("q", "w")
+    assert claimed is not None and claimed["task_id"] == task_id
+
+
+async def test_claim_next_by_priority_then_age(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    old = await h.add()
+    h.advance(1)
+    young = await h.add()
+    h.advance(1)
+    urgent = await h.add(priority=10)
+    order = []
+    for _ in range(3):
+        claimed = await h.pigtail.claim_next("q", "w")
+        assert claimed is not None
+        order.append(claimed["task_id"])
+    assert order == [urgent, old, young]
+    assert [task_id for task_id, _ in h.pigtail.list_tasks("q")] == [urgent, old, young]
+    assert await h.pigtail.claim_next("q", "w") is None
+
+
+async def test_claim_next_waits_for_a_task(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    waiting = asyncio.create_task(h.pigtail.claim_next("q", "w", wait_ms=10_000))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    task_id = await h.add()
+    claimed = await asyncio.wait_for(waiting, 5)
+    assert claimed is not None and claimed["task_id"] == task_id and claimed["worker"] == "w"
+
+
+async def test_lease_stream_respects_max_in_flight(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 60_000)
+    ids = [await h.add() for _ in range(3)]
+    leases = h.pigtail.lease("q", "w", max_in_flight=2)
+    first = await asyncio.wait_for(anext(leases), 5)
+    second = await asyncio.wait_for(anext(leases), 5)
+    assert [first["task_id"], second["task_id"]] == ids[:2]
+    third: asyncio.Task[TaskView] = asyncio.ensure_future(anext(leases))
+    await asyncio.sleep(0.05)
+    assert not third.done()  # the worker holds two already
+    await h.pigtail.complete("q", first["task_id"], "w")
+    got = await asyncio.wait_for(third, 5)
+    assert got["task_id"] == ids[2] and got["worker"] == "w" and got["state"] == "working"
+    fourth = asyncio.ensure_future(anext(leases))
+    await asyncio.sleep(0.05)
+    assert not fourth.done()
+    await h.pigtail.complete("q", second["task_id"], "w")
+    await asyncio.sleep(0.05)
+    assert not fourth.done()  # nothing left to hand out: it waits, without polling
+    new = await h.add()
+    assert (await asyncio.wait_for(fourth, 5))["task_id"] == new
+    await leases.aclose()
+
+
+async def test_lease_stream_ends_when_the_queue_is_deleted(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    leases = h.pigtail.lease("q", "w")
+    pending = asyncio.ensure_future(anext(leases))
+    await asyncio.sleep(0.01)
+    await h.pigtail.delete_queue("q")
+    with pytest.raises(NotFound, match="no such queue"):
+        await asyncio.wait_for(pending, 5)
+
+
+async def test_restart_resumes_from_the_stored_cursor(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    done = await h.add()
+    kept = await h.add()
+    await h.pigtail.claim("q", kept, "w")
+    await h.pigtail.complete("q", done)
+    await h.restart()
+    assert h.pigtail.state.cursor == len(h.log.entries)
+    assert h.pigtail.get_task("q", done)["state"] == "done"
+    assert h.pigtail.get_task("q", kept)["worker"] == "w"
+    assert [task_id for task_id, _ in h.pigtail.list_tasks("q")] == [kept]
+    # Entries appended while it was down are applied after the restart, and new writes work.
+    await h.pigtail.stop()
+    h.log.remote(B, T0 + 50, TaskClaimed("q", kept, "other"))
+    h.pigtail = Pigtail(h.log, h.store, h.clock)
+    await h.pigtail.start()
+    await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
+    assert h.pigtail.get_task("q", kept)["worker"] == "w"  # a void claim: w held the lease
+    await h.add()
+    assert len(h.pigtail.list_tasks("q")) == 2
+
+
+async def test_delete_and_recreate_gives_an_empty_queue(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    await h.add()
+    await h.pigtail.delete_queue("q")
+    with pytest.raises(NotFound):
+        h.pigtail.list_tasks("q")
+    assert h.pigtail.list_queues() == []
+    config, created = await h.pigtail.create_queue("q", 50, 3)
+    assert created and (config.timeout_ms, config.max_attempts) == (50, 3)
+    assert h.pigtail.list_tasks("q") == []
+    assert [name for name, _ in h.pigtail.list_queues()] == ["q"]
+    info = h.pigtail.get_queue("q")
+    assert (info.pending, info.working, info.delayed, info.dead) == (0, 0, 0, 0)

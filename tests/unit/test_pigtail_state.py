@@ -1,0 +1,346 @@
+"""Pigtail's materialised state (``potboiler.pigtail.state``) on a MemoryStore, and its codec, scheduler
+and input checks: applying delivered log entries, restart from the store, crash between plan and write,
+foreign and broken entries, queue deletion, compaction, convergence of replicas."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.pigtail import validate
+from potboiler.pigtail.codec import decode, event_data
+from potboiler.pigtail.jsonvalue import from_value, to_value
+from potboiler.pigtail.machine import (
+    Event,
+    JSONValue,
+    ListEntry,
+    QueueCreated,
+    QueueDeleted,
+    Stamp,
+    TaskAdded,
+    TaskClaimed,
+    TaskDone,
+    TaskRetried,
+    TaskView,
+    apply_queue_event,
+    apply_task_event,
+    list_tasks,
+    queue_config,
+    task_view,
+)
+from potboiler.pigtail.scheduler import Scheduler
+from potboiler.pigtail.state import COMPACT_AT, COMPACT_MARGIN_MS, PigtailState
+from potboiler.server.errors import InvalidArgument, TooLarge
+from potboiler.server.storage import MemoryStore
+from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
+
+A = "00000000-0000-4000-8000-00000000000a"
+B = "00000000-0000-4000-8000-00000000000b"
+T0 = 1_000_000
+
+
+class Log:
+    """Makes log entries as nodes would: per owner seq and HLC stamps, delivery positions."""
+
+    def __init__(self) -> None:
+        self.seq: dict[str, int] = {}
+        self.entries: list[Entry] = []
+
+    def entry(self, owner: str, wall_ms: int, data: Value, logical: int = 0) -> Entry:
+        self.seq[owner] = self.seq.get(owner, 0) + 1
+        entry = Entry(
+            id=str(uuid.uuid4()),
+            owner=owner,
+            seq=self.seq[owner],
+            when=HlcTimestamp(wall_ms=wall_ms, logical=logical),
+            data=data,
+        )
+        self.entries.append(entry)
+        return entry
+
+    def event(self, owner: str, wall_ms: int, event: Event) -> Entry:
+        return self.entry(owner, wall_ms, event_data(event))
+
+
+def positioned(entries: list[Entry], start: int = 0) -> list[tuple[int, Entry]]:
+    return [(start + i + 1, e) for i, e in enumerate(entries)]
+
+
+def test_codec_round_trip_and_foreign_entries() -> None:
+    log = Log()
+    event = TaskAdded("q", "t1", "hello", {"foo": [1, 2.5, None, True]}, 5, 3, "k")
+    entry = log.event(A, T0, event)
+    delivered = decode(entry)
+    assert delivered is not None
+    assert delivered.event == event
+    assert delivered.stamp == Stamp(T0, 0, A)
+    assert delivered.entry_id == entry.id
+    foreign = [
+        to_value(5),
+        to_value({"table": "t", "key": "k", "crdt": None, "op": "set", "change": 1}),
+        to_value({"pigtail": 5}),
+        to_value({"pigtail": {"kind": "nonsense"}}),
+        to_value({"pigtail": {"kind": "queue_created", "name": "q", "timeout_ms": -1}}),
+        to_value({"pigtail": {"kind": "queue_created", "name": "bad name", "timeout_ms": 10}}),
+        to_value({"pigtail": {"kind": "task_claimed", "queue": "q", "task_id": "a/b", "worker_id": "w"}}),
+        to_value({"pigtail": event.to_json(), "other": 1}),
+        Value(),
+    ]
+    for data in foreign:
+        assert decode(log.entry(A, T0, data)) is None
+
+
+def test_json_values_keep_integers() -> None:
+    value: JSONValue = {"a": 1, "b": 1.5, "c": [True, None, "x"], "d": {"e": 2**40}, "f": 2.0**60}
+    assert from_value(to_value(value)) == value
+    assert isinstance(from_value(to_value(3.0)), int)
+
+
+def test_apply_create_add_claim_done_and_restart() -> None:
+    store = MemoryStore()
+    state = PigtailState(store)
+    log = Log()
+    create = log.event(A, T0, QueueCreated("q", 1000))
+    add1 = log.event(A, T0 + 1, TaskAdded("q", "t1", "hello", {"foo": "bar"}))
+    add2 = log.event(A, T0 + 2, TaskAdded("q", "t2", "hello"))
+    claim = log.event(A, T0 + 3, TaskClaimed("q", "t1", "w1"))
+    done = log.event(A, T0 + 4, TaskDone("q", "t1", "w1"))
+    applied = state.apply(positioned([create, add1, add2]))
+    assert applied.entry_ids == [create.id, add1.id, add2.id]
+    assert state.cursor == 3
+    assert state.create_entry_id("q") == create.id
+    assert state.add_entry_id("q", "t1") == add1.id
+    assert set(state.open_tasks("q")) == {"t1", "t2"}
+    state.apply(positioned([claim, done], start=3))
+    assert state.cursor == 5
+    assert set(state.open_tasks("q")) == {"t2"}
+    view = task_view(state.task("q", "t1"), state.queue("q"), T0 + 10)
+    assert view is not None and view["state"] == "done" and view["done_by"] == "w1"
+
+    again = PigtailState(store)
+    assert again.cursor == 5
+    assert again.queue("q") == state.queue("q")
+    assert set(again.open_tasks("q")) == {"t2"}
+    assert again.task("q", "t1") == state.task("q", "t1")
+    assert again.create_entry_id("q") == create.id
+    assert again.add_entry_id("q", "t1") == add1.id
+    assert again.add_entry_id("q", "t2") == add2.id
+    assert [s["task_id"] for s in again.done_tasks("q")] == ["t1"]
+
+
+def test_crash_between_plan_and_write_replays_from_old_cursor() -> None:
+    store = MemoryStore()
+    state = PigtailState(store)
+    log = Log()
+    batch = positioned(
+        [
+            log.event(A, T0, QueueCreated("q", 1000)),
+            log.event(A, T0 + 1, TaskAdded("q", "t1", "x")),
+            log.event(A, T0 + 2, TaskClaimed("q", "t1", "w")),
+        ]
+    )
+    state.plan(batch)  # planned, never written: the process died here
+    restarted = PigtailState(store)
+    assert restarted.cursor == 0
+    assert restarted.queue("q") is None
+    restarted.apply(batch)
+    once = (restarted.queue("q"), restarted.task("q", "t1"))
+    restarted.apply(batch)  # applying the same entries again changes nothing
+    assert (restarted.queue("q"), restarted.task("q", "t1")) == once
+    assert restarted.cursor == 3
+
+
+def test_foreign_and_broken_entries_only_move_the_cursor() -> None:
+    store = MemoryStore()
+    state = PigtailState(store)
+    log = Log()
+    entries = [
+        log.entry(A, T0, to_value({"anything": 1})),
+        log.entry(A, T0 + 1, to_value({"pigtail": {"kind": "task_added"}})),
+        log.entry(B, T0 + 2, to_value([1, 2])),
+    ]
+    applied = state.apply(positioned(entries))
+    assert state.cursor == 3
+    assert not applied.queues and not applied.tasks
+    assert state.queue_names() == []
+
+
+def test_delete_drops_tasks_and_recreate_is_empty() -> None:
+    state = PigtailState(MemoryStore())
+    log = Log()
+    entries = [
+        log.event(A, T0, QueueCreated("q", 1000)),
+        log.event(A, T0 + 1, TaskAdded("q", "t1", "x")),
+        log.event(A, T0 + 2, TaskAdded("q", "t2", "x")),
+        log.event(A, T0 + 3, TaskDone("q", "t2", "")),
+        log.event(A, T0 + 4, QueueDeleted("q")),
+    ]
+    state.apply(positioned(entries))
+    assert queue_config(state.queue("q")) is None
+    assert state.task("q", "t1") is None and state.task("q", "t2") is None
+    assert dict(state.open_tasks("q")) == {}
+    # A task added on another node before the delete arrives late: it is not stored.
+    late = log.event(B, T0 + 2, TaskAdded("q", "t3", "x"))
+    late_claim = log.event(B, T0 + 3, TaskClaimed("q", "t3", "w"))
+    recreate = log.event(A, T0 + 5, QueueCreated("q", 50))
+    add = log.event(A, T0 + 6, TaskAdded("q", "t4", "x"))
+    state.apply(positioned([late, late_claim, recreate, add], start=5))
+    assert state.task("q", "t3") is None
+    config = queue_config(state.queue("q"))
+    assert config is not None and config.timeout_ms == 50
+    assert state.create_entry_id("q") == recreate.id
+    assert list(list_tasks(state.open_tasks("q"), state.queue("q"), T0 + 10)) == ["t4"]
+
+
+def test_heartbeats_are_compacted_behind_every_owner() -> None:
+    state = PigtailState(MemoryStore())
+    log = Log()
+    entries = [log.event(A, T0, QueueCreated("q", 100_000)), log.event(A, T0 + 1, TaskAdded("q", "t", "x"))]
+    entries += [log.event(A, T0 + 2 + i, TaskClaimed("q", "t", "w")) for i in range(COMPACT_AT + 5)]
+    state.apply(positioned(entries))
+    task = state.task("q", "t")
+    # Nothing is compacted while the claims are within the margin behind the newest stamps.
+    assert task is not None and task["base"] is None and len(task["claims"]) == COMPACT_AT + 5
+    later = T0 + COMPACT_MARGIN_MS + 10_000
+    more = [
+        log.entry(B, later, to_value("another node's entry")),
+        log.event(A, later, TaskClaimed("q", "t", "w")),
+        log.event(A, later + 1, TaskClaimed("q", "t", "w")),
+    ]
+    state.apply(positioned(more, start=len(entries)))
+    task = state.task("q", "t")
+    assert task is not None and task["base"] is not None
+    assert len(task["claims"]) == 2
+    # The same views as the uncompacted state, at any time.
+    ref_queue, ref_task = None, None
+    for entry in entries + more:
+        delivered = decode(entry)
+        if delivered is None:
+            continue
+        event = delivered.event
+        if isinstance(event, QueueCreated):
+            ref_queue = apply_queue_event(ref_queue, event, delivered.stamp, entry.id)
+        elif isinstance(event, TaskAdded | TaskClaimed):
+            ref_task = apply_task_event(ref_task, event, delivered.stamp, entry.id)
+    for now in (T0 + 50, T0 + 100_100, later + 5, later + 100_000, later + 100_002):
+        assert task_view(task, state.queue("q"), now) == task_view(ref_task, ref_queue, now)
+    view = task_view(task, state.queue("q"), later + 2)
+    assert view is not None and view["worker"] == "w" and view["attempts"] == 2
+
+
+Views = dict[str, TaskView | None]
+
+
+def replica_views(order: list[Entry], now_ms: int) -> tuple[Views, dict[str, ListEntry]]:
+    """What a replica that received `order` shows."""
+    state = PigtailState(MemoryStore())
+    for i, entry in enumerate(order):
+        state.apply([(i + 1, entry)])
+    views: Views = {}
+    for task_id in ("t1", "t2", "t3"):
+        views[task_id] = task_view(state.task("q", task_id), state.queue("q"), now_ms)
+    return views, list_tasks(state.open_tasks("q"), state.queue("q"), now_ms)
+
+
+def test_replicas_converge_whatever_the_interleaving() -> None:
+    log = Log()
+    a = [
+        log.event(A, T0, QueueCreated("q", 1000, 2)),
+        log.event(A, T0 + 1, TaskAdded("q", "t1", "x", priority=1)),
+        log.event(A, T0 + 2, TaskAdded("q", "t2", "x", idempotency_key="k")),
+        log.event(A, T0 + 10, TaskClaimed("q", "t1", "wa")),
+        log.event(A, T0 + 3000, TaskClaimed("q", "t2", "wa")),
+    ]
+    b = [
+        log.event(B, T0 + 5, TaskAdded("q", "t3", "x", idempotency_key="k")),
+        log.event(B, T0 + 11, TaskClaimed("q", "t1", "wb")),
+        log.event(B, T0 + 500, TaskClaimed("q", "t1", "wb")),
+        log.event(B, T0 + 600, TaskDone("q", "t1", "wb")),
+        log.event(B, T0 + 9000, TaskRetried("q", "t2")),
+    ]
+    rng = random.Random(5)
+    results = []
+    for _ in range(20):
+        # Any interleaving that keeps each owner's order (what causal delivery can give).
+        picks = [0] * len(a) + [1] * len(b)
+        rng.shuffle(picks)
+        ia, ib = iter(a), iter(b)
+        order = [next(ia) if p == 0 else next(ib) for p in picks]
+        results.append(replica_views(order, T0 + 20_000))
+    assert all(r == results[0] for r in results)
+    views, _ = results[0]
+    t1 = views["t1"]
+    assert t1 is not None and t1["worker"] == "wa" and t1["state"] == "done"  # wb's claims were void
+    assert t1["done_by"] == "wb"
+    assert views["t3"] is None  # lost the idempotency key to t2
+
+
+def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
+    state = PigtailState(MemoryStore())
+    log = Log()
+    entries = [
+        log.event(A, T0, QueueCreated("q", 1000)),
+        log.event(A, T0 + 1, TaskAdded("q", "old", "x")),
+        log.event(A, T0 + 2, TaskAdded("q", "young", "x")),
+        log.event(A, T0 + 3, TaskAdded("q", "urgent", "x", priority=5)),
+        log.event(A, T0 + 4, TaskAdded("q", "later", "x", not_before_ms=T0 + 5000, priority=9)),
+    ]
+    state.apply(positioned(entries))
+    scheduler = Scheduler()
+    for task in state.open_tasks("q").values():
+        scheduler.touch(task)
+    tasks = state.open_tasks("q")
+    queue = state.queue("q")
+    now = T0 + 10
+    assert scheduler.pick("q", tasks.get, queue, now) == "urgent"
+    assert scheduler.pick("q", tasks.get, queue, now, exclude={"urgent"}) == "old"
+    assert scheduler.next_wake_ms("q") == T0 + 5000  # "later" waits until it is due
+    claim = log.event(A, now, TaskClaimed("q", "urgent", "w"))
+    applied = state.apply(positioned([claim], start=len(entries)))
+    for record in applied.tasks.values():
+        assert record is not None
+        scheduler.touch(record["state"])
+    assert scheduler.pick("q", tasks.get, queue, now) == "old"
+    assert scheduler.next_wake_ms("q") == now + 1000  # the lease of "urgent" ends then
+    assert scheduler.pick("q", state.open_tasks("q").get, queue, T0 + 6000) == "later"
+    assert scheduler.pick("q", state.open_tasks("q").get, queue, now + 1000, exclude={"old"}) == "urgent"
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        (lambda: validate.queue_name(""), "queue name"),
+        (lambda: validate.queue_name("a" * 129), "129 characters"),
+        (lambda: validate.queue_name("a/b"), "letters, digits"),
+        (lambda: validate.timeout_ms(0), "timeout_ms is required"),
+        (lambda: validate.timeout_ms(-5), "not -5"),
+        (lambda: validate.timeout_ms(10**12), "1 to 86400000"),
+        (lambda: validate.max_attempts(0), "max_attempts"),
+        (lambda: validate.text("", "task_name"), "task_name is required"),
+        (lambda: validate.text("x" * 300, "worker_id"), "at most 256"),
+        (lambda: validate.text("a\nb", "worker_id"), "control characters"),
+        (lambda: validate.not_before(1, 1, T0), "not both"),
+        (lambda: validate.not_before(None, -1, T0), "delay_ms"),
+        (lambda: validate.not_before(-1, None, T0), "not_before_ms"),
+        (lambda: validate.priority(10**7), "priority"),
+        (lambda: validate.wait_ms(10**6), "wait_ms"),
+        (lambda: validate.in_flight(-1), "max_in_flight"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message(check: object, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        check()  # type: ignore[operator]
+
+
+def test_limits_that_pass() -> None:
+    assert validate.not_before(None, 500, T0) == T0 + 500
+    assert validate.not_before(T0 + 5, None, T0) == T0 + 5
+    assert validate.not_before(None, 0, T0) is None
+    assert validate.in_flight(0) == 1
+    assert validate.text("", "worker_id", required=False) == ""
+    with pytest.raises(TooLarge):
+        validate.info("x" * (validate.MAX_INFO_BYTES + 1))
+    assert validate.queue_name("a-b_C9") == "a-b_C9"
