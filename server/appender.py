@@ -128,6 +128,7 @@ class Appender:
                     results.append((job, self.log.plan_remote(plan, job.remote or ())))
             except PotboilerError as exc:
                 job.done.set_exception(exc)
+        self.log.finish(plan)
         await asyncio.to_thread(self._store.write, plan.writes, sync=self._sync)
         self.log.apply(plan)
         self.batches += 1

@@ -42,6 +42,14 @@ class HybridClock:
         self._last = Stamp(wall, 0) if wall > last.wall_ms else Stamp(last.wall_ms, last.logical + 1)
         return self._last
 
+    def now_many(self, n: int) -> Stamp:
+        """Reserve `n` consecutive new stamps sharing one wall_ms: the first is returned, the others
+        follow it in `logical` (one clock read for a whole batch)."""
+        first = self.now()
+        if n > 1:
+            self._last = Stamp(first.wall_ms, first.logical + n - 1)
+        return first
+
     def observe(self, remote: Stamp) -> None:
         """Take in a stamp seen on a received entry, so later stamps exceed it."""
         if remote > self._last:

@@ -26,6 +26,7 @@ def value(n: int | str) -> Value:
 def commit_local(log: Log, store: Store, items: Sequence[NewEntry]) -> list[Entry]:
     plan = log.begin()
     entries = log.plan_local(plan, items)
+    log.finish(plan)
     store.write(plan.writes)
     log.apply(plan)
     return entries
@@ -34,6 +35,7 @@ def commit_local(log: Log, store: Store, items: Sequence[NewEntry]) -> list[Entr
 def commit_remote(log: Log, store: Store, entries: Sequence[Entry]) -> list[Entry]:
     plan = log.begin()
     taken = log.plan_remote(plan, [copy(e) for e in entries])
+    log.finish(plan)
     store.write(plan.writes)
     log.apply(plan)
     return taken
@@ -157,3 +159,20 @@ def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
     forged.prev = "00000000-0000-0000-0000-000000000000"
     with pytest.raises(InvalidArgument):
         commit_remote(log, store, [forged])
+
+
+def test_uuid_helpers_agree_with_the_uuid_module() -> None:
+    import uuid
+
+    from potboiler.server.ids import new_uuid, parse_uuid, uuid_str
+
+    for _ in range(100):
+        raw, text = new_uuid()
+        u = uuid.UUID(text)
+        assert u.version == 4 and u.variant == uuid.RFC_4122
+        assert u.bytes == raw == parse_uuid(text) == parse_uuid(text.upper())
+        assert uuid_str(raw) == str(u)
+    with pytest.raises(InvalidArgument):
+        parse_uuid("0" * 32)
+    with pytest.raises(InvalidArgument):
+        parse_uuid("00000000-0000-0000-0000-00000000000\n")
