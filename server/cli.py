@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from potboiler.server.gateway import Ports
+from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
 
@@ -36,6 +37,12 @@ def _common(parser: argparse.ArgumentParser, data_dir: str) -> None:
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     parser.add_argument(
         "--no-gossip", action="store_true", help="do not learn peers from other nodes (static membership)"
+    )
+    parser.add_argument(
+        "--clock-skew-ms",
+        type=int,
+        default=0,
+        help="offset added to this node's physical clock (for fault-injection tests; default 0)",
     )
 
 
@@ -84,6 +91,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         return 2
     urls = [f"http://{args.host}:{args.base_port + 100 * i}" for i in range(args.nodes)]
     extra = ["--log-level", args.log_level] + (["--fsync"] if args.fsync else [])
+    extra += ["--no-gossip"] if args.no_gossip else []
     nodes = [
         NodeProcess(
             args.data_dir / f"node{i}",
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         peers=args.peer,
         fsync=args.fsync,
         gossip=not args.no_gossip,
+        clock=HybridClock(skewed_clock(args.clock_skew_ms)) if args.clock_skew_ms else None,
     )
     try:
         asyncio.run(run_node(config))

@@ -23,6 +23,11 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def skewed_clock(offset_ms: int) -> Callable[[], int]:
+    """A physical clock `offset_ms` ahead of (or, if negative, behind) the real one."""
+    return lambda: wall_clock_ms() + offset_ms
+
+
 class HybridClock:
     """One node's clock. `physical` is injectable so tests can skew or freeze time."""
 
