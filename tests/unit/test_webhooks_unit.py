@@ -1,0 +1,242 @@
+"""Webhooks without a network: the retry `Backoff`, and `Webhooks` delivering to an httpx
+MockTransport (order, cursor persistence, retries, deregistration, limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from google.protobuf.struct_pb2 import Value
+from hypothesis import given
+from hypothesis import strategies as st
+
+from potboiler.server.appender import Appender
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
+from potboiler.server.log import Log, NewEntry
+from potboiler.server.replication import Backoff as ReplicationBackoff
+from potboiler.server.storage import RocksStore
+from potboiler.server.webhooks import MAX_WEBHOOKS, Backoff, Webhooks
+from tests.conftest import wait_for
+
+# -- Backoff ---------------------------------------------------------------------------------
+
+
+def test_backoff_defaults_double_from_a_tenth_up_to_ten_seconds() -> None:
+    b = Backoff()
+    assert [b.delay(n) for n in range(1, 9)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0]
+    assert b.delay(50) == 10.0
+    assert all(isinstance(b.delay(n), float) for n in (1, 5, 60))
+
+
+def test_backoff_custom() -> None:
+    b = Backoff(first=1.0, cap=3.0)
+    assert [b.delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 3.0, 3.0]
+    assert Backoff(first=0.0, cap=5.0).delay(7) == 0.0
+
+
+@given(
+    first=st.floats(min_value=0.001, max_value=5.0),
+    cap=st.floats(min_value=0.001, max_value=60.0),
+    failures=st.integers(min_value=1, max_value=1000),
+)
+def test_backoff_is_monotone_and_capped(first: float, cap: float, failures: int) -> None:
+    b = Backoff(first=first, cap=cap)
+    assert 0 < b.delay(failures) <= cap
+    assert b.delay(failures) <= b.delay(failures + 1)
+    assert b.delay(1) == min(first, cap)
+
+
+@pytest.mark.xfail(
+    reason="BUG: Backoff.delay computes first * 2 ** (failures - 1) before capping: from 1025 "
+    "consecutive failures the int is too large for a float and delay() raises OverflowError",
+    strict=True,
+)
+@pytest.mark.parametrize("backoff", [Backoff(), ReplicationBackoff()], ids=["webhooks", "replication"])
+def test_backoff_after_a_very_long_outage_stays_at_the_cap(backoff: Backoff | ReplicationBackoff) -> None:
+    assert backoff.delay(1025) == backoff.cap
+    assert backoff.delay(10**6) == backoff.cap
+
+
+# -- Webhooks against a mock transport -----------------------------------------------------------
+
+
+@dataclass
+class Receiver:
+    """The mock HTTP side: records posts per URL; `status(url, attempt)` decides each answer."""
+
+    status: Callable[[str, int], int] = lambda url, attempt: 200
+    posts: list[tuple[str, Any, str]] = field(default_factory=list)
+    attempts: dict[str, int] = field(default_factory=dict)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        n = self.attempts[url] = self.attempts.get(url, 0) + 1
+        code = self.status(url, n)
+        if code < 0:
+            raise httpx.ConnectError("connection refused", request=request)
+        if code == 200:
+            self.posts.append((url, json.loads(request.content), request.headers["content-type"]))
+        return httpx.Response(code)
+
+    def ids(self, url: str) -> list[str]:
+        return [body["id"] for u, body, _ in self.posts if u == url]
+
+
+#: Retry almost at once in these tests.
+FAST = Backoff(first=0.001, cap=0.01)
+
+
+@dataclass
+class Harness:
+    """A log on RocksDB with its appender and webhooks (fast backoff), restartable on the same store."""
+
+    path: Path
+    receiver: Receiver
+    backoff: Backoff = FAST
+    store: RocksStore = field(init=False)
+    appender: Appender = field(init=False)
+    webhooks: Webhooks = field(init=False)
+
+    async def start(self) -> None:
+        self.store = RocksStore(self.path)
+        self.appender = Appender(Log(self.store), self.store)
+        self.appender.start()
+        transport = httpx.MockTransport(self.receiver.handle)
+        self.webhooks = Webhooks(
+            self.store,
+            self.appender,
+            client=lambda: httpx.AsyncClient(transport=transport),
+            backoff=self.backoff,
+        )
+        self.webhooks.start()
+
+    async def stop(self) -> None:
+        try:
+            await self.webhooks.stop()
+        finally:
+            await self.appender.stop()
+            self.store.close()
+
+    async def append(self, *values: float) -> list[str]:
+        entries = await self.appender.append([NewEntry(Value(number_value=v)) for v in values])
+        return [e.id for e in entries]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path / "db", Receiver())
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+URL = "http://receiver.test/hook"
+
+
+async def test_delivers_every_entry_in_order_as_json(harness: Harness) -> None:
+    before = await harness.append(0, 1)
+    harness.webhooks.register(URL)
+    after = await harness.append(2, 3, 4)
+    await wait_for(lambda: len(harness.receiver.ids(URL)) >= 5)
+    assert harness.receiver.ids(URL) == before + after
+    url, body, content_type = harness.receiver.posts[0]
+    assert (url, content_type) == (URL, "application/json")
+    assert set(body) == {"data", "dependencies", "id", "next", "owner", "prev", "seq", "when"}
+    assert (body["data"], body["seq"], body["prev"], body["next"]) == (0, 1, None, before[1])
+    [state] = harness.webhooks.states()
+    await wait_for(lambda: state.position == 5)
+    assert (state.url, state.delivered, state.failures, state.last_error) == (URL, 5, 0, "")
+
+
+async def test_cursor_survives_a_restart(harness: Harness) -> None:
+    harness.webhooks.register(URL)
+    first = await harness.append(1, 2, 3)
+    await wait_for(lambda: harness.webhooks.states()[0].position == 3)
+    await harness.stop()
+    await harness.start()
+    assert [(s.url, s.position) for s in harness.webhooks.states()] == [(URL, 3)]
+    second = await harness.append(4, 5)
+    await wait_for(lambda: len(harness.receiver.ids(URL)) >= 5)
+    assert harness.receiver.ids(URL) == first + second
+
+
+@pytest.mark.parametrize("failure", [500, 404, -1], ids=["http-500", "http-404", "connect-error"])
+async def test_failures_are_retried_until_accepted(harness: Harness, failure: int) -> None:
+    harness.receiver.status = lambda url, attempt: failure if attempt <= 3 else 200
+    harness.webhooks.register(URL)
+    ids = await harness.append(1, 2)
+    await wait_for(lambda: len(harness.receiver.ids(URL)) >= 2)
+    assert harness.receiver.ids(URL) == ids
+    assert harness.receiver.attempts[URL] == 5
+    [state] = harness.webhooks.states()
+    assert (state.failures, state.last_error) == (0, "")
+
+
+async def test_a_failing_url_does_not_hold_up_others(harness: Harness) -> None:
+    other = "http://other.test/hook"
+    harness.receiver.status = lambda url, attempt: 503 if url == URL else 200
+    harness.webhooks.register(URL)
+    harness.webhooks.register(other)
+    ids = await harness.append(1, 2, 3)
+    await wait_for(lambda: harness.receiver.ids(other) == ids)
+    await wait_for(lambda: harness.receiver.attempts.get(URL, 0) >= 3)
+    state = next(s for s in harness.webhooks.states() if s.url == URL)
+    assert state.failures >= 2 and state.last_error == "HTTP 503" and state.position == 0
+
+
+async def test_deregister_stops_delivery(harness: Harness) -> None:
+    harness.webhooks.register(URL)
+    ids = await harness.append(1)
+    await wait_for(lambda: harness.receiver.ids(URL) == ids)
+    harness.webhooks.deregister(URL)
+    assert harness.webhooks.states() == []
+    with pytest.raises(NotFound):
+        harness.webhooks.deregister(URL)
+    other = "http://other.test/hook"
+    harness.webhooks.register(other)
+    await harness.append(2)
+    await wait_for(lambda: len(harness.receiver.ids(other)) == 2)
+    assert harness.receiver.ids(URL) == ids
+    await harness.stop()
+    await harness.start()
+    assert [s.url for s in harness.webhooks.states()] == [other]
+
+
+async def test_register_validates_and_limits(harness: Harness) -> None:
+    for bad in ("", "ftp://x/", "nope", "http://"):
+        with pytest.raises(InvalidArgument):
+            harness.webhooks.register(bad)
+    for i in range(MAX_WEBHOOKS):
+        harness.webhooks.register(f"http://h{i}.test/")
+    harness.webhooks.register("http://h0.test/")  # known: fine at the limit
+    with pytest.raises(TooLarge):
+        harness.webhooks.register("http://one-more.test/")
+    assert len(harness.webhooks.states()) == MAX_WEBHOOKS
+
+
+@pytest.mark.xfail(
+    reason="BUG: after 1025 consecutive failures Backoff.delay raises OverflowError inside the delivery "
+    "task, which dies silently: the URL never gets another entry (and Webhooks.stop re-raises it)",
+    strict=True,
+)
+async def test_delivery_resumes_after_a_very_long_outage(tmp_path: Path) -> None:
+    receiver = Receiver(status=lambda url, attempt: 500 if attempt <= 1100 else 200)
+    harness = Harness(tmp_path / "db", receiver, backoff=Backoff(first=0.0, cap=0.0))
+    await harness.start()
+    try:
+        harness.webhooks.register(URL)
+        ids = await harness.append(1)
+        [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"webhook {URL}"]
+        await wait_for(lambda: receiver.ids(URL) == ids or task.done())
+        assert not task.done(), task.exception()
+        assert receiver.ids(URL) == ids
+    finally:
+        await asyncio.wait_for(harness.stop(), 10)
