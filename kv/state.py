@@ -275,10 +275,7 @@ class KvState:
             data = entry.data
             if data.WhichOneof("kind") != _STRUCT:
                 continue
-            fields = data.struct_value.fields
-            if len(fields) != 5:
-                continue
-            event = _event_of_fields(fields)
+            event = _event_of_fields(data.struct_value.fields)
             if event is None:
                 continue
             table, key, crdt, op, change = event
@@ -368,6 +365,8 @@ def _valid_name(name: str) -> bool:
 def _event_of_fields(fields: Any) -> tuple[str, str, CrdtType | None, str, Value] | None:
     """(table, key, crdt, op, change) of an entry's data if it is a KV event (see potboiler.kv.events,
     whose `parse_event` is the same check on plain JSON), else None. `fields` is the data's Struct map."""
+    if len(fields) != 5:
+        return None
     get = fields.get
     table, key, crdt, op, change = get("table"), get("key"), get("crdt"), get("op"), get("change")
     if table is None or key is None or crdt is None or op is None or change is None:

@@ -1,0 +1,119 @@
+"""The KV browser's HTML rendering (potboiler.kv.browser): escaping, links, values per table type."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from typing import ClassVar
+
+from potboiler.kv import browser
+from potboiler.kv.crdts import JSON, CrdtType
+
+EVIL = '<script>alert("x")</script>&'
+
+
+class Collector(HTMLParser):
+    """Collects tags, attributes and text, and checks that the document parses as balanced HTML."""
+
+    VOID: ClassVar[set[str]] = {"meta", "br", "img", "input", "link", "hr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.stack: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack)
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(page: bytes) -> Collector:
+    collector = Collector()
+    collector.feed(page.decode())
+    collector.close()
+    assert collector.stack == []
+    return collector
+
+
+def test_index_lists_tables_with_types_and_links() -> None:
+    page = browser.index_page([("alpha", CrdtType.LWW), ("beta-2", CrdtType.ORSET)], "node-1")
+    doc = parse(page)
+    links = [attrs["href"] for tag, attrs in doc.tags if tag == "a"]
+    assert "/tables/alpha" in links and "/tables/beta-2" in links
+    text = " ".join(doc.text)
+    assert "LWW" in text and "ORSET" in text and "node-1" in text
+    assert b"<script" not in page and b"http" not in page  # no scripts, no external assets
+    assert page.startswith(b"<!DOCTYPE html>")
+
+
+def test_index_without_tables_says_how_to_make_one() -> None:
+    doc = parse(browser.index_page([], "n"))
+    assert "No tables yet" in " ".join(doc.text)
+
+
+def test_everything_is_escaped() -> None:
+    rows: list[tuple[str, JSON]] = [
+        ("k", [{"item": EVIL, "key": EVIL, "metadata": {EVIL: EVIL}}]),
+    ]
+    page = browser.table_page("t", CrdtType.ORSET, rows, after="", next_after=None)
+    assert b"<script" not in page
+    doc = parse(page)
+    assert json.dumps(EVIL) in "".join(doc.text)
+    page = browser.index_page([(EVIL, CrdtType.LWW)], EVIL)
+    assert b"<script" not in page
+    parse(page)
+    page = browser.error_page(404, f"No such table '{EVIL}'")
+    assert b"<script" not in page
+    assert f"No such table '{EVIL}'" in " ".join(parse(page).text)
+
+
+def cells(page: bytes, css: str) -> list[JSON]:
+    """The JSON of every element of class `css` (from its data-json attribute)."""
+    doc = parse(page)
+    return [
+        json.loads(attrs["data-json"] or "")
+        for _, attrs in doc.tags
+        if attrs.get("class") == css and "data-json" in attrs
+    ]
+
+
+def test_values_of_each_type_are_shown_as_the_rest_api_answers_them() -> None:
+    lww: list[tuple[str, JSON]] = [("a", {"x": [1, 2.5, None]}), ("b", "text")]
+    page = browser.table_page("t", CrdtType.LWW, lww, after="", next_after=None)
+    assert cells(page, "value") == [{"x": [1, 2.5, None]}, "text"]
+    assert '{"x":[1,2.5,null]}' in " ".join(parse(page).text)
+
+    elements: JSON = [
+        {"item": 1, "key": "e", "metadata": {"m": True}},
+        {"item": "y", "key": "f", "metadata": None},
+    ]
+    page = browser.table_page("s", CrdtType.ORSET, [("k", elements)], after="", next_after=None)
+    assert cells(page, "value") == [elements]
+    assert cells(page, "item") == [1, "y"]
+    assert cells(page, "element-key") == ["e", "f"]
+    assert cells(page, "metadata") == [{"m": True}, None]
+
+    page = browser.table_page("c", CrdtType.PNCOUNTER, [("n", 42)], after="", next_after=None)
+    assert cells(page, "value") == [42]
+    page = browser.table_page("m", CrdtType.MVREGISTER, [("r", ["v2", "v1"])], after="", next_after=None)
+    assert cells(page, "value") == [["v2", "v1"]]
+    text = " ".join(parse(page).text)
+    assert '"v2"' in text and '"v1"' in text
+
+
+def test_table_page_pages() -> None:
+    page = browser.table_page("t", CrdtType.LWW, [("a", 1)], after="", next_after="a")
+    links = [attrs["href"] for tag, attrs in parse(page).tags if tag == "a"]
+    assert "/tables/t?after=a" in links and "/" in links
+    empty = browser.table_page("t", CrdtType.LWW, [], after="z", next_after=None)
+    assert re.search(r"No keys\s+after", " ".join(parse(empty).text))

@@ -1,0 +1,636 @@
+"""The KV event/state layer (potboiler.kv.state, events, jsonvalue) on a MemoryStore, without a node.
+
+`SimNode` plays one node: it plans writes against its own state, "appends" them as log entries (owner,
+seq, HLC-like stamp, dependencies) and applies whatever entries are delivered to it, in causal order
+(an owner's entries in seq order, an entry after its dependencies), as the log guarantees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from google.protobuf.struct_pb2 import Value
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from potboiler.kv.crdts import JSON, CrdtType, EventContext, Stamp, apply, valid_ops
+from potboiler.kv.events import CONFIG_TABLE, KvEvent, check_name, is_name, parse_event
+from potboiler.kv.jsonvalue import from_value, to_value
+from potboiler.kv.state import CURSOR_KEY, KvState, PlannedWrite, _event_of_fields, state_key
+from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.storage import MemoryStore
+from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
+
+PROPERTY = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def make_entry(
+    owner: str, seq: int, data: JSON, wall: int, logical: int = 0, deps: Sequence[str] = ()
+) -> Entry:
+    entry = Entry(
+        id=str(uuid.uuid4()),
+        owner=owner,
+        seq=seq,
+        when=HlcTimestamp(wall_ms=wall, logical=logical),
+        dependencies=list(deps),
+    )
+    entry.data.CopyFrom(to_value(data))
+    return entry
+
+
+@dataclass
+class SimNode:
+    """One simulated node: its state, its own log counter and clock, what it has applied."""
+
+    owner: str = field(default_factory=lambda: str(uuid.uuid4()))
+    store: MemoryStore = field(default_factory=MemoryStore)
+    seq: int = 0
+    clock: int = 0
+    delivered: dict[str, Entry] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state = KvState(self.store)
+
+    def reopen(self) -> None:
+        """A restart: a new KvState on the same store."""
+        self.state = KvState(self.store)
+
+    def write(self, table: str, key: str, op: str, change: JSON = None, *, has_change: bool = True) -> Entry:
+        planned = self.state.plan_write(table, key, op, change, has_change=has_change)
+        return self.append(planned)
+
+    def append(self, planned: PlannedWrite) -> Entry:
+        self.seq += 1
+        self.clock += 1
+        entry = make_entry(
+            self.owner, self.seq, planned.event.to_json(), self.clock, deps=planned.dependencies
+        )
+        self.receive([entry])
+        return entry
+
+    def deliverable(self, entry: Entry) -> bool:
+        prev_ok = entry.seq == 1 or any(
+            e.owner == entry.owner and e.seq == entry.seq - 1 for e in self.delivered.values()
+        )
+        return prev_ok and all(d in self.delivered for d in entry.dependencies)
+
+    def receive(self, entries: Iterable[Entry], batch_size: int = 1000) -> None:
+        """Deliver entries (those not yet delivered), in causal order, in batches of `batch_size`."""
+        waiting = [e for e in entries if e.id not in self.delivered]
+        ready: list[tuple[int, Entry]] = []
+        progress = True
+        while waiting and progress:
+            progress = False
+            for e in list(waiting):
+                if self.deliverable(e):
+                    waiting.remove(e)
+                    self.delivered[e.id] = e
+                    self.order.append(e.id)
+                    self.clock = max(self.clock, e.when.wall_ms)
+                    ready.append((len(self.order), e))
+                    progress = True
+        assert not waiting, "entries left undeliverable: a test bug"
+        for i in range(0, len(ready), batch_size):
+            self.state.apply_batch(ready[i : i + batch_size])
+
+    def view(self) -> dict[str, Any]:
+        """Everything a client can read: tables with types, and every key's value."""
+        out: dict[str, Any] = {}
+        for info in self.state.tables():
+            out[info.name] = (info.crdt, dict(self.state.items(info.name)))
+        out[CONFIG_TABLE] = dict(self.state.items(CONFIG_TABLE))
+        return out
+
+
+def causal_shuffle(entries: Sequence[Entry], rng: random.Random) -> list[Entry]:
+    """The entries in a random order that respects causality (owner seq order and dependencies)."""
+    done: set[str] = set()
+    last_seq: dict[str, int] = {}
+    pending = list(entries)
+    out = []
+    while pending:
+        ready = [
+            e
+            for e in pending
+            if last_seq.get(e.owner, 0) == e.seq - 1 and all(d in done for d in e.dependencies)
+        ]
+        pick = rng.choice(ready)
+        pending.remove(pick)
+        done.add(pick.id)
+        last_seq[pick.owner] = pick.seq
+        out.append(pick)
+    return out
+
+
+# -- names, events, JSON values --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "A-b_c", "0", "x" * 128, "_config"])
+def test_valid_names(name: str) -> None:
+    assert is_name(name)
+    assert check_name(name, "table") == name
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a/b", "é", "x" * 129, "a.b", "a\n", "<script>"])
+def test_invalid_names(name: str) -> None:
+    assert not is_name(name)
+    with pytest.raises(InvalidArgument, match="invalid: use 1 to 128 letters, digits"):
+        check_name(name, "key")
+
+
+def test_event_round_trip() -> None:
+    for event in [
+        KvEvent("t", "k", CrdtType.LWW, "set", {"op": "set", "value": [1, "x"]}),
+        KvEvent("t", "k", None, "increment", 3),
+    ]:
+        assert parse_event(event.to_json()) == event
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        1,
+        "text",
+        [],
+        {},
+        {"table": "t", "key": "k", "op": "set", "change": 1},
+        {"table": "t", "key": "k", "crdt": "LWW", "op": "set", "change": 1, "extra": 1},
+        {"table": "t", "key": "k", "crdt": "NOPE", "op": "set", "change": 1},
+        {"table": "t", "key": "k", "crdt": "LWW", "op": "fly", "change": 1},
+        {"table": "a b", "key": "k", "crdt": "LWW", "op": "set", "change": 1},
+        {"table": "t", "key": 5, "crdt": "LWW", "op": "set", "change": 1},
+        {"table": "t", "key": "k", "crdt": 1, "op": "set", "change": 1},
+    ],
+)
+def test_not_kv_events(data: JSON) -> None:
+    assert parse_event(data) is None
+    value = to_value(data)
+    if value.WhichOneof("kind") == "struct_value":
+        assert _event_of_fields(value.struct_value.fields) is None
+
+
+event_data = st.fixed_dictionaries(
+    {
+        "table": st.sampled_from(["t", "", "a b", "_config"]) | st.text(max_size=3),
+        "key": st.sampled_from(["k", "x" * 129]) | st.text(max_size=3),
+        "crdt": st.sampled_from([None, "LWW", "ORSET", "nope", 1, True]),
+        "op": st.sampled_from(["set", "add", "remove", "create", "increment", "fly", 2]),
+        "change": st.sampled_from([None, 1, {"item": 1, "key": "e"}]),
+    }
+)
+
+
+@PROPERTY
+@given(event_data)
+def test_fast_event_check_agrees_with_parse_event(data: dict[str, JSON]) -> None:
+    value = to_value(data)
+    fast = _event_of_fields(value.struct_value.fields)
+    slow = parse_event(from_value(value))
+    if slow is None:
+        assert fast is None
+    else:
+        assert fast is not None
+        table, key, crdt, op, change = fast
+        assert (table, key, crdt, op, from_value(change)) == (
+            slow.table,
+            slow.key,
+            slow.crdt,
+            slow.op,
+            slow.change,
+        )
+
+
+def test_json_values_round_trip_with_integral_numbers_as_ints() -> None:
+    data: JSON = {"a": [1, 2.5, -3.0, True, None, "x", {"b": []}], "big": 1e300, "c": {}}
+    back = from_value(to_value(data))
+    assert back == {"a": [1, 2.5, -3, True, None, "x", {"b": []}], "big": 1e300, "c": {}}
+    assert isinstance(back, dict) and isinstance(back["a"], list)
+    assert type(back["a"][0]) is int and type(back["a"][2]) is int and type(back["big"]) is float
+    assert from_value(Value()) is None
+    assert to_value([]).WhichOneof("kind") == "list_value"
+    assert to_value({}).WhichOneof("kind") == "struct_value"
+    assert type(from_value(to_value(2.0**53))) is int
+    assert type(from_value(to_value(2.0**54))) is float
+
+
+# -- writes: validation ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node() -> SimNode:
+    n = SimNode()
+    for name, crdt in [
+        ("lww", "LWW"),
+        ("orset", "ORSET"),
+        ("gset", "GSET"),
+        ("counter", "PNCOUNTER"),
+        ("mv", "MVREGISTER"),
+    ]:
+        n.write(CONFIG_TABLE, name, "set", {"crdt": crdt})
+    return n
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "op", "change", "message"),
+    [
+        ("a b", "k", "set", 1, "table name 'a b' is invalid"),
+        ("lww", "k/x", "set", 1, "key name 'k/x' is invalid"),
+        ("lww", "x" * 129, "set", 1, "it has 129 characters"),
+        ("lww", "k", "", 1, "the request needs an 'op'"),
+        ("lww", "k", "add", {"item": 1, "key": "a"}, "op 'add' does not apply to a LWW table"),
+        ("orset", "k", "set", 1, "op 'set' does not apply to a ORSET table"),
+        ("orset", "k", "add", {"key": "a"}, "needs an 'item'"),
+        ("orset", "k", "add", {"item": 1}, "needs a string 'key'"),
+        ("orset", "k", "add", {"item": 1, "key": "a", "colour": 1}, "unknown field(s) 'colour'"),
+        ("orset", "k", "remove", 5, "must be an object"),
+        ("orset", "k", "create", {"x": 1}, "'create' change must be {}"),
+        ("gset", "k", "remove", {"item": 1, "key": "a"}, "op 'remove' does not apply"),
+        ("counter", "k", "increment", "5", "must be a number"),
+        ("counter", "k", "decrement", -1, "must not be negative"),
+        ("counter", "k", "increment", 2**64, "too large"),
+        ("mv", "k", "increment", 1, "op 'increment' does not apply"),
+        (CONFIG_TABLE, "t", "set", "LWW", "must be an object like"),
+        (CONFIG_TABLE, "t", "set", {"type": "LWW"}, "must be an object like"),
+        (CONFIG_TABLE, "t", "set", {"crdt": "NOPE"}, "unknown crdt type 'NOPE'"),
+        (CONFIG_TABLE, "t", "add", {"crdt": "LWW"}, "takes only op 'set'"),
+        (CONFIG_TABLE, CONFIG_TABLE, "set", {"crdt": "LWW"}, "built in"),
+        ("unknown", "k", "fly", 1, "unknown op 'fly'"),
+        ("unknown", "k", "add", {"item": 1}, "not known here yet"),
+        ("unknown", "k", "increment", -2, "must not be negative"),
+    ],
+)
+def test_bad_writes_are_refused(
+    node: SimNode, table: str, key: str, op: str, change: JSON, message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        node.state.plan_write(table, key, op, change)
+    assert message in str(info.value)
+
+
+def test_missing_change(node: SimNode) -> None:
+    with pytest.raises(InvalidArgument, match="op 'set' needs a 'change'"):
+        node.state.plan_write("lww", "k", "set", None, has_change=False)
+    planned = node.state.plan_write("orset", "k", "create", None, has_change=False)
+    node.append(planned)
+    assert node.state.get("orset", "k") == (CrdtType.ORSET, [])
+
+
+def test_non_finite_numbers_are_refused(node: SimNode) -> None:
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        node.state.plan_write("lww", "k", "set", [math.nan])
+
+
+def test_config_extra_fields_are_kept_but_ignored(node: SimNode) -> None:
+    node.write(CONFIG_TABLE, "extra", "set", {"crdt": "GSET", "owner": "me"})
+    assert [(t.name, t.crdt) for t in node.state.tables()][:2] == [
+        ("counter", CrdtType.PNCOUNTER),
+        ("extra", CrdtType.GSET),
+    ]
+    assert node.state.get(CONFIG_TABLE, "extra") == (CrdtType.LWW, {"crdt": "GSET", "owner": "me"})
+
+
+# -- writes: reads and dependencies ----------------------------------------------------------------
+
+
+def test_reads_of_every_type(node: SimNode) -> None:
+    node.write("lww", "k", "set", {"a": [1, 2]})
+    node.write("orset", "k", "add", {"item": "x", "key": "a", "metadata": {"m": 1}})
+    node.write("orset", "k", "add", {"item": 2, "key": "b"})
+    node.write("gset", "k", "add", {"item": "x", "key": "a", "metadata": 7})
+    node.write("counter", "k", "increment", 5)
+    node.write("counter", "k", "decrement", 1.5)
+    node.write("mv", "k", "set", "v1")
+    node.write("mv", "k", "set", "v2")
+    state = node.state
+    assert state.get("lww", "k") == (CrdtType.LWW, {"a": [1, 2]})
+    assert state.get("orset", "k")[1] == [
+        {"item": "x", "key": "a", "metadata": {"m": 1}},
+        {"item": 2, "key": "b", "metadata": None},
+    ]
+    assert state.get("gset", "k")[1] == [{"item": "x", "key": "a", "metadata": 7}]
+    assert state.get("counter", "k")[1] == 3.5
+    assert state.get("mv", "k")[1] == ["v2"]
+    assert [t.name for t in state.tables()] == ["counter", "gset", "lww", "mv", "orset"]
+    assert state.keys(CONFIG_TABLE) == ["counter", "gset", "lww", "mv", "orset"]
+    with pytest.raises(NotFound, match="No such table 'nope'"):
+        state.get("nope", "k")
+    with pytest.raises(NotFound, match="No such key 'other'"):
+        state.get("lww", "other")
+    with pytest.raises(NotFound, match="No such table 'nope'"):
+        state.keys("nope")
+    with pytest.raises(InvalidArgument):
+        state.get("lww", "a b")
+
+
+def test_keys_are_listed_in_order_and_paged(node: SimNode) -> None:
+    names = ["b", "a", "a-1", "A", "a_", "ab", "0"]
+    for name in names:
+        node.write("lww", name, "set", name)
+    node.write("lww2-not-a-table", "zz", "set", 1)
+    assert node.state.keys("lww") == sorted(names)
+    assert node.state.keys("lww", after="a", limit=2) == sorted(names)[sorted(names).index("a") + 1 :][:2]
+    assert dict(node.state.items("lww")) == {n: n for n in names}
+
+
+def test_writes_depend_on_their_table_config_and_what_they_supersede(node: SimNode) -> None:
+    config_id = {t.name: t.config_id for t in node.state.tables()}
+    add = node.write("orset", "k", "add", {"item": 1, "key": "a"})
+    assert list(add.dependencies) == [config_id["orset"]]
+    readd = node.write("orset", "k", "add", {"item": 1, "key": "a", "metadata": 2})
+    assert list(readd.dependencies) == [config_id["orset"], add.id]
+    remove = node.write("orset", "k", "remove", {"item": 1, "key": "a"})
+    assert list(remove.dependencies) == [config_id["orset"], readd.id]
+    first = node.write("mv", "k", "set", 1)
+    second = node.write("mv", "k", "set", 2)
+    assert list(first.dependencies) == [config_id["mv"]]
+    assert list(second.dependencies) == [config_id["mv"], first.id]
+    assert list(node.write("lww", "k", "set", 1).dependencies) == [config_id["lww"]]
+    retype = node.write(CONFIG_TABLE, "lww", "set", {"crdt": "LWW"})
+    assert node.state.table("lww").config_id == retype.id
+    unknown = node.state.plan_write("unknown", "k", "set", 1)
+    assert unknown.pending and unknown.dependencies == () and unknown.event.crdt is None
+
+
+# -- applying --------------------------------------------------------------------------------------
+
+
+def test_a_write_for_an_unknown_table_applies_once_the_table_exists() -> None:
+    a, b = SimNode(), SimNode()
+    create = a.write(CONFIG_TABLE, "t", "set", {"crdt": "PNCOUNTER"})
+    early = b.write("t", "k", "increment", 2)  # b does not know t yet: accepted, kept
+    with pytest.raises(NotFound, match="No such table 't'"):
+        b.state.get("t", "k")
+    assert b.state.plan_write("t", "k", "increment", 3).pending
+    b.receive([create])
+    assert b.state.get("t", "k") == (CrdtType.PNCOUNTER, 2)
+    a.receive([early])
+    assert a.state.get("t", "k") == (CrdtType.PNCOUNTER, 2)
+    later = b.write("t", "k", "increment", 3)
+    assert list(later.dependencies) == [create.id]
+    a.receive([later])
+    assert a.view() == b.view()
+    assert a.state.get("t", "k") == (CrdtType.PNCOUNTER, 5)
+
+
+def test_an_unknown_table_write_fits_whatever_type_the_table_gets() -> None:
+    a = SimNode()
+    a.write("s", "k", "add", {"item": 1, "key": "x", "metadata": "m"})
+    a.write("r", "k", "set", "v")
+    a.write(CONFIG_TABLE, "s", "set", {"crdt": "GSET"})
+    a.write(CONFIG_TABLE, "r", "set", {"crdt": "MVREGISTER"})
+    assert a.state.get("s", "k")[1] == [{"item": 1, "key": "x", "metadata": "m"}]
+    assert a.state.get("r", "k")[1] == ["v"]
+    a.write(CONFIG_TABLE, "s", "set", {"crdt": "ORSET"})
+    a.write(CONFIG_TABLE, "r", "set", {"crdt": "LWW"})
+    assert a.state.get("s", "k")[1] == [{"item": 1, "key": "x", "metadata": "m"}]
+    assert a.state.get("r", "k")[1] == "v"
+    a.write(CONFIG_TABLE, "s", "set", {"crdt": "PNCOUNTER"})
+    assert a.state.keys("s") == []  # a re-typed table shows the states of its new type only
+
+
+def test_concurrent_add_and_remove_add_wins() -> None:
+    a, b = SimNode(), SimNode()
+    create = a.write(CONFIG_TABLE, "s", "set", {"crdt": "ORSET"})
+    b.receive([create])
+    add = a.write("s", "k", "add", {"item": "x", "key": "e"})
+    b.receive([add])
+    remove = b.write("s", "k", "remove", {"item": "x", "key": "e"})  # b saw the first add only
+    again = a.write("s", "k", "add", {"item": "x", "key": "e", "metadata": 2})  # concurrent
+    a.receive([remove])
+    b.receive([again])
+    assert a.state.get("s", "k")[1] == b.state.get("s", "k")[1] == [{"item": "x", "key": "e", "metadata": 2}]
+    gone = a.write("s", "k", "remove", {"item": "x", "key": "e"})
+    b.receive([gone])
+    assert a.state.get("s", "k")[1] == b.state.get("s", "k")[1] == []
+
+
+def test_restart_resumes_after_the_cursor_without_applying_twice() -> None:
+    a, b = SimNode(), SimNode()
+    entries = [a.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"})]
+    entries += [a.write("c", "k", "increment", 1) for _ in range(10)]
+    ordered = list(enumerate(entries, start=1))
+    b.state.apply_batch(ordered[:6])
+    assert b.store.get(CURSOR_KEY) is not None
+    b.reopen()
+    assert b.state.position == 6
+    assert b.state.get("c", "k")[1] == 5
+    b.state.apply_batch(ordered)  # a subscription from an older position: the first 6 are skipped
+    assert b.state.get("c", "k")[1] == 10
+    b.state.apply_batch(ordered[8:])
+    b.reopen()
+    assert b.state.get("c", "k")[1] == 10
+    assert b.state.position == 11
+
+
+def test_other_entries_are_skipped_and_bad_kv_events_do_not_stop_the_applier() -> None:
+    a = SimNode()
+    create = a.write(CONFIG_TABLE, "t", "set", {"crdt": "LWW"})
+    owner = str(uuid.uuid4())
+    junk: list[JSON] = [
+        {"hello": "world"},
+        [1, 2],
+        "text",
+        {"table": "t", "key": "k", "crdt": "LWW", "op": "set", "change": "not a payload"},
+        {"table": "t", "key": "k", "crdt": "LWW", "op": "set", "change": {"op": "set"}},
+        {"table": "t", "key": "k", "crdt": "ORSET", "op": "add", "change": {"op": "add"}},
+        {"table": "t", "key": "k", "crdt": "LWW", "op": "set", "change": {"op": "set", "value": 7}},
+    ]
+    entries = [make_entry(owner, i + 1, data, 100 + i) for i, data in enumerate(junk)]
+    a.receive(entries)
+    assert a.state.position == 1 + len(junk)
+    assert a.state.get("t", "k")[1] == 7
+    assert a.state.table("t").config_id == create.id
+
+
+def test_config_values_that_are_not_a_type_hide_the_table() -> None:
+    a = SimNode()
+    a.write(CONFIG_TABLE, "t", "set", {"crdt": "LWW"})
+    raw: JSON = {
+        "table": CONFIG_TABLE,
+        "key": "t",
+        "crdt": "LWW",
+        "op": "set",
+        "change": {"op": "set", "value": 1},
+    }
+    a.receive([make_entry(str(uuid.uuid4()), 1, raw, 10**6)])
+    assert a.state.tables() == []
+    a.reopen()
+    assert a.state.tables() == []
+
+
+lww_events = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # wall
+        st.integers(0, 2),  # logical
+        st.sampled_from(["o1", "o2", "o3"]),  # owner
+        st.sampled_from(["t1", "t2", "t3", "t4"]),  # tag
+        st.integers(0, 3),  # value
+        st.booleans(),  # new batch after this event
+    ),
+    max_size=25,
+)
+
+
+@PROPERTY
+@given(lww_events)
+def test_lww_fast_path_is_crdts_apply(events: list[tuple[int, int, str, str, int, bool]]) -> None:
+    node = SimNode()
+    node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
+    expected: JSON | None = None
+    batch: list[tuple[int, Entry]] = []
+    for i, (wall, logical, owner, tag, value, cut) in enumerate(events):
+        data: JSON = {
+            "table": "t",
+            "key": "k",
+            "crdt": "LWW",
+            "op": "set",
+            "change": {"op": "set", "value": value},
+        }
+        entry = make_entry(owner, i + 1, data, wall, logical)
+        entry.id = tag
+        ctx = EventContext(tag, owner, i + 1, Stamp(wall, logical, owner))
+        expected = apply(CrdtType.LWW, expected, {"op": "set", "value": value}, ctx)
+        batch.append((i + 2, entry))
+        if cut:
+            node.state.apply_batch(batch)
+            batch = []
+    node.state.apply_batch(batch)
+    raw = node.store.get(state_key(CrdtType.LWW, "t", "k"))
+    assert (None if raw is None else orjson.loads(raw)) == expected
+
+
+def config_event(table: str, crdt: str) -> JSON:
+    return {
+        "table": CONFIG_TABLE,
+        "key": table,
+        "crdt": "LWW",
+        "op": "set",
+        "change": {"op": "set", "value": {"crdt": crdt}},
+    }
+
+
+# -- convergence -----------------------------------------------------------------------------------
+
+TABLES = ["a", "b", "c"]
+CHANGES: dict[str, list[JSON]] = {
+    "set": [1, "v", None, {"x": [1]}],
+    "add": [{"item": i, "key": k, "metadata": m} for i in (1, "x") for k in ("e", "f") for m in (None, 2)],
+    "remove": [{"item": i, "key": k} for i in (1, "x") for k in ("e", "f")],
+    "create": [{}],
+    "increment": [1, 2, 0.5],
+    "decrement": [1, 3],
+}
+
+config_action = st.tuples(
+    st.just("config"),
+    st.integers(0, 2),
+    st.sampled_from(TABLES),
+    st.sampled_from([c.value for c in CrdtType]),
+)
+write_action = st.tuples(
+    st.just("write"),
+    st.integers(0, 2),
+    st.sampled_from(TABLES),
+    st.sampled_from(["k", "j"]),
+    st.integers(0, 5),  # which op: of the table's type if the node knows it, else of all ops
+    st.integers(0, 7),  # which change for that op
+    st.booleans(),  # force an op of any type (mostly refused)
+)
+sync_action = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2))
+# Tables are mostly configured early (so most writes fit), sometimes late or re-typed.
+actions = st.tuples(
+    st.lists(config_action, min_size=1, max_size=4),
+    st.lists(
+        st.one_of(config_action, write_action, write_action, write_action, sync_action),
+        min_size=10,
+        max_size=40,
+    ),
+).map(lambda t: [*t[0], ("sync", 1, 0), ("sync", 2, 0), *t[1]])
+
+
+#: Keys visible at the end of each example (checked below: the test must exercise real states).
+VISIBLE: list[int] = []
+
+
+@PROPERTY
+@given(actions, st.integers(0, 2**32))
+def test_replicas_converge_whatever_the_delivery_order(actions: list[tuple[Any, ...]], seed: int) -> None:
+    rng = random.Random(seed)
+    nodes = [SimNode() for _ in range(3)]
+    everything: list[Entry] = []
+    for action in actions:
+        if action[0] == "config":
+            _, i, table, crdt = action
+            everything.append(nodes[i].write(CONFIG_TABLE, table, "set", {"crdt": crdt}))
+        elif action[0] == "write":
+            _, i, table, key, o, n, any_op = action
+            known = {t.name: t.crdt for t in nodes[i].state.tables()}
+            ops = sorted(CHANGES) if any_op or table not in known else valid_ops(known[table])
+            op = ops[o % len(ops)]
+            change = CHANGES[op][n % len(CHANGES[op])]
+            # An op that does not fit the table's type here is refused: nothing appended.
+            with contextlib.suppress(InvalidArgument):
+                everything.append(nodes[i].write(table, key, op, change))
+        else:
+            _, i, j = action
+            nodes[i].receive(causal_shuffle(list(nodes[j].delivered.values()), rng), rng.randint(1, 5))
+    fresh = SimNode()
+    for n in [*nodes, fresh]:
+        n.receive(causal_shuffle(everything, rng), rng.randint(1, 7))
+    views = [n.view() for n in [*nodes, fresh]]
+    VISIBLE.append(sum(len(view[1]) for name, view in views[0].items() if name != CONFIG_TABLE))
+    assert all(v == views[0] for v in views)
+    stores = [dict(n.store.scan(b"s", b"t")) for n in [*nodes, fresh]]
+    assert all(s == stores[0] for s in stores)
+    fresh.reopen()
+    assert fresh.view() == views[0]
+
+
+def test_the_convergence_test_reads_real_states() -> None:
+    VISIBLE.clear()
+    test_replicas_converge_whatever_the_delivery_order()
+    assert sum(VISIBLE) / len(VISIBLE) > 1 and max(VISIBLE) >= 3, str(VISIBLE)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_replicas_converge_in_long_random_runs(seed: int) -> None:
+    """Bigger scenarios than hypothesis builds: 3 nodes, 300 random actions, then full exchange."""
+    rng = random.Random(seed)
+    script: list[tuple[Any, ...]] = []
+    for _ in range(300):
+        kind = rng.random()
+        if kind < 0.08:
+            script.append(("config", rng.randrange(3), rng.choice(TABLES), rng.choice(list(CrdtType)).value))
+        elif kind < 0.85:
+            script.append(
+                (
+                    "write",
+                    rng.randrange(3),
+                    rng.choice(TABLES),
+                    rng.choice("kjx"),
+                    rng.randrange(6),
+                    rng.randrange(8),
+                    rng.random() < 0.1,
+                )
+            )
+        else:
+            script.append(("sync", rng.randrange(3), rng.randrange(3)))
+    VISIBLE.clear()
+    test_replicas_converge_whatever_the_delivery_order.hypothesis.inner_test(script, seed)  # type: ignore[attr-defined]
+    assert VISIBLE[-1] >= 3
