@@ -1,0 +1,289 @@
+"""Pigtail over gRPC against in-process nodes (no Envoy): the typed PigtailService with its status codes,
+the LeaseTasks stream, the REST-shape service's metadata, restart, and two replicating nodes (a task
+added on one is claimed on the other; claims made on both sides of a split resolve to one winner)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.pigtail.jsonvalue import from_struct
+from potboiler.pigtail.service import create
+from potboiler.server.node import Node, NodeConfig
+from potboiler.server.processes import find_base_port
+from potboiler.v1 import pigtail_pb2 as pb
+from potboiler.v1 import pigtail_pb2_grpc
+from tests.conftest import wait_for
+
+if TYPE_CHECKING:
+    from potboiler.v1.pigtail_pb2_grpc import PigtailRestServiceAsyncStub, PigtailServiceAsyncStub
+
+
+class PigtailNode:
+    """An in-process node running Pigtail, with stubs on a channel to it."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.channel = grpc.aio.insecure_channel(f"{node.config.host}:{node.grpc_port}")
+        self.api: PigtailServiceAsyncStub = pigtail_pb2_grpc.PigtailServiceStub(self.channel)
+        self.rest: PigtailRestServiceAsyncStub = pigtail_pb2_grpc.PigtailRestServiceStub(self.channel)
+
+    async def add(self, queue: str = "q", name: str = "job", **fields: Any) -> str:
+        response = await self.api.AddTask(pb.AddTaskRequest(queue=queue, task_name=name, **fields))
+        return response.task_id
+
+    async def task(self, task_id: str, queue: str = "q") -> pb.Task:
+        return (await self.api.GetTask(pb.GetTaskRequest(queue=queue, task_id=task_id))).task
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await self.node.stop()
+
+
+Factory = Callable[..., Awaitable[PigtailNode]]
+
+
+@pytest.fixture
+async def pigtail_node(tmp_path: Path) -> AsyncIterator[Factory]:
+    """Start in-process Pigtail nodes (`peers`: nodes to replicate with); all stopped at teardown."""
+    started: list[PigtailNode] = []
+    base = find_base_port(count=3)
+    names: dict[str, int] = {}
+
+    async def make(name: str = "n0", peers: tuple[PigtailNode, ...] = ()) -> PigtailNode:
+        index = names.setdefault(name, len(names))
+        config = NodeConfig(
+            data_dir=tmp_path / name,
+            base_port=base + 100 * index,
+            peers=[p.node.config.url for p in peers],
+            gateway=False,
+            metrics=False,
+            services=[("pigtail", create)],
+        )
+        node = Node(config)
+        try:
+            await node.start()
+        except BaseException:
+            await node.stop()
+            raise
+        handle = PigtailNode(node)
+        started.append(handle)
+        return handle
+
+    try:
+        yield make
+    finally:
+        for handle in reversed(started):
+            if handle.node.server is not None:
+                await handle.close()
+
+
+async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+async def test_typed_api_flow_and_status_codes(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    created = await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000, max_attempts=3))
+    assert created.created and created.queue.max_attempts == 3
+    again = await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000, max_attempts=3))
+    assert not again.created
+    error = await rpc_error(n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=5)))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    error = await rpc_error(n.api.CreateQueue(pb.CreateQueueRequest(name="bad/name", timeout_ms=5)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "queue name" in (error.details() or "")
+    error = await rpc_error(n.api.CreateQueue(pb.CreateQueueRequest(name="r", timeout_ms=-1)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "timeout_ms" in (error.details() or "")
+
+    info = Value()
+    info.struct_value.update({"foo": "bar"})
+    added = await n.api.AddTask(pb.AddTaskRequest(queue="q", task_name="hello_world", info=info, priority=2))
+    assert added.created and added.task.state == pb.TASK_STATE_PENDING and not added.task.HasField("worker")
+    task_id = added.task_id
+    listed = await n.api.ListTasks(pb.ListTasksRequest(queue="q"))
+    assert [(t.task_id, t.task_name, t.state) for t in listed.tasks] == [
+        (task_id, "hello_world", pb.TASK_STATE_PENDING)
+    ]
+    claimed = await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
+    assert claimed.task.state == pb.TASK_STATE_WORKING and claimed.task.worker == "w1"
+    assert claimed.task.info.struct_value["foo"] == "bar" and claimed.task.attempts == 1
+    error = await rpc_error(n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="w2")))
+    assert error.code() == grpc.StatusCode.ABORTED and "w1" in (error.details() or "")
+    beat = await n.api.HeartbeatTask(pb.HeartbeatTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
+    assert beat.task.lease_expires_ms >= claimed.task.lease_expires_ms
+    queue = await n.api.GetQueue(pb.GetQueueRequest(name="q"))
+    assert (queue.pending, queue.working) == (0, 1)
+    done = await n.api.CompleteTask(pb.CompleteTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
+    assert done.task.state == pb.TASK_STATE_DONE and done.task.done_by == "w1" and not done.already_done
+    assert (await n.api.ListTasks(pb.ListTasksRequest(queue="q"))).tasks == []
+    error = await rpc_error(n.api.GetTask(pb.GetTaskRequest(queue="q", task_id="nope")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = await rpc_error(n.api.ListTasks(pb.ListTasksRequest(queue="nope")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = await rpc_error(n.api.RetryTask(pb.RetryTaskRequest(queue="q", task_id=task_id)))
+    assert error.code() == grpc.StatusCode.ABORTED
+    await n.api.DeleteQueue(pb.DeleteQueueRequest(name="q"))
+    assert (await n.api.ListQueues(pb.ListQueuesRequest())).queues == []
+    error = await rpc_error(n.api.DeleteQueue(pb.DeleteQueueRequest(name="q")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_rest_service_sends_created_and_location(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    call = n.rest.RestCreateQueue(pb.RestCreateQueueRequest(name="example", timeout_ms=1000))
+    body = await call
+    metadata = dict(await call.initial_metadata())
+    assert metadata["x-http-code"] == "201" and metadata["location"] == "/queue/example"
+    assert from_struct(body) == {"name": "example", "timeout_ms": 1000, "max_attempts": None}
+    info = Value()
+    info.struct_value.update({"foo": "bar"})
+    call2 = n.rest.RestAddTask(pb.RestAddTaskRequest(queue="example", task_name="hello_world", info=info))
+    task_id = from_struct(await call2)["id"]
+    metadata = dict(await call2.initial_metadata())
+    assert metadata["location"] == f"/queue/example/{task_id}"
+    assert isinstance(task_id, str)
+    view = await n.rest.RestGetTask(pb.RestGetTaskRequest(queue="example", task_id=task_id))
+    assert from_struct(view) == {
+        "task_name": "hello_world",
+        "state": "pending",
+        "info": {"foo": "bar"},
+        "worker": None,
+    }
+    listing = await n.rest.RestListTasks(pb.RestListTasksRequest(queue="example"))
+    assert from_struct(listing) == {task_id: {"task_name": "hello_world", "state": "pending"}}
+    empty = n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="example", worker_id="w"))
+    claimed = from_struct(await empty)
+    assert claimed["id"] == task_id and claimed["worker"] == "w"
+    none = n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="example", worker_id="w"))
+    assert from_struct(await none) == {}
+    assert dict(await none.initial_metadata())["x-http-code"] == "204"
+
+
+async def test_lease_streams_hand_each_task_to_one_worker(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def worker(name: str) -> None:
+        stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="q", worker_id=name))
+        async for message in stream:
+            task = message.task
+            assert task.worker == name and task.state == pb.TASK_STATE_WORKING
+            got[name].append(task.task_id)
+            await n.api.CompleteTask(pb.CompleteTaskRequest(queue="q", task_id=task.task_id, worker_id=name))
+
+    workers = [asyncio.create_task(worker(name)) for name in got]
+    try:
+        ids = [await n.add() for _ in range(30)]
+        await wait_for(lambda: len(got["a"]) + len(got["b"]) == 30, message=lambda: repr(got))
+        assert sorted(got["a"] + got["b"]) == sorted(ids)
+        # Streams wait without polling and hand out new tasks as soon as they are added.
+        late = await n.add()
+        await wait_for(lambda: late in got["a"] + got["b"])
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    for task_id in ids:
+        assert (await n.task(task_id)).state == pb.TASK_STATE_DONE
+
+
+async def test_lease_stream_errors(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="nope", worker_id="w"))
+    error = await rpc_error(stream.read())
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=1000))
+    stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="q", worker_id=""))
+    error = await rpc_error(stream.read())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="q", worker_id="w"))
+    reading = asyncio.ensure_future(stream.read())
+    await asyncio.sleep(0.05)
+    await n.api.DeleteQueue(pb.DeleteQueueRequest(name="q"))
+    error = await rpc_error(reading)
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_unfinished_lease_is_handed_out_again_after_its_timeout(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=200))
+    task_id = await n.add()
+    stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="q", worker_id="slow"))
+    first = await stream.read()
+    assert isinstance(first, pb.LeaseTasksResponse) and first.task.attempts == 1
+    second = await asyncio.wait_for(stream.read(), 10)  # the lease ran out: the task comes again
+    assert isinstance(second, pb.LeaseTasksResponse)
+    assert second.task.task_id == task_id and second.task.attempts == 2
+    stream.cancel()
+
+
+async def test_state_survives_a_restart(pigtail_node: Factory, tmp_path: Path) -> None:
+    n = await pigtail_node("a")
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    kept, done = await n.add(), await n.add()
+    await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=kept, worker_id="w"))
+    await n.api.CompleteTask(pb.CompleteTaskRequest(queue="q", task_id=done))
+    await n.close()
+    n = await pigtail_node("a")
+    assert (await n.task(kept)).worker == "w"
+    assert (await n.task(done)).state == pb.TASK_STATE_DONE
+    listed = await n.api.ListTasks(pb.ListTasksRequest(queue="q"))
+    assert [t.task_id for t in listed.tasks] == [kept]
+
+
+async def test_two_nodes_share_tasks_and_agree_on_one_winner(pigtail_node: Factory) -> None:
+    a = await pigtail_node("a")
+    b = await pigtail_node("b", peers=(a,))
+    await a.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    task_id = await a.add()
+
+    await wait_for(lambda: _pending(b, task_id))
+    claimed = await b.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="wb"))
+    assert claimed.task.worker == "wb"
+
+    async def worker_on_a(task: str, worker: str) -> bool:
+        return (await a.task(task)).worker == worker
+
+    await wait_for(lambda: worker_on_a(task_id, "wb"))
+
+    # Split the nodes, claim the same task on both sides, heal: both agree on the lower stamp.
+    second = await a.add()
+    await wait_for(lambda: _pending(b, second))
+    a.node.membership.remove(b.node.config.url)
+    await wait_for(lambda: not b.node.membership.urls() and not a.node.membership.urls())
+    on_a = await a.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=second, worker_id="wa"))
+    on_b = await b.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=second, worker_id="wb"))
+    assert on_a.task.worker == "wa" and on_b.task.worker == "wb"  # each side granted its own claim
+    a.node.membership.add(b.node.config.url)
+
+    async def agreed() -> bool:
+        on_a, on_b = await a.task(second), await b.task(second)
+        return on_a.worker == on_b.worker and on_a.attempts == on_b.attempts == 1
+
+    await wait_for(agreed)
+    winner = (await a.task(second)).worker
+    # The claim with the lower stamp wins (a lease runs timeout_ms from its claim's stamp).
+    if on_a.task.lease_expires_ms != on_b.task.lease_expires_ms:
+        first = on_a if on_a.task.lease_expires_ms < on_b.task.lease_expires_ms else on_b
+        assert winner == first.task.worker
+    loser = "wb" if winner == "wa" else "wa"
+    error = await rpc_error(
+        b.api.HeartbeatTask(pb.HeartbeatTaskRequest(queue="q", task_id=second, worker_id=loser))
+    )
+    assert error.code() == grpc.StatusCode.ABORTED
+
+
+async def _pending(node: PigtailNode, task_id: str) -> bool:
+    try:
+        return (await node.task(task_id)).state == pb.TASK_STATE_PENDING
+    except grpc.aio.AioRpcError:
+        return False
