@@ -1,0 +1,880 @@
+"""Replication on a local 3-node cluster: visibility lag, catch-up of a new node, messages per entry.
+
+    .venv/bin/python -m benchmarks.replication            # about 2-4 minutes
+    .venv/bin/python -m benchmarks.replication --quick    # a smoke run: 2 s of load, 100,000 entries
+    .venv/bin/python -m benchmarks.replication --profile /tmp/prof   # also py-spy the nodes
+
+Starts its own cluster (three `potboiler node` processes with their Envoys, each peered with the
+others) in a temporary directory on free ports, and stops everything on exit, errors, Ctrl-C and
+SIGTERM. Then:
+
+(a) visibility lag: a subscriber process opens SubscribeEntries on node 2 (and is seen to receive a
+    warm-up entry) before the load starts; this process then appends on node 0 at a steady 1,000
+    entries/s for 10 s with unary AppendEntry over gRPC (node 0's direct port B+10), each entry's data
+    carrying its send time `{"t": time.time_ns()}`. Lag = time the subscriber received the entry -
+    send time (same machine, same clock). Entries acknowledged by node 0 but never seen on node 2
+    within a grace period are counted as lost.
+(c) during (a): node 0's Prometheus counters (port B+5) before and after, per peer: messages and
+    entries sent and received, divided by the entries appended.
+(b) catch-up: 1,000,000 entries are appended to the cluster (AppendEntries of 1,000, spread round-robin
+    over the three nodes); the time until all three hold everything (GET /status vectors) is the
+    convergence time. Then a fresh 4th node is started with node 0 as its only peer, and the time
+    until its vector totals everything gives the catch-up rate.
+
+Prints one JSON object (progress goes to stderr) with every figure, under "targets" each target
+figure beside its goal with `meets_target`, and `meets_targets` for all of them. CPU use of each node
+during each phase is included; on this 2-core machine the nodes compete for the CPU with each other
+(and with anything else running, reported as `other_cpu_percent`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import grpc
+import httpx
+from google.protobuf.struct_pb2 import Struct, Value
+
+from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.v1 import log_pb2, log_pb2_grpc
+
+Json = dict[str, Any]
+
+#: Targets from the issue.
+TARGET_P99_LAG_MS = 10.0
+TARGET_CATCH_UP_PER_S = 100_000.0
+TARGET_MESSAGES_PER_ENTRY_PER_PEER = 1.0
+#: Entries per AppendEntries call when loading the cluster, and calls in flight per node.
+LOAD_BATCH = 1_000
+LOAD_IN_FLIGHT = 2
+#: The data of every catch-up entry.
+LOAD_DATA = {"kind": "bench", "n": 1, "text": "a small JSON event"}
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+_TICKS = os.sysconf("SC_CLK_TCK")
+_METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{peer="([^"]*)"\})?\s+(\S+)$')
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how much each phase runs."""
+
+    rate: int
+    seconds: float
+    grace: float
+    entries: int
+    converge_timeout: float
+    catch_up_timeout: float
+
+
+FULL = Settings(
+    rate=1_000, seconds=10.0, grace=10.0, entries=1_000_000, converge_timeout=180.0, catch_up_timeout=120.0
+)
+QUICK = Settings(
+    rate=1_000, seconds=2.0, grace=5.0, entries=100_000, converge_timeout=60.0, catch_up_timeout=60.0
+)
+
+
+# -- output and figures ----------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    """A progress line for people (stderr; stdout carries only the JSON result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """The p-th percentile (0..100) of sorted samples, linearly interpolated; NaN for none."""
+    if not ordered:
+        return math.nan
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary_ms(samples_ns: Sequence[int]) -> Json:
+    """count, min, p50, p90, p99, max and mean of nanosecond samples, in milliseconds."""
+    if not samples_ns:
+        return {"count": 0}
+    ordered = sorted(s / 1e6 for s in samples_ns)
+    return {
+        "count": len(ordered),
+        "min": round(ordered[0], 3),
+        "p50": round(percentile(ordered, 50), 3),
+        "p90": round(percentile(ordered, 90), 3),
+        "p99": round(percentile(ordered, 99), 3),
+        "max": round(ordered[-1], 3),
+        "mean": round(sum(ordered) / len(ordered), 3),
+    }
+
+
+def target(value: float | None, goal: float, kind: str) -> Json:
+    """A figure beside its target; kind is "<=", "<", ">=" or "==". A missing value misses it."""
+    meets = False
+    if value is not None and not math.isnan(value):
+        meets = {
+            "<=": value <= goal,
+            "<": value < goal,
+            ">=": value >= goal,
+            "==": value == goal,
+        }[kind]
+    return {"value": value, "target": f"{kind} {goal:g}", "meets_target": meets}
+
+
+# -- processes and CPU -----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has been busy (all cores)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+class CpuWindow:
+    """CPU use of named processes (the node processes, this client) and of the rest of the machine
+    between `begin()` and `end()`, in percent of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self._start: dict[str, float] = {}
+        self._machine = 0.0
+        self._at = 0.0
+        self.figures: Json = {}
+        self.used: dict[str, float] = {}
+
+    def begin(self) -> CpuWindow:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._machine = machine_cpu_seconds()
+        self._at = time.monotonic()
+        return self
+
+    def end(self) -> Json:
+        elapsed = time.monotonic() - self._at
+        used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        self.used = used
+        machine = machine_cpu_seconds() - self._machine
+        self.figures = {name: round(100 * u / elapsed, 1) for name, u in used.items()}
+        self.figures["other_cpu_percent"] = round(100 * max(0.0, machine - sum(used.values())) / elapsed, 1)
+        self.figures["cores"] = os.cpu_count()
+        return self.figures
+
+    def ms_per(self, items: int) -> Json:
+        """CPU milliseconds each process spent per item (e.g. per entry) over the window: the cost,
+        which, unlike latency, other load on the machine barely changes."""
+        return {name: round(1000 * u / items, 4) if items else math.nan for name, u in self.used.items()}
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM is handled as Ctrl-C, so that the same cleanup runs."""
+    raise KeyboardInterrupt()
+
+
+class Cluster:
+    """Nodes in one temporary directory on free ports; all stopped (and the directory removed) on exit,
+    also on errors, Ctrl-C and SIGTERM. Other child processes registered with `adopt` are stopped too."""
+
+    def __init__(self, slots: int) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="potboiler-bench-replication-"))
+        self.base = find_base_port(count=slots)
+        self.nodes: list[NodeProcess] = []
+        self.children: list[subprocess.Popen[bytes] | multiprocessing.process.BaseProcess] = []
+        self._old_sigterm: Any = None
+
+    def __enter__(self) -> Cluster:
+        self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            for child in self.children:
+                with suppress(Exception):
+                    child.terminate()
+            for node in self.nodes:
+                try:
+                    node.stop(timeout=10.0)
+                except Exception:
+                    node.kill()
+            for child in self.children:
+                with suppress(Exception):
+                    if isinstance(child, subprocess.Popen):
+                        child.wait(5)
+                    else:
+                        child.join(5)
+            shutil.rmtree(self.root, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+
+    def url_of(self, slot: int) -> str:
+        return f"http://127.0.0.1:{self.base + 100 * slot}"
+
+    def add_node(self, slot: int, peers: Sequence[str], wait: bool = True) -> NodeProcess:
+        """Start the node of slot `slot` (base port B + 100 * slot) with a fresh data directory."""
+        node = NodeProcess(
+            self.root / f"node{slot}",
+            self.base + 100 * slot,
+            peers=peers,
+            extra_args=["--log-level", "WARNING"],
+        )
+        self.nodes.append(node)
+        node.start(wait=wait)
+        return node
+
+
+def pid_of(node: NodeProcess) -> int:
+    assert node.process is not None, "the node is not started"
+    return node.process.pid
+
+
+# -- REST status and metrics -----------------------------------------------------------------------
+
+
+def vector_total(status: Json) -> int:
+    """How many entries a node holds, from its GET /status answer (uint64 fields are JSON strings)."""
+    return sum(int(c["seq"]) for c in status.get("vector", []))
+
+
+async def get_status(client: httpx.AsyncClient, node: NodeProcess) -> Json:
+    response = await client.get(f"{node.url}/status", timeout=5.0)
+    response.raise_for_status()
+    status: Json = response.json()
+    return status
+
+
+async def totals(client: httpx.AsyncClient, nodes: Sequence[NodeProcess]) -> list[int]:
+    """Each node's vector total."""
+    return [vector_total(s) for s in await asyncio.gather(*(get_status(client, n) for n in nodes))]
+
+
+async def scrape(client: httpx.AsyncClient, node: NodeProcess) -> dict[tuple[str, str], float]:
+    """A node's Prometheus samples as {(name, peer label or ""): value}."""
+    response = await client.get(node.port_url(node.ports.metrics) + "/metrics", timeout=5.0)
+    response.raise_for_status()
+    out: dict[tuple[str, str], float] = {}
+    for line in response.text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = _METRIC_LINE.match(line.strip())
+        if m:
+            out[(m.group(1), m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def delta(
+    after: dict[tuple[str, str], float], before: dict[tuple[str, str], float], name: str, peer: str = ""
+) -> int:
+    return int(after.get((name, peer), 0.0) - before.get((name, peer), 0.0))
+
+
+async def wait_totals(
+    client: httpx.AsyncClient, nodes: Sequence[NodeProcess], want: int, timeout: float, interval: float = 0.1
+) -> float | None:
+    """Poll until every node's vector totals at least `want`; the monotonic time it was seen, or None
+    on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(t >= want for t in await totals(client, nodes)):
+            return time.monotonic()
+        await asyncio.sleep(interval)
+    return None
+
+
+# -- the subscriber process ------------------------------------------------------------------------
+
+
+def subscriber_main(target: str, after: int, run: str, conn: multiprocessing.connection.Connection) -> None:
+    """Runs in its own process: subscribe to a node and time-stamp every entry of run `run` on arrival.
+
+    Protocol on `conn`: sends ("ready",) once a warm-up entry of the run has arrived; receives
+    ("finish", acked indices, grace seconds), keeps reading until all of them arrived or the grace
+    period is over, then sends ("result", {index: (send_ns, observed_ns, owner_wall_ms)})."""
+    asyncio.run(_subscribe(target, after, run, conn))
+
+
+async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.connection.Connection) -> None:
+    seen: dict[int, tuple[int, int, int]] = {}
+    ready = asyncio.Event()
+    complete = asyncio.Event()
+    expected: set[int] = set()
+    finishing = False
+
+    async def read(stub: log_pb2_grpc.LogServiceAsyncStub) -> None:
+        nonlocal finishing
+        stream = stub.SubscribeEntries(log_pb2.SubscribeEntriesRequest(after_position=after, max_batch=1000))
+        async for response in stream:
+            now = time.time_ns()
+            for delivered in response.entries:
+                entry = delivered.entry
+                fields = entry.data.struct_value.fields
+                if fields["run"].string_value != run:
+                    continue
+                if "warm" in fields:
+                    ready.set()
+                    continue
+                seen[int(fields["i"].number_value)] = (int(fields["t"].number_value), now, entry.when.wall_ms)
+            if finishing and expected.issubset(seen):
+                complete.set()
+
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        reader = asyncio.create_task(read(log_pb2_grpc.LogServiceStub(channel)))
+        try:
+            await ready.wait()
+            conn.send(("ready",))
+            loop = asyncio.get_running_loop()
+            message = await loop.run_in_executor(None, conn.recv)
+            _, acked, grace = message
+            expected.update(acked)
+            finishing = True
+            if not expected.issubset(seen):
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(complete.wait(), grace)
+            conn.send(("result", dict(seen)))
+        finally:
+            reader.cancel()
+            with suppress(asyncio.CancelledError, grpc.RpcError):
+                await reader
+
+
+# -- (a) visibility lag and (c) messages -----------------------------------------------------------
+
+
+def entry_data(fields: dict[str, Any]) -> Value:
+    value = Value()
+    struct = Struct()
+    struct.update(fields)
+    value.struct_value.CopyFrom(struct)
+    return value
+
+
+@dataclass
+class PacedResult:
+    sent: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    acked: dict[int, tuple[int, int]] = field(default_factory=dict)  # i -> (send_ns, ack_ns)
+    seconds: float = 0.0
+
+
+async def paced_appends(
+    stub: log_pb2_grpc.LogServiceAsyncStub,
+    run: str,
+    rate: int,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> PacedResult:
+    """Append `rate` entries per second for `seconds` seconds, each sent at its scheduled time (not
+    waiting for the previous answer); each entry's data carries its index and send time."""
+    result = PacedResult()
+    count = int(rate * seconds)
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(i: int) -> None:
+        sent_ns = time.time_ns()
+        data = entry_data({"run": run, "i": i, "t": sent_ns, **(extra or {})})
+        try:
+            await stub.AppendEntry(log_pb2.AppendEntryRequest(data=data), timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            result.errors += 1
+            result.first_error = result.first_error or f"{exc.code().name}: {exc.details()}"
+            return
+        result.acked[i] = (sent_ns, time.time_ns())
+
+    start = loop.time()
+    for i in range(count):
+        due = start + i / rate
+        if (wait := due - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(i)))
+        result.sent += 1
+    result.seconds = loop.time() - start
+    await asyncio.gather(*tasks)
+    return result
+
+
+async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None) -> tuple[Json, Json]:
+    """(a) visibility lag from node 0 to node 2, and (c) node 0's messages per entry per peer."""
+    node0, node1, node2 = cluster.nodes[:3]
+    run = uuid.uuid4().hex[:12]
+    async with httpx.AsyncClient() as client:
+        start_position = int((await get_status(client, node2)).get("delivered_position", 0))
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        subscriber = ctx.Process(
+            target=subscriber_main,
+            args=(node2.grpc_target, start_position, run, child),
+            name="subscriber",
+            daemon=True,
+        )
+        subscriber.start()
+        cluster.children.append(subscriber)
+        async with grpc.aio.insecure_channel(node0.grpc_target, options=GRPC_OPTIONS) as channel:
+            stub = log_pb2_grpc.LogServiceStub(channel)
+            # Warm up (channels, replication streams) until the subscriber sees the run's entries.
+            deadline = time.monotonic() + 30
+            while not parent.poll(0):
+                if time.monotonic() > deadline or not subscriber.is_alive():
+                    raise RuntimeError("the subscriber on node 2 did not see the warm-up entries")
+                await paced_appends(stub, run, 1000, 0.2, extra={"warm": True})
+            assert parent.recv() == ("ready",)
+            progress(
+                f"(a) subscriber ready on node 2; appending {settings.rate}/s for {settings.seconds:g}s on node 0"
+            )
+            metrics_before = await scrape(client, node0)
+            peer_metrics_before = [await scrape(client, n) for n in (node1, node2)]
+            cpu = CpuWindow(
+                {
+                    "node0": pid_of(node0),
+                    "node1": pid_of(node1),
+                    "node2": pid_of(node2),
+                    "client": os.getpid(),
+                    "subscriber": subscriber.pid or 0,
+                }
+            ).begin()
+            spies = start_profiles(
+                cluster, profile, "lag", {"node0": node0, "node2": node2}, settings.seconds
+            )
+            paced = await paced_appends(stub, run, settings.rate, settings.seconds)
+            cpu_figures = cpu.end()
+            stop_profiles(spies)
+        progress(
+            f"(a) sent {paced.sent}, acked {len(paced.acked)}, errors {paced.errors}; waiting for node 2"
+        )
+        parent.send(("finish", sorted(paced.acked), settings.grace))
+        if not parent.poll(settings.grace + 30):
+            raise RuntimeError("the subscriber did not report")
+        kind, seen = parent.recv()
+        assert kind == "result"
+        subscriber.join(10)
+        # Every acked entry is on node 2 now (or lost): the replication traffic for them is done.
+        await asyncio.sleep(0.2)
+        metrics_after = await scrape(client, node0)
+        peer_metrics_after = [await scrape(client, n) for n in (node1, node2)]
+
+    lags = [observed - send for send, observed, _ in seen.values()]
+    acks = [ack - send for send, ack in paced.acked.values()]
+    ack_to_observe = [seen[i][1] - ack for i, (_, ack) in paced.acked.items() if i in seen]
+    to_stamp = [seen[i][2] * 1_000_000 - send for i, (send, _) in paced.acked.items() if i in seen]
+    lost = sum(1 for i in paced.acked if i not in seen)
+    # Lag by second of the load: a lag that grows second by second is a backlog (the cluster cannot keep
+    # up with the rate), a flat one is the per-entry path.
+    first_send = min((send for send, _ in paced.acked.values()), default=0)
+    by_second: dict[int, list[int]] = {}
+    for send, observed, _ in seen.values():
+        by_second.setdefault(int((send - first_send) // 1_000_000_000), []).append(observed - send)
+    lag_by_second = [
+        {"second": sec, "p50": summary_ms(v)["p50"], "p99": summary_ms(v)["p99"]}
+        for sec, v in sorted(by_second.items())
+    ]
+    lag_fig: Json = {
+        "rate_per_s": settings.rate,
+        "seconds": round(paced.seconds, 3),
+        "sent": paced.sent,
+        "acked": len(paced.acked),
+        "errors": paced.errors,
+        "observed_on_node2": sum(1 for i in paced.acked if i in seen),
+        "lost": lost,
+        "grace_s": settings.grace,
+        "lag_ms": summary_ms(lags),
+        "lag_ms_by_second": lag_by_second,
+        "breakdown_ms": {
+            "append_ack_on_node0": summary_ms(acks),
+            "ack_on_node0_to_seen_on_node2": summary_ms(ack_to_observe),
+            "send_to_owner_stamp_ms_resolution": summary_ms(to_stamp),
+        },
+        "achieved_rate_per_s": round(paced.sent / paced.seconds, 1) if paced.seconds else math.nan,
+        "cpu_percent": cpu_figures,
+        "cpu_ms_per_entry": cpu.ms_per(paced.sent),
+    }
+    if paced.errors:
+        lag_fig["errored_but_seen_on_node2"] = sum(1 for i in seen if i not in paced.acked)
+    if paced.first_error:
+        lag_fig["first_error"] = paced.first_error
+
+    appended = delta(metrics_after, metrics_before, "potboiler_appends_total")
+    per_peer: Json = {}
+    for slot, before, after in zip((1, 2), peer_metrics_before, peer_metrics_after, strict=True):
+        name = f"node{slot}"
+        # The peer label is the peer's root URL as node 0 knows it.
+        peer_url = cluster.url_of(slot)
+        counts = {
+            key: delta(metrics_after, metrics_before, f"potboiler_replication{key}_total", peer_url)
+            for key in ("_messages_out", "_messages_in")
+        }
+        entries_out = delta(metrics_after, metrics_before, "potboiler_replicated_entries_out_total", peer_url)
+        entries_in = delta(metrics_after, metrics_before, "potboiler_replicated_entries_in_total", peer_url)
+        # What the peer sent to / got from the third node, to see forwarding and echoes.
+        other_url = cluster.url_of(3 - slot)
+        per_peer[name] = {
+            "url": peer_url,
+            "messages_out": counts["_messages_out"],
+            "messages_in": counts["_messages_in"],
+            "entries_out": entries_out,
+            "entries_in": entries_in,
+            "messages_out_per_entry": ratio(counts["_messages_out"], appended),
+            "messages_in_per_entry": ratio(counts["_messages_in"], appended),
+            "entries_out_per_entry": ratio(entries_out, appended),
+            "entries_in_per_entry": ratio(entries_in, appended),
+            "entries_per_message_out": ratio(entries_out, counts["_messages_out"]),
+            "peer_to_third_node": {
+                "messages_out": delta(after, before, "potboiler_replication_messages_out_total", other_url),
+                "entries_out": delta(after, before, "potboiler_replicated_entries_out_total", other_url),
+                "entries_in": delta(after, before, "potboiler_replicated_entries_in_total", other_url),
+            },
+        }
+    worst = max((p["messages_out_per_entry"] for p in per_peer.values()), default=math.nan)
+    # The whole cluster: every entry needs 2 transfers (node 0 to each peer); more are echoes or duplicates.
+    cluster_entries = cluster_messages = 0
+    for before, after in zip(
+        [metrics_before, *peer_metrics_before], [metrics_after, *peer_metrics_after], strict=True
+    ):
+        cluster_entries += sum_delta(after, before, "potboiler_replicated_entries_out_total")
+        cluster_messages += sum_delta(after, before, "potboiler_replication_messages_out_total")
+    net_fig: Json = {
+        "appended_on_node0": appended,
+        "per_peer": per_peer,
+        "messages_out_per_entry_per_peer": worst,
+        "cluster_entries_sent_per_entry": ratio(cluster_entries, appended),
+        "cluster_entries_sent_per_entry_minimum": 2,
+        "cluster_messages_sent_per_entry": ratio(cluster_messages, appended),
+        "note": (
+            "messages_out counts every replication message node 0 sent to the peer: entry batches AND the "
+            "acks node 0 sends for each batch the peer sends it (plus hellos and peer lists). Node 0 acks "
+            "every batch it receives, and the peer acks every batch node 0 sends, so on one link "
+            "messages_out(0->P) = batches(0->P) + batches(P->0) = messages_in(P->0); the metrics cannot "
+            "split batches from acks further. entries_in > 0 means the peer sends node 0 entries it "
+            "already has (its own, echoed back, or ones it also got from the third node)."
+        ),
+    }
+    return lag_fig, net_fig
+
+
+def sum_delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], float], name: str) -> int:
+    """A counter's increase summed over all its peer labels."""
+    return int(
+        sum(v for (n, _), v in after.items() if n == name)
+        - sum(v for (n, _), v in before.items() if n == name)
+    )
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else math.nan
+
+
+# -- (b) catch-up ----------------------------------------------------------------------------------
+
+
+async def load_cluster(nodes: Sequence[NodeProcess], entries: int) -> tuple[float, float]:
+    """Append `entries` entries in AppendEntries calls of LOAD_BATCH, round-robin over the nodes with
+    LOAD_IN_FLIGHT calls in flight per node. Returns (start, end) monotonic times."""
+    batches = math.ceil(entries / LOAD_BATCH)
+    request = log_pb2.AppendEntriesRequest(
+        entries=[log_pb2.AppendEntryRequest(data=entry_data(LOAD_DATA)) for _ in range(LOAD_BATCH)]
+    )
+    last = entries - (batches - 1) * LOAD_BATCH
+    last_request = log_pb2.AppendEntriesRequest(entries=list(request.entries)[:last])
+    per_node = [list(range(i, batches, len(nodes))) for i in range(len(nodes))]
+    channels = [grpc.aio.insecure_channel(n.grpc_target, options=GRPC_OPTIONS) for n in nodes]
+    try:
+
+        async def worker(stub: log_pb2_grpc.LogServiceAsyncStub, todo: list[int]) -> None:
+            while todo:
+                b = todo.pop(0)
+                await stub.AppendEntries(last_request if b == batches - 1 else request, timeout=60.0)
+
+        start = time.monotonic()
+        await asyncio.gather(
+            *(
+                worker(log_pb2_grpc.LogServiceStub(ch), todo)
+                for ch, todo in zip(channels, per_node, strict=True)
+                for _ in range(LOAD_IN_FLIGHT)
+            )
+        )
+        return start, time.monotonic()
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def measure_catch_up(cluster: Cluster, settings: Settings, profile: Path | None) -> Json:
+    nodes = cluster.nodes[:3]
+    pids = {f"node{i}": pid_of(n) for i, n in enumerate(nodes)}
+    async with httpx.AsyncClient() as client:
+        base = max(await totals(client, nodes))
+        if await wait_totals(client, nodes, base, 30) is None:
+            raise RuntimeError("the cluster did not converge before the load")
+        want = base + settings.entries
+        progress(
+            f"(b) appending {settings.entries:,} entries over 3 nodes; the cluster holds {base:,} already"
+        )
+        cpu = CpuWindow({**pids, "client": os.getpid()}).begin()
+        converged: list[float | None] = []
+
+        async def watch() -> None:
+            converged.append(await wait_totals(client, nodes, want, settings.converge_timeout, 0.1))
+
+        watcher = asyncio.create_task(watch())
+        start, end = await load_cluster(nodes, settings.entries)
+        progress(f"(b) appended in {end - start:.1f}s; waiting for all three to hold {want:,}")
+        await watcher
+        cpu_write = cpu.end()
+        done = converged[0]
+        if done is None:
+            raise RuntimeError(
+                f"the 3 nodes did not converge within {settings.converge_timeout}s: {await totals(client, nodes)}"
+            )
+        write = {
+            "entries": settings.entries,
+            "batch": LOAD_BATCH,
+            "calls_in_flight_per_node": LOAD_IN_FLIGHT,
+            "write_seconds": round(end - start, 3),
+            "write_entries_per_s": round(settings.entries / (end - start)),
+            "converge_seconds_from_write_start": round(done - start, 3),
+            "converge_seconds_after_write_end": round(done - end, 3),
+            "cpu_percent": cpu_write,
+            "cpu_ms_per_entry": cpu.ms_per(settings.entries),
+        }
+
+        # A fresh node joins node 0 and catches up on everything.
+        progress(f"(b) starting a 4th node joined to node 0; it has to fetch {want:,} entries")
+        node0_before = await scrape(client, nodes[0])
+        spawned = time.monotonic()
+        fresh = cluster.add_node(3, [nodes[0].url], wait=False)
+        cpu = CpuWindow({**pids, "node3": pid_of(fresh)}).begin()
+        spies = start_profiles(cluster, profile, "catchup", {"node0": nodes[0], "node3": fresh}, None)
+        ready: float | None = None
+        finished: float | None = None
+        samples: list[tuple[float, int]] = []
+        deadline = spawned + settings.catch_up_timeout
+        while time.monotonic() < deadline:
+            try:
+                total = vector_total(await get_status(client, fresh))
+            except httpx.HTTPError:
+                if not fresh.alive():
+                    raise RuntimeError(f"the 4th node exited; see {fresh.log_file}") from None
+                await asyncio.sleep(0.05)
+                continue
+            now = time.monotonic()
+            ready = ready or now
+            samples.append((now - spawned, total))
+            if total >= want:
+                finished = now
+                break
+            await asyncio.sleep(0.1)
+        cpu_catch = cpu.end()
+        stop_profiles(spies)
+        fresh_metrics = await scrape(client, fresh)
+        node0_after = await scrape(client, nodes[0])
+        got = samples[-1][1] if samples else 0
+        in_by_peer = {
+            f"node{i}": int(
+                fresh_metrics.get(("potboiler_replicated_entries_in_total", cluster.url_of(i)), 0.0)
+            )
+            for i in range(3)
+        }
+        catch: Json = {
+            "entries": want,
+            "held": got,
+            "complete": finished is not None,
+            "seconds_from_spawn": round((finished or time.monotonic()) - spawned, 3),
+            "seconds_from_ready": round((finished or time.monotonic()) - (ready or spawned), 3),
+            "startup_seconds": round((ready or spawned) - spawned, 3),
+            "entries_per_s_from_spawn": round(got / ((finished or time.monotonic()) - spawned)),
+            "entries_per_s_from_ready": round(
+                got / max(1e-9, (finished or time.monotonic()) - (ready or spawned))
+            ),
+            "entries_received_by_source": in_by_peer,
+            "entries_received_total": sum(in_by_peer.values()),
+            "duplicate_factor": ratio(sum(in_by_peer.values()), want),
+            "node0_messages_out": delta(
+                node0_after, node0_before, "potboiler_replication_messages_out_total", fresh.url
+            ),
+            "node0_entries_out": delta(
+                node0_after, node0_before, "potboiler_replicated_entries_out_total", fresh.url
+            ),
+            "progress_samples": thin(samples, 20),
+            "cpu_percent": cpu_catch,
+            "cpu_ms_per_entry": cpu.ms_per(got),
+        }
+    return {"cluster_write": write, "new_node": catch}
+
+
+def thin(samples: Sequence[tuple[float, int]], count: int) -> list[list[float]]:
+    """About `count` evenly spaced (seconds, entries) samples, always with the last."""
+    if not samples:
+        return []
+    step = max(1, len(samples) // count)
+    picked = list(samples[::step])
+    if picked[-1] != samples[-1]:
+        picked.append(samples[-1])
+    return [[round(t, 2), n] for t, n in picked]
+
+
+# -- profiling (optional) --------------------------------------------------------------------------
+
+
+def start_profiles(
+    cluster: Cluster, folder: Path | None, phase: str, nodes: dict[str, NodeProcess], seconds: float | None
+) -> list[subprocess.Popen[bytes]]:
+    """With --profile, sample the nodes' Python stacks with py-spy (raw folded output, one file per
+    node and phase) until `stop_profiles` or for `seconds`."""
+    if folder is None:
+        return []
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    folder.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name, node in nodes.items():
+        cmd = [
+            spy,
+            "record",
+            "--nonblocking",
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            str(folder / f"{phase}-{name}.txt"),
+        ]
+        cmd += ["--pid", str(pid_of(node))]
+        if seconds:
+            cmd += ["-d", str(math.ceil(seconds))]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cluster.children.append(proc)
+        spies.append(proc)
+    return spies
+
+
+def stop_profiles(spies: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Let py-spy write what it sampled (SIGINT) and wait for it."""
+    for proc in spies:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in spies:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def cluster_of_three() -> Iterator[Cluster]:
+    with Cluster(slots=4) as cluster:
+        urls = [cluster.url_of(i) for i in range(3)]
+        for i in range(3):
+            cluster.add_node(i, [u for u in urls if u != urls[i]], wait=False)
+        for node in cluster.nodes:
+            node.wait_ready()
+        yield cluster
+
+
+async def wait_connected(cluster: Cluster, timeout: float = 30.0) -> None:
+    """Until every node reports every other as connected (state LIVE or CATCHING_UP)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            statuses = [await get_status(client, n) for n in cluster.nodes]
+            if all(
+                len(s.get("peers", [])) == len(cluster.nodes) - 1
+                and all(p.get("state") in ("STATE_LIVE", "STATE_CATCHING_UP") for p in s["peers"])
+                for s in statuses
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster did not connect: {json.dumps(statuses)[:2000]}")
+            await asyncio.sleep(0.1)
+
+
+async def run(settings: Settings, quick: bool, profile: Path | None) -> Json:
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    with cluster_of_three() as cluster:
+        progress(f"3 nodes up at {', '.join(n.url for n in cluster.nodes)} (data in {cluster.root})")
+        await wait_connected(cluster)
+        lag_fig, net_fig = await measure_lag(cluster, settings, profile)
+        catch_fig = await measure_catch_up(cluster, settings, profile)
+    p99 = lag_fig["lag_ms"].get("p99")
+    new_node = catch_fig["new_node"]
+    targets = {
+        "visibility_lag_p99_ms": target(p99, TARGET_P99_LAG_MS, "<="),
+        "visibility_lost_entries": target(lag_fig["lost"], 0, "=="),
+        "catch_up_entries_per_s": target(
+            new_node["entries_per_s_from_spawn"] if new_node["complete"] else 0.0, TARGET_CATCH_UP_PER_S, ">="
+        ),
+        "messages_per_entry_per_peer": target(
+            net_fig["messages_out_per_entry_per_peer"], TARGET_MESSAGES_PER_ENTRY_PER_PEER, "<"
+        ),
+    }
+    return {
+        "benchmark": "replication",
+        "quick": quick,
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "cluster": {"nodes": 3, "transport": "gRPC direct ports (B+10), loopback", "fsync": False},
+        "visibility_lag": lag_fig,
+        "network": net_fig,
+        "catch_up": catch_fig,
+        "targets": targets,
+        "meets_targets": all(t["meets_target"] for t in targets.values()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s of load, 100,000 entries")
+    parser.add_argument("--profile", type=Path, help="py-spy the nodes during each phase into this folder")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    began = time.monotonic()
+    try:
+        result = asyncio.run(run(settings, args.quick, args.profile))
+    except KeyboardInterrupt:
+        progress("interrupted; every node is stopped")
+        return 130
+    result["wall_seconds"] = round(time.monotonic() - began, 1)
+    print(json.dumps(result, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
