@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -18,6 +19,7 @@ from potboiler.server.errors import (
     Removed,
     TooLarge,
 )
+from potboiler.server.rest import HTTP_CODE_HEADER
 
 STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,8 +45,16 @@ def status_of(error: PotboilerError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
+#: REST statuses that differ from Envoy's mapping of the gRPC code (RESOURCE_EXHAUSTED would be 429).
+HTTP_OVERRIDE: dict[type[PotboilerError], str] = {TooLarge: "413"}
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerError) -> NoReturn:
     """End the call with the error's status and message."""
+    http = HTTP_OVERRIDE.get(type(error))
+    if http is not None:
+        with contextlib.suppress(grpc.aio.UsageError, RuntimeError):  # metadata already sent: keep Envoy's
+            await context.send_initial_metadata(((HTTP_CODE_HEADER, http),))
     await context.abort(status_of(error), str(error))
     raise AssertionError("unreachable")  # context.abort raises
 

@@ -35,7 +35,7 @@ def node_url(text: str) -> str:
     """A node's root URL, normalised to scheme://host:port with no path."""
     http_url(text, "node url")
     parts = urlsplit(text)
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise InvalidArgument(
             f"node url {text!r} must be a root URL like http://host:8000 (no path or query)"
         )
