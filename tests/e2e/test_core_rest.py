@@ -216,11 +216,6 @@ def test_invalid_json_is_400(http: httpx.Client, body: str) -> None:
     assert http.get("/log").json() == before
 
 
-@pytest.mark.xfail(
-    reason="BUG: the transcoder's JSON parser is lenient: single-quoted strings, unquoted keys and "
-    "trailing commas are accepted (201) although they are not JSON",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "body",
     ["'single'", "{'a': 1}", "{a: 1}", "[1,]", '{"a": 1,}'],
