@@ -213,6 +213,28 @@ async def test_append_entries_batch_limit(grpc_node: GrpcNode) -> None:
     assert [e.seq for e in response.entries] == list(range(1, MAX_BATCH_ENTRIES + 1))
 
 
+async def test_concurrent_batches_stay_contiguous(grpc_node: GrpcNode) -> None:
+    batches = [
+        grpc_node.log.AppendEntries(
+            log_pb2.AppendEntriesRequest(entries=[request([b, k]) for k in range(10)])
+        )
+        for b in range(20)
+    ]
+    singles = [grpc_node.log.AppendEntry(request(i)) for i in range(50)]
+    results = await asyncio.gather(*batches, *singles)
+    batch_results = results[:20]
+    all_seqs: list[int] = []
+    for response in batch_results:
+        assert isinstance(response, log_pb2.AppendEntriesResponse)
+        seqs = [e.seq for e in response.entries]
+        assert seqs == list(range(seqs[0], seqs[0] + 10))  # a batch is never interleaved
+        all_seqs += seqs
+    for response in results[20:]:
+        assert isinstance(response, log_pb2.AppendEntryResponse)
+        all_seqs.append(response.seq)
+    assert sorted(all_seqs) == list(range(1, 251))
+
+
 # -- append stream ---------------------------------------------------------------------------
 
 
@@ -279,6 +301,19 @@ async def test_append_stream_bad_message_ends_stream_keeping_earlier_acks(grpc_n
         assert (await get(grpc_node, e.id)).seq == e.seq
     # Nothing of the bad message (not even its valid first entry) nor after it was appended.
     assert (await grpc_node.heads())[grpc_node.node_id].seq == good_before * per_message
+
+
+async def test_append_stream_empty_message_is_invalid(grpc_node: GrpcNode) -> None:
+    async def requests() -> AsyncIterator[log_pb2.AppendEntryStreamRequest]:
+        yield stream_message(0, 1)
+        yield log_pb2.AppendEntryStreamRequest()
+
+    acks: list[log_pb2.AppendEntryStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for response in grpc_node.log.AppendEntryStream(requests()):
+            acks.append(response)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(acks) == 1
 
 
 async def test_append_stream_oversized_message(grpc_node: GrpcNode) -> None:
@@ -354,6 +389,21 @@ async def test_subscribe_resumes_without_loss_or_duplicates(grpc_node: GrpcNode)
         await resumed.close()
 
 
+@pytest.mark.parametrize("max_batch", [0, 5000])
+async def test_subscribe_batches_are_at_most_1000(grpc_node: GrpcNode, max_batch: int) -> None:
+    for _ in range(3):
+        await grpc_node.log.AppendEntries(
+            log_pb2.AppendEntriesRequest(entries=[request(i) for i in range(1000)])
+        )
+    sub = Subscriber(grpc_node, max_batch=max_batch)
+    try:
+        await sub.wait_count(3000)
+        assert sub.positions == list(range(1, 3001))
+        assert max(sub.batch_sizes) <= 1000
+    finally:
+        await sub.close()
+
+
 async def test_subscribe_beyond_the_end_waits_for_new_entries(grpc_node: GrpcNode) -> None:
     await grpc_node.log.AppendEntry(request(0))
     sub = Subscriber(grpc_node, after=1)
@@ -427,6 +477,7 @@ async def test_dependency_between_two_nodes(grpc_node_factory: GrpcNodeFactory) 
         assert sub.ids == [x.id, y.id]
         heads = await a.heads()
         assert heads[b.node_id].head == x.id and heads[a.node_id].head == y.id
+        assert list(heads) == sorted(heads)  # ListHeads is sorted by owner
         # Ingesting the same entry again changes nothing (no duplicate delivery).
         assert await a.node.appender.ingest([await get(b, x.id)]) == []
         await a.log.AppendEntry(request("marker"))
@@ -556,6 +607,27 @@ async def test_restart_keeps_identity_entries_and_positions(grpc_node_factory: G
         assert sub.positions == list(range(1, 7))
     finally:
         await sub.close()
+
+
+async def test_waiting_entries_survive_a_restart(grpc_node_factory: GrpcNodeFactory) -> None:
+    node = await grpc_node_factory("pending")
+    [dependency] = remote_append(remote_log(), NewEntry(value("dependency")))
+    waiting = await node.log.AppendEntry(request("waits", [dependency.id]))
+    after = await node.log.AppendEntry(request("after"))
+    await grpc_node_factory.stop(node)
+
+    again = await grpc_node_factory("pending")
+    status = await again.nodes.GetStatus(nodes_pb2.GetStatusRequest())
+    assert (status.pending, status.delivered_position) == (2, 0)
+    sub = Subscriber(again)
+    try:
+        await again.node.appender.ingest([dependency])
+        await sub.wait_count(3)
+        assert sub.ids == [dependency.id, waiting.id, after.id]
+    finally:
+        await sub.close()
+    status = await again.nodes.GetStatus(nodes_pb2.GetStatusRequest())
+    assert (status.pending, status.delivered_position) == (0, 3)
 
 
 @pytest.mark.parametrize(
