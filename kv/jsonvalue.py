@@ -18,26 +18,36 @@ _EXACT = float(2**53)
 def from_value(v: Value) -> JSON:
     """The plain JSON of a Value (an unset Value is null)."""
     kind = v.WhichOneof("kind")
+    if kind == "struct_value":
+        return from_struct(v.struct_value)
     if kind == "string_value":
         return v.string_value
-    if kind == "struct_value":
-        fields = v.struct_value.fields
-        # Indexing by key is much faster than .items() on upb map containers.
-        return {k: from_value(fields[k]) for k in fields}
     if kind == "number_value":
         n = v.number_value
         return int(n) if n.is_integer() and -_EXACT <= n <= _EXACT else n
     if kind == "list_value":
-        return [from_value(x) for x in v.list_value.values]
+        return [_scalar(x) for x in v.list_value.values]
     if kind == "bool_value":
         return v.bool_value
     return None
 
 
+def _scalar(x: Value) -> JSON:
+    # from_value, with strings and numbers (the common leaves) handled without a further call.
+    kind = x.WhichOneof("kind")
+    if kind == "string_value":
+        return x.string_value
+    if kind == "number_value":
+        n = x.number_value
+        return int(n) if n.is_integer() and -_EXACT <= n <= _EXACT else n
+    return from_value(x)
+
+
 def from_struct(s: Struct) -> dict[str, JSON]:
     """The plain JSON object of a Struct."""
+    # Indexing by key is much faster than .items() on upb map containers.
     fields = s.fields
-    return {k: from_value(fields[k]) for k in fields}
+    return {k: _scalar(fields[k]) for k in fields}
 
 
 def set_value(out: Value, x: JSON) -> Value:

@@ -1,7 +1,8 @@
 """The KV gRPC servicers (thin: validate, call the KV domain, map errors).
 
-- `KvServicer`: the typed KvService (and `POST /kv/{table}/{key}`, its UpdateValue).
-- `KvRestServicer`: `GET /kv`, `/kv/{table}`, `/kv/{table}/{key}` as bare JSON (ListValue / Value).
+- `KvServicer`: the typed KvService.
+- `KvRestServicer`: the REST paths: `POST /kv/{table}/{key}`, and `GET /kv`, `/kv/{table}`,
+  `/kv/{table}/{key}` as bare JSON (ListValue / Value).
 - `KvBrowserServicer`: the browser's HTML pages (google.api.HttpBody).
 """
 
@@ -53,6 +54,16 @@ def crdt_from_proto(value: kv_pb2.CrdtType.ValueType) -> CrdtType:
     return CrdtType(kv_pb2.CrdtType.Name(value).removeprefix("CRDT_TYPE_"))
 
 
+async def update(service: KvService, table: str, key: str, op: str, change: Value | None) -> tuple[str, bool]:
+    """Validate and make one write; its entry id and whether its table is unknown here."""
+    has_change = change is not None
+    planned = service.state.plan_write(
+        table, key, op, from_value(change) if change is not None else None, has_change=has_change
+    )
+    entry = await service.write(planned)
+    return entry.id, planned.pending
+
+
 class KvServicer(kv_pb2_grpc.KvServiceServicer):
     """The typed KV API."""
 
@@ -64,16 +75,9 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
     async def UpdateValue(
         self, request: kv_pb2.UpdateValueRequest, context: Ctx
     ) -> kv_pb2.UpdateValueResponse:
-        has_change = request.HasField("change")
-        planned = self._state.plan_write(
-            request.table,
-            request.key,
-            request.op,
-            from_value(request.change) if has_change else None,
-            has_change=has_change,
-        )
-        entry = await self._service.write(planned)
-        return kv_pb2.UpdateValueResponse(id=entry.id, pending=planned.pending)
+        change = request.change if request.HasField("change") else None
+        entry_id, pending = await update(self._service, request.table, request.key, request.op, change)
+        return kv_pb2.UpdateValueResponse(id=entry_id, pending=pending)
 
     @unary
     async def GetValue(self, request: kv_pb2.GetValueRequest, context: Ctx) -> kv_pb2.GetValueResponse:
@@ -123,7 +127,17 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
     """The seed's KV REST answers: bare JSON values and lists."""
 
     def __init__(self, service: KvService) -> None:
+        self._service = service
         self._state = service.state
+
+    @unary
+    async def PostKvValue(
+        self, request: kv_rest_pb2.PostKvValueRequest, context: Ctx
+    ) -> kv_rest_pb2.PostKvValueResponse:
+        body = request.body
+        change = body.change if body.HasField("change") else None
+        entry_id, pending = await update(self._service, request.table, request.key, body.op, change)
+        return kv_rest_pb2.PostKvValueResponse(id=entry_id, pending=pending)
 
     @unary
     async def GetKvTables(self, request: kv_rest_pb2.GetKvTablesRequest, context: Ctx) -> ListValue:

@@ -131,6 +131,7 @@ class KvState:
             info = _table_of_config(name, orjson.loads(v))
             if info is not None:
                 self._tables[name] = info
+        self._lww_prefixes: dict[str, bytes] = {}
         #: Decoded states by store key, as committed (bounded; see apply_batch).
         self._cache: dict[bytes, JSON | None] = {}
         #: How many events were applied since the state was opened (for benchmarks and metrics).
@@ -268,9 +269,11 @@ class KvState:
         states: dict[bytes, JSON | None] = {}
         cache = self._cache
         get = self._store.get
+        lww_prefixes = self._lww_prefixes
         applied = 0
+        floor = self._position
         for position, entry in batch:
-            if position <= self._position:
+            if position <= floor:
                 continue  # already applied (a subscription resumed from an older cursor)
             data = entry.data
             if data.WhichOneof("kind") != _STRUCT:
@@ -279,8 +282,11 @@ class KvState:
             if event is None:
                 continue
             table, key, crdt, op, change = event
-            if crdt is CrdtType.LWW and op == "set":
-                skey = state_key(crdt, table, key)
+            if crdt is _LWW and op == "set":
+                prefix = lww_prefixes.get(table)
+                if prefix is None:
+                    prefix = lww_prefixes[table] = table_prefix(_LWW, table)
+                skey = prefix + key.encode()
                 state = states[skey] if skey in states else cache.get(skey, _MISSING)
                 if state is _MISSING:
                     raw = get(skey)
@@ -346,6 +352,7 @@ class KvState:
 
 
 _MISSING: Any = object()
+_LWW = CrdtType.LWW
 #: Most states kept decoded in memory across batches, and the largest (serialized) one kept.
 _CACHE_STATES = 50_000
 _CACHE_STATE_BYTES = 4096
@@ -387,10 +394,6 @@ def _context(entry: Entry) -> EventContext:
     return EventContext(entry.id, owner, entry.seq, Stamp(when.wall_ms, when.logical, owner))
 
 
-def _is_int(x: object) -> bool:
-    return type(x) is int
-
-
 def _lww_set(state: JSON | None, change: Value, entry: Entry) -> Any:
     """`crdts.apply` of an LWW set payload, for the common case: the new state, `state` itself when
     the event loses (or is a duplicate), or _MISSING when the payload or state is unusual (the caller
@@ -398,8 +401,7 @@ def _lww_set(state: JSON | None, change: Value, entry: Entry) -> Any:
     if change.WhichOneof("kind") != _STRUCT:
         return _MISSING
     payload = change.struct_value.fields
-    new_value = payload.get("value")
-    if len(payload) != 2 or new_value is None or payload.get("op") is None:
+    if len(payload) != 2 or "op" not in payload or "value" not in payload:
         return _MISSING
     when = entry.when
     owner, tag = entry.owner, entry.id
@@ -411,8 +413,8 @@ def _lww_set(state: JSON | None, change: Value, entry: Entry) -> Any:
         if not (isinstance(old, list) and len(old) == 3 and isinstance(old_tag, str)):
             return _MISSING
         old_wall, old_logical, old_owner = old
-        if not (_is_int(old_wall) and _is_int(old_logical) and isinstance(old_owner, str)):
+        if not (type(old_wall) is int and type(old_logical) is int and isinstance(old_owner, str)):
             return _MISSING
-        if (cast(int, old_wall), cast(int, old_logical), old_owner, old_tag) >= (wall, logical, owner, tag):
+        if (old_wall, old_logical, old_owner, old_tag) >= (wall, logical, owner, tag):
             return state
-    return {"value": from_value(new_value), "stamp": [wall, logical, owner], "tag": tag}
+    return {"value": from_value(payload["value"]), "stamp": [wall, logical, owner], "tag": tag}

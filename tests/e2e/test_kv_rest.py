@@ -119,6 +119,10 @@ def test_seed_rest_flow(kv: Kv) -> None:
     kv.ok("test", "foo", "set", {"nested": {"a": [1, 2.5, None, True]}})
     assert kv.value("test", "foo") == {"nested": {"a": [1, 2.5, None, True]}}
     kv.ok("test", "bar", "set", "text")
+    # The table and key come from the path only: a body naming others changes nothing.
+    response = kv.http.post("/kv/test/bar", json={"op": "set", "change": "body", "table": "x", "key": "y"})
+    assert response.status_code == 200, response.text
+    assert kv.value("test", "bar") == "body"
     assert kv.tables() == ["test"]
     assert kv.get("/kv/test").json() == ["bar", "foo"]
     assert kv.value("_config", "test") == {"crdt": "LWW"}

@@ -129,7 +129,17 @@ async def test_rest_shapes(kv: KvNode) -> None:
     await kv.create_table("a", "MVREGISTER")
     await kv.update("b", "n", "increment", 5)
     await kv.update("b", "n", "decrement", 2)
-    await kv.update("a", "r", "set", {"x": None})
+    posted = await kv.rest.PostKvValue(
+        kv_rest_pb2.PostKvValueRequest(
+            table="a", key="r", body=kv_rest_pb2.PostKvValueBody(op="set", change=to_value({"x": None}))
+        )
+    )
+    assert posted.id and not posted.pending
+    error = await rpc_error(kv.rest.PostKvValue(kv_rest_pb2.PostKvValueRequest(table="a", key="r")))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the request needs an 'op' (one of: set, create, add, remove, increment, decrement)",
+    )
     tables = await kv.rest.GetKvTables(kv_rest_pb2.GetKvTablesRequest())
     assert from_value(Value(list_value=tables)) == ["a", "b"]
     keys = await kv.rest.GetKvKeys(kv_rest_pb2.GetKvKeysRequest(table="b"))

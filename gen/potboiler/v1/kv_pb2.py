@@ -22,43 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15potboiler/v1/kv.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"d\n\x12UpdateValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12&\n\x06\x63hange\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"2\n\x13UpdateValueResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"-\n\x0fGetValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"_\n\x10GetValueResponse\x12$\n\x04\x63rdt\x18\x01 \x01(\x0e\x32\x16.potboiler.v1.CrdtType\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"H\n\x12\x43reateTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04\x63rdt\x18\x02 \x01(\x0e\x32\x16.potboiler.v1.CrdtType\"!\n\x13\x43reateTableResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x13\n\x11ListTablesRequest\"N\n\x05Table\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04\x63rdt\x18\x02 \x01(\x0e\x32\x16.potboiler.v1.CrdtType\x12\x11\n\tconfig_id\x18\x03 \x01(\t\"9\n\x12ListTablesResponse\x12#\n\x06tables\x18\x01 \x03(\x0b\x32\x13.potboiler.v1.Table\"G\n\x0fListKeysRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x94\x01\n\x08\x43rdtType\x12\x19\n\x15\x43RDT_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rCRDT_TYPE_LWW\x10\x01\x12\x13\n\x0f\x43RDT_TYPE_ORSET\x10\x02\x12\x12\n\x0e\x43RDT_TYPE_GSET\x10\x03\x12\x17\n\x13\x43RDT_TYPE_PNCOUNTER\x10\x04\x12\x18\n\x14\x43RDT_TYPE_MVREGISTER\x10\x05\x32\xb8\x03\n\tKvService\x12p\n\x0bUpdateValue\x12 .potboiler.v1.UpdateValueRequest\x1a!.potboiler.v1.UpdateValueResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/kv/{table}/{key}:\x01*\x12I\n\x08GetValue\x12\x1d.potboiler.v1.GetValueRequest\x1a\x1e.potboiler.v1.GetValueResponse\x12R\n\x0b\x43reateTable\x12 .potboiler.v1.CreateTableRequest\x1a!.potboiler.v1.CreateTableResponse\x12O\n\nListTables\x12\x1f.potboiler.v1.ListTablesRequest\x1a .potboiler.v1.ListTablesResponse\x12I\n\x08ListKeys\x12\x1d.potboiler.v1.ListKeysRequest\x1a\x1e.potboiler.v1.ListKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15potboiler/v1/kv.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/protobuf/struct.proto\"d\n\x12UpdateValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12&\n\x06\x63hange\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"2\n\x13UpdateValueResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"-\n\x0fGetValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"_\n\x10GetValueResponse\x12$\n\x04\x63rdt\x18\x01 \x01(\x0e\x32\x16.potboiler.v1.CrdtType\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"H\n\x12\x43reateTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04\x63rdt\x18\x02 \x01(\x0e\x32\x16.potboiler.v1.CrdtType\"!\n\x13\x43reateTableResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x13\n\x11ListTablesRequest\"N\n\x05Table\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04\x63rdt\x18\x02 \x01(\x0e\x32\x16.potboiler.v1.CrdtType\x12\x11\n\tconfig_id\x18\x03 \x01(\t\"9\n\x12ListTablesResponse\x12#\n\x06tables\x18\x01 \x03(\x0b\x32\x13.potboiler.v1.Table\"G\n\x0fListKeysRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"9\n\x10ListKeysResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x94\x01\n\x08\x43rdtType\x12\x19\n\x15\x43RDT_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rCRDT_TYPE_LWW\x10\x01\x12\x13\n\x0f\x43RDT_TYPE_ORSET\x10\x02\x12\x12\n\x0e\x43RDT_TYPE_GSET\x10\x03\x12\x17\n\x13\x43RDT_TYPE_PNCOUNTER\x10\x04\x12\x18\n\x14\x43RDT_TYPE_MVREGISTER\x10\x05\x32\x9a\x03\n\tKvService\x12R\n\x0bUpdateValue\x12 .potboiler.v1.UpdateValueRequest\x1a!.potboiler.v1.UpdateValueResponse\x12I\n\x08GetValue\x12\x1d.potboiler.v1.GetValueRequest\x1a\x1e.potboiler.v1.GetValueResponse\x12R\n\x0b\x43reateTable\x12 .potboiler.v1.CreateTableRequest\x1a!.potboiler.v1.CreateTableResponse\x12O\n\nListTables\x12\x1f.potboiler.v1.ListTablesRequest\x1a .potboiler.v1.ListTablesResponse\x12I\n\x08ListKeys\x12\x1d.potboiler.v1.ListKeysRequest\x1a\x1e.potboiler.v1.ListKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'potboiler.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVSERVICE'].methods_by_name['UpdateValue']._loaded_options = None
-  _globals['_KVSERVICE'].methods_by_name['UpdateValue']._serialized_options = b'\202\323\344\223\002\026\"\021/kv/{table}/{key}:\001*'
-  _globals['_CRDTTYPE']._serialized_start=799
-  _globals['_CRDTTYPE']._serialized_end=947
-  _globals['_UPDATEVALUEREQUEST']._serialized_start=99
-  _globals['_UPDATEVALUEREQUEST']._serialized_end=199
-  _globals['_UPDATEVALUERESPONSE']._serialized_start=201
-  _globals['_UPDATEVALUERESPONSE']._serialized_end=251
-  _globals['_GETVALUEREQUEST']._serialized_start=253
-  _globals['_GETVALUEREQUEST']._serialized_end=298
-  _globals['_GETVALUERESPONSE']._serialized_start=300
-  _globals['_GETVALUERESPONSE']._serialized_end=395
-  _globals['_CREATETABLEREQUEST']._serialized_start=397
-  _globals['_CREATETABLEREQUEST']._serialized_end=469
-  _globals['_CREATETABLERESPONSE']._serialized_start=471
-  _globals['_CREATETABLERESPONSE']._serialized_end=504
-  _globals['_LISTTABLESREQUEST']._serialized_start=506
-  _globals['_LISTTABLESREQUEST']._serialized_end=525
-  _globals['_TABLE']._serialized_start=527
-  _globals['_TABLE']._serialized_end=605
-  _globals['_LISTTABLESRESPONSE']._serialized_start=607
-  _globals['_LISTTABLESRESPONSE']._serialized_end=664
-  _globals['_LISTKEYSREQUEST']._serialized_start=666
-  _globals['_LISTKEYSREQUEST']._serialized_end=737
-  _globals['_LISTKEYSRESPONSE']._serialized_start=739
-  _globals['_LISTKEYSRESPONSE']._serialized_end=796
-  _globals['_KVSERVICE']._serialized_start=950
-  _globals['_KVSERVICE']._serialized_end=1390
+  _globals['_CRDTTYPE']._serialized_start=769
+  _globals['_CRDTTYPE']._serialized_end=917
+  _globals['_UPDATEVALUEREQUEST']._serialized_start=69
+  _globals['_UPDATEVALUEREQUEST']._serialized_end=169
+  _globals['_UPDATEVALUERESPONSE']._serialized_start=171
+  _globals['_UPDATEVALUERESPONSE']._serialized_end=221
+  _globals['_GETVALUEREQUEST']._serialized_start=223
+  _globals['_GETVALUEREQUEST']._serialized_end=268
+  _globals['_GETVALUERESPONSE']._serialized_start=270
+  _globals['_GETVALUERESPONSE']._serialized_end=365
+  _globals['_CREATETABLEREQUEST']._serialized_start=367
+  _globals['_CREATETABLEREQUEST']._serialized_end=439
+  _globals['_CREATETABLERESPONSE']._serialized_start=441
+  _globals['_CREATETABLERESPONSE']._serialized_end=474
+  _globals['_LISTTABLESREQUEST']._serialized_start=476
+  _globals['_LISTTABLESREQUEST']._serialized_end=495
+  _globals['_TABLE']._serialized_start=497
+  _globals['_TABLE']._serialized_end=575
+  _globals['_LISTTABLESRESPONSE']._serialized_start=577
+  _globals['_LISTTABLESRESPONSE']._serialized_end=634
+  _globals['_LISTKEYSREQUEST']._serialized_start=636
+  _globals['_LISTKEYSREQUEST']._serialized_end=707
+  _globals['_LISTKEYSRESPONSE']._serialized_start=709
+  _globals['_LISTKEYSRESPONSE']._serialized_end=766
+  _globals['_KVSERVICE']._serialized_start=920
+  _globals['_KVSERVICE']._serialized_end=1330
 # @@protoc_insertion_point(module_scope)

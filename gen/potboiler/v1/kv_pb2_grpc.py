@@ -38,9 +38,9 @@ class KvServiceStub:
     Read-your-writes: once UpdateValue or CreateTable has answered, GetValue,
     ListKeys and ListTables on the same node show the write.
 
-    The REST paths `GET /kv`, `GET /kv/{table}` and `GET /kv/{table}/{key}`
-    answer bare JSON and are served by KvRestService; `POST /kv/{table}/{key}`
-    is UpdateValue itself.
+    The REST paths (`POST /kv/{table}/{key}`, `GET /kv`, `GET /kv/{table}`,
+    `GET /kv/{table}/{key}`) are served by KvRestService with the same domain
+    code.
     """
 
     def __init__(self, channel):
@@ -89,9 +89,9 @@ class KvServiceServicer:
     Read-your-writes: once UpdateValue or CreateTable has answered, GetValue,
     ListKeys and ListTables on the same node show the write.
 
-    The REST paths `GET /kv`, `GET /kv/{table}` and `GET /kv/{table}/{key}`
-    answer bare JSON and are served by KvRestService; `POST /kv/{table}/{key}`
-    is UpdateValue itself.
+    The REST paths (`POST /kv/{table}/{key}`, `GET /kv`, `GET /kv/{table}`,
+    `GET /kv/{table}/{key}`) are served by KvRestService with the same domain
+    code.
     """
 
     def UpdateValue(self, request, context):
@@ -99,10 +99,10 @@ class KvServiceServicer:
         write is durable in the local log and applied to this node's state.
         A write to a table this node does not know yet is accepted when it is well
         formed for at least one table type; it is kept and takes effect once the
-        table's config arrives. REST: `POST /kv/{table}/{key}` with the body
-        {"op": ..., "change": ...}. Errors: INVALID_ARGUMENT (bad name, unknown op,
+        table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
         an op that does not fit the table's type, a malformed change, a `_config`
         change that is not {"crdt": <known type>}); nothing is appended then.
+        RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,9 +191,9 @@ class KvService:
     Read-your-writes: once UpdateValue or CreateTable has answered, GetValue,
     ListKeys and ListTables on the same node show the write.
 
-    The REST paths `GET /kv`, `GET /kv/{table}` and `GET /kv/{table}/{key}`
-    answer bare JSON and are served by KvRestService; `POST /kv/{table}/{key}`
-    is UpdateValue itself.
+    The REST paths (`POST /kv/{table}/{key}`, `GET /kv`, `GET /kv/{table}`,
+    `GET /kv/{table}/{key}`) are served by KvRestService with the same domain
+    code.
     """
 
     @staticmethod

@@ -39,9 +39,9 @@ class KvServiceStub:
     Read-your-writes: once UpdateValue or CreateTable has answered, GetValue,
     ListKeys and ListTables on the same node show the write.
 
-    The REST paths `GET /kv`, `GET /kv/{table}` and `GET /kv/{table}/{key}`
-    answer bare JSON and are served by KvRestService; `POST /kv/{table}/{key}`
-    is UpdateValue itself.
+    The REST paths (`POST /kv/{table}/{key}`, `GET /kv`, `GET /kv/{table}`,
+    `GET /kv/{table}/{key}`) are served by KvRestService with the same domain
+    code.
     """
 
     @_typing.overload
@@ -53,10 +53,10 @@ class KvServiceStub:
     write is durable in the local log and applied to this node's state.
     A write to a table this node does not know yet is accepted when it is well
     formed for at least one table type; it is kept and takes effect once the
-    table's config arrives. REST: `POST /kv/{table}/{key}` with the body
-    {"op": ..., "change": ...}. Errors: INVALID_ARGUMENT (bad name, unknown op,
+    table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
     an op that does not fit the table's type, a malformed change, a `_config`
     change that is not {"crdt": <known type>}); nothing is appended then.
+    RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
     """
     GetValue: _grpc.UnaryUnaryMultiCallable[_kv_pb2.GetValueRequest, _kv_pb2.GetValueResponse]
     """Returns the value of one key. Errors: INVALID_ARGUMENT (bad name),
@@ -91,9 +91,9 @@ class KvServiceAsyncStub(KvServiceStub):
     Read-your-writes: once UpdateValue or CreateTable has answered, GetValue,
     ListKeys and ListTables on the same node show the write.
 
-    The REST paths `GET /kv`, `GET /kv/{table}` and `GET /kv/{table}/{key}`
-    answer bare JSON and are served by KvRestService; `POST /kv/{table}/{key}`
-    is UpdateValue itself.
+    The REST paths (`POST /kv/{table}/{key}`, `GET /kv`, `GET /kv/{table}`,
+    `GET /kv/{table}/{key}`) are served by KvRestService with the same domain
+    code.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -102,10 +102,10 @@ class KvServiceAsyncStub(KvServiceStub):
     write is durable in the local log and applied to this node's state.
     A write to a table this node does not know yet is accepted when it is well
     formed for at least one table type; it is kept and takes effect once the
-    table's config arrives. REST: `POST /kv/{table}/{key}` with the body
-    {"op": ..., "change": ...}. Errors: INVALID_ARGUMENT (bad name, unknown op,
+    table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
     an op that does not fit the table's type, a malformed change, a `_config`
     change that is not {"crdt": <known type>}); nothing is appended then.
+    RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
     """
     GetValue: _aio.UnaryUnaryMultiCallable[_kv_pb2.GetValueRequest, _kv_pb2.GetValueResponse]  # type: ignore[assignment]
     """Returns the value of one key. Errors: INVALID_ARGUMENT (bad name),
@@ -139,9 +139,9 @@ class KvServiceServicer(metaclass=_abc_1.ABCMeta):
     Read-your-writes: once UpdateValue or CreateTable has answered, GetValue,
     ListKeys and ListTables on the same node show the write.
 
-    The REST paths `GET /kv`, `GET /kv/{table}` and `GET /kv/{table}/{key}`
-    answer bare JSON and are served by KvRestService; `POST /kv/{table}/{key}`
-    is UpdateValue itself.
+    The REST paths (`POST /kv/{table}/{key}`, `GET /kv`, `GET /kv/{table}`,
+    `GET /kv/{table}/{key}`) are served by KvRestService with the same domain
+    code.
     """
 
     @_abc_1.abstractmethod
@@ -154,10 +154,10 @@ class KvServiceServicer(metaclass=_abc_1.ABCMeta):
         write is durable in the local log and applied to this node's state.
         A write to a table this node does not know yet is accepted when it is well
         formed for at least one table type; it is kept and takes effect once the
-        table's config arrives. REST: `POST /kv/{table}/{key}` with the body
-        {"op": ..., "change": ...}. Errors: INVALID_ARGUMENT (bad name, unknown op,
+        table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
         an op that does not fit the table's type, a malformed change, a `_config`
         change that is not {"crdt": <known type>}); nothing is appended then.
+        RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
         """
 
     @_abc_1.abstractmethod

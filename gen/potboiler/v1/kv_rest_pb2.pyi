@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -15,6 +16,96 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class PostKvValueRequest(_message.Message):
+    """A write from REST: the table and key from the path, the op and change from
+    the body.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    table: _builtins.str
+    """The table (from the path)."""
+    key: _builtins.str
+    """The key within the table (from the path)."""
+    @_builtins.property
+    def body(self) -> Global___PostKvValueBody:
+        """The request body."""
+
+    def __init__(
+        self,
+        *,
+        table: _builtins.str = ...,
+        key: _builtins.str = ...,
+        body: Global___PostKvValueBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "key", b"key", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostKvValueRequest: _TypeAlias = PostKvValueRequest  # noqa: Y015
+
+@_typing.final
+class PostKvValueBody(_message.Message):
+    """The JSON body of `POST /kv/{table}/{key}`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OP_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    op: _builtins.str
+    """The operation, as KvService.UpdateValue's `op`."""
+    @_builtins.property
+    def change(self) -> _struct_pb2.Value:
+        """The op's argument, as KvService.UpdateValue's `change`."""
+
+    def __init__(
+        self,
+        *,
+        op: _builtins.str = ...,
+        change: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "op", b"op"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostKvValueBody: _TypeAlias = PostKvValueBody  # noqa: Y015
+
+@_typing.final
+class PostKvValueResponse(_message.Message):
+    """The accepted write (as KvService.UpdateValueResponse)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id of the log entry carrying the write."""
+    pending: _builtins.bool
+    """True when this node does not know the table yet: the write is kept and
+    takes effect once the table's config arrives.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        pending: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostKvValueResponse: _TypeAlias = PostKvValueResponse  # noqa: Y015
 
 @_typing.final
 class GetKvTablesRequest(_message.Message):

@@ -27,12 +27,11 @@ if _version_not_supported:
 
 
 class KvRestServiceStub:
-    """The KV REST paths whose answers are bare JSON values and lists
-    (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`), served on port B+1.
+    """The KV REST paths of the seed, served on port B+1. Most answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue and call the same domain code as
+    answer google.protobuf.Value / ListValue. They call the same domain code as
     the typed KvService, which real clients should use instead.
-    `POST /kv/{table}/{key}` is KvService.UpdateValue.
     """
 
     def __init__(self, channel):
@@ -41,6 +40,11 @@ class KvRestServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.PostKvValue = channel.unary_unary(
+                '/potboiler.v1.KvRestService/PostKvValue',
+                request_serializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueRequest.SerializeToString,
+                response_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueResponse.FromString,
+                _registered_method=True)
         self.GetKvTables = channel.unary_unary(
                 '/potboiler.v1.KvRestService/GetKvTables',
                 request_serializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvTablesRequest.SerializeToString,
@@ -59,13 +63,21 @@ class KvRestServiceStub:
 
 
 class KvRestServiceServicer:
-    """The KV REST paths whose answers are bare JSON values and lists
-    (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`), served on port B+1.
+    """The KV REST paths of the seed, served on port B+1. Most answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue and call the same domain code as
+    answer google.protobuf.Value / ListValue. They call the same domain code as
     the typed KvService, which real clients should use instead.
-    `POST /kv/{table}/{key}` is KvService.UpdateValue.
     """
+
+    def PostKvValue(self, request, context):
+        """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
+        as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
+        table and key come from the path only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def GetKvTables(self, request, context):
         """GET /kv: the list of table names, sorted (`_config` is not listed).
@@ -95,6 +107,11 @@ class KvRestServiceServicer:
 
 def add_KvRestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'PostKvValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostKvValue,
+                    request_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueRequest.FromString,
+                    response_serializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueResponse.SerializeToString,
+            ),
             'GetKvTables': grpc.unary_unary_rpc_method_handler(
                     servicer.GetKvTables,
                     request_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvTablesRequest.FromString,
@@ -119,13 +136,39 @@ def add_KvRestServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KvRestService:
-    """The KV REST paths whose answers are bare JSON values and lists
-    (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`), served on port B+1.
+    """The KV REST paths of the seed, served on port B+1. Most answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue and call the same domain code as
+    answer google.protobuf.Value / ListValue. They call the same domain code as
     the typed KvService, which real clients should use instead.
-    `POST /kv/{table}/{key}` is KvService.UpdateValue.
     """
+
+    @staticmethod
+    def PostKvValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potboiler.v1.KvRestService/PostKvValue',
+            potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueRequest.SerializeToString,
+            potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetKvTables(request,

@@ -28,18 +28,22 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class KvRestServiceStub:
-    """The KV REST paths whose answers are bare JSON values and lists
-    (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`), served on port B+1.
+    """The KV REST paths of the seed, served on port B+1. Most answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue and call the same domain code as
+    answer google.protobuf.Value / ListValue. They call the same domain code as
     the typed KvService, which real clients should use instead.
-    `POST /kv/{table}/{key}` is KvService.UpdateValue.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KvRestServiceAsyncStub: ...
+    PostKvValue: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _kv_rest_pb2.PostKvValueResponse]
+    """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
+    as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
+    table and key come from the path only.
+    """
     GetKvTables: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _struct_pb2.ListValue]
     """GET /kv: the list of table names, sorted (`_config` is not listed)."""
     GetKvKeys: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvKeysRequest, _struct_pb2.ListValue]
@@ -55,15 +59,19 @@ class KvRestServiceStub:
 
 @_typing.type_check_only
 class KvRestServiceAsyncStub(KvRestServiceStub):
-    """The KV REST paths whose answers are bare JSON values and lists
-    (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`), served on port B+1.
+    """The KV REST paths of the seed, served on port B+1. Most answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue and call the same domain code as
+    answer google.protobuf.Value / ListValue. They call the same domain code as
     the typed KvService, which real clients should use instead.
-    `POST /kv/{table}/{key}` is KvService.UpdateValue.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    PostKvValue: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _kv_rest_pb2.PostKvValueResponse]  # type: ignore[assignment]
+    """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
+    as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
+    table and key come from the path only.
+    """
     GetKvTables: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
     """GET /kv: the list of table names, sorted (`_config` is not listed)."""
     GetKvKeys: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvKeysRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
@@ -78,13 +86,23 @@ class KvRestServiceAsyncStub(KvRestServiceStub):
     """
 
 class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The KV REST paths whose answers are bare JSON values and lists
-    (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`), served on port B+1.
+    """The KV REST paths of the seed, served on port B+1. Most answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue and call the same domain code as
+    answer google.protobuf.Value / ListValue. They call the same domain code as
     the typed KvService, which real clients should use instead.
-    `POST /kv/{table}/{key}` is KvService.UpdateValue.
     """
+
+    @_abc_1.abstractmethod
+    def PostKvValue(
+        self,
+        request: _kv_rest_pb2.PostKvValueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kv_rest_pb2.PostKvValueResponse, _abc.Awaitable[_kv_rest_pb2.PostKvValueResponse]]:
+        """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
+        as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
+        table and key come from the path only.
+        """
 
     @_abc_1.abstractmethod
     def GetKvTables(
