@@ -20,6 +20,19 @@ from potboiler.server.gateway import Ports
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
+from potboiler.server.security import (
+    AllowedTarget,
+    PolicyMode,
+    RestTlsFiles,
+    Role,
+    SecurityConfig,
+    SecurityConfigError,
+    TlsFiles,
+    TokenStore,
+    WebhookPolicy,
+    tls_context_for,
+    token_line,
+)
 
 log = logging.getLogger("potboiler")
 
@@ -44,6 +57,101 @@ def _common(parser: argparse.ArgumentParser, data_dir: str) -> None:
         default=0,
         help="offset added to this node's physical clock (for fault-injection tests; default 0)",
     )
+    _security_flags(parser)
+
+
+def _security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security (all off by default; see the README, 'Running it safely')")
+    group.add_argument("--tls-ca", type=Path, help="mTLS between nodes: the cluster CA certificate (PEM)")
+    group.add_argument("--tls-cert", type=Path, help="mTLS: this node's certificate (PEM), naming its host")
+    group.add_argument("--tls-key", type=Path, help="mTLS: this node's private key (PEM)")
+    group.add_argument(
+        "--auth-tokens",
+        type=Path,
+        help="require bearer tokens: a file of '<sha256 hex> <read|write>' lines (see hash-token)",
+    )
+    group.add_argument(
+        "--peer-token", help="token sent when dialing peers that require tokens (without mTLS)"
+    )
+    group.add_argument(
+        "--peer-token-file", type=Path, help="file holding the peer token (instead of --peer-token)"
+    )
+    group.add_argument(
+        "--rest-tls-cert", type=Path, help="serve the REST ports over HTTPS with this certificate"
+    )
+    group.add_argument("--rest-tls-key", type=Path, help="the private key of --rest-tls-cert")
+    group.add_argument(
+        "--webhook-policy",
+        choices=[m.value for m in PolicyMode],
+        default=PolicyMode.ALLOW_ALL.value,
+        help="which webhook targets are allowed (default allow-all)",
+    )
+    group.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a webhook target admitted by --webhook-policy allowlist (repeatable)",
+    )
+
+
+#: The security flags `potboiler cluster` passes on to each node: (attribute, flag).
+_FORWARDED = [
+    ("tls_ca", "--tls-ca"),
+    ("tls_cert", "--tls-cert"),
+    ("tls_key", "--tls-key"),
+    ("auth_tokens", "--auth-tokens"),
+    ("peer_token_file", "--peer-token-file"),
+    ("rest_tls_cert", "--rest-tls-cert"),
+    ("rest_tls_key", "--rest-tls-key"),
+]
+
+
+def security_config(args: argparse.Namespace) -> SecurityConfig:
+    """The security settings from the command line; SecurityConfigError if they do not fit."""
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+    tls = None
+    if any(tls_files):
+        if not all(tls_files):
+            raise SecurityConfigError("mTLS needs all of --tls-ca, --tls-cert and --tls-key")
+        tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
+    rest_tls = None
+    if args.rest_tls_cert or args.rest_tls_key:
+        if not (args.rest_tls_cert and args.rest_tls_key):
+            raise SecurityConfigError("HTTPS for REST needs both --rest-tls-cert and --rest-tls-key")
+        rest_tls = RestTlsFiles(args.rest_tls_cert, args.rest_tls_key)
+    peer_token = args.peer_token
+    if args.peer_token_file is not None:
+        if peer_token:
+            raise SecurityConfigError("give --peer-token or --peer-token-file, not both")
+        try:
+            peer_token = args.peer_token_file.read_text().strip()
+        except OSError as exc:
+            raise SecurityConfigError(f"cannot read --peer-token-file: {exc}") from None
+    return SecurityConfig(
+        tls=tls,
+        tokens=TokenStore.load(args.auth_tokens) if args.auth_tokens else None,
+        peer_token=peer_token or None,
+        rest_tls=rest_tls,
+        webhook_policy=WebhookPolicy(
+            PolicyMode(args.webhook_policy),
+            tuple(AllowedTarget.parse(a) for a in args.webhook_allow),
+        ),
+    )
+
+
+def forwarded_security_args(args: argparse.Namespace) -> list[str]:
+    """The security flags of `potboiler cluster`, as arguments of each node."""
+    out: list[str] = []
+    for attribute, flag in _FORWARDED:
+        if (value := getattr(args, attribute)) is not None:
+            out += [flag, str(Path(value).resolve())]
+    if args.peer_token:
+        out += ["--peer-token", args.peer_token]
+    out += ["--webhook-policy", args.webhook_policy]
+    for target in args.webhook_allow:
+        out += ["--webhook-allow", target]
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,16 +164,31 @@ def parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
     _common(cluster, "data")
     status = sub.add_parser("status", help="show a node's replication status")
-    status.add_argument("--url", default="http://127.0.0.1:8000", help="the node's root URL")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the node's REST URL")
+    status.add_argument(
+        "--token", default=os.environ.get("POTBOILER_TOKEN"), help="bearer token (or $POTBOILER_TOKEN)"
+    )
+    status.add_argument("--cacert", type=Path, help="CA certificate to verify an https:// URL with")
+    hashing = sub.add_parser(
+        "hash-token",
+        help="print the tokens-file line of a token (a new random token if none is given)",
+        description="Prints '<sha256 hex> <role>' for a --auth-tokens file. With no TOKEN, makes a random "
+        "one and prints it on stderr; with TOKEN '-', reads it from stdin (keeps it out of `ps`).",
+    )
+    hashing.add_argument("token", nargs="?", help="the token; '-' reads it from stdin")
+    hashing.add_argument(
+        "--role", choices=[r.value for r in Role], default=Role.READ.value, help="default read"
+    )
     return p
 
 
-def ports_line(host: str, base: int) -> str:
+def ports_line(host: str, base: int, https: bool = False) -> str:
     """Where a node's ports are, for people."""
     ports = Ports(base)
+    web = "https" if https else "http"
     return (
-        f"REST http://{host}:{ports.core}  KV http://{host}:{ports.kv}  browser http://{host}:{ports.browser}  "
-        f"Pigtail http://{host}:{ports.pigtail}  gRPC {host}:{ports.grpc}  metrics http://{host}:{ports.metrics}"
+        f"REST {web}://{host}:{ports.core}  KV {web}://{host}:{ports.kv}  browser {web}://{host}:{ports.browser}  "
+        f"Pigtail {web}://{host}:{ports.pigtail}  gRPC {host}:{ports.grpc}  metrics http://{host}:{ports.metrics}"
     )
 
 
@@ -78,7 +201,8 @@ async def run_node(config: NodeConfig) -> None:
     node = Node(config)
     try:
         await node.start()
-        print(f"node {node.log.node_id}: {ports_line(config.host, config.base_port)}", flush=True)
+        https = config.security.rest_tls is not None
+        print(f"node {node.log.node_id}: {ports_line(config.host, config.base_port, https)}", flush=True)
         await stop.wait()
     finally:
         await node.stop()
@@ -92,6 +216,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     urls = [f"http://{args.host}:{args.base_port + 100 * i}" for i in range(args.nodes)]
     extra = ["--log-level", args.log_level] + (["--fsync"] if args.fsync else [])
     extra += ["--no-gossip"] if args.no_gossip else []
+    extra += forwarded_security_args(args)
     nodes = [
         NodeProcess(
             args.data_dir / f"node{i}",
@@ -112,7 +237,8 @@ def run_cluster(args: argparse.Namespace) -> int:
             node.start(wait=False)
         for i, node in enumerate(nodes):
             node.wait_ready()
-            print(f"node{i}: {ports_line(args.host, node.ports.base)}  (log {node.log_file})", flush=True)
+            line = ports_line(args.host, node.ports.base, node.rest_tls)
+            print(f"node{i}: {line}  (log {node.log_file})", flush=True)
         print(f"cluster of {args.nodes} nodes is up; Ctrl-C stops them all", flush=True)
         while not stop.wait(0.5):
             if dead := [n for n in nodes if not n.alive()]:
@@ -130,20 +256,43 @@ def run_cluster(args: argparse.Namespace) -> int:
     return code
 
 
-def show_status(url: str) -> int:
+def show_status(url: str, token: str | None = None, cacert: Path | None = None) -> int:
     """Print a node's status as JSON."""
     import httpx
 
-    response = httpx.get(f"{url.rstrip('/')}/status", timeout=5)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(
+        f"{url.rstrip('/')}/status", timeout=5, headers=headers, verify=tls_context_for(cacert)
+    )
     print(response.text)
     return 0 if response.is_success else 1
+
+
+def hash_token_command(token: str | None, role: str) -> int:
+    """`potboiler hash-token`: print the tokens-file line of a token (made up if not given)."""
+    import secrets
+
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    if not token:
+        token = secrets.token_urlsafe(32)
+        print(f"token (give it to the client, keep it secret): {token}", file=sys.stderr)
+    print(token_line(token, Role(role)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `potboiler` console script."""
     args = parser().parse_args(argv)
     if args.command == "status":
-        return show_status(args.url)
+        return show_status(args.url, args.token, args.cacert)
+    if args.command == "hash-token":
+        return hash_token_command(args.token, args.role)
+    try:
+        security = security_config(args)
+    except SecurityConfigError as exc:
+        print(f"potboiler: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format=f"%(asctime)s {os.getpid()} %(name)s %(levelname)s %(message)s",
@@ -159,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         fsync=args.fsync,
         gossip=not args.no_gossip,
         clock=HybridClock(skewed_clock(args.clock_skew_ms)) if args.clock_skew_ms else None,
+        security=security,
     )
     try:
         asyncio.run(run_node(config))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import json
 import signal
 import string
@@ -22,6 +23,7 @@ import httpx
 from google.protobuf import descriptor_pb2
 
 import potboiler.v1
+from potboiler.server.security import RestTlsFiles, TlsFiles
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway" / "envoy.yaml"
 DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
@@ -83,8 +85,62 @@ def services_by_port() -> dict[str, list[str]]:
     return out
 
 
-def render(host: str, ports: Ports, grpc_host: str) -> str:
-    """The Envoy config of one node."""
+_TLS_SOCKET = "envoy.transport_sockets.tls"
+_TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+
+
+def _certificate(cert: Path, key: Path) -> dict[str, object]:
+    return {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+
+
+def downstream_tls(rest_tls: RestTlsFiles | None) -> str:
+    """The REST listeners' `transport_socket` line: HTTPS (HTTP/2 and HTTP/1.1) when configured."""
+    if rest_tls is None:
+        return "# plaintext REST (no --rest-tls-cert)"
+    files = rest_tls.resolved()
+    socket = {
+        "name": _TLS_SOCKET,
+        "typed_config": {
+            "@type": _TLS_TYPES + "DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificates": [_certificate(files.cert, files.key)],
+                "alpn_protocols": ["h2", "http/1.1"],
+            },
+        },
+    }
+    return "transport_socket: " + json.dumps(socket)
+
+
+def upstream_tls(tls: TlsFiles | None, grpc_host: str) -> str:
+    """The node cluster's `transport_socket` line: with mTLS on, Envoy dials the node's gRPC server
+    over TLS with the node's certificate as client certificate and the cluster CA as trust."""
+    if tls is None:
+        return "# plaintext upstream (mTLS off)"
+    files = tls.resolved()
+    context: dict[str, object] = {
+        "common_tls_context": {
+            "tls_certificates": [_certificate(files.cert, files.key)],
+            "validation_context": {"trusted_ca": {"filename": str(files.ca)}},
+            "alpn_protocols": ["h2"],
+        },
+    }
+    try:
+        ipaddress.ip_address(grpc_host)
+    except ValueError:
+        context["sni"] = grpc_host
+    socket = {"name": _TLS_SOCKET, "typed_config": {"@type": _TLS_TYPES + "UpstreamTlsContext", **context}}
+    return "transport_socket: " + json.dumps(socket)
+
+
+def render(
+    host: str,
+    ports: Ports,
+    grpc_host: str,
+    *,
+    tls: TlsFiles | None = None,
+    rest_tls: RestTlsFiles | None = None,
+) -> str:
+    """The Envoy config of one node (`tls`: mTLS to the node; `rest_tls`: HTTPS for REST clients)."""
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
@@ -104,10 +160,16 @@ def render(host: str, ports: Ports, grpc_host: str) -> str:
             DESCRIPTOR=str(DESCRIPTOR),
             SERVICES=json.dumps(services[name]),
             MAX_BODY=MAX_BODY_BYTES,
+            DOWNSTREAM_TLS=downstream_tls(rest_tls),
         )
         blocks.append(block)
     listeners = "\n" + "\n".join("    " + line if line else line for b in blocks for line in b.splitlines())
-    return string.Template(main).substitute(LISTENERS=listeners, GRPC_HOST=grpc_host, GRPC_PORT=ports.grpc)
+    return string.Template(main).substitute(
+        LISTENERS=listeners,
+        GRPC_HOST=grpc_host,
+        GRPC_PORT=ports.grpc,
+        UPSTREAM_TLS=upstream_tls(tls, grpc_host),
+    )
 
 
 def _die_with_parent() -> None:
@@ -120,9 +182,17 @@ class Gateway:
     """One Envoy process serving a node's REST ports."""
 
     def __init__(
-        self, host: str, ports: Ports, grpc_host: str, workdir: Path, log_level: str = "warning"
+        self,
+        host: str,
+        ports: Ports,
+        grpc_host: str,
+        workdir: Path,
+        log_level: str = "warning",
+        *,
+        tls: TlsFiles | None = None,
+        rest_tls: RestTlsFiles | None = None,
     ) -> None:
-        self._config = render(host, ports, grpc_host)
+        self._config = render(host, ports, grpc_host, tls=tls, rest_tls=rest_tls)
         self._workdir = workdir
         self._log_level = log_level
         self._process: asyncio.subprocess.Process | None = None

@@ -20,8 +20,9 @@ from potboiler.server.membership import Membership
 from potboiler.server.metrics import MetricsServer
 from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.plugin import NodeContext, NodeService
-from potboiler.server.replication import ReplicationServicer, Replicator
+from potboiler.server.replication import ReplicationServicer, Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer
+from potboiler.server.security import SecurityConfig
 from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
 from potboiler.server.webhooks import Webhooks
@@ -75,6 +76,8 @@ class NodeConfig:
     gossip: bool = True
     #: Serve Prometheus metrics on base_port + 5.
     metrics: bool = True
+    #: mTLS between nodes, client tokens, HTTPS for REST, the webhook policy (all off by default).
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def ports(self) -> Ports:
@@ -96,8 +99,15 @@ class Node:
         self.log = Log(self.store, config.clock)
         self.appender = Appender(self.log, self.store, sync=config.fsync)
         self.membership = Membership(self.store, config.url)
-        self.webhooks = Webhooks(self.store, self.appender)
-        self.replicator = Replicator(self.appender, self.membership, gossip=config.gossip)
+        security = config.security
+        self.webhooks = Webhooks(self.store, self.appender, policy=security.webhook_policy)
+        self.replicator = Replicator(
+            self.appender,
+            self.membership,
+            gossip=config.gossip,
+            channel=lambda target: security.peer_channel(target, channel_options()),
+            metadata=security.peer_metadata(),
+        )
         self.services: list[NodeService] = []
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
@@ -109,7 +119,7 @@ class Node:
         """Serve gRPC, start the services and the gateway."""
         config = self.config
         self.appender.start()
-        server = grpc.aio.server(options=server_options())
+        server = grpc.aio.server(options=server_options(), interceptors=config.security.interceptors())
         log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), server)
         core_rest_pb2_grpc.add_CoreRestServiceServicer_to_server(
             CoreRestServicer(self.appender, self.membership), server
@@ -143,7 +153,12 @@ class Node:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         port = config.ports.grpc if config.grpc_port is None else config.grpc_port
         try:
-            self.grpc_port = server.add_insecure_port(f"{config.host}:{port}")
+            address = f"{config.host}:{port}"
+            tls = config.security.tls
+            if tls is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, tls.server_credentials())
         except RuntimeError:
             raise OSError(f"cannot listen on {config.host}:{port} (gRPC): the port is in use") from None
         await server.start()
@@ -160,7 +175,14 @@ class Node:
         if config.metrics:
             self.metrics = MetricsServer(self, config.host, config.ports.metrics)
         if config.gateway:
-            self.gateway = Gateway(config.host, config.ports, config.host, config.data_dir / "gateway")
+            self.gateway = Gateway(
+                config.host,
+                config.ports,
+                config.host,
+                config.data_dir / "gateway",
+                tls=config.security.tls,
+                rest_tls=config.security.rest_tls,
+            )
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
 

@@ -69,12 +69,22 @@ class NodeProcess:
 
     @property
     def url(self) -> str:
-        """The node's root URL (core REST)."""
+        """The node's root URL, its name among peers (http:// even when REST is served over HTTPS)."""
         return f"http://{self.host}:{self.ports.core}"
 
+    @property
+    def rest_tls(self) -> bool:
+        """Whether the node serves REST over HTTPS (started with --rest-tls-cert)."""
+        return "--rest-tls-cert" in self.extra_args
+
+    @property
+    def rest_url(self) -> str:
+        """The URL of the node's core REST port (https:// with --rest-tls-cert)."""
+        return self.port_url(self.ports.core)
+
     def port_url(self, port: int) -> str:
-        """http://host:port of one of the node's ports."""
-        return f"http://{self.host}:{port}"
+        """http(s)://host:port of one of the node's REST ports."""
+        return f"{'https' if self.rest_tls else 'http'}://{self.host}:{port}"
 
     @property
     def grpc_target(self) -> str:
@@ -105,13 +115,16 @@ class NodeProcess:
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the node answers REST on its core port."""
+        """Wait until the node answers REST on its core port: 200, or 401/403 when it requires tokens
+        (either way the request went through Envoy to the node's gRPC server and back). Over HTTPS
+        the certificate is not checked: nothing secret is sent, and only the answer's status counts."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}; see {self.log_file}")
             try:
-                if httpx.get(f"{self.url}/log", timeout=1.0).status_code == 200:
+                status = httpx.get(f"{self.rest_url}/log", timeout=1.0, verify=False).status_code
+                if status in (200, 401, 403):
                     return
             except httpx.HTTPError:
                 pass

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from potboiler.server.appender import Appender
+from potboiler.server.backoff import Backoff
 from potboiler.server.errors import Conflict, InvalidArgument, PotboilerError, Removed
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.ids import parse_uuid
@@ -44,6 +45,8 @@ MAX_BATCH = 1000
 MAX_BATCH_BYTES = 4 << 20
 #: Most entries sent to a peer and not yet acknowledged.
 WINDOW = 20_000
+#: Reconnection delays: 50 ms doubling to 5 s.
+RECONNECT = Backoff(first=0.05, cap=5.0)
 #: Offset of the direct gRPC port from a node's base port.
 GRPC_PORT_OFFSET = 10
 
@@ -292,18 +295,6 @@ class Peer:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: `first` seconds, doubling up to `cap`."""
-
-    first: float = 0.05
-    cap: float = 5.0
-
-    def delay(self, failures: int) -> float:
-        """The wait after `failures` consecutive failures."""
-        return float(min(self.cap, self.first * 2 ** max(0, failures - 1)))
-
-
 def channel_options() -> list[tuple[str, int]]:
     """Options of the channels to peers: keepalive, big messages, no port sharing."""
     return [
@@ -327,10 +318,18 @@ class Replicator:
         membership: Membership,
         *,
         gossip: bool = True,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = RECONNECT,
         linger: float = 0.001,
+        channel: Callable[[str], grpc.aio.Channel] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.appender = appender
+        #: Opens a channel to a peer's gRPC target (plaintext unless given, e.g. mTLS).
+        self._channel = channel or (
+            lambda target: grpc.aio.insecure_channel(target, options=channel_options())
+        )
+        #: Metadata of every replication call dialed (e.g. a peer token).
+        self._metadata = metadata
         self.log = appender.log
         self.membership = membership
         self.gossip = gossip
@@ -421,14 +420,14 @@ class Replicator:
     async def _dial_loop(self, peer: Peer) -> None:
         failures = 0
         target = grpc_target(peer.url)
-        async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+        async with self._channel(target) as channel:
             stub = replication_pb2_grpc.ReplicationServiceStub(channel)
             while self._running:
                 # While the peer's own stream to us is the one kept, do not dial.
                 if peer.sessions and not any(s.dialed for s in peer.sessions):
                     await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
                     continue
-                call = stub.Replicate()
+                call = stub.Replicate(metadata=self._metadata or None)
                 session = Session(
                     self, _ClientTransport(call), dialed=True, make_message=replication_pb2.ReplicateRequest
                 )

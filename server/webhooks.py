@@ -1,5 +1,10 @@
 """Webhooks: every registered URL receives every delivered entry as an HTTP POST of its JSON.
 
+Targets are subject to the node's `WebhookPolicy` (potboiler.server.security): checked when a URL
+is registered (a refusal is a 400) and on every delivery attempt (a refusal is a failed attempt).
+Delivery follows no redirects (a 3xx is a failure), has connect and read timeouts and an overall
+deadline per attempt, and reads at most `MAX_RESPONSE_BYTES` of a receiver's answer.
+
 Each URL has a durable cursor over this node's delivery order (`w<url>` -> position). One task per
 URL posts entries one by one in that order — so in causal order — advancing the cursor after each
 2xx, and retrying a failing entry with capped exponential backoff. A slow or dead receiver only
@@ -19,15 +24,23 @@ from dataclasses import dataclass
 import httpx
 
 from potboiler.server.appender import Appender
+from potboiler.server.backoff import Backoff
 from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import NotFound, TooLarge
+from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
 from potboiler.server.urls import http_url
 
 log = logging.getLogger(__name__)
 
+#: Retry delays of a failing receiver: 0.1 s doubling to 10 s.
+RETRY = Backoff(first=0.1, cap=10.0)
 #: Most registered webhooks per node.
 MAX_WEBHOOKS = 100
+#: Most bytes read of a receiver's answer; the rest is not read (the connection is closed).
+MAX_RESPONSE_BYTES = 64 << 10
+#: Longest one delivery attempt may take, seconds (a receiver dribbling its answer cannot hold it).
+ATTEMPT_TIMEOUT = 30.0
 _U64 = struct.Struct(">Q")
 _PREFIX = b"w"
 
@@ -44,18 +57,6 @@ class WebhookState:
     failed_attempts: int = 0
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Retry delays: `first` seconds, doubling up to `cap`."""
-
-    first: float = 0.1
-    cap: float = 10.0
-
-    def delay(self, failures: int) -> float:
-        """The wait after `failures` consecutive failures (>= 1)."""
-        return float(min(self.cap, self.first * 2 ** (failures - 1)))
-
-
 class Webhooks:
     """The registered URLs and their delivery tasks."""
 
@@ -64,12 +65,14 @@ class Webhooks:
         store: Store,
         appender: Appender,
         *,
-        client: Callable[[], httpx.AsyncClient] = lambda: httpx.AsyncClient(timeout=10.0),
-        backoff: Backoff = Backoff(),
+        client: Callable[[], httpx.AsyncClient] | None = None,
+        backoff: Backoff = RETRY,
+        policy: WebhookPolicy | None = None,
     ) -> None:
         self._store = store
         self._appender = appender
-        self._client_factory = client
+        self._policy = policy or WebhookPolicy()
+        self._client_factory = client or self._policy.client
         self._client: httpx.AsyncClient | None = None
         self._backoff = backoff
         self._states: dict[str, WebhookState] = {}
@@ -98,10 +101,12 @@ class Webhooks:
             self._client = None
 
     def register(self, url: str) -> None:
-        """Register `url` (delivery starts at the beginning of the log); again is a no-op."""
+        """Register `url` (delivery starts at the beginning of the log); again is a no-op.
+        InvalidArgument if it is not an http(s) URL or the webhook policy refuses it."""
         http_url(url)
         if url in self._states:
             return
+        self._policy.check_url(url)
         if len(self._states) >= MAX_WEBHOOKS:
             raise TooLarge(f"this node already has the maximum of {MAX_WEBHOOKS} webhooks")
         self._store.write([(_PREFIX + url.encode(), _U64.pack(0))], sync=True)
@@ -146,15 +151,16 @@ class Webhooks:
         assert self._client is not None
         while True:
             try:
-                response = await self._client.post(
-                    state.url, content=body, headers={"content-type": "application/json"}
-                )
-                if response.is_success:
+                async with asyncio.timeout(ATTEMPT_TIMEOUT):
+                    status = await self._post(state.url, body)
+                if 200 <= status < 300:
                     state.failures, state.last_error = 0, ""
                     return
-                error = f"HTTP {response.status_code}"
+                error = f"HTTP {status}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
+            except TimeoutError:
+                error = f"no complete answer within {ATTEMPT_TIMEOUT:g}s"
             state.failures += 1
             state.failed_attempts += 1
             state.last_error = error
@@ -167,3 +173,16 @@ class Webhooks:
                 delay,
             )
             await asyncio.sleep(delay)
+
+    async def _post(self, url: str, body: bytes) -> int:
+        """POST one entry; returns the status, having read at most MAX_RESPONSE_BYTES of the answer."""
+        assert self._client is not None
+        async with self._client.stream(
+            "POST", url, content=body, headers={"content-type": "application/json"}
+        ) as response:
+            received = 0
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if received >= MAX_RESPONSE_BYTES:
+                    break  # closing the response unread drops the connection
+            return response.status_code

@@ -1,0 +1,651 @@
+"""A node's security, all optional and off by default (see the README, "Running it safely").
+
+- mTLS between nodes (`TlsFiles`): the node's direct gRPC server requires a client certificate
+  signed by the cluster CA, and replication dials peers with the node's certificate.
+- Client authentication (`TokenStore`, `AuthInterceptor`): bearer tokens, stored as SHA-256 hashes
+  with a role (`read` or `write`), checked by a gRPC server interceptor on every call, so REST
+  through Envoy (which forwards the Authorization header as metadata) and direct gRPC are covered
+  alike. Health checks stay open.
+- Webhook SSRF protection (`WebhookPolicy`, `GuardedTransport`): allow all targets, deny private
+  ones, or admit an allowlist; with deny-private the target's name is resolved once and the
+  connection goes to the very address that was checked.
+
+Configuration errors (a missing certificate, a malformed token file) raise `SecurityConfigError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import inspect
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+
+from potboiler.server.errors import InvalidArgument
+from potboiler.server.urls import http_url
+
+
+class SecurityConfigError(ValueError):
+    """A security setting cannot be used (missing or malformed file, bad flag value)."""
+
+
+# -- TLS material --------------------------------------------------------------------------
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise SecurityConfigError(f"the {what} {path} is not a PEM file")
+    return data
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files of a node's mTLS identity: the cluster CA, the node's certificate (chain) and
+    its private key. The certificate must name the host of the node's URL (a DNS or IP SAN),
+    since peers dial that host and check the name."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def __post_init__(self) -> None:
+        for path, what in ((self.ca, "CA certificate"), (self.cert, "certificate"), (self.key, "key")):
+            _read_pem(path, what)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials of the node's gRPC server: its certificate, and client certificates
+        required and verified against the cluster CA."""
+        return grpc.ssl_server_credentials(
+            [(_read_pem(self.key, "key"), _read_pem(self.cert, "certificate"))],
+            root_certificates=_read_pem(self.ca, "CA certificate"),
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials to dial a peer: trust the cluster CA, present the node's certificate."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.ca, "CA certificate"),
+            private_key=_read_pem(self.key, "key"),
+            certificate_chain=_read_pem(self.cert, "certificate"),
+        )
+
+    def resolved(self) -> TlsFiles:
+        """The same files as absolute paths (Envoy runs in another directory)."""
+        return TlsFiles(self.ca.resolve(), self.cert.resolve(), self.key.resolve())
+
+
+@dataclass(frozen=True)
+class RestTlsFiles:
+    """Certificate (chain) and key with which Envoy serves the REST ports over HTTPS."""
+
+    cert: Path
+    key: Path
+
+    def __post_init__(self) -> None:
+        _read_pem(self.cert, "REST certificate")
+        _read_pem(self.key, "REST key")
+
+    def resolved(self) -> RestTlsFiles:
+        """The same files as absolute paths."""
+        return RestTlsFiles(self.cert.resolve(), self.key.resolve())
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    """What a token may do: `read` calls only read RPCs; `write` calls everything."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+#: Longest bearer token accepted (longer ones are refused unhashed).
+MAX_TOKEN_LENGTH = 4096
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token: the hex SHA-256 of its UTF-8 bytes. Tokens are random secrets
+    (`potboiler hash-token` makes 32 random bytes), so a fast hash is enough: there is nothing to
+    guess from it."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def token_line(token: str, role: Role) -> str:
+    """One line of a tokens file for `token`."""
+    return f"{hash_token(token)} {role.value}"
+
+
+class TokenStore:
+    """Hashed tokens with their roles, as read from a tokens file.
+
+    The file has one token per line, `<sha256 hex of the token> <read|write> [label]`; blank lines
+    and lines starting with `#` are ignored. A presented token is hashed and compared with EVERY
+    stored hash using `hmac.compare_digest` (constant time, no early exit), so neither the timing of
+    one comparison nor the number of comparisons tells how close a guess was or which entry it hit.
+    """
+
+    def __init__(self, entries: Iterable[tuple[str, Role]]) -> None:
+        self._entries: list[tuple[bytes, Role]] = []
+        for digest, role in entries:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise SecurityConfigError(f"{digest!r} is not a SHA-256 hex digest")
+            self._entries.append((digest.lower().encode(), role))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "tokens file") -> TokenStore:
+        """Tokens from the text of a tokens file."""
+        entries = []
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) < 2:
+                raise SecurityConfigError(f"{source}:{number}: expected '<sha256 hex> <read|write>'")
+            try:
+                role = Role(fields[1].lower())
+            except ValueError:
+                raise SecurityConfigError(
+                    f"{source}:{number}: role {fields[1]!r} is not 'read' or 'write'"
+                ) from None
+            try:
+                cls([(fields[0], role)])
+            except SecurityConfigError as exc:
+                raise SecurityConfigError(f"{source}:{number}: {exc}") from None
+            entries.append((fields[0], role))
+        if not entries:
+            raise SecurityConfigError(f"{source} holds no tokens (every call would be refused)")
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenStore:
+        """Tokens from a tokens file."""
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecurityConfigError(f"cannot read the tokens file {path}: {exc}") from None
+        return cls.parse(text, str(path))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def role_of(self, token: str) -> Role | None:
+        """The role of `token`, or None if it is not one of the stored tokens."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            return None
+        presented = hash_token(token).encode()
+        found: Role | None = None
+        for digest, role in self._entries:
+            # Every entry is compared, matched or not: the time taken does not depend on which one.
+            if hmac.compare_digest(presented, digest) and (found is None or role is Role.WRITE):
+                found = role
+        return found
+
+
+# -- the auth interceptor ------------------------------------------------------------------
+
+#: Header Envoy sets (overwriting any a client sent) on every request it forwards. A call that
+#: has it came through the gateway, so the gateway's TLS client certificate does not make it a peer.
+GATEWAY_HEADER = "x-potboiler-gateway"
+#: Calls open to anyone, whatever the settings.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+#: Read-only services beside ours.
+READ_PREFIXES = ("/grpc.reflection.",)
+#: The node-to-node RPC: a verified peer certificate authenticates it.
+PEER_METHODS = frozenset({"/potboiler.v1.ReplicationService/Replicate"})
+#: Verbs of read RPCs (after an optional `Rest` prefix, as in `RestGetTask`).
+READ_VERBS = ("Get", "List", "Subscribe")
+
+
+def required_role(method: str) -> Role | None:
+    """The role a call of `method` (`/package.Service/Method`) needs; None if it is open.
+    Anything not recognisably a read is a write (fail closed)."""
+    if method.startswith(OPEN_PREFIXES):
+        return None
+    if method.startswith(READ_PREFIXES):
+        return Role.READ
+    name = method.rsplit("/", 1)[-1]
+    name = name.removeprefix("Rest")
+    if name.startswith(READ_VERBS) and method not in PEER_METHODS:
+        return Role.READ
+    return Role.WRITE
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` metadata entry, if any."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def _via_gateway(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    return any(key.lower() == GATEWAY_HEADER for key, _ in metadata or ())
+
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Behavior = Callable[..., Any]
+
+
+def _with_behavior(handler: Handler, behavior: Behavior) -> Handler:
+    """A handler of the same kind and (de)serializers as `handler`, running `behavior`."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _original(handler: Handler) -> Behavior:
+    behavior = (
+        handler.stream_stream
+        or handler.stream_unary
+        or handler.unary_stream
+        or handler.unary_unary
+    )  # fmt: skip
+    assert behavior is not None
+    return behavior
+
+
+def _refuse(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(code, details)
+
+    return _with_behavior(handler, refuse)
+
+
+def _peer_certificate_verified(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    auth = context.auth_context()
+    return auth.get("transport_security_type") == [b"ssl"] and bool(context.peer_identities())
+
+
+def _require_peer_certificate(handler: Handler) -> Handler:
+    """Run `handler` only if the connection presented a client certificate that TLS verified (the
+    server requires one signed by the cluster CA, so this is belt and braces)."""
+    original = _original(handler)
+    denied = "replication needs a client certificate from the cluster CA"
+    if inspect.isasyncgenfunction(original):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if not _peer_certificate_verified(context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+            async for item in original(request, context):
+                yield item
+
+        return _with_behavior(handler, stream)
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not _peer_certificate_verified(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+        result = original(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return _with_behavior(handler, call)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks every call of a node's gRPC server.
+
+    - Health checks (`grpc.health.v1.Health`) are always open.
+    - With `tokens`: every other call needs `authorization: Bearer <token>` with a known token
+      (else UNAUTHENTICATED, REST 401); read RPCs (Get*, List*, Subscribe*, reflection) need a
+      `read` or `write` token, every other RPC a `write` token (else PERMISSION_DENIED, REST 403).
+    - With `peer_certificates` (mTLS on): ReplicationService/Replicate called directly (not
+      through the gateway) is authenticated by the peer's verified certificate, no token needed;
+      through the gateway it needs a write token, and is refused outright when there are no tokens.
+    """
+
+    def __init__(self, tokens: TokenStore | None, *, peer_certificates: bool) -> None:
+        self._tokens = tokens
+        self._peer_certificates = peer_certificates
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        need = required_role(method)
+        if need is None:
+            return handler
+        metadata: Any = handler_call_details.invocation_metadata
+        if method in PEER_METHODS and self._peer_certificates:
+            if not _via_gateway(metadata):
+                return _require_peer_certificate(handler)
+            if self._tokens is None:
+                return _refuse(
+                    handler,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "replication is for cluster peers on the direct gRPC port",
+                )
+        if self._tokens is None:
+            return handler
+        token = bearer_token(metadata)
+        if token is None:
+            return _refuse(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this node requires a token: send 'authorization: Bearer <token>'",
+            )
+        role = self._tokens.role_of(token)
+        if role is None:
+            return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "the token is not valid")
+        if need is Role.WRITE and role is not Role.WRITE:
+            if method in PEER_METHODS:
+                # Not PERMISSION_DENIED: to a dialing peer that means "you were removed".
+                return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "replication needs a write token")
+            return _refuse(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} needs a write token; this token may only read",
+            )
+        return handler
+
+
+# -- webhook SSRF policy -------------------------------------------------------------------
+
+
+class PolicyMode(enum.Enum):
+    """Which webhook targets a node may POST to."""
+
+    #: Any http(s) URL (the default: a receiver on the same machine is the common case in development).
+    ALLOW_ALL = "allow-all"
+    #: Only targets whose every address is public: no private, loopback, link-local, multicast,
+    #: reserved or unspecified address, IPv4 or IPv6 (IPv4-mapped and other embeddings included).
+    DENY_PRIVATE = "deny-private"
+    #: Only the host[:port] targets listed with --webhook-allow.
+    ALLOWLIST = "allowlist"
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SHARED = ipaddress.IPv4Network("100.64.0.0/10")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def forbidden_reason(address: IPAddress) -> str | None:
+    """Why deny-private refuses `address`, or None if it is a public address."""
+    if isinstance(address, ipaddress.IPv6Address) and (inner := _embedded_ipv4(address)) is not None:
+        reason = forbidden_reason(inner)
+        return f"{reason} (embedded in {address})" if reason else None
+    for flag, what in (
+        ("is_unspecified", "unspecified"),
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local"),
+        ("is_multicast", "multicast"),
+        ("is_private", "private"),
+        ("is_reserved", "reserved"),
+    ):
+        if getattr(address, flag):
+            return f"{address} is a {what} address"
+    if isinstance(address, ipaddress.IPv4Address) and address in _SHARED:
+        return f"{address} is a shared (carrier-grade NAT) address"
+    if not address.is_global:
+        return f"{address} is not a public address"
+    return None
+
+
+@dataclass(frozen=True)
+class AllowedTarget:
+    """One --webhook-allow entry: a host (name or IP, lower case), and a port or None for any."""
+
+    host: str
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedTarget:
+        """`host`, `host:port`, `[v6]` or `[v6]:port`."""
+        text = text.strip()
+        try:
+            parts = urlsplit(f"http://{text}")
+            port = parts.port
+        except ValueError:
+            raise SecurityConfigError(f"--webhook-allow {text!r} is not HOST[:PORT]") from None
+        host = (parts.hostname or "").lower()
+        if (
+            not host
+            or any(c.isspace() or not c.isprintable() for c in text)
+            or parts.path
+            or parts.query
+            or parts.username
+            or port == 0
+        ):
+            raise SecurityConfigError(f"--webhook-allow {text!r} is not HOST[:PORT]")
+        return cls(host, port)
+
+    def admits(self, host: str, port: int) -> bool:
+        """Whether a URL's host and (effective) port match this entry."""
+        return host == self.host and (self.port is None or self.port == port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+#: Resolves a host name and port to IP address strings.
+Resolver = Callable[[str, int], list[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for `host` (TCP)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _target(url: httpx.URL | str) -> tuple[str, int]:
+    parts = urlsplit(str(url))
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return host, port
+
+
+class BlockedTarget(httpx.ConnectError):
+    """The webhook policy refused the target (counts as a failed delivery attempt)."""
+
+
+#: Connect timeout of a webhook POST, seconds.
+CONNECT_TIMEOUT = 5.0
+#: Read (and write) timeout of a webhook POST: longest silence, seconds.
+READ_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class WebhookPolicy:
+    """The webhook target policy of a node. `check_url` runs at registration (a refusal is a
+    400); `client()` makes the HTTP client used for delivery, whose transport applies the same
+    policy on every attempt (a refusal is a failed attempt, retried with backoff)."""
+
+    mode: PolicyMode = PolicyMode.ALLOW_ALL
+    allow: tuple[AllowedTarget, ...] = ()
+    #: Seams for tests: how names are resolved, and why an address is refused (deny-private).
+    resolver: Resolver = field(default=system_resolver, compare=False)
+    address_check: Callable[[IPAddress], str | None] = field(default=forbidden_reason, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode is PolicyMode.ALLOWLIST and not self.allow:
+            raise SecurityConfigError("--webhook-policy allowlist needs at least one --webhook-allow")
+        if self.mode is not PolicyMode.ALLOWLIST and self.allow:
+            raise SecurityConfigError("--webhook-allow is only used with --webhook-policy allowlist")
+
+    def refusal(self, host: str, port: int, addresses: Sequence[str] | None = None) -> str | None:
+        """Why the policy refuses `host:port` (resolving it with `addresses` given, else by the
+        resolver, for deny-private); None if it admits it."""
+        if self.mode is PolicyMode.ALLOW_ALL:
+            return None
+        if self.mode is PolicyMode.ALLOWLIST:
+            if any(a.admits(host, port) for a in self.allow):
+                return None
+            listed = ", ".join(str(a) for a in self.allow)
+            return f"{host}:{port} is not in the webhook allowlist ({listed})"
+        if addresses is None:
+            addresses = self.resolver(host, port)
+        if not addresses:
+            return f"{host} resolves to no address"
+        for text in addresses:
+            reason = self.address_check(ipaddress.ip_address(text.split("%", 1)[0]))
+            if reason is not None:
+                shown = "" if host == text else f"{host} resolves to {text}: "
+                return f"webhook policy deny-private: {shown}{reason}"
+        return None
+
+    def check_url(self, url: str) -> None:
+        """At registration: InvalidArgument (400) with the reason if the policy refuses `url`.
+        With deny-private, a name that does not resolve now is accepted (it is checked again at
+        every delivery attempt)."""
+        http_url(url)
+        host, port = _target(url)
+        try:
+            reason = self.refusal(host, port)
+        except OSError:
+            return
+        if reason is not None:
+            raise InvalidArgument(f"url {url!r} is refused: {reason}")
+
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """The delivery transport: plain for allow-all, guarded otherwise."""
+        if self.mode is PolicyMode.ALLOW_ALL:
+            return httpx.AsyncHTTPTransport(retries=0)
+        return GuardedTransport(self)
+
+    def client(self) -> httpx.AsyncClient:
+        """The delivery client: the policy's transport, no redirects followed, no proxies from
+        the environment (they would connect elsewhere than the address checked), timeouts."""
+        return httpx.AsyncClient(
+            transport=self.transport(),
+            follow_redirects=False,
+            trust_env=False,
+            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+        )
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """Applies a webhook policy to every request. With deny-private the host is resolved ONCE,
+    every address is checked, and the connection goes to the first address by IP, with the Host
+    header and TLS SNI (and certificate check) still naming the host: no second lookup can swap
+    in another address (DNS rebinding)."""
+
+    def __init__(
+        self,
+        policy: WebhookPolicy,
+        make_inner: Callable[[], httpx.AsyncBaseTransport] = lambda: httpx.AsyncHTTPTransport(retries=0),
+    ) -> None:
+        self._policy = policy
+        self._make_inner = make_inner
+        # One inner transport (connection pool) per scheme and host name: pools are keyed by the
+        # address connected to, and a TLS connection verified for one name must not carry
+        # requests for another name at the same address.
+        self._inners: dict[tuple[str, str, int], httpx.AsyncBaseTransport] = {}
+
+    def _inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
+        host, port = _target(request.url)
+        key = (request.url.scheme, host, port)
+        if (inner := self._inners.get(key)) is None:
+            inner = self._inners[key] = self._make_inner()
+        return inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host, port = _target(request.url)
+        if self._policy.mode is not PolicyMode.DENY_PRIVATE:
+            reason = self._policy.refusal(host, port)
+            if reason is not None:
+                raise BlockedTarget(reason, request=request)
+            return await self._inner(request).handle_async_request(request)
+        try:
+            addresses = await asyncio.to_thread(self._policy.resolver, host, port)
+        except OSError as exc:
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
+        reason = self._policy.refusal(host, port, addresses)
+        if reason is not None:
+            raise BlockedTarget(reason, request=request)
+        inner = self._inner(request)
+        address = addresses[0].split("%", 1)[0]
+        if address != host:
+            request.url = request.url.copy_with(host=address)
+            if request.url.scheme == "https":
+                request.extensions = {**request.extensions, "sni_hostname": host}
+        return await inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        inners, self._inners = list(self._inners.values()), {}
+        for inner in inners:
+            await inner.aclose()
+
+
+def tls_context_for(ca: Path | None) -> ssl.SSLContext | bool:
+    """An httpx `verify` value: the given CA, else the system's."""
+    return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
+
+
+# -- everything together -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """A node's security settings (all off by default)."""
+
+    #: mTLS between nodes (the direct gRPC port, replication, Envoy's upstream).
+    tls: TlsFiles | None = None
+    #: Bearer tokens every call needs (health checks excepted).
+    tokens: TokenStore | None = None
+    #: Token sent when dialing peers (needed when they check tokens and mTLS is off).
+    peer_token: str | None = None
+    #: HTTPS on the REST ports (Envoy terminates TLS).
+    rest_tls: RestTlsFiles | None = None
+    webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The server interceptors these settings need (none when auth and mTLS are off)."""
+        if self.tokens is None and self.tls is None:
+            return []
+        return [AuthInterceptor(self.tokens, peer_certificates=self.tls is not None)]
+
+    def peer_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of the calls dialed to peers."""
+        return (("authorization", f"Bearer {self.peer_token}"),) if self.peer_token else ()
+
+    def peer_channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+        """A channel to a peer's direct gRPC port: mTLS when configured, else plaintext."""
+        if self.tls is not None:
+            return grpc.aio.secure_channel(target, self.tls.channel_credentials(), options=options)
+        return grpc.aio.insecure_channel(target, options=options)

@@ -1,0 +1,214 @@
+"""The webhook SSRF policy on its own: which addresses deny-private refuses, registration checks,
+the allowlist, and the guarded transport, which resolves a name once and connects to the very
+address it checked (with a fake resolver and a real receiver on loopback)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import httpx
+import pytest
+
+from potboiler.server.errors import InvalidArgument
+from potboiler.server.security import (
+    CONNECT_TIMEOUT,
+    READ_TIMEOUT,
+    AllowedTarget,
+    BlockedTarget,
+    IPAddress,
+    PolicyMode,
+    SecurityConfigError,
+    WebhookPolicy,
+    forbidden_reason,
+)
+from tests.security.conftest import Answer, Receiver
+
+FORBIDDEN = [
+    "127.0.0.1",
+    "127.8.9.10",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "0.0.0.0",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "::1",
+    "::",
+    "fe80::1",
+    "fc00::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",
+    "::ffff:169.254.169.254",
+    "::ffff:10.0.0.1",
+    "2002:7f00:1::",
+    "64:ff9b::a00:1",
+]
+PUBLIC = ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+
+
+@pytest.mark.parametrize("address", FORBIDDEN)
+def test_deny_private_refuses_every_non_public_address(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_deny_private_admits_public_addresses(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is None
+
+
+def resolver_of(table: dict[str, list[str]]) -> tuple[list[str], WebhookPolicy]:
+    """A deny-private policy resolving names from `table` only, and the list of names looked up."""
+    looked_up: list[str] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        if host not in table:
+            raise OSError(f"unknown host {host}")
+        return table[host]
+
+    return looked_up, WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=resolve)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1/", "127.0.0.1 is a loopback address"),
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is a link-local address"),
+        ("http://[::1]:8080/", "loopback"),
+        ("http://[::ffff:127.0.0.1]/", "loopback"),
+        ("http://localhost:9000/hook", "localhost resolves to 127.0.0.1: 127.0.0.1 is a loopback address"),
+        ("https://mixed.example/", "mixed.example resolves to 10.0.0.5"),
+    ],
+)
+def test_deny_private_refuses_at_registration(url: str, reason: str) -> None:
+    _, policy = resolver_of(
+        {
+            "127.0.0.1": ["127.0.0.1"],
+            "169.254.169.254": ["169.254.169.254"],
+            "::1": ["::1"],
+            "::ffff:127.0.0.1": ["::ffff:127.0.0.1"],
+            "localhost": ["127.0.0.1", "::1"],
+            "mixed.example": ["93.184.216.34", "10.0.0.5"],
+        }
+    )
+    with pytest.raises(InvalidArgument, match="refused") as info:
+        policy.check_url(url)
+    assert reason in str(info.value)
+
+
+def test_deny_private_admits_public_names_and_unresolvable_ones_at_registration() -> None:
+    _, policy = resolver_of({"hooks.example": ["93.184.216.34"]})
+    policy.check_url("https://hooks.example/in")
+    policy.check_url("http://not-yet.example/in")  # checked again at every delivery
+
+
+def test_the_system_resolver_finds_localhost_loopback() -> None:
+    with pytest.raises(InvalidArgument, match="loopback"):
+        WebhookPolicy(PolicyMode.DENY_PRIVATE).check_url("http://localhost/")
+
+
+def test_allow_all_admits_anything() -> None:
+    WebhookPolicy().check_url("http://127.0.0.1/")
+    WebhookPolicy().check_url("http://169.254.169.254/")
+
+
+def test_allowlist_admits_exactly_the_listed_hosts_and_ports() -> None:
+    policy = WebhookPolicy(
+        PolicyMode.ALLOWLIST,
+        (
+            AllowedTarget.parse("127.0.0.1:9000"),
+            AllowedTarget.parse("Hooks.Example"),
+            AllowedTarget.parse("[::1]:80"),
+        ),
+    )
+    for ok in (
+        "http://127.0.0.1:9000/a",
+        "http://hooks.example/x",
+        "https://hooks.example:8443/x",
+        "http://[::1]/",
+    ):
+        policy.check_url(ok)
+    for refused in (
+        "http://127.0.0.1:9001/a",
+        "http://127.0.0.1/a",
+        "http://localhost:9000/a",
+        "http://evil.example/",
+        "https://[::1]/",
+        "http://sub.hooks.example/",
+    ):
+        with pytest.raises(InvalidArgument, match="not in the webhook allowlist"):
+            policy.check_url(refused)
+
+
+@pytest.mark.parametrize("text", ["", "http://x/", "host:0", "host/path", "a b:1", "[::1"])
+def test_a_bad_allowlist_entry_is_refused(text: str) -> None:
+    with pytest.raises(SecurityConfigError):
+        AllowedTarget.parse(text)
+
+
+def test_policy_flags_must_fit_together() -> None:
+    with pytest.raises(SecurityConfigError, match="at least one"):
+        WebhookPolicy(PolicyMode.ALLOWLIST)
+    with pytest.raises(SecurityConfigError, match="only used with"):
+        WebhookPolicy(PolicyMode.DENY_PRIVATE, (AllowedTarget("x"),))
+
+
+async def test_delivery_resolves_once_and_connects_to_the_checked_address(receiver: Receiver) -> None:
+    """A name no real resolver knows reaches the receiver: the connection went to the address the
+    policy's resolver gave and its check saw, with the name kept in the Host header."""
+    looked_up: list[str] = []
+    checked: list[IPAddress] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return ["127.0.0.1"]
+
+    def check(address: IPAddress) -> str | None:
+        checked.append(address)
+        return None  # this test's receiver is on loopback: admit it
+
+    policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=resolve, address_check=check)
+    async with policy.client() as client:
+        for _ in range(2):
+            response = await client.post(f"http://hooks.invalid:{receiver.port}/in", content=b"{}")
+            assert response.status_code == 200
+    assert looked_up == ["hooks.invalid", "hooks.invalid"]
+    assert checked == [ipaddress.ip_address("127.0.0.1")] * 2
+    assert [(r.path, r.host) for r in receiver.received()] == [("/in", f"hooks.invalid:{receiver.port}")] * 2
+
+
+async def test_delivery_to_a_name_that_now_resolves_to_loopback_is_blocked(receiver: Receiver) -> None:
+    """DNS rebinding: the name was public when registered, and is loopback when delivering."""
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+    policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=lambda host, port: next(answers))
+    url = f"http://rebind.example:{receiver.port}/in"
+    policy.check_url(url)
+    async with policy.client() as client:
+        with pytest.raises(BlockedTarget, match=r"rebind.example resolves to 127.0.0.1: .*loopback"):
+            await client.post(url, content=b"{}")
+    assert receiver.received() == []
+
+
+async def test_the_allowlist_is_applied_at_delivery_too(receiver: Receiver) -> None:
+    policy = WebhookPolicy(PolicyMode.ALLOWLIST, (AllowedTarget("127.0.0.1", receiver.port),))
+    async with policy.client() as client:
+        assert (await client.post(receiver.url("/ok"), content=b"{}")).status_code == 200
+        with pytest.raises(BlockedTarget, match="not in the webhook allowlist"):
+            await client.post(receiver.url("/no", host="localhost"), content=b"{}")
+    assert [r.path for r in receiver.received()] == ["/ok"]
+
+
+async def test_the_delivery_client_follows_no_redirects_has_timeouts_and_ignores_proxies(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9/")
+    receiver.answer = lambda path: Answer(302, {"location": "/elsewhere"}) if path == "/in" else Answer()
+    async with WebhookPolicy().client() as client:
+        assert client.timeout == httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
+        response = await client.post(receiver.url("/in"), content=b"{}")
+    assert response.status_code == 302
+    assert [r.path for r in receiver.received()] == ["/in"]

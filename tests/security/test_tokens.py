@@ -1,0 +1,175 @@
+"""The token store (hashed tokens, constant-time comparison), which RPCs need which role, bearer
+metadata parsing, and the `potboiler hash-token` command."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+from pathlib import Path
+
+import pytest
+
+from potboiler.server import cli
+from potboiler.server.security import (
+    Role,
+    SecurityConfigError,
+    TokenStore,
+    bearer_token,
+    hash_token,
+    required_role,
+    token_line,
+)
+
+
+def test_tokens_are_stored_as_their_sha256() -> None:
+    assert hash_token("s3cret") == hashlib.sha256(b"s3cret").hexdigest()
+    assert token_line("s3cret", Role.WRITE) == f"{hashlib.sha256(b's3cret').hexdigest()} write"
+
+
+def test_a_store_gives_each_token_its_role() -> None:
+    store = TokenStore.parse(
+        "\n".join(
+            [
+                "# comment",
+                "",
+                token_line("reader", Role.READ),
+                f"{hash_token('writer').upper()} WRITE  ci-deploy",
+            ]
+        )
+    )
+    assert len(store) == 2
+    assert store.role_of("reader") is Role.READ
+    assert store.role_of("writer") is Role.WRITE
+    assert store.role_of("nobody") is None
+    assert store.role_of("") is None
+    assert store.role_of("x" * 10_000) is None
+
+
+def test_the_same_token_listed_twice_gets_the_stronger_role() -> None:
+    store = TokenStore.parse(f"{token_line('t', Role.WRITE)}\n{token_line('t', Role.READ)}\n")
+    assert store.role_of("t") is Role.WRITE
+
+
+def test_every_stored_hash_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hmac.compare_digest` against every entry, whether or not (and wherever) one matches:
+    neither the time of one comparison nor the number of comparisons depends on the token."""
+    store = TokenStore([(hash_token(f"token{i}"), Role.READ) for i in range(5)])
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    for token, expected in (("token0", Role.READ), ("token4", Role.READ), ("wrong", None)):
+        calls.clear()
+        assert store.role_of(token) is expected
+        assert len(calls) == len(store)
+        assert all(a == hash_token(token).encode() for a, _ in calls)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "no tokens"),
+        ("# only a comment\n", "no tokens"),
+        ("abc read\n", "not a SHA-256"),
+        (f"{hash_token('x')}\n", "expected"),
+        (f"{hash_token('x')} admin\n", "not 'read' or 'write'"),
+        (f"{'g' * 64} read\n", "not a SHA-256"),
+    ],
+)
+def test_a_malformed_tokens_file_is_refused(text: str, error: str) -> None:
+    with pytest.raises(SecurityConfigError, match=error):
+        TokenStore.parse(text)
+
+
+def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SecurityConfigError, match="cannot read"):
+        TokenStore.load(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    ("method", "role"),
+    [
+        ("/grpc.health.v1.Health/Check", None),
+        ("/grpc.health.v1.Health/Watch", None),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", Role.READ),
+        ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Role.READ),
+        ("/potboiler.v1.CoreRestService/GetLogHeads", Role.READ),
+        ("/potboiler.v1.CoreRestService/PostLogEntry", Role.WRITE),
+        ("/potboiler.v1.LogService/ListHeads", Role.READ),
+        ("/potboiler.v1.LogService/SubscribeEntries", Role.READ),
+        ("/potboiler.v1.LogService/AppendEntry", Role.WRITE),
+        ("/potboiler.v1.LogService/AppendEntryStream", Role.WRITE),
+        ("/potboiler.v1.NodesService/GetStatus", Role.READ),
+        ("/potboiler.v1.NodesService/AddNode", Role.WRITE),
+        ("/potboiler.v1.WebhooksService/ListWebhooks", Role.READ),
+        ("/potboiler.v1.WebhooksService/RegisterWebhook", Role.WRITE),
+        ("/potboiler.v1.KvService/GetValue", Role.READ),
+        ("/potboiler.v1.KvService/UpdateValue", Role.WRITE),
+        ("/potboiler.v1.KvBrowserService/GetIndexPage", Role.READ),
+        ("/potboiler.v1.PigtailRestService/RestGetTask", Role.READ),
+        ("/potboiler.v1.PigtailRestService/RestClaimTask", Role.WRITE),
+        ("/potboiler.v1.PigtailService/LeaseTasks", Role.WRITE),
+        ("/potboiler.v1.ReplicationService/Replicate", Role.WRITE),
+        ("/potboiler.v1.SomethingNew/DoIt", Role.WRITE),
+    ],
+)
+def test_reads_need_a_read_token_and_everything_else_a_write_token(method: str, role: Role | None) -> None:
+    assert required_role(method) is role
+
+
+@pytest.mark.parametrize(
+    ("metadata", "token"),
+    [
+        ([("authorization", "Bearer abc")], "abc"),
+        ([("x-other", "1"), ("Authorization", "bearer  abc ")], "abc"),
+        ([("authorization", b"Bearer abc")], "abc"),
+        ([("authorization", "Basic abc")], None),
+        ([("authorization", "Bearer ")], None),
+        ([], None),
+        (None, None),
+    ],
+)
+def test_bearer_tokens_are_read_from_the_authorization_metadata(
+    metadata: list[tuple[str, str | bytes]] | None, token: str | None
+) -> None:
+    assert bearer_token(metadata) == token
+
+
+def test_hash_token_prints_a_tokens_file_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["hash-token", "--role", "write", "abc"]) == 0
+    assert capsys.readouterr().out == f"{hash_token('abc')} write\n"
+
+
+def test_hash_token_reads_the_token_from_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("from-stdin\n"))
+    assert cli.main(["hash-token", "-"]) == 0
+    assert capsys.readouterr().out == f"{hash_token('from-stdin')} read\n"
+
+
+def test_hash_token_without_a_token_makes_a_random_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["hash-token", "--role", "read"]) == 0
+    out = capsys.readouterr()
+    token = out.err.rsplit(": ", 1)[1].strip()
+    assert len(token) >= 40
+    assert out.out == f"{hash_token(token)} read\n"
+    assert TokenStore.parse(out.out).role_of(token) is Role.READ
+
+
+def test_node_refuses_to_start_with_bad_security_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["node", "--data-dir", str(tmp_path / "d")]
+    assert cli.main([*base, "--tls-ca", str(tmp_path / "ca.pem")]) == 2
+    assert "all of --tls-ca, --tls-cert and --tls-key" in capsys.readouterr().err
+    assert cli.main([*base, "--auth-tokens", str(tmp_path / "none")]) == 2
+    assert "cannot read the tokens file" in capsys.readouterr().err
+    assert cli.main([*base, "--webhook-policy", "allowlist"]) == 2
+    assert "needs at least one --webhook-allow" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

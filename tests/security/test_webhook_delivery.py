@@ -1,0 +1,132 @@
+"""Webhook delivery under the SSRF rules, in process against real HTTP receivers: redirects are not
+followed (a 3xx is a failed attempt), a receiver's oversized answer is cut, and a target refused
+by the policy at delivery time is a failed attempt, retried and reported in `last_error`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.appender import Appender
+from potboiler.server.log import Log, NewEntry
+from potboiler.server.security import PolicyMode, WebhookPolicy
+from potboiler.server.storage import RocksStore
+from potboiler.server.webhooks import MAX_RESPONSE_BYTES, Webhooks, WebhookState
+from tests.conftest import wait_for
+from tests.security.conftest import Answer, Receiver
+
+
+@dataclass
+class Hooks:
+    """A log with its appender and webhooks under a policy."""
+
+    store: RocksStore
+    appender: Appender
+    webhooks: Webhooks
+
+    async def append(self, count: int) -> None:
+        await self.appender.append([NewEntry(Value(number_value=i)) for i in range(count)])
+
+    def state(self, url: str) -> WebhookState:
+        return next(s for s in self.webhooks.states() if s.url == url)
+
+
+@pytest.fixture
+async def hooks_factory(tmp_path: Path) -> AsyncIterator[list[Hooks]]:
+    started: list[Hooks] = []
+    yield started
+    for hooks in started:
+        await hooks.webhooks.stop()
+        await hooks.appender.stop()
+        hooks.store.close()
+
+
+async def start(started: list[Hooks], path: Path, policy: WebhookPolicy) -> Hooks:
+    store = RocksStore(path)
+    appender = Appender(Log(store), store)
+    appender.start()
+    webhooks = Webhooks(store, appender, policy=policy)
+    webhooks.start()
+    hooks = Hooks(store, appender, webhooks)
+    started.append(hooks)
+    return hooks
+
+
+async def test_a_redirect_is_not_followed_and_counts_as_a_failure(
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver
+) -> None:
+    receiver.answer = lambda path: Answer(307, {"location": "/target"}) if path == "/hook" else Answer()
+    hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
+    url = receiver.url("/hook")
+    hooks.webhooks.register(url)
+    await hooks.append(1)
+    await wait_for(lambda: hooks.state(url).failed_attempts >= 2)
+    assert hooks.state(url).last_error == "HTTP 307"
+    assert hooks.state(url).position == 0
+    assert receiver.received("/target") == []
+
+
+async def test_an_oversized_answer_is_cut_and_delivery_goes_on(
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver
+) -> None:
+    """The receiver answers 200 with a body that never ends: the node reads at most
+    MAX_RESPONSE_BYTES of it, hangs up, and delivers the next entries."""
+    receiver.answer = lambda path: Answer(200, endless=True)
+    hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
+    url = receiver.url("/hook")
+    hooks.webhooks.register(url)
+    await hooks.append(3)
+    await wait_for(lambda: hooks.state(url).delivered == 3)
+    assert hooks.state(url).failed_attempts == 0
+    assert len(receiver.received("/hook")) == 3
+    # What the receiver managed to write before the node hung up is bounded by the cap plus what
+    # the sockets buffer, not by the (endless) body.
+    assert receiver.bytes_sent < 3 * (MAX_RESPONSE_BYTES + (16 << 20))
+
+
+async def test_a_target_refused_at_delivery_is_a_failed_attempt_retried_with_backoff(
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver
+) -> None:
+    """Registered while its name resolved to a public address; at delivery the name resolves to
+    loopback (DNS rebinding): every attempt fails, nothing reaches the receiver."""
+    answers = {"count": 0}
+
+    def resolve(host: str, port: int) -> list[str]:
+        answers["count"] += 1
+        return ["93.184.216.34"] if answers["count"] == 1 else ["127.0.0.1"]
+
+    policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=resolve)
+    hooks = await start(hooks_factory, tmp_path / "db", policy)
+    url = f"http://rebind.example:{receiver.port}/hook"
+    hooks.webhooks.register(url)
+    await hooks.append(2)
+    await wait_for(lambda: hooks.state(url).failed_attempts >= 3)
+    state = hooks.state(url)
+    assert "rebind.example resolves to 127.0.0.1" in state.last_error
+    assert "loopback" in state.last_error
+    assert state.position == 0 and state.delivered == 0
+    assert receiver.received() == []
+
+
+async def test_a_stricter_policy_after_a_restart_stops_delivery_to_stored_urls(
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver
+) -> None:
+    hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
+    url = receiver.url("/hook")
+    hooks.webhooks.register(url)
+    await hooks.append(1)
+    await wait_for(lambda: hooks.state(url).delivered == 1)
+    hooks_factory.remove(hooks)
+    await hooks.webhooks.stop()
+    await hooks.appender.stop()
+    hooks.store.close()
+
+    hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy(PolicyMode.DENY_PRIVATE))
+    await hooks.append(1)
+    await wait_for(lambda: hooks.state(url).failed_attempts >= 1)
+    assert "127.0.0.1 is a loopback address" in hooks.state(url).last_error
+    assert len(receiver.received()) == 1
