@@ -134,6 +134,7 @@ class KvState:
         self._lww_prefixes: dict[str, bytes] = {}
         #: Decoded states by store key, as committed (bounded; see apply_batch).
         self._cache: dict[bytes, JSON | None] = {}
+        self._cache_bytes = 0
         #: How many events were applied since the state was opened (for benchmarks and metrics).
         self.events_applied = 0
 
@@ -324,11 +325,13 @@ class KvState:
             applied += 1
         last = batch[-1][0]
         writes: list[Write] = []
+        cached_bytes = 0
         for k, state in states.items():
             blob = _dumps(state)
             writes.append((k, blob))
             if len(blob) <= _CACHE_STATE_BYTES:
                 cache[k] = state
+                cached_bytes += len(blob)
             else:
                 cache.pop(k, None)
         writes.append((CURSOR_KEY, _U64.pack(last)))
@@ -336,9 +339,12 @@ class KvState:
             self._store.write(writes, sync=self._sync)
         except BaseException:
             cache.clear()  # it may hold states that were not written
+            self._cache_bytes = 0
             raise
-        if len(cache) > _CACHE_STATES:
+        self._cache_bytes += cached_bytes  # an overestimate: replaced states are not subtracted
+        if len(cache) > _CACHE_STATES or self._cache_bytes > _CACHE_BYTES:
             cache.clear()
+            self._cache_bytes = 0
         self._position = last
         self.events_applied += applied
         for k, state in states.items():
@@ -353,9 +359,11 @@ class KvState:
 
 _MISSING: Any = object()
 _LWW = CrdtType.LWW
-#: Most states kept decoded in memory across batches, and the largest (serialized) one kept.
+#: Most states kept decoded in memory across batches, the most (serialized) bytes of them, and the
+#: largest one kept. The cache is emptied when it grows past a limit.
 _CACHE_STATES = 50_000
-_CACHE_STATE_BYTES = 4096
+_CACHE_BYTES = 8 << 20
+_CACHE_STATE_BYTES = 2048
 _CRDTS = {c.value: c for c in CrdtType}
 _NAMES: dict[str, bool] = {}
 

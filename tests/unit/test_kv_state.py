@@ -438,6 +438,35 @@ def test_restart_resumes_after_the_cursor_without_applying_twice() -> None:
     assert b.state.position == 11
 
 
+class FailingStore(MemoryStore):
+    """A MemoryStore whose next write fails when `fail` is set."""
+
+    fail = False
+
+    def write(self, batch: Sequence[tuple[bytes, bytes | None]], *, sync: bool = False) -> None:
+        if self.fail:
+            self.fail = False
+            raise OSError("disk full")
+        super().write(batch, sync=sync)
+
+
+def test_a_failed_store_write_changes_nothing_and_the_batch_can_be_retried() -> None:
+    a = SimNode()
+    entries = [a.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"})]
+    entries += [a.write("c", "k", "increment", 1) for _ in range(5)]
+    store = FailingStore()
+    state = KvState(store)
+    ordered = list(enumerate(entries, start=1))
+    state.apply_batch(ordered[:3])
+    assert state.get("c", "k")[1] == 2
+    store.fail = True
+    with pytest.raises(OSError, match="disk full"):
+        state.apply_batch(ordered[3:])
+    assert state.position == 3 and state.get("c", "k")[1] == 2
+    state.apply_batch(ordered[3:])
+    assert state.position == 6 and state.get("c", "k")[1] == 5
+
+
 def test_other_entries_are_skipped_and_bad_kv_events_do_not_stop_the_applier() -> None:
     a = SimNode()
     create = a.write(CONFIG_TABLE, "t", "set", {"crdt": "LWW"})
