@@ -1,0 +1,29 @@
+"""Potboiler KV: a replicated CRDT key/value store built on the log.
+
+How it fits together (each module's docstring has the details):
+
+- `crdts`: the pure CRDT logic (LWW, OR-Set, G-Set, PN-Counter, MV-Register): `prepare` a client's op
+  into an event payload, `apply` a payload, `value` for GET.
+- `events`: the change event a write appends to the log,
+  `{"table", "key", "crdt", "op", "change"}`, and name validation (`[A-Za-z0-9_-]{1,128}`).
+- `state`: the materialised tables of one node on its own store (`<data-dir>/kv`): validating writes
+  into events with their dependencies, applying delivered log entries in batches (states and cursor in
+  one write), reads.
+- `service`: the node service: the applier task on the log subscription, writes with read-your-writes.
+- `servicers`: KvService (typed gRPC), KvRestService (the seed's REST paths on port B+1, bare JSON),
+  KvBrowserService (HTML pages on port B+2); `browser` renders the pages.
+- `jsonvalue`: google.protobuf.Value <-> plain JSON.
+
+Behaviour worth knowing:
+
+- Tables are created (or re-typed) by setting `{"crdt": "<type>"}` at `_config/<name>`; `_config` is
+  an LWW table, so concurrent creations with different types settle on one. States are kept per type,
+  so a re-typed table shows the keys written for its new type.
+- A write to a table the node does not know is accepted (200, `"pending": true`) when it fits some
+  table type, and takes effect on every node once the table exists there.
+- A write depends on its table's `_config` entry and on the entries it supersedes (OR-Set remove/add,
+  MV-Register set), so every node applies it only after them.
+- Limits: a write's entry may hold at most 1 MiB (413 beyond), REST bodies at most 2 MiB (Envoy).
+- Entries of the log that are not exactly KV events are ignored; KV events appended through the log API
+  directly are applied like any other.
+"""
