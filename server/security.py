@@ -537,6 +537,8 @@ class WebhookPolicy:
         host, port = _target(url)
         try:
             reason = self.refusal(host, port)
+        except UnicodeError:
+            raise InvalidArgument(f"url {url!r} has an invalid host name") from None
         except OSError:
             return
         if reason is not None:
@@ -593,7 +595,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
             return await self._inner(request).handle_async_request(request)
         try:
             addresses = await asyncio.to_thread(self._policy.resolver, host, port)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
         reason = self._policy.refusal(host, port, addresses)
         if reason is not None:

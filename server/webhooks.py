@@ -157,7 +157,7 @@ class Webhooks:
                     state.failures, state.last_error = 0, ""
                     return
                 error = f"HTTP {status}"
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             except TimeoutError:
                 error = f"no complete answer within {ATTEMPT_TIMEOUT:g}s"

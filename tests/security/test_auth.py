@@ -16,6 +16,7 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 from grpc_health.v1 import health_pb2
 
+from potboiler.server import cli
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from tests.conftest import wait_for_sync
@@ -165,6 +166,9 @@ def test_a_hardened_cluster(nodes: Nodes, pki: Pki, tokens: Path) -> None:
         )
         kv = http_b.get(f"{b.port_url(b.ports.kv)}/kv", headers=bearer(READ_TOKEN))
         assert kv.status_code == 200
+    # `potboiler status` with a token and the CA.
+    assert cli.show_status(b.rest_url, READ_TOKEN, pki.cluster.ca) == 0
+    assert cli.show_status(b.rest_url, None, pki.cluster.ca) == 1
 
     # Plain HTTP on the HTTPS port fails; a client that does not trust the CA is refused.
     with httpx.Client(timeout=10) as plain:

@@ -99,6 +99,12 @@ def test_deny_private_refuses_at_registration(url: str, reason: str) -> None:
     assert reason in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["http://a..b/", f"http://{'a' * 70}.example/"])
+def test_deny_private_refuses_invalid_host_names_at_registration(url: str) -> None:
+    with pytest.raises(InvalidArgument, match="invalid host name"):
+        WebhookPolicy(PolicyMode.DENY_PRIVATE).check_url(url)
+
+
 def test_deny_private_admits_public_names_and_unresolvable_ones_at_registration() -> None:
     _, policy = resolver_of({"hooks.example": ["93.184.216.34"]})
     policy.check_url("https://hooks.example/in")

@@ -173,3 +173,25 @@ def test_node_refuses_to_start_with_bad_security_flags(
     assert cli.main([*base, "--webhook-policy", "allowlist"]) == 2
     assert "needs at least one --webhook-allow" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_cluster_passes_its_security_flags_to_every_node(tmp_path: Path) -> None:
+    args = cli.parser().parse_args(
+        [
+            "cluster",
+            "--tls-ca", "ca.pem", "--tls-cert", "cert.pem", "--tls-key", "key.pem",
+            "--auth-tokens", "tokens", "--peer-token", "p",
+            "--rest-tls-cert", "rest.pem", "--rest-tls-key", "rest.key",
+            "--webhook-policy", "allowlist", "--webhook-allow", "hooks.example:443",
+        ]
+    )  # fmt: skip
+    forwarded = cli.forwarded_security_args(args)
+    node_args = cli.parser().parse_args(["node", *forwarded])
+    for name in ("tls_ca", "tls_cert", "tls_key", "auth_tokens", "rest_tls_cert", "rest_tls_key"):
+        value = getattr(node_args, name)
+        assert value == Path(getattr(args, name)).resolve() and value.is_absolute()
+    assert node_args.peer_token == "p"
+    assert node_args.webhook_policy == "allowlist"
+    assert node_args.webhook_allow == ["hooks.example:443"]
+    plain = cli.forwarded_security_args(cli.parser().parse_args(["cluster"]))
+    assert plain == ["--webhook-policy", "allow-all"]

@@ -4,6 +4,7 @@ by the policy at delivery time is a failed attempt, retried and reported in `las
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server import webhooks as webhooks_module
 from potboiler.server.appender import Appender
 from potboiler.server.log import Log, NewEntry
 from potboiler.server.security import PolicyMode, WebhookPolicy
@@ -130,3 +132,21 @@ async def test_a_stricter_policy_after_a_restart_stops_delivery_to_stored_urls(
     await wait_for(lambda: hooks.state(url).failed_attempts >= 1)
     assert "127.0.0.1 is a loopback address" in hooks.state(url).last_error
     assert len(receiver.received()) == 1
+
+
+async def test_a_receiver_that_never_answers_times_out(
+    tmp_path: Path, hooks_factory: list[Hooks], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket that accepts connections (in the kernel's backlog) and never answers: each attempt
+    ends at the deadline and counts as a failure."""
+    monkeypatch.setattr(webhooks_module, "ATTEMPT_TIMEOUT", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
+        hooks.webhooks.register(url)
+        await hooks.append(1)
+        await wait_for(lambda: hooks.state(url).failed_attempts >= 2)
+        assert hooks.state(url).last_error == "no complete answer within 0.3s"
+        assert hooks.state(url).delivered == 0
