@@ -233,6 +233,42 @@ def test_lenient_non_json_is_400(http: httpx.Client, body: str) -> None:
     assert http.get("/log").json() == before
 
 
+@pytest.mark.xfail(
+    reason="BUG: JSON nested deeper than protobuf's decode limit (50 levels of arrays, 34 of objects) "
+    "fails in the node's gRPC deserializer: 500 with a DecodeError message, not 400",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    "body", [b"[" * 60 + b"1" + b"]" * 60, b'{"a":' * 40 + b"1" + b"}" * 40], ids=["arrays", "objects"]
+)
+def test_too_deeply_nested_json_is_400(http: httpx.Client, body: bytes) -> None:
+    assert_error(post(http, body), 400)
+
+
+@pytest.mark.xfail(
+    reason="BUG: no bound on the nesting depth of entry data: the deepest JSON POST /log accepts "
+    "(49 levels of arrays, 33 of objects) is acknowledged, but GET /log/{id} of it is a 502 "
+    "'allowed depth exceeded' (the GetLogEntry Struct nests it two levels deeper)",
+    strict=True,
+)
+@pytest.mark.parametrize("shape", ["arrays", "objects"])
+def test_every_accepted_entry_can_be_read_back(http: httpx.Client, shape: str) -> None:
+    deepest = ""
+    for depth in range(1, 120):
+        body = (
+            b"[" * depth + b'"x"' + b"]" * depth
+            if shape == "arrays"
+            else b'{"a":' * depth + b'"x"' + b"}" * depth
+        )
+        response = post(http, body)
+        if response.status_code != 201:
+            break
+        deepest = response.json()["id"]
+    assert deepest
+    response = http.get(f"/log/{deepest}")
+    assert response.status_code == 200, response.text
+
+
 def test_empty_body_is_400(http: httpx.Client) -> None:
     before = http.get("/log").json()
     assert_error(http.post("/log"), 400, "JSON")

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_ENTRY_BYTES, Log, NewEntry
+from potboiler.server.processes import find_base_port
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import entry_pb2, log_pb2, nodes_pb2
 from tests.conftest import GrpcNode, GrpcNodeFactory, wait_for
@@ -63,6 +64,8 @@ class Subscriber:
 
     async def _read(self) -> None:
         async for response in self.call:
+            if response is None:  # what grpc.aio yields for a message it could not decode
+                raise AssertionError("a SubscribeEntries message could not be decoded")
             self.batch_sizes.append(len(response.entries))
             self.received.extend(response.entries)
 
@@ -574,6 +577,74 @@ async def test_too_many_dependencies(grpc_node: GrpcNode) -> None:
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     ack = await grpc_node.log.AppendEntry(request(1, deps[:MAX_DEPENDENCIES]))
     assert len((await get(grpc_node, ack.id)).dependencies) == MAX_DEPENDENCIES
+
+
+def nested(depth: int, shape: str) -> log_pb2.AppendEntryRequest:
+    """An append of JSON nested `depth` levels deep: [[...["x"]...]] or {"a": {"a": ... "x"}}. Built
+    in place, outside in: copying a Value this deep would itself hit protobuf's decode limit."""
+    out = log_pb2.AppendEntryRequest()
+    inner = out.data
+    for _ in range(depth):
+        inner = inner.list_value.values.add() if shape == "lists" else inner.struct_value.fields["a"]
+    inner.string_value = "x"
+    return out
+
+
+@pytest.mark.xfail(
+    reason="BUG: data nested deeper than protobuf's decode limit fails in the gRPC deserializer "
+    "(DecodeError, 'Exceeded upb_DecodeOptions_MaxDepth'): the call ends with UNKNOWN, not INVALID_ARGUMENT",
+    strict=True,
+)
+@pytest.mark.parametrize("shape", ["lists", "objects"])
+async def test_too_deeply_nested_data_is_invalid_argument(grpc_node: GrpcNode, shape: str) -> None:
+    error = await rpc_error(grpc_node.log.AppendEntry(nested(80, shape)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.xfail(
+    reason="BUG: validate_new_entry does not bound the nesting depth of data: the deepest data "
+    "AppendEntry accepts (49 levels of lists, 33 of objects) cannot be carried one or two message "
+    "levels deeper (SubscribeEntriesResponse, ReplicateRequest): subscribers cannot decode it and "
+    "replication from the node stops for good",
+    strict=True,
+)
+@pytest.mark.parametrize("shape", ["lists", "objects"])
+async def test_deepest_accepted_entry_can_be_read_and_replicated(
+    grpc_node_factory: GrpcNodeFactory, shape: str
+) -> None:
+    base = find_base_port(count=2)
+    a = await grpc_node_factory("a", base_port=base, grpc_port=None)
+    b = await grpc_node_factory("b", base_port=base + 100, grpc_port=None, peers=[a.node.config.url])
+    try:
+        deepest = ""
+        for depth in range(1, 120):
+            try:
+                deepest = (await a.log.AppendEntry(nested(depth, shape))).id
+            except grpc.aio.AioRpcError:
+                break
+        assert deepest
+        total = a.node.log.position
+
+        assert (await get(a, deepest)).id == deepest
+        sub = Subscriber(a)
+        try:
+            await sub.wait_count(total)
+            assert sub.ids[-1] == deepest
+        finally:
+            await sub.close()
+
+        def replication_error() -> str:
+            return " ".join(p.last_error for p in b.node.replicator.status() if "Exceeded" in p.last_error)
+
+        await wait_for(lambda: b.node.log.vector().get(a.node_id) == total or replication_error())
+        assert not replication_error()
+        assert (await get(b, deepest)).id == deepest
+    finally:
+        # Stopped here, so that a failure to stop (as with this bug) is the test's, not the fixture's.
+        try:
+            await grpc_node_factory.stop(b)
+        finally:
+            await grpc_node_factory.stop(a)
 
 
 async def test_node_keeps_serving_after_bad_requests(grpc_node: GrpcNode) -> None:
