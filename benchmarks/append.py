@@ -15,9 +15,15 @@ no-fsync and --fsync measures:
 5. with 1,000,000 entries appended by AppendEntries: resident memory of the node's process tree (node
    and Envoy), restart time (stop, start, until REST answers) and that all entries are still there.
 
+Before that, the same gRPC clients run against a no-op LogService (a bare grpc.aio server):
+"calibration_noop_grpc_server" is the floor that grpc.aio, the clients and the machine set.
+
 Prints one JSON object with every figure and, under "targets", each target figure with its goal and
-`meets_target`. Progress goes to stderr. The node's CPU use during each phase is included: a node
-at ~100% is server-bound, one well below it is waiting on the client.
+`meets_target`. Progress goes to stderr. Each phase also reports the CPU use of the node and its
+Envoy, of the client and of everything else on the machine ("other_cpu_percent"), and the CPU
+microseconds the server and the client spent per call or entry. Throughput depends on what else the
+machine runs; CPU per item much less so, which makes it the figure to compare between runs on a
+busy machine. "conditions" (load averages and an fsync probe) say how busy the machine was.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from benchmarks.common import (
     LoadResult,
     ProcessStats,
     emit,
+    machine_conditions,
     measuring_cpu,
     merge_loads,
     node_pid,
@@ -497,7 +504,7 @@ def mode(bench: Bench, settings: Settings, fsync: bool, use_wrk: bool) -> Json:
     node = bench.start_node(["--fsync"] if fsync else [], name=name)
     pid = node_pid(node)
     url, grpc_target = node.url, node.grpc_target
-    out: Json = {}
+    out: Json = {"conditions": machine_conditions(bench.root)}
 
     def phase(key: str, label: str, run: Callable[[CpuWindow], Json]) -> None:
         progress(f"[{name}] {label}")
@@ -640,11 +647,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Bench(keep=args.keep) as bench:
         if args.keep:
             progress(f"data and node logs in {bench.root}")
+        result["machine"]["conditions_before"] = machine_conditions(bench.root)
         if not args.no_calibration:
             result["calibration_noop_grpc_server"] = calibration(settings)
         modes: Json = {}
         for fsync in settings.modes:
             modes["fsync" if fsync else "no_fsync"] = mode(bench, settings, fsync, use_wrk)
+        result["machine"]["conditions_after"] = machine_conditions(bench.root)
     result["modes"] = modes
     result["targets"] = {name: targets(figures, settings.entries) for name, figures in modes.items()}
     result["all_targets_met"] = all(

@@ -367,6 +367,36 @@ def measuring_cpu(window: CpuWindow) -> Iterator[CpuWindow]:
     window.end()
 
 
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def fsync_probe(directory: Path, seconds: float = 1.0) -> Json:
+    """How fast the disk under `directory` syncs small writes right now: 200-byte appends, each
+    followed by fdatasync, back to back. Other work on the machine can slow this by orders of
+    magnitude, and with it every --fsync figure."""
+    path = directory / "fsync-probe"
+    latencies: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            began = time.perf_counter()
+            os.write(fd, b"x" * 200)
+            os.fdatasync(fd)
+            latencies.append(time.perf_counter() - began)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return {"syncs_per_s": rounded(len(latencies) / seconds), "latency_ms": summary(latencies, 1000)}
+
+
+def machine_conditions(directory: Path) -> Json:
+    """What else the machine is doing: load averages and a one-second fsync probe."""
+    return {"load_average": load_average(), "cores": os.cpu_count(), "fsync_probe": fsync_probe(directory)}
+
+
 # -- nodes -----------------------------------------------------------------------------------------
 
 
