@@ -19,8 +19,8 @@ import httpx
 import pytest
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.processes import NodeProcess
 from potboiler.server.backoff import Backoff
+from potboiler.server.processes import NodeProcess
 from potboiler.v1 import log_pb2, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import GrpcNode, GrpcNodeFactory, wait_for, wait_for_sync
 from tests.e2e.conftest import NodeProcesses
