@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from potboiler.server.gateway import MAX_BODY_BYTES
-from potboiler.server.log import MAX_ENTRY_BYTES
+from potboiler.server.log import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.processes import NodeProcess
 from tests.e2e.conftest import NodeProcesses
 
@@ -269,6 +269,17 @@ def test_every_accepted_entry_can_be_read_back(http: httpx.Client, shape: str) -
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.xfail(
+    reason="BUG: the Lua JSON check in gateway/envoy.yaml refuses a raw DEL (0x7F) in a string, "
+    "which RFC 8259 allows unescaped: its pattern class %c includes 0x7F",
+    strict=True,
+)
+def test_raw_del_in_a_string_is_valid_json(http: httpx.Client) -> None:
+    response = post(http, b'"a\x7fb"')
+    assert response.status_code == 201, response.text
+    assert http.get(response.headers["location"]).json()["data"] == "a\x7fb"
+
+
 def test_empty_body_is_400(http: httpx.Client) -> None:
     before = http.get("/log").json()
     assert_error(http.post("/log"), 400, "JSON")
@@ -298,6 +309,22 @@ def test_dependencies_in_the_query(fresh: tuple[NodeProcess, httpx.Client]) -> N
     status = http.get("/status").json()
     assert int(status["pending"]) == 1
     assert int(status["delivered_position"]) == 3
+
+
+@pytest.mark.xfail(
+    reason="BUG: Envoy forwards the whole original path with its query as the x-envoy-original-path "
+    "header, and the node's gRPC server refuses metadata over 8 KiB (randomly) / 16 KiB (always) with "
+    "RESOURCE_EXHAUSTED (429): POST /log fails from about 170 ?dependency= parameters, far below "
+    "the limit of 1000 dependencies",
+    strict=True,
+)
+def test_the_most_dependencies_fit_in_the_query(http: httpx.Client) -> None:
+    deps = [str(uuid.UUID(int=i + 1)) for i in range(MAX_DEPENDENCIES)]
+    # Several times: the first request on a fresh connection sometimes gets through.
+    for _ in range(5):
+        response = post(http, "1", params=[("dependency", d) for d in deps])
+        assert response.status_code == 201, response.text
+        assert http.get(response.headers["location"]).json()["dependencies"] == deps
 
 
 def test_unknown_query_parameters_are_ignored(http: httpx.Client) -> None:
