@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from potboiler.server.gateway import MAX_BODY_BYTES
 from potboiler.server.log import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
@@ -161,6 +163,26 @@ def test_post_any_json(http: httpx.Client, data: JSON) -> None:
     entry = http.get(response.headers["location"])
     assert entry.status_code == 200
     assert entry.json()["data"] == data
+
+
+json_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x7f"), max_size=20)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | json_text,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(json_text, children, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=json_values)
+def test_any_json_round_trips(http: httpx.Client, data: JSON) -> None:
+    response = post(http, json.dumps(data))
+    assert response.status_code == 201, response.text
+    assert http.get(response.headers["location"]).json()["data"] == data
 
 
 def test_entry_shape(http: httpx.Client) -> None:
