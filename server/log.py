@@ -1,13 +1,15 @@
 """The log store: every owner's append-only chain of entries, the version vector, and this node's
 causal delivery order, on a `Store`.
 
-Keys (ids and owners as their 16 UUID bytes, numbers as big-endian u64):
+Keys (ids and owners as their 16 UUID bytes, numbers as big-endian u64; a "location" is
+owner + seq, 24 bytes):
 
-    e<id>              -> Entry (serialized potboiler.v1.Entry, `next` left empty: nothing written
-                          is ever rewritten; `next` is the lookup of seq + 1)
-    o<owner><seq>      -> id           the chain index of each owner's log
+    o<owner><seq>      -> Entry        each owner's chain: the serialized potboiler.v1.Entry, `next`
+                                       left empty (nothing written is ever rewritten; `next` is the
+                                       lookup of seq + 1), so reading a chain is one sequential scan
+    e<id>              -> location     the index by id
     h<owner>           -> seq, id      the owner's head: this node's version vector component
-    x<position>        -> id           this node's delivery order (what subscriptions resume from)
+    x<position>        -> location     this node's delivery order (what subscriptions resume from)
     u<id>              -> ''           stored but not yet delivered
     p<missing><waiter> -> ''           `waiter` waits for `missing` to be delivered
     m<name>            -> value        node metadata (its id)
@@ -38,6 +40,9 @@ MAX_ENTRY_BYTES = 1 << 20
 MAX_BATCH_ENTRIES = 10_000
 #: Most dependencies of one entry.
 MAX_DEPENDENCIES = 1_000
+#: Deepest nesting of arrays and objects in entry data: deeper data could not be carried inside the
+#: messages that wrap entries (subscriptions, replication) within protobuf's decoding depth limit.
+MAX_DEPTH = 30
 
 _U64 = struct.Struct(">Q")
 _HEAD = struct.Struct(">Q16s")
@@ -60,10 +65,30 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     size = data.ByteSize()
     if size > MAX_ENTRY_BYTES:
         raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
+    if size > 2 * MAX_DEPTH and _too_deep(data):
+        raise InvalidArgument(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects")
     deps = tuple(parse_uuid(d, "dependency") for d in dependencies)
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
     return NewEntry(data, deps)
+
+
+def _too_deep(data: Value) -> bool:
+    """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (each level costs at least two bytes
+    of serialized data, which is why callers only ask for bigger values)."""
+    level: list[Value] = [data]
+    for _ in range(MAX_DEPTH + 1):
+        children: list[Value] = []
+        for v in level:
+            kind = v.WhichOneof("kind")
+            if kind == "list_value":
+                children.extend(v.list_value.values)
+            elif kind == "struct_value":
+                children.extend(v.struct_value.fields.values())
+        if not children:
+            return False
+        level = children
+    return True
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,7 @@ class Plan:
     writes: list[Write] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     by_id: dict[bytes, Entry] = field(default_factory=dict)
+    locations: dict[bytes, bytes] = field(default_factory=dict)
     heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
     delivered: list[bytes] = field(default_factory=list)
     delivered_set: set[bytes] = field(default_factory=set)
@@ -112,7 +138,7 @@ class Log:
         self.clock = clock or HybridClock()
         own = self._heads.get(raw_id)
         if own:
-            stamp = self._load(own[1]).when
+            stamp = self._load_at(raw_id + _U64.pack(own[0])).when
             self.clock.observe(Stamp(stamp.wall_ms, stamp.logical))
 
     # -- reads -------------------------------------------------------------------------------
@@ -143,9 +169,8 @@ class Log:
         """Every owner's first and newest entry, sorted by owner."""
         out = []
         for owner, (seq, head) in sorted(self._heads.items()):
-            first = self._store.get(b"o" + owner + _U64.pack(1))
-            assert first is not None, "a chain always starts at seq 1"
-            out.append(Head(uuid_str(owner), seq, uuid_str(head), uuid_str(first)))
+            first = self._load_at(owner + _U64.pack(1)).id
+            out.append(Head(uuid_str(owner), seq, uuid_str(head), first))
         return out
 
     def get(self, entry_id: str) -> Entry:
@@ -156,31 +181,37 @@ class Log:
         return self.with_next(self._load(raw))
 
     def with_next(self, entry: Entry) -> Entry:
-        """Fill in `next` from the chain index."""
-        owner = parse_uuid(entry.owner)
-        nxt = self._store.get(b"o" + owner + _U64.pack(entry.seq + 1))
+        """Fill in `next` from the chain (`entry` is changed and returned)."""
+        nxt = self._store.get(b"o" + parse_uuid(entry.owner) + _U64.pack(entry.seq + 1))
         if nxt is not None:
-            entry.next = uuid_str(nxt)
+            entry.next = Entry.FromString(nxt).id
         return entry
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order."""
         out = []
-        for key, raw in self._store.scan(b"x" + _U64.pack(after + 1), _X_END, limit=limit):
-            out.append((_U64.unpack(key[1:])[0], self._load(raw)))
+        for key, location in self._store.scan(b"x" + _U64.pack(after + 1), _X_END, limit=limit):
+            out.append((_U64.unpack(key[1:])[0], self._load_at(location)))
         return out
+
+    def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:
+        """Up to `limit` serialized entries of `owner`'s log with seq > `after_seq`, in seq order."""
+        start = b"o" + owner + _U64.pack(after_seq + 1)
+        return [blob for _, blob in self._store.scan(start, prefix_end(b"o" + owner), limit=limit)]
 
     def chain(self, owner: bytes, after_seq: int, limit: int) -> list[Entry]:
         """Up to `limit` entries of `owner`'s log with seq > `after_seq`, in seq order."""
-        start = b"o" + owner + _U64.pack(after_seq + 1)
-        return [self._load(raw) for _, raw in self._store.scan(start, prefix_end(b"o" + owner), limit=limit)]
+        return [Entry.FromString(blob) for blob in self.chain_bytes(owner, after_seq, limit)]
 
     def _load(self, raw_id: bytes) -> Entry:
-        blob = self._store.get(b"e" + raw_id)
-        assert blob is not None, f"indexed entry {uuid_str(raw_id)} is missing"
-        entry = Entry()
-        entry.ParseFromString(blob)
-        return entry
+        location = self._store.get(b"e" + raw_id)
+        assert location is not None, f"indexed entry {uuid_str(raw_id)} is missing"
+        return self._load_at(location)
+
+    def _load_at(self, location: bytes) -> Entry:
+        blob = self._store.get(b"o" + location)
+        assert blob is not None, f"entry {uuid_str(location[:16])}/{_U64.unpack(location[16:])[0]} is missing"
+        return Entry.FromString(blob)
 
     # -- planning changes -------------------------------------------------------------------
 
@@ -253,8 +284,10 @@ class Log:
         self, plan: Plan, entry: Entry, raw: bytes, owner: bytes, seq: int, prev: bytes, deps: Sequence[bytes]
     ) -> None:
         writes = plan.writes
-        writes.append((b"e" + raw, entry.SerializeToString()))
-        writes.append((b"o" + owner + _U64.pack(seq), raw))
+        location = owner + _U64.pack(seq)
+        writes.append((b"o" + location, entry.SerializeToString()))
+        writes.append((b"e" + raw, location))
+        plan.locations[raw] = location
         plan.heads[owner] = (seq, raw)
         plan.entries.append(entry)
         plan.by_id[raw] = entry
@@ -283,7 +316,9 @@ class Log:
 
     def _deliver(self, plan: Plan, raw: bytes) -> None:
         plan.position += 1
-        plan.writes.append((b"x" + _U64.pack(plan.position), raw))
+        location = plan.locations.get(raw) or self._store.get(b"e" + raw)
+        assert location is not None, "only stored entries are delivered"
+        plan.writes.append((b"x" + _U64.pack(plan.position), location))
         plan.delivered.append(raw)
         plan.delivered_set.add(raw)
         plan.undelivered.discard(raw)

@@ -53,6 +53,8 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # Envoy forwards a REST request's whole path (query included) as metadata, twice.
+        ("grpc.max_metadata_size", 256 * 1024),
     ]
 
 

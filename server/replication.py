@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,7 +36,6 @@ from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Plan
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
-from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ MAX_BATCH = 1000
 MAX_BATCH_BYTES = 4 << 20
 #: Most entries sent to a peer and not yet acknowledged.
 WINDOW = 20_000
+#: How long a peer must make no progress on another owner's log before this node forwards it.
+FORWARD_DELAY = 0.1
+#: Least time between two announcements of this node's vector to a peer.
+ANNOUNCE_INTERVAL = 0.02
 #: Reconnection delays: 50 ms doubling to 5 s.
 RECONNECT = Backoff(first=0.05, cap=5.0)
 #: Offset of the direct gRPC port from a node's base port.
@@ -113,9 +117,30 @@ class Counters:
     messages_in: int = 0
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited(field_tag: bytes, payload: bytes) -> bytes:
+    return field_tag + _varint(len(payload)) + payload
+
+
 @dataclass
 class Session:
-    """One replication stream with a peer, seen from this node."""
+    """One replication stream with a peer, seen from this node.
+
+    What is sent: the peer's own log only as far as its Hello showed it lacked (a node never needs
+    its own entries back); this node's own entries at once; other owners' entries only when the peer
+    has made no progress on that owner for FORWARD_DELAY — so when every node is connected to every
+    other, each entry crosses each link once, from its owner, and a line of nodes or a cut link
+    still converges through forwarding. Each side announces its vector (Ack) whenever it changes,
+    at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
+    """
 
     replicator: Replicator
     transport: Transport
@@ -127,13 +152,19 @@ class Session:
     sent: dict[str, int] = field(default_factory=dict)
     live: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _peer_own_cap: int = 0
+    _progress_at: dict[str, float] = field(default_factory=dict)
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def send(self, **kwargs: Any) -> None:
         """Send one protocol message (hello=, entries=, ack= or peers=); gRPC allows one write at a time."""
+        await self._write(self.make_message(**kwargs))
+
+    async def _write(self, message: Any) -> None:
         async with self._writing:
-            await self.transport.send(self.make_message(**kwargs))
+            await self.transport.send(message)
         self.replicator.counters_for(self.peer_url).messages_out += 1
 
     async def hello(self, join: bool = False) -> None:
@@ -158,12 +189,16 @@ class Session:
         self.peer_url = self.replicator.membership.normalise(hello.url)
         self.acked = vector_from_proto(hello.vector)
         self.sent = dict(self.acked)
+        self._peer_own_cap = self.replicator.log.vector().get(self.peer_id, 0)
+        now = time.monotonic()
+        self._progress_at = dict.fromkeys(self.replicator.log.vector(), now)
 
     async def run(self) -> None:
         """Stream both ways until either side closes; raises what ended it."""
         tasks = [
             asyncio.create_task(self._send_loop(), name=f"replicate to {self.peer_url}"),
             asyncio.create_task(self._receive_loop(), name=f"replicate from {self.peer_url}"),
+            asyncio.create_task(self._announce_loop(), name=f"announce to {self.peer_url}"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -179,51 +214,83 @@ class Session:
             self.closed.set()
 
     def wake(self) -> None:
-        """New local entries or an ack: let the sender look again."""
+        """This node's vector changed, or the peer's did: look again at what to send and announce."""
         self._progress.set()
+        self._changed.set()
+
+    async def _announce_loop(self) -> None:
+        self._changed.set()  # the vector in our Hello may be stale by now
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            vector = vector_to_proto(self.replicator.log.vector())
+            await self.send(ack=replication_pb2.Ack(vector=vector))
+            await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
     async def _send_loop(self) -> None:
         r = self.replicator
         while True:
             self._progress.clear()
-            sent_any = await self._send_available()
-            mine = r.log.vector()
-            self.live = lag(mine, self.acked) == 0
-            if not sent_any:
-                await self._progress.wait()
-            elif r.linger and sum(self._unacked().values()) < MAX_BATCH:
-                # Under steady load, wait a moment so the next message carries several entries.
-                await asyncio.sleep(r.linger)
+            sent_any, held_back = await self._send_available()
+            self.live = lag(r.log.vector(), self.acked) == 0
+            if sent_any:
+                if r.linger and sum(self._unacked().values()) < MAX_BATCH:
+                    # Under steady load, wait a moment so the next message carries several entries.
+                    await asyncio.sleep(r.linger)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), FORWARD_DELAY if held_back else None)
 
     def _unacked(self) -> dict[str, int]:
         return {o: s - self.acked.get(o, 0) for o, s in self.sent.items() if s > self.acked.get(o, 0)}
 
-    async def _send_available(self) -> bool:
-        """Send batches of what the peer lacks, within the window; returns whether anything was sent."""
+    def _limit(self, owner: str, seq: int, now: float) -> tuple[int, bool]:
+        """How far to send `owner`'s log now, and whether more is held back for later."""
+        if owner == self.peer_id:
+            return min(seq, self._peer_own_cap), False
+        if owner == self.replicator.log.node_id:
+            return seq, False
+        if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
+            return self.sent.get(owner, 0), seq > self.sent.get(owner, 0)
+        return seq, False
+
+    async def _send_available(self) -> tuple[bool, bool]:
+        """Send batches of what the peer lacks, within the window; returns (sent anything, held any back)."""
         r = self.replicator
-        sent_any = False
+        sent_any = held_back = False
+        now = time.monotonic()
         for owner, seq in sorted(r.log.vector().items()):
-            while self.sent.get(owner, 0) < seq:
+            limit, held = self._limit(owner, seq, now)
+            held_back |= held
+            while self.sent.get(owner, 0) < limit:
                 room = WINDOW - sum(self._unacked().values())
                 if room <= 0:
-                    return sent_any
+                    return sent_any, held_back
                 after = max(self.sent.get(owner, 0), self.acked.get(owner, 0))
-                entries = r.log.chain(parse_uuid(owner), after, min(MAX_BATCH, room))
-                batch: list[Entry] = []
+                blobs = r.log.chain_bytes(parse_uuid(owner), after, min(MAX_BATCH, room, limit - after))
+                parts: list[bytes] = []
                 size = 0
-                for e in entries:
-                    size += e.ByteSize()
-                    if batch and size > MAX_BATCH_BYTES:
+                for blob in blobs:
+                    size += len(blob)
+                    if parts and size > MAX_BATCH_BYTES:
                         break
-                    batch.append(e)
-                if not batch:
+                    parts.append(_length_delimited(b"\x0a", blob))  # EntryBatch.entries
+                if not parts:
                     break
-                await self.send(entries=replication_pb2.EntryBatch(entries=batch))
-                self.sent[owner] = batch[-1].seq
-                counters = r.counters_for(self.peer_url)
-                counters.entries_out += len(batch)
+                # The stored bytes are the wire form of the entries: frame them, no parse or copy.
+                batch = _length_delimited(b"\x12", b"".join(parts))  # Replicate{Request,Response}.entries
+                await self._write(self.make_message.FromString(batch))
+                self.sent[owner] = after + len(parts)
+                r.counters_for(self.peer_url).entries_out += len(parts)
                 sent_any = True
-        return sent_any
+        return sent_any, held_back
+
+    def _peer_has(self, owner: str, seq: int, now: float) -> None:
+        if seq > self.acked.get(owner, 0):
+            self.acked[owner] = seq
+            self._progress_at[owner] = now
+        if seq > self.sent.get(owner, 0):
+            self.sent[owner] = seq
 
     async def _receive_loop(self) -> None:
         r = self.replicator
@@ -231,18 +298,18 @@ class Session:
             counters = r.counters_for(self.peer_url)
             counters.messages_in += 1
             kind = message.WhichOneof("message")
+            now = time.monotonic()
             if kind == "entries":
                 entries = list(message.entries.entries)
                 counters.entries_in += len(entries)
+                for e in entries:  # the peer holds what it sends
+                    self._peer_has(e.owner, e.seq, now)
                 await r.appender.ingest(entries)
-                await self.send(ack=replication_pb2.Ack(vector=vector_to_proto(r.log.vector())))
+                self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
                 for owner, seq in vector_from_proto(message.ack.vector).items():
-                    if seq > self.acked.get(owner, 0):
-                        self.acked[owner] = seq
-                    if seq > self.sent.get(owner, 0):
-                        self.sent[owner] = seq
-                self.wake()
+                    self._peer_has(owner, seq, now)
+                self._progress.set()
             elif kind == "peers":
                 r.learn_peers(message.peers.urls)
             else:
@@ -263,6 +330,8 @@ class _ClientTransport:
             message = await self._call.read()
             if message is grpc.aio.EOF:
                 return
+            if message is None:  # grpc.aio's answer to a message it could not decode
+                raise InvalidArgument("the peer sent a message that cannot be decoded")
             yield message
 
 
@@ -319,7 +388,7 @@ class Replicator:
         *,
         gossip: bool = True,
         backoff: Backoff = RECONNECT,
-        linger: float = 0.001,
+        linger: float = 0.002,
         channel: Callable[[str], grpc.aio.Channel] | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
@@ -455,7 +524,7 @@ class Replicator:
                         log.warning("%s removed this node from its peers; removing it here too", peer.url)
                         self.membership.remove(peer.url)
                         return
-                except (grpc.RpcError, PotboilerError, OSError) as exc:
+                except (grpc.RpcError, PotboilerError, OSError, ValueError) as exc:
                     peer.last_error = _describe(exc)
                     log.debug("stream to %s ended: %s", peer.url, peer.last_error)
                 finally:

@@ -255,11 +255,6 @@ def test_lenient_non_json_is_400(http: httpx.Client, body: str) -> None:
     assert http.get("/log").json() == before
 
 
-@pytest.mark.xfail(
-    reason="BUG: JSON nested deeper than protobuf's decode limit (50 levels of arrays, 34 of objects) "
-    "fails in the node's gRPC deserializer: 500 with a DecodeError message, not 400",
-    strict=True,
-)
 def test_too_deeply_nested_json_is_400(fresh: tuple[NodeProcess, httpx.Client]) -> None:
     # A node of its own: the failure logs tracebacks, which test_node_log_has_no_tracebacks forbids.
     _, http = fresh
@@ -273,12 +268,6 @@ def nested_json(depth: int, shape: str) -> bytes:
     return b'{"a":' * depth + b'"x"' + b"}" * depth
 
 
-@pytest.mark.xfail(
-    reason="BUG: no bound on the nesting depth of entry data: the deepest JSON POST /log accepts "
-    "(49 levels of arrays, 33 of objects) is acknowledged, but GET /log/{id} of it is a 502 "
-    "'allowed depth exceeded' (the GetLogEntry Struct nests it two levels deeper)",
-    strict=True,
-)
 def test_every_accepted_entry_can_be_read_back(fresh: tuple[NodeProcess, httpx.Client]) -> None:
     _, http = fresh
     problems = []
@@ -296,11 +285,6 @@ def test_every_accepted_entry_can_be_read_back(fresh: tuple[NodeProcess, httpx.C
     assert not problems, problems
 
 
-@pytest.mark.xfail(
-    reason="BUG: the Lua JSON check in gateway/envoy.yaml refuses a raw DEL (0x7F) in a string, "
-    "which RFC 8259 allows unescaped: its pattern class %c includes 0x7F",
-    strict=True,
-)
 def test_raw_del_in_a_string_is_valid_json(http: httpx.Client) -> None:
     response = post(http, b'"a\x7fb"')
     assert response.status_code == 201, response.text
@@ -338,13 +322,6 @@ def test_dependencies_in_the_query(fresh: tuple[NodeProcess, httpx.Client]) -> N
     assert int(status["delivered_position"]) == 3
 
 
-@pytest.mark.xfail(
-    reason="BUG: Envoy forwards the whole original path with its query as the x-envoy-original-path "
-    "header, and the node's gRPC server refuses metadata over 8 KiB (randomly) / 16 KiB (always) with "
-    "RESOURCE_EXHAUSTED (429): POST /log fails from about 170 ?dependency= parameters, far below "
-    "the limit of 1000 dependencies",
-    strict=True,
-)
 def test_the_most_dependencies_fit_in_the_query(http: httpx.Client) -> None:
     deps = [str(uuid.UUID(int=i + 1)) for i in range(MAX_DEPENDENCIES)]
     # Several times: the first request on a fresh connection sometimes gets through.

@@ -591,8 +591,9 @@ def nested(depth: int, shape: str) -> log_pb2.AppendEntryRequest:
 
 
 @pytest.mark.xfail(
-    reason="BUG: data nested deeper than protobuf's decode limit fails in the gRPC deserializer "
-    "(DecodeError, 'Exceeded upb_DecodeOptions_MaxDepth'): the call ends with UNKNOWN, not INVALID_ARGUMENT",
+    reason="Known limitation: data nested deeper than protobuf's decode limit fails in grpc's own "
+    "deserializer, before any Potboiler code runs, so direct gRPC answers UNKNOWN (REST answers 400: "
+    "the gateway checks depth first)",
     strict=True,
 )
 @pytest.mark.parametrize("shape", ["lists", "objects"])
@@ -601,13 +602,6 @@ async def test_too_deeply_nested_data_is_invalid_argument(grpc_node: GrpcNode, s
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(
-    reason="BUG: validate_new_entry does not bound the nesting depth of data: the deepest data "
-    "AppendEntry accepts (49 levels of lists, 33 of objects) cannot be carried one or two message "
-    "levels deeper (SubscribeEntriesResponse, ReplicateRequest): subscribers cannot decode it and "
-    "replication from the node stops for good",
-    strict=True,
-)
 @pytest.mark.parametrize("shape", ["lists", "objects"])
 async def test_deepest_accepted_entry_can_be_read_and_replicated(
     grpc_node_factory: GrpcNodeFactory, shape: str
