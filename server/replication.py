@@ -145,7 +145,7 @@ class Session:
     replicator: Replicator
     transport: Transport
     dialed: bool
-    make_message: Callable[..., Any]
+    make_message: type[replication_pb2.ReplicateRequest] | type[replication_pb2.ReplicateResponse]
     peer_id: str = ""
     peer_url: str = ""
     acked: dict[str, int] = field(default_factory=dict)
