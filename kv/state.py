@@ -389,11 +389,13 @@ def _event_of_fields(fields: Any) -> tuple[str, str, CrdtType | None, str, Value
     t, k, o = table.string_value, key.string_value, op.string_value
     if not (_valid_name(t) and _valid_name(k)) or o not in TYPES_OF_OP:
         return None
-    kind = crdt.WhichOneof("kind")
-    if kind == "null_value":
+    name = crdt.string_value
+    if name:
+        c = _CRDTS.get(name)
+        return None if c is None else (t, k, c, o, change)
+    if crdt.WhichOneof("kind") == "null_value":
         return t, k, None, o, change
-    c = _CRDTS.get(crdt.string_value) if kind == "string_value" else None
-    return None if c is None else (t, k, c, o, change)
+    return None
 
 
 def _context(entry: Entry) -> EventContext:
@@ -415,14 +417,12 @@ def _lww_set(state: JSON | None, change: Value, entry: Entry) -> Any:
     owner, tag = entry.owner, entry.id
     wall, logical = when.wall_ms, when.logical
     if state is not None:
-        if not isinstance(state, dict):
+        # States are written by this module or crdts: a stamp [wall, logical, owner] and a tag. Anything
+        # else (a damaged store) fails the comparison and goes the generic way, which says what is wrong.
+        try:
+            old = cast(Any, state)["stamp"]
+            if (old[0], old[1], old[2], cast(Any, state)["tag"]) >= (wall, logical, owner, tag):
+                return state
+        except (TypeError, KeyError, IndexError):
             return _MISSING
-        old, old_tag = state.get("stamp"), state.get("tag")
-        if not (isinstance(old, list) and len(old) == 3 and isinstance(old_tag, str)):
-            return _MISSING
-        old_wall, old_logical, old_owner = old
-        if not (type(old_wall) is int and type(old_logical) is int and isinstance(old_owner, str)):
-            return _MISSING
-        if (old_wall, old_logical, old_owner, old_tag) >= (wall, logical, owner, tag):
-            return state
     return {"value": from_value(payload["value"]), "stamp": [wall, logical, owner], "tag": tag}

@@ -487,6 +487,22 @@ def test_other_entries_are_skipped_and_bad_kv_events_do_not_stop_the_applier() -
     assert a.state.table("t").config_id == create.id
 
 
+@pytest.mark.parametrize(
+    "damaged", [b'{"value": 1, "stamp": ["a", 0, "o"], "tag": "t"}', b'{"value": 1}', b"[1]", b'"x"']
+)
+def test_a_damaged_lww_state_is_reported_not_fatal(damaged: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    a = SimNode()
+    a.write(CONFIG_TABLE, "t", "set", {"crdt": "LWW"})
+    a.store.write([(state_key(CrdtType.LWW, "t", "k"), damaged)])
+    a.reopen()
+    a.write("t", "k", "set", 2)
+    a.write("t", "other", "set", 3)
+    assert "skipping KV event" in caplog.text
+    assert a.store.get(state_key(CrdtType.LWW, "t", "k")) == damaged
+    assert a.state.get("t", "other")[1] == 3
+    assert a.state.position == 3
+
+
 def test_config_values_that_are_not_a_type_hide_the_table() -> None:
     a = SimNode()
     a.write(CONFIG_TABLE, "t", "set", {"crdt": "LWW"})
