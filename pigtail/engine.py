@@ -24,8 +24,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -56,11 +56,9 @@ from potboiler.pigtail.machine import (
     check_retry,
     find_by_key,
     list_dead,
-    list_tasks,
-    queue_config,
     task_view,
 )
-from potboiler.pigtail.scheduler import Scheduler, rank
+from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
 from potboiler.server.errors import AlreadyExists, Contended, NotFound
 from potboiler.server.hlc import HybridClock
@@ -74,6 +72,8 @@ log = logging.getLogger(__name__)
 APPLY_TIMEOUT_S = 30.0
 #: How many applied entry ids are remembered for callers that start waiting after the fact.
 RECENT_IDS = 100_000
+#: Longest a lease stream waits before looking at its queue again, whatever it is told.
+LEASE_RECHECK_S = 5.0
 
 
 class _Lost:
@@ -112,12 +112,18 @@ class Pigtail:
         self._sync = sync
         self.state = PigtailState(store)
         self._scheduler = Scheduler()
+        now = self.now_ms()
         for name in self.state.queue_names():
+            queue = self.state.queue(name)
             for task in self.state.open_tasks(name).values():
-                self._scheduler.touch(task)
+                self._scheduler.update(task, task_view(task, queue, now), now)
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
-        self._changed: dict[str, asyncio.Event] = {}
+        #: Waits of lease streams and claim-next calls: for a claimable task of a queue (each woken in
+        #: turn, one per task that becomes claimable), for a change of a held task, for a queue change.
+        self._ready_waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._task_watchers: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
+        self._queue_watchers: dict[str, set[asyncio.Future[None]]] = {}
         self._reserved: dict[str, set[str]] = {}
         self._applier: asyncio.Task[None] | None = None
 
@@ -162,17 +168,18 @@ class Pigtail:
         self._after(applied)
 
     def _after(self, applied: Applied) -> None:
-        touched = set(applied.queues)
+        now = self.now_ms()
         for (queue, task_id), record in applied.tasks.items():
-            touched.add(queue)
             if record is None:
                 self._scheduler.forget(queue, task_id)
             else:
-                self._scheduler.touch(record["state"])
-        for queue in touched:
-            event = self._changed.pop(queue, None)
-            if event is not None:
-                event.set()
+                task = record["state"]
+                view = task_view(task, self.state.queue(queue), now)
+                if self._scheduler.update(task, view, now):
+                    self._signal_ready(queue)
+            self._wake(self._task_watchers.pop((queue, task_id), ()))
+        for queue in applied.queues:
+            self._wake(self._queue_watchers.pop(queue, ()))
         for entry_id in applied.entry_ids:
             future = self._waiters.pop(entry_id, None)
             if future is not None and not future.done():
@@ -180,6 +187,57 @@ class Pigtail:
             self._recent[entry_id] = None
         while len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
+
+    @staticmethod
+    def _wake(futures: Iterable[asyncio.Future[None]]) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+    def _signal_ready(self, queue: str) -> None:
+        """A task of the queue became claimable: wake one waiter for it."""
+        waiters = self._ready_waiters.get(queue)
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+    async def _wait_for_work(
+        self, queue: str, held: Iterable[str], ready: bool, timeout: float | None
+    ) -> None:
+        """Wait until a task of the queue becomes claimable (if `ready`), one of the `held` tasks
+        changes, the queue changes, or `timeout` seconds pass."""
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = [(queue, task_id) for task_id in held]
+        for key in keys:
+            self._task_watchers.setdefault(key, set()).add(wake)
+        self._queue_watchers.setdefault(queue, set()).add(wake)
+        if ready:
+            waiters = self._ready_waiters.setdefault(queue, deque())
+            if len(waiters) > 64:
+                waiters = self._ready_waiters[queue] = deque(f for f in waiters if not f.done())
+            waiters.append(wake)
+        try:
+            await asyncio.wait_for(wake, timeout)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if ready and wake.done() and not wake.cancelled():
+                self._signal_ready(queue)  # pass on the wake-up this waiter will not use
+            raise
+        finally:
+            for key in keys:
+                watchers = self._task_watchers.get(key)
+                if watchers is not None:
+                    watchers.discard(wake)
+                    if not watchers:
+                        del self._task_watchers[key]
+            watchers = self._queue_watchers.get(queue)
+            if watchers is not None:
+                watchers.discard(wake)
+                if not watchers:
+                    del self._queue_watchers[queue]
 
     async def _append(self, event: Event, dependencies: Sequence[str | None] = ()) -> Entry:
         """Append `event` and wait until this node has applied it."""
@@ -193,24 +251,13 @@ class Pigtail:
         if future is None:
             future = self._waiters[entry.id] = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(future), APPLY_TIMEOUT_S)
+            await asyncio.wait_for(future, APPLY_TIMEOUT_S)
         except TimeoutError:
             self._waiters.pop(entry.id, None)
             raise RuntimeError(
                 f"entry {entry.id} was appended but not applied within {APPLY_TIMEOUT_S:g} s"
             ) from None
         return entry
-
-    def _changed_event(self, queue: str) -> asyncio.Event:
-        event = self._changed.get(queue)
-        if event is None:
-            event = self._changed[queue] = asyncio.Event()
-        return event
-
-    @staticmethod
-    async def _wait(event: asyncio.Event, timeout: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -220,7 +267,7 @@ class Pigtail:
 
     def _queue(self, name: str) -> tuple[QueueState, QueueConfig]:
         state = self.state.queue(name)
-        config = queue_config(state)
+        config = self.state.config(name)
         if state is None or config is None:
             raise NotFound(f"no such queue {name!r}")
         return state, config
@@ -268,7 +315,7 @@ class Pigtail:
         if decision.noop:
             return self._queue(name)[1], False
         entry = await self._append(QueueCreated(name, timeout_ms, max_attempts))
-        config = queue_config(self.state.queue(name))
+        config = self.state.config(name)
         if config is None:
             raise Contended(f"queue {name!r} was deleted concurrently")
         if (config.timeout_ms, config.max_attempts) != (timeout_ms, max_attempts):
@@ -287,17 +334,16 @@ class Pigtail:
         state, config = self._queue(name)
         now = self.now_ms()
         counts = {"pending": 0, "working": 0, "delayed": 0, "dead": 0}
-        for task in self.state.open_tasks(name).values():
-            view = task_view(task, state, now)
-            if view is not None and view["state"] in counts:
-                counts[view["state"]] += 1
+        for _, entry in self._scheduler.listing(name, self.state.open_tasks(name).get, state, now):
+            counts[entry["state"]] += 1
+        counts["dead"] = len(list_dead(self.state.open_tasks(name), state, now))
         return QueueInfo(name, config, **counts)
 
     def list_queues(self) -> list[tuple[str, QueueConfig]]:
         """The queues that exist, by name."""
         out = []
         for name in self.state.queue_names():
-            config = queue_config(self.state.queue(name))
+            config = self.state.config(name)
             if config is not None:
                 out.append((name, config))
         return out
@@ -349,9 +395,7 @@ class Pigtail:
         """The pending, working and delayed tasks of a queue, best first."""
         validate.queue_name(queue)
         state, _ = self._queue(queue)
-        tasks = self.state.open_tasks(queue)
-        listed = list_tasks(tasks, state, self.now_ms())
-        return sorted(listed.items(), key=lambda item: rank(tasks[item[0]]))
+        return self._scheduler.listing(queue, self.state.open_tasks(queue).get, state, self.now_ms())
 
     def list_dead(self, queue: str) -> list[tuple[str, ListEntry]]:
         """The dead-lettered tasks of a queue, by id."""
@@ -456,7 +500,6 @@ class Pigtail:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         while True:
-            changed = self._changed_event(queue)
             self._queue(queue)
             result = await self._claim_next(queue, worker_id)
             if isinstance(result, _Lost):
@@ -469,7 +512,7 @@ class Pigtail:
             wake = self._scheduler.next_wake_ms(queue)
             if wake is not None:
                 remaining = min(remaining, max(0.0, (wake - self.now_ms()) / 1000) + 0.001)
-            await self._wait(changed, remaining)
+            await self._wait_for_work(queue, (), True, remaining)
 
     async def lease(
         self, queue: str, worker_id: str, max_in_flight: int = 1
@@ -481,7 +524,6 @@ class Pigtail:
         max_in_flight = validate.in_flight(max_in_flight)
         held: dict[str, int] = {}
         while True:
-            changed = self._changed_event(queue)
             state, _ = self._queue(queue)
             now = self.now_ms()
             for task_id in list(held):
@@ -491,7 +533,8 @@ class Pigtail:
                 else:
                     held[task_id] = view["lease_expires_ms"] or now
             wakes = list(held.values())
-            if len(held) < max_in_flight:
+            room = len(held) < max_in_flight
+            if room:
                 result = await self._claim_next(queue, worker_id)
                 if isinstance(result, _Lost):
                     continue
@@ -502,5 +545,10 @@ class Pigtail:
                 wake = self._scheduler.next_wake_ms(queue)
                 if wake is not None:
                     wakes.append(wake)
-            timeout = max(0.0, (min(wakes) - self.now_ms()) / 1000) + 0.001 if wakes else None
-            await self._wait(changed, timeout)
+            # At most LEASE_RECHECK_S between checks, whatever happens (a safety net, not polling).
+            timeout = (
+                min(LEASE_RECHECK_S, max(0.0, (min(wakes) - self.now_ms()) / 1000) + 0.001)
+                if wakes
+                else LEASE_RECHECK_S
+            )
+            await self._wait_for_work(queue, held, room, timeout)

@@ -2,10 +2,11 @@
 
 Per queue, two heaps of task ids: *ready* (ordered like :func:`~potboiler.pigtail.machine.claimable_order`:
 priority descending, then available time, then add stamp, then id) and *waiting* (by the time a task
-may become claimable: when its lease ends or when it is due). Entries are checked lazily against the
-machine's view when they reach the top, so the heaps only need a hint when a task changes
-(:meth:`Scheduler.touch`): a task that is working or delayed moves to *waiting*, a done, dead or hidden
-one is forgotten (a retry touches it again), a pending one is handed out.
+may become claimable: when its lease ends or when it is due). The service tells the scheduler what each
+changed task looks like now (:meth:`Scheduler.update`); entries are checked again against the machine's
+view when they reach the top (time passes, leases end), and stale entries are skipped, so each task has
+one live entry: in *ready*, in *waiting* at one time, or none (done, dead, hidden: a retry brings a dead
+task back through :meth:`Scheduler.update`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import heapq
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from potboiler.pigtail.machine import QueueState, Stamp, TaskState, task_view
+from potboiler.pigtail.machine import ListEntry, QueueState, Stamp, TaskState, TaskStatus, TaskView, task_view
 
 Rank = tuple[int, int, Stamp, str]
 
@@ -30,8 +31,46 @@ def rank(task: TaskState) -> Rank:
 class _Queue:
     ready: list[tuple[Rank, str]] = field(default_factory=list)
     waiting: list[tuple[int, str]] = field(default_factory=list)
-    #: Where each known task's live heap entry is: "ready" or "waiting".
-    where: dict[str, str] = field(default_factory=dict)
+    #: Where each known task's live heap entry is: None in ready, else its time in waiting.
+    where: dict[str, int | None] = field(default_factory=dict)
+    #: What each known task was when last placed: its state (pending, working or delayed), its name
+    #: and its rank. A working or delayed task keeps that state until its time in `where`.
+    known: dict[str, tuple[TaskStatus, str, Rank]] = field(default_factory=dict)
+
+    def to_ready(self, task: TaskState) -> bool:
+        task_id = task["task_id"]
+        order = rank(task)
+        self.known[task_id] = ("pending", task["task_name"], order)
+        if task_id in self.where and self.where[task_id] is None:
+            return False
+        self.where[task_id] = None
+        heapq.heappush(self.ready, (order, task_id))
+        return True
+
+    def to_waiting(self, task: TaskState, state: TaskStatus, until_ms: int) -> None:
+        task_id = task["task_id"]
+        self.known[task_id] = (state, task["task_name"], rank(task))
+        if self.where.get(task_id, -1) == until_ms:
+            return
+        self.where[task_id] = until_ms
+        heapq.heappush(self.waiting, (until_ms, task_id))
+
+    def drop(self, task_id: str) -> None:
+        self.where.pop(task_id, None)
+        self.known.pop(task_id, None)
+
+    def place(self, task: TaskState, view: TaskView | None, now_ms: int) -> bool:
+        """Put the task where its view says; True if it is claimable now and was not known so."""
+        state = None if view is None else view["state"]
+        if view is None or state in ("done", "dead"):
+            self.drop(task["task_id"])
+        elif state == "working":
+            self.to_waiting(task, "working", view["lease_expires_ms"] or now_ms)
+        elif state == "delayed":
+            self.to_waiting(task, "delayed", view["not_before_ms"] or now_ms)
+        else:
+            return self.to_ready(task)
+        return False
 
 
 class Scheduler:
@@ -40,26 +79,16 @@ class Scheduler:
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
 
-    def touch(self, task: TaskState) -> None:
-        """Note that `task` changed (or is new): it may be claimable now."""
+    def update(self, task: TaskState, view: TaskView | None, now_ms: int) -> bool:
+        """Note what a changed (or new) task looks like now; True if it just became claimable."""
         q = self._queues.setdefault(task["queue"], _Queue())
-        task_id = task["task_id"]
-        if task["done"] is not None or task["added"] is None:
-            q.where.pop(task_id, None)
-            return
-        if q.where.get(task_id) != "ready":
-            q.where[task_id] = "ready"
-            heapq.heappush(q.ready, (rank(task), task_id))
+        return q.place(task, view, now_ms)
 
     def forget(self, queue: str, task_id: str) -> None:
-        """Drop a task (done, or dropped with its queue)."""
+        """Drop a task (e.g. dropped with its queue)."""
         q = self._queues.get(queue)
         if q is not None:
-            q.where.pop(task_id, None)
-
-    def forget_queue(self, queue: str) -> None:
-        """Drop every task of a queue."""
-        self._queues.pop(queue, None)
+            q.drop(task_id)
 
     def pick(
         self,
@@ -71,46 +100,81 @@ class Scheduler:
     ) -> str | None:
         """The id of the best task claimable at `now_ms` that is not in `exclude`, or None.
 
-        The task stays known: once claimed it is working, and the next pick moves it to waiting.
+        The task stays in ready: once claimed, the service's update moves it to waiting.
         """
         q = self._queues.get(queue)
         if q is None:
             return None
         while q.waiting and q.waiting[0][0] <= now_ms:
-            _, task_id = heapq.heappop(q.waiting)
+            until, task_id = heapq.heappop(q.waiting)
+            if q.where.get(task_id) != until:
+                continue  # stale
+            del q.where[task_id]
             task = lookup(task_id)
-            if q.where.get(task_id) == "waiting" and task is not None:
-                q.where[task_id] = "ready"
-                heapq.heappush(q.ready, (rank(task), task_id))
+            if task is None:
+                q.drop(task_id)
+            else:
+                q.place(task, task_view(task, queue_state, now_ms), now_ms)
         skipped: list[tuple[Rank, str]] = []
         found: str | None = None
         while q.ready:
             item = heapq.heappop(q.ready)
             task_id = item[1]
-            if q.where.get(task_id) != "ready":
-                continue
-            view = task_view(lookup(task_id), queue_state, now_ms)
-            state = None if view is None else view["state"]
-            if view is None or state in ("done", "dead"):
+            if task_id not in q.where or q.where[task_id] is not None:
+                continue  # stale: the task moved on
+            task = lookup(task_id)
+            view = task_view(task, queue_state, now_ms)
+            if task is None or view is None or view["state"] != "pending":
                 del q.where[task_id]
-            elif state == "working":
-                q.where[task_id] = "waiting"
-                heapq.heappush(q.waiting, (view["lease_expires_ms"] or now_ms, task_id))
-            elif state == "delayed":
-                q.where[task_id] = "waiting"
-                heapq.heappush(q.waiting, (view["not_before_ms"] or now_ms, task_id))
-            else:
-                skipped.append(item)
-                if task_id not in exclude:
-                    found = task_id
-                    break
+                if task is None:
+                    q.drop(task_id)
+                else:
+                    q.place(task, view, now_ms)
+                continue
+            skipped.append(item)
+            if task_id not in exclude:
+                found = task_id
+                break
         for item in skipped:
             heapq.heappush(q.ready, item)
         return found
 
+    def listing(
+        self,
+        queue: str,
+        lookup: Callable[[str], TaskState | None],
+        queue_state: QueueState | None,
+        now_ms: int,
+    ) -> list[tuple[str, ListEntry]]:
+        """The queue's pending, working and delayed tasks at `now_ms`, best first: what
+        :func:`~potboiler.pigtail.machine.list_tasks` answers, from what each task was when last placed
+        (a working or delayed task whose time has come is looked at again)."""
+        q = self._queues.get(queue)
+        if q is None:
+            return []
+        out: list[tuple[Rank, str, ListEntry]] = []
+        for task_id, (state, name, order) in list(q.known.items()):
+            until = q.where.get(task_id)
+            if state != "pending" and until is not None and now_ms >= until:
+                task = lookup(task_id)
+                view = task_view(task, queue_state, now_ms)
+                if task is None:
+                    q.drop(task_id)
+                    continue
+                q.place(task, view, now_ms)
+                if view is None or view["state"] not in ("pending", "working", "delayed"):
+                    continue
+                state = view["state"]
+            out.append((order, task_id, ListEntry(task_name=name, state=state)))
+        out.sort()
+        return [(task_id, entry) for _, task_id, entry in out]
+
     def next_wake_ms(self, queue: str) -> int | None:
         """The earliest time a waiting task of the queue may become claimable, if any."""
         q = self._queues.get(queue)
-        if q is None or not q.waiting:
-            return None
-        return q.waiting[0][0]
+        while q is not None and q.waiting:
+            until, task_id = q.waiting[0]
+            if q.where.get(task_id) == until:
+                return until
+            heapq.heappop(q.waiting)  # stale
+        return None

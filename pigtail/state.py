@@ -37,6 +37,7 @@ import orjson
 
 from potboiler.pigtail.codec import decode, stamp_of
 from potboiler.pigtail.machine import (
+    QueueConfig,
     QueueCreated,
     QueueDeleted,
     QueueState,
@@ -127,6 +128,7 @@ class PigtailState:
         raw = store.get(_CURSOR)
         self.cursor = _U64.unpack(raw)[0] if raw else 0
         self._queues: dict[str, QueueRecord] = {}
+        self._configs: dict[str, tuple[QueueState, QueueConfig | None]] = {}
         for key, value in store.scan(b"q", prefix_end(b"q")):
             self._queues[key[1:].decode()] = cast(QueueRecord, orjson.loads(value))
         self._open: dict[str, dict[str, TaskState]] = {}
@@ -153,10 +155,24 @@ class PigtailState:
         """Names of every queue ever seen, sorted (existing or not)."""
         return sorted(self._queues)
 
+    def config(self, name: str) -> QueueConfig | None:
+        """The settings of the queue's current incarnation, or None if it does not exist (cached per
+        queue state: states are never mutated, a change makes a new one)."""
+        record = self._queues.get(name)
+        if record is None:
+            return None
+        state = record["state"]
+        cached = self._configs.get(name)
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        config = queue_config(state)
+        self._configs[name] = (state, config)
+        return config
+
     def create_entry_id(self, name: str) -> str | None:
         """Id of the entry that created the queue's current incarnation, if it exists."""
         record = self._queues.get(name)
-        config = queue_config(None if record is None else record["state"])
+        config = self.config(name)
         if record is None or config is None:
             return None
         return record["ids"].get(stamp_key(config.created))

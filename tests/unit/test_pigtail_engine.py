@@ -5,6 +5,8 @@ idempotency, claim-next and the lease stream, restart, bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -13,7 +15,8 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail.codec import event_data
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.machine import Event, TaskClaimed, TaskView
+from potboiler.pigtail.machine import Event, TaskClaimed, TaskView, list_dead, list_tasks
+from potboiler.pigtail.scheduler import rank
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import HybridClock
 from potboiler.server.storage import MemoryStore
@@ -398,3 +401,48 @@ async def test_delete_and_recreate_gives_an_empty_queue(h: Harness) -> None:
     assert [name for name, _ in h.pigtail.list_queues()] == ["q"]
     info = h.pigtail.get_queue("q")
     assert (info.pending, info.working, info.delayed, info.dead) == (0, 0, 0, 0)
+
+
+async def test_listing_and_claim_next_agree_with_the_machine_at_every_moment(h: Harness) -> None:
+    """The scheduler's listing (kept up to date from events, re-checked when a lease or a delay ends)
+    answers what the machine's list_tasks answers, in claim order, through a random history."""
+    await h.pigtail.create_queue("q", 100, max_attempts=2)
+    rng = random.Random(7)
+    ids: list[str] = []
+    seen: set[str] = set()
+    for _ in range(400):
+        op = rng.random()
+        task_id = rng.choice(ids) if ids else ""
+        worker = f"w{rng.randint(1, 3)}"
+        with contextlib.suppress(Contended, NotFound):
+            if op < 0.25 or not ids:
+                delay = rng.choice([None, None, rng.randint(1, 300)])
+                ids.append(await h.add(delay_ms=delay, priority=rng.randint(0, 2)))
+            elif op < 0.5:
+                await h.pigtail.claim("q", task_id, worker)
+            elif op < 0.6:
+                await h.pigtail.complete("q", task_id, worker)
+            elif op < 0.7:
+                await h.pigtail.retry("q", task_id)
+            elif op < 0.8:
+                await h.pigtail.heartbeat("q", task_id, worker)
+            elif op < 0.9:
+                await h.pigtail.claim_next("q", worker)
+        h.advance(rng.randint(0, 60))
+        now = h.pigtail.now_ms()
+        state = h.pigtail.state
+        expected = list_tasks(state.open_tasks("q"), state.queue("q"), now)
+        listed = h.pigtail.list_tasks("q")
+        assert dict(listed) == expected
+        assert [task_id for task_id, _ in listed] == sorted(
+            expected, key=lambda i: rank(state.open_tasks("q")[i])
+        )
+        assert dict(h.pigtail.list_dead("q")) == list_dead(state.open_tasks("q"), state.queue("q"), now)
+        info = h.pigtail.get_queue("q")
+        states = [e["state"] for e in expected.values()]
+        seen.update(states)
+        seen.update("dead" for _ in range(info.dead))
+        assert (info.pending, info.working, info.delayed) == tuple(
+            states.count(s) for s in ("pending", "working", "delayed")
+        )
+    assert seen == {"pending", "working", "delayed", "dead"}

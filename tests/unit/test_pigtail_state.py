@@ -290,11 +290,14 @@ def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     ]
     state.apply(positioned(entries))
     scheduler = Scheduler()
-    for task in state.open_tasks("q").values():
-        scheduler.touch(task)
+    now = T0 + 10
+    became_claimable = [
+        scheduler.update(task, task_view(task, state.queue("q"), now), now)
+        for task in state.open_tasks("q").values()
+    ]
+    assert became_claimable == [True, True, True, False]  # "later" is not due yet
     tasks = state.open_tasks("q")
     queue = state.queue("q")
-    now = T0 + 10
     assert scheduler.pick("q", tasks.get, queue, now) == "urgent"
     assert scheduler.pick("q", tasks.get, queue, now, exclude={"urgent"}) == "old"
     assert scheduler.next_wake_ms("q") == T0 + 5000  # "later" waits until it is due
@@ -302,7 +305,7 @@ def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     applied = state.apply(positioned([claim], start=len(entries)))
     for record in applied.tasks.values():
         assert record is not None
-        scheduler.touch(record["state"])
+        assert not scheduler.update(record["state"], task_view(record["state"], queue, now), now)
     assert scheduler.pick("q", tasks.get, queue, now) == "old"
     assert scheduler.next_wake_ms("q") == now + 1000  # the lease of "urgent" ends then
     assert scheduler.pick("q", state.open_tasks("q").get, queue, T0 + 6000) == "later"
