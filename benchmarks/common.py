@@ -57,10 +57,19 @@ def rounded(value: float, digits: int = 1) -> float:
     return round(value, digits)
 
 
-def target(value: float, goal: float, *, at_least: bool) -> Json:
-    """A measured figure beside its target, with whether it meets it."""
-    meets = value >= goal if at_least else value < goal
+def target(value: float | None, goal: float, *, at_least: bool) -> Json:
+    """A measured figure beside its target, with whether it meets it (None, e.g. from a failed
+    phase, does not)."""
+    meets = value is not None and (value >= goal if at_least else value < goal)
     return {"value": value, "target": (">= " if at_least else "< ") + f"{goal:g}", "meets_target": meets}
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a (log) file, or a note that it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({path}: {exc})"
 
 
 # -- statistics ------------------------------------------------------------------------------------
