@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 #: Most entries planned into one write batch.
 MAX_GROUP = 20_000
+#: The newest delivered entries kept in memory for subscribers that keep up (count, and bytes).
+TAIL_ENTRIES = 20_000
+TAIL_BYTES = 64 << 20
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Appender:
         self._listeners: list[Callable[[Plan], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._tail: list[tuple[int, Entry]] = []
+        self._tail_bytes = 0
         self.batches = 0
         self.appended = 0
         self.ingested = 0
@@ -80,6 +85,33 @@ class Appender:
         self._queue.append(job)
         self._wake.set()
         return await job.done
+
+    def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
+        """Up to `limit` delivered (position, entry) after position `after`: from the in-memory tail
+        when it reaches back that far, else from the store. The entries are shared: do not change them."""
+        tail = self._tail
+        if tail and tail[0][0] <= after + 1:
+            start = after + 1 - tail[0][0]
+            return tail[start : start + limit]
+        return self.log.delivered(after, limit)
+
+    def _remember(self, plan: Plan) -> None:
+        if not plan.delivered:
+            return
+        position = plan.position - len(plan.delivered)
+        tail = self._tail
+        if tail and tail[-1][0] != position:
+            tail.clear()  # not contiguous (cannot happen with one writer; be safe)
+            self._tail_bytes = 0
+        for raw in plan.delivered:
+            position += 1
+            entry = plan.by_id.get(raw) or self.log.load(raw)
+            tail.append((position, entry))
+            self._tail_bytes += entry.ByteSize()
+        if len(tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES:
+            keep = len(tail) // 2
+            self._tail_bytes -= sum(e.ByteSize() for _, e in tail[:-keep])
+            del tail[:-keep]
 
     async def wait_delivered(self, position: int, timeout: float | None = None) -> bool:
         """Wait until the delivery position exceeds `position`; False on timeout."""
@@ -131,6 +163,7 @@ class Appender:
         self.log.finish(plan)
         await asyncio.to_thread(self._store.write, plan.writes, sync=self._sync)
         self.log.apply(plan)
+        self._remember(plan)
         self.batches += 1
         for job, entries in results:
             if job.local is not None:

@@ -52,7 +52,7 @@ class LocalLogClient:
     ) -> AsyncIterator[list[tuple[int, Entry]]]:
         position = after_position
         while True:
-            batch = self._appender.log.delivered(position, limit)
+            batch = self._appender.delivered(position, limit)
             if not batch:
                 await self._appender.wait_delivered(position)
                 continue

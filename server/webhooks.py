@@ -30,6 +30,7 @@ from potboiler.server.errors import NotFound, TooLarge
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
 from potboiler.server.urls import http_url
+from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +135,12 @@ class Webhooks:
     async def _deliver(self, state: WebhookState) -> None:
         key = _PREFIX + state.url.encode()
         while True:
-            batch = self._appender.log.delivered(state.position, 100)
+            batch = self._appender.delivered(state.position, 100)
             if not batch:
                 await self._appender.wait_delivered(state.position)
                 continue
             for position, entry in batch:
-                body = entry_json(self._appender.log.with_next(entry))
+                body = entry_json(self._appender.log.with_next(Entry.FromString(entry.SerializeToString())))
                 await self._post_until_accepted(state, body)
                 if state.url not in self._states:
                     return
