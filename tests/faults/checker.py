@@ -1,0 +1,301 @@
+"""The checker of a nemesis run, in the manner of Jepsen's set checker, and the figures it reports.
+
+After the cluster is healed and quiet, every node's whole log is read through the subscription from
+position 0 and its KV and Pigtail state through REST, and compared with the history:
+
+- log: every acknowledged append is present on every node (lost = 0); nothing is present that was never
+  attempted, nor anything whose request certainly failed (invented = 0); each entry id is delivered
+  once per node and each append appears under one id only (duplicated = 0); all nodes hold the same
+  entries, heads and version vectors;
+- KV: every node shows the same tables, keys and values; each counter lies between the sum of its
+  acknowledged increments and that sum plus the increments whose outcome is unknown (equal to the
+  acknowledged sum when none is unknown); each LWW value is one that was written, and the write with
+  the greatest (HLC stamp, owner) among those in the log; each OR-Set holds only items that were added,
+  and every acknowledged add of an item nobody tried to remove;
+- Pigtail: every acknowledged task is done on every node (at least once), all nodes show the same
+  task views and no open task, and no task is present that was never added.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.cluster import FaultCluster
+from tests.faults.workload import COUNTER_TABLE, LWW_TABLE, ORSET_TABLE, QUEUE, History
+
+#: Name of the user property (and report section) figures are recorded under.
+FIGURES_PROPERTY = "figures"
+
+
+@dataclass
+class Verdict:
+    """The checker's findings: figures for the report, problems for the assertion."""
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def expect(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+
+def percentile_summary(samples: Sequence[float]) -> dict[str, Any]:
+    """p50 / max / count of durations in seconds (rounded to ms)."""
+    if not samples:
+        return {"p50": None, "max": None, "samples": 0}
+    return {
+        "p50": round(statistics.median(samples), 3),
+        "max": round(max(samples), 3),
+        "samples": len(samples),
+    }
+
+
+def report_figures(
+    figures: dict[str, Any], directory: Path, record_property: Any, name: str = "figures.json"
+) -> str:
+    """Print the figures as one JSON line, write them to `directory/name`, and attach them to the test
+    report (user property `figures`, shown in the terminal summary). Returns the line."""
+    line = json.dumps(figures, sort_keys=True)
+    print(line)
+    (directory / name).write_text(line + "\n")
+    record_property(FIGURES_PROPERTY, line)
+    return line
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string anywhere inside a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _stamp(entry: dict[str, Any]) -> tuple[int, int, str]:
+    when = entry.get("when", {})
+    return (int(when.get("wall_ms", 0)), int(when.get("logical", 0)), str(entry["owner"]))
+
+
+def check_log(
+    verdict: Verdict, cluster: FaultCluster, history: History, tag: str
+) -> list[list[dict[str, Any]]]:
+    """The log checks; returns every node's entries (for the KV and Pigtail checks)."""
+    per_node = [cluster.entries(n.index) for n in cluster.nodes]
+    vectors = cluster.vectors()
+    heads = [cluster.heads(n.index) for n in cluster.nodes]
+    attempted = {(o.writer, o.n): o for o in history.of("append")}
+    acked = {k for k, o in attempted.items() if o.outcome == "ok"}
+    failed = {k for k, o in attempted.items() if o.outcome == "fail"}
+    lost_total = dup_total = invented_total = 0
+    unknown_present = 0
+    for node, entries in zip(cluster.nodes, per_node, strict=True):
+        ids = [e["id"] for e in entries]
+        dup_ids = len(ids) - len(set(ids))
+        ours = Counter(
+            (e["data"]["w"], e["data"]["n"])
+            for e in entries
+            if isinstance(e.get("data"), dict) and e["data"].get("nemesis") == tag
+        )
+        present = set(ours)
+        dup_values = sum(c - 1 for c in ours.values())
+        lost = acked - present
+        invented = (present - set(attempted)) | (present & failed)
+        lost_total += len(lost)
+        dup_total += dup_ids + dup_values
+        invented_total += len(invented)
+        unknown_present = max(unknown_present, len(present - acked - failed))
+        verdict.expect(
+            not lost, f"{node.name}: {len(lost)} acknowledged appends lost, e.g. {sorted(lost)[:5]}"
+        )
+        verdict.expect(
+            not invented,
+            f"{node.name}: {len(invented)} appends present that were never made or failed: {sorted(invented)[:5]}",
+        )
+        verdict.expect(dup_ids == 0, f"{node.name}: {dup_ids} entry ids delivered more than once")
+        verdict.expect(dup_values == 0, f"{node.name}: {dup_values} appends present under more than one id")
+        total = sum(vectors[node.index].values())
+        verdict.expect(
+            total == len(set(ids)),
+            f"{node.name}: vector counts {total} entries, subscription gave {len(set(ids))}",
+        )
+    id_sets = [sorted(e["id"] for e in entries) for entries in per_node]
+    verdict.expect(
+        all(s == id_sets[0] for s in id_sets),
+        f"nodes hold different entries: counts {[len(s) for s in id_sets]}",
+    )
+    verdict.expect(all(h == heads[0] for h in heads), "GET /log heads differ between nodes")
+    verdict.expect(all(v == vectors[0] for v in vectors), "version vectors differ between nodes")
+    verdict.figures["log"] = {
+        "entries_per_node": len(id_sets[0]),
+        "appends_acknowledged": len(acked),
+        "lost": lost_total,
+        "duplicated": dup_total,
+        "invented": invented_total,
+        "unacknowledged_present": unknown_present,
+    }
+    return per_node
+
+
+def kv_dump(cluster: FaultCluster, i: int) -> dict[str, dict[str, Any]]:
+    """Every table, key and value of node i's KV store."""
+    kv = cluster.nodes[i].kv_url
+    out: dict[str, dict[str, Any]] = {}
+    for table in cluster.get(f"{kv}/kv"):
+        out[table] = {key: cluster.get(f"{kv}/kv/{table}/{key}") for key in cluster.get(f"{kv}/kv/{table}")}
+    return out
+
+
+def _normal(value: Any) -> Any:
+    """A JSON value with lists of objects sorted, so set-like answers compare by content."""
+    if isinstance(value, list):
+        items = [_normal(v) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def check_kv(
+    verdict: Verdict, cluster: FaultCluster, history: History, entries: list[dict[str, Any]]
+) -> None:
+    """The KV checks (see the module docstring)."""
+    dumps = [_normal(kv_dump(cluster, n.index)) for n in cluster.nodes]
+    verdict.expect(all(d == dumps[0] for d in dumps), "KV state differs between nodes")
+    state = dumps[0]
+    figures: dict[str, Any] = {}
+    # Counters: between the acknowledged sum and the acknowledged plus unknown sums.
+    exact = bounded = 0
+    for key, value in sorted(state.get(COUNTER_TABLE, {}).items()):
+        ops = [o for o in history.of("incr") if o.key == key]
+        acked = sum(o.value for o in ops if o.outcome == "ok")
+        unknown = sum(o.value for o in ops if o.outcome == "info")
+        verdict.expect(
+            acked <= value <= acked + unknown,
+            f"counter {key} is {value}; acknowledged increments sum to {acked}, unknown ones to {unknown}",
+        )
+        exact += value == acked
+        bounded += 1
+    for key in {o.key for o in history.of("incr", outcome="ok")} - set(state.get(COUNTER_TABLE, {})):
+        verdict.problems.append(f"counter {key} has acknowledged increments but no value")
+    figures["counters"] = bounded
+    figures["counters_equal_to_acknowledged_sum"] = exact
+    figures["increments_acknowledged"] = len(history.of("incr", outcome="ok"))
+    figures["increments_unknown"] = len(history.of("incr", outcome="info"))
+    # LWW: a value that was written, and the greatest (stamp, owner) among the sets in the log.
+    lww_ok = 0
+    for key, value in sorted(state.get(LWW_TABLE, {}).items()):
+        written = {o.value for o in history.of("lww") if o.key == key}
+        verdict.expect(value in written, f"LWW {key} is {value!r}, which was never written")
+        candidates = [
+            (_stamp(e), s)
+            for e in entries
+            if isinstance(e.get("data"), dict)
+            and e["data"].get("table") == LWW_TABLE
+            and e["data"].get("key") == key
+            for s in _strings(e["data"].get("change"))
+            if s in written
+        ]
+        if candidates:
+            winner = max(candidates)[1]
+            verdict.expect(
+                value == winner, f"LWW {key} is {value!r}, but the latest write in the log is {winner!r}"
+            )
+            lww_ok += value == winner
+    figures["lww_keys"] = len(state.get(LWW_TABLE, {}))
+    figures["lww_latest_write_wins"] = lww_ok
+    # OR-Set: only added items; every acknowledged add of an item never removed is there.
+    present_items = 0
+    for key, value in sorted(state.get(ORSET_TABLE, {}).items()):
+        items = {e.get("item") for e in value} if isinstance(value, list) else set()
+        adds = [o for o in history.of("orset-add") if o.key == key]
+        removed = {o.value for o in history.of("orset-remove") if o.key == key}
+        added = {o.value for o in adds}
+        invented = items - added
+        verdict.expect(
+            not invented, f"OR-Set {key} holds items never added: {sorted(map(str, invented))[:5]}"
+        )
+        missing = {o.value for o in adds if o.outcome == "ok"} - removed - items
+        verdict.expect(not missing, f"OR-Set {key} lacks acknowledged adds: {sorted(missing)[:5]}")
+        present_items += len(items)
+    figures["orset_items"] = present_items
+    figures["orset_adds_acknowledged"] = len(history.of("orset-add", outcome="ok"))
+    figures["orset_removes_acknowledged"] = len(history.of("orset-remove", outcome="ok"))
+    verdict.figures["kv"] = figures
+
+
+def task_views(cluster: FaultCluster, i: int, task_ids: Sequence[str]) -> dict[str, Any]:
+    """Node i's REST view of each task."""
+    url = cluster.nodes[i].pigtail_url
+    return {t: cluster.get(f"{url}/queue/{QUEUE}/{t}") for t in task_ids}
+
+
+def check_queue(
+    verdict: Verdict, cluster: FaultCluster, history: History, entries: list[dict[str, Any]], drained: int
+) -> None:
+    """The Pigtail checks (see the module docstring)."""
+    acked = sorted({o.result for o in history.of("task-add", outcome="ok")})
+    views = [task_views(cluster, n.index, acked) for n in cluster.nodes]
+    verdict.expect(all(v == views[0] for v in views), "task views differ between nodes")
+    not_done = [t for t, v in views[0].items() if v.get("state") != "done"]
+    verdict.expect(not not_done, f"{len(not_done)} acknowledged tasks are not done: {not_done[:5]}")
+    for node in cluster.nodes:
+        listing = cluster.get(f"{node.pigtail_url}/queue/{QUEUE}")
+        verdict.expect(listing == {}, f"{node.name} still lists open tasks: {list(listing)[:5]}")
+    names = {o.value for o in history.of("task-add")}
+    in_log = {
+        s
+        for e in entries
+        if isinstance(e.get("data"), dict) and "pigtail" in e["data"]
+        for s in _strings(e["data"]["pigtail"])
+        if s.startswith("t-") and s.count("-") == 2
+    }
+    invented = in_log - names
+    verdict.expect(not invented, f"tasks in the log that were never added: {sorted(invented)[:5]}")
+    claimers: dict[str, set[str]] = {}
+    for o in history.of("task-claim", outcome="ok"):
+        claimers.setdefault(o.key, set()).add(o.value)
+    verdict.figures["queue"] = {
+        "tasks_acknowledged": len(acked),
+        "done": len(acked) - len(not_done),
+        "completed_by_workers": len({o.key for o in history.of("task-done", outcome="ok")}),
+        "completed_by_drain": drained,
+        "claimed_by_several_workers": sum(1 for ws in claimers.values() if len(ws) > 1),
+    }
+
+
+def check_all(
+    cluster: FaultCluster, history: History, tag: str, services: Sequence[str], drained: int = 0
+) -> Verdict:
+    """Every check of a nemesis run (KV and Pigtail ones when those services ran)."""
+    verdict = Verdict()
+    counts = history.counts()
+    verdict.figures["ops"] = {
+        "attempted": len(history.ops),
+        "acknowledged": sum(c["ok"] for c in counts.values()),
+        "failed": sum(c["fail"] for c in counts.values()),
+        "indeterminate": sum(c["info"] for c in counts.values()),
+        "by_kind": counts,
+    }
+    per_node = check_log(verdict, cluster, history, tag)
+    if "kv" in services:
+        check_kv(verdict, cluster, history, per_node[0])
+    if "pigtail" in services:
+        check_queue(verdict, cluster, history, per_node[0], drained)
+    return verdict
+
+
+def fail_on_problems(verdict: Verdict) -> None:
+    """Fail the test with every problem found (figures are reported before this)."""
+    if verdict.problems:
+        pytest.fail("the checker found problems:\n- " + "\n- ".join(verdict.problems), pytrace=False)
