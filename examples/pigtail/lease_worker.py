@@ -18,6 +18,7 @@ import socket
 import sys
 
 import grpc
+from google.protobuf import json_format
 
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
 
@@ -61,7 +62,8 @@ async def run(args: argparse.Namespace) -> int:
                 if not isinstance(message, pigtail_pb2.LeaseTasksResponse):
                     break  # the stream ended
                 task = message.task
-                print(f"hello world: {task.info}", file=sys.stderr, flush=True)
+                info = json_format.MessageToDict(task.info)  # the task's info as plain JSON
+                print(f"hello world: {info}", file=sys.stderr, flush=True)
                 await stub.CompleteTask(
                     pigtail_pb2.CompleteTaskRequest(
                         queue=args.queue, task_id=task.task_id, worker_id=args.worker_id
