@@ -1,8 +1,8 @@
 """Group commit: the single writer of a `Log`.
 
 Every change (local appends, entries received from peers) is queued; one task takes everything
-queued so far, plans it as one batch, writes that batch in a worker thread (one WAL write, and one
-fsync when `sync` is on) and only then resolves the callers and wakes readers. Concurrent appends
+queued so far, plans it as one batch, writes that batch (one WAL write, and one fsync when `sync` is
+on) and only then resolves the callers and wakes readers. Concurrent appends
 therefore share a write, which is how one Python process reaches tens of thousands of durable
 appends per second.
 """
@@ -127,6 +127,8 @@ class Appender:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            # One turn of the loop first, so that requests already received join this batch.
+            await asyncio.sleep(0)
             self._wake.clear()
             while self._queue:
                 jobs = self._take()
@@ -161,7 +163,9 @@ class Appender:
             except PotboilerError as exc:
                 job.done.set_exception(exc)
         self.log.finish(plan)
-        await asyncio.to_thread(self._store.write, plan.writes, sync=self._sync)
+        # Written inline: rocksdict keeps the GIL during a write (fsync included), so a worker thread
+        # would only add a hand-off. Calls arriving meanwhile queue up and form the next batch.
+        self._store.write(plan.writes, sync=self._sync)
         self.log.apply(plan)
         self._remember(plan)
         self.batches += 1

@@ -63,6 +63,7 @@ class RocksStore:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_max_background_jobs(2)
+        options.set_write_buffer_size(16 << 20)  # bounds the memtables' share of a node's memory
         self._db = Rdict(str(path / "rocksdb"), options)
         self._nosync = WriteOptions()
         self._sync = WriteOptions()

@@ -146,7 +146,7 @@ class Webhooks:
                     return
                 state.position = position
                 state.delivered += 1
-                await asyncio.to_thread(self._store.write, [(key, _U64.pack(position))])
+                self._store.write([(key, _U64.pack(position))])
 
     async def _post_until_accepted(self, state: WebhookState, body: bytes) -> None:
         assert self._client is not None
