@@ -33,14 +33,27 @@ def ports_free(host: str, base: int) -> bool:
     return True
 
 
-def find_base_port(host: str = "127.0.0.1", start: int = 20000, end: int = 60000, count: int = 1) -> int:
-    """A base port B such that `count` nodes at B, B+100, ... can bind all their ports. The search
-    starts at a point derived from the process id, so parallel test workers rarely collide."""
+def _ephemeral_ports() -> range:
+    """The range the kernel takes outgoing connections' local ports from (a node must not use it:
+    any connection made meanwhile could take one of its ports)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000, count: int = 1) -> int:
+    """A base port B such that `count` nodes at B, B+100, ... can bind all their ports, outside the
+    kernel's ephemeral range. The search starts at a point derived from the process id, so parallel
+    test workers rarely collide."""
+    ephemeral = _ephemeral_ports()
     span = (end - start) // 100
     first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % span
     for i in range(span):
         base = start + ((first + i) % span) * 100
-        if base + 100 * count >= end:
+        top = base + 100 * count
+        if top >= end or (base <= ephemeral.stop and top >= ephemeral.start):
             continue
         if all(ports_free(host, base + 100 * n) for n in range(count)):
             return base
