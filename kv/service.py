@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import grpc
@@ -34,8 +33,6 @@ log = logging.getLogger(__name__)
 APPLY_WAIT = 5.0
 #: Most log entries applied in one batch (one store write).
 APPLY_BATCH = 1000
-#: How many of this node's recently applied entry ids are remembered for writers that look late.
-_RECENT = 8192
 
 SERVICE_NAMES = [
     "potboiler.v1.KvService",
@@ -52,8 +49,10 @@ class KvService:
         self._store = store if store is not None else RocksStore(context.data_dir)
         self.state = KvState(self._store, sync=context.fsync)
         self._task: asyncio.Task[None] | None = None
-        self._waiters: dict[str, asyncio.Future[None]] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        #: Writers waiting for their entry to be applied, by the entry's seq.
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        #: The highest seq of this node's own entries applied since the service started.
+        self._own_seq = 0
 
     @property
     def node_id(self) -> str:
@@ -86,21 +85,24 @@ class KvService:
     async def write(self, planned: PlannedWrite) -> Entry:
         """Append a planned write and wait (bounded) until it is applied here."""
         entry = await self._context.log.append(to_value(planned.event.to_json()), planned.dependencies)
-        await self.wait_applied(entry.id)
+        await self.wait_applied(entry)
         return entry
 
-    async def wait_applied(self, entry_id: str, timeout: float = APPLY_WAIT) -> bool:
-        """Wait until this node's entry `entry_id` is applied; False if it is not within `timeout`."""
-        if entry_id in self._recent:
+    async def wait_applied(self, entry: Entry, timeout: float = APPLY_WAIT) -> bool:
+        """Wait until `entry`, one of this node's own, is applied; False if it is not within `timeout`.
+
+        A node's own entries are delivered in their seq order (each depends on its predecessor), so
+        "applied" is "seq at most the highest own seq applied so far"."""
+        if entry.seq <= self._own_seq:
             return True
-        waiter = self._waiters.get(entry_id)
+        waiter = self._waiters.get(entry.seq)
         if waiter is None:
-            waiter = self._waiters[entry_id] = asyncio.get_running_loop().create_future()
+            waiter = self._waiters[entry.seq] = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
-            self._waiters.pop(entry_id, None)
-            log.warning("KV write %s not applied after %.1fs; answering anyway", entry_id, timeout)
+            self._waiters.pop(entry.seq, None)
+            log.warning("KV write %s not applied after %.1fs; answering anyway", entry.id, timeout)
             return False
         return True
 
@@ -124,17 +126,16 @@ class KvService:
         """Apply a batch of delivered entries and wake the writers waiting for them."""
         self.state.apply_batch(batch)
         me = self._context.log.node_id
-        recent, waiters = self._recent, self._waiters
-        for _, entry in batch:
-            if entry.owner != me:
-                continue
-            entry_id = entry.id
-            recent[entry_id] = None
-            waiter = waiters.pop(entry_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        while len(recent) > _RECENT:
-            recent.popitem(last=False)
+        for _, entry in reversed(batch):
+            if entry.owner == me:  # the newest own entry of the batch
+                self._own_seq = max(self._own_seq, entry.seq)
+                break
+        if self._waiters:
+            done = [seq for seq in self._waiters if seq <= self._own_seq]
+            for seq in done:
+                waiter = self._waiters.pop(seq)
+                if not waiter.done():
+                    waiter.set_result(None)
 
 
 def create(context: NodeContext) -> NodeService:
