@@ -1,13 +1,18 @@
 """Partitions made with iptables between nodes on distinct loopback addresses are real: entries do not
 cross them, both sides keep taking writes (AP), and everything arrives everywhere once they heal; in a
-ring partition entries travel several hops while the partition lasts."""
+ring partition entries travel several hops while the partition lasts. And the firewall leaves no rule
+behind."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import httpx
 
 from tests.conftest import wait_for_sync
 from tests.faults.cluster import FaultCluster, hold_for
+from tests.faults.netfilter import CHAIN_PREFIX, Firewall
 
 #: How long a partition is watched for leaks (entries crossing it).
 WATCH_S = 1.5
@@ -74,3 +79,26 @@ def test_ring_partition_converges_through_neighbours(cluster: FaultCluster) -> N
         )
         vectors = cluster.vectors()
         assert all(v == vectors[0] for v in vectors)
+
+
+def test_firewall_leaves_nothing_behind(firewall: Firewall) -> None:
+    """Every rule lives in this process's chains, which close() removes; chains of test processes that
+    died before their teardown are removed by the next firewall."""
+    firewall.mark_connections(gid=4_000_000_000, mark=7)
+    firewall.cut((7, "127.255.0.2"), (8, "127.255.0.3"))
+    firewall.redirect(4_000_000_000, "127.255.0.3", 1234, "127.255.0.9", 4321)
+    assert len(firewall.rules("filter")) == 3 and len(firewall.rules("nat")) == 1
+    firewall.close()
+    for table in ("filter", "nat"):
+        listing = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
+        assert firewall.chain not in listing, f"{table}: {listing}"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (and is not reused this soon)
+    stale = Firewall(chain=f"{CHAIN_PREFIX}{dead.pid}")
+    stale.install()
+    stale.block(9, "127.255.0.4")
+    Firewall.remove_stale()
+    for table in ("filter", "nat"):
+        listing = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True, text=True).stdout
+        assert stale.chain not in listing, f"stale chain left in {table}: {listing}"
