@@ -369,6 +369,9 @@ def channel_options() -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
+        # grpcio waits this long (default 60 s) for a ping's answer, whatever keepalive_timeout_ms says:
+        # a half-open connection must be noticed in seconds.
+        ("grpc.http2.ping_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.max_receive_message_length", 64 << 20),
@@ -524,7 +527,14 @@ class Replicator:
                         log.warning("%s removed this node from its peers; removing it here too", peer.url)
                         self.membership.remove(peer.url)
                         return
-                except (grpc.RpcError, PotboilerError, OSError, ValueError) as exc:
+                except (
+                    grpc.RpcError,
+                    grpc.aio.UsageError,
+                    asyncio.InvalidStateError,  # grpc.aio writing on a call a reset already ended
+                    PotboilerError,
+                    OSError,
+                    ValueError,
+                ) as exc:
                     peer.last_error = _describe(exc)
                     log.debug("stream to %s ended: %s", peer.url, peer.last_error)
                 finally:

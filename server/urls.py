@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import httpx
+
 from potboiler.server.errors import InvalidArgument
 
 MAX_URL_LENGTH = 2048
@@ -28,6 +30,10 @@ def http_url(text: str, what: str = "url") -> str:
         raise InvalidArgument(f"{what} {text!r} has no host")
     if port == 0:
         raise InvalidArgument(f"{what} {text!r} has port 0")
+    try:
+        httpx.URL(text)  # what delivery will use: e.g. IDNA rules for the host name
+    except httpx.InvalidURL as exc:
+        raise InvalidArgument(f"{what} {text!r} is not a usable URL: {exc}") from None
     return text
 
 

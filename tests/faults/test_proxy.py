@@ -81,16 +81,6 @@ def test_stalled_link_resumes(cluster: FaultCluster) -> None:
     no_duplicates(cluster)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: server/replication.py channel_options() sets keepalive_timeout_ms=5000, but grpcio 1.85 waits "
-        "for a keepalive ping's answer as long as grpc.http2.ping_timeout_ms (default 60 s): a half-open "
-        "replication connection is noticed only ~70 s later, and until then the pair does not replicate "
-        "(the node keeping the dead stream refuses the other's new one). Fix: add "
-        "('grpc.http2.ping_timeout_ms', 5_000) to channel_options() (and 10_000 to the server's options)"
-    ),
-    strict=True,
-)
 def test_half_open_connection_is_detected(cluster: FaultCluster) -> None:
     """The proxy forgets the peer's side of the connection and swallows what the dialer sends:
     only the dialer's keepalive can tell. Replication must come back by itself."""
@@ -114,15 +104,6 @@ def test_half_open_connection_is_detected(cluster: FaultCluster) -> None:
     no_duplicates(cluster)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG (timing-dependent here, so not strict; reproduced every time by test_stream_errors.py): a reset "
-        "at the wrong moment makes grpc.aio raise asyncio.InvalidStateError in the session, which "
-        "Replicator._dial_loop does not catch: the dial task dies, and once both nodes' have the two never "
-        "replicate again"
-    ),
-    strict=False,
-)
 def test_resets_lose_and_duplicate_nothing(cluster: FaultCluster) -> None:
     cluster.start(2, proxied=[(0, 1)])
     proxy = cluster.proxy

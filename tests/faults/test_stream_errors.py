@@ -66,15 +66,6 @@ class FinishedCallChannel:
         return call
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: server/replication.py Replicator._dial_loop does not catch asyncio.InvalidStateError, which "
-        "grpc.aio raises when the session writes (hello, entries or an ack) on a call a connection reset "
-        "has already finished; the exception ends the peer's dial task for good, and if both ends of a "
-        "pair lose theirs the pair never replicates again (seen with link resets in test_proxy.py)"
-    ),
-    strict=True,
-)
 async def test_dial_loop_survives_a_write_on_a_finished_call() -> None:
     store = MemoryStore()
     log = Log(store)
