@@ -7,7 +7,6 @@ import time
 
 import grpc
 import httpx
-import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.v1 import log_pb2, log_pb2_grpc

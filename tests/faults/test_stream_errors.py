@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
-import pytest
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
