@@ -55,7 +55,6 @@ from potboiler.pigtail.machine import (
     check_done,
     check_retry,
     find_by_key,
-    list_dead,
     task_view,
 )
 from potboiler.pigtail.scheduler import Scheduler
@@ -332,12 +331,10 @@ class Pigtail:
         """A queue's settings and task counts."""
         validate.queue_name(name)
         state, config = self._queue(name)
-        now = self.now_ms()
-        counts = {"pending": 0, "working": 0, "delayed": 0, "dead": 0}
-        for _, entry in self._scheduler.listing(name, self.state.open_tasks(name).get, state, now):
-            counts[entry["state"]] += 1
-        counts["dead"] = len(list_dead(self.state.open_tasks(name), state, now))
-        return QueueInfo(name, config, **counts)
+        counts = self._scheduler.counts(name, self.state.open_tasks(name).get, state, self.now_ms())
+        return QueueInfo(
+            name, config, counts["pending"], counts["working"], counts["delayed"], counts["dead"]
+        )
 
     def list_queues(self) -> list[tuple[str, QueueConfig]]:
         """The queues that exist, by name."""
@@ -401,7 +398,7 @@ class Pigtail:
         """The dead-lettered tasks of a queue, by id."""
         validate.queue_name(queue)
         state, _ = self._queue(queue)
-        return sorted(list_dead(self.state.open_tasks(queue), state, self.now_ms()).items())
+        return self._scheduler.dead(queue, self.state.open_tasks(queue).get, state, self.now_ms())
 
     async def claim(self, queue: str, task_id: str, worker_id: str) -> tuple[TaskView, bool]:
         """Claim a task for a worker (or renew its claim); (the task, whether it was a renewal)."""

@@ -33,8 +33,9 @@ class _Queue:
     waiting: list[tuple[int, str]] = field(default_factory=list)
     #: Where each known task's live heap entry is: None in ready, else its time in waiting.
     where: dict[str, int | None] = field(default_factory=dict)
-    #: What each known task was when last placed: its state (pending, working or delayed), its name
-    #: and its rank. A working or delayed task keeps that state until its time in `where`.
+    #: What each known task was when last placed: its state (pending, working, delayed or dead), its
+    #: name and its rank. A working or delayed task keeps that state until its time in `where`; a dead
+    #: one until an event (a retry) changes it.
     known: dict[str, tuple[TaskStatus, str, Rank]] = field(default_factory=dict)
 
     def to_ready(self, task: TaskState) -> bool:
@@ -62,8 +63,11 @@ class _Queue:
     def place(self, task: TaskState, view: TaskView | None, now_ms: int) -> bool:
         """Put the task where its view says; True if it is claimable now and was not known so."""
         state = None if view is None else view["state"]
-        if view is None or state in ("done", "dead"):
+        if view is None or state == "done":
             self.drop(task["task_id"])
+        elif state == "dead":
+            self.where.pop(task["task_id"], None)
+            self.known[task["task_id"]] = ("dead", task["task_name"], rank(task))
         elif state == "working":
             self.to_waiting(task, "working", view["lease_expires_ms"] or now_ms)
         elif state == "delayed":
@@ -139,6 +143,36 @@ class Scheduler:
             heapq.heappush(q.ready, item)
         return found
 
+    def _current(
+        self,
+        queue: str,
+        lookup: Callable[[str], TaskState | None],
+        queue_state: QueueState | None,
+        now_ms: int,
+    ) -> list[tuple[TaskStatus, str, str, Rank]]:
+        """(state, id, name, rank) of every known task of the queue as of `now_ms`: what each task was
+        when last placed, looked at again when its lease or delay has ended since."""
+        q = self._queues.get(queue)
+        if q is None:
+            return []
+        out: list[tuple[TaskStatus, str, str, Rank]] = []
+        where = q.where
+        for task_id, (state, name, order) in list(q.known.items()):
+            if state == "working" or state == "delayed":
+                until = where.get(task_id)
+                if until is not None and now_ms >= until:
+                    task = lookup(task_id)
+                    if task is None:
+                        q.drop(task_id)
+                        continue
+                    view = task_view(task, queue_state, now_ms)
+                    q.place(task, view, now_ms)
+                    if view is None or view["state"] == "done":
+                        continue
+                    state = view["state"]
+            out.append((state, task_id, name, order))
+        return out
+
     def listing(
         self,
         queue: str,
@@ -147,27 +181,38 @@ class Scheduler:
         now_ms: int,
     ) -> list[tuple[str, ListEntry]]:
         """The queue's pending, working and delayed tasks at `now_ms`, best first: what
-        :func:`~potboiler.pigtail.machine.list_tasks` answers, from what each task was when last placed
-        (a working or delayed task whose time has come is looked at again)."""
-        q = self._queues.get(queue)
-        if q is None:
-            return []
-        out: list[tuple[Rank, str, ListEntry]] = []
-        for task_id, (state, name, order) in list(q.known.items()):
-            until = q.where.get(task_id)
-            if state != "pending" and until is not None and now_ms >= until:
-                task = lookup(task_id)
-                view = task_view(task, queue_state, now_ms)
-                if task is None:
-                    q.drop(task_id)
-                    continue
-                q.place(task, view, now_ms)
-                if view is None or view["state"] not in ("pending", "working", "delayed"):
-                    continue
-                state = view["state"]
-            out.append((order, task_id, ListEntry(task_name=name, state=state)))
-        out.sort()
-        return [(task_id, entry) for _, task_id, entry in out]
+        :func:`~potboiler.pigtail.machine.list_tasks` answers, without replaying every task."""
+        current = self._current(queue, lookup, queue_state, now_ms)
+        listed = sorted(
+            (order, task_id, name, state) for state, task_id, name, order in current if state != "dead"
+        )
+        return [(task_id, ListEntry(task_name=name, state=state)) for _, task_id, name, state in listed]
+
+    def dead(
+        self,
+        queue: str,
+        lookup: Callable[[str], TaskState | None],
+        queue_state: QueueState | None,
+        now_ms: int,
+    ) -> list[tuple[str, ListEntry]]:
+        """The queue's dead-lettered tasks at `now_ms`, by id: what
+        :func:`~potboiler.pigtail.machine.list_dead` answers."""
+        current = self._current(queue, lookup, queue_state, now_ms)
+        dead = sorted((task_id, name) for state, task_id, name, _ in current if state == "dead")
+        return [(task_id, ListEntry(task_name=name, state="dead")) for task_id, name in dead]
+
+    def counts(
+        self,
+        queue: str,
+        lookup: Callable[[str], TaskState | None],
+        queue_state: QueueState | None,
+        now_ms: int,
+    ) -> dict[TaskStatus, int]:
+        """How many of the queue's tasks are pending, working, delayed and dead at `now_ms`."""
+        out: dict[TaskStatus, int] = {"pending": 0, "working": 0, "delayed": 0, "dead": 0}
+        for state, *_ in self._current(queue, lookup, queue_state, now_ms):
+            out[state] += 1
+        return out
 
     def next_wake_ms(self, queue: str) -> int | None:
         """The earliest time a waiting task of the queue may become claimable, if any."""

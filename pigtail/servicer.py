@@ -193,11 +193,11 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestListTasks(self, request: pigtail_pb2.RestListTasksRequest, context: Ctx) -> Struct:
-        return to_struct(views.rest_listing(self._p.list_tasks(request.queue)))
+        return views.rest_listing(self._p.list_tasks(request.queue))
 
     @unary
     async def RestListDeadTasks(self, request: pigtail_pb2.RestListDeadTasksRequest, context: Ctx) -> Struct:
-        return to_struct(views.rest_listing(self._p.list_dead(request.queue)))
+        return views.rest_listing(self._p.list_dead(request.queue))
 
     @unary
     async def RestClaimNextTask(self, request: pigtail_pb2.RestClaimNextTaskRequest, context: Ctx) -> Struct:

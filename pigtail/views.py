@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from google.protobuf.struct_pb2 import Struct
+
 from potboiler.pigtail.jsonvalue import set_value
 from potboiler.pigtail.machine import JSONValue, ListEntry, QueueConfig, TaskStatus, TaskView
 from potboiler.v1 import pigtail_pb2
@@ -81,9 +83,16 @@ def rest_view(view: TaskView, *, verbose: bool = False, with_id: bool = False) -
     return out
 
 
-def rest_listing(entries: list[tuple[str, ListEntry]]) -> dict[str, JSONValue]:
-    """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...}."""
-    return {task_id: {"task_name": e["task_name"], "state": e["state"]} for task_id, e in entries}
+def rest_listing(entries: list[tuple[str, ListEntry]]) -> Struct:
+    """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...} (built field by field: listings can be
+    long, and this is about twice as fast as converting a dict)."""
+    out = Struct()
+    fields = out.fields
+    for task_id, entry in entries:
+        inner = fields[task_id].struct_value.fields
+        inner["task_name"].string_value = entry["task_name"]
+        inner["state"].string_value = entry["state"]
+    return out
 
 
 def rest_queue(name: str, config: QueueConfig) -> dict[str, JSONValue]:

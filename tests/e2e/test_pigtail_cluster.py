@@ -56,12 +56,21 @@ class Node:
         self.pig.close()
 
 
-def peers_are(node: Node, urls: list[str]) -> bool:
-    return sorted(node.core.get("/nodes").json()) == urls
+def peers(node: Node) -> list[str]:
+    result: list[str] = node.core.get("/nodes").json()
+    return result
+
+
+def knows_all(node: Node, urls: list[str]) -> bool:
+    return set(urls) <= set(peers(node))
+
+
+def knows_none(node: Node) -> bool:
+    return not peers(node)
 
 
 def peer_is(node: Node, url: str, want: bool) -> bool:
-    return (url in node.core.get("/nodes").json()) == want
+    return (url in peers(node)) == want
 
 
 def queue_known(node: Node, queue: str) -> bool:
@@ -84,16 +93,17 @@ def all_done(node: Node, queue: str, ids: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
-    """Three nodes, each peered with the ones started before it (gossip completes the mesh)."""
+    """Three nodes, each peered with the ones started before it (a node learns the peers that dial
+    it, so that is a full mesh). Gossip is off, so that a node of another test that happens to know one
+    of these ports (ports are reused) cannot make the cluster learn its peers."""
     factory = NodeProcesses(tmp_path_factory.mktemp("pigtail-cluster"))
     nodes: list[Node] = []
     try:
         for i in range(3):
-            process = factory(f"node{i}", peers=[n.url for n in nodes])
+            process = factory(f"node{i}", peers=[n.url for n in nodes], extra_args=["--no-gossip"])
             nodes.append(Node(process))
         for node in nodes:
-            others = sorted(n.url for n in nodes if n is not node)
-            wait_for_sync(partial(peers_are, node, others))
+            wait_for_sync(partial(knows_all, node, [n.url for n in nodes if n is not node]))
         yield nodes
     finally:
         for node in nodes:
@@ -141,17 +151,21 @@ def test_task_added_on_one_node_is_claimed_on_another(cluster: list[Node]) -> No
 
 
 def set_split(cluster: list[Node], isolated: Node, split: bool) -> None:
-    """Cut `isolated` off from the other nodes (replication stops both ways), or join it again."""
+    """Cut `isolated` off from every other node (replication stops both ways: a removal is mutual),
+    or join it to the cluster's nodes again (an explicit add rejoins)."""
     others = [n for n in cluster if n is not isolated]
-    for node in others:
-        if split:
+    if split:
+        for node in others:
             assert node.core.request("DELETE", "/nodes", json={"url": isolated.url}).status_code == 204
-        else:
-            assert node.core.post("/nodes", json={"url": isolated.url}).status_code == 204
-    want = not split
+        for url in peers(isolated):  # any other peer it has (none, normally) would be a path too
+            isolated.core.request("DELETE", "/nodes", json={"url": url})
+        wait_for_sync(partial(knows_none, isolated), message="the isolated node has no peer left")
+        for node in others:
+            wait_for_sync(partial(peer_is, node, isolated.url, False))
+        return
     for node in others:
-        wait_for_sync(partial(peer_is, node, isolated.url, want))
-        wait_for_sync(partial(peer_is, isolated, node.url, want))
+        assert node.core.post("/nodes", json={"url": isolated.url}).status_code == 204
+    wait_for_sync(partial(knows_all, isolated, [n.url for n in others]), message="the node rejoined")
 
 
 def test_conflicting_claims_on_two_nodes_resolve_to_one_winner(cluster: list[Node]) -> None:
