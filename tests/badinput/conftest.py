@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
+from potboiler.server.gateway import Ports
 from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.server.services import SERVICES
 from potboiler.v1 import log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 
 sys.modules.setdefault("tests.badinput.conftest", sys.modules[__name__])
@@ -50,6 +53,14 @@ TABLES = {
     "t_mv": "MVREGISTER",
 }
 QUEUE = "badq"
+#: Optional services the node runs (see potboiler.server.services); tests of the others skip.
+HAS_KV, HAS_PIGTAIL = "kv" in SERVICES, "pigtail" in SERVICES
+needs_kv = pytest.mark.skipif(
+    not HAS_KV, reason="the KV service is not registered in potboiler.server.services"
+)
+needs_pigtail = pytest.mark.skipif(
+    not HAS_PIGTAIL, reason="the Pigtail service is not registered in potboiler.server.services"
+)
 GRPC_OPTIONS = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_message_length", 128 << 20)]
 
 
@@ -58,6 +69,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
+
+
+def base_port(count: int = 1) -> int:
+    """A free base port for `count` nodes, drawn uniformly from the ports below the kernel's ephemeral
+    range. (find_base_port's own default search starts, for most process ids, in the excluded range
+    and then always lands on its first port: parallel workers collide; see tests/faults/test_harness.py.)"""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    end = min(low, 60_000) - 100 * count
+    return find_base_port(start=10_000, end=end, count=count) if end > 12_000 else find_base_port(count=count)
+
+
+def start_node(process: NodeProcess, timeout: float = 60.0, attempts: int = 3) -> None:
+    """Start a node and wait until it serves, making sure the node answering is this one: a node whose
+    port was taken meanwhile exits ("in use") while the other one answers its URL; it then moves to
+    another base port."""
+    for attempt in range(attempts):
+        offset = process.log_file.stat().st_size if process.log_file.exists() else 0
+        process.start(wait=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = process.log_file.read_bytes()[offset:].decode(errors="replace")
+            if f"serving {process.url}" in text or not process.alive():
+                break
+            assert time.monotonic() < deadline, f"node not serving after {timeout}s: {process.log_file}"
+            time.sleep(0.05)
+        if process.alive():
+            process.wait_ready(timeout)
+            return
+        process.stop()
+        if "in use" not in text or attempt == attempts - 1:
+            raise RuntimeError(f"node failed to start; see {process.log_file}")
+        process.ports = Ports(base_port())
 
 
 def client_error(response: httpx.Response, *allowed: int) -> None:
@@ -142,6 +185,18 @@ def seed_state(node: BadInputNode) -> None:
     """A little of everything, so the digest is not of an empty node."""
     for i in range(3):
         assert node.core.post("/log", json={"seed": i}).status_code == 201
+    if HAS_KV:
+        seed_kv(node)
+    if HAS_PIGTAIL:
+        response = node.pigtail.post("/create", json={"name": QUEUE, "timeout_ms": 60_000})
+        assert response.status_code == 201, response.text
+        response = node.pigtail.post(f"/queue/{QUEUE}", json={"task_name": "seeded", "info": {"n": 1}})
+        assert response.status_code == 201, response.text
+        node.task_ids.append(response.json()["id"])
+
+
+def seed_kv(node: BadInputNode) -> None:
+    """A table of each type, with a key written."""
     for table, crdt in TABLES.items():
         response = node.kv.post(f"/kv/_config/{table}", json={"op": "set", "change": {"crdt": crdt}})
         assert response.status_code == 200, response.text
@@ -155,19 +210,14 @@ def seed_state(node: BadInputNode) -> None:
     for table, body in writes.items():
         response = node.kv.post(f"/kv/{table}/k1", json=body)
         assert response.status_code == 200, response.text
-    response = node.pigtail.post("/create", json={"name": QUEUE, "timeout_ms": 60_000})
-    assert response.status_code == 201, response.text
-    response = node.pigtail.post(f"/queue/{QUEUE}", json={"task_name": "seeded", "info": {"n": 1}})
-    assert response.status_code == 201, response.text
-    node.task_ids.append(response.json()["id"])
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BadInputNode]:
     """One node for the whole module, with seeded state."""
     root = tmp_path_factory.mktemp("badinput")
-    process = NodeProcess(root / "node", find_base_port())
-    process.start(timeout=60)
+    process = NodeProcess(root / "node", base_port())
+    start_node(process)
     handle = BadInputNode(process)
     try:
         seed_state(handle)

@@ -24,7 +24,7 @@ from potboiler.v1 import (
     replication_pb2_grpc,
     webhooks_pb2,
 )
-from tests.badinput.conftest import FUZZ, QUEUE, BadInputNode
+from tests.badinput.conftest import FUZZ, QUEUE, BadInputNode, needs_kv, needs_pigtail
 
 UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -167,6 +167,8 @@ def test_bad_log_requests(node: BadInputNode) -> None:
         run()
 
 
+@needs_kv
+@needs_pigtail
 def test_bad_webhook_kv_and_queue_requests(node: BadInputNode) -> None:
     kv = kv_pb2_grpc.KvServiceStub(node.channel)
     pigtail = pigtail_pb2_grpc.PigtailServiceStub(node.channel)

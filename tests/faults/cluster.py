@@ -35,6 +35,8 @@ from tests.faults.proxy import LinkMode, Proxy
 SETGID = "import os, sys; os.setgroups([]); os.setgid(int(sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])"
 #: How long a node may take to serve after a (re)start on a loaded 2-core machine.
 START_TIMEOUT = 60.0
+#: How many times a cluster on 127.0.0.1 is started on fresh ports when one was taken meanwhile.
+START_ATTEMPTS = 3
 #: Timeout of the checker's own requests (not the workload's).
 REQUEST_TIMEOUT = 10.0
 
@@ -43,6 +45,14 @@ def address_block() -> str:
     """127.A.B: this test process's block of loopback addresses."""
     pid = os.getpid()
     return f"127.{100 + pid % 150}.{(pid // 150) % 250 + 1}"
+
+
+def base_port_below_ephemeral(count: int) -> int:
+    """A free base port for `count` nodes on 127.0.0.1, drawn uniformly from the ports below the
+    kernel's ephemeral range (find_base_port's default search lands most workers on its first port)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    end = min(low, 60_000) - 100 * count
+    return find_base_port(start=10_000, end=end, count=count) if end > 12_000 else find_base_port(count=count)
 
 
 def gid_base() -> int:
@@ -160,13 +170,36 @@ class FaultCluster:
     ) -> FaultCluster:
         """Start `size` nodes (full mesh), with the links in `proxied` going through the proxy."""
         self._client = httpx.Client(timeout=REQUEST_TIMEOUT)
+        for attempt in range(START_ATTEMPTS):
+            self._create(size, extra_args, group_ids)
+            if self.firewall is not None:
+                for node in self.nodes:
+                    self.firewall.mark_connections(node.gid, node.mark)
+            for a, b in proxied:
+                self._proxy_link(a, b)
+            for node in self.nodes:
+                node.process.start(wait=False)
+            taken = [node for node in self.nodes if not self._serving(node)]
+            if not taken:
+                break
+            # A port was taken after it was chosen (another test worker): start over elsewhere.
+            assert self.firewall is None and attempt < START_ATTEMPTS - 1, f"{taken[0].name} failed to start"
+            self._stop_nodes()
+            self.nodes.clear()
+        for node in self.nodes:
+            node.process.wait_ready(START_TIMEOUT)
+            node.node_id = self.status(node.index)["node_id"]
+        return self
+
+    def _create(self, size: int, extra_args: Callable[[int], Sequence[str]], group_ids: bool) -> None:
         if self.firewall is not None:
+            # Each node has an address of its own (and this process a block of its own): any port will do.
             block = address_block()
             hosts = [f"{block}.{i + 2}" for i in range(size)]
             bases = [find_base_port(host) for host in hosts]
         else:
             hosts = ["127.0.0.1"] * size
-            first = find_base_port("127.0.0.1", count=size)
+            first = base_port_below_ephemeral(size)
             bases = [first + 100 * i for i in range(size)]
         urls = [f"http://{h}:{b}" for h, b in zip(hosts, bases, strict=True)]
         gid0 = gid_base()
@@ -181,17 +214,21 @@ class FaultCluster:
                 else NodeProcess(data_dir, bases[i], **common)
             )
             self.nodes.append(ClusterNode(i, process, gid0 + i))
-        if self.firewall is not None:
-            for node in self.nodes:
-                self.firewall.mark_connections(node.gid, node.mark)
-        for a, b in proxied:
-            self._proxy_link(a, b)
-        for node in self.nodes:
-            node.process.start(wait=False)
-        for node in self.nodes:
-            node.process.wait_ready(START_TIMEOUT)
-            node.node_id = self.status(node.index)["node_id"]
-        return self
+
+    @staticmethod
+    def _serving(node: ClusterNode) -> bool:
+        """Wait until the node logs that it serves its URL (True) or exits (False): a node whose port
+        another process took exits, while that other process answers the node's URL."""
+        process = node.process
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            text = process.log_file.read_text(errors="replace") if process.log_file.exists() else ""
+            if f"serving {process.url}" in text:
+                return True
+            if not process.alive():
+                return False
+            assert time.monotonic() < deadline, f"{node.name} not serving after {START_TIMEOUT}s"
+            time.sleep(0.05)
 
     def _proxy_link(self, a: int, b: int) -> None:
         assert self.firewall is not None and self.proxy is not None, "proxied links need iptables and a proxy"
@@ -206,10 +243,13 @@ class FaultCluster:
 
     def close(self) -> list[str]:
         """Stop every node (resuming paused ones first); returns problems met."""
-        problems = []
         if self._client is not None:
             self._client.close()
             self._client = None
+        return self._stop_nodes()
+
+    def _stop_nodes(self) -> list[str]:
+        problems = []
         for node in self.nodes:
             if node.paused:
                 node.process.signal(signal.SIGCONT)
