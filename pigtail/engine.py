@@ -254,7 +254,9 @@ class Pigtail:
         except TimeoutError:
             self._waiters.pop(entry.id, None)
             raise RuntimeError(
-                f"entry {entry.id} was appended but not applied within {APPLY_TIMEOUT_S:g} s"
+                f"entry {entry.id} was appended but this node has not delivered it within "
+                f"{APPLY_TIMEOUT_S:g} s (an earlier entry of this node may wait for a missing "
+                "dependency); it takes effect once delivered"
             ) from None
         return entry
 
