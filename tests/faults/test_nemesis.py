@@ -11,22 +11,32 @@ one JSON line, written to figures.json in the test's directory and shown in the 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import wait_for, wait_for_sync
-from tests.faults.checker import check_all, fail_on_problems, percentile_summary, report_figures, task_views
+from tests.faults.checker import (
+    check_all,
+    fail_on_problems,
+    kv_dump,
+    percentile_summary,
+    report_figures,
+    task_views,
+)
 from tests.faults.cluster import FaultCluster
 from tests.faults.nemesis import Nemesis, wait_quiet
 from tests.faults.workload import QUEUE, History, Workload
 
-SEED = 20_240_607
+#: The schedule's seed, and how long the nemesis injects faults (the writes run as long); both can be
+#: changed for a longer or different run, e.g. POTBOILER_NEMESIS_S=600 POTBOILER_NEMESIS_SEED=7.
+SEED = int(os.environ.get("POTBOILER_NEMESIS_SEED", "20240607"))
+DURATION_S = float(os.environ.get("POTBOILER_NEMESIS_S", "40"))
 NODES = 5
-#: How long the nemesis injects faults (the writes run as long).
-DURATION_S = 40.0
 #: Physical clock offsets (ms) of some nodes.
 CLOCK_SKEW_MS = {1: 2_500, 3: -2_500}
 #: Longest the queue drain after the heal may take (claims must time out first).
@@ -67,6 +77,7 @@ def same_everywhere(cluster: FaultCluster, read: Any) -> bool:
     return all(a == answers[0] for a in answers)
 
 
+@pytest.mark.timeout(DURATION_S + 240)  # start, heal, drain and check come on top of the schedule
 async def test_nemesis(cluster: FaultCluster, tmp_path: Path, record_property: Any) -> None:
     began = time.monotonic()
 
@@ -101,8 +112,6 @@ async def test_nemesis(cluster: FaultCluster, tmp_path: Path, record_property: A
     quiet_s = await asyncio.to_thread(wait_quiet, cluster)
     drained = 0
     if "kv" in workload.services:
-        from tests.faults.checker import kv_dump
-
         await asyncio.to_thread(
             wait_for_sync,
             lambda: same_everywhere(cluster, lambda i: kv_dump(cluster, i)),
