@@ -48,13 +48,15 @@ def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000
     kernel's ephemeral range. The search starts at a point derived from the process id, so parallel
     test workers rarely collide."""
     ephemeral = _ephemeral_ports()
-    span = (end - start) // 100
-    first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % span
-    for i in range(span):
-        base = start + ((first + i) % span) * 100
-        top = base + 100 * count
-        if top >= end or (base <= ephemeral.stop and top >= ephemeral.start):
-            continue
+    # Eligible slots only, so that the starting point spreads workers over all of them.
+    slots = [
+        base
+        for base in range(start, end - 100 * count, 100)
+        if base + 100 * count < ephemeral.start or base > ephemeral.stop
+    ]
+    first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % len(slots)
+    for i in range(len(slots)):
+        base = slots[(first + i) % len(slots)]
         if all(ports_free(host, base + 100 * n) for n in range(count)):
             return base
     raise RuntimeError("no free port range found")

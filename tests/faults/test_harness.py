@@ -14,16 +14,6 @@ from potboiler.server import processes
 WORKERS = 200
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: server/processes.py find_base_port draws its starting slot over the whole 10000-60000 span, "
-        "then skips the slots inside the kernel's ephemeral range (32768-60999 here): for every start that "
-        "falls there (more than half) the search goes on to the same first slot, 10000, so parallel test "
-        "workers that pick at about the same time pick the same base port. Fix: draw the starting slot "
-        "among the eligible slots only (e.g. list them, start at a pid-derived index)"
-    ),
-    strict=True,
-)
 def test_parallel_workers_get_spread_out_base_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(processes, "ports_free", lambda host, base: True)  # nothing bound yet
     monkeypatch.setattr(processes, "_ephemeral_ports", lambda: range(32768, 61000))
