@@ -103,7 +103,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
             process = factory(f"node{i}", peers=[n.url for n in nodes], extra_args=["--no-gossip"])
             nodes.append(Node(process))
         for node in nodes:
-            wait_for_sync(partial(knows_all, node, [n.url for n in nodes if n is not node]))
+            others = [n.url for n in nodes if n is not node]
+            wait_for_sync(partial(knows_all, node, others), timeout=60, message="the nodes peer")
         yield nodes
     finally:
         for node in nodes:
