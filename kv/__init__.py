@@ -23,7 +23,9 @@ Behaviour worth knowing:
   table type, and takes effect on every node once the table exists there.
 - A write depends on its table's `_config` entry and on the entries it supersedes (OR-Set remove/add,
   MV-Register set), so every node applies it only after them.
-- Limits: a write's entry may hold at most 1 MiB (413 beyond), REST bodies at most 2 MiB (Envoy).
+- Limits: a write's entry may hold at most 1 MiB (413 beyond), REST bodies at most 2 MiB (Envoy). JSON
+  numbers travel as doubles, so a PN-Counter's increments (and its decrements) total at most 2**53 as
+  seen by the node taking the write (400 beyond).
 - Entries of the log that are not exactly KV events are ignored; KV events appended through the log API
   directly are applied like any other.
 """

@@ -27,6 +27,7 @@ import logging
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, cast
 
 import orjson
@@ -100,6 +101,32 @@ def _table_of_config(name: str, state: JSON) -> TableInfo | None:
         return TableInfo(name, CrdtType.parse(config.get("crdt")), tag)
     except InvalidOperation:
         return None
+
+
+#: Largest integer a JSON number carries exactly: numbers travel as IEEE doubles (google.protobuf.Value),
+#: through Envoy and in log entries, so a counter's totals are kept within it.
+MAX_EXACT_INT = 2**53
+
+
+def _check_exact_counter(table: str, state: JSON | None, op: str, amount: JSON) -> None:
+    """Refuse a PN-Counter amount that would take this node's total of its side (increments or
+    decrements, all nodes' as seen here) past MAX_EXACT_INT, where numbers stop being exact. (Writers
+    on different nodes may still, together, pass it: each checks what it has seen.)"""
+    if not isinstance(amount, int | float):
+        return  # prepare() has refused it already
+    side = "p" if op == "increment" else "n"
+    total = Fraction(amount)  # exact: near 2**53, float sums round
+    counts = state.get("counts") if isinstance(state, dict) else None
+    if isinstance(counts, dict):
+        for count in counts.values():
+            if isinstance(count, dict) and isinstance(number := count.get(side), int | float):
+                total += Fraction(number)
+    if total > MAX_EXACT_INT:
+        what = "increments" if op == "increment" else "decrements"
+        raise InvalidArgument(
+            f"table {table!r}: PN-Counter {op!r} amount {amount} would take the counter's {what} past "
+            f"2**53 = {MAX_EXACT_INT}, the largest integer a JSON number holds exactly"
+        )
 
 
 def _dumps(state: JSON) -> bytes:
@@ -217,6 +244,8 @@ class KvState:
             payload = prepare(info.crdt, state, op, change)
         except InvalidOperation as exc:
             raise InvalidArgument(f"table {table!r}: {exc}") from None
+        if info.crdt is CrdtType.PNCOUNTER:
+            _check_exact_counter(table, state, op, change)
         deps = dict.fromkeys([info.config_id, *_observed_tags(payload)])
         return PlannedWrite(
             KvEvent(table, key, info.crdt, op, payload), tuple(deps)[:MAX_DEPENDENCIES], pending=False
@@ -254,6 +283,8 @@ class KvState:
                 errors.append(str(exc))
         else:
             raise InvalidArgument(f"table {table!r} (not known here yet): {'; '.join(errors)}")
+        if op in ("increment", "decrement"):
+            _check_exact_counter(table, None, op, change)
         return PlannedWrite(KvEvent(table, key, None, op, change), (), pending=True)
 
     # -- applying the log -----------------------------------------------------------------------

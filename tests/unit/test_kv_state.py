@@ -283,6 +283,24 @@ def test_bad_writes_are_refused(
     assert message in str(info.value)
 
 
+def test_counters_stay_within_exact_json_integers(node: SimNode) -> None:
+    """Numbers travel as doubles (google.protobuf.Value): a counter's totals stay within 2**53."""
+    node.write("counter", "k", "increment", 2**53)
+    with pytest.raises(InvalidArgument, match=r"past 2\*\*53 = 9007199254740992"):
+        node.state.plan_write("counter", "k", "increment", 1)
+    node.write("counter", "k", "decrement", 2**53 - 1)  # each side has its own total
+    node.write("counter", "k", "decrement", 1)
+    with pytest.raises(InvalidArgument, match="decrements past"):
+        node.state.plan_write("counter", "k", "decrement", 0.5)
+    node.write("counter", "k", "increment", 0)
+    assert node.state.get("counter", "k")[1] == 0
+    with pytest.raises(InvalidArgument, match="past 2"):
+        node.state.plan_write("counter", "other", "increment", 1e300)
+    with pytest.raises(InvalidArgument, match="past 2"):
+        node.state.plan_write("not-yet", "k", "increment", 2.0**53 + 2)
+    assert node.state.plan_write("not-yet", "k", "increment", 2**53).pending
+
+
 def test_missing_change(node: SimNode) -> None:
     with pytest.raises(InvalidArgument, match="op 'set' needs a 'change'"):
         node.state.plan_write("lww", "k", "set", None, has_change=False)
