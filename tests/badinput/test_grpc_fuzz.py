@@ -258,3 +258,26 @@ def test_bad_replication_streams(node: BadInputNode) -> None:
                 for _ in responses:
                     pass
             expect_error(raised.value, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_bad_message_in_an_append_stream(node: BadInputNode) -> None:
+    """A stream of appends with a bad message in the middle: what came before is acknowledged and kept,
+    the stream ends with INVALID_ARGUMENT, and nothing from the bad message on is appended."""
+    good = log_pb2.AppendEntryStreamRequest(
+        entries=[log_pb2.AppendEntryRequest(data=Value(string_value="ok"))]
+    )
+    bad = log_pb2.AppendEntryStreamRequest(
+        entries=[log_pb2.AppendEntryRequest(data=Value(string_value="ok")), log_pb2.AppendEntryRequest()]
+    )
+
+    def total() -> int:
+        return sum(h.seq for h in node.log.ListHeads(log_pb2.ListHeadsRequest(), timeout=10).heads)
+
+    before = total()
+    acknowledged = 0
+    with pytest.raises(grpc.RpcError) as raised:
+        for response in node.log.AppendEntryStream(iter([good, good, bad, good]), timeout=30):
+            acknowledged += len(response.entries)
+    expect_error(raised.value, grpc.StatusCode.INVALID_ARGUMENT)
+    assert acknowledged == 2
+    assert total() == before + 2

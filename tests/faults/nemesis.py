@@ -186,5 +186,33 @@ def wait_quiet(cluster: FaultCluster, timeout_s: float = 60.0, steady_s: float =
         elif now - since >= steady_s:
             return since - start
         if now > deadline:
-            raise AssertionError(f"the cluster did not become quiet within {timeout_s}s: {vectors}")
+            shown = [
+                {"vector": v, "pending": s.get("pending"), "delivered_position": s.get("delivered_position")}
+                for s, v in zip(statuses, vectors, strict=True)
+            ]
+            raise AssertionError(
+                f"the cluster did not become quiet within {timeout_s}s: {shown}\n{diagnose_pending(cluster)}"
+            )
         time.sleep(0.05)
+
+
+def diagnose_pending(cluster: FaultCluster, limit: int = 5) -> str:
+    """For nodes holding entries they have not delivered: which entries, and what each still waits
+    for (its prev or dependencies not delivered on that node), to explain a cluster that stays busy."""
+    try:
+        delivered = {n.index: {e["id"] for e in cluster.entries(n.index)} for n in cluster.nodes}
+        everywhere = set().union(*delivered.values())
+        lines = []
+        for node in cluster.nodes:
+            stuck = sorted(everywhere - delivered[node.index])
+            if not stuck:
+                continue
+            lines.append(f"{node.name}: {len(stuck)} entries delivered elsewhere but not here")
+            for entry_id in stuck[:limit]:
+                entry = cluster.get(f"{node.url}/log/{entry_id}")
+                needs = [*entry.get("dependencies", []), *([entry["prev"]] if entry.get("prev") else [])]
+                waiting = [d for d in needs if d not in delivered[node.index]]
+                lines.append(f"  {entry_id} (owner {entry.get('owner')}) waits for {waiting} of {needs}")
+        return "\n".join(lines) or "no node holds entries delivered elsewhere but not there"
+    except (httpx.HTTPError, AssertionError, KeyError) as exc:
+        return f"(diagnosis failed: {exc!r})"
