@@ -342,17 +342,6 @@ def test_unknown_ops_and_wrong_types_are_refused(node: BadInputNode) -> None:
 
 
 @needs_kv
-@pytest.mark.xfail(
-    reason=(
-        "BUG: PN-Counter totals beyond 2**53 are acknowledged but not kept exactly: amounts and values travel "
-        "as google.protobuf.Value doubles (kv/jsonvalue.py keeps ints only within +-2**53), so after "
-        "`increment 2**53` and `increment 1` (both 200) GET answers 9007199254740992, and two increments of "
-        "2**63-1 are accepted and answered as 1.8446744073709552e+19, past the documented MAX_COUNTER_INT "
-        "(kv/crdts.py). Fix: make the limit 2**53 (the largest integer a JSON/Value number carries exactly) "
-        "and refuse integral amounts or totals beyond it in _amount/_pn_prepare"
-    ),
-    strict=True,
-)
 def test_counter_increments_beyond_exact_numbers_are_refused_or_exact(node: BadInputNode) -> None:
     url = "/kv/t_counter/big"
     first = node.kv.post(url, json={"op": "increment", "change": 2**53})
