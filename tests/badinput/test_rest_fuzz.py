@@ -11,7 +11,6 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
