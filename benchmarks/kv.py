@@ -43,8 +43,8 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.crdts import CrdtType
 from potboiler.kv.events import KvEvent
-from potboiler.kv.jsonvalue import to_value
 from potboiler.kv.service import APPLY_BATCH, KvService
+from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import NewEntry
 from potboiler.server.logclient import LocalLogClient
 from potboiler.server.node import Node, NodeConfig

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 
 import grpc
 
-from potboiler.kv.jsonvalue import to_value
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
+from potboiler.server.jsonvalue import to_value
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc

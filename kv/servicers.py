@@ -17,10 +17,10 @@ from google.protobuf.struct_pb2 import ListValue, Value
 from potboiler.kv import browser
 from potboiler.kv.crdts import CrdtType
 from potboiler.kv.events import CONFIG_TABLE, check_name
-from potboiler.kv.jsonvalue import from_value, set_value, to_value
 from potboiler.server import rest
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.grpc_errors import unary
+from potboiler.server.jsonvalue import from_value, set_value, to_value
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,

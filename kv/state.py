@@ -35,8 +35,8 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.crdts import JSON, CrdtType, EventContext, InvalidOperation, Stamp, apply, prepare, value
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
-from potboiler.kv.jsonvalue import from_value
 from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.jsonvalue import from_value
 from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry

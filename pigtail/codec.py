@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.pigtail.jsonvalue import from_value, to_value
 from potboiler.pigtail.machine import (
     Event,
     InvalidEvent,
@@ -27,6 +26,7 @@ from potboiler.pigtail.machine import (
     event_from_json,
 )
 from potboiler.pigtail.validate import is_name, is_task_id
+from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)

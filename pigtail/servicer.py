@@ -12,9 +12,9 @@ from google.protobuf.struct_pb2 import ListValue, Struct
 
 from potboiler.pigtail import views
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.jsonvalue import from_value, to_struct
 from potboiler.server import rest
 from potboiler.server.grpc_errors import streaming, unary
+from potboiler.server.jsonvalue import from_value, to_struct
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]

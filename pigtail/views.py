@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from google.protobuf.struct_pb2 import Struct
 
-from potboiler.pigtail.jsonvalue import set_value
 from potboiler.pigtail.machine import JSONValue, ListEntry, QueueConfig, TaskStatus, TaskView
+from potboiler.server.jsonvalue import set_value
 from potboiler.v1 import pigtail_pb2
 
 STATES: dict[TaskStatus, pigtail_pb2.TaskState.ValueType] = {

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.kv.jsonvalue import from_value, to_value
 from potboiler.kv.service import KvService, create
+from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.pigtail.jsonvalue import from_struct
 from potboiler.pigtail.service import create
+from potboiler.server.jsonvalue import from_struct
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
 from potboiler.v1 import pigtail_pb2 as pb

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from potboiler.kv.crdts import JSON, CrdtType, EventContext, Stamp, apply, valid_ops
 from potboiler.kv.events import CONFIG_TABLE, KvEvent, check_name, is_name, parse_event
-from potboiler.kv.jsonvalue import from_value, to_value
 from potboiler.kv.state import CURSOR_KEY, KvState, PlannedWrite, _event_of_fields, state_key
 from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 

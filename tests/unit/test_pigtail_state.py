@@ -12,7 +12,6 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail import validate
 from potboiler.pigtail.codec import decode, event_data
-from potboiler.pigtail.jsonvalue import from_value, to_value
 from potboiler.pigtail.machine import (
     Event,
     JSONValue,
@@ -34,6 +33,7 @@ from potboiler.pigtail.machine import (
 from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import COMPACT_AT, COMPACT_MARGIN_MS, PigtailState
 from potboiler.server.errors import InvalidArgument, TooLarge
+from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 

@@ -1,4 +1,5 @@
-"""Conversions between `google.protobuf.Value` (what entries and REST bodies carry) and plain JSON.
+"""Conversions between `google.protobuf.Value` (what entries and REST bodies carry) and plain JSON,
+shared by the services built on the log.
 
 JSON numbers travel as doubles in a `Value` (REST bodies go through Envoy as `Value` too), so `1` and
 `1.0` cannot be told apart on the wire. `from_value` therefore gives an `int` for every integral number
@@ -8,9 +9,12 @@ same JSON gives the same Python value on every node.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from google.protobuf.struct_pb2 import NULL_VALUE, ListValue, Struct, Value
 
-from potboiler.kv.crdts import JSON
+#: A plain JSON value as Python holds it.
+JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 
 _EXACT = float(2**53)
 
@@ -82,3 +86,11 @@ def set_list(out: ListValue, items: list[JSON]) -> ListValue:
 def to_value(x: JSON) -> Value:
     """A new Value holding the plain JSON `x`."""
     return set_value(Value(), x)
+
+
+def to_struct(x: dict[str, JSON]) -> Struct:
+    """A new Struct holding the plain JSON object `x`."""
+    out = Struct()
+    for k, y in x.items():
+        set_value(out.fields[k], y)
+    return out
