@@ -325,8 +325,9 @@ class Log:
         plan.writes.append((b"x" + _U64.pack(plan.position), location))
         plan.delivered.append(raw)
         plan.delivered_set.add(raw)
-        plan.undelivered.discard(raw)
-        if raw in self._undelivered:
+        if raw in plan.undelivered or raw in self._undelivered:
+            # Also when the mark was written earlier in this same batch: the delete comes after it.
+            plan.undelivered.discard(raw)
             plan.writes.append((b"u" + raw, None))
 
     def _plan_deliver(self, plan: Plan, raw: bytes) -> None:

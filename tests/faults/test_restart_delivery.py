@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
@@ -30,20 +29,6 @@ def remote_entry(owner: str, seq: int, prev: str = "", dependencies: tuple[str, 
     return entry
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: server/log.py Log._deliver deletes an entry's `u` (stored, not delivered) key only if the entry "
-        "waited since an earlier batch (`if raw in self._undelivered`); an entry stored as waiting and "
-        "delivered within the same batch (it arrived ahead of an entry it depends on, e.g. in one "
-        "replication batch) keeps its `u` key. After a restart Log.__init__ reads it back: the entry counts "
-        "as undelivered for good (/status pending > 0), and every later entry that needs it (its chain "
-        "successors, its dependents) is stored but never delivered on that node: no KV/Pigtail apply, no "
-        "webhook, no subscription. Fix: in _deliver, also delete the `u` key when the entry is in "
-        "plan.undelivered (i.e. whenever it was marked undelivered), and on start-up drop `u` keys of "
-        "entries that have a delivery position"
-    ),
-    strict=True,
-)
 async def test_an_entry_delivered_in_the_batch_that_stored_it_is_still_delivered_after_a_restart() -> None:
     store = MemoryStore()
     log = Log(store)

@@ -176,3 +176,35 @@ def test_uuid_helpers_agree_with_the_uuid_module() -> None:
         parse_uuid("0" * 32)
     with pytest.raises(InvalidArgument):
         parse_uuid("00000000-0000-0000-0000-00000000000\n")
+
+
+def test_entry_delivered_in_the_batch_that_stored_it_is_not_left_waiting(store: MemoryStore) -> None:
+    other = Log(MemoryStore())
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    log = Log(store)
+    [waiting] = commit_local(log, store, [NewEntry(value(1), (parse(dep.id),))])
+    assert log.pending == 1
+    # the dependency arrives together with an entry that needs the waiting one: one batch
+    commit_remote(log, store, [dep])
+    assert log.pending == 0
+    again = Log(store)  # a restart reads the marks from the store
+    assert again.pending == 0
+    assert [e.id for _, e in again.delivered(0, 10)] == [dep.id, waiting.id]
+
+
+def test_waiting_and_delivered_within_one_batch_leaves_no_mark(store: MemoryStore) -> None:
+    origin = Log(MemoryStore())
+    [dep] = commit_local(origin, origin._store, [NewEntry(value("dep"))])
+    other = Log(MemoryStore())
+    commit_remote(other, other._store, [dep])
+    [needs] = commit_local(other, other._store, [NewEntry(value("needs"), (parse(dep.id),))])
+    log = Log(store)
+    commit_remote(log, store, [needs, dep])  # `needs` waits, then `dep` delivers it: same batch
+    assert log.pending == 0
+    assert Log(store).pending == 0
+
+
+def parse(text: str) -> bytes:
+    from potboiler.server.ids import parse_uuid
+
+    return parse_uuid(text)
