@@ -1,13 +1,13 @@
-"""Causal delivery across a restart, reproduced in process from what the nemesis found.
+"""Causal delivery across a restart: a regression test, in process, for what the nemesis found.
 
 In a long nemesis run (POTBOILER_NEMESIS_S=150, seeds 7 and 11) the node that had been killed and
 restarted most kept hundreds of entries stored but never delivered: every entry of some owners' chains
 after a certain point waited, forever, for an entry that had been delivered long before (it had a
 delivery position) but that the restarted node counted as undelivered. Such an entry was one that
 arrived in the same write batch as an entry it depends on, ahead of it: stored as waiting (a `u` key),
-then delivered in that same batch, and its `u` key was never deleted, because `Log._deliver` deletes it
-only for entries waiting since an earlier batch (`if raw in self._undelivered`). In memory all is well
-until the node restarts and reads the `u` keys back.
+then delivered in that same batch, and its `u` key was not deleted, because `Log._deliver` deleted it
+only for entries waiting since an earlier batch (`if raw in self._undelivered`). In memory all was well
+until the node restarted and read the `u` keys back.
 """
 
 from __future__ import annotations
