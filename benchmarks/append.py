@@ -59,7 +59,6 @@ from benchmarks.common import (
     LoadResult,
     ProcessStats,
     emit,
-    log_tail,
     machine_conditions,
     measuring_cpu,
     merge_loads,
@@ -375,12 +374,10 @@ def wait_rest(node: NodeProcess, timeout: float = 120.0) -> float:
             except httpx.HTTPError:
                 pass
             if not node.alive():
-                raise RuntimeError(
-                    f"the node exited while starting; its log ends:\n{log_tail(node.log_file)}"
-                )
+                raise RuntimeError(f"the node exited while starting; its log ends:\n{node.log_tail(20)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"{node.url} did not answer within {timeout}s; its log ends:\n{log_tail(node.log_file)}"
+                    f"{node.url} did not answer within {timeout}s; its log ends:\n{node.log_tail(20)}"
                 )
             time.sleep(0.01)
 

@@ -64,14 +64,6 @@ def target(value: float | None, goal: float, *, at_least: bool) -> Json:
     return {"value": value, "target": (">= " if at_least else "< ") + f"{goal:g}", "meets_target": meets}
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
-    """The last lines of a (log) file, or a note that it cannot be read."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"({path}: {exc})"
-
-
 # -- statistics ------------------------------------------------------------------------------------
 
 

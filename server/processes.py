@@ -147,6 +147,14 @@ class NodeProcess:
                 raise TimeoutError(f"node at {self.url} not ready after {timeout}s; see {self.log_file}")
             time.sleep(0.05)
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the node's log file (stdout and stderr of the node and its Envoy)."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError as exc:
+            return f"({self.log_file}: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
     def alive(self) -> bool:
         """Whether the process is running."""
         return self.process is not None and self.process.poll() is None

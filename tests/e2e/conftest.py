@@ -64,15 +64,6 @@ def processes_of(data_dir: Path) -> list[int]:
     return processes_matching(lambda argv: any(a == text or a.startswith(text + "/") for a in argv))
 
 
-def log_tail(node: NodeProcess, lines: int = 40) -> str:
-    """The end of a node's log file (stdout and stderr of the node and its Envoy)."""
-    try:
-        text = node.log_file.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class NodeProcesses:
     """Starts `potboiler node` processes; `stop_all()` stops every one of them."""
 
@@ -143,7 +134,7 @@ def node_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Nod
         problems = factory.stop_all()
         for node in factory.started:
             # Printed output shows only when the test fails: then the logs explain it.
-            print(f"--- {node.log_file} (base port {node.ports.base}) ---\n{log_tail(node)}")
+            print(f"--- {node.log_file} (base port {node.ports.base}) ---\n{node.log_tail()}")
         assert not problems, problems
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from potboiler.server.processes import NodeProcess
 from tests.conftest import wait_for_sync
-from tests.e2e.conftest import NodeProcesses, log_tail
+from tests.e2e.conftest import NodeProcesses
 
 pytestmark = pytest.mark.e2e
 
@@ -111,7 +111,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
             node.close()
         problems = factory.stop_all()
         for process in factory.started:
-            print(f"--- {process.log_file} ---\n{log_tail(process)}")
+            print(f"--- {process.log_file} ---\n{process.log_tail()}")
         assert not problems, problems
 
 

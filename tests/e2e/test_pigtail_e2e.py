@@ -19,7 +19,7 @@ import pytest
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
 from tests.conftest import wait_for_sync
-from tests.e2e.conftest import NodeProcesses, log_tail
+from tests.e2e.conftest import NodeProcesses
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     finally:
         problems = nodes.stop_all()
         for started in nodes.started:
-            print(f"--- {started.log_file} ---\n{log_tail(started)}")
+            print(f"--- {started.log_file} ---\n{started.log_tail()}")
         assert not problems, problems
 
 

@@ -107,15 +107,6 @@ def tokens(tmp_path: Path) -> Path:
     return path
 
 
-def log_tail(node: NodeProcess, lines: int = 40) -> str:
-    """The end of a node's log file."""
-    try:
-        text = node.log_file.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 class Nodes:
     """Starts `potboiler node` processes; `stop_all()` stops them (the fixture does)."""
 
@@ -176,7 +167,7 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
         problems = factory.stop_all()
         for node in factory.started:
             # Shown only when the test fails, where the logs explain it.
-            print(f"--- {node.log_file} (base port {node.ports.base}) ---\n{log_tail(node)}")
+            print(f"--- {node.log_file} (base port {node.ports.base}) ---\n{node.log_tail()}")
         assert not problems, problems
 
 
