@@ -116,7 +116,7 @@ class Applied:
     #: Changed tasks; None for a task dropped with its deleted queue.
     tasks: dict[TaskKey, TaskRecord | None] = field(default_factory=dict)
     owners: dict[str, Stamp] = field(default_factory=dict)
-    #: Ids of every entry of the batch (Pigtail's or not), in order.
+    #: Ids of the batch's Pigtail events (what appends wait for), in order.
     entry_ids: list[str] = field(default_factory=list)
 
 
@@ -228,13 +228,14 @@ class PigtailState:
                 return TaskRecord(state=state, add_id=self._add_ids.get(key))
             return self._load_task(queue, task_id)
 
+        newest: dict[str, Entry] = {}  # each owner's newest entry in the batch (stamps grow along a chain)
         for _, entry in batch:
-            applied.entry_ids.append(entry.id)
-            stamp = stamp_of(entry)
-            applied.owners[entry.owner] = stamp
+            newest[entry.owner] = entry
             delivered = decode(entry)
             if delivered is None:
                 continue
+            applied.entry_ids.append(delivered.entry_id)  # only Pigtail's own appends are waited for
+            stamp = delivered.stamp
             event = delivered.event
             if isinstance(event, QueueCreated | QueueDeleted):
                 record = queue_record(event.name)
@@ -272,6 +273,8 @@ class PigtailState:
                 add_id = delivered.entry_id
             tasks[key] = TaskRecord(state=new_task, add_id=add_id)
 
+        for owner, entry in newest.items():
+            applied.owners[owner] = stamp_of(entry)
         self._compact(applied)
         writes = applied.writes
         for name, queue in queues.items():

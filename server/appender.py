@@ -49,6 +49,7 @@ class Appender:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._tail: list[tuple[int, Entry]] = []
+        self._tail_sizes: list[int] = []  # serialized size of each tail entry
         self._tail_bytes = 0
         self.batches = 0
         self.appended = 0
@@ -102,16 +103,25 @@ class Appender:
         tail = self._tail
         if tail and tail[-1][0] != position:
             tail.clear()  # not contiguous (cannot happen with one writer; be safe)
+            self._tail_sizes.clear()
             self._tail_bytes = 0
+        sizes = self._tail_sizes
         for raw in plan.delivered:
             position += 1
-            entry = plan.by_id.get(raw) or self.log.load(raw)
+            entry = plan.by_id.get(raw)
+            size = plan.sizes.get(raw) if entry is not None else None
+            if entry is None:
+                entry = self.log.load(raw)
+            if size is None:
+                size = entry.ByteSize()
             tail.append((position, entry))
-            self._tail_bytes += entry.ByteSize()
+            sizes.append(size)
+            self._tail_bytes += size
         if len(tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES:
-            keep = len(tail) // 2
-            self._tail_bytes -= sum(e.ByteSize() for _, e in tail[:-keep])
-            del tail[:-keep]
+            drop = len(tail) - len(tail) // 2
+            self._tail_bytes -= sum(sizes[:drop])
+            del tail[:drop]
+            del sizes[:drop]
 
     async def wait_delivered(self, position: int, timeout: float | None = None) -> bool:
         """Wait until the delivery position exceeds `position`; False on timeout."""

@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+import uvloop
+
 from potboiler.server.gateway import Ports
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         security=security,
     )
     try:
-        asyncio.run(run_node(config))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run_node(config))
     except OSError as exc:
         log.error("%s", exc)
         return 1

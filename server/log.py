@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from google.protobuf.struct_pb2 import Value
 
@@ -50,8 +51,7 @@ _NODE_ID_KEY = b"mnode_id"
 _X_START, _X_END = b"x", prefix_end(b"x")
 
 
-@dataclass(frozen=True)
-class NewEntry:
+class NewEntry(NamedTuple):
     """A validated entry to append locally: its data and the 16-byte ids of its dependencies."""
 
     data: Value
@@ -65,17 +65,22 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     size = data.ByteSize()
     if size > MAX_ENTRY_BYTES:
         raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
-    if size > 2 * MAX_DEPTH and _too_deep(data):
+    if size > _MIN_BYTES_PER_LEVEL * MAX_DEPTH and _too_deep(data):
         raise InvalidArgument(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects")
-    deps = tuple(parse_uuid(d, "dependency") for d in dependencies)
+    deps = tuple(parse_uuid(d, "dependency") for d in dependencies) if dependencies else ()
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
     return NewEntry(data, deps)
 
 
+#: Each level of nesting costs at least this many bytes of a serialized Value (a list level: the tag
+#: and length of `Value.list_value` and of `ListValue.values`), so smaller data cannot be too deep.
+_MIN_BYTES_PER_LEVEL = 4
+
+
 def _too_deep(data: Value) -> bool:
-    """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (each level costs at least two bytes
-    of serialized data, which is why callers only ask for bigger values)."""
+    """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (callers only ask for data big
+    enough to be that deep)."""
     level: list[Value] = [data]
     for _ in range(MAX_DEPTH + 1):
         children: list[Value] = []
@@ -112,6 +117,8 @@ class Plan:
     locations: dict[bytes, bytes] = field(default_factory=dict)
     heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
     delivered: list[bytes] = field(default_factory=list)
+    #: Serialized size of each entry this plan stores, by id.
+    sizes: dict[bytes, int] = field(default_factory=dict)
     delivered_set: set[bytes] = field(default_factory=set)
     undelivered: set[bytes] = field(default_factory=set)
     waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
@@ -289,7 +296,9 @@ class Log:
     ) -> None:
         writes = plan.writes
         location = owner + _U64.pack(seq)
-        writes.append((b"o" + location, entry.SerializeToString()))
+        blob = entry.SerializeToString()
+        plan.sizes[raw] = len(blob)
+        writes.append((b"o" + location, blob))
         writes.append((b"e" + raw, location))
         plan.locations[raw] = location
         plan.heads[owner] = (seq, raw)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server.appender import Appender
 from potboiler.server.errors import InvalidArgument, PotboilerError, TooLarge
@@ -41,6 +42,19 @@ def appended(entry: Entry) -> log_pb2.AppendEntryResponse:
     return log_pb2.AppendEntryResponse(id=entry.id, seq=entry.seq, when=entry.when)
 
 
+def add_acks(
+    acks: RepeatedCompositeFieldContainer[log_pb2.AppendEntryResponse], entries: list[Entry]
+) -> None:
+    """Add the acknowledgement of each appended entry to a response's repeated field (filled in
+    place: about twice as fast as building each message and handing over a list)."""
+    add = acks.add
+    for entry in entries:
+        ack = add()
+        ack.id = entry.id
+        ack.seq = entry.seq
+        ack.when.CopyFrom(entry.when)
+
+
 class LogServicer(log_pb2_grpc.LogServiceServicer):
     """Appends, reads and subscriptions."""
 
@@ -61,7 +75,9 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         self, request: log_pb2.AppendEntriesRequest, context: Ctx
     ) -> log_pb2.AppendEntriesResponse:
         entries = await self._appender.append(validate_batch(request.entries))
-        return log_pb2.AppendEntriesResponse(entries=[appended(e) for e in entries])
+        response = log_pb2.AppendEntriesResponse()
+        add_acks(response.entries, entries)
+        return response
 
     async def AppendEntryStream(
         self, request_iterator: AsyncIterator[log_pb2.AppendEntryStreamRequest], context: Ctx
@@ -81,8 +97,9 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (pending := await acks.get()) is not None:
-                entries = await pending
-                yield log_pb2.AppendEntryStreamResponse(entries=[appended(e) for e in entries])
+                response = log_pb2.AppendEntryStreamResponse()
+                add_acks(response.entries, await pending)
+                yield response
             await reader
         except PotboilerError as error:
             await abort(context, error)
