@@ -22,6 +22,7 @@ import grpc
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.jsonvalue import to_value
+from potboiler.server.logclient import Linger
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 APPLY_WAIT = 5.0
 #: Most log entries applied in one batch (one store write).
 APPLY_BATCH = 1000
+#: Longest the applier waits to gather entries into one batch while no writer waits for it.
+APPLY_LINGER_S = 0.005
 
 SERVICE_NAMES = [
     "potboiler.v1.KvService",
@@ -51,6 +54,7 @@ class KvService:
         self._task: asyncio.Task[None] | None = None
         #: Writers waiting for their entry to be applied, by the entry's seq.
         self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._linger = Linger(APPLY_LINGER_S)
         #: The highest seq of this node's own entries applied since the service started.
         self._own_seq = 0
 
@@ -98,6 +102,7 @@ class KvService:
         waiter = self._waiters.get(entry.seq)
         if waiter is None:
             waiter = self._waiters[entry.seq] = asyncio.get_running_loop().create_future()
+        self._linger.hurry()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
@@ -115,6 +120,7 @@ class KvService:
                 async for batch in self._context.log.subscribe(self.state.position, APPLY_BATCH):
                     self.apply(batch)
                     delay = 0.1
+                    await self._linger.pause(len(batch), APPLY_BATCH)
             except Exception:  # a bug or a store failure: say so loudly, retry from the stored cursor
                 log.exception(
                     "KV applier failed at position %d; retrying in %.1fs", self.state.position, delay

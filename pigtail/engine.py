@@ -61,7 +61,7 @@ from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
 from potboiler.server.errors import AlreadyExists, Contended, NotFound
 from potboiler.server.hlc import HybridClock
-from potboiler.server.logclient import LogClient
+from potboiler.server.logclient import Linger, LogClient
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -69,6 +69,11 @@ log = logging.getLogger(__name__)
 
 #: Longest an operation waits for the applier to apply the entry it appended.
 APPLY_TIMEOUT_S = 30.0
+#: Most log entries applied in one batch.
+APPLY_BATCH = 1000
+#: Longest the applier waits to gather entries into one batch while no operation waits for it
+#: (entries from other nodes, other services' entries): at most this much later to lease streams.
+APPLY_LINGER_S = 0.005
 #: How many applied entry ids are remembered for callers that start waiting after the fact.
 RECENT_IDS = 100_000
 #: Longest a lease stream waits before looking at its queue again, whatever it is told.
@@ -125,6 +130,7 @@ class Pigtail:
         self._queue_watchers: dict[str, set[asyncio.Future[None]]] = {}
         self._reserved: dict[str, set[str]] = {}
         self._applier: asyncio.Task[None] | None = None
+        self._linger = Linger(APPLY_LINGER_S)
 
     # -- life --------------------------------------------------------------------------------------
 
@@ -145,7 +151,7 @@ class Pigtail:
         self._waiters.clear()
 
     async def _apply_loop(self) -> None:
-        async for batch in self._log.subscribe(self.state.cursor):
+        async for batch in self._log.subscribe(self.state.cursor, APPLY_BATCH):
             try:
                 await self._apply(batch)
             except Exception:  # a bug must not stop the node applying: isolate the entry at fault
@@ -156,6 +162,7 @@ class Pigtail:
                     except Exception:
                         log.exception("skipping log entry %s at position %d", item[1].id, item[0])
                         await self._apply([item], skip=True)
+            await self._linger.pause(len(batch), APPLY_BATCH)
 
     async def _apply(self, batch: Sequence[tuple[int, Entry]], *, skip: bool = False) -> None:
         applied = self.state.plan_skip(batch[-1][0]) if skip else self.state.plan(batch)
@@ -249,6 +256,7 @@ class Pigtail:
         future = self._waiters.get(entry.id)
         if future is None:
             future = self._waiters[entry.id] = asyncio.get_running_loop().create_future()
+        self._linger.hurry()
         try:
             await asyncio.wait_for(future, APPLY_TIMEOUT_S)
         except TimeoutError:

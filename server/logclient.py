@@ -6,6 +6,8 @@ same three operations exist as LogService RPCs, so a service could run as its ow
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -58,3 +60,30 @@ class LocalLogClient:
                 continue
             position = batch[-1][0]
             yield batch
+
+
+class Linger:
+    """Lets a consumer of the log apply fewer, bigger batches when nobody is waiting for it.
+
+    After applying a batch smaller than its read limit (so it has caught up), the consumer calls
+    `pause()`, which waits up to `seconds` so that what is delivered meanwhile arrives as one batch:
+    under a steady stream of small commits a consumer then wakes and writes its store at most
+    1/`seconds` times a second instead of once per commit. A caller that waits for the consumer's
+    progress (e.g. to answer its own write) calls `hurry()`, which ends the pause at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._hurry = asyncio.Event()
+
+    def hurry(self) -> None:
+        """End the current (or next) pause now."""
+        self._hurry.set()
+
+    async def pause(self, batch_size: int, limit: int) -> None:
+        """Pause after a batch of `batch_size` entries read with `limit` (no pause for a full batch:
+        more is waiting)."""
+        if batch_size < limit and not self._hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), self._seconds)
+        self._hurry.clear()
