@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from potboiler.server.processes import NodeProcess, find_base_port
 
@@ -406,16 +406,25 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt()
 
 
+class Stoppable(Protocol):
+    """Something started for a benchmark that must be stopped at the end (e.g. a peer's servers)."""
+
+    def stop(self) -> None: ...
+
+
 class Bench:
     """A temporary directory and the nodes started in it; everything is stopped and removed on exit.
 
     Use as a context manager. Nodes run in their own sessions (a terminal's Ctrl-C does not reach
-    them), so they are stopped here: on normal exit, on errors, on Ctrl-C and on SIGTERM."""
+    them), so they are stopped here: on normal exit, on errors, on Ctrl-C and on SIGTERM. Other
+    things started for the benchmark (other servers, client processes) are handed to `adopt` and
+    stopped first, in reverse order."""
 
     def __init__(self, keep: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="potboiler-bench-"))
         self.keep = keep
         self.nodes: list[NodeProcess] = []
+        self.adopted: list[Stoppable] = []
         self._count = 0
         self._old_sigterm: Any = None
 
@@ -430,6 +439,11 @@ class Bench:
         old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
+            for thing in reversed(self.adopted):
+                try:
+                    thing.stop()
+                except Exception as error:  # go on: every other process must be stopped too
+                    progress(f"stopping {thing!r} failed: {error!r}")
             for node in self.nodes:
                 try:
                     node.stop(timeout=10.0)
@@ -453,6 +467,31 @@ class Bench:
     def stop_node(self, node: NodeProcess) -> None:
         """Stop a node started here (it may be started again with `node.start()`)."""
         node.stop()
+
+    def adopt(self, thing: Stoppable) -> None:
+        """Stop `thing` when the bench ends (before the nodes)."""
+        self.adopted.append(thing)
+
+    def start_cluster(self, count: int, name: str = "cluster", spare: int = 1) -> list[NodeProcess]:
+        """`count` nodes, each peered with all the others (`--peer`), on consecutive base ports
+        B, B+100, ... (with `spare` more slots kept free for nodes added later), each with a fresh
+        data directory `<name>-node<i>`; returns once every node answers REST."""
+        base = find_base_port(count=count + spare)
+        urls = [f"http://127.0.0.1:{base + 100 * i}" for i in range(count)]
+        nodes = []
+        for i in range(count):
+            node = NodeProcess(
+                self.root / f"{name}-node{i}",
+                base + 100 * i,
+                peers=[u for u in urls if u != urls[i]],
+                extra_args=["--log-level", "WARNING"],
+            )
+            self.nodes.append(node)
+            node.start(wait=False)
+            nodes.append(node)
+        for node in nodes:
+            node.wait_ready()
+        return nodes
 
 
 def node_pid(node: NodeProcess) -> int:

@@ -1,0 +1,123 @@
+"""Unit tests of benchmarks/compare.py's pure parts: spreads, ratios, verdicts, the table, the goals
+and what is reported missing (no processes are started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.compare import goals
+from benchmarks.peers import INSTALL_COMMAND, missing, missing_message
+from benchmarks.report import HIGHER, LOWER, Row, Spread, number, ratio, render_table, samples
+
+
+def test_spread_is_min_median_max() -> None:
+    assert Spread.of([3.0, 1.0, 2.0]) == Spread(1.0, 2.0, 3.0, 3)
+    assert Spread.of([4.0, 1.0]) == Spread(1.0, 2.5, 4.0, 2)
+    assert Spread.of([]) is None
+
+
+def test_ratio_is_potboiler_over_peer_and_none_when_undefined() -> None:
+    assert ratio(300.0, 100.0) == pytest.approx(3.0)
+    assert ratio(1.0, 0.0) is None
+    assert ratio(None, 2.0) is None
+    assert ratio(2.0, None) is None
+
+
+def test_row_ratio_uses_medians_and_verdict_follows_direction() -> None:
+    faster = Row("1", "writes/s", "writes/s", "etcd", HIGHER, [90.0, 100.0, 110.0], [150.0, 200.0, 400.0])
+    assert faster.ratio == pytest.approx(2.0)
+    assert faster.potboiler_ahead is True
+    slower_lag = Row("4", "lag p99", "ms", "etcd", LOWER, [5.0], [10.0])
+    assert slower_lag.ratio == pytest.approx(2.0)
+    assert slower_lag.potboiler_ahead is False
+    equal_lost = Row("4", "lost", "count", "etcd", LOWER, [0.0], [0.0])
+    assert equal_lost.ratio is None
+    assert equal_lost.potboiler_ahead is True
+    unmeasured = Row("4", "lost", "count", "etcd", LOWER, [], [0.0])
+    assert unmeasured.potboiler_ahead is None
+
+
+def test_row_json_has_spreads_ratio_and_samples() -> None:
+    data = Row("2", "acked writes/s, 1 node", "writes/s", "JetStream", HIGHER, [10.0, 20.0], [5.0]).to_json()
+    assert data["peer_spread"] == {"min": 10.0, "median": 15.0, "max": 20.0, "count": 2}
+    assert data["potboiler_spread"]["median"] == 5.0
+    assert data["ratio_potboiler_to_peer"] == pytest.approx(0.333)
+    assert data["potboiler_at_least_as_good"] is False
+    assert data["peer_samples"] == [10.0, 20.0]
+
+
+def test_numbers_are_printed_with_about_three_digits() -> None:
+    assert number(12345.6) == "12,346"
+    assert number(45.67) == "45.7"
+    assert number(2.5) == "2.50"
+    assert number(0.01234) == "0.0123"
+    assert number(0) == "0.00"
+
+
+def test_table_has_one_line_per_row_with_direction_and_verdict() -> None:
+    rows = [
+        Row(
+            "1",
+            "REST writes/s, 1 node",
+            "writes/s",
+            "etcd",
+            HIGHER,
+            [1000.0, 1100.0, 1200.0],
+            [550.0, 600.0, 700.0],
+        ),
+        Row("4", "lag p99", "ms", "JetStream", LOWER, [5.0], []),
+    ]
+    lines = render_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[0].startswith("| § | figure | peer |")
+    assert "| 1,000 / **1,100** / 1,200 | 550 / **600** / 700 | 0.55x ↑ | no |" in lines[2]
+    assert lines[3].endswith("| **5.00** | — | — | — |")
+
+
+def test_samples_skip_failed_repetitions() -> None:
+    reps: list[dict[str, object]] = [
+        {"writes_per_s": 10.0},
+        {"error": "boom"},
+        {"writes_per_s": 12},
+        {"writes_per_s": None},
+        {"writes_per_s": True},
+    ]
+    assert samples(reps, "writes_per_s") == [10.0, 12.0]
+
+
+def test_missing_names_each_absent_program_and_module() -> None:
+    present_programs = {"etcd", "redis-server"}
+    lacking = missing(
+        ["etcd", "jetstream", "redis", "rq", "wrk"],
+        which=lambda name: f"/usr/bin/{name}" if name in present_programs else None,
+        has_module=lambda name: name == "redis",
+    )
+    assert set(lacking) == {"jetstream", "rq", "wrk"}
+    assert [n.name for n in lacking["jetstream"]] == ["nats-server", "nats"]
+    assert [n.name for n in lacking["rq"]] == ["rq"]
+    message = missing_message(lacking)
+    assert "nats-server" in message and "nats-py" in message and "wrk" in message
+    assert INSTALL_COMMAND in message
+
+
+def test_nothing_missing_when_everything_is_installed() -> None:
+    assert (
+        missing(
+            ["etcd", "jetstream", "redis", "rq", "wrk"],
+            which=lambda n: "/bin/" + n,
+            has_module=lambda n: True,
+        )
+        == {}
+    )
+
+
+def test_goals_need_every_named_peer_and_report_unmeasured() -> None:
+    rows = [
+        Row("4", "lag p99 at 1000/s", "ms", "etcd", LOWER, [50.0], [20.0]),
+        Row("4", "lag p99 at 1000/s", "ms", "JetStream", LOWER, [5.0], [20.0]),
+        Row("6", "tasks/s, Pigtail REST", "tasks/s", "RQ", HIGHER, [80.0], [130.0]),
+    ]
+    verdicts = goals(rows)
+    assert verdicts["p99 replication lag <= etcd's and JetStream's"] is False
+    assert verdicts["queue >= 1.0x RQ (REST)"] is True
+    assert verdicts["REST writes >= 1.0x etcd, 1 node"] is None
