@@ -302,8 +302,10 @@ class Session:
             if kind == "entries":
                 entries = list(message.entries.entries)
                 counters.entries_in += len(entries)
-                for e in entries:  # the peer holds what it sends
-                    self._peer_has(e.owner, e.seq, now)
+                # The peer holds what it sends; each owner's entries come in chain order.
+                newest = {e.owner: e.seq for e in entries}
+                for owner, seq in newest.items():
+                    self._peer_has(owner, seq, now)
                 await r.appender.ingest(entries)
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":

@@ -64,6 +64,9 @@ class RocksStore:
         options.create_if_missing(True)
         options.set_max_background_jobs(2)
         options.set_write_buffer_size(16 << 20)  # bounds the memtables' share of a node's memory
+        # One writer per store: plain memtable inserts are about 20% cheaper than concurrent ones.
+        options.set_allow_concurrent_memtable_write(False)
+        options.set_enable_write_thread_adaptive_yield(False)
         self._db = Rdict(str(path / "rocksdb"), options)
         self._nosync = WriteOptions()
         self._sync = WriteOptions()
