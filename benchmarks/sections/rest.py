@@ -58,6 +58,7 @@ def wrk_post(url: str, body: object, settings: Settings, system: System, workdir
         "seconds": rounded(seconds, 3),
         "writes_per_s": rounded(good / seconds),
         "errors": errors,
+        "status_errors": raw["status_errors"],
         "latency_ms": {k: round(v / 1000, 3) for k, v in raw["latency_us"].items()},
         "server_cpu_us_per_write": cpu.per_item_us(good),
     }
