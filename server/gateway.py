@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ipaddress
 import json
+import re
 import signal
 import string
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from pathlib import Path
 
 import envoy
 import httpx
+from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 import potboiler.v1
 from potboiler.server.security import RestTlsFiles, TlsFiles
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway" / "envoy.yaml"
+#: The Lua of the gateway's REST plumbing (see the files' heads).
+LUA_DIR = TEMPLATE.parent / "lua"
 DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
 #: Largest REST request body Envoy accepts (413 beyond): an entry's 1 MiB of data plus JSON overhead.
 MAX_BODY_BYTES = 2 << 20
@@ -83,6 +87,62 @@ def services_by_port() -> dict[str, list[str]]:
             )
             out[port].append(f"potboiler.v1.{name}")
     return out
+
+
+@dataclass(frozen=True)
+class RawBodyRoute:
+    """A REST path whose RPC takes the request body raw, as a `google.api.HttpBody` field."""
+
+    method: str
+    path: str
+
+    def route(self) -> dict[str, object]:
+        """The Envoy route: to the node, with the Lua request check swapped for responses only."""
+        if "{" in self.path:
+            pattern = re.sub(r"\{[A-Za-z_][A-Za-z0-9_.]*\}", "[^/]+", self.path)
+            if "{" in pattern or "*" in pattern:
+                raise ValueError(f"unsupported path template for a raw-body route: {self.path}")
+            match: dict[str, object] = {"safe_regex": {"regex": pattern}}
+        else:
+            match = {"path": self.path}
+        match["headers"] = [{"name": ":method", "string_match": {"exact": self.method}}]
+        return {
+            "match": match,
+            "route": {"cluster": "node", "timeout": "0s"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.lua": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
+                    "name": "raw_body",
+                }
+            },
+        }
+
+
+def raw_body_routes() -> list[RawBodyRoute]:
+    """Every REST path of the descriptor set whose `body` is a google.api.HttpBody field."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    messages = {
+        f".{f.package}.{m.name}": {field.name: field.type_name for field in m.field}
+        for f in fds.file
+        for m in f.message_type
+    }
+    out = []
+    for f in fds.file:
+        if f.package != "potboiler.v1":
+            continue
+        for service in f.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                kind = rule.WhichOneof("pattern")
+                if kind is None or kind == "custom" or not rule.body or rule.body == "*":
+                    continue
+                if messages[method.input_type].get(rule.body) == ".google.api.HttpBody":
+                    out.append(RawBodyRoute(kind.upper(), getattr(rule, kind)))
+    return out
+
+
+def _lua(*names: str) -> str:
+    return json.dumps("".join((LUA_DIR / name).read_text() for name in names))
 
 
 _TLS_SOCKET = "envoy.transport_sockets.tls"
@@ -144,6 +204,7 @@ def render(
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
+    routes = [json.dumps(r.route()) for r in raw_body_routes()]
     blocks = []
     for name, port in (
         ("core", ports.core),
@@ -161,6 +222,9 @@ def render(
             SERVICES=json.dumps(services[name]),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
+            RAW_BODY_ROUTES="\n".join(f"- {r}" for r in routes) or "# (none)",
+            LUA_JSON_BODY=_lua("responses.lua", "request_json.lua"),
+            LUA_RAW_BODY=_lua("responses.lua"),
         )
         blocks.append(block)
     listeners = "\n" + "\n".join("    " + line if line else line for b in blocks for line in b.splitlines())

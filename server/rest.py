@@ -10,8 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import orjson
+from google.api.httpbody_pb2 import HttpBody
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.errors import InvalidArgument
+from potboiler.server.jsonvalue import JSON, to_value
 
 HTTP_CODE_HEADER = "x-http-code"
+#: Nesting beyond which a body is refused before it is converted (the exact limit, MAX_DEPTH in
+#: potboiler.server.log, is checked on the converted value; this only keeps the conversion's
+#: recursion bounded).
+_MAX_BODY_NESTING = 64
 
 
 async def created(context: grpc.aio.ServicerContext[Any, Any], location: str) -> None:
@@ -22,3 +32,40 @@ async def created(context: grpc.aio.ServicerContext[Any, Any], location: str) ->
 async def no_content(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     """Answer REST with 204 No Content."""
     await context.send_initial_metadata(((HTTP_CODE_HEADER, "204"),))
+
+
+def json_body(body: HttpBody) -> Value:
+    """A raw REST body (an `HttpBody` request field, which Envoy passes through untouched) as a
+    Value: strict JSON (RFC 8259: no NaN, comments, trailing commas, lone surrogates or bytes that are
+    not UTF-8), else InvalidArgument (400) saying what is wrong."""
+    raw = body.data
+    if not raw.strip():
+        raise InvalidArgument("the request body must be JSON")
+    try:
+        value: JSON = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    if (
+        len(raw) > _MAX_BODY_NESTING
+        and isinstance(value, dict | list)
+        and _nesting(value) > _MAX_BODY_NESTING
+    ):
+        raise InvalidArgument(
+            f"the request body nests arrays and objects deeper than {_MAX_BODY_NESTING} levels"
+        )
+    return to_value(value)
+
+
+def _nesting(value: dict[str, JSON] | list[JSON]) -> int:
+    level: list[JSON] = [value]
+    depth = 0
+    while level and depth <= _MAX_BODY_NESTING:
+        depth += 1
+        children: list[JSON] = []
+        for v in level:
+            if isinstance(v, dict):
+                children.extend(v.values())
+            elif isinstance(v, list):
+                children.extend(v)
+        level = [c for c in children if isinstance(c, dict | list)]
+    return depth

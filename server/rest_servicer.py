@@ -49,7 +49,7 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
     async def PostLogEntry(
         self, request: core_rest_pb2.PostLogEntryRequest, context: Ctx
     ) -> core_rest_pb2.PostLogEntryResponse:
-        new = validate_new_entry(request.data if request.HasField("data") else None, request.dependency)
+        new = validate_new_entry(rest.json_body(request.body), request.dependency)
         [entry] = await self._appender.append([new])
         await rest.created(context, f"/log/{entry.id}")
         return core_rest_pb2.PostLogEntryResponse(id=entry.id)

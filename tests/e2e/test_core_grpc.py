@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 from grpc_health.v1 import health_pb2
 
@@ -170,7 +171,7 @@ async def test_error_codes(channel: grpc.aio.Channel) -> None:
 async def test_rest_shaped_rpc_over_grpc(channel: grpc.aio.Channel) -> None:
     # The metadata that becomes 201 + Location over REST is harmless to a gRPC client.
     rest = core_rest_pb2_grpc.CoreRestServiceStub(channel)
-    call = rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(data=value("rest-shaped")))
+    call = rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b'"rest-shaped"')))
     response = await call
     assert await call.code() == grpc.StatusCode.OK
     assert dict(await call.initial_metadata() or ()).get("location") == f"/log/{response.id}"

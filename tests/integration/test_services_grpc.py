@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
@@ -213,13 +214,13 @@ async def test_core_rest_shapes(grpc_node: GrpcNode) -> None:
     assert (
         json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())) == {}
     )
-    call = grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(data=Value(string_value="hello")))
+    call = grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b'"hello"')))
     response = await call
     metadata = dict((k, v) for k, v in (await call.initial_metadata() or ()))
     assert metadata.get("x-http-code") == "201"
     assert metadata.get("location") == f"/log/{response.id}"
     second = await grpc_node.rest.PostLogEntry(
-        core_rest_pb2.PostLogEntryRequest(data=Value(number_value=2), dependency=[response.id])
+        core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b"2"), dependency=[response.id])
     )
 
     heads = json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest()))
@@ -260,9 +261,17 @@ async def test_core_rest_errors(grpc_node: GrpcNode) -> None:
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = await rpc_error(
         grpc_node.rest.PostLogEntry(
-            core_rest_pb2.PostLogEntryRequest(data=Value(number_value=1), dependency=["x"])
+            core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b"1"), dependency=["x"])
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     error = await rpc_error(grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest()))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for body in (b"{'single': 'quotes'}", b"[1,]", b"NaN", rb'"\ud800"', b"\xff", b"[" * 100 + b"]" * 100):
+        error = await rpc_error(
+            grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=body)))
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, body
+    assert (
+        json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())) == {}
+    )

@@ -4,9 +4,9 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -81,11 +81,13 @@ class PostLogEntryRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DATA_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     DEPENDENCY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def data(self) -> _struct_pb2.Value:
-        """The request body: any JSON value."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: any JSON value, checked strictly by the node
+        (RFC 8259; the transcoder's own JSON parser is lenient).
+        """
 
     @_builtins.property
     def dependency(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -94,12 +96,12 @@ class PostLogEntryRequest(_message.Message):
     def __init__(
         self,
         *,
-        data: _struct_pb2.Value | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
         dependency: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dependency", b"dependency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dependency", b"dependency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -100,7 +100,10 @@ class CoreRestServiceServicer:
 
     def PostLogEntry(self, request, context):
         """POST /log: appends the body (any JSON) as a new entry; 201 Created with
-        `Location: /log/{id}` and {"id": "<id>"}. Errors: as LogService.AppendEntry.
+        `Location: /log/{id}` and {"id": "<id>"}. The body arrives raw (an
+        HttpBody) and the node parses it: strict JSON, at native speed, with no
+        JSON check in the gateway. Errors: INVALID_ARGUMENT for a body that is not
+        JSON, else as LogService.AppendEntry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,10 @@ class CoreRestServiceStub:
     """
     PostLogEntry: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.PostLogEntryRequest, _core_rest_pb2.PostLogEntryResponse]
     """POST /log: appends the body (any JSON) as a new entry; 201 Created with
-    `Location: /log/{id}` and {"id": "<id>"}. Errors: as LogService.AppendEntry.
+    `Location: /log/{id}` and {"id": "<id>"}. The body arrives raw (an
+    HttpBody) and the node parses it: strict JSON, at native speed, with no
+    JSON check in the gateway. Errors: INVALID_ARGUMENT for a body that is not
+    JSON, else as LogService.AppendEntry.
     """
     GetNodes: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetNodesRequest, _struct_pb2.ListValue]
     """GET /nodes: a list of the root URLs of the nodes this node replicates with."""
@@ -76,7 +79,10 @@ class CoreRestServiceAsyncStub(CoreRestServiceStub):
     """
     PostLogEntry: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.PostLogEntryRequest, _core_rest_pb2.PostLogEntryResponse]  # type: ignore[assignment]
     """POST /log: appends the body (any JSON) as a new entry; 201 Created with
-    `Location: /log/{id}` and {"id": "<id>"}. Errors: as LogService.AppendEntry.
+    `Location: /log/{id}` and {"id": "<id>"}. The body arrives raw (an
+    HttpBody) and the node parses it: strict JSON, at native speed, with no
+    JSON check in the gateway. Errors: INVALID_ARGUMENT for a body that is not
+    JSON, else as LogService.AppendEntry.
     """
     GetNodes: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetNodesRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
     """GET /nodes: a list of the root URLs of the nodes this node replicates with."""
@@ -123,7 +129,10 @@ class CoreRestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_core_rest_pb2.PostLogEntryResponse, _abc.Awaitable[_core_rest_pb2.PostLogEntryResponse]]:
         """POST /log: appends the body (any JSON) as a new entry; 201 Created with
-        `Location: /log/{id}` and {"id": "<id>"}. Errors: as LogService.AppendEntry.
+        `Location: /log/{id}` and {"id": "<id>"}. The body arrives raw (an
+        HttpBody) and the node parses it: strict JSON, at native speed, with no
+        JSON check in the gateway. Errors: INVALID_ARGUMENT for a body that is not
+        JSON, else as LogService.AppendEntry.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,44 @@
+"""Rendering the Envoy config: raw-body routes come from the descriptor set, and the Lua request check
+is swapped out exactly on them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render
+
+
+def test_post_log_takes_its_body_raw() -> None:
+    assert RawBodyRoute("POST", "/log") in raw_body_routes()
+
+
+def test_a_path_template_becomes_a_regex_of_one_segment_per_variable() -> None:
+    match = RawBodyRoute("POST", "/kv/{table}/{key}").route()["match"]
+    assert isinstance(match, dict)
+    regex = match["safe_regex"]["regex"]
+    assert re.fullmatch(regex, "/kv/t/k")
+    assert not re.fullmatch(regex, "/kv/t/k/extra")
+    assert match["headers"] == [{"name": ":method", "string_match": {"exact": "POST"}}]
+
+
+def test_wildcard_templates_are_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported path template"):
+        RawBodyRoute("POST", "/files/{path=**}").route()
+
+
+def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:
+    config = render("127.0.0.1", Ports(9000), "127.0.0.1")
+    route_lines = [
+        line.strip()[2:] for line in config.splitlines() if '"raw_body"' in line and "match" in line
+    ]
+    routes = [json.loads(line) for line in route_lines]
+    assert {(r["match"].get("path"), r["match"]["headers"][0]["string_match"]["exact"]) for r in routes} >= {
+        ("/log", "POST")
+    }
+    responses = (LUA_DIR / "responses.lua").read_text()
+    request_check = (LUA_DIR / "request_json.lua").read_text()
+    assert "raw_body: {inline_string: " + json.dumps(responses) + "}" in config
+    assert "default_source_code: {inline_string: " + json.dumps(responses + request_check) + "}" in config
