@@ -20,7 +20,7 @@ from potboiler.kv.events import CONFIG_TABLE, check_name
 from potboiler.server import rest
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.grpc_errors import unary
-from potboiler.server.jsonvalue import from_value, set_value, to_value
+from potboiler.server.jsonvalue import JSON, from_value, set_value, to_value
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,
@@ -54,12 +54,11 @@ def crdt_from_proto(value: kv_pb2.CrdtType.ValueType) -> CrdtType:
     return CrdtType(kv_pb2.CrdtType.Name(value).removeprefix("CRDT_TYPE_"))
 
 
-async def update(service: KvService, table: str, key: str, op: str, change: Value | None) -> tuple[str, bool]:
+async def update(
+    service: KvService, table: str, key: str, op: str, change: JSON, *, has_change: bool
+) -> tuple[str, bool]:
     """Validate and make one write; its entry id and whether its table is unknown here."""
-    has_change = change is not None
-    planned = service.state.plan_write(
-        table, key, op, from_value(change) if change is not None else None, has_change=has_change
-    )
+    planned = service.state.plan_write(table, key, op, change, has_change=has_change)
     entry = await service.write(planned)
     return entry.id, planned.pending
 
@@ -75,8 +74,11 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
     async def UpdateValue(
         self, request: kv_pb2.UpdateValueRequest, context: Ctx
     ) -> kv_pb2.UpdateValueResponse:
-        change = request.change if request.HasField("change") else None
-        entry_id, pending = await update(self._service, request.table, request.key, request.op, change)
+        has_change = request.HasField("change")
+        change = from_value(request.change) if has_change else None
+        entry_id, pending = await update(
+            self._service, request.table, request.key, request.op, change, has_change=has_change
+        )
         return kv_pb2.UpdateValueResponse(id=entry_id, pending=pending)
 
     @unary
@@ -134,9 +136,16 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
     async def PostKvValue(
         self, request: kv_rest_pb2.PostKvValueRequest, context: Ctx
     ) -> kv_rest_pb2.PostKvValueResponse:
-        body = request.body
-        change = body.change if body.HasField("change") else None
-        entry_id, pending = await update(self._service, request.table, request.key, body.op, change)
+        # `table` and `key` in the body are tolerated and ignored: the path names them.
+        body = rest.json_object_body(
+            request.raw_body, required=set(), optional={"op", "change", "table", "key"}
+        )
+        op = body.get("op", "")
+        if not isinstance(op, str):
+            raise InvalidArgument("the body's 'op' must be a string")
+        entry_id, pending = await update(
+            self._service, request.table, request.key, op, body.get("change"), has_change="change" in body
+        )
         return kv_rest_pb2.PostKvValueResponse(id=entry_id, pending=pending)
 
     @unary

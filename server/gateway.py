@@ -205,6 +205,7 @@ def render(
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
     routes = [json.dumps(r.route()) for r in raw_body_routes()]
+    [indent] = re.findall(r"^( *)\$\{RAW_BODY_ROUTES\}", listener, re.M)
     blocks = []
     for name, port in (
         ("core", ports.core),
@@ -222,7 +223,7 @@ def render(
             SERVICES=json.dumps(services[name]),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
-            RAW_BODY_ROUTES="\n".join(f"- {r}" for r in routes) or "# (none)",
+            RAW_BODY_ROUTES=("\n" + indent).join(f"- {r}" for r in routes) or "# (none)",
             LUA_JSON_BODY=_lua("responses.lua", "request_json.lua"),
             LUA_RAW_BODY=_lua("responses.lua"),
         )

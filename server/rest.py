@@ -36,8 +36,26 @@ async def no_content(context: grpc.aio.ServicerContext[Any, Any]) -> None:
 
 def json_body(body: HttpBody) -> Value:
     """A raw REST body (an `HttpBody` request field, which Envoy passes through untouched) as a
-    Value: strict JSON (RFC 8259: no NaN, comments, trailing commas, lone surrogates or bytes that are
-    not UTF-8), else InvalidArgument (400) saying what is wrong."""
+    Value: see `parse_body`."""
+    return to_value(parse_body(body))
+
+
+def json_object_body(body: HttpBody, required: set[str], optional: set[str]) -> dict[str, JSON]:
+    """A raw REST body that must be a JSON object with the `required` members and no others than
+    those and the `optional` ones (see `parse_body`)."""
+    value = parse_body(body)
+    if not isinstance(value, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    if missing := sorted(required - value.keys()):
+        raise InvalidArgument(f"the request body lacks {', '.join(map(repr, missing))}")
+    if unknown := sorted(value.keys() - required - optional):
+        raise InvalidArgument(f"the request body has unknown members: {', '.join(map(repr, unknown))}")
+    return value
+
+
+def parse_body(body: HttpBody) -> JSON:
+    """A raw REST body as plain JSON: strict JSON (RFC 8259: no NaN, comments, trailing commas, lone
+    surrogates or bytes that are not UTF-8), else InvalidArgument (400) saying what is wrong."""
     raw = body.data
     if not raw.strip():
         raise InvalidArgument("the request body must be JSON")
@@ -53,7 +71,7 @@ def json_body(body: HttpBody) -> Value:
         raise InvalidArgument(
             f"the request body nests arrays and objects deeper than {_MAX_BODY_NESTING} levels"
         )
-    return to_value(value)
+    return value
 
 
 def _nesting(value: dict[str, JSON] | list[JSON]) -> int:

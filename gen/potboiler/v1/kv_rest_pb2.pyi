@@ -3,9 +3,9 @@
 isort:skip_file
 """
 
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -27,57 +27,32 @@ class PostKvValueRequest(_message.Message):
 
     TABLE_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
-    BODY_FIELD_NUMBER: _builtins.int
+    RAW_BODY_FIELD_NUMBER: _builtins.int
     table: _builtins.str
     """The table (from the path)."""
     key: _builtins.str
     """The key within the table (from the path)."""
     @_builtins.property
-    def body(self) -> Global___PostKvValueBody:
-        """The request body."""
+    def raw_body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `op` (a string, as
+        KvService.UpdateValue's `op`) and optionally `change` (any JSON, as its
+        `change`), nothing else.
+        """
 
     def __init__(
         self,
         *,
         table: _builtins.str = ...,
         key: _builtins.str = ...,
-        body: Global___PostKvValueBody | None = ...,
+        raw_body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["raw_body", b"raw_body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "key", b"key", "table", b"table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "raw_body", b"raw_body", "table", b"table"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PostKvValueRequest: _TypeAlias = PostKvValueRequest  # noqa: Y015
-
-@_typing.final
-class PostKvValueBody(_message.Message):
-    """The JSON body of `POST /kv/{table}/{key}`."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OP_FIELD_NUMBER: _builtins.int
-    CHANGE_FIELD_NUMBER: _builtins.int
-    op: _builtins.str
-    """The operation, as KvService.UpdateValue's `op`."""
-    @_builtins.property
-    def change(self) -> _struct_pb2.Value:
-        """The op's argument, as KvService.UpdateValue's `change`."""
-
-    def __init__(
-        self,
-        *,
-        op: _builtins.str = ...,
-        change: _struct_pb2.Value | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "op", b"op"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PostKvValueBody: _TypeAlias = PostKvValueBody  # noqa: Y015
 
 @_typing.final
 class PostKvValueResponse(_message.Message):

@@ -73,7 +73,9 @@ class KvRestServiceServicer:
     def PostKvValue(self, request, context):
         """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
         as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
-        table and key come from the path only.
+        table and key come from the path only. The body arrives raw and the node
+        parses it (strict JSON; INVALID_ARGUMENT for anything else, other fields
+        included).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

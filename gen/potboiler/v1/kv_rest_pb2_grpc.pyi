@@ -42,7 +42,9 @@ class KvRestServiceStub:
     PostKvValue: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _kv_rest_pb2.PostKvValueResponse]
     """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
     as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
-    table and key come from the path only.
+    table and key come from the path only. The body arrives raw and the node
+    parses it (strict JSON; INVALID_ARGUMENT for anything else, other fields
+    included).
     """
     GetKvTables: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _struct_pb2.ListValue]
     """GET /kv: the list of table names, sorted (`_config` is not listed)."""
@@ -70,7 +72,9 @@ class KvRestServiceAsyncStub(KvRestServiceStub):
     PostKvValue: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _kv_rest_pb2.PostKvValueResponse]  # type: ignore[assignment]
     """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
     as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
-    table and key come from the path only.
+    table and key come from the path only. The body arrives raw and the node
+    parses it (strict JSON; INVALID_ARGUMENT for anything else, other fields
+    included).
     """
     GetKvTables: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
     """GET /kv: the list of table names, sorted (`_config` is not listed)."""
@@ -101,7 +105,9 @@ class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kv_rest_pb2.PostKvValueResponse, _abc.Awaitable[_kv_rest_pb2.PostKvValueResponse]]:
         """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
         as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
-        table and key come from the path only.
+        table and key come from the path only. The body arrives raw and the node
+        parses it (strict JSON; INVALID_ARGUMENT for anything else, other fields
+        included).
         """
 
     @_abc_1.abstractmethod
