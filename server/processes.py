@@ -5,11 +5,14 @@ Used by `potboiler cluster`, the end-to-end tests and the benchmarks.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,22 +46,53 @@ def _ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
+#: Base ports handed out recently, shared by every process on the machine (see find_base_port).
+_RECENT_PICKS = Path(tempfile.gettempdir()) / "potboiler-base-ports.json"
+#: How long a handed-out base port stays reserved: time enough for its nodes to bind their ports.
+_RESERVE_S = 60.0
+
+
 def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000, count: int = 1) -> int:
     """A base port B such that `count` nodes at B, B+100, ... can bind all their ports, outside the
-    kernel's ephemeral range. The search starts at a point derived from the process id, so parallel
-    test workers rarely collide."""
+    kernel's ephemeral range.
+
+    Checking that ports are free does not reserve them: two processes (parallel test workers, say)
+    that look at once could both pick the same range, and the first to start its nodes would take
+    the other's. So picks are recorded, under a lock, in a file every process shares, and a range
+    picked in the last minute is not handed out again while another is free."""
     ephemeral = _ephemeral_ports()
-    # Eligible slots only, so that the starting point spreads workers over all of them.
+    # Eligible slots only, so that the starting point spreads pickers over all of them.
     slots = [
         base
         for base in range(start, end - 100 * count, 100)
         if base + 100 * count < ephemeral.start or base > ephemeral.stop
     ]
+    if not slots:
+        raise RuntimeError(
+            f"no base port between {start} and {end} lies outside the ephemeral range {ephemeral}"
+        )
     first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % len(slots)
-    for i in range(len(slots)):
-        base = slots[(first + i) % len(slots)]
-        if all(ports_free(host, base + 100 * n) for n in range(count)):
-            return base
+    with open(_RECENT_PICKS.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        now = time.time()
+        try:  # {base: [when picked, how many nodes]}
+            recent = {
+                int(b): (float(t), int(n))
+                for b, (t, n) in json.loads(_RECENT_PICKS.read_text()).items()
+                if now - float(t) < _RESERVE_S
+            }
+        except (OSError, ValueError, TypeError, AttributeError):
+            recent = {}
+        taken = {b + 100 * i for b, (_, n) in recent.items() for i in range(n)}
+        # A second pass ignores the reservations: better a rare collision than no port at all.
+        for avoid in (taken, set()):
+            for i in range(len(slots)):
+                base = slots[(first + i) % len(slots)]
+                wanted = [base + 100 * n for n in range(count)]
+                if avoid.isdisjoint(wanted) and all(ports_free(host, b) for b in wanted):
+                    recent[base] = (now, count)
+                    _RECENT_PICKS.write_text(json.dumps(recent))
+                    return base
     raise RuntimeError("no free port range found")
 
 

@@ -48,7 +48,7 @@ WINDOW = 20_000
 #: How long a peer must make no progress on another owner's log before this node forwards it.
 FORWARD_DELAY = 0.1
 #: Least time between two announcements of this node's vector to a peer.
-ANNOUNCE_INTERVAL = 0.02
+ANNOUNCE_INTERVAL = 0.05
 #: Reconnection delays: 50 ms doubling to 5 s.
 RECONNECT = Backoff(first=0.05, cap=5.0)
 #: Offset of the direct gRPC port from a node's base port.
@@ -393,7 +393,7 @@ class Replicator:
         *,
         gossip: bool = True,
         backoff: Backoff = RECONNECT,
-        linger: float = 0.002,
+        linger: float = 0.005,
         channel: Callable[[str], grpc.aio.Channel] | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:

@@ -1,0 +1,51 @@
+"""Base ports for node processes: free, outside the ephemeral range, and never handed out twice in a
+row (parallel test workers used to start nodes on the same ports)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from potboiler.server import processes
+from potboiler.server.processes import find_base_port
+
+
+@pytest.fixture(autouse=True)
+def private_picks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "picks.json"
+    monkeypatch.setattr(processes, "_RECENT_PICKS", path)
+    return path
+
+
+def ranges(base: int, count: int) -> set[int]:
+    return {base + 100 * i for i in range(count)}
+
+
+def test_picks_do_not_overlap_while_reserved() -> None:
+    taken: set[int] = set()
+    for count in (3, 1, 4, 2) * 10:
+        base = find_base_port(count=count)
+        assert taken.isdisjoint(ranges(base, count))
+        taken |= ranges(base, count)
+
+
+def test_a_reservation_expires(private_picks: Path) -> None:
+    first = find_base_port(start=20000, end=20500)
+    stale = time.time() - processes._RESERVE_S - 1
+    private_picks.write_text(json.dumps({str(first): [stale, 1]}))
+    picks = {find_base_port(start=20000, end=20500) for _ in range(4)}
+    assert first in picks
+
+
+def test_when_every_range_is_reserved_a_free_one_is_still_found() -> None:
+    picks = [find_base_port(start=20000, end=20300) for _ in range(4)]
+    assert set(picks) <= {20000, 20100}
+
+
+def test_no_eligible_range_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(processes, "_ephemeral_ports", lambda: range(40000, 41000))
+    with pytest.raises(RuntimeError, match="ephemeral range"):
+        find_base_port(start=40000, end=40500)
