@@ -3,9 +3,17 @@ and always exceed every stamp the node has observed."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
+
+log = logging.getLogger(__name__)
+
+#: How far ahead of this node's physical clock a received stamp may pull the clock. A peer whose
+#: clock is further ahead (misconfigured, or a bad actor) would otherwise drag every later stamp of
+#: this node, and with them claim timeouts and LWW order, into its future.
+MAX_DRIFT_MS = 60_000
 
 
 class Stamp(NamedTuple):
@@ -34,6 +42,7 @@ class HybridClock:
     def __init__(self, physical: Callable[[], int] = wall_clock_ms, last: Stamp = ZERO) -> None:
         self._physical = physical
         self._last = last
+        self._warned_at = -float("inf")
 
     @property
     def last(self) -> Stamp:
@@ -55,7 +64,30 @@ class HybridClock:
             self._last = Stamp(first.wall_ms, first.logical + n - 1)
         return first
 
-    def observe(self, remote: Stamp) -> None:
-        """Take in a stamp seen on a received entry, so later stamps exceed it."""
-        if remote > self._last:
-            self._last = remote
+    def observe(self, seen: Stamp) -> None:
+        """Take in a stamp of this node's own history (e.g. its newest entry after a restart), so
+        later stamps exceed it, however far ahead of the physical clock it is."""
+        if seen > self._last:
+            self._last = seen
+
+    def observe_remote(self, remote: Stamp) -> None:
+        """Take in a stamp seen on an entry from another node, so later stamps exceed it, but move
+        the clock at most MAX_DRIFT_MS ahead of physical time (then later stamps only exceed that
+        bound, and the far-future entry keeps its stamp)."""
+        if remote <= self._last:
+            return
+        bound = self._physical() + MAX_DRIFT_MS
+        if remote.wall_ms > bound:
+            now = time.monotonic()
+            if now - self._warned_at > 60:
+                self._warned_at = now
+                log.warning(
+                    "an entry from another node is stamped %.1f s ahead of this node's clock; "
+                    "the clock follows it only %d s ahead (check the nodes' clocks)",
+                    (remote.wall_ms - bound + MAX_DRIFT_MS) / 1000,
+                    MAX_DRIFT_MS // 1000,
+                )
+            remote = Stamp(bound, 0)
+            if remote <= self._last:
+                return
+        self._last = remote

@@ -288,7 +288,7 @@ class Log:
             )
             self._plan_store(plan, entry, raw, owner, seq + 1, prev, deps)
             out.append(entry)
-        self.clock.observe(latest)
+        self.clock.observe_remote(latest)
         return out
 
     def _plan_store(

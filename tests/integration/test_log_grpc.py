@@ -15,7 +15,7 @@ from google.protobuf.struct_pb2 import Value
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from potboiler.server.hlc import HybridClock
+from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, wall_clock_ms
 from potboiler.server.log import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_ENTRY_BYTES, Log, NewEntry
 from potboiler.server.processes import find_base_port
 from potboiler.server.storage import MemoryStore
@@ -511,11 +511,20 @@ async def test_remote_entries_of_one_owner_are_taken_in_chain_order(grpc_node: G
 
 
 async def test_remote_stamps_advance_the_clock(grpc_node: GrpcNode) -> None:
-    future_ms = 4_000_000_000_000  # far ahead of the node's physical clock
-    [remote] = remote_append(remote_log(clock_ms=future_ms), NewEntry(value("from the future")))
+    ahead_ms = wall_clock_ms() + MAX_DRIFT_MS // 2  # a peer whose clock runs ahead, within the bound
+    [remote] = remote_append(remote_log(clock_ms=ahead_ms), NewEntry(value("from a fast clock")))
     await grpc_node.node.appender.ingest([remote])
     ack = await grpc_node.log.AppendEntry(request("later"))
     assert (ack.when.wall_ms, ack.when.logical) > (remote.when.wall_ms, remote.when.logical)
+
+
+async def test_a_far_future_stamp_pulls_the_clock_only_to_the_drift_bound(grpc_node: GrpcNode) -> None:
+    future_ms = 4_000_000_000_000  # year 2096
+    [remote] = remote_append(remote_log(clock_ms=future_ms), NewEntry(value("from the future")))
+    assert await grpc_node.node.appender.ingest([remote]) == [remote]  # stored all the same
+    before = wall_clock_ms()
+    ack = await grpc_node.log.AppendEntry(request("later"))
+    assert before <= ack.when.wall_ms <= wall_clock_ms() + MAX_DRIFT_MS
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.hlc import HybridClock, Stamp
+from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 
 
 def test_follows_physical_time() -> None:
@@ -55,3 +55,22 @@ def test_stamps_strictly_increase(ops: list[tuple[bool, int, int]]) -> None:
             assert stamp > previous
             assert stamp > clock.last or stamp == clock.last
             previous = stamp
+
+
+def test_a_remote_stamp_far_ahead_moves_the_clock_only_to_the_drift_bound() -> None:
+    t = [1_000_000]
+    clock = HybridClock(lambda: t[0])
+    clock.observe_remote(Stamp(t[0] + MAX_DRIFT_MS + 3_600_000, 7))
+    assert clock.last == Stamp(t[0] + MAX_DRIFT_MS, 0)
+    assert clock.now() == Stamp(t[0] + MAX_DRIFT_MS, 1)
+    # within the bound, a remote stamp is adopted as it is
+    clock.observe_remote(Stamp(t[0] + MAX_DRIFT_MS, 5))
+    assert clock.now() == Stamp(t[0] + MAX_DRIFT_MS, 6)
+    t[0] += 2 * MAX_DRIFT_MS
+    assert clock.now() == Stamp(t[0], 0)
+
+
+def test_own_history_is_observed_however_far_ahead() -> None:
+    clock = HybridClock(lambda: 1_000)
+    clock.observe(Stamp(1_000 + 10 * MAX_DRIFT_MS, 3))
+    assert clock.now() == Stamp(1_000 + 10 * MAX_DRIFT_MS, 4)
