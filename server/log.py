@@ -304,8 +304,16 @@ class Log:
         plan.heads[owner] = (seq, raw)
         plan.entries.append(entry)
         plan.by_id[raw] = entry
-        # The previous entry of a chain is always stored: it is delivered unless it is waiting.
-        missing = [prev] if prev and (prev in plan.undelivered or prev in self._undelivered) else []
+        # The previous entry of a chain is always stored: it is delivered unless it is waiting. One
+        # that waited before this plan may have been delivered earlier in it: `_undelivered` only
+        # catches up when the plan is applied, so the plan's own deliveries are looked at first.
+        missing = (
+            [prev]
+            if prev
+            and prev not in plan.delivered_set
+            and (prev in plan.undelivered or prev in self._undelivered)
+            else []
+        )
         if deps:
             missing += [d for d in deps if not self._is_delivered(plan, d)]
         if not missing:
