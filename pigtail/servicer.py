@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import ListValue, Struct
 
 from potboiler.pigtail import views
@@ -192,11 +193,13 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
         return to_struct({"id": view["task_id"]})
 
     @unary
-    async def RestListTasks(self, request: pigtail_pb2.RestListTasksRequest, context: Ctx) -> Struct:
+    async def RestListTasks(self, request: pigtail_pb2.RestListTasksRequest, context: Ctx) -> HttpBody:
         return views.rest_listing(self._p.list_tasks(request.queue))
 
     @unary
-    async def RestListDeadTasks(self, request: pigtail_pb2.RestListDeadTasksRequest, context: Ctx) -> Struct:
+    async def RestListDeadTasks(
+        self, request: pigtail_pb2.RestListDeadTasksRequest, context: Ctx
+    ) -> HttpBody:
         return views.rest_listing(self._p.list_dead(request.queue))
 
     @unary

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from google.protobuf.struct_pb2 import Struct
+import orjson
+from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail.machine import JSONValue, ListEntry, QueueConfig, TaskStatus, TaskView
 from potboiler.server.jsonvalue import set_value
@@ -83,16 +84,12 @@ def rest_view(view: TaskView, *, verbose: bool = False, with_id: bool = False) -
     return out
 
 
-def rest_listing(entries: list[tuple[str, ListEntry]]) -> Struct:
-    """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...} (built field by field: listings can be
-    long, and this is about twice as fast as converting a dict)."""
-    out = Struct()
-    fields = out.fields
-    for task_id, entry in entries:
-        inner = fields[task_id].struct_value.fields
-        inner["task_name"].string_value = entry["task_name"]
-        inner["state"].string_value = entry["state"]
-    return out
+def rest_listing(entries: list[tuple[str, ListEntry]]) -> HttpBody:
+    """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...} as JSON text, in the listing's order."""
+    listing = {
+        task_id: {"task_name": entry["task_name"], "state": entry["state"]} for task_id, entry in entries
+    }
+    return HttpBody(content_type="application/json", data=orjson.dumps(listing))
 
 
 def rest_queue(name: str, config: QueueConfig) -> dict[str, JSONValue]:

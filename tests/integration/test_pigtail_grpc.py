@@ -5,6 +5,7 @@ added on one is claimed on the other; claims made on both sides of a split resol
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,7 +159,8 @@ async def test_rest_service_sends_created_and_location(pigtail_node: Factory) ->
         "worker": None,
     }
     listing = await n.rest.RestListTasks(pb.RestListTasksRequest(queue="example"))
-    assert from_struct(listing) == {task_id: {"task_name": "hello_world", "state": "pending"}}
+    assert listing.content_type == "application/json"
+    assert json.loads(listing.data) == {task_id: {"task_name": "hello_world", "state": "pending"}}
     empty = n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="example", worker_id="w"))
     claimed = from_struct(await empty)
     assert claimed["id"] == task_id and claimed["worker"] == "w"

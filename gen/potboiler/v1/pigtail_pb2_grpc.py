@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from potboiler.v1 import pigtail_pb2 as potboiler_dot_v1_dot_pigtail__pb2
 
@@ -784,12 +785,12 @@ class PigtailRestServiceStub:
         self.RestListTasks = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestListTasks',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestListTasksRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestListDeadTasks = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestListDeadTasks',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestListDeadTasksRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestClaimNextTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestClaimNextTask',
@@ -869,7 +870,9 @@ class PigtailRestServiceServicer:
 
     def RestListTasks(self, request, context):
         """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-        that are not done and not dead-lettered. Errors: 404.
+        that are not done and not dead-lettered, best first. Answered as JSON
+        text (an HttpBody): listings can be long, and the node writes them much
+        faster than a Struct is built and printed. Errors: 404.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -963,12 +966,12 @@ def add_PigtailRestServiceServicer_to_server(servicer, server):
             'RestListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.RestListTasks,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestListTasksRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestListDeadTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.RestListDeadTasks,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestListDeadTasksRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestClaimNextTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestClaimNextTask,
@@ -1141,7 +1144,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestListTasks',
             potboiler_dot_v1_dot_pigtail__pb2.RestListTasksRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1168,7 +1171,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestListDeadTasks',
             potboiler_dot_v1_dot_pigtail__pb2.RestListDeadTasksRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from grpc import aio as _aio
 from potboiler.v1 import pigtail_pb2 as _pigtail_pb2
@@ -403,11 +404,13 @@ class PigtailRestServiceStub:
     id and Location when the idempotency key was used already).
     Errors: 400, 404 (no such queue).
     """
-    RestListTasks: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListTasksRequest, _struct_pb2.Struct]
+    RestListTasks: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListTasksRequest, _httpbody_pb2.HttpBody]
     """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-    that are not done and not dead-lettered. Errors: 404.
+    that are not done and not dead-lettered, best first. Answered as JSON
+    text (an HttpBody): listings can be long, and the node writes them much
+    faster than a Struct is built and printed. Errors: 404.
     """
-    RestListDeadTasks: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListDeadTasksRequest, _struct_pb2.Struct]
+    RestListDeadTasks: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListDeadTasksRequest, _httpbody_pb2.HttpBody]
     """GET /queue/{queue}/dead: the dead-lettered tasks, in the same shape as
     GET /queue/{queue}. Errors: 404.
     """
@@ -470,11 +473,13 @@ class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
     id and Location when the idempotency key was used already).
     Errors: 400, 404 (no such queue).
     """
-    RestListTasks: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListTasksRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestListTasks: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListTasksRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-    that are not done and not dead-lettered. Errors: 404.
+    that are not done and not dead-lettered, best first. Answered as JSON
+    text (an HttpBody): listings can be long, and the node writes them much
+    faster than a Struct is built and printed. Errors: 404.
     """
-    RestListDeadTasks: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListDeadTasksRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestListDeadTasks: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListDeadTasksRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue/{queue}/dead: the dead-lettered tasks, in the same shape as
     GET /queue/{queue}. Errors: 404.
     """
@@ -564,9 +569,11 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestListTasksRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-        that are not done and not dead-lettered. Errors: 404.
+        that are not done and not dead-lettered, best first. Answered as JSON
+        text (an HttpBody): listings can be long, and the node writes them much
+        faster than a Struct is built and printed. Errors: 404.
         """
 
     @_abc_1.abstractmethod
@@ -574,7 +581,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestListDeadTasksRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /queue/{queue}/dead: the dead-lettered tasks, in the same shape as
         GET /queue/{queue}. Errors: 404.
         """
