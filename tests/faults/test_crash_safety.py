@@ -72,7 +72,9 @@ async def incrementer(node: ClusterNode, r: Round, stop: asyncio.Event) -> None:
             r.increments_attempted += 1
             try:
                 response = await client.post(url, json={"op": "increment", "change": 1})
-            except httpx.HTTPError:
+            # The node is gone. anyio (under httpx) raises AttributeError instead of a connection
+            # error when the socket is closed while the connection is being set up.
+            except (httpx.HTTPError, AttributeError):
                 return
             if response.status_code != 200:
                 return
