@@ -137,9 +137,7 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
         self, request: kv_rest_pb2.PostKvValueRequest, context: Ctx
     ) -> kv_rest_pb2.PostKvValueResponse:
         # `table` and `key` in the body are tolerated and ignored: the path names them.
-        body = rest.json_object_body(
-            request.raw_body, required=set(), optional={"op", "change", "table", "key"}
-        )
+        body = rest.json_object_body(request.raw_body, {"op", "change", "table", "key"})
         op = body.get("op", "")
         if not isinstance(op, str):
             raise InvalidArgument("the body's 'op' must be a string")

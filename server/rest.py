@@ -40,15 +40,13 @@ def json_body(body: HttpBody) -> Value:
     return to_value(parse_body(body))
 
 
-def json_object_body(body: HttpBody, required: set[str], optional: set[str]) -> dict[str, JSON]:
-    """A raw REST body that must be a JSON object with the `required` members and no others than
-    those and the `optional` ones (see `parse_body`)."""
+def json_object_body(body: HttpBody, members: set[str]) -> dict[str, JSON]:
+    """A raw REST body that must be a JSON object with no other members than `members` (see
+    `parse_body`)."""
     value = parse_body(body)
     if not isinstance(value, dict):
         raise InvalidArgument("the request body must be a JSON object")
-    if missing := sorted(required - value.keys()):
-        raise InvalidArgument(f"the request body lacks {', '.join(map(repr, missing))}")
-    if unknown := sorted(value.keys() - required - optional):
+    if unknown := sorted(value.keys() - members):
         raise InvalidArgument(f"the request body has unknown members: {', '.join(map(repr, unknown))}")
     return value
 
