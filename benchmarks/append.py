@@ -39,7 +39,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -52,6 +51,7 @@ import httpx
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
+from benchmarks import wrk
 from benchmarks.common import (
     Bench,
     CpuWindow,
@@ -84,24 +84,6 @@ TARGET_MEMORY_MB = 300.0
 LOAD_BATCH = 1_000
 Ctx = grpc.aio.ServicerContext[Any, Any]
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-
-WRK_SCRIPT = """\
--- POST /log with a JSON body; prints a JSON summary when done.
-wrk.method = "POST"
-wrk.body = %s
-wrk.headers["Content-Type"] = "application/json"
-
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '\\nWRK_JSON {"requests": %%d, "duration_us": %%d, "connect_errors": %%d, "read_errors": %%d, ' ..
-    '"write_errors": %%d, "status_errors": %%d, "timeouts": %%d, "latency_us": {"min": %%d, ' ..
-    '"median": %%d, "p90": %%d, "p99": %%d, "max": %%d, "mean": %%f}}\\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency.min, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean))
-end
-"""
 
 
 @dataclass(frozen=True)
@@ -142,36 +124,16 @@ def own_seq(target_addr: str) -> int:
 # -- 1. REST ---------------------------------------------------------------------------------------
 
 
-def wrk_version() -> str:
-    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
-    return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() else "wrk"
-
-
 def rest_wrk(url: str, settings: Settings, workdir: Path, window: CpuWindow) -> Json:
     """POST /log with wrk at `concurrency` connections (a short warm-up run first)."""
-    script = workdir / "post.lua"
-    script.write_text(WRK_SCRIPT % json.dumps(json.dumps(BODY)))
-    threads = str(min(2, os.cpu_count() or 1))
-
-    def run(seconds: float) -> Json:
-        cmd = ["wrk", "-t", threads, "-c", str(settings.concurrency), "-d", f"{max(1, round(seconds))}s"]
-        cmd += ["--timeout", "10s", "-s", str(script), f"{url}/log"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
-        if line is None:
-            raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
-        figures: Json = json.loads(line.removeprefix("WRK_JSON "))
-        return figures
-
+    run = wrk.poster(f"{url}/log", BODY, settings.concurrency, workdir)
     if settings.warmup > 0:
         run(settings.warmup)
     window.begin()
     raw = run(settings.duration)
     window.end()
     seconds = raw["duration_us"] / 1e6
-    errors = sum(
-        raw[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
-    )
+    errors = wrk.errors(raw)
     lat = raw["latency_us"]
     return {
         "client": "wrk",
@@ -666,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "entries": settings.entries,
             "entry_data": BODY,
         },
-        "rest_client": wrk_version() if use_wrk else "httpx (asyncio, one process)",
+        "rest_client": wrk.version() if use_wrk else "httpx (asyncio, one process)",
     }
     began = time.monotonic()
     with Bench(keep=args.keep) as bench:

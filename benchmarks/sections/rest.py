@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 from pathlib import Path
 
-from benchmarks.append import BODY, WRK_SCRIPT
+from benchmarks import wrk
+from benchmarks.append import BODY
 from benchmarks.common import Json, rounded
 from benchmarks.sections import ServerCpu, Settings, System
 
@@ -28,19 +27,7 @@ ETCD_BODY = {
 def wrk_post(url: str, body: object, settings: Settings, system: System, workdir: Path) -> Json:
     """POST `body` as JSON to `url` with wrk at `settings.concurrency` connections for
     `settings.duration` seconds (after a warm-up run); requests/s counts 2xx answers only."""
-    script = workdir / f"post-{os.getpid()}.lua"
-    script.write_text(WRK_SCRIPT % json.dumps(json.dumps(body)))
-    threads = str(min(2, os.cpu_count() or 1))
-
-    def run(seconds: float) -> Json:
-        cmd = ["wrk", "-t", threads, "-c", str(settings.concurrency), "-d", f"{max(1, round(seconds))}s"]
-        cmd += ["--timeout", "10s", "-s", str(script), url]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
-        if line is None:
-            raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
-        figures: Json = json.loads(line.removeprefix("WRK_JSON "))
-        return figures
+    run = wrk.poster(url, body, settings.concurrency, workdir)
 
     if settings.warmup > 0:
         run(settings.warmup)
@@ -50,9 +37,7 @@ def wrk_post(url: str, body: object, settings: Settings, system: System, workdir
     cpu.end()
     seconds = raw["duration_us"] / 1e6
     good = raw["requests"] - raw["status_errors"]
-    errors = sum(
-        raw[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
-    )
+    errors = wrk.errors(raw)
     return {
         "requests": raw["requests"],
         "seconds": rounded(seconds, 3),
