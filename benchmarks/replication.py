@@ -50,7 +50,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -59,6 +59,8 @@ import grpc
 import httpx
 from google.protobuf.struct_pb2 import Struct, Value
 
+from benchmarks.sections.lag import WARM, paced
+from potboiler.server.jsonvalue import to_value
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
@@ -376,7 +378,7 @@ async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.co
                 fields = entry.data.struct_value.fields
                 if fields["run"].string_value != run:
                     continue
-                if "warm" in fields:
+                if fields["i"].number_value == WARM:
                     ready.set()
                     continue
                 seen[int(fields["i"].number_value)] = (int(fields["t"].number_value), now, entry.when.wall_ms)
@@ -414,52 +416,6 @@ def entry_data(fields: dict[str, Any]) -> Value:
     return value
 
 
-@dataclass
-class PacedResult:
-    sent: int = 0
-    errors: int = 0
-    first_error: str | None = None
-    acked: dict[int, tuple[int, int]] = field(default_factory=dict)  # i -> (send_ns, ack_ns)
-    seconds: float = 0.0
-
-
-async def paced_appends(
-    stub: log_pb2_grpc.LogServiceAsyncStub,
-    run: str,
-    rate: int,
-    seconds: float,
-    extra: dict[str, Any] | None = None,
-) -> PacedResult:
-    """Append `rate` entries per second for `seconds` seconds, each sent at its scheduled time (not
-    waiting for the previous answer); each entry's data carries its index and send time."""
-    result = PacedResult()
-    count = int(rate * seconds)
-    loop = asyncio.get_running_loop()
-    tasks: list[asyncio.Task[None]] = []
-
-    async def one(i: int) -> None:
-        sent_ns = time.time_ns()
-        data = entry_data({"run": run, "i": i, "t": sent_ns, **(extra or {})})
-        try:
-            await stub.AppendEntry(log_pb2.AppendEntryRequest(data=data), timeout=10.0)
-        except grpc.aio.AioRpcError as exc:
-            result.errors += 1
-            result.first_error = result.first_error or f"{exc.code().name}: {exc.details()}"
-            return
-        result.acked[i] = (sent_ns, time.time_ns())
-
-    start = loop.time()
-    for i in range(count):
-        due = start + i / rate
-        if (wait := due - loop.time()) > 0:
-            await asyncio.sleep(wait)
-        tasks.append(asyncio.create_task(one(i)))
-        result.sent += 1
-    result.seconds = loop.time() - start
-    await asyncio.gather(*tasks)
-    return result
-
-
 async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None) -> tuple[Json, Json]:
     """(a) visibility lag from node 0 to node 2, and (c) node 0's messages per entry per peer."""
     node0, node1, node2 = cluster.nodes[:3]
@@ -478,12 +434,17 @@ async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None
         cluster.children.append(subscriber)
         async with grpc.aio.insecure_channel(node0.grpc_target, options=GRPC_OPTIONS) as channel:
             stub = log_pb2_grpc.LogServiceStub(channel)
+
+            async def write(i: int, data: bytes) -> None:
+                request = log_pb2.AppendEntryRequest(data=to_value(json.loads(data)))
+                await stub.AppendEntry(request, timeout=10.0)
+
             # Warm up (channels, replication streams) until the subscriber sees the run's entries.
             deadline = time.monotonic() + 30
             while not parent.poll(0):
                 if time.monotonic() > deadline or not subscriber.is_alive():
                     raise RuntimeError("the subscriber on node 2 did not see the warm-up entries")
-                await paced_appends(stub, run, 1000, 0.2, extra={"warm": True})
+                await paced(write, run, 1000, 0.2, warm=True)
             assert parent.recv() == ("ready",)
             progress(
                 f"(a) subscriber ready on node 2; appending {settings.rate}/s for {settings.seconds:g}s on node 0"
@@ -502,13 +463,13 @@ async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None
             spies = start_profiles(
                 cluster, profile, "lag", {"node0": node0, "node2": node2}, settings.seconds
             )
-            paced = await paced_appends(stub, run, settings.rate, settings.seconds)
+            result = await paced(write, run, settings.rate, settings.seconds)
             cpu_figures = cpu.end()
             stop_profiles(spies)
         progress(
-            f"(a) sent {paced.sent}, acked {len(paced.acked)}, errors {paced.errors}; waiting for node 2"
+            f"(a) sent {result.sent}, acked {len(result.acked)}, errors {result.errors}; waiting for node 2"
         )
-        parent.send(("finish", sorted(paced.acked), settings.grace))
+        parent.send(("finish", sorted(result.acked), settings.grace))
         if not parent.poll(settings.grace + 30):
             raise RuntimeError("the subscriber did not report")
         kind, seen = parent.recv()
@@ -520,13 +481,13 @@ async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None
         peer_metrics_after = [await scrape(client, n) for n in (node1, node2)]
 
     lags = [observed - send for send, observed, _ in seen.values()]
-    acks = [ack - send for send, ack in paced.acked.values()]
-    ack_to_observe = [seen[i][1] - ack for i, (_, ack) in paced.acked.items() if i in seen]
-    to_stamp = [seen[i][2] * 1_000_000 - send for i, (send, _) in paced.acked.items() if i in seen]
-    lost = sum(1 for i in paced.acked if i not in seen)
+    acks = [ack - send for send, ack in result.acked.values()]
+    ack_to_observe = [seen[i][1] - ack for i, (_, ack) in result.acked.items() if i in seen]
+    to_stamp = [seen[i][2] * 1_000_000 - send for i, (send, _) in result.acked.items() if i in seen]
+    lost = sum(1 for i in result.acked if i not in seen)
     # Lag by second of the load: a lag that grows second by second is a backlog (the cluster cannot keep
     # up with the rate), a flat one is the per-entry path.
-    first_send = min((send for send, _ in paced.acked.values()), default=0)
+    first_send = min((send for send, _ in result.acked.values()), default=0)
     by_second: dict[int, list[int]] = {}
     for send, observed, _ in seen.values():
         by_second.setdefault(int((send - first_send) // 1_000_000_000), []).append(observed - send)
@@ -536,11 +497,11 @@ async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None
     ]
     lag_fig: Json = {
         "rate_per_s": settings.rate,
-        "seconds": round(paced.seconds, 3),
-        "sent": paced.sent,
-        "acked": len(paced.acked),
-        "errors": paced.errors,
-        "observed_on_node2": sum(1 for i in paced.acked if i in seen),
+        "seconds": round(result.seconds, 3),
+        "sent": result.sent,
+        "acked": len(result.acked),
+        "errors": result.errors,
+        "observed_on_node2": sum(1 for i in result.acked if i in seen),
         "lost": lost,
         "grace_s": settings.grace,
         "lag_ms": summary_ms(lags),
@@ -550,14 +511,14 @@ async def measure_lag(cluster: Cluster, settings: Settings, profile: Path | None
             "ack_on_node0_to_seen_on_node2": summary_ms(ack_to_observe),
             "send_to_owner_stamp_ms_resolution": summary_ms(to_stamp),
         },
-        "achieved_rate_per_s": round(paced.sent / paced.seconds, 1) if paced.seconds else math.nan,
+        "achieved_rate_per_s": round(result.sent / result.seconds, 1) if result.seconds else math.nan,
         "cpu_percent": cpu_figures,
-        "cpu_ms_per_entry": cpu.ms_per(paced.sent),
+        "cpu_ms_per_entry": cpu.ms_per(result.sent),
     }
-    if paced.errors:
-        lag_fig["errored_but_seen_on_node2"] = sum(1 for i in seen if i not in paced.acked)
-    if paced.first_error:
-        lag_fig["first_error"] = paced.first_error
+    if result.errors:
+        lag_fig["errored_but_seen_on_node2"] = sum(1 for i in seen if i not in result.acked)
+    if result.first_error:
+        lag_fig["first_error"] = result.first_error
 
     appended = delta(metrics_after, metrics_before, "potboiler_appends_total")
     per_peer: Json = {}
