@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from potboiler.server.appender import Appender
+from potboiler.server.decoding import GuardedServer
 from potboiler.server.gateway import Gateway, Ports
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
@@ -123,17 +124,19 @@ class Node:
         config = self.config
         self.appender.start()
         server = grpc.aio.server(options=server_options(), interceptors=config.security.interceptors())
-        log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), server)
+        # Our services answer requests that are not valid protobuf with INVALID_ARGUMENT.
+        ours = GuardedServer(server)
+        log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), ours)
         core_rest_pb2_grpc.add_CoreRestServiceServicer_to_server(
-            CoreRestServicer(self.appender, self.membership), server
+            CoreRestServicer(self.appender, self.membership), ours
         )
         nodes_pb2_grpc.add_NodesServiceServicer_to_server(
-            NodesServicer(self.log, self.membership, self.replicator.status), server
+            NodesServicer(self.log, self.membership, self.replicator.status), ours
         )
         replication_pb2_grpc.add_ReplicationServiceServicer_to_server(
-            ReplicationServicer(self.replicator), server
+            ReplicationServicer(self.replicator), ours
         )
-        webhooks_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(self.webhooks), server)
+        webhooks_pb2_grpc.add_WebhooksServiceServicer_to_server(WebhooksServicer(self.webhooks), ours)
         names = [
             log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name,
             "potboiler.v1.CoreRestService",
@@ -149,7 +152,7 @@ class Node:
         )
         for name, factory in config.services:
             service = factory(NodeContext(context.log, config.data_dir / name, context.clock, context.fsync))
-            names += service.register(server)
+            names += service.register(ours)
             self.services.append(service)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)

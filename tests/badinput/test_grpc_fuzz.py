@@ -112,17 +112,6 @@ def test_malformed_messages_never_crash_or_change_anything(node: BadInputNode) -
         run()
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: a request that is not a valid protobuf message (garbage bytes, invalid UTF-8 in a string field) "
-        "is answered UNKNOWN ('Unexpected DecodeError'), a server-error status, on the direct gRPC port and "
-        "through Envoy's gRPC pass-through, instead of INVALID_ARGUMENT: grpc.aio fails the call itself when "
-        "the registered request_deserializer raises. "
-        "Fix: a server interceptor (server/node.py) that gives each handler a raw-bytes deserializer and "
-        "parses in the handler, aborting with INVALID_ARGUMENT on google.protobuf.message.DecodeError"
-    ),
-    strict=True,
-)
 def test_malformed_messages_get_invalid_argument(node: BadInputNode) -> None:
     wrong = {
         (method, payload): code

@@ -599,12 +599,6 @@ def nested(depth: int, shape: str) -> log_pb2.AppendEntryRequest:
     return out
 
 
-@pytest.mark.xfail(
-    reason="Known limitation: data nested deeper than protobuf's decode limit fails in grpc's own "
-    "deserializer, before any Potboiler code runs, so direct gRPC answers UNKNOWN (REST answers 400: "
-    "the gateway checks depth first)",
-    strict=True,
-)
 @pytest.mark.parametrize("shape", ["lists", "objects"])
 async def test_too_deeply_nested_data_is_invalid_argument(grpc_node: GrpcNode, shape: str) -> None:
     error = await rpc_error(grpc_node.log.AppendEntry(nested(80, shape)))
@@ -765,3 +759,28 @@ async def test_reflection_lists_and_describes_services(grpc_node: GrpcNode) -> N
         "ListHeads",
         "SubscribeEntries",
     } <= methods
+
+
+async def test_a_stream_message_that_is_not_protobuf_ends_the_stream_as_invalid_argument(
+    grpc_node: GrpcNode,
+) -> None:
+    good = stream_message(0, 2).SerializeToString()
+    call = grpc_node.channel.stream_stream(
+        "/potboiler.v1.LogService/AppendEntryStream",
+        request_serializer=lambda b: b,
+        response_deserializer=log_pb2.AppendEntryStreamResponse.FromString,
+    )
+
+    async def requests() -> AsyncIterator[bytes]:
+        yield good
+        yield b"\x0a\x05ab\xed\xa0\x80"  # a string field that is not UTF-8
+
+    stream = call(requests())
+    acks = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for response in stream:
+            acks.append(response)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in (raised.value.details() or "")
+    assert [len(a.entries) for a in acks] == [2]  # what came before it stays appended
+    assert (await grpc_node.heads())[grpc_node.node_id].seq == 2

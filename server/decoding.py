@@ -1,0 +1,179 @@
+"""Requests that are not a valid protobuf message get INVALID_ARGUMENT, like every other bad input.
+
+grpc.aio parses each request with its handler's deserializer before any servicer code runs, and
+answers UNKNOWN (a server-error status) when that raises: garbage bytes, invalid UTF-8 in a string
+field, data nested deeper than protobuf's decoding limit. `GuardedServer` registers every handler
+with a deserializer that turns such a failure into an `Undecodable` value instead, and a behaviour
+that answers it with INVALID_ARGUMENT (in a request stream, the bad message raises
+`UndecodableRequest`, an InvalidArgument, where the servicer reads it).
+Handlers are wrapped once, at registration, so a good request pays one isinstance check.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from potboiler.server.errors import InvalidArgument
+from potboiler.server.grpc_errors import abort
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class Undecodable:
+    """A request that failed to parse, with the parser's reason."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _deserializer(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if parse is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except (DecodeError, UnicodeDecodeError) as error:
+            return Undecodable(str(error) or type(error).__name__)
+
+    return deserialize
+
+
+class UndecodableRequest(InvalidArgument):
+    """A request (or a message of a request stream) is not valid protobuf. In a stream it is raised
+    from the request iterator, so the servicer handles it like its own validation errors (e.g.
+    acknowledging what came before)."""
+
+    def __init__(self, request: Undecodable) -> None:
+        super().__init__(f"the request is not a valid protobuf message: {request.reason}")
+
+
+async def _refuse(context: Ctx, request: Undecodable) -> None:
+    await abort(context, UndecodableRequest(request))
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise UndecodableRequest(request)
+        yield request
+
+
+def guard(handler: Handler) -> Handler:
+    """`handler` with undecodable requests answered INVALID_ARGUMENT."""
+    # The behaviours are coroutine functions (grpc.aio), which grpc's type stubs do not describe.
+    parse = _deserializer(handler.request_deserializer)
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        unary_unary: Any = handler.unary_unary
+
+        async def unary_unary_guarded(request: Any, context: Ctx) -> Any:
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            return await unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary_guarded, parse, serialize)
+    if handler.unary_stream is not None:
+        unary_stream: Any = handler.unary_stream
+        if not inspect.isasyncgenfunction(unary_stream):  # a coroutine writing with context.write
+
+            async def unary_stream_writer(request: Any, context: Ctx) -> None:
+                if isinstance(request, Undecodable):
+                    await _refuse(context, request)
+                await unary_stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream_writer, parse, serialize)
+
+        async def unary_stream_guarded(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            async for response in unary_stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream_guarded, parse, serialize)
+    if handler.stream_unary is not None:
+        stream_unary: Any = handler.stream_unary
+
+        async def stream_unary_guarded(requests: AsyncIterator[Any], context: Ctx) -> Any:
+            try:
+                return await stream_unary(_checked(requests), context)
+            except UndecodableRequest as error:  # the servicer did not handle it
+                await abort(context, error)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary_guarded, parse, serialize)
+    stream_stream: Any = handler.stream_stream
+    assert stream_stream is not None, "a handler has one behaviour"
+    if not inspect.isasyncgenfunction(stream_stream):  # a coroutine reading and writing via context
+
+        async def stream_stream_writer(requests: AsyncIterator[Any], context: Ctx) -> None:
+            try:
+                await stream_stream(_checked(requests), context)
+            except UndecodableRequest as error:
+                await abort(context, error)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream_writer, parse, serialize)
+
+    async def stream_stream_guarded(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+        try:
+            async for response in stream_stream(_checked(requests), context):
+                yield response
+        except UndecodableRequest as error:
+            await abort(context, error)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream_guarded, parse, serialize)
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._guarded: dict[str, Handler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        method = handler_call_details.method
+        if (found := self._guarded.get(method)) is not None:
+            return found
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        self._guarded[method] = guarded = guard(handler)
+        return guarded
+
+
+class GuardedServer(grpc.aio.Server):
+    """A view of `server` for registering servicers (the generated `add_*_to_server` functions):
+    handlers registered through it are guarded; everything else is the server's own."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_GuardedGeneric(h) for h in generic_rpc_handlers])
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, Handler]
+    ) -> None:
+        guarded = {name: guard(handler) for name, handler in method_handlers.items()}
+        self._server.add_registered_method_handlers(service_name, guarded)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self._server.wait_for_termination(timeout)
