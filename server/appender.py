@@ -109,11 +109,11 @@ class Appender:
         for raw in plan.delivered:
             position += 1
             entry = plan.by_id.get(raw)
-            size = plan.sizes.get(raw) if entry is not None else None
-            if entry is None:
+            if entry is None:  # stored by an earlier plan, delivered by this one
                 entry = self.log.load(raw)
-            if size is None:
                 size = entry.ByteSize()
+            else:
+                size = plan.sizes[raw]
             tail.append((position, entry))
             sizes.append(size)
             self._tail_bytes += size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import json
 import re
@@ -66,10 +67,16 @@ class Ports:
         return self.base + 10
 
 
+@functools.cache
+def _descriptor_set() -> descriptor_pb2.FileDescriptorSet:
+    """The API's descriptor set (the file Envoy's transcoder reads), parsed once."""
+    return descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+
+
 def services_by_port() -> dict[str, list[str]]:
     """The gRPC services each REST listener transcodes, from the descriptor set: `Kv*` on the KV
     port, `KvBrowser*` on the browser port, `Pigtail*` on the Pigtail port, the rest on the core port."""
-    fds = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    fds = _descriptor_set()
     out: dict[str, list[str]] = {"core": [], "kv": [], "browser": [], "pigtail": []}
     for f in fds.file:
         if f.package != "potboiler.v1":
@@ -120,7 +127,7 @@ class RawBodyRoute:
 
 def raw_body_routes() -> list[RawBodyRoute]:
     """Every REST path of the descriptor set whose `body` is a google.api.HttpBody field."""
-    fds = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    fds = _descriptor_set()
     messages = {
         f".{f.package}.{m.name}": {field.name: field.type_name for field in m.field}
         for f in fds.file
