@@ -6,6 +6,7 @@ These run for every entry on the hot paths, so they avoid the (slow) `uuid.UUID`
 from __future__ import annotations
 
 import os
+import time
 
 from potboiler.server.errors import InvalidArgument
 
@@ -30,16 +31,30 @@ def uuid_str(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def new_uuids(n: int) -> list[bytes]:
-    """`n` fresh random (version 4) UUIDs as bytes, from one read of the OS's random source."""
+def new_uuids(n: int, unix_ms: int | None = None) -> list[bytes]:
+    """`n` fresh time-ordered (version 7, RFC 9562) UUIDs as bytes: 48 bits of Unix time in ms
+    (`unix_ms`, else now), then 74 random bits, from one read of the OS's random source.
+
+    Ids made at about the same time sort together, so indexing them by id inserts near the end of
+    the index instead of anywhere in it, which makes RocksDB's writes and compactions cheaper."""
+    ms = (time.time_ns() // 1_000_000 if unix_ms is None else unix_ms).to_bytes(6, "big")
     b = bytearray(os.urandom(16 * n))
-    for i in range(6, 16 * n, 16):
-        b[i] = (b[i] & 0x0F) | 0x40
-        b[i + 2] = (b[i + 2] & 0x3F) | 0x80
-    return [bytes(b[i : i + 16]) for i in range(0, 16 * n, 16)]
+    # Column by column (byte k of every id at once, with strided slices): no Python loop per id
+    # but the final split.
+    for k in range(6):
+        b[k::16] = ms[k : k + 1] * n
+    b[6::16] = b[6::16].translate(_VERSION_7)
+    b[8::16] = b[8::16].translate(_VARIANT_RFC)
+    ids = bytes(b)
+    return [ids[i : i + 16] for i in range(0, 16 * n, 16)]
+
+
+#: Byte maps that set the version nibble (7) and the variant bits (10) of a random byte.
+_VERSION_7 = bytes((x & 0x0F) | 0x70 for x in range(256))
+_VARIANT_RFC = bytes((x & 0x3F) | 0x80 for x in range(256))
 
 
 def new_uuid() -> tuple[bytes, str]:
-    """A fresh random (version 4) UUID as (bytes, string)."""
+    """A fresh time-ordered (version 7) UUID as (bytes, string)."""
     [raw] = new_uuids(1)
     return raw, uuid_str(raw)

@@ -247,7 +247,7 @@ class Log:
         prev_text = uuid_str(prev) if prev else ""
         out = []
         stamp = self.clock.now_many(len(new))
-        for i, (item, raw) in enumerate(zip(new, new_uuids(len(new)), strict=True)):
+        for i, (item, raw) in enumerate(zip(new, new_uuids(len(new), stamp.wall_ms), strict=True)):
             text = uuid_str(raw)
             seq += 1
             # Field by field: much faster than keyword construction with a nested message.

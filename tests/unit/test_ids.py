@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -40,7 +41,20 @@ def test_rejects_what_is_not_a_hyphenated_uuid(text: str) -> None:
         parse_uuid(text, "dependency")
 
 
-def test_new_uuids_are_distinct_version_4() -> None:
+def test_new_uuids_are_distinct_version_7_with_the_time() -> None:
+    before = time.time_ns() // 1_000_000
     ids = new_uuids(1000)
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == 1000
-    assert all(uuid.UUID(bytes=raw).version == 4 for raw in ids)
+    for raw in ids:
+        u = uuid.UUID(bytes=raw)
+        assert u.version == 7 and u.variant == uuid.RFC_4122
+        assert before <= int.from_bytes(raw[:6], "big") <= after
+
+
+@given(st.integers(min_value=0, max_value=2**48 - 1), st.integers(min_value=1, max_value=50))
+def test_new_uuids_carry_the_given_time_and_sort_by_it(unix_ms: int, n: int) -> None:
+    ids = new_uuids(n, unix_ms)
+    assert all(int.from_bytes(raw[:6], "big") == unix_ms for raw in ids)
+    later = new_uuids(1, unix_ms + 1) if unix_ms < 2**48 - 1 else []
+    assert all(raw < other for raw in ids for other in later)

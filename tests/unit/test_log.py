@@ -170,7 +170,7 @@ def test_uuid_helpers_agree_with_the_uuid_module() -> None:
     for _ in range(100):
         raw, text = new_uuid()
         u = uuid.UUID(text)
-        assert u.version == 4 and u.variant == uuid.RFC_4122
+        assert u.version == 7 and u.variant == uuid.RFC_4122
         assert u.bytes == raw == parse_uuid(text) == parse_uuid(text.upper())
         assert uuid_str(raw) == str(u)
     with pytest.raises(InvalidArgument):
