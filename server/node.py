@@ -128,7 +128,7 @@ class Node:
         ours = GuardedServer(server)
         log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), ours)
         core_rest_pb2_grpc.add_CoreRestServiceServicer_to_server(
-            CoreRestServicer(self.appender, self.membership), ours
+            CoreRestServicer(self.appender, self.membership, self.replicator.in_cluster), ours
         )
         nodes_pb2_grpc.add_NodesServiceServicer_to_server(
             NodesServicer(self.log, self.membership, self.replicator.status), ours

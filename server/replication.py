@@ -622,6 +622,14 @@ class Replicator:
 
     # -- status -------------------------------------------------------------------------
 
+    def in_cluster(self, node_id: str) -> bool:
+        """Whether `node_id` is this node, a peer it has talked to, or the owner of entries it holds."""
+        return (
+            node_id == self.log.node_id
+            or any(peer.node_id == node_id for peer in self.peers.values())
+            or node_id in self.log.vector()
+        )
+
     def status(self) -> list[nodes_pb2.PeerStatus]:
         """Per peer: state, acknowledged vector, lag and last error."""
         mine = self.log.vector()

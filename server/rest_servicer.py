@@ -3,6 +3,7 @@ as LogService and NodesService."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -11,9 +12,11 @@ from google.protobuf.struct_pb2 import ListValue, Struct
 from potboiler.server import rest
 from potboiler.server.appender import Appender
 from potboiler.server.entry_json import entry_struct
+from potboiler.server.errors import Conflict
 from potboiler.server.grpc_errors import unary
 from potboiler.server.log import validate_new_entry
 from potboiler.server.membership import Membership
+from potboiler.server.webhooks import ORIGIN_HEADER
 from potboiler.v1 import core_rest_pb2, core_rest_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -22,10 +25,12 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
     """GET /log, /log/first, /log/{id}, POST /log, GET /nodes."""
 
-    def __init__(self, appender: Appender, membership: Membership) -> None:
+    def __init__(self, appender: Appender, membership: Membership, in_cluster: Callable[[str], bool]) -> None:
+        """`in_cluster(node_id)` says whether a node replicates with this one (directly or not)."""
         self._appender = appender
         self._log = appender.log
         self._membership = membership
+        self._in_cluster = in_cluster
 
     @unary
     async def GetLogHeads(self, request: core_rest_pb2.GetLogHeadsRequest, context: Ctx) -> Struct:
@@ -50,9 +55,21 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
         self, request: core_rest_pb2.PostLogEntryRequest, context: Ctx
     ) -> core_rest_pb2.PostLogEntryResponse:
         new = validate_new_entry(rest.json_body(request.body), request.dependency)
+        self._refuse_own_webhook(context)
         [entry] = await self._appender.append([new])
         await rest.created(context, f"/log/{entry.id}")
         return core_rest_pb2.PostLogEntryResponse(id=entry.id)
+
+    def _refuse_own_webhook(self, context: Ctx) -> None:
+        """A webhook of this cluster POSTing to this cluster's log would append every entry again,
+        and deliver each new entry to itself again, forever."""
+        for key, value in context.invocation_metadata() or ():
+            origin = value if isinstance(value, str) else value.decode("latin-1")
+            if key == ORIGIN_HEADER and self._in_cluster(origin):
+                raise Conflict(
+                    f"this POST comes from a webhook of node {origin}, which replicates with this node: "
+                    "appending it would deliver it to that webhook again, without end"
+                )
 
     @unary
     async def GetNodes(self, request: core_rest_pb2.GetNodesRequest, context: Ctx) -> ListValue:

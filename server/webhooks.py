@@ -44,6 +44,9 @@ MAX_RESPONSE_BYTES = 64 << 10
 ATTEMPT_TIMEOUT = 30.0
 _U64 = struct.Struct(">Q")
 _PREFIX = b"w"
+#: Header naming the node whose webhook POSTs: a node of the same cluster refuses to append such a
+#: POST to its log (see CoreRestServicer.PostLogEntry), since every entry would come back again.
+ORIGIN_HEADER = "x-potboiler-webhook-from"
 
 
 @dataclass
@@ -179,7 +182,10 @@ class Webhooks:
         """POST one entry; returns the status, having read at most MAX_RESPONSE_BYTES of the answer."""
         assert self._client is not None
         async with self._client.stream(
-            "POST", url, content=body, headers={"content-type": "application/json"}
+            "POST",
+            url,
+            content=body,
+            headers={"content-type": "application/json", ORIGIN_HEADER: self._appender.log.node_id},
         ) as response:
             received = 0
             async for chunk in response.aiter_raw():

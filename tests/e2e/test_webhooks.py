@@ -5,6 +5,7 @@ by deregistering."""
 
 from __future__ import annotations
 
+import functools
 import http.server
 import itertools
 import json
@@ -307,3 +308,63 @@ async def test_entry_waits_for_its_missing_dependency(
     assert_causal(bodies)
     assert bodies[3]["dependencies"] == [x]
     assert {body["owner"] for body in bodies} == {a.node_id, b.node_id, c.node_id}
+
+
+# -- webhooks into a log -------------------------------------------------------------------------
+
+
+def total_entries(http: httpx.Client) -> int:
+    response = http.get("/status")
+    assert response.status_code == 200, response.text
+    return sum(int(component["seq"]) for component in response.json()["vector"])
+
+
+async def has_failed(node: NodeProcess, url: str) -> bool:
+    return (await webhook_state(node, url)).failures >= 1
+
+
+async def test_webhook_into_its_own_cluster_is_refused(
+    node_process: NodeProcesses, rest_client: RestClient
+) -> None:
+    """Posting a cluster's entries back into that cluster would loop forever: its nodes refuse such
+    POSTs (the webhook retries with backoff, visibly stuck) and the logs stay as they were."""
+    a = node_process("a")
+    b = node_process("b", peers=[a.url])
+    http_a, http_b = rest_client(a), rest_client(b)
+    append(http_a, {"first": 1})
+    await wait_for(lambda: total_entries(http_b) == 1)  # b holds a's entries: it knows a
+    own, peers = f"{a.rest_url}/log", f"{b.rest_url}/log"
+    register(http_a, own)
+    register(http_a, peers)
+
+    for url in (own, peers):
+        await wait_for(functools.partial(has_failed, a, url))
+        state = await webhook_state(a, url)
+        assert state.delivered_position == 0 and "400" in state.last_error
+    assert total_entries(http_a) == total_entries(http_b) == 1
+
+    a_id = http_a.get("/status").json()["node_id"]
+    refused = http_b.post("/log", json={"x": 1}, headers={"x-potboiler-webhook-from": a_id})
+    assert refused.status_code == 400
+    assert "webhook" in refused.json()["message"]
+    assert total_entries(http_b) == 1
+
+
+async def test_webhook_into_another_cluster_mirrors_its_entries(
+    node_process: NodeProcesses, rest_client: RestClient
+) -> None:
+    """A webhook whose target does not replicate with its node is an ordinary receiver: the target
+    appends every entry it is sent, in order."""
+    source, mirror = node_process("source"), node_process("mirror")
+    http_source, http_mirror = rest_client(source), rest_client(mirror)
+    register(http_source, f"{mirror.rest_url}/log")
+    ids = [append(http_source, {"i": i}) for i in range(3)]
+
+    await wait_for(lambda: total_entries(http_mirror) == 3)
+    [head] = http_mirror.get("/log").json().values()
+    copies = []
+    while head:
+        entry = http_mirror.get(f"/log/{head}").json()
+        copies.append(entry["data"])
+        head = entry["prev"]
+    assert [copy["id"] for copy in reversed(copies)] == ids
