@@ -10,6 +10,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -203,6 +204,9 @@ async def run_node(config: NodeConfig) -> None:
     node = Node(config)
     try:
         await node.start()
+        # What exists once the node is up (modules, descriptors, servicers) lives as long as the
+        # process: keep it out of the collector's full passes, which otherwise take tens of ms.
+        gc.freeze()
         https = config.security.rest_tls is not None
         print(f"node {node.log.node_id}: {ports_line(config.host, config.base_port, https)}", flush=True)
         await stop.wait()
