@@ -311,7 +311,7 @@ async def timed_run(
         "tasks": tasks,
         "seconds": rounded(elapsed, 3),
         "tasks_per_s": rounded(tasks / elapsed),
-        **cpu.figures(),
+        **cpu.figures(tasks),
     }
 
 
