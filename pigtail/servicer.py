@@ -11,7 +11,7 @@ import grpc
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import ListValue, Struct
 
-from potboiler.pigtail import views
+from potboiler.pigtail import restbody, views
 from potboiler.pigtail.engine import Pigtail
 from potboiler.server import rest
 from potboiler.server.grpc_errors import streaming, unary
@@ -140,8 +140,8 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
             await leases.aclose()
 
 
-def _add_arguments(request: pigtail_pb2.AddTaskRequest | pigtail_pb2.RestAddTaskRequest) -> dict[str, Any]:
-    """The keyword arguments of Pigtail.add_task from an add request (typed or REST)."""
+def _add_arguments(request: pigtail_pb2.AddTaskRequest) -> dict[str, Any]:
+    """The keyword arguments of Pigtail.add_task from an add request."""
     return {
         "queue": request.queue,
         "task_name": request.task_name,
@@ -161,14 +161,17 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestCreateQueue(self, request: pigtail_pb2.RestCreateQueueRequest, context: Ctx) -> Struct:
-        max_attempts = request.max_attempts if request.HasField("max_attempts") else None
-        config, created = await self._p.create_queue(request.name, request.timeout_ms, max_attempts)
-        location = f"/queue/{request.name}"
+        body = restbody.members(request.body, restbody.CREATE)
+        name = restbody.text(body, "name")
+        config, created = await self._p.create_queue(
+            name, restbody.integer(body, "timeout_ms"), restbody.optional_integer(body, "max_attempts")
+        )
+        location = f"/queue/{name}"
         if created:
             await rest.created(context, location)
         else:
             await context.send_initial_metadata((("location", location),))
-        return to_struct(views.rest_queue(request.name, config))
+        return to_struct(views.rest_queue(name, config))
 
     @unary
     async def RestListQueues(self, request: pigtail_pb2.RestListQueuesRequest, context: Ctx) -> ListValue:
@@ -184,7 +187,16 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestAddTask(self, request: pigtail_pb2.RestAddTaskRequest, context: Ctx) -> Struct:
-        view, created = await self._p.add_task(**_add_arguments(request))
+        body = restbody.members(request.body, restbody.ADD)
+        view, created = await self._p.add_task(
+            request.queue,
+            restbody.text(body, "task_name"),
+            body.get("info"),
+            not_before_ms=restbody.optional_integer(body, "not_before_ms"),
+            delay_ms=restbody.optional_integer(body, "delay_ms"),
+            priority=restbody.integer(body, "priority"),
+            idempotency_key=restbody.optional_text(body, "idempotency_key"),
+        )
         location = f"/queue/{request.queue}/{view['task_id']}"
         if created:
             await rest.created(context, location)
@@ -204,7 +216,10 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestClaimNextTask(self, request: pigtail_pb2.RestClaimNextTaskRequest, context: Ctx) -> Struct:
-        view = await self._p.claim_next(request.queue, request.worker_id, request.wait_ms)
+        body = restbody.members(request.body, restbody.CLAIM_NEXT)
+        view = await self._p.claim_next(
+            request.queue, restbody.text(body, "worker_id"), restbody.integer(body, "wait_ms")
+        )
         if view is None:
             await rest.no_content(context)
             return Struct()
@@ -217,20 +232,24 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestClaimTask(self, request: pigtail_pb2.RestClaimTaskRequest, context: Ctx) -> Struct:
-        view, _ = await self._p.claim(request.queue, request.task_id, request.worker_id)
+        worker_id = restbody.text(restbody.members(request.body, restbody.WORKER), "worker_id")
+        view, _ = await self._p.claim(request.queue, request.task_id, worker_id)
         return to_struct(views.rest_view(view))
 
     @unary
     async def RestCompleteTask(self, request: pigtail_pb2.RestCompleteTaskRequest, context: Ctx) -> Struct:
-        view, _ = await self._p.complete(request.queue, request.task_id, request.worker_id)
+        body = restbody.members(request.body, restbody.WORKER, empty_ok=True)
+        view, _ = await self._p.complete(request.queue, request.task_id, restbody.text(body, "worker_id"))
         return to_struct(views.rest_view(view))
 
     @unary
     async def RestHeartbeatTask(self, request: pigtail_pb2.RestHeartbeatTaskRequest, context: Ctx) -> Struct:
-        view = await self._p.heartbeat(request.queue, request.task_id, request.worker_id)
+        worker_id = restbody.text(restbody.members(request.body, restbody.WORKER), "worker_id")
+        view = await self._p.heartbeat(request.queue, request.task_id, worker_id)
         return to_struct(views.rest_view(view))
 
     @unary
     async def RestRetryTask(self, request: pigtail_pb2.RestRetryTaskRequest, context: Ctx) -> Struct:
+        restbody.members(request.body, restbody.RETRY)
         view = await self._p.retry(request.queue, request.task_id)
         return to_struct(views.rest_view(view))

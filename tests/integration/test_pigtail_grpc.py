@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail.service import create
@@ -91,6 +92,11 @@ async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     return info.value
 
 
+def body(value: Any) -> HttpBody:
+    """A REST request body as Envoy passes it to the node: raw JSON text."""
+    return HttpBody(content_type="application/json", data=json.dumps(value).encode())
+
+
 async def test_typed_api_flow_and_status_codes(pigtail_node: Factory) -> None:
     n = await pigtail_node()
     created = await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000, max_attempts=3))
@@ -139,14 +145,15 @@ async def test_typed_api_flow_and_status_codes(pigtail_node: Factory) -> None:
 
 async def test_rest_service_sends_created_and_location(pigtail_node: Factory) -> None:
     n = await pigtail_node()
-    call = n.rest.RestCreateQueue(pb.RestCreateQueueRequest(name="example", timeout_ms=1000))
-    body = await call
+    call = n.rest.RestCreateQueue(
+        pb.RestCreateQueueRequest(body=body({"name": "example", "timeout_ms": 1000}))
+    )
+    answer = await call
     metadata = dict(await call.initial_metadata())
     assert metadata["x-http-code"] == "201" and metadata["location"] == "/queue/example"
-    assert from_struct(body) == {"name": "example", "timeout_ms": 1000, "max_attempts": None}
-    info = Value()
-    info.struct_value.update({"foo": "bar"})
-    call2 = n.rest.RestAddTask(pb.RestAddTaskRequest(queue="example", task_name="hello_world", info=info))
+    assert from_struct(answer) == {"name": "example", "timeout_ms": 1000, "max_attempts": None}
+    added = {"task_name": "hello_world", "info": {"foo": "bar"}}
+    call2 = n.rest.RestAddTask(pb.RestAddTaskRequest(queue="example", body=body(added)))
     task_id = from_struct(await call2)["id"]
     metadata = dict(await call2.initial_metadata())
     assert metadata["location"] == f"/queue/example/{task_id}"
@@ -161,12 +168,59 @@ async def test_rest_service_sends_created_and_location(pigtail_node: Factory) ->
     listing = await n.rest.RestListTasks(pb.RestListTasksRequest(queue="example"))
     assert listing.content_type == "application/json"
     assert json.loads(listing.data) == {task_id: {"task_name": "hello_world", "state": "pending"}}
-    empty = n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="example", worker_id="w"))
-    claimed = from_struct(await empty)
+    claim = pb.RestClaimNextTaskRequest(queue="example", body=body({"worker_id": "w"}))
+    claimed = from_struct(await n.rest.RestClaimNextTask(claim))
     assert claimed["id"] == task_id and claimed["worker"] == "w"
-    none = n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="example", worker_id="w"))
+    none = n.rest.RestClaimNextTask(claim)
     assert from_struct(await none) == {}
     assert dict(await none.initial_metadata())["x-http-code"] == "204"
+
+
+async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    task_id = await n.add()
+    position = n.node.log.position
+    bad: list[Awaitable[Any]] = [
+        n.rest.RestCreateQueue(pb.RestCreateQueueRequest(body=body({"name": "r", "timeout": 5}))),
+        n.rest.RestCreateQueue(pb.RestCreateQueueRequest(body=body({"name": "r", "timeout_ms": 1.5}))),
+        n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=HttpBody(data=b"{'task_name': 'x'}"))),
+        n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=HttpBody(data=b'{"task_name": NaN}'))),
+        n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=body({"task_name": "x", "priority": True}))),
+        n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=body(["task_name"]))),
+        n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=HttpBody())),
+        n.rest.RestClaimTask(
+            pb.RestClaimTaskRequest(queue="q", task_id=task_id, body=body({"worker_id": 7}))
+        ),
+        n.rest.RestClaimTask(pb.RestClaimTaskRequest(queue="q", task_id=task_id, body=body({"worker": "w"}))),
+        n.rest.RestClaimTask(pb.RestClaimTaskRequest(queue="q", task_id=task_id, body=HttpBody())),
+        n.rest.RestCompleteTask(pb.RestCompleteTaskRequest(queue="q", task_id=task_id, body=body({"x": 1}))),
+        n.rest.RestHeartbeatTask(pb.RestHeartbeatTaskRequest(queue="q", task_id=task_id, body=body(None))),
+        n.rest.RestRetryTask(pb.RestRetryTaskRequest(queue="q", task_id=task_id, body=body({"x": 1}))),
+        n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="q", body=body({"wait_ms": "soon"}))),
+    ]
+    for call in bad:
+        assert (await rpc_error(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert n.node.log.position == position
+
+
+async def test_rest_bodies_read_like_the_protobuf_json_mapping(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    created = await n.rest.RestCreateQueue(
+        pb.RestCreateQueueRequest(body=body({"name": "q", "timeout_ms": "60000", "max_attempts": 3.0}))
+    )
+    assert from_struct(created) == {"name": "q", "timeout_ms": 60_000, "max_attempts": 3}
+    # Null is absent, and the path's own members are ignored: the path names the queue and task.
+    added = {"task_name": "x", "info": None, "priority": 1e2, "delay_ms": None, "queue": "elsewhere"}
+    task_id = from_struct(await n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=body(added))))["id"]
+    assert isinstance(task_id, str)
+    task = (await n.api.GetTask(pb.GetTaskRequest(queue="q", task_id=task_id))).task
+    assert task.priority == 100 and task.state == pb.TASK_STATE_PENDING
+    claim = body({"worker_id": "w", "queue": "elsewhere", "task_id": "other"})
+    claimed = await n.rest.RestClaimTask(pb.RestClaimTaskRequest(queue="q", task_id=task_id, body=claim))
+    assert from_struct(claimed)["worker"] == "w"
+    done = await n.rest.RestCompleteTask(pb.RestCompleteTaskRequest(queue="q", task_id=task_id))
+    assert from_struct(done)["state"] == "done"  # DELETE may come without a body
 
 
 async def test_lease_streams_hand_each_task_to_one_worker(pigtail_node: Factory) -> None:

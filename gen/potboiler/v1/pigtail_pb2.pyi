@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -1006,35 +1007,27 @@ Global___LeaseTasksResponse: _TypeAlias = LeaseTasksResponse  # noqa: Y015
 
 @_typing.final
 class RestCreateQueueRequest(_message.Message):
-    """The body of POST /create."""
+    """POST /create."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
-    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The queue's name: 1 to 128 letters, digits, '_' or '-'."""
-    timeout_ms: _builtins.int
-    """How long a claim lasts, in milliseconds: 1 to 86,400,000 (required)."""
-    max_attempts: _builtins.int
-    """Optional: after this many leases (1 to 1,000) without a done, a task is
-    dead-lettered.
-    """
+    BODY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `name` and `timeout_ms`
+        (required) and `max_attempts` (optional), as CreateQueueRequest's fields.
+        """
+
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        timeout_ms: _builtins.int = ...,
-        max_attempts: _builtins.int | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "max_attempts", b"max_attempts"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "max_attempts", b"max_attempts", "name", b"name", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__max_attempts: _TypeAlias = _typing.Literal["max_attempts"]  # noqa: Y015
-    _WhichOneofArgType__max_attempts: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_attempts) -> _WhichOneofReturnType__max_attempts | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestCreateQueueRequest: _TypeAlias = RestCreateQueueRequest  # noqa: Y015
 
@@ -1079,60 +1072,32 @@ Global___RestDeleteQueueRequest: _TypeAlias = RestDeleteQueueRequest  # noqa: Y0
 
 @_typing.final
 class RestAddTaskRequest(_message.Message):
-    """POST /queue/{queue}: the path's queue and the body's fields."""
+    """POST /queue/{queue}: the path's queue and the raw body."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
-    TASK_NAME_FIELD_NUMBER: _builtins.int
-    INFO_FIELD_NUMBER: _builtins.int
-    NOT_BEFORE_MS_FIELD_NUMBER: _builtins.int
-    DELAY_MS_FIELD_NUMBER: _builtins.int
-    PRIORITY_FIELD_NUMBER: _builtins.int
-    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue's name (from the path)."""
-    task_name: _builtins.str
-    """What kind of work it is: 1 to 256 characters (required)."""
-    not_before_ms: _builtins.int
-    """Optional: not claimable before this time (ms since the Unix epoch)."""
-    delay_ms: _builtins.int
-    """Optional: not claimable for this many ms from now."""
-    priority: _builtins.int
-    """Higher is handed out first (default 0)."""
-    idempotency_key: _builtins.str
-    """Optional: a repeated add with the same key adds nothing."""
     @_builtins.property
-    def info(self) -> _struct_pb2.Value:
-        """Any JSON for the worker (at most 512 KiB); null when absent."""
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `task_name` (required) and
+        optionally `info`, `not_before_ms`, `delay_ms`, `priority` and
+        `idempotency_key`, as AddTaskRequest's fields.
+        """
 
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
-        task_name: _builtins.str = ...,
-        info: _struct_pb2.Value | None = ...,
-        not_before_ms: _builtins.int | None = ...,
-        delay_ms: _builtins.int | None = ...,
-        priority: _builtins.int = ...,
-        idempotency_key: _builtins.str | None = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_delay_ms", b"_delay_ms", "_idempotency_key", b"_idempotency_key", "_not_before_ms", b"_not_before_ms", "delay_ms", b"delay_ms", "idempotency_key", b"idempotency_key", "info", b"info", "not_before_ms", b"not_before_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delay_ms", b"_delay_ms", "_idempotency_key", b"_idempotency_key", "_not_before_ms", b"_not_before_ms", "delay_ms", b"delay_ms", "idempotency_key", b"idempotency_key", "info", b"info", "not_before_ms", b"not_before_ms", "priority", b"priority", "queue", b"queue", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__delay_ms: _TypeAlias = _typing.Literal["delay_ms"]  # noqa: Y015
-    _WhichOneofArgType__delay_ms: _TypeAlias = _typing.Literal["_delay_ms", b"_delay_ms"]  # noqa: Y015
-    _WhichOneofReturnType__idempotency_key: _TypeAlias = _typing.Literal["idempotency_key"]  # noqa: Y015
-    _WhichOneofArgType__idempotency_key: _TypeAlias = _typing.Literal["_idempotency_key", b"_idempotency_key"]  # noqa: Y015
-    _WhichOneofReturnType__not_before_ms: _TypeAlias = _typing.Literal["not_before_ms"]  # noqa: Y015
-    _WhichOneofArgType__not_before_ms: _TypeAlias = _typing.Literal["_not_before_ms", b"_not_before_ms"]  # noqa: Y015
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__delay_ms) -> _WhichOneofReturnType__delay_ms | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__idempotency_key) -> _WhichOneofReturnType__idempotency_key | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__not_before_ms) -> _WhichOneofReturnType__not_before_ms | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestAddTaskRequest: _TypeAlias = RestAddTaskRequest  # noqa: Y015
 
@@ -1187,24 +1152,24 @@ class RestClaimNextTaskRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUEUE_FIELD_NUMBER: _builtins.int
-    WORKER_ID_FIELD_NUMBER: _builtins.int
-    WAIT_MS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue's name (from the path)."""
-    worker_id: _builtins.str
-    """The claiming worker's id (required)."""
-    wait_ms: _builtins.int
-    """How long to wait for a claimable task, in ms (0 to 60,000)."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `worker_id` (required) and
+        `wait_ms` (optional), as ClaimNextTaskRequest's fields.
+        """
+
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
-        worker_id: _builtins.str = ...,
-        wait_ms: _builtins.int = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "wait_ms", b"wait_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1248,23 +1213,27 @@ class RestClaimTaskRequest(_message.Message):
 
     QUEUE_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
-    WORKER_ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue's name (from the path)."""
     task_id: _builtins.str
     """The task's id (from the path)."""
-    worker_id: _builtins.str
-    """The claiming worker's id (required)."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `worker_id` (required),
+        the claiming worker's id.
+        """
+
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
         task_id: _builtins.str = ...,
-        worker_id: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1278,23 +1247,27 @@ class RestCompleteTaskRequest(_message.Message):
 
     QUEUE_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
-    WORKER_ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue's name (from the path)."""
     task_id: _builtins.str
     """The task's id (from the path)."""
-    worker_id: _builtins.str
-    """The worker that did the task (optional)."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: empty, or a JSON object with `worker_id`
+        (optional), the worker that did the task.
+        """
+
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
         task_id: _builtins.str = ...,
-        worker_id: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1308,23 +1281,27 @@ class RestHeartbeatTaskRequest(_message.Message):
 
     QUEUE_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
-    WORKER_ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue's name (from the path)."""
     task_id: _builtins.str
     """The task's id (from the path)."""
-    worker_id: _builtins.str
-    """The id of the worker holding the claim (required)."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `worker_id` (required),
+        the id of the worker holding the claim.
+        """
+
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
         task_id: _builtins.str = ...,
-        worker_id: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1338,19 +1315,25 @@ class RestRetryTaskRequest(_message.Message):
 
     QUEUE_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """The queue's name (from the path)."""
     task_id: _builtins.str
     """The task's id (from the path)."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: an empty JSON object."""
+
     def __init__(
         self,
         *,
         queue: _builtins.str = ...,
         task_id: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

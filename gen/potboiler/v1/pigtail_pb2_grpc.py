@@ -754,6 +754,14 @@ class PigtailRestServiceStub:
     which gRPC clients should use instead. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
+
+    Request bodies arrive raw (a google.api.HttpBody field) and the node parses
+    them: strict JSON, at native speed, with no JSON check in the gateway. A
+    body must be a JSON object with only the members listed for its path (the
+    path's own `queue` and `task_id` are tolerated and ignored: the path names
+    them); a member given as null counts as absent; integer members may also
+    be given as integral numbers (1e3) or decimal strings ("1000"), as in the
+    protobuf JSON mapping. Anything else is INVALID_ARGUMENT (REST 400).
     """
 
     def __init__(self, channel):
@@ -831,6 +839,14 @@ class PigtailRestServiceServicer:
     which gRPC clients should use instead. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
+
+    Request bodies arrive raw (a google.api.HttpBody field) and the node parses
+    them: strict JSON, at native speed, with no JSON check in the gateway. A
+    body must be a JSON object with only the members listed for its path (the
+    path's own `queue` and `task_id` are tolerated and ignored: the path names
+    them); a member given as null counts as absent; integer members may also
+    be given as integral numbers (1e3) or decimal strings ("1000"), as in the
+    protobuf JSON mapping. Anything else is INVALID_ARGUMENT (REST 400).
     """
 
     def RestCreateQueue(self, request, context):
@@ -1018,6 +1034,14 @@ class PigtailRestService:
     which gRPC clients should use instead. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
+
+    Request bodies arrive raw (a google.api.HttpBody field) and the node parses
+    them: strict JSON, at native speed, with no JSON check in the gateway. A
+    body must be a JSON object with only the members listed for its path (the
+    path's own `queue` and `task_id` are tolerated and ignored: the path names
+    them); a member given as null counts as absent; integer members may also
+    be given as integral numbers (1e3) or decimal strings ("1000"), as in the
+    protobuf JSON mapping. Anything else is INVALID_ARGUMENT (REST 400).
     """
 
     @staticmethod

@@ -381,6 +381,14 @@ class PigtailRestServiceStub:
     which gRPC clients should use instead. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
+
+    Request bodies arrive raw (a google.api.HttpBody field) and the node parses
+    them: strict JSON, at native speed, with no JSON check in the gateway. A
+    body must be a JSON object with only the members listed for its path (the
+    path's own `queue` and `task_id` are tolerated and ignored: the path names
+    them); a member given as null counts as absent; integer members may also
+    be given as integral numbers (1e3) or decimal strings ("1000"), as in the
+    protobuf JSON mapping. Anything else is INVALID_ARGUMENT (REST 400).
     """
 
     @_typing.overload
@@ -453,6 +461,14 @@ class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
     which gRPC clients should use instead. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
+
+    Request bodies arrive raw (a google.api.HttpBody field) and the node parses
+    them: strict JSON, at native speed, with no JSON check in the gateway. A
+    body must be a JSON object with only the members listed for its path (the
+    path's own `queue` and `task_id` are tolerated and ignored: the path names
+    them); a member given as null counts as absent; integer members may also
+    be given as integral numbers (1e3) or decimal strings ("1000"), as in the
+    protobuf JSON mapping. Anything else is INVALID_ARGUMENT (REST 400).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -521,6 +537,14 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
     which gRPC clients should use instead. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
+
+    Request bodies arrive raw (a google.api.HttpBody field) and the node parses
+    them: strict JSON, at native speed, with no JSON check in the gateway. A
+    body must be a JSON object with only the members listed for its path (the
+    path's own `queue` and `task_id` are tolerated and ignored: the path names
+    them); a member given as null counts as absent; integer members may also
+    be given as integral numbers (1e3) or decimal strings ("1000"), as in the
+    protobuf JSON mapping. Anything else is INVALID_ARGUMENT (REST 400).
     """
 
     @_abc_1.abstractmethod
