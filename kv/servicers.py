@@ -20,7 +20,7 @@ from potboiler.kv.events import CONFIG_TABLE, check_name
 from potboiler.server import rest
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.grpc_errors import unary
-from potboiler.server.jsonvalue import JSON, from_value, set_value, to_value
+from potboiler.server.jsonvalue import JSON, from_value
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,
@@ -83,8 +83,8 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
 
     @unary
     async def GetValue(self, request: kv_pb2.GetValueRequest, context: Ctx) -> kv_pb2.GetValueResponse:
-        crdt, value = self._state.get(request.table, request.key)
-        return kv_pb2.GetValueResponse(crdt=crdt_proto(crdt), value=to_value(value))
+        crdt, value = self._state.get_message(request.table, request.key)
+        return kv_pb2.GetValueResponse(crdt=crdt_proto(crdt), value=value)
 
     @unary
     async def CreateTable(
@@ -162,8 +162,7 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
 
     @unary
     async def GetKvValue(self, request: kv_rest_pb2.GetKvValueRequest, context: Ctx) -> Value:
-        _, value = self._state.get(request.table, request.key)
-        return set_value(Value(), value)
+        return self._state.get_message(request.table, request.key)[1]
 
 
 class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):

@@ -3,7 +3,8 @@
 Keys (table and key names are ASCII, so they sort as their names; `\\x00` ends a table name):
 
     c                          -> u64 BE: position of the last log entry applied (the cursor)
-    s<T><table>\\x00<key>      -> JSON (orjson): the CRDT state of `key` in `table` for type code T
+    s<T><table>\\x00<key>      -> the CRDT state of `key` in `table` for type code T: JSON (orjson), or
+                                  for an LWW register a binary record (see potboiler.kv.encoding)
 
 A key's state is kept per table *type* (T is one byte: L, O, G, P, M). A table's type comes from the
 built-in LWW table `_config`; reads look only at the states of the table's current type. Keeping the
@@ -22,7 +23,6 @@ a restart resumes exactly after the last applied entry: nothing is skipped or ap
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from collections.abc import Iterator, Sequence
@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, cast
 
-import orjson
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.crdts import JSON, CrdtType, EventContext, InvalidOperation, Stamp, apply, prepare, value
+from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
 from potboiler.server.errors import InvalidArgument, NotFound
-from potboiler.server.jsonvalue import from_value
+from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
@@ -54,7 +54,6 @@ _CODE = {
 }
 _CONFIG_PREFIX = b"s" + _CODE[CrdtType.LWW] + CONFIG_TABLE.encode() + b"\x00"
 _ALL_OPS = ", ".join(TYPES_OF_OP)
-_STRUCT = "struct_value"
 
 
 def table_prefix(crdt: CrdtType, table: str) -> bytes:
@@ -129,13 +128,6 @@ def _check_exact_counter(table: str, state: JSON | None, op: str, amount: JSON) 
         )
 
 
-def _dumps(state: JSON) -> bytes:
-    try:
-        return orjson.dumps(state)
-    except TypeError:  # an integer beyond 64 bits (a huge counter): the standard library has no limit
-        return json.dumps(state, separators=(",", ":")).encode()
-
-
 def _observed_tags(payload: JSON) -> list[str]:
     """The event tags (entry ids) a payload takes away or supersedes: the entries it causally follows."""
     if not isinstance(payload, dict):
@@ -155,12 +147,12 @@ class KvState:
         self._tables: dict[str, TableInfo] = {}
         for k, v in store.scan(_CONFIG_PREFIX, prefix_end(_CONFIG_PREFIX)):
             name = k[len(_CONFIG_PREFIX) :].decode()
-            info = _table_of_config(name, orjson.loads(v))
+            info = _table_of_config(name, to_json(decode(v)))
             if info is not None:
                 self._tables[name] = info
         self._lww_prefixes: dict[str, bytes] = {}
         #: Decoded states by store key, as committed (bounded; see apply_batch).
-        self._cache: dict[bytes, JSON | None] = {}
+        self._cache: dict[bytes, Stored] = {}
         self._cache_bytes = 0
         #: How many events were applied since the state was opened (for benchmarks and metrics).
         self.events_applied = 0
@@ -187,23 +179,36 @@ class KvState:
         return info
 
     def state(self, crdt: CrdtType, table: str, key: str) -> JSON | None:
-        """The stored state of a key for a type, or None."""
-        skey = state_key(crdt, table, key)
+        """The stored state of a key for a type (as JSON), or None."""
+        return to_json(self._stored(state_key(crdt, table, key)))
+
+    def _stored(self, skey: bytes) -> Stored | None:
         cached = self._cache.get(skey, _MISSING)
         if cached is not _MISSING:
-            return cast(JSON, cached)
+            return cast(Stored, cached)
         raw = self._store.get(skey)
-        return None if raw is None else orjson.loads(raw)
+        return None if raw is None else decode(raw)
 
     def get(self, table: str, key: str) -> tuple[CrdtType, JSON]:
         """The table's type and the key's value: InvalidArgument for a bad name, NotFound if the
         table or the key does not exist."""
+        crdt, stored = self._get_stored(table, key)
+        return crdt, value(crdt, to_json(stored))
+
+    def get_message(self, table: str, key: str) -> tuple[CrdtType, Value]:
+        """`get` with the value as a Value (an LWW value is kept as one: no conversion)."""
+        crdt, stored = self._get_stored(table, key)
+        if isinstance(stored, LwwRecord):
+            return crdt, stored.message()
+        return crdt, to_value(value(crdt, stored))
+
+    def _get_stored(self, table: str, key: str) -> tuple[CrdtType, Stored]:
         info = self.table(table)
         check_name(key, "key")
-        state = self.state(info.crdt, table, key)
-        if state is None:
+        stored = self._stored(state_key(info.crdt, table, key))
+        if stored is None:
             raise NotFound(f"No such key '{key}'")
-        return info.crdt, value(info.crdt, state)
+        return info.crdt, stored
 
     def keys(self, table: str, after: str = "", limit: int | None = None) -> list[str]:
         """The table's keys in name order, those after `after`, at most `limit` of them."""
@@ -218,7 +223,7 @@ class KvState:
         start = prefix + after.encode() + b"\x00" if after else prefix
         n = len(prefix)
         for k, raw in self._store.scan(start, prefix_end(prefix), limit=limit):
-            yield k[n:].decode(), value(info.crdt, orjson.loads(raw)) if states else None
+            yield k[n:].decode(), value(info.crdt, to_json(decode(raw))) if states else None
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -239,7 +244,8 @@ class KvState:
         info = self._tables.get(table)
         if info is None:
             return self._plan_unknown_table(table, key, op, change)
-        state = self.state(info.crdt, table, key)
+        # An LWW set needs no observed context: its state is not read.
+        state = None if info.crdt is CrdtType.LWW else self.state(info.crdt, table, key)
         try:
             payload = prepare(info.crdt, state, op, change)
         except InvalidOperation as exc:
@@ -295,10 +301,11 @@ class KvState:
 
         This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
         change is converted to JSON), states are read at most once per batch (and kept across batches
-        in a bounded cache), and LWW sets are compared without the generic CRDT machinery."""
+        in a bounded cache), and LWW sets are compared without the generic CRDT machinery and keep
+        their value as the Value it arrived in (an `LwwRecord`)."""
         if not batch or batch[-1][0] <= self._position:
             return
-        states: dict[bytes, JSON | None] = {}
+        states: dict[bytes, Stored] = {}
         cache = self._cache
         get = self._store.get
         lww_prefixes = self._lww_prefixes
@@ -307,10 +314,8 @@ class KvState:
         for position, entry in batch:
             if position <= floor:
                 continue  # already applied (a subscription resumed from an older cursor)
-            data = entry.data
-            if data.WhichOneof("kind") != _STRUCT:
-                continue
-            event = _event_of_fields(data.struct_value.fields)
+            # Data that is not a Struct reads as an empty one (without changing the entry).
+            event = _event_of_fields(entry.data.struct_value.fields)
             if event is None:
                 continue
             table, key, crdt, op, change = event
@@ -322,7 +327,7 @@ class KvState:
                 state = states[skey] if skey in states else cache.get(skey, _MISSING)
                 if state is _MISSING:
                     raw = get(skey)
-                    state = None if raw is None else orjson.loads(raw)
+                    state = None if raw is None else decode(raw)
                 new = _lww_set(state, change, entry)
                 if new is not _MISSING:
                     if new is not state:
@@ -345,7 +350,8 @@ class KvState:
                 state = states[skey] if skey in states else cache.get(skey, _MISSING)
                 if state is _MISSING:
                     raw = get(skey)
-                    state = None if raw is None else orjson.loads(raw)
+                    state = None if raw is None else decode(raw)
+                state = to_json(state)
                 try:
                     new = apply(each, state, payload, ctx)
                 except InvalidOperation as exc:
@@ -358,7 +364,7 @@ class KvState:
         writes: list[Write] = []
         cached_bytes = 0
         for k, state in states.items():
-            blob = _dumps(state)
+            blob = encode(state)
             writes.append((k, blob))
             if len(blob) <= _CACHE_STATE_BYTES:
                 cache[k] = state
@@ -381,7 +387,7 @@ class KvState:
         for k, state in states.items():
             if k.startswith(_CONFIG_PREFIX):
                 name = k[len(_CONFIG_PREFIX) :].decode()
-                info = _table_of_config(name, state)
+                info = _table_of_config(name, to_json(state))
                 if info is None:
                     self._tables.pop(name, None)
                 else:
@@ -435,25 +441,28 @@ def _context(entry: Entry) -> EventContext:
     return EventContext(entry.id, owner, entry.seq, Stamp(when.wall_ms, when.logical, owner))
 
 
-def _lww_set(state: JSON | None, change: Value, entry: Entry) -> Any:
-    """`crdts.apply` of an LWW set payload, for the common case: the new state, `state` itself when
-    the event loses (or is a duplicate), or _MISSING when the payload or state is unusual (the caller
-    then takes the generic path, which also reports what is wrong)."""
-    if change.WhichOneof("kind") != _STRUCT:
+def _lww_set(state: Stored | None, change: Value, entry: Entry) -> Any:
+    """`crdts.apply` of an LWW set payload, for the common case: the new state (an `LwwRecord`),
+    `state` itself when the event loses (or is a duplicate), or _MISSING when the payload or state is
+    unusual (the caller then takes the generic path, which also reports what is wrong)."""
+    payload = change.struct_value.fields  # empty if the change is not a Struct
+    if len(payload) != 2:
         return _MISSING
-    payload = change.struct_value.fields
-    if len(payload) != 2 or "op" not in payload or "value" not in payload:
+    op, new_value = payload.get("op"), payload.get("value")
+    if op is None or new_value is None or op.string_value != "set":
         return _MISSING
     when = entry.when
-    owner, tag = entry.owner, entry.id
-    wall, logical = when.wall_ms, when.logical
-    if state is not None:
-        # States are written by this module or crdts: a stamp [wall, logical, owner] and a tag. Anything
-        # else (a damaged store) fails the comparison and goes the generic way, which says what is wrong.
+    rank = (when.wall_ms, when.logical, entry.owner, entry.id)
+    if isinstance(state, LwwRecord):
+        if state[:4] >= rank:
+            return state
+    elif state is not None:
+        # JSON states are written by crdts: a stamp [wall, logical, owner] and a tag. Anything else
+        # (a damaged store) fails the comparison and goes the generic way, which says what is wrong.
         try:
             old = cast(Any, state)["stamp"]
-            if (old[0], old[1], old[2], cast(Any, state)["tag"]) >= (wall, logical, owner, tag):
+            if (old[0], old[1], old[2], cast(Any, state)["tag"]) >= rank:
                 return state
         except (TypeError, KeyError, IndexError):
             return _MISSING
-    return {"value": from_value(payload["value"]), "stamp": [wall, logical, owner], "tag": tag}
+    return LwwRecord(*rank, new_value.SerializeToString())

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from potboiler.kv.crdts import JSON, CrdtType, EventContext, Stamp, apply, valid_ops
+from potboiler.kv.encoding import decode, to_json
 from potboiler.kv.events import CONFIG_TABLE, KvEvent, check_name, is_name, parse_event
 from potboiler.kv.state import CURSOR_KEY, KvState, PlannedWrite, _event_of_fields, state_key
 from potboiler.server.errors import InvalidArgument, NotFound
@@ -344,6 +345,11 @@ def test_reads_of_every_type(node: SimNode) -> None:
     assert state.get("gset", "k")[1] == [{"item": "x", "key": "a", "metadata": 7}]
     assert state.get("counter", "k")[1] == 3.5
     assert state.get("mv", "k")[1] == ["v2"]
+    for table in ("lww", "orset", "gset", "counter", "mv"):
+        crdt, json_value = state.get(table, "k")
+        assert state.get_message(table, "k") == (crdt, to_value(json_value))
+    node.reopen()  # read back from the store, not from the applier's cache
+    assert node.state.get_message("lww", "k") == (CrdtType.LWW, to_value({"a": [1, 2]}))
     assert [t.name for t in state.tables()] == ["counter", "gset", "lww", "mv", "orset"]
     assert state.keys(CONFIG_TABLE) == ["counter", "gset", "lww", "mv", "orset"]
     with pytest.raises(NotFound, match="No such table 'nope'"):
@@ -575,7 +581,39 @@ def test_lww_fast_path_is_crdts_apply(events: list[tuple[int, int, str, str, int
             batch = []
     node.state.apply_batch(batch)
     raw = node.store.get(state_key(CrdtType.LWW, "t", "k"))
-    assert (None if raw is None else orjson.loads(raw)) == expected
+    assert (None if raw is None else to_json(decode(raw))) == expected
+
+
+@pytest.mark.parametrize("wall", [4, 5, 6])
+def test_lww_fast_path_over_a_json_state(wall: int) -> None:
+    """An LWW state stored as JSON (by the generic path, or an older version) is compared and replaced
+    by the fast path's records exactly as crdts.apply does."""
+    node = SimNode()
+    node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
+    old: JSON = {"value": "old", "stamp": [5, 0, "o"], "tag": "t5"}
+    node.store.write([(state_key(CrdtType.LWW, "t", "k"), orjson.dumps(old))])
+    node.reopen()
+    entry = make_entry("o", 2, lww_set_event("t", "k", "new"), wall)
+    node.state.apply_batch([(2, entry)])
+    ctx = EventContext(entry.id, "o", 2, Stamp(wall, 0, "o"))
+    expected = apply(CrdtType.LWW, old, {"op": "set", "value": "new"}, ctx)
+    assert node.state.state(CrdtType.LWW, "t", "k") == expected
+    node.reopen()
+    assert node.state.state(CrdtType.LWW, "t", "k") == expected
+
+
+def test_lww_fast_path_refuses_what_crdts_apply_refuses(caplog: pytest.LogCaptureFixture) -> None:
+    node = SimNode()
+    node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
+    bad: JSON = {"table": "t", "key": "k", "crdt": "LWW", "op": "set", "change": {"op": "add", "value": 1}}
+    node.state.apply_batch([(2, make_entry("o", 1, bad, 2))])
+    assert "skipping KV event" in caplog.text
+    assert node.state.state(CrdtType.LWW, "t", "k") is None
+    assert node.state.position == 2
+
+
+def lww_set_event(table: str, key: str, value: JSON) -> JSON:
+    return {"table": table, "key": key, "crdt": "LWW", "op": "set", "change": {"op": "set", "value": value}}
 
 
 def config_event(table: str, crdt: str) -> JSON:
