@@ -9,13 +9,12 @@ from typing import Any
 
 import grpc
 from google.api.httpbody_pb2 import HttpBody
-from google.protobuf.struct_pb2 import ListValue, Struct
 
 from potboiler.pigtail import restbody, views
 from potboiler.pigtail.engine import Pigtail
 from potboiler.server import rest
 from potboiler.server.grpc_errors import streaming, unary
-from potboiler.server.jsonvalue import from_value, to_struct
+from potboiler.server.jsonvalue import from_value
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -160,7 +159,7 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
         self._p = pigtail
 
     @unary
-    async def RestCreateQueue(self, request: pigtail_pb2.RestCreateQueueRequest, context: Ctx) -> Struct:
+    async def RestCreateQueue(self, request: pigtail_pb2.RestCreateQueueRequest, context: Ctx) -> HttpBody:
         body = restbody.members(request.body, restbody.CREATE)
         name = restbody.text(body, "name")
         config, created = await self._p.create_queue(
@@ -171,22 +170,19 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
             await rest.created(context, location)
         else:
             await context.send_initial_metadata((("location", location),))
-        return to_struct(views.rest_queue(name, config))
+        return views.rest_json(views.rest_queue(name, config))
 
     @unary
-    async def RestListQueues(self, request: pigtail_pb2.RestListQueuesRequest, context: Ctx) -> ListValue:
-        out = ListValue()
-        for name, _ in self._p.list_queues():
-            out.values.add().string_value = name
-        return out
+    async def RestListQueues(self, request: pigtail_pb2.RestListQueuesRequest, context: Ctx) -> HttpBody:
+        return views.rest_json([name for name, _ in self._p.list_queues()])
 
     @unary
-    async def RestDeleteQueue(self, request: pigtail_pb2.RestDeleteQueueRequest, context: Ctx) -> Struct:
+    async def RestDeleteQueue(self, request: pigtail_pb2.RestDeleteQueueRequest, context: Ctx) -> HttpBody:
         await self._p.delete_queue(request.queue)
-        return Struct()
+        return views.rest_json({})
 
     @unary
-    async def RestAddTask(self, request: pigtail_pb2.RestAddTaskRequest, context: Ctx) -> Struct:
+    async def RestAddTask(self, request: pigtail_pb2.RestAddTaskRequest, context: Ctx) -> HttpBody:
         body = restbody.members(request.body, restbody.ADD)
         view, created = await self._p.add_task(
             request.queue,
@@ -202,7 +198,7 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
             await rest.created(context, location)
         else:
             await context.send_initial_metadata((("location", location),))
-        return to_struct({"id": view["task_id"]})
+        return views.rest_json({"id": view["task_id"]})
 
     @unary
     async def RestListTasks(self, request: pigtail_pb2.RestListTasksRequest, context: Ctx) -> HttpBody:
@@ -215,41 +211,45 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
         return views.rest_listing(self._p.list_dead(request.queue))
 
     @unary
-    async def RestClaimNextTask(self, request: pigtail_pb2.RestClaimNextTaskRequest, context: Ctx) -> Struct:
+    async def RestClaimNextTask(
+        self, request: pigtail_pb2.RestClaimNextTaskRequest, context: Ctx
+    ) -> HttpBody:
         body = restbody.members(request.body, restbody.CLAIM_NEXT)
         view = await self._p.claim_next(
             request.queue, restbody.text(body, "worker_id"), restbody.integer(body, "wait_ms")
         )
         if view is None:
             await rest.no_content(context)
-            return Struct()
-        return to_struct(views.rest_view(view, with_id=True))
+            return HttpBody()
+        return views.rest_json(views.rest_view(view, with_id=True))
 
     @unary
-    async def RestGetTask(self, request: pigtail_pb2.RestGetTaskRequest, context: Ctx) -> Struct:
+    async def RestGetTask(self, request: pigtail_pb2.RestGetTaskRequest, context: Ctx) -> HttpBody:
         view = self._p.get_task(request.queue, request.task_id)
-        return to_struct(views.rest_view(view, verbose=request.verbose))
+        return views.rest_json(views.rest_view(view, verbose=request.verbose))
 
     @unary
-    async def RestClaimTask(self, request: pigtail_pb2.RestClaimTaskRequest, context: Ctx) -> Struct:
+    async def RestClaimTask(self, request: pigtail_pb2.RestClaimTaskRequest, context: Ctx) -> HttpBody:
         worker_id = restbody.text(restbody.members(request.body, restbody.WORKER), "worker_id")
         view, _ = await self._p.claim(request.queue, request.task_id, worker_id)
-        return to_struct(views.rest_view(view))
+        return views.rest_json(views.rest_view(view))
 
     @unary
-    async def RestCompleteTask(self, request: pigtail_pb2.RestCompleteTaskRequest, context: Ctx) -> Struct:
+    async def RestCompleteTask(self, request: pigtail_pb2.RestCompleteTaskRequest, context: Ctx) -> HttpBody:
         body = restbody.members(request.body, restbody.WORKER, empty_ok=True)
         view, _ = await self._p.complete(request.queue, request.task_id, restbody.text(body, "worker_id"))
-        return to_struct(views.rest_view(view))
+        return views.rest_json(views.rest_view(view))
 
     @unary
-    async def RestHeartbeatTask(self, request: pigtail_pb2.RestHeartbeatTaskRequest, context: Ctx) -> Struct:
+    async def RestHeartbeatTask(
+        self, request: pigtail_pb2.RestHeartbeatTaskRequest, context: Ctx
+    ) -> HttpBody:
         worker_id = restbody.text(restbody.members(request.body, restbody.WORKER), "worker_id")
         view = await self._p.heartbeat(request.queue, request.task_id, worker_id)
-        return to_struct(views.rest_view(view))
+        return views.rest_json(views.rest_view(view))
 
     @unary
-    async def RestRetryTask(self, request: pigtail_pb2.RestRetryTaskRequest, context: Ctx) -> Struct:
+    async def RestRetryTask(self, request: pigtail_pb2.RestRetryTaskRequest, context: Ctx) -> HttpBody:
         restbody.members(request.body, restbody.RETRY)
         view = await self._p.retry(request.queue, request.task_id)
-        return to_struct(views.rest_view(view))
+        return views.rest_json(views.rest_view(view))

@@ -84,12 +84,17 @@ def rest_view(view: TaskView, *, verbose: bool = False, with_id: bool = False) -
     return out
 
 
+def rest_json(value: JSONValue) -> HttpBody:
+    """A REST answer: `value` as JSON text."""
+    return HttpBody(content_type="application/json", data=orjson.dumps(value))
+
+
 def rest_listing(entries: list[tuple[str, ListEntry]]) -> HttpBody:
     """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...} as JSON text, in the listing's order."""
-    listing = {
+    listing: dict[str, JSONValue] = {
         task_id: {"task_name": entry["task_name"], "state": entry["state"]} for task_id, entry in entries
     }
-    return HttpBody(content_type="application/json", data=orjson.dumps(listing))
+    return rest_json(listing)
 
 
 def rest_queue(name: str, config: QueueConfig) -> dict[str, JSONValue]:

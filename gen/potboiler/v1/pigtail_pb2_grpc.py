@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from potboiler.v1 import pigtail_pb2 as potboiler_dot_v1_dot_pigtail__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -748,10 +747,12 @@ class PigtailService:
 
 
 class PigtailRestServiceStub:
-    """The Pigtail REST paths of the contract (port B+3), through Envoy. Their
-    answers are bare JSON objects, so most of these RPCs answer
-    google.protobuf.Struct; they run the same domain code as PigtailService,
-    which gRPC clients should use instead. A task's REST view is
+    """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
+    the same domain code as PigtailService, which gRPC clients should use
+    instead. Their answers are bare JSON, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a google.protobuf.Struct built by the node and printed
+    by the transcoder. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
 
@@ -773,22 +774,22 @@ class PigtailRestServiceStub:
         self.RestCreateQueue = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestCreateQueue',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestCreateQueueRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestListQueues = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestListQueues',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestListQueuesRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestDeleteQueue = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestDeleteQueue',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestDeleteQueueRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestAddTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestAddTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestAddTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestListTasks = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestListTasks',
@@ -803,40 +804,42 @@ class PigtailRestServiceStub:
         self.RestClaimNextTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestClaimNextTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestClaimNextTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestGetTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestGetTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestGetTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestClaimTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestClaimTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestClaimTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestCompleteTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestCompleteTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestCompleteTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestHeartbeatTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestHeartbeatTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestHeartbeatTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.RestRetryTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestRetryTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestRetryTaskRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
 
 
 class PigtailRestServiceServicer:
-    """The Pigtail REST paths of the contract (port B+3), through Envoy. Their
-    answers are bare JSON objects, so most of these RPCs answer
-    google.protobuf.Struct; they run the same domain code as PigtailService,
-    which gRPC clients should use instead. A task's REST view is
+    """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
+    the same domain code as PigtailService, which gRPC clients should use
+    instead. Their answers are bare JSON, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a google.protobuf.Struct built by the node and printed
+    by the transcoder. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
 
@@ -886,9 +889,7 @@ class PigtailRestServiceServicer:
 
     def RestListTasks(self, request, context):
         """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-        that are not done and not dead-lettered, best first. Answered as JSON
-        text (an HttpBody): listings can be long, and the node writes them much
-        faster than a Struct is built and printed. Errors: 404.
+        that are not done and not dead-lettered, best first. Errors: 404.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -962,22 +963,22 @@ def add_PigtailRestServiceServicer_to_server(servicer, server):
             'RestCreateQueue': grpc.unary_unary_rpc_method_handler(
                     servicer.RestCreateQueue,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestCreateQueueRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestListQueues': grpc.unary_unary_rpc_method_handler(
                     servicer.RestListQueues,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestListQueuesRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.ListValue.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestDeleteQueue': grpc.unary_unary_rpc_method_handler(
                     servicer.RestDeleteQueue,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestDeleteQueueRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestAddTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestAddTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestAddTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.RestListTasks,
@@ -992,32 +993,32 @@ def add_PigtailRestServiceServicer_to_server(servicer, server):
             'RestClaimNextTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestClaimNextTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestClaimNextTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestGetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestGetTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestGetTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestClaimTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestClaimTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestClaimTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestCompleteTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestCompleteTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestCompleteTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestHeartbeatTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestHeartbeatTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestHeartbeatTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestRetryTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestRetryTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestRetryTaskRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1028,10 +1029,12 @@ def add_PigtailRestServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PigtailRestService:
-    """The Pigtail REST paths of the contract (port B+3), through Envoy. Their
-    answers are bare JSON objects, so most of these RPCs answer
-    google.protobuf.Struct; they run the same domain code as PigtailService,
-    which gRPC clients should use instead. A task's REST view is
+    """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
+    the same domain code as PigtailService, which gRPC clients should use
+    instead. Their answers are bare JSON, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a google.protobuf.Struct built by the node and printed
+    by the transcoder. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
 
@@ -1060,7 +1063,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestCreateQueue',
             potboiler_dot_v1_dot_pigtail__pb2.RestCreateQueueRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1087,7 +1090,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestListQueues',
             potboiler_dot_v1_dot_pigtail__pb2.RestListQueuesRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1114,7 +1117,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestDeleteQueue',
             potboiler_dot_v1_dot_pigtail__pb2.RestDeleteQueueRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1141,7 +1144,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestAddTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestAddTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1222,7 +1225,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestClaimNextTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestClaimNextTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1249,7 +1252,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestGetTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestGetTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1276,7 +1279,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestClaimTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestClaimTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1303,7 +1306,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestCompleteTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestCompleteTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1330,7 +1333,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestHeartbeatTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestHeartbeatTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1357,7 +1360,7 @@ class PigtailRestService:
             target,
             '/potboiler.v1.PigtailRestService/RestRetryTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestRetryTaskRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

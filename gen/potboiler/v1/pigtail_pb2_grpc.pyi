@@ -5,7 +5,6 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.api import httpbody_pb2 as _httpbody_pb2
-from google.protobuf import struct_pb2 as _struct_pb2
 from grpc import aio as _aio
 from potboiler.v1 import pigtail_pb2 as _pigtail_pb2
 import abc as _abc_1
@@ -375,10 +374,12 @@ class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
 def add_PigtailServiceServicer_to_server(servicer: PigtailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class PigtailRestServiceStub:
-    """The Pigtail REST paths of the contract (port B+3), through Envoy. Their
-    answers are bare JSON objects, so most of these RPCs answer
-    google.protobuf.Struct; they run the same domain code as PigtailService,
-    which gRPC clients should use instead. A task's REST view is
+    """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
+    the same domain code as PigtailService, which gRPC clients should use
+    instead. Their answers are bare JSON, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a google.protobuf.Struct built by the node and printed
+    by the transcoder. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
 
@@ -395,17 +396,17 @@ class PigtailRestServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PigtailRestServiceAsyncStub: ...
-    RestCreateQueue: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestCreateQueueRequest, _struct_pb2.Struct]
+    RestCreateQueue: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestCreateQueueRequest, _httpbody_pb2.HttpBody]
     """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
     `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
     (200 when it existed with the same settings). Errors: 400, 409 (exists
     with other settings).
     """
-    RestListQueues: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListQueuesRequest, _struct_pb2.ListValue]
+    RestListQueues: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListQueuesRequest, _httpbody_pb2.HttpBody]
     """GET /queue: the names of the queues that exist, as a JSON list."""
-    RestDeleteQueue: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestDeleteQueueRequest, _struct_pb2.Struct]
+    RestDeleteQueue: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestDeleteQueueRequest, _httpbody_pb2.HttpBody]
     """DELETE /queue/{queue}: 200 with {}. Errors: 404."""
-    RestAddTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestAddTaskRequest, _struct_pb2.Struct]
+    RestAddTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestAddTaskRequest, _httpbody_pb2.HttpBody]
     """POST /queue/{queue} {"task_name", "info", "not_before_ms"?, "delay_ms"?,
     "priority"?, "idempotency_key"?}: 201 Created with
     `Location: /queue/{queue}/{id}` and {"id"} (200 and the existing task's
@@ -414,51 +415,51 @@ class PigtailRestServiceStub:
     """
     RestListTasks: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListTasksRequest, _httpbody_pb2.HttpBody]
     """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-    that are not done and not dead-lettered, best first. Answered as JSON
-    text (an HttpBody): listings can be long, and the node writes them much
-    faster than a Struct is built and printed. Errors: 404.
+    that are not done and not dead-lettered, best first. Errors: 404.
     """
     RestListDeadTasks: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListDeadTasksRequest, _httpbody_pb2.HttpBody]
     """GET /queue/{queue}/dead: the dead-lettered tasks, in the same shape as
     GET /queue/{queue}. Errors: 404.
     """
-    RestClaimNextTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimNextTaskRequest, _struct_pb2.Struct]
+    RestClaimNextTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimNextTaskRequest, _httpbody_pb2.HttpBody]
     """POST /queue/{queue}/claim {"worker_id", "wait_ms"?}: claims the next
     claimable task, waiting up to wait_ms for one; 200 with the task's REST
     view plus "id", or 204 No Content when none. Errors: 400, 404.
     """
-    RestGetTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestGetTaskRequest, _struct_pb2.Struct]
+    RestGetTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestGetTaskRequest, _httpbody_pb2.HttpBody]
     """GET /queue/{queue}/{task_id}: the task's REST view; with ?verbose=true
     also "id", "attempts", "max_attempts", "priority", "not_before_ms",
     "added_ms", "lease_expires_ms", "done_by" and "idempotency_key".
     Errors: 404.
     """
-    RestClaimTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimTaskRequest, _struct_pb2.Struct]
+    RestClaimTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimTaskRequest, _httpbody_pb2.HttpBody]
     """PUT /queue/{queue}/{task_id} {"worker_id"}: claims the task (renews the
     worker's own claim); 200 with the task's REST view. Errors: 400, 404,
     409 (done, dead-lettered, delayed, or claimed by another worker whose
     claim has not timed out).
     """
-    RestCompleteTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestCompleteTaskRequest, _struct_pb2.Struct]
+    RestCompleteTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestCompleteTaskRequest, _httpbody_pb2.HttpBody]
     """DELETE /queue/{queue}/{task_id} {"worker_id"?}: marks the task done; 200
     with its REST view. Errors: 404.
     """
-    RestHeartbeatTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestHeartbeatTaskRequest, _struct_pb2.Struct]
+    RestHeartbeatTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestHeartbeatTaskRequest, _httpbody_pb2.HttpBody]
     """POST /queue/{queue}/{task_id}/heartbeat {"worker_id"}: extends the
     worker's unexpired claim by the queue's timeout_ms; 200 with the task's
     REST view. Errors: 400, 404, 409 (not held by this worker, or done).
     """
-    RestRetryTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestRetryTaskRequest, _struct_pb2.Struct]
+    RestRetryTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestRetryTaskRequest, _httpbody_pb2.HttpBody]
     """POST /queue/{queue}/{task_id}/retry {}: takes a dead-lettered task back
     to pending; 200 with the task's REST view. Errors: 404, 409 (not dead).
     """
 
 @_typing.type_check_only
 class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
-    """The Pigtail REST paths of the contract (port B+3), through Envoy. Their
-    answers are bare JSON objects, so most of these RPCs answer
-    google.protobuf.Struct; they run the same domain code as PigtailService,
-    which gRPC clients should use instead. A task's REST view is
+    """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
+    the same domain code as PigtailService, which gRPC clients should use
+    instead. Their answers are bare JSON, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a google.protobuf.Struct built by the node and printed
+    by the transcoder. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
 
@@ -472,17 +473,17 @@ class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    RestCreateQueue: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestCreateQueueRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestCreateQueue: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestCreateQueueRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
     `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
     (200 when it existed with the same settings). Errors: 400, 409 (exists
     with other settings).
     """
-    RestListQueues: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListQueuesRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
+    RestListQueues: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListQueuesRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue: the names of the queues that exist, as a JSON list."""
-    RestDeleteQueue: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestDeleteQueueRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestDeleteQueue: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestDeleteQueueRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """DELETE /queue/{queue}: 200 with {}. Errors: 404."""
-    RestAddTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestAddTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestAddTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestAddTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /queue/{queue} {"task_name", "info", "not_before_ms"?, "delay_ms"?,
     "priority"?, "idempotency_key"?}: 201 Created with
     `Location: /queue/{queue}/{id}` and {"id"} (200 and the existing task's
@@ -491,50 +492,50 @@ class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
     """
     RestListTasks: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListTasksRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-    that are not done and not dead-lettered, best first. Answered as JSON
-    text (an HttpBody): listings can be long, and the node writes them much
-    faster than a Struct is built and printed. Errors: 404.
+    that are not done and not dead-lettered, best first. Errors: 404.
     """
     RestListDeadTasks: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListDeadTasksRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue/{queue}/dead: the dead-lettered tasks, in the same shape as
     GET /queue/{queue}. Errors: 404.
     """
-    RestClaimNextTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimNextTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestClaimNextTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimNextTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /queue/{queue}/claim {"worker_id", "wait_ms"?}: claims the next
     claimable task, waiting up to wait_ms for one; 200 with the task's REST
     view plus "id", or 204 No Content when none. Errors: 400, 404.
     """
-    RestGetTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestGetTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestGetTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestGetTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue/{queue}/{task_id}: the task's REST view; with ?verbose=true
     also "id", "attempts", "max_attempts", "priority", "not_before_ms",
     "added_ms", "lease_expires_ms", "done_by" and "idempotency_key".
     Errors: 404.
     """
-    RestClaimTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestClaimTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestClaimTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """PUT /queue/{queue}/{task_id} {"worker_id"}: claims the task (renews the
     worker's own claim); 200 with the task's REST view. Errors: 400, 404,
     409 (done, dead-lettered, delayed, or claimed by another worker whose
     claim has not timed out).
     """
-    RestCompleteTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestCompleteTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestCompleteTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestCompleteTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """DELETE /queue/{queue}/{task_id} {"worker_id"?}: marks the task done; 200
     with its REST view. Errors: 404.
     """
-    RestHeartbeatTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestHeartbeatTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestHeartbeatTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestHeartbeatTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /queue/{queue}/{task_id}/heartbeat {"worker_id"}: extends the
     worker's unexpired claim by the queue's timeout_ms; 200 with the task's
     REST view. Errors: 400, 404, 409 (not held by this worker, or done).
     """
-    RestRetryTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestRetryTaskRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    RestRetryTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestRetryTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /queue/{queue}/{task_id}/retry {}: takes a dead-lettered task back
     to pending; 200 with the task's REST view. Errors: 404, 409 (not dead).
     """
 
 class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The Pigtail REST paths of the contract (port B+3), through Envoy. Their
-    answers are bare JSON objects, so most of these RPCs answer
-    google.protobuf.Struct; they run the same domain code as PigtailService,
-    which gRPC clients should use instead. A task's REST view is
+    """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
+    the same domain code as PigtailService, which gRPC clients should use
+    instead. Their answers are bare JSON, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a google.protobuf.Struct built by the node and printed
+    by the transcoder. A task's REST view is
     {"task_name", "state", "info", "worker"} with state "pending", "working",
     "done", "dead" or "delayed", and worker null until claimed.
 
@@ -552,7 +553,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestCreateQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
         `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
         (200 when it existed with the same settings). Errors: 400, 409 (exists
@@ -564,7 +565,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestListQueuesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.ListValue, _abc.Awaitable[_struct_pb2.ListValue]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /queue: the names of the queues that exist, as a JSON list."""
 
     @_abc_1.abstractmethod
@@ -572,7 +573,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestDeleteQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """DELETE /queue/{queue}: 200 with {}. Errors: 404."""
 
     @_abc_1.abstractmethod
@@ -580,7 +581,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestAddTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /queue/{queue} {"task_name", "info", "not_before_ms"?, "delay_ms"?,
         "priority"?, "idempotency_key"?}: 201 Created with
         `Location: /queue/{queue}/{id}` and {"id"} (200 and the existing task's
@@ -595,9 +596,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /queue/{queue}: {"<id>": {"task_name", "state"}, ...} for the tasks
-        that are not done and not dead-lettered, best first. Answered as JSON
-        text (an HttpBody): listings can be long, and the node writes them much
-        faster than a Struct is built and printed. Errors: 404.
+        that are not done and not dead-lettered, best first. Errors: 404.
         """
 
     @_abc_1.abstractmethod
@@ -615,7 +614,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestClaimNextTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /queue/{queue}/claim {"worker_id", "wait_ms"?}: claims the next
         claimable task, waiting up to wait_ms for one; 200 with the task's REST
         view plus "id", or 204 No Content when none. Errors: 400, 404.
@@ -626,7 +625,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestGetTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /queue/{queue}/{task_id}: the task's REST view; with ?verbose=true
         also "id", "attempts", "max_attempts", "priority", "not_before_ms",
         "added_ms", "lease_expires_ms", "done_by" and "idempotency_key".
@@ -638,7 +637,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestClaimTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """PUT /queue/{queue}/{task_id} {"worker_id"}: claims the task (renews the
         worker's own claim); 200 with the task's REST view. Errors: 400, 404,
         409 (done, dead-lettered, delayed, or claimed by another worker whose
@@ -650,7 +649,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestCompleteTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """DELETE /queue/{queue}/{task_id} {"worker_id"?}: marks the task done; 200
         with its REST view. Errors: 404.
         """
@@ -660,7 +659,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestHeartbeatTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /queue/{queue}/{task_id}/heartbeat {"worker_id"}: extends the
         worker's unexpired claim by the queue's timeout_ms; 200 with the task's
         REST view. Errors: 400, 404, 409 (not held by this worker, or done).
@@ -671,7 +670,7 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _pigtail_pb2.RestRetryTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /queue/{queue}/{task_id}/retry {}: takes a dead-lettered task back
         to pending; 200 with the task's REST view. Errors: 404, 409 (not dead).
         """
