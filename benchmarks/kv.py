@@ -8,11 +8,14 @@
    concurrent connections for `--duration` seconds (with `--keys N`, the keys k0..k{N-1} in turn). Each
    answer is a 200 only once the write is durable in the log AND applied (read-your-writes).
 3. Gets: `GET /kv/t/k` the same way.
+   For both, the CPU time the node process (and, in `cpu`, each process of its tree: the node and its
+   Envoy) spent per request, which other work on the machine skews much less than requests/s.
    Both use wrk when it is installed (`wrk -t2 -c32`, the load generator's CPU kept apart from Python),
    else an asyncio httpx client; the output says which.
 4. Rebuild: the node is stopped, its log is topped up to `--rebuild-events` KV events (sets spread over
-   10,000 keys, appended straight to the log in batches), then a fresh KV state (empty store) is built
-   from the whole log exactly as a node rebuilds after losing its `kv` folder: the log subscription from
+   10,000 keys, appended straight to the log in batches), then the log is reopened (so every entry is
+   read from its store, as after a restart) and a fresh KV state (empty store) is built from the whole
+   log exactly as a node rebuilds after losing its `kv` folder: the log subscription from
    position 0 feeding `KvService.apply` (read entries, apply, one store write per batch with the cursor).
    The figures are log entries applied per second of wall time and per second of CPU time (the latter
    is less sensitive to other work on the machine).
@@ -41,6 +44,7 @@ from typing import Any
 import httpx
 from google.protobuf.struct_pb2 import Value
 
+from benchmarks.common import CpuWindow, cpu_seconds
 from potboiler.kv.crdts import CrdtType
 from potboiler.kv.events import KvEvent
 from potboiler.kv.service import APPLY_BATCH, KvService
@@ -161,9 +165,13 @@ def set_event(table: str, key: str, n: int) -> Value:
     return to_value(event.to_json())
 
 
-async def rebuild(data_dir: Path, events: int, scratch: Path) -> Json:
-    """Top the node's log up to `events` entries, then time a KV rebuild from position 0."""
-    node = Node(NodeConfig(data_dir=data_dir, gateway=False, metrics=False, grpc_port=0, services=[]))
+def _log_node(data_dir: Path) -> Node:
+    return Node(NodeConfig(data_dir=data_dir, gateway=False, metrics=False, grpc_port=0, services=[]))
+
+
+async def top_up(data_dir: Path, events: int) -> None:
+    """Append KV set events to the node's log until it holds `events` entries."""
+    node = _log_node(data_dir)
     await node.start()
     try:
         have = node.log.position
@@ -176,6 +184,20 @@ async def rebuild(data_dir: Path, events: int, scratch: Path) -> Json:
                 [NewEntry(set_event("t", f"r{(n + i) % 10_000}", n + i)) for i in range(batch)]
             )
             n += batch
+    finally:
+        await node.stop()
+
+
+async def rebuild(data_dir: Path, events: int, scratch: Path) -> Json:
+    """Top the node's log up to `events` entries, then time a KV rebuild from position 0.
+
+    The rebuild runs on a node opened afresh, as after a restart: it reads every entry from the log's
+    store. (Rebuilding in the process that just appended would read the newest entries, up to the
+    appender's in-memory tail of 20,000, without touching the store, which flattered small runs.)"""
+    await top_up(data_dir, events)
+    node = _log_node(data_dir)
+    await node.start()
+    try:
         target = node.log.position
         client = LocalLogClient(node.appender)
         service = KvService(NodeContext(client, scratch, node.log.clock, False))
@@ -244,6 +266,10 @@ def main() -> int:
             progress(
                 f"{name}: {method} /kv/t/k at {args.concurrency} concurrent for {args.duration:g}s ({client})"
             )
+            assert node.process is not None
+            pid = node.process.pid
+            window, node_cpu = CpuWindow(pid), cpu_seconds(pid)
+            window.begin()
             if client == "wrk":
                 url = f"{kv_url}/kv/t/k"
                 loads[name] = wrk_load(
@@ -264,6 +290,12 @@ def main() -> int:
                         duration=args.duration,
                     )
                 )
+            window.end()
+            requests = max(1, loads[name]["requests"])
+            loads[name]["cpu"] = {
+                "node_cpu_us_per_request": round(1e6 * (cpu_seconds(pid) - node_cpu) / requests, 1),
+                **window.figures(requests),
+            }
             progress(f"{name}: {loads[name]['per_s']}/s")
         if client == "wrk" and args.reference:
             # The same load on the core log's REST paths, for scale: what this machine gives right now
