@@ -22,6 +22,8 @@ so a failed write changes nothing and a crash leaves the store consistent.
 
 from __future__ import annotations
 
+import math
+import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,11 +64,14 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     """Check a client's entry; InvalidArgument / TooLarge say what is wrong."""
     if data is None or data.WhichOneof("kind") is None:
         raise InvalidArgument("an entry needs data: a JSON value in the request body")
-    size = data.ByteSize()
+    serialized = data.SerializeToString()
+    size = len(serialized)
     if size > MAX_ENTRY_BYTES:
         raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
     if size > _MIN_BYTES_PER_LEVEL * MAX_DEPTH and _too_deep(data):
         raise InvalidArgument(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects")
+    if _NON_FINITE_HINT.search(serialized) and _has_non_finite(data):
+        raise InvalidArgument("entry data must be JSON, which has no NaN or infinite numbers")
     deps = tuple(parse_uuid(d, "dependency") for d in dependencies) if dependencies else ()
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
@@ -76,6 +81,28 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
 #: Each level of nesting costs at least this many bytes of a serialized Value (a list level: the tag
 #: and length of `Value.list_value` and of `ListValue.values`), so smaller data cannot be too deep.
 _MIN_BYTES_PER_LEVEL = 4
+
+
+#: The last two bytes of every NaN or infinite double as protobuf writes it (little-endian, all 11
+#: exponent bits set): data whose serialized form has no such pair has no such number. A match may
+#: be a false alarm (other bytes), which `_has_non_finite` settles.
+_NON_FINITE_HINT = re.compile(rb"[\xf0-\xff][\x7f\xff]")
+
+
+def _has_non_finite(data: Value) -> bool:
+    """Whether any number in `data` is NaN or infinite (which JSON cannot carry)."""
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        kind = v.WhichOneof("kind")
+        if kind == "number_value":
+            if not math.isfinite(v.number_value):
+                return True
+        elif kind == "list_value":
+            stack.extend(v.list_value.values)
+        elif kind == "struct_value":
+            stack.extend(v.struct_value.fields.values())
+    return False
 
 
 def _too_deep(data: Value) -> bool:

@@ -4,6 +4,7 @@ subscriptions, causal delivery of entries with dependencies, error codes, health
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
@@ -542,6 +543,15 @@ async def test_get_entry_errors(grpc_node: GrpcNode) -> None:
     assert unknown in (error.details() or "")
 
 
+def nested_number(number: float) -> Value:
+    """{"a": [1, {"b": number}]}, built field by field (JSON cannot say NaN or Infinity)."""
+    value = Value()
+    items = value.struct_value.fields["a"].list_value.values
+    items.add().number_value = 1
+    items.add().struct_value.fields["b"].number_value = number
+    return value
+
+
 @pytest.mark.parametrize(
     ("bad", "words"),
     [
@@ -550,8 +560,20 @@ async def test_get_entry_errors(grpc_node: GrpcNode) -> None:
         (request(1, ["nope"]), "dependency"),
         (request(1, [str(uuid.uuid4()), "123"]), "dependency"),
         (request(1, [str(uuid.uuid4()).replace("-", "")]), "dependency"),
+        (log_pb2.AppendEntryRequest(data=Value(number_value=math.nan)), "NaN"),
+        (log_pb2.AppendEntryRequest(data=nested_number(math.inf)), "infinite"),
+        (log_pb2.AppendEntryRequest(data=nested_number(-math.inf)), "infinite"),
     ],
-    ids=["no-data", "empty-value", "bad-dependency", "second-dependency-bad", "unhyphenated-dependency"],
+    ids=[
+        "no-data",
+        "empty-value",
+        "bad-dependency",
+        "second-dependency-bad",
+        "unhyphenated-dependency",
+        "nan",
+        "infinity-nested",
+        "minus-infinity-nested",
+    ],
 )
 async def test_append_invalid_argument(
     grpc_node: GrpcNode, bad: log_pb2.AppendEntryRequest, words: str

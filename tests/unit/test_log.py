@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 
 import pytest
 from google.protobuf.struct_pb2 import Value
+from hypothesis import given
+from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
@@ -209,3 +213,16 @@ def parse(text: str) -> bytes:
     from potboiler.server.ids import parse_uuid
 
     return parse_uuid(text)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_every_finite_number_is_accepted(number: float) -> None:
+    value = Value()
+    value.list_value.values.add().number_value = number
+    assert validate_new_entry(value, ()).data == value
+
+
+def test_a_finite_number_that_looks_non_finite_in_its_bytes_is_accepted() -> None:
+    [number] = struct.unpack("<d", b"\x00\x00\x00\xf5\xff\x00\x00\x40")  # about 2.0, bytes F5 FF inside
+    assert math.isfinite(number)
+    assert validate_new_entry(Value(number_value=number), ()).data.number_value == number
