@@ -173,6 +173,10 @@ class Stamp(NamedTuple):
     @classmethod
     def coerce(cls, raw: Stamp | Sequence[int | str]) -> Stamp:
         """A :class:`Stamp` from itself or its JSON form (a list or tuple of three); checks the types."""
+        if type(raw) is list and len(raw) == 3:  # the stored JSON form: the common case, made fast
+            wall, logical, owner = raw
+            if type(wall) is int and type(logical) is int and type(owner) is str:
+                return tuple.__new__(cls, raw)
         if isinstance(raw, Stamp):
             return raw
         if isinstance(raw, str) or len(raw) != 3:
@@ -510,9 +514,9 @@ class ListEntry(TypedDict):
     state: TaskStatus
 
 
-@dataclass(frozen=True)
-class QueueConfig:
-    """The settings of a queue's current incarnation, fixed by the create that started it at ``created``."""
+class QueueConfig(NamedTuple):
+    """The settings of a queue's current incarnation, fixed by the create that started it at ``created``
+    (a named tuple: made on every view of a task, where a dataclass costs several times more)."""
 
     timeout_ms: int
     max_attempts: int | None
@@ -683,9 +687,11 @@ def _incarnation(queue: QueueState, before: Stamp | None) -> QueueMark | None:
 
 def queue_config(queue: QueueState | None) -> QueueConfig | None:
     """The current incarnation's settings, or None when the queue does not exist (never made, or deleted)."""
-    if queue is None:
-        return None
-    start = _incarnation(queue, None)
+    return None if queue is None else _config_of(_incarnation(queue, None))
+
+
+def _config_of(start: QueueMark | None) -> QueueConfig | None:
+    """The settings of the incarnation that `start` (a create, or None) started."""
     if start is None or start["timeout_ms"] is None:
         return None
     return QueueConfig(timeout_ms=start["timeout_ms"], max_attempts=start["max_attempts"], created=_at(start))
@@ -850,12 +856,13 @@ def _visible_config(task: TaskState | None, queue: QueueState | None) -> QueueCo
     """The queue's config if ``task`` is visible: added, in the current incarnation, not a key loser."""
     if task is None or queue is None or task["added"] is None or task["queue"] != queue["name"]:
         return None
-    config = queue_config(queue)
     current = _incarnation(queue, None)
-    if config is None or current is None:
+    config = _config_of(current)
+    if config is None:
         return None
-    added = Stamp.coerce(task["added"])
-    if _incarnation(queue, added) != current:
+    # The current incarnation has no delete after it, so it is the one alive just before the add exactly
+    # when it was created before the add.
+    if not config.created < Stamp.coerce(task["added"]):
         return None
     key = task["idempotency_key"]
     if key is not None:
