@@ -77,6 +77,10 @@ class _Queue:
         return False
 
 
+def _by_rank(item: tuple[TaskStatus, str, str, Rank]) -> Rank:
+    return item[3]
+
+
 class Scheduler:
     """The ready and waiting heaps of every queue (see the module docstring)."""
 
@@ -150,27 +154,31 @@ class Scheduler:
         queue_state: QueueState | None,
         now_ms: int,
     ) -> list[tuple[TaskStatus, str, str, Rank]]:
-        """(state, id, name, rank) of every known task of the queue as of `now_ms`: what each task was
-        when last placed, looked at again when its lease or delay has ended since."""
+        """(state, id, name, rank) of every known task of the queue as of `now_ms` (in no particular
+        order): what each task was when last placed, looked at again when its lease or delay has ended
+        since."""
         q = self._queues.get(queue)
         if q is None:
             return []
         out: list[tuple[TaskStatus, str, str, Rank]] = []
+        ended: list[str] = []
         where = q.where
-        for task_id, (state, name, order) in list(q.known.items()):
+        for task_id, (state, name, order) in q.known.items():
             if state == "working" or state == "delayed":
                 until = where.get(task_id)
                 if until is not None and now_ms >= until:
-                    task = lookup(task_id)
-                    if task is None:
-                        q.drop(task_id)
-                        continue
-                    view = task_view(task, queue_state, now_ms)
-                    q.place(task, view, now_ms)
-                    if view is None or view["state"] == "done":
-                        continue
-                    state = view["state"]
+                    ended.append(task_id)  # placed again below: not while iterating `known`
+                    continue
             out.append((state, task_id, name, order))
+        for task_id in ended:
+            task = lookup(task_id)
+            if task is None:
+                q.drop(task_id)
+                continue
+            view = task_view(task, queue_state, now_ms)
+            q.place(task, view, now_ms)
+            if view is not None and view["state"] != "done":
+                out.append((view["state"], task_id, task["task_name"], q.known[task_id][2]))
         return out
 
     def listing(
@@ -182,11 +190,9 @@ class Scheduler:
     ) -> list[tuple[str, ListEntry]]:
         """The queue's pending, working and delayed tasks at `now_ms`, best first: what
         :func:`~potboiler.pigtail.machine.list_tasks` answers, without replaying every task."""
-        current = self._current(queue, lookup, queue_state, now_ms)
-        listed = sorted(
-            (order, task_id, name, state) for state, task_id, name, order in current if state != "dead"
-        )
-        return [(task_id, ListEntry(task_name=name, state=state)) for _, task_id, name, state in listed]
+        listed = [item for item in self._current(queue, lookup, queue_state, now_ms) if item[0] != "dead"]
+        listed.sort(key=_by_rank)  # ranks are unique: they end with the task id
+        return [(task_id, ListEntry(task_name=name, state=state)) for state, task_id, name, _ in listed]
 
     def dead(
         self,

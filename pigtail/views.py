@@ -91,10 +91,7 @@ def rest_json(value: JSONValue) -> HttpBody:
 
 def rest_listing(entries: list[tuple[str, ListEntry]]) -> HttpBody:
     """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...} as JSON text, in the listing's order."""
-    listing: dict[str, JSONValue] = {
-        task_id: {"task_name": entry["task_name"], "state": entry["state"]} for task_id, entry in entries
-    }
-    return rest_json(listing)
+    return HttpBody(content_type="application/json", data=orjson.dumps(dict(entries)))
 
 
 def rest_queue(name: str, config: QueueConfig) -> dict[str, JSONValue]:
