@@ -87,10 +87,15 @@ def test_codec_round_trip_and_foreign_entries() -> None:
         to_value({"pigtail": {"kind": "queue_created", "name": "bad name", "timeout_ms": 10}}),
         to_value({"pigtail": {"kind": "task_claimed", "queue": "q", "task_id": "a/b", "worker_id": "w"}}),
         to_value({"pigtail": event.to_json(), "other": 1}),
+        to_value("pigtail"),
+        to_value(["pigtail"]),
         Value(),
     ]
     for data in foreign:
-        assert decode(log.entry(A, T0, data)) is None
+        foreign_entry = log.entry(A, T0, data)
+        kind = foreign_entry.data.WhichOneof("kind")
+        assert decode(foreign_entry) is None
+        assert foreign_entry.data.WhichOneof("kind") == kind  # looking did not change the entry
 
 
 def test_json_values_keep_integers() -> None:
