@@ -12,6 +12,7 @@ task back through :meth:`Scheduler.update`).
 from __future__ import annotations
 
 import heapq
+import operator
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -77,8 +78,8 @@ class _Queue:
         return False
 
 
-def _by_rank(item: tuple[TaskStatus, str, str, Rank]) -> Rank:
-    return item[3]
+#: The sort key of `Scheduler._current`'s items: their rank.
+_BY_RANK = operator.itemgetter(3)
 
 
 class Scheduler:
@@ -191,8 +192,8 @@ class Scheduler:
         """The queue's pending, working and delayed tasks at `now_ms`, best first: what
         :func:`~potboiler.pigtail.machine.list_tasks` answers, without replaying every task."""
         listed = [item for item in self._current(queue, lookup, queue_state, now_ms) if item[0] != "dead"]
-        listed.sort(key=_by_rank)  # ranks are unique: they end with the task id
-        return [(task_id, ListEntry(task_name=name, state=state)) for state, task_id, name, _ in listed]
+        listed.sort(key=_BY_RANK)  # ranks are unique: they end with the task id
+        return [(task_id, {"task_name": name, "state": state}) for state, task_id, name, _ in listed]
 
     def dead(
         self,
