@@ -4,6 +4,7 @@ subscriptions, causal delivery of entries with dependencies, error codes, health
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -283,18 +284,20 @@ async def test_append_stream_with_concurrent_writer_and_reader(grpc_node: GrpcNo
 
 async def test_append_stream_bad_message_ends_stream_keeping_earlier_acks(grpc_node: GrpcNode) -> None:
     good_before, per_message = 5, 2
-
-    async def requests() -> AsyncIterator[log_pb2.AppendEntryStreamRequest]:
-        for m in range(good_before):
-            yield stream_message(m, per_message)
-        yield log_pb2.AppendEntryStreamRequest(entries=[request("ok"), log_pb2.AppendEntryRequest()])
+    # Written with call.write rather than a request iterator: when grpc.aio's iterator consumer
+    # fails to send after the server ended the call, it can replace the server's status with its own
+    # INTERNAL error (a client-side race), whereas a failed write() reports the server's status.
+    call = grpc_node.log.AppendEntryStream()
+    for m in range(good_before):
+        await call.write(stream_message(m, per_message))
+    await call.write(log_pb2.AppendEntryStreamRequest(entries=[request("ok"), log_pb2.AppendEntryRequest()]))
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
         for m in range(good_before, good_before + 5):
-            yield stream_message(m, per_message)
-
-    call = grpc_node.log.AppendEntryStream(requests())
+            await call.write(stream_message(m, per_message))  # the server may have ended the call
     acks: list[log_pb2.AppendEntryStreamResponse] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for response in call:
+        while (response := await call.read()) is not grpc.aio.EOF:
+            assert isinstance(response, log_pb2.AppendEntryStreamResponse)
             acks.append(response)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "data" in (info.value.details() or "")
