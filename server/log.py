@@ -224,18 +224,23 @@ class Log:
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order."""
         out = []
-        # Delivery order follows each owner's chain in order, so each chain is read with one
-        # iterator (sequential, cheap even from disk) rather than with a lookup per entry.
-        chains: dict[bytes, tuple[bytes, Iterator[tuple[bytes, bytes]]]] = {}
+        # Delivery order follows each owner's chain in seq order, so each chain is read with one
+        # iterator (sequential, cheap even from disk) rather than with a lookup per entry; an
+        # iterator is sought afresh only when its next entry is not the one delivered.
+        chains: dict[bytes, Iterator[tuple[bytes, bytes]]] = {}
+        unpack = _U64.unpack
         for key, location in self._store.scan(b"x" + _U64.pack(after + 1), _X_END, limit=limit):
-            owner, chain_key = location[:16], b"o" + location
-            expected, chain = chains.get(owner, (b"", None))
-            if chain is None or chain_key != expected:
-                chain = self._store.scan(chain_key, prefix_end(b"o" + owner))
-            found = next(chain, None)
-            assert found is not None and found[0] == chain_key, f"delivered entry {location.hex()} is missing"
-            chains[owner] = (b"o" + owner + _U64.pack(_U64.unpack(location[16:])[0] + 1), chain)
-            out.append((_U64.unpack(key[1:])[0], Entry.FromString(found[1])))
+            chain_key = b"o" + location
+            owner = location[:16]
+            chain = chains.get(owner)
+            found = next(chain, None) if chain is not None else None
+            if found is None or found[0] != chain_key:
+                chain = chains[owner] = self._store.scan(chain_key, prefix_end(b"o" + owner))
+                found = next(chain, None)
+                assert found is not None and found[0] == chain_key, (
+                    f"delivered entry {location.hex()} is missing"
+                )
+            out.append((unpack(key[1:])[0], Entry.FromString(found[1])))
         return out
 
     def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:
