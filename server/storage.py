@@ -11,7 +11,7 @@ import bisect
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
@@ -92,7 +92,8 @@ class RocksStore:
         # A generator, so that the options holding the bound live as long as the iteration.
         options = ReadOptions()
         options.set_iterate_upper_bound(end)
-        items: Iterator[tuple[bytes, bytes]] = self._db.items(from_key=start, read_opt=options)
+        # raw_mode: keys and values are bytes, whatever rocksdict's general signature says.
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=start, read_opt=options))
         yield from (items if limit is None else itertools.islice(items, limit))
 
     def last(self, start: bytes, end: bytes) -> tuple[bytes, bytes] | None:
