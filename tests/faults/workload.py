@@ -226,6 +226,10 @@ class Workload:
             op.outcome, op.error = "fail", f"{type(exc).__name__}: {exc}"
         except httpx.HTTPError as exc:
             op.outcome, op.error = "info", f"{type(exc).__name__}: {exc}"
+        except AttributeError as exc:
+            # anyio (under httpx) raises this instead of a connection error when the socket is
+            # closed while the connection is being set up (a killed node, a cut link): indeterminate.
+            op.outcome, op.error = "info", f"connection closed while connecting ({exc})"
         op.end = time.monotonic()
         return response
 
