@@ -64,8 +64,10 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
         """A webhook of this cluster POSTing to this cluster's log would append every entry again,
         and deliver each new entry to itself again, forever."""
         for key, value in context.invocation_metadata() or ():
+            if key != ORIGIN_HEADER:
+                continue
             origin = value if isinstance(value, str) else value.decode("latin-1")
-            if key == ORIGIN_HEADER and self._in_cluster(origin):
+            if self._in_cluster(origin):
                 raise Conflict(
                     f"this POST comes from a webhook of node {origin}, which replicates with this node: "
                     "appending it would deliver it to that webhook again, without end"
