@@ -153,6 +153,8 @@ class KvState:
         self._lww_prefixes: dict[str, bytes] = {}
         #: Decoded states by store key, as committed (bounded; see apply_batch).
         self._cache: dict[bytes, Stored] = {}
+        #: Serialized size of each cached state, and their sum.
+        self._cache_sizes: dict[bytes, int] = {}
         self._cache_bytes = 0
         #: How many events were applied since the state was opened (for benchmarks and metrics).
         self.events_applied = 0
@@ -295,6 +297,29 @@ class KvState:
 
     # -- applying the log -----------------------------------------------------------------------
 
+    def _cache_written(self, writes: list[Write], states: dict[bytes, Stored]) -> None:
+        """Keep the states just written (each no bigger than _CACHE_STATE_BYTES serialized) in the
+        cache, replacing what it held for their keys; empty it when it grows past its limits."""
+        cache, sizes = self._cache, self._cache_sizes
+        total = self._cache_bytes
+        for k, blob in writes:
+            total -= sizes.pop(k, 0)
+            size = len(blob or b"")
+            if size <= _CACHE_STATE_BYTES:
+                cache[k] = states[k]
+                sizes[k] = size
+                total += size
+            else:
+                cache.pop(k, None)
+        self._cache_bytes = total
+        if len(cache) > _CACHE_STATES or total > _CACHE_BYTES:
+            self._forget_cache()
+
+    def _forget_cache(self) -> None:
+        self._cache.clear()
+        self._cache_sizes.clear()
+        self._cache_bytes = 0
+
     def apply_batch(self, batch: Sequence[tuple[int, Entry]]) -> None:
         """Apply delivered log entries (in delivery order, after `position`) and store the changed
         states together with the new cursor in one write. Entries that are not KV events are skipped.
@@ -361,27 +386,14 @@ class KvState:
                     states[skey] = new
             applied += 1
         last = batch[-1][0]
-        writes: list[Write] = []
-        cached_bytes = 0
-        for k, state in states.items():
-            blob = encode(state)
-            writes.append((k, blob))
-            if len(blob) <= _CACHE_STATE_BYTES:
-                cache[k] = state
-                cached_bytes += len(blob)
-            else:
-                cache.pop(k, None)
+        writes: list[Write] = [(k, encode(state)) for k, state in states.items()]
         writes.append((CURSOR_KEY, _U64.pack(last)))
         try:
             self._store.write(writes, sync=self._sync)
         except BaseException:
-            cache.clear()  # it may hold states that were not written
-            self._cache_bytes = 0
+            self._forget_cache()  # it may hold states that were not written
             raise
-        self._cache_bytes += cached_bytes  # an overestimate: replaced states are not subtracted
-        if len(cache) > _CACHE_STATES or self._cache_bytes > _CACHE_BYTES:
-            cache.clear()
-            self._cache_bytes = 0
+        self._cache_written(writes[:-1], states)
         self._position = last
         self.events_applied += applied
         for k, state in states.items():
