@@ -165,7 +165,7 @@ class Pigtail:
             await self._linger.pause(len(batch), APPLY_BATCH)
 
     async def _apply(self, batch: Sequence[tuple[int, Entry]], *, skip: bool = False) -> None:
-        applied = self.state.plan_skip(batch[-1][0]) if skip else self.state.plan(batch)
+        applied = self.state.plan_skip(batch[-1][0]) if skip else self.state.plan(batch, self._log.promises())
         if self._sync:
             await asyncio.to_thread(self._store.write, applied.writes, sync=True)
         else:

@@ -21,9 +21,11 @@ Deleting a queue drops the stored tasks added before the delete (they can never 
 events stamped before the latest delete of their queue, for tasks that are not known, are not stored.
 
 Compaction: a task whose claims and retries pile up (heartbeats) is folded by
-:func:`~potboiler.pigtail.machine.compact_task` up to a horizon well behind the oldest "last stamp
-applied" of every owner seen, so a late event from another node is never older than the horizon unless
-clocks are skewed by more than :data:`COMPACT_MARGIN_MS`.
+:func:`~potboiler.pigtail.machine.compact_task` up to a horizon well behind the oldest "settled stamp"
+of every owner seen, so a late event from another node is never older than the horizon unless clocks
+are skewed by more than :data:`COMPACT_MARGIN_MS`. An owner's settled stamp is the stamp of its newest
+entry applied here, or its clock promise (:class:`~potboiler.server.log.Promise`) once its log has been
+applied up to the promise's seq: so a node that has stopped writing does not hold the horizon back.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from potboiler.pigtail.machine import (
     compact_task,
     queue_config,
 )
+from potboiler.server.log import Promise
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -103,6 +106,15 @@ def _cut(queue: QueueState | None) -> Stamp | None:
     return Stamp.coerce(queue["history"][0]["at"])
 
 
+def _settled(owner: str, newest: Stamp, seq: int, promises: Mapping[str, Promise]) -> Stamp:
+    """How far every entry of `owner` is known to be applied: its newest entry's stamp, or its clock
+    promise when the entries it covers are all applied (seq `seq` reaches the promise's)."""
+    promise = promises.get(owner)
+    if promise is None or seq < promise.seq:
+        return newest
+    return max(newest, Stamp(promise.stamp.wall_ms, promise.stamp.logical, owner))
+
+
 TaskKey = tuple[str, str]
 
 
@@ -115,7 +127,8 @@ class Applied:
     queues: dict[str, QueueRecord] = field(default_factory=dict)
     #: Changed tasks; None for a task dropped with its deleted queue.
     tasks: dict[TaskKey, TaskRecord | None] = field(default_factory=dict)
-    owners: dict[str, Stamp] = field(default_factory=dict)
+    #: Each owner's newest entry in the batch: its stamp and seq.
+    owners: dict[str, tuple[Stamp, int]] = field(default_factory=dict)
     #: Ids of the batch's Pigtail events (what appends wait for), in order.
     entry_ids: list[str] = field(default_factory=list)
 
@@ -139,10 +152,12 @@ class PigtailState:
             if record is not None:
                 self._open.setdefault(queue, {})[task_id] = record["state"]
                 self._add_ids[queue, task_id] = record["add_id"]
-        self._owners: dict[str, Stamp] = {}
+        #: Each owner's newest entry applied: its stamp and seq (0 in records older than the seq).
+        self._owners: dict[str, tuple[Stamp, int]] = {}
         for key, value in store.scan(b"s", prefix_end(b"s")):
-            wall, logical = orjson.loads(value)
-            self._owners[key[1:].decode()] = Stamp(wall, logical, key[1:].decode())
+            wall, logical, *seq = orjson.loads(value)
+            owner = key[1:].decode()
+            self._owners[owner] = (Stamp(wall, logical, owner), seq[0] if seq else 0)
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -210,8 +225,11 @@ class PigtailState:
 
     # -- applying --------------------------------------------------------------------------------
 
-    def plan(self, batch: Sequence[tuple[int, Entry]]) -> Applied:
-        """The writes and new records for a batch of delivered entries; changes nothing yet."""
+    def plan(
+        self, batch: Sequence[tuple[int, Entry]], promises: Mapping[str, Promise] | None = None
+    ) -> Applied:
+        """The writes and new records for a batch of delivered entries; changes nothing yet.
+        `promises` are the owners' clock promises known to the node (for the compaction horizon)."""
         applied = Applied(position=batch[-1][0] if batch else self.cursor)
         queues = applied.queues
         tasks = applied.tasks
@@ -274,8 +292,8 @@ class PigtailState:
             tasks[key] = TaskRecord(state=new_task, add_id=add_id)
 
         for owner, entry in newest.items():
-            applied.owners[owner] = stamp_of(entry)
-        self._compact(applied)
+            applied.owners[owner] = (stamp_of(entry), entry.seq)
+        self._compact(applied, promises or {})
         writes = applied.writes
         for name, queue in queues.items():
             writes.append((_queue_key(name), orjson.dumps(queue)))
@@ -286,8 +304,8 @@ class PigtailState:
                 continue
             writes.append((_task_key(queue_name, task_id), orjson.dumps(task)))
             writes.append((_open_key(queue_name, task_id), b"" if task["state"]["done"] is None else None))
-        for owner, stamp in applied.owners.items():
-            writes.append((b"s" + owner.encode(), orjson.dumps([stamp.wall_ms, stamp.logical])))
+        for owner, (stamp, seq) in applied.owners.items():
+            writes.append((b"s" + owner.encode(), orjson.dumps([stamp.wall_ms, stamp.logical, seq])))
         writes.append((_CURSOR, _U64.pack(applied.position)))
         return applied
 
@@ -312,11 +330,11 @@ class PigtailState:
             if state["added"] is not None and Stamp.coerce(state["added"]) < cut:
                 tasks[queue, task_id] = None
 
-    def _compact(self, applied: Applied) -> None:
+    def _compact(self, applied: Applied, promises: Mapping[str, Promise]) -> None:
         owners = {**self._owners, **applied.owners}
         if not owners:
             return
-        oldest = min(owners.values())
+        oldest = min(_settled(owner, stamp, seq, promises) for owner, (stamp, seq) in owners.items())
         horizon = Stamp(oldest.wall_ms - COMPACT_MARGIN_MS, 0, "")
         for (queue, _), record in applied.tasks.items():
             if record is None:
@@ -344,9 +362,15 @@ class PigtailState:
         self._owners.update(applied.owners)
         self.cursor = applied.position
 
-    def apply(self, batch: Sequence[tuple[int, Entry]], *, sync: bool = False) -> Applied:
+    def apply(
+        self,
+        batch: Sequence[tuple[int, Entry]],
+        *,
+        sync: bool = False,
+        promises: Mapping[str, Promise] | None = None,
+    ) -> Applied:
         """Plan, write and adopt a batch in one go."""
-        applied = self.plan(batch)
+        applied = self.plan(batch, promises)
         self._store.write(applied.writes, sync=sync)
         self.adopt(applied)
         return applied

@@ -151,6 +151,18 @@ class Plan:
     waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
 
 
+class Promise(NamedTuple):
+    """An owner's word about its clock: it has stamped no entry after `stamp` beyond seq `seq` of its
+    own log, and will stamp every later entry after `stamp`. Whoever holds that owner's log up to
+    `seq` therefore holds every entry of it stamped at or before `stamp`, even while it writes
+    nothing. (After a restart a node's clock resumes from its newest entry and the physical clock,
+    so a promise made from a stamp it had only observed may be undercut by up to the clock skew
+    it accepts from peers.)"""
+
+    stamp: Stamp
+    seq: int
+
+
 class Log:
     """The log of one node. Single writer: only one plan may be in flight at a time (the
     `Appender` serialises them); reads may happen at any time and see the last applied plan."""
@@ -170,6 +182,7 @@ class Log:
         last = store.last(_X_START, _X_END)
         self._position = _U64.unpack(last[0][1:])[0] if last else 0
         self.clock = clock or HybridClock()
+        self._promises: dict[str, Promise] = {}
         own = self._heads.get(raw_id)
         if own:
             stamp = self._load_at(raw_id + _U64.pack(own[0])).when
@@ -190,6 +203,21 @@ class Log:
     def vector(self) -> dict[str, int]:
         """This node's version vector: per owner, the highest seq held (contiguously from 1)."""
         return {uuid_str(owner): seq for owner, (seq, _) in self._heads.items()}
+
+    def promise(self) -> Promise:
+        """This node's own clock promise, as of now (it takes a stamp from the clock, so that an idle
+        node's promises keep up with time)."""
+        return Promise(self.clock.now(), self._heads.get(self.node_id_bytes, (0, b""))[0])
+
+    def note_promise(self, owner: str, promise: Promise) -> None:
+        """Remember another owner's clock promise (an older one than already known changes nothing)."""
+        known = self._promises.get(owner)
+        if known is None or promise.stamp > known.stamp:
+            self._promises[owner] = promise
+
+    def promises(self) -> dict[str, Promise]:
+        """The newest clock promise of every owner that made one, this node's own included."""
+        return {**self._promises, self.node_id: self.promise()}
 
     def vector_bytes(self) -> dict[bytes, int]:
         """The version vector keyed by 16-byte owner ids."""

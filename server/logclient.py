@@ -1,7 +1,9 @@
-"""The narrow interface KV and Pigtail use to reach the log: append, read, subscribe from a position.
+"""The narrow interface KV and Pigtail use to reach the log: append, read, subscribe from a position,
+and what each owner has promised about its clock.
 
-`LocalLogClient` is the in-process implementation (a method call into the node's Appender); the
-same three operations exist as LogService RPCs, so a service could run as its own process.
+`LocalLogClient` is the in-process implementation (a method call into the node's Appender). Append
+and subscribe also exist as LogService RPCs; the clock promises do not, as only services inside the
+node use them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Protocol
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
-from potboiler.server.log import validate_new_entry
+from potboiler.server.log import Promise, validate_new_entry
 from potboiler.v1.entry_pb2 import Entry
 
 
@@ -32,6 +34,10 @@ class LogClient(Protocol):
 
     def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[list[tuple[int, Entry]]]:
         """Batches of (position, entry) delivered after `after_position`, forever, in delivery order."""
+        ...
+
+    def promises(self) -> dict[str, Promise]:
+        """The newest clock promise of each owner that made one (see `Promise`), this node's included."""
         ...
 
 
@@ -60,6 +66,9 @@ class LocalLogClient:
                 continue
             position = batch[-1][0]
             yield batch
+
+    def promises(self) -> dict[str, Promise]:
+        return self._appender.log.promises()
 
 
 class Linger:

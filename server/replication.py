@@ -32,8 +32,9 @@ from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import Conflict, InvalidArgument, PotboilerError, Removed
 from potboiler.server.grpc_errors import status_of
+from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid
-from potboiler.server.log import Plan
+from potboiler.server.log import Plan, Promise
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 
@@ -49,6 +50,8 @@ WINDOW = 20_000
 FORWARD_DELAY = 0.1
 #: Least time between two announcements of this node's vector to a peer.
 ANNOUNCE_INTERVAL = 0.05
+#: Most time between two announcements (each carries a clock promise, see Log.promise).
+PROMISE_INTERVAL = 1.0
 #: Reconnection delays: 50 ms doubling to 5 s.
 RECONNECT = Backoff(first=0.05, cap=5.0)
 #: Offset of the direct gRPC port from a node's base port.
@@ -219,12 +222,18 @@ class Session:
         self._changed.set()
 
     async def _announce_loop(self) -> None:
+        log = self.replicator.log
         self._changed.set()  # the vector in our Hello may be stale by now
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                # Also when nothing changed: an idle node's clock promise must keep up with time.
+                await asyncio.wait_for(self._changed.wait(), PROMISE_INTERVAL)
             self._changed.clear()
-            vector = vector_to_proto(self.replicator.log.vector())
-            await self.send(ack=replication_pb2.Ack(vector=vector))
+            # Read together, with no await between: the promise's seq is the vector's own.
+            promise = log.promise()
+            ack = replication_pb2.Ack(vector=vector_to_proto(log.vector()))
+            ack.clock.wall_ms, ack.clock.logical = promise.stamp
+            await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
     async def _send_loop(self) -> None:
@@ -309,8 +318,13 @@ class Session:
                 await r.appender.ingest(entries)
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
-                for owner, seq in vector_from_proto(message.ack.vector).items():
+                vector = vector_from_proto(message.ack.vector)
+                for owner, seq in vector.items():
                     self._peer_has(owner, seq, now)
+                if message.ack.HasField("clock"):
+                    clock = message.ack.clock
+                    promise = Promise(Stamp(clock.wall_ms, clock.logical), vector.get(self.peer_id, 0))
+                    r.log.note_promise(self.peer_id, promise)
                 self._progress.set()
             elif kind == "peers":
                 r.learn_peers(message.peers.urls)

@@ -11,6 +11,7 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import replication
+from potboiler.server.hlc import Stamp
 from potboiler.server.log import NewEntry, validate_new_entry
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
@@ -93,6 +94,29 @@ async def test_two_nodes_exchange_everything(make_node: NodeFactory) -> None:
     assert sorted(delivered_ids(a)) == sorted(delivered_ids(b))
     assert len(set(delivered_ids(a))) == 80
     assert a.membership.urls() == [b.config.url]  # b joined a: both directions
+
+
+async def test_an_idle_peer_keeps_promising_its_clock(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Ack carries its sender's clock promise, also while the sender writes nothing."""
+    monkeypatch.setattr(replication, "PROMISE_INTERVAL", 0.1)
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await append(b, 3)
+    await eventually(lambda: converged(a, b), what="convergence")
+    await eventually(lambda: b.log.node_id in a.log.promises(), what="b's first promise")
+    first = a.log.promises()[b.log.node_id]
+    await eventually(
+        lambda: a.log.promises()[b.log.node_id].stamp > first.stamp, what="a newer promise from idle b"
+    )
+    promise = a.log.promises()[b.log.node_id]
+    assert promise.seq == 3  # b's own seq when it promised
+    [head] = [h for h in b.log.heads() if h.owner == b.log.node_id]
+    newest = b.log.get(head.head).when
+    assert promise.stamp > Stamp(newest.wall_ms, newest.logical)  # later than all b stamped
+    own = a.log.promises()[a.log.node_id]
+    assert own.seq == 0 and own.stamp <= a.log.clock.last
 
 
 async def test_three_nodes_writing_concurrently_converge(make_node: NodeFactory) -> None:

@@ -19,6 +19,7 @@ from potboiler.pigtail.machine import Event, TaskClaimed, TaskView, list_dead, l
 from potboiler.pigtail.scheduler import rank
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import HybridClock
+from potboiler.server.log import Promise
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 from tests.conftest import wait_for
@@ -78,6 +79,9 @@ class FakeLog:
         entry = self.make(owner, wall_ms, 0, event_data(event))
         self.deliver(entry)
         return entry
+
+    def promises(self) -> dict[str, Promise]:
+        return {}
 
     async def subscribe(
         self, after_position: int, limit: int = 1000

@@ -23,6 +23,7 @@ from potboiler.pigtail.machine import (
     TaskClaimed,
     TaskDone,
     TaskRetried,
+    TaskState,
     TaskView,
     apply_queue_event,
     apply_task_event,
@@ -33,7 +34,9 @@ from potboiler.pigtail.machine import (
 from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import COMPACT_AT, COMPACT_MARGIN_MS, PigtailState
 from potboiler.server.errors import InvalidArgument, TooLarge
+from potboiler.server.hlc import Stamp as HlcStamp
 from potboiler.server.jsonvalue import from_value, to_value
+from potboiler.server.log import Promise
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 
@@ -198,6 +201,41 @@ def test_delete_drops_tasks_and_recreate_is_empty() -> None:
     assert config is not None and config.timeout_ms == 50
     assert state.create_entry_id("q") == recreate.id
     assert list(list_tasks(state.open_tasks("q"), state.queue("q"), T0 + 10)) == ["t4"]
+
+
+def test_an_idle_owner_holds_compaction_back_until_it_promises_its_clock() -> None:
+    """B wrote once, long ago, and then nothing: its newest stamp holds the horizon back until B's
+    clock promise covers everything of B applied here (seq 1), also after a restart."""
+    store = MemoryStore()
+    state = PigtailState(store)
+    log = Log()
+    later = T0 + COMPACT_MARGIN_MS + 10_000
+    entries = [log.entry(B, T0, to_value("B's only entry"))]
+    entries += [
+        log.event(A, later, QueueCreated("q", 100_000)),
+        log.event(A, later + 1, TaskAdded("q", "t", "x")),
+    ]
+    entries += [log.event(A, later + 2 + i, TaskClaimed("q", "t", "w")) for i in range(COMPACT_AT + 5)]
+    a_newest = Promise(HlcStamp(later + COMPACT_AT + 6, 0), COMPACT_AT + 7)
+    state.apply(positioned(entries), promises={A: a_newest})
+    task = state.task("q", "t")
+    assert task is not None and task["base"] is None  # B's stamp (T0) holds the horizon
+
+    def heartbeat(promises: dict[str, Promise]) -> TaskState:
+        at = later + COMPACT_MARGIN_MS + len(log.entries)
+        batch = positioned([log.event(A, at, TaskClaimed("q", "t", "w"))], start=len(log.entries) - 1)
+        state.apply(batch, promises=promises)
+        task = state.task("q", "t")
+        assert task is not None
+        return task
+
+    # A promise that covers more of B's log than was applied here (B's seq 2 is on its way) is no use.
+    b_ahead = Promise(HlcStamp(later + COMPACT_MARGIN_MS, 0), 2)
+    assert heartbeat({A: a_newest, B: b_ahead})["base"] is None
+    state = PigtailState(store)  # a restart: B's applied seq comes back from the store
+    b_settled = Promise(HlcStamp(later + 2 * COMPACT_MARGIN_MS, 0), 1)
+    task = heartbeat({B: b_settled})
+    assert task["base"] is not None and len(task["claims"]) < COMPACT_AT
 
 
 def test_heartbeats_are_compacted_behind_every_owner() -> None:

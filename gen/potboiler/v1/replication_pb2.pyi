@@ -90,23 +90,38 @@ Global___EntryBatch: _TypeAlias = EntryBatch  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
-    """What the sender of the ack holds after storing the batches it received."""
+    """What the sender of the ack holds after storing the batches it received,
+    and how far its clock has run. Sent whenever its vector changes (at most
+    every 50 ms), and every second while it does not.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     VECTOR_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.VectorComponent]:
         """The acknowledging node's version vector."""
+
+    @_builtins.property
+    def clock(self) -> _entry_pb2.HlcTimestamp:
+        """The acknowledging node's clock (its last stamp) when it sent the Ack: a
+        promise that it has stamped no entry after this beyond its own seq in
+        `vector`, and will stamp every later entry after it. A receiver holding
+        the sender's log up to that seq knows every entry of the sender stamped at
+        or before this (Pigtail's compaction horizon rests on that). Unset from
+        nodes that make no promise.
+        """
 
     def __init__(
         self,
         *,
         vector: _abc.Iterable[_nodes_pb2.VectorComponent] | None = ...,
+        clock: _entry_pb2.HlcTimestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
