@@ -48,6 +48,7 @@ from typing import Any
 
 import grpc
 import httpx
+import uvloop
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
@@ -194,7 +195,7 @@ def unary_client(
 
             return await run_load(append, concurrency=concurrency, duration=duration, warmup=warmup)
 
-    return asyncio.run(main())
+    return uvloop.run(main())
 
 
 def grpc_unary(grpc_target: str, settings: Settings, processes: int, window: CpuWindow) -> Json:
@@ -353,7 +354,7 @@ def million(bench: Bench, settings: Settings, fsync: bool) -> Json:
     try:
         progress(f"  loading {settings.entries:,} entries")
         with measuring_cpu(CpuWindow(node_pid(node))) as window:
-            out["load"] = asyncio.run(
+            out["load"] = uvloop.run(
                 load_entries(node.grpc_target, settings.entries, settings.batch_in_flight)
             )
         out["load"].update(window.figures(settings.entries))
@@ -427,7 +428,7 @@ def serve_noop(address: str) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    uvloop.run(serve())
 
 
 def free_port() -> int:
@@ -460,8 +461,8 @@ def calibration(settings: Settings) -> Json:
             out[key] = figures
 
         measure("grpc_unary_1_process", functools.partial(grpc_unary, address, settings, 1))
-        measure("stream_1", lambda w: asyncio.run(grpc_stream(address, settings, 1, w)))
-        measure("batch_1000", lambda w: asyncio.run(grpc_batch(address, settings, 1000, w)))
+        measure("stream_1", lambda w: uvloop.run(grpc_stream(address, settings, 1, w)))
+        measure("batch_1000", lambda w: uvloop.run(grpc_batch(address, settings, 1000, w)))
     finally:
         process.terminate()
         process.join(10)
@@ -499,7 +500,7 @@ def mode(bench: Bench, settings: Settings, fsync: bool, use_wrk: bool) -> Json:
     if use_wrk:
         phase("rest", "REST POST /log (wrk)", lambda w: rest_wrk(url, settings, bench.root, w))
     else:
-        phase("rest", "REST POST /log (httpx)", lambda w: asyncio.run(rest_python(url, settings, w)))
+        phase("rest", "REST POST /log (httpx)", lambda w: uvloop.run(rest_python(url, settings, w)))
     for processes in (1, 2):
         plural = "es" if processes > 1 else ""
         phase(
@@ -510,13 +511,13 @@ def mode(bench: Bench, settings: Settings, fsync: bool, use_wrk: bool) -> Json:
     for n in (100, 1000):
 
         def batch(w: CpuWindow, n: int = n) -> Json:
-            return asyncio.run(grpc_batch(grpc_target, settings, n, w))
+            return uvloop.run(grpc_batch(grpc_target, settings, n, w))
 
         phase(f"batch_{n}", f"AppendEntries x{n}", batch)
     for n in (1, 10):
 
         def stream(w: CpuWindow, n: int = n) -> Json:
-            return asyncio.run(grpc_stream(grpc_target, settings, n, w))
+            return uvloop.run(grpc_stream(grpc_target, settings, n, w))
 
         phase(f"stream_{n}", f"AppendEntryStream, {n}/message", stream)
     out["memory_after_phases"] = ProcessStats(pid).memory()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 from google.protobuf.struct_pb2 import Value
 
 from benchmarks.common import CpuWindow, cpu_seconds
@@ -281,7 +282,7 @@ def main() -> int:
                     workdir=root,
                 )
             else:
-                loads[name] = asyncio.run(
+                loads[name] = uvloop.run(
                     httpx_load(
                         kv_url,
                         method=method,
@@ -334,7 +335,7 @@ def main() -> int:
         check = httpx.get(f"{kv_url}/kv/t/k", timeout=30)
         result["last_value"] = check.json()
         node.stop()
-        rebuilt = asyncio.run(rebuild(root / "node", args.rebuild_events, root / "kv-rebuild"))
+        rebuilt = uvloop.run(rebuild(root / "node", args.rebuild_events, root / "kv-rebuild"))
         progress(f"rebuild: {rebuilt['events_per_s']} events/s")
         result["sets"] = {**loads["sets"], "target": figure(loads["sets"]["per_s"], TARGETS["sets_per_s"])}
         result["gets"] = {**loads["gets"], "target": figure(loads["gets"]["per_s"], TARGETS["gets_per_s"])}

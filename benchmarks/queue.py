@@ -55,6 +55,7 @@ from typing import Any
 
 import grpc
 import orjson
+import uvloop
 
 from benchmarks.common import Bench, CpuWindow, Json, emit, node_pid, progress, rounded, target
 from potboiler.server.processes import NodeProcess
@@ -578,7 +579,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return asyncio.run(run(parse_args(argv)))
+        return uvloop.run(run(parse_args(argv)))
     except KeyboardInterrupt:
         return 130
 

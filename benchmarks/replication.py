@@ -62,6 +62,7 @@ from typing import Any
 
 import grpc
 import httpx
+import uvloop
 from google.protobuf.struct_pb2 import Struct, Value
 
 from benchmarks.sections.lag import WARM, Write, paced
@@ -363,7 +364,7 @@ def subscriber_main(target: str, after: int, run: str, conn: multiprocessing.con
     Protocol on `conn`: sends ("ready",) once a warm-up entry of the run has arrived; receives
     ("finish", acked indices, grace seconds), keeps reading until all of them arrived or the grace
     period is over, then sends ("result", {index: (send_ns, observed_ns, owner_wall_ms)})."""
-    asyncio.run(_subscribe(target, after, run, conn))
+    uvloop.run(_subscribe(target, after, run, conn))
 
 
 async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.connection.Connection) -> None:
@@ -936,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     began = time.monotonic()
     try:
-        result = asyncio.run(run(settings, args.quick, args.profile))
+        result = uvloop.run(run(settings, args.quick, args.profile))
     except KeyboardInterrupt:
         progress("interrupted; every node is stopped")
         return 130

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvloop
 
 from benchmarks.peers import etcd_proto
 from benchmarks.peers.process import ServerProcess, free_ports, tree_rss_mb
@@ -160,7 +161,7 @@ class EtcdCluster:
 
     def wait_member(self, index: int, timeout: float = 60.0) -> None:
         """Until member `index` answers Maintenance.Status."""
-        self.members[index].wait_for(lambda: asyncio.run(_revision(self.targets[index])) > 0, timeout)
+        self.members[index].wait_for(lambda: uvloop.run(_revision(self.targets[index])) > 0, timeout)
 
     def stop_member(self, index: int) -> None:
         self.members[index].stop()

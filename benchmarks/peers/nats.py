@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from benchmarks.peers.process import ServerProcess, free_ports, port_open, tree_rss_mb
 
 #: The benchmark stream and its subjects.
@@ -82,7 +84,7 @@ class NatsCluster:
             server.start()
         for i in range(self.size):
             self.wait_server(i)
-        asyncio.run(create_stream(self.urls[0], self.size))
+        uvloop.run(create_stream(self.urls[0], self.size))
         return self
 
     def wait_server(self, index: int, timeout: float = 60.0) -> None:

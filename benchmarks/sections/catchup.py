@@ -16,6 +16,8 @@ import itertools
 import time
 from collections.abc import Callable
 
+import uvloop
+
 from benchmarks.common import Json, progress
 from benchmarks.peers.etcd import EtcdClient, EtcdCluster
 from benchmarks.peers.nats import STREAM, NatsCluster
@@ -121,9 +123,9 @@ def etcd(cluster: EtcdCluster, settings: Settings) -> Json:
             await client.close()
 
     return _run(
-        lambda: asyncio.run(write()),
+        lambda: uvloop.run(write()),
         lambda: cluster.start_member(DOWN),
-        lambda: asyncio.run(revision()),
+        lambda: uvloop.run(revision()),
         lambda: cluster.pids,
         n,
         settings,
@@ -159,7 +161,7 @@ def jetstream(cluster: NatsCluster, settings: Settings) -> Json:
             await nc.close()
 
     return _run(
-        lambda: asyncio.run(write()),
+        lambda: uvloop.run(write()),
         lambda: cluster.start_server(DOWN),
         lambda: cluster.stream_messages(DOWN),
         lambda: cluster.pids,
@@ -186,7 +188,7 @@ def potboiler(cluster: PotboilerCluster, settings: Settings) -> Json:
         return cluster.held(0)
 
     return _run(
-        lambda: asyncio.run(write()),
+        lambda: uvloop.run(write()),
         lambda: cluster.start_member(DOWN),
         lambda: cluster.held(DOWN),
         lambda: cluster.pids,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import uvloop
 from google.protobuf.struct_pb2 import Value
 
 from benchmarks.append import GRPC_OPTIONS
@@ -83,7 +84,7 @@ def observer_main(
     """The observer process. Sends ("ready",) once a warm-up write arrived; then receives ("finish",
     acked indices, grace seconds), waits until all of them arrived or the grace is over, and sends
     ("result", {index: (send_ns, arrival_ns)})."""
-    asyncio.run(_observe(kind, endpoint, run, after, conn))
+    uvloop.run(_observe(kind, endpoint, run, after, conn))
 
 
 async def _observe(
@@ -188,7 +189,7 @@ def measure(
     observer = MP.Process(target=observer_main, args=(kind, observe_at, run, after, child), daemon=True)
     observer.start()
     try:
-        return asyncio.run(_measure(writer, run, parent, observer, settings, system))
+        return uvloop.run(_measure(writer, run, parent, observer, settings, system))
     finally:
         if observer.is_alive():
             observer.terminate()

@@ -5,7 +5,7 @@ benchmarks/queue.py, which describes each flow.
 
 from __future__ import annotations
 
-import asyncio
+import uvloop
 
 from benchmarks import queue
 from benchmarks.common import Json
@@ -38,14 +38,14 @@ class RedisPid:
 
 
 def rq(url: str, pid: int, settings: Settings) -> Json:
-    return asyncio.run(queue.rq_run(url, pid, settings.queue_tasks, settings.queue_warmup))
+    return uvloop.run(queue.rq_run(url, pid, settings.queue_tasks, settings.queue_warmup))
 
 
 def pigtail_rest(node: NodeProcess, settings: Settings) -> Json:
-    return asyncio.run(
+    return uvloop.run(
         queue.pigtail_rest(node, queue.rest_poll_worker, settings.queue_tasks, settings.queue_warmup)
     )
 
 
 def pigtail_lease(node: NodeProcess, settings: Settings) -> Json:
-    return asyncio.run(queue.pigtail_lease(node, settings.queue_tasks, settings.queue_warmup, 1))
+    return uvloop.run(queue.pigtail_lease(node, settings.queue_tasks, settings.queue_warmup, 1))

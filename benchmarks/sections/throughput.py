@@ -5,9 +5,10 @@ process, counting what the servers acknowledged.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+
+import uvloop
 
 from benchmarks.common import Json, Operation, run_load
 from benchmarks.sections import ServerCpu, Settings, System
@@ -36,4 +37,4 @@ def measure(client: Client, settings: Settings, system: System, in_flight: int) 
         figures["server_cpu_us_per_write"] = cpu.per_item_us(result.items)
         return figures
 
-    return asyncio.run(main())
+    return uvloop.run(main())
