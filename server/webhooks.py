@@ -77,7 +77,8 @@ class Webhooks:
         self._appender = appender
         self._policy = policy or WebhookPolicy()
         self._client_factory = client or self._policy.client
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # made at the first delivery (TLS set-up is slow)
+        self._running = False
         self._backoff = backoff
         self._states: dict[str, WebhookState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -87,12 +88,13 @@ class Webhooks:
 
     def start(self) -> None:
         """Start delivering to every registered URL."""
-        self._client = self._client_factory()
+        self._running = True
         for url in self._states:
             self._spawn(url)
 
     async def stop(self) -> None:
         """Stop every delivery task (cursors are already durable)."""
+        self._running = False
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:
@@ -115,7 +117,7 @@ class Webhooks:
             raise TooLarge(f"this node already has the maximum of {MAX_WEBHOOKS} webhooks")
         self._store.write([(_PREFIX + url.encode(), _U64.pack(0))], sync=True)
         self._states[url] = WebhookState(url)
-        if self._client is not None:
+        if self._running:
             self._spawn(url)
 
     def deregister(self, url: str) -> None:
@@ -152,7 +154,6 @@ class Webhooks:
                 self._store.write([(key, _U64.pack(position))])
 
     async def _post_until_accepted(self, state: WebhookState, body: bytes) -> None:
-        assert self._client is not None
         while True:
             try:
                 async with asyncio.timeout(ATTEMPT_TIMEOUT):
@@ -180,7 +181,8 @@ class Webhooks:
 
     async def _post(self, url: str, body: bytes) -> int:
         """POST one entry; returns the status, having read at most MAX_RESPONSE_BYTES of the answer."""
-        assert self._client is not None
+        if self._client is None:
+            self._client = self._client_factory()
         async with self._client.stream(
             "POST",
             url,
