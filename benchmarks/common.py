@@ -401,7 +401,7 @@ def machine_conditions(directory: Path) -> Json:
 # -- nodes -----------------------------------------------------------------------------------------
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+def sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGTERM is handled as Ctrl-C, so that the same cleanup runs."""
     raise KeyboardInterrupt()
 
@@ -429,7 +429,7 @@ class Bench:
         self._old_sigterm: Any = None
 
     def __enter__(self) -> Bench:
-        self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
         return self
 
     def __exit__(

@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -65,6 +65,7 @@ import httpx
 import uvloop
 from google.protobuf.struct_pb2 import Struct, Value
 
+from benchmarks.common import cpu_seconds, machine_cpu_seconds, percentile, progress, sigterm_as_interrupt
 from benchmarks.sections.lag import WARM, Write, paced
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.processes import NodeProcess, find_base_port
@@ -82,7 +83,6 @@ LOAD_IN_FLIGHT = 2
 #: The data of every catch-up entry.
 LOAD_DATA = {"kind": "bench", "n": 1, "text": "a small JSON event"}
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-_TICKS = os.sysconf("SC_CLK_TCK")
 _METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{peer="([^"]*)"\})?\s+(\S+)$')
 
 
@@ -127,20 +127,6 @@ QUICK = Settings(
 # -- output and figures ----------------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    """A progress line for people (stderr; stdout carries only the JSON result)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(ordered: Sequence[float], p: float) -> float:
-    """The p-th percentile (0..100) of sorted samples, linearly interpolated; NaN for none."""
-    if not ordered:
-        return math.nan
-    k = (len(ordered) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def summary_ms(samples_ns: Sequence[int]) -> Json:
     """count, min, p50, p90, p99, max and mean of nanosecond samples, in milliseconds."""
     if not samples_ns:
@@ -171,23 +157,6 @@ def target(value: float | None, goal: float, kind: str) -> Json:
 
 
 # -- processes and CPU -----------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (0 if it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def machine_cpu_seconds() -> float:
-    """CPU time the whole machine has been busy (all cores)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / _TICKS
 
 
 class CpuWindow:
@@ -224,11 +193,6 @@ class CpuWindow:
         return {name: round(1000 * u / items, 4) if items else math.nan for name, u in self.used.items()}
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM is handled as Ctrl-C, so that the same cleanup runs."""
-    raise KeyboardInterrupt()
-
-
 class Cluster:
     """Nodes in one temporary directory on free ports; all stopped (and the directory removed) on exit,
     also on errors, Ctrl-C and SIGTERM. Other child processes registered with `adopt` are stopped too."""
@@ -241,7 +205,7 @@ class Cluster:
         self._old_sigterm: Any = None
 
     def __enter__(self) -> Cluster:
-        self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
         return self
 
     def __exit__(
