@@ -556,6 +556,10 @@ class Replicator:
                 finally:
                     call.cancel()
                     self._unregister(peer, session)
+                if peer.sessions:
+                    # The peer's own stream replaced this one (both dialed) and is live: no failure.
+                    peer.last_error = ""
+                    continue
                 failures += 1
                 delay = self.backoff.delay(failures)
                 if failures in (1, 5) or failures % 50 == 0:
