@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import math
 import multiprocessing
@@ -53,8 +52,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -66,13 +65,14 @@ import uvloop
 from google.protobuf.struct_pb2 import Struct, Value
 
 from benchmarks.common import cpu_seconds, machine_cpu_seconds, percentile, progress, sigterm_as_interrupt
-from benchmarks.sections.lag import WARM, Write, paced
-from potboiler.server.jsonvalue import to_value
+from benchmarks.sections.lag import WARM, paced, potboiler_stream_writer, potboiler_writer
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
 Json = dict[str, Any]
 
+#: The two ways (a) writes on node 0: unary AppendEntry, and one entry per AppendEntryStream message.
+LAG_WRITERS = {"unary": potboiler_writer, "stream": potboiler_stream_writer}
 #: Targets from the issue.
 TARGET_P99_LAG_MS = 10.0
 TARGET_CATCH_UP_PER_S = 100_000.0
@@ -386,48 +386,6 @@ def entry_data(fields: dict[str, Any]) -> Value:
     return value
 
 
-@asynccontextmanager
-async def lag_writer(channel: grpc.aio.Channel, kind: str) -> AsyncIterator[Write]:
-    """A `Write` on node 0: one unary AppendEntry per entry, or one entry per message on a single
-    AppendEntryStream (acks come back in order, so each write waits for the next ack in line)."""
-    stub = log_pb2_grpc.LogServiceStub(channel)
-    if kind == "unary":
-
-        async def unary(i: int, data: bytes) -> None:
-            await stub.AppendEntry(log_pb2.AppendEntryRequest(data=to_value(json.loads(data))), timeout=10.0)
-
-        yield unary
-        return
-    call = stub.AppendEntryStream()
-    waiting: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def read_acks() -> None:
-        async for _ in call:
-            waiting.popleft().set_result(None)
-        for future in waiting:
-            future.set_exception(RuntimeError("the append stream ended"))
-
-    reader = asyncio.create_task(read_acks())
-    writing = asyncio.Lock()  # one write at a time on a call; the queue of futures keeps their order
-
-    async def stream(i: int, data: bytes) -> None:
-        request = log_pb2.AppendEntryStreamRequest(
-            entries=[log_pb2.AppendEntryRequest(data=to_value(json.loads(data)))]
-        )
-        future = asyncio.get_running_loop().create_future()
-        async with writing:
-            waiting.append(future)
-            await call.write(request)
-        await future
-
-    try:
-        yield stream
-    finally:
-        await call.done_writing()
-        with suppress(grpc.RpcError):
-            await reader
-
-
 async def measure_lag(
     cluster: Cluster, settings: Settings, profile: Path | None, writer: str
 ) -> tuple[Json, Json]:
@@ -447,10 +405,7 @@ async def measure_lag(
         )
         subscriber.start()
         cluster.children.append(subscriber)
-        async with (
-            grpc.aio.insecure_channel(node0.grpc_target, options=GRPC_OPTIONS) as channel,
-            lag_writer(channel, writer) as write,
-        ):
+        async with LAG_WRITERS[writer](node0.grpc_target, run) as write:
             # Warm up (channels, replication streams) until the subscriber sees the run's entries.
             deadline = time.monotonic() + 30
             while not parent.poll(0):

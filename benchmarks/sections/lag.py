@@ -1,7 +1,8 @@
 """§4 replication visibility lag on three nodes: writes at a steady rate (1,000/s) on node 0, each
 carrying its send time; an observer process on node 2 time-stamps each one as it arrives there:
 etcd a Watch on member 2, JetStream an ordered consumer of a client connected to server 3 (index 2),
-Potboiler SubscribeEntries on node 2. Lag = arrival - send (one machine, one clock). Writes that
+Potboiler SubscribeEntries on node 2 (Potboiler written to both with unary AppendEntry and with an
+AppendEntryStream, one entry per message). Lag = arrival - send (one machine, one clock). Writes that
 node 0 acknowledged but node 2 never showed within a grace period are lost.
 
 The writer sends each write at its scheduled time without waiting for earlier answers, so a slow
@@ -11,6 +12,7 @@ server shows as lag, not as a lower rate.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -288,3 +290,38 @@ async def potboiler_writer(target: str, run: str) -> AsyncIterator[Write]:
             await stub.AppendEntry(log_pb2.AppendEntryRequest(data=entry_value(data)), timeout=10.0)
 
         yield write
+
+
+@asynccontextmanager
+async def potboiler_stream_writer(target: str, run: str) -> AsyncIterator[Write]:
+    """One AppendEntryStream on one node's gRPC port, one entry per message: the API for a client
+    writing at a steady rate. Acks come back in order, so each write waits for the next in line."""
+    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        call = log_pb2_grpc.LogServiceStub(channel).AppendEntryStream()
+        waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+        async def read_acks() -> None:
+            async for _ in call:
+                waiting.popleft().set_result(None)
+            for future in waiting:
+                future.set_exception(RuntimeError("the append stream ended"))
+
+        reader = asyncio.create_task(read_acks())
+        writing = asyncio.Lock()  # one write at a time on a call; the queue of futures keeps their order
+
+        async def write(i: int, data: bytes) -> None:
+            request = log_pb2.AppendEntryStreamRequest(
+                entries=[log_pb2.AppendEntryRequest(data=entry_value(data))]
+            )
+            future = asyncio.get_running_loop().create_future()
+            async with writing:
+                waiting.append(future)
+                await call.write(request)
+            await future
+
+        try:
+            yield write
+        finally:
+            await call.done_writing()
+            with suppress(grpc.RpcError):
+                await reader
