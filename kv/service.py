@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 APPLY_WAIT = 5.0
 #: Most log entries applied in one batch (one store write).
 APPLY_BATCH = 1000
-#: Longest the applier waits to gather entries into one batch while no writer waits for it.
-APPLY_LINGER_S = 0.005
+#: Longest the applier waits to gather entries into one batch while no writer waits for it (so a
+#: change from another node is applied here at most this much after it arrived). Every node applies
+#: every entry, most of them not KV's: at 1,000 entries/s, 20 ms instead of 5 took a follower from
+#: 20-21 % to 17-19 % of a core.
+APPLY_LINGER_S = 0.02
 
 SERVICE_NAMES = [
     "potboiler.v1.KvService",
