@@ -222,7 +222,7 @@ class Session:
         self._changed.set()
 
     async def _announce_loop(self) -> None:
-        log = self.replicator.log
+        node_log = self.replicator.log
         self._changed.set()  # the vector in our Hello may be stale by now
         while True:
             with contextlib.suppress(TimeoutError):
@@ -230,8 +230,8 @@ class Session:
                 await asyncio.wait_for(self._changed.wait(), PROMISE_INTERVAL)
             self._changed.clear()
             # Read together, with no await between: the promise's seq is the vector's own.
-            promise = log.promise()
-            ack = replication_pb2.Ack(vector=vector_to_proto(log.vector()))
+            promise = node_log.promise()
+            ack = replication_pb2.Ack(vector=vector_to_proto(node_log.vector()))
             ack.clock.wall_ms, ack.clock.logical = promise.stamp
             await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
