@@ -301,10 +301,12 @@ async def potboiler_stream_writer(target: str, run: str) -> AsyncIterator[Write]
         waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
         async def read_acks() -> None:
-            async for _ in call:
-                waiting.popleft().set_result(None)
-            for future in waiting:
-                future.set_exception(RuntimeError("the append stream ended"))
+            try:
+                async for _ in call:
+                    waiting.popleft().set_result(None)
+            finally:  # ended or failed: the writes still waiting are counted as errors, not awaited forever
+                for future in waiting:
+                    future.set_exception(RuntimeError("the append stream ended"))
 
         reader = asyncio.create_task(read_acks())
         writing = asyncio.Lock()  # one write at a time on a call; the queue of futures keeps their order
