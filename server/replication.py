@@ -139,10 +139,12 @@ class Session:
 
     What is sent: the peer's own log only as far as its Hello showed it lacked (a node never needs
     its own entries back); this node's own entries at once; other owners' entries only when the peer
-    has made no progress on that owner for FORWARD_DELAY — so when every node is connected to every
-    other, each entry crosses each link once, from its owner, and a line of nodes or a cut link
-    still converges through forwarding. Each side announces its vector (Ack) whenever it changes,
-    at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
+    has got none of them from elsewhere for FORWARD_DELAY, and then one batch at a time until the
+    peer is seen taking that log from this node (its Ack reaches what was sent, not past it) — so
+    when every node is connected to every other, each entry crosses each link about once, from its
+    owner, and a line of nodes or a cut link still converges through forwarding at full speed. Each
+    side announces its vector (Ack) whenever it changes, at most every ANNOUNCE_INTERVAL, which is
+    how the other side knows what not to send.
     """
 
     replicator: Replicator
@@ -156,7 +158,10 @@ class Session:
     live: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     _peer_own_cap: int = 0
+    #: When the peer last got entries of an owner from elsewhere (or the session began).
     _progress_at: dict[str, float] = field(default_factory=dict)
+    #: Owners whose log the peer has been seen taking from this node (forwarded at full speed).
+    _feeding: set[str] = field(default_factory=set)
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -253,14 +258,20 @@ class Session:
     def _unacked(self) -> dict[str, int]:
         return {o: s - self.acked.get(o, 0) for o, s in self.sent.items() if s > self.acked.get(o, 0)}
 
-    def _limit(self, owner: str, seq: int, now: float) -> tuple[int, bool]:
+    def send_limit(self, owner: str, seq: int, now: float) -> tuple[int, bool]:
         """How far to send `owner`'s log now, and whether more is held back for later."""
         if owner == self.peer_id:
             return min(seq, self._peer_own_cap), False
         if owner == self.replicator.log.node_id:
             return seq, False
+        sent = self.sent.get(owner, 0)
         if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
-            return self.sent.get(owner, 0), seq > self.sent.get(owner, 0)
+            return sent, seq > sent
+        if owner not in self._feeding:
+            # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
+            probe = max(sent, self.acked.get(owner, 0) + MAX_BATCH)
+            if probe < seq:
+                return probe, True
         return seq, False
 
     async def _send_available(self) -> tuple[bool, bool]:
@@ -269,7 +280,7 @@ class Session:
         sent_any = held_back = False
         now = time.monotonic()
         for owner, seq in sorted(r.log.vector().items()):
-            limit, held = self._limit(owner, seq, now)
+            limit, held = self.send_limit(owner, seq, now)
             held_back |= held
             while self.sent.get(owner, 0) < limit:
                 room = WINDOW - sum(self._unacked().values())
@@ -294,11 +305,17 @@ class Session:
                 sent_any = True
         return sent_any, held_back
 
-    def _peer_has(self, owner: str, seq: int, now: float) -> None:
+    def peer_has(self, owner: str, seq: int, now: float) -> None:
+        """Take in that the peer holds `owner`'s log up to `seq` (from an Ack, or entries it sent)."""
+        sent = self.sent.get(owner, 0)
         if seq > self.acked.get(owner, 0):
             self.acked[owner] = seq
-            self._progress_at[owner] = now
-        if seq > self.sent.get(owner, 0):
+            if seq > sent:  # beyond what this node sent: the peer has another source
+                self._progress_at[owner] = now
+                self._feeding.discard(owner)
+            else:
+                self._feeding.add(owner)
+        if seq > sent:
             self.sent[owner] = seq
 
     async def _receive_loop(self) -> None:
@@ -314,13 +331,13 @@ class Session:
                 # The peer holds what it sends; each owner's entries come in chain order.
                 newest = {e.owner: e.seq for e in entries}
                 for owner, seq in newest.items():
-                    self._peer_has(owner, seq, now)
+                    self.peer_has(owner, seq, now)
                 await r.appender.ingest(entries)
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
                 vector = vector_from_proto(message.ack.vector)
                 for owner, seq in vector.items():
-                    self._peer_has(owner, seq, now)
+                    self.peer_has(owner, seq, now)
                 if message.ack.HasField("clock"):
                     clock = message.ack.clock
                     promise = Promise(Stamp(clock.wall_ms, clock.logical), vector.get(self.peer_id, 0))

@@ -1,0 +1,57 @@
+"""Which entries of a third owner's log a replication session forwards to its peer, and when
+(Session.send_limit / Session.peer_has): held back while the peer gets them from elsewhere, one
+batch at a time until the peer is seen taking them from this node, then at full speed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from potboiler.server.replication import FORWARD_DELAY, MAX_BATCH, Session
+from potboiler.v1 import replication_pb2
+
+ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a third node
+
+
+def session(now: float) -> Session:
+    replicator: Any = SimpleNamespace(log=SimpleNamespace(node_id=ME))
+    s = Session(replicator, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
+    s.peer_id = PEER
+    s._progress_at = {OWNER: now}  # as accept_hello leaves it: the session began at `now`
+    return s
+
+
+def test_the_owners_log_is_held_back_at_first_then_probed_with_one_batch() -> None:
+    s = session(now=0.0)
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, FORWARD_DELAY / 2) == (0, True)
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, FORWARD_DELAY) == (MAX_BATCH, True)
+    s.sent[OWNER] = MAX_BATCH  # the probe went out; nothing more until the peer answers
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, 2 * FORWARD_DELAY) == (MAX_BATCH, True)
+
+
+def test_a_peer_taking_the_log_from_this_node_gets_it_at_full_speed() -> None:
+    s = session(now=0.0)
+    s.sent[OWNER] = MAX_BATCH
+    s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY)  # its Ack reaches what was sent
+    # No hold-back after that progress (it came from here): the rest goes at once.
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, FORWARD_DELAY) == (5 * MAX_BATCH, False)
+
+
+def test_a_peer_getting_the_log_elsewhere_is_left_to_that_source() -> None:
+    s = session(now=0.0)
+    s.sent[OWNER] = MAX_BATCH
+    s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY)
+    s.peer_has(OWNER, 3 * MAX_BATCH, 1.0)  # past what this node sent: another source feeds it
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY / 2) == (3 * MAX_BATCH, True)
+    # Silence from the other source for FORWARD_DELAY: a probe batch again, not the whole window.
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY) == (4 * MAX_BATCH, True)
+
+
+@pytest.mark.parametrize("owner", [ME, PEER])
+def test_own_and_the_peers_entries_are_never_held_back(owner: str) -> None:
+    s = session(now=0.0)
+    s._peer_own_cap = 7  # what the peer's Hello showed it lacked of its own log
+    expected = (10, False) if owner == ME else (7, False)
+    assert s.send_limit(owner, 10, 0.0) == expected
