@@ -154,9 +154,9 @@ class Node:
             service = factory(NodeContext(context.log, config.data_dir / name, context.clock, context.fsync))
             names += service.register(ours)
             self.services.append(service)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, ours)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], ours)
         port = config.ports.grpc if config.grpc_port is None else config.grpc_port
         try:
             address = f"{config.host}:{port}"
