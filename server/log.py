@@ -9,7 +9,11 @@ owner + seq, 24 bytes):
                                        lookup of seq + 1), so reading a chain is one sequential scan
     e<id>              -> location     the index by id
     h<owner>           -> seq, id      the owner's head: this node's version vector component
-    x<position>        -> location     this node's delivery order (what subscriptions resume from)
+    x<position>        -> run          this node's delivery order (what subscriptions resume from),
+                                       in runs: a location, then (when more than 1) a big-endian u32
+                                       count: `position`, position + 1, ... deliver seq, seq + 1, ...
+                                       of that owner's chain. A batch delivering 1,000 entries of
+                                       one owner in a row writes one record instead of 1,000.
     u<id>              -> ''           stored but not yet delivered
     p<missing><waiter> -> ''           `waiter` waits for `missing` to be delivered
     m<name>            -> value        node metadata (its id)
@@ -51,6 +55,13 @@ _U64 = struct.Struct(">Q")
 _HEAD = struct.Struct(">Q16s")
 _NODE_ID_KEY = b"mnode_id"
 _X_START, _X_END = b"x", prefix_end(b"x")
+_COUNT = struct.Struct(">I")
+_LOCATION_BYTES = 24
+
+
+def _run_length(value: bytes) -> int:
+    """How many positions a delivery-order record covers (a bare location: one)."""
+    return _COUNT.unpack_from(value, _LOCATION_BYTES)[0] if len(value) > _LOCATION_BYTES else 1
 
 
 class NewEntry(NamedTuple):
@@ -134,6 +145,24 @@ class Head:
 
 
 @dataclass
+class DeliveryRun:
+    """Delivery positions `position`, `position` + 1, ... of `count` entries: seq, seq + 1, ... of
+    `owner`'s chain."""
+
+    position: int
+    owner: bytes
+    seq: int
+    count: int = 1
+
+    def record(self) -> Write:
+        """Its record in the store (a bare location for a run of one)."""
+        value = self.owner + _U64.pack(self.seq)
+        if self.count != 1:
+            value += _COUNT.pack(self.count)
+        return b"x" + _U64.pack(self.position), value
+
+
+@dataclass
 class Plan:
     """A change of the log: the batch to write, then the in-memory state to adopt once written."""
 
@@ -149,6 +178,8 @@ class Plan:
     delivered_set: set[bytes] = field(default_factory=set)
     undelivered: set[bytes] = field(default_factory=set)
     waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
+    #: The delivery run being built, written by `Log.finish` (or when the next one begins).
+    run: DeliveryRun | None = None
 
 
 class Promise(NamedTuple):
@@ -180,7 +211,7 @@ class Log:
             self._heads[key[1:]] = _HEAD.unpack(value)
         self._undelivered = {key[1:] for key, _ in store.scan(b"u", prefix_end(b"u"))}
         last = store.last(_X_START, _X_END)
-        self._position = _U64.unpack(last[0][1:])[0] if last else 0
+        self._position = _U64.unpack(last[0][1:])[0] + _run_length(last[1]) - 1 if last else 0
         self.clock = clock or HybridClock()
         self._promises: dict[str, Promise] = {}
         own = self._heads.get(raw_id)
@@ -251,24 +282,33 @@ class Log:
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order."""
-        out = []
+        if after >= self._position:
+            return []
+        out: list[tuple[int, Entry]] = []
         # Delivery order follows each owner's chain in seq order, so each chain is read with one
         # iterator (sequential, cheap even from disk) rather than with a lookup per entry; an
         # iterator is sought afresh only when its next entry is not the one delivered.
         chains: dict[bytes, Iterator[tuple[bytes, bytes]]] = {}
         unpack = _U64.unpack
-        for key, location in self._store.scan(b"x" + _U64.pack(after + 1), _X_END, limit=limit):
-            chain_key = b"o" + location
-            owner = location[:16]
-            chain = chains.get(owner)
-            found = next(chain, None) if chain is not None else None
-            if found is None or found[0] != chain_key:
-                chain = chains[owner] = self._store.scan(chain_key, prefix_end(b"o" + owner))
-                found = next(chain, None)
-                assert found is not None and found[0] == chain_key, (
-                    f"delivered entry {location.hex()} is missing"
-                )
-            out.append((unpack(key[1:])[0], Entry.FromString(found[1])))
+        # The run holding position after + 1 starts at or before it.
+        first = self._store.last(_X_START, b"x" + _U64.pack(after + 2))
+        start = first[0] if first is not None else b"x" + _U64.pack(after + 1)
+        for key, run in self._store.scan(start, _X_END):
+            run_start = unpack(key[1:])[0]
+            owner, seq = run[:16], unpack(run[16:_LOCATION_BYTES])[0]
+            for offset in range(max(0, after + 1 - run_start), _run_length(run)):
+                if len(out) == limit:
+                    return out
+                chain_key = b"o" + owner + _U64.pack(seq + offset)
+                chain = chains.get(owner)
+                found = next(chain, None) if chain is not None else None
+                if found is None or found[0] != chain_key:
+                    chain = chains[owner] = self._store.scan(chain_key, prefix_end(b"o" + owner))
+                    found = next(chain, None)
+                    assert found is not None and found[0] == chain_key, (
+                        f"delivered entry {chain_key[1:].hex()} is missing"
+                    )
+                out.append((run_start + offset, Entry.FromString(found[1])))
         return out
 
     def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:
@@ -409,7 +449,14 @@ class Log:
         plan.position += 1
         location = plan.locations.get(raw) or self._store.get(b"e" + raw)
         assert location is not None, "only stored entries are delivered"
-        plan.writes.append((b"x" + _U64.pack(plan.position), location))
+        owner, seq = location[:16], _U64.unpack(location[16:])[0]
+        run = plan.run
+        if run is not None and run.owner == owner and run.seq + run.count == seq:
+            run.count += 1
+        else:
+            if run is not None:
+                plan.writes.append(run.record())
+            plan.run = DeliveryRun(plan.position, owner, seq)
         plan.delivered.append(raw)
         plan.delivered_set.add(raw)
         if raw in plan.undelivered or raw in self._undelivered:
@@ -451,7 +498,11 @@ class Log:
 
     @staticmethod
     def finish(plan: Plan) -> None:
-        """Add the plan's new heads (one write per owner) to its batch; call once, before writing."""
+        """Add the plan's last delivery run and its new heads (one write per owner) to its batch;
+        call once, before writing."""
+        if plan.run is not None:
+            plan.writes.append(plan.run.record())
+            plan.run = None
         plan.writes.extend((b"h" + owner, _HEAD.pack(seq, raw)) for owner, (seq, raw) in plan.heads.items())
 
     def apply(self, plan: Plan) -> None:

@@ -74,6 +74,20 @@ def test_chain_numbers_and_links_entries(store: MemoryStore) -> None:
     assert log.vector() == {log.node_id: 3}
 
 
+def test_a_batch_of_one_owner_is_one_delivery_record(store: MemoryStore) -> None:
+    log = Log(store)
+    [first] = commit_local(log, store, [NewEntry(value(0))])
+    entries = [first, *commit_local(log, store, [NewEntry(value(i)) for i in range(1, 1000)])]
+    records = list(store.scan(b"x", b"y"))
+    assert [key for key, _ in records] == [b"x" + struct.pack(">Q", 1), b"x" + struct.pack(">Q", 2)]
+    assert [len(v) for _, v in records] == [24, 28]  # a bare location; a location and a count
+    for after in (0, 1, 2, 500, 998, 999, 1000, 5000):
+        got = log.delivered(after, 3)
+        assert [p for p, _ in got] == list(range(after + 1, min(after + 3, 1000) + 1))
+        assert [e.id for _, e in got] == [e.id for e in entries[after : after + 3]]
+    assert Log(store).position == 1000  # read back from the last run after a restart
+
+
 def test_get_rejects_bad_and_unknown_ids(store: MemoryStore) -> None:
     log = Log(store)
     with pytest.raises(InvalidArgument, match="not a UUID"):

@@ -52,8 +52,13 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
         if rng.random() < 0.2:
             log = Log(store)  # a restart
     assert log.pending == 0
-    order = [entry.id for _, entry in log.delivered(0, 10_000)]
+    everything = log.delivered(0, 10_000)
+    order = [entry.id for _, entry in everything]
     assert len(order) == owners * per_owner
+    assert [p for p, _ in everything] == list(range(1, len(order) + 1)) and log.position == len(order)
+    # Reading on from any position (within a delivery run too) gives the rest of the same order.
+    after, limit = rng.randrange(len(order) + 1), rng.randrange(1, 8)
+    assert log.delivered(after, limit) == everything[after : after + limit]
     position = {entry_id: i for i, entry_id in enumerate(order)}
     for chain in chains:
         for entry in chain:
