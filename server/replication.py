@@ -139,12 +139,12 @@ class Session:
 
     What is sent: the peer's own log only as far as its Hello showed it lacked (a node never needs
     its own entries back); this node's own entries at once; other owners' entries only when the peer
-    has got none of them from elsewhere for FORWARD_DELAY, and then one batch at a time until the
-    peer is seen taking that log from this node (its Ack reaches what was sent, not past it) — so
-    when every node is connected to every other, each entry crosses each link about once, from its
-    owner, and a line of nodes or a cut link still converges through forwarding at full speed. Each
-    side announces its vector (Ack) whenever it changes, at most every ANNOUNCE_INTERVAL, which is
-    how the other side knows what not to send.
+    has made no progress on that owner for FORWARD_DELAY, and then one batch at a time until the
+    peer is seen taking that log from this node (its Ack reaches what was sent, not past it), then
+    at full speed while it lags more than a batch behind — so when every node is connected to every other,
+    each entry crosses each link about once, from its owner, and a line of nodes or a cut link
+    still converges through forwarding. Each side announces its vector (Ack) whenever it changes,
+    at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
     """
 
     replicator: Replicator
@@ -158,9 +158,9 @@ class Session:
     live: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     _peer_own_cap: int = 0
-    #: When the peer last got entries of an owner from elsewhere (or the session began).
+    #: When the peer last made progress on an owner's log (or the session began).
     _progress_at: dict[str, float] = field(default_factory=dict)
-    #: Owners whose log the peer has been seen taking from this node (forwarded at full speed).
+    #: Owners whose log the peer, lagging behind, is seen taking from this node.
     _feeding: set[str] = field(default_factory=set)
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -264,14 +264,18 @@ class Session:
             return min(seq, self._peer_own_cap), False
         if owner == self.replicator.log.node_id:
             return seq, False
-        sent = self.sent.get(owner, 0)
+        sent, acked = self.sent.get(owner, 0), self.acked.get(owner, 0)
+        if owner in self._feeding:
+            if acked + MAX_BATCH < seq:
+                return seq, False  # a backlog the peer is taking from this node
+            # Nearly caught up: new entries may well reach it from their owner, so hold them back.
+            self._feeding.discard(owner)
         if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
             return sent, seq > sent
-        if owner not in self._feeding:
-            # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
-            probe = max(sent, self.acked.get(owner, 0) + MAX_BATCH)
-            if probe < seq:
-                return probe, True
+        # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
+        probe = max(sent, acked + MAX_BATCH)
+        if probe < seq:
+            return probe, True
         return seq, False
 
     async def _send_available(self) -> tuple[bool, bool]:
@@ -310,8 +314,8 @@ class Session:
         sent = self.sent.get(owner, 0)
         if seq > self.acked.get(owner, 0):
             self.acked[owner] = seq
+            self._progress_at[owner] = now
             if seq > sent:  # beyond what this node sent: the peer has another source
-                self._progress_at[owner] = now
                 self._feeding.discard(owner)
             else:
                 self._feeding.add(owner)

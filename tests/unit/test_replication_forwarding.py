@@ -1,6 +1,7 @@
 """Which entries of a third owner's log a replication session forwards to its peer, and when
 (Session.send_limit / Session.peer_has): held back while the peer gets them from elsewhere, one
-batch at a time until the peer is seen taking them from this node, then at full speed."""
+batch at a time until the peer is seen taking them from this node, then at full speed while it lags
+more than a batch behind."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def test_a_peer_taking_the_log_from_this_node_gets_it_at_full_speed() -> None:
     s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY)  # its Ack reaches what was sent
     # No hold-back after that progress (it came from here): the rest goes at once.
     assert s.send_limit(OWNER, 5 * MAX_BATCH, FORWARD_DELAY) == (5 * MAX_BATCH, False)
+
+
+def test_a_fed_peer_that_has_nearly_caught_up_is_held_back_again() -> None:
+    """In a full mesh the peer seems a few entries behind whenever new ones arrive (its Acks come
+    later): forwarding those at full speed would send every live entry twice."""
+    s = session(now=0.0)
+    s.sent[OWNER] = MAX_BATCH
+    s.peer_has(OWNER, MAX_BATCH, 1.0)  # taking the probe from this node
+    assert s.send_limit(OWNER, MAX_BATCH + 5, 1.0) == (MAX_BATCH, True)
+    assert s.send_limit(OWNER, 3 * MAX_BATCH, 1.0 + FORWARD_DELAY) == (2 * MAX_BATCH, True)  # a probe again
 
 
 def test_a_peer_getting_the_log_elsewhere_is_left_to_that_source() -> None:
