@@ -422,6 +422,18 @@ async def test_subscribe_beyond_the_end_waits_for_new_entries(grpc_node: GrpcNod
         await sub.close()
 
 
+async def test_subscribe_after_the_largest_position_waits_without_error(grpc_node: GrpcNode) -> None:
+    far = Subscriber(grpc_node, after=2**64 - 1)  # on an empty log: nothing is in memory yet
+    near = Subscriber(grpc_node)
+    try:
+        await grpc_node.log.AppendEntry(request(0))
+        await near.wait_count(1)
+        assert not far._task.done() and far.received == []
+    finally:
+        await near.close()
+        await far.close()
+
+
 async def test_concurrent_appends_reach_subscriber_exactly_once(grpc_node: GrpcNode) -> None:
     sub = Subscriber(grpc_node)
     try:
