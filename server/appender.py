@@ -74,18 +74,23 @@ class Appender:
 
     async def append(self, entries: Sequence[NewEntry]) -> list[Entry]:
         """Append validated entries to this node's log; returns them once durable."""
-        return await self._submit(_Job(entries, None, asyncio.get_running_loop().create_future()))
+        return await self.queue_append(entries)
+
+    def queue_append(self, entries: Sequence[NewEntry]) -> asyncio.Future[list[Entry]]:
+        """Queue appending validated entries; the future resolves to them once they are durable
+        (for a caller that keeps several appends in flight without a task for each)."""
+        return self._submit(_Job(entries, None, asyncio.get_running_loop().create_future()))
 
     async def ingest(self, entries: Sequence[Entry]) -> list[Entry]:
         """Store entries received from a peer; returns those that were new, once durable."""
         return await self._submit(_Job(None, entries, asyncio.get_running_loop().create_future()))
 
-    async def _submit(self, job: _Job) -> list[Entry]:
+    def _submit(self, job: _Job) -> asyncio.Future[list[Entry]]:
         if self._task is None or self._closing:
             raise RuntimeError("the log is not accepting writes: the node is stopping")
         self._queue.append(job)
         self._wake.set()
-        return await job.done
+        return job.done
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
         """Up to `limit` delivered (position, entry) after position `after`: from the in-memory tail

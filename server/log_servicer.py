@@ -90,7 +90,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
             try:
                 async for message in request_iterator:
                     new = validate_batch(message.entries)
-                    await acks.put(asyncio.ensure_future(self._appender.append(new)))
+                    await acks.put(self._appender.queue_append(new))
             finally:
                 await acks.put(None)
 
