@@ -59,11 +59,6 @@ _COUNT = struct.Struct(">I")
 _LOCATION_BYTES = 24
 
 
-def _run_length(value: bytes) -> int:
-    """How many positions a delivery-order record covers (a bare location: one)."""
-    return _COUNT.unpack_from(value, _LOCATION_BYTES)[0] if len(value) > _LOCATION_BYTES else 1
-
-
 class NewEntry(NamedTuple):
     """A validated entry to append locally: its data and the 16-byte ids of its dependencies."""
 
@@ -161,6 +156,17 @@ class DeliveryRun:
             value += _COUNT.pack(self.count)
         return b"x" + _U64.pack(self.position), value
 
+    @classmethod
+    def read(cls, key: bytes, value: bytes) -> DeliveryRun:
+        """The run a store record holds (see `record`)."""
+        count = _COUNT.unpack_from(value, _LOCATION_BYTES)[0] if len(value) > _LOCATION_BYTES else 1
+        return cls(_U64.unpack(key[1:])[0], value[:16], _U64.unpack(value[16:_LOCATION_BYTES])[0], count)
+
+    @property
+    def last(self) -> int:
+        """Its last position."""
+        return self.position + self.count - 1
+
 
 @dataclass
 class Plan:
@@ -211,7 +217,7 @@ class Log:
             self._heads[key[1:]] = _HEAD.unpack(value)
         self._undelivered = {key[1:] for key, _ in store.scan(b"u", prefix_end(b"u"))}
         last = store.last(_X_START, _X_END)
-        self._position = _U64.unpack(last[0][1:])[0] + _run_length(last[1]) - 1 if last else 0
+        self._position = DeliveryRun.read(*last).last if last else 0
         self.clock = clock or HybridClock()
         self._promises: dict[str, Promise] = {}
         own = self._heads.get(raw_id)
@@ -289,17 +295,16 @@ class Log:
         # iterator (sequential, cheap even from disk) rather than with a lookup per entry; an
         # iterator is sought afresh only when its next entry is not the one delivered.
         chains: dict[bytes, Iterator[tuple[bytes, bytes]]] = {}
-        unpack = _U64.unpack
         # The run holding position after + 1 starts at or before it.
         first = self._store.last(_X_START, b"x" + _U64.pack(after + 2))
         start = first[0] if first is not None else b"x" + _U64.pack(after + 1)
-        for key, run in self._store.scan(start, _X_END):
-            run_start = unpack(key[1:])[0]
-            owner, seq = run[:16], unpack(run[16:_LOCATION_BYTES])[0]
-            for offset in range(max(0, after + 1 - run_start), _run_length(run)):
+        for key, value in self._store.scan(start, _X_END):
+            run = DeliveryRun.read(key, value)
+            owner = run.owner
+            for offset in range(max(0, after + 1 - run.position), run.count):
                 if len(out) == limit:
                     return out
-                chain_key = b"o" + owner + _U64.pack(seq + offset)
+                chain_key = b"o" + owner + _U64.pack(run.seq + offset)
                 chain = chains.get(owner)
                 found = next(chain, None) if chain is not None else None
                 if found is None or found[0] != chain_key:
@@ -308,7 +313,7 @@ class Log:
                     assert found is not None and found[0] == chain_key, (
                         f"delivered entry {chain_key[1:].hex()} is missing"
                     )
-                out.append((run_start + offset, Entry.FromString(found[1])))
+                out.append((run.position + offset, Entry.FromString(found[1])))
         return out
 
     def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:

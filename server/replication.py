@@ -259,7 +259,8 @@ class Session:
         return {o: s - self.acked.get(o, 0) for o, s in self.sent.items() if s > self.acked.get(o, 0)}
 
     def send_limit(self, owner: str, seq: int, now: float) -> tuple[int, bool]:
-        """How far to send `owner`'s log now, and whether more is held back for later."""
+        """How far to send `owner`'s log now, and whether more is held back for later (a fed peer
+        that has nearly caught up stops being fed here)."""
         if owner == self.peer_id:
             return min(seq, self._peer_own_cap), False
         if owner == self.replicator.log.node_id:
