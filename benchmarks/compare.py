@@ -13,7 +13,8 @@ Sections (each figure measured repeatedly, peer and Potboiler taking turns withi
   batch    3. batch appends: Potboiler AppendEntries of 100 vs JetStream publish_async in batches of 100
   lag      4. replication visibility lag at 1,000 writes/s, written on node 0, seen on node 2
   catchup  5. catch-up: entries/s for a member restarted after 100,000 entries were written without it
-  queue    6. tasks/s end to end with 4 workers: RQ vs Pigtail over REST and its lease stream
+  queue    6. tasks/s end to end with 4 workers: RQ vs Pigtail over REST and its gRPC lease stream
+              (WorkTasks: tasks leased and completed on one stream per worker)
            7. (always) the servers' resident memory at the end of every measurement
 
 Every server runs on loopback on free ports with its data in one temporary directory, in its
@@ -102,7 +103,7 @@ GOALS = {
     "p99 replication lag <= etcd's and JetStream's": ("4", "lag p99", ("etcd", "JetStream")),
     "catch-up >= etcd and JetStream": ("5", "catch-up", ("etcd", "JetStream")),
     "queue >= 1.0x RQ (REST)": ("6", "tasks/s, Pigtail REST", ("RQ",)),
-    "queue >= 1.0x RQ (lease stream)": ("6", "tasks/s, Pigtail lease stream", ("RQ",)),
+    "queue >= 1.0x RQ (lease stream)": ("6", "tasks/s, Pigtail lease stream (WorkTasks)", ("RQ",)),
 }
 
 #: Display names of the peers.
@@ -426,7 +427,7 @@ class Run:
                 [
                     Contender("rq", redis, functools.partial(tasks.rq, url, pid, s)),
                     Contender("pigtail_rest", pot, functools.partial(tasks.pigtail_rest, node, s)),
-                    Contender("pigtail_lease", pot, functools.partial(tasks.pigtail_lease, node, s)),
+                    Contender("pigtail_work", pot, functools.partial(tasks.pigtail_work, node, s)),
                 ],
             )
         pot.stop()
@@ -443,12 +444,12 @@ class Run:
             ),
             Row(
                 "6",
-                "tasks/s, Pigtail lease stream",
+                "tasks/s, Pigtail lease stream (WorkTasks)",
                 "tasks/s",
                 "RQ",
                 HIGHER,
                 rq,
-                samples(results["pigtail_lease"], "tasks_per_s"),
+                samples(results["pigtail_work"], "tasks_per_s"),
             ),
             Row(
                 "7",
@@ -457,7 +458,7 @@ class Run:
                 "RQ",
                 LOWER,
                 samples(results["rq"], "rss_mb"),
-                samples(results["pigtail_rest"] + results["pigtail_lease"], "rss_mb"),
+                samples(results["pigtail_rest"] + results["pigtail_work"], "rss_mb"),
             ),
         ]
         self.add("6_queue", SectionResult(rows, results))

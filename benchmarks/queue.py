@@ -13,7 +13,10 @@ no-op task:
    ``DELETE``;
 3. Pigtail over gRPC: workers hold a ``LeaseTasks`` stream (the node pushes the next task as soon as
    there is one) and complete each task with ``CompleteTask``; tasks are added with ``AddTask``;
-4. RQ on a local Redis (``redis-server`` started here on a free port in a temporary directory, AOF
+   once with one task held at a time, once with 4 (like Celery's prefetch);
+4. Pigtail over gRPC on one ``WorkTasks`` stream per worker: tasks pushed as on the lease stream, each
+   completed by a message on the same stream (no call per task), counted when the node answers it;
+5. RQ on a local Redis (``redis-server`` started here on a free port in a temporary directory, AOF
    with ``appendfsync everysec``, like the node's write-ahead log without --fsync): 4 ``SimpleWorker``
    processes (no fork per job) run a no-op function; jobs are enqueued from 4 threads.
 
@@ -37,6 +40,7 @@ import contextlib
 import functools
 import multiprocessing
 import os
+import queue as queue_module
 import random
 import shutil
 import socket
@@ -247,6 +251,34 @@ def lease_worker(
         stream.cancel()
 
 
+def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: EventType) -> None:
+    """A worker on the WorkTasks stream: the node pushes each task as on the lease stream, and the
+    worker completes it on the same stream; a task counts once the node has answered its complete."""
+    requests: queue_module.SimpleQueue[pigtail_pb2.WorkTasksRequest | None] = queue_module.SimpleQueue()
+    requests.put(
+        pigtail_pb2.WorkTasksRequest(start=pigtail_pb2.LeaseTasksRequest(queue=queue, worker_id=worker_id))
+    )
+
+    def outgoing() -> Iterator[pigtail_pb2.WorkTasksRequest]:
+        while (request := requests.get()) is not None:
+            yield request
+
+    with grpc.insecure_channel(target_) as channel:
+        stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
+        responses = stub.WorkTasks(outgoing())
+        try:
+            for message in responses:
+                if message.HasField("task"):
+                    requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=message.task.task_id))
+                elif message.HasField("completed"):
+                    _count(counter)
+                if stop.is_set():
+                    break
+        finally:
+            requests.put(None)
+            responses.cancel()
+
+
 def rq_worker(redis_url: str, queue: str, worker_id: str, counter: Any, stop: EventType) -> None:
     """One RQ SimpleWorker (runs jobs in its own process, no fork per job)."""
     from redis import Redis
@@ -391,9 +423,11 @@ async def pigtail_rest(node: NodeProcess, worker: Callable[..., None], tasks: in
             await connection.close()
 
 
-async def pigtail_lease(node: NodeProcess, tasks: int, warmup: int, in_flight: int) -> Json:
-    """Workers on the lease stream; tasks added with AddTask. gRPC goes through Envoy (port B), as
-    clients reach a node."""
+async def pigtail_grpc(
+    node: NodeProcess, worker: Callable[..., None], tasks: int, warmup: int, extra: tuple[Any, ...] = ()
+) -> Json:
+    """Workers on a gRPC stream (`worker(endpoint, queue, worker_id, counter, stop, *extra)`); tasks
+    added with AddTask. gRPC goes through Envoy (port B), as clients reach a node."""
     endpoint = f"{node.host}:{node.ports.core}"
     async with grpc.aio.insecure_channel(endpoint) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
@@ -406,7 +440,7 @@ async def pigtail_lease(node: NodeProcess, tasks: int, warmup: int, in_flight: i
 
             return add
 
-        return await measure(node, lease_worker, endpoint, make_add, tasks, warmup, (in_flight,))
+        return await measure(node, worker, endpoint, make_add, tasks, warmup, extra)
 
 
 # -- RQ --------------------------------------------------------------------------------------------------
@@ -509,6 +543,7 @@ VARIANTS = {
     "rest_claim_next": "Pigtail over REST with claim-next (POST /queue/Q/claim long-poll, DELETE done)",
     "grpc_lease": "Pigtail over gRPC (LeaseTasks stream, one task at a time, CompleteTask)",
     "grpc_lease_prefetch4": "Pigtail over gRPC (LeaseTasks stream, 4 in flight like Celery's prefetch)",
+    "grpc_work": "Pigtail over gRPC (WorkTasks stream: tasks in, completes out on the same stream)",
 }
 
 
@@ -518,8 +553,10 @@ async def run_variant(name: str, node: NodeProcess, tasks: int, warmup: int) -> 
     if name == "rest_claim_next":
         return await pigtail_rest(node, rest_claim_worker, tasks, warmup)
     if name == "grpc_lease":
-        return await pigtail_lease(node, tasks, warmup, 1)
-    return await pigtail_lease(node, tasks, warmup, 4)
+        return await pigtail_grpc(node, lease_worker, tasks, warmup, (1,))
+    if name == "grpc_lease_prefetch4":
+        return await pigtail_grpc(node, lease_worker, tasks, warmup, (4,))
+    return await pigtail_grpc(node, work_worker, tasks, warmup)
 
 
 def median_run(runs: list[Json]) -> Json:

@@ -5,7 +5,7 @@
 
 gen/ holds the Python message and gRPC modules, their .pyi type stubs (mypy-protobuf) and
 `potboiler.binpb`, the descriptor set (with imports) that Envoy's gRPC-JSON transcoder reads.
-It also copies googleapis' `google/api/*.proto` into build/third_party for `buf lint`.
+It also copies the googleapis protos ours import into build/third_party for `buf lint`.
 """
 
 from __future__ import annotations
@@ -62,12 +62,22 @@ def generate(out: Path) -> None:
     (pkg / "py.typed").write_text("")
 
 
+#: The googleapis protos ours import, directly or not.
+THIRD_PARTY_PROTOS = (
+    "google/api/annotations.proto",
+    "google/api/http.proto",
+    "google/api/httpbody.proto",
+    "google/rpc/code.proto",
+)
+
+
 def copy_third_party() -> None:
-    """Copy google/api/*.proto where buf.yaml expects them (buf cannot fetch its deps offline)."""
-    dest = THIRD_PARTY / "google" / "api"
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("annotations.proto", "http.proto", "httpbody.proto"):
-        shutil.copyfile(GOOGLEAPIS / "google" / "api" / name, dest / name)
+    """Copy the googleapis protos ours import where buf.yaml expects them (buf cannot fetch its deps
+    offline)."""
+    for name in THIRD_PARTY_PROTOS:
+        dest = THIRD_PARTY / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(GOOGLEAPIS / name, dest)
 
 
 def differences(a: Path, b: Path) -> list[str]:

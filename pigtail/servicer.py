@@ -12,6 +12,7 @@ from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail import restbody, views
 from potboiler.pigtail.engine import Pigtail
+from potboiler.pigtail.worksession import work_session
 from potboiler.server import rest
 from potboiler.server.grpc_errors import streaming, unary
 from potboiler.server.jsonvalue import from_value
@@ -137,6 +138,12 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
                 yield pigtail_pb2.LeaseTasksResponse(task=views.task_message(view))
         finally:
             await leases.aclose()
+
+    @streaming
+    def WorkTasks(
+        self, request_iterator: AsyncIterator[pigtail_pb2.WorkTasksRequest], context: Ctx
+    ) -> AsyncIterator[pigtail_pb2.WorkTasksResponse]:
+        return work_session(self._p, request_iterator)
 
 
 def _add_arguments(request: pigtail_pb2.AddTaskRequest) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """§6 task queue, end to end (add, claim, done) with 4 worker processes: RQ on Redis against Pigtail
-over REST (the contract's flow: list, claim, done) and over its gRPC lease stream — the parts of
-benchmarks/queue.py, which describes each flow.
+over REST (the contract's flow: list, claim, done) and over its gRPC lease stream (WorkTasks: tasks
+leased and completed on one stream per worker) — the parts of benchmarks/queue.py, which describes
+each flow.
 """
 
 from __future__ import annotations
@@ -47,5 +48,7 @@ def pigtail_rest(node: NodeProcess, settings: Settings) -> Json:
     )
 
 
-def pigtail_lease(node: NodeProcess, settings: Settings) -> Json:
-    return uvloop.run(queue.pigtail_lease(node, settings.queue_tasks, settings.queue_warmup, 1))
+def pigtail_work(node: NodeProcess, settings: Settings) -> Json:
+    return uvloop.run(
+        queue.pigtail_grpc(node, queue.work_worker, settings.queue_tasks, settings.queue_warmup)
+    )

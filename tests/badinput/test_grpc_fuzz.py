@@ -270,3 +270,20 @@ def test_bad_message_in_an_append_stream(node: BadInputNode) -> None:
     expect_error(raised.value, grpc.StatusCode.INVALID_ARGUMENT)
     assert acknowledged == 2
     assert total() == before + 2
+
+
+@needs_pigtail
+def test_a_work_stream_that_starts_with_a_bad_message(node: BadInputNode) -> None:
+    """WorkTasks: a first message that is not protobuf ends the stream with INVALID_ARGUMENT and
+    changes nothing (a bad message later is in tests/integration/test_pigtail_grpc.py)."""
+    call = node.channel.stream_stream(
+        "/potboiler.v1.PigtailService/WorkTasks",
+        request_serializer=lambda b: b,
+        response_deserializer=pigtail_pb2.WorkTasksResponse.FromString,
+    )
+    with node.unchanged():
+        for payload in UNPARSABLE:
+            with pytest.raises(grpc.RpcError) as raised:
+                for _ in call(iter([payload]), timeout=10):
+                    pass
+            expect_error(raised.value, grpc.StatusCode.INVALID_ARGUMENT)

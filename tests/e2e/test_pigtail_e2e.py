@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import grpc
@@ -366,3 +367,28 @@ def test_grpc_lease_stream_through_envoy(pig: Pigtail, node: NodeProcess) -> Non
         assert message.task.task_id == task_id and message.task.worker == "g"
         stream.cancel()
     assert pig.task(queue, task_id)["worker"] == "g"
+
+
+def test_grpc_work_stream_through_envoy(pig: Pigtail, node: NodeProcess) -> None:
+    """WorkTasks through port B: tasks come in and are completed on the same stream, which ends once
+    the worker closes its side."""
+    queue = pig.create(timeout_ms=60_000)
+    task_ids = {pig.add(queue, info={"n": n}) for n in range(3)}
+    requests: SimpleQueue[pigtail_pb2.WorkTasksRequest | None] = SimpleQueue()
+    requests.put(
+        pigtail_pb2.WorkTasksRequest(start=pigtail_pb2.LeaseTasksRequest(queue=queue, worker_id="g"))
+    )
+    completed: set[str] = set()
+    with grpc.insecure_channel(f"127.0.0.1:{node.ports.core}") as channel:
+        stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
+        stream = stub.WorkTasks(iter(requests.get, None), timeout=30)
+        for message in stream:
+            if message.HasField("task"):
+                requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=message.task.task_id))
+            else:
+                completed.add(message.completed.task.task_id)
+                if completed == task_ids:
+                    requests.put(None)  # closes our side
+        assert stream.code() == grpc.StatusCode.OK
+    for task_id in task_ids:
+        assert pig.task(queue, task_id)["state"] == "done"

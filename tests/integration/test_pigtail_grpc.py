@@ -1,5 +1,5 @@
 """Pigtail over gRPC against in-process nodes (no Envoy): the typed PigtailService with its status codes,
-the LeaseTasks stream, the REST-shape service's metadata, restart, and two replicating nodes (a task
+the LeaseTasks and WorkTasks streams, the REST-shape service's metadata, restart, and two replicating nodes (a task
 added on one is claimed on the other; claims made on both sides of a split resolve to one winner)."""
 
 from __future__ import annotations
@@ -272,6 +272,131 @@ async def test_lease_stream_errors(pigtail_node: Factory) -> None:
     await n.api.DeleteQueue(pb.DeleteQueueRequest(name="q"))
     error = await rpc_error(reading)
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def read_to_end(stream: Any) -> list[pb.WorkTasksResponse]:
+    """Every message a stream still sends, until it ends."""
+    out = []
+    while (message := await stream.read()) is not grpc.aio.EOF:
+        out.append(message)
+    return out
+
+
+def start(queue: str = "q", worker_id: str = "w", max_in_flight: int = 1) -> pb.WorkTasksRequest:
+    return pb.WorkTasksRequest(
+        start=pb.LeaseTasksRequest(queue=queue, worker_id=worker_id, max_in_flight=max_in_flight)
+    )
+
+
+async def test_work_streams_hand_out_tasks_and_take_completes_on_the_same_stream(
+    pigtail_node: Factory,
+) -> None:
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    completed: list[str] = []
+
+    async def worker(name: str) -> None:
+        stream = n.api.WorkTasks()
+        await stream.write(start(worker_id=name, max_in_flight=2))
+        async for message in stream:
+            kind = message.WhichOneof("response")
+            if kind == "task":
+                assert message.task.worker == name and message.task.state == pb.TASK_STATE_WORKING
+                got[name].append(message.task.task_id)
+                await stream.write(pb.WorkTasksRequest(complete_task_id=message.task.task_id))
+            else:
+                assert kind == "completed", message
+                assert message.completed.task.state == pb.TASK_STATE_DONE
+                assert not message.completed.already_done
+                completed.append(message.completed.task.task_id)
+
+    workers = [asyncio.create_task(worker(name)) for name in got]
+    try:
+        ids = [await n.add() for _ in range(30)]
+        await wait_for(lambda: len(completed) == 30, message=lambda: repr(got))
+        assert sorted(got["a"] + got["b"]) == sorted(completed) == sorted(ids)
+        late = await n.add()
+        await wait_for(lambda: late in completed)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    for task_id in [*ids, late]:
+        assert (await n.task(task_id)).state == pb.TASK_STATE_DONE
+
+
+async def test_work_stream_answers_each_request_and_failures_do_not_end_it(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    task_id = await n.add()
+    stream = n.api.WorkTasks()
+    await stream.write(start())
+    leased = await stream.read()
+    assert isinstance(leased, pb.WorkTasksResponse) and leased.task.task_id == task_id
+    expires = leased.task.lease_expires_ms
+    await stream.write(pb.WorkTasksRequest(heartbeat_task_id=task_id))
+    beat = await stream.read()
+    assert isinstance(beat, pb.WorkTasksResponse) and beat.WhichOneof("response") == "heartbeat"
+    assert beat.heartbeat.task.lease_expires_ms >= expires
+    unknown = "0190c2d4-0000-7000-8000-000000000000"
+    await stream.write(pb.WorkTasksRequest(complete_task_id=unknown))
+    failed = await stream.read()
+    assert isinstance(failed, pb.WorkTasksResponse) and failed.WhichOneof("response") == "failure"
+    assert failed.failure.task_id == unknown
+    assert failed.failure.operation == pb.WORK_TASKS_OPERATION_COMPLETE
+    assert (
+        failed.failure.code == grpc.StatusCode.NOT_FOUND.value[0] and "no such task" in failed.failure.message
+    )
+    await stream.write(pb.WorkTasksRequest(complete_task_id=task_id))
+    done = await stream.read()
+    assert isinstance(done, pb.WorkTasksResponse) and done.completed.task.state == pb.TASK_STATE_DONE
+    assert not done.completed.already_done
+    await stream.write(pb.WorkTasksRequest(complete_task_id=task_id))
+    await stream.write(pb.WorkTasksRequest(heartbeat_task_id=task_id))
+    await stream.done_writing()
+    # Closing our side: every request is still answered, then the stream ends (OK), with no more tasks.
+    answers = await read_to_end(stream)
+    assert sorted(str(a.WhichOneof("response")) for a in answers) == ["completed", "failure"], answers
+    assert [a.completed.already_done for a in answers if a.HasField("completed")] == [True]
+    [refused] = [a.failure for a in answers if a.HasField("failure")]
+    assert refused.operation == pb.WORK_TASKS_OPERATION_HEARTBEAT
+    assert refused.code == grpc.StatusCode.ABORTED.value[0]
+    assert await stream.code() == grpc.StatusCode.OK
+    assert (await n.task(task_id)).state == pb.TASK_STATE_DONE
+
+
+async def test_work_stream_errors(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    stream = n.api.WorkTasks()
+    await stream.write(start(queue="nope"))
+    assert (await rpc_error(stream.read())).code() == grpc.StatusCode.NOT_FOUND
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=1000))
+    for first in (pb.WorkTasksRequest(complete_task_id="x"), pb.WorkTasksRequest(), start(worker_id="")):
+        stream = n.api.WorkTasks()
+        await stream.write(first)
+        assert (await rpc_error(stream.read())).code() == grpc.StatusCode.INVALID_ARGUMENT, first
+    stream = n.api.WorkTasks()
+    await stream.write(start())
+    await stream.write(start())  # only the first message may start
+    assert (await rpc_error(stream.read())).code() == grpc.StatusCode.INVALID_ARGUMENT
+    raw = n.channel.stream_stream(
+        "/potboiler.v1.PigtailService/WorkTasks",
+        request_serializer=lambda b: b,
+        response_deserializer=pb.WorkTasksResponse.FromString,
+    )
+    raw_stream = raw(iter([start().SerializeToString(), b"\x12\x02\xff\xfe"]))  # not UTF-8
+    assert (await rpc_error(raw_stream.read())).code() == grpc.StatusCode.INVALID_ARGUMENT
+    stream = n.api.WorkTasks()
+    await stream.write(start())
+    reading = asyncio.ensure_future(stream.read())
+    await asyncio.sleep(0.05)
+    await n.api.DeleteQueue(pb.DeleteQueueRequest(name="q"))
+    assert (await rpc_error(reading)).code() == grpc.StatusCode.NOT_FOUND
+    # A stream closed before it starts ends at once.
+    stream = n.api.WorkTasks()
+    await stream.done_writing()
+    assert await read_to_end(stream) == [] and await stream.code() == grpc.StatusCode.OK
 
 
 async def test_an_unfinished_lease_is_handed_out_again_after_its_timeout(pigtail_node: Factory) -> None:

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -56,6 +57,30 @@ TASK_STATE_DEAD: TaskState.ValueType  # 4
 TASK_STATE_DELAYED: TaskState.ValueType  # 5
 """Added with a not_before_ms that has not come yet."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
+
+class _WorkTasksOperation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkTasksOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkTasksOperation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORK_TASKS_OPERATION_UNSPECIFIED: _WorkTasksOperation.ValueType  # 0
+    """Not used."""
+    WORK_TASKS_OPERATION_COMPLETE: _WorkTasksOperation.ValueType  # 1
+    """A complete_task_id."""
+    WORK_TASKS_OPERATION_HEARTBEAT: _WorkTasksOperation.ValueType  # 2
+    """A heartbeat_task_id."""
+
+class WorkTasksOperation(_WorkTasksOperation, metaclass=_WorkTasksOperationEnumTypeWrapper):
+    """The requests of a WorkTasks stream that are answered."""
+
+WORK_TASKS_OPERATION_UNSPECIFIED: WorkTasksOperation.ValueType  # 0
+"""Not used."""
+WORK_TASKS_OPERATION_COMPLETE: WorkTasksOperation.ValueType  # 1
+"""A complete_task_id."""
+WORK_TASKS_OPERATION_HEARTBEAT: WorkTasksOperation.ValueType  # 2
+"""A heartbeat_task_id."""
+Global___WorkTasksOperation: _TypeAlias = WorkTasksOperation  # noqa: Y015
 
 @_typing.final
 class Queue(_message.Message):
@@ -1004,6 +1029,122 @@ class LeaseTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseTasksResponse: _TypeAlias = LeaseTasksResponse  # noqa: Y015
+
+@_typing.final
+class WorkTasksRequest(_message.Message):
+    """What a worker sends on its WorkTasks stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    COMPLETE_TASK_ID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TASK_ID_FIELD_NUMBER: _builtins.int
+    complete_task_id: _builtins.str
+    """Marks a task of the queue done for this worker, as CompleteTask."""
+    heartbeat_task_id: _builtins.str
+    """Extends this worker's lease on a task, as HeartbeatTask."""
+    @_builtins.property
+    def start(self) -> Global___LeaseTasksRequest:
+        """The first message, and only the first: which queue, which worker and
+        how many tasks at once, as for LeaseTasks.
+        """
+
+    def __init__(
+        self,
+        *,
+        start: Global___LeaseTasksRequest | None = ...,
+        complete_task_id: _builtins.str = ...,
+        heartbeat_task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "complete_task_id", "heartbeat_task_id"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___WorkTasksRequest: _TypeAlias = WorkTasksRequest  # noqa: Y015
+
+@_typing.final
+class WorkTasksResponse(_message.Message):
+    """What the server sends on a WorkTasks stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """A task claimed for the worker, as LeaseTasks sends it."""
+
+    @_builtins.property
+    def completed(self) -> Global___CompleteTaskResponse:
+        """The answer to a complete_task_id: the task, done."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___HeartbeatTaskResponse:
+        """The answer to a heartbeat_task_id: the task with its new lease."""
+
+    @_builtins.property
+    def failure(self) -> Global___WorkTasksFailure:
+        """A complete or heartbeat that failed."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+        completed: Global___CompleteTaskResponse | None = ...,
+        heartbeat: Global___HeartbeatTaskResponse | None = ...,
+        failure: Global___WorkTasksFailure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failure", b"failure", "heartbeat", b"heartbeat", "response", b"response", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failure", b"failure", "heartbeat", b"heartbeat", "response", b"response", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["task", "completed", "heartbeat", "failure"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___WorkTasksResponse: _TypeAlias = WorkTasksResponse  # noqa: Y015
+
+@_typing.final
+class WorkTasksFailure(_message.Message):
+    """A complete or heartbeat sent on a WorkTasks stream that failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task the request named."""
+    operation: Global___WorkTasksOperation.ValueType
+    """Which request failed."""
+    code: _code_pb2.Code.ValueType
+    """The status the unary RPC (CompleteTask or HeartbeatTask) would have
+    ended with: NOT_FOUND, ABORTED or INVALID_ARGUMENT.
+    """
+    message: _builtins.str
+    """What went wrong, as that RPC's status message."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        operation: Global___WorkTasksOperation.ValueType = ...,
+        code: _code_pb2.Code.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "operation", b"operation", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkTasksFailure: _TypeAlias = WorkTasksFailure  # noqa: Y015
 
 @_typing.final
 class RestCreateQueueRequest(_message.Message):

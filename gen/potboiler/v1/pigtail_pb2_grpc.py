@@ -122,6 +122,11 @@ class PigtailServiceStub:
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.LeaseTasksRequest.SerializeToString,
                 response_deserializer=potboiler_dot_v1_dot_pigtail__pb2.LeaseTasksResponse.FromString,
                 _registered_method=True)
+        self.WorkTasks = channel.stream_stream(
+                '/potboiler.v1.PigtailService/WorkTasks',
+                request_serializer=potboiler_dot_v1_dot_pigtail__pb2.WorkTasksRequest.SerializeToString,
+                response_deserializer=potboiler_dot_v1_dot_pigtail__pb2.WorkTasksResponse.FromString,
+                _registered_method=True)
 
 
 class PigtailServiceServicer:
@@ -266,6 +271,25 @@ class PigtailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WorkTasks(self, request_iterator, context):
+        """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
+        LeaseTasks, with the worker's completes and heartbeats sent on the same
+        stream instead of as separate calls (one message per task instead of a
+        call). The first request must be `start`; the server then sends tasks
+        exactly as LeaseTasks does. Each complete or heartbeat is answered on the
+        stream once it has taken effect on this node (answers to different tasks
+        may come in any order); one that fails is answered with a `failure`
+        carrying the status its unary RPC would have had, and the stream goes
+        on. When the worker closes its side, the server answers what is still
+        outstanding, hands out no more tasks and ends the stream. Errors that
+        end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+        first message), NOT_FOUND (no such queue, also when the queue is deleted
+        while streaming).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PigtailServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +362,11 @@ def add_PigtailServiceServicer_to_server(servicer, server):
                     servicer.LeaseTasks,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.LeaseTasksRequest.FromString,
                     response_serializer=potboiler_dot_v1_dot_pigtail__pb2.LeaseTasksResponse.SerializeToString,
+            ),
+            'WorkTasks': grpc.stream_stream_rpc_method_handler(
+                    servicer.WorkTasks,
+                    request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.WorkTasksRequest.FromString,
+                    response_serializer=potboiler_dot_v1_dot_pigtail__pb2.WorkTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -735,6 +764,33 @@ class PigtailService:
             '/potboiler.v1.PigtailService/LeaseTasks',
             potboiler_dot_v1_dot_pigtail__pb2.LeaseTasksRequest.SerializeToString,
             potboiler_dot_v1_dot_pigtail__pb2.LeaseTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorkTasks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/potboiler.v1.PigtailService/WorkTasks',
+            potboiler_dot_v1_dot_pigtail__pb2.WorkTasksRequest.SerializeToString,
+            potboiler_dot_v1_dot_pigtail__pb2.WorkTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

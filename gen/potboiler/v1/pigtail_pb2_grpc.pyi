@@ -115,6 +115,21 @@ class PigtailServiceStub:
     until the client cancels it. Errors: NOT_FOUND (no such queue, also when
     the queue is deleted while streaming), INVALID_ARGUMENT.
     """
+    WorkTasks: _grpc.StreamStreamMultiCallable[_pigtail_pb2.WorkTasksRequest, _pigtail_pb2.WorkTasksResponse]
+    """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
+    LeaseTasks, with the worker's completes and heartbeats sent on the same
+    stream instead of as separate calls (one message per task instead of a
+    call). The first request must be `start`; the server then sends tasks
+    exactly as LeaseTasks does. Each complete or heartbeat is answered on the
+    stream once it has taken effect on this node (answers to different tasks
+    may come in any order); one that fails is answered with a `failure`
+    carrying the status its unary RPC would have had, and the stream goes
+    on. When the worker closes its side, the server answers what is still
+    outstanding, hands out no more tasks and ends the stream. Errors that
+    end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+    first message), NOT_FOUND (no such queue, also when the queue is deleted
+    while streaming).
+    """
 
 @_typing.type_check_only
 class PigtailServiceAsyncStub(PigtailServiceStub):
@@ -201,6 +216,21 @@ class PigtailServiceAsyncStub(PigtailServiceStub):
     CompleteTask (and may extend it with HeartbeatTask). The stream runs
     until the client cancels it. Errors: NOT_FOUND (no such queue, also when
     the queue is deleted while streaming), INVALID_ARGUMENT.
+    """
+    WorkTasks: _aio.StreamStreamMultiCallable[_pigtail_pb2.WorkTasksRequest, _pigtail_pb2.WorkTasksResponse]  # type: ignore[assignment]
+    """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
+    LeaseTasks, with the worker's completes and heartbeats sent on the same
+    stream instead of as separate calls (one message per task instead of a
+    call). The first request must be `start`; the server then sends tasks
+    exactly as LeaseTasks does. Each complete or heartbeat is answered on the
+    stream once it has taken effect on this node (answers to different tasks
+    may come in any order); one that fails is answered with a `failure`
+    carrying the status its unary RPC would have had, and the stream goes
+    on. When the worker closes its side, the server answers what is still
+    outstanding, hands out no more tasks and ends the stream. Errors that
+    end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+    first message), NOT_FOUND (no such queue, also when the queue is deleted
+    while streaming).
     """
 
 class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -369,6 +399,27 @@ class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
         CompleteTask (and may extend it with HeartbeatTask). The stream runs
         until the client cancels it. Errors: NOT_FOUND (no such queue, also when
         the queue is deleted while streaming), INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def WorkTasks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_pigtail_pb2.WorkTasksRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pigtail_pb2.WorkTasksResponse], _abc.AsyncIterator[_pigtail_pb2.WorkTasksResponse]]:
+        """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
+        LeaseTasks, with the worker's completes and heartbeats sent on the same
+        stream instead of as separate calls (one message per task instead of a
+        call). The first request must be `start`; the server then sends tasks
+        exactly as LeaseTasks does. Each complete or heartbeat is answered on the
+        stream once it has taken effect on this node (answers to different tasks
+        may come in any order); one that fails is answered with a `failure`
+        carrying the status its unary RPC would have had, and the stream goes
+        on. When the worker closes its side, the server answers what is still
+        outstanding, hands out no more tasks and ends the stream. Errors that
+        end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+        first message), NOT_FOUND (no such queue, also when the queue is deleted
+        while streaming).
         """
 
 def add_PigtailServiceServicer_to_server(servicer: PigtailServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

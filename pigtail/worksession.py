@@ -1,0 +1,142 @@
+"""One worker's WorkTasks stream: tasks go out as :meth:`Pigtail.lease` hands them; completes and
+heartbeats come in on the same stream and are each answered once they have taken effect (see WorkTasks
+in proto/potboiler/v1/pigtail.proto).
+
+Three kinds of task feed one queue of outgoing messages, which the stream's own generator sends: the
+lease, the reader of the worker's messages, and one task per complete or heartbeat being worked on (at
+most MAX_OUTSTANDING: beyond that the reader waits, and gRPC's flow control holds the worker back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Final
+
+from potboiler.pigtail import views
+from potboiler.pigtail.engine import Pigtail
+from potboiler.server.errors import InvalidArgument, PotboilerError
+from potboiler.server.grpc_errors import status_of
+from potboiler.v1 import pigtail_pb2
+
+#: Completes and heartbeats of one stream worked on at once.
+MAX_OUTSTANDING = 64
+
+COMPLETE: Final = pigtail_pb2.WORK_TASKS_OPERATION_COMPLETE
+HEARTBEAT: Final = pigtail_pb2.WORK_TASKS_OPERATION_HEARTBEAT
+
+
+class _RequestsEnded:
+    """The worker closed its side of the stream."""
+
+
+_ENDED: Final = _RequestsEnded()
+
+_Outgoing = pigtail_pb2.WorkTasksResponse | BaseException | _RequestsEnded
+
+
+async def work_session(
+    pigtail: Pigtail, requests: AsyncIterator[pigtail_pb2.WorkTasksRequest]
+) -> AsyncIterator[pigtail_pb2.WorkTasksResponse]:
+    """The messages to send on a WorkTasks stream whose requests are `requests`. Raises the
+    domain error that ends the stream (a bad start, no such queue...)."""
+    first = await anext(requests, None)
+    if first is None:
+        return  # closed before starting: nothing was asked
+    if first.WhichOneof("request") != "start":
+        raise InvalidArgument("the first WorkTasks message must be `start`")
+    start = first.start
+    session = _Session(pigtail, start.queue, start.worker_id)
+    leasing = asyncio.create_task(session.lease(start.max_in_flight), name="work-tasks-lease")
+    reading = asyncio.create_task(session.read(requests), name="work-tasks-read")
+    try:
+        while (item := await session.out.get()) is not _ENDED:
+            yield session.sendable(item)
+        # The worker is done: no more tasks, but every complete and heartbeat it sent is answered.
+        leasing.cancel()
+        while session.answering:
+            await asyncio.wait(set(session.answering))
+        while not session.out.empty():
+            item = session.out.get_nowait()
+            if not isinstance(item, _RequestsEnded):
+                yield session.sendable(item)
+    finally:
+        for task in (leasing, reading, *session.answering):
+            task.cancel()
+
+
+class _Session:
+    def __init__(self, pigtail: Pigtail, queue: str, worker_id: str) -> None:
+        self._pigtail = pigtail
+        self._queue = queue
+        self._worker_id = worker_id
+        self.out: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self.answering: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_OUTSTANDING)
+
+    @staticmethod
+    def sendable(item: _Outgoing) -> pigtail_pb2.WorkTasksResponse:
+        """A message to send, or the error that ends the stream raised."""
+        if isinstance(item, BaseException):
+            raise item
+        assert not isinstance(item, _RequestsEnded)
+        return item
+
+    async def lease(self, max_in_flight: int) -> None:
+        leases = self._pigtail.lease(self._queue, self._worker_id, max_in_flight)
+        try:
+            async for view in leases:
+                self.out.put_nowait(pigtail_pb2.WorkTasksResponse(task=views.task_message(view)))
+        except Exception as error:  # ends the stream: no such queue (any more), a bad start...
+            self.out.put_nowait(error)
+        finally:
+            await leases.aclose()
+
+    async def read(self, requests: AsyncIterator[pigtail_pb2.WorkTasksRequest]) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("request")
+                if kind == "complete_task_id":
+                    operation, task_id = COMPLETE, request.complete_task_id
+                elif kind == "heartbeat_task_id":
+                    operation, task_id = HEARTBEAT, request.heartbeat_task_id
+                else:
+                    raise InvalidArgument(
+                        "after `start`, a WorkTasks message must be complete_task_id or heartbeat_task_id"
+                    )
+                await self._slots.acquire()
+                task = asyncio.create_task(self._answer(operation, task_id))
+                self.answering.add(task)
+                task.add_done_callback(self.answering.discard)
+        except Exception as error:  # a bad message (or one that is not protobuf) ends the stream
+            self.out.put_nowait(error)
+        else:
+            self.out.put_nowait(_ENDED)
+
+    async def _answer(self, operation: pigtail_pb2.WorkTasksOperation.ValueType, task_id: str) -> None:
+        try:
+            if operation == COMPLETE:
+                view, already = await self._pigtail.complete(self._queue, task_id, self._worker_id)
+                answer = pigtail_pb2.WorkTasksResponse(
+                    completed=pigtail_pb2.CompleteTaskResponse(
+                        task=views.task_message(view), already_done=already
+                    )
+                )
+            else:
+                view = await self._pigtail.heartbeat(self._queue, task_id, self._worker_id)
+                answer = pigtail_pb2.WorkTasksResponse(
+                    heartbeat=pigtail_pb2.HeartbeatTaskResponse(task=views.task_message(view))
+                )
+        except PotboilerError as error:  # this request failed; the stream goes on
+            code = status_of(error).value[0]
+            answer = pigtail_pb2.WorkTasksResponse(
+                failure=pigtail_pb2.WorkTasksFailure(
+                    task_id=task_id, operation=operation, code=code, message=str(error)
+                )
+            )
+        except Exception as error:  # e.g. the node is stopping: ends the stream
+            self.out.put_nowait(error)
+            return
+        finally:
+            self._slots.release()
+        self.out.put_nowait(answer)
