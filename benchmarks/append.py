@@ -11,7 +11,9 @@ no-fsync and --fsync measures:
 2. gRPC unary AppendEntry at 32 concurrent calls (grpc.aio), from 1 and from 2 client processes;
 3. AppendEntries with 100 and 1000 entries per call, a few calls in flight;
 4. AppendEntryStream from one client: one entry per message with up to 256 messages unacked, and 10
-   entries per message;
+   entries per message; then 32 concurrent appends from one client through `potboiler.client`'s
+   StreamAppender, each awaiting its own acknowledgement (the appends waiting when the stream is ready
+   share a message);
 5. with 1,000,000 entries appended by AppendEntries: resident memory of the node's process tree (node
    and Envoy), restart time (stop, start, until REST answers) and that all entries are still there.
 
@@ -69,6 +71,7 @@ from benchmarks.common import (
     run_load,
     target,
 )
+from potboiler.client.appender import StreamAppender
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
@@ -302,6 +305,30 @@ async def grpc_stream(grpc_target: str, settings: Settings, per_message: int, wi
     }
 
 
+async def grpc_pipelined(grpc_target: str, settings: Settings, window: CpuWindow) -> Json:
+    """`concurrency` coroutines appending one entry at a time through one StreamAppender."""
+    async with (
+        grpc.aio.insecure_channel(grpc_target, options=GRPC_OPTIONS) as channel,
+        StreamAppender(channel) as appender,
+    ):
+        data = data_value()
+        await appender.append(data)  # connected before the clock starts
+
+        async def append() -> int:
+            await appender.append(data)
+            return 1
+
+        result = await run_load(
+            append,
+            concurrency=settings.concurrency,
+            duration=settings.duration,
+            warmup=settings.warmup,
+            on_start=window.begin,
+            on_end=window.end,
+        )
+    return {"appends_in_flight": settings.concurrency, **result.figures("entries")}
+
+
 # -- 5. a million entries: memory, restart ---------------------------------------------------------
 
 
@@ -520,6 +547,11 @@ def mode(bench: Bench, settings: Settings, fsync: bool, use_wrk: bool) -> Json:
             return uvloop.run(grpc_stream(grpc_target, settings, n, w))
 
         phase(f"stream_{n}", f"AppendEntryStream, {n}/message", stream)
+    phase(
+        "pipelined",
+        f"StreamAppender, {settings.concurrency} appends in flight",
+        lambda w: uvloop.run(grpc_pipelined(grpc_target, settings, w)),
+    )
     out["memory_after_phases"] = ProcessStats(pid).memory()
     node.stop()
     progress(f"[{name}] {settings.entries:,} entries: memory and restart")
@@ -553,6 +585,9 @@ def targets(figures: Json, entries: int) -> Json:
         ),
         "stream_entries_per_s_10_per_message": target(
             get("stream_10", "entries_per_s"), TARGET_STREAM, at_least=True
+        ),
+        "stream_entries_per_s_pipelined_appends": target(
+            get("pipelined", "entries_per_s"), TARGET_STREAM, at_least=True
         ),
         "batch_entries_per_s_100_per_call": target(
             get("batch_100", "entries_per_s"), TARGET_BATCH, at_least=True

@@ -5,7 +5,8 @@ server acknowledged them) and disconnects.
 - etcd: grpc.aio KV.Put (unique key per write) / KV.Txn of puts;
 - JetStream: nats-py `publish` (waits for the stream's ack) / `publish_async` batches;
 - Redis Streams: redis-py asyncio `XADD`;
-- Potboiler: grpc.aio AppendEntry / AppendEntries on a node's own gRPC port.
+- Potboiler: grpc.aio AppendEntry / AppendEntries on a node's own gRPC port, and
+  potboiler.client's StreamAppender (appends in flight share AppendEntryStream messages).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import grpc
 from benchmarks.append import BODY, GRPC_OPTIONS, batch_request, entry_request
 from benchmarks.common import Operation
 from benchmarks.peers.etcd import EtcdClient
+from potboiler.client.appender import StreamAppender
 from potboiler.v1 import log_pb2_grpc
 
 #: The event every write carries (Potboiler's entry data; the others' value or payload, as JSON).
@@ -106,6 +108,22 @@ async def potboiler_append(target: str) -> AsyncIterator[Operation]:
 
         async def append() -> int:
             await stub.AppendEntry(request, timeout=10.0)
+            return 1
+
+        yield append
+
+
+@asynccontextmanager
+async def potboiler_stream_append(target: str) -> AsyncIterator[Operation]:
+    """Potboiler StreamAppender.append of BODY on a node's gRPC port (each awaits its own ack)."""
+    async with (
+        grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel,
+        StreamAppender(channel) as appender,
+    ):
+        data = entry_request().data
+
+        async def append() -> int:
+            await appender.append(data)
             return 1
 
         yield append

@@ -1,0 +1,1 @@
+"""Python clients of a Potboiler node, beyond the generated stubs in `potboiler.v1`."""

@@ -1,0 +1,161 @@
+"""Appends from many coroutines over one AppendEntryStream, each acknowledged on its own.
+
+`StreamAppender.append` is what a unary AppendEntry call is to a caller: it returns the entry's
+acknowledgement once the node has made the entry durable, or raises the call's error. Underneath, the
+appends that are waiting when the stream is ready to send travel together in one stream message (the
+node acknowledges every entry of a message at once, in order), the way nats-py's flusher or a Kafka
+producer batches what its callers hand it. A client with 32 appends in flight so pays a fraction of a
+call per append, and so does the node. A message holds at most half of the appends in flight, so
+that there are two: while the node works on one, the client handles the other's acknowledgements and
+the appends its callers make next (with one message of everything, node and client would take turns).
+
+Errors, per append:
+
+- an entry the node would refuse raises at once, before anything is sent: the node's own checks
+  (:func:`~potboiler.server.log.validate_new_entry`) run in the client, raising
+  :class:`~potboiler.server.errors.InvalidArgument` or :class:`~potboiler.server.errors.TooLarge` with
+  the message the node would give. (The node refuses a stream message whole and ends the stream, which
+  would take the other appends of that message down with it);
+- a stream that fails (the node went away, the stream was cancelled, the node refused a message after
+  all) fails every append not yet acknowledged with the call's error, as it would fail unary calls in
+  flight: such an entry may or may not have been appended. The next append opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.jsonvalue import JSON, to_value
+from potboiler.server.log import validate_new_entry
+from potboiler.v1 import log_pb2, log_pb2_grpc
+
+#: Most entries sent in one message, and about the most bytes of entries (the node takes 10,000
+#: entries and 64 MiB per message).
+MAX_ENTRIES = 1000
+MAX_BYTES = 4 << 20
+
+_Call = grpc.aio.StreamStreamCall[log_pb2.AppendEntryStreamRequest, log_pb2.AppendEntryStreamResponse]
+
+
+@dataclass(eq=False)
+class _Append:
+    request: log_pb2.AppendEntryRequest
+    done: asyncio.Future[log_pb2.AppendEntryResponse]
+    size: int
+
+
+class StreamAppender:
+    """Appends to the log of the node behind `channel` (see the module docstring). Use it as an
+    async context manager, or call :meth:`close` when done."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = log_pb2_grpc.LogServiceStub(channel)
+        self._waiting: deque[_Append] = deque()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> StreamAppender:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def append(
+        self, data: Value | JSON, dependencies: Sequence[str] = ()
+    ) -> log_pb2.AppendEntryResponse:
+        """Append one entry (`data`: a Value or plain JSON); its acknowledgement once durable."""
+        if self._closing:
+            raise RuntimeError("the appender is closed")
+        value = data if isinstance(data, Value) else to_value(data)
+        validate_new_entry(value, dependencies)
+        request = log_pb2.AppendEntryRequest(data=value, dependencies=dependencies)
+        item = _Append(request, asyncio.get_running_loop().create_future(), request.ByteSize())
+        self._waiting.append(item)
+        self._wake.set()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name="stream-appender")
+        return await item.done
+
+    async def close(self) -> None:
+        """Send what is waiting, wait for every acknowledgement, then end the stream."""
+        self._closing = True
+        self._wake.set()
+        if self._runner is not None:
+            await self._runner
+
+    async def _run(self) -> None:
+        """One stream after another, for as long as there are appends to make."""
+        while self._waiting:
+            await self._stream()
+
+    async def _stream(self) -> None:
+        call = self._stub.AppendEntryStream()
+        sent: deque[list[_Append]] = deque()
+        writer = asyncio.create_task(self._write(call, sent))
+        # A writer that fails for any other reason than the call's end must not leave us reading.
+        writer.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
+        try:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(response, log_pb2.AppendEntryStreamResponse)
+                for item, ack in zip(sent.popleft(), response.entries, strict=True):
+                    if not item.done.done():
+                        item.done.set_result(ack)
+            if sent:
+                self._fail(RuntimeError("the node ended the append stream without acknowledging"), sent)
+        except grpc.aio.AioRpcError as error:
+            self._fail(error, sent)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await writer
+            call.cancel()
+
+    async def _write(self, call: _Call, sent: deque[list[_Append]]) -> None:
+        while True:
+            while not self._waiting:
+                if self._closing:
+                    await call.done_writing()
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._take(sum(len(b) for b in sent))
+            if not batch:
+                continue
+            sent.append(batch)
+            await call.write(log_pb2.AppendEntryStreamRequest(entries=[item.request for item in batch]))
+
+    def _take(self, unacknowledged: int) -> list[_Append]:
+        """The next message's appends (those whose caller gave up before they were sent are dropped):
+        at most half of those in flight, MAX_ENTRIES and about MAX_BYTES."""
+        waiting = self._waiting
+        limit = min(MAX_ENTRIES, max(1, (len(waiting) + unacknowledged) // 2))
+        batch: list[_Append] = []
+        size = 0
+        while waiting and len(batch) < limit:
+            item = waiting[0]
+            if item.done.done():
+                waiting.popleft()
+                continue
+            if batch and size + item.size > MAX_BYTES:
+                break
+            batch.append(waiting.popleft())
+            size += item.size
+        return batch
+
+    def _fail(self, error: Exception, sent: deque[list[_Append]]) -> None:
+        """The stream ended with `error`: every append not acknowledged fails with it."""
+        for item in [*(item for batch in sent for item in batch), *self._waiting]:
+            if not item.done.done():
+                item.done.set_exception(error)
+        self._waiting.clear()

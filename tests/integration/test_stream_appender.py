@@ -1,0 +1,120 @@
+"""potboiler.client.StreamAppender against an in-process node: concurrent appends share stream
+messages yet each gets its own acknowledgement; an entry the node would refuse fails at once and alone;
+a failed stream or a node that goes away fails what is in flight; close() waits for every acknowledgement."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+import pytest
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.client import appender as appender_module
+from potboiler.client.appender import StreamAppender
+from potboiler.server.errors import InvalidArgument, TooLarge
+from potboiler.server.jsonvalue import JSON
+from potboiler.server.log import MAX_DEPTH
+from potboiler.v1 import log_pb2
+from tests.conftest import GrpcNode, GrpcNodeFactory
+
+
+def nested(depth: int) -> JSON:
+    out: JSON = []
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+async def stored_count(node: GrpcNode) -> int:
+    heads = (await node.log.ListHeads(log_pb2.ListHeadsRequest())).heads
+    return sum(h.seq for h in heads)
+
+
+async def test_concurrent_appends_are_each_acknowledged_in_shared_messages(grpc_node: GrpcNode) -> None:
+    batches_before = grpc_node.node.appender.batches
+    async with StreamAppender(grpc_node.channel) as appender:
+        acks = await asyncio.gather(*(appender.append({"n": n}) for n in range(300)))
+    # In call order: one owner, consecutive seqs, and each ack names the entry holding its data.
+    assert [a.seq for a in acks] == list(range(1, 301))
+    for n in (0, 150, 299):
+        entry = (await grpc_node.log.GetEntry(log_pb2.GetEntryRequest(id=acks[n].id))).entry
+        assert entry.data.struct_value.fields["n"].number_value == n
+    assert grpc_node.node.appender.batches - batches_before < 300  # messages were shared
+    assert await stored_count(grpc_node) == 300
+
+
+async def test_dependencies_and_values_pass_through(grpc_node: GrpcNode) -> None:
+    async with StreamAppender(grpc_node.channel) as appender:
+        first = await appender.append(Value(string_value="first"))
+        second = await appender.append({"after": first.id}, [first.id])
+    entry = (await grpc_node.log.GetEntry(log_pb2.GetEntryRequest(id=second.id))).entry
+    assert list(entry.dependencies) == [first.id]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (nested(MAX_DEPTH + 1), InvalidArgument),
+        ({"x": math.nan}, InvalidArgument),
+        ("x" * (2 << 20), TooLarge),
+    ],
+    ids=["too deep", "NaN", "too large"],
+)
+async def test_an_entry_the_node_would_refuse_fails_at_once_and_alone(
+    grpc_node: GrpcNode, bad: JSON, error: type[Exception]
+) -> None:
+    async with StreamAppender(grpc_node.channel) as appender:
+        results = await asyncio.gather(
+            *(appender.append({"n": n} if n != 7 else bad) for n in range(20)), return_exceptions=True
+        )
+        assert isinstance(results[7], error), results
+        good = [r for n, r in enumerate(results) if n != 7]
+        assert sorted(r.seq for r in good if isinstance(r, log_pb2.AppendEntryResponse)) == list(range(1, 20))
+        with pytest.raises(InvalidArgument):
+            await appender.append({"n": 1}, ["not-a-uuid"])
+        assert (await appender.append({"n": "after"})).seq == 20
+    assert await stored_count(grpc_node) == 20
+
+
+async def test_a_stream_that_fails_fails_every_append_in_flight(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Here the node refuses a message the client let through (a client older than the node's rules
+    would): the appends of that message and of every message after it fail with the stream's error,
+    and the next append opens a new stream."""
+    async with StreamAppender(grpc_node.channel) as appender:
+        monkeypatch.setattr(appender_module, "validate_new_entry", lambda *args: None)
+        results = await asyncio.gather(
+            *(appender.append({"n": n} if n != 3 else Value()) for n in range(10)), return_exceptions=True
+        )
+        monkeypatch.undo()
+        assert isinstance(results[3], grpc.aio.AioRpcError), results
+        acked = [r for r in results if isinstance(r, log_pb2.AppendEntryResponse)]
+        failed = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(acked) + len(failed) == 10
+        assert (await appender.append({"n": "after"})).seq == len(acked) + 1
+    assert await stored_count(grpc_node) == len(acked) + 1
+
+
+async def test_a_node_that_goes_away_fails_what_is_in_flight(grpc_node_factory: GrpcNodeFactory) -> None:
+    node = await grpc_node_factory("gone")
+    async with grpc.aio.insecure_channel(node.target) as channel:
+        appender = StreamAppender(channel)
+        assert (await appender.append({"n": 0})).seq == 1
+        await grpc_node_factory.stop(node)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(appender.append({"n": 1}), 30)
+        await appender.close()
+
+
+async def test_close_waits_for_acknowledgements_then_refuses_appends(grpc_node: GrpcNode) -> None:
+    appender = StreamAppender(grpc_node.channel)
+    pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(50)]
+    await asyncio.sleep(0)  # the appends are queued
+    await appender.close()
+    assert all(p.done() and not p.exception() for p in pending)
+    with pytest.raises(RuntimeError, match="closed"):
+        await appender.append({"n": "late"})
+    assert await stored_count(grpc_node) == 50
