@@ -113,7 +113,7 @@ class StreamAppender:
                         item.done.set_result(ack)
             if sent:
                 self._fail(RuntimeError("the node ended the append stream without acknowledging"), sent)
-        except grpc.aio.AioRpcError as error:
+        except Exception as error:  # the call's error, or an answer that does not fit what was sent
             self._fail(error, sent)
         finally:
             writer.cancel()
