@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Pigtail example worker on the gRPC lease stream: the node hands it the next claimable task of the
-queue as soon as there is one (no polling); it does the work and completes the task with CompleteTask.
+"""Pigtail example worker on the gRPC lease stream: one WorkTasks stream, on which the node hands it
+the next claimable task of the queue as soon as there is one (no polling) and it completes each task
+(no call per task); the node answers every complete once it has taken effect.
 
     python examples/pigtail/lease_worker.py                   # against 127.0.0.1:8000 (gRPC via Envoy)
     python examples/pigtail/lease_worker.py --max-tasks 10 --idle-exit 5
@@ -51,30 +52,32 @@ async def run(args: argparse.Namespace) -> int:
     done = 0
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
-        request = pigtail_pb2.LeaseTasksRequest(
+        stream = stub.WorkTasks()
+        start = pigtail_pb2.LeaseTasksRequest(
             queue=args.queue, worker_id=args.worker_id, max_in_flight=args.in_flight
         )
-        stream = stub.LeaseTasks(request)
         try:
+            await stream.write(pigtail_pb2.WorkTasksRequest(start=start))
             while args.max_tasks == 0 or done < args.max_tasks:
                 read = stream.read()
                 message = await (asyncio.wait_for(read, args.idle_exit) if args.idle_exit else read)
-                if not isinstance(message, pigtail_pb2.LeaseTasksResponse):
+                if not isinstance(message, pigtail_pb2.WorkTasksResponse):
                     break  # the stream ended
-                task = message.task
-                info = json_format.MessageToDict(task.info)  # the task's info as plain JSON
-                print(f"hello world: {info}", file=sys.stderr, flush=True)
-                await stub.CompleteTask(
-                    pigtail_pb2.CompleteTaskRequest(
-                        queue=args.queue, task_id=task.task_id, worker_id=args.worker_id
-                    )
-                )
-                print(f"done {task.task_id}", flush=True)
-                done += 1
+                kind = message.WhichOneof("response")
+                if kind == "task":
+                    info = json_format.MessageToDict(message.task.info)  # the task's info as plain JSON
+                    print(f"hello world: {info}", file=sys.stderr, flush=True)
+                    await stream.write(pigtail_pb2.WorkTasksRequest(complete_task_id=message.task.task_id))
+                elif kind == "completed":
+                    print(f"done {message.completed.task.task_id}", flush=True)
+                    done += 1
+                elif kind == "failure":
+                    failure = message.failure
+                    print(f"task {failure.task_id}: {failure.message}", file=sys.stderr, flush=True)
         except TimeoutError:
             pass  # idle for --idle-exit seconds
         except grpc.aio.AioRpcError as error:
-            print(f"lease stream failed: {error.code().name}: {error.details()}", file=sys.stderr)
+            print(f"work stream failed: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
         finally:
             stream.cancel()
