@@ -266,11 +266,12 @@ async def test_lease_stream_errors(pigtail_node: Factory) -> None:
     stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="q", worker_id=""))
     error = await rpc_error(stream.read())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Deleted while streaming: the stream is known to be up once it has handed out a task.
+    await n.add()
     stream = n.api.LeaseTasks(pb.LeaseTasksRequest(queue="q", worker_id="w"))
-    reading = asyncio.ensure_future(stream.read())
-    await asyncio.sleep(0.05)
+    assert isinstance(await stream.read(), pb.LeaseTasksResponse)
     await n.api.DeleteQueue(pb.DeleteQueueRequest(name="q"))
-    error = await rpc_error(reading)
+    error = await rpc_error(stream.read())
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -387,12 +388,14 @@ async def test_work_stream_errors(pigtail_node: Factory) -> None:
     )
     raw_stream = raw(iter([start().SerializeToString(), b"\x12\x02\xff\xfe"]))  # not UTF-8
     assert (await rpc_error(raw_stream.read())).code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Deleted while streaming: the stream is known to be up once it has handed out a task.
+    await n.add()
     stream = n.api.WorkTasks()
     await stream.write(start())
-    reading = asyncio.ensure_future(stream.read())
-    await asyncio.sleep(0.05)
+    leased = await stream.read()
+    assert isinstance(leased, pb.WorkTasksResponse) and leased.WhichOneof("response") == "task"
     await n.api.DeleteQueue(pb.DeleteQueueRequest(name="q"))
-    assert (await rpc_error(reading)).code() == grpc.StatusCode.NOT_FOUND
+    assert (await rpc_error(stream.read())).code() == grpc.StatusCode.NOT_FOUND
     # A stream closed before it starts ends at once.
     stream = n.api.WorkTasks()
     await stream.done_writing()
