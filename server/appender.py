@@ -102,27 +102,20 @@ class Appender:
         return self.log.delivered(after, limit)
 
     def _remember(self, plan: Plan) -> None:
-        if not plan.delivered:
+        entries = plan.delivered_entries
+        if not entries:
             return
-        position = plan.position - len(plan.delivered)
+        first = plan.position - len(entries) + 1
         tail = self._tail
-        if tail and tail[-1][0] != position:
+        if tail and tail[-1][0] != first - 1:
             tail.clear()  # not contiguous (cannot happen with one writer; be safe)
             self._tail_sizes.clear()
             self._tail_bytes = 0
-        sizes = self._tail_sizes
-        for raw in plan.delivered:
-            position += 1
-            entry = plan.by_id.get(raw)
-            if entry is None:  # stored by an earlier plan, delivered by this one
-                entry = self.log.load(raw)
-                size = entry.ByteSize()
-            else:
-                size = plan.sizes[raw]
-            tail.append((position, entry))
-            sizes.append(size)
-            self._tail_bytes += size
+        tail.extend(zip(range(first, plan.position + 1), entries, strict=True))
+        self._tail_sizes.extend(plan.delivered_sizes)
+        self._tail_bytes += sum(plan.delivered_sizes)
         if len(tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES:
+            sizes = self._tail_sizes
             drop = len(tail) - len(tail) // 2
             self._tail_bytes -= sum(sizes[:drop])
             del tail[:drop]

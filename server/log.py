@@ -175,17 +175,48 @@ class Plan:
     position: int
     writes: list[Write] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
+    #: The entries this plan stores through `Log._plan_store` (all but the remote ones that are
+    #: delivered at once), by id, with their locations and serialized sizes.
     by_id: dict[bytes, Entry] = field(default_factory=dict)
     locations: dict[bytes, bytes] = field(default_factory=dict)
-    heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
-    delivered: list[bytes] = field(default_factory=list)
-    #: Serialized size of each entry this plan stores, by id.
     sizes: dict[bytes, int] = field(default_factory=dict)
+    heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
+    #: What this plan delivers, in delivery order: ids, entries and their serialized sizes.
+    delivered: list[bytes] = field(default_factory=list)
+    delivered_entries: list[Entry] = field(default_factory=list)
+    delivered_sizes: list[int] = field(default_factory=list)
     delivered_set: set[bytes] = field(default_factory=set)
     undelivered: set[bytes] = field(default_factory=set)
     waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
     #: The delivery run being built, written by `Log.finish` (or when the next one begins).
     run: DeliveryRun | None = None
+
+    def deliver(self, raw: bytes, owner: bytes, seq: int, entry: Entry, size: int) -> None:
+        """Give the stored entry `raw`, seq `seq` of `owner`'s chain, the next delivery position."""
+        self.position += 1
+        run = self.run
+        if run is not None and run.owner == owner and run.seq + run.count == seq:
+            run.count += 1
+        else:
+            if run is not None:
+                self.writes.append(run.record())
+            self.run = DeliveryRun(self.position, owner, seq)
+        self.delivered.append(raw)
+        self.delivered_set.add(raw)
+        self.delivered_entries.append(entry)
+        self.delivered_sizes.append(size)
+
+
+@dataclass
+class _Chain:
+    """Where one owner's chain stands while a plan takes entries of it: its seq, the id of its last
+    entry (bytes and text) and the last entry taken, if any."""
+
+    owner: bytes
+    seq: int
+    raw: bytes
+    text: str
+    last: Entry | None = None
 
 
 class Promise(NamedTuple):
@@ -377,34 +408,57 @@ class Log:
         Each owner's entries are taken only in chain order: an entry already held, or one that would
         leave a gap, is skipped."""
         out = []
-        owners: dict[str, bytes] = {}
-        last_ids: dict[bytes, str] = {}
-        latest = self.clock.last
-        for entry in entries:
-            owner = owners.get(entry.owner) or owners.setdefault(
-                entry.owner, parse_uuid(entry.owner, "owner")
-            )
-            seq, prev = plan.heads.get(owner) or self._heads.get(owner, (0, b""))
-            if entry.seq != seq + 1:
-                continue
-            text = entry.id
-            raw = parse_uuid(text)
-            expected_prev = last_ids.get(owner) or (uuid_str(prev) if prev else "")
-            if entry.prev != expected_prev:
-                raise InvalidArgument(f"entry {text} names prev {entry.prev!r}, this node holds otherwise")
-            last_ids[owner] = text
-            when = entry.when
-            if (when.wall_ms, when.logical) > latest:
-                latest = Stamp(when.wall_ms, when.logical)
-            if entry.next:
-                entry.next = ""
-            deps = (
-                tuple(parse_uuid(d, "dependency") for d in entry.dependencies) if entry.dependencies else ()
-            )
-            self._plan_store(plan, entry, raw, owner, seq + 1, prev, deps)
-            out.append(entry)
-        self.clock.observe_remote(latest)
+        chains: dict[str, _Chain] = {}
+        writes = plan.writes
+        pack = _U64.pack
+        try:
+            for entry in entries:
+                chain = chains.get(entry.owner) or chains.setdefault(
+                    entry.owner, self._chain(plan, entry.owner)
+                )
+                seq = chain.seq + 1
+                if entry.seq != seq:
+                    continue
+                text = entry.id
+                raw = parse_uuid(text)
+                if entry.prev != chain.text:
+                    raise InvalidArgument(
+                        f"entry {text} names prev {entry.prev!r}, this node holds otherwise"
+                    )
+                if entry.next:
+                    entry.next = ""
+                prev = chain.raw
+                chain.seq, chain.raw, chain.text, chain.last = seq, raw, text, entry
+                if entry.dependencies or self._undelivered or plan.undelivered:
+                    deps = tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
+                    self._plan_store(plan, entry, raw, chain.owner, seq, prev, deps)
+                else:
+                    # Nothing waits for anything and this entry needs only its predecessor, which is
+                    # therefore delivered: store and deliver it at once (the catch-up hot path).
+                    location = chain.owner + pack(seq)
+                    blob = entry.SerializeToString()
+                    writes.append((b"o" + location, blob))
+                    writes.append((b"e" + raw, location))
+                    plan.entries.append(entry)
+                    plan.deliver(raw, chain.owner, seq, entry, len(blob))
+                out.append(entry)
+        finally:
+            # A chain's stamps grow along it (an owner's clock never goes back, across restarts
+            # too), so its newest entry carries the latest stamp of those taken.
+            latest = self.clock.last
+            for chain in chains.values():
+                if chain.last is not None:
+                    plan.heads[chain.owner] = (chain.seq, chain.raw)
+                    when = chain.last.when
+                    if (when.wall_ms, when.logical) > latest:
+                        latest = Stamp(when.wall_ms, when.logical)
+            self.clock.observe_remote(latest)
         return out
+
+    def _chain(self, plan: Plan, owner_text: str) -> _Chain:
+        owner = parse_uuid(owner_text, "owner")
+        seq, prev = plan.heads.get(owner) or self._heads.get(owner, (0, b""))
+        return _Chain(owner, seq, prev, uuid_str(prev) if prev else "")
 
     def _plan_store(
         self, plan: Plan, entry: Entry, raw: bytes, owner: bytes, seq: int, prev: bytes, deps: Sequence[bytes]
@@ -451,19 +505,15 @@ class Log:
         return self._store.get(b"e" + raw) is not None
 
     def _deliver(self, plan: Plan, raw: bytes) -> None:
-        plan.position += 1
         location = plan.locations.get(raw) or self._store.get(b"e" + raw)
         assert location is not None, "only stored entries are delivered"
-        owner, seq = location[:16], _U64.unpack(location[16:])[0]
-        run = plan.run
-        if run is not None and run.owner == owner and run.seq + run.count == seq:
-            run.count += 1
+        entry = plan.by_id.get(raw)
+        if entry is None:  # stored by an earlier plan
+            entry = self._load_at(location)
+            size = entry.ByteSize()
         else:
-            if run is not None:
-                plan.writes.append(run.record())
-            plan.run = DeliveryRun(plan.position, owner, seq)
-        plan.delivered.append(raw)
-        plan.delivered_set.add(raw)
+            size = plan.sizes[raw]
+        plan.deliver(raw, location[:16], _U64.unpack(location[16:])[0], entry, size)
         if raw in plan.undelivered or raw in self._undelivered:
             # Also when the mark was written earlier in this same batch: the delete comes after it.
             plan.undelivered.discard(raw)

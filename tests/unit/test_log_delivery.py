@@ -30,6 +30,14 @@ def make_logs(rng: random.Random, owners: int, per_owner: int) -> list[list[Entr
     return chains
 
 
+def interleave(rng: random.Random, batches: list[list[Entry]]) -> list[Entry]:
+    """The batches' entries in one list, mixed at random, each batch's own order kept."""
+    slots = [i for i, batch in enumerate(batches) for _ in batch]
+    rng.shuffle(slots)
+    its = [iter(batch) for batch in batches]
+    return [next(its[i]) for i in slots]
+
+
 @settings(max_examples=150, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), owners=st.integers(2, 4), per_owner=st.integers(1, 20))
 def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: int, per_owner: int) -> None:
@@ -40,15 +48,25 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
     sent = [0] * owners
     while any(n < len(chain) for n, chain in zip(sent, chains, strict=True)):
         plan = log.begin()
+        before = log.position
+        batches = []
         for _ in range(rng.randrange(1, 4)):  # several peers' batches in one write
             o = rng.randrange(owners)
             start = max(0, sent[o] - rng.choice((0, 0, 2)))  # sometimes with entries already held
             end = min(len(chains[o]), sent[o] + rng.randrange(1, 4))
-            log.plan_remote(plan, [copy(e) for e in chains[o][start:end]])
+            batches.append([copy(e) for e in chains[o][start:end]])
             sent[o] = end
+        if len({batch[0].owner for batch in batches if batch}) == len(batches) and rng.random() < 0.5:
+            batches = [interleave(rng, batches)]  # one batch of several owners' entries
+        for batch in batches:
+            log.plan_remote(plan, batch)
         log.finish(plan)
         store.write(plan.writes)
         log.apply(plan)
+        # What the plan hands to subscribers is what the log now reads back at those positions.
+        assert [parse_uuid(e.id) for e in plan.delivered_entries] == plan.delivered
+        assert [e.ByteSize() for e in plan.delivered_entries] == plan.delivered_sizes
+        assert [e.id for _, e in log.delivered(before, 10_000)] == [e.id for e in plan.delivered_entries]
         if rng.random() < 0.2:
             log = Log(store)  # a restart
     assert log.pending == 0
