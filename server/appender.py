@@ -33,6 +33,8 @@ class _Job:
     local: Sequence[NewEntry] | None
     remote: Sequence[Entry] | None
     done: asyncio.Future[list[Entry]]
+    #: The remote entries serialized, as received.
+    blobs: Sequence[bytes] | None = None
 
 
 class Appender:
@@ -81,9 +83,10 @@ class Appender:
         (for a caller that keeps several appends in flight without a task for each)."""
         return self._submit(_Job(entries, None, asyncio.get_running_loop().create_future()))
 
-    async def ingest(self, entries: Sequence[Entry]) -> list[Entry]:
-        """Store entries received from a peer; returns those that were new, once durable."""
-        return await self._submit(_Job(None, entries, asyncio.get_running_loop().create_future()))
+    async def ingest(self, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None) -> list[Entry]:
+        """Store entries received from a peer (and, if given, each serialized as received, which is
+        then stored as it is); returns those that were new, once durable."""
+        return await self._submit(_Job(None, entries, asyncio.get_running_loop().create_future(), blobs))
 
     def _submit(self, job: _Job) -> asyncio.Future[list[Entry]]:
         if self._task is None or self._closing:
@@ -167,7 +170,7 @@ class Appender:
                 if job.local is not None:
                     results.append((job, self.log.plan_local(plan, job.local)))
                 else:
-                    results.append((job, self.log.plan_remote(plan, job.remote or ())))
+                    results.append((job, self.log.plan_remote(plan, job.remote or (), job.blobs)))
             except PotboilerError as exc:
                 job.done.set_exception(exc)
         self.log.finish(plan)

@@ -403,16 +403,20 @@ class Log:
             prev, prev_text = raw, text
         return out
 
-    def plan_remote(self, plan: Plan, entries: Iterable[Entry]) -> list[Entry]:
+    def plan_remote(
+        self, plan: Plan, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None
+    ) -> list[Entry]:
         """Add storing entries received from another node to `plan`; returns those that are new.
         Each owner's entries are taken only in chain order: an entry already held, or one that would
-        leave a gap, is skipped."""
+        leave a gap, is skipped. `blobs`, if given, are the entries serialized (as received), which
+        are then stored as they are."""
         out = []
         chains: dict[str, _Chain] = {}
         writes = plan.writes
         pack = _U64.pack
+        pairs = zip(entries, blobs, strict=True) if blobs is not None else ((e, None) for e in entries)
         try:
-            for entry in entries:
+            for entry, blob in pairs:
                 chain = chains.get(entry.owner) or chains.setdefault(
                     entry.owner, self._chain(plan, entry.owner)
                 )
@@ -427,16 +431,18 @@ class Log:
                     )
                 if entry.next:
                     entry.next = ""
+                    blob = None
                 prev = chain.raw
                 chain.seq, chain.raw, chain.text, chain.last = seq, raw, text, entry
                 if entry.dependencies or self._undelivered or plan.undelivered:
                     deps = tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
-                    self._plan_store(plan, entry, raw, chain.owner, seq, prev, deps)
+                    self._plan_store(plan, entry, raw, chain.owner, seq, prev, deps, blob)
                 else:
                     # Nothing waits for anything and this entry needs only its predecessor, which is
                     # therefore delivered: store and deliver it at once (the catch-up hot path).
                     location = chain.owner + pack(seq)
-                    blob = entry.SerializeToString()
+                    if blob is None:
+                        blob = entry.SerializeToString()
                     writes.append((b"o" + location, blob))
                     writes.append((b"e" + raw, location))
                     plan.entries.append(entry)
@@ -461,11 +467,20 @@ class Log:
         return _Chain(owner, seq, prev, uuid_str(prev) if prev else "")
 
     def _plan_store(
-        self, plan: Plan, entry: Entry, raw: bytes, owner: bytes, seq: int, prev: bytes, deps: Sequence[bytes]
+        self,
+        plan: Plan,
+        entry: Entry,
+        raw: bytes,
+        owner: bytes,
+        seq: int,
+        prev: bytes,
+        deps: Sequence[bytes],
+        blob: bytes | None = None,
     ) -> None:
         writes = plan.writes
         location = owner + _U64.pack(seq)
-        blob = entry.SerializeToString()
+        if blob is None:
+            blob = entry.SerializeToString()
         plan.sizes[raw] = len(blob)
         writes.append((b"o" + location, blob))
         writes.append((b"e" + raw, location))

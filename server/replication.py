@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
@@ -37,6 +38,7 @@ from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Plan, Promise
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
+from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +122,12 @@ class Counters:
     messages_in: int = 0
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _length_delimited(field_tag: bytes, payload: bytes) -> bytes:
-    return field_tag + _varint(len(payload)) + payload
+def parse_entries(blobs: list[bytes]) -> list[Entry]:
+    """The entries of an `EntryBatch`; InvalidArgument if one is not a serialized Entry."""
+    try:
+        return [Entry.FromString(blob) for blob in blobs]
+    except DecodeError as exc:
+        raise InvalidArgument(f"an entry of the batch is not a serialized Entry: {exc}") from None
 
 
 @dataclass
@@ -299,12 +296,11 @@ class Session:
                     size += len(blob)
                     if parts and size > MAX_BATCH_BYTES:
                         break
-                    parts.append(_length_delimited(b"\x0a", blob))  # EntryBatch.entries
+                    parts.append(blob)
                 if not parts:
                     break
-                # The stored bytes are the wire form of the entries: frame them, no parse or copy.
-                batch = _length_delimited(b"\x12", b"".join(parts))  # Replicate{Request,Response}.entries
-                await self._write(self.make_message.FromString(batch))
+                # The stored bytes go out as they are: no parse, no serializing again.
+                await self._write(self.make_message(entries=replication_pb2.EntryBatch(entries=parts)))
                 self.sent[owner] = after + len(parts)
                 r.counters_for(self.peer_url).entries_out += len(parts)
                 sent_any = True
@@ -331,13 +327,14 @@ class Session:
             kind = message.WhichOneof("message")
             now = time.monotonic()
             if kind == "entries":
-                entries = list(message.entries.entries)
+                blobs = list(message.entries.entries)
+                entries = parse_entries(blobs)
                 counters.entries_in += len(entries)
                 # The peer holds what it sends; each owner's entries come in chain order.
                 newest = {e.owner: e.seq for e in entries}
                 for owner, seq in newest.items():
                     self.peer_has(owner, seq, now)
-                await r.appender.ingest(entries)
+                await r.appender.ingest(entries, blobs)
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
                 vector = vector_from_proto(message.ack.vector)

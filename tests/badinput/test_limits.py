@@ -162,7 +162,9 @@ def test_grpc_message_size(node: BadInputNode) -> None:
         exhausted(lambda: node.log.AppendEntries(over, timeout=60))
         # A replication stream's first message over the limit.
         big = Entry(id="00000000-0000-4000-8000-000000000000", data=mib)
-        batch = replication_pb2.EntryBatch(entries=[big] * (MAX_MESSAGE_BYTES // MAX_ENTRY_BYTES + 2))
+        batch = replication_pb2.EntryBatch(
+            entries=[big.SerializeToString()] * (MAX_MESSAGE_BYTES // MAX_ENTRY_BYTES + 2)
+        )
         stub = replication_pb2_grpc.ReplicationServiceStub(node.channel)
         responses = stub.Replicate(iter([replication_pb2.ReplicateRequest(entries=batch)]), timeout=60)
         exhausted(lambda: list(responses))

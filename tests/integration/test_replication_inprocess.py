@@ -7,15 +7,17 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import replication
+from potboiler.server.errors import NotFound
 from potboiler.server.hlc import Stamp
 from potboiler.server.log import NewEntry, validate_new_entry
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
-from potboiler.v1 import nodes_pb2
+from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 
 pytestmark = pytest.mark.asyncio
 
@@ -250,3 +252,33 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     await append(a, 4)
     [status] = a.replicator.status()
     assert status.lag == 4 and status.last_error
+
+
+async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_nothing(
+    make_node: NodeFactory,
+) -> None:
+    """Replicated entries travel as the sender's stored bytes; bytes that do not parse as an Entry
+    end the stream with INVALID_ARGUMENT, and the entries of that batch before them are not stored."""
+    a = await make_node()
+    b = await make_node()  # never started replicating: only its id and an entry are used
+    [good] = await append(b, 1)
+    blob = b.log.chain_bytes(b.log.node_id_bytes, 0, 1)[0]
+    hello = replication_pb2.Hello(node_id=b.log.node_id, url=b.config.url)
+    batch = replication_pb2.EntryBatch(entries=[blob, b"\xff\xff\xff"])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
+        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(
+            iter(
+                [
+                    replication_pb2.ReplicateRequest(hello=hello),
+                    replication_pb2.ReplicateRequest(entries=batch),
+                ]
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in call:
+                pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a serialized Entry" in (raised.value.details() or "")
+    assert a.log.vector().get(b.log.node_id, 0) == 0
+    with pytest.raises(NotFound):
+        a.log.get(good)

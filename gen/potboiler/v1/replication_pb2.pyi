@@ -72,13 +72,17 @@ class EntryBatch(_message.Message):
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_entry_pb2.Entry]:
-        """Entries in each owner's chain order (an owner's entries never skip a seq)."""
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Entries in each owner's chain order (an owner's entries never skip a seq),
+        each a serialized `Entry`: the bytes the sender holds, which the receiver
+        stores as they came. (On the wire this is the same as `repeated Entry`;
+        as bytes, neither side parses and serializes what it only passes on.)
+        """
 
     def __init__(
         self,
         *,
-        entries: _abc.Iterable[_entry_pb2.Entry] | None = ...,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
