@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import envoy
-import httpx
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
@@ -250,6 +249,28 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+async def _admin_ready(address: str) -> bool:
+    """Whether Envoy's admin endpoint at `address` (host:port) answers GET /ready with 200. A bare
+    HTTP/1.1 exchange on loopback: an HTTP client library would cost the node's start-up its import
+    (about 80 ms) and more per request."""
+    host, _, port = address.rpartition(":")
+    try:
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    except OSError:
+        return False
+    try:
+        writer.write(b"GET /ready HTTP/1.1\r\nHost: envoy-admin\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return status_line.split(b" ")[1:2] == [b"200"]
+
+
 class Gateway:
     """One Envoy process serving a node's REST ports."""
 
@@ -293,21 +314,17 @@ class Gateway:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        # Plain HTTP to the admin port on loopback: no TLS context (loading the CA bundle for one
-        # costs ~80 ms of the node's start-up).
-        async with httpx.AsyncClient(timeout=1.0, verify=False) as client:
-            while True:
-                if self._process.returncode is not None:
-                    raise RuntimeError(f"envoy exited with {self._process.returncode}; config in {config}")
-                if admin_path.exists() and (address := admin_path.read_text().strip()):
-                    self.admin_url = f"http://{address}"
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await client.get(f"{self.admin_url}/ready")).status_code == 200:
-                            return
-                if loop.time() > deadline:
-                    await self.stop()
-                    raise TimeoutError(f"envoy not ready after {timeout}s; config in {config}")
-                await asyncio.sleep(0.02)
+        while True:
+            if self._process.returncode is not None:
+                raise RuntimeError(f"envoy exited with {self._process.returncode}; config in {config}")
+            if admin_path.exists() and (address := admin_path.read_text().strip()):
+                self.admin_url = f"http://{address}"
+                if await _admin_ready(address):
+                    return
+            if loop.time() > deadline:
+                await self.stop()
+                raise TimeoutError(f"envoy not ready after {timeout}s; config in {config}")
+            await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         """Stop Envoy (SIGTERM, then SIGKILL after 5 s)."""

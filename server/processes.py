@@ -17,8 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
 from potboiler.server.gateway import Ports
 
 #: Offsets from a base port that a node binds (REST ports, metrics, gRPC).
@@ -167,6 +165,8 @@ class NodeProcess:
         """Wait until the node answers REST on its core port: 200, or 401/403 when it requires tokens
         (either way the request went through Envoy to the node's gRPC server and back). Over HTTPS
         the certificate is not checked: nothing secret is sent, and only the answer's status counts."""
+        import httpx  # here, not at the top: node processes import this module too, never needing it
+
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:

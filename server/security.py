@@ -15,7 +15,6 @@ Configuration errors (a missing certificate, a malformed token file) raise `Secu
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import hashlib
 import hmac
@@ -26,14 +25,16 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
 
 import grpc
-import httpx
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.urls import http_url
+from potboiler.server.urls import webhook_url
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class SecurityConfigError(ValueError):
@@ -473,21 +474,12 @@ def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _target(url: httpx.URL | str) -> tuple[str, int]:
+def target_of(url: str) -> tuple[str, int]:
+    """The host (lower case) and port a URL connects to."""
     parts = urlsplit(str(url))
     host = (parts.hostname or "").lower()
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return host, port
-
-
-class BlockedTarget(httpx.ConnectError):
-    """The webhook policy refused the target (counts as a failed delivery attempt)."""
-
-
-#: Connect timeout of a webhook POST, seconds.
-CONNECT_TIMEOUT = 5.0
-#: Read (and write) timeout of a webhook POST: longest silence, seconds.
-READ_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -533,8 +525,8 @@ class WebhookPolicy:
         """At registration: InvalidArgument (400) with the reason if the policy refuses `url`.
         With deny-private, a name that does not resolve now is accepted (it is checked again at
         every delivery attempt)."""
-        http_url(url)
-        host, port = _target(url)
+        webhook_url(url)
+        host, port = target_of(url)
         try:
             reason = self.refusal(host, port)
         except UnicodeError:
@@ -544,74 +536,11 @@ class WebhookPolicy:
         if reason is not None:
             raise InvalidArgument(f"url {url!r} is refused: {reason}")
 
-    def transport(self) -> httpx.AsyncBaseTransport:
-        """The delivery transport: plain for allow-all, guarded otherwise."""
-        if self.mode is PolicyMode.ALLOW_ALL:
-            return httpx.AsyncHTTPTransport(retries=0)
-        return GuardedTransport(self)
-
     def client(self) -> httpx.AsyncClient:
-        """The delivery client: the policy's transport, no redirects followed, no proxies from
-        the environment (they would connect elsewhere than the address checked), timeouts."""
-        return httpx.AsyncClient(
-            transport=self.transport(),
-            follow_redirects=False,
-            trust_env=False,
-            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
-        )
+        """The delivery client (see `potboiler.server.webhook_http.delivery_client`)."""
+        from potboiler.server.webhook_http import delivery_client  # httpx is imported only when needed
 
-
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """Applies a webhook policy to every request. With deny-private the host is resolved ONCE,
-    every address is checked, and the connection goes to the first address by IP, with the Host
-    header and TLS SNI (and certificate check) still naming the host: no second lookup can swap
-    in another address (DNS rebinding)."""
-
-    def __init__(
-        self,
-        policy: WebhookPolicy,
-        make_inner: Callable[[], httpx.AsyncBaseTransport] = lambda: httpx.AsyncHTTPTransport(retries=0),
-    ) -> None:
-        self._policy = policy
-        self._make_inner = make_inner
-        # One inner transport (connection pool) per scheme and host name: pools are keyed by the
-        # address connected to, and a TLS connection verified for one name must not carry
-        # requests for another name at the same address.
-        self._inners: dict[tuple[str, str, int], httpx.AsyncBaseTransport] = {}
-
-    def _inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
-        host, port = _target(request.url)
-        key = (request.url.scheme, host, port)
-        if (inner := self._inners.get(key)) is None:
-            inner = self._inners[key] = self._make_inner()
-        return inner
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host, port = _target(request.url)
-        if self._policy.mode is not PolicyMode.DENY_PRIVATE:
-            reason = self._policy.refusal(host, port)
-            if reason is not None:
-                raise BlockedTarget(reason, request=request)
-            return await self._inner(request).handle_async_request(request)
-        try:
-            addresses = await asyncio.to_thread(self._policy.resolver, host, port)
-        except (OSError, UnicodeError) as exc:
-            raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
-        reason = self._policy.refusal(host, port, addresses)
-        if reason is not None:
-            raise BlockedTarget(reason, request=request)
-        inner = self._inner(request)
-        address = addresses[0].split("%", 1)[0]
-        if address != host:
-            request.url = request.url.copy_with(host=address)
-            if request.url.scheme == "https":
-                request.extensions = {**request.extensions, "sni_hostname": host}
-        return await inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        inners, self._inners = list(self._inners.values()), {}
-        for inner in inners:
-            await inner.aclose()
+        return delivery_client(self)
 
 
 def tls_context_for(ca: Path | None) -> ssl.SSLContext | bool:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import httpx
-
 from potboiler.server.errors import InvalidArgument
 
 MAX_URL_LENGTH = 2048
@@ -30,10 +28,19 @@ def http_url(text: str, what: str = "url") -> str:
         raise InvalidArgument(f"{what} {text!r} has no host")
     if port == 0:
         raise InvalidArgument(f"{what} {text!r} has port 0")
+    return text
+
+
+def webhook_url(text: str) -> str:
+    """`text` if it is an http(s) URL (see `http_url`) that httpx, which delivers to it, takes too
+    (IDNA rules for the host name, for one); InvalidArgument otherwise."""
+    http_url(text)
+    import httpx  # here, not at the top: a node that delivers nowhere starts ~80 ms sooner without it
+
     try:
-        httpx.URL(text)  # what delivery will use: e.g. IDNA rules for the host name
+        httpx.URL(text)
     except httpx.InvalidURL as exc:
-        raise InvalidArgument(f"{what} {text!r} is not a usable URL: {exc}") from None
+        raise InvalidArgument(f"url {text!r} is not a usable URL: {exc}") from None
     return text
 
 

@@ -20,8 +20,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
@@ -29,8 +28,11 @@ from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import NotFound, TooLarge
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
-from potboiler.server.urls import http_url
+from potboiler.server.urls import webhook_url
 from potboiler.v1.entry_pb2 import Entry
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class Webhooks:
     def register(self, url: str) -> None:
         """Register `url` (delivery starts at the beginning of the log); again is a no-op.
         InvalidArgument if it is not an http(s) URL or the webhook policy refuses it."""
-        http_url(url)
+        webhook_url(url)
         if url in self._states:
             return
         self._policy.check_url(url)
@@ -154,6 +156,8 @@ class Webhooks:
                 self._store.write([(key, _U64.pack(position))])
 
     async def _post_until_accepted(self, state: WebhookState, body: bytes) -> None:
+        import httpx  # here, not at the top: a node that delivers nowhere starts ~80 ms sooner without it
+
         while True:
             try:
                 async with asyncio.timeout(ATTEMPT_TIMEOUT):

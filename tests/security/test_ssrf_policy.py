@@ -11,16 +11,14 @@ import pytest
 
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.security import (
-    CONNECT_TIMEOUT,
-    READ_TIMEOUT,
     AllowedTarget,
-    BlockedTarget,
     IPAddress,
     PolicyMode,
     SecurityConfigError,
     WebhookPolicy,
     forbidden_reason,
 )
+from potboiler.server.webhook_http import CONNECT_TIMEOUT, READ_TIMEOUT, BlockedTarget
 from tests.security.conftest import Answer, Receiver
 
 FORBIDDEN = [

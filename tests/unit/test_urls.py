@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.urls import MAX_URL_LENGTH, http_url, node_url
+from potboiler.server.urls import MAX_URL_LENGTH, http_url, node_url, webhook_url
 
 GOOD = [
     "http://example.com",
@@ -138,3 +138,13 @@ def test_node_url_normal_form(scheme: str, host: str, port: int | None, slash: b
     assert normal == f"{scheme.lower()}://{host.lower()}:{port or default}"
     assert node_url(normal) == normal
     assert http_url(normal) == normal
+
+
+def test_webhook_url_also_needs_a_host_name_httpx_takes() -> None:
+    """A webhook URL must be one the delivering client can use: a host name that is not valid
+    IDNA passes `http_url` (node URLs never reach httpx) but not `webhook_url`."""
+    url = "http://\u2603.com/hook"
+    assert http_url(url) == url
+    with pytest.raises(InvalidArgument, match="not a usable URL"):
+        webhook_url(url)
+    assert webhook_url("http://example.com/hook") == "http://example.com/hook"

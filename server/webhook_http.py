@@ -1,0 +1,93 @@
+"""The HTTP side of webhook delivery: the httpx client a node POSTs entries with, whose transport
+applies the node's webhook policy (`potboiler.server.security.WebhookPolicy`) on every attempt.
+
+Apart from the policy so that a node imports httpx only once it delivers (about 80 ms of start-up)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+
+from potboiler.server.security import PolicyMode, WebhookPolicy, target_of
+
+
+class BlockedTarget(httpx.ConnectError):
+    """The webhook policy refused the target (counts as a failed delivery attempt)."""
+
+
+#: Connect timeout of a webhook POST, seconds.
+CONNECT_TIMEOUT = 5.0
+#: Read (and write) timeout of a webhook POST: longest silence, seconds.
+READ_TIMEOUT = 10.0
+
+
+def delivery_client(policy: WebhookPolicy) -> httpx.AsyncClient:
+    """The delivery client: the policy's transport (plain for allow-all, guarded otherwise), no
+    redirects followed, no proxies from the environment (they would connect elsewhere than the
+    address checked), timeouts."""
+    transport = (
+        httpx.AsyncHTTPTransport(retries=0)
+        if policy.mode is PolicyMode.ALLOW_ALL
+        else GuardedTransport(policy)
+    )
+    return httpx.AsyncClient(
+        transport=transport,
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+    )
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """Applies a webhook policy to every request. With deny-private the host is resolved ONCE,
+    every address is checked, and the connection goes to the first address by IP, with the Host
+    header and TLS SNI (and certificate check) still naming the host: no second lookup can swap
+    in another address (DNS rebinding)."""
+
+    def __init__(
+        self,
+        policy: WebhookPolicy,
+        make_inner: Callable[[], httpx.AsyncBaseTransport] = lambda: httpx.AsyncHTTPTransport(retries=0),
+    ) -> None:
+        self._policy = policy
+        self._make_inner = make_inner
+        # One inner transport (connection pool) per scheme and host name: pools are keyed by the
+        # address connected to, and a TLS connection verified for one name must not carry
+        # requests for another name at the same address.
+        self._inners: dict[tuple[str, str, int], httpx.AsyncBaseTransport] = {}
+
+    def _inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
+        host, port = target_of(str(request.url))
+        key = (request.url.scheme, host, port)
+        if (inner := self._inners.get(key)) is None:
+            inner = self._inners[key] = self._make_inner()
+        return inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host, port = target_of(str(request.url))
+        if self._policy.mode is not PolicyMode.DENY_PRIVATE:
+            reason = self._policy.refusal(host, port)
+            if reason is not None:
+                raise BlockedTarget(reason, request=request)
+            return await self._inner(request).handle_async_request(request)
+        try:
+            addresses = await asyncio.to_thread(self._policy.resolver, host, port)
+        except (OSError, UnicodeError) as exc:
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
+        reason = self._policy.refusal(host, port, addresses)
+        if reason is not None:
+            raise BlockedTarget(reason, request=request)
+        inner = self._inner(request)
+        address = addresses[0].split("%", 1)[0]
+        if address != host:
+            request.url = request.url.copy_with(host=address)
+            if request.url.scheme == "https":
+                request.extensions = {**request.extensions, "sni_hostname": host}
+        return await inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        inners, self._inners = list(self._inners.values()), {}
+        for inner in inners:
+            await inner.aclose()
