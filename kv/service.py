@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 
 import grpc
 
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.jsonvalue import to_value
+from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import Linger
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
@@ -123,7 +123,7 @@ class KvService:
                 async for batch in self._context.log.subscribe(self.state.position, APPLY_BATCH):
                     self.apply(batch)
                     delay = 0.1
-                    await self._linger.pause(len(batch), APPLY_BATCH)
+                    await self._linger.pause(len(batch.entries), APPLY_BATCH)
             except Exception:  # a bug or a store failure: say so loudly, retry from the stored cursor
                 log.exception(
                     "KV applier failed at position %d; retrying in %.1fs", self.state.position, delay
@@ -131,9 +131,10 @@ class KvService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def apply(self, batch: Sequence[tuple[int, Entry]]) -> None:
+    def apply(self, delivered: DeliveredBatch) -> None:
         """Apply a batch of delivered entries and wake the writers waiting for them."""
-        self.state.apply_batch(batch)
+        batch = delivered.entries
+        self.state.apply_batch(batch, delivered.blobs)
         me = self._context.log.node_id
         for _, entry in reversed(batch):
             if entry.owner == me:  # the newest own entry of the batch

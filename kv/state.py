@@ -320,9 +320,10 @@ class KvState:
         self._cache_sizes.clear()
         self._cache_bytes = 0
 
-    def apply_batch(self, batch: Sequence[tuple[int, Entry]]) -> None:
+    def apply_batch(self, batch: Sequence[tuple[int, Entry]], blobs: Sequence[bytes] | None = None) -> None:
         """Apply delivered log entries (in delivery order, after `position`) and store the changed
-        states together with the new cursor in one write. Entries that are not KV events are skipped.
+        states together with the new cursor in one write. Entries that are not KV events are skipped:
+        given the entries serialized (`blobs`, in the same order), most of them without reading them.
 
         This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
         change is converted to JSON), states are read at most once per batch (and kept across batches
@@ -330,6 +331,9 @@ class KvState:
         their value as the Value it arrived in (an `LwwRecord`)."""
         if not batch or batch[-1][0] <= self._position:
             return
+        last = batch[-1][0]
+        if blobs is not None:
+            batch = [item for item, blob in zip(batch, blobs, strict=True) if EVENT_MARK in blob]
         states: dict[bytes, Stored] = {}
         cache = self._cache
         get = self._store.get
@@ -385,7 +389,6 @@ class KvState:
                 if new is not state:
                     states[skey] = new
             applied += 1
-        last = batch[-1][0]
         writes: list[Write] = [(k, encode(state)) for k, state in states.items()]
         writes.append((CURSOR_KEY, _U64.pack(last)))
         try:
@@ -406,6 +409,10 @@ class KvState:
                     self._tables[name] = info
 
 
+#: What every KV event's serialized entry holds: the key "table" in its data's Struct (a map entry's
+#: key is its field 1, length-delimited, and the owner serialized the entry canonically; the bytes
+#: travel unchanged to every node, so every node skips the same entries).
+EVENT_MARK = b"\n\x05table"
 _MISSING: Any = object()
 _LWW = CrdtType.LWW
 #: Most states kept decoded in memory across batches, the most (serialized) bytes of them, and the

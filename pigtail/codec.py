@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 #: The one key of a Pigtail entry's data.
 TAG = "pigtail"
+#: What every Pigtail entry serialized holds: the key TAG in its data's Struct (a map entry's key is
+#: its field 1, length-delimited; the owner serialized the entry canonically and the bytes travel
+#: unchanged, so every node skips the same entries).
+EVENT_MARK = b"\n" + bytes([len(TAG)]) + TAG.encode()
 
 
 def event_data(event: Event) -> Value:

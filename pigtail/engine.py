@@ -152,9 +152,10 @@ class Pigtail:
         self._waiters.clear()
 
     async def _apply_loop(self) -> None:
-        async for batch in self._log.subscribe(self.state.cursor, APPLY_BATCH):
+        async for delivered in self._log.subscribe(self.state.cursor, APPLY_BATCH):
+            batch = delivered.entries
             try:
-                await self._apply(batch)
+                await self._apply(batch, delivered.blobs)
             except Exception:  # a bug must not stop the node applying: isolate the entry at fault
                 log.exception("applying a batch of %d entries failed; applying them one by one", len(batch))
                 for item in batch:
@@ -165,8 +166,14 @@ class Pigtail:
                         await self._apply([item], skip=True)
             await self._linger.pause(len(batch), APPLY_BATCH)
 
-    async def _apply(self, batch: Sequence[tuple[int, Entry]], *, skip: bool = False) -> None:
-        applied = self.state.plan_skip(batch[-1][0]) if skip else self.state.plan(batch, self._log.promises())
+    async def _apply(
+        self, batch: Sequence[tuple[int, Entry]], blobs: Sequence[bytes] | None = None, *, skip: bool = False
+    ) -> None:
+        applied = (
+            self.state.plan_skip(batch[-1][0])
+            if skip
+            else self.state.plan(batch, self._log.promises(), blobs)
+        )
         if self._sync:
             await asyncio.to_thread(self._store.write, applied.writes, sync=True)
         else:

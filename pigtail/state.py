@@ -37,7 +37,7 @@ from typing import TypedDict, cast
 
 import orjson
 
-from potboiler.pigtail.codec import decode, stamp_of
+from potboiler.pigtail.codec import EVENT_MARK, decode, stamp_of
 from potboiler.pigtail.machine import (
     QueueConfig,
     QueueCreated,
@@ -226,10 +226,15 @@ class PigtailState:
     # -- applying --------------------------------------------------------------------------------
 
     def plan(
-        self, batch: Sequence[tuple[int, Entry]], promises: Mapping[str, Promise] | None = None
+        self,
+        batch: Sequence[tuple[int, Entry]],
+        promises: Mapping[str, Promise] | None = None,
+        blobs: Sequence[bytes] | None = None,
     ) -> Applied:
         """The writes and new records for a batch of delivered entries; changes nothing yet.
-        `promises` are the owners' clock promises known to the node (for the compaction horizon)."""
+        `promises` are the owners' clock promises known to the node (for the compaction horizon).
+        Given the entries serialized (`blobs`, in the same order), those that cannot be Pigtail
+        events are skipped without reading their data."""
         applied = Applied(position=batch[-1][0] if batch else self.cursor)
         queues = applied.queues
         tasks = applied.tasks
@@ -249,6 +254,9 @@ class PigtailState:
         newest: dict[str, Entry] = {}  # each owner's newest entry in the batch (stamps grow along a chain)
         for _, entry in batch:
             newest[entry.owner] = entry
+        if blobs is not None:
+            batch = [item for item, blob in zip(batch, blobs, strict=True) if EVENT_MARK in blob]
+        for _, entry in batch:
             delivered = decode(entry)
             if delivered is None:
                 continue

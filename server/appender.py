@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from potboiler.server.errors import PotboilerError
-from potboiler.server.log import Log, NewEntry, Plan
+from potboiler.server.log import DeliveredBatch, Log, NewEntry, Plan
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -51,7 +51,7 @@ class Appender:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._tail: list[tuple[int, Entry]] = []
-        self._tail_sizes: list[int] = []  # serialized size of each tail entry
+        self._tail_blobs: list[bytes] = []  # each tail entry serialized
         self._tail_bytes = 0
         self.batches = 0
         self.appended = 0
@@ -96,13 +96,18 @@ class Appender:
         return job.done
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
-        """Up to `limit` delivered (position, entry) after position `after`: from the in-memory tail
-        when it reaches back that far, else from the store. The entries are shared: do not change them."""
+        """Up to `limit` delivered (position, entry) after position `after` (see `delivered_batch`)."""
+        return self.delivered_batch(after, limit).entries
+
+    def delivered_batch(self, after: int, limit: int) -> DeliveredBatch:
+        """Up to `limit` delivered entries after position `after`, with their serialized forms: from
+        the in-memory tail when it reaches back that far, else from the store. The entries are
+        shared: do not change them."""
         tail = self._tail
         if tail and tail[0][0] <= after + 1:
             start = after + 1 - tail[0][0]
-            return tail[start : start + limit]
-        return self.log.delivered(after, limit)
+            return DeliveredBatch(tail[start : start + limit], self._tail_blobs[start : start + limit])
+        return self.log.delivered_batch(after, limit)
 
     def _remember(self, plan: Plan) -> None:
         entries = plan.delivered_entries
@@ -110,19 +115,19 @@ class Appender:
             return
         first = plan.position - len(entries) + 1
         tail = self._tail
+        blobs = self._tail_blobs
         if tail and tail[-1][0] != first - 1:
             tail.clear()  # not contiguous (cannot happen with one writer; be safe)
-            self._tail_sizes.clear()
+            blobs.clear()
             self._tail_bytes = 0
         tail.extend(zip(range(first, plan.position + 1), entries, strict=True))
-        self._tail_sizes.extend(plan.delivered_sizes)
-        self._tail_bytes += sum(plan.delivered_sizes)
+        blobs.extend(plan.delivered_blobs)
+        self._tail_bytes += sum(map(len, plan.delivered_blobs))
         if len(tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES:
-            sizes = self._tail_sizes
             drop = len(tail) - len(tail) // 2
-            self._tail_bytes -= sum(sizes[:drop])
+            self._tail_bytes -= sum(map(len, blobs[:drop]))
             del tail[:drop]
-            del sizes[:drop]
+            del blobs[:drop]
 
     async def wait_delivered(self, position: int, timeout: float | None = None) -> bool:
         """Wait until the delivery position exceeds `position`; False on timeout."""

@@ -168,6 +168,16 @@ class DeliveryRun:
         return self.position + self.count - 1
 
 
+@dataclass(frozen=True)
+class DeliveredBatch:
+    """Delivered entries in delivery order, as (position, entry), and each entry serialized (in the
+    same order). A consumer that only wants some entries can skip the others by their bytes: the
+    first access to a parsed entry's data costs about a microsecond."""
+
+    entries: list[tuple[int, Entry]]
+    blobs: list[bytes]
+
+
 @dataclass
 class Plan:
     """A change of the log: the batch to write, then the in-memory state to adopt once written."""
@@ -176,22 +186,22 @@ class Plan:
     writes: list[Write] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     #: The entries this plan stores through `Log._plan_store` (all but the remote ones that are
-    #: delivered at once), by id, with their locations and serialized sizes.
+    #: delivered at once), by id, with their locations and serialized forms.
     by_id: dict[bytes, Entry] = field(default_factory=dict)
     locations: dict[bytes, bytes] = field(default_factory=dict)
-    sizes: dict[bytes, int] = field(default_factory=dict)
+    blobs: dict[bytes, bytes] = field(default_factory=dict)
     heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
-    #: What this plan delivers, in delivery order: ids, entries and their serialized sizes.
+    #: What this plan delivers, in delivery order: ids, entries and the entries serialized.
     delivered: list[bytes] = field(default_factory=list)
     delivered_entries: list[Entry] = field(default_factory=list)
-    delivered_sizes: list[int] = field(default_factory=list)
+    delivered_blobs: list[bytes] = field(default_factory=list)
     delivered_set: set[bytes] = field(default_factory=set)
     undelivered: set[bytes] = field(default_factory=set)
     waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
     #: The delivery run being built, written by `Log.finish` (or when the next one begins).
     run: DeliveryRun | None = None
 
-    def deliver(self, raw: bytes, owner: bytes, seq: int, entry: Entry, size: int) -> None:
+    def deliver(self, raw: bytes, owner: bytes, seq: int, entry: Entry, blob: bytes) -> None:
         """Give the stored entry `raw`, seq `seq` of `owner`'s chain, the next delivery position."""
         self.position += 1
         run = self.run
@@ -204,7 +214,7 @@ class Plan:
         self.delivered.append(raw)
         self.delivered_set.add(raw)
         self.delivered_entries.append(entry)
-        self.delivered_sizes.append(size)
+        self.delivered_blobs.append(blob)
 
 
 @dataclass
@@ -319,9 +329,15 @@ class Log:
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order."""
-        if after >= self._position:
-            return []
+        return self.delivered_batch(after, limit).entries
+
+    def delivered_batch(self, after: int, limit: int) -> DeliveredBatch:
+        """Up to `limit` delivered entries with position > `after`, in delivery order, with their
+        serialized forms."""
         out: list[tuple[int, Entry]] = []
+        blobs: list[bytes] = []
+        if after >= self._position:
+            return DeliveredBatch(out, blobs)
         # Delivery order follows each owner's chain in seq order, so each chain is read with one
         # iterator (sequential, cheap even from disk) rather than with a lookup per entry; an
         # iterator is sought afresh only when its next entry is not the one delivered.
@@ -334,7 +350,7 @@ class Log:
             owner = run.owner
             for offset in range(max(0, after + 1 - run.position), run.count):
                 if len(out) == limit:
-                    return out
+                    return DeliveredBatch(out, blobs)
                 chain_key = b"o" + owner + _U64.pack(run.seq + offset)
                 chain = chains.get(owner)
                 found = next(chain, None) if chain is not None else None
@@ -345,7 +361,8 @@ class Log:
                         f"delivered entry {chain_key[1:].hex()} is missing"
                     )
                 out.append((run.position + offset, Entry.FromString(found[1])))
-        return out
+                blobs.append(found[1])
+        return DeliveredBatch(out, blobs)
 
     def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:
         """Up to `limit` serialized entries of `owner`'s log with seq > `after_seq`, in seq order."""
@@ -446,7 +463,7 @@ class Log:
                     writes.append((b"o" + location, blob))
                     writes.append((b"e" + raw, location))
                     plan.entries.append(entry)
-                    plan.deliver(raw, chain.owner, seq, entry, len(blob))
+                    plan.deliver(raw, chain.owner, seq, entry, blob)
                 out.append(entry)
         finally:
             # A chain's stamps grow along it (an owner's clock never goes back, across restarts
@@ -481,7 +498,7 @@ class Log:
         location = owner + _U64.pack(seq)
         if blob is None:
             blob = entry.SerializeToString()
-        plan.sizes[raw] = len(blob)
+        plan.blobs[raw] = blob
         writes.append((b"o" + location, blob))
         writes.append((b"e" + raw, location))
         plan.locations[raw] = location
@@ -524,11 +541,12 @@ class Log:
         assert location is not None, "only stored entries are delivered"
         entry = plan.by_id.get(raw)
         if entry is None:  # stored by an earlier plan
-            entry = self._load_at(location)
-            size = entry.ByteSize()
+            blob = self._store.get(b"o" + location)
+            assert blob is not None, f"entry {uuid_str(raw)} is missing"
+            entry = Entry.FromString(blob)
         else:
-            size = plan.sizes[raw]
-        plan.deliver(raw, location[:16], _U64.unpack(location[16:])[0], entry, size)
+            blob = plan.blobs[raw]
+        plan.deliver(raw, location[:16], _U64.unpack(location[16:])[0], entry, blob)
         if raw in plan.undelivered or raw in self._undelivered:
             # Also when the mark was written earlier in this same batch: the delete comes after it.
             plan.undelivered.discard(raw)

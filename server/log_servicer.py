@@ -126,5 +126,5 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         limit = min(request.max_batch or MAX_SUBSCRIBE_BATCH, MAX_SUBSCRIBE_BATCH)
         async for batch in LocalLogClient(self._appender).subscribe(request.after_position, limit):
             yield log_pb2.SubscribeEntriesResponse(
-                entries=[log_pb2.DeliveredEntry(position=p, entry=e) for p, e in batch]
+                entries=[log_pb2.DeliveredEntry(position=p, entry=e) for p, e in batch.entries]
             )

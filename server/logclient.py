@@ -16,7 +16,7 @@ from typing import Protocol
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
-from potboiler.server.log import Promise, validate_new_entry
+from potboiler.server.log import DeliveredBatch, Promise, validate_new_entry
 from potboiler.v1.entry_pb2 import Entry
 
 
@@ -32,8 +32,8 @@ class LogClient(Protocol):
         """Append one entry to this node's log; returns it once durable."""
         ...
 
-    def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[list[tuple[int, Entry]]]:
-        """Batches of (position, entry) delivered after `after_position`, forever, in delivery order."""
+    def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
+        """Batches of entries delivered after `after_position`, forever, in delivery order."""
         ...
 
     def promises(self) -> dict[str, Promise]:
@@ -55,16 +55,14 @@ class LocalLogClient:
         [entry] = await self._appender.append([validate_new_entry(data, dependencies)])
         return entry
 
-    async def subscribe(
-        self, after_position: int, limit: int = 1000
-    ) -> AsyncIterator[list[tuple[int, Entry]]]:
+    async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
         position = after_position
         while True:
-            batch = self._appender.delivered(position, limit)
-            if not batch:
+            batch = self._appender.delivered_batch(position, limit)
+            if not batch.entries:
                 await self._appender.wait_delivered(position)
                 continue
-            position = batch[-1][0]
+            position = batch.entries[-1][0]
             yield batch
 
     def promises(self) -> dict[str, Promise]:

@@ -65,8 +65,10 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
         log.apply(plan)
         # What the plan hands to subscribers is what the log now reads back at those positions.
         assert [parse_uuid(e.id) for e in plan.delivered_entries] == plan.delivered
-        assert [e.ByteSize() for e in plan.delivered_entries] == plan.delivered_sizes
-        assert [e.id for _, e in log.delivered(before, 10_000)] == [e.id for e in plan.delivered_entries]
+        assert [e.SerializeToString() for e in plan.delivered_entries] == plan.delivered_blobs
+        again = log.delivered_batch(before, 10_000)
+        assert [e.id for _, e in again.entries] == [e.id for e in plan.delivered_entries]
+        assert again.blobs == plan.delivered_blobs
         if rng.random() < 0.2:
             log = Log(store)  # a restart
     assert log.pending == 0

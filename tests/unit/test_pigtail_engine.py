@@ -19,7 +19,7 @@ from potboiler.pigtail.machine import Event, TaskClaimed, TaskView, list_dead, l
 from potboiler.pigtail.scheduler import rank
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import HybridClock
-from potboiler.server.log import Promise
+from potboiler.server.log import DeliveredBatch, Promise
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 from tests.conftest import wait_for
@@ -83,16 +83,14 @@ class FakeLog:
     def promises(self) -> dict[str, Promise]:
         return {}
 
-    async def subscribe(
-        self, after_position: int, limit: int = 1000
-    ) -> AsyncIterator[list[tuple[int, Entry]]]:
+    async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
         position = after_position
         while True:
             if position < len(self.entries):
                 end = min(len(self.entries), position + limit)
                 batch = [(i + 1, self.entries[i]) for i in range(position, end)]
                 position = end
-                yield batch
+                yield DeliveredBatch(batch, [entry.SerializeToString() for _, entry in batch])
             else:
                 self._changed.clear()
                 await self._changed.wait()

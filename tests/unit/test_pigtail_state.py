@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail import validate
-from potboiler.pigtail.codec import decode, event_data
+from potboiler.pigtail.codec import EVENT_MARK, decode, event_data
 from potboiler.pigtail.machine import (
     Event,
     JSONValue,
@@ -81,6 +81,8 @@ def test_codec_round_trip_and_foreign_entries() -> None:
     assert delivered.event == event
     assert delivered.stamp == Stamp(T0, 0, A)
     assert delivered.entry_id == entry.id
+    # The mark by which an applier skips other entries unread is in every Pigtail entry's bytes.
+    assert EVENT_MARK in entry.SerializeToString()
     foreign = [
         to_value(5),
         to_value({"table": "t", "key": "k", "crdt": None, "op": "set", "change": 1}),
