@@ -415,9 +415,14 @@ class Log:
             if item.dependencies:
                 entry.dependencies.extend(uuid_str(d) for d in item.dependencies)
             entry.data.CopyFrom(item.data)
-            self._plan_store(plan, entry, raw, me, seq, prev, item.dependencies)
+            if item.dependencies or self._undelivered or plan.undelivered:
+                self._plan_store(plan, entry, raw, me, seq, prev, item.dependencies)
+            else:
+                self._store_delivered(plan, entry, raw, me, seq, None)
             out.append(entry)
             prev, prev_text = raw, text
+        if out:
+            plan.heads[me] = (seq, prev)
         return out
 
     def plan_remote(
@@ -429,8 +434,6 @@ class Log:
         are then stored as they are."""
         out = []
         chains: dict[str, _Chain] = {}
-        writes = plan.writes
-        pack = _U64.pack
         pairs = zip(entries, blobs, strict=True) if blobs is not None else ((e, None) for e in entries)
         try:
             for entry, blob in pairs:
@@ -455,15 +458,7 @@ class Log:
                     deps = tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
                     self._plan_store(plan, entry, raw, chain.owner, seq, prev, deps, blob)
                 else:
-                    # Nothing waits for anything and this entry needs only its predecessor, which is
-                    # therefore delivered: store and deliver it at once (the catch-up hot path).
-                    location = chain.owner + pack(seq)
-                    if blob is None:
-                        blob = entry.SerializeToString()
-                    writes.append((b"o" + location, blob))
-                    writes.append((b"e" + raw, location))
-                    plan.entries.append(entry)
-                    plan.deliver(raw, chain.owner, seq, entry, blob)
+                    self._store_delivered(plan, entry, raw, chain.owner, seq, blob)
                 out.append(entry)
         finally:
             # A chain's stamps grow along it (an owner's clock never goes back, across restarts
@@ -477,6 +472,22 @@ class Log:
                         latest = Stamp(when.wall_ms, when.logical)
             self.clock.observe_remote(latest)
         return out
+
+    @staticmethod
+    def _store_delivered(
+        plan: Plan, entry: Entry, raw: bytes, owner: bytes, seq: int, blob: bytes | None
+    ) -> None:
+        """Store and deliver at once an entry that needs only its predecessor, while nothing waits
+        for anything (so its predecessor is delivered): the hot path of appends and catch-up.
+        The caller sets its chain's head."""
+        location = owner + _U64.pack(seq)
+        if blob is None:
+            blob = entry.SerializeToString()
+        writes = plan.writes
+        writes.append((b"o" + location, blob))
+        writes.append((b"e" + raw, location))
+        plan.entries.append(entry)
+        plan.deliver(raw, owner, seq, entry, blob)
 
     def _chain(self, plan: Plan, owner_text: str) -> _Chain:
         owner = parse_uuid(owner_text, "owner")
