@@ -369,14 +369,6 @@ class Log:
         start = b"o" + owner + _U64.pack(after_seq + 1)
         return [blob for _, blob in self._store.scan(start, prefix_end(b"o" + owner), limit=limit)]
 
-    def chain(self, owner: bytes, after_seq: int, limit: int) -> list[Entry]:
-        """Up to `limit` entries of `owner`'s log with seq > `after_seq`, in seq order."""
-        return [Entry.FromString(blob) for blob in self.chain_bytes(owner, after_seq, limit)]
-
-    def load(self, raw_id: bytes) -> Entry:
-        """The stored entry with this 16-byte id (it must exist)."""
-        return self._load(raw_id)
-
     def _load(self, raw_id: bytes) -> Entry:
         location = self._store.get(b"e" + raw_id)
         assert location is not None, f"indexed entry {uuid_str(raw_id)} is missing"

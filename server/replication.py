@@ -636,6 +636,8 @@ class Replicator:
         return True
 
     def _unregister(self, peer: Peer, session: Session) -> None:
+        # Over: wakes a dial loop that held back while this stream (dialed by the peer) was kept.
+        session.closed.set()
         if session in peer.sessions:
             peer.sessions.remove(session)
             peer.acked = dict(session.acked)

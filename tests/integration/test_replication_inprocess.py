@@ -14,10 +14,12 @@ from google.protobuf.struct_pb2 import Value
 from potboiler.server import replication
 from potboiler.server.errors import NotFound
 from potboiler.server.hlc import Stamp
-from potboiler.server.log import NewEntry, validate_new_entry
+from potboiler.server.log import Log, NewEntry, validate_new_entry
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
+from potboiler.server.storage import MemoryStore
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
+from tests.unit.test_log import commit_local
 
 pytestmark = pytest.mark.asyncio
 
@@ -258,12 +260,13 @@ async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_no
     make_node: NodeFactory,
 ) -> None:
     """Replicated entries travel as the sender's stored bytes; bytes that do not parse as an Entry
-    end the stream with INVALID_ARGUMENT, and the entries of that batch before them are not stored."""
+    end the stream with INVALID_ARGUMENT, and the entries of that batch before them are not stored.
+    The sender is this test: its hello names a node nobody listens for, which `a` then dials in vain."""
     a = await make_node()
-    b = await make_node()  # never started replicating: only its id and an entry are used
-    [good] = await append(b, 1)
-    blob = b.log.chain_bytes(b.log.node_id_bytes, 0, 1)[0]
-    hello = replication_pb2.Hello(node_id=b.log.node_id, url=b.config.url)
+    origin = Log(MemoryStore())
+    [entry] = commit_local(origin, origin._store, [NewEntry(number(1))])
+    good, blob = entry.id, entry.SerializeToString()
+    hello = replication_pb2.Hello(node_id=origin.node_id, url=f"http://127.0.0.1:{find_base_port()}")
     batch = replication_pb2.EntryBatch(entries=[blob, b"\xff\xff\xff"])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
         call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(
@@ -279,6 +282,6 @@ async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_no
                 pass
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a serialized Entry" in (raised.value.details() or "")
-    assert a.log.vector().get(b.log.node_id, 0) == 0
+    assert a.log.vector().get(origin.node_id, 0) == 0
     with pytest.raises(NotFound):
         a.log.get(good)
