@@ -268,15 +268,13 @@ async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_no
     good, blob = entry.id, entry.SerializeToString()
     hello = replication_pb2.Hello(node_id=origin.node_id, url=f"http://127.0.0.1:{find_base_port()}")
     batch = replication_pb2.EntryBatch(entries=[blob, b"\xff\xff\xff"])
+
+    async def requests() -> AsyncIterator[replication_pb2.ReplicateRequest]:
+        yield replication_pb2.ReplicateRequest(hello=hello)
+        yield replication_pb2.ReplicateRequest(entries=batch)
+
     async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
-        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(
-            iter(
-                [
-                    replication_pb2.ReplicateRequest(hello=hello),
-                    replication_pb2.ReplicateRequest(entries=batch),
-                ]
-            )
-        )
+        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(requests())
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in call:
                 pass
