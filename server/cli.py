@@ -207,11 +207,6 @@ async def run_node(config: NodeConfig) -> None:
         # What exists once the node is up (modules, descriptors, servicers) lives as long as the
         # process: keep it out of the collector's full passes, which otherwise take tens of ms.
         gc.freeze()
-        # Entries held in memory (the appender's tail, the services' caches) are long-lived and many:
-        # with the default thresholds the collector's older passes walk them every few thousand
-        # allocations, about 1 us per replicated entry (measured). Young passes over 50,000 objects
-        # take under a millisecond.
-        gc.set_threshold(50_000, 20, 10)
         https = config.security.rest_tls is not None
         print(f"node {node.log.node_id}: {ports_line(config.host, config.base_port, https)}", flush=True)
         await stop.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,14 @@ class NodeConfig:
         return f"http://{self.host}:{self.base_port}"
 
 
+#: The process's garbage collector thresholds once a node runs in it. Entries held in memory (the
+#: appender's tail, the services' caches) are long-lived and many: with Python's defaults (700, 10,
+#: 10) the older passes walk them every few thousand allocations, which cost about 1 us per
+#: replicated entry and a third of a KV rebuild's time (measured). A young pass over 50,000 objects
+#: takes under a millisecond.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
 class Node:
     """A running node. `start()` opens the store and serves; `stop()` undoes it all."""
 
@@ -122,6 +131,7 @@ class Node:
     async def start(self) -> None:
         """Serve gRPC, start the services and the gateway."""
         config = self.config
+        gc.set_threshold(*GC_THRESHOLDS)
         self.appender.start()
         server = grpc.aio.server(options=server_options(), interceptors=config.security.interceptors())
         # Our services answer requests that are not valid protobuf with INVALID_ARGUMENT.
