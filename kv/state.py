@@ -37,7 +37,7 @@ from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.jsonvalue import from_value, to_value
-from potboiler.server.log import MAX_DEPENDENCIES
+from potboiler.server.log import MAX_DEPENDENCIES, marked
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -333,7 +333,7 @@ class KvState:
             return
         last = batch[-1][0]
         if blobs is not None:
-            batch = [item for item, blob in zip(batch, blobs, strict=True) if EVENT_MARK in blob]
+            batch = marked(batch, blobs, EVENT_MARK)
         states: dict[bytes, Stored] = {}
         cache = self._cache
         get = self._store.get
@@ -409,9 +409,8 @@ class KvState:
                     self._tables[name] = info
 
 
-#: What every KV event's serialized entry holds: the key "table" in its data's Struct (a map entry's
-#: key is its field 1, length-delimited, and the owner serialized the entry canonically; the bytes
-#: travel unchanged to every node, so every node skips the same entries).
+#: What every KV event's serialized entry holds (see `potboiler.server.log.marked`): the key "table"
+#: of its data's Struct, as a map entry's key (field 1) is written.
 EVENT_MARK = b"\n\x05table"
 _MISSING: Any = object()
 _LWW = CrdtType.LWW

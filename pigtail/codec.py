@@ -33,9 +33,8 @@ log = logging.getLogger(__name__)
 
 #: The one key of a Pigtail entry's data.
 TAG = "pigtail"
-#: What every Pigtail entry serialized holds: the key TAG in its data's Struct (a map entry's key is
-#: its field 1, length-delimited; the owner serialized the entry canonically and the bytes travel
-#: unchanged, so every node skips the same entries).
+#: What every Pigtail entry serialized holds (see `potboiler.server.log.marked`): the key TAG of its
+#: data's Struct, as a map entry's key (field 1) is written.
 EVENT_MARK = b"\n" + bytes([len(TAG)]) + TAG.encode()
 
 

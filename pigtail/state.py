@@ -52,7 +52,7 @@ from potboiler.pigtail.machine import (
     compact_task,
     queue_config,
 )
-from potboiler.server.log import Promise
+from potboiler.server.log import Promise, marked
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -255,7 +255,7 @@ class PigtailState:
         for _, entry in batch:
             newest[entry.owner] = entry
         if blobs is not None:
-            batch = [item for item, blob in zip(batch, blobs, strict=True) if EVENT_MARK in blob]
+            batch = marked(batch, blobs, EVENT_MARK)
         for _, entry in batch:
             delivered = decode(entry)
             if delivered is None:

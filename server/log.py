@@ -178,6 +178,16 @@ class DeliveredBatch:
     blobs: list[bytes]
 
 
+def marked(
+    entries: Sequence[tuple[int, Entry]], blobs: Sequence[bytes], mark: bytes
+) -> list[tuple[int, Entry]]:
+    """The (position, entry) pairs whose serialized entry (`blobs`, in the same order) holds `mark`.
+    An entry's bytes are those its owner serialized, canonically (a Struct key, for one, is written
+    as its field tag, length and text), and they travel unchanged to every node: given a mark every
+    entry of some kind holds, every node skips the same other entries without reading them."""
+    return [item for item, blob in zip(entries, blobs, strict=True) if mark in blob]
+
+
 @dataclass
 class Plan:
     """A change of the log: the batch to write, then the in-memory state to adopt once written."""
