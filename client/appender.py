@@ -117,7 +117,12 @@ class StreamAppender:
             self._fail(error, sent)
         finally:
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+            # A writer that wrote on the call after it ended raises what grpc.aio says then (the
+            # call's status, a usage error, or InvalidStateError "RPC already finished"): the
+            # reader has already failed the appends with the call's own error.
+            with contextlib.suppress(
+                asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError
+            ):
                 await writer
             call.cancel()
 
