@@ -14,6 +14,7 @@ import ctypes
 import functools
 import ipaddress
 import json
+import os
 import re
 import signal
 import string
@@ -243,6 +244,17 @@ def render(
     )
 
 
+def worker_threads() -> int:
+    """Envoy's worker threads (`--concurrency`): every core this process may run on but one, which
+    the node's own Python process keeps busy, and at least one.
+
+    Measured on 2 cores (wrk, 32 connections, 3 interleaved pairs): with 1 worker instead of 2,
+    `GET /kv/t/k` went from 2,400-2,800 to 3,700-4,200 requests/s, with both Envoy's and the node's
+    CPU per request lower by a quarter; `POST /log` was as fast or faster in each of 5 pairs. A second
+    worker mostly contends with the node for the two cores."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
@@ -308,7 +320,7 @@ class Gateway:
             "--admin-address-path",
             str(admin_path),
             "--concurrency",
-            "2",
+            str(worker_threads()),
             stdin=asyncio.subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 import envoy
 import pytest
 
+from potboiler.server import gateway
 from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render
 
 
@@ -56,3 +57,9 @@ def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:
     request_check = (LUA_DIR / "request_json.lua").read_text()
     assert "raw_body: {inline_string: " + json.dumps(responses) + "}" in config
     assert "default_source_code: {inline_string: " + json.dumps(responses + request_check) + "}" in config
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (4, 3), (16, 15)])
+def test_envoy_leaves_one_core_to_the_node(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
+    monkeypatch.setattr(gateway.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert gateway.worker_threads() == workers
