@@ -4,6 +4,7 @@ is swapped out exactly on them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -11,8 +12,7 @@ from pathlib import Path
 import envoy
 import pytest
 
-from potboiler.server import gateway
-from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render
+from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render, worker_threads
 
 
 def test_post_log_takes_its_body_raw() -> None:
@@ -61,5 +61,5 @@ def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:
 
 @pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (4, 3), (16, 15)])
 def test_envoy_leaves_one_core_to_the_node(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
-    monkeypatch.setattr(gateway.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert gateway.worker_threads() == workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert worker_threads() == workers
