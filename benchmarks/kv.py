@@ -6,7 +6,7 @@
    the LWW table `t`.
 2. Sets: `POST /kv/t/k` with `{"op": "set", "change": {...}}` on the KV port (B+1) at `--concurrency`
    concurrent connections for `--duration` seconds (with `--keys N`, the keys k0..k{N-1} in turn). Each
-   answer is a 200 only once the write is durable in the log AND applied (read-your-writes).
+   answer is a 200 once the write is durable in the log (reads on the node wait until it is applied).
 3. Gets: `GET /kv/t/k` the same way.
    For both, the CPU time the node process (and, in `cpu`, each process of its tree: the node and its
    Envoy) spent per request, which other work on the machine skews much less than requests/s.

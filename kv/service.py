@@ -3,11 +3,16 @@
 Writes: a servicer validates the request into a `PlannedWrite` (`KvState.plan_write`), `KvService.write`
 appends its event to the local log through the narrow `LogClient` interface (with the entries it depends
 on: the table's `_config` entry, and the entries an OR-Set remove or an MV-Register set supersedes, so
-every replica applies them in an order that makes sense), then waits until the applier has applied that
-entry here (read-your-writes), at most `APPLY_WAIT` seconds.
+every replica applies them in an order that makes sense) and answers once the entry is durable.
 
 Reads come from the materialised state (`KvState`), kept in the service's own RocksDB store in
 `<data-dir>/kv`, updated by one task that consumes the log's subscription from its stored cursor.
+
+Read-your-writes on this node: every read takes the state through `KvService.current`, which first waits
+(at most `APPLY_WAIT` seconds) until the applier has applied every write this service has answered. So
+the wait falls on a read that follows writes, not on each write: writes that nobody reads at once are
+applied in batches (one store write for many). Planning a write reads the state too when the write
+depends on it (see `KvState.plan_reads_state`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 
 import grpc
 
+from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.jsonvalue import to_value
@@ -30,7 +36,7 @@ from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
-#: Longest a write waits for its own entry to be applied before answering anyway.
+#: Longest a read waits for this node's answered writes to be applied before answering anyway.
 APPLY_WAIT = 5.0
 #: Most log entries applied in one batch (one store write).
 APPLY_BATCH = 1000
@@ -55,11 +61,16 @@ class KvService:
         self._store = store if store is not None else RocksStore(context.data_dir)
         self.state = KvState(self._store, sync=context.fsync)
         self._task: asyncio.Task[None] | None = None
-        #: Writers waiting for their entry to be applied, by the entry's seq.
+        #: Readers waiting for this node's own entries to be applied, by the entry's seq.
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._linger = Linger(APPLY_LINGER_S)
         #: The highest seq of this node's own entries applied since the service started.
         self._own_seq = 0
+        #: The highest seq of a write this service has answered, and of a `_config` write among them.
+        self._answered_seq = 0
+        self._answered_config_seq = 0
+        #: Reads stop waiting for seqs up to this one once a wait for it has timed out.
+        self._given_up_seq = 0
 
     @property
     def node_id(self) -> str:
@@ -90,27 +101,41 @@ class KvService:
     # -- writes ---------------------------------------------------------------------------------
 
     async def write(self, planned: PlannedWrite) -> Entry:
-        """Append a planned write and wait (bounded) until it is applied here."""
+        """Append a planned write; returns its entry once durable (reads wait until it is applied)."""
         entry = await self._context.log.append(to_value(planned.event.to_json()), planned.dependencies)
-        await self.wait_applied(entry)
+        self._answered_seq = max(self._answered_seq, entry.seq)
+        if planned.event.table == CONFIG_TABLE:
+            self._answered_config_seq = max(self._answered_config_seq, entry.seq)
         return entry
 
-    async def wait_applied(self, entry: Entry, timeout: float = APPLY_WAIT) -> bool:
-        """Wait until `entry`, one of this node's own, is applied; False if it is not within `timeout`.
+    async def current(self) -> KvState:
+        """The state, once it shows every write this service has answered (read-your-writes)."""
+        seq = self._answered_seq
+        if seq > self._own_seq and seq > self._given_up_seq and not await self._wait_applied(seq):
+            log.warning("KV writes up to seq %d not applied after %.1fs; reading anyway", seq, APPLY_WAIT)
+            self._given_up_seq = max(self._given_up_seq, seq)
+        return self.state
+
+    async def state_to_plan(self, table: str) -> KvState:
+        """The state to plan a write to `table` on: current for a write that reads it, or while a
+        `_config` write of this node is not applied yet (it may create or retype `table`)."""
+        if self._answered_config_seq <= self._own_seq and not self.state.plan_reads_state(table):
+            return self.state
+        return await self.current()
+
+    async def _wait_applied(self, seq: int) -> bool:
+        """Wait until this node's own entry `seq` is applied; False if it is not within APPLY_WAIT.
 
         A node's own entries are delivered in their seq order (each depends on its predecessor), so
         "applied" is "seq at most the highest own seq applied so far"."""
-        if entry.seq <= self._own_seq:
-            return True
-        waiter = self._waiters.get(entry.seq)
+        waiter = self._waiters.get(seq)
         if waiter is None:
-            waiter = self._waiters[entry.seq] = asyncio.get_running_loop().create_future()
+            waiter = self._waiters[seq] = asyncio.get_running_loop().create_future()
         self._linger.hurry()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            await asyncio.wait_for(asyncio.shield(waiter), APPLY_WAIT)
         except TimeoutError:
-            self._waiters.pop(entry.seq, None)
-            log.warning("KV write %s not applied after %.1fs; answering anyway", entry.id, timeout)
+            self._waiters.pop(seq, None)
             return False
         return True
 
@@ -132,7 +157,7 @@ class KvService:
                 delay = min(delay * 2, 5.0)
 
     def apply(self, delivered: DeliveredBatch) -> None:
-        """Apply a batch of delivered entries and wake the writers waiting for them."""
+        """Apply a batch of delivered entries and wake the readers waiting for them."""
         batch = delivered.entries
         self.state.apply_batch(batch, delivered.blobs)
         me = self._context.log.node_id

@@ -58,7 +58,8 @@ async def update(
     service: KvService, table: str, key: str, op: str, change: JSON, *, has_change: bool
 ) -> tuple[str, bool]:
     """Validate and make one write; its entry id and whether its table is unknown here."""
-    planned = service.state.plan_write(table, key, op, change, has_change=has_change)
+    state = await service.state_to_plan(table)
+    planned = state.plan_write(table, key, op, change, has_change=has_change)
     entry = await service.write(planned)
     return entry.id, planned.pending
 
@@ -68,7 +69,6 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
 
     def __init__(self, service: KvService) -> None:
         self._service = service
-        self._state = service.state
 
     @unary
     async def UpdateValue(
@@ -83,7 +83,7 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
 
     @unary
     async def GetValue(self, request: kv_pb2.GetValueRequest, context: Ctx) -> kv_pb2.GetValueResponse:
-        crdt, value = self._state.get_message(request.table, request.key)
+        crdt, value = (await self._service.current()).get_message(request.table, request.key)
         return kv_pb2.GetValueResponse(crdt=crdt_proto(crdt), value=value)
 
     @unary
@@ -91,16 +91,18 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
         self, request: kv_pb2.CreateTableRequest, context: Ctx
     ) -> kv_pb2.CreateTableResponse:
         crdt = crdt_from_proto(request.crdt)
-        planned = self._state.plan_write(CONFIG_TABLE, request.name, "set", {"crdt": crdt.value})
+        state = await self._service.state_to_plan(CONFIG_TABLE)
+        planned = state.plan_write(CONFIG_TABLE, request.name, "set", {"crdt": crdt.value})
         entry = await self._service.write(planned)
         return kv_pb2.CreateTableResponse(id=entry.id)
 
     @unary
     async def ListTables(self, request: kv_pb2.ListTablesRequest, context: Ctx) -> kv_pb2.ListTablesResponse:
+        state = await self._service.current()
         return kv_pb2.ListTablesResponse(
             tables=[
                 kv_pb2.Table(name=t.name, crdt=crdt_proto(t.crdt), config_id=t.config_id)
-                for t in self._state.tables()
+                for t in state.tables()
             ]
         )
 
@@ -110,7 +112,7 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
         after = request.page_token
         if after and not check_page_token(after):
             raise InvalidArgument(f"invalid page token {after[:40]!r}")
-        keys = self._state.keys(request.table, after, size + 1)
+        keys = (await self._service.current()).keys(request.table, after, size + 1)
         more = len(keys) > size
         keys = keys[:size]
         return kv_pb2.ListKeysResponse(keys=keys, next_page_token=keys[-1] if more else "")
@@ -130,7 +132,6 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
 
     def __init__(self, service: KvService) -> None:
         self._service = service
-        self._state = service.state
 
     @unary
     async def PostKvValue(
@@ -149,20 +150,20 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
     @unary
     async def GetKvTables(self, request: kv_rest_pb2.GetKvTablesRequest, context: Ctx) -> ListValue:
         out = ListValue()
-        for t in self._state.tables():
+        for t in (await self._service.current()).tables():
             out.values.add().string_value = t.name
         return out
 
     @unary
     async def GetKvKeys(self, request: kv_rest_pb2.GetKvKeysRequest, context: Ctx) -> ListValue:
         out = ListValue()
-        for key in self._state.keys(request.table):
+        for key in (await self._service.current()).keys(request.table):
             out.values.add().string_value = key
         return out
 
     @unary
     async def GetKvValue(self, request: kv_rest_pb2.GetKvValueRequest, context: Ctx) -> Value:
-        return self._state.get_message(request.table, request.key)[1]
+        return (await self._service.current()).get_message(request.table, request.key)[1]
 
 
 class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
@@ -170,19 +171,19 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
 
     def __init__(self, service: KvService) -> None:
         self._service = service
-        self._state = service.state
 
     async def GetIndexPage(self, request: kv_browser_pb2.GetIndexPageRequest, context: Ctx) -> HttpBody:
-        tables = [(t.name, t.crdt) for t in self._state.tables()]
+        tables = [(t.name, t.crdt) for t in (await self._service.current()).tables()]
         return HttpBody(content_type=HTML, data=browser.index_page(tables, self._service.node_id))
 
     async def GetTablePage(self, request: kv_browser_pb2.GetTablePageRequest, context: Ctx) -> HttpBody:
         table, after = request.table, request.after
+        state = await self._service.current()
         try:
-            info = self._state.table(table)
+            info = state.table(table)
             if after:
                 check_name(after, "key")
-            rows = list(self._state.items(table, after, BROWSER_PAGE_KEYS + 1))
+            rows = list(state.items(table, after, BROWSER_PAGE_KEYS + 1))
         except (NotFound, InvalidArgument) as error:
             status = 404 if isinstance(error, NotFound) else 400
             await context.send_initial_metadata(((rest.HTTP_CODE_HEADER, str(status)),))

@@ -229,6 +229,13 @@ class KvState:
 
     # -- writes ---------------------------------------------------------------------------------
 
+    def plan_reads_state(self, table: str) -> bool:
+        """Whether `plan_write` reads a key's state to plan a write to `table`: it does for every known
+        table type but LWW (an OR-Set remove names the adds it saw, a counter checks its sum stays
+        exact...), and not for `_config` or a table not known here."""
+        info = self._tables.get(table)
+        return info is not None and info.crdt is not CrdtType.LWW
+
     def plan_write(
         self, table: str, key: str, op: str, change: JSON, *, has_change: bool = True
     ) -> PlannedWrite:
@@ -246,7 +253,7 @@ class KvState:
         info = self._tables.get(table)
         if info is None:
             return self._plan_unknown_table(table, key, op, change)
-        # An LWW set needs no observed context: its state is not read.
+        # An LWW set needs no observed context: its state is not read (see plan_reads_state).
         state = None if info.crdt is CrdtType.LWW else self.state(info.crdt, table, key)
         try:
             payload = prepare(info.crdt, state, op, change)

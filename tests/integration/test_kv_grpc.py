@@ -229,10 +229,65 @@ async def test_read_your_writes_under_concurrency(kv: KvNode) -> None:
     await asyncio.gather(*(client(i) for i in range(16)))
 
 
+async def test_every_read_shows_the_lww_writes_answered_before_it(kv: KvNode) -> None:
+    """LWW writes answer once durable, without waiting to be applied; each kind of read waits."""
+    await kv.create_table("t", "LWW")
+
+    async def client(i: int) -> None:
+        for j in range(5):
+            key = f"k{i}-{j}"
+            await kv.update("t", key, "set", j)
+            assert await kv.value("t", key) == j
+            got = await kv.kv.GetValue(kv_pb2.GetValueRequest(table="t", key=key))
+            assert from_value(got.value) == j
+        await kv.update("t", f"last{i}", "set", i)
+        keys = await kv.rest.GetKvKeys(kv_rest_pb2.GetKvKeysRequest(table="t"))
+        assert f"last{i}" in [v.string_value for v in keys.values]
+        listed = await kv.kv.ListKeys(kv_pb2.ListKeysRequest(table="t"))
+        assert f"last{i}" in listed.keys
+        page = await kv.browser.GetTablePage(kv_browser_pb2.GetTablePageRequest(table="t"))
+        assert f"last{i}".encode() in page.data
+
+    await asyncio.gather(*(client(i) for i in range(8)))
+
+
+async def test_a_new_table_is_known_to_the_next_write_and_read(kv: KvNode) -> None:
+    for i in range(10):
+        await kv.create_table(f"t{i}", "ORSET")
+        answer = await kv.update(f"t{i}", "k", "add", {"item": i, "key": "e"})
+        assert not answer.pending  # planned with the table this node just created
+        tables = await kv.kv.ListTables(kv_pb2.ListTablesRequest())
+        assert f"t{i}" in [t.name for t in tables.tables]
+        listed = await kv.rest.GetKvTables(kv_rest_pb2.GetKvTablesRequest())
+        assert f"t{i}" in [v.string_value for v in listed.values]
+        index = await kv.browser.GetIndexPage(kv_browser_pb2.GetIndexPageRequest())
+        assert f"t{i}".encode() in index.data
+        await kv.update(f"t{i}", "k", "remove", {"item": i, "key": "e"})
+        assert await kv.value(f"t{i}", "k") == []  # the remove saw the add it follows
+
+
+async def test_writes_nobody_reads_yet_are_applied_in_batches(kv: KvNode) -> None:
+    await kv.create_table("t", "LWW")
+    batches = 0
+    apply = kv.service.apply
+
+    def counting(delivered: Any) -> None:
+        nonlocal batches
+        batches += 1
+        apply(delivered)
+
+    kv.service.apply = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(kv.update("t", f"k{i}", "set", i) for i in range(200)))
+    assert [await kv.value("t", f"k{i}") for i in range(200)] == list(range(200))
+    # Had each write waited for its own apply, there would be about one batch per write.
+    assert batches < 100
+
+
 async def test_restart_neither_loses_nor_double_applies(grpc_node_factory: GrpcNodeFactory) -> None:
     kv = await start_kv(grpc_node_factory, "n")
     await kv.create_table("c", "PNCOUNTER")
     await asyncio.gather(*(kv.update("c", "k", "increment", 1) for _ in range(50)))
+    assert await kv.value("c", "k") == 50  # a read: every answered write is applied
     position = kv.service.state.position
     await grpc_node_factory.stop(kv.grpc)
     kv = await start_kv(grpc_node_factory, "n")

@@ -96,7 +96,8 @@ class KvServiceServicer:
 
     def UpdateValue(self, request, context):
         """Changes one key of a table with one CRDT operation. Answered once the
-        write is durable in the local log and applied to this node's state.
+        write is durable in the local log; reads on this node then wait until it
+        is applied to this node's state (read-your-writes, above).
         A write to a table this node does not know yet is accepted when it is well
         formed for at least one table type; it is kept and takes effect once the
         table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,

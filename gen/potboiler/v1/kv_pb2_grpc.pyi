@@ -50,7 +50,8 @@ class KvServiceStub:
     def __new__(cls, channel: _aio.Channel) -> KvServiceAsyncStub: ...
     UpdateValue: _grpc.UnaryUnaryMultiCallable[_kv_pb2.UpdateValueRequest, _kv_pb2.UpdateValueResponse]
     """Changes one key of a table with one CRDT operation. Answered once the
-    write is durable in the local log and applied to this node's state.
+    write is durable in the local log; reads on this node then wait until it
+    is applied to this node's state (read-your-writes, above).
     A write to a table this node does not know yet is accepted when it is well
     formed for at least one table type; it is kept and takes effect once the
     table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
@@ -99,7 +100,8 @@ class KvServiceAsyncStub(KvServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     UpdateValue: _aio.UnaryUnaryMultiCallable[_kv_pb2.UpdateValueRequest, _kv_pb2.UpdateValueResponse]  # type: ignore[assignment]
     """Changes one key of a table with one CRDT operation. Answered once the
-    write is durable in the local log and applied to this node's state.
+    write is durable in the local log; reads on this node then wait until it
+    is applied to this node's state (read-your-writes, above).
     A write to a table this node does not know yet is accepted when it is well
     formed for at least one table type; it is kept and takes effect once the
     table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
@@ -151,7 +153,8 @@ class KvServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kv_pb2.UpdateValueResponse, _abc.Awaitable[_kv_pb2.UpdateValueResponse]]:
         """Changes one key of a table with one CRDT operation. Answered once the
-        write is durable in the local log and applied to this node's state.
+        write is durable in the local log; reads on this node then wait until it
+        is applied to this node's state (read-your-writes, above).
         A write to a table this node does not know yet is accepted when it is well
         formed for at least one table type; it is kept and takes effect once the
         table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
