@@ -248,7 +248,7 @@ def worker_threads() -> int:
     """Envoy's worker threads (`--concurrency`): every core this process may run on but one, which
     the node's own Python process keeps busy, and at least one.
 
-    Measured on 2 cores (wrk, 32 connections, 3 interleaved pairs): with 1 worker instead of 2,
+    Measured on 2 cores (wrk, 32 connections, 5 interleaved pairs): with 1 worker instead of 2,
     `GET /kv/t/k` went from 2,400-2,800 to 3,700-4,200 requests/s, with both Envoy's and the node's
     CPU per request lower by a quarter; `POST /log` was as fast or faster in each of 5 pairs. A second
     worker mostly contends with the node for the two cores."""
