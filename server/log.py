@@ -417,10 +417,7 @@ class Log:
             if item.dependencies:
                 entry.dependencies.extend(uuid_str(d) for d in item.dependencies)
             entry.data.CopyFrom(item.data)
-            if item.dependencies or self._undelivered or plan.undelivered:
-                self._plan_store(plan, entry, raw, me, seq, prev, item.dependencies)
-            else:
-                self._store_delivered(plan, entry, raw, me, seq, None)
+            self._take(plan, entry, raw, me, seq, prev, item.dependencies)
             out.append(entry)
             prev, prev_text = raw, text
         if out:
@@ -456,11 +453,12 @@ class Log:
                     blob = None
                 prev = chain.raw
                 chain.seq, chain.raw, chain.text, chain.last = seq, raw, text, entry
-                if entry.dependencies or self._undelivered or plan.undelivered:
-                    deps = tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
-                    self._plan_store(plan, entry, raw, chain.owner, seq, prev, deps, blob)
-                else:
-                    self._store_delivered(plan, entry, raw, chain.owner, seq, blob)
+                deps = (
+                    tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
+                    if entry.dependencies
+                    else ()
+                )
+                self._take(plan, entry, raw, chain.owner, seq, prev, deps, blob)
                 out.append(entry)
         finally:
             # A chain's stamps grow along it (an owner's clock never goes back, across restarts
@@ -474,6 +472,24 @@ class Log:
                         latest = Stamp(when.wall_ms, when.logical)
             self.clock.observe_remote(latest)
         return out
+
+    def _take(
+        self,
+        plan: Plan,
+        entry: Entry,
+        raw: bytes,
+        owner: bytes,
+        seq: int,
+        prev: bytes,
+        deps: Sequence[bytes],
+        blob: bytes | None = None,
+    ) -> None:
+        """Add storing one entry (seq `seq` of `owner`'s chain, after `prev`) to `plan`: delivered at
+        once when it needs only its predecessor while nothing waits, else through the causal path."""
+        if deps or self._undelivered or plan.undelivered:
+            self._plan_store(plan, entry, raw, owner, seq, prev, deps, blob)
+        else:
+            self._store_delivered(plan, entry, raw, owner, seq, blob)
 
     @staticmethod
     def _store_delivered(
