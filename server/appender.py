@@ -177,7 +177,8 @@ class Appender:
                 else:
                     results.append((job, self.log.plan_remote(plan, job.remote or (), job.blobs)))
             except PotboilerError as exc:
-                job.done.set_exception(exc)
+                if not job.done.done():  # its caller may have given up (a replication stream ended)
+                    job.done.set_exception(exc)
         self.log.finish(plan)
         # Written inline: rocksdict keeps the GIL during a write (fsync included), so a worker thread
         # would only add a hand-off. Calls arriving meanwhile queue up and form the next batch.

@@ -448,17 +448,17 @@ class Log:
                     raise InvalidArgument(
                         f"entry {text} names prev {entry.prev!r}, this node holds otherwise"
                     )
-                if entry.next:
-                    entry.next = ""
-                    blob = None
-                prev = chain.raw
-                chain.seq, chain.raw, chain.text, chain.last = seq, raw, text, entry
                 deps = (
                     tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
                     if entry.dependencies
                     else ()
                 )
-                self._take(plan, entry, raw, chain.owner, seq, prev, deps, blob)
+                if entry.next:
+                    entry.next = ""
+                    blob = None
+                # The chain moves only past an entry taken: what `finally` sets as the head is stored.
+                self._take(plan, entry, raw, chain.owner, seq, chain.raw, deps, blob)
+                chain.seq, chain.raw, chain.text, chain.last = seq, raw, text, entry
                 out.append(entry)
         finally:
             # A chain's stamps grow along it (an owner's clock never goes back, across restarts

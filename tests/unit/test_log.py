@@ -180,6 +180,24 @@ def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
         commit_remote(log, store, [forged])
 
 
+def test_an_entry_refused_mid_batch_leaves_the_head_at_the_last_entry_taken(store: MemoryStore) -> None:
+    origin = Log(MemoryStore())
+    [a, b, c] = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(3)])
+    log = Log(store)
+    bad = copy(b)
+    bad.dependencies.append("not-a-uuid")
+    plan = log.begin()
+    with pytest.raises(InvalidArgument, match="dependency"):
+        log.plan_remote(plan, [copy(a), bad])
+    # As the appender does: the refused job fails, the rest of the plan (here: a) is committed.
+    log.finish(plan)
+    store.write(plan.writes)
+    log.apply(plan)
+    assert log.vector() == {a.owner: 1}
+    assert [e.id for e in commit_remote(log, store, [b, c])] == [b.id, c.id]
+    assert delivered_ids(log) == [a.id, b.id, c.id]
+
+
 def test_uuid_helpers_agree_with_the_uuid_module() -> None:
     import uuid
 
