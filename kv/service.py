@@ -26,6 +26,7 @@ import grpc
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
+from potboiler.server.backoff import Backoff
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import Linger
@@ -45,6 +46,8 @@ APPLY_BATCH = 1000
 #: every entry, most of them not KV's: at 1,000 entries/s, 20 ms instead of 5 took a follower from
 #: 20-21 % to 17-19 % of a core.
 APPLY_LINGER_S = 0.02
+#: Waits of the applier before it tries again after a failure.
+APPLY_RETRY = Backoff(first=0.1, cap=5.0)
 
 SERVICE_NAMES = [
     "potboiler.v1.KvService",
@@ -111,9 +114,8 @@ class KvService:
     async def current(self) -> KvState:
         """The state, once it shows every write this service has answered (read-your-writes)."""
         seq = self._answered_seq
-        if seq > self._own_seq and seq > self._given_up_seq and not await self._wait_applied(seq):
-            log.warning("KV writes up to seq %d not applied after %.1fs; reading anyway", seq, APPLY_WAIT)
-            self._given_up_seq = max(self._given_up_seq, seq)
+        if seq > self._own_seq and seq > self._given_up_seq:
+            await self._wait_applied(seq)
         return self.state
 
     async def state_to_plan(self, table: str) -> KvState:
@@ -123,8 +125,9 @@ class KvService:
             return self.state
         return await self.current()
 
-    async def _wait_applied(self, seq: int) -> bool:
-        """Wait until this node's own entry `seq` is applied; False if it is not within APPLY_WAIT.
+    async def _wait_applied(self, seq: int) -> None:
+        """Wait until this node's own entry `seq` is applied, or reads have given up on it: after
+        APPLY_WAIT, reads stop waiting for it and every earlier seq (and so do those waiting now).
 
         A node's own entries are delivered in their seq order (each depends on its predecessor), so
         "applied" is "seq at most the highest own seq applied so far"."""
@@ -135,26 +138,34 @@ class KvService:
         try:
             await asyncio.wait_for(asyncio.shield(waiter), APPLY_WAIT)
         except TimeoutError:
-            self._waiters.pop(seq, None)
-            return False
-        return True
+            log.warning("KV writes up to seq %d not applied after %.1fs; reading anyway", seq, APPLY_WAIT)
+            self._given_up_seq = max(self._given_up_seq, seq)
+            self._release(seq)
+
+    def _release(self, upto: int) -> None:
+        """Wake the readers waiting for seqs up to `upto`."""
+        for s in [s for s in self._waiters if s <= upto]:
+            waiter = self._waiters.pop(s)
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- applying -------------------------------------------------------------------------------
 
     async def _apply_forever(self) -> None:
-        delay = 0.1
+        failures = 0
         while True:
             try:
                 async for batch in self._context.log.subscribe(self.state.position, APPLY_BATCH):
                     self.apply(batch)
-                    delay = 0.1
+                    failures = 0
                     await self._linger.pause(len(batch.entries), APPLY_BATCH)
             except Exception:  # a bug or a store failure: say so loudly, retry from the stored cursor
+                failures += 1
+                delay = APPLY_RETRY.delay(failures)
                 log.exception(
                     "KV applier failed at position %d; retrying in %.1fs", self.state.position, delay
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def apply(self, delivered: DeliveredBatch) -> None:
         """Apply a batch of delivered entries and wake the readers waiting for them."""
@@ -166,11 +177,7 @@ class KvService:
                 self._own_seq = max(self._own_seq, entry.seq)
                 break
         if self._waiters:
-            done = [seq for seq in self._waiters if seq <= self._own_seq]
-            for seq in done:
-                waiter = self._waiters.pop(seq)
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._release(self._own_seq)
 
 
 def create(context: NodeContext) -> NodeService:

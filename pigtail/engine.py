@@ -59,8 +59,10 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
+from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, NotFound
 from potboiler.server.hlc import HybridClock
+from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import Linger, LogClient
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
@@ -75,6 +77,8 @@ APPLY_BATCH = 1000
 #: (entries from other nodes, other services' entries): at most this much later to lease streams.
 #: Most entries are not Pigtail's, so each wake-up mostly just moves the cursor (see kv/service.py).
 APPLY_LINGER_S = 0.02
+#: Waits of the applier before it tries again after its store failed.
+APPLY_RETRY = Backoff(first=0.1, cap=5.0)
 #: How many applied entry ids are remembered for callers that start waiting after the fact.
 RECENT_IDS = 100_000
 #: Longest a lease stream waits before looking at its queue again, whatever it is told.
@@ -152,28 +156,46 @@ class Pigtail:
         self._waiters.clear()
 
     async def _apply_loop(self) -> None:
-        async for delivered in self._log.subscribe(self.state.cursor, APPLY_BATCH):
-            batch = delivered.entries
+        failures = 0
+        while True:
             try:
-                await self._apply(batch, delivered.blobs)
-            except Exception:  # a bug must not stop the node applying: isolate the entry at fault
-                log.exception("applying a batch of %d entries failed; applying them one by one", len(batch))
-                for item in batch:
-                    try:
-                        await self._apply([item])
-                    except Exception:
-                        log.exception("skipping log entry %s at position %d", item[1].id, item[0])
-                        await self._apply([item], skip=True)
-            await self._linger.pause(len(batch), APPLY_BATCH)
+                async for delivered in self._log.subscribe(self.state.cursor, APPLY_BATCH):
+                    await self._apply(delivered)
+                    failures = 0
+                    await self._linger.pause(len(delivered.entries), APPLY_BATCH)
+            except Exception:  # the store failed (or a bug outside planning): retry from the cursor
+                failures += 1
+                delay = APPLY_RETRY.delay(failures)
+                log.exception(
+                    "Pigtail applier failed at position %d; retrying in %.1fs", self.state.cursor, delay
+                )
+                await asyncio.sleep(delay)
 
-    async def _apply(
-        self, batch: Sequence[tuple[int, Entry]], blobs: Sequence[bytes] | None = None, *, skip: bool = False
-    ) -> None:
-        applied = (
-            self.state.plan_skip(batch[-1][0])
-            if skip
-            else self.state.plan(batch, self._log.promises(), blobs)
-        )
+    async def _apply(self, delivered: DeliveredBatch) -> None:
+        """Apply a delivered batch. An entry that cannot be planned (a bug) is skipped on its own,
+        and whoever waits for it hears so; a write that fails is not skipped but raised, for the
+        loop to retry."""
+        batch = delivered.entries
+        try:
+            applied = self.state.plan(batch, self._log.promises(), delivered.blobs)
+        except Exception:
+            log.exception("planning a batch of %d entries failed; planning them one by one", len(batch))
+        else:
+            await self._write(applied)
+            return
+        for position, entry in batch:
+            try:
+                applied = self.state.plan([(position, entry)], self._log.promises())
+            except Exception:
+                log.exception("skipping log entry %s at position %d", entry.id, position)
+                applied = self.state.plan_skip(position)
+                waiter = self._waiters.pop(entry.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(RuntimeError(f"entry {entry.id} could not be applied"))
+            await self._write(applied)
+
+    async def _write(self, applied: Applied) -> None:
+        """Store a planned batch, then make it the current state and wake who waits for it."""
         if self._sync:
             await asyncio.to_thread(self._store.write, applied.writes, sync=True)
         else:

@@ -572,6 +572,9 @@ class Replicator:
                 ) as exc:
                     peer.last_error = _describe(exc)
                     log.debug("stream to %s ended: %s", peer.url, peer.last_error)
+                except Exception as exc:  # e.g. this node's store failed: keep dialing, after a pause
+                    peer.last_error = _describe(exc)
+                    log.exception("stream to %s failed", peer.url)
                 finally:
                     call.cancel()
                     self._unregister(peer, session)
@@ -624,6 +627,8 @@ class Replicator:
 
     def _register(self, peer: Peer, session: Session) -> bool:
         """Add a session to its peer, keeping one per pair; False if this one is dropped."""
+        if self.peers.get(peer.url) is not peer:
+            return False  # the peer was removed (DELETE /nodes) while the hellos were exchanged
         peer.node_id = session.peer_id
         keep_dialed = self.log.node_id < session.peer_id
         for other in list(peer.sessions):

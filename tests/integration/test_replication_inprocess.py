@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -283,3 +284,32 @@ async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_no
     assert a.log.vector().get(origin.node_id, 0) == 0
     with pytest.raises(NotFound):
         a.log.get(good)
+
+
+async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    a.membership.add(b.config.url)
+    await append(a, 1)
+    await eventually(lambda: converged(a, b) and b.log.total() == 1, what="convergence")
+    # The node whose dialed stream is kept fails once taking entries in (as if its store failed).
+    dialer, other = (a, b) if a.log.node_id < b.log.node_id else (b, a)
+    ingest = dialer.appender.ingest
+    failures: list[RuntimeError] = []
+
+    async def failing_ingest(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append(RuntimeError("the store failed"))
+            raise failures[0]
+        return await ingest(*args, **kwargs)
+
+    monkeypatch.setattr(dialer.appender, "ingest", failing_ingest)
+    await append(other, 3)
+    await eventually(
+        lambda: converged(a, b) and dialer.log.total() == 4, what="convergence after the failure"
+    )
+    assert failures
+    [peer] = dialer.replicator.peers.values()
+    assert peer.task is not None and not peer.task.done()  # still dialing whenever needed

@@ -9,22 +9,23 @@ import contextlib
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
-from google.protobuf.struct_pb2 import Value
 
-from potboiler.pigtail.codec import event_data
+from potboiler.pigtail import engine
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.machine import Event, TaskClaimed, TaskView, list_dead, list_tasks
+from potboiler.pigtail.machine import TaskClaimed, TaskView, list_dead, list_tasks
 from potboiler.pigtail.scheduler import rank
+from potboiler.pigtail.state import Applied
+from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import HybridClock
-from potboiler.server.log import DeliveredBatch, Promise
-from potboiler.server.storage import MemoryStore
-from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
+from potboiler.server.storage import MemoryStore, Write
+from potboiler.v1.entry_pb2 import Entry
 from tests.conftest import wait_for
+from tests.fakelog import FakeLog
 
-A = "00000000-0000-4000-8000-00000000000a"
 B = "00000000-0000-4000-8000-00000000000b"
 T0 = 1_700_000_000_000
 
@@ -37,63 +38,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.ms
-
-
-class FakeLog:
-    """A LogClient over a list: appends are delivered at once; other nodes' entries via `deliver`."""
-
-    def __init__(self, clock: HybridClock, node_id: str = A) -> None:
-        self.clock = clock
-        self._node_id = node_id
-        self.entries: list[Entry] = []
-        self._seq: dict[str, int] = {}
-        self._changed = asyncio.Event()
-
-    @property
-    def node_id(self) -> str:
-        return self._node_id
-
-    def make(self, owner: str, wall_ms: int, logical: int, data: Value, deps: Sequence[str] = ()) -> Entry:
-        self._seq[owner] = self._seq.get(owner, 0) + 1
-        return Entry(
-            id=str(uuid.uuid4()),
-            owner=owner,
-            seq=self._seq[owner],
-            when=HlcTimestamp(wall_ms=wall_ms, logical=logical),
-            data=data,
-            dependencies=list(deps),
-        )
-
-    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
-        stamp = self.clock.now()
-        entry = self.make(self._node_id, stamp.wall_ms, stamp.logical, data, dependencies)
-        self.deliver(entry)
-        return entry
-
-    def deliver(self, entry: Entry) -> None:
-        self.entries.append(entry)
-        self._changed.set()
-
-    def remote(self, owner: str, wall_ms: int, event: Event) -> Entry:
-        """Deliver another node's event stamped `wall_ms`."""
-        entry = self.make(owner, wall_ms, 0, event_data(event))
-        self.deliver(entry)
-        return entry
-
-    def promises(self) -> dict[str, Promise]:
-        return {}
-
-    async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
-        position = after_position
-        while True:
-            if position < len(self.entries):
-                end = min(len(self.entries), position + limit)
-                batch = [(i + 1, self.entries[i]) for i in range(position, end)]
-                position = end
-                yield DeliveredBatch(batch, [entry.SerializeToString() for _, entry in batch])
-            else:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 class Harness:
@@ -449,3 +393,52 @@ async def test_listing_and_claim_next_agree_with_the_machine_at_every_moment(h: 
             states.count(s) for s in ("pending", "working", "delayed")
         )
     assert seen == {"pending", "working", "delayed", "dead"}
+
+
+class FailingStore(MemoryStore):
+    """A MemoryStore whose next `failures` writes fail (as a full disk would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("IO error: No space left on device")
+        super().write(batch, sync=sync)
+
+
+async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
+    clock = HybridClock(Clock())
+    store = FailingStore()
+    pigtail = Pigtail(FakeLog(clock), store, clock)
+    await pigtail.start()
+    try:
+        await pigtail.create_queue("q", 1000)
+        store.failures = 3
+        view, created = await pigtail.add_task("q", "job")
+        assert created and store.failures == 0
+        assert pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
+    finally:
+        await pigtail.stop()
+
+
+async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    plan = h.pigtail.state.plan
+
+    def plan_or_fail(batch: Sequence[tuple[int, Entry]], *args: Any) -> Applied:
+        if any(b"boom" in entry.SerializeToString() for _, entry in batch):
+            raise RuntimeError("a bug")
+        return plan(batch, *args)
+
+    monkeypatch.setattr(h.pigtail.state, "plan", plan_or_fail)
+    with pytest.raises(RuntimeError, match="could not be applied"):
+        await h.pigtail.add_task("q", "boom")
+    kept = await h.add()
+    assert h.pigtail.list_tasks("q") == [(kept, {"task_name": "job", "state": "pending"})]
+    assert h.pigtail.state.cursor == len(h.log.entries)

@@ -1,0 +1,57 @@
+"""KvService's read-your-writes waits, against an in-memory log whose delivery the test holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from potboiler.kv import service as kv_service
+from potboiler.kv.service import KvService
+from potboiler.server.hlc import HybridClock
+from potboiler.server.plugin import NodeContext
+from potboiler.server.storage import MemoryStore
+from tests.fakelog import FakeLog
+
+WAIT = 1.0
+
+
+@pytest.fixture
+async def kv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[KvService, FakeLog]]:
+    monkeypatch.setattr(kv_service, "APPLY_WAIT", WAIT)
+    log = FakeLog(HybridClock())
+    service = KvService(NodeContext(log, tmp_path, log.clock, False), store=MemoryStore())
+    await service.start()
+    try:
+        yield service, log
+    finally:
+        await service.stop()
+
+
+async def test_a_read_shows_the_write_answered_before_it(kv: tuple[KvService, FakeLog]) -> None:
+    service, log = kv
+    await service.write(service.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
+    log.held = True
+    await service.write(service.state.plan_write("t", "k", "set", 1))
+    read = asyncio.create_task(service.current())
+    await asyncio.sleep(0.05)
+    assert not read.done()  # the write is not applied yet
+    log.release()
+    state = await asyncio.wait_for(read, WAIT / 2)
+    assert state.get("t", "k")[1] == 1
+
+
+async def test_readers_of_a_write_never_applied_stop_waiting_together(kv: tuple[KvService, FakeLog]) -> None:
+    service, log = kv
+    log.held = True
+    await service.write(service.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
+    first = asyncio.create_task(service.current())
+    await asyncio.sleep(WAIT / 2)
+    second = asyncio.create_task(service.current())
+    await first  # gives up after WAIT
+    # The second reader waits for the same write: it gives up with the first, not WAIT after it began.
+    await asyncio.wait_for(second, WAIT / 4)
+    # Reads no longer wait for it at all.
+    await asyncio.wait_for(service.current(), WAIT / 4)
