@@ -67,6 +67,13 @@ def target(value: float | None, goal: float, *, at_least: bool) -> Json:
 # -- statistics ------------------------------------------------------------------------------------
 
 
+def median_run(runs: Sequence[Json], key: str) -> Json:
+    """The run with the median `key` (of an odd count, the middle one; else the upper middle), with
+    every run's `key` beside it as `runs_<key>`, in the order run."""
+    ordered = sorted(runs, key=lambda r: float(r[key]))
+    return {**ordered[len(ordered) // 2], f"runs_{key}": [r[key] for r in runs]}
+
+
 def percentile(samples: Sequence[float], p: float) -> float:
     """The p-th percentile (0..100) of samples, linearly interpolated; NaN for no samples."""
     if not samples:

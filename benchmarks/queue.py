@@ -61,7 +61,7 @@ import grpc
 import orjson
 import uvloop
 
-from benchmarks.common import Bench, CpuWindow, Json, emit, node_pid, progress, rounded, target
+from benchmarks.common import Bench, CpuWindow, Json, emit, median_run, node_pid, progress, rounded, target
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
 
@@ -559,12 +559,6 @@ async def run_variant(name: str, node: NodeProcess, tasks: int, warmup: int) -> 
     return await pigtail_grpc(node, work_worker, tasks, warmup)
 
 
-def median_run(runs: list[Json]) -> Json:
-    """The run with the median tasks/s, with every run's tasks/s beside it."""
-    ordered = sorted(runs, key=lambda r: float(r["tasks_per_s"]))
-    return {**ordered[len(ordered) // 2], "runs_tasks_per_s": [r["tasks_per_s"] for r in runs]}
-
-
 def ratio(a: Json, b: Json) -> float | None:
     if not a or not b or not b.get("tasks_per_s"):
         return None
@@ -598,12 +592,12 @@ async def run(args: argparse.Namespace) -> int:
                 progress(f"round {round_}: RQ on Redis (4 SimpleWorker processes, no-op job)")
                 runs["rq"].append(await rq_run(*redis, args.tasks, args.warmup))
                 progress(f"  {runs['rq'][-1]['tasks_per_s']} tasks/s")
-    potboiler = {name: median_run(runs[name]) for name in names}
+    potboiler = {name: median_run(runs[name], "tasks_per_s") for name in names}
     result["potboiler"] = potboiler
     if args.skip_rq:
         emit(result)
         return 0
-    rq = median_run(runs["rq"])
+    rq = median_run(runs["rq"], "tasks_per_s")
     result["rq"] = rq
     result["ratio_to_rq"] = {name: ratio(figures, rq) for name, figures in potboiler.items()}
     result["targets"] = {
