@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -55,6 +56,9 @@ def prefix_end(prefix: bytes) -> bytes:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+_KEY = operator.itemgetter(0)
+
+
 class RocksStore:
     """A Store in embedded RocksDB. Every write goes through the WAL, so it survives a process crash;
     `sync=True` also survives power loss. One process may open a path once."""
@@ -79,7 +83,10 @@ class RocksStore:
 
     def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
         wb = WriteBatch(raw_mode=True)
-        for key, value in batch:
+        # In key order (stable: the writes of one key keep theirs), the memtable's skiplist inserts
+        # each key next to the one before instead of searching from its top: with a batch's random
+        # entry ids, that halves RocksDB's time for a batch of entries.
+        for key, value in sorted(batch, key=_KEY):
             if value is None:
                 wb.delete(key)
             else:

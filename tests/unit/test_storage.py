@@ -31,6 +31,12 @@ def test_batch_puts_and_deletes(store: Store) -> None:
     assert list(store.scan(b"", b"\xff")) == [(b"a", b"9"), (b"c", b"3")]
 
 
+def test_writes_of_one_key_in_a_batch_apply_in_their_order(store: Store) -> None:
+    store.write([(b"k", b"1"), (b"a", b"x"), (b"k", None), (b"b", b"y"), (b"k", b"3"), (b"j", b"1")])
+    store.write([(b"j", None), (b"j", b"2"), (b"a", b"z"), (b"a", None)])
+    assert list(store.scan(b"", b"\xff")) == [(b"b", b"y"), (b"j", b"2"), (b"k", b"3")]
+
+
 def test_scan_is_ordered_bounded_and_limited(store: Store) -> None:
     store.write([(bytes([i]), bytes([i])) for i in range(50, 0, -1)])
     assert [k[0] for k, _ in store.scan(bytes([10]), bytes([15]))] == [10, 11, 12, 13, 14]
