@@ -25,7 +25,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -200,10 +200,13 @@ class Pigtail:
             await asyncio.to_thread(self._store.write, applied.writes, sync=True)
         else:
             self._store.write(applied.writes)
+        before = {name: self.state.queue(name) for name in applied.queues}
         self.state.adopt(applied)
-        self._after(applied)
+        self._after(applied, before)
 
-    def _after(self, applied: Applied) -> None:
+    def _after(self, applied: Applied, before: Mapping[str, QueueState | None]) -> None:
+        """Tell the scheduler and whoever waits what an adopted batch changed. `before`: the states
+        of the batch's changed queues before it."""
         now = self.now_ms()
         for (queue, task_id), record in applied.tasks.items():
             if record is None:
@@ -214,7 +217,8 @@ class Pigtail:
                 if self._scheduler.update(task, view, now):
                     self._signal_ready(queue)
             self._wake(self._task_watchers.pop((queue, task_id), ()))
-        for queue in applied.queues:
+        for queue, old in before.items():
+            self._place_again(queue, old, applied, now)
             self._wake(self._queue_watchers.pop(queue, ()))
         for entry_id in applied.entry_ids:
             future = self._waiters.pop(entry_id, None)
@@ -297,6 +301,32 @@ class Pigtail:
                 "dependency); it takes effect once delivered"
             ) from None
         return entry
+
+    def _place_again(self, queue: str, old: QueueState | None, applied: Applied, now: int) -> None:
+        """Place again the queue's open tasks whose view a change of the queue alone may have changed:
+        every one when its history changed (a create or delete: the settings that win, the tasks
+        that belong to the current incarnation), else those of the idempotency keys whose
+        candidates changed (which add wins). Tasks the batch changed are placed already."""
+        new = self.state.queue(queue)
+        if new is None:
+            return
+        open_tasks = self.state.open_tasks(queue)
+        if old is None or old["history"] != new["history"]:
+            ids: Iterable[str] = list(open_tasks)
+        else:
+            changed = {
+                c["task_id"]
+                for key, candidates in new["keys"].items()
+                if old["keys"].get(key) != candidates
+                for c in candidates
+            }
+            ids = sorted(changed)
+        for task_id in ids:
+            task = open_tasks.get(task_id)
+            if task is None or (queue, task_id) in applied.tasks:
+                continue
+            if self._scheduler.update(task, task_view(task, new, now), now):
+                self._signal_ready(queue)
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -15,7 +15,15 @@ import pytest
 
 from potboiler.pigtail import engine
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.machine import TaskClaimed, TaskView, list_dead, list_tasks
+from potboiler.pigtail.machine import (
+    QueueCreated,
+    QueueDeleted,
+    TaskAdded,
+    TaskClaimed,
+    TaskView,
+    list_dead,
+    list_tasks,
+)
 from potboiler.pigtail.scheduler import rank
 from potboiler.pigtail.state import Applied
 from potboiler.server.backoff import Backoff
@@ -204,6 +212,50 @@ async def test_an_earlier_claim_from_another_node_wins_when_it_arrives(h: Harnes
     await wait_for(lambda: h.pigtail.get_task("q", task_id)["worker"] == "remote")
     with pytest.raises(Contended, match="held by worker 'remote'"):
         await h.pigtail.heartbeat("q", task_id, "local")
+
+
+def machine_listing(h: Harness, queue: str = "q") -> list[tuple[str, object]]:
+    state = h.pigtail.state
+    return sorted(list_tasks(state.open_tasks(queue), state.queue(queue), h.pigtail.now_ms()).items())
+
+
+async def test_an_earlier_add_with_the_same_key_from_another_node_hides_ours(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    h.advance(100)
+    ours = await h.add(idempotency_key="k")
+    h.log.remote(B, T0 + 50, TaskAdded("q", "theirs-id", "job", idempotency_key="k"))
+    await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
+    assert [task_id for task_id, _ in h.pigtail.list_tasks("q")] == ["theirs-id"] != [ours]
+    assert sorted(h.pigtail.list_tasks("q")) == machine_listing(h)
+    info = h.pigtail.get_queue("q")
+    assert info.pending == 1
+
+
+async def test_a_concurrent_delete_leaves_the_recreated_queue_empty(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    h.advance(100)
+    await h.add()
+    h.log.remote(B, T0 + 50, QueueDeleted("q"))  # another node deleted the queue it had seen created
+    await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
+    h.advance(100)
+    await h.pigtail.create_queue("q", 1000)
+    assert h.pigtail.list_tasks("q") == [] == machine_listing(h)
+    assert h.pigtail.get_queue("q").pending == 0
+
+
+async def test_winning_settings_from_another_node_apply_to_held_claims(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 60_000)
+    h.advance(100)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    # Another node created the queue concurrently, earlier, with a 1 s timeout: its settings win.
+    h.log.remote(B, T0 - 5, QueueCreated("q", 1000))
+    await wait_for(lambda: h.pigtail.state.config("q").timeout_ms == 1000)
+    h.advance(5000)
+    assert h.pigtail.get_task("q", task_id)["state"] == "pending"
+    assert h.pigtail.list_tasks("q") == [(task_id, {"task_name": "job", "state": "pending"})]
+    claimed = await h.pigtail.claim_next("q", "w2")
+    assert claimed is not None and claimed["task_id"] == task_id
 
 
 async def test_idempotency_key_makes_a_repeated_add_a_no_op(h: Harness) -> None:
