@@ -250,7 +250,9 @@ async def test_winning_settings_from_another_node_apply_to_held_claims(h: Harnes
     await h.pigtail.claim("q", task_id, "w1")
     # Another node created the queue concurrently, earlier, with a 1 s timeout: its settings win.
     h.log.remote(B, T0 - 5, QueueCreated("q", 1000))
-    await wait_for(lambda: h.pigtail.state.config("q").timeout_ms == 1000)
+    await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
+    config = h.pigtail.state.config("q")
+    assert config is not None and config.timeout_ms == 1000
     h.advance(5000)
     assert h.pigtail.get_task("q", task_id)["state"] == "pending"
     assert h.pigtail.list_tasks("q") == [(task_id, {"task_name": "job", "state": "pending"})]
