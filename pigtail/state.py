@@ -340,9 +340,16 @@ class PigtailState:
 
     def _compact(self, applied: Applied, promises: Mapping[str, Promise]) -> None:
         owners = {**self._owners, **applied.owners}
-        if not owners:
+        settled = [_settled(owner, stamp, seq, promises) for owner, (stamp, seq) in owners.items()]
+        for owner, promise in promises.items():
+            if owner in owners:
+                continue
+            if promise.seq:
+                return  # an owner with entries none of which is applied here yet: they may be claims
+            settled.append(Stamp(promise.stamp.wall_ms, promise.stamp.logical, owner))
+        if not settled:
             return
-        oldest = min(_settled(owner, stamp, seq, promises) for owner, (stamp, seq) in owners.items())
+        oldest = min(settled)
         horizon = Stamp(oldest.wall_ms - COMPACT_MARGIN_MS, 0, "")
         for (queue, _), record in applied.tasks.items():
             if record is None:

@@ -42,6 +42,7 @@ from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 
 A = "00000000-0000-4000-8000-00000000000a"
 B = "00000000-0000-4000-8000-00000000000b"
+C = "00000000-0000-4000-8000-00000000000c"
 T0 = 1_000_000
 
 
@@ -238,6 +239,26 @@ def test_an_idle_owner_holds_compaction_back_until_it_promises_its_clock() -> No
     b_settled = Promise(HlcStamp(later + 2 * COMPACT_MARGIN_MS, 0), 1)
     task = heartbeat({B: b_settled})
     assert task["base"] is not None and len(task["claims"]) < COMPACT_AT
+
+
+def test_an_owner_known_only_by_its_promise_holds_compaction_back() -> None:
+    """C promised its clock (so it is out there) but none of its entries is applied here: they may
+    be claims of this task stamped behind the horizon, so nothing is compacted until they are."""
+    state = PigtailState(MemoryStore())
+    log = Log()
+    entries = [log.event(A, T0, QueueCreated("q", 100_000)), log.event(A, T0 + 1, TaskAdded("q", "t", "x"))]
+    entries += [log.event(A, T0 + 2 + i, TaskClaimed("q", "t", "w")) for i in range(COMPACT_AT + 5)]
+    later = T0 + 2 * COMPACT_MARGIN_MS
+    entries.append(log.event(A, later, TaskClaimed("q", "t", "w")))
+    c_ahead = Promise(HlcStamp(later, 0), 3)
+    state.apply(positioned(entries), promises={C: c_ahead})
+    task = state.task("q", "t")
+    assert task is not None and task["base"] is None
+    c_idle = Promise(HlcStamp(later, 0), 0)  # C has written nothing: its promise settles it
+    more = [log.event(A, later + 1, TaskClaimed("q", "t", "w"))]
+    state.apply(positioned(more, start=len(entries)), promises={C: c_idle})
+    task = state.task("q", "t")
+    assert task is not None and task["base"] is not None
 
 
 def test_heartbeats_are_compacted_behind_every_owner() -> None:
