@@ -103,18 +103,22 @@ class Webhooks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await task  # (a delivery task ends only when cancelled or deregistered)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
-    def register(self, url: str) -> None:
+    async def register(self, url: str) -> None:
         """Register `url` (delivery starts at the beginning of the log); again is a no-op.
         InvalidArgument if it is not an http(s) URL or the webhook policy refuses it."""
         webhook_url(url)
         if url in self._states:
             return
-        self._policy.check_url(url)
+        # In a thread: a policy that refuses private addresses resolves the host, and a slow DNS
+        # server must not stall the node.
+        await asyncio.to_thread(self._policy.check_url, url)
+        if url in self._states:
+            return  # registered meanwhile
         if len(self._states) >= MAX_WEBHOOKS:
             raise TooLarge(f"this node already has the maximum of {MAX_WEBHOOKS} webhooks")
         self._store.write([(_PREFIX + url.encode(), _U64.pack(0))], sync=True)
@@ -140,6 +144,24 @@ class Webhooks:
         self._tasks[url] = asyncio.create_task(self._deliver(self._states[url]), name=f"webhook {url}")
 
     async def _deliver(self, state: WebhookState) -> None:
+        """Deliver to `state.url` until it is deregistered. An error other than the receiver's (the
+        store failing to write the cursor, say) is logged, and delivery resumes after a backoff
+        from the entry after the last one the receiver accepted."""
+        failures = 0
+        while True:
+            resumed_at = state.position
+            try:
+                await self._deliver_from(state)
+                return
+            except Exception as exc:
+                failures = 1 if state.position != resumed_at else failures + 1
+                state.last_error = f"{type(exc).__name__}: {exc}"
+                delay = self._backoff.delay(failures)
+                log.exception("webhook %s: delivery failed; resuming in %.1fs", state.url, delay)
+                await asyncio.sleep(delay)
+
+    async def _deliver_from(self, state: WebhookState) -> None:
+        """Deliver from `state.position` on; returns once `state.url` is deregistered."""
         key = _PREFIX + state.url.encode()
         while True:
             batch = self._appender.delivered(state.position, 100)

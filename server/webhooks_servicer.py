@@ -24,7 +24,7 @@ class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
     async def RegisterWebhook(
         self, request: webhooks_pb2.RegisterWebhookRequest, context: Ctx
     ) -> webhooks_pb2.RegisterWebhookResponse:
-        self._webhooks.register(request.url)
+        await self._webhooks.register(request.url)
         await rest.no_content(context)
         return webhooks_pb2.RegisterWebhookResponse()
 

@@ -64,7 +64,7 @@ async def test_a_redirect_is_not_followed_and_counts_as_a_failure(
     receiver.answer = lambda path: Answer(307, {"location": "/target"}) if path == "/hook" else Answer()
     hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
     url = receiver.url("/hook")
-    hooks.webhooks.register(url)
+    await hooks.webhooks.register(url)
     await hooks.append(1)
     await wait_for(lambda: hooks.state(url).failed_attempts >= 2)
     assert hooks.state(url).last_error == "HTTP 307"
@@ -80,7 +80,7 @@ async def test_an_oversized_answer_is_cut_and_delivery_goes_on(
     receiver.answer = lambda path: Answer(200, endless=True)
     hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
     url = receiver.url("/hook")
-    hooks.webhooks.register(url)
+    await hooks.webhooks.register(url)
     await hooks.append(3)
     await wait_for(lambda: hooks.state(url).delivered == 3)
     assert hooks.state(url).failed_attempts == 0
@@ -104,7 +104,7 @@ async def test_a_target_refused_at_delivery_is_a_failed_attempt_retried_with_bac
     policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=resolve)
     hooks = await start(hooks_factory, tmp_path / "db", policy)
     url = f"http://rebind.example:{receiver.port}/hook"
-    hooks.webhooks.register(url)
+    await hooks.webhooks.register(url)
     await hooks.append(2)
     await wait_for(lambda: hooks.state(url).failed_attempts >= 3)
     state = hooks.state(url)
@@ -119,7 +119,7 @@ async def test_a_stricter_policy_after_a_restart_stops_delivery_to_stored_urls(
 ) -> None:
     hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
     url = receiver.url("/hook")
-    hooks.webhooks.register(url)
+    await hooks.webhooks.register(url)
     await hooks.append(1)
     await wait_for(lambda: hooks.state(url).delivered == 1)
     hooks_factory.remove(hooks)
@@ -145,7 +145,7 @@ async def test_a_receiver_that_never_answers_times_out(
         silent.listen(16)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
         hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
-        hooks.webhooks.register(url)
+        await hooks.webhooks.register(url)
         await hooks.append(1)
         await wait_for(lambda: hooks.state(url).failed_attempts >= 2)
         assert hooks.state(url).last_error == "no complete answer within 0.3s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from potboiler.server.backoff import Backoff
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.log import Log, NewEntry
 from potboiler.server.replication import RECONNECT
+from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
 from potboiler.server.webhooks import MAX_WEBHOOKS, Webhooks
 from tests.conftest import wait_for
@@ -146,7 +148,7 @@ URL = "http://receiver.test/hook"
 
 async def test_delivers_every_entry_in_order_as_json(harness: Harness) -> None:
     before = await harness.append(0, 1)
-    harness.webhooks.register(URL)
+    await harness.webhooks.register(URL)
     after = await harness.append(2, 3, 4)
     await wait_for(lambda: len(harness.receiver.ids(URL)) >= 5)
     assert harness.receiver.ids(URL) == before + after
@@ -160,7 +162,7 @@ async def test_delivers_every_entry_in_order_as_json(harness: Harness) -> None:
 
 
 async def test_cursor_survives_a_restart(harness: Harness) -> None:
-    harness.webhooks.register(URL)
+    await harness.webhooks.register(URL)
     first = await harness.append(1, 2, 3)
     await wait_for(lambda: harness.webhooks.states()[0].position == 3)
     await harness.stop()
@@ -174,7 +176,7 @@ async def test_cursor_survives_a_restart(harness: Harness) -> None:
 @pytest.mark.parametrize("failure", [500, 404, -1], ids=["http-500", "http-404", "connect-error"])
 async def test_failures_are_retried_until_accepted(harness: Harness, failure: int) -> None:
     harness.receiver.status = lambda url, attempt: failure if attempt <= 3 else 200
-    harness.webhooks.register(URL)
+    await harness.webhooks.register(URL)
     ids = await harness.append(1, 2)
     await wait_for(lambda: len(harness.receiver.ids(URL)) >= 2)
     assert harness.receiver.ids(URL) == ids
@@ -186,8 +188,8 @@ async def test_failures_are_retried_until_accepted(harness: Harness, failure: in
 async def test_a_failing_url_does_not_hold_up_others(harness: Harness) -> None:
     other = "http://other.test/hook"
     harness.receiver.status = lambda url, attempt: 503 if url == URL else 200
-    harness.webhooks.register(URL)
-    harness.webhooks.register(other)
+    await harness.webhooks.register(URL)
+    await harness.webhooks.register(other)
     ids = await harness.append(1, 2, 3)
     await wait_for(lambda: harness.receiver.ids(other) == ids)
     await wait_for(lambda: harness.receiver.attempts.get(URL, 0) >= 3)
@@ -196,7 +198,7 @@ async def test_a_failing_url_does_not_hold_up_others(harness: Harness) -> None:
 
 
 async def test_deregister_stops_delivery(harness: Harness) -> None:
-    harness.webhooks.register(URL)
+    await harness.webhooks.register(URL)
     ids = await harness.append(1)
     await wait_for(lambda: harness.receiver.ids(URL) == ids)
     harness.webhooks.deregister(URL)
@@ -204,7 +206,7 @@ async def test_deregister_stops_delivery(harness: Harness) -> None:
     with pytest.raises(NotFound):
         harness.webhooks.deregister(URL)
     other = "http://other.test/hook"
-    harness.webhooks.register(other)
+    await harness.webhooks.register(other)
     await harness.append(2)
     await wait_for(lambda: len(harness.receiver.ids(other)) == 2)
     assert harness.receiver.ids(URL) == ids
@@ -216,12 +218,12 @@ async def test_deregister_stops_delivery(harness: Harness) -> None:
 async def test_register_validates_and_limits(harness: Harness) -> None:
     for bad in ("", "ftp://x/", "nope", "http://"):
         with pytest.raises(InvalidArgument):
-            harness.webhooks.register(bad)
+            await harness.webhooks.register(bad)
     for i in range(MAX_WEBHOOKS):
-        harness.webhooks.register(f"http://h{i}.test/")
-    harness.webhooks.register("http://h0.test/")  # known: fine at the limit
+        await harness.webhooks.register(f"http://h{i}.test/")
+    await harness.webhooks.register("http://h0.test/")  # known: fine at the limit
     with pytest.raises(TooLarge):
-        harness.webhooks.register("http://one-more.test/")
+        await harness.webhooks.register("http://one-more.test/")
     assert len(harness.webhooks.states()) == MAX_WEBHOOKS
 
 
@@ -230,7 +232,7 @@ async def test_delivery_resumes_after_a_very_long_outage(tmp_path: Path) -> None
     harness = Harness(tmp_path / "db", receiver, backoff=Backoff(first=0.0, cap=0.0))
     await harness.start()
     try:
-        harness.webhooks.register(URL)
+        await harness.webhooks.register(URL)
         ids = await harness.append(1)
         [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"webhook {URL}"]
         await wait_for(lambda: receiver.ids(URL) == ids or task.done())
@@ -238,3 +240,57 @@ async def test_delivery_resumes_after_a_very_long_outage(tmp_path: Path) -> None
         assert receiver.ids(URL) == ids
     finally:
         await asyncio.wait_for(harness.stop(), 10)
+
+
+class FailingCursorStore:
+    """The harness's store, whose next `failures` webhook cursor writes fail (as a full disk would)."""
+
+    def __init__(self, store: RocksStore, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write(self, batch: Any, *, sync: bool = False) -> None:
+        if self.failures and any(key.startswith(b"w") for key, _ in batch):
+            self.failures -= 1
+            raise OSError("IO error: No space left on device")
+        self._store.write(batch, sync=sync)
+
+
+async def test_a_failed_cursor_write_pauses_delivery_without_ending_it(harness: Harness) -> None:
+    await harness.webhooks.register(URL)
+    store = FailingCursorStore(harness.store, failures=2)
+    harness.webhooks._store = store
+    ids = await harness.append(1, 2, 3)
+    await wait_for(
+        lambda: harness.receiver.ids(URL)[-3:] == ids and harness.webhooks.states()[0].position == 3
+    )
+    assert store.failures == 0
+    # At least once: an entry whose cursor was not written may come again, none is missed.
+    assert sorted(set(harness.receiver.ids(URL))) == sorted(ids)
+
+
+async def test_registration_resolves_the_host_off_the_event_loop(harness: Harness) -> None:
+    def slow_resolver(host: str, port: int) -> list[str]:
+        time.sleep(0.3)  # a slow DNS server
+        return ["93.184.216.34"]
+
+    policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=slow_resolver)
+    webhooks = Webhooks(harness.store, harness.appender, policy=policy)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await webhooks.register("http://slow-dns.test/hook")
+    finally:
+        ticker.cancel()
+    assert ticks >= 5  # the loop kept running while the name was resolved
+    assert [s.url for s in webhooks.states()] == ["http://slow-dns.test/hook"]
