@@ -810,6 +810,36 @@ def prepare(crdt: CrdtType, state: JSON | None, op: str, change: JSON) -> JSON:
     return {"op": "set", "value": new_value, "supersedes": supersedes}
 
 
+def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> list[str]:
+    """The entries an event made by :func:`prepare` on ``state`` must be delivered after, as few as
+    do it: of the tags its payload takes away or supersedes, the newest of each owner (a node's
+    entries are delivered in their order, so its newest brings the others first). Listing every tag
+    would run past an entry's limit of dependencies with enough concurrent values on one key."""
+    if not isinstance(payload, dict):
+        return []
+    tags = payload.get("tags", payload.get("supersedes"))
+    if not isinstance(tags, list) or not tags:
+        return []
+    held: Mapping[str, _OrAdd | _MvValue]
+    if crdt is CrdtType.ORSET:
+        held = _load_orset(state).adds
+    elif crdt is CrdtType.MVREGISTER:
+        held = _load_mv(state).values
+    else:
+        held = {}
+    newest: dict[str, tuple[int, str]] = {}
+    unknown: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            continue
+        entry = held.get(tag)
+        if entry is None:
+            unknown.append(tag)  # not in the state it was prepared on (not made here): keep it
+        elif entry.owner not in newest or entry.seq > newest[entry.owner][0]:
+            newest[entry.owner] = (entry.seq, tag)
+    return unknown + sorted(tag for _, tag in newest.values())
+
+
 def apply(crdt: CrdtType, state: JSON | None, payload: JSON, ctx: EventContext) -> JSON:
     """Apply the event payload ``payload`` (made by :func:`prepare`, possibly on another node) to ``state``.
 

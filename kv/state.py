@@ -32,7 +32,17 @@ from typing import Any, cast
 
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.kv.crdts import JSON, CrdtType, EventContext, InvalidOperation, Stamp, apply, prepare, value
+from potboiler.kv.crdts import (
+    JSON,
+    CrdtType,
+    EventContext,
+    InvalidOperation,
+    Stamp,
+    apply,
+    causal_dependencies,
+    prepare,
+    value,
+)
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
 from potboiler.server.errors import InvalidArgument, NotFound
@@ -126,14 +136,6 @@ def _check_exact_counter(table: str, state: JSON | None, op: str, amount: JSON) 
             f"table {table!r}: PN-Counter {op!r} amount {amount} would take the counter's {what} past "
             f"2**53 = {MAX_EXACT_INT}, the largest integer a JSON number holds exactly"
         )
-
-
-def _observed_tags(payload: JSON) -> list[str]:
-    """The event tags (entry ids) a payload takes away or supersedes: the entries it causally follows."""
-    if not isinstance(payload, dict):
-        return []
-    tags = payload.get("tags", payload.get("supersedes"))
-    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 class KvState:
@@ -261,7 +263,7 @@ class KvState:
             raise InvalidArgument(f"table {table!r}: {exc}") from None
         if info.crdt is CrdtType.PNCOUNTER:
             _check_exact_counter(table, state, op, change)
-        deps = dict.fromkeys([info.config_id, *_observed_tags(payload)])
+        deps = dict.fromkeys([info.config_id, *causal_dependencies(info.crdt, state, payload)])
         return PlannedWrite(
             KvEvent(table, key, info.crdt, op, payload), tuple(deps)[:MAX_DEPENDENCIES], pending=False
         )

@@ -32,6 +32,7 @@ from potboiler.kv.crdts import (
     Stamp,
     apply,
     canonical_json,
+    causal_dependencies,
     merge,
     prepare,
     valid_ops,
@@ -759,3 +760,23 @@ def test_stamp_order_is_wall_then_logical_then_owner(
     sa, sb = Stamp(*a), Stamp(*b)
     assert (sa < sb) == (a < b) and (sa == sb) == (a == b)
     assert Stamp.from_json(sa.to_json()) == sa
+
+
+def test_causal_dependencies_name_each_owners_newest_observed_tag() -> None:
+    x: JSON = {"item": "x", "key": "k"}
+    y: JSON = {"item": "y", "key": "k"}
+    contexts = [ctx("a", 1, 10), ctx("b", 1, 11), ctx("a", 2, 12), ctx("b", 2, 13), ctx("c", 1, 14)]
+    orset: JSON = None
+    for c in contexts[:4]:  # a and b add x concurrently (each add on a state without the others)
+        orset = apply(CrdtType.ORSET, orset, prepare(CrdtType.ORSET, None, "add", x), c)
+    orset = apply(CrdtType.ORSET, orset, prepare(CrdtType.ORSET, orset, "add", y), contexts[4])
+    remove = prepare(CrdtType.ORSET, orset, "remove", x)
+    assert causal_dependencies(CrdtType.ORSET, orset, remove) == sorted([contexts[2].tag, contexts[3].tag])
+    mv: JSON = None
+    for c in contexts[:3]:
+        mv = apply(CrdtType.MVREGISTER, mv, prepare(CrdtType.MVREGISTER, None, "set", c.seq), c)
+    write = prepare(CrdtType.MVREGISTER, mv, "set", 0)
+    assert causal_dependencies(CrdtType.MVREGISTER, mv, write) == sorted([contexts[1].tag, contexts[2].tag])
+    assert causal_dependencies(CrdtType.GSET, None, prepare(CrdtType.GSET, None, "add", x)) == []
+    foreign: JSON = {"op": "set", "value": 1, "supersedes": ["elsewhere"]}
+    assert causal_dependencies(CrdtType.MVREGISTER, None, foreign) == ["elsewhere"]

@@ -27,6 +27,7 @@ from potboiler.kv.events import CONFIG_TABLE, KvEvent, check_name, is_name, pars
 from potboiler.kv.state import CURSOR_KEY, EVENT_MARK, KvState, PlannedWrite, _event_of_fields, state_key
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.jsonvalue import from_value, to_value
+from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 
@@ -62,6 +63,8 @@ class SimNode:
     seq: int = 0
     clock: int = 0
     delivered: dict[str, Entry] = field(default_factory=dict)
+    #: (owner, seq) of every delivered entry.
+    chains: set[tuple[str, int]] = field(default_factory=set)
     order: list[str] = field(default_factory=list)
     #: Apply batches with the entries serialized too, as the node does (entries that are not KV
     #: events are then skipped by their bytes).
@@ -88,9 +91,7 @@ class SimNode:
         return entry
 
     def deliverable(self, entry: Entry) -> bool:
-        prev_ok = entry.seq == 1 or any(
-            e.owner == entry.owner and e.seq == entry.seq - 1 for e in self.delivered.values()
-        )
+        prev_ok = entry.seq == 1 or (entry.owner, entry.seq - 1) in self.chains
         return prev_ok and all(d in self.delivered for d in entry.dependencies)
 
     def receive(self, entries: Iterable[Entry], batch_size: int = 1000) -> None:
@@ -104,6 +105,7 @@ class SimNode:
                 if self.deliverable(e):
                     waiting.remove(e)
                     self.delivered[e.id] = e
+                    self.chains.add((e.owner, e.seq))
                     self.order.append(e.id)
                     self.clock = max(self.clock, e.when.wall_ms)
                     ready.append((len(self.order), e))
@@ -805,3 +807,26 @@ def test_applying_with_the_serialized_entries_skips_only_other_entries(seed: int
         node.receive(entries, rng.randint(1, 50))
     assert serialized.view() == plain.view() == writer.view()
     assert dict(serialized.store.scan(b"", b"\xff")) == dict(plain.store.scan(b"", b"\xff"))
+
+
+def test_a_write_over_many_concurrent_values_depends_on_each_owners_newest() -> None:
+    """More values than an entry may name as dependencies: the write names the newest of each
+    owner, whose chain brings the others, so every node applies it after all of them."""
+    a, b, c = SimNode(), SimNode(), SimNode()
+    config = a.write(CONFIG_TABLE, "m", "set", {"crdt": "MVREGISTER"})
+    # Written on a together (in flight at once), so that none supersedes another.
+    values = [
+        make_entry(
+            a.owner, 2 + i, a.state.plan_write("m", "k", "set", i).event.to_json(), 2 + i, deps=[config.id]
+        )
+        for i in range(MAX_DEPENDENCIES + 1)
+    ]
+    b.receive([config, *values])
+    superseding = b.write("m", "k", "set", "from-b")
+    assert set(superseding.dependencies) == {config.id, values[-1].id}
+    # Another node takes the write as early as its dependencies allow, then the rest.
+    listed = max(e.seq for e in values if e.id in superseding.dependencies)
+    c.receive([config, *(e for e in values if e.seq <= listed)])
+    c.receive([superseding])
+    c.receive(values)
+    assert b.state.get("m", "k") == c.state.get("m", "k") == (CrdtType.MVREGISTER, ["from-b"])
