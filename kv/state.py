@@ -207,8 +207,9 @@ class KvState:
         return crdt, to_value(value(crdt, stored))
 
     def _get_stored(self, table: str, key: str) -> tuple[CrdtType, Stored]:
+        check_name(table, "table")
+        check_name(key, "key")  # a bad name is a 400 whether or not the table exists
         info = self.table(table)
-        check_name(key, "key")
         stored = self._stored(state_key(info.crdt, table, key))
         if stored is None:
             raise NotFound(f"No such key '{key}'")

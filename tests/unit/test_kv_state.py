@@ -369,6 +369,8 @@ def test_reads_of_every_type(node: SimNode) -> None:
         state.keys("nope")
     with pytest.raises(InvalidArgument):
         state.get("lww", "a b")
+    with pytest.raises(InvalidArgument, match="key"):  # a bad name, whether or not the table exists
+        state.get("nope", "a b")
 
 
 def test_keys_are_listed_in_order_and_paged(node: SimNode) -> None:
