@@ -56,7 +56,7 @@ import enum
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol, TypeAlias, TypeVar, cast
@@ -810,15 +810,36 @@ def prepare(crdt: CrdtType, state: JSON | None, op: str, change: JSON) -> JSON:
     return {"op": "set", "value": new_value, "supersedes": supersedes}
 
 
+def observed_tags(payload: JSON) -> list[str]:
+    """The tags (entry ids) a payload made by :func:`prepare` takes away or supersedes."""
+    if not isinstance(payload, dict):
+        return []
+    tags = payload.get("tags", payload.get("supersedes"))
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+
+
+def prepare_observed(crdt: CrdtType, op: str, change: JSON, observed: Sequence[str]) -> JSON:
+    """:func:`prepare` against no state, with ``observed`` as the payload's observed context (the
+    tags it takes away or supersedes) for the types that have one: how every node prepares a write
+    made where the table's type was not known yet. A tag the state does not hold takes nothing away,
+    so one list serves every candidate type."""
+    payload = prepare(crdt, None, op, change)
+    if observed and isinstance(payload, dict):
+        tags: list[JSON] = [tag for tag in sorted(observed)]
+        if "tags" in payload:
+            payload["tags"] = tags
+        elif "supersedes" in payload:
+            payload["supersedes"] = tags
+    return payload
+
+
 def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> list[str]:
     """The entries an event made by :func:`prepare` on ``state`` must be delivered after, as few as
     do it: of the tags its payload takes away or supersedes, the newest of each owner (a node's
     entries are delivered in their order, so its newest brings the others first). Listing every tag
     would run past an entry's limit of dependencies with enough concurrent values on one key."""
-    if not isinstance(payload, dict):
-        return []
-    tags = payload.get("tags", payload.get("supersedes"))
-    if not isinstance(tags, list) or not tags:
+    tags = observed_tags(payload)
+    if not tags:
         return []
     held: Mapping[str, _OrAdd | _MvValue]
     if crdt is CrdtType.ORSET:
@@ -830,8 +851,6 @@ def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> li
     newest: dict[str, tuple[int, str]] = {}
     unknown: list[str] = []
     for tag in tags:
-        if not isinstance(tag, str):
-            continue
         entry = held.get(tag)
         if entry is None:
             unknown.append(tag)  # not in the state it was prepared on (not made here): keep it

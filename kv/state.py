@@ -40,7 +40,9 @@ from potboiler.kv.crdts import (
     Stamp,
     apply,
     causal_dependencies,
+    observed_tags,
     prepare,
+    prepare_observed,
     value,
 )
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
@@ -233,11 +235,13 @@ class KvState:
     # -- writes ---------------------------------------------------------------------------------
 
     def plan_reads_state(self, table: str) -> bool:
-        """Whether `plan_write` reads a key's state to plan a write to `table`: it does for every known
+        """Whether `plan_write` reads a key's state to plan a write to `table`: it does for every
         table type but LWW (an OR-Set remove names the adds it saw, a counter checks its sum stays
-        exact...), and not for `_config` or a table not known here."""
+        exact...), also for a table not known here (its candidate types' states), not for `_config`."""
+        if table == CONFIG_TABLE:
+            return False
         info = self._tables.get(table)
-        return info is not None and info.crdt is not CrdtType.LWW
+        return info is None or info.crdt is not CrdtType.LWW
 
     def plan_write(
         self, table: str, key: str, op: str, change: JSON, *, has_change: bool = True
@@ -303,7 +307,20 @@ class KvState:
             raise InvalidArgument(f"table {table!r} (not known here yet): {'; '.join(errors)}")
         if op in ("increment", "decrement"):
             _check_exact_counter(table, None, op, change)
-        return PlannedWrite(KvEvent(table, key, None, op, change), (), pending=True)
+        # This node has applied its earlier writes to the key (and those of other nodes that did not
+        # know the table either) to every candidate type: their tags are the write's observed context.
+        observed: dict[str, None] = {}
+        deps: dict[str, None] = {}
+        for crdt in types:
+            state = self.state(crdt, table, key)
+            try:
+                payload = prepare(crdt, state, op, change)
+            except InvalidOperation:
+                continue
+            observed.update(dict.fromkeys(observed_tags(payload)))
+            deps.update(dict.fromkeys(causal_dependencies(crdt, state, payload)))
+        event = KvEvent(table, key, None, op, change, tuple(sorted(observed)))
+        return PlannedWrite(event, tuple(deps)[:MAX_DEPENDENCIES], pending=True)
 
     # -- applying the log -----------------------------------------------------------------------
 
@@ -357,7 +374,7 @@ class KvState:
             event = _event_of_fields(entry.data.struct_value.fields)
             if event is None:
                 continue
-            table, key, crdt, op, change = event
+            table, key, crdt, op, change, observed = event
             if crdt is _LWW and op == "set":
                 prefix = lww_prefixes.get(table)
                 if prefix is None:
@@ -381,7 +398,7 @@ class KvState:
                 changes = []
                 for each in TYPES_OF_OP[op]:
                     try:
-                        changes.append((each, prepare(each, None, op, raw_change)))
+                        changes.append((each, prepare_observed(each, op, raw_change, observed)))
                     except InvalidOperation:
                         continue
             for each, payload in changes:
@@ -442,10 +459,14 @@ def _valid_name(name: str) -> bool:
     return ok
 
 
-def _event_of_fields(fields: Any) -> tuple[str, str, CrdtType | None, str, Value] | None:
-    """(table, key, crdt, op, change) of an entry's data if it is a KV event (see potboiler.kv.events,
-    whose `parse_event` is the same check on plain JSON), else None. `fields` is the data's Struct map."""
-    if len(fields) != 5:
+def _event_of_fields(
+    fields: Any,
+) -> tuple[str, str, CrdtType | None, str, Value, tuple[str, ...]] | None:
+    """(table, key, crdt, op, change, observed) of an entry's data if it is a KV event (see
+    potboiler.kv.events, whose `parse_event` is the same check on plain JSON), else None. `fields`
+    is the data's Struct map."""
+    count = len(fields)
+    if count != 5 and count != 6:
         return None
     get = fields.get
     table, key, crdt, op, change = get("table"), get("key"), get("crdt"), get("op"), get("change")
@@ -457,10 +478,18 @@ def _event_of_fields(fields: Any) -> tuple[str, str, CrdtType | None, str, Value
     name = crdt.string_value
     if name:
         c = _CRDTS.get(name)
-        return None if c is None else (t, k, c, o, change)
-    if crdt.WhichOneof("kind") == "null_value":
-        return t, k, None, o, change
-    return None
+        return None if c is None or count == 6 else (t, k, c, o, change, ())
+    if crdt.WhichOneof("kind") != "null_value":
+        return None
+    if count == 5:
+        return t, k, None, o, change, ()
+    observed = get("observed")
+    if observed is None or observed.WhichOneof("kind") != "list_value":
+        return None
+    tags = observed.list_value.values
+    if any(tag.WhichOneof("kind") != "string_value" for tag in tags):
+        return None
+    return t, k, None, o, change, tuple(tag.string_value for tag in tags)
 
 
 def _context(entry: Entry) -> EventContext:

@@ -200,7 +200,8 @@ event_data = st.fixed_dictionaries(
         "crdt": st.sampled_from([None, "LWW", "ORSET", "nope", 1, True]),
         "op": st.sampled_from(["set", "add", "remove", "create", "increment", "fly", 2]),
         "change": st.sampled_from([None, 1, {"item": 1, "key": "e"}]),
-    }
+    },
+    optional={"observed": st.sampled_from([[], ["t1", "t2"], [1], "t1", None])},
 )
 
 
@@ -216,13 +217,14 @@ def test_fast_event_check_agrees_with_parse_event(data: dict[str, JSON]) -> None
         assert fast is not None
         # An event's serialized entry holds the mark that lets the applier skip the others unread.
         assert EVENT_MARK in make_entry("o", 1, data, 1).SerializeToString()
-        table, key, crdt, op, change = fast
-        assert (table, key, crdt, op, from_value(change)) == (
+        table, key, crdt, op, change, observed = fast
+        assert (table, key, crdt, op, from_value(change), observed) == (
             slow.table,
             slow.key,
             slow.crdt,
             slow.op,
             slow.change,
+            slow.observed,
         )
 
 
@@ -832,3 +834,25 @@ def test_a_write_over_many_concurrent_values_depends_on_each_owners_newest() -> 
     c.receive([superseding])
     c.receive(values)
     assert b.state.get("m", "k") == c.state.get("m", "k") == (CrdtType.MVREGISTER, ["from-b"])
+
+
+def test_writes_made_before_the_table_was_known_see_their_nodes_earlier_writes() -> None:
+    a, b = SimNode(), SimNode()
+    configs = [
+        a.write(CONFIG_TABLE, "s", "set", {"crdt": "ORSET"}),
+        a.write(CONFIG_TABLE, "m", "set", {"crdt": "MVREGISTER"}),
+    ]
+    # b has not received the tables' configs yet.
+    element = {"item": "x", "key": "e"}
+    writes = [
+        b.write("s", "k", "add", element),
+        b.write("s", "k", "remove", element),
+        b.write("m", "k", "set", "first"),
+        b.write("m", "k", "set", "second"),
+    ]
+    assert writes[1].dependencies == [writes[0].id] and writes[3].dependencies == [writes[2].id]
+    b.receive(configs)
+    a.receive(writes)
+    for node in (a, b):
+        assert node.state.get("s", "k") == (CrdtType.ORSET, [])
+        assert node.state.get("m", "k") == (CrdtType.MVREGISTER, ["second"])
