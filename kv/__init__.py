@@ -21,8 +21,10 @@ Behaviour worth knowing:
   so a re-typed table shows the keys written for its new type.
 - A write to a table the node does not know is accepted (200, `"pending": true`) when it fits some
   table type, and takes effect on every node once the table exists there.
-- A write depends on its table's `_config` entry and on the entries it supersedes (OR-Set remove/add,
-  MV-Register set), so every node applies it only after them.
+- A write depends on its table's `_config` entry and, of the entries it supersedes (OR-Set
+  remove/add, MV-Register set), on the newest of each owner (whose chain brings the others), so every
+  node applies it only after them. A write to a table its node does not know yet carries the tags
+  its node had observed for the key, with the same dependencies.
 - Limits: a write's entry may hold at most 1 MiB (413 beyond), REST bodies at most 2 MiB (Envoy). JSON
   numbers travel as doubles, so a PN-Counter's increments (and its decrements) total at most 2**53 as
   seen by the node taking the write (400 beyond).
