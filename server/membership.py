@@ -1,7 +1,9 @@
 """Membership: the root URLs of the nodes this node replicates with, persisted (`n<url>` -> '').
 
 A peer removed by an operator is remembered (`r<url>` -> '') so that gossip and the removed node's
-own reconnection attempts do not bring it back; only an explicit add does.
+own reconnection attempts do not bring it back; only an explicit add does. A peer an operator added
+is `joining` (`j<url>` -> '') until replication with it starts: its first stream asks the peer to
+take this node back if it had removed it.
 """
 
 from __future__ import annotations
@@ -9,11 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from potboiler.server.errors import InvalidArgument, NotFound
-from potboiler.server.storage import Store, prefix_end
+from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.server.urls import node_url
 
 _PREFIX = b"n"
 _REMOVED = b"r"
+_JOINING = b"j"
+
+
+def _load(store: Store, prefix: bytes) -> dict[str, str]:
+    return {key[1:].decode(): value.decode() for key, value in store.scan(prefix, prefix_end(prefix))}
 
 
 class Membership:
@@ -22,11 +29,10 @@ class Membership:
     def __init__(self, store: Store, self_url: str) -> None:
         self._store = store
         self.self_url = node_url(self_url)
-        self._urls = {key[1:].decode() for key, _ in store.scan(_PREFIX, prefix_end(_PREFIX))}
-        self._removed = {key[1:].decode() for key, _ in store.scan(_REMOVED, prefix_end(_REMOVED))}
+        self._urls = set(_load(store, _PREFIX))
+        self._removed = set(_load(store, _REMOVED))
+        self._joining = set(_load(store, _JOINING))
         self._listeners: list[Callable[[str, bool], None]] = []
-        #: Peers an operator added since start whose replication has not started yet.
-        self.joining: set[str] = set()
 
     def on_change(self, listener: Callable[[str, bool], None]) -> None:
         """Call `listener(url, added)` on every change."""
@@ -45,40 +51,60 @@ class Membership:
         """Whether an operator removed `url` (and has not added it again)."""
         return node_url(url) in self._removed
 
-    def add(self, url: str) -> bool:
-        """Add a peer by an operator's decision (clears an earlier removal); the peer is then
+    def is_joining(self, url: str) -> bool:
+        """Whether an operator added `url` and replication with it has not started since."""
+        return url in self._joining
+
+    def add(self, url: str, *, join: bool = True) -> bool:
+        """Add a peer by an operator's decision (clears an earlier removal); with `join` the peer is
         `joining` until replication with it starts. Returns False if it was known already."""
         url = node_url(url)
         if url == self.self_url:
             raise InvalidArgument(f"{url} is this node itself")
-        self.joining.add(url)
-        return self._insert(url)
+        writes: list[Write] = []
+        if join and url not in self._joining:
+            writes.append((_JOINING + url.encode(), b""))
+        return self._insert(url, writes, joining=join)
 
     def learn(self, url: str) -> bool:
-        """Add a peer heard of from another node, unless it is this node or was removed here."""
+        """Add a peer heard of from another node (or named by --peer), unless it is this node or was
+        removed here; it is not `joining`."""
         url = node_url(url)
         if url == self.self_url or url in self._removed:
             return False
-        return self._insert(url)
+        return self._insert(url, [], joining=False)
 
-    def _insert(self, url: str) -> bool:
-        if url in self._urls:
+    def _insert(self, url: str, writes: list[Write], *, joining: bool) -> bool:
+        new = url not in self._urls
+        if new:
+            writes += [(_PREFIX + url.encode(), b""), (_REMOVED + url.encode(), None)]
+        if writes:
+            self._store.write(writes, sync=True)
+        if joining:
+            self._joining.add(url)
+        if not new:
             return False
-        self._store.write([(_PREFIX + url.encode(), b""), (_REMOVED + url.encode(), None)], sync=True)
         self._removed.discard(url)
         self._urls.add(url)
         for listener in self._listeners:
             listener(url, True)
         return True
 
+    def joined(self, url: str) -> None:
+        """Replication with `url` started: it is no longer `joining`."""
+        if url in self._joining:
+            self._store.write([(_JOINING + url.encode(), None)], sync=True)
+            self._joining.discard(url)
+
     def remove(self, url: str) -> None:
         """Remove a peer; NotFound if it is not known."""
         url = node_url(url)
         if url not in self._urls:
             raise NotFound(f"{url} is not a known node")
-        self._store.write([(_PREFIX + url.encode(), None), (_REMOVED + url.encode(), b"")], sync=True)
+        key = url.encode()
+        self._store.write([(_PREFIX + key, None), (_REMOVED + key, b""), (_JOINING + key, None)], sync=True)
         self._urls.discard(url)
         self._removed.add(url)
-        self.joining.discard(url)
+        self._joining.discard(url)
         for listener in self._listeners:
             listener(url, False)

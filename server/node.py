@@ -184,7 +184,7 @@ class Node:
         self.webhooks.start()
         self.replicator.start()
         for peer in config.peers:
-            self.membership.add(peer)
+            self._seed(peer)
         for name in names:
             await self._set_health(name, serving=True)
         await self._set_health("", serving=True)
@@ -201,6 +201,14 @@ class Node:
             )
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
+
+    def _seed(self, peer: str) -> None:
+        # A seed is not an operator's add: it neither undoes a DELETE /nodes made here nor asks a peer
+        # that removed this node to take it back (`potboiler cluster` names every node at each start).
+        if self.membership.is_removed(peer):
+            log.info("not replicating with --peer %s: it was removed here (POST /nodes adds it again)", peer)
+        else:
+            self.membership.learn(peer)
 
     async def _set_health(self, name: str, *, serving: bool) -> None:
         status = (

@@ -540,7 +540,7 @@ class Replicator:
                 )
                 session.peer_url = peer.url
                 try:
-                    await session.hello(join=peer.url in self.membership.joining)
+                    await session.hello(join=self.membership.is_joining(peer.url))
                     first = await call.read()
                     if not isinstance(first, replication_pb2.ReplicateResponse) or not first.HasField(
                         "hello"
@@ -552,7 +552,7 @@ class Replicator:
                         continue
                     self.learn_peers(first.hello.peers)
                     failures = 0
-                    self.membership.joining.discard(peer.url)
+                    self.membership.joined(peer.url)
                     log.info("connected to %s (node %s)", peer.url, peer.node_id)
                     await self._run_session(peer, session)
                     peer.last_error = "the peer closed the stream"
@@ -609,9 +609,9 @@ class Replicator:
             if not first.hello.join:
                 raise Removed(f"{session.peer_url} was removed from this node's peers")
             log.info("%s joins again after its removal", session.peer_url)
-            self.membership.add(session.peer_url)
+            self.membership.add(session.peer_url, join=False)
         self.membership.learn(session.peer_url)
-        self.membership.joining.discard(session.peer_url)
+        self.membership.joined(session.peer_url)
         peer = self.peers.get(session.peer_url)
         if peer is None:
             raise Conflict(f"{session.peer_url} is not a peer of this node")

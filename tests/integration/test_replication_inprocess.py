@@ -313,3 +313,54 @@ async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(
     assert failures
     [peer] = dialer.replicator.peers.values()
     assert peer.task is not None and not peer.task.done()  # still dialing whenever needed
+
+
+def stream_count(node: Node) -> int:
+    return sum(len(p.sessions) for p in node.replicator.peers.values())
+
+
+async def test_an_operators_add_survives_a_restart_before_it_reaches_the_peer(make_node: NodeFactory) -> None:
+    """a removes b (and b, refused, removes a); while b is down an operator adds b to a again, and a
+    restarts before it reaches b: a must still ask b to take it back, not give b up when refused."""
+    a = await make_node(name="a", index=0)
+    b = await make_node(name="b", peers=[a], index=1)
+    await append(a, 1)
+    await eventually(lambda: converged(a, b), what="convergence")
+    a.membership.remove(b.config.url)
+    await eventually(lambda: b.membership.is_removed(a.config.url), what="b refused and removing a")
+    await b.stop()
+    a.membership.add(b.config.url)  # POST /nodes b on a, while b is down
+    await a.stop()
+    a2 = await make_node(name="a", index=0)
+    b2 = await make_node(name="b", index=1)
+    await append(b2, 1)
+    await eventually(lambda: converged(a2, b2) and a2.log.total() == 2, what="convergence after the re-add")
+    assert a2.membership.urls() == [b.config.url] and b2.membership.urls() == [a.config.url]
+    assert not a2.membership.is_joining(b.config.url)
+
+
+async def test_a_seed_peer_removed_here_stays_removed_after_a_restart(make_node: NodeFactory) -> None:
+    """DELETE /nodes is not undone by restarting the node with the same --peer (as `potboiler cluster`
+    does): the seed is skipped, and it is not a join that would clear the peer's removal of this node."""
+    a = await make_node(name="a", index=0)
+    b = await make_node(name="b", peers=[a], index=1)
+    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    b.membership.remove(a.config.url)  # DELETE /nodes a on b
+    await eventually(lambda: a.membership.is_removed(b.config.url), what="a refused and removing b")
+    await b.stop()
+    b2 = await make_node(name="b", peers=[a], index=1)
+    assert b2.membership.urls() == [] and not b2.replicator.peers
+    assert b2.membership.is_removed(a.config.url)
+
+
+async def test_a_seed_peer_is_not_joining(make_node: NodeFactory) -> None:
+    """A seed that removed this node refuses it, and this node then removes the seed (it does not
+    ask to be taken back: only an operator's POST /nodes does)."""
+    a = await make_node(name="a", index=0)
+    b = await make_node(name="b", peers=[a], index=1)
+    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await b.stop()
+    a.membership.remove(b.config.url)  # DELETE /nodes b on a while b is down
+    b2 = await make_node(name="b", peers=[a], index=1)
+    await eventually(lambda: b2.membership.is_removed(a.config.url), what="b refused and removing a")
+    assert a.membership.urls() == [] and a.membership.is_removed(b.config.url)
