@@ -1,9 +1,10 @@
-"""Membership: the root URLs of the nodes this node replicates with, persisted (`n<url>` -> '').
+"""Membership: the root URLs of the nodes this node replicates with, persisted (`n<url>` -> the
+peer's node id, empty until it is first reached).
 
-A peer removed by an operator is remembered (`r<url>` -> '') so that gossip and the removed node's
-own reconnection attempts do not bring it back; only an explicit add does. A peer an operator added
-is `joining` (`j<url>` -> '') until replication with it starts: its first stream asks the peer to
-take this node back if it had removed it.
+A peer removed by an operator is remembered (`r<url>` -> its node id, if known) so that gossip and
+the removed node's own reconnection attempts do not bring it back, under that URL or another one;
+only an explicit add does. A peer an operator added is `joining` (`j<url>` -> '') until replication
+with it starts: its first stream asks the peer to take this node back if it had removed it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ class Membership:
     def __init__(self, store: Store, self_url: str) -> None:
         self._store = store
         self.self_url = node_url(self_url)
-        self._urls = set(_load(store, _PREFIX))
-        self._removed = set(_load(store, _REMOVED))
+        #: Member URL -> the node id it answered with ('' until it was reached).
+        self._urls = _load(store, _PREFIX)
+        #: Removed URL -> the node id it had ('' if unknown).
+        self._removed = _load(store, _REMOVED)
         self._joining = set(_load(store, _JOINING))
         self._listeners: list[Callable[[str, bool], None]] = []
 
@@ -48,12 +51,20 @@ class Membership:
         return node_url(url)
 
     def is_removed(self, url: str) -> bool:
-        """Whether an operator removed `url` (and has not added it again)."""
+        """Whether `url` was removed here (and has not been added again)."""
         return node_url(url) in self._removed
+
+    def is_removed_node(self, node_id: str) -> bool:
+        """Whether the node `node_id` was removed here under some URL (and has not joined again)."""
+        return bool(node_id) and node_id in self._removed.values()
 
     def is_joining(self, url: str) -> bool:
         """Whether an operator added `url` and replication with it has not started since."""
         return url in self._joining
+
+    def url_of(self, node_id: str) -> str | None:
+        """The member URL that answered as `node_id`, if any."""
+        return next((url for url, known in self._urls.items() if known == node_id), None) if node_id else None
 
     def add(self, url: str, *, join: bool = True) -> bool:
         """Add a peer by an operator's decision (clears an earlier removal); with `join` the peer is
@@ -84,11 +95,23 @@ class Membership:
             self._joining.add(url)
         if not new:
             return False
-        self._removed.discard(url)
-        self._urls.add(url)
+        self._removed.pop(url, None)
+        self._urls[url] = ""
         for listener in self._listeners:
             listener(url, True)
         return True
+
+    def identify(self, url: str, node_id: str) -> None:
+        """Record that member `url` answered as node `node_id`; a removal of that node under another
+        URL no longer stands (the node is a member again)."""
+        if url not in self._urls or self._urls[url] == node_id:
+            return
+        cleared = [u for u, known in self._removed.items() if known == node_id]
+        writes: list[Write] = [(_PREFIX + url.encode(), node_id.encode())]
+        writes += [(_REMOVED + u.encode(), b"") for u in cleared]
+        self._store.write(writes, sync=True)
+        self._urls[url] = node_id
+        self._removed.update(dict.fromkeys(cleared, ""))
 
     def joined(self, url: str) -> None:
         """Replication with `url` started: it is no longer `joining`."""
@@ -97,14 +120,25 @@ class Membership:
             self._joining.discard(url)
 
     def remove(self, url: str) -> None:
-        """Remove a peer; NotFound if it is not known."""
+        """Remove a peer; NotFound if it is not known. Its node, if known, is refused under any URL."""
         url = node_url(url)
         if url not in self._urls:
             raise NotFound(f"{url} is not a known node")
+        self._discard(url, self._urls[url])
+
+    def drop_alias(self, url: str) -> None:
+        """Drop a member URL that names a node known otherwise (this node, or a peer under another
+        URL). It is marked removed so that gossip does not bring it back; its node is not refused."""
+        if url in self._urls:
+            self._discard(url, "")
+
+    def _discard(self, url: str, node_id: str) -> None:
         key = url.encode()
-        self._store.write([(_PREFIX + key, None), (_REMOVED + key, b""), (_JOINING + key, None)], sync=True)
-        self._urls.discard(url)
-        self._removed.add(url)
+        self._store.write(
+            [(_PREFIX + key, None), (_REMOVED + key, node_id.encode()), (_JOINING + key, None)], sync=True
+        )
+        del self._urls[url]
+        self._removed[url] = node_id
         self._joining.discard(url)
         for listener in self._listeners:
             listener(url, False)

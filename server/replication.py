@@ -12,6 +12,10 @@ vector, which also tells the sender what the peer got from others.
 exponential backoff and keepalive, accepts the peer's inbound streams, and keeps one stream per pair
 (the one dialed by the node with the lower id when both dial). It follows membership: peers learned
 from a Hello or a PeerList are added (gossip), and a removed peer is refused until added again.
+
+A node is known by the node id it answers with, not only by a URL: a member URL that turns out to name
+this node itself, or a peer known under another URL, is dropped (an alias), and a stream accepted
+from a known node id belongs to that node's Peer whatever URL it announces.
 """
 
 from __future__ import annotations
@@ -546,10 +550,17 @@ class Replicator:
                         "hello"
                     ):
                         raise InvalidArgument("the peer did not start with a hello")
+                    if first.hello.node_id == self.log.node_id:
+                        self._drop_alias(peer, "this node itself")
+                        return
                     session.accept_hello(first.hello)
                     session.peer_url = peer.url
+                    if (why := self._alias_of(peer.url, session.peer_id)) is not None:
+                        self._drop_alias(peer, why)
+                        return
                     if not self._register(peer, session):
                         continue
+                    self.membership.identify(peer.url, session.peer_id)
                     self.learn_peers(first.hello.peers)
                     failures = 0
                     self.membership.joined(peer.url)
@@ -604,17 +615,15 @@ class Replicator:
             return
         if first.WhichOneof("message") != "hello":
             raise InvalidArgument("the first message of a replication stream must be a hello")
+        if first.hello.node_id == self.log.node_id:
+            # This node dialed itself under a URL it does not know as its own: its dialing end
+            # learns so from this hello, and drops that URL.
+            await session.hello()
+            return
         session.accept_hello(first.hello)
-        if self.membership.is_removed(session.peer_url):
-            if not first.hello.join:
-                raise Removed(f"{session.peer_url} was removed from this node's peers")
-            log.info("%s joins again after its removal", session.peer_url)
-            self.membership.add(session.peer_url, join=False)
-        self.membership.learn(session.peer_url)
-        self.membership.joined(session.peer_url)
-        peer = self.peers.get(session.peer_url)
-        if peer is None:
-            raise Conflict(f"{session.peer_url} is not a peer of this node")
+        peer = self._accepted_peer(session, join=first.hello.join)
+        session.peer_url = peer.url
+        self.membership.joined(peer.url)
         await session.hello()
         if not self._register(peer, session):
             return
@@ -624,6 +633,41 @@ class Replicator:
             await self._run_session(peer, session)
         finally:
             self._unregister(peer, session)
+
+    def _accepted_peer(self, session: Session, *, join: bool) -> Peer:
+        """The Peer of an accepted stream: the member that answered as the dialer's node id, whatever
+        URL the dialer announces; else the announced URL's (learned now, unless removed here and the
+        dialer does not ask to join). Removed if refused, Conflict if it is no peer."""
+        node_id, url = session.peer_id, session.peer_url
+        if (known := self.membership.url_of(node_id)) is not None:
+            url = known
+        else:
+            if self.membership.is_removed(url) or self.membership.is_removed_node(node_id):
+                if not join:
+                    raise Removed(f"{url} (node {node_id}) was removed from this node's peers")
+                log.info("%s joins again after its removal", url)
+                self.membership.add(url, join=False)
+            self.membership.learn(url)
+        peer = self.peers.get(url)
+        if peer is None:
+            raise Conflict(f"{url} is not a peer of this node")
+        self.membership.identify(url, node_id)
+        return peer
+
+    def _alias_of(self, url: str, node_id: str) -> str | None:
+        """Why member `url`, which answered as `node_id`, is not a peer of its own: the node is a
+        member under another URL, or was removed here (and `url` was not added by an operator)."""
+        known = self.membership.url_of(node_id)
+        if known is not None and known != url:
+            return f"node {node_id}, a peer here as {known}"
+        if known is None and self.membership.is_removed_node(node_id) and not self.membership.is_joining(url):
+            return f"node {node_id}, which was removed here"
+        return None
+
+    def _drop_alias(self, peer: Peer, what: str) -> None:
+        # Dropped once, and marked removed: gossip does not bring it back, so this is logged once.
+        log.warning("%s is %s: dropping that URL from this node's peers", peer.url, what)
+        self.membership.drop_alias(peer.url)
 
     def _register(self, peer: Peer, session: Session) -> bool:
         """Add a session to its peer, keeping one per pair; False if this one is dropped."""

@@ -364,3 +364,62 @@ async def test_a_seed_peer_is_not_joining(make_node: NodeFactory) -> None:
     b2 = await make_node(name="b", peers=[a], index=1)
     await eventually(lambda: b2.membership.is_removed(a.config.url), what="b refused and removing a")
     assert a.membership.urls() == [] and a.membership.is_removed(b.config.url)
+
+
+def localhost_url(node: Node) -> str:
+    """Another name of the node's root URL (nodes serve on 127.0.0.1)."""
+    return f"http://localhost:{node.config.base_port}"
+
+
+async def test_a_url_that_names_this_node_is_dropped(make_node: NodeFactory) -> None:
+    a = await make_node()
+    alias = localhost_url(a)
+    a.membership.add(alias)
+    await eventually(lambda: a.membership.urls() == [], what="the alias dropped")
+    assert a.membership.is_removed(alias)
+    assert not a.membership.learn(alias)  # gossip does not bring it back
+    await eventually(lambda: not a.replicator.peers, what="no dialing")
+
+
+async def test_a_peer_added_under_a_second_url_stays_one_peer(make_node: NodeFactory) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    alias = localhost_url(b)
+    a.membership.add(alias)  # POST /nodes {"url": "http://localhost:<b>"} on a
+    # a finds alias is b and drops it; b, taught alias by gossip, finds it is itself and drops it.
+    await eventually(
+        lambda: a.membership.urls() == [b.config.url] and list(a.replicator.peers) == [b.config.url],
+        what="a dropping the alias",
+    )
+    await append(a, 2)
+    await eventually(lambda: converged(a, b) and b.log.total() == 2, what="convergence")
+    await eventually(lambda: stream_count(a) == stream_count(b) == 1, what="one stream per pair")
+    await eventually(lambda: alias not in b.membership.urls(), what="b dropping the alias of itself")
+    a.membership.remove(b.config.url)  # DELETE /nodes b on a stops replication both ways
+    await eventually(lambda: b.membership.urls() == [] and not b.replicator.peers, what="b removing a")
+    assert a.membership.urls() == [] and not a.replicator.peers
+
+
+async def test_a_stream_from_a_peer_known_under_another_url_joins_its_peer(make_node: NodeFactory) -> None:
+    """a knows b as http://localhost:<b>, b announces http://127.0.0.1:<b>: b's own streams to a belong
+    to that one peer, before and after a restarts, and DELETE /nodes of it refuses b all the same."""
+    a = await make_node(name="a", index=0)
+    b = await make_node(name="b", index=1)
+    alias = localhost_url(b)
+    a.membership.add(alias)
+    # As if a had reached b there before: whichever of the two streams comes first, it is b's.
+    a.membership.identify(alias, b.log.node_id)
+    await append(b, 1)
+    await eventually(lambda: converged(a, b) and a.log.total() == 1, what="convergence")
+    await eventually(lambda: stream_count(a) == stream_count(b) == 1, what="one stream per pair")
+    assert a.membership.urls() == [alias]
+    await a.stop()
+    a2 = await make_node(name="a", index=0)
+    await append(b, 1)
+    await eventually(lambda: converged(a2, b) and a2.log.total() == 2, what="convergence after a restart")
+    await eventually(lambda: stream_count(a2) == stream_count(b) == 1, what="one stream per pair")
+    assert a2.membership.urls() == [alias]
+    a2.membership.remove(alias)  # DELETE /nodes
+    await eventually(lambda: b.membership.urls() == [] and not b.replicator.peers, what="b removing a")
+    assert a2.membership.urls() == [] and not a2.replicator.peers
