@@ -19,6 +19,7 @@ from pathlib import Path
 
 import uvloop
 
+from potboiler.server.errors import InvalidArgument, PotboilerError
 from potboiler.server.gateway import Ports
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
@@ -36,6 +37,7 @@ from potboiler.server.security import (
     tls_context_for,
     token_line,
 )
+from potboiler.server.urls import node_url
 
 log = logging.getLogger("potboiler")
 
@@ -214,26 +216,47 @@ async def run_node(config: NodeConfig) -> None:
         await node.stop()
 
 
-def run_cluster(args: argparse.Namespace) -> int:
-    """Run N node processes, each peered with the others, until SIGINT or SIGTERM."""
-    if args.nodes < 1:
-        print("--nodes must be at least 1", file=sys.stderr)
-        return 2
-    urls = [f"http://{args.host}:{args.base_port + 100 * i}" for i in range(args.nodes)]
-    extra = ["--log-level", args.log_level] + (["--fsync"] if args.fsync else [])
-    extra += ["--no-gossip"] if args.no_gossip else []
-    extra += forwarded_security_args(args)
+def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
+    """The node processes of `potboiler cluster`: each peered with the other nodes and with every
+    --peer (a --peer naming a node of the cluster is one of those); InvalidArgument if --host or a
+    --peer does not make a node root URL."""
     nodes = [
         NodeProcess(
             args.data_dir / f"node{i}",
             args.base_port + 100 * i,
             host=args.host,
-            peers=[u for u in urls if u != url],
-            extra_args=extra,
             log_file=args.data_dir / f"node{i}.log",
         )
-        for i, url in enumerate(urls)
+        for i in range(args.nodes)
     ]
+    try:
+        urls = [node_url(node.url) for node in nodes]
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"bad --host: {exc}") from None
+    try:
+        outside = [url for url in dict.fromkeys(map(node_url, args.peer)) if url not in urls]
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"bad --peer: {exc}") from None
+    extra = ["--log-level", args.log_level] + (["--fsync"] if args.fsync else [])
+    extra += ["--no-gossip"] if args.no_gossip else []
+    extra += ["--clock-skew-ms", str(args.clock_skew_ms)] if args.clock_skew_ms else []
+    extra += forwarded_security_args(args)
+    for node, url in zip(nodes, urls, strict=True):
+        node.peers = [u for u in urls if u != url] + outside
+        node.extra_args = extra
+    return nodes
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """Run N node processes, each peered with the others, until SIGINT or SIGTERM."""
+    if args.nodes < 1:
+        print("potboiler: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        nodes = cluster_nodes(args)
+    except InvalidArgument as exc:
+        print(f"potboiler: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -317,9 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         security=security,
     )
     try:
+        config.check()
+    except InvalidArgument as exc:
+        print(f"potboiler: {exc}", file=sys.stderr)
+        return 2
+    try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run_node(config))
-    except OSError as exc:
+    except (OSError, RuntimeError, PotboilerError) as exc:
+        # A port in use, Envoy failing to start...: say what, not where in the code.
+        log.debug("the node failed", exc_info=True)
         log.error("%s", exc)
         return 1
     return 0

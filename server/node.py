@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from potboiler.server.appender import Appender
 from potboiler.server.decoding import GuardedServer
+from potboiler.server.errors import InvalidArgument
 from potboiler.server.gateway import Gateway, Ports
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
@@ -27,6 +28,7 @@ from potboiler.server.rest_servicer import CoreRestServicer
 from potboiler.server.security import SecurityConfig
 from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
+from potboiler.server.urls import node_url
 from potboiler.server.webhooks import Webhooks
 from potboiler.server.webhooks_servicer import WebhooksServicer
 from potboiler.v1 import (
@@ -94,6 +96,20 @@ class NodeConfig:
         """The node's root URL, its name among peers."""
         return f"http://{self.host}:{self.base_port}"
 
+    def check(self) -> None:
+        """InvalidArgument if the node's URL or a peer's is not a node root URL, or a peer is this node."""
+        try:
+            own = node_url(self.url)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"bad --host: {exc}") from None
+        for peer in self.peers:
+            try:
+                url = node_url(peer)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"bad --peer: {exc}") from None
+            if url == own:
+                raise InvalidArgument(f"bad --peer: {peer} is this node itself")
+
 
 #: The process's garbage collector thresholds once a node runs in it. Entries held in memory (the
 #: appender's tail, the services' caches) are long-lived and many: with Python's defaults (700, 10,
@@ -107,6 +123,7 @@ class Node:
     """A running node. `start()` opens the store and serves; `stop()` undoes it all."""
 
     def __init__(self, config: NodeConfig) -> None:
+        config.check()
         self.config = config
         self.store = RocksStore(config.data_dir / "log")
         self.log = Log(self.store, config.clock)

@@ -1,0 +1,88 @@
+"""The `potboiler` command line: what `cluster` passes to its nodes, and how bad arguments and a node
+that cannot start are reported (one line, an exit code, no traceback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from potboiler.server import cli
+from potboiler.server.node import NodeConfig
+from potboiler.server.processes import NodeProcess
+
+
+@pytest.fixture
+def never_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node or cluster that these tests start by mistake fails the test instead of serving forever."""
+
+    async def run_node(config: NodeConfig) -> None:
+        raise AssertionError("the node was started")
+
+    def start(self: NodeProcess, *args: object, **kwargs: object) -> NodeProcess:
+        raise AssertionError("a cluster node was started")
+
+    monkeypatch.setattr(cli, "run_node", run_node)
+    monkeypatch.setattr(NodeProcess, "start", start)
+
+
+def flag_values(command: list[str], flag: str) -> list[str]:
+    return [command[i + 1] for i, arg in enumerate(command) if arg == flag]
+
+
+def test_cluster_nodes_get_the_other_nodes_every_peer_and_the_clock_skew(tmp_path: Path) -> None:
+    args = cli.parser().parse_args(
+        [
+            "cluster", "--nodes", "2", "--base-port", "9000", "--data-dir", str(tmp_path),
+            "--peer", "http://10.0.0.7:8000", "--peer", "http://127.0.0.1:9100", "--clock-skew-ms", "250",
+        ]
+    )  # fmt: skip
+    first, second = cli.cluster_nodes(args)
+    assert flag_values(first.command(), "--peer") == ["http://127.0.0.1:9100", "http://10.0.0.7:8000"]
+    assert flag_values(second.command(), "--peer") == ["http://127.0.0.1:9000", "http://10.0.0.7:8000"]
+    assert flag_values(first.command(), "--clock-skew-ms") == ["250"]
+    assert flag_values(second.command(), "--clock-skew-ms") == ["250"]
+
+
+@pytest.mark.usefixtures("never_started")
+@pytest.mark.parametrize("command", ["node", "cluster"])
+@pytest.mark.parametrize("peer", ["not a url", "ftp://127.0.0.1:8300", "http://127.0.0.1:8300/path"])
+def test_a_malformed_peer_is_a_one_line_error(
+    command: str, peer: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    assert cli.main([command, "--data-dir", str(data), "--peer", peer]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("potboiler: bad --peer") and err.count("\n") == 1, err
+    assert not data.exists()
+
+
+@pytest.mark.usefixtures("never_started")
+def test_a_peer_that_is_the_node_itself_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    assert (
+        cli.main(["node", "--data-dir", str(data), "--base-port", "8300", "--peer", "http://127.0.0.1:8300/"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "is this node itself" in err and err.count("\n") == 1, err
+    assert not data.exists()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("envoy exited with 1; config in x"), OSError("port in use")])
+def test_a_node_that_cannot_start_is_a_one_line_error(
+    error: Exception,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def failing(config: NodeConfig) -> None:
+        raise error
+
+    monkeypatch.setattr(cli, "run_node", failing)
+    assert cli.main(["node", "--data-dir", str(tmp_path)]) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [str(error)]
+    assert "Traceback" not in capsys.readouterr().err
