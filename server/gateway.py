@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,10 +256,28 @@ def worker_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+#: prctl's option asking the kernel to signal the calling process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    """libc's prctl, loaded and looked up once, in the node's own process."""
+    prctl: Callable[..., int] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    return prctl
+
+
+def die_with_parent() -> Callable[[], None]:
+    """The `preexec_fn` that makes a child get SIGTERM when the node process dies. Everything it
+    needs is looked up here, in the parent: between fork and exec in a process that runs threads
+    (gRPC's), the child must not run the dynamic loader, which may wait forever on a lock that
+    another thread held at the fork."""
+    prctl, sigterm = _prctl(), int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+
+    return preexec
 
 
 async def _admin_ready(address: str) -> bool:
@@ -322,7 +341,7 @@ class Gateway:
             "--concurrency",
             str(worker_threads()),
             stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

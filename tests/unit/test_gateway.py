@@ -3,15 +3,20 @@ is swapped out exactly on them."""
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import envoy
 import pytest
 
+from potboiler.server import gateway
 from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render, worker_threads
 
 
@@ -63,3 +68,31 @@ def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:
 def test_envoy_leaves_one_core_to_the_node(monkeypatch: pytest.MonkeyPatch, cores: int, workers: int) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert worker_threads() == workers
+
+
+def test_envoys_preexec_fn_only_calls_prctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The function run between fork and exec loads no library (the dynamic loader may deadlock in a
+    child forked from a process with threads): libc's prctl is looked up before, in the parent."""
+    calls: list[tuple[int, ...]] = []
+
+    def prctl(*args: int) -> int:
+        calls.append(args)
+        return 0
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a library was loaded in the forked child")
+
+    given: dict[str, Any] = {}
+
+    async def create_subprocess_exec(*args: object, **kwargs: Any) -> None:
+        given.update(kwargs)
+        raise OSError("not started")
+
+    monkeypatch.setattr(gateway, "_prctl", lambda: prctl)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", create_subprocess_exec)
+    envoy_gateway = gateway.Gateway("127.0.0.1", Ports(9000), "127.0.0.1", tmp_path)
+    with pytest.raises(OSError, match="not started"):
+        asyncio.run(envoy_gateway.start())
+    monkeypatch.setattr(ctypes, "CDLL", no_loading)
+    given["preexec_fn"]()  # as the child would, after the fork
+    assert calls == [(1, int(signal.SIGTERM))]
