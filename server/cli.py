@@ -20,7 +20,7 @@ from pathlib import Path
 import uvloop
 
 from potboiler.server.errors import InvalidArgument, PotboilerError
-from potboiler.server.gateway import Ports
+from potboiler.server.gateway import Ports, url_host
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
@@ -191,6 +191,7 @@ def ports_line(host: str, base: int, https: bool = False) -> str:
     """Where a node's ports are, for people."""
     ports = Ports(base)
     web = "https" if https else "http"
+    host = url_host(host)
     return (
         f"REST {web}://{host}:{ports.core}  KV {web}://{host}:{ports.kv}  browser {web}://{host}:{ports.browser}  "
         f"Pigtail {web}://{host}:{ports.pigtail}  gRPC {host}:{ports.grpc}  metrics http://{host}:{ports.metrics}"

@@ -68,6 +68,11 @@ class Ports:
         return self.base + 10
 
 
+def url_host(host: str) -> str:
+    """`host` as it is written in a URL or a host:port address: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 @functools.cache
 def _descriptor_set() -> descriptor_pb2.FileDescriptorSet:
     """The API's descriptor set (the file Envoy's transcoder reads), parsed once."""

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from potboiler.server.appender import Appender
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.gateway import Gateway, Ports
+from potboiler.server.gateway import Gateway, Ports, url_host
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
@@ -94,7 +94,7 @@ class NodeConfig:
     @property
     def url(self) -> str:
         """The node's root URL, its name among peers."""
-        return f"http://{self.host}:{self.base_port}"
+        return f"http://{url_host(self.host)}:{self.base_port}"
 
     def check(self) -> None:
         """InvalidArgument if the node's URL or a peer's is not a node root URL, or a peer is this node."""
@@ -186,14 +186,14 @@ class Node:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], ours)
         port = config.ports.grpc if config.grpc_port is None else config.grpc_port
         try:
-            address = f"{config.host}:{port}"
+            address = f"{url_host(config.host)}:{port}"
             tls = config.security.tls
             if tls is None:
                 self.grpc_port = server.add_insecure_port(address)
             else:
                 self.grpc_port = server.add_secure_port(address, tls.server_credentials())
         except RuntimeError:
-            raise OSError(f"cannot listen on {config.host}:{port} (gRPC): the port is in use") from None
+            raise OSError(f"cannot listen on {address} (gRPC): the port is in use") from None
         await server.start()
         self.server = server
         for service in self.services:

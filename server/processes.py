@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from potboiler.server.gateway import Ports
+from potboiler.server.gateway import Ports, url_host
 
 #: Offsets from a base port that a node binds (REST ports, metrics, gRPC).
 PORT_OFFSETS = (0, 1, 2, 3, 5, 10)
@@ -117,7 +117,7 @@ class NodeProcess:
     @property
     def url(self) -> str:
         """The node's root URL, its name among peers (http:// even when REST is served over HTTPS)."""
-        return f"http://{self.host}:{self.ports.core}"
+        return f"http://{url_host(self.host)}:{self.ports.core}"
 
     @property
     def rest_tls(self) -> bool:
@@ -131,12 +131,12 @@ class NodeProcess:
 
     def port_url(self, port: int) -> str:
         """http(s)://host:port of one of the node's REST ports."""
-        return f"{'https' if self.rest_tls else 'http'}://{self.host}:{port}"
+        return f"{'https' if self.rest_tls else 'http'}://{url_host(self.host)}:{port}"
 
     @property
     def grpc_target(self) -> str:
         """host:port of the node's own gRPC server."""
-        return f"{self.host}:{self.ports.grpc}"
+        return f"{url_host(self.host)}:{self.ports.grpc}"
 
     def command(self) -> list[str]:
         """The command line that runs the node."""

@@ -4,6 +4,7 @@ resume after restart, removal, one stream per pair, flow control and causal deli
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,12 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         peers: list[Node] | None = None,
         gossip: bool = True,
         index: int | None = None,
+        host: str = "127.0.0.1",
     ) -> Node:
         i = next(counter) if index is None else index
         config = NodeConfig(
             data_dir=tmp_path / (name or f"n{i}"),
+            host=host,
             base_port=base + 100 * i,
             peers=[p.config.url for p in peers or []],
             gateway=False,
@@ -423,3 +426,23 @@ async def test_a_stream_from_a_peer_known_under_another_url_joins_its_peer(make_
     a2.membership.remove(alias)  # DELETE /nodes
     await eventually(lambda: b.membership.urls() == [] and not b.replicator.peers, what="b removing a")
     assert a2.membership.urls() == [] and not a2.replicator.peers
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_nodes_on_an_ipv6_address_replicate(make_node: NodeFactory) -> None:
+    a = await make_node(host="::1")
+    b = await make_node(host="::1", peers=[a])
+    assert a.config.url == f"http://[::1]:{a.config.base_port}"
+    await append(a, 2)
+    await append(b, 1)
+    await eventually(lambda: converged(a, b) and a.log.total() == 3, what="convergence")
+    assert a.membership.urls() == [b.config.url] and b.membership.urls() == [a.config.url]

@@ -49,3 +49,10 @@ def test_no_eligible_range_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(processes, "_ephemeral_ports", lambda: range(40000, 41000))
     with pytest.raises(RuntimeError, match="ephemeral range"):
         find_base_port(start=40000, end=40500)
+
+
+def test_an_ipv6_node_is_named_with_brackets(tmp_path: Path) -> None:
+    node = processes.NodeProcess(tmp_path / "n", 9000, host="::1")
+    assert node.url == "http://[::1]:9000"
+    assert node.port_url(node.ports.kv) == "http://[::1]:9001"
+    assert node.grpc_target == "[::1]:9010"
