@@ -221,17 +221,9 @@ def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
     """The node processes of `potboiler cluster`: each peered with the other nodes and with every
     --peer (a --peer naming a node of the cluster is one of those); InvalidArgument if --host or a
     --peer does not make a node root URL."""
-    nodes = [
-        NodeProcess(
-            args.data_dir / f"node{i}",
-            args.base_port + 100 * i,
-            host=args.host,
-            log_file=args.data_dir / f"node{i}.log",
-        )
-        for i in range(args.nodes)
-    ]
+    bases = [args.base_port + 100 * i for i in range(args.nodes)]
     try:
-        urls = [node_url(node.url) for node in nodes]
+        urls = [node_url(f"http://{url_host(args.host)}:{base}") for base in bases]
     except InvalidArgument as exc:
         raise InvalidArgument(f"bad --host: {exc}") from None
     try:
@@ -242,10 +234,17 @@ def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
     extra += ["--no-gossip"] if args.no_gossip else []
     extra += ["--clock-skew-ms", str(args.clock_skew_ms)] if args.clock_skew_ms else []
     extra += forwarded_security_args(args)
-    for node, url in zip(nodes, urls, strict=True):
-        node.peers = [u for u in urls if u != url] + outside
-        node.extra_args = extra
-    return nodes
+    return [
+        NodeProcess(
+            args.data_dir / f"node{i}",
+            base,
+            host=args.host,
+            peers=[u for u in urls if u != url] + outside,
+            extra_args=extra,
+            log_file=args.data_dir / f"node{i}.log",
+        )
+        for i, (base, url) in enumerate(zip(bases, urls, strict=True))
+    ]
 
 
 def run_cluster(args: argparse.Namespace) -> int:
