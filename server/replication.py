@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
-from potboiler.server.errors import Conflict, InvalidArgument, PotboilerError, Removed
+from potboiler.server.errors import Conflict, InvalidArgument, NotFound, PotboilerError, Removed
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid
@@ -571,7 +571,8 @@ class Replicator:
                     peer.last_error = _describe(exc)
                     if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                         log.warning("%s removed this node from its peers; removing it here too", peer.url)
-                        self.membership.remove(peer.url)
+                        with contextlib.suppress(NotFound):  # (removed meanwhile, by an operator say)
+                            self.membership.remove(peer.url)
                         return
                 except (
                     grpc.RpcError,

@@ -843,7 +843,7 @@ def test_writes_made_before_the_table_was_known_see_their_nodes_earlier_writes()
         a.write(CONFIG_TABLE, "m", "set", {"crdt": "MVREGISTER"}),
     ]
     # b has not received the tables' configs yet.
-    element = {"item": "x", "key": "e"}
+    element: JSON = {"item": "x", "key": "e"}
     writes = [
         b.write("s", "k", "add", element),
         b.write("s", "k", "remove", element),
