@@ -136,7 +136,8 @@ class KvService:
             waiter = self._waiters[seq] = asyncio.get_running_loop().create_future()
         self._linger.hurry()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), APPLY_WAIT)
+            async with asyncio.timeout(APPLY_WAIT):
+                await asyncio.shield(waiter)
         except TimeoutError:
             log.warning("KV writes up to seq %d not applied after %.1fs; reading anyway", seq, APPLY_WAIT)
             self._given_up_seq = max(self._given_up_seq, seq)

@@ -259,7 +259,8 @@ class Pigtail:
                 waiters = self._ready_waiters[queue] = deque(f for f in waiters if not f.done())
             waiters.append(wake)
         try:
-            await asyncio.wait_for(wake, timeout)
+            async with asyncio.timeout(timeout):
+                await wake
         except TimeoutError:
             pass
         except asyncio.CancelledError:
@@ -292,7 +293,8 @@ class Pigtail:
             future = self._waiters[entry.id] = asyncio.get_running_loop().create_future()
         self._linger.hurry()
         try:
-            await asyncio.wait_for(future, APPLY_TIMEOUT_S)
+            async with asyncio.timeout(APPLY_TIMEOUT_S):
+                await future
         except TimeoutError:
             self._waiters.pop(entry.id, None)
             raise RuntimeError(

@@ -133,9 +133,8 @@ class Appender:
         """Wait until the delivery position exceeds `position`; False on timeout."""
         async with self._delivered:
             try:
-                await asyncio.wait_for(
-                    self._delivered.wait_for(lambda: self.log.position > position), timeout
-                )
+                async with asyncio.timeout(timeout):
+                    await self._delivered.wait_for(lambda: self.log.position > position)
             except TimeoutError:
                 return False
         return True

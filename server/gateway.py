@@ -297,7 +297,8 @@ async def _admin_ready(address: str) -> bool:
     try:
         writer.write(b"GET /ready HTTP/1.1\r\nHost: envoy-admin\r\nConnection: close\r\n\r\n")
         await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), 1.0)
+        async with asyncio.timeout(1.0):
+            status_line = await reader.readline()
     except (OSError, TimeoutError):
         return False
     finally:
@@ -369,7 +370,8 @@ class Gateway:
             return
         process.terminate()
         try:
-            await asyncio.wait_for(process.wait(), 5)
+            async with asyncio.timeout(5):
+                await process.wait()
         except TimeoutError:
             process.kill()
             await process.wait()

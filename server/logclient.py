@@ -92,5 +92,6 @@ class Linger:
         more is waiting)."""
         if batch_size < limit and not self._hurry.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hurry.wait(), self._seconds)
+                async with asyncio.timeout(self._seconds):
+                    await self._hurry.wait()
         self._hurry.clear()

@@ -233,7 +233,8 @@ class Session:
         while True:
             with contextlib.suppress(TimeoutError):
                 # Also when nothing changed: an idle node's clock promise must keep up with time.
-                await asyncio.wait_for(self._changed.wait(), PROMISE_INTERVAL)
+                async with asyncio.timeout(PROMISE_INTERVAL):
+                    await self._changed.wait()
             self._changed.clear()
             # Read together, with no await between: the promise's seq is the vector's own.
             promise = node_log.promise()
@@ -254,7 +255,8 @@ class Session:
                     await asyncio.sleep(r.linger)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), FORWARD_DELAY if held_back else None)
+                async with asyncio.timeout(FORWARD_DELAY if held_back else None):
+                    await self._progress.wait()
 
     def _unacked(self) -> dict[str, int]:
         return {o: s - self.acked.get(o, 0) for o, s in self.sent.items() if s > self.acked.get(o, 0)}
@@ -600,7 +602,8 @@ class Replicator:
                     log.info("replication with %s: %s; retrying in %.2fs", peer.url, peer.last_error, delay)
                 peer.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(peer.wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await peer.wake.wait()
 
     async def serve(self, requests: AsyncIterator[replication_pb2.ReplicateRequest], context: Any) -> None:
         """Run the dialed end of a stream (called by the servicer)."""

@@ -26,10 +26,12 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import rank
 from potboiler.pigtail.state import Applied
+from potboiler.pigtail.worksession import work_session
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import HybridClock
 from potboiler.server.storage import MemoryStore, Write
+from potboiler.v1 import pigtail_pb2
 from potboiler.v1.entry_pb2 import Entry
 from tests.conftest import wait_for
 from tests.fakelog import FakeLog
@@ -496,3 +498,32 @@ async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
     kept = await h.add()
     assert h.pigtail.list_tasks("q") == [(kept, {"task_name": "job", "state": "pending"})]
     assert h.pigtail.state.cursor == len(h.log.entries)
+
+
+async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None:
+    """The worker completes its task and closes its side at once: the completion wakes the lease
+    just as the session cancels it, and the lease must still end (Python 3.11's wait_for would
+    swallow that cancellation and claim the next task for the gone worker)."""
+    await h.pigtail.create_queue("q", 1000, 1)
+    first, second = await h.add(), await h.add()
+    requests: asyncio.Queue[pigtail_pb2.WorkTasksRequest | None] = asyncio.Queue()
+
+    async def incoming() -> AsyncIterator[pigtail_pb2.WorkTasksRequest]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    start = pigtail_pb2.LeaseTasksRequest(queue="q", worker_id="w", max_in_flight=1)
+    await requests.put(pigtail_pb2.WorkTasksRequest(start=start))
+    sent = []
+    async for response in work_session(h.pigtail, incoming()):
+        sent.append(response.WhichOneof("response"))
+        if response.WhichOneof("response") == "task":
+            await requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=response.task.task_id))
+            await requests.put(None)
+    await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sent == ["task", "completed"]
+    assert h.pigtail.get_task("q", first)["state"] == "done"
+    assert h.pigtail.get_task("q", second)["state"] == "pending"
+    assert not [t for t in asyncio.all_tasks() if "lease" in t.get_name() and not t.done()]
