@@ -115,15 +115,18 @@ def _too_deep(data: Value) -> bool:
     """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (callers only ask for data big
     enough to be that deep)."""
     level: list[Value] = [data]
-    for _ in range(MAX_DEPTH + 1):
+    for _ in range(MAX_DEPTH + 1):  # each round: is there an array or object at this depth?
         children: list[Value] = []
+        containers = False
         for v in level:
             kind = v.WhichOneof("kind")
             if kind == "list_value":
+                containers = True
                 children.extend(v.list_value.values)
             elif kind == "struct_value":
+                containers = True
                 children.extend(v.struct_value.fields.values())
-        if not children:
+        if not containers:
             return False
         level = children
     return True

@@ -7,13 +7,14 @@ import struct
 from collections.abc import Sequence
 
 import pytest
+from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
-from potboiler.server.log import MAX_ENTRY_BYTES, Log, NewEntry, validate_new_entry
+from potboiler.server.log import MAX_DEPTH, MAX_ENTRY_BYTES, Log, NewEntry, validate_new_entry
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -196,6 +197,19 @@ def test_an_entry_refused_mid_batch_leaves_the_head_at_the_last_entry_taken(stor
     assert log.vector() == {a.owner: 1}
     assert [e.id for e in commit_remote(log, store, [b, c])] == [b.id, c.id]
     assert delivered_ids(log) == [a.id, b.id, c.id]
+
+
+def test_nesting_counts_arrays_and_objects_even_when_the_innermost_is_empty() -> None:
+    def nested(depth: int, innermost: str) -> Value:
+        v = Value()
+        json_format.Parse("[" * depth + innermost + "]" * depth, v)
+        return v
+
+    for innermost in ("", "1", "{}"):
+        depth = MAX_DEPTH - (1 if innermost == "{}" else 0)
+        validate_new_entry(nested(depth, innermost), [])
+        with pytest.raises(InvalidArgument, match="nested deeper"):
+            validate_new_entry(nested(depth + 1, innermost), [])
 
 
 def test_uuid_helpers_agree_with_the_uuid_module() -> None:

@@ -156,6 +156,10 @@ async def test_delivers_every_entry_in_order_as_json(harness: Harness) -> None:
     assert (url, content_type) == (URL, "application/json")
     assert set(body) == {"data", "dependencies", "id", "next", "owner", "prev", "seq", "when"}
     assert (body["data"], body["seq"], body["prev"], body["next"]) == (0, 1, None, before[1])
+    # Integers stay integers (a typed receiver refuses 1.0 for an int).
+    assert all(
+        type(n) is int for n in (body["data"], body["seq"], body["when"]["wall_ms"], body["when"]["logical"])
+    )
     [state] = harness.webhooks.states()
     await wait_for(lambda: state.position == 5)
     assert (state.url, state.delivered, state.failures, state.last_error) == (URL, 5, 0, "")
