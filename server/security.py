@@ -417,8 +417,9 @@ def forbidden_reason(address: IPAddress) -> str | None:
         ("is_multicast", "multicast"),
         ("is_private", "private"),
         ("is_reserved", "reserved"),
+        ("is_site_local", "site-local"),  # fec0::/10: deprecated, and neither private nor reserved
     ):
-        if getattr(address, flag):
+        if getattr(address, flag, False):  # (is_site_local is IPv6 only)
             return f"{address} is a {what} address"
     if isinstance(address, ipaddress.IPv4Address) and address in _SHARED:
         return f"{address} is a shared (carrier-grade NAT) address"

@@ -347,7 +347,9 @@ class DeliveredEntry(_message.Message):
     """
     @_builtins.property
     def entry(self) -> _entry_pb2.Entry:
-        """The entry."""
+        """The entry, as delivered: its `next` is left empty (a subscriber learns an
+        owner's next entry when it is delivered; GetEntry fills `next` in).
+        """
 
     def __init__(
         self,
