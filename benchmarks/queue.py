@@ -20,8 +20,8 @@ no-op task:
    with ``appendfsync everysec``, like the node's write-ahead log without --fsync): 4 ``SimpleWorker``
    processes (no fork per job) run a no-op function; jobs are enqueued from 4 threads.
 
-Each run starts with the workers idle and ends when the last task is done; tasks/s is the number of
-tasks over that time. REST requests (producer and workers) use a minimal keep-alive HTTP/1.1 client
+Each run starts once its 4 fresh worker processes have started and connected (idle: the queue is
+empty), and ends when the last task is done; tasks/s is the number of tasks over that time. REST requests (producer and workers) use a minimal keep-alive HTTP/1.1 client
 (httpx costs ~2.5 ms of CPU per request here and would be the bottleneck); gRPC uses grpcio; RQ uses
 redis-py, its own client. A short warm-up run precedes each measured one. Prints one JSON object with
 every figure, the ratios Potboiler / RQ and, under "targets", whether Potboiler >= RQ.
@@ -189,12 +189,13 @@ def _count(counter: Any) -> None:
         counter.value += 1
 
 
-def rest_poll_worker(url: str, queue: str, worker_id: str, counter: Any, stop: EventType) -> None:
+def rest_poll_worker(url: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any) -> None:
     """The contract's worker (as examples/pigtail/worker.py): list, claim pending tasks (a few per
     listing, in random order so the workers rarely collide), mark each done; polls again after
     POLL_INTERVAL_S when nothing is pending."""
     rng = random.Random(worker_id)
     http = SyncHttp(url)
+    _count(ready)
     try:
         while not stop.is_set():
             _, tasks = http.request("GET", f"/queue/{queue}")
@@ -214,9 +215,12 @@ def rest_poll_worker(url: str, queue: str, worker_id: str, counter: Any, stop: E
         http.close()
 
 
-def rest_claim_worker(url: str, queue: str, worker_id: str, counter: Any, stop: EventType) -> None:
+def rest_claim_worker(
+    url: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any
+) -> None:
     """A worker on the claim-next extra: one long-poll claim, one done per task."""
     http = SyncHttp(url)
+    _count(ready)
     try:
         while not stop.is_set():
             status, task = http.request(
@@ -231,13 +235,20 @@ def rest_claim_worker(url: str, queue: str, worker_id: str, counter: Any, stop: 
 
 
 def lease_worker(
-    target_: str, queue: str, worker_id: str, counter: Any, stop: EventType, in_flight: int = 1
+    target_: str,
+    queue: str,
+    worker_id: str,
+    counter: Any,
+    stop: EventType,
+    ready: Any,
+    in_flight: int = 1,
 ) -> None:
     """A worker on the gRPC lease stream: the node pushes each task (up to `in_flight` held at once,
     the next ones claimed while the worker works); CompleteTask marks it done."""
     with grpc.insecure_channel(target_) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
         request = pigtail_pb2.LeaseTasksRequest(queue=queue, worker_id=worker_id, max_in_flight=in_flight)
+        _count(ready)
         stream = stub.LeaseTasks(request)
         for message in stream:
             stub.CompleteTask(
@@ -251,7 +262,7 @@ def lease_worker(
         stream.cancel()
 
 
-def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: EventType) -> None:
+def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any) -> None:
     """A worker on the WorkTasks stream: the node pushes each task as on the lease stream, and the
     worker completes it on the same stream; a task counts once the node has answered its complete."""
     requests: queue_module.SimpleQueue[pigtail_pb2.WorkTasksRequest | None] = queue_module.SimpleQueue()
@@ -265,6 +276,7 @@ def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: Ev
 
     with grpc.insecure_channel(target_) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
+        _count(ready)
         responses = stub.WorkTasks(outgoing())
         try:
             for message in responses:
@@ -279,7 +291,7 @@ def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: Ev
             responses.cancel()
 
 
-def rq_worker(redis_url: str, queue: str, worker_id: str, counter: Any, stop: EventType) -> None:
+def rq_worker(redis_url: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any) -> None:
     """One RQ SimpleWorker (runs jobs in its own process, no fork per job)."""
     from redis import Redis
     from rq import Queue, SimpleWorker
@@ -289,6 +301,7 @@ def rq_worker(redis_url: str, queue: str, worker_id: str, counter: Any, stop: Ev
     worker = SimpleWorker(
         [Queue(queue, connection=connection)], connection=connection, name=f"{worker_id}-{os.getpid()}"
     )
+    _count(ready)
     worker.work(logging_level="WARNING")
 
 
@@ -312,6 +325,17 @@ def worker_processes(target_fn: Callable[..., None], args: list[tuple[Any, ...]]
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+async def all_ready(ready: Any, timeout: float = 60.0) -> None:
+    """Wait until every worker process has started and connected (their start-up is not timed:
+    a fresh process imports the benchmark and its client library, which would weigh on a run of
+    a few seconds, more on the side whose library is bigger)."""
+    deadline = time.monotonic() + timeout
+    while _value(ready) < WORKERS:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {_value(ready)} of {WORKERS} workers started within {timeout:g} s")
+        await asyncio.sleep(0.01)
 
 
 async def produce(add: Callable[[int], Awaitable[None]], tasks: int, concurrency: int) -> None:
@@ -358,14 +382,17 @@ async def measure(
     extra: tuple[Any, ...] = (),
 ) -> Json:
     """A warm-up run then a measured run, each on a fresh queue with fresh workers
-    `worker(endpoint, queue, worker_id, counter, stop, *extra)`; the measured run's figures."""
+    `worker(endpoint, queue, worker_id, counter, stop, ready, *extra)`, timed once they are all
+    ready; the measured run's figures."""
     out: Json = {}
     for phase, count in (("warmup", warmup), ("measured", tasks)):
         queue = await create_queue(node)
         counter = MP.Value("i", 0)
         stop = MP.Event()
-        args = [(endpoint, queue, f"w{i}", counter, stop, *extra) for i in range(WORKERS)]
+        ready = MP.Value("i", 0)
+        args = [(endpoint, queue, f"w{i}", counter, stop, ready, *extra) for i in range(WORKERS)]
         with worker_processes(worker, args):
+            await all_ready(ready)
             result = await timed_run(
                 make_add(queue), functools.partial(_value, counter), count, CpuWindow(node_pid(node))
             )
@@ -426,7 +453,7 @@ async def pigtail_rest(node: NodeProcess, worker: Callable[..., None], tasks: in
 async def pigtail_grpc(
     node: NodeProcess, worker: Callable[..., None], tasks: int, warmup: int, extra: tuple[Any, ...] = ()
 ) -> Json:
-    """Workers on a gRPC stream (`worker(endpoint, queue, worker_id, counter, stop, *extra)`); tasks
+    """Workers on a gRPC stream (`worker(endpoint, queue, worker_id, counter, stop, ready, *extra)`); tasks
     added with AddTask. gRPC goes through Envoy (port B), as clients reach a node."""
     endpoint = f"{node.host}:{node.ports.core}"
     async with grpc.aio.insecure_channel(endpoint) as channel:
@@ -506,8 +533,10 @@ async def rq_run(url: str, pid: int, tasks: int, warmup: int) -> Json:
             async def add(n: int, queue: Queue = queue) -> None:
                 await loop.run_in_executor(pool, functools.partial(queue.enqueue, "benchmarks.queue.noop", n))
 
-            args = [(url, name, f"w{i}", None, None) for i in range(WORKERS)]
+            ready = MP.Value("i", 0)
+            args = [(url, name, f"w{i}", None, None, ready) for i in range(WORKERS)]
             with worker_processes(rq_worker, args):
+                await all_ready(ready)
                 result = await timed_run(add, registry.get_job_count, count, CpuWindow(pid))
             if phase == "measured":
                 out = result
