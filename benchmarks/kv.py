@@ -104,10 +104,12 @@ def _wrk_figures(output: str, duration: float) -> Json:
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: (.*)", output)
     latency = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", output)
+    failed = int(non_2xx.group(1)) if non_2xx else 0
     out: Json = {
         "requests": total,
-        "per_s": round(rps, 1),
-        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        # Answered requests only: wrk's rate counts the failed ones too.
+        "per_s": round(rps * (total - failed) / total, 1) if total else 0.0,
+        "non_2xx": failed,
     }
     if socket_errors:
         out["socket_errors"] = socket_errors.group(1).strip()

@@ -10,9 +10,9 @@ SIGTERM. Then:
 
 (a) visibility lag: a subscriber process opens SubscribeEntries on node 2 (and is seen to receive a
     warm-up entry) before the load starts; this process then appends on node 0 at a steady 1,000
-    entries/s for 10 s over gRPC (node 0's direct port B+10), each entry's data carrying its send
-    time `{"t": time.time_ns()}`. Lag = time the subscriber received the entry - send time (same
-    machine, same clock). Entries acknowledged by node 0 but never seen on node 2 within a grace
+    entries/s for 10 s over gRPC (node 0's direct port B+10), each entry's data carrying the time it
+    was due to be sent, `{"t": <ns>}` (so a writer that falls behind its schedule counts its own
+    delay too). Lag = time the subscriber received the entry - that time (same machine, same clock). Entries acknowledged by node 0 but never seen on node 2 within a grace
     period are counted as lost. Measured twice, with two writers: unary AppendEntry per entry
     ("unary_writer"), then one entry per message on one AppendEntryStream ("stream_writer"), the API
     for a client writing at a steady rate. A unary call costs node 0 (and the client) about half as

@@ -39,8 +39,9 @@ MP = multiprocessing.get_context("spawn")
 WARM = -1
 
 
-def payload(run: str, i: int) -> bytes:
-    return json.dumps({"run": run, "i": i, "t": time.time_ns()}).encode()
+def payload(run: str, i: int, sent_ns: int) -> bytes:
+    """Write `i` of run `run`, sent at `sent_ns` (wall clock, ns): what the observer reads back."""
+    return json.dumps({"run": run, "i": i, "t": sent_ns}).encode()
 
 
 # -- the observer (a process of its own) ------------------------------------------------------------
@@ -142,9 +143,8 @@ async def paced(write: Write, run: str, rate: int, seconds: float, warm: bool = 
     loop = asyncio.get_running_loop()
     tasks = []
 
-    async def one(i: int) -> None:
-        data = payload(run, WARM if warm else i)
-        sent = json.loads(data)["t"]
+    async def one(i: int, sent: int) -> None:
+        data = payload(run, WARM if warm else i, sent)
         try:
             await write(i, data)
         except Exception as error:  # counted: the benchmark reports errors, it does not stop on them
@@ -154,10 +154,13 @@ async def paced(write: Write, run: str, rate: int, seconds: float, warm: bool = 
         result.acked[i] = (sent, time.time_ns())
 
     start = loop.time()
+    start_ns = time.time_ns()
     for i in range(int(rate * seconds)):
         if (wait := start + i / rate - loop.time()) > 0:
             await asyncio.sleep(wait)
-        tasks.append(asyncio.create_task(one(i)))
+        # Stamped with when it was due, not when the writer got to it: a writer that falls behind
+        # must not leave its own delay out of the lag (coordinated omission).
+        tasks.append(asyncio.create_task(one(i, start_ns + i * 1_000_000_000 // rate)))
         result.sent += 1
     result.seconds = loop.time() - start
     await asyncio.gather(*tasks)
