@@ -51,6 +51,12 @@ class Row:
     better: str
     peer_samples: Sequence[float] = field(default_factory=list)
     potboiler_samples: Sequence[float] = field(default_factory=list)
+    #: How many repetitions each side ran (None: as many as it has samples). A repetition that failed
+    #: or did not finish has no sample: the row then gives no verdict.
+    peer_runs: int | None = None
+    potboiler_runs: int | None = None
+    #: What the verdict compares: each side's "median", or its "max" (worst case: lost writes).
+    judged_by: str = "median"
 
     @property
     def peer_spread(self) -> Spread | None:
@@ -67,12 +73,22 @@ class Row:
         return ratio(pb.median if pb else None, peer.median if peer else None)
 
     @property
+    def complete(self) -> bool:
+        """Whether every repetition of both sides gave its figure."""
+        return (self.peer_runs is None or len(self.peer_samples) == self.peer_runs) and (
+            self.potboiler_runs is None or len(self.potboiler_samples) == self.potboiler_runs
+        )
+
+    @property
     def potboiler_ahead(self) -> bool | None:
-        """Whether Potboiler's median is at least as good as the peer's (None if either is missing)."""
+        """Whether Potboiler's median (or max, see `judged_by`) is at least as good as the peer's;
+        None if either is missing or a repetition failed."""
         pb, peer = self.potboiler_spread, self.peer_spread
-        if pb is None or peer is None:
+        if pb is None or peer is None or not self.complete:
             return None
-        return pb.median >= peer.median if self.better == HIGHER else pb.median <= peer.median
+        mine: float = getattr(pb, self.judged_by)
+        theirs: float = getattr(peer, self.judged_by)
+        return mine >= theirs if self.better == HIGHER else mine <= theirs
 
     def to_json(self) -> dict[str, Any]:
         def spread(s: Spread | None) -> dict[str, float] | None:
@@ -91,6 +107,8 @@ class Row:
             "potboiler_samples": list(self.potboiler_samples),
             "ratio_potboiler_to_peer": None if r is None else round(r, 3),
             "potboiler_at_least_as_good": self.potboiler_ahead,
+            "complete": self.complete,
+            "judged_by": self.judged_by,
         }
 
 
@@ -125,6 +143,8 @@ def ratio_text(row: Row) -> str:
 
 
 def verdict(row: Row) -> str:
+    if not row.complete:
+        return "— (a run failed)"
     ahead = row.potboiler_ahead
     return "—" if ahead is None else ("yes" if ahead else "no")
 
@@ -138,7 +158,8 @@ HEADER = (
 def render_table(rows: Iterable[Row]) -> str:
     """The rows as one Markdown table. In the ratio column ↑ means higher is better (a ratio above 1
     favours Potboiler) and ↓ lower is better (below 1 favours Potboiler); the last column says whether
-    Potboiler's median is at least as good as the peer's."""
+    Potboiler's median (for lost writes: its worst run) is at least as good as the peer's, and gives
+    no verdict when a repetition of either side failed."""
     lines = [HEADER, "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(

@@ -123,11 +123,23 @@ def compare_rows(
     key: str,
     peers: Sequence[str],
     potboiler: str = "potboiler",
+    judged_by: str = "median",
 ) -> list[Row]:
     """One row per peer in `results`, comparing the samples of `key` with Potboiler's."""
-    pb = samples(results.get(potboiler, []), key)
+    runs = results.get(potboiler, [])
     return [
-        Row(section, figure, unit, peer, better, samples(results[peer], key), pb)
+        Row(
+            section,
+            figure,
+            unit,
+            peer,
+            better,
+            samples(results[peer], key),
+            samples(runs, key),
+            peer_runs=len(results[peer]),
+            potboiler_runs=len(runs),
+            judged_by=judged_by,
+        )
         for peer in peers
         if peer in results
     ]

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.compare import goals
 from benchmarks.peers import INSTALL_COMMAND, missing, missing_message
-from benchmarks.report import HIGHER, LOWER, Row, Spread, number, ratio, render_table, samples
+from benchmarks.report import HIGHER, LOWER, Row, Spread, number, ratio, render_table, samples, verdict
 
 
 def test_spread_is_min_median_max() -> None:
@@ -121,3 +121,19 @@ def test_goals_need_every_named_peer_and_report_unmeasured() -> None:
     assert verdicts["p99 replication lag <= etcd's and JetStream's"] is False
     assert verdicts["queue >= 1.0x RQ (REST)"] is True
     assert verdicts["REST writes >= 1.0x etcd, 1 node"] is None
+
+
+def test_a_row_with_a_failed_run_gives_no_verdict() -> None:
+    # Potboiler's second run did not finish: its one sample must not decide the row.
+    row = Row(
+        "5", "catch-up", "entries/s", "etcd", HIGHER, [90.0, 100.0], [150.0], peer_runs=2, potboiler_runs=2
+    )
+    assert not row.complete and row.potboiler_ahead is None
+    assert verdict(row) == "— (a run failed)"
+    assert Row("5", "catch-up", "entries/s", "etcd", HIGHER, [90.0], [150.0], 1, 1).potboiler_ahead
+
+
+def test_lost_writes_are_judged_by_the_worst_run() -> None:
+    # One lost write in one of three runs: the median is 0 like the peer's, the worst run is not.
+    row = Row("4", "lost", "count", "etcd", LOWER, [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], judged_by="max")
+    assert row.potboiler_ahead is False
