@@ -35,3 +35,7 @@ class Removed(PotboilerError):
 
 class TooLarge(PotboilerError):
     """The request exceeds a documented size or count limit."""
+
+
+class Unavailable(PotboilerError):
+    """The node cannot take the request now, but will (retry): REST 503."""

@@ -18,6 +18,7 @@ from potboiler.server.errors import (
     PotboilerError,
     Removed,
     TooLarge,
+    Unavailable,
 )
 from potboiler.server.rest import HTTP_CODE_HEADER
 
@@ -30,6 +31,7 @@ STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
     # ABORTED (a concurrency conflict), which Envoy's transcoder answers as HTTP 409.
     Contended: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 Req = TypeVar("Req")

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import HybridClock, Stamp
 from potboiler.server.ids import new_uuid, new_uuids, parse_uuid, uuid_str
 from potboiler.server.storage import Store, Write, prefix_end
@@ -274,6 +274,8 @@ class Log:
         self._position = DeliveryRun.read(*last).last if last else 0
         self.clock = clock or HybridClock()
         self._promises: dict[str, Promise] = {}
+        #: The highest seq of this node's own log that a peer has said it holds (see `note_own_seq`).
+        self._own_floor = 0
         own = self._heads.get(raw_id)
         if own:
             stamp = self._load_at(raw_id + _U64.pack(own[0])).when
@@ -305,6 +307,13 @@ class Log:
         known = self._promises.get(owner)
         if known is None or promise.stamp > known.stamp:
             self._promises[owner] = promise
+
+    def note_own_seq(self, seq: int) -> None:
+        """A peer holds this node's own log up to `seq`. Beyond this node's own head that means the
+        store is older than what the node once wrote (restored from a copy, or it lost writes not
+        yet synced): new local entries would reuse seqs its earlier entries hold elsewhere, and
+        fork its log, so appends wait (Unavailable) until replication has brought those back."""
+        self._own_floor = max(self._own_floor, seq)
 
     def promises(self) -> dict[str, Promise]:
         """The newest clock promise of every owner that made one, this node's own included."""
@@ -402,6 +411,12 @@ class Log:
         """Add appending `new` to this node's own log, in order, to `plan`; returns the entries."""
         me = self.node_id_bytes
         seq, prev = plan.heads.get(me) or self._heads.get(me, (0, b""))
+        if seq < self._own_floor:
+            raise Unavailable(
+                f"this node's own log ends at seq {seq} here, but a peer holds it up to "
+                f"{self._own_floor} (its store is older than what it wrote): appends resume once "
+                "replication has brought the rest back"
+            )
         prev_text = uuid_str(prev) if prev else ""
         out = []
         stamp = self.clock.now_many(len(new))

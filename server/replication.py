@@ -198,9 +198,11 @@ class Session:
         self.peer_url = self.replicator.membership.normalise(hello.url)
         self.acked = vector_from_proto(hello.vector)
         self.sent = dict(self.acked)
-        self._peer_own_cap = self.replicator.log.vector().get(self.peer_id, 0)
+        node_log = self.replicator.log
+        node_log.note_own_seq(self.acked.get(node_log.node_id, 0))
+        self._peer_own_cap = node_log.vector().get(self.peer_id, 0)
         now = time.monotonic()
-        self._progress_at = dict.fromkeys(self.replicator.log.vector(), now)
+        self._progress_at = dict.fromkeys(node_log.vector(), now)
 
     async def run(self) -> None:
         """Stream both ways until either side closes; raises what ended it."""
@@ -344,6 +346,7 @@ class Session:
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
                 vector = vector_from_proto(message.ack.vector)
+                r.log.note_own_seq(vector.get(r.log.node_id, 0))
                 for owner, seq in vector.items():
                     self.peer_has(owner, seq, now)
                 if message.ack.HasField("clock"):

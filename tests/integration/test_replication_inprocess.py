@@ -4,6 +4,7 @@ resume after restart, removal, one stream per pair, flow control and causal deli
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import replication
-from potboiler.server.errors import NotFound
+from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
 from potboiler.server.log import Log, NewEntry, validate_new_entry
 from potboiler.server.node import Node, NodeConfig
@@ -446,3 +447,42 @@ async def test_nodes_on_an_ipv6_address_replicate(make_node: NodeFactory) -> Non
     await append(b, 1)
     await eventually(lambda: converged(a, b) and a.log.total() == 3, what="convergence")
     assert a.membership.urls() == [b.config.url] and b.membership.urls() == [a.config.url]
+
+
+async def test_a_node_restored_from_an_older_copy_waits_for_its_own_entries_before_appending(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    p = await make_node()
+    x = await make_node(name="x", peers=[p], index=1)
+    await append(x, 5)
+    await eventually(lambda: converged(p, x), what="first convergence")
+    await x.stop()
+    shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
+    x = await make_node(name="x", index=1)
+    later = await append(x, 5)  # seqs 6-10, replicated to p
+    await eventually(lambda: converged(p, x), what="convergence before the restore")
+    await x.stop()
+    shutil.rmtree(tmp_path / "x")
+    shutil.copytree(tmp_path / "x-copy", tmp_path / "x")  # x's store goes back to seq 5
+    x = await make_node(name="x", index=1)
+    # Once p has said it holds x's log up to 10, x takes no entry of its own until it holds them
+    # again: a new seq 6 would fork its log.
+    await eventually(lambda: x.log._own_floor == 10, what="p's hello")
+    while True:
+        try:
+            [after] = await append(x, 1)
+            break
+        except Unavailable:
+            await asyncio.sleep(0.01)
+    assert x.log.get(after).seq == 11
+    assert [e.id for _, e in x.log.delivered(0, 100)][5:10] == later
+    await eventually(lambda: converged(p, x) and p.log.total() == 11, what="convergence after the restore")
+
+
+async def test_appends_wait_while_a_peer_holds_more_of_this_nodes_log() -> None:
+    node_log = Log(MemoryStore())
+    commit_local(node_log, node_log._store, [NewEntry(number(1))])
+    node_log.note_own_seq(3)  # a peer holds seq 2 and 3, which this store has lost
+    plan = node_log.begin()
+    with pytest.raises(Unavailable, match="a peer holds it up to 3"):
+        node_log.plan_local(plan, [NewEntry(number(2))])
