@@ -242,6 +242,11 @@ class Session:
             promise = node_log.promise()
             ack = replication_pb2.Ack(vector=vector_to_proto(node_log.vector()))
             ack.clock.wall_ms, ack.clock.logical = promise.stamp
+            # Others' promises, passed on: a node not replicating with their owner hears them too.
+            for owner, known in node_log.promises().items():
+                if owner != node_log.node_id and owner != self.peer_id:
+                    relayed = ack.promises.add(owner=owner, seq=known.seq)
+                    relayed.clock.wall_ms, relayed.clock.logical = known.stamp
             await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
@@ -353,6 +358,10 @@ class Session:
                     clock = message.ack.clock
                     promise = Promise(Stamp(clock.wall_ms, clock.logical), vector.get(self.peer_id, 0))
                     r.log.note_promise(self.peer_id, promise)
+                for relayed in message.ack.promises:
+                    if relayed.owner != r.log.node_id:
+                        stamp = Stamp(relayed.clock.wall_ms, relayed.clock.logical)
+                        r.log.note_promise(relayed.owner, Promise(stamp, relayed.seq))
                 self._progress.set()
             elif kind == "peers":
                 r.learn_peers(message.peers.urls)

@@ -128,6 +128,26 @@ async def test_an_idle_peer_keeps_promising_its_clock(
     assert own.seq == 0 and own.stamp <= a.log.clock.last
 
 
+async def test_a_promise_reaches_a_node_that_does_not_replicate_with_its_owner(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a line A-B-C, C hears A's clock promises through B, so a quiet A does not hold C's
+    Pigtail compaction back."""
+    monkeypatch.setattr(replication, "PROMISE_INTERVAL", 0.1)
+    b = await make_node(gossip=False)
+    a = await make_node(peers=[b], gossip=False)
+    c = await make_node(peers=[b], gossip=False)
+    await append(a, 1)
+    await eventually(lambda: converged(a, b, c), what="convergence")
+    assert a.config.url not in c.membership.urls()
+    await eventually(lambda: a.log.node_id in c.log.promises(), what="a's promise at c")
+    first = c.log.promises()[a.log.node_id]
+    await eventually(
+        lambda: c.log.promises()[a.log.node_id].stamp > first.stamp, what="a newer promise from quiet a"
+    )
+    assert c.log.promises()[a.log.node_id].seq == 1
+
+
 async def test_three_nodes_writing_concurrently_converge(make_node: NodeFactory) -> None:
     a = await make_node()
     b = await make_node(peers=[a])

@@ -103,6 +103,7 @@ class Ack(_message.Message):
 
     VECTOR_FIELD_NUMBER: _builtins.int
     CLOCK_FIELD_NUMBER: _builtins.int
+    PROMISES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.VectorComponent]:
         """The acknowledging node's version vector."""
@@ -117,19 +118,60 @@ class Ack(_message.Message):
         nodes that make no promise.
         """
 
+    @_builtins.property
+    def promises(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnerPromise]:
+        """The newest clock promises of other owners that the acknowledging node
+        knows (as `clock` is its own), passed on so that a node hears the promise
+        of an owner it does not replicate with directly. Each holds only for a
+        receiver that holds that owner's log up to the promise's seq.
+        """
+
     def __init__(
         self,
         *,
         vector: _abc.Iterable[_nodes_pb2.VectorComponent] | None = ...,
         clock: _entry_pb2.HlcTimestamp | None = ...,
+        promises: _abc.Iterable[Global___OwnerPromise] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Ack: _TypeAlias = Ack  # noqa: Y015
+
+@_typing.final
+class OwnerPromise(_message.Message):
+    """An owner's clock promise, passed on (see Ack)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The owner (node UUID)."""
+    seq: _builtins.int
+    """The owner's own seq at that moment."""
+    @_builtins.property
+    def clock(self) -> _entry_pb2.HlcTimestamp:
+        """The owner's clock when it made the promise."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        clock: _entry_pb2.HlcTimestamp | None = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "owner", b"owner", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerPromise: _TypeAlias = OwnerPromise  # noqa: Y015
 
 @_typing.final
 class PeerList(_message.Message):
