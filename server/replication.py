@@ -219,9 +219,9 @@ class Session:
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # Their own ends (errors, cancellations) are reported above; a cancellation of this
+            # task while it waits for them still ends it (gather raises it, suppress would not).
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.closed.set()
 
     def wake(self) -> None:
@@ -718,11 +718,14 @@ class Replicator:
             if runner in done:
                 runner.result()
         finally:
-            for task in (runner, closer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            peer.acked = dict(session.acked)
+            runner.cancel()
+            closer.cancel()
+            # A cancellation of the dial loop (the peer's removal) that arrives while the session
+            # winds down must still end it: suppressing it here left the loop waiting for good.
+            try:
+                await asyncio.gather(runner, closer, return_exceptions=True)
+            finally:
+                peer.acked = dict(session.acked)
 
     # -- status -------------------------------------------------------------------------
 
