@@ -26,10 +26,9 @@ import grpc
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
-from potboiler.server.backoff import Backoff
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import DeliveredBatch
-from potboiler.server.logclient import Linger
+from potboiler.server.logclient import Linger, apply_forever
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
@@ -46,8 +45,6 @@ APPLY_BATCH = 1000
 #: every entry, most of them not KV's: at 1,000 entries/s, 20 ms instead of 5 took a follower from
 #: 20-21 % to 17-19 % of a core.
 APPLY_LINGER_S = 0.02
-#: Waits of the applier before it tries again after a failure.
-APPLY_RETRY = Backoff(first=0.1, cap=5.0)
 
 SERVICE_NAMES = [
     "potboiler.v1.KvService",
@@ -153,20 +150,12 @@ class KvService:
     # -- applying -------------------------------------------------------------------------------
 
     async def _apply_forever(self) -> None:
-        failures = 0
-        while True:
-            try:
-                async for batch in self._context.log.subscribe(self.state.position, APPLY_BATCH):
-                    self.apply(batch)
-                    failures = 0
-                    await self._linger.pause(len(batch.entries), APPLY_BATCH)
-            except Exception:  # a bug or a store failure: say so loudly, retry from the stored cursor
-                failures += 1
-                delay = APPLY_RETRY.delay(failures)
-                log.exception(
-                    "KV applier failed at position %d; retrying in %.1fs", self.state.position, delay
-                )
-                await asyncio.sleep(delay)
+        async def apply(batch: DeliveredBatch) -> None:
+            self.apply(batch)
+
+        await apply_forever(
+            self._context.log, lambda: self.state.position, apply, self._linger, APPLY_BATCH, "KV"
+        )
 
     def apply(self, delivered: DeliveredBatch) -> None:
         """Apply a batch of delivered entries and wake the readers waiting for them."""

@@ -59,11 +59,10 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, NotFound
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
-from potboiler.server.logclient import Linger, LogClient
+from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -77,8 +76,6 @@ APPLY_BATCH = 1000
 #: (entries from other nodes, other services' entries): at most this much later to lease streams.
 #: Most entries are not Pigtail's, so each wake-up mostly just moves the cursor (see kv/service.py).
 APPLY_LINGER_S = 0.02
-#: Waits of the applier before it tries again after its store failed.
-APPLY_RETRY = Backoff(first=0.1, cap=5.0)
 #: How many applied entry ids are remembered for callers that start waiting after the fact.
 RECENT_IDS = 100_000
 #: Longest a lease stream waits before looking at its queue again, whatever it is told.
@@ -156,20 +153,15 @@ class Pigtail:
         self._waiters.clear()
 
     async def _apply_loop(self) -> None:
-        failures = 0
-        while True:
-            try:
-                async for delivered in self._log.subscribe(self.state.cursor, APPLY_BATCH):
-                    await self._apply(delivered)
-                    failures = 0
-                    await self._linger.pause(len(delivered.entries), APPLY_BATCH)
-            except Exception:  # the store failed (or a bug outside planning): retry from the cursor
-                failures += 1
-                delay = APPLY_RETRY.delay(failures)
-                log.exception(
-                    "Pigtail applier failed at position %d; retrying in %.1fs", self.state.cursor, delay
-                )
-                await asyncio.sleep(delay)
+        await apply_forever(
+            self._log,
+            lambda: self.state.cursor,
+            self._apply,
+            self._linger,
+            APPLY_BATCH,
+            "Pigtail",
+            APPLY_RETRY,
+        )
 
     async def _apply(self, delivered: DeliveredBatch) -> None:
         """Apply a delivered batch. An entry that cannot be planned (a bug) is skipped on its own,

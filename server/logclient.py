@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
+from potboiler.server.backoff import Backoff
 from potboiler.server.log import DeliveredBatch, Promise, validate_new_entry
 from potboiler.v1.entry_pb2 import Entry
+
+log = logging.getLogger(__name__)
+
+#: Waits of a service's applier before it reads the log again after a failure.
+APPLY_RETRY = Backoff(first=0.1, cap=5.0)
 
 
 class LogClient(Protocol):
@@ -95,3 +102,29 @@ class Linger:
                 async with asyncio.timeout(self._seconds):
                     await self._hurry.wait()
         self._hurry.clear()
+
+
+async def apply_forever(
+    client: LogClient,
+    position: Callable[[], int],
+    apply: Callable[[DeliveredBatch], Awaitable[None]],
+    linger: Linger,
+    limit: int,
+    what: str,
+    retry: Backoff = APPLY_RETRY,
+) -> None:
+    """Apply the log to a service's state, batch by batch, from its stored `position()` on, for
+    ever. A failure (the service's store failing, or a bug) is logged, and applying resumes from the
+    stored position after a backoff: nothing is skipped for it."""
+    failures = 0
+    while True:
+        try:
+            async for batch in client.subscribe(position(), limit):
+                await apply(batch)
+                failures = 0
+                await linger.pause(len(batch.entries), limit)
+        except Exception:
+            failures += 1
+            delay = retry.delay(failures)
+            log.exception("%s applier failed at position %d; retrying in %.1fs", what, position(), delay)
+            await asyncio.sleep(delay)
