@@ -7,7 +7,7 @@ from __future__ import annotations
 import orjson
 from google.protobuf.struct_pb2 import NULL_VALUE, Struct
 
-from potboiler.server.jsonvalue import from_value
+from potboiler.server.jsonvalue import from_struct
 from potboiler.v1.entry_pb2 import Entry
 
 
@@ -37,16 +37,4 @@ def entry_struct(entry: Entry) -> Struct:
 def entry_json(entry: Entry) -> bytes:
     """The entry as compact JSON bytes (what webhooks receive), numbers as GET /log/{id} prints them:
     integral ones as integers (protobuf's own printer writes every Struct number as a float)."""
-    when = entry.when
-    return orjson.dumps(
-        {
-            "data": from_value(entry.data),
-            "dependencies": list(entry.dependencies),
-            "id": entry.id,
-            "next": entry.next or None,
-            "owner": entry.owner,
-            "prev": entry.prev or None,
-            "seq": entry.seq,
-            "when": {"wall_ms": when.wall_ms, "logical": when.logical},
-        }
-    )
+    return orjson.dumps(from_struct(entry_struct(entry)))
