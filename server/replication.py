@@ -34,11 +34,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from potboiler.server.appender import Appender
+from potboiler.server.arrivals import Arrivals
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import Conflict, InvalidArgument, NotFound, PotboilerError, Removed
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.hlc import Stamp
-from potboiler.server.ids import parse_uuid
+from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.log import Plan, Promise
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
@@ -52,7 +53,8 @@ MAX_BATCH = 1000
 MAX_BATCH_BYTES = 4 << 20
 #: Most entries sent to a peer and not yet acknowledged.
 WINDOW = 20_000
-#: How long a peer must make no progress on another owner's log before this node forwards it.
+#: How long a peer must make no progress on another owner's log, and an entry of that log must have
+#: been on this node, before this node forwards it.
 FORWARD_DELAY = 0.1
 #: Least time between two announcements of this node's vector to a peer.
 ANNOUNCE_INTERVAL = 0.05
@@ -140,11 +142,13 @@ class Session:
 
     What is sent: the peer's own log only as far as its Hello showed it lacked (a node never needs
     its own entries back); this node's own entries at once; other owners' entries only when the peer
-    has made no progress on that owner for FORWARD_DELAY, and then one batch at a time until the
-    peer is seen taking that log from this node (its Ack reaches what was sent, not past it), then
-    at full speed while it lags more than a batch behind — so when every node is connected to every other,
-    each entry crosses each link about once, from its owner, and a line of nodes or a cut link
-    still converges through forwarding. Each side announces its vector (Ack) whenever it changes,
+    has made no progress on that owner for FORWARD_DELAY and they have been on this node that long
+    too (else a peer idle on an owner that writes now and then would get each entry twice), and then
+    one batch at a time until the peer is seen taking that log from this node (its Ack reaches what
+    was sent, not past it), then at full speed while it lags more than a batch behind — so when
+    every node is connected to every other, each entry crosses each link about once, from its owner,
+    and a line of nodes or a cut link still converges through forwarding. Each side announces its
+    vector (Ack) whenever it changes,
     at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
     """
 
@@ -284,10 +288,9 @@ class Session:
         if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
             return sent, seq > sent
         # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
-        probe = max(sent, acked + MAX_BATCH)
-        if probe < seq:
-            return probe, True
-        return seq, False
+        settled = self.replicator.arrivals.settled(owner, now)
+        limit = min(seq, max(sent, acked + MAX_BATCH), max(sent, settled))
+        return limit, limit < seq
 
     async def _send_available(self) -> tuple[bool, bool]:
         """Send batches of what the peer lacks, within the window; returns (sent anything, held any back)."""
@@ -462,6 +465,8 @@ class Replicator:
         self.linger = linger
         self.peers: dict[str, Peer] = {}
         self.counters: dict[str, Counters] = {}
+        #: How long each owner's entries have been here (what is settled enough to forward).
+        self.arrivals = Arrivals(FORWARD_DELAY, self.log.vector())
         self._running = False
         appender.on_commit(self._on_commit)
         membership.on_change(self._on_membership)
@@ -538,6 +543,9 @@ class Replicator:
     def _on_commit(self, plan: Plan) -> None:
         if not plan.entries:
             return
+        now = time.monotonic()
+        for owner, (seq, _) in plan.heads.items():
+            self.arrivals.grew(uuid_str(owner), seq, now)
         for peer in self.peers.values():
             for session in peer.sessions:
                 session.wake()

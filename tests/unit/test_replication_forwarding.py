@@ -1,7 +1,8 @@
 """Which entries of a third owner's log a replication session forwards to its peer, and when
-(Session.send_limit / Session.peer_has): held back while the peer gets them from elsewhere, one
-batch at a time until the peer is seen taking them from this node, then at full speed while it lags
-more than a batch behind."""
+(Session.send_limit / Session.peer_has): held back while the peer gets them from elsewhere or they
+have only just arrived here, one batch at a time until the peer is seen taking them from this node,
+then at full speed while it lags more than a batch behind; and Arrivals, which tells how long
+entries have been here."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from typing import Any
 
 import pytest
 
+from potboiler.server.arrivals import Arrivals
 from potboiler.server.replication import FORWARD_DELAY, MAX_BATCH, Session
 from potboiler.v1 import replication_pb2
 
 ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a third node
 
 
-def session(now: float) -> Session:
-    replicator: Any = SimpleNamespace(log=SimpleNamespace(node_id=ME))
+def session(now: float, arrivals: Arrivals | None = None) -> Session:
+    """A session begun at `now`; by default every entry of OWNER's log arrived here long before."""
+    arrivals = arrivals or Arrivals(FORWARD_DELAY, {OWNER: 1 << 40})
+    replicator: Any = SimpleNamespace(log=SimpleNamespace(node_id=ME), arrivals=arrivals)
     s = Session(replicator, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
     s.peer_id = PEER
     s._progress_at = {OWNER: now}  # as accept_hello leaves it: the session began at `now`
@@ -66,3 +70,45 @@ def test_own_and_the_peers_entries_are_never_held_back(owner: str) -> None:
     s._peer_own_cap = 7  # what the peer's Hello showed it lacked of its own log
     expected = (10, False) if owner == ME else (7, False)
     assert s.send_limit(owner, 10, 0.0) == expected
+
+
+def test_entries_that_just_arrived_are_held_back_from_an_idle_peer() -> None:
+    """The peer last progressed on the owner long ago (the owner writes now and then): an entry
+    that reached this node a moment ago is on its way to the peer from the owner too."""
+    arrivals = Arrivals(FORWARD_DELAY, {OWNER: 10})
+    s = session(now=0.0, arrivals=arrivals)
+    s.peer_has(OWNER, 10, 0.0)
+    arrivals.grew(OWNER, 11, 5.0)
+    assert s.send_limit(OWNER, 11, 5.0 + FORWARD_DELAY / 2) == (10, True)
+    # Still missing on the peer FORWARD_DELAY after it arrived here: forwarded.
+    assert s.send_limit(OWNER, 11, 5.0 + FORWARD_DELAY) == (11, False)
+
+
+def test_only_the_settled_part_of_a_log_is_probed() -> None:
+    arrivals = Arrivals(FORWARD_DELAY, {})
+    arrivals.grew(OWNER, 3, 1.0)
+    arrivals.grew(OWNER, 8, 1.05)
+    s = session(now=0.0, arrivals=arrivals)
+    assert s.send_limit(OWNER, 8, 1.0 + FORWARD_DELAY) == (3, True)
+    assert s.send_limit(OWNER, 8, 1.05 + FORWARD_DELAY) == (8, False)
+
+
+def test_arrivals_settle_after_the_delay_and_start_from_what_is_held() -> None:
+    arrivals = Arrivals(1.0, {"old": 5})
+    assert arrivals.settled("old", 0.0) == 5  # held at start: settled
+    assert arrivals.settled("new", 0.0) == 0
+    arrivals.grew("old", 7, 10.0)
+    arrivals.grew("old", 9, 10.5)
+    assert arrivals.settled("old", 10.9) == 5
+    assert arrivals.settled("old", 11.0) == 7
+    assert arrivals.settled("old", 12.0) == 9
+    arrivals.grew("new", 2, 20.0)
+    assert arrivals.settled("new", 20.5) == 0
+    assert arrivals.settled("new", 21.0) == 2
+
+
+def test_arrivals_keep_only_the_last_delay_of_history() -> None:
+    arrivals = Arrivals(1.0, {})
+    for i in range(1000):
+        arrivals.grew("o", i + 1, i * 0.01)
+    assert len(arrivals._recent["o"]) <= 101
