@@ -20,6 +20,13 @@ def private_picks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture
+def all_ports_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every port counts as free: tests of a narrow range must not depend on what other test
+    workers have bound in it at the time."""
+    monkeypatch.setattr(processes, "ports_free", lambda host, base: True)
+
+
 def ranges(base: int, count: int) -> set[int]:
     return {base + 100 * i for i in range(count)}
 
@@ -32,6 +39,7 @@ def test_picks_do_not_overlap_while_reserved() -> None:
         taken |= ranges(base, count)
 
 
+@pytest.mark.usefixtures("all_ports_free")
 def test_a_reservation_expires(private_picks: Path) -> None:
     first = find_base_port(start=20000, end=20500)
     stale = time.time() - processes._RESERVE_S - 1
@@ -40,6 +48,7 @@ def test_a_reservation_expires(private_picks: Path) -> None:
     assert first in picks
 
 
+@pytest.mark.usefixtures("all_ports_free")
 def test_when_every_range_is_reserved_a_free_one_is_still_found() -> None:
     picks = [find_base_port(start=20000, end=20300) for _ in range(4)]
     assert set(picks) <= {20000, 20100}
