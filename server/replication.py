@@ -160,7 +160,6 @@ class Session:
     peer_url: str = ""
     acked: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
-    live: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     _peer_own_cap: int = 0
     #: When the peer last made progress on an owner's log (or the session began).
@@ -259,7 +258,6 @@ class Session:
         while True:
             self._progress.clear()
             sent_any, held_back = await self._send_available()
-            self.live = lag(r.log.vector(), self.acked) == 0
             if sent_any:
                 if r.linger and sum(self._unacked().values()) < MAX_BATCH:
                     # Under steady load, wait a moment so the next message carries several entries.
@@ -412,7 +410,6 @@ class Peer:
 
     url: str
     node_id: str = ""
-    state: PeerState = PeerState.DISCONNECTED
     sessions: list[Session] = field(default_factory=list)
     last_error: str = ""
     acked: dict[str, int] = field(default_factory=dict)
@@ -714,8 +711,6 @@ class Replicator:
         if session in peer.sessions:
             peer.sessions.remove(session)
             peer.acked = dict(session.acked)
-        if not peer.sessions:
-            peer.state = PeerState.DISCONNECTED
 
     async def _run_session(self, peer: Peer, session: Session) -> None:
         peer.last_error = ""
@@ -746,8 +741,11 @@ class Replicator:
         )
 
     def status(self) -> list[nodes_pb2.PeerStatus]:
-        """Per peer: state, acknowledged vector, lag and last error."""
+        """Per peer: state, acknowledged vector, lag and last error. A connected peer is LIVE when
+        it holds every entry this node has held for FORWARD_DELAY (what is newer is on its way),
+        else CATCHING_UP."""
         mine = self.log.vector()
+        now = time.monotonic()
         out = []
         for url in sorted(self.peers):
             peer = self.peers[url]
@@ -755,8 +753,10 @@ class Replicator:
             acked = session.acked if session else peer.acked
             if session is None:
                 state = PeerState.DISCONNECTED
+            elif all(acked.get(owner, 0) >= self.arrivals.settled(owner, now) for owner in mine):
+                state = PeerState.LIVE
             else:
-                state = PeerState.LIVE if lag(mine, acked) == 0 or session.live else PeerState.CATCHING_UP
+                state = PeerState.CATCHING_UP
             out.append(
                 nodes_pb2.PeerStatus(
                     url=url,

@@ -295,11 +295,11 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     await append(a, 10)
     await eventually(lambda: converged(a, b), what="convergence")
     await eventually(
-        lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_LIVE],
-        what="live state",
+        lambda: [(p.state, p.lag) for p in a.replicator.status()] == [(nodes_pb2.PeerStatus.STATE_LIVE, 0)],
+        what="live state, everything acknowledged",
     )
     [status] = a.replicator.status()
-    assert status.url == b.config.url and status.node_id == b.log.node_id and status.lag == 0
+    assert status.url == b.config.url and status.node_id == b.log.node_id
     await b.stop()
     await eventually(
         lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_DISCONNECTED],
@@ -308,6 +308,42 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     await append(a, 4)
     [status] = a.replicator.status()
     assert status.lag == 4 and status.last_error
+
+
+async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backlog(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LIVE means the peer holds everything this node has held for FORWARD_DELAY: a peer taking a
+    steady stream is LIVE although entries are always in flight, and a peer that stops taking
+    entries shows CATCHING_UP once they are older than that."""
+    monkeypatch.setattr(replication, "FORWARD_DELAY", 0.5)  # far above a loaded machine's ack delay
+    a = await make_node()
+    b = await make_node(peers=[a])
+    live = [nodes_pb2.PeerStatus.STATE_LIVE]
+    await eventually(lambda: [p.state for p in a.replicator.status()] == live, what="live state")
+    states = []
+    for _ in range(50):
+        await append(a, 1)
+        await asyncio.sleep(0.01)
+        states.append(a.replicator.status()[0].state)
+    assert states.count(nodes_pb2.PeerStatus.STATE_LIVE) >= 45, states
+
+    taking = asyncio.Event()
+    ingest = b.appender.ingest
+
+    async def stalled(*args: Any) -> Any:
+        await taking.wait()
+        return await ingest(*args)
+
+    monkeypatch.setattr(b.appender, "ingest", stalled)
+    await append(a, 5)
+    await eventually(
+        lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_CATCHING_UP],
+        what="catching up",
+    )
+    assert a.replicator.status()[0].lag >= 5
+    taking.set()
+    await eventually(lambda: [p.state for p in a.replicator.status()] == live, what="live again")
 
 
 async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_nothing(

@@ -198,10 +198,12 @@ class PeerStatus(_message.Message):
         STATE_DISCONNECTED: PeerStatus._State.ValueType  # 1
         """No stream is open; the node is retrying with backoff."""
         STATE_CATCHING_UP: PeerStatus._State.ValueType  # 2
-        """A stream is open and the node is sending what the peer lacks."""
+        """A stream is open and the peer lacks entries this node has held for
+        more than a moment (100 ms): it is being sent what it lacks.
+        """
         STATE_LIVE: PeerStatus._State.ValueType  # 3
-        """The peer has everything this node had when it last acknowledged; new
-        entries are streamed as they come.
+        """A stream is open and the peer holds every entry this node has held for
+        more than a moment (100 ms); newer ones are streamed as they come.
         """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
@@ -212,10 +214,12 @@ class PeerStatus(_message.Message):
     STATE_DISCONNECTED: PeerStatus.State.ValueType  # 1
     """No stream is open; the node is retrying with backoff."""
     STATE_CATCHING_UP: PeerStatus.State.ValueType  # 2
-    """A stream is open and the node is sending what the peer lacks."""
+    """A stream is open and the peer lacks entries this node has held for
+    more than a moment (100 ms): it is being sent what it lacks.
+    """
     STATE_LIVE: PeerStatus.State.ValueType  # 3
-    """The peer has everything this node had when it last acknowledged; new
-    entries are streamed as they come.
+    """A stream is open and the peer holds every entry this node has held for
+    more than a moment (100 ms); newer ones are streamed as they come.
     """
 
     URL_FIELD_NUMBER: _builtins.int
