@@ -37,6 +37,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.arrivals import Arrivals
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import Conflict, InvalidArgument, NotFound, PotboilerError, Removed
+from potboiler.server.feeders import Feeders
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
@@ -145,11 +146,13 @@ class Session:
     has made no progress on that owner for FORWARD_DELAY and they have been on this node that long
     too (else a peer idle on an owner that writes now and then would get each entry twice), and then
     one batch at a time until the peer is seen taking that log from this node (its Ack reaches what
-    was sent, not past it), then at full speed while it lags more than a batch behind — so when
-    every node is connected to every other, each entry crosses each link about once, from its owner,
-    and a line of nodes or a cut link still converges through forwarding. Each side announces its
-    vector (Ack) whenever it changes,
-    at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
+    was sent, not past it), then twice as many batches in flight with each Ack, up to the window,
+    while it lags more than a batch behind, unless the peer says another stream feeds it that log
+    (Ack.redundant_owners) — so when every node is connected to every other, each entry crosses
+    each link about once, from its owner, two nodes forwarding to a third do not both feed it, and
+    a line of nodes or a cut link still converges through forwarding. Each side announces its
+    vector (Ack) whenever it changes, at most every ANNOUNCE_INTERVAL, which is how the other side
+    knows what not to send.
     """
 
     replicator: Replicator
@@ -164,8 +167,13 @@ class Session:
     _peer_own_cap: int = 0
     #: When the peer last made progress on an owner's log (or the session began).
     _progress_at: dict[str, float] = field(default_factory=dict)
-    #: Owners whose log the peer, lagging behind, is seen taking from this node.
-    _feeding: set[str] = field(default_factory=set)
+    #: Owners whose log the peer, lagging behind, is seen taking from this node, with how many
+    #: batches of it may be in flight (doubling with each Ack that shows progress, as in TCP's slow
+    #: start: a second forwarder feeding the same peer learns it is redundant before it has sent
+    #: much).
+    _feeding: dict[str, int] = field(default_factory=dict)
+    #: Owners whose log the peer sent while another stream feeds it here (told in the next Ack).
+    _redundant: set[str] = field(default_factory=set)
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -225,6 +233,7 @@ class Session:
             # Their own ends (errors, cancellations) are reported above; a cancellation of this
             # task while it waits for them still ends it (gather raises it, suppress would not).
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.replicator.feeders.forget(self)
             self.closed.set()
 
     def wake(self) -> None:
@@ -250,6 +259,8 @@ class Session:
                 if owner != node_log.node_id and owner != self.peer_id:
                     relayed = ack.promises.add(owner=owner, seq=known.seq)
                     relayed.clock.wall_ms, relayed.clock.logical = known.stamp
+            ack.redundant_owners.extend(sorted(self._redundant))
+            self._redundant.clear()
             await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
@@ -279,10 +290,11 @@ class Session:
             return seq, False
         sent, acked = self.sent.get(owner, 0), self.acked.get(owner, 0)
         if owner in self._feeding:
-            if acked + MAX_BATCH < seq:
-                return seq, False  # a backlog the peer is taking from this node
+            if acked + MAX_BATCH < seq:  # a backlog the peer is taking from this node
+                limit = min(seq, acked + self._feeding[owner] * MAX_BATCH)
+                return limit, limit < seq
             # Nearly caught up: new entries may well reach it from their owner, so hold them back.
-            self._feeding.discard(owner)
+            del self._feeding[owner]
         if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
             return sent, seq > sent
         # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
@@ -327,11 +339,17 @@ class Session:
             self.acked[owner] = seq
             self._progress_at[owner] = now
             if seq > sent:  # beyond what this node sent: the peer has another source
-                self._feeding.discard(owner)
+                self._feeding.pop(owner, None)
             else:
-                self._feeding.add(owner)
+                self._feeding[owner] = min(2 * self._feeding.get(owner, 1), WINDOW // MAX_BATCH)
         if seq > sent:
             self.sent[owner] = seq
+
+    def peer_gets_elsewhere(self, owner: str, now: float) -> None:
+        """The peer already held what this node last forwarded of `owner`'s log: another node feeds
+        it, so stop feeding; a probe follows once the peer makes no progress for FORWARD_DELAY."""
+        self._feeding.pop(owner, None)
+        self._progress_at[owner] = now
 
     async def _receive_loop(self) -> None:
         r = self.replicator
@@ -348,13 +366,16 @@ class Session:
                 newest = {e.owner: e.seq for e in entries}
                 for owner, seq in newest.items():
                     self.peer_has(owner, seq, now)
-                await r.appender.ingest(entries, blobs)
+                fresh = {e.owner for e in await r.appender.ingest(entries, blobs)}
+                self._redundant |= r.feeders.brought(self, self.peer_id, newest, fresh, time.monotonic())
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
                 vector = vector_from_proto(message.ack.vector)
                 r.log.note_own_seq(vector.get(r.log.node_id, 0))
                 for owner, seq in vector.items():
                     self.peer_has(owner, seq, now)
+                for owner in message.ack.redundant_owners:
+                    self.peer_gets_elsewhere(owner, now)
                 if message.ack.HasField("clock"):
                     clock = message.ack.clock
                     promise = Promise(Stamp(clock.wall_ms, clock.logical), vector.get(self.peer_id, 0))
@@ -464,6 +485,8 @@ class Replicator:
         self.counters: dict[str, Counters] = {}
         #: How long each owner's entries have been here (what is settled enough to forward).
         self.arrivals = Arrivals(FORWARD_DELAY, self.log.vector())
+        #: Which stream feeds this node each owner's log (the others are told to stop forwarding it).
+        self.feeders = Feeders(FORWARD_DELAY)
         self._running = False
         appender.on_commit(self._on_commit)
         membership.on_change(self._on_membership)

@@ -1,8 +1,8 @@
 """Which entries of a third owner's log a replication session forwards to its peer, and when
 (Session.send_limit / Session.peer_has): held back while the peer gets them from elsewhere or they
 have only just arrived here, one batch at a time until the peer is seen taking them from this node,
-then at full speed while it lags more than a batch behind; and Arrivals, which tells how long
-entries have been here."""
+then with twice as much in flight each Ack while it lags more than a batch behind, unless told
+another stream feeds it; and Arrivals, which tells how long entries have been here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from potboiler.server.arrivals import Arrivals
-from potboiler.server.replication import FORWARD_DELAY, MAX_BATCH, Session
+from potboiler.server.replication import FORWARD_DELAY, MAX_BATCH, WINDOW, Session
 from potboiler.v1 import replication_pb2
 
 ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a third node
@@ -36,12 +36,19 @@ def test_the_owners_log_is_held_back_at_first_then_probed_with_one_batch() -> No
     assert s.send_limit(OWNER, 5 * MAX_BATCH, 2 * FORWARD_DELAY) == (MAX_BATCH, True)
 
 
-def test_a_peer_taking_the_log_from_this_node_gets_it_at_full_speed() -> None:
+def test_a_peer_taking_the_log_from_this_node_gets_twice_as_much_in_flight_each_ack() -> None:
     s = session(now=0.0)
     s.sent[OWNER] = MAX_BATCH
-    s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY)  # its Ack reaches what was sent
-    # No hold-back after that progress (it came from here): the rest goes at once.
-    assert s.send_limit(OWNER, 5 * MAX_BATCH, FORWARD_DELAY) == (5 * MAX_BATCH, False)
+    backlog = 100 * MAX_BATCH
+    in_flight = []
+    for _ in range(6):
+        s.peer_has(OWNER, s.sent[OWNER], FORWARD_DELAY)  # its Ack reaches what was sent
+        # No hold-back after that progress (it came from here), but no more than the ramp allows.
+        limit, held = s.send_limit(OWNER, backlog, FORWARD_DELAY)
+        assert held
+        in_flight.append((limit - s.sent[OWNER]) // MAX_BATCH)
+        s.sent[OWNER] = limit
+    assert in_flight == [2, 4, 8, 16, WINDOW // MAX_BATCH, WINDOW // MAX_BATCH]
 
 
 def test_a_fed_peer_that_has_nearly_caught_up_is_held_back_again() -> None:
@@ -112,3 +119,12 @@ def test_arrivals_keep_only_the_last_delay_of_history() -> None:
     for i in range(1000):
         arrivals.grew("o", i + 1, i * 0.01)
     assert len(arrivals._recent["o"]) <= 101
+
+
+def test_a_peer_told_to_be_fed_elsewhere_is_no_longer_fed_from_here() -> None:
+    s = session(now=0.0)
+    s.sent[OWNER] = MAX_BATCH
+    s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY)  # taking the probe from this node: fed
+    s.peer_gets_elsewhere(OWNER, 1.0)  # its Ack: what this node sent it held already
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY / 2) == (MAX_BATCH, True)
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY) == (2 * MAX_BATCH, True)  # a probe

@@ -104,6 +104,7 @@ class Ack(_message.Message):
     VECTOR_FIELD_NUMBER: _builtins.int
     CLOCK_FIELD_NUMBER: _builtins.int
     PROMISES_FIELD_NUMBER: _builtins.int
+    REDUNDANT_OWNERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.VectorComponent]:
         """The acknowledging node's version vector."""
@@ -126,16 +127,25 @@ class Ack(_message.Message):
         receiver that holds that owner's log up to the promise's seq.
         """
 
+    @_builtins.property
+    def redundant_owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Owners (node UUIDs) of which the last entries this stream brought were
+        all held already: another stream feeds the acknowledging node that log,
+        so the sender should stop forwarding it (it probes again if that feed
+        stops). A node never stops sending its own log.
+        """
+
     def __init__(
         self,
         *,
         vector: _abc.Iterable[_nodes_pb2.VectorComponent] | None = ...,
         clock: _entry_pb2.HlcTimestamp | None = ...,
         promises: _abc.Iterable[Global___OwnerPromise] | None = ...,
+        redundant_owners: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
