@@ -21,7 +21,7 @@ import grpc
 import uvloop
 
 from benchmarks.peers import etcd_proto
-from benchmarks.peers.process import ServerProcess, free_ports, tree_rss_mb
+from benchmarks.peers.process import ServerProcess, free_ports, settle, tree_rss_mb
 
 #: What is said about etcd's configuration in the results.
 CONFIG = {
@@ -162,6 +162,12 @@ class EtcdCluster:
     def wait_member(self, index: int, timeout: float = 60.0) -> None:
         """Until member `index` answers Maintenance.Status."""
         self.members[index].wait_for(lambda: uvloop.run(_revision(self.targets[index])) > 0, timeout)
+
+    def settle(self) -> None:
+        """Until every running member reports the same revision (has applied every write)."""
+        running = [t for t, m in zip(self.targets, self.members, strict=True) if m.alive()]
+        if len(running) > 1:
+            settle(lambda: len({uvloop.run(_revision(t)) for t in running}) == 1)
 
     def stop_member(self, index: int) -> None:
         self.members[index].stop()

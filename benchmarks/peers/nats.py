@@ -17,7 +17,7 @@ from typing import Any
 
 import uvloop
 
-from benchmarks.peers.process import ServerProcess, free_ports, port_open, tree_rss_mb
+from benchmarks.peers.process import ServerProcess, free_ports, port_open, settle, tree_rss_mb
 
 #: The benchmark stream and its subjects.
 STREAM = "BENCH"
@@ -106,6 +106,12 @@ class NatsCluster:
                 if detail.get("name") == stream:
                     return int(detail.get("state", {}).get("messages", 0))
         return 0
+
+    def settle(self) -> None:
+        """Until every running server holds as many messages of the stream as the others."""
+        running = [i for i, server in enumerate(self.servers) if server.alive()]
+        if len(running) > 1:
+            settle(lambda: len({self.stream_messages(i) for i in running}) == 1)
 
     def stop_server(self, index: int) -> None:
         self.servers[index].stop()

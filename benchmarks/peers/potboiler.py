@@ -10,7 +10,7 @@ import time
 import httpx
 
 from benchmarks.common import Bench, node_pid
-from benchmarks.peers.process import tree_rss_mb
+from benchmarks.peers.process import settle, tree_rss_mb
 from potboiler.server.processes import NodeProcess
 
 #: What is said about Potboiler's configuration in the results.
@@ -91,6 +91,13 @@ class PotboilerCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the {self.size} Potboiler nodes did not connect within {timeout:g}s")
             time.sleep(0.1)
+
+    def settle(self) -> None:
+        """Until every running node holds the same entries (equal version vectors): replication is
+        asynchronous, so followers may still be taking the last measurement's writes."""
+        running = [i for i, node in enumerate(self.nodes) if node.alive()]
+        if len(running) > 1:
+            settle(lambda: len({repr(self.status(i)["vector"]) for i in running}) == 1)
 
     def stop_member(self, index: int) -> None:
         self.nodes[index].stop()

@@ -1,6 +1,7 @@
 """A peer's server process: started in its own session with its output in a log file, stopped for sure.
 
-Also free loopback ports for the peers' servers and the resident memory of a set of processes.
+Also free loopback ports for the peers' servers, the resident memory of a set of processes, and
+waiting for a cluster's members to agree (`settle`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def settle(agree: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `agree()` every 50 ms until it is true (its exceptions count as false); TimeoutError after
+    `timeout`. For a cluster whose members may still be applying or replicating the last
+    measurement's writes, so that the next system measured does not share the machine with that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if agree():
+                return
+        except Exception:  # a member not answering yet: not settled
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the members did not agree within {timeout:g}s")
+        time.sleep(0.05)
 
 
 def tree_rss_mb(pids: Sequence[int]) -> float:

@@ -59,5 +59,8 @@ class RedisServer:
         self.server.wait_for(ping)
         return self
 
+    def settle(self) -> None:
+        """One server: nothing to wait for."""
+
     def stop(self) -> None:
         self.server.stop()

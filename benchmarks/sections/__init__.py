@@ -50,6 +50,10 @@ class System(Protocol):
 
     def rss_mb(self) -> float: ...
 
+    def settle(self) -> None:
+        """Wait until every member holds what the others hold (a no-op for one server)."""
+        ...
+
     def stop(self) -> None: ...
 
 
@@ -88,7 +92,9 @@ class Contender:
 def alternate(label: str, reps: int, contenders: Sequence[Contender]) -> dict[str, list[Json]]:
     """Measure every contender `reps` times, taking turns (the order reverses every other repetition,
     so neither side always goes first). A failed measurement is kept as {"error": ...} and the run
-    goes on. Each repetition's figures get the servers' resident memory at its end (`rss_mb`)."""
+    goes on. Each repetition's figures get the servers' resident memory at its end (`rss_mb`), and
+    how long the system then took to settle (`settle_s`, not part of the measurement), so that a
+    cluster still replicating does not slow down the next contender."""
     results: dict[str, list[Json]] = {c.name: [] for c in contenders}
     for rep in range(reps):
         order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
@@ -102,6 +108,13 @@ def alternate(label: str, reps: int, contenders: Sequence[Contender]) -> dict[st
                 figures = {"error": repr(error)[:500]}
             figures["wall_s"] = round(time.monotonic() - began, 2)
             figures["rss_mb"] = contender.system.rss_mb()
+            settling = time.monotonic()
+            try:
+                contender.system.settle()
+                figures["settle_s"] = round(time.monotonic() - settling, 2)
+            except Exception as error:  # recorded; the next contender is measured all the same
+                progress(f"  did not settle: {error!r}")
+                figures["settle_error"] = repr(error)[:300]
             results[contender.name].append(figures)
     return results
 

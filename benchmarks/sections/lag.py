@@ -86,7 +86,7 @@ def observer_main(
 ) -> None:
     """The observer process. Sends ("ready",) once a warm-up write arrived; then receives ("finish",
     acked indices, grace seconds), waits until all of them arrived or the grace is over, and sends
-    ("result", {index: (send_ns, arrival_ns)})."""
+    ("result", {index: (send_ns, first arrival_ns)}, how many arrivals were repeats)."""
     uvloop.run(_observe(kind, endpoint, run, after, conn))
 
 
@@ -94,15 +94,20 @@ async def _observe(
     kind: str, endpoint: str, run: str, after: int, conn: multiprocessing.connection.Connection
 ) -> None:
     seen: dict[int, tuple[int, int]] = {}
+    duplicates = 0
     ready, complete = asyncio.Event(), asyncio.Event()
     expected: set[int] = set()
     finishing = False
 
     async def read() -> None:
+        nonlocal duplicates
         async for i, sent in arrivals(kind, endpoint, run, after):
             now = time.time_ns()
             if i == WARM:
                 ready.set()
+                continue
+            if i in seen:
+                duplicates += 1
                 continue
             seen[i] = (sent, now)
             if finishing and expected.issubset(seen):
@@ -118,7 +123,7 @@ async def _observe(
         if not expected.issubset(seen):
             with suppress(TimeoutError):
                 await asyncio.wait_for(complete.wait(), grace)
-        conn.send(("result", seen))
+        conn.send(("result", seen, duplicates))
     finally:
         reader.cancel()
         with suppress(asyncio.CancelledError, grpc.RpcError, Exception):
@@ -223,7 +228,7 @@ async def _measure(
     parent.send(("finish", sorted(result.acked), settings.lag_grace))
     if not await asyncio.get_running_loop().run_in_executor(None, parent.poll, settings.lag_grace + 30):
         raise RuntimeError("the observer did not report")
-    kind, seen = parent.recv()
+    kind, seen, duplicates = parent.recv()
     assert kind == "result"
     lags = [arrived - sent for sent, arrived in seen.values()]
     lag = summary_ms(lags)
@@ -234,6 +239,7 @@ async def _measure(
         "acked": len(result.acked),
         "errors": result.errors,
         "lost": sum(1 for i in result.acked if i not in seen),
+        "duplicates": duplicates,
         "lag_p50_ms": lag.get("p50"),
         "lag_p99_ms": lag.get("p99"),
         "lag_max_ms": lag.get("max"),

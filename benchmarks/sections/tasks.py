@@ -34,6 +34,9 @@ class RedisPid:
     def rss_mb(self) -> float:
         return tree_rss_mb(self.pids)
 
+    def settle(self) -> None:
+        """One server: nothing to wait for."""
+
     def stop(self) -> None:
         """Stopped by benchmarks/queue.py's redis_server()."""
 

@@ -1,5 +1,5 @@
-"""Unit tests of benchmarks/compare.py's pure parts: spreads, ratios, verdicts, the table, the goals
-and what is reported missing (no processes are started)."""
+"""Unit tests of benchmarks/compare.py's pure parts: spreads, ratios, verdicts, the table, the goals,
+what is reported missing, and how contenders take turns and settle (no processes are started)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 
 from benchmarks.compare import goals
 from benchmarks.peers import INSTALL_COMMAND, missing, missing_message
+from benchmarks.peers.process import settle
 from benchmarks.report import HIGHER, LOWER, Row, Spread, number, ratio, render_table, samples, verdict
+from benchmarks.sections import Contender, alternate
 
 
 def test_spread_is_min_median_max() -> None:
@@ -137,3 +139,64 @@ def test_lost_writes_are_judged_by_the_worst_run() -> None:
     # One lost write in one of three runs: the median is 0 like the peer's, the worst run is not.
     row = Row("4", "lost", "count", "etcd", LOWER, [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], judged_by="max")
     assert row.potboiler_ahead is False
+
+
+class FakeSystem:
+    """A system that records what is done to it; its `settle` can fail."""
+
+    def __init__(self, fail_settle: bool = False) -> None:
+        self.events: list[str] = []
+        self.fail_settle = fail_settle
+
+    @property
+    def pids(self) -> list[int]:
+        return []
+
+    def rss_mb(self) -> float:
+        return 1.0
+
+    def settle(self) -> None:
+        self.events.append("settle")
+        if self.fail_settle:
+            raise TimeoutError("the members did not agree")
+
+    def stop(self) -> None:
+        pass
+
+
+def test_each_measurement_is_followed_by_its_system_settling_untimed() -> None:
+    peer, pot = FakeSystem(), FakeSystem(fail_settle=True)
+
+    def measure(system: FakeSystem, name: str) -> dict[str, object]:
+        system.events.append(f"measure {name}")
+        return {"writes_per_s": 1.0}
+
+    results = alternate(
+        "test",
+        2,
+        [
+            Contender("peer", peer, lambda: measure(peer, "peer")),
+            Contender("potboiler", pot, lambda: measure(pot, "potboiler")),
+        ],
+    )
+    assert peer.events == ["measure peer", "settle"] * 2
+    assert pot.events == ["measure potboiler", "settle"] * 2
+    assert all("settle_s" in figures for figures in results["peer"])
+    # A system that does not settle is noted, and the run goes on.
+    assert all("settle_error" in figures and "settle_s" not in figures for figures in results["potboiler"])
+    assert [f["writes_per_s"] for f in results["potboiler"]] == [1.0, 1.0]
+
+
+def test_settle_polls_until_the_members_agree_and_gives_up_after_the_timeout() -> None:
+    answers: list[bool | Exception] = [RuntimeError("not answering"), False, True]
+
+    def agree() -> bool:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    settle(agree, timeout=10.0)
+    assert answers == []
+    with pytest.raises(TimeoutError):
+        settle(lambda: False, timeout=0.1)
