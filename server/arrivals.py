@@ -1,40 +1,45 @@
 """When each owner's log grew on this node: which of its entries have been here long enough that a
-peer which still lacks them is not getting them from anywhere else (see replication.Session)."""
+peer which still lacks them is not getting them from anywhere else, or is behind (see
+replication.Session and Replicator.status)."""
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_right
 
 
 class Arrivals:
-    """Per owner, the times its chain head moved on this node during the last `delay` seconds, and
-    the head as it stood `delay` ago: the entries up to that head are *settled*.
+    """Per owner, the times its chain head moved on this node during the last `keep` seconds, and
+    the head as it stood before them: enough to tell which entries have been here at least `age`
+    seconds, for any `age` up to `keep`.
 
-    Entries held when the node starts count as settled (they arrived long ago, as far as anyone can
-    tell)."""
+    Entries held when the node starts count as held since long ago (as far as anyone can tell)."""
 
-    def __init__(self, delay: float, vector: dict[str, int]) -> None:
-        self._delay = delay
-        self._settled = dict(vector)
-        self._recent: dict[str, deque[tuple[float, int]]] = {}
+    def __init__(self, keep: float, vector: dict[str, int]) -> None:
+        self._keep = keep
+        self._before = dict(vector)
+        self._times: dict[str, list[float]] = {}
+        self._seqs: dict[str, list[int]] = {}
 
     def grew(self, owner: str, seq: int, now: float) -> None:
         """`owner`'s chain on this node reached `seq` at `now` (monotonic seconds)."""
-        recent = self._recent.get(owner)
-        if recent is None:
-            recent = self._recent[owner] = deque()
+        times = self._times.get(owner)
+        if times is None:
+            times, seqs = self._times[owner], self._seqs[owner] = [], []
         else:
-            self._settle(owner, recent, now)
-        recent.append((now, seq))
+            seqs = self._seqs[owner]
+            if times[0] <= now - 2 * self._keep:  # forget what is older than `keep`, now and then
+                cut = bisect_right(times, now - self._keep)
+                if cut:
+                    self._before[owner] = seqs[cut - 1]
+                    del times[:cut], seqs[:cut]
+        times.append(now)
+        seqs.append(seq)
 
-    def settled(self, owner: str, now: float) -> int:
-        """The highest seq of `owner` that this node has held for at least `delay` at `now`."""
-        recent = self._recent.get(owner)
-        if recent:
-            self._settle(owner, recent, now)
-        return self._settled.get(owner, 0)
-
-    def _settle(self, owner: str, recent: deque[tuple[float, int]], now: float) -> None:
-        cutoff = now - self._delay
-        while recent and recent[0][0] <= cutoff:
-            self._settled[owner] = recent.popleft()[1]
+    def held(self, owner: str, now: float, age: float) -> int:
+        """The highest seq of `owner` that this node has held for at least `age` (≤ `keep`) at `now`."""
+        times = self._times.get(owner)
+        if times:
+            i = bisect_right(times, now - age)
+            if i:
+                return self._seqs[owner][i - 1]
+        return self._before.get(owner, 0)

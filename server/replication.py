@@ -61,6 +61,18 @@ FORWARD_DELAY = 0.1
 ANNOUNCE_INTERVAL = 0.05
 #: Most time between two announcements (each carries a clock promise, see Log.promise).
 PROMISE_INTERVAL = 1.0
+#: How long another owner's entry may have been on this node, still missing on a connected peer,
+#: with the peer LIVE: forwarded, it leaves only after FORWARD_DELAY twice (held here, then no
+#: progress on the peer), and its Ack comes up to ANNOUNCE_INTERVAL later. (This node's own entries
+#: go out at once: FORWARD_DELAY for them.)
+FORWARDED_LIVE_FACTOR = 4
+
+
+def forwarded_live_age() -> float:
+    """See FORWARDED_LIVE_FACTOR (a function: tests change FORWARD_DELAY)."""
+    return FORWARDED_LIVE_FACTOR * FORWARD_DELAY + ANNOUNCE_INTERVAL
+
+
 #: Reconnection delays: 50 ms doubling to 5 s.
 RECONNECT = Backoff(first=0.05, cap=5.0)
 #: Offset of the direct gRPC port from a node's base port.
@@ -149,8 +161,9 @@ class Session:
     was sent, not past it), then twice as many batches in flight with each Ack, up to the window,
     while it lags more than a batch behind, unless the peer says another stream feeds it that log
     (Ack.redundant_owners) — so when every node is connected to every other, each entry crosses
-    each link about once, from its owner, two nodes forwarding to a third do not both feed it, and
-    a line of nodes or a cut link still converges through forwarding. Each side announces its
+    each link about once, from its owner, two nodes forwarding a backlog to a third do not both
+    feed it (entries written now and then still reach a node twice where two forwarding paths lead
+    to it, as across a ring), and a line of nodes or a cut link still converges through forwarding. Each side announces its
     vector (Ack) whenever it changes, at most every ANNOUNCE_INTERVAL, which is how the other side
     knows what not to send.
     """
@@ -298,7 +311,7 @@ class Session:
         if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
             return sent, seq > sent
         # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
-        settled = self.replicator.arrivals.settled(owner, now)
+        settled = self.replicator.arrivals.held(owner, now, FORWARD_DELAY)
         limit = min(seq, max(sent, acked + MAX_BATCH), max(sent, settled))
         return limit, limit < seq
 
@@ -375,6 +388,7 @@ class Session:
                 for owner, seq in vector.items():
                     self.peer_has(owner, seq, now)
                 for owner in message.ack.redundant_owners:
+                    parse_uuid(owner, "redundant owner")  # as the vector's owners: else the stream ends
                     self.peer_gets_elsewhere(owner, now)
                 if message.ack.HasField("clock"):
                     clock = message.ack.clock
@@ -483,8 +497,9 @@ class Replicator:
         self.linger = linger
         self.peers: dict[str, Peer] = {}
         self.counters: dict[str, Counters] = {}
-        #: How long each owner's entries have been here (what is settled enough to forward).
-        self.arrivals = Arrivals(FORWARD_DELAY, self.log.vector())
+        #: How long each owner's entries have been here (what is settled enough to forward, what a
+        #: LIVE peer must hold).
+        self.arrivals = Arrivals(forwarded_live_age(), self.log.vector())
         #: Which stream feeds this node each owner's log (the others are told to stop forwarding it).
         self.feeders = Feeders(FORWARD_DELAY)
         self._running = False
@@ -765,10 +780,13 @@ class Replicator:
 
     def status(self) -> list[nodes_pb2.PeerStatus]:
         """Per peer: state, acknowledged vector, lag and last error. A connected peer is LIVE when
-        it holds every entry this node has held for FORWARD_DELAY (what is newer is on its way),
-        else CATCHING_UP."""
+        it holds every entry of this node's own that has been here for FORWARD_DELAY, and every other
+        entry that has been here for `forwarded_live_age()` (what is newer may be on its way), else
+        CATCHING_UP."""
         mine = self.log.vector()
         now = time.monotonic()
+        me = self.log.node_id
+        ages = {owner: FORWARD_DELAY if owner == me else forwarded_live_age() for owner in mine}
         out = []
         for url in sorted(self.peers):
             peer = self.peers[url]
@@ -776,7 +794,7 @@ class Replicator:
             acked = session.acked if session else peer.acked
             if session is None:
                 state = PeerState.DISCONNECTED
-            elif all(acked.get(owner, 0) >= self.arrivals.settled(owner, now) for owner in mine):
+            elif all(acked.get(owner, 0) >= self.arrivals.held(owner, now, ages[owner]) for owner in mine):
                 state = PeerState.LIVE
             else:
                 state = PeerState.CATCHING_UP

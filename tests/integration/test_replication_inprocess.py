@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,25 @@ async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backl
     await eventually(lambda: [p.state for p in a.replicator.status()] == live, what="live again")
 
 
+async def test_status_is_live_for_a_peer_fed_by_forwarding_under_steady_writes(
+    make_node: NodeFactory,
+) -> None:
+    """In a line a - b - c, c gets a's entries only from b, FORWARD_DELAY twice after they reach b:
+    b still calls c LIVE while a writes steadily (before: 9 to 88 samples of 200)."""
+    a = await make_node(gossip=False)
+    b = await make_node(peers=[a], gossip=False)
+    c = await make_node(peers=[b], gossip=False)
+    live = nodes_pb2.PeerStatus.STATE_LIVE
+    await eventually(lambda: [p.state for p in b.replicator.status()] == [live, live], what="live streams")
+    samples = []
+    for _ in range(40):
+        await append(a, 1)
+        await asyncio.sleep(0.05)
+        samples.append({p.url: p.state for p in b.replicator.status()}[c.config.url])
+    assert samples.count(live) >= 30, samples
+    await eventually(lambda: converged(a, b, c), what="convergence")
+
+
 async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_nothing(
     make_node: NodeFactory,
 ) -> None:
@@ -393,6 +413,28 @@ async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_no
     assert a.log.vector().get(origin.node_id, 0) == 0
     with pytest.raises(NotFound):
         a.log.get(good)
+
+
+async def test_an_ack_naming_a_redundant_owner_that_is_not_a_uuid_ends_the_stream(
+    make_node: NodeFactory,
+) -> None:
+    """Ack.redundant_owners are checked like the vector's owners (unchecked, a faulty peer could grow
+    the session's per-owner state without bound)."""
+    a = await make_node()
+    hello = replication_pb2.Hello(node_id=str(uuid.uuid4()), url=f"http://127.0.0.1:{find_base_port()}")
+    ack = replication_pb2.Ack(redundant_owners=["not-a-uuid"])
+
+    async def requests() -> AsyncIterator[replication_pb2.ReplicateRequest]:
+        yield replication_pb2.ReplicateRequest(hello=hello)
+        yield replication_pb2.ReplicateRequest(ack=ack)
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
+        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(requests())
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in call:
+                pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "redundant owner" in (raised.value.details() or "")
 
 
 async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(

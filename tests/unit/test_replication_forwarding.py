@@ -100,25 +100,27 @@ def test_only_the_settled_part_of_a_log_is_probed() -> None:
     assert s.send_limit(OWNER, 8, 1.05 + FORWARD_DELAY) == (8, False)
 
 
-def test_arrivals_settle_after_the_delay_and_start_from_what_is_held() -> None:
-    arrivals = Arrivals(1.0, {"old": 5})
-    assert arrivals.settled("old", 0.0) == 5  # held at start: settled
-    assert arrivals.settled("new", 0.0) == 0
+def test_arrivals_tell_what_has_been_held_that_long_and_start_from_what_is_held() -> None:
+    arrivals = Arrivals(2.0, {"old": 5})
+    assert arrivals.held("old", 0.0, 1.0) == 5  # held at start: since long ago
+    assert arrivals.held("new", 0.0, 1.0) == 0
     arrivals.grew("old", 7, 10.0)
     arrivals.grew("old", 9, 10.5)
-    assert arrivals.settled("old", 10.9) == 5
-    assert arrivals.settled("old", 11.0) == 7
-    assert arrivals.settled("old", 12.0) == 9
+    assert arrivals.held("old", 10.9, 1.0) == 5
+    assert arrivals.held("old", 11.0, 1.0) == 7
+    assert arrivals.held("old", 12.0, 1.0) == 9
+    assert arrivals.held("old", 12.0, 2.0) == 7  # a longer age, on the same history
     arrivals.grew("new", 2, 20.0)
-    assert arrivals.settled("new", 20.5) == 0
-    assert arrivals.settled("new", 21.0) == 2
+    assert arrivals.held("new", 20.5, 1.0) == 0
+    assert arrivals.held("new", 21.0, 1.0) == 2
 
 
-def test_arrivals_keep_only_the_last_delay_of_history() -> None:
+def test_arrivals_forget_what_is_older_than_they_keep() -> None:
     arrivals = Arrivals(1.0, {})
     for i in range(1000):
         arrivals.grew("o", i + 1, i * 0.01)
-    assert len(arrivals._recent["o"]) <= 101
+    assert len(arrivals._times["o"]) <= 201
+    assert arrivals.held("o", 9.99, 1.0) == 900  # still right after forgetting
 
 
 def test_a_peer_told_to_be_fed_elsewhere_is_no_longer_fed_from_here() -> None:

@@ -199,11 +199,13 @@ class PeerStatus(_message.Message):
         """No stream is open; the node is retrying with backoff."""
         STATE_CATCHING_UP: PeerStatus._State.ValueType  # 2
         """A stream is open and the peer lacks entries this node has held for
-        more than a moment (100 ms): it is being sent what it lacks.
+        more than a moment (100 ms for its own entries, 450 ms for others'
+        entries, which it forwards only after a delay): it is being sent what
+        it lacks.
         """
         STATE_LIVE: PeerStatus._State.ValueType  # 3
         """A stream is open and the peer holds every entry this node has held for
-        more than a moment (100 ms); newer ones are streamed as they come.
+        more than that moment; newer ones are on their way.
         """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
@@ -215,11 +217,13 @@ class PeerStatus(_message.Message):
     """No stream is open; the node is retrying with backoff."""
     STATE_CATCHING_UP: PeerStatus.State.ValueType  # 2
     """A stream is open and the peer lacks entries this node has held for
-    more than a moment (100 ms): it is being sent what it lacks.
+    more than a moment (100 ms for its own entries, 450 ms for others'
+    entries, which it forwards only after a delay): it is being sent what
+    it lacks.
     """
     STATE_LIVE: PeerStatus.State.ValueType  # 3
     """A stream is open and the peer holds every entry this node has held for
-    more than a moment (100 ms); newer ones are streamed as they come.
+    more than that moment; newer ones are on their way.
     """
 
     URL_FIELD_NUMBER: _builtins.int
