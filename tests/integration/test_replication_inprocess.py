@@ -386,30 +386,40 @@ async def test_status_is_live_for_a_peer_fed_by_forwarding_under_steady_writes(
     await eventually(lambda: converged(a, b, c), what="convergence")
 
 
+async def stream_error(
+    node: Node, sender_id: str, *messages: replication_pb2.ReplicateRequest
+) -> grpc.aio.AioRpcError:
+    """Open a replication stream to `node` as `sender_id` (a hello naming a URL nobody listens on,
+    which `node` then dials in vain), send `messages`, and return the error the stream ends with."""
+    hello = replication_pb2.Hello(node_id=sender_id, url=f"http://127.0.0.1:{find_base_port()}")
+
+    async def requests() -> AsyncIterator[replication_pb2.ReplicateRequest]:
+        yield replication_pb2.ReplicateRequest(hello=hello)
+        for message in messages:
+            yield message
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{node.grpc_port}") as channel:
+        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(requests())
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in call:
+                pass
+    return raised.value
+
+
 async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_nothing(
     make_node: NodeFactory,
 ) -> None:
     """Replicated entries travel as the sender's stored bytes; bytes that do not parse as an Entry
     end the stream with INVALID_ARGUMENT, and the entries of that batch before them are not stored.
-    The sender is this test: its hello names a node nobody listens for, which `a` then dials in vain."""
+    The sender is this test (see stream_error)."""
     a = await make_node()
     origin = Log(MemoryStore())
     [entry] = commit_local(origin, origin._store, [NewEntry(number(1))])
     good, blob = entry.id, entry.SerializeToString()
-    hello = replication_pb2.Hello(node_id=origin.node_id, url=f"http://127.0.0.1:{find_base_port()}")
     batch = replication_pb2.EntryBatch(entries=[blob, b"\xff\xff\xff"])
-
-    async def requests() -> AsyncIterator[replication_pb2.ReplicateRequest]:
-        yield replication_pb2.ReplicateRequest(hello=hello)
-        yield replication_pb2.ReplicateRequest(entries=batch)
-
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
-        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(requests())
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in call:
-                pass
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a serialized Entry" in (raised.value.details() or "")
+    error = await stream_error(a, origin.node_id, replication_pb2.ReplicateRequest(entries=batch))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a serialized Entry" in (error.details() or "")
     assert a.log.vector().get(origin.node_id, 0) == 0
     with pytest.raises(NotFound):
         a.log.get(good)
@@ -421,20 +431,10 @@ async def test_an_ack_naming_a_redundant_owner_that_is_not_a_uuid_ends_the_strea
     """Ack.redundant_owners are checked like the vector's owners (unchecked, a faulty peer could grow
     the session's per-owner state without bound)."""
     a = await make_node()
-    hello = replication_pb2.Hello(node_id=str(uuid.uuid4()), url=f"http://127.0.0.1:{find_base_port()}")
     ack = replication_pb2.Ack(redundant_owners=["not-a-uuid"])
-
-    async def requests() -> AsyncIterator[replication_pb2.ReplicateRequest]:
-        yield replication_pb2.ReplicateRequest(hello=hello)
-        yield replication_pb2.ReplicateRequest(ack=ack)
-
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
-        call = replication_pb2_grpc.ReplicationServiceStub(channel).Replicate(requests())
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            async for _ in call:
-                pass
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "redundant owner" in (raised.value.details() or "")
+    error = await stream_error(a, str(uuid.uuid4()), replication_pb2.ReplicateRequest(ack=ack))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "redundant owner" in (error.details() or "")
 
 
 async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(
