@@ -186,7 +186,7 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
             rows = list(state.items(table, after, BROWSER_PAGE_KEYS + 1))
         except (NotFound, InvalidArgument) as error:
             status = 404 if isinstance(error, NotFound) else 400
-            await context.send_initial_metadata(((rest.HTTP_CODE_HEADER, str(status)),))
+            rest.http_status(context, status)
             return HttpBody(content_type=HTML, data=browser.error_page(status, str(error)))
         more = len(rows) > BROWSER_PAGE_KEYS
         rows = rows[:BROWSER_PAGE_KEYS]

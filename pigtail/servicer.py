@@ -174,9 +174,9 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
         )
         location = f"/queue/{name}"
         if created:
-            await rest.created(context, location)
+            rest.created(context, location)
         else:
-            await context.send_initial_metadata((("location", location),))
+            rest.located(context, location)
         return views.rest_json(views.rest_queue(name, config))
 
     @unary
@@ -202,9 +202,9 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
         )
         location = f"/queue/{request.queue}/{view['task_id']}"
         if created:
-            await rest.created(context, location)
+            rest.created(context, location)
         else:
-            await context.send_initial_metadata((("location", location),))
+            rest.located(context, location)
         return views.rest_json({"id": view["task_id"]})
 
     @unary
@@ -226,7 +226,7 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
             request.queue, restbody.text(body, "worker_id"), restbody.integer(body, "wait_ms")
         )
         if view is None:
-            await rest.no_content(context)
+            rest.no_content(context)
             return HttpBody()
         return views.rest_json(views.rest_view(view, with_id=True))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -54,10 +53,8 @@ HTTP_OVERRIDE: dict[type[PotboilerError], str] = {TooLarge: "413"}
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerError) -> NoReturn:
     """End the call with the error's status and message."""
     http = HTTP_OVERRIDE.get(type(error))
-    if http is not None:
-        with contextlib.suppress(grpc.aio.UsageError, RuntimeError):  # metadata already sent: keep Envoy's
-            await context.send_initial_metadata(((HTTP_CODE_HEADER, http),))
-    await context.abort(status_of(error), str(error))
+    trailing = ((HTTP_CODE_HEADER, http),) if http is not None else ()
+    await context.abort(status_of(error), str(error), trailing)
     raise AssertionError("unreachable")  # context.abort raises
 
 

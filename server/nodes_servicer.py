@@ -43,7 +43,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
     @unary
     async def AddNode(self, request: nodes_pb2.AddNodeRequest, context: Ctx) -> nodes_pb2.AddNodeResponse:
         self._membership.add(request.url)
-        await rest.no_content(context)
+        rest.no_content(context)
         return nodes_pb2.AddNodeResponse()
 
     @unary
@@ -51,7 +51,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
         self, request: nodes_pb2.RemoveNodeRequest, context: Ctx
     ) -> nodes_pb2.RemoveNodeResponse:
         self._membership.remove(request.url)
-        await rest.no_content(context)
+        rest.no_content(context)
         return nodes_pb2.RemoveNodeResponse()
 
     @unary

@@ -57,7 +57,7 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
         new = validate_new_entry(rest.json_body(request.body), request.dependency)
         self._refuse_own_webhook(context)
         [entry] = await self._appender.append([new])
-        await rest.created(context, f"/log/{entry.id}")
+        rest.created(context, f"/log/{entry.id}")
         return core_rest_pb2.PostLogEntryResponse(id=entry.id)
 
     def _refuse_own_webhook(self, context: Ctx) -> None:

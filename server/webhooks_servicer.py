@@ -25,7 +25,7 @@ class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
         self, request: webhooks_pb2.RegisterWebhookRequest, context: Ctx
     ) -> webhooks_pb2.RegisterWebhookResponse:
         await self._webhooks.register(request.url)
-        await rest.no_content(context)
+        rest.no_content(context)
         return webhooks_pb2.RegisterWebhookResponse()
 
     @unary
@@ -33,7 +33,7 @@ class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
         self, request: webhooks_pb2.DeregisterWebhookRequest, context: Ctx
     ) -> webhooks_pb2.DeregisterWebhookResponse:
         self._webhooks.deregister(request.url)
-        await rest.no_content(context)
+        rest.no_content(context)
         return webhooks_pb2.DeregisterWebhookResponse()
 
     @unary

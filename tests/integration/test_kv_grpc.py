@@ -335,7 +335,7 @@ async def test_browser_pages(kv: KvNode) -> None:
     call = kv.browser.GetTablePage(kv_browser_pb2.GetTablePageRequest(table="nope"))
     missing = await call
     assert b"No such table" in missing.data
-    assert ("x-http-code", "404") in list(await call.initial_metadata() or [])
+    assert ("x-http-code", "404") in list(await call.trailing_metadata() or [])
     call = kv.browser.GetTablePage(kv_browser_pb2.GetTablePageRequest(table="a b"))
     await call
-    assert ("x-http-code", "400") in list(await call.initial_metadata() or [])
+    assert ("x-http-code", "400") in list(await call.trailing_metadata() or [])

@@ -216,7 +216,7 @@ async def test_core_rest_shapes(grpc_node: GrpcNode) -> None:
     )
     call = grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b'"hello"')))
     response = await call
-    metadata = dict((k, v) for k, v in (await call.initial_metadata() or ()))
+    metadata = dict((k, v) for k, v in (await call.trailing_metadata() or ()))
     assert metadata.get("x-http-code") == "201"
     assert metadata.get("location") == f"/log/{response.id}"
     second = await grpc_node.rest.PostLogEntry(
