@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
-from potboiler.server.log import MAX_DEPTH, MAX_ENTRY_BYTES, Log, NewEntry, validate_new_entry
+from potboiler.server.log import MAX_DEPTH, MAX_ENTRY_BYTES, Log, NewEntry, marked, validate_new_entry
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -272,3 +272,12 @@ def test_a_finite_number_that_looks_non_finite_in_its_bytes_is_accepted() -> Non
     [number] = struct.unpack("<d", b"\x00\x00\x00\xf5\xff\x00\x00\x40")  # about 2.0, bytes F5 FF inside
     assert math.isfinite(number)
     assert validate_new_entry(Value(number_value=number), ()).data.number_value == number
+
+
+@given(st.lists(st.sampled_from([b"", b"ab", b"a", b"b", b"xabx", b"xx"]), max_size=8))
+def test_marked_keeps_exactly_the_entries_whose_bytes_hold_the_mark(blobs: list[bytes]) -> None:
+    # Marks split across neighbouring blobs ("a" then "b") must not count.
+    entries = [(i + 1, Entry(id=str(i))) for i in range(len(blobs))]
+    assert marked(entries, blobs, b"ab") == [
+        e for e, blob in zip(entries, blobs, strict=True) if b"ab" in blob
+    ]
