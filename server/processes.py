@@ -24,9 +24,12 @@ PORT_OFFSETS = (0, 1, 2, 3, 5, 10)
 
 
 def ports_free(host: str, base: int) -> bool:
-    """Whether every port a node with base `base` needs is free on `host`."""
+    """Whether every port a node with base `base` needs is free on `host`. Bound with SO_REUSEADDR,
+    as the node's servers and Envoy bind theirs: a port that only closed connections still hold
+    (TIME_WAIT, for a minute) is free to them, and the tests leave many such ports behind."""
     for offset in PORT_OFFSETS:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, base + offset))
             except OSError:
