@@ -57,6 +57,11 @@ WINDOW = 20_000
 #: How long a peer must make no progress on another owner's log, and an entry of that log must have
 #: been on this node, before this node forwards it.
 FORWARD_DELAY = 0.1
+#: A session told that its peer gets an owner's log from another stream (Ack.redundant_owners) waits
+#: this many times FORWARD_DELAY before forwarding that log again: the stream that feeds the peer
+#: forwards first, and this one only if that one stops (two forwarding paths to one node, as across
+#: a ring, would otherwise both forward each entry written now and then).
+ELSEWHERE_FACTOR = 3
 #: Least time between two announcements of this node's vector to a peer.
 ANNOUNCE_INTERVAL = 0.05
 #: Most time between two announcements (each carries a clock promise, see Log.promise).
@@ -158,12 +163,13 @@ class Session:
     one batch at a time until the peer is seen taking that log from this node (its Ack reaches what
     was sent, not past it), then twice as many batches in flight with each Ack, up to the window,
     while it lags more than a batch behind, unless the peer says another stream feeds it that log
-    (Ack.redundant_owners) — so when every node is connected to every other, each entry crosses
-    each link about once, from its owner, two nodes forwarding a backlog to a third do not both
-    feed it (entries written now and then still reach a node twice where two forwarding paths lead
-    to it, as across a ring), and a line of nodes or a cut link still converges through forwarding. Each side announces its
-    vector (Ack) whenever it changes, at most every ANNOUNCE_INTERVAL, which is how the other side
-    knows what not to send.
+    (Ack.redundant_owners): then this session waits ELSEWHERE_FACTOR times as long before it
+    forwards that log again, until the peer takes it from here. So when every node is connected to
+    every other, each entry crosses each link about once, from its owner; two nodes forwarding a
+    backlog to a third do not both feed it, nor do two paths to a node forward it the entries
+    written now and then (after the first, which may come twice); and a line of nodes or a cut link
+    still converges through forwarding. Each side announces its vector (Ack) whenever it changes,
+    at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
     """
 
     replicator: Replicator
@@ -183,6 +189,9 @@ class Session:
     #: start: a second forwarder feeding the same peer learns it is redundant before it has sent
     #: much).
     _feeding: dict[str, int] = field(default_factory=dict)
+    #: Owners whose log the peer was last told (or seen) to get from another stream than this one:
+    #: forwarded only after ELSEWHERE_FACTOR times FORWARD_DELAY.
+    _elsewhere: set[str] = field(default_factory=set)
     #: Owners whose log the peer sent while another stream feeds it here (told in the next Ack).
     _redundant: set[str] = field(default_factory=set)
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
@@ -306,10 +315,11 @@ class Session:
                 return limit, limit < seq
             # Nearly caught up: new entries may well reach it from their owner, so hold them back.
             del self._feeding[owner]
-        if now - self._progress_at.get(owner, 0.0) < FORWARD_DELAY:
+        delay = FORWARD_DELAY * (ELSEWHERE_FACTOR if owner in self._elsewhere else 1)
+        if now - self._progress_at.get(owner, 0.0) < delay:
             return sent, seq > sent
         # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.
-        settled = self.replicator.arrivals.held(owner, now, FORWARD_DELAY)
+        settled = self.replicator.arrivals.held(owner, now, delay)
         limit = min(seq, max(sent, acked + MAX_BATCH), max(sent, settled))
         return limit, limit < seq
 
@@ -343,24 +353,25 @@ class Session:
                 sent_any = True
         return sent_any, held_back
 
-    def peer_has(self, owner: str, seq: int, now: float) -> None:
-        """Take in that the peer holds `owner`'s log up to `seq` (from an Ack, or entries it sent)."""
+    def peer_has(self, owner: str, seq: int, now: float, elsewhere: bool = False) -> None:
+        """Take in that the peer holds `owner`'s log up to `seq` (from an Ack, or entries it sent).
+        `elsewhere`: the Ack says another stream feeds the peer that log (what this node forwarded,
+        it held already), so stop feeding it and forward it only after a longer silence."""
         sent = self.sent.get(owner, 0)
+        if elsewhere:
+            self._feeding.pop(owner, None)
+            self._elsewhere.add(owner)
+            self._progress_at[owner] = now
         if seq > self.acked.get(owner, 0):
             self.acked[owner] = seq
             self._progress_at[owner] = now
             if seq > sent:  # beyond what this node sent: the peer has another source
                 self._feeding.pop(owner, None)
-            else:
+            elif not elsewhere:  # the peer takes the log from this node
+                self._elsewhere.discard(owner)
                 self._feeding[owner] = min(2 * self._feeding.get(owner, 1), WINDOW // MAX_BATCH)
         if seq > sent:
             self.sent[owner] = seq
-
-    def peer_gets_elsewhere(self, owner: str, now: float) -> None:
-        """The peer already held what this node last forwarded of `owner`'s log: another node feeds
-        it, so stop feeding; a probe follows once the peer makes no progress for FORWARD_DELAY."""
-        self._feeding.pop(owner, None)
-        self._progress_at[owner] = now
 
     async def _receive_loop(self) -> None:
         r = self.replicator
@@ -383,11 +394,11 @@ class Session:
             elif kind == "ack":
                 vector = vector_from_proto(message.ack.vector)
                 r.log.note_own_seq(vector.get(r.log.node_id, 0))
-                for owner, seq in vector.items():
-                    self.peer_has(owner, seq, now)
-                for owner in message.ack.redundant_owners:
+                redundant = set(message.ack.redundant_owners)
+                for owner in redundant:
                     parse_uuid(owner, "redundant owner")  # as the vector's owners: else the stream ends
-                    self.peer_gets_elsewhere(owner, now)
+                for owner in vector.keys() | redundant:
+                    self.peer_has(owner, vector.get(owner, 0), now, elsewhere=owner in redundant)
                 if message.ack.HasField("clock"):
                     clock = message.ack.clock
                     promise = Promise(Stamp(clock.wall_ms, clock.logical), vector.get(self.peer_id, 0))

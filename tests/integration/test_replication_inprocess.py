@@ -190,6 +190,29 @@ async def test_a_full_mesh_at_a_low_rate_sends_each_entry_over_each_link_once(
         assert node.replicator.counters_for(a.config.url).entries_in == written
 
 
+async def test_two_paths_to_a_node_across_a_ring_do_not_both_forward_entries_written_now_and_then(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring a-b-c-d-a: c gets a's entries through b and through d. Once c has told one of them
+    it gets a's log from the other, each entry reaches c once (the first may come twice)."""
+    monkeypatch.setattr(replication, "FORWARD_DELAY", 0.3)  # as in the full-mesh test: stalls
+    a = await make_node(gossip=False)
+    b = await make_node(peers=[a], gossip=False)
+    c = await make_node(peers=[b], gossip=False)
+    d = await make_node(peers=[c, a], gossip=False)
+    await eventually(
+        lambda: all(len(n.replicator.status()) == 2 for n in (a, b, c, d)), what="a ring of streams"
+    )
+    written = 4
+    for _ in range(written):
+        await asyncio.sleep(2 * replication.FORWARD_DELAY)  # c's progress on a is now old
+        await append(a, 1)
+        await eventually(lambda: converged(a, b, c, d), what="the entry on every node")
+    await asyncio.sleep(replication.ELSEWHERE_FACTOR * replication.FORWARD_DELAY)  # a late forward
+    received = [c.replicator.counters_for(n.config.url).entries_in for n in (b, d)]
+    assert sum(received) <= written + 1, received
+
+
 async def test_two_forwarders_of_a_down_owners_log_do_not_both_feed_a_new_node(
     make_node: NodeFactory,
 ) -> None:

@@ -2,7 +2,7 @@
 (Session.send_limit / Session.peer_has): held back while the peer gets them from elsewhere or they
 have only just arrived here, one batch at a time until the peer is seen taking them from this node,
 then with twice as much in flight each Ack while it lags more than a batch behind, unless told
-another stream feeds it; and Arrivals, which tells how long entries have been here."""
+another stream feeds it (then only after a longer silence); and Arrivals, which tells how long entries have been here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from potboiler.server.arrivals import Arrivals
-from potboiler.server.replication import FORWARD_DELAY, MAX_BATCH, WINDOW, Session
+from potboiler.server.replication import ELSEWHERE_FACTOR, FORWARD_DELAY, MAX_BATCH, WINDOW, Session
 from potboiler.v1 import replication_pb2
 
 ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a third node
@@ -127,6 +127,35 @@ def test_a_peer_told_to_be_fed_elsewhere_is_no_longer_fed_from_here() -> None:
     s = session(now=0.0)
     s.sent[OWNER] = MAX_BATCH
     s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY)  # taking the probe from this node: fed
-    s.peer_gets_elsewhere(OWNER, 1.0)  # its Ack: what this node sent it held already
-    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY / 2) == (MAX_BATCH, True)
-    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY) == (2 * MAX_BATCH, True)  # a probe
+    s.peer_has(OWNER, MAX_BATCH, 1.0, elsewhere=True)  # its Ack: what this node sent it held already
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, 1.0 + FORWARD_DELAY) == (MAX_BATCH, True)
+    late = 1.0 + ELSEWHERE_FACTOR * FORWARD_DELAY
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, late) == (2 * MAX_BATCH, True)  # a probe, later
+
+
+def test_a_session_told_the_peer_is_fed_elsewhere_forwards_new_entries_only_after_the_feeder() -> None:
+    """Two paths lead to the peer (a ring): the one told it is redundant leaves an entry written
+    now and then to the other, which forwards it after FORWARD_DELAY; it forwards it itself only
+    if the peer still lacks it ELSEWHERE_FACTOR times as long."""
+    arrivals = Arrivals(ELSEWHERE_FACTOR * FORWARD_DELAY, {OWNER: 10})
+    s = session(now=0.0, arrivals=arrivals)
+    s.sent[OWNER] = 10
+    s.peer_has(OWNER, 10, 0.0, elsewhere=True)
+    arrivals.grew(OWNER, 11, 5.0)
+    assert s.send_limit(OWNER, 11, 5.0 + FORWARD_DELAY) == (10, True)
+    s.peer_has(OWNER, 11, 5.0 + FORWARD_DELAY + 0.01)  # the feeder's forward, in the peer's Ack
+    assert s.send_limit(OWNER, 11, 10.0) == (11, False)  # nothing left to send
+    arrivals.grew(OWNER, 12, 20.0)
+    assert s.send_limit(OWNER, 12, 20.0 + 2 * FORWARD_DELAY) == (11, True)  # still deferred
+    assert s.send_limit(OWNER, 12, 20.0 + ELSEWHERE_FACTOR * FORWARD_DELAY) == (12, False)
+
+
+def test_a_peer_taking_a_deferred_log_from_this_node_is_fed_from_here_again() -> None:
+    s = session(now=0.0)
+    s.sent[OWNER] = MAX_BATCH
+    s.peer_has(OWNER, MAX_BATCH, FORWARD_DELAY, elsewhere=True)
+    late = FORWARD_DELAY + ELSEWHERE_FACTOR * FORWARD_DELAY
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, late) == (2 * MAX_BATCH, True)  # the other feed stopped
+    s.sent[OWNER] = 2 * MAX_BATCH
+    s.peer_has(OWNER, 2 * MAX_BATCH, late + 0.01)  # taken from here, not called redundant
+    assert s.send_limit(OWNER, 5 * MAX_BATCH, late + 0.01) == (4 * MAX_BATCH, True)  # fed: 2 in flight
