@@ -53,8 +53,10 @@ HTTP_OVERRIDE: dict[type[PotboilerError], str] = {TooLarge: "413"}
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerError) -> NoReturn:
     """End the call with the error's status and message."""
     http = HTTP_OVERRIDE.get(type(error))
-    trailing = ((HTTP_CODE_HEADER, http),) if http is not None else ()
-    await context.abort(status_of(error), str(error), trailing)
+    # Set, not passed to abort(), which would keep metadata set earlier (say, a 201 before a
+    # failure) when given none.
+    context.set_trailing_metadata(((HTTP_CODE_HEADER, http),) if http is not None else ())
+    await context.abort(status_of(error), str(error))
     raise AssertionError("unreachable")  # context.abort raises
 
 

@@ -1,0 +1,63 @@
+"""How domain errors end a call (server/grpc_errors.py), seen by a real gRPC client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from potboiler.server import rest
+from potboiler.server.errors import NotFound, TooLarge
+from potboiler.server.grpc_errors import unary
+
+pytestmark = pytest.mark.asyncio
+
+
+class Servicer:
+    @unary
+    async def CreateThenFail(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        rest.created(context, "/somewhere")  # as a servicer might, before a later step fails
+        raise NotFound("gone meanwhile")
+
+    @unary
+    async def TooBig(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        raise TooLarge("too big")
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    servicer = Servicer()
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+        name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
+        for name in ("CreateThenFail", "TooBig")
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        yield ch
+    await server.stop(None)
+
+
+async def test_an_error_drops_rest_metadata_set_before_it(channel: grpc.aio.Channel) -> None:
+    # Else Envoy's Lua would turn the 404 into a 201 (or a 204 that keeps its body).
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/test.Errors/CreateThenFail"
+    )
+    call = method(b"")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    metadata = dict(error.value.trailing_metadata() or ())
+    assert rest.HTTP_CODE_HEADER not in metadata and "location" not in metadata
+
+
+async def test_too_large_carries_its_http_status(channel: grpc.aio.Channel) -> None:
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Errors/TooBig")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await method(b"")
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(error.value.trailing_metadata() or ())[rest.HTTP_CODE_HEADER] == "413"
