@@ -59,8 +59,8 @@ WINDOW = 20_000
 FORWARD_DELAY = 0.1
 #: A session told that its peer gets an owner's log from another stream (Ack.redundant_owners) waits
 #: this many times FORWARD_DELAY before forwarding that log again: the stream that feeds the peer
-#: forwards first, and this one only if that one stops (two forwarding paths to one node, as across
-#: a ring, would otherwise both forward each entry written now and then).
+#: forwards first, and this one only if that one stops or is that much slower (two forwarding paths
+#: to one node, as across a ring, would otherwise both forward each entry written now and then).
 ELSEWHERE_FACTOR = 3
 #: Least time between two announcements of this node's vector to a peer.
 ANNOUNCE_INTERVAL = 0.05
@@ -74,10 +74,11 @@ GRPC_PORT_OFFSET = 10
 
 def forwarded_live_age() -> float:
     """How long another owner's entry may have been on this node, still missing on a connected
-    peer, with the peer LIVE: forwarded, it leaves only after FORWARD_DELAY twice (held here, then
-    no progress on the peer) and its Ack comes up to ANNOUNCE_INTERVAL later; as much again allows
-    for a loaded machine. (This node's own entries go out at once: FORWARD_DELAY for them.) A
-    function, not a constant: tests change FORWARD_DELAY."""
+    peer, with the peer LIVE: forwarded, it leaves after FORWARD_DELAY twice (held here, then no
+    progress on the peer), or after ELSEWHERE_FACTOR times FORWARD_DELAY when another stream feeds
+    the peer, and its Ack comes up to ANNOUNCE_INTERVAL later; the rest allows for a loaded
+    machine. (This node's own entries go out at once: FORWARD_DELAY for them.) Also how long
+    Arrivals remembers. A function, not a constant: tests change FORWARD_DELAY."""
     return 4 * FORWARD_DELAY + ANNOUNCE_INTERVAL
 
 
@@ -163,8 +164,10 @@ class Session:
     one batch at a time until the peer is seen taking that log from this node (its Ack reaches what
     was sent, not past it), then twice as many batches in flight with each Ack, up to the window,
     while it lags more than a batch behind, unless the peer says another stream feeds it that log
-    (Ack.redundant_owners): then this session waits ELSEWHERE_FACTOR times as long before it
-    forwards that log again, until the peer takes it from here. So when every node is connected to
+    (Ack.redundant_owners): then this session forwards that log again only once the peer has made
+    no progress on it for ELSEWHERE_FACTOR times as long, or, when it is nearly caught up, still
+    lacks entries that have been here that long (the other path is slower, a longer one, say),
+    until the peer takes it from here. So when every node is connected to
     every other, each entry crosses each link about once, from its owner; two nodes forwarding a
     backlog to a third do not both feed it, nor do two paths to a node forward it the entries
     written now and then (after the first, which may come twice); and a line of nodes or a cut link
@@ -315,7 +318,14 @@ class Session:
                 return limit, limit < seq
             # Nearly caught up: new entries may well reach it from their owner, so hold them back.
             del self._feeding[owner]
-        delay = FORWARD_DELAY * (ELSEWHERE_FACTOR if owner in self._elsewhere else 1)
+        delay = FORWARD_DELAY
+        if owner in self._elsewhere:
+            delay *= ELSEWHERE_FACTOR
+            if acked + MAX_BATCH >= seq:
+                # Nearly caught up, and only by way of a slower path (a longer one, say) if the peer
+                # still lacks entries that have been here that long: forward those.
+                limit = min(seq, max(sent, self.replicator.arrivals.held(owner, now, delay)))
+                return limit, limit < seq
         if now - self._progress_at.get(owner, 0.0) < delay:
             return sent, seq > sent
         # A probe: if the peer gets this log from elsewhere too, it receives one batch twice at most.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
 from potboiler.server.log import Log, NewEntry, validate_new_entry
 from potboiler.server.node import Node, NodeConfig
-from potboiler.server.processes import find_base_port
+from potboiler.server.processes import find_base_port, ports_free
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 from tests.unit.test_log import commit_local
@@ -60,6 +61,9 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         host: str = "127.0.0.1",
     ) -> Node:
         i = next(counter) if index is None else index
+        if index is not None:  # a restart on the ports of a node stopped here: grpc closes its
+            # listener a moment after stop() returns
+            await eventually(lambda: ports_free(host, base + 100 * i), what=f"the ports of node {i}")
         config = NodeConfig(
             data_dir=tmp_path / (name or f"n{i}"),
             host=host,
@@ -211,6 +215,41 @@ async def test_two_paths_to_a_node_across_a_ring_do_not_both_forward_entries_wri
     await asyncio.sleep(replication.ELSEWHERE_FACTOR * replication.FORWARD_DELAY)  # a late forward
     received = [c.replicator.counters_for(n.config.url).entries_in for n in (b, d)]
     assert sum(received) <= written + 1, received
+
+
+async def test_a_nearer_path_takes_over_from_a_longer_one_that_fed_first(make_node: NodeFactory) -> None:
+    """c gets a's steady writes over a long line a-x-y-z-d-c; b joins, one hop from both, and c
+    calls it redundant at first (d feeds c). c makes progress all the time, so waiting for it to
+    pause would leave b out for good: b forwards what c still lacks after 3 x FORWARD_DELAY, which
+    the long line brings later, and c ends up fed by b."""
+    line = [await make_node(gossip=False)]
+    for _ in range(4):
+        line.append(await make_node(peers=[line[-1]], gossip=False))
+    a, d, c = line[0], line[-2], line[-1]
+    writing = True
+
+    async def writer() -> None:
+        while writing:
+            await append(a, 1)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(writer())
+    try:
+        await eventually(lambda: c.log.vector().get(a.log.node_id, 0) > 10, what="a's entries on c")
+        b = await make_node(peers=[a, c], gossip=False)
+        await eventually(lambda: bool(b.replicator.peers[c.config.url].sessions), what="b's stream to c")
+        # As if c had answered b's first forward with Ack.redundant_owners (d feeding it then).
+        session = b.replicator.peers[c.config.url].sessions[0]
+        session.peer_has(a.log.node_id, 0, time.monotonic(), elsewhere=True)
+        await asyncio.sleep(2.0)
+        before = [c.replicator.counters_for(n.config.url).entries_in for n in (b, d)]
+        await asyncio.sleep(2.0)
+        after = [c.replicator.counters_for(n.config.url).entries_in for n in (b, d)]
+    finally:
+        writing = False
+        await task
+    from_b, from_d = (later - earlier for later, earlier in zip(after, before, strict=True))
+    assert from_b > 2 * from_d, (from_b, from_d)
 
 
 async def test_two_forwarders_of_a_down_owners_log_do_not_both_feed_a_new_node(

@@ -159,3 +159,28 @@ def test_a_peer_taking_a_deferred_log_from_this_node_is_fed_from_here_again() ->
     s.sent[OWNER] = 2 * MAX_BATCH
     s.peer_has(OWNER, 2 * MAX_BATCH, late + 0.01)  # taken from here, not called redundant
     assert s.send_limit(OWNER, 5 * MAX_BATCH, late + 0.01) == (4 * MAX_BATCH, True)  # fed: 2 in flight
+
+
+def test_a_deferred_session_forwards_what_a_slower_path_has_not_brought_yet() -> None:
+    """The peer makes progress all the time, by a longer path: entries it still lacks after
+    ELSEWHERE_FACTOR x FORWARD_DELAY here are forwarded all the same."""
+    arrivals = Arrivals(ELSEWHERE_FACTOR * FORWARD_DELAY, {OWNER: 10})
+    s = session(now=0.0, arrivals=arrivals)
+    s.peer_has(OWNER, 10, 0.0, elsewhere=True)
+    arrivals.grew(OWNER, 12, 5.0)
+    s.peer_has(OWNER, 11, 5.0 + 2 * FORWARD_DELAY)  # progress, but not up to what is here
+    assert s.send_limit(OWNER, 12, 5.0 + 2 * FORWARD_DELAY) == (11, True)
+    assert s.send_limit(OWNER, 12, 5.0 + ELSEWHERE_FACTOR * FORWARD_DELAY) == (12, False)
+
+
+def test_a_deferred_session_leaves_a_backlog_to_the_stream_feeding_it() -> None:
+    s = session(now=0.0)
+    s.peer_has(OWNER, MAX_BATCH, 0.0, elsewhere=True)
+    s.peer_has(OWNER, 2 * MAX_BATCH, 1.0)  # the other stream feeds it
+    assert s.send_limit(OWNER, 10 * MAX_BATCH, 1.0 + ELSEWHERE_FACTOR * FORWARD_DELAY / 2) == (
+        2 * MAX_BATCH,
+        True,
+    )
+    # That stream stopped: a probe batch, not the rest of the backlog.
+    late = 1.0 + ELSEWHERE_FACTOR * FORWARD_DELAY
+    assert s.send_limit(OWNER, 10 * MAX_BATCH, late) == (3 * MAX_BATCH, True)
