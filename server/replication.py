@@ -167,12 +167,12 @@ class Session:
     (Ack.redundant_owners): then this session forwards that log again only once the peer has made
     no progress on it for ELSEWHERE_FACTOR times as long, or, when it is nearly caught up, still
     lacks entries that have been here that long (the other path is slower, a longer one, say),
-    until the peer takes it from here. So when every node is connected to
-    every other, each entry crosses each link about once, from its owner; two nodes forwarding a
-    backlog to a third do not both feed it, nor do two paths to a node forward it the entries
-    written now and then (after the first, which may come twice); and a line of nodes or a cut link
-    still converges through forwarding. Each side announces its vector (Ack) whenever it changes,
-    at most every ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
+    until the peer takes it from here. So when every node is connected to every other, each entry
+    crosses each link about once, from its owner; two nodes forwarding a backlog to a third do not
+    both feed it, nor do two paths to a node forward it the entries written now and then (after
+    the first, which may come twice); and a line of nodes or a cut link still converges through
+    forwarding. Each side announces its vector (Ack) whenever it changes, at most every
+    ANNOUNCE_INTERVAL, which is how the other side knows what not to send.
     """
 
     replicator: Replicator
