@@ -11,9 +11,7 @@ class Feeders:
 
     The owner's own stream always becomes the feeder of its log. Another stream becomes it by
     bringing new entries while no other stream has for `quiet` seconds. A stream that brings an
-    owner's entries while another feeds that log is *redundant* for it. A feeder that brings only
-    entries another stream brought first is no longer the feeder: that one is faster (a shorter
-    path), and becomes it with its next new entries."""
+    owner's entries while another feeds that log is *redundant* for it."""
 
     def __init__(self, quiet: float) -> None:
         self._quiet = quiet
@@ -33,8 +31,6 @@ class Feeders:
                 self._by_owner[owner] = (stream, now)
             elif not feeding:
                 redundant.add(owner)
-            elif owner not in fresh:
-                del self._by_owner[owner]
         return redundant
 
     def forget(self, stream: object) -> None:

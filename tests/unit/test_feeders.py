@@ -39,14 +39,3 @@ def test_an_ended_stream_feeds_nothing() -> None:
     feeders.brought(B, "b", [OWNER, "other"], {OWNER, "other"}, now=0.0)
     feeders.forget(B)
     assert feeders.brought(C, "c", [OWNER], {OWNER}, now=0.1) == set()
-
-
-def test_a_feeder_that_brings_only_what_another_stream_brought_first_is_replaced() -> None:
-    """B feeds by a longer path; C, told it is redundant, still brings some entries first: B's
-    copies of them come late, so B stops feeding, and C's next new entries make C the feeder."""
-    feeders = Feeders(quiet=1.0)
-    feeders.brought(B, "b", [OWNER], {OWNER}, now=0.0)
-    assert feeders.brought(C, "c", [OWNER], {OWNER}, now=0.1) == {OWNER}  # B is active
-    assert feeders.brought(B, "b", [OWNER], set(), now=0.2) == set()  # late copies: B steps down
-    assert feeders.brought(C, "c", [OWNER], {OWNER}, now=0.3) == set()  # C feeds now
-    assert feeders.brought(B, "b", [OWNER], {OWNER}, now=0.4) == {OWNER}
