@@ -129,10 +129,10 @@ class Ack(_message.Message):
 
     @_builtins.property
     def redundant_owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Owners (node UUIDs) of which the last entries this stream brought were
-        all held already: another stream feeds the acknowledging node that log,
-        so the sender should stop forwarding it (it probes again if that feed
-        stops). A node never stops sending its own log.
+        """Owners (node UUIDs) whose log this stream brought while another stream
+        feeds the acknowledging node that log: the sender should stop forwarding
+        it, and forward it again only if that feed stops or falls behind. A node
+        never stops sending its own log.
         """
 
     def __init__(
