@@ -4,16 +4,19 @@ Every change (local appends, entries received from peers) is queued; one task ta
 queued so far, plans it as one batch, writes that batch (one WAL write, and one fsync when `sync` is
 on) and only then resolves the callers and wakes readers. Concurrent appends
 therefore share a write, which is how one Python process reaches tens of thousands of durable
-appends per second.
+appends per second. While the event loop's thread is saturated, a write is held open for a moment
+so that more appends join it (see `CommitWindow`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from potboiler.server.commit_window import CommitWindow
 from potboiler.server.errors import PotboilerError
 from potboiler.server.log import DeliveredBatch, Log, NewEntry, Plan
 from potboiler.server.storage import Store
@@ -40,12 +43,19 @@ class _Job:
 class Appender:
     """Serialises every write to a Log and batches concurrent ones together."""
 
-    def __init__(self, log: Log, store: Store, *, sync: bool = False) -> None:
+    def __init__(
+        self, log: Log, store: Store, *, sync: bool = False, window: CommitWindow | None = None
+    ) -> None:
         self.log = log
         self._store = store
         self._sync = sync
+        self._window = window or CommitWindow()
         self._queue: list[_Job] = []
+        self._queued_entries = 0
         self._wake = asyncio.Event()
+        #: Set once enough appends are queued while a write is held open (see CommitWindow).
+        self._enough = asyncio.Event()
+        self._holding = False
         self._delivered = asyncio.Condition()
         self._listeners: list[Callable[[Plan], None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -67,6 +77,7 @@ class Appender:
             return
         self._closing = True
         self._wake.set()
+        self._enough.set()
         await self._task
         self._task = None
 
@@ -91,8 +102,12 @@ class Appender:
     def _submit(self, job: _Job) -> asyncio.Future[list[Entry]]:
         if self._task is None or self._closing:
             raise RuntimeError("the log is not accepting writes: the node is stopping")
-        self._queue.append(job)
+        queue = self._queue
+        queue.append(job)
+        self._queued_entries += len(job.local or job.remote or ())
         self._wake.set()
+        if self._holding and self._window.enough(len(queue), self._queued_entries):
+            self._enough.set()
         return job.done
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
@@ -146,6 +161,9 @@ class Appender:
             await asyncio.sleep(0)
             self._wake.clear()
             while self._queue:
+                hold = 0.0 if self._closing else self._window.hold(len(self._queue), self._queued_entries)
+                if hold:
+                    await self._hold_open(hold)
                 jobs = self._take()
                 try:
                     await self._commit(jobs)
@@ -154,8 +172,20 @@ class Appender:
                     for job in jobs:
                         if not job.done.done():
                             job.done.set_exception(exc)
+                self._window.committed()
             if self._closing:
                 return
+
+    async def _hold_open(self, seconds: float) -> None:
+        """Let appends gather for up to `seconds`, or until enough are queued."""
+        self._enough.clear()
+        self._holding = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._enough.wait()
+        finally:
+            self._holding = False
 
     def _take(self) -> list[_Job]:
         jobs: list[_Job] = []
@@ -164,6 +194,7 @@ class Appender:
             job = self._queue.pop(0)
             jobs.append(job)
             n += len(job.local or job.remote or ())
+        self._queued_entries -= n
         return jobs
 
     async def _commit(self, jobs: list[_Job]) -> None:

@@ -1,0 +1,83 @@
+"""When the group commit should hold a write open for more appends.
+
+grpc.aio takes in one new call per turn of the node's event loop, and its poller thread hands
+over completions only when the loop's thread lets go of the GIL. When the loop's thread is
+saturated by many concurrent unary appends (REST through Envoy, 32 connections), the writer
+therefore finds one append queued at each turn and commits batches of about one entry, each
+paying a whole write, wake-ups of every reader and its own trip through grpc. Holding the write
+open for a moment lets the loop idle, grpc hand over a burst of calls, and one batch take them all.
+Measured on one node, REST `POST /log` at 32 connections, interleaved runs: about 10 entries per
+write instead of 1.05, 275-350 µs of node CPU per request instead of 515-590 and 155-215 µs of
+Envoy's instead of 300-340, 3,000-3,900 requests/s instead of 1,900-2,200.
+
+Holding a write open only pays when the loop's thread has no time to spare; otherwise it only adds
+latency. So the writer holds writes open only while that thread is busy most of the time (measured
+with its CPU clock over short periods, with hysteresis), never for the first write after a pause,
+and never longer than it takes `enough_jobs` appends (or `enough_entries` entries: a replication
+stream's messages, for one, come many entries at a time) to queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class CommitWindow:
+    """The writer asks `hold()` before each write and reports each write to `committed()`; both
+    run on the writer's (the event loop's) thread, whose CPU clock `cpu_clock` reads."""
+
+    def __init__(
+        self,
+        *,
+        max_wait: float = 0.002,
+        enough_jobs: int = 16,
+        enough_entries: int = 256,
+        start_busy: float = 0.85,
+        stop_busy: float = 0.5,
+        period: float = 0.05,
+        burst_gap: float = 0.01,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.max_wait = max_wait
+        self.enough_jobs = enough_jobs
+        self.enough_entries = enough_entries
+        self._start_busy = start_busy
+        self._stop_busy = stop_busy
+        self._period = period
+        self._burst_gap = burst_gap
+        self._clock = clock
+        self._cpu_clock = cpu_clock
+        self.holding = False
+        self._last_commit = -float("inf")
+        self._since = clock()
+        self._cpu_since = cpu_clock()
+
+    def enough(self, queued_jobs: int, queued_entries: int) -> bool:
+        """Whether what is queued makes a batch worth writing without waiting for more."""
+        return queued_jobs >= self.enough_jobs or queued_entries >= self.enough_entries
+
+    def hold(self, queued_jobs: int, queued_entries: int) -> float:
+        """How long to hold the next write open for more appends (0: write now), given how many
+        jobs (appends, or messages of a replication stream) and entries are queued."""
+        if not self.holding or self.enough(queued_jobs, queued_entries):
+            return 0.0
+        if self._clock() - self._last_commit > self._burst_gap:
+            return 0.0  # the first write after a pause: whatever came is all there is
+        return self.max_wait
+
+    def committed(self) -> None:
+        """A write ended: account for it, and once a period has passed, decide from how busy the
+        thread was in it whether the next writes are held open."""
+        now = self._last_commit = self._clock()
+        elapsed = now - self._since
+        if elapsed < self._period:
+            return
+        cpu = self._cpu_clock()
+        busy = (cpu - self._cpu_since) / elapsed
+        if busy >= self._start_busy:
+            self.holding = True
+        elif busy < self._stop_busy:
+            self.holding = False
+        self._since, self._cpu_since = now, cpu

@@ -1,0 +1,126 @@
+"""When the group commit holds a write open: only while the writer's thread is saturated, never for
+the first write after a pause, and not once enough appends are queued."""
+
+from __future__ import annotations
+
+import asyncio
+
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.appender import Appender
+from potboiler.server.commit_window import CommitWindow
+from potboiler.server.log import Log, NewEntry
+from potboiler.server.storage import MemoryStore
+
+
+class Clocks:
+    """A wall clock and a thread CPU clock that tests move by hand."""
+
+    def __init__(self) -> None:
+        self.wall = 100.0
+        self.cpu = 10.0
+
+    def run(self, seconds: float, busy: float) -> None:
+        """Let `seconds` pass with the thread busy for the fraction `busy` of them."""
+        self.wall += seconds
+        self.cpu += seconds * busy
+
+
+def window(clocks: Clocks) -> CommitWindow:
+    return CommitWindow(
+        max_wait=0.002,
+        enough_jobs=16,
+        start_busy=0.85,
+        stop_busy=0.5,
+        period=0.05,
+        burst_gap=0.01,
+        clock=lambda: clocks.wall,
+        cpu_clock=lambda: clocks.cpu,
+    )
+
+
+def commit_for(w: CommitWindow, clocks: Clocks, seconds: float, busy: float, every: float = 0.001) -> None:
+    """Commits every `every` seconds for `seconds`, the thread busy for the fraction `busy`."""
+    for _ in range(round(seconds / every)):
+        clocks.run(every, busy)
+        w.committed()
+
+
+def test_an_idle_or_lightly_loaded_writer_never_holds() -> None:
+    clocks = Clocks()
+    w = window(clocks)
+    assert w.hold(1, 1) == 0.0
+    commit_for(w, clocks, 0.5, busy=0.6)
+    assert not w.holding
+    assert w.hold(1, 1) == 0.0
+
+
+def test_a_saturated_writer_holds_until_its_thread_has_time_to_spare() -> None:
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    assert w.holding
+    assert w.hold(1, 1) == 0.002
+    # Hysteresis: busy between the two thresholds changes nothing.
+    commit_for(w, clocks, 0.2, busy=0.7)
+    assert w.holding
+    commit_for(w, clocks, 0.1, busy=0.3)
+    assert not w.holding
+    assert w.hold(1, 1) == 0.0
+
+
+def test_no_hold_once_enough_appends_are_queued() -> None:
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    assert w.hold(15, 15) == 0.002
+    assert w.hold(1, 255) == 0.002
+    assert w.hold(1, 256) == 0.0
+    assert w.hold(16, 16) == 0.0
+
+
+def test_the_first_write_after_a_pause_is_not_held() -> None:
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    clocks.run(0.5, busy=0.0)  # a lone request after load stopped: commit it at once
+    assert w.hold(1, 1) == 0.0
+    w.committed()  # and the long idle period turns holding off
+    assert not w.holding
+
+
+async def test_a_held_write_takes_the_appends_that_come_meanwhile() -> None:
+    class Saturated(CommitWindow):
+        """Holds every write for up to a second (as if the thread were saturated)."""
+
+        def hold(self, queued_jobs: int, queued_entries: int) -> float:
+            return 0.0 if queued_jobs >= self.enough_jobs else 1.0
+
+    store = MemoryStore()
+    appender = Appender(Log(store), store, window=Saturated(enough_jobs=4))
+    appender.start()
+    try:
+        first = asyncio.create_task(appender.append([NewEntry(Value(number_value=0))]))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # held open, waiting for more
+        rest = [asyncio.create_task(appender.append([NewEntry(Value(number_value=n))])) for n in (1, 2, 3)]
+        entries = [e for t in [first, *rest] for e in await asyncio.wait_for(t, 0.5)]
+        assert [e.data.number_value for e in entries] == [0, 1, 2, 3]
+        assert appender.batches == 1  # the fourth append ended the hold: one write for all
+    finally:
+        await appender.stop()
+
+
+async def test_stop_ends_a_held_write_and_commits_it() -> None:
+    class Saturated(CommitWindow):
+        def hold(self, queued_jobs: int, queued_entries: int) -> float:
+            return 30.0
+
+    store = MemoryStore()
+    appender = Appender(Log(store), store, window=Saturated())
+    appender.start()
+    pending = asyncio.create_task(appender.append([NewEntry(Value(number_value=1))]))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(appender.stop(), 1.0)
+    [entry] = await pending
+    assert entry.seq == 1
