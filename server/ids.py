@@ -37,7 +37,18 @@ def new_uuids(n: int, unix_ms: int | None = None) -> list[bytes]:
 
     Ids made at about the same time sort together, so indexing them by id inserts near the end of
     the index instead of anywhere in it, which makes RocksDB's writes and compactions cheaper."""
-    ms = (time.time_ns() // 1_000_000 if unix_ms is None else unix_ms).to_bytes(6, "big")
+    if unix_ms is None:
+        unix_ms = time.time_ns() // 1_000_000
+    if n <= _FEW:
+        # Integer arithmetic per id: the column-wise way below has a fixed cost of about 7 µs.
+        rand = int.from_bytes(os.urandom(10 * n), "big")
+        out = []
+        for _ in range(n):
+            r, rand = rand & _RAND_80, rand >> 80
+            value = unix_ms << 80 | _VERSION_VARIANT | (r >> 68) << 64 | (r & _RAND_62)
+            out.append(value.to_bytes(16, "big"))
+        return out
+    ms = unix_ms.to_bytes(6, "big")
     b = bytearray(os.urandom(16 * n))
     # Column by column (byte k of every id at once, with strided slices): no Python loop per id
     # but the final split.
@@ -49,6 +60,12 @@ def new_uuids(n: int, unix_ms: int | None = None) -> list[bytes]:
     return [ids[i : i + 16] for i in range(0, 16 * n, 16)]
 
 
+#: Up to how many ids `new_uuids` makes one by one.
+_FEW = 8
+_RAND_80 = (1 << 80) - 1
+_RAND_62 = (1 << 62) - 1
+#: The version nibble (7) and the variant bits (10) in place in a UUID as an integer.
+_VERSION_VARIANT = 0x7 << 76 | 0b10 << 62
 #: Byte maps that set the version nibble (7) and the variant bits (10) of a random byte.
 _VERSION_7 = bytes((x & 0x0F) | 0x70 for x in range(256))
 _VARIANT_RFC = bytes((x & 0x3F) | 0x80 for x in range(256))

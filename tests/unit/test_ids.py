@@ -55,6 +55,9 @@ def test_new_uuids_are_distinct_version_7_with_the_time() -> None:
 @given(st.integers(min_value=0, max_value=2**48 - 1), st.integers(min_value=1, max_value=50))
 def test_new_uuids_carry_the_given_time_and_sort_by_it(unix_ms: int, n: int) -> None:
     ids = new_uuids(n, unix_ms)
+    assert len(set(ids)) == n
     assert all(int.from_bytes(raw[:6], "big") == unix_ms for raw in ids)
+    assert all(uuid.UUID(bytes=raw).version == 7 for raw in ids)
+    assert all(uuid.UUID(bytes=raw).variant == uuid.RFC_4122 for raw in ids)
     later = new_uuids(1, unix_ms + 1) if unix_ms < 2**48 - 1 else []
     assert all(raw < other for raw in ids for other in later)
