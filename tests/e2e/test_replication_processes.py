@@ -1,6 +1,6 @@
 """Replication between real node processes (each with its Envoy): convergence under concurrent writes,
 late joiners, kill -9 and restart, line topology, removal, cross-node dependencies with webhooks,
-and the `potboiler cluster` command."""
+the `potboiler cluster` command, and the Prometheus metrics that report all this."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
@@ -309,3 +311,46 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
         assert proc.wait(30) == 0
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert leftover == [], f"processes left behind: {leftover}"
+
+
+def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A node's Prometheus samples (port B+5), by name and labels."""
+    text = httpx.get(f"http://127.0.0.1:{node.ports.metrics}/metrics", timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(cluster: Cluster) -> None:
+    a, b = cluster(2)
+    receiver = Receiver()
+    with socket.socket() as s:  # a port nothing listens on: every delivery to it fails
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    try:
+        for url in (receiver.url, dead_url):
+            assert httpx.post(f"{b.url}/log/register", json={"url": url}).status_code == 204
+        for n in range(5):
+            post(a, {"n": n})
+        wait_until(lambda: len(receiver.ids) == 5, what="the webhook deliveries on b")
+        on_a, on_b = metrics(a), metrics(b)
+        assert on_a[("potboiler_appends_total", ())] == 5
+        assert on_a[("potboiler_replicated_entries_out_total", (("peer", b.url),))] >= 5
+        assert on_b[("potboiler_replicated_entries_in_total", (("peer", a.url),))] >= 5
+        assert on_b[("potboiler_entries", ())] == 5
+        assert on_b[("potboiler_peer_connected", (("peer", a.url),))] == 1
+        assert on_b[("potboiler_store_bytes", ())] > 0
+        assert on_b[("potboiler_webhook_deliveries_total", (("url", receiver.url),))] == 5
+        wait_until(
+            lambda: metrics(b)[("potboiler_webhook_failures_total", (("url", dead_url),))] >= 1,
+            what="a failed delivery counted",
+        )
+        assert metrics(b)[("potboiler_webhook_deliveries_total", (("url", dead_url),))] == 0
+        wait_until(
+            lambda: metrics(a)[("potboiler_peer_lag_entries", (("peer", b.url),))] == 0,
+            what="b's acknowledgement of everything",
+        )
+    finally:
+        receiver.close()
