@@ -64,6 +64,7 @@ class Appender:
         self._tail_blobs: list[bytes] = []  # each tail entry serialized
         self._tail_bytes = 0
         self.batches = 0
+        self.held_batches = 0
         self.appended = 0
         self.ingested = 0
 
@@ -162,8 +163,7 @@ class Appender:
             self._wake.clear()
             while self._queue:
                 hold = 0.0 if self._closing else self._window.hold(len(self._queue), self._queued_entries)
-                if hold:
-                    await self._hold_open(hold)
+                gathered = await self._hold_open(hold) if hold else None
                 jobs = self._take()
                 try:
                     await self._commit(jobs)
@@ -172,12 +172,14 @@ class Appender:
                     for job in jobs:
                         if not job.done.done():
                             job.done.set_exception(exc)
-                self._window.committed()
+                self._window.committed(gathered)
             if self._closing:
                 return
 
-    async def _hold_open(self, seconds: float) -> None:
-        """Let appends gather for up to `seconds`, or until enough are queued."""
+    async def _hold_open(self, seconds: float) -> int:
+        """Let appends gather for up to `seconds`, or until enough are queued; how many came."""
+        before = len(self._queue)
+        self.held_batches += 1
         self._enough.clear()
         self._holding = True
         try:
@@ -186,6 +188,7 @@ class Appender:
                     await self._enough.wait()
         finally:
             self._holding = False
+        return len(self._queue) - before
 
     def _take(self) -> list[_Job]:
         jobs: list[_Job] = []

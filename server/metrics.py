@@ -37,6 +37,11 @@ class NodeCollector(Collector):
         yield CounterMetricFamily(
             "potboiler_write_batches", "Write batches committed", value=node.appender.batches
         )
+        yield CounterMetricFamily(
+            "potboiler_held_write_batches",
+            "Write batches held open for more appends while the node was saturated",
+            value=node.appender.held_batches,
+        )
         yield GaugeMetricFamily("potboiler_entries", "Entries held, all owners", value=log.total())
         yield GaugeMetricFamily(
             "potboiler_pending_entries", "Entries waiting for a dependency", value=log.pending

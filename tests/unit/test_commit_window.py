@@ -1,5 +1,5 @@
-"""When the group commit holds a write open: only while the writer's thread is saturated, never for
-the first write after a pause, and not once enough appends are queued."""
+"""When the group commit holds a write open: only while the writer's thread is saturated and holds
+gather more appends, never for the first write after a pause, and not once enough are queued."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def window(clocks: Clocks) -> CommitWindow:
         stop_busy=0.5,
         period=0.05,
         burst_gap=0.01,
+        min_gathered=2.0,
+        retry_after=1.0,
         clock=lambda: clocks.wall,
         cpu_clock=lambda: clocks.cpu,
     )
@@ -124,3 +126,30 @@ async def test_stop_ends_a_held_write_and_commits_it() -> None:
     await asyncio.wait_for(appender.stop(), 1.0)
     [entry] = await pending
     assert entry.seq == 1
+
+
+def test_holds_that_gather_nothing_stop_for_a_while() -> None:
+    """A client streaming its appends has sent all it may already: holding its writes only delays
+    them, so the window stops holding, and tries again after `retry_after`."""
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    assert w.holding
+    for _ in range(60):  # a period of held writes, each joined by at most one more job
+        clocks.run(0.001, busy=0.95)
+        w.committed(gathered=1)
+    assert not w.holding
+    commit_for(w, clocks, 0.5, busy=0.95)  # still saturated, but within retry_after
+    assert not w.holding
+    commit_for(w, clocks, 0.6, busy=0.95)
+    assert w.holding  # tried again
+
+
+def test_holds_that_gather_keep_holding() -> None:
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    for _ in range(500):
+        clocks.run(0.002, busy=0.9)
+        w.committed(gathered=9)
+    assert w.holding
