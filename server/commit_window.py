@@ -16,8 +16,9 @@ appends that would join it are still to come. A client that streams its appends 
 hold gathers nothing and only delays its acknowledgements (17,600-19,300 entries/s fell to
 13,800-15,900 when every write was held). So the writer holds writes open only while that thread
 is busy most of the time (measured with its CPU clock over short periods, with hysteresis), and
-only while holds gather at least `min_gathered` jobs on average; when they gather less it stops
-holding for `retry_after` seconds. It never holds the first write after a pause, and never longer
+only while holds gather at least `min_gathered` jobs on average (a streaming client's gather 1-2,
+unary calls' and REST requests' 6-14); when `trial_holds` of them gather less it stops holding for
+`retry_after` seconds. It never holds the first write after a pause, and never longer
 than it takes `enough_jobs` jobs (or `enough_entries` entries: a replication stream's messages,
 for one, come many entries at a time) to queue.
 """
@@ -42,8 +43,9 @@ class CommitWindow:
         stop_busy: float = 0.5,
         period: float = 0.05,
         burst_gap: float = 0.01,
-        min_gathered: float = 2.0,
-        retry_after: float = 1.0,
+        min_gathered: float = 4.0,
+        trial_holds: int = 8,
+        retry_after: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
@@ -55,6 +57,7 @@ class CommitWindow:
         self._period = period
         self._burst_gap = burst_gap
         self._min_gathered = min_gathered
+        self._trial_holds = trial_holds
         self._retry_after = retry_after
         self._clock = clock
         self._cpu_clock = cpu_clock
@@ -82,22 +85,33 @@ class CommitWindow:
 
     def committed(self, gathered: int | None = None) -> None:
         """A write ended; `gathered` is how many jobs joined it while it was held open (None: it
-        was not held). Once a period has passed, decide whether the next writes are held open."""
+        was not held). Holding stops as soon as `trial_holds` holds (or a period's) gathered too
+        little; otherwise, once a period has passed, its busyness decides."""
         now = self._last_commit = self._clock()
         if gathered is not None:
             self._holds += 1
             self._gathered += gathered
+            if self._holds >= self._trial_holds and self._gathered_too_little():
+                self._stop_holding(now)
         elapsed = now - self._since
         if elapsed < self._period:
             return
         cpu = self._cpu_clock()
         busy = (cpu - self._cpu_since) / elapsed
-        if self.holding and self._holds and self._gathered < self._min_gathered * self._holds:
-            self.holding = False  # holds gather nothing more: the appends in flight are all here
-            self._retry_at = now + self._retry_after
+        if self.holding and self._holds and self._gathered_too_little():
+            self._stop_holding(now)
         elif busy >= self._start_busy and now >= self._retry_at:
             self.holding = True
         elif busy < self._stop_busy:
             self.holding = False
         self._since, self._cpu_since = now, cpu
+        self._holds = self._gathered = 0
+
+    def _gathered_too_little(self) -> bool:
+        return self._gathered < self._min_gathered * self._holds
+
+    def _stop_holding(self, now: float) -> None:
+        """Holds gather nothing more: the appends in flight are all here already."""
+        self.holding = False
+        self._retry_at = now + self._retry_after
         self._holds = self._gathered = 0

@@ -34,8 +34,9 @@ def window(clocks: Clocks) -> CommitWindow:
         stop_busy=0.5,
         period=0.05,
         burst_gap=0.01,
-        min_gathered=2.0,
-        retry_after=1.0,
+        min_gathered=4.0,
+        trial_holds=8,
+        retry_after=2.0,
         clock=lambda: clocks.wall,
         cpu_clock=lambda: clocks.cpu,
     )
@@ -128,18 +129,21 @@ async def test_stop_ends_a_held_write_and_commits_it() -> None:
     assert entry.seq == 1
 
 
-def test_holds_that_gather_nothing_stop_for_a_while() -> None:
+def test_holds_that_gather_little_stop_for_a_while() -> None:
     """A client streaming its appends has sent all it may already: holding its writes only delays
-    them, so the window stops holding, and tries again after `retry_after`."""
+    them, so the window stops holding after a few holds, and tries again after `retry_after`."""
     clocks = Clocks()
     w = window(clocks)
     commit_for(w, clocks, 0.1, busy=0.95)
     assert w.holding
-    for _ in range(60):  # a period of held writes, each joined by at most one more job
-        clocks.run(0.001, busy=0.95)
+    for _ in range(7):  # each hold joined by one more job at most
+        clocks.run(0.002, busy=0.95)
         w.committed(gathered=1)
-    assert not w.holding
-    commit_for(w, clocks, 0.5, busy=0.95)  # still saturated, but within retry_after
+    assert w.holding
+    clocks.run(0.002, busy=0.95)
+    w.committed(gathered=1)
+    assert not w.holding  # at once, within the period
+    commit_for(w, clocks, 1.5, busy=0.95)  # still saturated, but within retry_after
     assert not w.holding
     commit_for(w, clocks, 0.6, busy=0.95)
     assert w.holding  # tried again
