@@ -70,6 +70,7 @@ class Appender:
 
     def start(self) -> None:
         """Start the writer task."""
+        self._window.reset()
         self._task = asyncio.create_task(self._run(), name="appender")
 
     async def stop(self) -> None:
@@ -103,9 +104,12 @@ class Appender:
     def _submit(self, job: _Job) -> asyncio.Future[list[Entry]]:
         if self._task is None or self._closing:
             raise RuntimeError("the log is not accepting writes: the node is stopping")
+        if self._task.done():  # the writer failed outside a write (a bug): never wait on it
+            raise RuntimeError("the log is not accepting writes: its writer has stopped")
+        entries = len(job.local or job.remote or ())
         queue = self._queue
         queue.append(job)
-        self._queued_entries += len(job.local or job.remote or ())
+        self._queued_entries += entries
         self._wake.set()
         if self._holding and self._window.enough(len(queue), self._queued_entries):
             self._enough.set()

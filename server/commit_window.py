@@ -49,6 +49,8 @@ class CommitWindow:
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
+        if period <= 0:
+            raise ValueError(f"the busy period must be positive, not {period}")
         self.max_wait = max_wait
         self.enough_jobs = enough_jobs
         self.enough_entries = enough_entries
@@ -69,6 +71,11 @@ class CommitWindow:
         #: Held writes in the current period, and the jobs their holds gathered.
         self._holds = 0
         self._gathered = 0
+
+    def reset(self) -> None:
+        """Measure afresh from now (the writer starts: what its thread did before is not load)."""
+        self._since = self._clock()
+        self._cpu_since = self._cpu_clock()
 
     def enough(self, queued_jobs: int, queued_entries: int) -> bool:
         """Whether what is queued makes a batch worth writing without waiting for more."""

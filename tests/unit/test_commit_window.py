@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server import appender as appender_module
 from potboiler.server.appender import Appender
 from potboiler.server.commit_window import CommitWindow
 from potboiler.server.log import Log, NewEntry
@@ -157,3 +159,84 @@ def test_holds_that_gather_keep_holding() -> None:
         clocks.run(0.002, busy=0.9)
         w.committed(gathered=9)
     assert w.holding
+
+
+class Recording(CommitWindow):
+    """Holds every write (as if saturated) for up to `seconds`, and records what each write reports."""
+
+    def __init__(self, seconds: float, enough_entries: int = 256) -> None:
+        super().__init__(enough_entries=enough_entries)
+        self.seconds = seconds
+        self.asked: list[tuple[int, int]] = []
+        self.reports: list[int | None] = []
+
+    def hold(self, queued_jobs: int, queued_entries: int) -> float:
+        self.asked.append((queued_jobs, queued_entries))
+        return 0.0 if self.enough(queued_jobs, queued_entries) else self.seconds
+
+    def committed(self, gathered: int | None = None) -> None:
+        self.reports.append(gathered)
+
+
+def entries(n: int) -> list[NewEntry]:
+    return [NewEntry(Value(number_value=i)) for i in range(n)]
+
+
+async def test_a_hold_ends_once_enough_entries_are_queued_and_reports_what_it_gathered() -> None:
+    store = MemoryStore()
+    window = Recording(5.0, enough_entries=6)
+    appender = Appender(Log(store), store, window=window)
+    appender.start()
+    try:
+        first = asyncio.create_task(appender.append(entries(3)))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        second = asyncio.create_task(appender.append(entries(3)))  # 6 entries queued: enough
+        await asyncio.wait_for(asyncio.gather(first, second), 1.0)
+        assert window.reports == [1]  # held once; one more job joined it
+        assert appender.held_batches == appender.batches == 1
+        await asyncio.wait_for(appender.append(entries(6)), 1.0)  # enough at once: not held
+        assert window.reports == [1, None]
+    finally:
+        await appender.stop()
+
+
+async def test_queued_entries_are_counted_across_a_batch_split_at_max_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(appender_module, "MAX_GROUP", 4)
+    store = MemoryStore()
+    window = Recording(0.0)  # never holds; records what the writer says is queued
+    appender = Appender(Log(store), store, window=window)
+    appender.start()
+    try:
+        jobs = [appender.queue_append(entries(n)) for n in (3, 3, 0, 3, 3)]  # queued in one turn
+        await asyncio.wait_for(asyncio.gather(*jobs), 1.0)
+        # Batches of at least MAX_GROUP entries: 3 + 3, then 0 + 3 + 3.
+        assert window.asked == [(5, 12), (3, 6)]
+        assert window.reports == [None, None]
+        assert appender.log.position == 12
+    finally:
+        await appender.stop()
+
+
+async def test_appends_are_refused_not_left_waiting_once_the_writer_has_died() -> None:
+    class Broken(CommitWindow):
+        def committed(self, gathered: int | None = None) -> None:
+            raise ZeroDivisionError("a bug in the window")
+
+    store = MemoryStore()
+    appender = Appender(Log(store), store, window=Broken())
+    appender.start()
+    [entry] = await asyncio.wait_for(appender.append(entries(1)), 1.0)  # written before the bug
+    assert entry.seq == 1
+    await asyncio.sleep(0.01)
+    with pytest.raises(RuntimeError, match="its writer has stopped"):
+        await appender.append(entries(1))
+    with pytest.raises(ZeroDivisionError):
+        await appender.stop()
+
+
+def test_a_busy_period_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        CommitWindow(period=0)
