@@ -4,13 +4,14 @@ gather more appends, never for the first write after a pause, and not once enoug
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import appender as appender_module
 from potboiler.server.appender import Appender
-from potboiler.server.commit_window import CommitWindow
+from potboiler.server.commit_window import CommitWindow, thread_demand
 from potboiler.server.log import Log, NewEntry
 from potboiler.server.storage import MemoryStore
 
@@ -240,3 +241,11 @@ async def test_appends_are_refused_not_left_waiting_once_the_writer_has_died() -
 def test_a_busy_period_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         CommitWindow(period=0)
+
+
+def test_thread_demand_counts_what_the_thread_ran() -> None:
+    before = thread_demand()
+    deadline = time.thread_time() + 0.02
+    while time.thread_time() < deadline:  # 20 ms of this thread's CPU
+        pass
+    assert thread_demand() - before >= 0.015
