@@ -17,8 +17,10 @@ hold gathers nothing and only delays its acknowledgements (17,600-19,300 entries
 13,800-15,900 when every write was held). So the writer holds writes open only while that thread
 is busy most of the time (measured as the time it ran or waited to run, over short periods, with hysteresis), and
 only while holds gather at least `min_gathered` jobs on average (a streaming client's gather 1-2,
-unary calls' and REST requests' 6-14); when `trial_holds` of them gather less it stops holding for
-`retry_after` seconds. It never holds the first write after a pause, and never longer
+unary calls' and REST requests' 6-14); when `trial_holds` of them gather less it stops holding,
+and tries again after `first_retry` seconds, twice as long after each failed try up to
+`retry_after` (load that is still ramping up, 32 connections opening, soon gets its holds; a
+streaming client is tried every 2 s). It never holds the first write after a pause, and never longer
 than it takes `enough_jobs` jobs (or `enough_entries` entries: a replication stream's messages,
 for one, come many entries at a time) to queue.
 """
@@ -57,6 +59,7 @@ class CommitWindow:
         burst_gap: float = 0.01,
         min_gathered: float = 4.0,
         trial_holds: int = 8,
+        first_retry: float = 0.1,
         retry_after: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = thread_demand,
@@ -72,7 +75,9 @@ class CommitWindow:
         self._burst_gap = burst_gap
         self._min_gathered = min_gathered
         self._trial_holds = trial_holds
+        self._first_retry = first_retry
         self._retry_after = retry_after
+        self._retry_delay = first_retry
         self._clock = clock
         self._cpu_clock = cpu_clock
         self.holding = False
@@ -117,6 +122,8 @@ class CommitWindow:
             return
         cpu = self._cpu_clock()
         busy = (cpu - self._cpu_since) / elapsed
+        if self.holding and self._holds and not self._gathered_too_little():
+            self._retry_delay = self._first_retry  # holds pay: a later failed try retries soon
         if self.holding and self._holds and self._gathered_too_little():
             self._stop_holding(now)
         elif busy >= self._start_busy and now >= self._retry_at:
@@ -132,5 +139,6 @@ class CommitWindow:
     def _stop_holding(self, now: float) -> None:
         """Holds gather nothing more: the appends in flight are all here already."""
         self.holding = False
-        self._retry_at = now + self._retry_after
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(2 * self._retry_delay, self._retry_after)
         self._holds = self._gathered = 0

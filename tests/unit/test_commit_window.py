@@ -39,6 +39,7 @@ def window(clocks: Clocks) -> CommitWindow:
         burst_gap=0.01,
         min_gathered=4.0,
         trial_holds=8,
+        first_retry=0.1,
         retry_after=2.0,
         clock=lambda: clocks.wall,
         cpu_clock=lambda: clocks.cpu,
@@ -132,24 +133,49 @@ async def test_stop_ends_a_held_write_and_commits_it() -> None:
     assert entry.seq == 1
 
 
-def test_holds_that_gather_little_stop_for_a_while() -> None:
+def fail_a_try(w: CommitWindow, clocks: Clocks) -> None:
+    """Eight holds, each joined by one more job at most."""
+    for _ in range(8):
+        clocks.run(0.002, busy=0.95)
+        w.committed(gathered=1)
+
+
+def test_holds_that_gather_little_stop_and_are_tried_again_later_and_later() -> None:
     """A client streaming its appends has sent all it may already: holding its writes only delays
-    them, so the window stops holding after a few holds, and tries again after `retry_after`."""
+    them, so the window stops holding after a few holds, and tries again after 0.1 s, 0.2 s, ...
+    up to `retry_after`, while tries keep failing."""
     clocks = Clocks()
     w = window(clocks)
     commit_for(w, clocks, 0.1, busy=0.95)
     assert w.holding
-    for _ in range(7):  # each hold joined by one more job at most
-        clocks.run(0.002, busy=0.95)
-        w.committed(gathered=1)
+    for retry in (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0):
+        fail_a_try(w, clocks)
+        assert not w.holding  # at once, within the period
+        commit_for(w, clocks, retry - 0.06, busy=0.95)  # still saturated, but not yet
+        assert not w.holding
+        commit_for(w, clocks, 0.1, busy=0.95)
+        assert w.holding  # tried again
+
+
+def test_a_try_that_pays_makes_the_next_retry_soon() -> None:
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    for _ in range(3):  # tries fail while 32 connections open: next retry after 0.8 s
+        fail_a_try(w, clocks)
+        commit_for(w, clocks, 1.0, busy=0.95)
     assert w.holding
-    clocks.run(0.002, busy=0.95)
-    w.committed(gathered=1)
-    assert not w.holding  # at once, within the period
-    commit_for(w, clocks, 1.5, busy=0.95)  # still saturated, but within retry_after
+    for _ in range(50):  # a period of holds that gather
+        clocks.run(0.002, busy=0.9)
+        w.committed(gathered=9)
+    assert w.holding
+    for _ in range(10):  # holds stop gathering (averaged with this period's earlier ones)
+        fail_a_try(w, clocks)
+        if not w.holding:
+            break
     assert not w.holding
-    commit_for(w, clocks, 0.6, busy=0.95)
-    assert w.holding  # tried again
+    commit_for(w, clocks, 0.15, busy=0.95)
+    assert w.holding  # retried after 0.1 s again
 
 
 def test_holds_that_gather_keep_holding() -> None:
