@@ -39,6 +39,11 @@ class _Job:
     #: The remote entries serialized, as received.
     blobs: Sequence[bytes] | None = None
 
+    @property
+    def size(self) -> int:
+        """How many entries it writes."""
+        return len(self.local or self.remote or ())
+
 
 class Appender:
     """Serialises every write to a Log and batches concurrent ones together."""
@@ -106,10 +111,10 @@ class Appender:
             raise RuntimeError("the log is not accepting writes: the node is stopping")
         if self._task.done():  # the writer failed outside a write (a bug): never wait on it
             raise RuntimeError("the log is not accepting writes: its writer has stopped")
-        entries = len(job.local or job.remote or ())
+        size = job.size
         queue = self._queue
         queue.append(job)
-        self._queued_entries += entries
+        self._queued_entries += size
         self._wake.set()
         if self._holding and self._window.enough(len(queue), self._queued_entries):
             self._enough.set()
@@ -200,7 +205,7 @@ class Appender:
         while self._queue and (not jobs or n < MAX_GROUP):
             job = self._queue.pop(0)
             jobs.append(job)
-            n += len(job.local or job.remote or ())
+            n += job.size
         self._queued_entries -= n
         return jobs
 

@@ -15,14 +15,14 @@ appends that would join it are still to come. A client that streams its appends 
 `StreamAppender`, 32 in flight in two or three messages) has sent everything it may already: a
 hold gathers nothing and only delays its acknowledgements (17,600-19,300 entries/s fell to
 13,800-15,900 when every write was held). So the writer holds writes open only while that thread
-is busy most of the time (measured as the time it ran or waited to run, over short periods, with hysteresis), and
-only while holds gather at least `min_gathered` jobs on average (a streaming client's gather 1-2,
-unary calls' and REST requests' 6-14); when `trial_holds` of them gather less it stops holding,
-and tries again after `first_retry` seconds, twice as long after each failed try up to
-`retry_after` (load that is still ramping up, 32 connections opening, soon gets its holds; a
-streaming client is tried every 2 s). It never holds the first write after a pause, and never longer
-than it takes `enough_jobs` jobs (or `enough_entries` entries: a replication stream's messages,
-for one, come many entries at a time) to queue.
+is busy most of the time (measured as the time it ran or waited to run, over short periods, with
+hysteresis), and only while holds gather at least `min_gathered` jobs on average (a streaming
+client's gather 1-2, unary calls' and REST requests' 6-14); when `trial_holds` of them gather less
+it stops holding, and tries again after `first_retry` seconds, twice as long after each failed try
+up to `retry_after` (load that is still ramping up, 32 connections opening, soon gets its holds; a
+streaming client is tried every 2 s). It never holds the first write after a pause, and never
+longer than it takes `enough_jobs` jobs (or `enough_entries` entries: a replication stream's
+messages, for one, come many entries at a time) to queue.
 """
 
 from __future__ import annotations
@@ -122,14 +122,16 @@ class CommitWindow:
             return
         cpu = self._cpu_clock()
         busy = (cpu - self._cpu_since) / elapsed
-        if self.holding and self._holds and not self._gathered_too_little():
-            self._retry_delay = self._first_retry  # holds pay: a later failed try retries soon
-        if self.holding and self._holds and self._gathered_too_little():
+        tried = self.holding and self._holds > 0
+        if tried and self._gathered_too_little():
             self._stop_holding(now)
-        elif busy >= self._start_busy and now >= self._retry_at:
-            self.holding = True
-        elif busy < self._stop_busy:
-            self.holding = False
+        else:
+            if tried:
+                self._retry_delay = self._first_retry  # holds pay: a later failed try retries soon
+            if busy >= self._start_busy and now >= self._retry_at:
+                self.holding = True
+            elif busy < self._stop_busy:
+                self.holding = False
         self._since, self._cpu_since = now, cpu
         self._holds = self._gathered = 0
 
