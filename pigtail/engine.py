@@ -59,7 +59,7 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.errors import AlreadyExists, Contended, NotFound
+from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever
@@ -149,7 +149,7 @@ class Pigtail:
                 await applier
         for future in self._waiters.values():
             if not future.done():
-                future.set_exception(RuntimeError("the node is stopping"))
+                future.set_exception(Unavailable("the node is stopping"))
         self._waiters.clear()
 
     async def _apply_loop(self) -> None:
@@ -279,7 +279,7 @@ class Pigtail:
         if entry.id in self._recent:
             return entry
         if self._applier is None or self._applier.done():
-            raise RuntimeError("Pigtail is not applying the log (the node is stopping)")
+            raise Unavailable("Pigtail is not applying the log (the node is stopping)")
         future = self._waiters.get(entry.id)
         if future is None:
             future = self._waiters[entry.id] = asyncio.get_running_loop().create_future()
@@ -289,7 +289,7 @@ class Pigtail:
                 await future
         except TimeoutError:
             self._waiters.pop(entry.id, None)
-            raise RuntimeError(
+            raise Unavailable(
                 f"entry {entry.id} was appended but this node has not delivered it within "
                 f"{APPLY_TIMEOUT_S:g} s (an earlier entry of this node may wait for a missing "
                 "dependency); it takes effect once delivered"

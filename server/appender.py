@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from potboiler.server.commit_window import CommitWindow
-from potboiler.server.errors import PotboilerError
+from potboiler.server.errors import PotboilerError, Unavailable
 from potboiler.server.log import DeliveredBatch, Log, NewEntry, Plan
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
@@ -38,6 +38,8 @@ class _Job:
     done: asyncio.Future[list[Entry]]
     #: The remote entries serialized, as received.
     blobs: Sequence[bytes] | None = None
+    #: Refuse the local entries while this node's own log is blocked (see `Log.plan_local`).
+    unless_blocked: bool = False
 
     @property
     def size(self) -> int:
@@ -92,14 +94,30 @@ class Appender:
         """Call `listener` with every plan once it is durable (on the event loop)."""
         self._listeners.append(listener)
 
-    async def append(self, entries: Sequence[NewEntry]) -> list[Entry]:
-        """Append validated entries to this node's log; returns them once durable."""
-        return await self.queue_append(entries)
+    async def append(self, entries: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Entry]:
+        """Append validated entries to this node's log; returns them once durable. `unless_blocked`:
+        Unavailable instead while an entry of this node's own log waits for a dependency (the new
+        ones would wait behind it)."""
+        loop = asyncio.get_running_loop()
+        return await self._submit(_Job(entries, None, loop.create_future(), unless_blocked=unless_blocked))
 
     def queue_append(self, entries: Sequence[NewEntry]) -> asyncio.Future[list[Entry]]:
         """Queue appending validated entries; the future resolves to them once they are durable
         (for a caller that keeps several appends in flight without a task for each)."""
         return self._submit(_Job(entries, None, asyncio.get_running_loop().create_future()))
+
+    async def wait_own_log_unblocked(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds while an entry of this node's own log waits for a dependency;
+        Unavailable, saying what it waits for, if one still does."""
+        if not self.log.own_log_blocked():
+            return
+        async with self._delivered:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._delivered.wait_for(lambda: not self.log.own_log_blocked())
+        blocked = self.log.own_blocked()
+        if blocked is not None:
+            raise Unavailable(blocked.describe())
 
     async def ingest(self, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None) -> list[Entry]:
         """Store entries received from a peer (and, if given, each serialized as received, which is
@@ -215,7 +233,9 @@ class Appender:
         for job in jobs:
             try:
                 if job.local is not None:
-                    results.append((job, self.log.plan_local(plan, job.local)))
+                    results.append(
+                        (job, self.log.plan_local(plan, job.local, unless_blocked=job.unless_blocked))
+                    )
                 else:
                     results.append((job, self.log.plan_remote(plan, job.remote or (), job.blobs)))
             except PotboilerError as exc:

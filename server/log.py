@@ -256,6 +256,23 @@ class Promise(NamedTuple):
     seq: int
 
 
+class Blocked(NamedTuple):
+    """This node's own log is held up: its entry `entry` (seq `seq`), the first of its own entries not
+    delivered, waits for the entries `waits_for`, which are not delivered here (most likely not here
+    at all). Every later entry of this node waits behind it."""
+
+    entry: str
+    seq: int
+    waits_for: tuple[str, ...]
+
+    def describe(self) -> str:
+        """What holds the log up, in words."""
+        return (
+            f"this node's log is held up: its entry {self.entry} (seq {self.seq}) depends on "
+            f"{', '.join(self.waits_for)}, not delivered here yet, and its later entries wait behind it"
+        )
+
+
 class Log:
     """The log of one node. Single writer: only one plan may be in flight at a time (the
     `Appender` serialises them); reads may happen at any time and see the last applied plan."""
@@ -298,6 +315,31 @@ class Log:
     def vector(self) -> dict[str, int]:
         """This node's version vector: per owner, the highest seq held (contiguously from 1)."""
         return {uuid_str(owner): seq for owner, (seq, _) in self._heads.items()}
+
+    def own_log_blocked(self) -> bool:
+        """Whether an entry of this node's own log waits for a dependency (so new ones would too)."""
+        head = self._heads.get(self.node_id_bytes)
+        return head is not None and head[1] in self._undelivered
+
+    def own_blocked(self) -> Blocked | None:
+        """What holds this node's own log up, if anything: the first of its own entries that waits
+        for a dependency, and what it waits for."""
+        if not self.own_log_blocked():
+            return None
+        me = self.node_id_bytes
+        head = self._heads[me]
+        # Own entries are delivered in seq order: the undelivered ones are a tail of the chain.
+        low, high = 1, head[0]
+        while low < high:
+            middle = (low + high) // 2
+            if parse_uuid(self._load_at(me + _U64.pack(middle)).id) in self._undelivered:
+                high = middle
+            else:
+                low = middle + 1
+        entry = self._load_at(me + _U64.pack(low))
+        plan = self.begin()
+        waits_for = tuple(d for d in entry.dependencies if not self._is_delivered(plan, parse_uuid(d)))
+        return Blocked(entry.id, low, waits_for)
 
     def promise(self) -> Promise:
         """This node's own clock promise, as of now (it takes a stamp from the clock, so that an idle
@@ -409,10 +451,23 @@ class Log:
         """An empty plan on top of the current state."""
         return Plan(position=self._position)
 
-    def plan_local(self, plan: Plan, new: Sequence[NewEntry]) -> list[Entry]:
-        """Add appending `new` to this node's own log, in order, to `plan`; returns the entries."""
+    def plan_local(self, plan: Plan, new: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Entry]:
+        """Add appending `new` to this node's own log, in order, to `plan`; returns the entries.
+        `unless_blocked`: refuse (Unavailable) while an own entry waits for a dependency, as the new
+        entries would wait behind it (see `own_blocked`)."""
         me = self.node_id_bytes
         seq, prev = plan.heads.get(me) or self._heads.get(me, (0, b""))
+        if (
+            unless_blocked
+            and prev
+            and (prev in plan.undelivered or (prev in self._undelivered and prev not in plan.delivered_set))
+        ):
+            blocked = self.own_blocked()
+            raise Unavailable(
+                blocked.describe()
+                if blocked is not None
+                else "this node's log is held up: an entry appended with it depends on an entry not here"
+            )
         if seq < self._own_floor:
             raise Unavailable(
                 f"this node's own log ends at seq {seq} here, but a peer holds it up to "

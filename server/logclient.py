@@ -23,6 +23,8 @@ from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
+#: Longest a service's write waits for this node's log to be unblocked (see `LocalLogClient.append`).
+BLOCKED_WAIT = 5.0
 #: Waits of a service's applier before it reads the log again after a failure.
 APPLY_RETRY = Backoff(first=0.1, cap=5.0)
 
@@ -36,7 +38,8 @@ class LogClient(Protocol):
         ...
 
     async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
-        """Append one entry to this node's log; returns it once durable."""
+        """Append one entry to this node's log; returns it once durable. Unavailable, appending
+        nothing, while an entry of this node's log waits for a dependency (see `LocalLogClient`)."""
         ...
 
     def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
@@ -59,7 +62,13 @@ class LocalLogClient:
         return self._appender.log.node_id
 
     async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
-        [entry] = await self._appender.append([validate_new_entry(data, dependencies)])
+        # A service answers a write from its applied state, so the write must be delivered here soon.
+        # Behind an own entry that waits for a dependency (a client may append one that depends on an
+        # entry not here yet, or on none that exists) it would wait as long: give the dependency a
+        # moment to arrive, then refuse rather than acknowledge a write nobody can see.
+        new = validate_new_entry(data, dependencies)
+        await self._appender.wait_own_log_unblocked(BLOCKED_WAIT)
+        [entry] = await self._appender.append([new], unless_blocked=True)
         return entry
 
     async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:

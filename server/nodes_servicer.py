@@ -58,7 +58,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
     async def GetStatus(
         self, request: nodes_pb2.GetStatusRequest, context: Ctx
     ) -> nodes_pb2.GetStatusResponse:
-        return nodes_pb2.GetStatusResponse(
+        status = nodes_pb2.GetStatusResponse(
             node_id=self._log.node_id,
             url=self._membership.self_url,
             vector=vector_message(self._log.vector()),
@@ -66,3 +66,8 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
             delivered_position=self._log.position,
             peers=self._peer_status(),
         )
+        blocked = self._log.own_blocked()
+        if blocked is not None:
+            status.blocked.id, status.blocked.seq = blocked.entry, blocked.seq
+            status.blocked.waits_for.extend(blocked.waits_for)
+        return status

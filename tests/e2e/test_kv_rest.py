@@ -180,6 +180,24 @@ def test_bad_names_in_reads_are_400(kv: Kv, path: str) -> None:
         assert "invalid" in error_message(response)
 
 
+def test_writes_behind_an_entry_waiting_for_a_dependency_are_503_and_append_nothing(kv: Kv) -> None:
+    """One client append depending on an id that is not here holds up this node's later entries: a KV
+    write would never be seen, so it is refused (after waiting a moment for the dependency), saying
+    why, and `/status` names the blocking entry."""
+    kv.ok("_config", "t", "set", {"crdt": "LWW"})
+    missing = "00000000-0000-4000-8000-000000000001"
+    appended = kv.core.post("/log", params={"dependency": missing}, json="orphan")
+    assert appended.status_code == 201, appended.text
+    blocked = kv.core.get("/status").json()["blocked"]
+    assert blocked["id"] == appended.json()["id"] and blocked["waits_for"] == [missing]
+    before = kv.entry_count()
+    response = kv.post("t", "k", "set", 1)
+    assert response.status_code == 503, response.text
+    assert f"depends on {missing}, not delivered here yet" in error_message(response)
+    assert kv.entry_count() == before
+    assert kv.get("/kv/t/k").status_code == 404
+
+
 def test_every_table_type(kv: Kv) -> None:
     for name, crdt in [("s", "ORSET"), ("g", "GSET"), ("n", "PNCOUNTER"), ("m", "MVREGISTER")]:
         kv.ok("_config", name, "set", {"crdt": crdt})

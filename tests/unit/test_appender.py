@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
+from potboiler.server.errors import Unavailable
+from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Log, NewEntry
 from potboiler.server.storage import MemoryStore
 
@@ -30,6 +33,36 @@ async def test_a_refused_ingest_whose_caller_gave_up_does_not_fail_the_batch() -
         [entry] = await local
         assert entry.seq == 1
         assert appender.log.position == 1
+    finally:
+        await appender.stop()
+        await origin.stop()
+
+
+async def test_a_service_append_waits_for_a_blocked_log_then_goes_ahead_or_is_refused() -> None:
+    origin_store = MemoryStore()
+    origin = Appender(Log(origin_store), origin_store)
+    origin.start()
+    store = MemoryStore()
+    appender = Appender(Log(store), store)
+    appender.start()
+    try:
+        [dep] = await origin.append([NewEntry(Value(number_value=0))])
+        [waiting] = await appender.append([NewEntry(Value(number_value=1), (parse_uuid(dep.id),))])
+        with pytest.raises(Unavailable) as refused:
+            await appender.wait_own_log_unblocked(0)
+        assert f"its entry {waiting.id} (seq 1) depends on {dep.id}" in str(refused.value)
+        # The writer refuses too (as for an append queued in the same batch behind the blocking one).
+        with pytest.raises(Unavailable, match="held up"):
+            await appender.append([NewEntry(Value(number_value=2))], unless_blocked=True)
+        assert appender.log.vector() == {appender.log.node_id: 1}
+        # The dependency arrives while a service's append waits: it goes ahead.
+        wait = asyncio.create_task(appender.wait_own_log_unblocked(10))
+        await asyncio.sleep(0)
+        assert not wait.done()
+        await appender.ingest([dep])
+        await wait
+        [entry] = await appender.append([NewEntry(Value(number_value=3))], unless_blocked=True)
+        assert entry.seq == 2 and not appender.log.own_log_blocked()
     finally:
         await appender.stop()
         await origin.stop()

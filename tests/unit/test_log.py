@@ -12,9 +12,18 @@ from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
-from potboiler.server.log import MAX_DEPTH, MAX_ENTRY_BYTES, Log, NewEntry, marked, validate_new_entry
+from potboiler.server.ids import uuid_str
+from potboiler.server.log import (
+    MAX_DEPTH,
+    MAX_ENTRY_BYTES,
+    Blocked,
+    Log,
+    NewEntry,
+    marked,
+    validate_new_entry,
+)
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -119,6 +128,50 @@ def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store:
     assert delivered_ids(log) == [dep.id, waiting.id, after.id]
     assert log.pending == 0
     assert [p for p, _ in log.delivered(0, 10)] == [1, 2, 3]
+
+
+def test_own_blocked_names_the_first_own_entry_waiting_and_what_it_waits_for(store: MemoryStore) -> None:
+    other = Log(MemoryStore())
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    log = Log(store)
+    commit_local(log, store, [NewEntry(value(i)) for i in range(5)])
+    assert not log.own_log_blocked() and log.own_blocked() is None
+    [held, *_] = commit_local(log, store, [NewEntry(value(5))])
+    # Depends on `dep` (not here) and on an own entry (delivered): only `dep` holds it up.
+    needs = validate_new_entry(value(0), [dep.id, held.id]).dependencies
+    waiting, *_ = commit_local(
+        log, store, [NewEntry(value("w"), needs)] + [NewEntry(value(i)) for i in range(3)]
+    )
+    commit_local(log, store, [NewEntry(value("later"))])
+    assert log.own_log_blocked()
+    assert log.own_blocked() == Blocked(waiting.id, 7, (dep.id,))
+    assert Log(store).own_blocked() == Blocked(waiting.id, 7, (dep.id,))  # after a restart too
+    commit_remote(log, store, [dep])
+    assert not log.own_log_blocked() and log.own_blocked() is None
+
+
+def test_an_append_unless_blocked_is_refused_behind_a_waiting_entry_and_plans_nothing(
+    store: MemoryStore,
+) -> None:
+    log = Log(store)
+    commit_local(log, store, [NewEntry(value(1))])
+    plan = log.begin()
+    log.plan_local(plan, [NewEntry(value(2))], unless_blocked=True)  # nothing waits: planned
+    log.plan_local(plan, [NewEntry(value(3), (bytes(16),))])
+    with pytest.raises(Unavailable, match="held up"):  # behind an entry of the same plan
+        log.plan_local(plan, [NewEntry(value(4))], unless_blocked=True)
+    log.finish(plan)
+    store.write(plan.writes)
+    log.apply(plan)
+    assert log.vector() == {log.node_id: 3}
+    blocked = log.own_blocked()
+    assert blocked is not None and blocked.seq == 3
+    plan = log.begin()
+    with pytest.raises(
+        Unavailable, match=f"its entry {blocked.entry} \\(seq 3\\) depends on {uuid_str(bytes(16))}"
+    ):
+        log.plan_local(plan, [NewEntry(value(5))], unless_blocked=True)
+    assert plan.writes == [] and plan.entries == []
 
 
 def test_dependency_inside_the_same_batch(store: MemoryStore) -> None:

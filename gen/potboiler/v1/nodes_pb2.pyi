@@ -276,6 +276,7 @@ class GetStatusResponse(_message.Message):
     PENDING_FIELD_NUMBER: _builtins.int
     DELIVERED_POSITION_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """This node's id (UUID)."""
     url: _builtins.str
@@ -292,6 +293,13 @@ class GetStatusResponse(_message.Message):
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerStatus]:
         """One item per peer, sorted by URL."""
 
+    @_builtins.property
+    def blocked(self) -> Global___BlockedEntry:
+        """Set while an entry of this node's own log waits for a dependency that is
+        not delivered here: every later entry of this node waits behind it, and KV
+        and Pigtail refuse writes on this node (UNAVAILABLE) until it arrives.
+        """
+
     def __init__(
         self,
         *,
@@ -301,11 +309,44 @@ class GetStatusResponse(_message.Message):
         pending: _builtins.int = ...,
         delivered_position: _builtins.int = ...,
         peers: _abc.Iterable[Global___PeerStatus] | None = ...,
+        blocked: Global___BlockedEntry | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_position", b"delivered_position", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "url", b"url", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "delivered_position", b"delivered_position", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "url", b"url", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class BlockedEntry(_message.Message):
+    """The first entry of a node's own log that waits for a dependency."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    WAITS_FOR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The entry's id (UUID)."""
+    seq: _builtins.int
+    """Its seq in the node's log."""
+    @_builtins.property
+    def waits_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the entries it depends on that are not delivered here yet."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        waits_for: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "seq", b"seq", "waits_for", b"waits_for"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockedEntry: _TypeAlias = BlockedEntry  # noqa: Y015
