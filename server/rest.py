@@ -9,6 +9,8 @@ call). Plain gRPC clients see only harmless metadata.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import grpc
@@ -25,6 +27,11 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 #: potboiler.server.log, is checked on the converted value; this only keeps the conversion's
 #: recursion bounded).
 _MAX_BODY_NESTING = 64
+#: The largest integer every double up to it holds exactly.
+MAX_EXACT_INTEGER = 2**53
+#: A run of digits as long as MAX_EXACT_INTEGER's: bodies without one hold no integer beyond it, so
+#: only those are parsed again (in Python) to look at their integers.
+_LONG_DIGITS = re.compile(rb"\d{16}")
 
 
 def created(context: Ctx, location: str) -> None:
@@ -74,6 +81,8 @@ def parse_body(body: HttpBody) -> JSON:
         value: JSON = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    if _LONG_DIGITS.search(raw):
+        _refuse_inexact_integers(raw)
     if (
         len(raw) > _MAX_BODY_NESTING
         and isinstance(value, dict | list)
@@ -83,6 +92,22 @@ def parse_body(body: HttpBody) -> JSON:
             f"the request body nests arrays and objects deeper than {_MAX_BODY_NESTING} levels"
         )
     return value
+
+
+def _refuse_inexact_integers(raw: bytes) -> None:
+    """InvalidArgument if the JSON `raw` holds an integer that a double (what every number becomes
+    in an entry) cannot hold exactly: stored, it would silently read back as another number."""
+
+    def integer(literal: str) -> int:
+        n = int(literal)
+        if abs(n) > MAX_EXACT_INTEGER:
+            raise InvalidArgument(
+                f"the number {literal} cannot be stored exactly: JSON numbers are kept as IEEE doubles, "
+                f"exact for integers up to 2^53 ({MAX_EXACT_INTEGER}); send bigger integers as strings"
+            )
+        return n
+
+    json.loads(raw, parse_int=integer)
 
 
 def _nesting(value: dict[str, JSON] | list[JSON]) -> int:

@@ -127,6 +127,35 @@ def test_deeply_nested_bodies_are_refused(node: BadInputNode) -> None:
         run()
 
 
+def test_integers_a_double_cannot_hold_exactly_are_refused(node: BadInputNode) -> None:
+    """Every JSON number is kept as a double: an integer beyond 2^53 would read back as another
+    number, so it is refused wherever it is (entry data, a KV change, a task's info)."""
+    beyond = st.integers(2**53 + 1, 10**40) | st.integers(-(10**40), -(2**53) - 1)
+    with node.unchanged():
+
+        @FUZZ
+        @given(n=beyond, nested=st.booleans())
+        def run(n: int, nested: bool) -> None:
+            value = f'{{"a": [1, {{"b": {n}}}], "c": "{n}"}}' if nested else str(n)
+            response = node.core.post("/log", content=value, headers={"content-type": "application/json"})
+            client_error(response, 400)
+            assert f"the number {n} cannot be stored exactly" in response.json()["message"]
+            if HAS_KV:
+                change = f'{{"op": "set", "change": {value}}}'
+                client_error(node.kv.post("/kv/t_lww/k", content=change), 400)
+            if HAS_PIGTAIL:
+                task = f'{{"task_name": "x", "info": {value}}}'
+                client_error(node.pigtail.post(f"/queue/{QUEUE}", content=task), 400)
+
+        run()
+
+    # Up to 2^53 every integer is exact, and comes back as written.
+    for n in (2**53, -(2**53), 1234567890123456):
+        response = node.core.post("/log", content=f'{{"n": {n}, "s": "{n}1"}}')
+        assert response.status_code == 201, response.text
+        assert node.core.get(f"/log/{response.json()['id']}").json()["data"] == {"n": n, "s": f"{n}1"}
+
+
 def test_bad_entry_ids_are_refused(node: BadInputNode) -> None:
     with node.unchanged():
 
