@@ -21,8 +21,10 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import envoy
+import grpc
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
@@ -205,6 +207,49 @@ def upstream_tls(tls: TlsFiles | None, grpc_host: str) -> str:
     return "transport_socket: " + json.dumps(socket)
 
 
+#: For Envoy's own errors, the gRPC status code each HTTP status stands for: the node's errors carry
+#: their gRPC code (the transcoder's JSON of a gRPC status), so every error body reads the same.
+_GRPC_CODE_OF_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    431: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def error_code_mappers() -> list[dict[str, Any]]:
+    """Envoy `local_reply_config` mappers: each of Envoy's own error statuses answered as
+    `{"code": <gRPC code>, "message"}`; a body over the limit says what the limit is (Envoy's own
+    words are about its buffers)."""
+    mappers = []
+    for status, code in _GRPC_CODE_OF_STATUS.items():
+        message = (
+            f"the request body is larger than the limit of {MAX_BODY_BYTES >> 20} MiB"
+            if status == 413
+            else "%LOCAL_REPLY_BODY%"
+        )
+        comparison = {
+            "op": "EQ",
+            "value": {"default_value": status, "runtime_key": f"potboiler.status_{status}"},
+        }
+        mappers.append(
+            {
+                "filter": {"status_code_filter": {"comparison": comparison}},
+                "body_format_override": {"json_format": {"code": code.value[0], "message": message}},
+            }
+        )
+    return mappers
+
+
 def render(
     host: str,
     ports: Ports,
@@ -219,6 +264,7 @@ def render(
     services = services_by_port()
     routes = [json.dumps(r.route()) for r in raw_body_routes()]
     [indent] = re.findall(r"^( *)\$\{RAW_BODY_ROUTES\}", listener, re.M)
+    [mapper_indent] = re.findall(r"^( *)\$\{ERROR_CODE_MAPPERS\}", listener, re.M)
     blocks = []
     for name, port in (
         ("core", ports.core),
@@ -237,6 +283,9 @@ def render(
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
             RAW_BODY_ROUTES=("\n" + indent).join(f"- {r}" for r in routes) or "# (none)",
+            ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(
+                f"- {json.dumps(m)}" for m in error_code_mappers()
+            ),
             LUA_JSON_BODY=_lua("responses.lua", "request_json.lua"),
             LUA_RAW_BODY=_lua("responses.lua"),
         )

@@ -60,12 +60,17 @@ def append(http: httpx.Client, data: JSON, params: Any = None) -> str:
     return entry_id
 
 
+#: The gRPC status code an error body carries for each HTTP status, whether the node or Envoy made it.
+GRPC_CODE = {400: 3, 404: 5, 413: 8}
+
+
 def assert_error(response: httpx.Response, status: int, *words: str) -> str:
-    """The response is a JSON error with this status and a message containing `words`."""
+    """The response is a JSON error with this status, its gRPC code and a message containing `words`."""
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert isinstance(body, dict), body
+    assert body.get("code") == GRPC_CODE[status], body
     message = body.get("message")
     assert isinstance(message, str) and message.strip(), body
     for word in words:
@@ -363,7 +368,7 @@ def test_entry_over_the_limit_is_refused_with_a_clear_message(http: httpx.Client
 def test_oversized_body_is_413_and_the_node_keeps_serving(http: httpx.Client) -> None:
     before = http.get("/log").json()
     body = json.dumps("x" * (MAX_BODY_BYTES + 1024))
-    assert_error(post(http, body), 413)
+    assert_error(post(http, body), 413, f"the limit of {MAX_BODY_BYTES >> 20} MiB")
     assert_error(post(http, b"[" + b"1," * (MAX_BODY_BYTES // 2) + b"1]"), 413)
     assert http.get("/log").json() == before
     assert post(http, "1").status_code == 201
