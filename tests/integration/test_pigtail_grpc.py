@@ -157,6 +157,12 @@ async def test_rest_service_sends_created_and_location(pigtail_node: Factory) ->
     metadata = dict(await call.trailing_metadata())
     assert metadata["x-http-code"] == "201" and metadata["location"] == "/queue/example"
     assert answer_json(answer) == {"name": "example", "timeout_ms": 1000, "max_attempts": None}
+    # Again with the same settings: the same answer (creating is idempotent), and no other queue.
+    again = n.rest.RestCreateQueue(
+        pb.RestCreateQueueRequest(body=body({"name": "example", "timeout_ms": 1000}))
+    )
+    assert answer_json(await again) == answer_json(answer)
+    assert dict(await again.trailing_metadata()) == metadata
     added = {"task_name": "hello_world", "info": {"foo": "bar"}}
     call2 = n.rest.RestAddTask(pb.RestAddTaskRequest(queue="example", body=body(added)))
     task_id = answer_json(await call2)["id"]

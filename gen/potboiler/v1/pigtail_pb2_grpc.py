@@ -910,9 +910,9 @@ class PigtailRestServiceServicer:
 
     def RestCreateQueue(self, request, context):
         """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
-        `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
-        (200 when it existed with the same settings). Errors: 400, 409 (exists
-        with other settings).
+        `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"},
+        also when it existed with the same settings (creating is idempotent).
+        Errors: 400, 409 (exists with other settings).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -449,9 +449,9 @@ class PigtailRestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PigtailRestServiceAsyncStub: ...
     RestCreateQueue: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestCreateQueueRequest, _httpbody_pb2.HttpBody]
     """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
-    `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
-    (200 when it existed with the same settings). Errors: 400, 409 (exists
-    with other settings).
+    `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"},
+    also when it existed with the same settings (creating is idempotent).
+    Errors: 400, 409 (exists with other settings).
     """
     RestListQueues: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestListQueuesRequest, _httpbody_pb2.HttpBody]
     """GET /queue: the names of the queues that exist, as a JSON list."""
@@ -526,9 +526,9 @@ class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RestCreateQueue: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestCreateQueueRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
-    `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
-    (200 when it existed with the same settings). Errors: 400, 409 (exists
-    with other settings).
+    `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"},
+    also when it existed with the same settings (creating is idempotent).
+    Errors: 400, 409 (exists with other settings).
     """
     RestListQueues: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestListQueuesRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /queue: the names of the queues that exist, as a JSON list."""
@@ -606,9 +606,9 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /create {"name", "timeout_ms", "max_attempts"?}: 201 Created with
-        `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"}
-        (200 when it existed with the same settings). Errors: 400, 409 (exists
-        with other settings).
+        `Location: /queue/{name}` and {"name", "timeout_ms", "max_attempts"},
+        also when it existed with the same settings (creating is idempotent).
+        Errors: 400, 409 (exists with other settings).
         """
 
     @_abc_1.abstractmethod
