@@ -488,7 +488,8 @@ class TaskView(TypedDict):
     """What ``GET /queue/Q/{id}`` shows of a task at ``now_ms``.
 
     ``worker`` is the holder of the task's last lease (null until claimed, and after a retry);
-    ``lease_expires_ms`` when that lease ends (or ended); ``done_by`` the worker that marked it done.
+    ``lease_expires_ms`` when that lease ends (or ended); ``done_by`` the worker that marked it done
+    (None if it named none).
     """
 
     task_id: str
@@ -939,7 +940,7 @@ def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> 
         not_before_ms=task["not_before_ms"],
         added_ms=Stamp.coerce(task["added"]).wall_ms,
         lease_expires_ms=lease.until_ms(config) if lease.holder is not None else None,
-        done_by=None if task["done"] is None else task["done"]["worker"],
+        done_by=None if task["done"] is None else task["done"]["worker"] or None,  # "": no worker named
         idempotency_key=task["idempotency_key"],
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from potboiler.server.errors import InvalidArgument
 
@@ -57,3 +57,14 @@ def node_url(text: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host.lower()}:{port}"
+
+
+def redacted(url: str) -> str:
+    """`url` with the password of its user info, if any, replaced by `***` (for log lines: a webhook
+    URL may carry credentials)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))

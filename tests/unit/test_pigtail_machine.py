@@ -197,6 +197,7 @@ TRANSITIONS = [
     Case("done by the holder", [(10, N1, claim("A")), (20, N1, done("A"))], 30, "done", "A", 1, done_by="A"),
     Case("done by anyone", [(10, N1, claim("A")), (20, N2, done("B"))], 30, "done", "A", 1, done_by="B"),
     Case("done without a claim", [(20, N2, done("B"))], 30, "done", None, 0, done_by="B"),
+    Case("done naming no worker", [(10, N1, claim("A")), (20, N2, done(""))], 30, "done", "A", 1),
     Case("claim after done is void", [(20, N1, done("A")), (30, N2, claim("B"))], 40, "done", None, 0),
     Case(
         "the earliest done wins",

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.urls import MAX_URL_LENGTH, http_url, node_url, webhook_url
+from potboiler.server.urls import MAX_URL_LENGTH, http_url, node_url, redacted, webhook_url
 
 GOOD = [
     "http://example.com",
@@ -148,3 +148,16 @@ def test_webhook_url_also_needs_a_host_name_httpx_takes() -> None:
     with pytest.raises(InvalidArgument, match="not a usable URL"):
         webhook_url(url)
     assert webhook_url("http://example.com/hook") == "http://example.com/hook"
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("https://user:s3cr:et@example.com:8443/hook?q=1", "https://user:***@example.com:8443/hook?q=1"),
+        ("http://user:@example.com/h", "http://user:***@example.com/h"),
+        ("http://user@example.com/h", "http://user@example.com/h"),
+        ("http://example.com/h", "http://example.com/h"),
+    ],
+)
+def test_redacted_hides_a_password(url: str, logged: str) -> None:
+    assert redacted(url) == logged
