@@ -1,8 +1,11 @@
-"""The appender's group commit: one failing job of a batch fails alone."""
+"""The appender's group commit: one failing job of a batch fails alone; appends for services wait
+for, or are refused behind, an own entry waiting for a dependency."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from google.protobuf.struct_pb2 import Value
@@ -14,14 +17,20 @@ from potboiler.server.log import Log, NewEntry
 from potboiler.server.storage import MemoryStore
 
 
-async def test_a_refused_ingest_whose_caller_gave_up_does_not_fail_the_batch() -> None:
-    origin_store = MemoryStore()
-    origin = Appender(Log(origin_store), origin_store)
-    origin.start()
+@contextlib.asynccontextmanager
+async def started() -> AsyncIterator[Appender]:
+    """A running appender on a fresh in-memory log, stopped at the end."""
     store = MemoryStore()
     appender = Appender(Log(store), store)
     appender.start()
     try:
+        yield appender
+    finally:
+        await appender.stop()
+
+
+async def test_a_refused_ingest_whose_caller_gave_up_does_not_fail_the_batch() -> None:
+    async with started() as origin, started() as appender:
         [first, second] = await origin.append([NewEntry(Value(number_value=n)) for n in (1, 2)])
         forged = type(first)()
         forged.CopyFrom(first)
@@ -33,19 +42,10 @@ async def test_a_refused_ingest_whose_caller_gave_up_does_not_fail_the_batch() -
         [entry] = await local
         assert entry.seq == 1
         assert appender.log.position == 1
-    finally:
-        await appender.stop()
-        await origin.stop()
 
 
 async def test_a_service_append_waits_for_a_blocked_log_then_goes_ahead_or_is_refused() -> None:
-    origin_store = MemoryStore()
-    origin = Appender(Log(origin_store), origin_store)
-    origin.start()
-    store = MemoryStore()
-    appender = Appender(Log(store), store)
-    appender.start()
-    try:
+    async with started() as origin, started() as appender:
         [dep] = await origin.append([NewEntry(Value(number_value=0))])
         [waiting] = await appender.append([NewEntry(Value(number_value=1), (parse_uuid(dep.id),))])
         with pytest.raises(Unavailable) as refused:
@@ -63,6 +63,3 @@ async def test_a_service_append_waits_for_a_blocked_log_then_goes_ahead_or_is_re
         await wait
         [entry] = await appender.append([NewEntry(Value(number_value=3))], unless_blocked=True)
         assert entry.seq == 2 and not appender.log.own_log_blocked()
-    finally:
-        await appender.stop()
-        await origin.stop()
