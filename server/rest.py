@@ -10,7 +10,6 @@ call). Plain gRPC clients see only harmless metadata.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import grpc
@@ -29,9 +28,11 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 _MAX_BODY_NESTING = 64
 #: The largest integer every double up to it holds exactly.
 MAX_EXACT_INTEGER = 2**53
-#: A run of digits as long as MAX_EXACT_INTEGER's: bodies without one hold no integer beyond it, so
-#: only those are parsed again (in Python) to look at their integers.
-_LONG_DIGITS = re.compile(rb"\d{16}")
+#: A run of digits as long as MAX_EXACT_INTEGER's, in a body whose digits are all made "0": bodies
+#: without one hold no integer beyond it, so only those have their numbers looked at (a translate and
+#: a substring search: about ten times cheaper than a regular expression on a big body).
+_LONG_DIGITS = b"0" * len(str(MAX_EXACT_INTEGER))
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 
 
 def created(context: Ctx, location: str) -> None:
@@ -81,8 +82,6 @@ def parse_body(body: HttpBody) -> JSON:
         value: JSON = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
-    if _LONG_DIGITS.search(raw):
-        _refuse_inexact_integers(raw)
     if (
         len(raw) > _MAX_BODY_NESTING
         and isinstance(value, dict | list)
@@ -91,23 +90,44 @@ def parse_body(body: HttpBody) -> JSON:
         raise InvalidArgument(
             f"the request body nests arrays and objects deeper than {_MAX_BODY_NESTING} levels"
         )
+    if _LONG_DIGITS in raw.translate(_DIGITS_AS_ZERO):
+        _refuse_big_integers(value, raw)
     return value
 
 
-def _refuse_inexact_integers(raw: bytes) -> None:
-    """InvalidArgument if the JSON `raw` holds an integer that a double (what every number becomes
-    in an entry) cannot hold exactly: stored, it would silently read back as another number."""
+def _refuse_big_integers(value: JSON, raw: bytes) -> None:
+    """InvalidArgument if the JSON `value` (parsed from `raw`, nested at most _MAX_BODY_NESTING deep)
+    holds an integer beyond 2^53: every number of an entry is a double, which holds every integer up
+    to 2^53 exactly but not all beyond, so it could read back as another number."""
+    stack = [value]
+    maybe_integer = False
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) > MAX_EXACT_INTEGER:
+                raise InvalidArgument(_big_integer(str(item)))
+        elif isinstance(item, float) and abs(item) > MAX_EXACT_INTEGER and item.is_integer():
+            maybe_integer = True
+    if maybe_integer:
+        # orjson reads an integer literal beyond 64 bits (-2^63 to 2^64 - 1) as a float: tell it from
+        # a float literal (1e30) by the literal itself, which the json module hands over as written.
+        def integer(literal: str) -> int:
+            if abs(n := int(literal)) > MAX_EXACT_INTEGER:
+                raise InvalidArgument(_big_integer(literal))
+            return n
 
-    def integer(literal: str) -> int:
-        n = int(literal)
-        if abs(n) > MAX_EXACT_INTEGER:
-            raise InvalidArgument(
-                f"the number {literal} cannot be stored exactly: JSON numbers are kept as IEEE doubles, "
-                f"exact for integers up to 2^53 ({MAX_EXACT_INTEGER}); send bigger integers as strings"
-            )
-        return n
+        json.loads(raw, parse_int=integer)
 
-    json.loads(raw, parse_int=integer)
+
+def _big_integer(literal: str) -> str:
+    return (
+        f"the integer {literal} is beyond 2^53 ({MAX_EXACT_INTEGER}): JSON numbers are kept as IEEE "
+        "doubles, which hold every integer up to 2^53 but not all beyond; send bigger integers as strings"
+    )
 
 
 def _nesting(value: dict[str, JSON] | list[JSON]) -> int:

@@ -139,7 +139,7 @@ def test_integers_a_double_cannot_hold_exactly_are_refused(node: BadInputNode) -
             value = f'{{"a": [1, {{"b": {n}}}], "c": "{n}"}}' if nested else str(n)
             response = node.core.post("/log", content=value, headers={"content-type": "application/json"})
             client_error(response, 400)
-            assert f"the number {n} cannot be stored exactly" in response.json()["message"]
+            assert f"the integer {n} is beyond 2^53" in response.json()["message"]
             if HAS_KV:
                 change = f'{{"op": "set", "change": {value}}}'
                 client_error(node.kv.post("/kv/t_lww/k", content=change), 400)
