@@ -134,7 +134,7 @@ class _Session:
                     task_id=task_id, operation=operation, code=code, message=str(error)
                 )
             )
-        except Exception as error:  # e.g. the node is stopping: ends the stream
+        except Exception as error:  # not a request's failure (a bug): ends the stream
             self.out.put_nowait(error)
             return
         finally:

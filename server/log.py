@@ -295,6 +295,8 @@ class Log:
         self._promises: dict[str, Promise] = {}
         #: The highest seq of this node's own log that a peer has said it holds (see `note_own_seq`).
         self._own_floor = 0
+        #: What `own_blocked` found, until the next change of the log.
+        self._blocked: Blocked | None = None
         own = self._heads.get(raw_id)
         if own:
             stamp = self._load_at(raw_id + _U64.pack(own[0])).when
@@ -326,6 +328,11 @@ class Log:
         for a dependency, and what it waits for."""
         if not self.own_log_blocked():
             return None
+        if self._blocked is None:  # found once per change of the log: refused writes ask again and again
+            self._blocked = self._find_own_blocked()
+        return self._blocked
+
+    def _find_own_blocked(self) -> Blocked:
         me = self.node_id_bytes
         head = self._heads[me]
         # Own entries are delivered in seq order: the undelivered ones are a tail of the chain.
@@ -699,6 +706,7 @@ class Log:
 
     def apply(self, plan: Plan) -> None:
         """Adopt a plan's state once its batch is written."""
+        self._blocked = None
         self._heads.update(plan.heads)
         self._undelivered |= plan.undelivered
         self._undelivered.difference_update(plan.delivered)

@@ -18,6 +18,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
+from potboiler.server.errors import Unavailable
 from potboiler.server.log import DeliveredBatch, Promise, validate_new_entry
 from potboiler.v1.entry_pb2 import Entry
 
@@ -67,9 +68,19 @@ class LocalLogClient:
         # entry not here yet, or on none that exists) it would wait as long: give the dependency a
         # moment to arrive, then refuse rather than acknowledge a write nobody can see.
         new = validate_new_entry(data, dependencies)
-        await self._appender.wait_own_log_unblocked(BLOCKED_WAIT)
-        [entry] = await self._appender.append([new], unless_blocked=True)
-        return entry
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BLOCKED_WAIT
+        while True:
+            await self._appender.wait_own_log_unblocked(max(0.0, deadline - loop.time()))
+            try:
+                [entry] = await self._appender.append([new], unless_blocked=True)
+            except Unavailable:
+                # Blocked again before the write (an entry that waits went into the same batch first):
+                # wait out what is left of the moment, as above.
+                if loop.time() >= deadline or not self._appender.log.own_log_blocked():
+                    raise
+                continue
+            return entry
 
     async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
         position = after_position

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server import logclient
 from potboiler.server.appender import Appender
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Log, NewEntry
+from potboiler.server.logclient import LocalLogClient
 from potboiler.server.storage import MemoryStore
 
 
@@ -63,3 +65,21 @@ async def test_a_service_append_waits_for_a_blocked_log_then_goes_ahead_or_is_re
         await wait
         [entry] = await appender.append([NewEntry(Value(number_value=3))], unless_blocked=True)
         assert entry.seq == 2 and not appender.log.own_log_blocked()
+
+
+async def test_a_service_append_refused_in_its_batch_waits_for_the_dependency_like_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logclient, "BLOCKED_WAIT", 30.0)
+    async with started() as origin, started() as appender:
+        [dep] = await origin.append([NewEntry(Value(number_value=0))])
+        # Queued first, in the same batch: the service's append passes the wait, then is refused in
+        # the writer, and waits again for what is left of its moment.
+        blocking = appender.queue_append([NewEntry(Value(number_value=1), (parse_uuid(dep.id),))])
+        write = asyncio.create_task(LocalLogClient(appender).append(Value(number_value=2)))
+        await blocking
+        await asyncio.sleep(0.05)
+        assert not write.done() and appender.log.vector() == {appender.log.node_id: 1}
+        await appender.ingest([dep])
+        entry = await write
+        assert entry.seq == 2 and appender.log.pending == 0

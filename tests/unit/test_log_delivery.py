@@ -3,11 +3,14 @@ arrive with, a node that holds every entry has delivered every entry, each after
 
 from __future__ import annotations
 
+import contextlib
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Log, NewEntry
 from potboiler.server.storage import MemoryStore
@@ -84,3 +87,50 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
         for entry in chain:
             for need in [*entry.dependencies, *([entry.prev] if entry.prev else [])]:
                 assert position[need] < position[entry.id]
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 25))
+def test_own_blocked_is_the_first_own_entry_waiting_and_service_appends_never_queue_behind_it(
+    seed: int, steps: int
+) -> None:
+    """Own entries that wait are a tail of the node's own chain (each needs its predecessor), so the
+    binary search of `own_blocked` finds the first of them; appends made `unless_blocked` are refused
+    exactly while there is one, and are never stored behind it."""
+    rng = random.Random(seed)
+    origin = Log(MemoryStore())
+    deps = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(4)])
+    store = MemoryStore()
+    log = Log(store)
+    services: set[str] = set()  # ids of the entries appended unless_blocked
+    for _ in range(steps):
+        plan = log.begin()
+        for _ in range(rng.randrange(1, 4)):
+            r = rng.random()
+            if r < 0.25:
+                log.plan_remote(plan, [copy(deps[rng.randrange(len(deps))])])  # out of order: skipped
+            elif r < 0.45:
+                missing = parse_uuid(deps[rng.randrange(len(deps))].id)
+                log.plan_local(plan, [NewEntry(value("waits"), (missing,))])
+            else:
+                with contextlib.suppress(Unavailable):
+                    [entry] = log.plan_local(plan, [NewEntry(value("service"))], unless_blocked=True)
+                    services.add(entry.id)
+        log.finish(plan)
+        store.write(plan.writes)
+        log.apply(plan)
+        if rng.random() < 0.3:
+            log = Log(store)  # a restart
+        chain = [e for _, e in log.delivered(0, 10_000) if e.owner == log.node_id]
+        own_seq = log.vector().get(log.node_id, 0)
+        waiting = [s for s in range(1, own_seq + 1) if s > len(chain)]
+        blocked_now = log.own_blocked()
+        assert (blocked_now.seq if blocked_now else None) == (waiting[0] if waiting else None)
+        assert blocked_now is None or blocked_now.waits_for
+        assert [e.seq for e in chain] == list(range(1, len(chain) + 1))  # delivered: a prefix
+        assert services <= {e.id for e in chain}  # no service append ever waits
+        if blocked_now is None:  # the next service append goes through
+            log.plan_local(log.begin(), [NewEntry(value("probe"))], unless_blocked=True)
+        else:
+            with pytest.raises(Unavailable, match=blocked_now.entry):
+                log.plan_local(log.begin(), [NewEntry(value("probe"))], unless_blocked=True)
