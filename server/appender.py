@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from potboiler.server.commit_window import CommitWindow
 from potboiler.server.errors import PotboilerError, Unavailable
@@ -23,6 +24,7 @@ from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
+_Batch = TypeVar("_Batch")
 
 #: Most entries planned into one write batch.
 MAX_GROUP = 20_000
@@ -137,6 +139,42 @@ class Appender:
         if self._holding and self._window.enough(len(queue), self._queued_entries):
             self._enough.set()
         return job.done
+
+    def delivered_blobs(
+        self, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Up to `limit` delivered entries after position `after`, serialized, as (position, bytes);
+        with `max_bytes`, only as many as fit in it (but at least one): from the in-memory tail when
+        it reaches back that far, else from the store."""
+        tail = self._tail
+        if not (tail and tail[0][0] <= after + 1):
+            return self.log.delivered_blobs(after, limit, max_bytes)
+        start = after + 1 - tail[0][0]
+        blobs = self._tail_blobs[start : start + limit]
+        if max_bytes is not None:
+            size = 0
+            for n, blob in enumerate(blobs):
+                size += len(blob)
+                if size > max_bytes and n:
+                    del blobs[n:]
+                    break
+        return list(zip(range(after + 1, after + 1 + len(blobs)), blobs, strict=True))
+
+    async def follow(
+        self, after: int, read: Callable[[int], _Batch], last: Callable[[_Batch], int | None]
+    ) -> AsyncIterator[_Batch]:
+        """The batches `read(position)` returns of what is delivered after `position`, from `after`
+        on, forever, each as soon as there is one (`last(batch)`: the position of its last entry,
+        None when it is empty)."""
+        position = after
+        while True:
+            batch = read(position)
+            end = last(batch)
+            if end is None:
+                await self.wait_delivered(position)
+                continue
+            position = end
+            yield batch
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:
         """Up to `limit` delivered (position, entry) after position `after` (see `delivered_batch`)."""

@@ -180,6 +180,10 @@ class DeliveredBatch:
     entries: list[tuple[int, Entry]]
     blobs: list[bytes]
 
+    def last(self) -> int | None:
+        """The position of its last entry (None when it is empty)."""
+        return self.entries[-1][0] if self.entries else None
+
 
 def marked(
     entries: Sequence[tuple[int, Entry]], blobs: Sequence[bytes], mark: bytes
@@ -407,10 +411,21 @@ class Log:
     def delivered_batch(self, after: int, limit: int) -> DeliveredBatch:
         """Up to `limit` delivered entries with position > `after`, in delivery order, with their
         serialized forms."""
-        out: list[tuple[int, Entry]] = []
-        blobs: list[bytes] = []
+        delivered = self.delivered_blobs(after, limit)
+        return DeliveredBatch(
+            [(position, Entry.FromString(blob)) for position, blob in delivered],
+            [blob for _, blob in delivered],
+        )
+
+    def delivered_blobs(
+        self, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Up to `limit` delivered entries with position > `after`, in delivery order, serialized, as
+        (position, bytes); with `max_bytes`, only as many as fit in it (but at least one)."""
+        out: list[tuple[int, bytes]] = []
         if after >= self._position:
-            return DeliveredBatch(out, blobs)
+            return out
+        size = 0
         # Delivery order follows each owner's chain in seq order, so each chain is read with one
         # iterator (sequential, cheap even from disk) rather than with a lookup per entry; an
         # iterator is sought afresh only when its next entry is not the one delivered.
@@ -423,7 +438,7 @@ class Log:
             owner = run.owner
             for offset in range(max(0, after + 1 - run.position), run.count):
                 if len(out) == limit:
-                    return DeliveredBatch(out, blobs)
+                    return out
                 chain_key = b"o" + owner + _U64.pack(run.seq + offset)
                 chain = chains.get(owner)
                 found = next(chain, None) if chain is not None else None
@@ -433,9 +448,13 @@ class Log:
                     assert found is not None and found[0] == chain_key, (
                         f"delivered entry {chain_key[1:].hex()} is missing"
                     )
-                out.append((run.position + offset, Entry.FromString(found[1])))
-                blobs.append(found[1])
-        return DeliveredBatch(out, blobs)
+                blob = found[1]
+                if max_bytes is not None:
+                    size += len(blob)
+                    if size > max_bytes and out:
+                        return out
+                out.append((run.position + offset, blob))
+        return out
 
     def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:
         """Up to `limit` serialized entries of `owner`'s log with seq > `after_seq`, in seq order."""

@@ -82,15 +82,11 @@ class LocalLogClient:
                 continue
             return entry
 
-    async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
-        position = after_position
-        while True:
-            batch = self._appender.delivered_batch(position, limit)
-            if not batch.entries:
-                await self._appender.wait_delivered(position)
-                continue
-            position = batch.entries[-1][0]
-            yield batch
+    def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
+        appender = self._appender
+        return appender.follow(
+            after_position, lambda position: appender.delivered_batch(position, limit), DeliveredBatch.last
+        )
 
     def promises(self) -> dict[str, Promise]:
         return self._appender.log.promises()

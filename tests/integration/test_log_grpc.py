@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, wall_clock_ms
 from potboiler.server.log import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_ENTRY_BYTES, Log, NewEntry
+from potboiler.server.log_servicer import MAX_SUBSCRIBE_BYTES
 from potboiler.server.processes import find_base_port
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import entry_pb2, log_pb2, nodes_pb2
@@ -420,6 +421,31 @@ async def test_subscribe_batches_are_at_most_1000(grpc_node: GrpcNode, max_batch
         assert max(sub.batch_sizes) <= 1000
     finally:
         await sub.close()
+
+
+async def test_subscribe_messages_fit_a_default_client_however_big_the_entries(
+    grpc_node_factory: GrpcNodeFactory,
+) -> None:
+    """A client with gRPC's default limits takes messages of at most 4 MiB: a message holds at most
+    MAX_SUBSCRIBE_BYTES of entries (and one at least), from the in-memory tail and from the store."""
+    node = await grpc_node_factory("big")
+    big = Value(string_value="x" * 100_000)
+    for _ in range(2):
+        await node.log.AppendEntries(
+            log_pb2.AppendEntriesRequest(entries=[log_pb2.AppendEntryRequest(data=big)] * 50)
+        )
+    for restarted in (False, True):
+        if restarted:  # the store, not the tail
+            await grpc_node_factory.stop(node)
+            node = await grpc_node_factory("big")
+        sub = Subscriber(node)
+        try:
+            await sub.wait_count(100)
+            assert sub.positions == list(range(1, 101))
+            assert all(d.entry.data == big for d in sub.received)
+            assert max(sub.batch_sizes) * 100_000 <= MAX_SUBSCRIBE_BYTES and len(sub.batch_sizes) > 1
+        finally:
+            await sub.close()
 
 
 async def test_subscribe_beyond_the_end_waits_for_new_entries(grpc_node: GrpcNode) -> None:
