@@ -318,7 +318,10 @@ class SubscribeEntriesRequest(_message.Message):
     duplicates.
     """
     max_batch: _builtins.int
-    """Most entries per response message (default and maximum 1000)."""
+    """Most entries per response message (default and maximum 1000). A message
+    also holds at most 3 MiB of entries (but always one), so that it fits
+    the 4 MiB a gRPC client takes by default.
+    """
     def __init__(
         self,
         *,
