@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from potboiler.pigtail import validate
+from potboiler.pigtail import paging, validate
 from potboiler.pigtail.codec import event_data, stamp_of
 from potboiler.pigtail.machine import (
     Decision,
@@ -57,7 +57,7 @@ from potboiler.pigtail.machine import (
     find_by_key,
     task_view,
 )
-from potboiler.pigtail.scheduler import Scheduler
+from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
 from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable
 from potboiler.server.hlc import HybridClock
@@ -454,12 +454,30 @@ class Pigtail:
 
     def list_tasks(self, queue: str) -> list[tuple[str, ListEntry]]:
         """The pending, working and delayed tasks of a queue, best first."""
+        return [task for _, task in self._open_listing(queue)]
+
+    def list_tasks_page(
+        self, queue: str, page_size: int, page_token: str
+    ) -> tuple[list[tuple[str, ListEntry]], str]:
+        """A page of `list_tasks` and the next page's token (see `paging.page`)."""
+        return paging.page(self._open_listing(queue), page_size, page_token)
+
+    def list_dead(self, queue: str) -> list[tuple[str, ListEntry]]:
+        """The dead-lettered tasks of a queue, by id."""
+        return [task for _, task in self._dead_listing(queue)]
+
+    def list_dead_page(
+        self, queue: str, page_size: int, page_token: str
+    ) -> tuple[list[tuple[str, ListEntry]], str]:
+        """A page of `list_dead` and the next page's token (see `paging.page`)."""
+        return paging.page(self._dead_listing(queue), page_size, page_token)
+
+    def _open_listing(self, queue: str) -> list[tuple[Rank, tuple[str, ListEntry]]]:
         validate.queue_name(queue)
         state, _ = self._queue(queue)
         return self._scheduler.listing(queue, self.state.open_tasks(queue).get, state, self.now_ms())
 
-    def list_dead(self, queue: str) -> list[tuple[str, ListEntry]]:
-        """The dead-lettered tasks of a queue, by id."""
+    def _dead_listing(self, queue: str) -> list[tuple[str, tuple[str, ListEntry]]]:
         validate.queue_name(queue)
         state, _ = self._queue(queue)
         return self._scheduler.dead(queue, self.state.open_tasks(queue).get, state, self.now_ms())

@@ -188,12 +188,14 @@ class Scheduler:
         lookup: Callable[[str], TaskState | None],
         queue_state: QueueState | None,
         now_ms: int,
-    ) -> list[tuple[str, ListEntry]]:
-        """The queue's pending, working and delayed tasks at `now_ms`, best first: what
-        :func:`~potboiler.pigtail.machine.list_tasks` answers, without replaying every task."""
+    ) -> list[tuple[Rank, tuple[str, ListEntry]]]:
+        """The queue's pending, working and delayed tasks at `now_ms`, best first, each with its rank:
+        what :func:`~potboiler.pigtail.machine.list_tasks` answers, without replaying every task."""
         listed = [item for item in self._current(queue, lookup, queue_state, now_ms) if item[0] != "dead"]
         listed.sort(key=_BY_RANK)  # ranks are unique: they end with the task id
-        return [(task_id, {"task_name": name, "state": state}) for state, task_id, name, _ in listed]
+        return [
+            (rank, (task_id, {"task_name": name, "state": state})) for state, task_id, name, rank in listed
+        ]
 
     def dead(
         self,
@@ -201,12 +203,12 @@ class Scheduler:
         lookup: Callable[[str], TaskState | None],
         queue_state: QueueState | None,
         now_ms: int,
-    ) -> list[tuple[str, ListEntry]]:
-        """The queue's dead-lettered tasks at `now_ms`, by id: what
+    ) -> list[tuple[str, tuple[str, ListEntry]]]:
+        """The queue's dead-lettered tasks at `now_ms`, by id (and with it, as their sort key): what
         :func:`~potboiler.pigtail.machine.list_dead` answers."""
         current = self._current(queue, lookup, queue_state, now_ms)
         dead = sorted((task_id, name) for state, task_id, name, _ in current if state == "dead")
-        return [(task_id, ListEntry(task_name=name, state="dead")) for task_id, name in dead]
+        return [(task_id, (task_id, ListEntry(task_name=name, state="dead"))) for task_id, name in dead]
 
     def counts(
         self,

@@ -81,8 +81,10 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
     async def ListTasks(
         self, request: pigtail_pb2.ListTasksRequest, context: Ctx
     ) -> pigtail_pb2.ListTasksResponse:
-        entries = self._p.list_tasks(request.queue)
-        return pigtail_pb2.ListTasksResponse(tasks=[views.summary_message(i, e) for i, e in entries])
+        entries, token = self._p.list_tasks_page(request.queue, request.page_size, request.page_token)
+        return pigtail_pb2.ListTasksResponse(
+            tasks=[views.summary_message(i, e) for i, e in entries], next_page_token=token
+        )
 
     @unary
     async def ClaimTask(
@@ -118,8 +120,10 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
     async def ListDeadTasks(
         self, request: pigtail_pb2.ListDeadTasksRequest, context: Ctx
     ) -> pigtail_pb2.ListDeadTasksResponse:
-        entries = self._p.list_dead(request.queue)
-        return pigtail_pb2.ListDeadTasksResponse(tasks=[views.summary_message(i, e) for i, e in entries])
+        entries, token = self._p.list_dead_page(request.queue, request.page_size, request.page_token)
+        return pigtail_pb2.ListDeadTasksResponse(
+            tasks=[views.summary_message(i, e) for i, e in entries], next_page_token=token
+        )
 
     @unary
     async def RetryTask(

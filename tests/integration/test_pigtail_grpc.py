@@ -148,6 +148,52 @@ async def test_typed_api_flow_and_status_codes(pigtail_node: Factory) -> None:
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_listings_come_in_pages_in_their_order(pigtail_node: Factory) -> None:
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000, max_attempts=1))
+    ids = [await n.add(priority=i % 3) for i in range(25)]
+    whole = [t.task_id for t in (await n.api.ListTasks(pb.ListTasksRequest(queue="q"))).tasks]
+    assert sorted(whole) == sorted(ids)
+
+    async def pages(request: Any, call: Callable[[Any], Awaitable[Any]]) -> list[list[str]]:
+        out = []
+        while True:
+            answer = await call(request)
+            out.append([t.task_id for t in answer.tasks])
+            if not answer.next_page_token:
+                return out
+            request.page_token = answer.next_page_token
+
+    listed = await pages(pb.ListTasksRequest(queue="q", page_size=10), n.api.ListTasks)
+    assert [len(p) for p in listed] == [10, 10, 5] and [t for p in listed for t in p] == whole
+    # A page starts after the last task given, also when tasks went meanwhile.
+    first = await n.api.ListTasks(pb.ListTasksRequest(queue="q", page_size=10))
+    for task_id in whole[5:12]:
+        await n.api.CompleteTask(pb.CompleteTaskRequest(queue="q", task_id=task_id, worker_id="w"))
+    rest = await n.api.ListTasks(pb.ListTasksRequest(queue="q", page_token=first.next_page_token))
+    assert [t.task_id for t in rest.tasks] == whole[12:]
+
+    # Dead-lettered tasks, by id: one attempt each, whose lease of 1 ms ends at once.
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="d", timeout_ms=1, max_attempts=1))
+    dead = [await n.add("d") for _ in range(5)]
+    for task_id in dead:
+        await n.api.ClaimTask(pb.ClaimTaskRequest(queue="d", task_id=task_id, worker_id="w"))
+
+    async def all_dead() -> bool:
+        return len((await n.api.ListDeadTasks(pb.ListDeadTasksRequest(queue="d"))).tasks) == 5
+
+    await wait_for(all_dead)
+    listed = await pages(pb.ListDeadTasksRequest(queue="d", page_size=2), n.api.ListDeadTasks)
+    assert listed == [sorted(dead)[:2], sorted(dead)[2:4], sorted(dead)[4:]]
+
+    error = await rpc_error(  # a token of the other listing
+        n.api.ListDeadTasks(pb.ListDeadTasksRequest(queue="d", page_token=first.next_page_token))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in (error.details() or "")
+    error = await rpc_error(n.api.ListTasks(pb.ListTasksRequest(queue="q", page_token="not a token")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_rest_service_sends_created_and_location(pigtail_node: Factory) -> None:
     n = await pigtail_node()
     call = n.rest.RestCreateQueue(
