@@ -15,9 +15,12 @@ import orjson
 
 from potboiler.server.errors import InvalidArgument
 
-#: Tasks per page when the request names no size, and the most it may name: 10,000 summaries are
-#: well under the 4 MiB a gRPC client takes by default.
-MAX_PAGE_SIZE = 10_000
+#: Tasks per page when the request names no size, and the most it may name: a page must fit the
+#: 4 MiB a gRPC client takes by default, and a summary may take some 1,600 bytes (a name of 256
+#: characters of 4 UTF-8 bytes each, an id of up to 128, and their framing).
+MAX_PAGE_SIZE = 2_000
+#: Nesting of a sort key: a tuple holding tuples (a rank holds its Stamp).
+_KEY_DEPTH = 2
 
 _Item = TypeVar("_Item")
 
@@ -56,6 +59,11 @@ def _decode(token: str) -> Any:
         raise InvalidArgument("page_token is not one this service gave") from None
 
 
-def _tuples(value: Any) -> Any:
-    """JSON arrays as tuples again (a sort key is a tuple, maybe nested)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+def _tuples(value: Any, depth: int = 0) -> Any:
+    """JSON arrays as tuples again (a sort key is a tuple, maybe nested); ValueError if nested deeper
+    than any sort key."""
+    if not isinstance(value, list):
+        return value
+    if depth == _KEY_DEPTH:
+        raise ValueError("nested deeper than a sort key")
+    return tuple(_tuples(v, depth + 1) for v in value)

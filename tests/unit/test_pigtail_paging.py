@@ -3,13 +3,17 @@ after the last item given even when the listing changed; a token that is not one
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from potboiler.pigtail.machine import Stamp
 from potboiler.pigtail.paging import MAX_PAGE_SIZE, page
+from potboiler.pigtail.validate import MAX_TEXT
 from potboiler.server.errors import InvalidArgument
+from potboiler.v1 import pigtail_pb2 as pb
 
 ranks = st.tuples(
     st.integers(-5, 5),
@@ -51,7 +55,10 @@ def test_a_page_starts_after_the_last_item_given(
     assert rest == [item for key, item in later if key > whole[1][0]]
 
 
-@pytest.mark.parametrize("token", ["not a token", "e30=", "IngiCg==", "!!!!"])
+@pytest.mark.parametrize(
+    "token",
+    ["not a token", "e30=", "IngiCg==", "!!!!", base64.urlsafe_b64encode(b"[" * 600 + b"]" * 600).decode()],
+)
 def test_a_token_that_is_not_one_is_refused(token: str) -> None:
     with pytest.raises(InvalidArgument, match="page_token"):
         page(listing([(0, 1, Stamp(1, 0, "n"), "t")]), 1, token)
@@ -61,3 +68,12 @@ def test_ids_as_keys() -> None:
     whole = [(k, k) for k in ("a", "b", "c")]
     assert page(whole, 2, "") == (["a", "b"], page(whole, 2, "")[1])
     assert page(whole, 2, page(whole, 2, "")[1]) == (["c"], "")
+
+
+def test_a_full_page_of_the_largest_summaries_fits_a_default_grpc_client() -> None:
+    widest = pb.TaskSummary(
+        task_id="\U0001f600" * 128, task_name="\U0001f600" * MAX_TEXT, state=pb.TASK_STATE_PENDING
+    )
+    assert (
+        pb.ListTasksResponse(tasks=[widest] * MAX_PAGE_SIZE, next_page_token="x" * 200).ByteSize() < 4 << 20
+    )

@@ -612,7 +612,7 @@ class ListTasksRequest(_message.Message):
     queue: _builtins.str
     """The queue's name."""
     page_size: _builtins.int
-    """Most tasks to return (default and maximum 10,000)."""
+    """Most tasks to return (default and maximum 2,000)."""
     page_token: _builtins.str
     """`next_page_token` of the previous page; empty for the first page. A page
     starts after the last task of the previous one in the listing's order,
@@ -903,7 +903,7 @@ class ListDeadTasksRequest(_message.Message):
     queue: _builtins.str
     """The queue's name."""
     page_size: _builtins.int
-    """Most tasks to return (default and maximum 10,000)."""
+    """Most tasks to return (default and maximum 2,000)."""
     page_token: _builtins.str
     """`next_page_token` of the previous page; empty for the first page."""
     def __init__(
