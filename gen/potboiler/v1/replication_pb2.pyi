@@ -93,6 +93,34 @@ class EntryBatch(_message.Message):
 Global___EntryBatch: _TypeAlias = EntryBatch  # noqa: Y015
 
 @_typing.final
+class ParsedEntryBatch(_message.Message):
+    """An EntryBatch read with its entries parsed: on the wire `repeated bytes`
+    and `repeated Entry` are alike, so a receiver that needs both the bytes (to
+    store) and the entries (to check) parses a batch's bytes once with this
+    type, not each entry on its own. Never sent as such.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_entry_pb2.Entry]:
+        """The entries of the EntryBatch."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_entry_pb2.Entry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParsedEntryBatch: _TypeAlias = ParsedEntryBatch  # noqa: Y015
+
+@_typing.final
 class Ack(_message.Message):
     """What the sender of the ack holds after storing the batches it received,
     and how far its clock has run. Sent whenever its vector changes (at most
