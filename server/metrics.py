@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from potboiler.server.replication import lag
+from potboiler.server.urls import redacted
 
 if TYPE_CHECKING:
     from potboiler.server.node import Node
@@ -92,8 +93,9 @@ class NodeCollector(Collector):
             "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=["url"]
         )
         for state in node.webhooks.states():
-            delivered.add_metric([state.url], state.delivered)
-            failed.add_metric([state.url], state.failed_attempts)
+            url = redacted(state.url)  # the metrics port is open: no password in a label
+            delivered.add_metric([url], state.delivered)
+            failed.add_metric([url], state.failed_attempts)
         yield from (delivered, failed)
 
 

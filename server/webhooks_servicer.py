@@ -8,6 +8,7 @@ import grpc
 
 from potboiler.server import rest
 from potboiler.server.grpc_errors import unary
+from potboiler.server.urls import redacted
 from potboiler.server.webhooks import Webhooks
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
 
@@ -43,7 +44,10 @@ class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
         return webhooks_pb2.ListWebhooksResponse(
             webhooks=[
                 webhooks_pb2.Webhook(
-                    url=s.url, delivered_position=s.position, failures=s.failures, last_error=s.last_error
+                    url=redacted(s.url),
+                    delivered_position=s.position,
+                    failures=s.failures,
+                    last_error=s.last_error,
                 )
                 for s in self._webhooks.states()
             ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from google.protobuf.struct_pb2 import Struct, Value
 
+from potboiler.server import gateway
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import (
     entry_pb2,
@@ -25,7 +27,7 @@ from potboiler.v1 import (
     webhooks_pb2,
     webhooks_pb2_grpc,
 )
-from tests.conftest import wait_for
+from tests.conftest import wait_for, wait_for_sync
 from tests.e2e.conftest import NodeProcesses, processes_of
 
 pytestmark = pytest.mark.e2e
@@ -174,6 +176,36 @@ def stop_with(node: NodeProcess, sig: signal.Signals) -> None:
     assert node.process.wait(timeout=30) == 0
     assert processes_of(node.data_dir) == []
     assert "Traceback" not in node.log_file.read_text(errors="replace")
+
+
+def test_an_envoy_that_dies_is_started_again_and_its_admin_is_private(
+    node_process: NodeProcesses, rest_client: RestClient
+) -> None:
+    node = node_process("n")
+    http = rest_client(node)
+    assert http.post("/log", json="before").status_code == 201
+    assert node.process is not None
+    node_pid = node.process.pid
+    [envoy_pid] = [p for p in processes_of(node.data_dir) if p != node_pid]
+    admin = gateway.admin_dir(node.data_dir / "gateway")
+    assert admin.stat().st_mode & 0o777 == 0o700
+    assert (admin / "admin.sock").stat().st_mode & 0o777 == 0o600
+    os.kill(envoy_pid, signal.SIGKILL)
+    wait_for_sync(
+        lambda: [p for p in processes_of(node.data_dir) if p not in (node_pid, envoy_pid)],
+        message="a new envoy",
+    )
+    wait_for_sync(lambda: _serves(http), message="REST served again")
+    assert "envoy exited with -9" in node.log_file.read_text(errors="replace")
+    stop_with(node, signal.SIGTERM)
+    assert not admin.exists()
+
+
+def _serves(http: httpx.Client) -> bool:
+    try:
+        return http.post("/log", json="after").status_code == 201
+    except httpx.TransportError:
+        return False
 
 
 def test_sigint_stops_cleanly(node_process: NodeProcesses, rest_client: RestClient) -> None:

@@ -72,6 +72,14 @@ async def test_register_list_deregister(grpc_node: GrpcNode) -> None:
     assert a in (error.details() or "")
 
 
+async def test_a_listed_webhook_shows_no_password(grpc_node: GrpcNode) -> None:
+    url = "https://user:s3cret@example.com/hook?x=1"
+    await grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url))
+    assert await webhook_urls(grpc_node) == ["https://user:***@example.com/hook?x=1"]
+    await grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest(url=url))
+    assert await webhook_urls(grpc_node) == []
+
+
 @pytest.mark.parametrize("url", BAD_URLS)
 async def test_register_rejects_bad_urls(grpc_node: GrpcNode, url: str) -> None:
     error = await rpc_error(grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url)))

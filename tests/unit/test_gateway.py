@@ -96,3 +96,22 @@ def test_envoys_preexec_fn_only_calls_prctl(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(ctypes, "CDLL", no_loading)
     given["preexec_fn"]()  # as the child would, after the fork
     assert calls == [(1, int(signal.SIGTERM))]
+
+
+def test_envoys_admin_is_a_socket_in_a_directory_only_the_node_user_enters(tmp_path: Path) -> None:
+    where = gateway.admin_dir(tmp_path / "gateway")
+    assert where == gateway.admin_dir(tmp_path / "x" / ".." / "gateway")  # the same node, the same dir
+    assert len(str(where / "admin.sock")) < 100  # a unix socket's path must be short
+    config = render("127.0.0.1", Ports(9000), "127.0.0.1", admin_socket=where / "admin.sock")
+    assert f'pipe: {{path: "{where / "admin.sock"}", mode: 0600}}' in config
+    private = tmp_path / "private"
+    gateway.make_private_dir(private)
+    gateway.make_private_dir(private)  # again: it is the node's own
+    assert private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o755)
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        gateway.make_private_dir(private)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        gateway.make_private_dir(tmp_path / "link")

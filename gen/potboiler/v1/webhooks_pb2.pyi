@@ -124,7 +124,9 @@ class Webhook(_message.Message):
     FAILURES_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     url: _builtins.str
-    """The URL."""
+    """The URL, with the password of its user info (if any) shown as `***`
+    (deregistering takes the URL as registered).
+    """
     delivered_position: _builtins.int
     """Delivery position of the last entry the URL acknowledged (2xx)."""
     failures: _builtins.int
