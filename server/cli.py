@@ -146,17 +146,29 @@ def security_config(args: argparse.Namespace) -> SecurityConfig:
 
 
 def forwarded_security_args(args: argparse.Namespace) -> list[str]:
-    """The security flags of `potboiler cluster`, as arguments of each node."""
+    """The security flags of `potboiler cluster`, as arguments of each node. A --peer-token given
+    on the command line goes to the nodes in a file only this user may read (`<data-dir>/peer-token`),
+    not on their command lines, which `ps` shows to everyone."""
     out: list[str] = []
     for attribute, flag in _FORWARDED:
         if (value := getattr(args, attribute)) is not None:
             out += [flag, str(Path(value).resolve())]
     if args.peer_token:
-        out += ["--peer-token", args.peer_token]
+        out += ["--peer-token-file", str(private_file(args.data_dir / "peer-token", args.peer_token))]
     out += ["--webhook-policy", args.webhook_policy]
     for target in args.webhook_allow:
         out += ["--webhook-allow", target]
     return out
+
+
+def private_file(path: Path, text: str) -> Path:
+    """Write `text` to `path`, readable by this user only; returns its absolute path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # also when it existed with another mode
+        file.write(text + "\n")
+    return path.resolve()
 
 
 def parser() -> argparse.ArgumentParser:

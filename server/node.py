@@ -148,6 +148,8 @@ class Node:
     async def start(self) -> None:
         """Serve gRPC, start the services and the gateway."""
         config = self.config
+        for warning in config.security.warnings():
+            log.warning("%s", warning)
         gc.set_threshold(*GC_THRESHOLDS)
         self.appender.start()
         server = grpc.aio.server(options=server_options(), interceptors=config.security.interceptors())

@@ -572,6 +572,15 @@ class SecurityConfig:
             return []
         return [AuthInterceptor(self.tokens, peer_certificates=self.tls is not None)]
 
+    def warnings(self) -> list[str]:
+        """What in these settings will not work as an operator likely means it."""
+        if self.tokens is not None and self.tls is None and self.peer_token is None:
+            return [
+                "auth tokens are on, but neither mTLS (--tls-*) nor a peer token (--peer-token-file) "
+                "is: peers checking tokens refuse this node's replication streams (UNAUTHENTICATED)"
+            ]
+        return []
+
     def peer_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata of the calls dialed to peers."""
         return (("authorization", f"Bearer {self.peer_token}"),) if self.peer_token else ()

@@ -13,6 +13,7 @@ import pytest
 from potboiler.server import cli
 from potboiler.server.security import (
     Role,
+    SecurityConfig,
     SecurityConfigError,
     TokenStore,
     bearer_token,
@@ -178,7 +179,7 @@ def test_node_refuses_to_start_with_bad_security_flags(
 def test_cluster_passes_its_security_flags_to_every_node(tmp_path: Path) -> None:
     args = cli.parser().parse_args(
         [
-            "cluster",
+            "cluster", "--data-dir", str(tmp_path / "c"),
             "--tls-ca", "ca.pem", "--tls-cert", "cert.pem", "--tls-key", "key.pem",
             "--auth-tokens", "tokens", "--peer-token", "p",
             "--rest-tls-cert", "rest.pem", "--rest-tls-key", "rest.key",
@@ -190,8 +191,20 @@ def test_cluster_passes_its_security_flags_to_every_node(tmp_path: Path) -> None
     for name in ("tls_ca", "tls_cert", "tls_key", "auth_tokens", "rest_tls_cert", "rest_tls_key"):
         value = getattr(node_args, name)
         assert value == Path(getattr(args, name)).resolve() and value.is_absolute()
-    assert node_args.peer_token == "p"
+    # The peer token reaches the nodes in a file only this user reads, not on their command lines.
+    assert "p" not in forwarded and node_args.peer_token is None
+    assert node_args.peer_token_file == tmp_path / "c" / "peer-token"
+    assert node_args.peer_token_file.read_text() == "p\n"
+    assert node_args.peer_token_file.stat().st_mode & 0o777 == 0o600
     assert node_args.webhook_policy == "allowlist"
     assert node_args.webhook_allow == ["hooks.example:443"]
     plain = cli.forwarded_security_args(cli.parser().parse_args(["cluster"]))
     assert plain == ["--webhook-policy", "allow-all"]
+
+
+def test_tokens_without_mtls_or_a_peer_token_are_warned_about() -> None:
+    tokens = TokenStore.parse(token_line("t", Role.WRITE))
+    assert SecurityConfig(tokens=tokens).warnings() != []
+    assert "UNAUTHENTICATED" in SecurityConfig(tokens=tokens).warnings()[0]
+    assert SecurityConfig(tokens=tokens, peer_token="t").warnings() == []
+    assert SecurityConfig().warnings() == []
