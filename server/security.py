@@ -454,11 +454,24 @@ class AllowedTarget:
             or port == 0
         ):
             raise SecurityConfigError(f"--webhook-allow {text!r} is not HOST[:PORT]")
-        return cls(host, port)
+        return cls(ascii_host(host), port)
 
     def admits(self, host: str, port: int) -> bool:
-        """Whether a URL's host and (effective) port match this entry."""
-        return host == self.host and (self.port is None or self.port == port)
+        """Whether a URL's host and (effective) port match this entry (an international name in
+        either form: as written, or as the punycode the delivery client connects to)."""
+        return ascii_host(host) == self.host and (self.port is None or self.port == port)
+
+
+def ascii_host(host: str) -> str:
+    """A host name in the ASCII form (IDNA, lower case) the delivery client (httpx) uses."""
+    if host.isascii():
+        return host.lower()
+    import httpx  # here, not at the top: only international names need it
+
+    try:
+        return httpx.URL(f"http://{host}/").raw_host.decode("ascii")
+    except httpx.InvalidURL:
+        return host.lower()  # not a name httpx takes: no delivery goes there
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -120,6 +120,17 @@ def test_allow_all_admits_anything() -> None:
     WebhookPolicy().check_url("http://169.254.169.254/")
 
 
+@pytest.mark.parametrize("listed", ["bücher.example", "xn--bcher-kva.example", "BÜCHER.example"])
+def test_an_international_name_is_admitted_in_either_form(listed: str) -> None:
+    """Registration sees the name as written, delivery the punycode httpx connects to: an entry in
+    either form admits both."""
+    entry = AllowedTarget.parse(listed)
+    for host in ("bücher.example", "xn--bcher-kva.example"):
+        assert entry.admits(host, 80)
+    assert not entry.admits("bucher.example", 80)
+    WebhookPolicy(PolicyMode.ALLOWLIST, (entry,)).check_url("http://bücher.example/hook")
+
+
 def test_allowlist_admits_exactly_the_listed_hosts_and_ports() -> None:
     policy = WebhookPolicy(
         PolicyMode.ALLOWLIST,
