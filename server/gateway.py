@@ -405,10 +405,8 @@ class Gateway:
     ) -> None:
         self._workdir = workdir
         self._admin_dir = admin_dir(workdir)
-        self.admin_socket = self._admin_dir / "admin.sock"
-        self._config = render(
-            host, ports, grpc_host, tls=tls, rest_tls=rest_tls, admin_socket=self.admin_socket
-        )
+        self._render = functools.partial(render, host, ports, grpc_host, tls=tls, rest_tls=rest_tls)
+        self._config = ""
         self._log_level = log_level
         self._process: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -417,13 +415,23 @@ class Gateway:
 
     async def start(self, timeout: float = 20.0) -> None:
         """Start Envoy and wait until it is ready to serve; from then on, start it again if it dies."""
-        make_private_dir(self._admin_dir)
+        try:
+            make_private_dir(self._admin_dir)
+        except RuntimeError as exc:  # someone else's, under our name: take a fresh one
+            log.warning("%s; using a fresh directory for Envoy's admin socket instead", exc)
+            self._admin_dir = Path(tempfile.mkdtemp(prefix="potboiler-envoy-"))
+        self._config = self._render(admin_socket=self.admin_socket)
         try:
             await self._launch(timeout)
         except BaseException:
             shutil.rmtree(self._admin_dir, ignore_errors=True)
             raise
         self._watcher = asyncio.create_task(self._watch(), name="envoy watcher")
+
+    @property
+    def admin_socket(self) -> Path:
+        """Envoy's admin interface (a unix socket only the node's user may open)."""
+        return self._admin_dir / "admin.sock"
 
     async def _launch(self, timeout: float) -> None:
         self._workdir.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,28 @@ def test_envoys_admin_is_a_socket_in_a_directory_only_the_node_user_enters(tmp_p
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     with pytest.raises(RuntimeError, match="not a private directory"):
         gateway.make_private_dir(tmp_path / "link")
+
+
+def test_a_foreign_directory_under_the_admin_name_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = tmp_path / "gateway"
+    taken = gateway.admin_dir(workdir)
+    taken.mkdir(mode=0o755)  # as if another user had made it first
+    try:
+        seen: list[Path] = []
+
+        async def create_subprocess_exec(*args: object, **kwargs: Any) -> None:
+            seen.append(envoy_gateway.admin_socket.parent)
+            raise OSError("not started")
+
+        monkeypatch.setattr(asyncio, "create_subprocess_exec", create_subprocess_exec)
+        envoy_gateway = gateway.Gateway("127.0.0.1", Ports(9000), "127.0.0.1", workdir)
+        with pytest.raises(OSError, match="not started"):
+            asyncio.run(envoy_gateway.start())
+        [used] = seen
+        assert used != taken and used.name.startswith("potboiler-envoy-")
+        assert not used.exists()  # removed when the start failed
+        assert taken.stat().st_mode & 0o777 == 0o755
+    finally:
+        taken.rmdir()
