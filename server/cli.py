@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -162,13 +163,19 @@ def forwarded_security_args(args: argparse.Namespace) -> list[str]:
 
 
 def private_file(path: Path, text: str) -> Path:
-    """Write `text` to `path`, readable by this user only; returns its absolute path."""
+    """Write `text` to `path`, readable by this user only; returns its absolute path. A new file
+    (mkstemp makes it 0600) takes the name's place, so whatever had the name, a link to another
+    file included, is replaced, not written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(file.fileno(), 0o600)  # also when it existed with another mode
-        file.write(text + "\n")
-    return path.resolve()
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path.parent.resolve() / path.name
 
 
 def parser() -> argparse.ArgumentParser:

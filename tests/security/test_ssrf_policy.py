@@ -147,6 +147,11 @@ def test_allowlist_admits_exactly_the_listed_hosts_and_ports() -> None:
         "http://[::1]/",
     ):
         policy.check_url(ok)
+    with pytest.raises(InvalidArgument) as refusal:
+        policy.check_url("http://evil.example/")
+    assert str(refusal.value).endswith(
+        "is refused: evil.example:80 is not in the webhook allowlist (127.0.0.1:9000, hooks.example, [::1]:80)"
+    )
     for refused in (
         "http://127.0.0.1:9001/a",
         "http://127.0.0.1/a",

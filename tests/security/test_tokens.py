@@ -196,6 +196,13 @@ def test_cluster_passes_its_security_flags_to_every_node(tmp_path: Path) -> None
     assert node_args.peer_token_file == tmp_path / "c" / "peer-token"
     assert node_args.peer_token_file.read_text() == "p\n"
     assert node_args.peer_token_file.stat().st_mode & 0o777 == 0o600
+    # A link under that name is replaced, not written through.
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    node_args.peer_token_file.unlink()
+    node_args.peer_token_file.symlink_to(victim)
+    cli.forwarded_security_args(args)
+    assert victim.read_text() == "keep" and not node_args.peer_token_file.is_symlink()
     assert node_args.webhook_policy == "allowlist"
     assert node_args.webhook_allow == ["hooks.example:443"]
     plain = cli.forwarded_security_args(cli.parser().parse_args(["cluster"]))

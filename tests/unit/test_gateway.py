@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import envoy
 import pytest
 
 from potboiler.server import gateway
+from potboiler.server.backoff import Backoff
 from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render, worker_threads
+from tests.conftest import wait_for
 
 
 def test_post_log_takes_its_body_raw() -> None:
@@ -140,3 +143,66 @@ def test_a_foreign_directory_under_the_admin_name_is_left_alone(
         assert taken.stat().st_mode & 0o777 == 0o755
     finally:
         taken.rmdir()
+
+
+class _FakeEnvoy:
+    """A stand-in for the Envoy child: it runs until told to die (or is terminated)."""
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self._ended = asyncio.Event()
+
+    async def wait(self) -> int | None:
+        await self._ended.wait()
+        return self.returncode
+
+    def die(self, code: int) -> None:
+        self.returncode = code
+        self._ended.set()
+
+    def terminate(self) -> None:
+        self.die(-15)
+
+    def kill(self) -> None:
+        self.die(-9)
+
+
+async def test_an_envoy_that_dies_is_started_again_until_it_serves_and_stop_ends_it_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[_FakeEnvoy] = []
+    ready = asyncio.Event()  # whether a newly started Envoy becomes ready
+
+    async def create_subprocess_exec(*args: object, **kwargs: Any) -> _FakeEnvoy:
+        started.append(_FakeEnvoy())
+        return started[-1]
+
+    async def admin_ready(path: Path) -> bool:
+        return ready.is_set()
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", create_subprocess_exec)
+    monkeypatch.setattr(gateway, "_admin_ready", admin_ready)
+    monkeypatch.setattr(gateway, "ENVOY_RESTART", Backoff(first=0.01, cap=0.02))
+    launch = gateway.Gateway._launch
+    monkeypatch.setattr(gateway.Gateway, "_launch", lambda self, timeout: launch(self, min(timeout, 0.05)))
+    envoy_gateway = gateway.Gateway("127.0.0.1", Ports(9000), "127.0.0.1", tmp_path / "gateway")
+    ready.set()
+    await envoy_gateway.start()
+    ready.clear()  # the next ones fail to start (time out): the watcher keeps trying
+    started[0].die(-9)
+    await wait_for(lambda: len(started) >= 4)
+    assert envoy_gateway.restarts == 0 and all(p.returncode is not None for p in started[1:-1])
+    ready.set()
+    await wait_for(lambda: envoy_gateway.restarts == 1)
+    serving = started[-1]
+    assert serving.returncode is None
+    await envoy_gateway.stop()
+    assert serving.returncode == -15 and not envoy_gateway.admin_socket.parent.exists()
+
+
+def test_a_long_temp_dir_puts_the_admin_socket_in_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: "/" + "t" * 90)
+    where = gateway.admin_dir(tmp_path)
+    assert where.parent == Path("/tmp") and len(str(where / "admin.sock")) <= 107
