@@ -92,10 +92,16 @@ class NodeCollector(Collector):
         failed = CounterMetricFamily(
             "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=["url"]
         )
+        # The metrics port is open: no password in a label. Webhooks that differ only in theirs are
+        # summed (one series per label set: a scrape with two would be refused whole).
+        by_url: dict[str, tuple[int, int]] = {}
         for state in node.webhooks.states():
-            url = redacted(state.url)  # the metrics port is open: no password in a label
-            delivered.add_metric([url], state.delivered)
-            failed.add_metric([url], state.failed_attempts)
+            url = redacted(state.url)
+            done, failures = by_url.get(url, (0, 0))
+            by_url[url] = (done + state.delivered, failures + state.failed_attempts)
+        for url, (done, failures) in by_url.items():
+            delivered.add_metric([url], done)
+            failed.add_metric([url], failures)
         yield from (delivered, failed)
 
 

@@ -11,6 +11,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server.metrics import NodeCollector
 from potboiler.server.urls import MAX_URL_LENGTH
 from potboiler.server.webhooks import MAX_WEBHOOKS
 from potboiler.v1 import core_rest_pb2, log_pb2, nodes_pb2, webhooks_pb2
@@ -78,6 +79,15 @@ async def test_a_listed_webhook_shows_no_password(grpc_node: GrpcNode) -> None:
     assert await webhook_urls(grpc_node) == ["https://user:***@example.com/hook?x=1"]
     await grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest(url=url))
     assert await webhook_urls(grpc_node) == []
+
+
+async def test_webhook_metrics_show_no_password_and_one_series_per_label(grpc_node: GrpcNode) -> None:
+    for password in ("one", "two"):
+        url = f"http://user:{password}@127.0.0.1:9/hook"
+        await grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url))
+    families = {f.name: f for f in NodeCollector(grpc_node.node).collect()}
+    for name in ("potboiler_webhook_deliveries", "potboiler_webhook_failures"):
+        assert [s.labels for s in families[name].samples] == [{"url": "http://user:***@127.0.0.1:9/hook"}]
 
 
 @pytest.mark.parametrize("url", BAD_URLS)
