@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import io
+import pkgutil
 from pathlib import Path
 
 import pytest
 
+import potboiler.v1
 from potboiler.server import cli
 from potboiler.server.security import (
     Role,
@@ -215,3 +218,33 @@ def test_tokens_without_mtls_or_a_peer_token_are_warned_about() -> None:
     assert "UNAUTHENTICATED" in SecurityConfig(tokens=tokens).warnings()[0]
     assert SecurityConfig(tokens=tokens, peer_token="t").warnings() == []
     assert SecurityConfig().warnings() == []
+
+
+#: Every RPC of ours a read token may call. Roles follow the name (Get*/List*/Subscribe*), so a new RPC
+#: named like a read is one: this list makes adding it a decision (a `GetOrCreate…` must not be here).
+READ_RPCS = {
+    "CoreRestService": {"GetLogHeads", "GetLogFirsts", "GetLogEntry", "GetNodes"},
+    "KvBrowserService": {"GetIndexPage", "GetTablePage"},
+    "KvService": {"GetValue", "ListTables", "ListKeys"},
+    "KvRestService": {"GetKvTables", "GetKvKeys", "GetKvValue"},
+    "LogService": {"GetEntry", "ListHeads", "SubscribeEntries"},
+    "NodesService": {"ListNodes", "GetStatus"},
+    "PigtailService": {"GetQueue", "ListQueues", "GetTask", "ListTasks", "ListDeadTasks"},
+    "PigtailRestService": {"RestListQueues", "RestListTasks", "RestListDeadTasks", "RestGetTask"},
+    "WebhooksService": {"ListWebhooks"},
+}
+
+
+def test_exactly_the_listed_rpcs_are_reads_and_every_other_one_a_write() -> None:
+    seen: dict[str, set[str]] = {}
+    for module in pkgutil.iter_modules(potboiler.v1.__path__):
+        if not module.name.endswith("_pb2"):
+            continue
+        file = importlib.import_module(f"potboiler.v1.{module.name}").DESCRIPTOR
+        for service in file.services_by_name.values():
+            for method in service.methods:
+                role = required_role(f"/{service.full_name}/{method.name}")
+                assert role is not None, f"{service.name}/{method.name} is open to anyone"
+                if role is Role.READ:
+                    seen.setdefault(service.name, set()).add(method.name)
+    assert seen == READ_RPCS
