@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 from potboiler.server.commit_window import CommitWindow
 from potboiler.server.errors import PotboilerError, Unavailable
-from potboiler.server.log import DeliveredBatch, Log, NewEntry, Plan
+from potboiler.server.log import DeliveredBatch, Log, NewEntry, Plan, take_delivered
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -151,14 +152,7 @@ class Appender:
             return self.log.delivered_blobs(after, limit, max_bytes)
         start = after + 1 - tail[0][0]
         blobs = self._tail_blobs[start : start + limit]
-        if max_bytes is not None:
-            size = 0
-            for n, blob in enumerate(blobs):
-                size += len(blob)
-                if size > max_bytes and n:
-                    del blobs[n:]
-                    break
-        return list(zip(range(after + 1, after + 1 + len(blobs)), blobs, strict=True))
+        return take_delivered(zip(itertools.count(after + 1), blobs), limit, max_bytes)
 
     async def follow(
         self, after: int, read: Callable[[int], _Batch], last: Callable[[_Batch], int | None]

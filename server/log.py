@@ -185,6 +185,24 @@ class DeliveredBatch:
         return self.entries[-1][0] if self.entries else None
 
 
+def take_delivered(
+    delivered: Iterable[tuple[int, bytes]], limit: int, max_bytes: int | None
+) -> list[tuple[int, bytes]]:
+    """The first (position, serialized entry) pairs of `delivered`: at most `limit`, and with
+    `max_bytes`, only as many as fit in it (but at least one). Reads no further than it takes."""
+    out: list[tuple[int, bytes]] = []
+    size = 0
+    for pair in delivered:
+        if len(out) == limit:
+            break
+        if max_bytes is not None:
+            size += len(pair[1])
+            if size > max_bytes and out:
+                break
+        out.append(pair)
+    return out
+
+
 def marked(
     entries: Sequence[tuple[int, Entry]], blobs: Sequence[bytes], mark: bytes
 ) -> list[tuple[int, Entry]]:
@@ -422,10 +440,12 @@ class Log:
     ) -> list[tuple[int, bytes]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order, serialized, as
         (position, bytes); with `max_bytes`, only as many as fit in it (but at least one)."""
-        out: list[tuple[int, bytes]] = []
+        return take_delivered(self._delivered_after(after), limit, max_bytes)
+
+    def _delivered_after(self, after: int) -> Iterator[tuple[int, bytes]]:
+        """The delivered entries with position > `after`, in delivery order, serialized, as read."""
         if after >= self._position:
-            return out
-        size = 0
+            return
         # Delivery order follows each owner's chain in seq order, so each chain is read with one
         # iterator (sequential, cheap even from disk) rather than with a lookup per entry; an
         # iterator is sought afresh only when its next entry is not the one delivered.
@@ -437,8 +457,6 @@ class Log:
             run = DeliveryRun.read(key, value)
             owner = run.owner
             for offset in range(max(0, after + 1 - run.position), run.count):
-                if len(out) == limit:
-                    return out
                 chain_key = b"o" + owner + _U64.pack(run.seq + offset)
                 chain = chains.get(owner)
                 found = next(chain, None) if chain is not None else None
@@ -448,13 +466,7 @@ class Log:
                     assert found is not None and found[0] == chain_key, (
                         f"delivered entry {chain_key[1:].hex()} is missing"
                     )
-                blob = found[1]
-                if max_bytes is not None:
-                    size += len(blob)
-                    if size > max_bytes and out:
-                        return out
-                out.append((run.position + offset, blob))
-        return out
+                yield run.position + offset, found[1]
 
     def chain_bytes(self, owner: bytes, after_seq: int, limit: int) -> list[bytes]:
         """Up to `limit` serialized entries of `owner`'s log with seq > `after_seq`, in seq order."""
