@@ -174,7 +174,7 @@ async def test_rest_shaped_rpc_over_grpc(channel: grpc.aio.Channel) -> None:
     call = rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b'"rest-shaped"')))
     response = await call
     assert await call.code() == grpc.StatusCode.OK
-    assert dict(await call.trailing_metadata() or ()).get("location") == f"/log/{response.id}"
+    assert dict(list(await call.trailing_metadata() or ())).get("location") == f"/log/{response.id}"
     entry = await rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=response.id))
     assert entry.fields["data"].string_value == "rest-shaped"
 

@@ -51,7 +51,7 @@ async def test_an_error_drops_rest_metadata_set_before_it(channel: grpc.aio.Chan
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await call
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    metadata = dict(error.value.trailing_metadata() or ())
+    metadata = dict(list(error.value.trailing_metadata() or ()))
     assert rest.HTTP_CODE_HEADER not in metadata and "location" not in metadata
 
 
@@ -60,4 +60,4 @@ async def test_too_large_carries_its_http_status(channel: grpc.aio.Channel) -> N
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await method(b"")
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert dict(error.value.trailing_metadata() or ())[rest.HTTP_CODE_HEADER] == "413"
+    assert dict(list(error.value.trailing_metadata() or ()))[rest.HTTP_CODE_HEADER] == "413"

@@ -200,7 +200,7 @@ async def test_rest_service_sends_created_and_location(pigtail_node: Factory) ->
         pb.RestCreateQueueRequest(body=body({"name": "example", "timeout_ms": 1000}))
     )
     answer = await call
-    metadata = dict(await call.trailing_metadata())
+    metadata = dict(list(await call.trailing_metadata()))
     assert metadata["x-http-code"] == "201" and metadata["location"] == "/queue/example"
     assert answer_json(answer) == {"name": "example", "timeout_ms": 1000, "max_attempts": None}
     # Again with the same settings: the same answer (creating is idempotent), and no other queue.
@@ -208,11 +208,11 @@ async def test_rest_service_sends_created_and_location(pigtail_node: Factory) ->
         pb.RestCreateQueueRequest(body=body({"name": "example", "timeout_ms": 1000}))
     )
     assert answer_json(await again) == answer_json(answer)
-    assert dict(await again.trailing_metadata()) == metadata
+    assert dict(list(await again.trailing_metadata())) == metadata
     added = {"task_name": "hello_world", "info": {"foo": "bar"}}
     call2 = n.rest.RestAddTask(pb.RestAddTaskRequest(queue="example", body=body(added)))
     task_id = answer_json(await call2)["id"]
-    metadata = dict(await call2.trailing_metadata())
+    metadata = dict(list(await call2.trailing_metadata()))
     assert metadata["location"] == f"/queue/example/{task_id}"
     assert isinstance(task_id, str)
     view = await n.rest.RestGetTask(pb.RestGetTaskRequest(queue="example", task_id=task_id))
@@ -230,7 +230,7 @@ async def test_rest_service_sends_created_and_location(pigtail_node: Factory) ->
     assert claimed["id"] == task_id and claimed["worker"] == "w"
     none = n.rest.RestClaimNextTask(claim)
     assert (await none).data == b""
-    assert dict(await none.trailing_metadata())["x-http-code"] == "204"
+    assert dict(list(await none.trailing_metadata()))["x-http-code"] == "204"
 
 
 async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail_node: Factory) -> None:

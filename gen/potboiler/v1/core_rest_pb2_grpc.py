@@ -6,7 +6,7 @@ import warnings
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from potboiler.v1 import core_rest_pb2 as potboiler_dot_v1_dot_core__rest__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class CoreRestServiceStub:
+class CoreRestServiceStub(object):
     """The core REST paths whose answers are bare JSON objects, lists or values
     (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
     print a whole response message, so these RPCs answer
@@ -67,7 +67,7 @@ class CoreRestServiceStub:
                 _registered_method=True)
 
 
-class CoreRestServiceServicer:
+class CoreRestServiceServicer(object):
     """The core REST paths whose answers are bare JSON objects, lists or values
     (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
     print a whole response message, so these RPCs answer
@@ -152,7 +152,7 @@ def add_CoreRestServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class CoreRestService:
+class CoreRestService(object):
     """The core REST paths whose answers are bare JSON objects, lists or values
     (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
     print a whole response message, so these RPCs answer

@@ -6,7 +6,7 @@ import warnings
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from potboiler.v1 import kv_browser_pb2 as potboiler_dot_v1_dot_kv__browser__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class KvBrowserServiceStub:
+class KvBrowserServiceStub(object):
     """The KV browser: plain HTML pages (no scripts, no external assets) showing
     the tables of this node's KV store, served through Envoy on port B+2.
     The pages are google.api.HttpBody answers, which Envoy sends as they are
@@ -51,7 +51,7 @@ class KvBrowserServiceStub:
                 _registered_method=True)
 
 
-class KvBrowserServiceServicer:
+class KvBrowserServiceServicer(object):
     """The KV browser: plain HTML pages (no scripts, no external assets) showing
     the tables of this node's KV store, served through Envoy on port B+2.
     The pages are google.api.HttpBody answers, which Envoy sends as they are
@@ -95,7 +95,7 @@ def add_KvBrowserServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KvBrowserService:
+class KvBrowserService(object):
     """The KV browser: plain HTML pages (no scripts, no external assets) showing
     the tables of this node's KV store, served through Envoy on port B+2.
     The pages are google.api.HttpBody answers, which Envoy sends as they are

@@ -5,7 +5,7 @@ import warnings
 
 from potboiler.v1 import kv_pb2 as potboiler_dot_v1_dot_kv__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class KvServiceStub:
+class KvServiceStub(object):
     """The replicated CRDT key/value store. Every write becomes one entry of this
     node's log and is applied, on every node, to the materialised state of its
     table. Tables are created by setting their type in the built-in `_config`
@@ -76,7 +76,7 @@ class KvServiceStub:
                 _registered_method=True)
 
 
-class KvServiceServicer:
+class KvServiceServicer(object):
     """The replicated CRDT key/value store. Every write becomes one entry of this
     node's log and is applied, on every node, to the materialised state of its
     table. Tables are created by setting their type in the built-in `_config`
@@ -179,7 +179,7 @@ def add_KvServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KvService:
+class KvService(object):
     """The replicated CRDT key/value store. Every write becomes one entry of this
     node's log and is applied, on every node, to the materialised state of its
     table. Tables are created by setting their type in the built-in `_config`

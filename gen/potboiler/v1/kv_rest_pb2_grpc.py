@@ -6,7 +6,7 @@ import warnings
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from potboiler.v1 import kv_rest_pb2 as potboiler_dot_v1_dot_kv__rest__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class KvRestServiceStub:
+class KvRestServiceStub(object):
     """The KV REST paths of the seed, served on port B+1. Most answers are bare
     JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
@@ -62,7 +62,7 @@ class KvRestServiceStub:
                 _registered_method=True)
 
 
-class KvRestServiceServicer:
+class KvRestServiceServicer(object):
     """The KV REST paths of the seed, served on port B+1. Most answers are bare
     JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs
@@ -137,7 +137,7 @@ def add_KvRestServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KvRestService:
+class KvRestService(object):
     """The KV REST paths of the seed, served on port B+1. Most answers are bare
     JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
     Envoy's transcoder can only print a whole response message, so these RPCs

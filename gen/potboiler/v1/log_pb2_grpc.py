@@ -5,7 +5,7 @@ import warnings
 
 from potboiler.v1 import log_pb2 as potboiler_dot_v1_dot_log__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class LogServiceStub:
+class LogServiceStub(object):
     """The log: append entries to this node's log and read every owner's log.
     The REST paths of the log are served by CoreRestService.
     """
@@ -68,7 +68,7 @@ class LogServiceStub:
                 _registered_method=True)
 
 
-class LogServiceServicer:
+class LogServiceServicer(object):
     """The log: append entries to this node's log and read every owner's log.
     The REST paths of the log are served by CoreRestService.
     """
@@ -165,7 +165,7 @@ def add_LogServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LogService:
+class LogService(object):
     """The log: append entries to this node's log and read every owner's log.
     The REST paths of the log are served by CoreRestService.
     """

@@ -5,7 +5,7 @@ import warnings
 
 from potboiler.v1 import nodes_pb2 as potboiler_dot_v1_dot_nodes__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class NodesServiceStub:
+class NodesServiceStub(object):
     """Membership: the other nodes this node replicates with, named by their root
     URL (http://host:B, B being the node's base port).
     """
@@ -58,7 +58,7 @@ class NodesServiceStub:
                 _registered_method=True)
 
 
-class NodesServiceServicer:
+class NodesServiceServicer(object):
     """Membership: the other nodes this node replicates with, named by their root
     URL (http://host:B, B being the node's base port).
     """
@@ -124,7 +124,7 @@ def add_NodesServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class NodesService:
+class NodesService(object):
     """Membership: the other nodes this node replicates with, named by their root
     URL (http://host:B, B being the node's base port).
     """

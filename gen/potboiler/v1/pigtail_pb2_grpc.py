@@ -6,7 +6,7 @@ import warnings
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from potboiler.v1 import pigtail_pb2 as potboiler_dot_v1_dot_pigtail__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class PigtailServiceStub:
+class PigtailServiceStub(object):
     """Pigtail: a task queue replicated through the log. Every change (create or
     delete a queue, add, claim, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
@@ -129,7 +129,7 @@ class PigtailServiceStub:
                 _registered_method=True)
 
 
-class PigtailServiceServicer:
+class PigtailServiceServicer(object):
     """Pigtail: a task queue replicated through the log. Every change (create or
     delete a queue, add, claim, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
@@ -376,7 +376,7 @@ def add_PigtailServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class PigtailService:
+class PigtailService(object):
     """Pigtail: a task queue replicated through the log. Every change (create or
     delete a queue, add, claim, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
@@ -802,7 +802,7 @@ class PigtailService:
             _registered_method=True)
 
 
-class PigtailRestServiceStub:
+class PigtailRestServiceStub(object):
     """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
     the same domain code as PigtailService, which gRPC clients should use
     instead. Their answers are bare JSON, written by the node as JSON text (a
@@ -889,7 +889,7 @@ class PigtailRestServiceStub:
                 _registered_method=True)
 
 
-class PigtailRestServiceServicer:
+class PigtailRestServiceServicer(object):
     """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
     the same domain code as PigtailService, which gRPC clients should use
     instead. Their answers are bare JSON, written by the node as JSON text (a
@@ -1084,7 +1084,7 @@ def add_PigtailRestServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class PigtailRestService:
+class PigtailRestService(object):
     """The Pigtail REST paths of the contract (port B+3), through Envoy. They run
     the same domain code as PigtailService, which gRPC clients should use
     instead. Their answers are bare JSON, written by the node as JSON text (a

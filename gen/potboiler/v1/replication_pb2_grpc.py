@@ -5,7 +5,7 @@ import warnings
 
 from potboiler.v1 import replication_pb2 as potboiler_dot_v1_dot_replication__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ReplicationServiceStub:
+class ReplicationServiceStub(object):
     """Node-to-node replication. Each pair of peers keeps ONE bidirectional
     stream, dialed by either node (when both dial, the stream dialed by the node
     with the lower id is kept). Both sides speak the same protocol: first a
@@ -49,7 +49,7 @@ class ReplicationServiceStub:
                 _registered_method=True)
 
 
-class ReplicationServiceServicer:
+class ReplicationServiceServicer(object):
     """Node-to-node replication. Each pair of peers keeps ONE bidirectional
     stream, dialed by either node (when both dial, the stream dialed by the node
     with the lower id is kept). Both sides speak the same protocol: first a
@@ -86,7 +86,7 @@ def add_ReplicationServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ReplicationService:
+class ReplicationService(object):
     """Node-to-node replication. Each pair of peers keeps ONE bidirectional
     stream, dialed by either node (when both dial, the stream dialed by the node
     with the lower id is kept). Both sides speak the same protocol: first a

@@ -5,7 +5,7 @@ import warnings
 
 from potboiler.v1 import webhooks_pb2 as potboiler_dot_v1_dot_webhooks__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class WebhooksServiceStub:
+class WebhooksServiceStub(object):
     """Webhooks: URLs that receive every entry of the log as an HTTP POST, in
     causal order, at least once, retried with backoff while they fail.
     """
@@ -53,7 +53,7 @@ class WebhooksServiceStub:
                 _registered_method=True)
 
 
-class WebhooksServiceServicer:
+class WebhooksServiceServicer(object):
     """Webhooks: URLs that receive every entry of the log as an HTTP POST, in
     causal order, at least once, retried with backoff while they fail.
     """
@@ -107,7 +107,7 @@ def add_WebhooksServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class WebhooksService:
+class WebhooksService(object):
     """Webhooks: URLs that receive every entry of the log as an HTTP POST, in
     causal order, at least once, retried with backoff while they fail.
     """
