@@ -32,11 +32,15 @@ from typing import Any
 
 import envoy
 import grpc
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
 
-import potboiler.v1
 from potboiler.server.backoff import Backoff
+from potboiler.server.rest_routes import (
+    DESCRIPTOR,
+    descriptor_set,
+    listener_of,
+    method_routes,
+    raw_body_routes,
+)
 from potboiler.server.security import RestTlsFiles, TlsFiles
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,6 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "gateway" / "envoy.yaml"
 ENVOY_RESTART = Backoff(first=0.1, cap=5.0)
 #: The Lua of the gateway's REST plumbing (see the files' heads).
 LUA_DIR = TEMPLATE.parent / "lua"
-DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
 #: Largest REST request body Envoy accepts (413 beyond): an entry's 1 MiB of data plus JSON overhead.
 MAX_BODY_BYTES = 2 << 20
 
@@ -88,83 +91,13 @@ def url_host(host: str) -> str:
 
 
 @functools.cache
-def _descriptor_set() -> descriptor_pb2.FileDescriptorSet:
-    """The API's descriptor set (the file Envoy's transcoder reads), parsed once."""
-    return descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
-
-
 def services_by_port() -> dict[str, list[str]]:
-    """The gRPC services each REST listener transcodes, from the descriptor set: `Kv*` on the KV
-    port, `KvBrowser*` on the browser port, `Pigtail*` on the Pigtail port, the rest on the core port."""
-    fds = _descriptor_set()
+    """The gRPC services each REST listener transcodes, from the descriptor set (see `listener_of`)."""
     out: dict[str, list[str]] = {"core": [], "kv": [], "browser": [], "pigtail": []}
-    for f in fds.file:
-        if f.package != "potboiler.v1":
-            continue
-        for s in f.service:
-            name = s.name
-            port = (
-                "browser"
-                if name.startswith("KvBrowser")
-                else "kv"
-                if name.startswith("Kv")
-                else "pigtail"
-                if name.startswith("Pigtail")
-                else "core"
-            )
-            out[port].append(f"potboiler.v1.{name}")
-    return out
-
-
-@dataclass(frozen=True)
-class RawBodyRoute:
-    """A REST path whose RPC takes the request body raw, as a `google.api.HttpBody` field."""
-
-    method: str
-    path: str
-
-    def route(self) -> dict[str, object]:
-        """The Envoy route: to the node, with the Lua request check swapped for responses only."""
-        if "{" in self.path:
-            pattern = re.sub(r"\{[A-Za-z_][A-Za-z0-9_.]*\}", "[^/]+", self.path)
-            if "{" in pattern or "*" in pattern:
-                raise ValueError(f"unsupported path template for a raw-body route: {self.path}")
-            match: dict[str, object] = {"safe_regex": {"regex": pattern}}
-        else:
-            match = {"path": self.path}
-        match["headers"] = [{"name": ":method", "string_match": {"exact": self.method}}]
-        return {
-            "match": match,
-            "route": {"cluster": "node", "timeout": "0s"},
-            "typed_per_filter_config": {
-                "envoy.filters.http.lua": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute",
-                    "name": "raw_body",
-                }
-            },
-        }
-
-
-def raw_body_routes() -> list[RawBodyRoute]:
-    """Every REST path of the descriptor set whose `body` is a google.api.HttpBody field."""
-    fds = _descriptor_set()
-    messages = {
-        f".{f.package}.{m.name}": {field.name: field.type_name for field in m.field}
-        for f in fds.file
-        for m in f.message_type
-    }
-    out = []
-    for f in fds.file:
-        if f.package != "potboiler.v1":
-            continue
-        for service in f.service:
-            for method in service.method:
-                rule = method.options.Extensions[annotations_pb2.http]
-                kind = rule.WhichOneof("pattern")
-                if kind is None or kind == "custom" or not rule.body or rule.body == "*":
-                    continue
-                if messages[method.input_type].get(rule.body) == ".google.api.HttpBody":
-                    out.append(RawBodyRoute(kind.upper(), getattr(rule, kind)))
+    for f in descriptor_set().file:
+        if f.package == "potboiler.v1":
+            for s in f.service:
+                out[listener_of(s.name)].append(f"potboiler.v1.{s.name}")
     return out
 
 
@@ -226,6 +159,7 @@ _GRPC_CODE_OF_STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -244,11 +178,10 @@ def error_code_mappers() -> list[dict[str, Any]]:
     words are about its buffers)."""
     mappers = []
     for status, code in _GRPC_CODE_OF_STATUS.items():
-        message = (
-            f"the request body is larger than the limit of {MAX_BODY_BYTES >> 20} MiB"
-            if status == 413
-            else "%LOCAL_REPLY_BODY%"
-        )
+        message = {
+            405: "%REQ(:METHOD)% is not allowed here: %LOCAL_REPLY_BODY%",
+            413: f"the request body is larger than the limit of {MAX_BODY_BYTES >> 20} MiB",
+        }.get(status, "%LOCAL_REPLY_BODY%")
         comparison = {
             "op": "EQ",
             "value": {"default_value": status, "runtime_key": f"potboiler.status_{status}"},
@@ -276,7 +209,7 @@ def render(
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
-    routes = [json.dumps(r.route()) for r in raw_body_routes()]
+    raw_routes = [json.dumps(r.route()) for r in raw_body_routes()]
     [indent] = re.findall(r"^( *)\$\{RAW_BODY_ROUTES\}", listener, re.M)
     [mapper_indent] = re.findall(r"^( *)\$\{ERROR_CODE_MAPPERS\}", listener, re.M)
     blocks = []
@@ -296,7 +229,9 @@ def render(
             SERVICES=json.dumps(services[name]),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
-            RAW_BODY_ROUTES=("\n" + indent).join(f"- {r}" for r in routes) or "# (none)",
+            RAW_BODY_ROUTES=("\n" + indent).join(f"- {r}" for r in raw_routes) or "# (none)",
+            METHOD_ROUTES=("\n" + indent).join(f"- {json.dumps(r)}" for r in method_routes(name))
+            or "# (none)",
             ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(
                 f"- {json.dumps(m)}" for m in error_code_mappers()
             ),

@@ -61,7 +61,7 @@ def append(http: httpx.Client, data: JSON, params: Any = None) -> str:
 
 
 #: The gRPC status code an error body carries for each HTTP status, whether the node or Envoy made it.
-GRPC_CODE = {400: 3, 404: 5, 413: 8}
+GRPC_CODE = {400: 3, 404: 5, 405: 12, 413: 8}
 
 
 def assert_error(response: httpx.Response, status: int, *words: str) -> str:
@@ -468,18 +468,41 @@ def test_a_node_refuses_itself_as_peer(shared_node: NodeProcess, http: httpx.Cli
         ("GET", "/nothing"),
         ("GET", "/"),
         ("GET", "/log/a/b"),
-        ("PUT", "/log"),
-        ("DELETE", "/log"),
-        ("PATCH", "/log"),
-        ("DELETE", "/log/3f1c0e4a-5b7d-4c8e-9f60-1a2b3c4d5e6f"),
-        ("POST", "/status"),
-        ("GET", "/kv"),
+        ("GET", "/kv"),  # a path of another port
         ("POST", "/create"),
     ],
 )
 def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) -> None:
     content = b"{}" if method in ("PUT", "POST", "PATCH", "DELETE") else None
     assert_error(http.request(method, path, content=content), 404)
+
+
+@pytest.mark.parametrize(
+    ("port", "method", "path", "allow"),
+    [
+        ("core", "PUT", "/log", "GET, POST"),
+        ("core", "DELETE", "/log", "GET, POST"),
+        ("core", "PATCH", "/log", "GET, POST"),
+        ("core", "DELETE", "/log/3f1c0e4a-5b7d-4c8e-9f60-1a2b3c4d5e6f", "GET"),
+        ("core", "POST", "/status", "GET"),
+        ("core", "PUT", "/log/register", "GET, POST"),
+        ("kv", "DELETE", "/kv/t/k", "GET, POST"),
+        ("kv", "PUT", "/kv", "GET"),
+        ("pigtail", "GET", "/create", "POST"),
+        ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, PUT"),
+        ("browser", "DELETE", "/", "GET"),
+    ],
+)
+def test_a_known_path_with_another_method_is_405_with_allow(
+    shared_node: NodeProcess, port: str, method: str, path: str, allow: str
+) -> None:
+    url = shared_node.port_url(getattr(shared_node.ports, port))
+    content = b"{}" if method in ("PUT", "POST", "PATCH", "DELETE") else None
+    with httpx.Client(base_url=url, timeout=30.0) as client:
+        response = client.request(method, path, content=content)
+    assert response.headers["allow"] == allow
+    takes = " or ".join(allow.rsplit(", ", 1))
+    assert_error(response, 405, f"{method} is not allowed here", f"takes {takes}")
 
 
 def test_node_log_has_no_tracebacks(shared_node: NodeProcess, http: httpx.Client) -> None:

@@ -19,7 +19,8 @@ import pytest
 
 from potboiler.server import gateway
 from potboiler.server.backoff import Backoff
-from potboiler.server.gateway import LUA_DIR, Ports, RawBodyRoute, raw_body_routes, render, worker_threads
+from potboiler.server.gateway import LUA_DIR, Ports, render, worker_threads
+from potboiler.server.rest_routes import RawBodyRoute, raw_body_routes
 from tests.conftest import wait_for
 
 
@@ -46,11 +47,6 @@ def test_a_path_template_becomes_a_regex_of_one_segment_per_variable() -> None:
     assert re.fullmatch(regex, "/kv/t/k")
     assert not re.fullmatch(regex, "/kv/t/k/extra")
     assert match["headers"] == [{"name": ":method", "string_match": {"exact": "POST"}}]
-
-
-def test_wildcard_templates_are_refused() -> None:
-    with pytest.raises(ValueError, match="unsupported path template"):
-        RawBodyRoute("POST", "/files/{path=**}").route()
 
 
 def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:

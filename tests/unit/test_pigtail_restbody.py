@@ -8,8 +8,8 @@ from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail import restbody
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.gateway import RawBodyRoute, raw_body_routes
 from potboiler.server.jsonvalue import JSON
+from potboiler.server.rest_routes import RawBodyRoute, raw_body_routes
 
 
 def test_every_pigtail_write_path_takes_its_body_raw() -> None:

@@ -1,0 +1,185 @@
+"""The gateway's REST routes, derived from the API's `google.api.http` bindings in the descriptor set.
+
+Envoy's transcoder maps a request to an RPC by method and path, and answers 404 for anything it cannot
+map, even a known path asked with the wrong method. Two kinds of route come from the bindings here:
+
+- raw-body routes: the bindings whose `body` is a `google.api.HttpBody` field; the node parses those
+  bodies, so they skip the gateway's Lua JSON check;
+- method routes: for every path template of a listener, the methods a binding takes there go on to the
+  transcoder, and any other method gets 405 with an `Allow` header, from Envoy itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
+import potboiler.v1
+
+DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
+
+_VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_.]*\}")
+_LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
+_DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+
+
+@functools.cache
+def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
+    """The API's descriptor set (the file Envoy's transcoder reads), parsed once."""
+    return descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+
+
+def listener_of(service: str) -> str:
+    """The REST listener that transcodes a service of the API: `Kv*` on the KV port, `KvBrowser*` on
+    the browser port, `Pigtail*` on the Pigtail port, the rest on the core port."""
+    if service.startswith("KvBrowser"):
+        return "browser"
+    if service.startswith("Kv"):
+        return "kv"
+    if service.startswith("Pigtail"):
+        return "pigtail"
+    return "core"
+
+
+@dataclass(frozen=True)
+class RestBinding:
+    """One REST binding of an RPC: an HTTP method on a path template, on one listener."""
+
+    listener: str
+    method: str
+    path: str
+    raw_body: bool
+
+
+def rest_bindings() -> list[RestBinding]:
+    """Every REST binding of the API, in the order of the descriptor set."""
+    fds = descriptor_set()
+    messages = {
+        f".{f.package}.{m.name}": {field.name: field.type_name for field in m.field}
+        for f in fds.file
+        for m in f.message_type
+    }
+    out = []
+    for f in fds.file:
+        if f.package != "potboiler.v1":
+            continue
+        for service in f.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                kind = rule.WhichOneof("pattern")
+                if kind is None or kind == "custom":
+                    continue
+                raw = bool(rule.body) and messages[method.input_type].get(rule.body) == ".google.api.HttpBody"
+                out.append(RestBinding(listener_of(service.name), kind.upper(), getattr(rule, kind), raw))
+    return out
+
+
+def path_match(template: str) -> dict[str, object]:
+    """An Envoy route match for the paths of a template: the exact path, or a regex with one
+    segment per variable. Templates with wildcards (`**`, `{x=...}`) are refused."""
+    if "{" not in template:
+        if "*" in template:
+            raise ValueError(f"unsupported path template: {template}")
+        return {"path": template}
+    pattern = _VARIABLE.sub("[^/]+", template)
+    if "{" in pattern or "*" in pattern:
+        raise ValueError(f"unsupported path template: {template}")
+    return {"safe_regex": {"regex": pattern}}
+
+
+@dataclass(frozen=True)
+class RawBodyRoute:
+    """A REST path whose RPC takes the request body raw, as a `google.api.HttpBody` field."""
+
+    method: str
+    path: str
+
+    def route(self) -> dict[str, object]:
+        """The Envoy route: to the node, with the Lua request check swapped for responses only."""
+        match = path_match(self.path)
+        match["headers"] = [{"name": ":method", "string_match": {"exact": self.method}}]
+        return {
+            "match": match,
+            "route": {"cluster": "node", "timeout": "0s"},
+            "typed_per_filter_config": {
+                "envoy.filters.http.lua": {"@type": _LUA_PER_ROUTE, "name": "raw_body"},
+            },
+        }
+
+
+def raw_body_routes() -> list[RawBodyRoute]:
+    """Every REST path of the descriptor set whose `body` is a google.api.HttpBody field."""
+    return [RawBodyRoute(b.method, b.path) for b in rest_bindings() if b.raw_body]
+
+
+def _segments(template: str) -> list[str | None]:
+    """A template's segments, None for a variable."""
+    return [None if _VARIABLE.fullmatch(s) else s for s in template.split("/")]
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether some path matches both templates (each variable is one segment)."""
+    sa, sb = _segments(a), _segments(b)
+    return len(sa) == len(sb) and all(x is None or y is None or x == y for x, y in zip(sa, sb, strict=True))
+
+
+def allowed_methods(bindings: list[RestBinding]) -> list[tuple[str, list[str]]]:
+    """Each path template of `bindings` with the methods that may reach the transcoder on it, the
+    most specific templates (most literal segments) first. Envoy takes the first route that matches,
+    so a path of two templates is decided by the earlier one, which therefore also admits the
+    methods of every later template it overlaps (`GET /log/register` is `GET /log/{id}`)."""
+    methods: dict[str, set[str]] = {}
+    for b in bindings:
+        methods.setdefault(b.path, set()).add(b.method)
+    order = sorted(methods, key=lambda t: (-sum(s is not None for s in _segments(t)), t))
+    out = []
+    for i, template in enumerate(order):
+        allowed = set(methods[template])
+        for later in order[i + 1 :]:
+            if overlap(template, later):
+                allowed |= methods[later]
+        out.append((template, sorted(allowed)))
+    return out
+
+
+def method_routes(listener: str) -> list[dict[str, object]]:
+    """The routes of one listener that answer 405 to a method no binding takes on a known path: per
+    path template, one route on to the transcoder for the methods it takes and one direct 405 with
+    `Allow` (the filters skipped) for any other method. They come after the raw-body routes."""
+    routes: list[dict[str, object]] = []
+    for template, methods in allowed_methods([b for b in rest_bindings() if b.listener == listener]):
+        allow = ", ".join(methods)
+        takes = methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " or " + methods[-1]
+        match = path_match(template)
+        regex = "|".join(re.escape(m) for m in methods)
+        routes.append(
+            {
+                "match": {
+                    **match,
+                    "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": regex}}}],
+                },
+                "route": {"cluster": "node", "timeout": "0s"},
+            }
+        )
+        routes.append(
+            {
+                "match": match,
+                "direct_response": {"status": 405, "body": {"inline_string": f"{template} takes {takes}"}},
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "allow", "value": allow},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+                "typed_per_filter_config": {
+                    "envoy.filters.http.lua": {"@type": _LUA_PER_ROUTE, "disabled": True},
+                    "envoy.filters.http.grpc_json_transcoder": _DISABLED,
+                },
+            }
+        )
+    return routes

@@ -1,0 +1,104 @@
+"""The gateway routes derived from the API's REST bindings: which methods reach the transcoder on
+which path templates, and the 405 answers for the rest."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from potboiler.server.rest_routes import (
+    RestBinding,
+    allowed_methods,
+    method_routes,
+    overlap,
+    path_match,
+    rest_bindings,
+)
+
+
+def binding(method: str, path: str) -> RestBinding:
+    return RestBinding("core", method, path, raw_body=False)
+
+
+def route_for(routes: list[dict[str, object]], method: str, path: str) -> dict[str, object] | None:
+    """The first of `routes` Envoy would take for this request (path and :method matchers only)."""
+    for route in routes:
+        match = route["match"]
+        assert isinstance(match, dict)
+        if "path" in match and match["path"] != path:
+            continue
+        if "safe_regex" in match and not re.fullmatch(match["safe_regex"]["regex"], path):
+            continue
+        for header in match.get("headers", []):
+            assert header["name"] == ":method"
+            if not re.fullmatch(header["string_match"]["safe_regex"]["regex"], method):
+                break
+        else:
+            return route
+    return None
+
+
+def test_templates_overlap_when_some_path_matches_both() -> None:
+    assert overlap("/log/{id}", "/log/register")
+    assert overlap("/queue/{q}/{id}", "/queue/{q}/claim")
+    assert not overlap("/queue/{q}", "/queue/{q}/claim")
+    assert not overlap("/log/first", "/log/register")
+
+
+def test_a_more_specific_template_comes_first_and_admits_the_methods_of_those_it_overlaps() -> None:
+    bindings = [
+        binding("GET", "/log/{id}"),
+        binding("POST", "/log/register"),
+        binding("GET", "/log"),
+        binding("POST", "/log"),
+    ]
+    assert allowed_methods(bindings) == [
+        ("/log/register", ["GET", "POST"]),  # GET /log/register is GET /log/{id} with id "register"
+        ("/log", ["GET", "POST"]),
+        ("/log/{id}", ["GET"]),
+    ]
+
+
+def test_every_binding_reaches_the_transcoder_through_its_listeners_routes() -> None:
+    for b in rest_bindings():
+        path = re.sub(r"\{[^}]+\}", "x1", b.path)
+        route = route_for(method_routes(b.listener), b.method, path)
+        assert route is not None and "route" in route, (b, route)
+
+
+@pytest.mark.parametrize(
+    ("listener", "method", "path", "allow"),
+    [
+        ("core", "PUT", "/log", "GET, POST"),
+        ("core", "DELETE", "/log/0190c5a8-0000-7000-8000-000000000000", "GET"),
+        ("core", "PATCH", "/nodes", "DELETE, GET, POST"),
+        ("kv", "DELETE", "/kv/t/k", "GET, POST"),
+        ("pigtail", "GET", "/create", "POST"),
+        ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, PUT"),
+        ("pigtail", "PUT", "/queue/q/t1/heartbeat", "POST"),
+        ("browser", "POST", "/", "GET"),
+    ],
+)
+def test_a_method_no_binding_takes_gets_405_with_allow(
+    listener: str, method: str, path: str, allow: str
+) -> None:
+    route = route_for(method_routes(listener), method, path)
+    assert route is not None
+    assert route["direct_response"]["status"] == 405  # type: ignore[index]
+    assert route["response_headers_to_add"][0]["header"] == {"key": "allow", "value": allow}  # type: ignore[index]
+    filters = route["typed_per_filter_config"]
+    assert isinstance(filters, dict)
+    assert filters["envoy.filters.http.grpc_json_transcoder"]["disabled"] is True
+
+
+def test_unknown_paths_are_left_to_the_transcoder() -> None:
+    assert route_for(method_routes("core"), "GET", "/nope") is None
+    assert route_for(method_routes("kv"), "GET", "/kv/t/k/extra") is None
+
+
+def test_wildcard_templates_are_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported path template"):
+        path_match("/files/{path=**}")
+    with pytest.raises(ValueError, match="unsupported path template"):
+        path_match("/files/*")
