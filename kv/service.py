@@ -26,6 +26,7 @@ import grpc
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
+from potboiler.server.errors import InvalidArgument, TooDeep
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import Linger, apply_forever
@@ -102,7 +103,13 @@ class KvService:
 
     async def write(self, planned: PlannedWrite) -> Entry:
         """Append a planned write; returns its entry once durable (reads wait until it is applied)."""
-        entry = await self._context.log.append(to_value(planned.event.to_json()), planned.dependencies)
+        try:
+            entry = await self._context.log.append(to_value(planned.event.to_json()), planned.dependencies)
+        except TooDeep as exc:
+            raise InvalidArgument(
+                f"the change nests arrays and objects too deeply: with the KV event around it (table, "
+                f"key, op), a write may nest at most {exc.limit} levels"
+            ) from None
         self._answered_seq = max(self._answered_seq, entry.seq)
         if planned.event.table == CONFIG_TABLE:
             self._answered_config_seq = max(self._answered_config_seq, entry.seq)

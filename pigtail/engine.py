@@ -59,7 +59,7 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable
+from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooDeep, Unavailable
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever
@@ -275,7 +275,13 @@ class Pigtail:
     async def _append(self, event: Event, dependencies: Sequence[str | None] = ()) -> Entry:
         """Append `event` and wait until this node has applied it."""
         deps = [d for d in dict.fromkeys(dependencies) if d is not None]
-        entry = await self._log.append(event_data(event), deps)
+        try:
+            entry = await self._log.append(event_data(event), deps)
+        except TooDeep as exc:
+            raise InvalidArgument(
+                f"the request's JSON nests arrays and objects too deeply: with the Pigtail event "
+                f"around it, a request may nest at most {exc.limit} levels"
+            ) from None
         if entry.id in self._recent:
             return entry
         if self._applier is None or self._applier.done():

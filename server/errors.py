@@ -12,6 +12,15 @@ class InvalidArgument(PotboilerError):
     """The request is malformed: a bad UUID, URL, name, op or JSON body."""
 
 
+class TooDeep(InvalidArgument):
+    """JSON data nests arrays and objects deeper than `limit` levels (services that wrap a client's
+    value in an event say so in their own words)."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class NotFound(PotboilerError):
     """The thing named does not exist."""
 

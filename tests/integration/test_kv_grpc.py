@@ -15,6 +15,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.service import KvService, create
 from potboiler.server.jsonvalue import from_value, to_value
+from potboiler.server.log import MAX_DEPTH
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,
@@ -172,6 +173,14 @@ async def test_not_found(kv: KvNode, table: str, key: str, message: str) -> None
         assert (error.code(), error.details()) == (grpc.StatusCode.NOT_FOUND, message)
 
 
+def nested_lists(depth: int) -> JSON:
+    """`depth` lists, one inside the other."""
+    value: JSON = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 BAD_UPDATES: list[tuple[dict[str, Any], str]] = [
     ({"table": "t t", "key": "k", "op": "set", "change": to_value(1)}, "table name 't t' is invalid"),
     ({"table": "t", "key": "", "op": "set", "change": to_value(1)}, "key name '' is invalid"),
@@ -184,6 +193,11 @@ BAD_UPDATES: list[tuple[dict[str, Any], str]] = [
     ),
     ({"table": "_config", "key": "x", "op": "set", "change": to_value("LWW")}, "must be an object like"),
     ({"table": "unknown", "key": "k", "op": "jump", "change": to_value(1)}, "unknown op 'jump'"),
+    (
+        {"table": "t", "key": "k", "op": "set", "change": to_value(nested_lists(MAX_DEPTH))},
+        f"the change nests arrays and objects too deeply: with the KV event around it (table, key, op), "
+        f"a write may nest at most {MAX_DEPTH} levels",
+    ),
 ]
 
 

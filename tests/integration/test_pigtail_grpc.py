@@ -16,6 +16,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail.service import create
+from potboiler.server.log import MAX_DEPTH
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
 from potboiler.v1 import pigtail_pb2 as pb
@@ -258,6 +259,16 @@ async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail
     ]
     for call in bad:
         assert (await rpc_error(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    deep: Any = "x"
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    error = await rpc_error(
+        n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=body({"task_name": "x", "info": deep})))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"with the Pigtail event around it, a request may nest at most {MAX_DEPTH} levels" in (
+        error.details() or ""
+    )
     assert n.node.log.position == position
 
 
