@@ -28,7 +28,7 @@ from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.errors import InvalidArgument, TooDeep
 from potboiler.server.jsonvalue import to_value
-from potboiler.server.log import DeliveredBatch
+from potboiler.server.log import MAX_DEPTH, DeliveredBatch
 from potboiler.server.logclient import Linger, apply_forever
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
@@ -105,10 +105,10 @@ class KvService:
         """Append a planned write; returns its entry once durable (reads wait until it is applied)."""
         try:
             entry = await self._context.log.append(to_value(planned.event.to_json()), planned.dependencies)
-        except TooDeep as exc:
+        except TooDeep:
             raise InvalidArgument(
-                f"the change nests arrays and objects too deeply: with the KV event around it (table, "
-                f"key, op), a write may nest at most {exc.limit} levels"
+                "the change is nested too deeply: the KV event that carries it (the change beside "
+                f"table, key and op) would nest deeper than {MAX_DEPTH} levels of arrays and objects"
             ) from None
         self._answered_seq = max(self._answered_seq, entry.seq)
         if planned.event.table == CONFIG_TABLE:

@@ -61,7 +61,7 @@ from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooDeep, Unavailable
 from potboiler.server.hlc import HybridClock
-from potboiler.server.log import DeliveredBatch
+from potboiler.server.log import MAX_DEPTH, DeliveredBatch
 from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
@@ -277,10 +277,10 @@ class Pigtail:
         deps = [d for d in dict.fromkeys(dependencies) if d is not None]
         try:
             entry = await self._log.append(event_data(event), deps)
-        except TooDeep as exc:
+        except TooDeep:
             raise InvalidArgument(
-                f"the request's JSON nests arrays and objects too deeply: with the Pigtail event "
-                f"around it, a request may nest at most {exc.limit} levels"
+                "the request's JSON is nested too deeply: the Pigtail event that carries it would "
+                f"nest deeper than {MAX_DEPTH} levels of arrays and objects"
             ) from None
         if entry.id in self._recent:
             return entry

@@ -3,9 +3,18 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Self
+
 
 class PotboilerError(Exception):
     """Base of every error a client can cause; the message says what was wrong."""
+
+    def prefixed(self, prefix: str) -> Self:
+        """The same error (class and attributes) with `prefix` before its message."""
+        error = copy.copy(self)
+        error.args = (f"{prefix}{self}",)
+        return error
 
 
 class InvalidArgument(PotboilerError):
@@ -13,12 +22,8 @@ class InvalidArgument(PotboilerError):
 
 
 class TooDeep(InvalidArgument):
-    """JSON data nests arrays and objects deeper than `limit` levels (services that wrap a client's
+    """JSON data nests arrays and objects deeper than the log takes (services that wrap a client's
     value in an event say so in their own words)."""
-
-    def __init__(self, message: str, limit: int) -> None:
-        super().__init__(message)
-        self.limit = limit
 
 
 class NotFound(PotboilerError):

@@ -90,7 +90,6 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-@functools.cache
 def services_by_port() -> dict[str, list[str]]:
     """The gRPC services each REST listener transcodes, from the descriptor set (see `listener_of`)."""
     out: dict[str, list[str]] = {"core": [], "kv": [], "browser": [], "pigtail": []}
@@ -209,7 +208,6 @@ def render(
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
-    raw_routes = [json.dumps(r.route()) for r in raw_body_routes()]
     [indent] = re.findall(r"^( *)\$\{RAW_BODY_ROUTES\}", listener, re.M)
     [mapper_indent] = re.findall(r"^( *)\$\{ERROR_CODE_MAPPERS\}", listener, re.M)
     blocks = []
@@ -229,7 +227,8 @@ def render(
             SERVICES=json.dumps(services[name]),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
-            RAW_BODY_ROUTES=("\n" + indent).join(f"- {r}" for r in raw_routes) or "# (none)",
+            RAW_BODY_ROUTES=("\n" + indent).join(f"- {json.dumps(r.route())}" for r in raw_body_routes(name))
+            or "# (none)",
             METHOD_ROUTES=("\n" + indent).join(f"- {json.dumps(r)}" for r in method_routes(name))
             or "# (none)",
             ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(

@@ -75,7 +75,7 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     if size > MAX_ENTRY_BYTES:
         raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
     if size > _MIN_BYTES_PER_LEVEL * MAX_DEPTH and _too_deep(data):
-        raise TooDeep(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects", MAX_DEPTH)
+        raise TooDeep(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects")
     if _NON_FINITE_HINT.search(serialized) and _has_non_finite(data):
         raise InvalidArgument("entry data must be JSON, which has no NaN or infinite numbers")
     deps = tuple(parse_uuid(d, "dependency") for d in dependencies) if dependencies else ()

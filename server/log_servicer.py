@@ -40,7 +40,7 @@ def validate_batch(requests: Sequence[log_pb2.AppendEntryRequest]) -> list[NewEn
         try:
             out.append(validate_new_entry(r.data if r.HasField("data") else None, r.dependencies))
         except PotboilerError as exc:
-            raise type(exc)(f"entry {i}: {exc}") from None
+            raise exc.prefixed(f"entry {i}: ") from None
     return out
 
 

@@ -72,24 +72,32 @@ def rest_bindings() -> list[RestBinding]:
             for method in service.method:
                 rule = method.options.Extensions[annotations_pb2.http]
                 kind = rule.WhichOneof("pattern")
-                if kind is None or kind == "custom":
+                if kind is None:
                     continue
+                if kind == "custom" or rule.additional_bindings:
+                    # The routes here would answer 405 to the methods of such bindings.
+                    raise ValueError(
+                        f"{service.name}.{method.name}: custom and additional bindings are not supported"
+                    )
                 raw = bool(rule.body) and messages[method.input_type].get(rule.body) == ".google.api.HttpBody"
                 out.append(RestBinding(listener_of(service.name), kind.upper(), getattr(rule, kind), raw))
     return out
 
 
+def _segments(template: str) -> list[str | None]:
+    """A template's segments, None for a variable."""
+    return [None if _VARIABLE.fullmatch(s) else s for s in template.split("/")]
+
+
 def path_match(template: str) -> dict[str, object]:
     """An Envoy route match for the paths of a template: the exact path, or a regex with one
     segment per variable. Templates with wildcards (`**`, `{x=...}`) are refused."""
-    if "{" not in template:
-        if "*" in template:
-            raise ValueError(f"unsupported path template: {template}")
-        return {"path": template}
-    pattern = _VARIABLE.sub("[^/]+", template)
-    if "{" in pattern or "*" in pattern:
+    segments = _segments(template)
+    if any(s is not None and ("{" in s or "*" in s) for s in segments):
         raise ValueError(f"unsupported path template: {template}")
-    return {"safe_regex": {"regex": pattern}}
+    if all(s is not None for s in segments):
+        return {"path": template}
+    return {"safe_regex": {"regex": "/".join("[^/]+" if s is None else re.escape(s) for s in segments)}}
 
 
 @dataclass(frozen=True)
@@ -112,14 +120,14 @@ class RawBodyRoute:
         }
 
 
-def raw_body_routes() -> list[RawBodyRoute]:
-    """Every REST path of the descriptor set whose `body` is a google.api.HttpBody field."""
-    return [RawBodyRoute(b.method, b.path) for b in rest_bindings() if b.raw_body]
-
-
-def _segments(template: str) -> list[str | None]:
-    """A template's segments, None for a variable."""
-    return [None if _VARIABLE.fullmatch(s) else s for s in template.split("/")]
+def raw_body_routes(listener: str | None = None) -> list[RawBodyRoute]:
+    """Every REST path of the descriptor set (of one listener, if given) whose `body` is a
+    google.api.HttpBody field."""
+    return [
+        RawBodyRoute(b.method, b.path)
+        for b in rest_bindings()
+        if b.raw_body and listener in (None, b.listener)
+    ]
 
 
 def overlap(a: str, b: str) -> bool:

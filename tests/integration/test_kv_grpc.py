@@ -195,8 +195,8 @@ BAD_UPDATES: list[tuple[dict[str, Any], str]] = [
     ({"table": "unknown", "key": "k", "op": "jump", "change": to_value(1)}, "unknown op 'jump'"),
     (
         {"table": "t", "key": "k", "op": "set", "change": to_value(nested_lists(MAX_DEPTH))},
-        f"the change nests arrays and objects too deeply: with the KV event around it (table, key, op), "
-        f"a write may nest at most {MAX_DEPTH} levels",
+        f"the change is nested too deeply: the KV event that carries it (the change beside table, key and "
+        f"op) would nest deeper than {MAX_DEPTH} levels",
     ),
 ]
 

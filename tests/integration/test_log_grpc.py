@@ -18,7 +18,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, wall_clock_ms
-from potboiler.server.log import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_ENTRY_BYTES, Log, NewEntry
+from potboiler.server.log import (
+    MAX_BATCH_ENTRIES,
+    MAX_DEPENDENCIES,
+    MAX_DEPTH,
+    MAX_ENTRY_BYTES,
+    Log,
+    NewEntry,
+)
 from potboiler.server.log_servicer import MAX_SUBSCRIBE_BYTES
 from potboiler.server.processes import find_base_port
 from potboiler.server.storage import MemoryStore
@@ -677,6 +684,26 @@ def nested(depth: int, shape: str) -> log_pb2.AppendEntryRequest:
 async def test_too_deeply_nested_data_is_invalid_argument(grpc_node: GrpcNode, shape: str) -> None:
     error = await rpc_error(grpc_node.log.AppendEntry(nested(80, shape)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_too_deep_data_in_a_batch_or_stream_is_invalid_argument_naming_the_entry(
+    grpc_node: GrpcNode,
+) -> None:
+    entries = [request(1), nested(MAX_DEPTH + 1, "lists")]
+    error = await rpc_error(grpc_node.log.AppendEntries(log_pb2.AppendEntriesRequest(entries=entries)))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"entry 1: entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects",
+    )
+    stream = grpc_node.log.AppendEntryStream()
+    await stream.write(log_pb2.AppendEntryStreamRequest(entries=entries))
+    await stream.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for _ in stream:
+            pass
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entry 1: entry data is nested deeper" in (failed.value.details() or "")
+    assert (await grpc_node.log.ListHeads(log_pb2.ListHeadsRequest())).heads == []
 
 
 @pytest.mark.parametrize("shape", ["lists", "objects"])

@@ -266,7 +266,7 @@ async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail
         n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=body({"task_name": "x", "info": deep})))
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"with the Pigtail event around it, a request may nest at most {MAX_DEPTH} levels" in (
+    assert f"the Pigtail event that carries it would nest deeper than {MAX_DEPTH} levels" in (
         error.details() or ""
     )
     assert n.node.log.position == position

@@ -56,7 +56,7 @@ def test_render_routes_raw_bodies_to_the_responses_only_lua() -> None:
     ]
     routes = [json.loads(line) for line in route_lines]
     assert RawBodyRoute("POST", "/kv/{table}/{key}") in raw_body_routes()
-    assert len(routes) == 4 * len(raw_body_routes())  # on every listener
+    assert len(routes) == len(raw_body_routes())  # each on its own listener
     responses = (LUA_DIR / "responses.lua").read_text()
     request_check = (LUA_DIR / "request_json.lua").read_text()
     assert "raw_body: {inline_string: " + json.dumps(responses) + "}" in config

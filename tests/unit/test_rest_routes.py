@@ -8,11 +8,13 @@ import re
 import pytest
 
 from potboiler.server.rest_routes import (
+    RawBodyRoute,
     RestBinding,
     allowed_methods,
     method_routes,
     overlap,
     path_match,
+    raw_body_routes,
     rest_bindings,
 )
 
@@ -95,6 +97,31 @@ def test_a_method_no_binding_takes_gets_405_with_allow(
 def test_unknown_paths_are_left_to_the_transcoder() -> None:
     assert route_for(method_routes("core"), "GET", "/nope") is None
     assert route_for(method_routes("kv"), "GET", "/kv/t/k/extra") is None
+
+
+def test_transcoded_requests_pass_every_method_route() -> None:
+    # The transcoder rewrites :path to the RPC's and Envoy picks a route again: it must be the
+    # catch-all to the node, not a REST template's 405.
+    for listener in ("core", "kv", "browser", "pigtail"):
+        for method in ("POST", "GET"):
+            assert (
+                route_for(method_routes(listener), method, "/potboiler.v1.KvRestService/GetKvValue") is None
+            )
+
+
+def test_literal_segments_match_only_themselves() -> None:
+    regex = path_match("/v1.0/{id}")["safe_regex"]
+    assert isinstance(regex, dict)
+    assert re.fullmatch(regex["regex"], "/v1.0/x")
+    assert not re.fullmatch(regex["regex"], "/v1x0/x")
+
+
+def test_raw_body_routes_belong_to_their_listener() -> None:
+    assert RawBodyRoute("POST", "/log") in raw_body_routes("core")
+    assert RawBodyRoute("POST", "/log") not in raw_body_routes("kv")
+    assert {r for listener in ("core", "kv", "browser", "pigtail") for r in raw_body_routes(listener)} == set(
+        raw_body_routes()
+    )
 
 
 def test_wildcard_templates_are_refused() -> None:
