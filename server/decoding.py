@@ -7,6 +7,11 @@ with a deserializer that turns such a failure into an `Undecodable` value instea
 that answers it with INVALID_ARGUMENT (in a request stream, the bad message raises
 `UndecodableRequest`, an InvalidArgument, where the servicer reads it).
 Handlers are wrapped once, at registration, so a good request pays one isinstance check.
+
+Handlers registered here also serialize JSON-shaped responses (`Struct`, `Value`, `ListValue`, what
+the REST paths answer) with each object's keys sorted: a Struct's fields are a protobuf map, written
+in no particular order, so the same entry or value printed differently on every node (Envoy prints
+them in wire order). Sorting costs about 1 µs per answer.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError, Message
 
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.grpc_errors import abort
@@ -67,11 +73,22 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+def _serialize_sorted(response: Message) -> bytes:
+    return response.SerializeToString(deterministic=True)
+
+
+def _stable(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """`serialize`, or for a JSON-shaped message type its deterministic (sorted map keys) form."""
+    json_shaped = (struct_pb2.Struct, struct_pb2.Value, struct_pb2.ListValue)
+    return _serialize_sorted if any(serialize == m.SerializeToString for m in json_shaped) else serialize
+
+
 def guard(handler: Handler) -> Handler:
-    """`handler` with undecodable requests answered INVALID_ARGUMENT."""
+    """`handler` with undecodable requests answered INVALID_ARGUMENT (and JSON-shaped answers
+    serialized with sorted keys)."""
     # The behaviours are coroutine functions (grpc.aio), which grpc's type stubs do not describe.
     parse = _deserializer(handler.request_deserializer)
-    serialize = handler.response_serializer
+    serialize = _stable(handler.response_serializer)
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary
 

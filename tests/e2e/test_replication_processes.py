@@ -119,7 +119,8 @@ def test_three_nodes_writing_concurrently_converge(cluster: Cluster) -> None:
 
     def writer(node: NodeProcess) -> list[str]:
         with httpx.Client(timeout=10) as client:
-            return [client.post(f"{node.url}/log", json={"n": i}).json()["id"] for i in range(150)]
+            data = {"zeta": {"y": 1, "b": [{"k": 2, "c": 3}]}, "alpha": True}
+            return [client.post(f"{node.url}/log", json={"n": i, **data}).json()["id"] for i in range(150)]
 
     results: list[list[str]] = [[] for _ in nodes]
     threads = [threading.Thread(target=lambda i=i: results[i].extend(writer(nodes[i]))) for i in range(3)]
@@ -136,8 +137,11 @@ def test_three_nodes_writing_concurrently_converge(cluster: Cluster) -> None:
         assert set(ids) == acknowledged
     sample = sorted(acknowledged)[:20]
     for entry_id in sample:
-        bodies = [httpx.get(f"{n.url}/log/{entry_id}", timeout=5).json() for n in nodes]
-        assert bodies[0] == bodies[1] == bodies[2]
+        bodies = [httpx.get(f"{n.url}/log/{entry_id}", timeout=5).content for n in nodes]
+        assert bodies[0] == bodies[1] == bodies[2]  # byte for byte: objects print with sorted keys
+        entry = json.loads(bodies[0])
+        assert list(entry) == sorted(entry) and list(entry["data"]) == ["alpha", "n", "zeta"]
+        assert list(entry["data"]["zeta"]["b"][0]) == ["c", "k"]
 
 
 def test_node_added_later_catches_up(cluster: Cluster) -> None:
