@@ -6,7 +6,7 @@ import orjson
 from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail.machine import JSONValue, ListEntry, QueueConfig, TaskStatus, TaskView
-from potboiler.server.jsonvalue import set_value
+from potboiler.server.jsonvalue import set_value, sorted_keys
 from potboiler.v1 import pigtail_pb2
 
 STATES: dict[TaskStatus, pigtail_pb2.TaskState.ValueType] = {
@@ -67,7 +67,7 @@ def rest_view(view: TaskView, *, verbose: bool = False, with_id: bool = False) -
         out["id"] = view["task_id"]
     out["task_name"] = view["task_name"]
     out["state"] = view["state"]
-    out["info"] = view["info"]
+    out["info"] = sorted_keys(view["info"])  # the same on every node, as GET /log/{id} prints data
     out["worker"] = view["worker"]
     if verbose:
         for key in (

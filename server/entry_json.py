@@ -35,6 +35,7 @@ def entry_struct(entry: Entry) -> Struct:
 
 
 def entry_json(entry: Entry) -> bytes:
-    """The entry as compact JSON bytes (what webhooks receive), numbers as GET /log/{id} prints them:
-    integral ones as integers (protobuf's own printer writes every Struct number as a float)."""
-    return orjson.dumps(from_struct(entry_struct(entry)))
+    """The entry as compact JSON bytes (what webhooks receive), printed as GET /log/{id} prints it:
+    keys sorted, integral numbers as integers (protobuf's own printer writes every Struct number as
+    a float)."""
+    return orjson.dumps(from_struct(entry_struct(entry)), option=orjson.OPT_SORT_KEYS)

@@ -94,3 +94,12 @@ def to_struct(x: dict[str, JSON]) -> Struct:
     for k, y in x.items():
         set_value(out.fields[k], y)
     return out
+
+
+def sorted_keys(x: JSON) -> JSON:
+    """`x` with every object's keys in sorted order (how the REST answers print objects)."""
+    if isinstance(x, dict):
+        return {k: sorted_keys(x[k]) for k in sorted(x)}
+    if isinstance(x, list):
+        return [sorted_keys(v) for v in x]
+    return x

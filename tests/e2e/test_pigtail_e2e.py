@@ -155,15 +155,16 @@ def test_example_lease_worker(pig: Pigtail, node: NodeProcess) -> None:
 
 def test_claim_conflict_is_409(pig: Pigtail) -> None:
     queue = pig.create(timeout_ms=60_000)
-    task_id = pig.add(queue, info={"foo": "bar"})
+    task_id = pig.add(queue, info={"foo": "bar", "abc": {"z": 1, "a": 2}})
     first = pig.claim(queue, task_id, "w1")
     assert first.status_code == 200
     assert first.json() == {
         "task_name": "hello_world",
         "state": "working",
-        "info": {"foo": "bar"},
+        "info": {"foo": "bar", "abc": {"z": 1, "a": 2}},
         "worker": "w1",
     }
+    assert list(first.json()["info"]) == ["abc", "foo"] and list(first.json()["info"]["abc"]) == ["a", "z"]
     second = pig.claim(queue, task_id, "w2")
     assert second.status_code == 409 and "w1" in second.json()["message"]
     assert pig.claim(queue, task_id, "w1").status_code == 200  # the holder renews

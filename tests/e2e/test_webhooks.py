@@ -164,7 +164,7 @@ def test_every_entry_in_causal_order(
     ids = list(before)
     for i in range(12):
         deps = [ids[-2], ids[-3]] if i % 3 == 0 else []
-        ids.append(append(http, {"i": i, "nested": {"list": [i, None]}}, deps))
+        ids.append(append(http, {"nested": {"list": [i, None]}, "i": i}, deps))
 
     wait_for_sync(lambda: len(receiver.accepted()) >= len(ids), message=lambda: f"{len(receiver.accepted())}")
     bodies = receiver.accepted()
@@ -173,6 +173,7 @@ def test_every_entry_in_causal_order(
     assert_causal(bodies)
     for body in bodies:
         assert set(body) == ENTRY_KEYS
+        assert list(body) == sorted(body) and list(body["data"]) == sorted(body["data"])  # as GET prints
         assert without_next(body) == without_next(http.get(f"/log/{body['id']}").json())
     assert all(a.content_type == "application/json" for a in receiver.attempts())
 
