@@ -74,10 +74,10 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--auth-tokens",
         type=Path,
-        help="require bearer tokens: a file of '<sha256 hex> <read|write>' lines (see hash-token)",
+        help="require bearer tokens: a file of '<sha256 hex> <read|write|admin>' lines (see hash-token)",
     )
     group.add_argument(
-        "--peer-token", help="token sent when dialing peers that require tokens (without mTLS)"
+        "--peer-token", help="admin token sent when dialing peers that require tokens (without mTLS)"
     )
     group.add_argument(
         "--peer-token-file", type=Path, help="file holding the peer token (instead of --peer-token)"

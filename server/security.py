@@ -110,10 +110,20 @@ class RestTlsFiles:
 
 
 class Role(enum.Enum):
-    """What a token may do: `read` calls only read RPCs; `write` calls everything."""
+    """What a token may do: `read` calls only read RPCs; `write` also appends, writes KV and
+    Pigtail and registers webhooks; `admin` also changes the cluster (adds and removes members) and
+    replicates (a peer token, without mTLS, must be an admin token)."""
 
     READ = "read"
     WRITE = "write"
+    ADMIN = "admin"
+
+    def allows(self, need: Role) -> bool:
+        """Whether a token of this role may call an RPC that needs `need`."""
+        return _RANK[self] >= _RANK[need]
+
+
+_RANK = {Role.READ: 0, Role.WRITE: 1, Role.ADMIN: 2}
 
 
 #: Longest bearer token accepted (longer ones are refused unhashed).
@@ -135,7 +145,7 @@ def token_line(token: str, role: Role) -> str:
 class TokenStore:
     """Hashed tokens with their roles, as read from a tokens file.
 
-    The file has one token per line, `<sha256 hex of the token> <read|write> [label]`; blank lines
+    The file has one token per line, `<sha256 hex of the token> <read|write|admin> [label]`; blank lines
     and lines starting with `#` are ignored. A presented token is hashed and compared with EVERY
     stored hash using `hmac.compare_digest` (constant time, no early exit), so neither the timing of
     one comparison nor the number of comparisons tells how close a guess was or which entry it hit.
@@ -158,12 +168,12 @@ class TokenStore:
                 continue
             fields = line.split()
             if len(fields) < 2:
-                raise SecurityConfigError(f"{source}:{number}: expected '<sha256 hex> <read|write>'")
+                raise SecurityConfigError(f"{source}:{number}: expected '<sha256 hex> <read|write|admin>'")
             try:
                 role = Role(fields[1].lower())
             except ValueError:
                 raise SecurityConfigError(
-                    f"{source}:{number}: role {fields[1]!r} is not 'read' or 'write'"
+                    f"{source}:{number}: role {fields[1]!r} is not 'read', 'write' or 'admin'"
                 ) from None
             try:
                 cls([(fields[0], role)])
@@ -194,7 +204,7 @@ class TokenStore:
         found: Role | None = None
         for digest, role in self._entries:
             # Every entry is compared, matched or not: the time taken does not depend on which one.
-            if hmac.compare_digest(presented, digest) and (found is None or role is Role.WRITE):
+            if hmac.compare_digest(presented, digest) and (found is None or role.allows(found)):
                 found = role
         return found
 
@@ -212,6 +222,11 @@ READ_PREFIXES = ("/grpc.reflection.",)
 PEER_METHODS = frozenset({"/potboiler.v1.ReplicationService/Replicate"})
 #: Verbs of read RPCs (after an optional `Rest` prefix, as in `RestGetTask`).
 READ_VERBS = ("Get", "List", "Subscribe")
+#: The RPCs that change the cluster itself: whoever may call them can make nodes send their peer
+#: token (and every entry) to a server of theirs.
+ADMIN_METHODS = frozenset(
+    {"/potboiler.v1.NodesService/AddNode", "/potboiler.v1.NodesService/RemoveNode", *PEER_METHODS}
+)
 
 
 def required_role(method: str) -> Role | None:
@@ -221,11 +236,16 @@ def required_role(method: str) -> Role | None:
         return None
     if method.startswith(READ_PREFIXES):
         return Role.READ
+    if method in ADMIN_METHODS:
+        return Role.ADMIN
     name = method.rsplit("/", 1)[-1]
     name = name.removeprefix("Rest")
-    if name.startswith(READ_VERBS) and method not in PEER_METHODS:
+    if name.startswith(READ_VERBS):
         return Role.READ
     return Role.WRITE
+
+
+_A = {Role.READ: "a", Role.WRITE: "a", Role.ADMIN: "an"}
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -316,11 +336,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     - Health checks (`grpc.health.v1.Health`) are always open.
     - With `tokens`: every other call needs `authorization: Bearer <token>` with a known token
-      (else UNAUTHENTICATED, REST 401); read RPCs (Get*, List*, Subscribe*, reflection) need a
-      `read` or `write` token, every other RPC a `write` token (else PERMISSION_DENIED, REST 403).
+      (else UNAUTHENTICATED, REST 401); read RPCs (Get*, List*, Subscribe*, reflection) need any
+      token, the cluster's own (ADMIN_METHODS: adding and removing members, replicating) an `admin`
+      token, every other RPC a `write` or `admin` token (else PERMISSION_DENIED, REST 403).
     - With `peer_certificates` (mTLS on): ReplicationService/Replicate called directly (not
       through the gateway) is authenticated by the peer's verified certificate, no token needed;
-      through the gateway it needs a write token, and is refused outright when there are no tokens.
+      through the gateway it needs an admin token, and is refused outright when there are no tokens.
     """
 
     def __init__(self, tokens: TokenStore | None, *, peer_certificates: bool) -> None:
@@ -361,14 +382,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         role = self._tokens.role_of(token)
         if role is None:
             return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "the token is not valid")
-        if need is Role.WRITE and role is not Role.WRITE:
+        if not role.allows(need):
             if method in PEER_METHODS:
                 # Not PERMISSION_DENIED: to a dialing peer that means "you were removed".
-                return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "replication needs a write token")
+                return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "replication needs an admin token")
             return _refuse(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{method.rsplit('/', 1)[-1]} needs a write token; this token may only read",
+                f"{method.rsplit('/', 1)[-1]} needs {_A[need]} {need.value} token; this one is {_A[role]} "
+                f"{role.value} token",
             )
         return handler
 
@@ -591,6 +613,14 @@ class SecurityConfig:
             return [
                 "auth tokens are on, but neither mTLS (--tls-*) nor a peer token (--peer-token-file) "
                 "is: peers checking tokens refuse this node's replication streams (UNAUTHENTICATED)"
+            ]
+        role = (
+            None if self.tokens is None or self.peer_token is None else self.tokens.role_of(self.peer_token)
+        )
+        if self.tls is None and role is not None and not role.allows(Role.ADMIN):
+            return [
+                f"the peer token is a {role.value} token in this node's tokens file: peers with the "
+                "same file refuse its replication streams (replicating needs an admin token)"
             ]
         return []
 

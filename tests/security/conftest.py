@@ -6,7 +6,7 @@ itself under that name, as tests/conftest.py does).
 
 - `pki`: a cluster CA with a node certificate for 127.0.0.1/localhost, and a second, unrelated CA
   with a certificate of its own (a rogue node), all as PEM files.
-- `tokens`: a tokens file with one read and one write token.
+- `tokens`: a tokens file with one read, one write and one admin token.
 - `nodes`: starts `potboiler node` processes on free ports; every one is stopped at teardown.
 - `Receiver`: an HTTP server on 127.0.0.1 (port from the OS) whose answers a test chooses.
 """
@@ -92,16 +92,19 @@ def pki(tmp_path: Path) -> Pki:
 
 READ_TOKEN = "read-token-0123456789"
 WRITE_TOKEN = "write-token-9876543210"
+ADMIN_TOKEN = "admin-token-5555555555"
 
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
-    """A tokens file with READ_TOKEN (read) and WRITE_TOKEN (write), stored hashed."""
+    """A tokens file with READ_TOKEN (read), WRITE_TOKEN (write) and ADMIN_TOKEN (admin), stored
+    hashed."""
     path = tmp_path / "tokens"
     lines = [
-        "# role read, then write",
+        "# role read, then write, then admin",
         token_line(READ_TOKEN, Role.READ),
         token_line(WRITE_TOKEN, Role.WRITE),
+        token_line(ADMIN_TOKEN, Role.ADMIN),
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

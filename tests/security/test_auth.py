@@ -1,7 +1,7 @@
 """Client authentication with bearer tokens, on real node processes: over REST through Envoy and
 over direct gRPC alike, no token or a bad token is 401 / UNAUTHENTICATED, a read token reads but
-cannot write (403 / PERMISSION_DENIED), a write token does both, health checks stay open. Peers
-authenticate with a write token without mTLS, with their certificate with mTLS; and a hardened
+cannot write (403 / PERMISSION_DENIED), a write token does both but cannot change the cluster (an
+admin token can), health checks stay open. Peers authenticate with an admin token without mTLS, with their certificate with mTLS; and a hardened
 node (mTLS, tokens, HTTPS for REST) serves REST over HTTPS only."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from potboiler.server import cli
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from tests.conftest import wait_for_sync
-from tests.security.conftest import READ_TOKEN, WRITE_TOKEN, Nodes, Pki
+from tests.security.conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN, Nodes, Pki
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +60,18 @@ def test_rest_needs_a_token_and_a_write_token_to_write(token_node: NodeProcess) 
         entry_id = created.json()["id"]
         assert http.get(f"/log/{entry_id}", headers=bearer(READ_TOKEN)).json()["data"] == {"x": 1}
         assert http.get(f"/log/{entry_id}", headers=bearer(WRITE_TOKEN)).status_code == 200
+
+        # Changing the cluster needs an admin token: a write token could otherwise make this node
+        # send its peer token and every entry to a server of the writer's choosing.
+        member = {"url": "http://127.0.0.1:1"}
+        refused = http.post("/nodes", json=member, headers=bearer(WRITE_TOKEN))
+        assert refused.status_code == 403, refused.text
+        assert "AddNode needs an admin token; this one is a write token" in refused.json()["message"]
+        assert http.request("DELETE", "/nodes", json=member, headers=bearer(WRITE_TOKEN)).status_code == 403
+        assert http.post("/nodes", json=member, headers=bearer(ADMIN_TOKEN)).status_code == 204
+        assert http.get("/nodes", headers=bearer(READ_TOKEN)).json() == [member["url"]]
+        assert http.request("DELETE", "/nodes", json=member, headers=bearer(ADMIN_TOKEN)).status_code == 204
+        assert http.post("/log", json={"by": "admin"}, headers=bearer(ADMIN_TOKEN)).status_code == 201
 
     # The other REST ports (KV here) are covered by the same check.
     with httpx.Client(base_url=token_node.port_url(token_node.ports.kv), timeout=30) as kv:
@@ -111,12 +123,12 @@ def entry_owner(http: httpx.Client, entry_id: str, token: str) -> str:
     return owner
 
 
-def test_without_mtls_peers_need_a_write_token(nodes: Nodes, tokens: Path, tmp_path: Path) -> None:
-    (tmp_path / "peer-token").write_text(WRITE_TOKEN + "\n")
+def test_without_mtls_peers_need_an_admin_token(nodes: Nodes, tokens: Path, tmp_path: Path) -> None:
+    (tmp_path / "peer-token").write_text(ADMIN_TOKEN + "\n")
     common = ["--auth-tokens", str(tokens)]
     a = nodes("a", extra_args=[*common, "--peer-token-file", str(tmp_path / "peer-token")])
-    b = nodes("b", peers=[a.url], extra_args=[*common, "--peer-token", WRITE_TOKEN])
-    reader = nodes("reader", peers=[a.url], extra_args=[*common, "--peer-token", READ_TOKEN])
+    b = nodes("b", peers=[a.url], extra_args=[*common, "--peer-token", ADMIN_TOKEN])
+    writer = nodes("writer", peers=[a.url], extra_args=[*common, "--peer-token", WRITE_TOKEN])
     anonymous = nodes("anonymous", peers=[a.url], extra_args=common)
     with (
         httpx.Client(base_url=a.rest_url, timeout=30) as http_a,
@@ -128,7 +140,7 @@ def test_without_mtls_peers_need_a_write_token(nodes: Nodes, tokens: Path, tmp_p
             lambda: http_b.get("/log", headers=bearer(READ_TOKEN)).json().get(owner) == entry_id,
             message="a's entry on b",
         )
-        for refused in (reader, anonymous):
+        for refused in (writer, anonymous):
             with httpx.Client(base_url=refused.rest_url, timeout=30) as http:
 
                 def failed(http: httpx.Client = http) -> bool:

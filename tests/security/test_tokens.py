@@ -39,12 +39,14 @@ def test_a_store_gives_each_token_its_role() -> None:
                 "",
                 token_line("reader", Role.READ),
                 f"{hash_token('writer').upper()} WRITE  ci-deploy",
+                token_line("operator", Role.ADMIN),
             ]
         )
     )
-    assert len(store) == 2
+    assert len(store) == 3
     assert store.role_of("reader") is Role.READ
     assert store.role_of("writer") is Role.WRITE
+    assert store.role_of("operator") is Role.ADMIN
     assert store.role_of("nobody") is None
     assert store.role_of("") is None
     assert store.role_of("x" * 10_000) is None
@@ -53,6 +55,8 @@ def test_a_store_gives_each_token_its_role() -> None:
 def test_the_same_token_listed_twice_gets_the_stronger_role() -> None:
     store = TokenStore.parse(f"{token_line('t', Role.WRITE)}\n{token_line('t', Role.READ)}\n")
     assert store.role_of("t") is Role.WRITE
+    store = TokenStore.parse(f"{token_line('t', Role.ADMIN)}\n{token_line('t', Role.WRITE)}\n")
+    assert store.role_of("t") is Role.ADMIN
 
 
 def test_every_stored_hash_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +85,7 @@ def test_every_stored_hash_is_compared_in_constant_time(monkeypatch: pytest.Monk
         ("# only a comment\n", "no tokens"),
         ("abc read\n", "not a SHA-256"),
         (f"{hash_token('x')}\n", "expected"),
-        (f"{hash_token('x')} admin\n", "not 'read' or 'write'"),
+        (f"{hash_token('x')} owner\n", "not 'read', 'write' or 'admin'"),
         (f"{'g' * 64} read\n", "not a SHA-256"),
     ],
 )
@@ -109,7 +113,8 @@ def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
         ("/potboiler.v1.LogService/AppendEntry", Role.WRITE),
         ("/potboiler.v1.LogService/AppendEntryStream", Role.WRITE),
         ("/potboiler.v1.NodesService/GetStatus", Role.READ),
-        ("/potboiler.v1.NodesService/AddNode", Role.WRITE),
+        ("/potboiler.v1.NodesService/AddNode", Role.ADMIN),
+        ("/potboiler.v1.NodesService/RemoveNode", Role.ADMIN),
         ("/potboiler.v1.WebhooksService/ListWebhooks", Role.READ),
         ("/potboiler.v1.WebhooksService/RegisterWebhook", Role.WRITE),
         ("/potboiler.v1.KvService/GetValue", Role.READ),
@@ -118,11 +123,13 @@ def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
         ("/potboiler.v1.PigtailRestService/RestGetTask", Role.READ),
         ("/potboiler.v1.PigtailRestService/RestClaimTask", Role.WRITE),
         ("/potboiler.v1.PigtailService/LeaseTasks", Role.WRITE),
-        ("/potboiler.v1.ReplicationService/Replicate", Role.WRITE),
+        ("/potboiler.v1.ReplicationService/Replicate", Role.ADMIN),
         ("/potboiler.v1.SomethingNew/DoIt", Role.WRITE),
     ],
 )
-def test_reads_need_a_read_token_and_everything_else_a_write_token(method: str, role: Role | None) -> None:
+def test_reads_need_any_token_the_cluster_rpcs_an_admin_one_and_the_rest_a_write_one(
+    method: str, role: Role | None
+) -> None:
     assert required_role(method) is role
 
 
@@ -216,8 +223,15 @@ def test_tokens_without_mtls_or_a_peer_token_are_warned_about() -> None:
     tokens = TokenStore.parse(token_line("t", Role.WRITE))
     assert SecurityConfig(tokens=tokens).warnings() != []
     assert "UNAUTHENTICATED" in SecurityConfig(tokens=tokens).warnings()[0]
-    assert SecurityConfig(tokens=tokens, peer_token="t").warnings() == []
+    assert SecurityConfig(tokens=tokens, peer_token="other").warnings() == []  # not in this file
     assert SecurityConfig().warnings() == []
+
+
+def test_a_peer_token_below_admin_in_the_nodes_own_file_is_warned_about() -> None:
+    tokens = TokenStore.parse(f"{token_line('w', Role.WRITE)}\n{token_line('a', Role.ADMIN)}\n")
+    [warning] = SecurityConfig(tokens=tokens, peer_token="w").warnings()
+    assert "write token" in warning and "needs an admin token" in warning
+    assert SecurityConfig(tokens=tokens, peer_token="a").warnings() == []
 
 
 #: Every RPC of ours a read token may call. Roles follow the name (Get*/List*/Subscribe*), so a new RPC
@@ -235,8 +249,12 @@ READ_RPCS = {
 }
 
 
-def test_exactly_the_listed_rpcs_are_reads_and_every_other_one_a_write() -> None:
+ADMIN_RPCS = {"NodesService": {"AddNode", "RemoveNode"}, "ReplicationService": {"Replicate"}}
+
+
+def test_exactly_the_listed_rpcs_are_reads_or_admin_and_every_other_one_a_write() -> None:
     seen: dict[str, set[str]] = {}
+    admin: dict[str, set[str]] = {}
     for module in pkgutil.iter_modules(potboiler.v1.__path__):
         if not module.name.endswith("_pb2"):
             continue
@@ -247,4 +265,7 @@ def test_exactly_the_listed_rpcs_are_reads_and_every_other_one_a_write() -> None
                 assert role is not None, f"{service.name}/{method.name} is open to anyone"
                 if role is Role.READ:
                     seen.setdefault(service.name, set()).add(method.name)
+                if role is Role.ADMIN:
+                    admin.setdefault(service.name, set()).add(method.name)
     assert seen == READ_RPCS
+    assert admin == ADMIN_RPCS
