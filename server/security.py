@@ -3,7 +3,7 @@
 - mTLS between nodes (`TlsFiles`): the node's direct gRPC server requires a client certificate
   signed by the cluster CA, and replication dials peers with the node's certificate.
 - Client authentication (`TokenStore`, `AuthInterceptor`): bearer tokens, stored as SHA-256 hashes
-  with a role (`read` or `write`), checked by a gRPC server interceptor on every call, so REST
+  with a role (`read`, `write` or `admin`), checked by a gRPC server interceptor on every call, so REST
   through Envoy (which forwards the Authorization header as metadata) and direct gRPC are covered
   alike. Health checks stay open.
 - Webhook SSRF protection (`WebhookPolicy`, `GuardedTransport`): allow all targets, deny private
@@ -222,27 +222,25 @@ READ_PREFIXES = ("/grpc.reflection.",)
 PEER_METHODS = frozenset({"/potboiler.v1.ReplicationService/Replicate"})
 #: Verbs of read RPCs (after an optional `Rest` prefix, as in `RestGetTask`).
 READ_VERBS = ("Get", "List", "Subscribe")
-#: The RPCs that change the cluster itself: whoever may call them can make nodes send their peer
-#: token (and every entry) to a server of theirs.
-ADMIN_METHODS = frozenset(
-    {"/potboiler.v1.NodesService/AddNode", "/potboiler.v1.NodesService/RemoveNode", *PEER_METHODS}
-)
+#: The services of the cluster itself (membership, replication): whoever may call their RPCs that
+#: are not reads can make nodes send their peer token (and every entry) to a server of theirs, so
+#: those need an admin token, including any such RPC added later.
+ADMIN_SERVICES = ("/potboiler.v1.NodesService/", "/potboiler.v1.ReplicationService/")
 
 
 def required_role(method: str) -> Role | None:
     """The role a call of `method` (`/package.Service/Method`) needs; None if it is open.
-    Anything not recognisably a read is a write (fail closed)."""
+    Anything not recognisably a read is a write, or in the cluster's own services an admin call
+    (fail closed)."""
     if method.startswith(OPEN_PREFIXES):
         return None
     if method.startswith(READ_PREFIXES):
         return Role.READ
-    if method in ADMIN_METHODS:
-        return Role.ADMIN
     name = method.rsplit("/", 1)[-1]
     name = name.removeprefix("Rest")
-    if name.startswith(READ_VERBS):
+    if name.startswith(READ_VERBS) and method not in PEER_METHODS:
         return Role.READ
-    return Role.WRITE
+    return Role.ADMIN if method.startswith(ADMIN_SERVICES) else Role.WRITE
 
 
 _A = {Role.READ: "a", Role.WRITE: "a", Role.ADMIN: "an"}
@@ -337,8 +335,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     - Health checks (`grpc.health.v1.Health`) are always open.
     - With `tokens`: every other call needs `authorization: Bearer <token>` with a known token
       (else UNAUTHENTICATED, REST 401); read RPCs (Get*, List*, Subscribe*, reflection) need any
-      token, the cluster's own (ADMIN_METHODS: adding and removing members, replicating) an `admin`
-      token, every other RPC a `write` or `admin` token (else PERMISSION_DENIED, REST 403).
+      token, the cluster's own (ADMIN_SERVICES: adding and removing members, replicating) an
+      `admin` token, every other RPC a `write` or `admin` token (else PERMISSION_DENIED, REST 403).
     - With `peer_certificates` (mTLS on): ReplicationService/Replicate called directly (not
       through the gateway) is authenticated by the peer's verified certificate, no token needed;
       through the gateway it needs an admin token, and is refused outright when there are no tokens.
@@ -614,10 +612,15 @@ class SecurityConfig:
                 "auth tokens are on, but neither mTLS (--tls-*) nor a peer token (--peer-token-file) "
                 "is: peers checking tokens refuse this node's replication streams (UNAUTHENTICATED)"
             ]
-        role = (
-            None if self.tokens is None or self.peer_token is None else self.tokens.role_of(self.peer_token)
-        )
-        if self.tls is None and role is not None and not role.allows(Role.ADMIN):
+        if self.tokens is None or self.peer_token is None or self.tls is not None:
+            return []
+        role = self.tokens.role_of(self.peer_token)
+        if role is None:
+            return [
+                "the peer token is not in this node's tokens file: peers with the same file refuse "
+                "its replication streams (replicating needs an admin token)"
+            ]
+        if not role.allows(Role.ADMIN):
             return [
                 f"the peer token is a {role.value} token in this node's tokens file: peers with the "
                 "same file refuse its replication streams (replicating needs an admin token)"

@@ -124,6 +124,8 @@ def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
         ("/potboiler.v1.PigtailRestService/RestClaimTask", Role.WRITE),
         ("/potboiler.v1.PigtailService/LeaseTasks", Role.WRITE),
         ("/potboiler.v1.ReplicationService/Replicate", Role.ADMIN),
+        ("/potboiler.v1.NodesService/SetPeers", Role.ADMIN),  # any later one too (fail closed)
+        ("/potboiler.v1.ReplicationService/GetReplicas", Role.READ),
         ("/potboiler.v1.SomethingNew/DoIt", Role.WRITE),
     ],
 )
@@ -223,7 +225,6 @@ def test_tokens_without_mtls_or_a_peer_token_are_warned_about() -> None:
     tokens = TokenStore.parse(token_line("t", Role.WRITE))
     assert SecurityConfig(tokens=tokens).warnings() != []
     assert "UNAUTHENTICATED" in SecurityConfig(tokens=tokens).warnings()[0]
-    assert SecurityConfig(tokens=tokens, peer_token="other").warnings() == []  # not in this file
     assert SecurityConfig().warnings() == []
 
 
@@ -232,6 +233,8 @@ def test_a_peer_token_below_admin_in_the_nodes_own_file_is_warned_about() -> Non
     [warning] = SecurityConfig(tokens=tokens, peer_token="w").warnings()
     assert "write token" in warning and "needs an admin token" in warning
     assert SecurityConfig(tokens=tokens, peer_token="a").warnings() == []
+    [missing] = SecurityConfig(tokens=tokens, peer_token="other").warnings()
+    assert "not in this node's tokens file" in missing
 
 
 #: Every RPC of ours a read token may call. Roles follow the name (Get*/List*/Subscribe*), so a new RPC
