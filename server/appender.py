@@ -147,10 +147,9 @@ class Appender:
         """Up to `limit` delivered entries after position `after`, serialized, as (position, bytes);
         with `max_bytes`, only as many as fit in it (but at least one): from the in-memory tail when
         it reaches back that far, else from the store."""
-        tail = self._tail
-        if not (tail and tail[0][0] <= after + 1):
+        start = self._tail_index(after)
+        if start is None:
             return self.log.delivered_blobs(after, limit, max_bytes)
-        start = after + 1 - tail[0][0]
         blobs = self._tail_blobs[start : start + limit]
         return take_delivered(zip(itertools.count(after + 1), blobs), limit, max_bytes)
 
@@ -178,11 +177,16 @@ class Appender:
         """Up to `limit` delivered entries after position `after`, with their serialized forms: from
         the in-memory tail when it reaches back that far, else from the store. The entries are
         shared: do not change them."""
+        start = self._tail_index(after)
+        if start is None:
+            return self.log.delivered_batch(after, limit)
+        return DeliveredBatch(self._tail[start : start + limit], self._tail_blobs[start : start + limit])
+
+    def _tail_index(self, after: int) -> int | None:
+        """Where the entry after position `after` is in the in-memory tail (None when the tail does
+        not reach back that far)."""
         tail = self._tail
-        if tail and tail[0][0] <= after + 1:
-            start = after + 1 - tail[0][0]
-            return DeliveredBatch(tail[start : start + limit], self._tail_blobs[start : start + limit])
-        return self.log.delivered_batch(after, limit)
+        return after + 1 - tail[0][0] if tail and tail[0][0] <= after + 1 else None
 
     def _remember(self, plan: Plan) -> None:
         entries = plan.delivered_entries
