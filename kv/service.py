@@ -28,7 +28,7 @@ from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.errors import InvalidArgument, TooDeep
 from potboiler.server.jsonvalue import to_value
-from potboiler.server.log import MAX_DEPTH, DeliveredBatch
+from potboiler.server.log import MAX_DEPTH, DeliveredBatch, marked
 from potboiler.server.logclient import Linger, apply_forever
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
@@ -169,7 +169,8 @@ class KvService:
         batch = delivered.entries
         self.state.apply_batch(batch, delivered.blobs)
         me = self._context.log.node_id
-        for _, entry in reversed(batch):
+        # Only entries that mention this node's id in their bytes can be its own.
+        for _, entry in reversed(marked(batch, delivered.blobs, me.encode())):
             if entry.owner == me:  # the newest own entry of the batch
                 self._own_seq = max(self._own_seq, entry.seq)
                 break

@@ -52,7 +52,7 @@ from potboiler.pigtail.machine import (
     compact_task,
     queue_config,
 )
-from potboiler.server.log import Promise, marked
+from potboiler.server.log import Promise, marked, newest_of_each_owner
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -251,9 +251,8 @@ class PigtailState:
                 return TaskRecord(state=state, add_id=self._add_ids.get(key))
             return self._load_task(queue, task_id)
 
-        newest: dict[str, Entry] = {}  # each owner's newest entry in the batch (stamps grow along a chain)
-        for _, entry in batch:
-            newest[entry.owner] = entry
+        # Each owner's newest entry in the batch (stamps grow along a chain).
+        newest = newest_of_each_owner([entry for _, entry in batch])
         if blobs is not None:
             batch = marked(batch, blobs, EVENT_MARK)
         for _, entry in batch:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 from potboiler.server.errors import InvalidArgument
 
@@ -23,6 +24,25 @@ def parse_uuid(text: str, what: str = "id") -> bytes:
         if len(raw) == 16:
             return raw
     raise InvalidArgument(f"{what} {text!r} is not a UUID (expected the form 8-4-4-4-12 hex digits)")
+
+
+def parse_uuids(texts: Sequence[str]) -> list[bytes] | None:
+    """The 16 bytes of each UUID in hyphenated form, by the rules of `parse_uuid` but checked and
+    converted all at once (a few string operations in C instead of several per id); None if any
+    one is not a UUID."""
+    count = len(texts)
+    if any(len(text) != 36 for text in texts):
+        return None
+    joined = "".join(texts)
+    if any(joined[i::36].count("-") != count for i in (8, 13, 18, 23)):
+        return None
+    try:
+        flat = bytes.fromhex(joined.replace("-", ""))
+    except ValueError:
+        return None
+    if len(flat) != 16 * count:  # a hyphen elsewhere, or whitespace, took the place of a digit
+        return None
+    return [flat[i : i + 16] for i in range(0, 16 * count, 16)]
 
 
 def uuid_str(raw: bytes) -> str:

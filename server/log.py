@@ -37,7 +37,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.errors import InvalidArgument, NotFound, TooDeep, TooLarge, Unavailable
 from potboiler.server.hlc import HybridClock, Stamp
-from potboiler.server.ids import new_uuid, new_uuids, parse_uuid, uuid_str
+from potboiler.server.ids import new_uuid, new_uuids, parse_uuid, parse_uuids, uuid_str
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -203,6 +203,16 @@ def take_delivered(
     return out
 
 
+def newest_of_each_owner(entries: Sequence[Entry]) -> dict[str, Entry]:
+    """The last entry of each owner in `entries`: its newest, as each owner's entries come in chain
+    order. One owner's entries, as in a catch-up, are found without a look at each entry's owner
+    but one."""
+    owners = [e.owner for e in entries]
+    if owners and owners.count(owners[0]) == len(owners):
+        return {owners[0]: entries[-1]}
+    return dict(zip(owners, entries, strict=True))
+
+
 def marked(
     entries: Sequence[tuple[int, Entry]], blobs: Sequence[bytes], mark: bytes
 ) -> list[tuple[int, Entry]]:
@@ -240,18 +250,26 @@ class Plan:
 
     def deliver(self, raw: bytes, owner: bytes, seq: int, entry: Entry, blob: bytes) -> None:
         """Give the stored entry `raw`, seq `seq` of `owner`'s chain, the next delivery position."""
-        self.position += 1
+        self.deliver_run((raw,), owner, seq, (entry,), (blob,))
+
+    def deliver_run(
+        self, raws: Sequence[bytes], owner: bytes, seq: int, entries: Sequence[Entry], blobs: Sequence[bytes]
+    ) -> None:
+        """Give the stored entries `raws` (seq `seq`, `seq` + 1, ... of `owner`'s chain, with the
+        entries and their serialized forms in the same order) the next delivery positions."""
+        count = len(raws)
         run = self.run
         if run is not None and run.owner == owner and run.seq + run.count == seq:
-            run.count += 1
+            run.count += count
         else:
             if run is not None:
                 self.writes.append(run.record())
-            self.run = DeliveryRun(self.position, owner, seq)
-        self.delivered.append(raw)
-        self.delivered_set.add(raw)
-        self.delivered_entries.append(entry)
-        self.delivered_blobs.append(blob)
+            self.run = DeliveryRun(self.position + 1, owner, seq, count)
+        self.position += count
+        self.delivered.extend(raws)
+        self.delivered_set.update(raws)
+        self.delivered_entries.extend(entries)
+        self.delivered_blobs.extend(blobs)
 
 
 @dataclass
@@ -544,6 +562,10 @@ class Log:
         Each owner's entries are taken only in chain order: an entry already held, or one that would
         leave a gap, is skipped. `blobs`, if given, are the entries serialized (as received), which
         are then stored as they are."""
+        if blobs is not None and not (self._undelivered or plan.undelivered):
+            taken = self._plan_run(plan, entries, blobs)
+            if taken is not None:
+                return taken
         out = []
         chains: dict[str, _Chain] = {}
         pairs = zip(entries, blobs, strict=True) if blobs is not None else ((e, None) for e in entries)
@@ -585,6 +607,44 @@ class Log:
                         latest = Stamp(when.wall_ms, when.logical)
             self.clock.observe_remote(latest)
         return out
+
+    def _plan_run(self, plan: Plan, entries: Sequence[Entry], blobs: Sequence[bytes]) -> list[Entry] | None:
+        """`plan_remote` for the shape a peer sends (a stretch of one owner's chain, as stored, with
+        no dependencies) while nothing waits, a whole batch at a time: about twice as fast as entry
+        by entry, which is what a catch-up spends most of its time on. None, having planned
+        nothing, if the batch has another shape or anything in it is wrong (the entry-by-entry path
+        then says what)."""
+        count = len(entries)
+        if not count or len(blobs) != count:
+            return None
+        owner_text = entries[0].owner
+        first_seq = entries[0].seq
+        if [e.owner for e in entries].count(owner_text) != count or [e.seq for e in entries] != list(
+            range(first_seq, first_seq + count)
+        ):
+            return None
+        chain = self._chain(plan, owner_text)
+        skip = chain.seq + 1 - first_seq
+        if skip < 0 or skip >= count:  # a gap before it, or all of it held already
+            return []
+        taken, blobs = list(entries[skip:]), blobs[skip:]
+        if any(e.dependencies or e.next for e in taken):
+            return None
+        ids = [e.id for e in taken]
+        raws = parse_uuids(ids)
+        if raws is None or [e.prev for e in taken] != [chain.text, *ids[:-1]]:
+            return None
+        seq = chain.seq + 1
+        locations = [chain.owner + _U64.pack(s) for s in range(seq, seq + len(taken))]
+        writes = plan.writes
+        writes.extend(zip([b"o" + location for location in locations], blobs, strict=True))
+        writes.extend(zip([b"e" + raw for raw in raws], locations, strict=True))
+        plan.entries.extend(taken)
+        plan.deliver_run(raws, chain.owner, seq, taken, blobs)
+        plan.heads[chain.owner] = (seq + len(taken) - 1, raws[-1])
+        when = taken[-1].when  # the latest stamp of the chain's stretch (see plan_remote)
+        self.clock.observe_remote(Stamp(when.wall_ms, when.logical))
+        return taken
 
     def _take(
         self,

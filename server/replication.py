@@ -41,7 +41,7 @@ from potboiler.server.feeders import Feeders
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
-from potboiler.server.log import Plan, Promise
+from potboiler.server.log import Plan, Promise, newest_of_each_owner
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
@@ -395,11 +395,12 @@ class Session:
                 blobs = list(message.entries.entries)
                 entries = parse_entries(message.entries)
                 counters.entries_in += len(entries)
-                # The peer holds what it sends; each owner's entries come in chain order.
-                newest = {e.owner: e.seq for e in entries}
+                # The peer holds what it sends.
+                newest = {owner: e.seq for owner, e in newest_of_each_owner(entries).items()}
                 for owner, seq in newest.items():
                     self.peer_has(owner, seq, now)
-                fresh = {e.owner for e in await r.appender.ingest(entries, blobs)}
+                new = await r.appender.ingest(entries, blobs)
+                fresh = set(newest) if new and len(newest) == 1 else {e.owner for e in new}
                 self._redundant |= r.feeders.brought(self, self.peer_id, newest, fresh, time.monotonic())
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":

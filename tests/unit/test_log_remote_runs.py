@@ -1,0 +1,198 @@
+"""Remote batches taken a stretch at a time (`Log._plan_run`) do exactly what entry by entry does.
+
+A peer sends stretches of one owner's chain as stored; `plan_remote` takes such a batch with a few
+list operations when it has that shape and nothing waits, and entry by entry otherwise. Each test
+plans the same batch both ways, on two logs in the same state, and compares everything the plan
+would write and adopt.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from google.protobuf.struct_pb2 import Value
+from hypothesis import given
+from hypothesis import strategies as st
+
+from potboiler.server.errors import InvalidArgument
+from potboiler.server.ids import parse_uuid, parse_uuids
+from potboiler.server.log import Log, NewEntry, Plan
+from potboiler.server.storage import MemoryStore
+from potboiler.v1.entry_pb2 import Entry
+
+
+def make_chain(count: int) -> list[Entry]:
+    """`count` entries of one owner's chain, as its node stores them."""
+    origin = Log(MemoryStore())
+    plan = origin.begin()
+    data = Value(string_value="x")
+    entries = origin.plan_local(plan, [NewEntry(data) for _ in range(count)])
+    return entries
+
+
+def commit(log: Log, entries: Sequence[Entry]) -> None:
+    plan = log.begin()
+    log.plan_remote(plan, [copy(e) for e in entries])
+    log.finish(plan)
+    log._store.write(plan.writes)
+    log.apply(plan)
+
+
+def copy(entry: Entry) -> Entry:
+    out = Entry()
+    out.CopyFrom(entry)
+    return out
+
+
+def plan_both_ways(held: Sequence[Entry], batch: Sequence[Entry]) -> tuple[Any, Any]:
+    """Plan `batch` with its serialized forms (the path a peer's batch takes) and without them
+    (entry by entry), each on a log that already holds `held`; what each did, comparably."""
+    outcomes = []
+    for with_blobs in (True, False):
+        log = Log(MemoryStore())
+        commit(log, held)
+        entries = [copy(e) for e in batch]
+        blobs = [e.SerializeToString() for e in entries] if with_blobs else None
+        plan = log.begin()
+        try:
+            taken: object = [e.id for e in log.plan_remote(plan, entries, blobs)]
+        except InvalidArgument as exc:
+            taken = str(exc)
+        log.finish(plan)
+        outcomes.append((taken, describe(plan), log.clock.last))
+    return outcomes[0], outcomes[1]
+
+
+def describe(plan: Plan) -> object:
+    return (
+        sorted(plan.writes, key=lambda w: w[0]),
+        plan.heads,
+        plan.position,
+        plan.delivered,
+        [e.id for e in plan.entries],
+        plan.delivered_blobs,
+    )
+
+
+CHAIN = make_chain(12)
+
+
+def test_a_stretch_continuing_the_chain_is_taken_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[object] = []
+    plan_run = Log._plan_run
+
+    def spy(self: Log, *args: Any) -> list[Entry] | None:
+        runs.append(result := plan_run(self, *args))
+        return result
+
+    monkeypatch.setattr(Log, "_plan_run", spy)
+    fast, slow = plan_both_ways(CHAIN[:3], CHAIN[3:9])
+    assert fast == slow
+    assert fast[0] == [e.id for e in CHAIN[3:9]]
+    assert runs and runs[-1] is not None  # taken as a stretch
+
+
+def test_held_entries_at_the_start_are_skipped_and_a_gap_takes_nothing() -> None:
+    fast, slow = plan_both_ways(CHAIN[:5], CHAIN[2:8])
+    assert fast[0] == [e.id for e in CHAIN[5:8]]
+    fast, slow = plan_both_ways(CHAIN[:2], CHAIN[4:8])
+    assert fast == slow and fast[0] == []
+    fast, slow = plan_both_ways(CHAIN[:8], CHAIN[2:8])
+    assert fast == slow and fast[0] == []
+
+
+def test_a_wrong_prev_part_way_is_refused_after_the_entries_before_it() -> None:
+    batch = [copy(e) for e in CHAIN[:6]]
+    batch[3].prev = CHAIN[0].id
+    fast, slow = plan_both_ways([], batch)
+    assert fast == slow
+    assert "names prev" in str(fast[0])
+    assert fast[1][1] == slow[1][1] and len(fast[1][3]) == 3  # a, b, c taken
+
+
+def test_mutations_of_a_batch_plan_as_entry_by_entry() -> None:
+    other = make_chain(2)
+
+    def with_(i: int, **fields: object) -> list[Entry]:
+        batch = [copy(e) for e in CHAIN[:6]]
+        for name, value in fields.items():
+            if name == "dependencies":
+                batch[i].dependencies.append(str(value))
+            else:
+                setattr(batch[i], name, value)
+        return batch
+
+    cases = [
+        with_(2, id="not-a-uuid"),
+        with_(2, id=CHAIN[2].id.upper()),
+        with_(0, owner="not-a-uuid"),
+        with_(4, next=CHAIN[5].id),
+        with_(3, dependencies=CHAIN[0].id),
+        with_(3, dependencies=other[0].id),  # waits: every later entry goes the causal path
+        with_(3, dependencies="nope"),
+        with_(1, seq=7),
+        CHAIN[:3] + other + CHAIN[3:6],
+        CHAIN[:3] + CHAIN[2:6],
+        [],
+    ]
+    for batch in cases:
+        fast, slow = plan_both_ways([], batch)
+        assert fast == slow, batch
+
+
+@given(
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.sampled_from(["", "id", "prev", "next", "seq", "owner", "dependency"]),
+    st.integers(0, 11),
+)
+def test_any_stretch_with_any_one_flaw_plans_as_entry_by_entry(
+    held: int, start: int, length: int, flaw: str, where: int
+) -> None:
+    batch = [copy(e) for e in CHAIN[start : start + length]]
+    if flaw and batch:
+        entry = batch[where % len(batch)]
+        if flaw == "seq":
+            entry.seq += 1
+        elif flaw == "dependency":
+            entry.dependencies.append(CHAIN[0].id)
+        elif flaw == "owner":
+            entry.owner = CHAIN[0].id
+        else:
+            setattr(entry, flaw, str(uuid.uuid4()))
+    fast, slow = plan_both_ways(CHAIN[:held], batch)
+    assert fast == slow
+
+
+UUID_LIKE = st.one_of(
+    st.uuids().map(str),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),
+    st.uuids().map(lambda u: str(u)[:35] + " "),
+    st.uuids().map(lambda u: str(u)[:35]),
+    st.uuids().map(lambda u: str(u) + "0"),
+    st.uuids().map(lambda u: str(u)[:9] + "-" + str(u)[10:]),
+    st.uuids().map(lambda u: str(u)[:8] + "g" + str(u)[9:]),
+    st.text(max_size=40),
+)
+
+
+@given(st.lists(UUID_LIKE, max_size=6))
+def test_parse_uuids_agrees_with_parse_uuid(texts: list[str]) -> None:
+    try:
+        expected: list[bytes] | None = [parse_uuid(t) for t in texts]
+    except InvalidArgument:
+        expected = None
+    assert parse_uuids(texts) == expected
+
+
+def test_parse_uuids_is_not_fooled_by_lengths_that_add_up() -> None:
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    # 35 + 37 characters: joined, they look like two UUIDs
+    assert parse_uuids([a[:35], a[35] + b]) is None
+    with pytest.raises(InvalidArgument):
+        parse_uuid(a[:35])
