@@ -41,7 +41,7 @@ from potboiler.server.feeders import Feeders
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
-from potboiler.server.log import Plan, Promise, newest_of_each_owner
+from potboiler.server.log import Plan, Promise, newest_of_each_owner, parse_entry_batch
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
@@ -148,8 +148,7 @@ class Counters:
 def parse_entries(batch: replication_pb2.EntryBatch) -> list[Entry]:
     """The entries of an `EntryBatch`; InvalidArgument if one is not a serialized Entry."""
     try:
-        # One parse of the whole batch: about 40% cheaper than parsing each entry on its own.
-        return list(replication_pb2.ParsedEntryBatch.FromString(batch.SerializeToString()).entries)
+        return parse_entry_batch(batch.SerializeToString())
     except DecodeError as exc:
         raise InvalidArgument(f"an entry of the batch is not a serialized Entry: {exc}") from None
 

@@ -82,6 +82,10 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
     # Reading on from any position (within a delivery run too) gives the rest of the same order.
     after, limit = rng.randrange(len(order) + 1), rng.randrange(1, 8)
     assert log.delivered(after, limit) == everything[after : after + limit]
+    # Read entry by entry where their bytes may stop the read: the same, as far as the bytes allow.
+    stored = list(zip(range(1, len(order) + 1), log.delivered_batch(0, 10_000).blobs, strict=True))
+    assert log.delivered_blobs(after, limit, max_bytes=1 << 20) == stored[after : after + limit]
+    assert log.delivered_blobs(after, limit, max_bytes=1) == stored[after : after + 1]
     position = {entry_id: i for i, entry_id in enumerate(order)}
     for chain in chains:
         for entry in chain:
