@@ -47,9 +47,12 @@ def copy(entry: Entry) -> Entry:
     return out
 
 
-def plan_both_ways(held: Sequence[Entry], batch: Sequence[Entry]) -> tuple[Any, Any]:
+def plan_both_ways(
+    held: Sequence[Entry], batch: Sequence[Entry], *, earlier: Sequence[Entry] = ()
+) -> tuple[Any, Any]:
     """Plan `batch` with its serialized forms (the path a peer's batch takes) and without them
-    (entry by entry), each on a log that already holds `held`; what each did, comparably."""
+    (entry by entry), each on a log that already holds `held`, after `earlier` in the same plan;
+    what each did, comparably."""
     outcomes = []
     for with_blobs in (True, False):
         log = Log(MemoryStore())
@@ -57,8 +60,10 @@ def plan_both_ways(held: Sequence[Entry], batch: Sequence[Entry]) -> tuple[Any, 
         entries = [copy(e) for e in batch]
         blobs = [e.SerializeToString() for e in entries] if with_blobs else None
         plan = log.begin()
+        if earlier:
+            log.plan_remote(plan, [copy(e) for e in earlier], [e.SerializeToString() for e in earlier])
         try:
-            taken: object = [e.id for e in log.plan_remote(plan, entries, blobs)]
+            taken: object = [e.SerializeToString() for e in log.plan_remote(plan, entries, blobs)]
         except InvalidArgument as exc:
             taken = str(exc)
         log.finish(plan)
@@ -91,17 +96,25 @@ def test_a_stretch_continuing_the_chain_is_taken_whole(monkeypatch: pytest.Monke
     monkeypatch.setattr(Log, "_plan_run", spy)
     fast, slow = plan_both_ways(CHAIN[:3], CHAIN[3:9])
     assert fast == slow
-    assert fast[0] == [e.id for e in CHAIN[3:9]]
+    assert fast[0] == [e.SerializeToString() for e in CHAIN[3:9]]
     assert runs and runs[-1] is not None  # taken as a stretch
 
 
 def test_held_entries_at_the_start_are_skipped_and_a_gap_takes_nothing() -> None:
     fast, slow = plan_both_ways(CHAIN[:5], CHAIN[2:8])
-    assert fast[0] == [e.id for e in CHAIN[5:8]]
+    assert fast[0] == [e.SerializeToString() for e in CHAIN[5:8]]
     fast, slow = plan_both_ways(CHAIN[:2], CHAIN[4:8])
     assert fast == slow and fast[0] == []
     fast, slow = plan_both_ways(CHAIN[:8], CHAIN[2:8])
     assert fast == slow and fast[0] == []
+
+
+def test_a_stretch_continues_what_the_same_plan_took_before_it() -> None:
+    fast, slow = plan_both_ways(CHAIN[:2], CHAIN[5:9], earlier=CHAIN[2:5])
+    assert fast == slow
+    assert len(fast[0]) == 4 and len(fast[1][3]) == 7  # 3 + 4 delivered
+    fast, slow = plan_both_ways([], CHAIN[2:6], earlier=CHAIN[:4])
+    assert fast == slow and len(fast[0]) == 2
 
 
 def test_a_wrong_prev_part_way_is_refused_after_the_entries_before_it() -> None:
