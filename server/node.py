@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.replication import ReplicationServicer, Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer
-from potboiler.server.security import SecurityConfig
+from potboiler.server.security import SecurityConfig, SecurityConfigError
 from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
 from potboiler.server.urls import node_url
@@ -117,6 +119,8 @@ class NodeConfig:
 #: replicated entry and a third of a KV rebuild's time (measured). A young pass over 50,000 objects
 #: takes under a millisecond.
 GC_THRESHOLDS = (50_000, 20, 10)
+#: How often a node looks whether its tokens file (--auth-tokens) changed.
+TOKENS_POLL_S = 1.0
 
 
 class Node:
@@ -144,6 +148,7 @@ class Node:
         self.grpc_port = 0
         self.metrics: MetricsServer | None = None
         self._health = health.aio.HealthServicer()
+        self._tokens_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Serve gRPC, start the services and the gateway."""
@@ -202,6 +207,9 @@ class Node:
             await service.start()
         self.webhooks.start()
         self.replicator.start()
+        tokens = config.security.tokens
+        if tokens is not None and tokens.path is not None:
+            self._tokens_watch = asyncio.create_task(self._watch_tokens(tokens.path), name="tokens file")
         for peer in config.peers:
             self._seed(peer)
         for name in names:
@@ -220,6 +228,32 @@ class Node:
             )
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
+
+    async def _watch_tokens(self, path: Path) -> None:
+        seen = _file_version(path)
+        while True:
+            await asyncio.sleep(TOKENS_POLL_S)
+            if (version := _file_version(path)) != seen:
+                seen = version
+                self.reload_tokens()
+
+    def reload_tokens(self) -> None:
+        """Read the tokens file (--auth-tokens) again and check calls against its tokens from now on
+        (done within TOKENS_POLL_S of each change of the file): tokens can be added, revoked and
+        changed without a restart. A file that cannot be read or is not valid leaves the tokens in
+        use as they were, and says why in the log."""
+        tokens = self.config.security.tokens
+        if tokens is None or tokens.path is None:
+            log.warning("asked to reload the tokens, but this node was started without --auth-tokens")
+            return
+        try:
+            count = tokens.reload()
+        except SecurityConfigError as exc:
+            log.error("kept the tokens in use: %s", exc)
+            return
+        log.info("reloaded the tokens file %s: %d tokens", tokens.path, count)
+        for warning in self.config.security.warnings():
+            log.warning("%s", warning)
 
     def _seed(self, peer: str) -> None:
         # A seed is not an operator's add: it neither undoes a DELETE /nodes made here nor asks a peer
@@ -247,6 +281,11 @@ class Node:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)
             self.server = None
+        if self._tokens_watch is not None:
+            self._tokens_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tokens_watch
+            self._tokens_watch = None
         await self.replicator.stop()
         await self.webhooks.stop()
         for service in reversed(self.services):
@@ -254,3 +293,13 @@ class Node:
         self.services.clear()
         await self.appender.stop()
         self.store.close()
+
+
+def _file_version(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from the next (None while it is missing): a file replaced by
+    a rename has another inode, one written in place another mtime or size."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -153,6 +153,8 @@ class TokenStore:
 
     def __init__(self, entries: Iterable[tuple[str, Role]]) -> None:
         self._entries: list[tuple[bytes, Role]] = []
+        #: The tokens file they were read from, if any (see `reload`).
+        self.path: Path | None = None
         for digest, role in entries:
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
                 raise SecurityConfigError(f"{digest!r} is not a SHA-256 hex digest")
@@ -191,7 +193,18 @@ class TokenStore:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise SecurityConfigError(f"cannot read the tokens file {path}: {exc}") from None
-        return cls.parse(text, str(path))
+        tokens = cls.parse(text, str(path))
+        tokens.path = path
+        return tokens
+
+    def reload(self) -> int:
+        """Read the tokens file again and take its tokens in place of these, all at once (calls
+        checked from then on see only the new ones); returns how many. SecurityConfigError, keeping
+        these, if the file cannot be read or is not a valid tokens file."""
+        if self.path is None:
+            raise SecurityConfigError("these tokens were not read from a file")
+        self._entries = TokenStore.load(self.path)._entries
+        return len(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)

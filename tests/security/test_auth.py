@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from potboiler.server import cli
 from potboiler.server.processes import NodeProcess
+from potboiler.server.security import Role, token_line
 from potboiler.v1 import log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from tests.conftest import wait_for_sync
 from tests.security.conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN, Nodes, Pki
@@ -80,6 +81,42 @@ def test_rest_needs_a_token_and_a_write_token_to_write(token_node: NodeProcess) 
         config = {"op": "set", "change": {"crdt": "LWW"}}
         assert kv.post("/kv/_config/t", json=config).status_code == 401
         assert kv.post("/kv/_config/t", json=config, headers=bearer(READ_TOKEN)).status_code == 403
+
+
+def test_a_changed_tokens_file_is_taken_without_a_restart(nodes: Nodes, tokens: Path) -> None:
+    node = nodes("rotating", extra_args=["--auth-tokens", str(tokens)])
+
+    def replace(text: str) -> None:  # as an operator should: a new file renamed over the old one
+        fresh = tokens.with_name("tokens.new")
+        fresh.write_text(text)
+        fresh.replace(tokens)
+
+    def node_log_says(text: str) -> bool:
+        return text in node.log_file.read_text()
+
+    new_token = "rotated-token-2468013579"
+    with httpx.Client(base_url=node.rest_url, timeout=30) as http:
+
+        def appends_with(token: str) -> int:
+            return http.post("/log", json={"by": token}, headers=bearer(token)).status_code
+
+        assert appends_with(new_token) == 401
+        assert appends_with(WRITE_TOKEN) == 201
+        replace(f"{token_line(READ_TOKEN, Role.READ)}\n{token_line(new_token, Role.WRITE)}\n")
+        wait_for_sync(lambda: appends_with(new_token) == 201, message="the new token taken")
+        assert appends_with(WRITE_TOKEN) == 401  # revoked
+        assert http.get("/log", headers=bearer(READ_TOKEN)).status_code == 200
+        assert node_log_says("reloaded the tokens file")
+
+        # A broken file (or none) changes nothing: the tokens in use stay, and the log says why.
+        replace("not a tokens file\n")
+        wait_for_sync(lambda: node_log_says("kept the tokens in use"), message="the broken file refused")
+        tokens.unlink()
+        wait_for_sync(
+            lambda: node_log_says("cannot read the tokens file"), message="the missing file noticed"
+        )
+        assert appends_with(new_token) == 201
+        assert appends_with(WRITE_TOKEN) == 401
 
 
 @pytest.mark.parametrize("port", ["direct", "envoy"])

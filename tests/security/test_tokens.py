@@ -99,6 +99,30 @@ def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
         TokenStore.load(tmp_path / "absent")
 
 
+def test_reloading_takes_the_files_tokens_instead_or_keeps_them_if_it_is_not_valid(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(token_line("old", Role.WRITE) + "\n")
+    tokens = TokenStore.load(path)
+    path.write_text(token_line("new", Role.READ) + "\n" + token_line("newer", Role.ADMIN) + "\n")
+    assert tokens.reload() == 2
+    assert (tokens.role_of("old"), tokens.role_of("new"), tokens.role_of("newer")) == (
+        None,
+        Role.READ,
+        Role.ADMIN,
+    )
+    for broken in ("", "not a tokens file\n"):
+        path.write_text(broken)
+        with pytest.raises(SecurityConfigError):
+            tokens.reload()
+        assert tokens.role_of("new") is Role.READ
+    path.unlink()
+    with pytest.raises(SecurityConfigError, match="cannot read"):
+        tokens.reload()
+    assert tokens.role_of("newer") is Role.ADMIN
+    with pytest.raises(SecurityConfigError, match="not read from a file"):
+        TokenStore.parse(token_line("x", Role.READ)).reload()
+
+
 @pytest.mark.parametrize(
     ("method", "role"),
     [
