@@ -161,6 +161,8 @@ def method_routes(listener: str) -> list[dict[str, object]]:
     `Allow` (the filters skipped) for any other method. They come after the raw-body routes."""
     routes: list[dict[str, object]] = []
     for template, methods in allowed_methods([b for b in rest_bindings() if b.listener == listener]):
+        if "GET" in methods:  # HEAD goes on as GET (gateway/lua/responses.lua)
+            methods = sorted([*methods, "HEAD"])
         allow = ", ".join(methods)
         takes = methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " or " + methods[-1]
         match = path_match(template)

@@ -1,7 +1,7 @@
 -- Requests whose body the transcoder parses: a POST/PUT with no body, or a body that is not strict
 -- JSON, is a 400; every JSON body gets a trailing space, because the transcoder otherwise waits
 -- forever after a bare top-level number. Not loaded for routes whose RPC takes the raw body (an
--- HttpBody field): the node checks those itself. Uses is_grpc from responses.lua.
+-- HttpBody field): the node checks those itself. Uses is_grpc and head_as_get from responses.lua.
 -- A strict JSON (RFC 8259) checker: the transcoder's parser also takes single
 -- quotes, bare keys and trailing commas. Returns the position after the value,
 -- or nil and a reason.
@@ -82,6 +82,7 @@ end
 function envoy_on_request(handle)
   local headers = handle:headers()
   if is_grpc(headers) then return end
+  head_as_get(handle, headers)
   local method = headers:get(":method")
   if method ~= "POST" and method ~= "PUT" and method ~= "DELETE" and method ~= "PATCH" then
     return

@@ -1,6 +1,7 @@
 -- The REST side of every response: the servicers' `x-http-code` / `location` trailing metadata
 -- become the HTTP status (201, 204, ...) and header, 204s lose their body, gRPC headers are dropped.
 -- A call that failed ends with its headers alone, so its metadata is found there instead.
+-- Also lets HEAD through wherever GET goes (head_as_get).
 -- Loaded on every route, before request_json.lua where that is loaded too.
 local function is_grpc(headers)
   local ctype = headers:get("content-type") or ""
@@ -11,9 +12,26 @@ local function strip_grpc(map)
   map:remove("grpc-message")
   map:remove("grpc-accept-encoding")
 end
-function envoy_on_response(handle)
-  local headers = handle:headers()
-  if is_grpc(headers) then return end
+-- HEAD: wherever GET goes, HEAD goes on to the transcoder as a GET, marked in the stream's
+-- metadata, and its answer loses its body but keeps the GET's content-length. (Envoy itself leaves
+-- the body out only of answers to what reaches its router as HEAD.) request_json.lua's
+-- envoy_on_request calls this too.
+local HEAD_KEY = "head"
+local function head_as_get(handle, headers)
+  if headers:get(":method") == "HEAD" then
+    headers:replace(":method", "GET")
+    handle:streamInfo():dynamicMetadata():set("potboiler", HEAD_KEY, "1")
+  end
+end
+local function asked_head(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get("potboiler")
+  return meta ~= nil and meta[HEAD_KEY] == "1"
+end
+function envoy_on_request(handle)
+  head_as_get(handle, handle:headers())
+end
+-- The status and Location a servicer asked for; the body, if it had to be read.
+local function status_and_location(handle, headers)
   strip_grpc(headers)
   local meta, body = headers, nil
   if headers:get("x-http-code") == nil then
@@ -21,7 +39,7 @@ function envoy_on_response(handle)
     -- holding the headers back so they can still change. body() yields: fetch headers again.
     body = handle:body(true)
     meta = handle:trailers()
-    if meta == nil then return end
+    if meta == nil then return body end
     headers = handle:headers()
   end
   local code, location = meta:get("x-http-code"), meta:get("location")
@@ -33,11 +51,26 @@ function envoy_on_response(handle)
     headers:remove("x-http-code")
   end
   if location ~= nil then headers:replace("location", location) end
-  if code == nil then return end
+  if code == nil then return body end
   headers:replace(":status", code)
   if code == "204" then
     headers:remove("content-type")
     if body ~= nil then body:setBytes("") end  -- sets content-length: remove it after
     headers:remove("content-length")
+  end
+  return body
+end
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if is_grpc(headers) then return end
+  local body = status_and_location(handle, headers)
+  if asked_head(handle) then
+    body = body or handle:body(true)
+    headers = handle:headers()
+    if body ~= nil then
+      local length = body:length()
+      body:setBytes("")
+      headers:replace("content-length", tostring(length))
+    end
   end
 end

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -480,17 +481,17 @@ def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) 
 @pytest.mark.parametrize(
     ("port", "method", "path", "allow"),
     [
-        ("core", "PUT", "/log", "GET, POST"),
-        ("core", "DELETE", "/log", "GET, POST"),
-        ("core", "PATCH", "/log", "GET, POST"),
-        ("core", "DELETE", "/log/3f1c0e4a-5b7d-4c8e-9f60-1a2b3c4d5e6f", "GET"),
-        ("core", "POST", "/status", "GET"),
-        ("core", "PUT", "/log/register", "GET, POST"),
-        ("kv", "DELETE", "/kv/t/k", "GET, POST"),
-        ("kv", "PUT", "/kv", "GET"),
+        ("core", "PUT", "/log", "GET, HEAD, POST"),
+        ("core", "DELETE", "/log", "GET, HEAD, POST"),
+        ("core", "PATCH", "/log", "GET, HEAD, POST"),
+        ("core", "DELETE", "/log/3f1c0e4a-5b7d-4c8e-9f60-1a2b3c4d5e6f", "GET, HEAD"),
+        ("core", "POST", "/status", "GET, HEAD"),
+        ("core", "PUT", "/log/register", "GET, HEAD, POST"),
+        ("kv", "DELETE", "/kv/t/k", "GET, HEAD, POST"),
+        ("kv", "PUT", "/kv", "GET, HEAD"),
         ("pigtail", "GET", "/create", "POST"),
-        ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, PUT"),
-        ("browser", "DELETE", "/", "GET"),
+        ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, HEAD, PUT"),
+        ("browser", "DELETE", "/", "GET, HEAD"),
     ],
 )
 def test_a_known_path_with_another_method_is_405_with_allow(
@@ -503,6 +504,30 @@ def test_a_known_path_with_another_method_is_405_with_allow(
     assert response.headers["allow"] == allow
     takes = " or ".join(allow.rsplit(", ", 1))
     assert_error(response, 405, f"{method} is not allowed here", f"takes {takes}")
+
+
+def test_head_answers_as_get_without_the_body(shared_node: NodeProcess) -> None:
+    # http.client, not httpx: it reads no body after a HEAD, so a body sent anyway would show up
+    # as garbage before the next answer on the same connection.
+    conn = HTTPConnection("127.0.0.1", shared_node.ports.core, timeout=30)
+    try:
+        conn.request("POST", "/log", body=b'{"head": 1}', headers={"content-type": "application/json"})
+        created = conn.getresponse()
+        entry_id = json.loads(created.read())["id"]
+        for path in [f"/log/{entry_id}", "/log", "/status", f"/log/{uuid.uuid4()}", "/log/not-a-uuid"]:
+            conn.request("GET", path)
+            got = conn.getresponse()
+            got_body = got.read()
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            assert head.read() == b""
+            assert head.status == got.status, path
+            assert head.getheader("content-length") == str(len(got_body)), path
+            assert head.getheader("content-type") == got.getheader("content-type")
+        conn.request("GET", f"/log/{entry_id}")
+        assert json.loads(conn.getresponse().read())["data"] == {"head": 1}  # the connection is intact
+    finally:
+        conn.close()
 
 
 def test_node_log_has_no_tracebacks(shared_node: NodeProcess, http: httpx.Client) -> None:

@@ -69,17 +69,26 @@ def test_every_binding_reaches_the_transcoder_through_its_listeners_routes() -> 
         assert route is not None and "route" in route, (b, route)
 
 
+def test_head_goes_on_wherever_get_does() -> None:
+    # As a GET (gateway/lua/responses.lua), its answer then losing its body.
+    for b in rest_bindings():
+        if b.method == "GET":
+            path = re.sub(r"\{[^}]+\}", "x1", b.path)
+            route = route_for(method_routes(b.listener), "HEAD", path)
+            assert route is not None and "route" in route, (b, route)
+
+
 @pytest.mark.parametrize(
     ("listener", "method", "path", "allow"),
     [
-        ("core", "PUT", "/log", "GET, POST"),
-        ("core", "DELETE", "/log/0190c5a8-0000-7000-8000-000000000000", "GET"),
-        ("core", "PATCH", "/nodes", "DELETE, GET, POST"),
-        ("kv", "DELETE", "/kv/t/k", "GET, POST"),
+        ("core", "PUT", "/log", "GET, HEAD, POST"),
+        ("core", "DELETE", "/log/0190c5a8-0000-7000-8000-000000000000", "GET, HEAD"),
+        ("core", "PATCH", "/nodes", "DELETE, GET, HEAD, POST"),
+        ("kv", "DELETE", "/kv/t/k", "GET, HEAD, POST"),
         ("pigtail", "GET", "/create", "POST"),
-        ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, PUT"),
+        ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, HEAD, PUT"),
         ("pigtail", "PUT", "/queue/q/t1/heartbeat", "POST"),
-        ("browser", "POST", "/", "GET"),
+        ("browser", "POST", "/", "GET, HEAD"),
     ],
 )
 def test_a_method_no_binding_takes_gets_405_with_allow(
