@@ -79,6 +79,7 @@ local function json_error(s)
   if ws(s, i) <= #s then return "unexpected data after the value at byte " .. i end
   return nil
 end
+heads = true  -- see head_as_get in responses.lua
 function envoy_on_request(handle)
   local headers = handle:headers()
   if is_grpc(headers) then return end

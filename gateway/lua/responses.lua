@@ -1,7 +1,7 @@
 -- The REST side of every response: the servicers' `x-http-code` / `location` trailing metadata
 -- become the HTTP status (201, 204, ...) and header, 204s lose their body, gRPC headers are dropped.
 -- A call that failed ends with its headers alone, so its metadata is found there instead.
--- Also lets HEAD through wherever GET goes (head_as_get).
+-- Also lets HEAD through wherever GET goes (head_as_get, with request_json.lua).
 -- Loaded on every route, before request_json.lua where that is loaded too.
 local function is_grpc(headers)
   local ctype = headers:get("content-type") or ""
@@ -14,8 +14,10 @@ local function strip_grpc(map)
 end
 -- HEAD: wherever GET goes, HEAD goes on to the transcoder as a GET, marked in the stream's
 -- metadata, and its answer loses its body but keeps the GET's content-length. (Envoy itself leaves
--- the body out only of answers to what reaches its router as HEAD.) request_json.lua's
--- envoy_on_request calls this too.
+-- the body out only of answers to what reaches its router as HEAD.) Only routes that load
+-- request_json.lua take GET: its envoy_on_request calls head_as_get and sets `heads`, so the
+-- raw-body routes (POST /log among them) run no Lua on requests and no HEAD check on answers.
+local heads = false
 local HEAD_KEY = "head"
 local function head_as_get(handle, headers)
   if headers:get(":method") == "HEAD" then
@@ -26,9 +28,6 @@ end
 local function asked_head(handle)
   local meta = handle:streamInfo():dynamicMetadata():get("potboiler")
   return meta ~= nil and meta[HEAD_KEY] == "1"
-end
-function envoy_on_request(handle)
-  head_as_get(handle, handle:headers())
 end
 -- The status and Location a servicer asked for; the body, if it had to be read.
 local function status_and_location(handle, headers)
@@ -64,7 +63,7 @@ function envoy_on_response(handle)
   local headers = handle:headers()
   if is_grpc(headers) then return end
   local body = status_and_location(handle, headers)
-  if asked_head(handle) then
+  if heads and asked_head(handle) then
     body = body or handle:body(true)
     headers = handle:headers()
     if body ~= nil then
