@@ -260,14 +260,26 @@ class Plan:
 
     def deliver(self, raw: bytes, owner: bytes, seq: int, entry: Entry, blob: bytes) -> None:
         """Give the stored entry `raw`, seq `seq` of `owner`'s chain, the next delivery position."""
-        self.deliver_run((raw,), owner, seq, (entry,), (blob,))
+        self._advance(owner, seq, 1)
+        self.delivered.append(raw)
+        self.delivered_set.add(raw)
+        self.delivered_entries.append(entry)
+        self.delivered_blobs.append(blob)
 
     def deliver_run(
         self, raws: Sequence[bytes], owner: bytes, seq: int, entries: Sequence[Entry], blobs: Sequence[bytes]
     ) -> None:
         """Give the stored entries `raws` (seq `seq`, `seq` + 1, ... of `owner`'s chain, with the
         entries and their serialized forms in the same order) the next delivery positions."""
-        count = len(raws)
+        self._advance(owner, seq, len(raws))
+        self.delivered.extend(raws)
+        self.delivered_set.update(raws)
+        self.delivered_entries.extend(entries)
+        self.delivered_blobs.extend(blobs)
+
+    def _advance(self, owner: bytes, seq: int, count: int) -> None:
+        """Take the next `count` delivery positions for seqs `seq` on of `owner`'s chain: the current
+        delivery run grows if they continue it, else a new one starts."""
         run = self.run
         if run is not None and run.owner == owner and run.seq + run.count == seq:
             run.count += count
@@ -276,10 +288,6 @@ class Plan:
                 self.writes.append(run.record())
             self.run = DeliveryRun(self.position + 1, owner, seq, count)
         self.position += count
-        self.delivered.extend(raws)
-        self.delivered_set.update(raws)
-        self.delivered_entries.extend(entries)
-        self.delivered_blobs.extend(blobs)
 
 
 @dataclass
