@@ -278,8 +278,8 @@ class Plan:
         self.delivered_blobs.extend(blobs)
 
     def _advance(self, owner: bytes, seq: int, count: int) -> None:
-        """Take the next `count` delivery positions for seqs `seq` on of `owner`'s chain: the current
-        delivery run grows if they continue it, else a new one starts."""
+        """Take the next `count` delivery positions for `owner`'s chain from seq `seq` on: the
+        current delivery run grows if they continue it, else a new one starts."""
         run = self.run
         if run is not None and run.owner == owner and run.seq + run.count == seq:
             run.count += count
