@@ -64,7 +64,14 @@ import httpx
 import uvloop
 from google.protobuf.struct_pb2 import Struct, Value
 
-from benchmarks.common import cpu_seconds, machine_cpu_seconds, percentile, progress, sigterm_as_interrupt
+from benchmarks.common import (
+    cpu_seconds,
+    frozen_heap,
+    machine_cpu_seconds,
+    percentile,
+    progress,
+    sigterm_as_interrupt,
+)
 from benchmarks.sections.lag import WARM, paced, potboiler_stream_writer, potboiler_writer
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
@@ -359,15 +366,16 @@ async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.co
         reader = asyncio.create_task(read(log_pb2_grpc.LogServiceStub(channel)))
         try:
             await ready.wait()
-            conn.send(("ready",))
-            loop = asyncio.get_running_loop()
-            message = await loop.run_in_executor(None, conn.recv)
-            _, acked, grace = message
-            expected.update(acked)
-            finishing = True
-            if not expected.issubset(seen):
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(complete.wait(), grace)
+            with frozen_heap():
+                conn.send(("ready",))
+                loop = asyncio.get_running_loop()
+                message = await loop.run_in_executor(None, conn.recv)
+                _, acked, grace = message
+                expected.update(acked)
+                finishing = True
+                if not expected.issubset(seen):
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(complete.wait(), grace)
             conn.send(("result", dict(seen)))
         finally:
             reader.cancel()
@@ -418,19 +426,20 @@ async def measure_lag(
             )
             metrics_before = await scrape(client, node0)
             peer_metrics_before = [await scrape(client, n) for n in (node1, node2)]
-            cpu = CpuWindow(
-                {
-                    "node0": pid_of(node0),
-                    "node1": pid_of(node1),
-                    "node2": pid_of(node2),
-                    "client": os.getpid(),
-                    "subscriber": subscriber.pid or 0,
-                }
-            ).begin()
-            spies = start_profiles(
-                cluster, profile, f"lag-{writer}", {"node0": node0, "node2": node2}, settings.seconds
-            )
-            result = await paced(write, run, settings.rate, settings.seconds)
+            with frozen_heap():
+                cpu = CpuWindow(
+                    {
+                        "node0": pid_of(node0),
+                        "node1": pid_of(node1),
+                        "node2": pid_of(node2),
+                        "client": os.getpid(),
+                        "subscriber": subscriber.pid or 0,
+                    }
+                ).begin()
+                spies = start_profiles(
+                    cluster, profile, f"lag-{writer}", {"node0": node0, "node2": node2}, settings.seconds
+                )
+                result = await paced(write, run, settings.rate, settings.seconds)
             cpu_figures = cpu.end()
             stop_profiles(spies)
         progress(

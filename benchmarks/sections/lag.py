@@ -28,7 +28,7 @@ import uvloop
 from google.protobuf.struct_pb2 import Value
 
 from benchmarks.append import GRPC_OPTIONS
-from benchmarks.common import Json, percentile
+from benchmarks.common import Json, frozen_heap, percentile
 from benchmarks.peers.etcd import EtcdClient
 from benchmarks.sections import ServerCpu, Settings, System
 from potboiler.v1 import log_pb2, log_pb2_grpc
@@ -116,13 +116,14 @@ async def _observe(
     reader = asyncio.create_task(read())
     try:
         await ready.wait()
-        conn.send(("ready",))
-        _, acked, grace = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-        expected.update(acked)
-        finishing = True
-        if not expected.issubset(seen):
-            with suppress(TimeoutError):
-                await asyncio.wait_for(complete.wait(), grace)
+        with frozen_heap():
+            conn.send(("ready",))
+            _, acked, grace = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+            expected.update(acked)
+            finishing = True
+            if not expected.issubset(seen):
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(complete.wait(), grace)
         conn.send(("result", seen, duplicates))
     finally:
         reader.cancel()
@@ -222,9 +223,10 @@ async def _measure(
             await paced(write, run, settings.lag_rate, 0.2, warm=True)
         assert parent.recv() == ("ready",)
         cpu = ServerCpu(system.pids)
-        cpu.begin()
-        result = await paced(write, run, settings.lag_rate, settings.lag_seconds)
-        cpu.end()
+        with frozen_heap():
+            cpu.begin()
+            result = await paced(write, run, settings.lag_rate, settings.lag_seconds)
+            cpu.end()
     parent.send(("finish", sorted(result.acked), settings.lag_grace))
     if not await asyncio.get_running_loop().run_in_executor(None, parent.poll, settings.lag_grace + 30):
         raise RuntimeError("the observer did not report")
