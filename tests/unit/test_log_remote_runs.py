@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.ids import parse_uuid, parse_uuids
-from potboiler.server.log import Log, NewEntry, Plan
+from potboiler.server.log import Log, NewEntry, Plan, run_owner
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
 
@@ -209,3 +209,45 @@ def test_parse_uuids_is_not_fooled_by_lengths_that_add_up() -> None:
     assert parse_uuids([a[:35], a[35] + b]) is None
     with pytest.raises(InvalidArgument):
         parse_uuid(a[:35])
+
+
+def naive_run_owner(entries: Sequence[Entry]) -> str | None:
+    if not entries or any(e.owner != entries[0].owner or e.next or e.dependencies for e in entries):
+        return None
+    return entries[0].owner
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 11),
+            st.sampled_from(["", "owner", "other owner", "no owner", "next", "dependency", "dependencies"]),
+        ),
+        max_size=8,
+    )
+)
+def test_run_owner_is_the_one_owner_of_plain_entries(picks: list[tuple[int, str]]) -> None:
+    entries = []
+    for i, change in picks:
+        entry = copy(CHAIN[i])
+        if change == "owner":
+            entry.owner = entry.owner  # written again: the same bytes
+        elif change == "other owner":
+            entry.owner = str(uuid.uuid4())
+        elif change == "no owner":
+            entry.owner = ""
+        elif change == "next":
+            entry.next = CHAIN[(i + 1) % 12].id
+        elif change == "dependency":
+            entry.dependencies.append(CHAIN[0].id)
+        elif change == "dependencies":
+            entry.dependencies.extend([CHAIN[0].id, CHAIN[1].id])
+        entries.append(entry)
+    assert run_owner([e.SerializeToString() for e in entries]) == naive_run_owner(entries)
+
+
+def test_run_owner_of_no_entries_or_of_bytes_that_are_not_entries_is_none() -> None:
+    assert run_owner([]) is None
+    assert run_owner([b"\xff\xff"]) is None
+    assert run_owner([CHAIN[0].SerializeToString(), b"\x12\x05ab"]) is None  # a truncated owner
+    assert run_owner([e.SerializeToString() for e in CHAIN]) == CHAIN[0].owner

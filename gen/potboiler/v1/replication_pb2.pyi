@@ -121,6 +121,64 @@ class ParsedEntryBatch(_message.Message):
 Global___ParsedEntryBatch: _TypeAlias = ParsedEntryBatch  # noqa: Y015
 
 @_typing.final
+class EntryBatchShape(_message.Message):
+    """An EntryBatch read for the shape of its entries only: each entry's owner,
+    next and dependencies (the fields of `Entry` with those numbers), the rest
+    of it left unread. A receiver checks with it, in one parse, whether a batch
+    is a plain stretch of one owner's chain. Never sent as such.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EntryShape(_message.Message):
+        """The owner, next and dependencies of one entry of the batch."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        OWNER_FIELD_NUMBER: _builtins.int
+        NEXT_FIELD_NUMBER: _builtins.int
+        DEPENDENCIES_FIELD_NUMBER: _builtins.int
+        owner: _builtins.str
+        """As Entry.owner."""
+        next: _builtins.str
+        """As Entry.next."""
+        @_builtins.property
+        def dependencies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """As Entry.dependencies."""
+
+        def __init__(
+            self,
+            *,
+            owner: _builtins.str = ...,
+            next: _builtins.str = ...,
+            dependencies: _abc.Iterable[_builtins.str] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["dependencies", b"dependencies", "next", b"next", "owner", b"owner"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntryBatchShape.EntryShape]:
+        """The entries of the EntryBatch."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___EntryBatchShape.EntryShape] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntryBatchShape: _TypeAlias = EntryBatchShape  # noqa: Y015
+
+@_typing.final
 class Ack(_message.Message):
     """What the sender of the ack holds after storing the batches it received,
     and how far its clock has run. Sent whenever its vector changes (at most
