@@ -225,7 +225,7 @@ def run_owner(blobs: Sequence[bytes]) -> str | None:
         shape = EntryBatchShape.FromString(EntryBatch(entries=blobs).SerializeToString())
     except DecodeError:
         return None
-    shape.DiscardUnknownFields()
+    shape.DiscardUnknownFields()  # type: ignore[attr-defined]  # missing from types-protobuf's Message
     owner = shape.entries[0].owner
     one = EntryBatchShape(entries=[EntryBatchShape.EntryShape(owner=owner)]).SerializeToString()
     return owner if shape.SerializeToString() == one * len(blobs) else None
