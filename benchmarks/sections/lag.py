@@ -173,6 +173,17 @@ async def paced(write: Write, run: str, rate: int, seconds: float, warm: bool = 
     return result
 
 
+def lag_p99_by_second(seen: list[tuple[int, int]]) -> list[float]:
+    """The p99 lag (ms) of the writes sent in each second of a run, from (sent_ns, arrived_ns)."""
+    if not seen:
+        return []
+    first = min(sent for sent, _ in seen)
+    seconds: dict[int, list[int]] = {}
+    for sent, arrived in seen:
+        seconds.setdefault((sent - first) // 1_000_000_000, []).append(arrived - sent)
+    return [round(percentile(seconds[s], 99) / 1e6, 1) for s in sorted(seconds)]
+
+
 def summary_ms(values_ns: list[int]) -> Json:
     ordered = sorted(v / 1e6 for v in values_ns)
     if not ordered:
@@ -246,6 +257,9 @@ async def _measure(
         "lag_p99_ms": lag.get("p99"),
         "lag_max_ms": lag.get("max"),
         "ack_ms_on_node0": summary_ms([ack - sent for sent, ack in result.acked.values()]),
+        # A tail that comes from a few seconds (a stall) shows here, one that is even (the
+        # per-write path) does not.
+        "lag_p99_ms_by_second": lag_p99_by_second(list(seen.values())),
         "server_cpu_us_per_write": cpu.per_item_us(result.sent),
     }
     if result.first_error:
