@@ -149,6 +149,8 @@ class Node:
         self.metrics: MetricsServer | None = None
         self._health = health.aio.HealthServicer()
         self._tokens_watch: asyncio.Task[None] | None = None
+        #: Checks every call when tokens or mTLS are on (and ends streams whose token is revoked).
+        self._auth = config.security.auth_interceptor()
 
     async def start(self) -> None:
         """Serve gRPC, start the services and the gateway."""
@@ -157,7 +159,9 @@ class Node:
             log.warning("%s", warning)
         gc.set_threshold(*GC_THRESHOLDS)
         self.appender.start()
-        server = grpc.aio.server(options=server_options(), interceptors=config.security.interceptors())
+        server = grpc.aio.server(
+            options=server_options(), interceptors=[self._auth] if self._auth is not None else []
+        )
         # Our services answer requests that are not valid protobuf with INVALID_ARGUMENT.
         ours = GuardedServer(server)
         log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), ours)
@@ -235,13 +239,14 @@ class Node:
             await asyncio.sleep(TOKENS_POLL_S)
             if (version := _file_version(path)) != seen:
                 seen = version
-                self.reload_tokens()
+                await self.reload_tokens()
 
-    def reload_tokens(self) -> None:
+    async def reload_tokens(self) -> None:
         """Read the tokens file (--auth-tokens) again and check calls against its tokens from now on
         (done within TOKENS_POLL_S of each change of the file): tokens can be added, revoked and
-        changed without a restart. A file that cannot be read or is not valid leaves the tokens in
-        use as they were, and says why in the log."""
+        changed without a restart. Streaming calls running on a token that no longer allows them
+        are ended. A file that cannot be read or is not valid leaves the tokens in use as they
+        were, and says why in the log."""
         tokens = self.config.security.tokens
         if tokens is None or tokens.path is None:
             log.warning("asked to reload the tokens, but this node was started without --auth-tokens")
@@ -254,6 +259,8 @@ class Node:
         log.info("reloaded the tokens file %s: %d tokens", tokens.path, count)
         for warning in self.config.security.warnings():
             log.warning("%s", warning)
+        if self._auth is not None and (ended := await self._auth.end_revoked()):
+            log.info("ended %d streaming calls whose token no longer allows them", ended)
 
     def _seed(self, peer: str) -> None:
         # A seed is not an operator's add: it neither undoes a DELETE /nodes made here nor asks a peer

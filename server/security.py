@@ -5,7 +5,8 @@
 - Client authentication (`TokenStore`, `AuthInterceptor`): bearer tokens, stored as SHA-256 hashes
   with a role (`read`, `write` or `admin`), checked by a gRPC server interceptor on every call, so REST
   through Envoy (which forwards the Authorization header as metadata) and direct gRPC are covered
-  alike. Health checks stay open.
+  alike. Health checks stay open. Streaming calls are checked again whenever the tokens change, and
+  ended once their token no longer allows them.
 - Webhook SSRF protection (`WebhookPolicy`, `GuardedTransport`): allow all targets, deny private
   ones, or admit an allowlist; with deny-private the target's name is resolved once and the
   connection goes to the very address that was checked.
@@ -15,6 +16,8 @@ Configuration errors (a missing certificate, a malformed token file) raise `Secu
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -313,6 +316,31 @@ def _refuse(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
     return _with_behavior(handler, refuse)
 
 
+def _role_refusal(method: str, need: Role, role: Role) -> tuple[grpc.StatusCode, str] | None:
+    """Why a token of `role` may not call `method`, which needs `need` (None if it may)."""
+    if role.allows(need):
+        return None
+    if method in PEER_METHODS:
+        # Not PERMISSION_DENIED: to a dialing peer that means "you were removed".
+        return grpc.StatusCode.UNAUTHENTICATED, "replication needs an admin token"
+    return (
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"{method.rsplit('/', 1)[-1]} needs {_A[need]} {need.value} token; this one is {_A[role]} "
+        f"{role.value} token",
+    )
+
+
+@dataclass(eq=False)
+class _Stream:
+    """A streaming call running on a token."""
+
+    token: str
+    method: str
+    need: Role
+    context: grpc.aio.ServicerContext[Any, Any]
+    task: asyncio.Task[Any]
+
+
 def _peer_certificate_verified(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     auth = context.auth_context()
     return auth.get("transport_security_type") == [b"ssl"] and bool(context.peer_identities())
@@ -358,6 +386,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenStore | None, *, peer_certificates: bool) -> None:
         self._tokens = tokens
         self._peer_certificates = peer_certificates
+        #: The streaming calls (subscriptions, append streams, replication) running on a token.
+        self._streams: set[_Stream] = set()
 
     async def intercept_service(
         self,
@@ -393,17 +423,71 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         role = self._tokens.role_of(token)
         if role is None:
             return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "the token is not valid")
-        if not role.allows(need):
-            if method in PEER_METHODS:
-                # Not PERMISSION_DENIED: to a dialing peer that means "you were removed".
-                return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, "replication needs an admin token")
-            return _refuse(
-                handler,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{method.rsplit('/', 1)[-1]} needs {_A[need]} {need.value} token; this one is {_A[role]} "
-                f"{role.value} token",
-            )
+        refusal = _role_refusal(method, need, role)
+        if refusal is not None:
+            return _refuse(handler, *refusal)
+        if handler.request_streaming or handler.response_streaming:
+            return self._tracked(handler, token, method, need)
         return handler
+
+    def _tracked(self, handler: Handler, token: str, method: str, need: Role) -> Handler:
+        """`handler`, kept among the streams running on `token` while it runs (see `end_revoked`)."""
+        original = _original(handler)
+        streams = self._streams
+
+        def track(context: grpc.aio.ServicerContext[Any, Any]) -> _Stream:
+            task = asyncio.current_task()
+            assert task is not None  # grpc.aio runs each call in a task
+            stream = _Stream(token, method, need, context, task)
+            streams.add(stream)
+            return stream
+
+        if inspect.isasyncgenfunction(original):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                running = track(context)
+                try:
+                    async for item in original(request, context):
+                        yield item
+                finally:
+                    streams.discard(running)
+
+            return _with_behavior(handler, stream)
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            running = track(context)
+            try:
+                result = original(request, context)
+                return await result if inspect.isawaitable(result) else result
+            finally:
+                streams.discard(running)
+
+        return _with_behavior(handler, call)
+
+    async def end_revoked(self) -> int:
+        """End every streaming call whose token no longer allows it, as a new call with that token
+        would be refused (UNAUTHENTICATED, or PERMISSION_DENIED for a role that no longer
+        suffices); for after the tokens changed. Returns how many were ended."""
+        if self._tokens is None:
+            return 0
+        ended = 0
+        for stream in list(self._streams):
+            role = self._tokens.role_of(stream.token)
+            refusal = (
+                (grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked")
+                if role is None
+                else _role_refusal(stream.method, stream.need, role)
+            )
+            if refusal is None:
+                continue
+            self._streams.discard(stream)
+            # The status goes to the caller at once; abort raises here, in the caller of abort.
+            # UsageError: the call ended meanwhile (its status was sent already).
+            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+                await stream.context.abort(*refusal)
+            stream.task.cancel()  # the handler may be waiting for anything: stop it
+            ended += 1
+        return ended
 
 
 # -- webhook SSRF policy -------------------------------------------------------------------
@@ -612,11 +696,11 @@ class SecurityConfig:
     rest_tls: RestTlsFiles | None = None
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The server interceptors these settings need (none when auth and mTLS are off)."""
+    def auth_interceptor(self) -> AuthInterceptor | None:
+        """The server interceptor these settings need (None when auth and mTLS are off)."""
         if self.tokens is None and self.tls is None:
-            return []
-        return [AuthInterceptor(self.tokens, peer_certificates=self.tls is not None)]
+            return None
+        return AuthInterceptor(self.tokens, peer_certificates=self.tls is not None)
 
     def warnings(self) -> list[str]:
         """What in these settings will not work as an operator likely means it."""

@@ -1,8 +1,10 @@
 """Client authentication with bearer tokens, on real node processes: over REST through Envoy and
 over direct gRPC alike, no token or a bad token is 401 / UNAUTHENTICATED, a read token reads but
 cannot write (403 / PERMISSION_DENIED), a write token does both but cannot change the cluster (an
-admin token can), health checks stay open. Peers authenticate with an admin token without mTLS, with their certificate with mTLS; and a hardened
-node (mTLS, tokens, HTTPS for REST) serves REST over HTTPS only."""
+admin token can), health checks stay open; a changed tokens file is taken without a restart, and
+ends the streams of a revoked token. Peers authenticate with an admin token without mTLS, with
+their certificate with mTLS; and a hardened node (mTLS, tokens, HTTPS for REST) serves REST over
+HTTPS only."""
 
 from __future__ import annotations
 
@@ -102,11 +104,25 @@ def test_a_changed_tokens_file_is_taken_without_a_restart(nodes: Nodes, tokens: 
 
         assert appends_with(new_token) == 401
         assert appends_with(WRITE_TOKEN) == 201
-        replace(f"{token_line(READ_TOKEN, Role.READ)}\n{token_line(new_token, Role.WRITE)}\n")
-        wait_for_sync(lambda: appends_with(new_token) == 201, message="the new token taken")
-        assert appends_with(WRITE_TOKEN) == 401  # revoked
+        with grpc.insecure_channel(node.grpc_target) as channel:
+            # A stream opened with the token to be revoked, and one with a token that stays.
+            subscribe = log_pb2_grpc.LogServiceStub(channel).SubscribeEntries
+            request = log_pb2.SubscribeEntriesRequest(after_position=0)
+            doomed = subscribe(request, metadata=grpc_metadata(WRITE_TOKEN), timeout=60)
+            staying = subscribe(request, metadata=grpc_metadata(READ_TOKEN), timeout=60)
+            assert next(doomed).entries and next(staying).entries
+            replace(f"{token_line(READ_TOKEN, Role.READ)}\n{token_line(new_token, Role.WRITE)}\n")
+            wait_for_sync(lambda: appends_with(new_token) == 201, message="the new token taken")
+            assert appends_with(WRITE_TOKEN) == 401  # revoked
+            with pytest.raises(grpc.RpcError) as ended:
+                next(doomed)
+            assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "revoked" in (ended.value.details() or "")
+            assert next(staying).entries  # the new token's append
+            staying.cancel()
         assert http.get("/log", headers=bearer(READ_TOKEN)).status_code == 200
         assert node_log_says("reloaded the tokens file")
+        assert node_log_says("ended 1 streaming calls")
 
         # A broken file (or none) changes nothing: the tokens in use stay, and the log says why.
         replace("not a tokens file\n")
