@@ -27,6 +27,7 @@ from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
 from potboiler.server.security import (
     AllowedTarget,
+    PeerToken,
     PolicyMode,
     RestTlsFiles,
     Role,
@@ -126,18 +127,15 @@ def security_config(args: argparse.Namespace) -> SecurityConfig:
         if not (args.rest_tls_cert and args.rest_tls_key):
             raise SecurityConfigError("HTTPS for REST needs both --rest-tls-cert and --rest-tls-key")
         rest_tls = RestTlsFiles(args.rest_tls_cert, args.rest_tls_key)
-    peer_token = args.peer_token
+    peer_token = PeerToken(args.peer_token) if args.peer_token else None
     if args.peer_token_file is not None:
         if peer_token:
             raise SecurityConfigError("give --peer-token or --peer-token-file, not both")
-        try:
-            peer_token = args.peer_token_file.read_text().strip()
-        except OSError as exc:
-            raise SecurityConfigError(f"cannot read --peer-token-file: {exc}") from None
+        peer_token = PeerToken.load(args.peer_token_file)
     return SecurityConfig(
         tls=tls,
         tokens=TokenStore.load(args.auth_tokens) if args.auth_tokens else None,
-        peer_token=peer_token or None,
+        peer_token=peer_token,
         rest_tls=rest_tls,
         webhook_policy=WebhookPolicy(
             PolicyMode(args.webhook_policy),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class NodeConfig:
 #: replicated entry and a third of a KV rebuild's time (measured). A young pass over 50,000 objects
 #: takes under a millisecond.
 GC_THRESHOLDS = (50_000, 20, 10)
-#: How often a node looks whether its tokens file (--auth-tokens) changed.
+#: How often a node looks whether its tokens file (--auth-tokens) or its peer token file changed.
 TOKENS_POLL_S = 1.0
 
 
@@ -140,7 +141,7 @@ class Node:
             self.membership,
             gossip=config.gossip,
             channel=lambda target: security.peer_channel(target, channel_options()),
-            metadata=security.peer_metadata(),
+            metadata=security.peer_metadata,
         )
         self.services: list[NodeService] = []
         self.server: grpc.aio.Server | None = None
@@ -148,7 +149,8 @@ class Node:
         self.grpc_port = 0
         self.metrics: MetricsServer | None = None
         self._health = health.aio.HealthServicer()
-        self._tokens_watch: asyncio.Task[None] | None = None
+        #: Watch the tokens file and the peer token file for changes.
+        self._watches: list[asyncio.Task[None]] = []
         #: Checks every call when tokens or mTLS are on (and ends streams whose token is revoked).
         self._auth = config.security.auth_interceptor()
 
@@ -213,7 +215,10 @@ class Node:
         self.replicator.start()
         tokens = config.security.tokens
         if tokens is not None and tokens.path is not None:
-            self._tokens_watch = asyncio.create_task(self._watch_tokens(tokens.path), name="tokens file")
+            self._watch(tokens.path, self.reload_tokens)
+        peer_token = config.security.peer_token
+        if peer_token is not None and peer_token.path is not None:
+            self._watch(peer_token.path, self.reload_peer_token)
         for peer in config.peers:
             self._seed(peer)
         for name in names:
@@ -233,13 +238,18 @@ class Node:
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
 
-    async def _watch_tokens(self, path: Path) -> None:
-        seen = _file_version(path)
-        while True:
-            await asyncio.sleep(TOKENS_POLL_S)
-            if (version := _file_version(path)) != seen:
-                seen = version
-                await self.reload_tokens()
+    def _watch(self, path: Path, reload: Callable[[], Awaitable[None]]) -> None:
+        """Call `reload` within TOKENS_POLL_S of each change of the file at `path`."""
+
+        async def watch() -> None:
+            seen = _file_version(path)
+            while True:
+                await asyncio.sleep(TOKENS_POLL_S)
+                if (version := _file_version(path)) != seen:
+                    seen = version
+                    await reload()
+
+        self._watches.append(asyncio.create_task(watch(), name=f"watching {path}"))
 
     async def reload_tokens(self) -> None:
         """Read the tokens file (--auth-tokens) again and check calls against its tokens from now on
@@ -261,6 +271,24 @@ class Node:
             log.warning("%s", warning)
         if self._auth is not None and (ended := await self._auth.end_revoked()):
             log.info("ended %d streaming calls whose token no longer allows them", ended)
+
+    async def reload_peer_token(self) -> None:
+        """Read the peer token file (--peer-token-file) again and present its token when dialing
+        peers from now on (done within TOKENS_POLL_S of each change of the file); streams already
+        open keep theirs. A file that cannot be read or is empty leaves the token in use as it
+        was, and says why in the log."""
+        peer_token = self.config.security.peer_token
+        if peer_token is None or peer_token.path is None:
+            log.warning("asked to reload the peer token, but this node was started without --peer-token-file")
+            return
+        try:
+            peer_token.reload()
+        except SecurityConfigError as exc:
+            log.error("kept the peer token in use: %s", exc)
+            return
+        log.info("reloaded the peer token file %s", peer_token.path)
+        for warning in self.config.security.warnings():
+            log.warning("%s", warning)
 
     def _seed(self, peer: str) -> None:
         # A seed is not an operator's add: it neither undoes a DELETE /nodes made here nor asks a peer
@@ -288,11 +316,11 @@ class Node:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)
             self.server = None
-        if self._tokens_watch is not None:
-            self._tokens_watch.cancel()
+        for watch in self._watches:
+            watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._tokens_watch
-            self._tokens_watch = None
+                await watch
+        self._watches.clear()
         await self.replicator.stop()
         await self.webhooks.stop()
         for service in reversed(self.services):

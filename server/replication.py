@@ -501,14 +501,14 @@ class Replicator:
         backoff: Backoff = RECONNECT,
         linger: float = 0.005,
         channel: Callable[[str], grpc.aio.Channel] | None = None,
-        metadata: tuple[tuple[str, str], ...] = (),
+        metadata: Callable[[], tuple[tuple[str, str], ...]] = tuple,
     ) -> None:
         self.appender = appender
         #: Opens a channel to a peer's gRPC target (plaintext unless given, e.g. mTLS).
         self._channel = channel or (
             lambda target: grpc.aio.insecure_channel(target, options=channel_options())
         )
-        #: Metadata of every replication call dialed (e.g. a peer token).
+        #: Gives the metadata of each replication call dialed (e.g. a peer token, which may change).
         self._metadata = metadata
         self.log = appender.log
         self.membership = membership
@@ -615,7 +615,7 @@ class Replicator:
                 if peer.sessions and not any(s.dialed for s in peer.sessions):
                     await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
                     continue
-                call = stub.Replicate(metadata=self._metadata or None)
+                call = stub.Replicate(metadata=self._metadata() or None)
                 session = Session(
                     self, _ClientTransport(call), dialed=True, make_message=replication_pb2.ReplicateRequest
                 )

@@ -674,6 +674,36 @@ class WebhookPolicy:
         return delivery_client(self)
 
 
+class PeerToken:
+    """The token a node presents when dialing peers, and the file it was read from, if any."""
+
+    def __init__(self, token: str, path: Path | None = None) -> None:
+        self.token = token
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Path) -> PeerToken:
+        """The token of a peer token file (its text, stripped)."""
+        return cls(cls._read(path), path)
+
+    def reload(self) -> None:
+        """Read the file again and take its token (for the calls dialed from now on).
+        SecurityConfigError, keeping this token, if it cannot be read or holds none."""
+        if self.path is None:
+            raise SecurityConfigError("the peer token was not read from a file")
+        self.token = self._read(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecurityConfigError(f"cannot read the peer token file {path}: {exc}") from None
+        if not token:
+            raise SecurityConfigError(f"the peer token file {path} is empty")
+        return token
+
+
 def tls_context_for(ca: Path | None) -> ssl.SSLContext | bool:
     """An httpx `verify` value: the given CA, else the system's."""
     return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
@@ -691,7 +721,7 @@ class SecurityConfig:
     #: Bearer tokens every call needs (health checks excepted).
     tokens: TokenStore | None = None
     #: Token sent when dialing peers (needed when they check tokens and mTLS is off).
-    peer_token: str | None = None
+    peer_token: PeerToken | None = None
     #: HTTPS on the REST ports (Envoy terminates TLS).
     rest_tls: RestTlsFiles | None = None
     webhook_policy: WebhookPolicy = field(default_factory=WebhookPolicy)
@@ -711,7 +741,7 @@ class SecurityConfig:
             ]
         if self.tokens is None or self.peer_token is None or self.tls is not None:
             return []
-        role = self.tokens.role_of(self.peer_token)
+        role = self.tokens.role_of(self.peer_token.token)
         if role is None:
             return [
                 "the peer token is not in this node's tokens file: peers with the same file refuse "
@@ -726,7 +756,7 @@ class SecurityConfig:
 
     def peer_metadata(self) -> tuple[tuple[str, str], ...]:
         """Metadata of the calls dialed to peers."""
-        return (("authorization", f"Bearer {self.peer_token}"),) if self.peer_token else ()
+        return (("authorization", f"Bearer {self.peer_token.token}"),) if self.peer_token else ()
 
     def peer_channel(self, target: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
         """A channel to a peer's direct gRPC port: mTLS when configured, else plaintext."""

@@ -207,6 +207,71 @@ def test_without_mtls_peers_need_an_admin_token(nodes: Nodes, tokens: Path, tmp_
         assert http_a.get("/nodes", headers=bearer(READ_TOKEN)).json() == [b.url]
 
 
+def test_peer_tokens_rotate_without_a_restart(nodes: Nodes, tokens: Path, tmp_path: Path) -> None:
+    """The whole rotation, nodes running throughout: the new admin token is added to the tokens
+    file, each node's peer token file gets it, the old token is removed; the streams opened with
+    the old token end, the nodes dial again with the new one, and replication goes on."""
+    new_admin = "rotated-admin-token-97531"
+
+    def replace(path: Path, text: str) -> None:
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_text(text)
+        fresh.replace(path)
+
+    peer_tokens = [tmp_path / "peer-token-a", tmp_path / "peer-token-b"]
+    for path in peer_tokens:
+        path.write_text(ADMIN_TOKEN + "\n")
+    a = nodes("a", extra_args=["--auth-tokens", str(tokens), "--peer-token-file", str(peer_tokens[0])])
+    b = nodes(
+        "b",
+        peers=[a.url],
+        extra_args=["--auth-tokens", str(tokens), "--peer-token-file", str(peer_tokens[1])],
+    )
+    lines = [token_line(READ_TOKEN, Role.READ), token_line(WRITE_TOKEN, Role.WRITE)]
+    with (
+        httpx.Client(base_url=a.rest_url, timeout=30) as http_a,
+        httpx.Client(base_url=b.rest_url, timeout=30) as http_b,
+    ):
+
+        def replicated() -> None:
+            entry_id = http_a.post("/log", json="rotating", headers=bearer(WRITE_TOKEN)).json()["id"]
+            owner = entry_owner(http_a, entry_id, WRITE_TOKEN)
+            wait_for_sync(
+                lambda: http_b.get("/log", headers=bearer(READ_TOKEN)).json().get(owner) == entry_id,
+                message="a's entry on b",
+            )
+
+        replicated()
+        replace(
+            tokens,
+            "".join(
+                f"{line}\n"
+                for line in [*lines, token_line(ADMIN_TOKEN, Role.ADMIN), token_line(new_admin, Role.ADMIN)]
+            ),
+        )
+        for path in peer_tokens:
+            replace(path, new_admin + "\n")
+        for node in (a, b):
+
+            def took_it(node: NodeProcess = node) -> bool:
+                return "reloaded the peer token file" in node.log_file.read_text()
+
+            wait_for_sync(took_it, message=f"{node.data_dir.name} took its new peer token")
+        replace(tokens, "".join(f"{line}\n" for line in [*lines, token_line(new_admin, Role.ADMIN)]))
+        wait_for_sync(
+            lambda: any("streaming calls whose token" in n.log_file.read_text() for n in (a, b)),
+            message="the stream opened with the old token ended",
+        )
+        replicated()
+        for http in (http_a, http_b):
+
+            def live(http: httpx.Client = http) -> bool:
+                peers = http.get("/status", headers=bearer(READ_TOKEN)).json()["peers"]
+                return bool(peers) and all(p["state"] == "STATE_LIVE" and not p["last_error"] for p in peers)
+
+            wait_for_sync(live, message="replicating with the new token")
+
+
 def test_a_hardened_cluster(nodes: Nodes, pki: Pki, tokens: Path) -> None:
     """mTLS, tokens and HTTPS together: peers replicate on their certificates alone (no peer
     token), REST is served over HTTPS only, and still needs tokens."""

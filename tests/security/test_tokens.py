@@ -15,6 +15,7 @@ import pytest
 import potboiler.v1
 from potboiler.server import cli
 from potboiler.server.security import (
+    PeerToken,
     Role,
     SecurityConfig,
     SecurityConfigError,
@@ -121,6 +122,29 @@ def test_reloading_takes_the_files_tokens_instead_or_keeps_them_if_it_is_not_val
     assert tokens.role_of("newer") is Role.ADMIN
     with pytest.raises(SecurityConfigError, match="not read from a file"):
         TokenStore.parse(token_line("x", Role.READ)).reload()
+
+
+def test_a_peer_token_file_is_read_again_or_kept_if_it_holds_no_token(tmp_path: Path) -> None:
+    path = tmp_path / "peer-token"
+    path.write_text("first-token\n")
+    token = PeerToken.load(path)
+    assert token.token == "first-token"
+    path.write_text("  second-token \n")
+    token.reload()
+    assert SecurityConfig(peer_token=token).peer_metadata() == (("authorization", "Bearer second-token"),)
+    path.write_text("\n")
+    with pytest.raises(SecurityConfigError, match="is empty"):
+        token.reload()
+    path.unlink()
+    with pytest.raises(SecurityConfigError, match="cannot read"):
+        token.reload()
+    assert token.token == "second-token"
+    blank = tmp_path / "blank"
+    blank.write_text("")
+    with pytest.raises(SecurityConfigError, match="is empty"):
+        PeerToken.load(blank)
+    with pytest.raises(SecurityConfigError, match="not read from a file"):
+        PeerToken("given").reload()
 
 
 @pytest.mark.parametrize(
@@ -254,10 +278,10 @@ def test_tokens_without_mtls_or_a_peer_token_are_warned_about() -> None:
 
 def test_a_peer_token_below_admin_in_the_nodes_own_file_is_warned_about() -> None:
     tokens = TokenStore.parse(f"{token_line('w', Role.WRITE)}\n{token_line('a', Role.ADMIN)}\n")
-    [warning] = SecurityConfig(tokens=tokens, peer_token="w").warnings()
+    [warning] = SecurityConfig(tokens=tokens, peer_token=PeerToken("w")).warnings()
     assert "write token" in warning and "needs an admin token" in warning
-    assert SecurityConfig(tokens=tokens, peer_token="a").warnings() == []
-    [missing] = SecurityConfig(tokens=tokens, peer_token="other").warnings()
+    assert SecurityConfig(tokens=tokens, peer_token=PeerToken("a")).warnings() == []
+    [missing] = SecurityConfig(tokens=tokens, peer_token=PeerToken("other")).warnings()
     assert "not in this node's tokens file" in missing
 
 
