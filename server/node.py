@@ -258,17 +258,10 @@ class Node:
         are ended. A file that cannot be read or is not valid leaves the tokens in use as they
         were, and says why in the log."""
         tokens = self.config.security.tokens
-        if tokens is None or tokens.path is None:
-            log.warning("asked to reload the tokens, but this node was started without --auth-tokens")
+        assert tokens is not None and tokens.path is not None  # watched only when read from a file
+        if not self._reloaded("tokens", tokens.reload):
             return
-        try:
-            count = tokens.reload()
-        except SecurityConfigError as exc:
-            log.error("kept the tokens in use: %s", exc)
-            return
-        log.info("reloaded the tokens file %s: %d tokens", tokens.path, count)
-        for warning in self.config.security.warnings():
-            log.warning("%s", warning)
+        log.info("reloaded the tokens file %s: %d tokens", tokens.path, len(tokens))
         if self._auth is not None and (ended := await self._auth.end_revoked()):
             log.info("ended %d streaming calls whose token no longer allows them", ended)
 
@@ -278,17 +271,21 @@ class Node:
         open keep theirs. A file that cannot be read or is empty leaves the token in use as it
         was, and says why in the log."""
         peer_token = self.config.security.peer_token
-        if peer_token is None or peer_token.path is None:
-            log.warning("asked to reload the peer token, but this node was started without --peer-token-file")
-            return
+        assert peer_token is not None and peer_token.path is not None  # watched only then
+        if self._reloaded("peer token", peer_token.reload):
+            log.info("reloaded the peer token file %s", peer_token.path)
+
+    def _reloaded(self, what: str, reload: Callable[[], object]) -> bool:
+        """Run `reload` of the `what` in use; False, having logged why, if it failed. Then logs
+        what in the security settings is now likely not what an operator means."""
         try:
-            peer_token.reload()
+            reload()
         except SecurityConfigError as exc:
-            log.error("kept the peer token in use: %s", exc)
-            return
-        log.info("reloaded the peer token file %s", peer_token.path)
+            log.error("kept the %s in use: %s", what, exc)
+            return False
         for warning in self.config.security.warnings():
             log.warning("%s", warning)
+        return True
 
     def _seed(self, peer: str) -> None:
         # A seed is not an operator's add: it neither undoes a DELETE /nodes made here nor asks a peer
