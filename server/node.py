@@ -247,7 +247,10 @@ class Node:
                 await asyncio.sleep(TOKENS_POLL_S)
                 if (version := _file_version(path)) != seen:
                     seen = version
-                    await reload()
+                    try:
+                        await reload()
+                    except Exception:  # a bug in a reload must not stop the node watching its files
+                        log.exception("reloading %s failed", path)
 
         self._watches.append(asyncio.create_task(watch(), name=f"watching {path}"))
 
@@ -262,7 +265,7 @@ class Node:
         if not self._reloaded("tokens", tokens.reload):
             return
         log.info("reloaded the tokens file %s: %d tokens", tokens.path, len(tokens))
-        if self._auth is not None and (ended := await self._auth.end_revoked()):
+        if self._auth is not None and (ended := self._auth.end_revoked()):
             log.info("ended %d streaming calls whose token no longer allows them", ended)
 
     async def reload_peer_token(self) -> None:
@@ -303,6 +306,11 @@ class Node:
 
     async def stop(self) -> None:
         """Stop the gateway, the server (letting calls finish for a moment), services and the log."""
+        for watch in self._watches:  # first: no reload while calls are being torn down
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        self._watches.clear()
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
@@ -313,11 +321,8 @@ class Node:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)
             self.server = None
-        for watch in self._watches:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-        self._watches.clear()
+        if self._auth is not None:
+            await self._auth.close()
         await self.replicator.stop()
         await self.webhooks.stop()
         for service in reversed(self.services):

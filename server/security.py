@@ -17,12 +17,13 @@ Configuration errors (a missing certificate, a malformed token file) raise `Secu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import hashlib
 import hmac
 import inspect
 import ipaddress
+import logging
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -38,6 +39,8 @@ from potboiler.server.urls import webhook_url
 
 if TYPE_CHECKING:
     import httpx
+
+log = logging.getLogger(__name__)
 
 
 class SecurityConfigError(ValueError):
@@ -388,6 +391,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._peer_certificates = peer_certificates
         #: The streaming calls (subscriptions, append streams, replication) running on a token.
         self._streams: set[_Stream] = set()
+        #: The tasks ending streams whose token changed (see end_revoked).
+        self._ending: set[asyncio.Task[None]] = set()
 
     async def intercept_service(
         self,
@@ -435,7 +440,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         original = _original(handler)
         streams = self._streams
 
-        def track(context: grpc.aio.ServicerContext[Any, Any]) -> _Stream:
+        async def track(context: grpc.aio.ServicerContext[Any, Any]) -> _Stream:
+            # The token is checked again as the handler starts: grpc.aio may have waited for the
+            # request message since the headers were checked, and the tokens may have changed
+            # meanwhile (after the change, end_revoked did not see this call yet). No await between
+            # the check and the add: a change of the tokens cannot fall between them.
+            refusal = self._refusal(token, method, need)
+            if refusal is not None:
+                await context.abort(*refusal)
             task = asyncio.current_task()
             assert task is not None  # grpc.aio runs each call in a task
             stream = _Stream(token, method, need, context, task)
@@ -445,7 +457,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(original):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                running = track(context)
+                running = await track(context)
                 try:
                     async for item in original(request, context):
                         yield item
@@ -454,40 +466,70 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return _with_behavior(handler, stream)
 
+        # grpc.aio takes a streaming handler as an async generator or a coroutine (context.write).
+        assert inspect.iscoroutinefunction(original), f"{method}: a streaming handler must be async"
+
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            running = track(context)
+            running = await track(context)
             try:
-                result = original(request, context)
-                return await result if inspect.isawaitable(result) else result
+                return await original(request, context)
             finally:
                 streams.discard(running)
 
         return _with_behavior(handler, call)
 
-    async def end_revoked(self) -> int:
+    def _refusal(self, token: str, method: str, need: Role) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call of `method` with `token` is refused by the tokens now in use (None if it is
+        not), as a call running on a token that changed is told."""
+        assert self._tokens is not None
+        role = self._tokens.role_of(token)
+        if role is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked"
+        return _role_refusal(method, need, role)
+
+    def end_revoked(self) -> int:
         """End every streaming call whose token no longer allows it, as a new call with that token
         would be refused (UNAUTHENTICATED, or PERMISSION_DENIED for a role that no longer
-        suffices); for after the tokens changed. Returns how many were ended."""
+        suffices); for after the tokens changed. Returns how many are being ended: each is ended
+        in a task of its own, so that a caller that does not read holds up no other."""
         if self._tokens is None:
             return 0
         ended = 0
         for stream in list(self._streams):
-            role = self._tokens.role_of(stream.token)
-            refusal = (
-                (grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked")
-                if role is None
-                else _role_refusal(stream.method, stream.need, role)
-            )
+            refusal = self._refusal(stream.token, stream.method, stream.need)
             if refusal is None:
                 continue
             self._streams.discard(stream)
-            # The status goes to the caller at once; abort raises here, in the caller of abort.
-            # UsageError: the call ended meanwhile (its status was sent already).
-            with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
-                await stream.context.abort(*refusal)
-            stream.task.cancel()  # the handler may be waiting for anything: stop it
+            ending = asyncio.create_task(_end_stream(stream, refusal), name=f"ending {stream.method}")
+            self._ending.add(ending)
+            ending.add_done_callback(self._ending.discard)
             ended += 1
         return ended
+
+    async def close(self) -> None:
+        """Wait for the streams being ended (for a node that stops)."""
+        await asyncio.gather(*self._ending)
+
+
+#: How long a stream ended for its token is given to take its status before its handler is stopped
+#: anyway: the status waits behind any data the caller has not read yet.
+END_STREAM_TIMEOUT = 5.0
+
+
+async def _end_stream(stream: _Stream, refusal: tuple[grpc.StatusCode, str]) -> None:
+    """Send a stream's caller `refusal` as its status and stop the stream's handler."""
+    try:
+        async with asyncio.timeout(END_STREAM_TIMEOUT):
+            await stream.context.abort(*refusal)
+    except grpc.aio.AbortError:
+        pass  # the status was sent: abort says so by raising this in whoever called it
+    except grpc.aio.UsageError:
+        return  # the handler is aborting the call itself: let it finish
+    except TimeoutError:
+        log.warning("%s: its caller did not take the status in time; its handler is stopped", stream.method)
+    except Exception as exc:  # grpc raises its own internal error for a call that has ended already
+        log.info("%s had ended before it could be told its token changed: %r", stream.method, exc)
+    stream.task.cancel()
 
 
 # -- webhook SSRF policy -------------------------------------------------------------------
@@ -678,7 +720,7 @@ class PeerToken:
     """The token a node presents when dialing peers, and the file it was read from, if any."""
 
     def __init__(self, token: str, path: Path | None = None) -> None:
-        self.token = token
+        self.token = self._checked(token, f"the peer token file {path}" if path else "the peer token")
         self.path = path
 
     @classmethod
@@ -701,7 +743,21 @@ class PeerToken:
             raise SecurityConfigError(f"cannot read the peer token file {path}: {exc}") from None
         if not token:
             raise SecurityConfigError(f"the peer token file {path} is empty")
+        return PeerToken._checked(token, f"the peer token file {path}")
+
+    @staticmethod
+    def _checked(token: str, source: str) -> str:
+        # It travels as a header value: a space, a line break or a non-ASCII character would make
+        # grpc drop the header and leave the dialed call hanging.
+        if not _TOKEN_TEXT.fullmatch(token):
+            raise SecurityConfigError(
+                f"{source} holds more than one token, or characters a token cannot have "
+                "(only printable ASCII without spaces)"
+            )
         return token
+
+
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 
 
 def tls_context_for(ca: Path | None) -> ssl.SSLContext | bool:

@@ -122,7 +122,7 @@ def test_a_changed_tokens_file_is_taken_without_a_restart(nodes: Nodes, tokens: 
             staying.cancel()
         assert http.get("/log", headers=bearer(READ_TOKEN)).status_code == 200
         assert node_log_says("reloaded the tokens file")
-        assert node_log_says("ended 1 streaming calls")
+        wait_for_sync(lambda: node_log_says("ended 1 streaming calls"), message="the stream ended")
 
         # A broken file (or none) changes nothing: the tokens in use stay, and the log says why.
         replace("not a tokens file\n")

@@ -2,18 +2,21 @@
 an in-process gRPC server with the node's auth interceptor and stand-in handlers under the real
 method names (which decide the role each call needs): a revoked token's streams end with
 UNAUTHENTICATED, a token whose role no longer suffices gets PERMISSION_DENIED (a replicating peer:
-UNAUTHENTICATED), and streams whose token still allows them run on."""
+UNAUTHENTICATED), and streams whose token still allows them run on. A caller that stops reading
+holds up no other stream, a request that arrives after the change is refused as its handler starts,
+and a stream's handler is stopped whatever becomes of its status."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 
+from potboiler.server import security
 from potboiler.server.security import AuthInterceptor, Role, TokenStore, token_line
 
 READER, WRITER, ADMIN = "reader-token-1357", "writer-token-2468", "admin-token-3579"
@@ -38,6 +41,15 @@ class Handlers:
             while self.running != count:
                 self.finished.clear()
                 await self.finished.wait()
+
+    async def flood(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        """Yields big messages without end (to a caller that stops reading, they queue up)."""
+        self.running += 1
+        try:
+            while True:
+                yield b"x" * 1_000_000
+        finally:
+            self.done()
 
     async def subscribe(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
         self.running += 1
@@ -81,6 +93,7 @@ class Served:
                     "potboiler.v1.LogService",
                     {
                         "SubscribeEntries": grpc.unary_stream_rpc_method_handler(h.subscribe),
+                        "SubscribeFlood": grpc.unary_stream_rpc_method_handler(h.flood),
                         "SubscribeWritten": grpc.unary_stream_rpc_method_handler(h.subscribe_written),
                         "AppendEntryStream": grpc.stream_stream_rpc_method_handler(h.echo),
                     },
@@ -136,7 +149,7 @@ async def test_a_revoked_tokens_streams_end_and_the_others_run_on(served: Served
     assert await revoked.read() == b"first" and await kept.read() == b"first"
     served.rewrite((WRITER, Role.WRITE), (ADMIN, Role.ADMIN))
 
-    assert await served.auth.end_revoked() == 1
+    assert served.auth.end_revoked() == 1
     assert await ended_with(revoked) == (
         grpc.StatusCode.UNAUTHENTICATED,
         "the token of this call was revoked",
@@ -146,7 +159,7 @@ async def test_a_revoked_tokens_streams_end_and_the_others_run_on(served: Served
     served.handlers.release.set()
     assert await kept.read() == b"second"
     assert await kept.code() == grpc.StatusCode.OK
-    assert await served.auth.end_revoked() == 0  # ended calls are not kept
+    assert served.auth.end_revoked() == 0  # ended calls are not kept
 
 
 async def test_a_token_whose_role_no_longer_suffices_ends_its_streams_as_a_new_call_is_refused(
@@ -158,7 +171,7 @@ async def test_a_token_whose_role_no_longer_suffices_ends_its_streams_as_a_new_c
         assert await call.read() == b"hello"
     served.rewrite((WRITER, Role.READ), (ADMIN, Role.WRITE))
 
-    assert await served.auth.end_revoked() == 2
+    assert served.auth.end_revoked() == 2
     assert await ended_with(append) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "AppendEntryStream needs a write token; this one is a read token",
@@ -177,8 +190,82 @@ async def test_streams_whose_token_still_allows_them_are_left_alone(served: Serv
     assert await append.read() == b"one"
     served.rewrite((WRITER, Role.ADMIN))  # promoted: still allowed
 
-    assert await served.auth.end_revoked() == 0
+    assert served.auth.end_revoked() == 0
     await append.write(b"two")
     assert await append.read() == b"two"
     await append.done_writing()
     assert await append.code() == grpc.StatusCode.OK
+
+
+async def test_a_caller_that_stops_reading_holds_up_no_other_stream_and_is_stopped_in_time(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(security, "END_STREAM_TIMEOUT", 0.5)
+    stuck, reading = served.call("SubscribeFlood", READER), served.call("SubscribeEntries", READER)
+    assert await stuck.read() and await reading.read() == b"first"  # then `stuck` reads no more
+    served.rewrite((WRITER, Role.WRITE))
+
+    assert served.auth.end_revoked() == 2
+    assert (await ended_with(reading))[0] == grpc.StatusCode.UNAUTHENTICATED
+    await served.handlers.until_running(0)  # the flood's handler too, its status never taken
+    await served.auth.close()
+    stuck.cancel()
+
+
+class AbortingContext:
+    """A stand-in ServicerContext that records abort (raising as grpc.aio's does), or whose abort
+    fails with `error`, or never completes (`hang`: a caller that takes no more data)."""
+
+    def __init__(self, error: Exception | None = None, hang: bool = False) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.error = error
+        self.hang = hang
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.hang:
+            await asyncio.Event().wait()
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+async def test_a_stream_whose_request_arrives_after_the_tokens_changed_is_refused_as_it_starts(
+    served: Served,
+) -> None:
+    """grpc.aio checks the headers, then waits for the request message: a revocation can fall
+    between the two, before the call is tracked."""
+    handler: Any = grpc.unary_stream_rpc_method_handler(served.handlers.subscribe)
+    tracked = served.auth._tracked(handler, READER, "/potboiler.v1.LogService/SubscribeEntries", Role.READ)
+    served.rewrite((WRITER, Role.WRITE))
+    context = AbortingContext()
+    behavior: Any = tracked.unary_stream
+    with pytest.raises(grpc.aio.AbortError):
+        async for _ in behavior(b"", context):
+            pytest.fail("the revoked call ran")
+    assert context.aborted == (grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked")
+    assert served.handlers.running == 0
+
+
+@pytest.mark.parametrize(
+    "context",
+    [AbortingContext(), AbortingContext(RuntimeError("the call has ended")), AbortingContext(hang=True)],
+    ids=["told", "ended by itself meanwhile", "caller takes no more data"],
+)
+async def test_ending_a_stream_stops_its_handler_whatever_becomes_of_its_status(
+    context: AbortingContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(security, "END_STREAM_TIMEOUT", 0.1)
+    handler = asyncio.create_task(asyncio.Event().wait())
+    stream = security._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, context), handler)
+    await security._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+
+
+async def test_a_handler_aborting_by_itself_is_left_to_finish() -> None:
+    handler = asyncio.create_task(asyncio.sleep(0))
+    aborting = AbortingContext(grpc.aio.UsageError("Abort already called!"))
+    stream = security._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, aborting), handler)
+    await security._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
+    await handler  # not cancelled

@@ -147,6 +147,22 @@ def test_a_peer_token_file_is_read_again_or_kept_if_it_holds_no_token(tmp_path: 
         PeerToken("given").reload()
 
 
+@pytest.mark.parametrize("text", ["old-token\nnew-token\n", "two words", "t\u00f6ken", "tab\there"])
+def test_a_peer_token_that_cannot_travel_as_a_header_is_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "peer-token"
+    path.write_text(text)
+    with pytest.raises(SecurityConfigError, match="characters a token cannot have"):
+        PeerToken.load(path)
+    with pytest.raises(SecurityConfigError, match="characters a token cannot have"):
+        PeerToken(text.strip())
+    path.write_text("good-token")
+    token = PeerToken.load(path)
+    path.write_text(text)
+    with pytest.raises(SecurityConfigError):
+        token.reload()
+    assert token.token == "good-token"
+
+
 @pytest.mark.parametrize(
     ("method", "role"),
     [
