@@ -720,8 +720,8 @@ class PeerToken:
     """The token a node presents when dialing peers, and the file it was read from, if any."""
 
     def __init__(self, token: str, path: Path | None = None) -> None:
-        self.token = self._checked(token, f"the peer token file {path}" if path else "the peer token")
         self.path = path
+        self.token = self._checked(token)
 
     @classmethod
     def load(cls, path: Path) -> PeerToken:
@@ -733,7 +733,7 @@ class PeerToken:
         SecurityConfigError, keeping this token, if it cannot be read or holds none."""
         if self.path is None:
             raise SecurityConfigError("the peer token was not read from a file")
-        self.token = self._read(self.path)
+        self.token = self._checked(self._read(self.path))
 
     @staticmethod
     def _read(path: Path) -> str:
@@ -743,13 +743,13 @@ class PeerToken:
             raise SecurityConfigError(f"cannot read the peer token file {path}: {exc}") from None
         if not token:
             raise SecurityConfigError(f"the peer token file {path} is empty")
-        return PeerToken._checked(token, f"the peer token file {path}")
+        return token
 
-    @staticmethod
-    def _checked(token: str, source: str) -> str:
+    def _checked(self, token: str) -> str:
         # It travels as a header value: a space, a line break or a non-ASCII character would make
         # grpc drop the header and leave the dialed call hanging.
         if not _TOKEN_TEXT.fullmatch(token):
+            source = f"the peer token file {self.path}" if self.path else "the peer token"
             raise SecurityConfigError(
                 f"{source} holds more than one token, or characters a token cannot have "
                 "(only printable ASCII without spaces)"
