@@ -241,8 +241,10 @@ class Node:
     def _watch(self, path: Path, reload: Callable[[], Awaitable[None]]) -> None:
         """Call `reload` within TOKENS_POLL_S of each change of the file at `path`."""
 
+        seen = _file_version(path)  # now: a change right after this call is one
+
         async def watch() -> None:
-            seen = _file_version(path)
+            nonlocal seen
             while True:
                 await asyncio.sleep(TOKENS_POLL_S)
                 if (version := _file_version(path)) != seen:

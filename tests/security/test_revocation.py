@@ -4,7 +4,8 @@ method names (which decide the role each call needs): a revoked token's streams 
 UNAUTHENTICATED, a token whose role no longer suffices gets PERMISSION_DENIED (a replicating peer:
 UNAUTHENTICATED), and streams whose token still allows them run on. A caller that stops reading
 holds up no other stream, a request that arrives after the change is refused as its handler starts,
-and a stream's handler is stopped whatever becomes of its status."""
+and a stream's handler is stopped whatever becomes of its status. A node whose reload fails goes on
+watching its file."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from potboiler.server import node as node_module
 from potboiler.server import security
-from potboiler.server.security import AuthInterceptor, Role, TokenStore, token_line
+from potboiler.server.node import Node
+from potboiler.server.security import AuthInterceptor, Role, SecurityConfig, TokenStore, token_line
+from tests.conftest import grpc_only_config
 
 READER, WRITER, ADMIN = "reader-token-1357", "writer-token-2468", "admin-token-3579"
 
@@ -269,3 +273,34 @@ async def test_a_handler_aborting_by_itself_is_left_to_finish() -> None:
     stream = security._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, aborting), handler)
     await security._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
     await handler  # not cancelled
+
+
+async def test_a_reload_that_fails_leaves_the_node_watching_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_module, "TOKENS_POLL_S", 0.01)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_line(READER, Role.READ) + "\n")
+    node = Node(grpc_only_config(tmp_path / "node", security=SecurityConfig(tokens=TokenStore.load(tokens))))
+    await node.start()
+    calls = 0
+    called = asyncio.Event()
+
+    async def failing() -> None:
+        nonlocal calls
+        calls += 1
+        called.set()
+        raise RuntimeError("a bug in a reload")
+
+    try:
+        watched = tmp_path / "watched"
+        watched.write_text("1")
+        node._watch(watched, failing)
+        for version in ("22", "333"):
+            called.clear()
+            watched.write_text(version)  # another size: a change whatever the clock's resolution
+            async with asyncio.timeout(10):
+                await called.wait()
+        assert calls == 2
+    finally:
+        await node.stop()
