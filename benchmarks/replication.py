@@ -73,7 +73,7 @@ from benchmarks.common import (
     progress,
     sigterm_as_interrupt,
 )
-from benchmarks.sections.lag import WARM, paced, potboiler_stream_writer, potboiler_writer
+from benchmarks.sections.lag import WARM, lags_by_second, paced, potboiler_stream_writer, potboiler_writer
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
@@ -465,12 +465,10 @@ async def measure_lag(
     # Lag by second of the load: a lag that grows second by second is a backlog (the cluster cannot keep
     # up with the rate), a flat one is the per-entry path.
     first_send = min((send for send, _ in result.acked.values()), default=0)
-    by_second: dict[int, list[int]] = {}
-    for send, observed, _ in seen.values():
-        by_second.setdefault(int((send - first_send) // 1_000_000_000), []).append(observed - send)
+    by_second = lags_by_second(((send, observed) for send, observed, _ in seen.values()), first_send)
     lag_by_second = [
         {"second": sec, "p50": summary_ms(v)["p50"], "p99": summary_ms(v)["p99"]}
-        for sec, v in sorted(by_second.items())
+        for sec, v in by_second.items()
     ]
     lag_fig: Json = {
         "rate_per_s": settings.rate,

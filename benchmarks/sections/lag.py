@@ -18,7 +18,7 @@ import multiprocessing
 import multiprocessing.connection
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,15 +173,21 @@ async def paced(write: Write, run: str, rate: int, seconds: float, warm: bool = 
     return result
 
 
+def lags_by_second(seen: Iterable[tuple[int, int]], first: int) -> dict[int, list[int]]:
+    """The lags (ns) of the writes sent in each second after `first` (ns), from (sent_ns,
+    arrived_ns) pairs, by second."""
+    seconds: dict[int, list[int]] = {}
+    for sent, arrived in seen:
+        seconds.setdefault((sent - first) // 1_000_000_000, []).append(arrived - sent)
+    return dict(sorted(seconds.items()))
+
+
 def lag_p99_by_second(seen: list[tuple[int, int]]) -> list[float]:
     """The p99 lag (ms) of the writes sent in each second of a run, from (sent_ns, arrived_ns)."""
     if not seen:
         return []
-    first = min(sent for sent, _ in seen)
-    seconds: dict[int, list[int]] = {}
-    for sent, arrived in seen:
-        seconds.setdefault((sent - first) // 1_000_000_000, []).append(arrived - sent)
-    return [round(percentile(seconds[s], 99) / 1e6, 1) for s in sorted(seconds)]
+    seconds = lags_by_second(seen, min(sent for sent, _ in seen))
+    return [round(percentile(lags, 99) / 1e6, 1) for lags in seconds.values()]
 
 
 def summary_ms(values_ns: list[int]) -> Json:
