@@ -492,6 +492,11 @@ def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) 
         ("pigtail", "GET", "/create", "POST"),
         ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, HEAD, PUT"),
         ("browser", "DELETE", "/", "GET, HEAD"),
+        # With a trailing slash, which the transcoder takes as the same path.
+        ("core", "PUT", "/log/", "GET, HEAD, POST"),
+        ("core", "PATCH", "/nodes/", "DELETE, GET, HEAD, POST"),
+        ("kv", "PUT", "/kv/", "GET, HEAD"),
+        ("kv", "DELETE", "/kv/t/k/", "GET, HEAD, POST"),
     ],
 )
 def test_a_known_path_with_another_method_is_405_with_allow(
@@ -504,6 +509,15 @@ def test_a_known_path_with_another_method_is_405_with_allow(
     assert response.headers["allow"] == allow
     takes = " or ".join(allow.rsplit(", ", 1))
     assert_error(response, 405, f"{method} is not allowed here", f"takes {takes}")
+
+
+def test_a_trailing_slash_is_the_same_path(http: httpx.Client) -> None:
+    created = http.post("/log/", content=b'{"slash": 1}', headers={"content-type": "application/json"})
+    assert created.status_code == 201
+    entry_id = created.json()["id"]
+    assert created.headers["location"] == f"/log/{entry_id}"
+    assert http.get(f"/log/{entry_id}/").json() == http.get(f"/log/{entry_id}").json()
+    assert http.get("/status/").json()["node_id"] == http.get("/status").json()["node_id"]
 
 
 def test_head_answers_as_get_without_the_body(shared_node: NodeProcess) -> None:

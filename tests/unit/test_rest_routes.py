@@ -118,6 +118,20 @@ def test_transcoded_requests_pass_every_method_route() -> None:
             )
 
 
+def test_a_trailing_slash_is_the_same_path() -> None:
+    # The transcoder takes `GET /log/` as `GET /log`, so a method it would not take there is a 405
+    # too, not the transcoder's 404.
+    for b in rest_bindings():
+        if b.path == "/":
+            continue
+        path = re.sub(r"\{[^}]+\}", "x1", b.path) + "/"
+        route = route_for(method_routes(b.listener), b.method, path)
+        assert route is not None and "route" in route, (b, route)
+    route = route_for(method_routes("core"), "PUT", "/log/")
+    assert route is not None and route["direct_response"]["status"] == 405  # type: ignore[index]
+    assert route_for(method_routes("core"), "GET", "/log//") is None
+
+
 def test_literal_segments_match_only_themselves() -> None:
     regex = path_match("/v1.0/{id}")["safe_regex"]
     assert isinstance(regex, dict)
