@@ -8,24 +8,27 @@ that answers it with INVALID_ARGUMENT (in a request stream, the bad message rais
 `UndecodableRequest`, an InvalidArgument, where the servicer reads it).
 Handlers are wrapped once, at registration, so a good request pays one isinstance check.
 
-Handlers registered here also serialize JSON-shaped responses (`Struct`, `Value`, `ListValue`, what
-the REST paths answer) with each object's keys sorted: a Struct's fields are a protobuf map, written
-in no particular order, so the same entry or value printed differently on every node (Envoy prints
-them in wire order). Sorting costs about 1 µs per answer.
+Handlers registered here also serialize the answers of the RPCs that have a REST binding (what Envoy
+transcodes to JSON) with each object's keys sorted: a Struct's fields are a protobuf map, written in
+no particular order, so the same entry or value printed differently on every node (Envoy prints them
+in wire order). Sorting costs about 1 µs per answer. Other answers (gRPC clients read maps as maps)
+are serialized as they are.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import struct_pb2
+from google.api import annotations_pb2
 from google.protobuf.message import DecodeError, Message
 
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.grpc_errors import abort
+from potboiler.v1 import log_pb2
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -77,18 +80,24 @@ def _serialize_sorted(response: Message) -> bytes:
     return response.SerializeToString(deterministic=True)
 
 
-def _stable(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
-    """`serialize`, or for a JSON-shaped message type its deterministic (sorted map keys) form."""
-    json_shaped = (struct_pb2.Struct, struct_pb2.Value, struct_pb2.ListValue)
-    return _serialize_sorted if any(serialize == m.SerializeToString for m in json_shaped) else serialize
+@functools.cache
+def transcoded(method: str) -> bool:
+    """Whether the RPC `method` (`/package.Service/Method`, as grpc names it) has a REST binding: its
+    answers are printed as JSON by Envoy."""
+    try:
+        # The pool every generated module (ours, grpc's health and reflection) registers with.
+        found = log_pb2.DESCRIPTOR.pool.FindMethodByName(method.lstrip("/").replace("/", "."))
+    except KeyError:  # not one of the API's (or not imported): nothing to go by
+        return False
+    return bool(found.GetOptions().HasExtension(annotations_pb2.http))
 
 
-def guard(handler: Handler) -> Handler:
-    """`handler` with undecodable requests answered INVALID_ARGUMENT (and JSON-shaped answers
-    serialized with sorted keys)."""
+def guard(handler: Handler, method: str) -> Handler:
+    """`handler` (of the RPC `method`, `/package.Service/Method`) with undecodable requests answered
+    INVALID_ARGUMENT, and its answers serialized with sorted map keys if the RPC has a REST binding."""
     # The behaviours are coroutine functions (grpc.aio), which grpc's type stubs do not describe.
     parse = _deserializer(handler.request_deserializer)
-    serialize = _stable(handler.response_serializer)
+    serialize = _serialize_sorted if transcoded(method) else handler.response_serializer
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary
 
@@ -160,7 +169,7 @@ class _GuardedGeneric(grpc.GenericRpcHandler):
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
-        self._guarded[method] = guarded = guard(handler)
+        self._guarded[method] = guarded = guard(handler, method)
         return guarded
 
 

@@ -1,0 +1,49 @@
+"""Which answers are serialized with sorted map keys: those of the RPCs Envoy prints as JSON."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+# Imported for the descriptors they register.
+import potboiler.v1.core_rest_pb2
+import potboiler.v1.log_pb2  # noqa: F401
+from potboiler.server.decoding import guard, transcoded
+
+
+@pytest.mark.parametrize(
+    ("method", "rest"),
+    [
+        ("/potboiler.v1.CoreRestService/GetLogEntry", True),
+        ("/potboiler.v1.CoreRestService/PostLogEntry", True),
+        ("/potboiler.v1.LogService/SubscribeEntries", False),
+        ("/potboiler.v1.LogService/AppendEntryStream", False),
+        ("/grpc.health.v1.Health/Check", False),
+        ("/no.Such/Method", False),
+    ],
+)
+def test_only_rpcs_with_a_rest_binding_are_transcoded(method: str, rest: bool) -> None:
+    assert transcoded(method) is rest
+
+
+def handler_serializing_as(method: str) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+    async def answer(request: object, context: object) -> struct_pb2.Struct:
+        return struct_pb2.Struct()
+
+    plain = grpc.unary_unary_rpc_method_handler(
+        answer, struct_pb2.Struct.FromString, struct_pb2.Struct.SerializeToString
+    )
+    return guard(plain, method)
+
+
+def test_rest_answers_print_their_keys_sorted() -> None:
+    value = struct_pb2.Struct()
+    for key in ["zeta", "alpha", "mu", "beta", "omega", "kappa"]:
+        value.fields[key].number_value = 1
+    serialize = handler_serializing_as("/potboiler.v1.CoreRestService/GetLogEntry").response_serializer
+    assert serialize is not None
+    assert serialize(value) == value.SerializeToString(deterministic=True)
+    # Any other RPC's answers are serialized as grpc would (no sorting on the hot paths).
+    other = handler_serializing_as("/potboiler.v1.LogService/GetEntry").response_serializer
+    assert other is struct_pb2.Struct.SerializeToString
