@@ -207,6 +207,24 @@ def take_delivered(
     return out
 
 
+def _take_chain(
+    chain: Iterator[tuple[bytes, bytes]], count: int, budget: int | None
+) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The next `count` (key, serialized entry) pairs of a chain's iterator; with a `budget` of bytes,
+    read no further than the first pair that takes their size beyond it. Also their size in bytes
+    (0 without a budget)."""
+    if budget is None:
+        return list(itertools.islice(chain, count)), 0
+    found = []
+    size = 0
+    for pair in itertools.islice(chain, count):
+        found.append(pair)
+        size += len(pair[1])
+        if size > budget:
+            break
+    return found, size
+
+
 def parse_entry_batch(serialized: bytes) -> list[Entry]:
     """The entries of a serialized `EntryBatch` (entries serialized), parsed in one go as its twin
     `ParsedEntryBatch`: about 40% cheaper than parsing each entry on its own. DecodeError if one is
@@ -493,13 +511,13 @@ class Log:
     ) -> list[tuple[int, bytes]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order, serialized, as
         (position, bytes); with `max_bytes`, only as many as fit in it (but at least one)."""
-        # Read entry by entry when their bytes may stop the read (an entry may be as big as 1 MiB).
-        step = limit if max_bytes is None else 1
-        return take_delivered(self._delivered_after(after, limit, step), limit, max_bytes)
+        return take_delivered(self._delivered_after(after, limit, max_bytes), limit, max_bytes)
 
-    def _delivered_after(self, after: int, limit: int, step: int) -> Iterator[tuple[int, bytes]]:
+    def _delivered_after(self, after: int, limit: int, max_bytes: int | None) -> Iterator[tuple[int, bytes]]:
         """Up to `limit` delivered entries with position > `after`, in delivery order, serialized,
-        as read from the store `step` entries at a time (at most)."""
+        as read from the store; with `max_bytes`, the read stops at the first entry beyond that
+        many bytes (an entry may be as big as 1 MiB, so a byte budget must stop the reading, not
+        only what is kept of it)."""
         if after >= self._position:
             return
         # Delivery order follows each owner's chain in seq order, so each chain is read with one
@@ -511,18 +529,22 @@ class Log:
         first = self._store.last(_X_START, b"x" + _U64.pack(after + 2))
         start = first[0] if first is not None else b"x" + _U64.pack(after + 1)
         left = limit
+        budget = max_bytes
         for key, value in self._store.scan(start, _X_END):
             run = DeliveryRun.read(key, value)
             owner = run.owner
             offset = max(0, after + 1 - run.position)
             while offset < run.count and left > 0:
-                count = min(run.count - offset, left, step)
+                count = min(run.count - offset, left)
                 first_key = b"o" + owner + _U64.pack(run.seq + offset)
                 chain = chains.get(owner)
-                found = list(itertools.islice(chain, count)) if chain is not None else []
+                found, size = _take_chain(chain, count, budget) if chain is not None else ([], 0)
                 if not found or found[0][0] != first_key:
                     chain = chains[owner] = self._store.scan(first_key, prefix_end(b"o" + owner))
-                    found = list(itertools.islice(chain, count))
+                    found, size = _take_chain(chain, count, budget)
+                spent = budget is not None and size > budget
+                if spent:  # the byte budget stopped the read: this is the last stretch
+                    count = len(found)
                 # Keys are unique and sorted: with the first and the last where they belong, so is
                 # every one between.
                 last_key = b"o" + owner + _U64.pack(run.seq + offset + count - 1)
@@ -531,6 +553,10 @@ class Log:
                 )
                 position = run.position + offset
                 yield from zip(range(position, position + count), [blob for _, blob in found], strict=True)
+                if spent:
+                    return
+                if budget is not None:
+                    budget -= size
                 offset += count
                 left -= count
             if not left:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -85,10 +86,15 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
     # Reading on from any position (within a delivery run too) gives the rest of the same order.
     after, limit = rng.randrange(len(order) + 1), rng.randrange(1, 8)
     assert log.delivered(after, limit) == everything[after : after + limit]
-    # Read entry by entry where their bytes may stop the read: the same, as far as the bytes allow.
+    # With a byte budget: the same, as far as the bytes allow (and one entry at least).
     stored = list(zip(range(1, len(order) + 1), log.delivered_batch(0, 10_000).blobs, strict=True))
     assert log.delivered_blobs(after, limit, max_bytes=1 << 20) == stored[after : after + limit]
     assert log.delivered_blobs(after, limit, max_bytes=1) == stored[after : after + 1]
+    if sizes := [len(blob) for _, blob in stored[after : after + limit]]:
+        k = rng.randrange(1, len(sizes) + 1)
+        fit = sum(sizes[:k])
+        assert log.delivered_blobs(after, limit, max_bytes=fit) == stored[after : after + k]
+        assert log.delivered_blobs(after, limit, max_bytes=fit - 1) == stored[after : after + max(1, k - 1)]
     position = {entry_id: i for i, entry_id in enumerate(order)}
     for chain in chains:
         for entry in chain:
@@ -141,3 +147,29 @@ def test_own_blocked_is_the_first_own_entry_waiting_and_service_appends_never_qu
         else:
             with pytest.raises(Unavailable, match=blocked_now.entry):
                 log.plan_local(log.begin(), [NewEntry(value("probe"))], unless_blocked=True)
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts the pairs its scans hand out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+
+    def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        for pair in super().scan(start, end, limit=limit):
+            self.read += 1
+            yield pair
+
+
+def test_a_byte_budget_stops_the_reading_not_only_what_is_kept() -> None:
+    # Entries may be as big as 1 MiB: reading a whole stretch before counting its bytes could hold
+    # hundreds of MiB for one subscription batch.
+    store = CountingStore()
+    log = Log(store)
+    commit_local(log, store, [NewEntry(value("x" * 1000))] * 200)
+    sizes = [len(blob) for _, blob in log.delivered_blobs(0, 200)]
+    store.read = 0
+    got = log.delivered_blobs(0, 200, max_bytes=sum(sizes[:10]))
+    assert len(got) == 10
+    assert store.read <= 10 + 1 + 2  # the entries kept, the one beyond the budget, the delivery runs
