@@ -28,7 +28,7 @@ from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.replication import ReplicationServicer, Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer
-from potboiler.server.security import SecurityConfig, SecurityConfigError
+from potboiler.server.security import FileVersion, SecurityConfig, SecurityConfigError, file_version
 from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
 from potboiler.server.urls import node_url
@@ -215,10 +215,10 @@ class Node:
         self.replicator.start()
         tokens = config.security.tokens
         if tokens is not None and tokens.path is not None:
-            self._watch(tokens.path, self.reload_tokens)
+            self._watch(tokens.path, tokens.version, self.reload_tokens)
         peer_token = config.security.peer_token
         if peer_token is not None and peer_token.path is not None:
-            self._watch(peer_token.path, self.reload_peer_token)
+            self._watch(peer_token.path, peer_token.version, self.reload_peer_token)
         for peer in config.peers:
             self._seed(peer)
         for name in names:
@@ -238,16 +238,16 @@ class Node:
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
 
-    def _watch(self, path: Path, reload: Callable[[], Awaitable[None]]) -> None:
-        """Call `reload` within TOKENS_POLL_S of each change of the file at `path`."""
-
-        seen = _file_version(path)  # now: a change right after this call is one
+    def _watch(self, path: Path, read: FileVersion | None, reload: Callable[[], Awaitable[None]]) -> None:
+        """Call `reload` within TOKENS_POLL_S of each change of the file at `path` from the version
+        `read` on (the one in use, taken when it was read: a change while the node starts counts)."""
+        seen = read
 
         async def watch() -> None:
             nonlocal seen
             while True:
                 await asyncio.sleep(TOKENS_POLL_S)
-                if (version := _file_version(path)) != seen:
+                if (version := file_version(path)) != seen:
                     seen = version
                     try:
                         await reload()
@@ -332,13 +332,3 @@ class Node:
         self.services.clear()
         await self.appender.stop()
         self.store.close()
-
-
-def _file_version(path: Path) -> tuple[int, int, int] | None:
-    """What tells one version of a file from the next (None while it is missing): a file replaced by
-    a rename has another inode, one written in place another mtime or size."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -50,6 +50,27 @@ class SecurityConfigError(ValueError):
 # -- TLS material --------------------------------------------------------------------------
 
 
+#: What tells one version of a file from the next (see `file_version`).
+FileVersion: TypeAlias = tuple[int, int, int]
+
+
+def file_version(path: Path) -> FileVersion | None:
+    """The version of the file at `path` (None while it is missing): a file replaced by a rename has
+    another inode, one written in place another mtime or size."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def read_versioned(path: Path) -> tuple[str, FileVersion | None]:
+    """The text of the file at `path` and its version, taken before reading it: whatever changes the
+    file after that is a later version, so whoever watches the file from this version on sees it."""
+    version = file_version(path)
+    return path.read_text(), version
+
+
 def _read_pem(path: Path, what: str) -> bytes:
     try:
         data = path.read_bytes()
@@ -159,8 +180,9 @@ class TokenStore:
 
     def __init__(self, entries: Iterable[tuple[str, Role]]) -> None:
         self._entries: list[tuple[bytes, Role]] = []
-        #: The tokens file they were read from, if any (see `reload`).
+        #: The tokens file they were read from, if any (see `reload`), and the version read.
         self.path: Path | None = None
+        self.version: FileVersion | None = None
         for digest, role in entries:
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
                 raise SecurityConfigError(f"{digest!r} is not a SHA-256 hex digest")
@@ -196,11 +218,11 @@ class TokenStore:
     def load(cls, path: Path) -> TokenStore:
         """Tokens from a tokens file."""
         try:
-            text = path.read_text()
+            text, version = read_versioned(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise SecurityConfigError(f"cannot read the tokens file {path}: {exc}") from None
         tokens = cls.parse(text, str(path))
-        tokens.path = path
+        tokens.path, tokens.version = path, version
         return tokens
 
     def reload(self) -> int:
@@ -209,7 +231,8 @@ class TokenStore:
         these, if the file cannot be read or is not a valid tokens file."""
         if self.path is None:
             raise SecurityConfigError("these tokens were not read from a file")
-        self._entries = TokenStore.load(self.path)._entries
+        loaded = TokenStore.load(self.path)
+        self._entries, self.version = loaded._entries, loaded.version
         return len(self._entries)
 
     def __len__(self) -> int:
@@ -478,11 +501,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return _with_behavior(handler, call)
 
-    def _refusal(self, token: str, method: str, need: Role) -> tuple[grpc.StatusCode, str] | None:
+    def _refusal(
+        self, token: str, method: str, need: Role, roles: dict[str, Role | None] | None = None
+    ) -> tuple[grpc.StatusCode, str] | None:
         """Why a call of `method` with `token` is refused by the tokens now in use (None if it is
-        not), as a call running on a token that changed is told."""
+        not), as a call running on a token that changed is told. `roles`: the roles of tokens
+        already looked up (a token is hashed and compared with every stored one), filled in."""
         assert self._tokens is not None
-        role = self._tokens.role_of(token)
+        if roles is None:
+            role = self._tokens.role_of(token)
+        elif token in roles:
+            role = roles[token]
+        else:
+            role = roles[token] = self._tokens.role_of(token)
         if role is None:
             return grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked"
         return _role_refusal(method, need, role)
@@ -495,8 +526,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self._tokens is None:
             return 0
         ended = 0
+        roles: dict[str, Role | None] = {}  # many streams run on one token: look each up once
         for stream in list(self._streams):
-            refusal = self._refusal(stream.token, stream.method, stream.need)
+            refusal = self._refusal(stream.token, stream.method, stream.need, roles)
             if refusal is None:
                 continue
             self._streams.discard(stream)
@@ -719,31 +751,30 @@ class WebhookPolicy:
 class PeerToken:
     """The token a node presents when dialing peers, and the file it was read from, if any."""
 
-    def __init__(self, token: str, path: Path | None = None) -> None:
+    def __init__(self, token: str, path: Path | None = None, version: FileVersion | None = None) -> None:
+        #: The file it was read from, if any, and the version read.
         self.path = path
+        self.version = version
         self.token = self._checked(token)
 
     @classmethod
     def load(cls, path: Path) -> PeerToken:
         """The token of a peer token file (its text, stripped)."""
-        return cls(cls._read(path), path)
+        try:
+            text, version = read_versioned(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecurityConfigError(f"cannot read the peer token file {path}: {exc}") from None
+        if not (token := text.strip()):
+            raise SecurityConfigError(f"the peer token file {path} is empty")
+        return cls(token, path, version)
 
     def reload(self) -> None:
         """Read the file again and take its token (for the calls dialed from now on).
         SecurityConfigError, keeping this token, if it cannot be read or holds none."""
         if self.path is None:
             raise SecurityConfigError("the peer token was not read from a file")
-        self.token = self._checked(self._read(self.path))
-
-    @staticmethod
-    def _read(path: Path) -> str:
-        try:
-            token = path.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SecurityConfigError(f"cannot read the peer token file {path}: {exc}") from None
-        if not token:
-            raise SecurityConfigError(f"the peer token file {path} is empty")
-        return token
+        loaded = PeerToken.load(self.path)
+        self.token, self.version = loaded.token, loaded.version
 
     def _checked(self, token: str) -> str:
         # It travels as a header value: a space, a line break or a non-ASCII character would make

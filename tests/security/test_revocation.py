@@ -21,7 +21,7 @@ from potboiler.server import node as node_module
 from potboiler.server import security
 from potboiler.server.node import Node
 from potboiler.server.security import AuthInterceptor, Role, SecurityConfig, TokenStore, token_line
-from tests.conftest import grpc_only_config
+from tests.conftest import grpc_only_config, wait_for
 
 READER, WRITER, ADMIN = "reader-token-1357", "writer-token-2468", "admin-token-3579"
 
@@ -295,12 +295,33 @@ async def test_a_reload_that_fails_leaves_the_node_watching_its_file(
     try:
         watched = tmp_path / "watched"
         watched.write_text("1")
-        node._watch(watched, failing)
+        node._watch(watched, security.file_version(watched), failing)
         for version in ("22", "333"):
             called.clear()
             watched.write_text(version)  # another size: a change whatever the clock's resolution
             async with asyncio.timeout(10):
                 await called.wait()
         assert calls == 2
+    finally:
+        await node.stop()
+
+
+async def test_a_tokens_file_changed_while_the_node_starts_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tokens are read before the node starts; a rotation between then and the watch being set
+    # up (a start can take a while: a KV rebuild) must not count as the version already read.
+    monkeypatch.setattr(node_module, "TOKENS_POLL_S", 0.01)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(token_line(READER, Role.READ) + "\n")
+    store = TokenStore.load(tokens)
+    rotated = tmp_path / "tokens.new"
+    rotated.write_text(token_line(WRITER, Role.WRITE) + "\n")
+    rotated.rename(tokens)
+    node = Node(grpc_only_config(tmp_path / "node", security=SecurityConfig(tokens=store)))
+    await node.start()
+    try:
+        await wait_for(lambda: store.role_of(READER) is None, message="the revoked token still works")
+        assert store.role_of(WRITER) is Role.WRITE
     finally:
         await node.stop()

@@ -21,6 +21,7 @@ from potboiler.server.security import (
     SecurityConfigError,
     TokenStore,
     bearer_token,
+    file_version,
     hash_token,
     required_role,
     token_line,
@@ -145,6 +146,29 @@ def test_a_peer_token_file_is_read_again_or_kept_if_it_holds_no_token(tmp_path: 
         PeerToken.load(blank)
     with pytest.raises(SecurityConfigError, match="not read from a file"):
         PeerToken("given").reload()
+
+
+def test_the_version_of_a_file_is_the_one_read(tmp_path: Path) -> None:
+    # Taken before the file is read: a watch from this version on sees every later change.
+    path = tmp_path / "peer-token"
+    path.write_text("first-token\n")
+    token = PeerToken.load(path)
+    assert token.version == file_version(path) is not None
+    path.write_text("the-second-token\n")  # another size: another version whatever the clock
+    assert token.version != file_version(path)
+    token.reload()
+    assert token.version == file_version(path)
+    tokens_path = tmp_path / "tokens"
+    tokens_path.write_text(token_line("x", Role.READ) + "\n")
+    tokens = TokenStore.load(tokens_path)
+    assert tokens.version == file_version(tokens_path)
+    tokens_path.write_text(token_line("x", Role.READ) + "\n" + token_line("y", Role.WRITE) + "\n")
+    tokens.reload()
+    assert tokens.version == file_version(tokens_path)
+    path.unlink()
+    with pytest.raises(SecurityConfigError):
+        token.reload()
+    assert token.version is not None  # kept with the token in use
 
 
 @pytest.mark.parametrize("text", ["old-token\nnew-token\n", "two words", "t\u00f6ken", "tab\there"])
