@@ -90,17 +90,14 @@ def _segments(template: str) -> list[str | None]:
 
 
 def path_match(template: str) -> dict[str, object]:
-    """An Envoy route match for the paths of a template, with or without a trailing slash (the
-    transcoder takes both: `GET /log/` is `GET /log`): a regex with one segment per variable.
-    Templates with wildcards (`**`, `{x=...}`) are refused."""
+    """An Envoy route match for the paths of a template, with any number of trailing slashes (the
+    transcoder drops them: `GET /log/` and `GET /log//` are `GET /log`): a regex with one segment per
+    variable. Templates with wildcards (`**`, `{x=...}`) are refused."""
     segments = _segments(template)
     if any(s is not None and ("{" in s or "*" in s) for s in segments):
         raise ValueError(f"unsupported path template: {template}")
-    if template == "/":
-        return {"path": template}
-    return {
-        "safe_regex": {"regex": "/".join("[^/]+" if s is None else re.escape(s) for s in segments) + "/?"}
-    }
+    path = "/".join("[^/]+" if s is None else re.escape(s) for s in segments).rstrip("/")  # "": the root
+    return {"safe_regex": {"regex": f"{path}/*" if path else "/+"}}
 
 
 @dataclass(frozen=True)

@@ -492,8 +492,9 @@ def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) 
         ("pigtail", "GET", "/create", "POST"),
         ("pigtail", "PATCH", "/queue/q/t1", "DELETE, GET, HEAD, PUT"),
         ("browser", "DELETE", "/", "GET, HEAD"),
-        # With a trailing slash, which the transcoder takes as the same path.
+        # With trailing slashes, which the transcoder takes as the same path.
         ("core", "PUT", "/log/", "GET, HEAD, POST"),
+        ("core", "PUT", "/log//", "GET, HEAD, POST"),
         ("core", "PATCH", "/nodes/", "DELETE, GET, HEAD, POST"),
         ("kv", "PUT", "/kv/", "GET, HEAD"),
         ("kv", "DELETE", "/kv/t/k/", "GET, HEAD, POST"),
@@ -518,6 +519,9 @@ def test_a_trailing_slash_is_the_same_path(http: httpx.Client) -> None:
     assert created.headers["location"] == f"/log/{entry_id}"
     assert http.get(f"/log/{entry_id}/").json() == http.get(f"/log/{entry_id}").json()
     assert http.get("/status/").json()["node_id"] == http.get("/status").json()["node_id"]
+    # A raw body stays the node's to judge: the same answer as without the slashes.
+    bad = http.post("/log//", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json() == post(http, "{not json").json()
 
 
 def test_head_answers_as_get_without_the_body(shared_node: NodeProcess) -> None:

@@ -118,18 +118,22 @@ def test_transcoded_requests_pass_every_method_route() -> None:
             )
 
 
-def test_a_trailing_slash_is_the_same_path() -> None:
-    # The transcoder takes `GET /log/` as `GET /log`, so a method it would not take there is a 405
-    # too, not the transcoder's 404.
+def test_trailing_slashes_are_the_same_path() -> None:
+    # The transcoder drops them (`GET /log/` and `GET /log//` are `GET /log`), so a method it would
+    # not take there is a 405 too, not the transcoder's 404, and a raw body stays raw.
     for b in rest_bindings():
-        if b.path == "/":
-            continue
-        path = re.sub(r"\{[^}]+\}", "x1", b.path) + "/"
-        route = route_for(method_routes(b.listener), b.method, path)
-        assert route is not None and "route" in route, (b, route)
-    route = route_for(method_routes("core"), "PUT", "/log/")
-    assert route is not None and route["direct_response"]["status"] == 405  # type: ignore[index]
-    assert route_for(method_routes("core"), "GET", "/log//") is None
+        for slashes in ("/", "//"):
+            path = re.sub(r"\{[^}]+\}", "x1", b.path).rstrip("/") + slashes
+            route = route_for(method_routes(b.listener), b.method, path)
+            assert route is not None and "route" in route, (b, path, route)
+            if b.raw_body:
+                raw = [r.route()["match"] for r in raw_body_routes(b.listener) if r.method == b.method]
+                assert any(re.fullmatch(m["safe_regex"]["regex"], path) for m in raw), (b, path)  # type: ignore[index]
+    for path in ("/log/", "/log//"):
+        route = route_for(method_routes("core"), "PUT", path)
+        assert route is not None and route["direct_response"]["status"] == 405  # type: ignore[index]
+    assert route_for(method_routes("core"), "GET", "/log//x") is None  # an empty segment is no id
+    assert route_for(method_routes("kv"), "GET", "/kv/t/") is not None  # /kv/{table}, not a key
 
 
 def test_literal_segments_match_only_themselves() -> None:
