@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import grpc
 import pytest
+from google.api import annotations_pb2
 from google.protobuf import struct_pb2
 
 # Imported for the descriptors they register.
+import potboiler.v1
 import potboiler.v1.core_rest_pb2
-import potboiler.v1.log_pb2  # noqa: F401
+import potboiler.v1.log_pb2
 from potboiler.server.decoding import guard, transcoded
+from potboiler.server.rest_routes import descriptor_set
 
 
 @pytest.mark.parametrize(
@@ -25,6 +31,19 @@ from potboiler.server.decoding import guard, transcoded
 )
 def test_only_rpcs_with_a_rest_binding_are_transcoded(method: str, rest: bool) -> None:
     assert transcoded(method) is rest
+
+
+def test_every_rpc_of_the_api_is_transcoded_exactly_when_it_has_a_rest_binding() -> None:
+    # From the descriptor set Envoy reads (every service, KV's and Pigtail's too), each service's
+    # module imported as the node does before it serves a call.
+    for module in pkgutil.iter_modules(potboiler.v1.__path__):
+        if module.name.endswith("_pb2"):
+            importlib.import_module(f"potboiler.v1.{module.name}")
+    for file in descriptor_set().file:
+        for service in file.service:
+            for method in service.method:
+                bound = method.options.HasExtension(annotations_pb2.http)
+                assert transcoded(f"/{file.package}.{service.name}/{method.name}") is bound, method.name
 
 
 def handler_serializing_as(method: str) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
