@@ -50,25 +50,25 @@ class SecurityConfigError(ValueError):
 # -- TLS material --------------------------------------------------------------------------
 
 
-#: What tells one version of a file from the next (see `file_version`).
-FileVersion: TypeAlias = tuple[int, int, int]
+#: What tells one version of a file from the next: a digest of its bytes (see `file_version`).
+FileVersion: TypeAlias = bytes
 
 
 def file_version(path: Path) -> FileVersion | None:
-    """The version of the file at `path` (None while it is missing): a file replaced by a rename has
-    another inode, one written in place another mtime or size."""
+    """The version of the (small) file at `path`, None while it cannot be read: the SHA-256 of its
+    bytes, so that any change of what it says is a new version (a rewrite in place of the same size
+    within one tick of the file system's clock too), and a rewrite of the same bytes is not."""
     try:
-        st = path.stat()
+        return hashlib.sha256(path.read_bytes()).digest()
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def read_versioned(path: Path) -> tuple[str, FileVersion | None]:
-    """The text of the file at `path` and its version, taken before reading it: whatever changes the
-    file after that is a later version, so whoever watches the file from this version on sees it."""
-    version = file_version(path)
-    return path.read_text(), version
+def read_versioned(path: Path) -> tuple[str, FileVersion]:
+    """The text of the file at `path` and its version, from one read: whoever watches the file from
+    this version on sees every change made after what was read."""
+    data = path.read_bytes()
+    return data.decode(), hashlib.sha256(data).digest()
 
 
 def _read_pem(path: Path, what: str) -> bytes:

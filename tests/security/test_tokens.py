@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import importlib
 import io
+import os
 import pkgutil
 from pathlib import Path
 
@@ -165,6 +166,14 @@ def test_the_version_of_a_file_is_the_one_read(tmp_path: Path) -> None:
     tokens_path.write_text(token_line("x", Role.READ) + "\n" + token_line("y", Role.WRITE) + "\n")
     tokens.reload()
     assert tokens.version == file_version(tokens_path)
+    # Rewritten in place with as many bytes within one tick of the file system's clock (same size,
+    # inode and mtime): another version all the same; the same bytes again are not.
+    stat = path.stat()
+    path.write_text("the-second-tokem\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_version(path) != token.version
+    path.write_text("the-second-token\n")
+    assert file_version(path) == token.version
     path.unlink()
     with pytest.raises(SecurityConfigError):
         token.reload()
