@@ -298,7 +298,7 @@ async def test_a_reload_that_fails_leaves_the_node_watching_its_file(
         node._watch(watched, security.file_version(watched), failing)
         for version in ("22", "333"):
             called.clear()
-            watched.write_text(version)  # another size: a change whatever the clock's resolution
+            watched.write_text(version)
             async with asyncio.timeout(10):
                 await called.wait()
         assert calls == 2

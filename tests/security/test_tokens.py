@@ -155,7 +155,7 @@ def test_the_version_of_a_file_is_the_one_read(tmp_path: Path) -> None:
     path.write_text("first-token\n")
     token = PeerToken.load(path)
     assert token.version == file_version(path) is not None
-    path.write_text("the-second-token\n")  # another size: another version whatever the clock
+    path.write_text("the-second-token\n")
     assert token.version != file_version(path)
     token.reload()
     assert token.version == file_version(path)
