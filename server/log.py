@@ -266,9 +266,10 @@ def marked(
     An entry's bytes are those its owner serialized, canonically (a Struct key, for one, is written
     as its field tag, length and text), and they travel unchanged to every node: given a mark every
     entry of some kind holds, every node skips the same other entries without reading them."""
-    if mark not in b"".join(blobs):  # one search in C: a batch with none (a catch-up of plain events)
+    if b"".join(blobs).find(mark) < 0:  # one search in C: a batch with none (a catch-up of plain events)
         return []
-    return [item for item, blob in zip(entries, blobs, strict=True) if mark in blob]
+    # `find`, not `in`: `in` takes a buffer of its operand first, twice the cost for a short blob.
+    return [item for item, blob in zip(entries, blobs, strict=True) if blob.find(mark) >= 0]
 
 
 @dataclass
