@@ -50,27 +50,6 @@ class SecurityConfigError(ValueError):
 # -- TLS material --------------------------------------------------------------------------
 
 
-#: What tells one version of a file from the next: a digest of its bytes (see `file_version`).
-FileVersion: TypeAlias = bytes
-
-
-def file_version(path: Path) -> FileVersion | None:
-    """The version of the (small) file at `path`, None while it cannot be read: the SHA-256 of its
-    bytes, so that any change of what it says is a new version (a rewrite in place of the same size
-    within one tick of the file system's clock too), and a rewrite of the same bytes is not."""
-    try:
-        return hashlib.sha256(path.read_bytes()).digest()
-    except OSError:
-        return None
-
-
-def read_versioned(path: Path) -> tuple[str, FileVersion]:
-    """The text of the file at `path` and its version, from one read: whoever watches the file from
-    this version on sees every change made after what was read."""
-    data = path.read_bytes()
-    return data.decode(), hashlib.sha256(data).digest()
-
-
 def _read_pem(path: Path, what: str) -> bytes:
     try:
         data = path.read_bytes()
@@ -134,6 +113,27 @@ class RestTlsFiles:
 
 
 # -- tokens --------------------------------------------------------------------------------
+
+
+#: What tells one version of a file from the next: a digest of its bytes (see `file_version`).
+FileVersion: TypeAlias = bytes
+
+
+def file_version(path: Path) -> FileVersion | None:
+    """The version of the (small) file at `path`, None while it cannot be read: the SHA-256 of its
+    bytes, so that any change of what it says is a new version (a rewrite in place of the same size
+    within one tick of the file system's clock too), and a rewrite of the same bytes is not."""
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None
+
+
+def read_versioned(path: Path) -> tuple[str, FileVersion]:
+    """The text of the file at `path` and its version, from one read: whoever watches the file from
+    this version on sees every change made after what was read."""
+    data = path.read_bytes()
+    return data.decode(), hashlib.sha256(data).digest()
 
 
 class Role(enum.Enum):
