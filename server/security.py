@@ -129,11 +129,15 @@ def file_version(path: Path) -> FileVersion | None:
         return None
 
 
-def read_versioned(path: Path) -> tuple[str, FileVersion]:
-    """The text of the file at `path` and its version, from one read: whoever watches the file from
-    this version on sees every change made after what was read."""
-    data = path.read_bytes()
-    return data.decode(), hashlib.sha256(data).digest()
+def read_versioned(path: Path, what: str) -> tuple[str, FileVersion]:
+    """The text of the `what` (a tokens file, say) at `path` and its version, from one read: whoever
+    watches the file from this version on sees every change made after what was read.
+    SecurityConfigError if it cannot be read as text."""
+    try:
+        data = path.read_bytes()
+        return data.decode(), hashlib.sha256(data).digest()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecurityConfigError(f"cannot read the {what} {path}: {exc}") from None
 
 
 class Role(enum.Enum):
@@ -217,10 +221,7 @@ class TokenStore:
     @classmethod
     def load(cls, path: Path) -> TokenStore:
         """Tokens from a tokens file."""
-        try:
-            text, version = read_versioned(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SecurityConfigError(f"cannot read the tokens file {path}: {exc}") from None
+        text, version = read_versioned(path, "tokens file")
         tokens = cls.parse(text, str(path))
         tokens.path, tokens.version = path, version
         return tokens
@@ -760,10 +761,7 @@ class PeerToken:
     @classmethod
     def load(cls, path: Path) -> PeerToken:
         """The token of a peer token file (its text, stripped)."""
-        try:
-            text, version = read_versioned(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SecurityConfigError(f"cannot read the peer token file {path}: {exc}") from None
+        text, version = read_versioned(path, "peer token file")
         if not (token := text.strip()):
             raise SecurityConfigError(f"the peer token file {path} is empty")
         return cls(token, path, version)
