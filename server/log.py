@@ -609,6 +609,11 @@ class Log:
             )
         prev_text = uuid_str(prev) if prev else ""
         out = []
+        # While nothing waits, new entries without dependencies are delivered at once, in order: as
+        # one stretch of this node's chain, stored and delivered a whole batch at a time.
+        run = not (self._undelivered or plan.undelivered) and not any(item.dependencies for item in new)
+        raws, blobs = [], []
+        first_seq = seq + 1
         stamp = self.clock.now_many(len(new))
         for i, (item, raw) in enumerate(zip(new, new_uuids(len(new), stamp.wall_ms), strict=True)):
             text = uuid_str(raw)
@@ -625,9 +630,15 @@ class Log:
             if item.dependencies:
                 entry.dependencies.extend(uuid_str(d) for d in item.dependencies)
             entry.data.CopyFrom(item.data)
-            self._take(plan, entry, raw, me, seq, prev, item.dependencies)
+            if run:
+                raws.append(raw)
+                blobs.append(entry.SerializeToString())
+            else:
+                self._take(plan, entry, raw, me, seq, prev, item.dependencies)
             out.append(entry)
             prev, prev_text = raw, text
+        if run and out:
+            self._store_run(plan, me, first_seq, raws, out, blobs)
         if out:
             plan.heads[me] = (seq, prev)
         return out
@@ -708,16 +719,30 @@ class Log:
         if raws is None or [e.prev for e in taken] != [chain.text, *ids[:-1]]:
             return None
         seq = chain.seq + 1
-        locations = [chain.owner + _U64.pack(s) for s in range(seq, seq + len(taken))]
-        writes = plan.writes
-        writes.extend(zip([b"o" + location for location in locations], blobs, strict=True))
-        writes.extend(zip([b"e" + raw for raw in raws], locations, strict=True))
-        plan.entries.extend(taken)
-        plan.deliver_run(raws, chain.owner, seq, taken, blobs)
+        self._store_run(plan, chain.owner, seq, raws, taken, blobs)
         plan.heads[chain.owner] = (seq + len(taken) - 1, raws[-1])
         when = taken[-1].when  # the latest stamp of the chain's stretch (see plan_remote)
         self.clock.observe_remote(Stamp(when.wall_ms, when.logical))
         return taken
+
+    @staticmethod
+    def _store_run(
+        plan: Plan,
+        owner: bytes,
+        seq: int,
+        raws: Sequence[bytes],
+        entries: Sequence[Entry],
+        blobs: Sequence[bytes],
+    ) -> None:
+        """`_store_delivered` for a stretch of `owner`'s chain from seq `seq` on (the entries, their
+        16-byte ids and their serialized forms, in chain order), a whole batch at a time. The
+        caller sets the chain's head."""
+        locations = [owner + _U64.pack(s) for s in range(seq, seq + len(raws))]
+        writes = plan.writes
+        writes.extend(zip([b"o" + location for location in locations], blobs, strict=True))
+        writes.extend(zip([b"e" + raw for raw in raws], locations, strict=True))
+        plan.entries.extend(entries)
+        plan.deliver_run(raws, owner, seq, entries, blobs)
 
     def _take(
         self,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
-from potboiler.server.ids import uuid_str
+from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.log import (
     MAX_DEPTH,
     MAX_ENTRY_BYTES,
@@ -96,6 +96,22 @@ def test_a_batch_of_one_owner_is_one_delivery_record(store: MemoryStore) -> None
         assert [p for p, _ in got] == list(range(after + 1, min(after + 3, 1000) + 1))
         assert [e.id for _, e in got] == [e.id for e in entries[after : after + 3]]
     assert Log(store).position == 1000  # read back from the last run after a restart
+
+
+def test_a_local_batch_stored_as_a_run_is_what_entry_by_entry_stores(store: MemoryStore) -> None:
+    # Without dependencies, while nothing waits, a batch is stored as one stretch of the chain; with
+    # one, entry by entry (through the causal path). Either way the same keys and values.
+    log = Log(store)
+    entries = commit_local(log, store, [NewEntry(value(i)) for i in range(5)])
+    waiting = commit_local(log, store, [NewEntry(value(5)), NewEntry(value(6), (parse_uuid(entries[0].id),))])
+    for entry in [*entries, *waiting]:
+        location = parse_uuid(entry.owner) + struct.pack(">Q", entry.seq)
+        assert store.get(b"e" + parse_uuid(entry.id)) == location
+        assert store.get(b"o" + location) == entry.SerializeToString()
+        assert log.get(entry.id).data == entry.data
+    batch = log.delivered_batch(0, 100)
+    assert [e.id for _, e in batch.entries] == [e.id for e in [*entries, *waiting]]
+    assert batch.blobs == [e.SerializeToString() for e in [*entries, *waiting]]
 
 
 def test_get_rejects_bad_and_unknown_ids(store: MemoryStore) -> None:
