@@ -337,6 +337,25 @@ def test_every_finite_number_is_accepted(number: float) -> None:
     assert validate_new_entry(value, ()).data == value
 
 
+@given(
+    st.integers(0, (1 << 52) - 1).map(lambda fraction: (0x7FF << 52) | fraction),
+    st.booleans(),
+    st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=3),
+)
+def test_every_non_finite_number_is_refused_wherever_it_is(
+    bits: int, negative: bool, others: list[float]
+) -> None:
+    # Any NaN payload and either infinity, among finite numbers, inside a list inside an object.
+    [number] = struct.unpack("<d", struct.pack("<Q", bits | (negative << 63)))
+    value = Value()
+    items = value.struct_value.fields["items"].list_value
+    for other in others:
+        items.values.add().number_value = other
+    items.values.add().number_value = number
+    with pytest.raises(InvalidArgument, match="NaN or infinite"):
+        validate_new_entry(value, ())
+
+
 def test_a_finite_number_that_looks_non_finite_in_its_bytes_is_accepted() -> None:
     [number] = struct.unpack("<d", b"\x00\x00\x00\xf5\xff\x00\x00\x40")  # about 2.0, bytes F5 FF inside
     assert math.isfinite(number)
