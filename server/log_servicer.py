@@ -38,7 +38,8 @@ def validate_batch(requests: Sequence[log_pb2.AppendEntryRequest]) -> list[NewEn
     out = []
     for i, r in enumerate(requests):
         try:
-            out.append(validate_new_entry(r.data if r.HasField("data") else None, r.dependencies))
+            # An unset `data` reads as an empty Value, which is refused as no data is.
+            out.append(validate_new_entry(r.data, r.dependencies))
         except PotboilerError as exc:
             raise exc.prefixed(f"entry {i}: ") from None
     return out
@@ -73,7 +74,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     async def AppendEntry(
         self, request: log_pb2.AppendEntryRequest, context: Ctx
     ) -> log_pb2.AppendEntryResponse:
-        new = validate_new_entry(request.data if request.HasField("data") else None, request.dependencies)
+        new = validate_new_entry(request.data, request.dependencies)  # unset data: an empty Value
         [entry] = await self._appender.append([new])
         return appended(entry)
 
