@@ -357,6 +357,14 @@ def _role_refusal(method: str, need: Role, role: Role) -> tuple[grpc.StatusCode,
     )
 
 
+def _running_refusal(role: Role | None, method: str, need: Role) -> tuple[grpc.StatusCode, str] | None:
+    """Why a call of `method` running on a token whose role is now `role` (None: revoked) is
+    refused (None if it is not)."""
+    if role is None:
+        return grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked"
+    return _role_refusal(method, need, role)
+
+
 @dataclass(eq=False)
 class _Stream:
     """A streaming call running on a token."""
@@ -502,22 +510,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return _with_behavior(handler, call)
 
-    def _refusal(
-        self, token: str, method: str, need: Role, roles: dict[str, Role | None] | None = None
-    ) -> tuple[grpc.StatusCode, str] | None:
+    def _refusal(self, token: str, method: str, need: Role) -> tuple[grpc.StatusCode, str] | None:
         """Why a call of `method` with `token` is refused by the tokens now in use (None if it is
-        not), as a call running on a token that changed is told. `roles`: the roles of tokens
-        already looked up (a token is hashed and compared with every stored one), filled in."""
+        not), as a call running on a token that changed is told."""
         assert self._tokens is not None
-        if roles is None:
-            role = self._tokens.role_of(token)
-        elif token in roles:
-            role = roles[token]
-        else:
-            role = roles[token] = self._tokens.role_of(token)
-        if role is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "the token of this call was revoked"
-        return _role_refusal(method, need, role)
+        return _running_refusal(self._tokens.role_of(token), method, need)
 
     def end_revoked(self) -> int:
         """End every streaming call whose token no longer allows it, as a new call with that token
@@ -527,9 +524,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self._tokens is None:
             return 0
         ended = 0
-        roles: dict[str, Role | None] = {}  # many streams run on one token: look each up once
+        # Many streams run on one token, and a lookup hashes it and compares it with every stored one.
+        roles = {token: self._tokens.role_of(token) for token in {s.token for s in self._streams}}
         for stream in list(self._streams):
-            refusal = self._refusal(stream.token, stream.method, stream.need, roles)
+            refusal = _running_refusal(roles[stream.token], stream.method, stream.need)
             if refusal is None:
                 continue
             self._streams.discard(stream)
