@@ -682,10 +682,12 @@ def _pn_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: EventC
     current = counts.get(ctx.owner, _PnEntry(0, 0, 0))
     if state is not None and ctx.seq <= current.seq:
         return state
-    if op == "increment":
-        counts[ctx.owner] = _PnEntry(ctx.seq, current.p + amount, current.n)
-    else:
-        counts[ctx.owner] = _PnEntry(ctx.seq, current.p, current.n + amount)
+    p, n = (current.p + amount, current.n) if op == "increment" else (current.p, current.n + amount)
+    if not all(math.isfinite(x) for x in (p, n) if isinstance(x, float)):
+        # Only an event appended past the API's checks (straight to the log) gets here. Its owner's
+        # total is the same on every node, so every node skips it alike.
+        raise InvalidOperation(f"{what} 'amount' {amount} takes {ctx.owner}'s total beyond any number")
+    counts[ctx.owner] = _PnEntry(ctx.seq, p, n)
     return _dump_pn(counts)
 
 

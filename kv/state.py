@@ -48,7 +48,7 @@ from potboiler.kv.crdts import (
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
 from potboiler.server.errors import InvalidArgument, NotFound
-from potboiler.server.jsonvalue import from_value, to_value
+from potboiler.server.jsonvalue import as_sent, from_value, to_value
 from potboiler.server.log import MAX_DEPENDENCIES, marked
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
@@ -255,6 +255,10 @@ class KvState:
             raise InvalidArgument(f"op {op!r} needs a 'change'")
         if not has_change:
             change = {}
+        elif op in _ELEMENT_OPS:
+            # An element's item as every node reads it from the log, where numbers are doubles: a
+            # client's `1.0` names the `1` the state holds (crdts compares items by their JSON).
+            change = as_sent(change)
         if table == CONFIG_TABLE:
             return self._plan_config(key, op, change)
         info = self._tables.get(table)
@@ -306,7 +310,9 @@ class KvState:
         else:
             raise InvalidArgument(f"table {table!r} (not known here yet): {'; '.join(errors)}")
         if op in ("increment", "decrement"):
-            _check_exact_counter(table, None, op, change)
+            # Against this node's counter state for the key: its earlier writes count, as they would
+            # once the table is known.
+            _check_exact_counter(table, self.state(CrdtType.PNCOUNTER, table, key), op, change)
         # This node has applied its earlier writes to the key (and those of other nodes that did not
         # know the table either) to every candidate type: their tags are the write's observed context.
         observed: dict[str, None] = {}
@@ -448,6 +454,8 @@ _CACHE_BYTES = 8 << 20
 _CACHE_STATE_BYTES = 2048
 _CRDTS = {c.value: c for c in CrdtType}
 _new_record = tuple.__new__
+#: The ops whose change names a set's element (OR-Set and G-Set).
+_ELEMENT_OPS = frozenset({"add", "remove"})
 _NAMES: dict[str, bool] = {}
 
 

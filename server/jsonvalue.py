@@ -19,6 +19,29 @@ JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | 
 _EXACT = float(2**53)
 
 
+def read_number(n: float) -> int | float:
+    """A number as `from_value` reads it from a Value's double."""
+    return int(n) if n.is_integer() and -_EXACT <= n <= _EXACT else n
+
+
+def as_sent(x: JSON) -> JSON:
+    """`x` as every node reads it back once it has travelled in a Value, i.e. `from_value(to_value(x))`
+    without building the Value: `1.0` reads back as `1`, an integer beyond 2**53 as the nearest
+    double. What a client sends and what the log holds compare equal only in this form."""
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int | float):
+        try:
+            return read_number(float(x))
+        except OverflowError:  # beyond any double: no Value holds it (to_value refuses it)
+            return x
+    if isinstance(x, dict):
+        return {k: as_sent(y) for k, y in x.items()}
+    if isinstance(x, list):
+        return [as_sent(y) for y in x]
+    return x
+
+
 def from_value(v: Value) -> JSON:
     """The plain JSON of a Value (an unset Value is null)."""
     kind = v.WhichOneof("kind")
@@ -27,8 +50,7 @@ def from_value(v: Value) -> JSON:
     if kind == "string_value":
         return v.string_value
     if kind == "number_value":
-        n = v.number_value
-        return int(n) if n.is_integer() and -_EXACT <= n <= _EXACT else n
+        return read_number(v.number_value)
     if kind == "list_value":
         return [_scalar(x) for x in v.list_value.values]
     if kind == "bool_value":
@@ -42,8 +64,7 @@ def _scalar(x: Value) -> JSON:
     if kind == "string_value":
         return x.string_value
     if kind == "number_value":
-        n = x.number_value
-        return int(n) if n.is_integer() and -_EXACT <= n <= _EXACT else n
+        return read_number(x.number_value)
     return from_value(x)
 
 

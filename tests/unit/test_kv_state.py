@@ -313,6 +313,56 @@ def test_counters_stay_within_exact_json_integers(node: SimNode) -> None:
     assert node.state.plan_write("not-yet", "k", "increment", 2**53).pending
 
 
+def test_a_nodes_own_increments_count_before_its_table_is_known() -> None:
+    """The 2**53 check of a write for a table not known here yet counts this node's earlier writes
+    to the key, as it would once the table is known."""
+    n = SimNode()
+    n.write("c", "k", "increment", 2**53)
+    with pytest.raises(InvalidArgument, match=r"past 2\*\*53"):
+        n.state.plan_write("c", "k", "increment", 1)
+    n.write("c", "k", "decrement", 1)  # the other side has its own total
+    n.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"})
+    assert n.state.get("c", "k")[1] == 2**53 - 1
+
+
+def test_a_counter_event_beyond_any_number_is_skipped_not_stored(caplog: pytest.LogCaptureFixture) -> None:
+    """Events appended straight to the log skip the API's checks: one that would take its owner's
+    total to infinity is skipped, and the key stays readable, after a restart too."""
+    a = SimNode()
+    a.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"})
+    a.write("c", "k", "increment", 5)
+    owner = str(uuid.uuid4())
+    huge: JSON = {
+        "table": "c",
+        "key": "k",
+        "crdt": "PNCOUNTER",
+        "op": "increment",
+        "change": {"op": "increment", "amount": 1e308},
+    }
+    a.receive([make_entry(owner, 1, huge, 100), make_entry(owner, 2, huge, 101)])
+    assert "beyond any number" in caplog.text
+    assert a.state.get("c", "k")[1] == 5 + 1e308
+    a.reopen()
+    assert a.state.get("c", "k")[1] == 5 + 1e308
+    a.write("c", "k", "decrement", 1)
+
+
+@pytest.mark.parametrize("item", [1.0, {"price": 5.0}, [2.0, {"n": -0.0}], 2.0**60, 2**60 + 1])
+@pytest.mark.parametrize("known", [True, False])
+def test_a_remove_names_an_item_as_it_was_sent(item: JSON, known: bool) -> None:
+    """A REST body's `1.0` is the `1` that every node reads from the log (numbers travel as
+    doubles): a remove with the same body as the add removes it, whether the table is known yet."""
+    n = SimNode()
+    if known:
+        n.write(CONFIG_TABLE, "s", "set", {"crdt": "ORSET"})
+    n.write("s", "k", "add", {"item": item, "key": "a"})
+    n.write("s", "k", "add", {"item": item, "key": "a"})  # supersedes the first
+    n.write("s", "k", "remove", {"item": item, "key": "a"})
+    if not known:
+        n.write(CONFIG_TABLE, "s", "set", {"crdt": "ORSET"})
+    assert n.state.get("s", "k")[1] == []
+
+
 def test_missing_change(node: SimNode) -> None:
     with pytest.raises(InvalidArgument, match="op 'set' needs a 'change'"):
         node.state.plan_write("lww", "k", "set", None, has_change=False)
