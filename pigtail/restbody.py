@@ -31,6 +31,8 @@ WORKER = {"worker_id", *_PATH}
 RETRY = {*_PATH}
 
 _DECIMAL = re.compile(r"-?[0-9]+", re.ASCII)
+#: More digits than any integer member can have within its limits (int64 has 19).
+_MAX_DIGITS = 20
 
 
 def members(body: HttpBody, allowed: set[str], *, empty_ok: bool = False) -> dict[str, JSON]:
@@ -68,6 +70,8 @@ def optional_integer(body: Mapping[str, JSON], name: str) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        if len(value) > _MAX_DIGITS:  # beyond every limit (and int() refuses past 4,300 digits)
+            raise InvalidArgument(f"{name} is out of range: {_shown(value)}")
         return int(value)
     raise InvalidArgument(f"{name} must be an integer, not {_shown(value)}")
 

@@ -18,18 +18,15 @@ import re
 
 import orjson
 
-from potboiler.pigtail.machine import JSONValue
+from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
 from potboiler.server.errors import InvalidArgument, TooLarge
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-MAX_TIMEOUT_MS = 86_400_000
-MAX_ATTEMPTS = 1_000
 MAX_TEXT = 256
 MAX_INFO_BYTES = 512 * 1024
 MAX_DELAY_MS = 365 * 86_400_000
-MAX_PRIORITY = 1_000_000
 MAX_WAIT_MS = 60_000
 MAX_IN_FLIGHT = 1_000
 

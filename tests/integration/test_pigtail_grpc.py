@@ -16,7 +16,8 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail.service import create
-from potboiler.server.log import MAX_DEPTH
+from potboiler.server.jsonvalue import JSON, to_value
+from potboiler.server.log import MAX_DEPTH, NewEntry
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
 from potboiler.v1 import pigtail_pb2 as pb
@@ -256,6 +257,8 @@ async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail
         n.rest.RestHeartbeatTask(pb.RestHeartbeatTaskRequest(queue="q", task_id=task_id, body=body(None))),
         n.rest.RestRetryTask(pb.RestRetryTaskRequest(queue="q", task_id=task_id, body=body({"x": 1}))),
         n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="q", body=body({"wait_ms": "soon"}))),
+        # int() itself refuses a decimal string of more than 4,300 digits
+        n.rest.RestCreateQueue(pb.RestCreateQueueRequest(body=body({"name": "r", "timeout_ms": "1" * 5000}))),
     ]
     for call in bad:
         assert (await rpc_error(call)).code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -270,6 +273,37 @@ async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail
         error.details() or ""
     )
     assert n.node.log.position == position
+
+
+async def test_events_appended_by_hand_past_the_limits_are_ignored(pigtail_node: Factory) -> None:
+    """Anyone may append a Pigtail-shaped event with POST /log: one whose numbers are past the API's
+    limits (here, past the typed answers' int32 fields) is ignored like any other broken event, and
+    the queue's typed API goes on answering."""
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    forged: list[JSON] = [
+        {
+            "kind": "task_added",
+            "queue": "q",
+            "task_id": "poison",
+            "task_name": "x",
+            "priority": 3_000_000_000,
+        },
+        {"kind": "queue_created", "name": "other", "timeout_ms": 1000, "max_attempts": 3_000_000_000},
+    ]
+    await n.node.appender.append([NewEntry(to_value({"pigtail": event})) for event in forged])
+    task_id = await n.add()  # appended after the forged events: once it is listed, they were read
+
+    async def listed() -> bool:
+        return task_id in [t.task_id for t in (await n.api.ListTasks(pb.ListTasksRequest(queue="q"))).tasks]
+
+    await wait_for(listed, 10)
+    assert (await rpc_error(n.api.GetTask(pb.GetTaskRequest(queue="q", task_id="poison")))).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    assert [q.name for q in (await n.api.ListQueues(pb.ListQueuesRequest())).queues] == ["q"]
+    claimed = await n.api.ClaimNextTask(pb.ClaimNextTaskRequest(queue="q", worker_id="w"))
+    assert claimed.task.task_id == task_id
 
 
 async def test_rest_bodies_read_like_the_protobuf_json_mapping(pigtail_node: Factory) -> None:

@@ -590,6 +590,13 @@ def test_event_json_roundtrip(event: Event) -> None:
         {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "info": {1, 2}},
         {"kind": "task_claimed", "queue": Q, "task_id": "t"},
         {"kind": "task_retried", "queue": Q},
+        # Past the API's limits: only appended by hand, and beyond the typed answers' int32 fields.
+        {"kind": "queue_created", "name": Q, "timeout_ms": 86_400_001},
+        {"kind": "queue_created", "name": Q, "timeout_ms": 10, "max_attempts": 1_001},
+        {"kind": "queue_created", "name": Q, "timeout_ms": 10, "max_attempts": 3_000_000_000},
+        {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "priority": 3_000_000_000},
+        {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "priority": -1_000_001},
+        {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "not_before_ms": 2**63},
     ],
 )
 def test_event_from_json_rejects(raw: dict[str, Any]) -> None:

@@ -51,6 +51,14 @@ def test_anything_else_is_not_an_integer(value: JSON) -> None:
         restbody.optional_integer({"n": value}, "n")
 
 
+def test_a_decimal_string_beyond_every_limit_is_out_of_range() -> None:
+    assert restbody.optional_integer({"n": "-" + "9" * 19}, "n") == -(10**19 - 1)
+    with pytest.raises(InvalidArgument, match="n is out of range"):
+        restbody.optional_integer({"n": "1" * 21}, "n")
+    with pytest.raises(InvalidArgument, match="n is out of range"):  # int() itself refuses 4,301 digits
+        restbody.optional_integer({"n": "1" * 5_000}, "n")
+
+
 def test_texts() -> None:
     assert restbody.text({}, "s") == "" and restbody.text({"s": None}, "s") == ""
     assert restbody.optional_text({"s": None}, "s") is None
