@@ -27,7 +27,9 @@ Behaviour worth knowing:
   its node had observed for the key, with the same dependencies.
 - Limits: a write's entry may hold at most 1 MiB (413 beyond), REST bodies at most 2 MiB (Envoy). JSON
   numbers travel as doubles, so a PN-Counter's increments (and its decrements) total at most 2**53 as
-  seen by the node taking the write (400 beyond).
+  seen by the node taking the write (400 beyond). A negative amount counts the other way (`increment`
+  -3 is appended as `decrement` 3). Numbers in OR-Set and G-Set items are compared as they travel:
+  `1.0` and `1` name the same item.
 - Entries of the log that are not exactly KV events are ignored; KV events appended through the log API
   directly are applied like any other.
 """

@@ -259,6 +259,14 @@ class KvState:
             # An element's item as every node reads it from the log, where numbers are doubles: a
             # client's `1.0` names the `1` the state holds (crdts compares items by their JSON).
             change = as_sent(change)
+        elif (
+            op in _OPPOSITE
+            and isinstance(change, int | float)
+            and not isinstance(change, bool)
+            and change < 0
+        ):
+            # Increment -3 is decrement 3: a PN-Counter's sides only grow, so the event says which.
+            op, change = _OPPOSITE[op], -change
         if table == CONFIG_TABLE:
             return self._plan_config(key, op, change)
         info = self._tables.get(table)
@@ -456,6 +464,8 @@ _CRDTS = {c.value: c for c in CrdtType}
 _new_record = tuple.__new__
 #: The ops whose change names a set's element (OR-Set and G-Set).
 _ELEMENT_OPS = frozenset({"add", "remove"})
+#: A PN-Counter's ops, each with the other.
+_OPPOSITE = {"increment": "decrement", "decrement": "increment"}
 _NAMES: dict[str, bool] = {}
 
 
