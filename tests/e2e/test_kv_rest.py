@@ -223,7 +223,12 @@ def test_every_table_type(kv: Kv) -> None:
     kv.ok("n", "k", "decrement", 2.5)
     kv.ok("n", "k", "increment", 0)
     assert kv.value("n", "k") == 7.5
-    assert kv.post("n", "k", "decrement", -1).status_code == 400
+    kv.ok("n", "k", "decrement", -1)  # a negative amount counts the other way
+    assert kv.value("n", "k") == 8.5
+    assert kv.post("n", "k", "decrement", "1").status_code == 400
+    kv.ok("s", "k", "add", {"item": 2.0, "key": "f"})  # numbers travel as doubles: 2.0 is 2
+    kv.ok("s", "k", "remove", {"item": 2.0, "key": "f"})
+    assert len(kv.value("s", "k")) == 2
 
     kv.ok("m", "k", "set", "one")
     kv.ok("m", "k", "set", {"two": 2})
