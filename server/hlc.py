@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 #: clock is further ahead (misconfigured, or a bad actor) would otherwise drag every later stamp of
 #: this node, and with them claim timeouts and LWW order, into its future.
 MAX_DRIFT_MS = 60_000
+#: The largest `logical` a stamp carries (HlcTimestamp.logical is a uint32): past it, the clock moves
+#: on to the next millisecond, so a peer's stamp near it cannot make this node's next stamps unsendable.
+MAX_LOGICAL = 2**32 - 1
 
 
 class Stamp(NamedTuple):
@@ -51,17 +54,20 @@ class HybridClock:
 
     def now(self) -> Stamp:
         """A new stamp, greater than every stamp issued or observed before."""
-        wall = self._physical()
-        last = self._last
-        self._last = Stamp(wall, 0) if wall > last.wall_ms else Stamp(last.wall_ms, last.logical + 1)
-        return self._last
+        return self.now_many(1)
 
     def now_many(self, n: int) -> Stamp:
         """Reserve `n` consecutive new stamps sharing one wall_ms: the first is returned, the others
         follow it in `logical` (one clock read for a whole batch)."""
-        first = self.now()
-        if n > 1:
-            self._last = Stamp(first.wall_ms, first.logical + n - 1)
+        wall = self._physical()
+        last = self._last
+        if wall > last.wall_ms:
+            first = Stamp(wall, 0)
+        elif last.logical + n <= MAX_LOGICAL:
+            first = Stamp(last.wall_ms, last.logical + 1)
+        else:
+            first = Stamp(last.wall_ms + 1, 0)
+        self._last = Stamp(first.wall_ms, first.logical + n - 1)
         return first
 
     def observe(self, seen: Stamp) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
+from potboiler.server.hlc import MAX_DRIFT_MS, MAX_LOGICAL, HybridClock, Stamp
 
 
 def test_follows_physical_time() -> None:
@@ -40,21 +40,35 @@ def test_restart_resumes_after_last_stamp() -> None:
     assert clock.now() == Stamp(2000, 4)
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 10**6), st.integers(0, 100)), max_size=60))
-def test_stamps_strictly_increase(ops: list[tuple[bool, int, int]]) -> None:
+logicals = st.integers(0, 100) | st.integers(MAX_LOGICAL - 100, MAX_LOGICAL)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10**6), logicals), max_size=60))
+def test_stamps_strictly_increase_and_fit_their_fields(ops: list[tuple[int, int, int]]) -> None:
     t = [0]
     clock = HybridClock(lambda: t[0])
     previous = Stamp(-1, 0)
-    for is_observe, wall, logical in ops:
-        if is_observe:
-            clock.observe(Stamp(wall, logical))
-            assert clock.last >= Stamp(wall, logical)
-        else:
-            t[0] = wall
-            stamp = clock.now()
-            assert stamp > previous
-            assert stamp > clock.last or stamp == clock.last
-            previous = stamp
+    for kind, wall, logical in ops:
+        if kind == 0:
+            clock.observe_remote(Stamp(wall, logical))
+            assert clock.last >= min(Stamp(wall, logical), Stamp(t[0] + MAX_DRIFT_MS, 0))
+            continue
+        t[0] = wall
+        count = 1 if kind == 1 else logical % 1000 + 1
+        first = clock.now_many(count)
+        assert first > previous
+        assert clock.last == Stamp(first.wall_ms, first.logical + count - 1)
+        assert clock.last.logical <= MAX_LOGICAL
+        previous = clock.last
+
+
+def test_a_stamp_at_the_largest_logical_moves_on_to_the_next_millisecond() -> None:
+    clock = HybridClock(lambda: 5)
+    clock.observe_remote(Stamp(6, MAX_LOGICAL))
+    assert clock.now() == Stamp(7, 0)
+    clock.observe_remote(Stamp(7, MAX_LOGICAL - 2))
+    assert clock.now_many(3) == Stamp(8, 0) and clock.last == Stamp(8, 2)
+    assert clock.now_many(2) == Stamp(8, 3)
 
 
 def test_a_remote_stamp_far_ahead_moves_the_clock_only_to_the_drift_bound() -> None:
