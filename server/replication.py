@@ -308,7 +308,14 @@ class Session:
         """How far to send `owner`'s log now, and whether more is held back for later (a fed peer
         that has nearly caught up stops being fed here)."""
         if owner == self.peer_id:
-            return min(seq, self._peer_own_cap), False
+            if self.acked.get(owner, 0) >= seq:  # as ever: the peer holds all its own log held here
+                return min(seq, self._peer_own_cap), False
+            # The peer lacks entries of its own log that are here (it was restored from an older copy
+            # of its store, and they came back by another path since its Hello): send those that
+            # have been here for a while (the peer's Acks, every ANNOUNCE_INTERVAL, would otherwise
+            # show it has them).
+            cap = max(self._peer_own_cap, self.replicator.arrivals.held(owner, now, FORWARD_DELAY))
+            return min(seq, cap), cap < seq
         if owner == self.replicator.log.node_id:
             return seq, False
         sent, acked = self.sent.get(owner, 0), self.acked.get(owner, 0)

@@ -688,6 +688,35 @@ async def test_a_node_restored_from_an_older_copy_waits_for_its_own_entries_befo
     await eventually(lambda: converged(p, x) and p.log.total() == 11, what="convergence after the restore")
 
 
+async def test_a_restored_node_gets_its_own_entries_that_reach_its_peer_after_their_hello(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """p is restored to an older copy of its store and peers with a only; a holds p's older entries
+    when their stream begins and gets the newer ones from q later: a sends them to p too."""
+    p = await make_node(gossip=False)
+    await append(p, 3)
+    await p.stop()
+    shutil.copytree(tmp_path / "n0", tmp_path / "p-copy")
+    p = await make_node(name="n0", index=0, gossip=False)
+    later = await append(p, 2)  # seqs 4-5: q keeps them, p's restored store will not have them
+    q = await make_node(peers=[p], gossip=False, index=1)
+    await eventually(lambda: converged(p, q), what="q holding all of p's log")
+    q.membership.remove(p.config.url)  # q and p do not talk again
+    await q.stop()
+    await p.stop()
+    shutil.rmtree(tmp_path / "n0")
+    shutil.copytree(tmp_path / "p-copy", tmp_path / "n0")
+    a = await make_node(gossip=False, index=2)
+    p = await make_node(name="n0", peers=[a], gossip=False, index=0)
+    await eventually(lambda: a.log.vector().get(p.log.node_id) == 3, what="a holding p's restored log")
+    q = await make_node(name="n1", peers=[a], gossip=False, index=1)
+    await eventually(lambda: p.log.vector().get(p.log.node_id) == 5, what="p's own entries coming back")
+    assert [e.id for _, e in p.log.delivered(0, 100)][3:5] == later
+    [after] = await append(p, 1)
+    assert p.log.get(after).seq == 6
+    await eventually(lambda: converged(p, q, a), what="convergence")
+
+
 async def test_appends_wait_while_a_peer_holds_more_of_this_nodes_log() -> None:
     node_log = Log(MemoryStore())
     commit_local(node_log, node_log._store, [NewEntry(number(1))])

@@ -75,8 +75,21 @@ def test_a_peer_getting_the_log_elsewhere_is_left_to_that_source() -> None:
 def test_own_and_the_peers_entries_are_never_held_back(owner: str) -> None:
     s = session(now=0.0)
     s._peer_own_cap = 7  # what the peer's Hello showed it lacked of its own log
+    s.peer_has(PEER, 10, 0.0)  # and it holds its own log up to 10 by now
     expected = (10, False) if owner == ME else (7, False)
     assert s.send_limit(owner, 10, 0.0) == expected
+
+
+def test_a_peer_lacking_its_own_entries_gets_those_that_have_been_here_a_while() -> None:
+    """A peer restored from an older copy of its store: entries of its own log that reached this
+    node after its Hello (by another path) go to it once they have been here FORWARD_DELAY."""
+    arrivals = Arrivals(FORWARD_DELAY, {PEER: 7})
+    s = session(now=0.0, arrivals=arrivals)
+    s._peer_own_cap = 7
+    s.peer_has(PEER, 7, 0.0)
+    arrivals.grew(PEER, 10, 5.0)
+    assert s.send_limit(PEER, 10, 5.0 + FORWARD_DELAY / 2) == (7, True)
+    assert s.send_limit(PEER, 10, 5.0 + FORWARD_DELAY) == (10, False)
 
 
 def test_entries_that_just_arrived_are_held_back_from_an_idle_peer() -> None:
