@@ -26,6 +26,15 @@ def parse_uuid(text: str, what: str = "id") -> bytes:
     raise InvalidArgument(f"{what} {text!r} is not a UUID (expected the form 8-4-4-4-12 hex digits)")
 
 
+def canonical_uuid(text: str, what: str = "id") -> bytes:
+    """`parse_uuid` for ids that are stored as they came (another node's entries): only the canonical
+    lower-case form, which every node writes, so that one id has one text everywhere."""
+    raw = parse_uuid(text, what)
+    if text.lower() != text:
+        raise InvalidArgument(f"{what} {text!r} is not in the canonical lower-case form")
+    return raw
+
+
 def parse_uuids(texts: Sequence[str]) -> list[bytes] | None:
     """The 16 bytes of each UUID in hyphenated form, by the rules of `parse_uuid` but checked and
     converted all at once (a few string operations in C instead of several per id); None if any

@@ -39,7 +39,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.errors import InvalidArgument, NotFound, TooDeep, TooLarge, Unavailable
 from potboiler.server.hlc import HybridClock, Stamp
-from potboiler.server.ids import new_uuid, new_uuids, parse_uuid, parse_uuids, uuid_str
+from potboiler.server.ids import canonical_uuid, new_uuid, new_uuids, parse_uuid, parse_uuids, uuid_str
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 from potboiler.v1.replication_pb2 import EntryBatch, EntryBatchShape, ParsedEntryBatch
@@ -672,13 +672,15 @@ class Log:
                 if entry.seq != seq:
                     continue
                 text = entry.id
-                raw = parse_uuid(text)
+                raw = canonical_uuid(text)
+                if raw in plan.blobs or raw in plan.delivered_set:
+                    raise InvalidArgument(f"entry {text} comes twice in one write")
                 if entry.prev != chain.text:
                     raise InvalidArgument(
                         f"entry {text} names prev {entry.prev!r}, this node holds otherwise"
                     )
                 deps = (
-                    tuple(parse_uuid(d, "dependency") for d in entry.dependencies)
+                    tuple(canonical_uuid(d, "dependency") for d in entry.dependencies)
                     if entry.dependencies
                     else ()
                 )
@@ -722,7 +724,13 @@ class Log:
         taken, blobs = list(entries[skip:]), blobs[skip:]
         ids = [e.id for e in taken]
         raws = parse_uuids(ids)
-        if raws is None or [e.prev for e in taken] != [chain.text, *ids[:-1]]:
+        joined = "".join(ids)
+        if (
+            raws is None
+            or [e.prev for e in taken] != [chain.text, *ids[:-1]]
+            or joined.lower() != joined
+            or len(set(raws)) != len(raws)
+        ):
             return None
         seq = chain.seq + 1
         self._store_run(plan, chain.owner, seq, raws, taken, blobs)
@@ -785,7 +793,7 @@ class Log:
         plan.deliver(raw, owner, seq, entry, blob)
 
     def _chain(self, plan: Plan, owner_text: str) -> _Chain:
-        owner = parse_uuid(owner_text, "owner")
+        owner = canonical_uuid(owner_text, "owner")
         seq, prev = plan.heads.get(owner) or self._heads.get(owner, (0, b""))
         return _Chain(owner, seq, prev, uuid_str(prev) if prev else "")
 

@@ -250,6 +250,37 @@ def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
         commit_remote(log, store, [forged])
 
 
+@pytest.mark.parametrize("with_blobs", [False, True], ids=["entries", "with their bytes"])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("upper-case id", "canonical lower-case"),
+        ("upper-case owner", "canonical lower-case"),
+        ("upper-case dependency", "canonical lower-case"),
+        ("one id twice", "comes twice"),
+    ],
+)
+def test_a_peers_entry_in_a_form_no_node_writes_is_refused(
+    store: MemoryStore, with_blobs: bool, damage: str, message: str
+) -> None:
+    """Entries are stored as they came: an id in another letter case would be a second text for one
+    id (two chains for one owner), and one id on two entries would index one of them only."""
+    origin = Log(MemoryStore())
+    a, b = (copy(e) for e in commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))]))
+    if damage == "upper-case id":
+        b.id = b.id.upper()
+    elif damage == "upper-case owner":
+        a.owner = b.owner = a.owner.upper()
+    elif damage == "upper-case dependency":
+        b.dependencies.append(a.id.upper())
+    else:
+        b.id = a.id
+    log = Log(store)
+    plan = log.begin()
+    with pytest.raises(InvalidArgument, match=message):
+        log.plan_remote(plan, [a, b], [e.SerializeToString() for e in (a, b)] if with_blobs else None)
+
+
 def test_an_entry_refused_mid_batch_leaves_the_head_at_the_last_entry_taken(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
     [a, b, c] = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(3)])
