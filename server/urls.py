@@ -38,8 +38,8 @@ def webhook_url(text: str) -> str:
     import httpx  # here, not at the top: a node that delivers nowhere starts ~80 ms sooner without it
 
     try:
-        httpx.URL(text)
-    except httpx.InvalidURL as exc:
+        httpx.Request("POST", text)  # as a delivery builds it: the host's IDNA rules apply here
+    except (httpx.InvalidURL, UnicodeError) as exc:
         raise InvalidArgument(f"url {text!r} is not a usable URL: {exc}") from None
     return text
 

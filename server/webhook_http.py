@@ -1,15 +1,16 @@
 """The HTTP side of webhook delivery: the httpx client a node POSTs entries with, whose transport
-applies the node's webhook policy (`potboiler.server.security.WebhookPolicy`) on every attempt.
+resolves each receiver's host in the lookup threads (`potboiler.server.lookups`) and applies the
+node's webhook policy (`potboiler.server.security.WebhookPolicy`) on every attempt.
 
 Apart from the policy so that a node imports httpx only once it delivers (about 80 ms of start-up)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import httpx
 
+from potboiler.server.lookups import Lookups
 from potboiler.server.security import PolicyMode, WebhookPolicy, target_of
 
 
@@ -24,16 +25,10 @@ READ_TIMEOUT = 10.0
 
 
 def delivery_client(policy: WebhookPolicy) -> httpx.AsyncClient:
-    """The delivery client: the policy's transport (plain for allow-all, guarded otherwise), no
-    redirects followed, no proxies from the environment (they would connect elsewhere than the
-    address checked), timeouts."""
-    transport = (
-        httpx.AsyncHTTPTransport(retries=0)
-        if policy.mode is PolicyMode.ALLOW_ALL
-        else GuardedTransport(policy)
-    )
+    """The delivery client: the policy's transport, no redirects followed, no proxies from the
+    environment (they would connect elsewhere than the address checked), timeouts."""
     return httpx.AsyncClient(
-        transport=transport,
+        transport=GuardedTransport(policy),
         follow_redirects=False,
         trust_env=False,
         timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
@@ -41,10 +36,11 @@ def delivery_client(policy: WebhookPolicy) -> httpx.AsyncClient:
 
 
 class GuardedTransport(httpx.AsyncBaseTransport):
-    """Applies a webhook policy to every request. With deny-private the host is resolved ONCE,
-    every address is checked, and the connection goes to the first address by IP, with the Host
-    header and TLS SNI (and certificate check) still naming the host: no second lookup can swap
-    in another address (DNS rebinding)."""
+    """Applies a webhook policy to every request. The host is resolved ONCE, in the lookup threads
+    (with deny-private, every address is checked), and the connection goes to its addresses by IP
+    in turn until one connects, with the Host header and TLS SNI (and certificate check) still
+    naming the host: no second lookup can swap in another address (DNS rebinding), and no lookup
+    runs in the event loop's default thread pool."""
 
     def __init__(
         self,
@@ -52,6 +48,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         make_inner: Callable[[], httpx.AsyncBaseTransport] = lambda: httpx.AsyncHTTPTransport(retries=0),
     ) -> None:
         self._policy = policy
+        self._lookups = Lookups(policy.resolver)
         self._make_inner = make_inner
         # One inner transport (connection pool) per scheme and host name: pools are keyed by the
         # address connected to, and a TLS connection verified for one name must not carry
@@ -71,21 +68,30 @@ class GuardedTransport(httpx.AsyncBaseTransport):
             reason = self._policy.refusal(host, port)
             if reason is not None:
                 raise BlockedTarget(reason, request=request)
-            return await self._inner(request).handle_async_request(request)
         try:
-            addresses = await asyncio.to_thread(self._policy.resolver, host, port)
+            addresses = await self._lookups.resolve(host, port)
         except (OSError, UnicodeError) as exc:
             raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
-        reason = self._policy.refusal(host, port, addresses)
-        if reason is not None:
-            raise BlockedTarget(reason, request=request)
+        if not addresses:
+            raise httpx.ConnectError(f"{host} resolves to no address", request=request)
+        if self._policy.mode is PolicyMode.DENY_PRIVATE:
+            reason = self._policy.refusal(host, port, addresses)
+            if reason is not None:
+                raise BlockedTarget(reason, request=request)
         inner = self._inner(request)
-        address = addresses[0].split("%", 1)[0]
-        if address != host:
-            request.url = request.url.copy_with(host=address)
-            if request.url.scheme == "https":
-                request.extensions = {**request.extensions, "sni_hostname": host}
-        return await inner.handle_async_request(request)
+        url, extensions = request.url, request.extensions
+        for i, text in enumerate(addresses):
+            address = text.split("%", 1)[0]
+            if address != host:
+                request.url = url.copy_with(host=address)
+                if url.scheme == "https":
+                    request.extensions = {**extensions, "sni_hostname": host}
+            try:
+                return await inner.handle_async_request(request)
+            except httpx.ConnectError:
+                if i == len(addresses) - 1:
+                    raise
+        raise AssertionError("unreachable: the last address's error is raised")
 
     async def aclose(self) -> None:
         inners, self._inners = list(self._inners.values()), {}

@@ -26,6 +26,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import NotFound, TooLarge
+from potboiler.server.lookups import in_lookup_thread
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
 from potboiler.server.urls import redacted, webhook_url
@@ -114,9 +115,9 @@ class Webhooks:
         webhook_url(url)
         if url in self._states:
             return
-        # In a thread: a policy that refuses private addresses resolves the host, and a slow DNS
-        # server must not stall the node.
-        await asyncio.to_thread(self._policy.check_url, url)
+        # In a lookup thread: a policy that refuses private addresses resolves the host, and a slow
+        # DNS server must not stall the node (nor the event loop's default thread pool).
+        await in_lookup_thread(self._policy.check_url, url)
         if url in self._states:
             return  # registered meanwhile
         if len(self._states) >= MAX_WEBHOOKS:
@@ -190,7 +191,7 @@ class Webhooks:
                     state.failures, state.last_error = 0, ""
                     return
                 error = f"HTTP {status}"
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:  # UnicodeError: IDNA
                 error = f"{type(exc).__name__}: {exc}"
             except TimeoutError:
                 error = f"no complete answer within {ATTEMPT_TIMEOUT:g}s"

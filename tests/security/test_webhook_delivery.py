@@ -4,10 +4,13 @@ by the policy at delivery time is a failed attempt, retried and reported in `las
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf.struct_pb2 import Value
@@ -150,3 +153,37 @@ async def test_a_receiver_that_never_answers_times_out(
         await wait_for(lambda: hooks.state(url).failed_attempts >= 2)
         assert hooks.state(url).last_error == "no complete answer within 0.3s"
         assert hooks.state(url).delivered == 0
+
+
+async def test_receivers_whose_names_never_resolve_hold_up_no_other_receiver_nor_the_default_pool(
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups that hang (a DNS server that never answers) keep their threads until the resolver
+    gives up; they run in lookup threads of their own, one per host, so a receiver on another
+    host, and everything else a node runs in the loop's default threads, go on."""
+    released = threading.Event()
+    dead = [f"h{i}.dead.test" for i in range(12)]  # more than the default pool's threads
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, bytes):
+            host = host.decode()
+        if host.endswith(".dead.test"):
+            released.wait(30)
+            raise socket.gaierror("no answer")
+        return system("127.0.0.1" if host == "receiver.test" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
+    try:
+        for host in dead:
+            await hooks.webhooks.register(f"http://{host}:{receiver.port}/hook")
+        good = receiver.url("/hook", host="receiver.test")
+        await hooks.webhooks.register(good)
+        await hooks.append(1)
+        await wait_for(lambda: hooks.state(good).position == 1, timeout=10)
+        async with asyncio.timeout(2):
+            await asyncio.to_thread(lambda: None)
+        assert all(hooks.state(f"http://{host}:{receiver.port}/hook").position == 0 for host in dead)
+    finally:
+        released.set()
