@@ -92,7 +92,8 @@ class StreamAppender:
         self._closing = True
         self._wake.set()
         if self._runner is not None:
-            await self._runner
+            # Shielded: a closer that is cancelled (or times out) leaves the stream to finish.
+            await asyncio.shield(self._runner)
 
     async def _run(self) -> None:
         """One stream after another, for as long as there are appends to make."""
@@ -100,8 +101,12 @@ class StreamAppender:
             await self._stream()
 
     async def _stream(self) -> None:
-        call = self._stub.AppendEntryStream()
         sent: deque[list[_Append]] = deque()
+        try:
+            call = self._stub.AppendEntryStream()
+        except Exception as error:  # no stream (the channel is closed, for one): no append made
+            self._fail(error, sent)
+            return
         writer = asyncio.create_task(self._write(call, sent))
         # A writer that fails for any other reason than the call's end must not leave us reading.
         writer.add_done_callback(lambda task: task.cancelled() or task.exception() is None or call.cancel())
@@ -115,6 +120,9 @@ class StreamAppender:
                 self._fail(RuntimeError("the node ended the append stream without acknowledging"), sent)
         except Exception as error:  # the call's error, or an answer that does not fit what was sent
             self._fail(error, sent)
+        except asyncio.CancelledError:  # this task (or the call, locally) was cancelled
+            self._fail(RuntimeError("the append stream was cancelled"), sent)
+            raise
         finally:
             writer.cancel()
             # A writer that wrote on the call after it ended raises what grpc.aio says then (the

@@ -118,3 +118,41 @@ async def test_close_waits_for_acknowledgements_then_refuses_appends(grpc_node: 
     with pytest.raises(RuntimeError, match="closed"):
         await appender.append({"n": "late"})
     assert await stored_count(grpc_node) == 50
+
+
+async def test_a_closer_that_gives_up_leaves_the_stream_to_acknowledge_everything(
+    grpc_node: GrpcNode,
+) -> None:
+    """close() under a timeout (or any cancellation of its caller) does not cancel the stream: every
+    append is still answered, as what the node made durable."""
+    appender = StreamAppender(grpc_node.channel)
+    pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(3000)]
+    await pending[0]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(appender.close(), 0.001)
+    results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+    assert all(isinstance(r, log_pb2.AppendEntryResponse) for r in results)
+    assert await stored_count(grpc_node) == 3000
+
+
+async def test_a_cancelled_stream_fails_every_append_in_flight(grpc_node: GrpcNode) -> None:
+    appender = StreamAppender(grpc_node.channel)
+    pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(3000)]
+    await pending[0]
+    runner = appender._runner
+    assert runner is not None
+    runner.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert failed and all(isinstance(r, RuntimeError) and "cancelled" in str(r) for r in failed)
+
+
+async def test_appends_on_a_closed_channel_fail_at_once(grpc_node_factory: GrpcNodeFactory) -> None:
+    node = await grpc_node_factory("closed")
+    channel = grpc.aio.insecure_channel(node.target)
+    await channel.close()
+    appender = StreamAppender(channel)
+    for _ in range(2):  # and again: each append tries a new stream
+        with pytest.raises(grpc.aio.UsageError):
+            await asyncio.wait_for(appender.append({"n": 0}), 5)
+    await appender.close()
