@@ -23,6 +23,9 @@ MAX_SUBSCRIBE_BATCH = 1000
 #: Most bytes of entries per SubscribeEntries message (but at least one entry): below the 4 MiB that
 #: gRPC clients take by default.
 MAX_SUBSCRIBE_BYTES = 3 << 20
+#: Messages of an append stream taken in whose acks wait to be sent: a client that reads no acks
+#: is read no further (gRPC's flow control then holds it up).
+STREAM_ACKS_QUEUED = 256
 
 
 def _last_position(delivered: list[tuple[int, bytes]]) -> int | None:
@@ -92,15 +95,19 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     ) -> AsyncIterator[log_pb2.AppendEntryStreamResponse]:
         # Requests are validated and queued as they arrive, without waiting for the previous ack,
         # so a client that keeps many messages in flight gets them group-committed together.
-        acks: asyncio.Queue[asyncio.Future[list[Entry]] | None] = asyncio.Queue(maxsize=256)
+        acks: asyncio.Queue[asyncio.Future[list[Entry]] | None] = asyncio.Queue(maxsize=STREAM_ACKS_QUEUED)
 
         async def read() -> None:
             try:
                 async for message in request_iterator:
                     new = validate_batch(message.entries)
                     await acks.put(self._appender.queue_append(new))
-            finally:
+            except asyncio.CancelledError:
+                raise  # the call is over and nobody reads the queue: no end mark (it may be full)
+            except BaseException:
                 await acks.put(None)
+                raise
+            await acks.put(None)
 
         reader = asyncio.create_task(read())
         try:

@@ -17,6 +17,7 @@ from google.protobuf.struct_pb2 import Value
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from potboiler.server import log_servicer
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, wall_clock_ms
 from potboiler.server.log import (
     MAX_BATCH_ENTRIES,
@@ -365,6 +366,26 @@ async def test_append_stream_with_no_messages(grpc_node: GrpcNode) -> None:
     call = grpc_node.log.AppendEntryStream(requests())
     assert [r async for r in call] == []
     assert await call.code() == grpc.StatusCode.OK
+
+
+def stream_readers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if "AppendEntryStream.<locals>.read" in repr(t.get_coro())]
+
+
+async def test_append_stream_of_a_client_that_reads_no_acks_leaves_nothing_behind_once_it_ends(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node stops reading a stream whose acks wait unread (its queue of acks is full); once the
+    call ends, the node's reader of that stream ends too, and with it what the acks hold."""
+    monkeypatch.setattr(log_servicer, "STREAM_ACKS_QUEUED", 2)
+    call = grpc_node.log.AppendEntryStream()
+    message = log_pb2.AppendEntryStreamRequest(entries=[request("x" * 200) for _ in range(200)])
+    with contextlib.suppress(TimeoutError):
+        for _ in range(2000):  # until the node stops taking them in
+            await asyncio.wait_for(asyncio.shield(call.write(message)), 0.5)
+    assert stream_readers()
+    call.cancel()
+    await wait_for(lambda: not stream_readers(), 5, "the stream's reader to end")
 
 
 # -- subscriptions ---------------------------------------------------------------------------
