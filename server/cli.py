@@ -239,6 +239,8 @@ def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
     --peer (a --peer naming a node of the cluster is one of those); InvalidArgument if --host or a
     --peer does not make a node root URL."""
     bases = [args.base_port + 100 * i for i in range(args.nodes)]
+    for base in bases:  # as each node will check them: before starting any
+        NodeConfig(data_dir=args.data_dir, host=args.host, base_port=base).check()
     try:
         urls = [node_url(f"http://{url_host(args.host)}:{base}") for base in bases]
     except InvalidArgument as exc:
@@ -259,6 +261,7 @@ def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
             peers=[u for u in urls if u != url] + outside,
             extra_args=extra,
             log_file=args.data_dir / f"node{i}.log",
+            die_with_parent=True,
         )
         for i, (base, url) in enumerate(zip(bases, urls, strict=True))
     ]
@@ -275,7 +278,9 @@ def run_cluster(args: argparse.Namespace) -> int:
         print(f"potboiler: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a closed terminal stops the cluster like Ctrl-C (and were the cluster killed
+    # outright, its nodes would die with it: see NodeProcess's die_with_parent).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: stop.set())
     code = 0
     try:
@@ -307,9 +312,13 @@ def show_status(url: str, token: str | None = None, cacert: Path | None = None) 
     import httpx
 
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    response = httpx.get(
-        f"{url.rstrip('/')}/status", timeout=5, headers=headers, verify=tls_context_for(cacert)
-    )
+    try:
+        response = httpx.get(
+            f"{url.rstrip('/')}/status", timeout=5, headers=headers, verify=tls_context_for(cacert)
+        )
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:  # OSError: the --cacert file
+        print(f"potboiler: cannot get the status of {url}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
     print(response.text)
     return 0 if response.is_success else 1
 

@@ -34,6 +34,7 @@ import envoy
 import grpc
 
 from potboiler.server.backoff import Backoff
+from potboiler.server.errors import InvalidArgument
 from potboiler.server.rest_routes import (
     DESCRIPTOR,
     descriptor_set,
@@ -83,6 +84,15 @@ class Ports:
     @property
     def grpc(self) -> int:
         return self.base + 10
+
+    def check(self) -> None:
+        """InvalidArgument unless every port from the base port up is a valid port number."""
+        span = self.grpc - self.base
+        if not 1 <= self.base <= 65535 - span:
+            raise InvalidArgument(
+                f"bad --base-port: {self.base}; a node takes ports B to B+{span}, so B must be 1 to "
+                f"{65535 - span}"
+            )
 
 
 def url_host(host: str) -> str:

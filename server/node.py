@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -100,7 +101,16 @@ class NodeConfig:
         return f"http://{url_host(self.host)}:{self.base_port}"
 
     def check(self) -> None:
-        """InvalidArgument if the node's URL or a peer's is not a node root URL, or a peer is this node."""
+        """InvalidArgument if --host is not an IP address (Envoy binds and connects to addresses,
+        not names), a port of the node is out of range, the node's URL or a peer's is not a node
+        root URL, or a peer is this node."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise InvalidArgument(
+                f"bad --host: {self.host!r} is not an IP address (e.g. 127.0.0.1, 0.0.0.0 or ::1)"
+            ) from None
+        self.ports.check()
         try:
             own = node_url(self.url)
         except InvalidArgument as exc:
@@ -206,7 +216,10 @@ class Node:
             else:
                 self.grpc_port = server.add_secure_port(address, tls.server_credentials())
         except RuntimeError:
-            raise OSError(f"cannot listen on {address} (gRPC): the port is in use") from None
+            raise OSError(
+                f"cannot listen on {address} (gRPC): the port is in use, or the address is not one of "
+                "this machine's"
+            ) from None
         await server.start()
         self.server = server
         for service in self.services:

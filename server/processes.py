@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,8 +18,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from potboiler.server.gateway import Ports, url_host
+from potboiler.server.gateway import Ports, die_with_parent, url_host
 
+#: The line a node prints once it serves (see potboiler.server.cli.run_node).
+_UP_LINE = re.compile(rb"^node [0-9a-f-]{36}: ", re.MULTILINE)
 #: Offsets from a base port that a node binds (REST ports, metrics, gRPC).
 PORT_OFFSETS = (0, 1, 2, 3, 5, 10)
 
@@ -108,6 +111,7 @@ class NodeProcess:
         peers: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         log_file: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.host = host
@@ -115,7 +119,12 @@ class NodeProcess:
         self.peers = list(peers)
         self.extra_args = list(extra_args)
         self.log_file = log_file or data_dir.with_name(data_dir.name + ".log")
+        #: Whether the node gets SIGTERM when the thread that started it dies (`potboiler
+        #: cluster`: a cluster killed outright takes its nodes, and they their Envoys, with it).
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
+        #: Where this start's output begins in the log file (it keeps earlier runs' output).
+        self._log_start = 0
 
     @property
     def url(self) -> str:
@@ -157,17 +166,24 @@ class NodeProcess:
         """Start the node (in its own session, so terminal signals reach it only through us)."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
+            self._log_start = out.tell()
             self.process = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent() if self.die_with_parent else None,
             )
         if wait:
             self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the node answers REST on its core port: 200, or 401/403 when it requires tokens
-        (either way the request went through Envoy to the node's gRPC server and back). Over HTTPS
-        the certificate is not checked: nothing secret is sent, and only the answer's status counts."""
+        """Wait until the node has said it is up (the line it prints once every port is bound) and
+        answers REST on its core port: 200, or 401/403 when it requires tokens (either way the
+        request went through Envoy to the node's gRPC server and back). The line tells this node
+        from another process that holds its ports. Over HTTPS the certificate is not checked:
+        nothing secret is sent, and only the answer's status counts."""
         import httpx  # here, not at the top: node processes import this module too, never needing it
 
         deadline = time.monotonic() + timeout
@@ -175,14 +191,24 @@ class NodeProcess:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}; see {self.log_file}")
             try:
-                status = httpx.get(f"{self.rest_url}/log", timeout=1.0, verify=False).status_code
-                if status in (200, 401, 403):
-                    return
+                if self._said_up():
+                    status = httpx.get(f"{self.rest_url}/log", timeout=1.0, verify=False).status_code
+                    if status in (200, 401, 403):
+                        return
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node at {self.url} not ready after {timeout}s; see {self.log_file}")
             time.sleep(0.05)
+
+    def _said_up(self) -> bool:
+        """Whether the node printed its ports line (`node <id>: ...`) since it was started."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(self._log_start)
+                return _UP_LINE.search(f.read()) is not None
+        except OSError:
+            return False
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the node's log file (stdout and stderr of the node and its Envoy)."""

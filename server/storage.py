@@ -78,7 +78,16 @@ class RocksStore:
         # One writer per store: plain memtable inserts are about 20% cheaper than concurrent ones.
         options.set_allow_concurrent_memtable_write(False)
         options.set_enable_write_thread_adaptive_yield(False)
-        self._db = Rdict(str(path / "rocksdb"), options)
+        try:
+            self._db = Rdict(str(path / "rocksdb"), options)
+        except Exception as exc:  # rocksdict raises a bare Exception carrying RocksDB's status
+            reason = str(exc)
+            if "lock" in reason.lower():
+                raise OSError(
+                    f"the store at {path} is in use by another process (another node on the same data "
+                    f"dir?): {reason}"
+                ) from None
+            raise OSError(f"cannot open the store at {path}: {reason}") from None
         self._nosync = WriteOptions()
         self._sync = WriteOptions()
         self._sync.sync = True

@@ -317,6 +317,35 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
     assert leftover == [], f"processes left behind: {leftover}"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["killed", "hung up"])
+def test_a_cluster_killed_or_hung_up_takes_its_nodes_and_envoys_with_it(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    base = find_base_port()
+    cmd = [sys.executable, "-m", "potboiler.server.cli", "cluster", "--nodes", "1"]
+    cmd += ["--base-port", str(base), "--data-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            if b"is up" in raw:
+                break
+        proc.send_signal(sig)
+        proc.wait(30)
+
+        def left() -> list[str]:
+            found = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+            return found.stdout.split()
+
+        wait_until(lambda: not left(), timeout=30, what="the node and its Envoy to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """A node's Prometheus samples (port B+5), by name and labels."""
     text = httpx.get(f"http://127.0.0.1:{node.ports.metrics}/metrics", timeout=5).text

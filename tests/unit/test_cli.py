@@ -9,7 +9,7 @@ import pytest
 
 from potboiler.server import cli
 from potboiler.server.node import NodeConfig
-from potboiler.server.processes import NodeProcess
+from potboiler.server.processes import NodeProcess, find_base_port
 
 
 @pytest.fixture
@@ -86,3 +86,35 @@ def test_a_node_that_cannot_start_is_a_one_line_error(
     assert cli.main(["node", "--data-dir", str(tmp_path)]) == 1
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [str(error)]
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("never_started")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["node", "--host", "localhost"], "bad --host: 'localhost' is not an IP address"),
+        (["node", "--base-port", "65530"], "bad --base-port: 65530"),
+        (["node", "--base-port", "0"], "bad --base-port: 0"),
+        (["cluster", "--nodes", "2", "--base-port", "65430"], "bad --base-port: 65530"),
+        (["cluster", "--host", "nosuchhost.invalid"], "is not an IP address"),
+    ],
+)
+def test_a_host_or_base_port_a_node_cannot_use_is_a_one_line_error(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    assert cli.main([*args, "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not data.exists()
+
+
+def test_status_of_a_node_that_does_not_answer_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    closed = find_base_port()  # nothing listens there
+    assert cli.main(["status", "--url", f"http://127.0.0.1:{closed}"]) == 1
+    assert cli.main(["status", "--url", f"127.0.0.1:{closed}"]) == 1
+    assert cli.main(["status", "--url", "https://127.0.0.1:1", "--cacert", str(tmp_path / "none.pem")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("potboiler: cannot get the status of") == 3 and "Traceback" not in err, err

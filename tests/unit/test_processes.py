@@ -65,3 +65,20 @@ def test_an_ipv6_node_is_named_with_brackets(tmp_path: Path) -> None:
     assert node.url == "http://[::1]:9000"
     assert node.port_url(node.ports.kv) == "http://[::1]:9001"
     assert node.grpc_target == "[::1]:9010"
+
+
+def test_a_node_is_up_once_it_has_said_so_since_it_was_started(tmp_path: Path) -> None:
+    """Its ports answering could be another process's: the node's own line tells (an earlier run's,
+    further up the same log file, does not)."""
+    log = tmp_path / "n.log"
+    up = "node 0196a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b: REST http://127.0.0.1:8000\n"
+    log.write_text("an earlier run\n" + up)
+    node = processes.NodeProcess(tmp_path / "n", 8000, log_file=log)
+    node._log_start = log.stat().st_size
+    assert not node._said_up()
+    with open(log, "a") as f:
+        f.write("starting\n")
+    assert not node._said_up()
+    with open(log, "a") as f:
+        f.write(up)
+    assert node._said_up()

@@ -86,3 +86,12 @@ def test_memory_and_rocks_agree(tmp_path_factory: pytest.TempPathFactory, writes
         assert rocks.last(start, end) == mem.last(start, end)
     finally:
         rocks.close()
+
+
+def test_a_store_held_by_another_is_an_os_error_that_says_so(tmp_path: Path) -> None:
+    held = RocksStore(tmp_path / "db")
+    try:
+        with pytest.raises(OSError, match="in use by another process"):
+            RocksStore(tmp_path / "db")
+    finally:
+        held.close()
