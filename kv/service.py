@@ -72,6 +72,10 @@ class KvService:
         self._answered_config_seq = 0
         #: Reads stop waiting for seqs up to this one once a wait for it has timed out.
         self._given_up_seq = 0
+        #: Set once the state shows everything delivered before the service started: the writes this
+        #: node answered before a restart (and not applied by then) included.
+        self._caught_up = asyncio.Event()
+        self._start_position = 0
 
     @property
     def node_id(self) -> str:
@@ -85,7 +89,13 @@ class KvService:
         return list(SERVICE_NAMES)
 
     async def start(self) -> None:
+        self._start_position = self._context.log.position()
+        self._note_progress()
         self._task = asyncio.create_task(self._apply_forever(), name="kv-applier")
+
+    def _note_progress(self) -> None:
+        if self.state.position >= self._start_position:
+            self._caught_up.set()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -116,7 +126,16 @@ class KvService:
         return entry
 
     async def current(self) -> KvState:
-        """The state, once it shows every write this service has answered (read-your-writes)."""
+        """The state, once it shows every write this service has answered (read-your-writes), also
+        before the node last started."""
+        if not self._caught_up.is_set():
+            self._linger.hurry()
+            try:
+                async with asyncio.timeout(APPLY_WAIT):
+                    await self._caught_up.wait()
+            except TimeoutError:
+                log.warning("KV state not caught up with the log after %.1fs; reading anyway", APPLY_WAIT)
+                self._caught_up.set()
         seq = self._answered_seq
         if seq > self._own_seq and seq > self._given_up_seq:
             await self._wait_applied(seq)
@@ -125,7 +144,11 @@ class KvService:
     async def state_to_plan(self, table: str) -> KvState:
         """The state to plan a write to `table` on: current for a write that reads it, or while a
         `_config` write of this node is not applied yet (it may create or retype `table`)."""
-        if self._answered_config_seq <= self._own_seq and not self.state.plan_reads_state(table):
+        if (
+            self._caught_up.is_set()
+            and self._answered_config_seq <= self._own_seq
+            and not self.state.plan_reads_state(table)
+        ):
             return self.state
         return await self.current()
 
@@ -179,6 +202,8 @@ class KvService:
                     break
         if self._waiters:
             self._release(self._own_seq)
+        if not self._caught_up.is_set():
+            self._note_progress()
 
 
 def create(context: NodeContext) -> NodeService:

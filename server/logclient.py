@@ -51,6 +51,10 @@ class LogClient(Protocol):
         """The newest clock promise of each owner that made one (see `Promise`), this node's included."""
         ...
 
+    def position(self) -> int:
+        """The position of the newest entry delivered here (0 before any)."""
+        ...
+
 
 class LocalLogClient:
     """A LogClient calling the node's own Appender."""
@@ -90,6 +94,9 @@ class LocalLogClient:
 
     def promises(self) -> dict[str, Promise]:
         return self._appender.log.promises()
+
+    def position(self) -> int:
+        return self._appender.log.position
 
 
 class Linger:

@@ -69,6 +69,9 @@ class FakeLog:
     def promises(self) -> dict[str, Promise]:
         return {}
 
+    def position(self) -> int:
+        return 0 if self.held else len(self.entries)
+
     async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
         position = after_position
         while True:

@@ -55,3 +55,30 @@ async def test_readers_of_a_write_never_applied_stop_waiting_together(kv: tuple[
     await asyncio.wait_for(second, WAIT / 4)
     # Reads no longer wait for it at all.
     await asyncio.wait_for(service.current(), WAIT / 4)
+
+
+async def test_reads_after_a_restart_show_the_writes_answered_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write answered just before the node stopped, not applied by then, is applied when the
+    service starts again: a read meanwhile waits for it (for up to APPLY_WAIT)."""
+    monkeypatch.setattr(kv_service, "APPLY_WAIT", WAIT)
+    log = FakeLog(HybridClock())
+    store = MemoryStore()
+    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    await first.start()
+    await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
+    await asyncio.wait_for(first.current(), WAIT / 2)
+    log.held = True
+    await first.write(first.state.plan_write("t", "k", "set", 1))  # durable, not applied
+    assert first._task is not None
+    first._task.cancel()  # the node stops (its store stays as it was)
+    log.release()  # delivered by the time the node is back
+    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    await again.start()
+    try:
+        async with asyncio.timeout(WAIT / 2):
+            state = await again.current()  # awaited here: before the applier has had a turn
+        assert state.get("t", "k")[1] == 1
+    finally:
+        await again.stop()
