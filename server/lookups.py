@@ -5,8 +5,9 @@ it keeps its thread for as long as the system resolver keeps trying, 10-30 s. In
 default thread pool (cpu_count + 4 threads, shared with everything else a node runs in threads) a
 few receivers with such names would hold up every other receiver's lookups and every other user of
 that pool. Here lookups run in a pool of their own with a thread for each webhook a node may have,
-and each host has at most one lookup in flight, which every delivery to that host shares: however
-many lookups hang, a receiver on another host gets a thread.
+plus a few that registrations share (see `REGISTRATION_LOOKUPS`), and each host has at most one
+delivery lookup in flight, which every delivery to that host shares: however many lookups hang, a
+receiver on another host gets a thread.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from potboiler.server.security import Resolver
 
 T = TypeVar("T")
 
-#: Threads for lookups: as many as the webhooks a node may have (see potboiler.server.webhooks).
-THREADS = 100
+#: Lookups of deliveries in flight at once: one per host, so at most one per webhook a node may
+#: have (see potboiler.server.webhooks.MAX_WEBHOOKS).
+DELIVERY_LOOKUPS = 100
+#: Lookups of registrations (the deny-private check) in flight at once, per node: held to this
+#: many, so that registrations naming hosts whose lookups hang cannot take the deliveries' threads.
+REGISTRATION_LOOKUPS = 16
+THREADS = DELIVERY_LOOKUPS + REGISTRATION_LOOKUPS
 
 _pool: ThreadPoolExecutor | None = None
 

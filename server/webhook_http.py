@@ -80,15 +80,14 @@ class GuardedTransport(httpx.AsyncBaseTransport):
                 raise BlockedTarget(reason, request=request)
         inner = self._inner(request)
         url, extensions = request.url, request.extensions
-        for i, text in enumerate(addresses):
-            address = text.split("%", 1)[0]
+        for i, address in enumerate(addresses):  # an IPv6 address keeps its scope (%eth0), if any
             if address != host:
                 request.url = url.copy_with(host=address)
                 if url.scheme == "https":
                     request.extensions = {**extensions, "sni_hostname": host}
             try:
                 return await inner.handle_async_request(request)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ConnectTimeout):  # nothing sent: the next address
                 if i == len(addresses) - 1:
                     raise
         raise AssertionError("unreachable: the last address's error is raised")

@@ -26,7 +26,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import NotFound, TooLarge
-from potboiler.server.lookups import in_lookup_thread
+from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
 from potboiler.server.urls import redacted, webhook_url
@@ -81,6 +81,7 @@ class Webhooks:
         self._policy = policy or WebhookPolicy()
         self._client_factory = client or self._policy.client
         self._client: httpx.AsyncClient | None = None  # made at the first delivery (TLS set-up is slow)
+        self._registration_lookups = asyncio.Semaphore(REGISTRATION_LOOKUPS)
         self._running = False
         self._backoff = backoff
         self._states: dict[str, WebhookState] = {}
@@ -115,17 +116,23 @@ class Webhooks:
         webhook_url(url)
         if url in self._states:
             return
+        self._check_room()
         # In a lookup thread: a policy that refuses private addresses resolves the host, and a slow
-        # DNS server must not stall the node (nor the event loop's default thread pool).
-        await in_lookup_thread(self._policy.check_url, url)
+        # DNS server must not stall the node (nor the event loop's default thread pool, nor take
+        # every lookup thread: registrations share a few).
+        async with self._registration_lookups:
+            await in_lookup_thread(self._policy.check_url, url)
         if url in self._states:
             return  # registered meanwhile
-        if len(self._states) >= MAX_WEBHOOKS:
-            raise TooLarge(f"this node already has the maximum of {MAX_WEBHOOKS} webhooks")
+        self._check_room()
         self._store.write([(_PREFIX + url.encode(), _U64.pack(0))], sync=True)
         self._states[url] = WebhookState(url)
         if self._running:
             self._spawn(url)
+
+    def _check_room(self) -> None:
+        if len(self._states) >= MAX_WEBHOOKS:
+            raise TooLarge(f"this node already has the maximum of {MAX_WEBHOOKS} webhooks")
 
     def deregister(self, url: str) -> None:
         """Stop delivering to `url` and forget it; NotFound if it is not registered."""

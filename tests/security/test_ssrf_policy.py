@@ -18,7 +18,7 @@ from potboiler.server.security import (
     WebhookPolicy,
     forbidden_reason,
 )
-from potboiler.server.webhook_http import CONNECT_TIMEOUT, READ_TIMEOUT, BlockedTarget
+from potboiler.server.webhook_http import CONNECT_TIMEOUT, READ_TIMEOUT, BlockedTarget, GuardedTransport
 from tests.security.conftest import Answer, Receiver
 
 FORBIDDEN = [
@@ -233,3 +233,49 @@ async def test_the_delivery_client_follows_no_redirects_has_timeouts_and_ignores
         response = await client.post(receiver.url("/in"), content=b"{}")
     assert response.status_code == 302
     assert [r.path for r in receiver.received()] == ["/in"]
+
+
+class Addresses(httpx.AsyncBaseTransport):
+    """An inner transport that fails to connect to some addresses and answers 200 from the others,
+    recording the hosts it was asked to connect to."""
+
+    def __init__(self, dead: dict[str, type[httpx.TransportError]]) -> None:
+        self.dead = dead
+        self.tried: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.tried.append(request.url.host)
+        if (error := self.dead.get(request.url.host)) is not None:
+            raise error("no route", request=request)
+        return httpx.Response(200)
+
+
+@pytest.mark.parametrize("mode", [PolicyMode.ALLOW_ALL, PolicyMode.DENY_PRIVATE])
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout])
+async def test_a_delivery_tries_each_address_in_turn_until_one_connects(
+    mode: PolicyMode, error: type[httpx.TransportError]
+) -> None:
+    """A dual-stack receiver whose first address is unreachable (refused, or silent until the
+    connect timeout) is reached on the next one, by IP, with its name kept for Host."""
+    inner = Addresses({"2001:db8::1": error})
+    policy = WebhookPolicy(
+        mode, resolver=lambda host, port: ["2001:db8::1", "192.0.2.7"], address_check=lambda address: None
+    )
+    transport = GuardedTransport(policy, make_inner=lambda: inner)
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.post("http://dual.example/in", content=b"{}")
+    assert response.status_code == 200
+    assert response.request.headers["host"] == "dual.example"
+    assert inner.tried == ["2001:db8::1", "192.0.2.7"]
+    inner.dead["192.0.2.7"] = error
+    async with httpx.AsyncClient(transport=GuardedTransport(policy, make_inner=lambda: inner)) as client:
+        with pytest.raises(error):  # every address failed: the last one's error
+            await client.post("http://dual.example/in", content=b"{}")
+
+
+async def test_a_scoped_ipv6_address_keeps_its_scope() -> None:
+    inner = Addresses({})
+    policy = WebhookPolicy(resolver=lambda host, port: ["fe80::1%eth0"])
+    async with httpx.AsyncClient(transport=GuardedTransport(policy, make_inner=lambda: inner)) as client:
+        assert (await client.post("http://printer.local/in", content=b"{}")).status_code == 200
+    assert inner.tried == ["fe80::1%eth0"]

@@ -187,3 +187,38 @@ async def test_receivers_whose_names_never_resolve_hold_up_no_other_receiver_nor
         assert all(hooks.state(f"http://{host}:{receiver.port}/hook").position == 0 for host in dead)
     finally:
         released.set()
+
+
+async def test_registrations_whose_names_never_resolve_leave_the_deliveries_lookup_threads(
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under deny-private a registration resolves its host: however many of them hang, they share
+    a few lookup threads, and deliveries to a receiver by name go on."""
+    released = threading.Event()
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, bytes):
+            host = host.decode()
+        if host.endswith(".dead.test"):
+            released.wait(30)
+            raise socket.gaierror("no answer")
+        return system("127.0.0.1" if host == "receiver.test" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, address_check=lambda address: None)
+    hooks = await start(hooks_factory, tmp_path / "db", policy)
+    good = receiver.url("/hook", host="receiver.test")
+    await hooks.webhooks.register(good)
+    registering = [
+        asyncio.ensure_future(hooks.webhooks.register(f"http://h{i}.dead.test/hook")) for i in range(150)
+    ]
+    try:
+        await asyncio.sleep(0.2)
+        await hooks.append(1)
+        await wait_for(lambda: hooks.state(good).position == 1, timeout=10)
+    finally:
+        released.set()
+        for task in registering:
+            task.cancel()
+        await asyncio.gather(*registering, return_exceptions=True)

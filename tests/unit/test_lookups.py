@@ -58,6 +58,8 @@ async def test_addresses_are_not_looked_up() -> None:
 
 
 async def test_lookup_threads_are_their_own() -> None:
-    assert lookups.THREADS >= MAX_WEBHOOKS  # a thread for each host a node's webhooks may name
+    # a thread for each host a node's webhooks may name, and the registrations' own
+    assert lookups.THREADS == lookups.DELIVERY_LOOKUPS + lookups.REGISTRATION_LOOKUPS
+    assert lookups.DELIVERY_LOOKUPS >= MAX_WEBHOOKS
     name = await in_lookup_thread(lambda: threading.current_thread().name)
     assert name.startswith("webhook-dns")
