@@ -83,7 +83,10 @@ class StreamAppender:
         item = _Append(request, asyncio.get_running_loop().create_future(), request.ByteSize())
         self._waiting.append(item)
         self._wake.set()
-        if self._runner is None or self._runner.done():
+        runner = self._runner
+        # A cancelled stream is winding down (it has failed what it held and ends without looking
+        # at the queue again): this append needs a stream of its own.
+        if runner is None or runner.done() or runner.cancelling():
             self._runner = asyncio.create_task(self._run(), name="stream-appender")
         return await item.done
 

@@ -156,3 +156,29 @@ async def test_appends_on_a_closed_channel_fail_at_once(grpc_node_factory: GrpcN
         with pytest.raises(grpc.aio.UsageError):
             await asyncio.wait_for(appender.append({"n": 0}), 5)
     await appender.close()
+
+
+async def test_appends_retried_as_a_cancelled_stream_fails_them_get_a_stream_of_their_own(
+    grpc_node: GrpcNode,
+) -> None:
+    """A caller that appends again as soon as its append fails does so while the cancelled stream
+    is still winding down: the new append opens a new stream instead of waiting for ever."""
+    appender = StreamAppender(grpc_node.channel)
+    failed_once: list[RuntimeError] = []
+
+    async def append_with_one_retry(n: int) -> log_pb2.AppendEntryResponse:
+        try:
+            return await appender.append({"n": n})
+        except RuntimeError as error:
+            failed_once.append(error)
+            return await appender.append({"n": n, "retry": True})
+
+    pending = [asyncio.ensure_future(append_with_one_retry(n)) for n in range(3000)]
+    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    runner = appender._runner
+    assert runner is not None
+    runner.cancel()
+    done, waiting = await asyncio.wait(pending, timeout=20)
+    assert failed_once and not waiting
+    assert all(isinstance(task.result(), log_pb2.AppendEntryResponse) for task in done)
+    await appender.close()
