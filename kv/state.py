@@ -119,6 +119,14 @@ def _table_of_config(name: str, state: JSON) -> TableInfo | None:
 MAX_EXACT_INT = 2**53
 
 
+def _counter_op(op: str, amount: JSON) -> tuple[str, JSON]:
+    """A PN-Counter op with a negative amount as the other op: increment -3 is decrement 3 (a
+    counter's sides only grow, so the event says which)."""
+    if isinstance(amount, int | float) and not isinstance(amount, bool) and amount < 0:
+        return _OPPOSITE[op], -amount
+    return op, amount
+
+
 def _check_exact_counter(table: str, state: JSON | None, op: str, amount: JSON) -> None:
     """Refuse a PN-Counter amount that would take this node's total of its side (increments or
     decrements, all nodes' as seen here) past MAX_EXACT_INT, where numbers stop being exact. (Writers
@@ -259,17 +267,11 @@ class KvState:
             # An element's item as every node reads it from the log, where numbers are doubles: a
             # client's `1.0` names the `1` the state holds (crdts compares items by their JSON).
             change = as_sent(change)
-        elif (
-            op in _OPPOSITE
-            and isinstance(change, int | float)
-            and not isinstance(change, bool)
-            and change < 0
-        ):
-            # Increment -3 is decrement 3: a PN-Counter's sides only grow, so the event says which.
-            op, change = _OPPOSITE[op], -change
         if table == CONFIG_TABLE:
             return self._plan_config(key, op, change)
         info = self._tables.get(table)
+        if (info is None or info.crdt is CrdtType.PNCOUNTER) and op in _OPPOSITE:
+            op, change = _counter_op(op, change)  # after the checks that name the client's op
         if info is None:
             return self._plan_unknown_table(table, key, op, change)
         # An LWW set needs no observed context: its state is not read (see plan_reads_state).

@@ -284,6 +284,8 @@ def node() -> SimNode:
         ("unknown", "k", "fly", 1, "unknown op 'fly'"),
         ("unknown", "k", "add", {"item": 1}, "not known here yet"),
         ("counter", "k", "increment", -(2**64), "too large"),
+        ("mv", "k", "increment", -1, "op 'increment' does not apply"),
+        (CONFIG_TABLE, "t", "increment", -1, "takes only op 'set'"),
     ],
 )
 def test_bad_writes_are_refused(
