@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from google.protobuf.struct_pb2 import Value
 from potboiler.server import webhooks as webhooks_module
 from potboiler.server.appender import Appender
 from potboiler.server.log import Log, NewEntry
+from potboiler.server.lookups import REGISTRATION_LOOKUPS
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
 from potboiler.server.webhooks import MAX_RESPONSE_BYTES, Webhooks, WebhookState
@@ -155,57 +156,62 @@ async def test_a_receiver_that_never_answers_times_out(
         assert hooks.state(url).delivered == 0
 
 
+class HangingDns:
+    """socket.getaddrinfo for tests: names ending in .dead.test hang (until the test ends), as with
+    a DNS server that never answers; receiver.test is 127.0.0.1; anything else as the system says."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.hanging = 0
+        self._lock = threading.Lock()
+        self._system = socket.getaddrinfo
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, bytes):
+            host = host.decode()
+        if host.endswith(".dead.test"):
+            with self._lock:
+                self.hanging += 1
+            self.released.wait(30)
+            raise socket.gaierror("no answer")
+        return self._system("127.0.0.1" if host == "receiver.test" else host, port, *args, **kwargs)
+
+
+@pytest.fixture
+def hanging_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[HangingDns]:
+    dns = HangingDns()
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    try:
+        yield dns
+    finally:
+        dns.released.set()  # the lookup threads end
+
+
 async def test_receivers_whose_names_never_resolve_hold_up_no_other_receiver_nor_the_default_pool(
-    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver, hanging_dns: HangingDns
 ) -> None:
     """Lookups that hang (a DNS server that never answers) keep their threads until the resolver
     gives up; they run in lookup threads of their own, one per host, so a receiver on another
     host, and everything else a node runs in the loop's default threads, go on."""
-    released = threading.Event()
     dead = [f"h{i}.dead.test" for i in range(12)]  # more than the default pool's threads
-    system = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(host, bytes):
-            host = host.decode()
-        if host.endswith(".dead.test"):
-            released.wait(30)
-            raise socket.gaierror("no answer")
-        return system("127.0.0.1" if host == "receiver.test" else host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     hooks = await start(hooks_factory, tmp_path / "db", WebhookPolicy())
-    try:
-        for host in dead:
-            await hooks.webhooks.register(f"http://{host}:{receiver.port}/hook")
-        good = receiver.url("/hook", host="receiver.test")
-        await hooks.webhooks.register(good)
-        await hooks.append(1)
-        await wait_for(lambda: hooks.state(good).position == 1, timeout=10)
-        async with asyncio.timeout(2):
-            await asyncio.to_thread(lambda: None)
-        assert all(hooks.state(f"http://{host}:{receiver.port}/hook").position == 0 for host in dead)
-    finally:
-        released.set()
+    for host in dead:
+        await hooks.webhooks.register(f"http://{host}:{receiver.port}/hook")
+    good = receiver.url("/hook", host="receiver.test")
+    await hooks.webhooks.register(good)
+    await hooks.append(1)
+    await wait_for(lambda: hooks.state(good).position == 1, timeout=10)
+    assert hanging_dns.hanging == len(dead)  # one lookup per dead host, each holding its thread
+    async with asyncio.timeout(2):
+        await asyncio.to_thread(lambda: None)
+    assert all(hooks.state(f"http://{host}:{receiver.port}/hook").position == 0 for host in dead)
 
 
 async def test_registrations_whose_names_never_resolve_leave_the_deliveries_lookup_threads(
-    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hooks_factory: list[Hooks], receiver: Receiver, hanging_dns: HangingDns
 ) -> None:
     """Under deny-private a registration resolves its host: however many of them hang, they share
     a few lookup threads, and deliveries to a receiver by name go on."""
-    released = threading.Event()
-    system = socket.getaddrinfo
-
-    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(host, bytes):
-            host = host.decode()
-        if host.endswith(".dead.test"):
-            released.wait(30)
-            raise socket.gaierror("no answer")
-        return system("127.0.0.1" if host == "receiver.test" else host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, address_check=lambda address: None)
     hooks = await start(hooks_factory, tmp_path / "db", policy)
     good = receiver.url("/hook", host="receiver.test")
@@ -214,11 +220,11 @@ async def test_registrations_whose_names_never_resolve_leave_the_deliveries_look
         asyncio.ensure_future(hooks.webhooks.register(f"http://h{i}.dead.test/hook")) for i in range(150)
     ]
     try:
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: hanging_dns.hanging == REGISTRATION_LOOKUPS, timeout=10)
         await hooks.append(1)
         await wait_for(lambda: hooks.state(good).position == 1, timeout=10)
+        assert hanging_dns.hanging == REGISTRATION_LOOKUPS  # the rest of the registrations wait
     finally:
-        released.set()
         for task in registering:
             task.cancel()
         await asyncio.gather(*registering, return_exceptions=True)

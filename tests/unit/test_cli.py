@@ -115,6 +115,7 @@ def test_status_of_a_node_that_does_not_answer_is_a_one_line_error(
     closed = find_base_port()  # nothing listens there
     assert cli.main(["status", "--url", f"http://127.0.0.1:{closed}"]) == 1
     assert cli.main(["status", "--url", f"127.0.0.1:{closed}"]) == 1
-    assert cli.main(["status", "--url", "https://127.0.0.1:1", "--cacert", str(tmp_path / "none.pem")]) == 1
+    missing = str(tmp_path / "none.pem")
+    assert cli.main(["status", "--url", f"https://127.0.0.1:{closed}", "--cacert", missing]) == 1
     err = capsys.readouterr().err
     assert err.count("potboiler: cannot get the status of") == 3 and "Traceback" not in err, err

@@ -10,6 +10,7 @@ import pytest
 from potboiler.server import lookups
 from potboiler.server.lookups import Lookups, in_lookup_thread
 from potboiler.server.webhooks import MAX_WEBHOOKS
+from tests.conftest import wait_for
 
 
 async def test_callers_share_the_lookup_in_flight_for_a_host() -> None:
@@ -24,7 +25,7 @@ async def test_callers_share_the_lookup_in_flight_for_a_host() -> None:
     resolve = Lookups(resolver).resolve
     waiting = [asyncio.ensure_future(resolve("a.test", 80)) for _ in range(5)]
     other = asyncio.ensure_future(resolve("b.test", 80))
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: len(calls) == 2, 5, "both lookups to start")
     release.set()
     assert await asyncio.gather(*waiting, other) == [["192.0.2.1"]] * 6
     assert sorted(calls) == ["a.test", "b.test"]
@@ -34,14 +35,17 @@ async def test_callers_share_the_lookup_in_flight_for_a_host() -> None:
 async def test_a_caller_giving_up_leaves_the_lookup_to_the_others() -> None:
     release = threading.Event()
 
+    started = threading.Event()
+
     def resolver(host: str, port: int) -> list[str]:
+        started.set()
         release.wait(5)
         raise OSError("no answer")
 
     resolve = Lookups(resolver).resolve
     impatient = asyncio.ensure_future(resolve("a.test", 80))
     patient = asyncio.ensure_future(resolve("a.test", 80))
-    await asyncio.sleep(0.05)
+    await wait_for(started.is_set, 5, "the lookup to start")
     impatient.cancel()
     release.set()
     with pytest.raises(OSError, match="no answer"):
