@@ -189,7 +189,11 @@ class TokenStore:
         self.version: FileVersion | None = None
         for digest, role in entries:
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
-                raise SecurityConfigError(f"{digest!r} is not a SHA-256 hex digest")
+                # Not shown: it may be a token itself, written where its hash belongs.
+                raise SecurityConfigError(
+                    "the first field is not a SHA-256 hex digest (a token itself? store the line "
+                    "`potboiler hash-token` prints for it)"
+                )
             self._entries.append((digest.lower().encode(), role))
 
     @classmethod
@@ -206,8 +210,8 @@ class TokenStore:
             try:
                 role = Role(fields[1].lower())
             except ValueError:
-                raise SecurityConfigError(
-                    f"{source}:{number}: role {fields[1]!r} is not 'read', 'write' or 'admin'"
+                raise SecurityConfigError(  # the field not shown: it may be a secret
+                    f"{source}:{number}: the second field is not a role ('read', 'write' or 'admin')"
                 ) from None
             try:
                 cls([(fields[0], role)])

@@ -88,13 +88,22 @@ def test_every_stored_hash_is_compared_in_constant_time(monkeypatch: pytest.Monk
         ("# only a comment\n", "no tokens"),
         ("abc read\n", "not a SHA-256"),
         (f"{hash_token('x')}\n", "expected"),
-        (f"{hash_token('x')} owner\n", "not 'read', 'write' or 'admin'"),
+        (f"{hash_token('x')} owner\n", "not a role"),
         (f"{'g' * 64} read\n", "not a SHA-256"),
     ],
 )
 def test_a_malformed_tokens_file_is_refused(text: str, error: str) -> None:
     with pytest.raises(SecurityConfigError, match=error):
         TokenStore.parse(text)
+
+
+@pytest.mark.parametrize("line", ["MyPlainSecretToken123 write", "read MyPlainSecretToken123"])
+def test_a_token_written_where_its_hash_belongs_is_not_repeated_in_the_error(line: str) -> None:
+    """The error goes to the node's log and stderr: it names the line, not the secret on it."""
+    with pytest.raises(SecurityConfigError) as info:
+        TokenStore.parse(line + "\n", "tokens")
+    assert "MyPlainSecretToken123" not in str(info.value)
+    assert str(info.value).startswith("tokens:1: ")
 
 
 def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
