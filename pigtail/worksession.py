@@ -3,8 +3,10 @@ heartbeats come in on the same stream and are each answered once they have taken
 in proto/potboiler/v1/pigtail.proto).
 
 Three kinds of task feed one queue of outgoing messages, which the stream's own generator sends: the
-lease, the reader of the worker's messages, and one task per complete or heartbeat being worked on (at
-most MAX_OUTSTANDING: beyond that the reader waits, and gRPC's flow control holds the worker back).
+lease, the reader of the worker's messages, and one task per complete or heartbeat being worked on.
+A complete or heartbeat holds one of MAX_OUTSTANDING slots until its answer is sent: beyond that the
+reader waits, and gRPC's flow control holds the worker back (a worker that reads no answers cannot
+make the node keep more than that many).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ async def work_session(
     try:
         while (item := await session.out.get()) is not _ENDED:
             yield session.sendable(item)
+            session.sent(item)
         # The worker is done: no more tasks, but every complete and heartbeat it sent is answered.
         leasing.cancel()
         while session.answering:
@@ -73,6 +76,11 @@ class _Session:
         self.out: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self.answering: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_OUTSTANDING)
+
+    def sent(self, item: _Outgoing) -> None:
+        """`item` went out: an answer to a complete or heartbeat frees its slot."""
+        if isinstance(item, pigtail_pb2.WorkTasksResponse) and item.WhichOneof("response") != "task":
+            self._slots.release()
 
     @staticmethod
     def sendable(item: _Outgoing) -> pigtail_pb2.WorkTasksResponse:
@@ -137,6 +145,4 @@ class _Session:
         except Exception as error:  # not a request's failure (a bug): ends the stream
             self.out.put_nowait(error)
             return
-        finally:
-            self._slots.release()
-        self.out.put_nowait(answer)
+        self.out.put_nowait(answer)  # its slot is freed once it is sent

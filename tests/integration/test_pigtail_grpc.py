@@ -5,6 +5,8 @@ added on one is claimed on the other; claims made on both sides of a split resol
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.pigtail import worksession
 from potboiler.pigtail.service import create
 from potboiler.server.jsonvalue import JSON, to_value
 from potboiler.server.log import MAX_DEPTH, NewEntry
@@ -462,6 +465,26 @@ async def test_work_stream_answers_each_request_and_failures_do_not_end_it(pigta
     assert refused.code == grpc.StatusCode.ABORTED.value[0]
     assert await stream.code() == grpc.StatusCode.OK
     assert (await n.task(task_id)).state == pb.TASK_STATE_DONE
+
+
+async def test_a_worker_that_reads_no_answers_makes_the_node_keep_only_so_many(
+    pigtail_node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each complete holds a slot until its answer is sent: once MAX_OUTSTANDING wait unsent, the
+    node reads no more of the stream (gRPC's flow control then holds the worker back)."""
+    monkeypatch.setattr(worksession, "MAX_OUTSTANDING", 4)
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    call = n.api.WorkTasks()
+    await call.write(start())
+    # Answered at once (not a task id), and big, so that the stream's flow-control window fills soon.
+    bad = pb.WorkTasksRequest(complete_task_id="x" * 30_000)
+    with contextlib.suppress(TimeoutError):
+        for _ in range(5_000):  # until the node stops taking them in
+            await asyncio.wait_for(asyncio.shield(call.write(bad)), 0.5)
+    sessions = [o for o in gc.get_objects() if type(o) is worksession._Session]
+    assert sessions and all(s.out.qsize() <= 4 for s in sessions)
+    call.cancel()
 
 
 async def test_work_stream_errors(pigtail_node: Factory) -> None:
