@@ -530,6 +530,8 @@ class Replicator:
         #: Which stream feeds this node each owner's log (the others are told to stop forwarding it).
         self.feeders = Feeders(FORWARD_DELAY)
         self._running = False
+        #: Peers being dropped after a removal (see _on_membership).
+        self._dropping: set[asyncio.Task[None]] = set()
         appender.on_commit(self._on_commit)
         membership.on_change(self._on_membership)
 
@@ -542,10 +544,11 @@ class Replicator:
             self._add_peer(url)
 
     async def stop(self) -> None:
-        """Close every stream and stop dialing."""
+        """Close every stream and stop dialing (and wait for peers being dropped already)."""
         self._running = False
         for url in list(self.peers):
             await self._drop_peer(url)
+        await asyncio.gather(*self._dropping)
 
     def counters_for(self, url: str) -> Counters:
         """Traffic counters of one peer URL."""
@@ -559,7 +562,10 @@ class Replicator:
         if added:
             self._add_peer(url)
         else:
-            asyncio.get_running_loop().create_task(self._drop_peer(url))
+            # Kept, so that it is not collected while it runs and stop() can wait for it.
+            dropping = asyncio.get_running_loop().create_task(self._drop_peer(url))
+            self._dropping.add(dropping)
+            dropping.add_done_callback(self._dropping.discard)
         self._broadcast_peers()
 
     def learn_peers(self, urls: Any) -> None:

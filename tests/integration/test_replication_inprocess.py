@@ -336,6 +336,18 @@ async def test_removed_peer_stops_receiving_and_is_removed_both_ways(make_node: 
     assert b.membership.urls() == [a.config.url]
 
 
+async def test_a_node_stopped_just_after_removing_a_peer_has_stopped_replicating_with_it(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await eventually(lambda: stream_count(a) == 1, what="the stream")
+    a.membership.remove(b.config.url)
+    await a.stop()
+    pending = [t for t in asyncio.all_tasks() if "_drop_peer" in repr(t.get_coro())]
+    assert pending == []
+
+
 async def test_one_stream_per_pair_when_both_dial(make_node: NodeFactory) -> None:
     a = await make_node()
     b = await make_node()
