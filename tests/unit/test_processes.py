@@ -71,7 +71,7 @@ def test_a_node_is_up_once_it_has_said_so_since_it_was_started(tmp_path: Path) -
     """Its ports answering could be another process's: the node's own line tells (an earlier run's,
     further up the same log file, does not)."""
     log = tmp_path / "n.log"
-    up = "node 0196a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b: REST http://127.0.0.1:8000\n"
+    up = "node 0196a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b: its ports\n"
     log.write_text("an earlier run\n" + up)
     node = processes.NodeProcess(tmp_path / "n", 8000, log_file=log)
     node._log_start = log.stat().st_size
