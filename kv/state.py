@@ -23,6 +23,7 @@ a restart resumes exactly after the last applied entry: nothing is skipped or ap
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 from collections.abc import Iterator, Sequence
@@ -49,7 +50,7 @@ from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.jsonvalue import as_sent, from_value, to_value
-from potboiler.server.log import MAX_DEPENDENCIES, marked
+from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -371,21 +372,25 @@ class KvState:
         This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
         change is converted to JSON), states are read at most once per batch (and kept across batches
         in a bounded cache), and LWW sets are compared without the generic CRDT machinery and keep
-        their value as the Value it arrived in (an `LwwRecord`)."""
+        their entry, as it was serialized, as the key's state (an `LwwRecord`)."""
         if not batch or batch[-1][0] <= self._position:
             return
         last = batch[-1][0]
-        if blobs is not None:
-            batch = marked(batch, blobs, EVENT_MARK)
+        if blobs is not None and b"".join(blobs).find(EVENT_MARK) < 0:
+            batch, blobs = (), ()  # no KV event (one search in C), but the cursor moves on
         states: dict[bytes, Stored] = {}
         cache = self._cache
         get = self._store.get
         lww_prefixes = self._lww_prefixes
         applied = 0
         floor = self._position
-        for position, entry in batch:
+        # Each entry with its serialized form, when given: an LWW set keeps it as the key's state.
+        pairs = zip(batch, itertools.repeat(None)) if blobs is None else zip(batch, blobs, strict=True)
+        for (position, entry), blob in pairs:
             if position <= floor:
                 continue  # already applied (a subscription resumed from an older cursor)
+            if blob is not None and blob.find(EVENT_MARK) < 0:
+                continue  # not a KV event (see potboiler.server.log.marked), and not read
             # Data that is not a Struct reads as an empty one (without changing the entry).
             event = _event_of_fields(entry.data.struct_value.fields)
             if event is None:
@@ -400,7 +405,7 @@ class KvState:
                 if state is _MISSING:
                     raw = get(skey)
                     state = None if raw is None else decode(raw)
-                new = _lww_set(state, change, entry)
+                new = _lww_set(state, change, entry, blob)
                 if new is not _MISSING:
                     if new is not state:
                         states[skey] = new
@@ -528,31 +533,34 @@ def _context(entry: Entry) -> EventContext:
     return EventContext(entry.id, owner, entry.seq, Stamp(when.wall_ms, when.logical, owner))
 
 
-def _lww_set(state: Stored | None, change: Value, entry: Entry) -> Any:
-    """`crdts.apply` of an LWW set payload, for the common case: the new state (an `LwwRecord`),
-    `state` itself when the event loses (or is a duplicate), or _MISSING when the payload or state is
-    unusual (the caller then takes the generic path, which also reports what is wrong)."""
+def _lww_set(state: Stored | None, change: Value, entry: Entry, blob: bytes | None) -> Any:
+    """`crdts.apply` of an LWW set payload, for the common case: the new state (an `LwwRecord` of the
+    entry, serialized as `blob` if given), `state` itself when the event loses (or is a duplicate), or
+    _MISSING when the payload or state is unusual (the caller then takes the generic path, which also
+    reports what is wrong)."""
     payload = change.struct_value.fields  # empty if the change is not a Struct
-    if len(payload) != 2:
+    if len(payload) != 2 or not ("op" in payload and "value" in payload):
         return _MISSING
-    if not ("op" in payload and "value" in payload):
-        return _MISSING
-    op, new_value = payload["op"], payload["value"]
-    if op.string_value != "set":
+    if payload["op"].string_value != "set":
         return _MISSING
     when = entry.when
-    rank = (when.wall_ms, when.logical, entry.owner, entry.id)
+    wall, logical = when.wall_ms, when.logical
     if isinstance(state, LwwRecord):
-        if state[:4] >= rank:
+        # Stamps seldom tie: only then are owners and ids compared, which reads the state's entry.
+        old_wall, old_logical = state[0], state[1]
+        if old_wall != wall or old_logical != logical:
+            if old_wall > wall or (old_wall == wall and old_logical > logical):
+                return state
+        elif state.rank() >= (wall, logical, entry.owner, entry.id):
             return state
     elif state is not None:
         # JSON states are written by crdts: a stamp [wall, logical, owner] and a tag. Anything else
         # (a damaged store) fails the comparison and goes the generic way, which says what is wrong.
         try:
             old = cast(Any, state)["stamp"]
-            if (old[0], old[1], old[2], cast(Any, state)["tag"]) >= rank:
+            if (old[0], old[1], old[2], cast(Any, state)["tag"]) >= (wall, logical, entry.owner, entry.id):
                 return state
         except (TypeError, KeyError, IndexError):
             return _MISSING
     # tuple.__new__: a NamedTuple's own __new__ is a Python function, a frame per event.
-    return _new_record(LwwRecord, (*rank, new_value.SerializeToString()))
+    return _new_record(LwwRecord, (wall, logical, entry.SerializeToString() if blob is None else blob))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from potboiler.kv.crdts import JSON
 from potboiler.kv.encoding import LwwRecord, decode, encode, to_json
 from potboiler.server.jsonvalue import from_value, to_value
+from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 
 json_values = st.recursive(
     st.none()
@@ -21,22 +24,60 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None)
-@given(
+def lww_entry(value: JSON, wall: int, logical: int, owner: str, tag: str) -> Entry:
+    """A log entry of an LWW set of `value`, as the KV service writes it."""
+    entry = Entry(id=tag, owner=owner, seq=1, when=HlcTimestamp(wall_ms=wall, logical=logical))
+    event: JSON = {
+        "table": "t",
+        "key": "k",
+        "crdt": "LWW",
+        "op": "set",
+        "change": {"op": "set", "value": value},
+    }
+    entry.data.CopyFrom(to_value(event))
+    return entry
+
+
+records = st.tuples(
     json_values,
     st.integers(0, 2**64 - 1),
     st.integers(0, 2**32 - 1),
     st.text(max_size=40),
     st.text(max_size=40),
 )
-def test_an_lww_record_round_trips_to_the_json_state(
-    value: JSON, wall: int, logical: int, owner: str, tag: str
-) -> None:
-    record = LwwRecord(wall, logical, owner, tag, to_value(value).SerializeToString())
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(records)
+def test_an_lww_record_round_trips_to_the_json_state(record_of: tuple[JSON, int, int, str, str]) -> None:
+    value, wall, logical, owner, tag = record_of
+    record = LwwRecord(wall, logical, lww_entry(value, wall, logical, owner, tag).SerializeToString())
     assert decode(encode(record)) == record
     stamp: list[JSON] = [wall, logical, owner]
     assert to_json(record) == {"value": from_value(to_value(value)), "stamp": stamp, "tag": tag}
     assert record.message() == to_value(value)
+    assert record.rank() == (wall, logical, owner, tag)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(records)
+def test_records_of_the_earlier_form_read_back_the_same(record_of: tuple[JSON, int, int, str, str]) -> None:
+    """Stores written before records kept their entry hold (marker 1, wall_ms, logical, owner and tag
+    lengths) + owner + tag + the value serialized; they read as the same state, and are written
+    afresh in the current form."""
+    value, wall, logical, owner, tag = record_of
+    o, t = owner.encode(), tag.encode()
+    old = (
+        struct.pack(">BQQHH", 1, wall, logical, len(o), len(t)) + o + t + to_value(value).SerializeToString()
+    )
+    record = decode(old)
+    assert isinstance(record, LwwRecord)
+    stamp: list[JSON] = [wall, logical, owner]
+    assert to_json(record) == {"value": from_value(to_value(value)), "stamp": stamp, "tag": tag}
+    assert record.message() == to_value(value)
+    assert record.rank() == (wall, logical, owner, tag)
+    assert encode(record)[:1] == b"\x02"
+    assert decode(encode(record)) == record
 
 
 def test_json_states_are_stored_as_json() -> None:

@@ -663,8 +663,12 @@ lww_events = st.lists(
 
 
 @PROPERTY
-@given(lww_events)
-def test_lww_fast_path_is_crdts_apply(events: list[tuple[int, int, str, str, int, bool]]) -> None:
+@given(lww_events, st.booleans())
+def test_lww_fast_path_is_crdts_apply(
+    events: list[tuple[int, int, str, str, int, bool]], serialized: bool
+) -> None:
+    """Also with each entry's serialized form given (kept as the record's entry) or not (serialized
+    by the fast path)."""
     node = SimNode()
     node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
     expected: JSON | None = None
@@ -683,9 +687,9 @@ def test_lww_fast_path_is_crdts_apply(events: list[tuple[int, int, str, str, int
         expected = apply(CrdtType.LWW, expected, {"op": "set", "value": value}, ctx)
         batch.append((i + 2, entry))
         if cut:
-            node.state.apply_batch(batch)
+            node.state.apply_batch(batch, [e.SerializeToString() for _, e in batch] if serialized else None)
             batch = []
-    node.state.apply_batch(batch)
+    node.state.apply_batch(batch, [e.SerializeToString() for _, e in batch] if serialized else None)
     raw = node.store.get(state_key(CrdtType.LWW, "t", "k"))
     assert (None if raw is None else to_json(decode(raw))) == expected
 
@@ -876,6 +880,20 @@ def test_applying_with_the_serialized_entries_skips_only_other_entries(seed: int
         node.receive(entries, rng.randint(1, 50))
     assert serialized.view() == plain.view() == writer.view()
     assert dict(serialized.store.scan(b"", b"\xff")) == dict(plain.store.scan(b"", b"\xff"))
+
+
+def test_a_batch_without_kv_events_moves_the_cursor_on() -> None:
+    """A batch of other entries only, given serialized (skipped at once, unread), is applied like
+    any other: the cursor passes it, and the events after it apply."""
+    node = SimNode()
+    node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
+    plain = [(position, make_entry("o", position, {"kind": "bench"}, position)) for position in (2, 3)]
+    node.state.apply_batch(plain, [e.SerializeToString() for _, e in plain])
+    assert node.state.position == 3
+    event = (4, make_entry("o", 4, lww_set_event("t", "k", "v"), 4))
+    node.state.apply_batch([event], [event[1].SerializeToString()])
+    assert node.state.position == 4
+    assert node.state.get("t", "k") == (CrdtType.LWW, "v")
 
 
 def test_a_write_over_many_concurrent_values_depends_on_each_owners_newest() -> None:
