@@ -398,10 +398,15 @@ class Log:
         self._own_floor = 0
         #: What `own_blocked` found, until the next change of the log.
         self._blocked: Blocked | None = None
-        own = self._heads.get(raw_id)
-        if own:
-            stamp = self._load_at(raw_id + _U64.pack(own[0])).when
-            self.clock.observe(Stamp(stamp.wall_ms, stamp.logical))
+        # Later stamps exceed every stamp held, as they did before the restart: each owner's newest
+        # entry holds its highest (an owner's stamps grow along its chain).
+        for owner, (seq, _) in self._heads.items():
+            when = self._load_at(owner + _U64.pack(seq)).when
+            stamp = Stamp(when.wall_ms, when.logical)
+            if owner == raw_id:
+                self.clock.observe(stamp)
+            else:
+                self.clock.observe_remote(stamp)
 
     # -- reads -------------------------------------------------------------------------------
 

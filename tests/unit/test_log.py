@@ -239,6 +239,26 @@ def test_restart_keeps_identity_heads_pending_and_clock(store: MemoryStore) -> N
     assert (b.when.wall_ms, b.when.logical) > (a.when.wall_ms, a.when.logical)
 
 
+def test_after_a_restart_new_stamps_exceed_those_received_from_peers(store: MemoryStore) -> None:
+    """The clock takes in again every owner's newest stamp held, as it did when they arrived: a
+    write after the restart still wins over a peer's write this node has seen (LWW decides by
+    stamp), also when the peer's clock runs ahead; beyond the drift bound, only up to it."""
+    ahead = 5 + MAX_DRIFT_MS // 2
+    origin = Log(MemoryStore(), HybridClock(lambda: ahead))
+    [remote] = commit_local(origin, origin._store, [NewEntry(value("theirs"))])
+    log = Log(store, HybridClock(lambda: 5))
+    commit_local(log, store, [NewEntry(value("mine, before"))])
+    commit_remote(log, store, [remote])
+    again = Log(store, HybridClock(lambda: 5))
+    [mine] = commit_local(again, store, [NewEntry(value("mine, after"))])
+    assert (mine.when.wall_ms, mine.when.logical) > (remote.when.wall_ms, remote.when.logical)
+    far = Log(MemoryStore(), HybridClock(lambda: 10 * MAX_DRIFT_MS))
+    [beyond] = commit_local(far, far._store, [NewEntry(value("far ahead"))])
+    commit_remote(again, store, [beyond])
+    restarted = Log(store, HybridClock(lambda: 5))
+    assert restarted.clock.now().wall_ms == 5 + MAX_DRIFT_MS
+
+
 def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
     [a, b] = commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))])
