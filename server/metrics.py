@@ -6,10 +6,15 @@ replicator, webhooks, store) when Prometheus scrapes.
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -105,6 +110,61 @@ class NodeCollector(Collector):
         yield from (delivered, failed)
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """`/metrics` for GET and HEAD (as every port of a node takes HEAD wherever it takes GET); a JSON
+    error, as on the node's other ports, for any other path or method."""
+
+    protocol_version = "HTTP/1.1"
+    server: _HttpServer
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def _not_allowed(self) -> None:
+        self._send(405, *_error(12, f"{self.command} is not allowed here: /metrics takes GET or HEAD"), True)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
+
+    def _answer(self, send_body: bool) -> None:
+        path = urlsplit(self.path).path
+        if path.rstrip("/") != "/metrics":
+            self._send(404, *_error(5, f"No such path: {path} (metrics are at /metrics)"), send_body)
+            return
+        self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry), send_body)
+
+    def _send(self, status: int, content_type: str, body: bytes, send_body: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if status == 405:
+            self.send_header("Allow", "GET, HEAD")
+            # Its body, if any, is not read: the connection cannot carry another request.
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+def _error(code: int, message: str) -> tuple[str, bytes]:
+    return "application/json", json.dumps({"code": code, "message": message}).encode()
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.registry = registry
+        super().__init__((host, port), _Handler)
+
+
 class MetricsServer:
     """The node's metrics over HTTP on host:port, in a background thread."""
 
@@ -112,9 +172,17 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(NodeCollector(node))
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._httpd = _HttpServer(host, port, registry)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (metrics): {exc.strerror}") from None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        port: int = self._httpd.server_address[1]
+        return port
 
     def stop(self) -> None:
         """Stop serving and free the port."""

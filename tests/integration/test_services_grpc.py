@@ -6,12 +6,13 @@ import uuid
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.metrics import NodeCollector
+from potboiler.server.metrics import MetricsServer, NodeCollector
 from potboiler.server.urls import MAX_URL_LENGTH
 from potboiler.server.webhooks import MAX_WEBHOOKS
 from potboiler.v1 import core_rest_pb2, log_pb2, nodes_pb2, webhooks_pb2
@@ -88,6 +89,31 @@ async def test_webhook_metrics_show_no_password_and_one_series_per_label(grpc_no
     families = {f.name: f for f in NodeCollector(grpc_node.node).collect()}
     for name in ("potboiler_webhook_deliveries", "potboiler_webhook_failures"):
         assert [s.labels for s in families[name].samples] == [{"url": "http://user:***@127.0.0.1:9/hook"}]
+
+
+async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_node: GrpcNode) -> None:
+    server = MetricsServer(grpc_node.node, "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            get = await client.get("/metrics")
+            assert get.status_code == 200
+            assert get.headers["content-type"].startswith("text/plain")
+            assert "potboiler_appends_total" in get.text
+            head = await client.head("/metrics")
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["content-type"] == get.headers["content-type"]
+            for method in ("GET", "HEAD"):
+                missing = await client.request(method, "/nope")
+                assert missing.status_code == 404
+            assert (await client.get("/nope")).json()["code"] == 5
+            post = await client.post("/metrics", content=b"x")
+            assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+            assert post.json() == {
+                "code": 12,
+                "message": "POST is not allowed here: /metrics takes GET or HEAD",
+            }
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("url", BAD_URLS)
