@@ -532,6 +532,8 @@ class Replicator:
         self._running = False
         #: Peers being dropped after a removal (see _on_membership).
         self._dropping: set[asyncio.Task[None]] = set()
+        #: Peer lists being sent (see _broadcast_peers).
+        self._broadcasts: set[asyncio.Task[None]] = set()
         appender.on_commit(self._on_commit)
         membership.on_change(self._on_membership)
 
@@ -549,6 +551,9 @@ class Replicator:
         for url in list(self.peers):
             await self._drop_peer(url)
         await asyncio.gather(*self._dropping)
+        for task in self._broadcasts:
+            task.cancel()
+        await asyncio.gather(*self._broadcasts, return_exceptions=True)
 
     def counters_for(self, url: str) -> Counters:
         """Traffic counters of one peer URL."""
@@ -580,12 +585,18 @@ class Replicator:
         urls = self.membership.urls()
         for peer in self.peers.values():
             for session in peer.sessions:
-                asyncio.get_running_loop().create_task(self._send_quietly(session, urls))
+                task = asyncio.get_running_loop().create_task(self._send_quietly(session, urls))
+                self._broadcasts.add(task)
+                task.add_done_callback(self._broadcasts.discard)
 
     @staticmethod
     async def _send_quietly(session: Session, urls: list[str]) -> None:
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError):
+        """Send a peer list on a stream, which may be ending: its own loops see that and report it
+        (a failed write raises whatever grpc's layers do, not only RpcError)."""
+        try:
             await session.send(peers=replication_pb2.PeerList(urls=urls))
+        except Exception as exc:
+            log.debug("peer list not sent to %s: %r", session.peer_url, exc)
 
     def _add_peer(self, url: str) -> None:
         if url in self.peers:

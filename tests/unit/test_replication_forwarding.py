@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 
 from potboiler.server.arrivals import Arrivals
-from potboiler.server.replication import ELSEWHERE_FACTOR, FORWARD_DELAY, MAX_BATCH, WINDOW, Session
+from potboiler.server.replication import (
+    ELSEWHERE_FACTOR,
+    FORWARD_DELAY,
+    MAX_BATCH,
+    WINDOW,
+    Replicator,
+    Session,
+)
 from potboiler.v1 import replication_pb2
 
 ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a third node
@@ -197,3 +204,19 @@ def test_a_deferred_session_leaves_a_backlog_to_the_stream_feeding_it() -> None:
     # That stream stopped: a probe batch, not the rest of the backlog.
     late = 1.0 + ELSEWHERE_FACTOR * FORWARD_DELAY
     assert s.send_limit(OWNER, 10 * MAX_BATCH, late) == (3 * MAX_BATCH, True)
+
+
+async def test_a_peer_list_a_stream_cannot_take_is_dropped_without_an_unretrieved_error() -> None:
+    """grpc raises its own errors (ExecuteBatchError, not an RpcError) on a write to a stream that
+    is ending; the stream's own loops report that, and the peer list is simply not sent."""
+
+    class GrpcInternalError(Exception):
+        pass
+
+    class Ending:
+        peer_url = "http://peer"
+
+        async def send(self, **kwargs: Any) -> None:
+            raise GrpcInternalError('Failed "execute_batch"')
+
+    await Replicator._send_quietly(Ending(), ["http://a"])  # type: ignore[arg-type]
