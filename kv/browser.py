@@ -38,8 +38,8 @@ _TYPE_HELP = {
 
 
 def show_json(value: JSON) -> str:
-    """A value as the JSON text shown on the pages."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """A value as the JSON text shown on the pages: with its object keys sorted, as REST answers it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 def _json_cell(value: JSON, css: str = "value") -> str:

@@ -92,6 +92,9 @@ def test_values_of_each_type_are_shown_as_the_rest_api_answers_them() -> None:
     page = browser.table_page("t", CrdtType.LWW, lww, after="", next_after=None)
     assert cells(page, "value") == [{"x": [1, 2.5, None]}, "text"]
     assert '{"x":[1,2.5,null]}' in " ".join(parse(page).text)
+    written_as: JSON = {"name": "Alice", "age": 30}  # keys in the order a client may have sent them
+    page = browser.table_page("users", CrdtType.LWW, [("alice", written_as)], after="", next_after=None)
+    assert '{"age":30,"name":"Alice"}' in " ".join(parse(page).text)  # sorted, as REST answers
 
     elements: JSON = [
         {"item": 1, "key": "e", "metadata": {"m": True}},
