@@ -29,7 +29,7 @@ from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.errors import InvalidArgument, TooDeep
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import MAX_DEPTH, DeliveredBatch
-from potboiler.server.logclient import Linger, apply_forever
+from potboiler.server.logclient import Linger, apply_forever, discard_if_ahead
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
@@ -61,6 +61,8 @@ class KvService:
         self._context = context
         self._store = store if store is not None else RocksStore(context.data_dir)
         self.state = KvState(self._store, sync=context.fsync)
+        if discard_if_ahead(context.log, self.state.position, self._store, "KV"):
+            self.state = KvState(self._store, sync=context.fsync)
         self._task: asyncio.Task[None] | None = None
         #: Readers waiting for this node's own entries to be applied, by the entry's seq.
         self._waiters: dict[int, asyncio.Future[None]] = {}

@@ -62,7 +62,7 @@ from potboiler.pigtail.state import Applied, PigtailState
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooDeep, Unavailable
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import MAX_DEPTH, DeliveredBatch
-from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever
+from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever, discard_if_ahead
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -117,6 +117,8 @@ class Pigtail:
         self._clock = clock
         self._sync = sync
         self.state = PigtailState(store)
+        if discard_if_ahead(log_client, self.state.cursor, store, "Pigtail"):
+            self.state = PigtailState(store)
         self._scheduler = Scheduler()
         now = self.now_ms()
         for name in self.state.queue_names():

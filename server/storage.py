@@ -56,6 +56,15 @@ def prefix_end(prefix: bytes) -> bytes:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+def clear(store: Store, chunk: int = 10_000) -> None:
+    """Delete every key of `store` (each below b"\\xff", as all keys of the stores here are), a
+    chunk of keys per write."""
+    start = b""
+    while keys := [key for key, _ in store.scan(start, b"\xff", limit=chunk)]:
+        store.write([(key, None) for key in keys])
+        start = keys[-1] + b"\x00"
+
+
 _KEY = operator.itemgetter(0)
 
 

@@ -82,3 +82,31 @@ async def test_reads_after_a_restart_show_the_writes_answered_before_it(
         assert state.get("t", "k")[1] == 1
     finally:
         await again.stop()
+
+
+async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log lost entries the KV state had applied (a power cut without --fsync): on start, the
+    state is rebuilt from the log as it is, not resumed past entries that will take those positions."""
+    log = FakeLog(HybridClock())
+    store = MemoryStore()
+    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    await first.start()
+    await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
+    await first.write(first.state.plan_write("t", "lost", "set", 1))
+    await asyncio.wait_for(first.current(), WAIT)
+    assert first.state.position == 2
+    assert first._task is not None
+    first._task.cancel()  # the node stops (its store stays as it was)
+    del log.entries[1:]  # the log comes back without the second write
+    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    assert "rebuilding the KV state from the log" in caplog.text
+    await again.start()
+    try:
+        await again.write(again.state.plan_write("t", "kept", "set", 2))  # takes position 2
+        state = await asyncio.wait_for(again.current(), WAIT)
+        assert state.position == 2
+        assert state.keys("t") == ["kept"]
+    finally:
+        await again.stop()

@@ -527,3 +527,21 @@ async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None
     assert h.pigtail.get_task("q", first)["state"] == "done"
     assert h.pigtail.get_task("q", second)["state"] == "pending"
     assert not [t for t in asyncio.all_tasks() if "lease" in t.get_name() and not t.done()]
+
+
+async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log lost entries the state had applied (a power cut without --fsync): on start, the
+    state is rebuilt from the log as it is, not resumed past entries that will take those positions."""
+    await h.pigtail.create_queue("q", 1000)
+    lost = await h.add()
+    await wait_for(lambda: h.pigtail.state.cursor == 2)
+    del h.log.entries[1:]  # the task's add is gone from the log
+    await h.restart()
+    await wait_for(lambda: h.pigtail.state.cursor == 1)
+    assert "rebuilding the Pigtail state from the log" in caplog.text
+    with pytest.raises(NotFound):
+        h.pigtail.get_task("q", lost)
+    kept = await h.add()  # takes position 2
+    assert h.pigtail.get_task("q", kept)["state"] == "pending"

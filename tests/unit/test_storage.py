@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from potboiler.server.storage import MemoryStore, RocksStore, Store, prefix_end
+from potboiler.server.storage import MemoryStore, RocksStore, Store, clear, prefix_end
 
 
 @pytest.fixture(params=["memory", "rocksdb"])
@@ -29,6 +29,14 @@ def test_batch_puts_and_deletes(store: Store) -> None:
     assert store.get(b"a") == b"9"
     assert store.get(b"b") is None
     assert list(store.scan(b"", b"\xff")) == [(b"a", b"9"), (b"c", b"3")]
+
+
+def test_clear_deletes_every_key_a_chunk_at_a_time(store: Store) -> None:
+    store.write([(bytes([c]) + bytes([i]), b"v") for c in b"acsz" for i in range(10)])
+    clear(store, chunk=3)
+    assert list(store.scan(b"", b"\xff")) == []
+    store.write([(b"k", b"after")])
+    assert store.get(b"k") == b"after"
 
 
 def test_writes_of_one_key_in_a_batch_apply_in_their_order(store: Store) -> None:
