@@ -134,6 +134,8 @@ class Pigtail:
         self._queue_watchers: dict[str, set[asyncio.Future[None]]] = {}
         self._reserved: dict[str, set[str]] = {}
         self._applier: asyncio.Task[None] | None = None
+        #: The newest synced store write (it runs in a thread, which a cancellation does not stop).
+        self._writing: asyncio.Future[None] | None = None
         self._linger = Linger(APPLY_LINGER_S)
 
     # -- life --------------------------------------------------------------------------------------
@@ -149,6 +151,8 @@ class Pigtail:
             applier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await applier
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
         for future in self._waiters.values():
             if not future.done():
                 future.set_exception(Unavailable("the node is stopping"))
@@ -191,7 +195,11 @@ class Pigtail:
     async def _write(self, applied: Applied) -> None:
         """Store a planned batch, then make it the current state and wake who waits for it."""
         if self._sync:
-            await asyncio.to_thread(self._store.write, applied.writes, sync=True)
+            # Shielded and kept: a stop meanwhile waits for the thread's write before the store closes.
+            self._writing = asyncio.ensure_future(
+                asyncio.to_thread(self._store.write, applied.writes, sync=True)
+            )
+            await asyncio.shield(self._writing)
         else:
             self._store.write(applied.writes)
         before = {name: self.state.queue(name) for name in applied.queues}
