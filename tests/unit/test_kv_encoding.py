@@ -8,8 +8,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from potboiler.kv.crdts import JSON
+from potboiler.kv.crdts import JSON, CrdtType
 from potboiler.kv.encoding import LwwRecord, decode, encode, to_json
+from potboiler.kv.events import KvEvent
 from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 
@@ -27,13 +28,7 @@ json_values = st.recursive(
 def lww_entry(value: JSON, wall: int, logical: int, owner: str, tag: str) -> Entry:
     """A log entry of an LWW set of `value`, as the KV service writes it."""
     entry = Entry(id=tag, owner=owner, seq=1, when=HlcTimestamp(wall_ms=wall, logical=logical))
-    event: JSON = {
-        "table": "t",
-        "key": "k",
-        "crdt": "LWW",
-        "op": "set",
-        "change": {"op": "set", "value": value},
-    }
+    event = KvEvent("t", "k", CrdtType.LWW, "set", {"op": "set", "value": value}).to_json()
     entry.data.CopyFrom(to_value(event))
     return entry
 
