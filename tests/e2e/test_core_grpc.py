@@ -10,8 +10,10 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
@@ -235,3 +237,32 @@ async def test_envoy_and_direct_see_the_same_log(node: NodeProcess) -> None:
         )
         entry = (await log_pb2_grpc.LogServiceStub(direct).GetEntry(log_pb2.GetEntryRequest(id=ack.id))).entry
         assert entry.data.string_value == "through envoy"
+
+
+async def test_a_thousand_open_subscriptions_leave_rest_working(node: NodeProcess) -> None:
+    """Open streams through Envoy count against its limit of requests at a time to the node (1,024
+    by default), past which every REST call would get 503."""
+    streams = 1030
+    async with grpc.aio.insecure_channel(core_target(node)) as channel:
+        log = log_pb2_grpc.LogServiceStub(channel)
+        await log.AppendEntry(log_pb2.AppendEntryRequest(data=value("for every stream to read")))
+        calls = [
+            log.SubscribeEntries(log_pb2.SubscribeEntriesRequest(after_position=0)) for _ in range(streams)
+        ]
+        opened = 0
+
+        async def first(call: Any) -> None:
+            nonlocal opened
+            await call.read()
+            opened += 1
+
+        readers = [asyncio.create_task(first(call)) for call in calls]
+        try:
+            await wait_for(lambda: opened >= 1000, timeout=60, message="a thousand streams open")
+            async with httpx.AsyncClient(base_url=f"http://{core_target(node)}") as rest:
+                response = await rest.get("/log/first")
+            assert response.status_code == 200, response.text
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
