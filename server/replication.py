@@ -556,7 +556,10 @@ class Replicator:
         await asyncio.gather(*self._broadcasts, return_exceptions=True)
 
     def counters_for(self, url: str) -> Counters:
-        """Traffic counters of one peer URL."""
+        """Traffic counters of one peer URL: kept (and shown in metrics) while it is a peer, so that
+        a URL dropped as an alias, or a stream's before its hello, leaves no series behind."""
+        if url not in self.peers:
+            return Counters()
         return self.counters.setdefault(url, Counters())
 
     # -- membership ---------------------------------------------------------------------
@@ -615,6 +618,7 @@ class Replicator:
                 await peer.task
         for session in list(peer.sessions):
             session.closed.set()
+        self.counters.pop(url, None)
         log.info("stopped replicating with %s", url)
 
     # -- the streams --------------------------------------------------------------------

@@ -604,6 +604,9 @@ async def test_a_url_that_names_this_node_is_dropped(make_node: NodeFactory) -> 
     assert a.membership.is_removed(alias)
     assert not a.membership.learn(alias)  # gossip does not bring it back
     await eventually(lambda: not a.replicator.peers, what="no dialing")
+    assert (
+        a.replicator.counters == {}
+    )  # no metrics series for the alias, nor for a stream's URL before its hello
 
 
 async def test_a_peer_added_under_a_second_url_stays_one_peer(make_node: NodeFactory) -> None:
@@ -621,9 +624,11 @@ async def test_a_peer_added_under_a_second_url_stays_one_peer(make_node: NodeFac
     await eventually(lambda: converged(a, b) and b.log.total() == 2, what="convergence")
     await eventually(lambda: stream_count(a) == stream_count(b) == 1, what="one stream per pair")
     await eventually(lambda: alias not in b.membership.urls(), what="b dropping the alias of itself")
+    assert set(a.replicator.counters) == {b.config.url} and set(b.replicator.counters) == {a.config.url}
     a.membership.remove(b.config.url)  # DELETE /nodes b on a stops replication both ways
     await eventually(lambda: b.membership.urls() == [] and not b.replicator.peers, what="b removing a")
     assert a.membership.urls() == [] and not a.replicator.peers
+    assert a.replicator.counters == b.replicator.counters == {}  # the removed peer's series end
 
 
 async def test_a_stream_from_a_peer_known_under_another_url_joins_its_peer(make_node: NodeFactory) -> None:
