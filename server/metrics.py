@@ -6,6 +6,7 @@ replicator, webhooks, store) when Prometheus scrapes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -110,11 +111,18 @@ class NodeCollector(Collector):
         yield from (delivered, failed)
 
 
+#: Longest a scrape waits for the node's event loop.
+SCRAPE_TIMEOUT = 10.0
+
+
 class _Handler(BaseHTTPRequestHandler):
     """`/metrics` for GET and HEAD (as every port of a node takes HEAD wherever it takes GET); a JSON
     error, as on the node's other ports, for any other path or method."""
 
     protocol_version = "HTTP/1.1"
+    #: Seconds a connection may take to send a request: a client that sends nothing does not hold
+    #: a thread for ever.
+    timeout = 10
     server: _HttpServer
 
     def do_GET(self) -> None:
@@ -133,7 +141,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path.rstrip("/") != "/metrics":
             self._send(404, *_error(5, f"No such path: {path} (metrics are at /metrics)"), send_body)
             return
-        self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry), send_body)
+        try:
+            body = self.server.scrape()
+        except TimeoutError:
+            self._send(503, *_error(14, "the node did not answer the scrape in time"), send_body)
+            return
+        self._send(200, CONTENT_TYPE_LATEST, body, send_body)
 
     def _send(self, status: int, content_type: str, body: bytes, send_body: bool) -> None:
         self.send_response(status)
@@ -158,11 +171,24 @@ def _error(code: int, message: str) -> tuple[str, bytes]:
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.registry = registry
+        self._registry = registry
+        self._loop = loop
         super().__init__((host, port), _Handler)
+
+    def scrape(self) -> bytes:
+        """The metrics, read on the node's event loop (whose state they read, and which changes it
+        meanwhile only between its steps); TimeoutError if the loop does not get to it in time."""
+
+        async def collect() -> bytes:
+            return generate_latest(self._registry)
+
+        return asyncio.run_coroutine_threadsafe(collect(), self._loop).result(SCRAPE_TIMEOUT)
 
 
 class MetricsServer:
@@ -172,7 +198,7 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(NodeCollector(node))
         try:
-            self._httpd = _HttpServer(host, port, registry)
+            self._httpd = _HttpServer(host, port, registry, asyncio.get_running_loop())
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (metrics): {exc.strerror}") from None
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server import metrics
 from potboiler.server.metrics import MetricsServer, NodeCollector
 from potboiler.server.urls import MAX_URL_LENGTH
 from potboiler.server.webhooks import MAX_WEBHOOKS
@@ -112,6 +114,20 @@ async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_
                 "code": 12,
                 "message": "POST is not allowed here: /metrics takes GET or HEAD",
             }
+    finally:
+        server.stop()
+
+
+async def test_a_metrics_client_that_sends_nothing_is_let_go(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics._Handler, "timeout", 0.2)
+    server = MetricsServer(grpc_node.node, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the rest of the request
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed the connection
+        writer.close()
     finally:
         server.stop()
 
