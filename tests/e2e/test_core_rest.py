@@ -4,6 +4,7 @@ shape, and the errors (all JSON with a message)."""
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
@@ -552,3 +553,17 @@ def test_node_log_has_no_tracebacks(shared_node: NodeProcess, http: httpx.Client
     # After all the bad requests above (when run in one process), the node is healthy.
     assert http.get("/log").status_code == 200
     assert "Traceback" not in Path(shared_node.log_file).read_text(errors="replace")
+
+
+def test_http_1_0_clients_are_served(shared_node: NodeProcess, http: httpx.Client) -> None:
+    """ApacheBench and `curl --http1.0` speak HTTP/1.0, with or without a Host header."""
+    entry_id = append(http, {"via": "HTTP/1.1"})
+    for host in (f"Host: 127.0.0.1:{shared_node.ports.core}\r\n", ""):
+        with socket.create_connection(("127.0.0.1", shared_node.ports.core), timeout=30) as sock:
+            sock.sendall(f"GET /log/{entry_id} HTTP/1.0\r\n{host}\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):  # an HTTP/1.0 answer ends with the connection
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200"), head
+        assert json.loads(body)["data"] == {"via": "HTTP/1.1"}
