@@ -119,6 +119,22 @@ def _value_cell(crdt: CrdtType, value: JSON) -> str:
     return _json_cell(value)
 
 
+def page_of(
+    items: Iterable[tuple[str, JSON]], max_keys: int, max_bytes: int
+) -> tuple[list[tuple[str, JSON]], bool]:
+    """The first rows of `items` for one table page: at most `max_keys`, and only as many as keep
+    their values' JSON within `max_bytes` (but at least one); and whether more are left. A page
+    shows each value more than once, so its size follows its values'."""
+    rows: list[tuple[str, JSON]] = []
+    size = 0
+    for key, value in items:
+        size += len(key) + len(show_json(value))
+        if len(rows) == max_keys or (rows and size > max_bytes):
+            return rows, True
+        rows.append((key, value))
+    return rows, False
+
+
 def table_page(
     table: str, crdt: CrdtType, rows: Sequence[tuple[str, JSON]], *, after: str, next_after: str | None
 ) -> bytes:

@@ -37,8 +37,10 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 #: Most keys of one ListKeys page (and its default).
 MAX_PAGE_KEYS = 10_000
-#: Keys shown on one page of the browser.
+#: Keys shown on one page of the browser, and the most bytes of their values' JSON (a page of
+#: 1 MiB values would otherwise take hundreds of MiB to build, and more than gRPC may send).
 BROWSER_PAGE_KEYS = 500
+BROWSER_PAGE_BYTES = 4 << 20
 HTML = "text/html; charset=utf-8"
 
 
@@ -183,13 +185,11 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
             info = state.table(table)
             if after:
                 check_name(after, "key")
-            rows = list(state.items(table, after, BROWSER_PAGE_KEYS + 1))
+            rows, more = browser.page_of(state.items(table, after), BROWSER_PAGE_KEYS, BROWSER_PAGE_BYTES)
         except (NotFound, InvalidArgument) as error:
             status = 404 if isinstance(error, NotFound) else 400
             rest.http_status(context, status)
             return HttpBody(content_type=HTML, data=browser.error_page(status, str(error)))
-        more = len(rows) > BROWSER_PAGE_KEYS
-        rows = rows[:BROWSER_PAGE_KEYS]
         page = browser.table_page(
             table, info.crdt, rows, after=after, next_after=rows[-1][0] if more else None
         )

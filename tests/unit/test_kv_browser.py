@@ -120,3 +120,13 @@ def test_table_page_pages() -> None:
     assert "/tables/t?after=a" in links and "/" in links
     empty = browser.table_page("t", CrdtType.LWW, [], after="z", next_after=None)
     assert re.search(r"No keys\s+after", " ".join(parse(empty).text))
+
+
+def test_a_page_holds_as_many_keys_as_fit_its_byte_budget() -> None:
+    rows: list[tuple[str, JSON]] = [(f"k{i}", "x" * 1000) for i in range(5)]
+    assert browser.page_of(iter(rows), 500, 2500) == (rows[:2], True)
+    assert browser.page_of(iter(rows), 3, 1 << 20) == (rows[:3], True)
+    assert browser.page_of(iter(rows), 5, 1 << 20) == (rows, False)
+    huge: list[tuple[str, JSON]] = [("big", "x" * 5000), ("next", 1)]
+    assert browser.page_of(iter(huge), 500, 2500) == (huge[:1], True)  # at least one key a page
+    assert browser.page_of(iter([]), 500, 2500) == ([], False)
