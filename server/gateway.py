@@ -204,6 +204,21 @@ def error_code_mappers() -> list[dict[str, Any]]:
     return mappers
 
 
+#: The route answering gRPC calls on the REST ports but B: 404, which a gRPC client reads as
+#: UNIMPLEMENTED (REST requests, transcoded, carry x-envoy-original-path and are not matched).
+_GRPC_REFUSAL = {
+    "match": {
+        "prefix": "/",
+        "grpc": {},
+        "headers": [{"name": "x-envoy-original-path", "present_match": True, "invert_match": True}],
+    },
+    "direct_response": {
+        "status": 404,
+        "body": {"inline_string": "gRPC is served on the core REST port (B) and the direct gRPC port (B+10)"},
+    },
+}
+
+
 def render(
     host: str,
     ports: Ports,
@@ -244,6 +259,9 @@ def render(
             ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(
                 f"- {json.dumps(m)}" for m in error_code_mappers()
             ),
+            GRPC_REFUSAL="# (none: gRPC is served here)"
+            if name == "core"
+            else f"- {json.dumps(_GRPC_REFUSAL)}",
             LUA_JSON_BODY=_lua("responses.lua", "request_json.lua"),
             LUA_RAW_BODY=_lua("responses.lua"),
         )

@@ -266,3 +266,14 @@ async def test_a_thousand_open_subscriptions_leave_rest_working(node: NodeProces
             for call in calls:
                 call.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+
+
+@pytest.mark.parametrize("port", ["kv", "browser", "pigtail"])
+async def test_grpc_is_not_served_on_the_other_rest_ports(node: NodeProcess, port: str) -> None:
+    async with grpc.aio.insecure_channel(f"{node.host}:{getattr(node.ports, port)}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await log_pb2_grpc.LogServiceStub(channel).AppendEntry(
+                log_pb2.AppendEntryRequest(data=value("not here"))
+            )
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "B+10" in (info.value.details() or "")
