@@ -18,13 +18,18 @@ no-op task:
    completed by a message on the same stream (no call per task), counted when the node answers it;
 5. RQ on a local Redis (``redis-server`` started here on a free port in a temporary directory, AOF
    with ``appendfsync everysec``, like the node's write-ahead log without --fsync): 4 ``SimpleWorker``
-   processes (no fork per job) run a no-op function; jobs are enqueued from 4 threads.
+   processes (no fork per job) run a no-op function; jobs are enqueued from 16 threads (16 in flight,
+   as Pigtail's adds).
 
 Each run starts once its 4 fresh worker processes have started and connected (idle: the queue is
-empty), and ends when the last task is done; tasks/s is the number of tasks over that time. REST requests (producer and workers) use a minimal keep-alive HTTP/1.1 client
-(httpx costs ~2.5 ms of CPU per request here and would be the bottleneck); gRPC uses grpcio; RQ uses
-redis-py, its own client. A short warm-up run precedes each measured one. Prints one JSON object with
-every figure, the ratios Potboiler / RQ and, under "targets", whether Potboiler >= RQ.
+empty), and ends when the last task is done; tasks/s is the number of tasks over that time. A task
+counts as done once the node has answered its done with a success: a Pigtail worker whose ``DELETE``
+or complete fails counts the failure instead (``failed_completions``), and the task, still leased to
+it, is claimed again when its lease expires (``TIMEOUT_MS``). REST requests (producer and workers)
+use a minimal keep-alive HTTP/1.1 client (httpx costs ~2.5 ms of CPU per request here and would be
+the bottleneck); gRPC uses grpcio; RQ uses redis-py, its own client. A short warm-up run precedes
+each measured one. Prints one JSON object with every figure, the ratios Potboiler / RQ and, under
+"targets", whether Potboiler >= RQ.
 
 Needs Debian's ``redis-server`` (``apt-get install -y redis-server``) and the Python packages ``rq``
 and ``redis`` (``.venv/bin/pip install rq redis``, or the project's dev extras); the script says which
@@ -189,10 +194,17 @@ def _count(counter: Any) -> None:
         counter.value += 1
 
 
-def rest_poll_worker(url: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any) -> None:
+def _succeeded(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def rest_poll_worker(
+    url: str, queue: str, worker_id: str, counter: Any, failed: Any, stop: EventType, ready: Any
+) -> None:
     """The contract's worker (as examples/pigtail/worker.py): list, claim pending tasks (a few per
     listing, in random order so the workers rarely collide), mark each done; polls again after
-    POLL_INTERVAL_S when nothing is pending."""
+    POLL_INTERVAL_S when nothing is pending. A done the node refuses counts in `failed`, not in
+    `counter`: the task shows as pending again once its lease expires, and is claimed again."""
     rng = random.Random(worker_id)
     http = SyncHttp(url)
     _count(ready)
@@ -209,16 +221,17 @@ def rest_poll_worker(url: str, queue: str, worker_id: str, counter: Any, stop: E
                 if status != 200:
                     continue  # another worker was first
                 task["info"]  # the work: nothing
-                http.request("DELETE", f"/queue/{queue}/{task_id}", {"worker_id": worker_id})
-                _count(counter)
+                status, _ = http.request("DELETE", f"/queue/{queue}/{task_id}", {"worker_id": worker_id})
+                _count(counter if _succeeded(status) else failed)
     finally:
         http.close()
 
 
 def rest_claim_worker(
-    url: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any
+    url: str, queue: str, worker_id: str, counter: Any, failed: Any, stop: EventType, ready: Any
 ) -> None:
-    """A worker on the claim-next extra: one long-poll claim, one done per task."""
+    """A worker on the claim-next extra: one long-poll claim, one done per task. A done the node
+    refuses counts in `failed`, not in `counter`: the task is claimed again once its lease expires."""
     http = SyncHttp(url)
     _count(ready)
     try:
@@ -228,8 +241,8 @@ def rest_claim_worker(
             )
             if status != 200:
                 continue
-            http.request("DELETE", f"/queue/{queue}/{task['id']}", {"worker_id": worker_id})
-            _count(counter)
+            status, _ = http.request("DELETE", f"/queue/{queue}/{task['id']}", {"worker_id": worker_id})
+            _count(counter if _succeeded(status) else failed)
     finally:
         http.close()
 
@@ -239,32 +252,41 @@ def lease_worker(
     queue: str,
     worker_id: str,
     counter: Any,
+    failed: Any,
     stop: EventType,
     ready: Any,
     in_flight: int = 1,
 ) -> None:
     """A worker on the gRPC lease stream: the node pushes each task (up to `in_flight` held at once,
-    the next ones claimed while the worker works); CompleteTask marks it done."""
+    the next ones claimed while the worker works); CompleteTask marks it done. A CompleteTask that
+    fails counts in `failed`, not in `counter`: the task is leased again once its lease expires."""
     with grpc.insecure_channel(target_) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
         request = pigtail_pb2.LeaseTasksRequest(queue=queue, worker_id=worker_id, max_in_flight=in_flight)
         _count(ready)
         stream = stub.LeaseTasks(request)
         for message in stream:
-            stub.CompleteTask(
-                pigtail_pb2.CompleteTaskRequest(
-                    queue=queue, task_id=message.task.task_id, worker_id=worker_id
+            try:
+                stub.CompleteTask(
+                    pigtail_pb2.CompleteTaskRequest(
+                        queue=queue, task_id=message.task.task_id, worker_id=worker_id
+                    )
                 )
-            )
-            _count(counter)
+            except grpc.RpcError:
+                _count(failed)
+            else:
+                _count(counter)
             if stop.is_set():
                 break
         stream.cancel()
 
 
-def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any) -> None:
+def work_worker(
+    target_: str, queue: str, worker_id: str, counter: Any, failed: Any, stop: EventType, ready: Any
+) -> None:
     """A worker on the WorkTasks stream: the node pushes each task as on the lease stream, and the
-    worker completes it on the same stream; a task counts once the node has answered its complete."""
+    worker completes it on the same stream; a task counts once the node has answered its complete (a
+    complete the node answers with a failure counts in `failed`)."""
     requests: queue_module.SimpleQueue[pigtail_pb2.WorkTasksRequest | None] = queue_module.SimpleQueue()
     requests.put(
         pigtail_pb2.WorkTasksRequest(start=pigtail_pb2.LeaseTasksRequest(queue=queue, worker_id=worker_id))
@@ -284,6 +306,8 @@ def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: Ev
                     requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=message.task.task_id))
                 elif message.HasField("completed"):
                     _count(counter)
+                elif message.HasField("failure"):
+                    _count(failed)
                 if stop.is_set():
                     break
         finally:
@@ -291,12 +315,14 @@ def work_worker(target_: str, queue: str, worker_id: str, counter: Any, stop: Ev
             responses.cancel()
 
 
-def rq_worker(redis_url: str, queue: str, worker_id: str, counter: Any, stop: EventType, ready: Any) -> None:
+def rq_worker(
+    redis_url: str, queue: str, worker_id: str, counter: Any, failed: Any, stop: EventType, ready: Any
+) -> None:
     """One RQ SimpleWorker (runs jobs in its own process, no fork per job)."""
     from redis import Redis
     from rq import Queue, SimpleWorker
 
-    del counter, stop  # RQ's finished-job registry counts, and the worker runs until terminated
+    del counter, failed, stop  # RQ's finished-job registry counts, and the worker runs until terminated
     connection = Redis.from_url(redis_url)
     worker = SimpleWorker(
         [Queue(queue, connection=connection)], connection=connection, name=f"{worker_id}-{os.getpid()}"
@@ -349,9 +375,14 @@ async def produce(add: Callable[[int], Awaitable[None]], tasks: int, concurrency
 
 
 async def timed_run(
-    add: Callable[[int], Awaitable[None]], done: Callable[[], int], tasks: int, cpu: CpuWindow
+    add: Callable[[int], Awaitable[None]],
+    done: Callable[[], int],
+    tasks: int,
+    cpu: CpuWindow,
+    failed: Callable[[], int] | None = None,
 ) -> Json:
-    """Add `tasks` tasks while the (already running) workers do them; time until the last is done."""
+    """Add `tasks` tasks while the (already running) workers do them; time until the last is done.
+    With `failed`, how many dones the node refused (those tasks are done later, when claimed again)."""
     start = time.monotonic()
     cpu.begin()
     producer = asyncio.create_task(produce(add, tasks, PRODUCER_CONCURRENCY))
@@ -359,17 +390,16 @@ async def timed_run(
     while done() < tasks:
         if time.monotonic() > deadline:
             producer.cancel()
-            raise TimeoutError(f"only {done()} of {tasks} tasks done after {deadline - start:g} s")
+            refused = "" if failed is None else f" ({failed()} dones refused)"
+            raise TimeoutError(f"only {done()} of {tasks} tasks done after {deadline - start:g} s{refused}")
         await asyncio.sleep(0.005)
     await producer
     elapsed = time.monotonic() - start
     cpu.end()
-    return {
-        "tasks": tasks,
-        "seconds": rounded(elapsed, 3),
-        "tasks_per_s": rounded(tasks / elapsed),
-        **cpu.figures(tasks),
-    }
+    out: Json = {"tasks": tasks, "seconds": rounded(elapsed, 3), "tasks_per_s": rounded(tasks / elapsed)}
+    if failed is not None:
+        out["failed_completions"] = failed()
+    return {**out, **cpu.figures(tasks)}
 
 
 async def measure(
@@ -382,19 +412,25 @@ async def measure(
     extra: tuple[Any, ...] = (),
 ) -> Json:
     """A warm-up run then a measured run, each on a fresh queue with fresh workers
-    `worker(endpoint, queue, worker_id, counter, stop, ready, *extra)`, timed once they are all
-    ready; the measured run's figures."""
+    `worker(endpoint, queue, worker_id, counter, failed, stop, ready, *extra)` (`counter` counts the
+    tasks done, `failed` the dones the node refused), timed once they are all ready; the measured
+    run's figures."""
     out: Json = {}
     for phase, count in (("warmup", warmup), ("measured", tasks)):
         queue = await create_queue(node)
         counter = MP.Value("i", 0)
+        failed = MP.Value("i", 0)
         stop = MP.Event()
         ready = MP.Value("i", 0)
-        args = [(endpoint, queue, f"w{i}", counter, stop, ready, *extra) for i in range(WORKERS)]
+        args = [(endpoint, queue, f"w{i}", counter, failed, stop, ready, *extra) for i in range(WORKERS)]
         with worker_processes(worker, args):
             await all_ready(ready)
             result = await timed_run(
-                make_add(queue), functools.partial(_value, counter), count, CpuWindow(node_pid(node))
+                make_add(queue),
+                functools.partial(_value, counter),
+                count,
+                CpuWindow(node_pid(node)),
+                functools.partial(_value, failed),
             )
             stop.set()
         if phase == "measured":
@@ -453,8 +489,8 @@ async def pigtail_rest(node: NodeProcess, worker: Callable[..., None], tasks: in
 async def pigtail_grpc(
     node: NodeProcess, worker: Callable[..., None], tasks: int, warmup: int, extra: tuple[Any, ...] = ()
 ) -> Json:
-    """Workers on a gRPC stream (`worker(endpoint, queue, worker_id, counter, stop, ready, *extra)`); tasks
-    added with AddTask. gRPC goes through Envoy (port B), as clients reach a node."""
+    """Workers on a gRPC stream (`worker(endpoint, queue, worker_id, counter, failed, stop, ready,
+    *extra)`); tasks added with AddTask. gRPC goes through Envoy (port B), as clients reach a node."""
     endpoint = f"{node.host}:{node.ports.core}"
     async with grpc.aio.insecure_channel(endpoint) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
@@ -516,7 +552,8 @@ def redis_server() -> Iterator[tuple[str, int]]:
 
 
 async def rq_run(url: str, pid: int, tasks: int, warmup: int) -> Json:
-    """RQ workers on the redis-server at `url` (pid `pid`); jobs enqueued from 4 threads."""
+    """RQ workers on the redis-server at `url` (pid `pid`); jobs enqueued from PRODUCER_CONCURRENCY
+    threads, so that as many are in flight as Pigtail's producer has adds."""
     from redis import Redis
     from rq import Queue
     from rq.registry import FinishedJobRegistry
@@ -524,7 +561,7 @@ async def rq_run(url: str, pid: int, tasks: int, warmup: int) -> Json:
     out: Json = {}
     connection = Redis.from_url(url)
     loop = asyncio.get_running_loop()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PRODUCER_CONCURRENCY) as pool:
         for phase, count in (("warmup", warmup), ("measured", tasks)):
             name = f"bench-{uuid.uuid4().hex[:8]}"
             queue = Queue(name, connection=connection)
@@ -534,7 +571,7 @@ async def rq_run(url: str, pid: int, tasks: int, warmup: int) -> Json:
                 await loop.run_in_executor(pool, functools.partial(queue.enqueue, "benchmarks.queue.noop", n))
 
             ready = MP.Value("i", 0)
-            args = [(url, name, f"w{i}", None, None, ready) for i in range(WORKERS)]
+            args = [(url, name, f"w{i}", None, None, None, ready) for i in range(WORKERS)]
             with worker_processes(rq_worker, args):
                 await all_ready(ready)
                 result = await timed_run(add, registry.get_job_count, count, CpuWindow(pid))

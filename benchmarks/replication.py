@@ -13,7 +13,8 @@ SIGTERM. Then:
     entries/s for 10 s over gRPC (node 0's direct port B+10), each entry's data carrying the time it
     was due to be sent, `{"t": <ns>}` (so a writer that falls behind its schedule counts its own
     delay too). Lag = time the subscriber received the entry - that time (same machine, same clock). Entries acknowledged by node 0 but never seen on node 2 within a grace
-    period are counted as lost. Measured twice, with two writers: unary AppendEntry per entry
+    period are counted as lost, and arrivals of an entry seen already as duplicates (an entry's lag
+    is that of its first arrival). Measured twice, with two writers: unary AppendEntry per entry
     ("unary_writer"), then one entry per message on one AppendEntryStream ("stream_writer"), the API
     for a client writing at a steady rate. A unary call costs node 0 (and the client) about half as
     much CPU again as a stream message, which on 2 cores shared by 3 nodes, the writer and the
@@ -31,8 +32,8 @@ SIGTERM. Then:
 
 Prints one JSON object (progress goes to stderr) with every figure, under "targets" each target
 figure beside its goal with `meets_target`, and `meets_targets` for all of them. CPU use of each node
-during each phase is included; on this 2-core machine the nodes compete for the CPU with each other
-(and with anything else running, reported as `other_cpu_percent`).
+(with its Envoy) during each phase is included; on this 2-core machine the nodes compete for the CPU
+with each other (and with anything else running, reported as `other_cpu_percent`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from benchmarks.common import (
     frozen_heap,
     machine_cpu_seconds,
     percentile,
+    process_tree,
     progress,
     sigterm_as_interrupt,
 )
@@ -168,26 +170,42 @@ def target(value: float | None, goal: float, kind: str) -> Json:
 
 
 class CpuWindow:
-    """CPU use of named processes (the node processes, this client) and of the rest of the machine
-    between `begin()` and `end()`, in percent of one core."""
+    """CPU use of named process trees (each node with its Envoy, the subscriber) and of this client,
+    and of the rest of the machine, between `begin()` and `end()`, in percent of one core. The client
+    counts this process alone: the nodes are among its children."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], client: bool = False) -> None:
         self.pids = dict(pids)
-        self._start: dict[str, float] = {}
+        self.client = client
+        self._start: dict[str, dict[int, float]] = {}
         self._machine = 0.0
         self._at = 0.0
         self.figures: Json = {}
         self.used: dict[str, float] = {}
 
+    def _now(self) -> dict[str, dict[int, float]]:
+        """CPU seconds so far of each process of each tree, by name (and of this process, as "client")."""
+        now = {
+            name: {p: cpu_seconds(p) for p in (process_tree(pid) if pid > 0 else ())}  # 0: no process
+            for name, pid in self.pids.items()
+        }
+        if self.client:
+            now["client"] = {os.getpid(): cpu_seconds(os.getpid())}
+        return now
+
     def begin(self) -> CpuWindow:
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._start = self._now()
         self._machine = machine_cpu_seconds()
         self._at = time.monotonic()
         return self
 
     def end(self) -> Json:
         elapsed = time.monotonic() - self._at
-        used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        # A process that started in the window (a new node's Envoy) counts from 0.
+        used = {
+            name: sum(seconds - self._start[name].get(p, 0.0) for p, seconds in tree.items())
+            for name, tree in self._now().items()
+        }
         self.used = used
         machine = machine_cpu_seconds() - self._machine
         self.figures = {name: round(100 * u / elapsed, 1) for name, u in used.items()}
@@ -335,19 +353,21 @@ def subscriber_main(target: str, after: int, run: str, conn: multiprocessing.con
 
     Protocol on `conn`: sends ("ready",) once a warm-up entry of the run has arrived; receives
     ("finish", acked indices, grace seconds), keeps reading until all of them arrived or the grace
-    period is over, then sends ("result", {index: (send_ns, observed_ns, owner_wall_ms)})."""
+    period is over, then sends ("result", {index: (send_ns, observed_ns, owner_wall_ms)}, duplicates):
+    each entry as it first arrived, and how many arrivals were repeats."""
     uvloop.run(_subscribe(target, after, run, conn))
 
 
 async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.connection.Connection) -> None:
     seen: dict[int, tuple[int, int, int]] = {}
+    duplicates = 0
     ready = asyncio.Event()
     complete = asyncio.Event()
     expected: set[int] = set()
     finishing = False
 
     async def read(stub: log_pb2_grpc.LogServiceAsyncStub) -> None:
-        nonlocal finishing
+        nonlocal finishing, duplicates
         stream = stub.SubscribeEntries(log_pb2.SubscribeEntriesRequest(after_position=after, max_batch=1000))
         async for response in stream:
             now = time.time_ns()
@@ -356,10 +376,14 @@ async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.co
                 fields = entry.data.struct_value.fields
                 if fields["run"].string_value != run:
                     continue
-                if fields["i"].number_value == WARM:
+                i = int(fields["i"].number_value)
+                if i == WARM:
                     ready.set()
                     continue
-                seen[int(fields["i"].number_value)] = (int(fields["t"].number_value), now, entry.when.wall_ms)
+                if i in seen:  # a repeat: the first arrival stays the entry's
+                    duplicates += 1
+                    continue
+                seen[i] = (int(fields["t"].number_value), now, entry.when.wall_ms)
             if finishing and expected.issubset(seen):
                 complete.set()
 
@@ -377,7 +401,7 @@ async def _subscribe(target: str, after: int, run: str, conn: multiprocessing.co
                 if not expected.issubset(seen):
                     with suppress(TimeoutError):
                         await asyncio.wait_for(complete.wait(), grace)
-            conn.send(("result", dict(seen)))
+            conn.send(("result", dict(seen), duplicates))
         finally:
             reader.cancel()
             with suppress(asyncio.CancelledError, grpc.RpcError):
@@ -433,9 +457,9 @@ async def measure_lag(
                         "node0": pid_of(node0),
                         "node1": pid_of(node1),
                         "node2": pid_of(node2),
-                        "client": os.getpid(),
                         "subscriber": subscriber.pid or 0,
-                    }
+                    },
+                    client=True,
                 ).begin()
                 spies = start_profiles(
                     cluster, profile, f"lag-{writer}", {"node0": node0, "node2": node2}, settings.seconds
@@ -449,7 +473,7 @@ async def measure_lag(
         parent.send(("finish", sorted(result.acked), settings.grace))
         if not parent.poll(settings.grace + 30):
             raise RuntimeError("the subscriber did not report")
-        kind, seen = parent.recv()
+        kind, seen, duplicates = parent.recv()
         assert kind == "result"
         subscriber.join(10)
         # Every acked entry is on node 2 now (or lost): the replication traffic for them is done.
@@ -478,6 +502,7 @@ async def measure_lag(
         "errors": result.errors,
         "observed_on_node2": sum(1 for i in result.acked if i in seen),
         "lost": lost,
+        "duplicates": duplicates,
         "grace_s": settings.grace,
         "lag_ms": summary_ms(lags),
         "lag_ms_by_second": lag_by_second,
@@ -611,7 +636,7 @@ async def measure_catch_up(cluster: Cluster, settings: Settings, profile: Path |
         progress(
             f"(b) appending {settings.entries:,} entries over 3 nodes; the cluster holds {base:,} already"
         )
-        cpu = CpuWindow({**pids, "client": os.getpid()}).begin()
+        cpu = CpuWindow(pids, client=True).begin()
         seen: list[tuple[float, list[int]]] = []  # (monotonic time, each node's total)
 
         async def watch() -> float:
@@ -720,8 +745,8 @@ async def measure_catch_up(cluster: Cluster, settings: Settings, profile: Path |
             "progress_samples": thin(samples, 20),
             "cpu_percent": cpu_catch,
             "cpu_ms_per_entry": cpu.ms_per(got),
-            # What the new node would take in with a whole core to itself (it is CPU-bound: this is
-            # the rate the machine's other load leaves aside).
+            # What the new node (with its Envoy) would take in with a whole core to itself (it is
+            # CPU-bound: this is the rate the machine's other load leaves aside).
             "entries_per_cpu_second_of_new_node": round(got / cpu.used["node3"])
             if cpu.used.get("node3")
             else None,

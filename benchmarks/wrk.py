@@ -57,6 +57,12 @@ def poster(url: str, body: object, concurrency: int, workdir: Path) -> Callable[
     return run
 
 
+def succeeded(summary: Json) -> int:
+    """The requests of a summary that succeeded: wrk's `requests` counts every answer, those with an
+    error status (400 or more, `status_errors`) too."""
+    return int(summary["requests"]) - int(summary["status_errors"])
+
+
 def errors(summary: Json) -> int:
     """Every failed request of a summary (connection errors, timeouts, non-2xx answers)."""
     keys = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")

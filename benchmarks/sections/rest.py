@@ -36,7 +36,7 @@ def wrk_post(url: str, body: object, settings: Settings, system: System, workdir
     raw = run(settings.duration)
     cpu.end()
     seconds = raw["duration_us"] / 1e6
-    good = raw["requests"] - raw["status_errors"]
+    good = wrk.succeeded(raw)
     errors = wrk.errors(raw)
     return {
         "requests": raw["requests"],

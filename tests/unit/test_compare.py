@@ -1,10 +1,12 @@
 """Unit tests of benchmarks/compare.py's pure parts: spreads, ratios, verdicts, the table, the goals,
-what is reported missing, and how contenders take turns and settle (no processes are started)."""
+wrk's summary counts, what is reported missing, and how contenders take turns and settle (no
+processes are started)."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks import wrk
 from benchmarks.compare import goals
 from benchmarks.peers import INSTALL_COMMAND, missing, missing_message
 from benchmarks.peers.process import settle
@@ -46,6 +48,19 @@ def test_row_json_has_spreads_ratio_and_samples() -> None:
     assert data["ratio_potboiler_to_peer"] == pytest.approx(0.333)
     assert data["potboiler_at_least_as_good"] is False
     assert data["peer_samples"] == [10.0, 20.0]
+
+
+def test_wrk_counts_only_the_requests_without_an_error_status_as_succeeded() -> None:
+    summary = {
+        "requests": 1000,
+        "status_errors": 40,
+        "timeouts": 2,
+        "connect_errors": 0,
+        "read_errors": 1,
+        "write_errors": 0,
+    }
+    assert wrk.succeeded(summary) == 960
+    assert wrk.errors(summary) == 43
 
 
 def test_numbers_are_printed_with_about_three_digits() -> None:
