@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 import grpc
 import pytest
@@ -159,10 +160,21 @@ async def test_appends_on_a_closed_channel_fail_at_once(grpc_node_factory: GrpcN
 
 
 async def test_appends_retried_as_a_cancelled_stream_fails_them_get_a_stream_of_their_own(
-    grpc_node: GrpcNode,
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A caller that appends again as soon as its append fails does so while the cancelled stream
     is still winding down: the new append opens a new stream instead of waiting for ever."""
+    # The node holds its first write until the stream is cancelled, so appends are in flight then.
+    node_appender = grpc_node.node.appender
+    writing, release = asyncio.Event(), asyncio.Event()
+    commit = node_appender._commit
+
+    async def held_commit(jobs: Any) -> None:
+        writing.set()
+        await release.wait()
+        await commit(jobs)
+
+    monkeypatch.setattr(node_appender, "_commit", held_commit)
     appender = StreamAppender(grpc_node.channel)
     failed_once: list[RuntimeError] = []
 
@@ -174,10 +186,11 @@ async def test_appends_retried_as_a_cancelled_stream_fails_them_get_a_stream_of_
             return await appender.append({"n": n, "retry": True})
 
     pending = [asyncio.ensure_future(append_with_one_retry(n)) for n in range(3000)]
-    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait_for(writing.wait(), 20)
     runner = appender._runner
     assert runner is not None
     runner.cancel()
+    release.set()
     done, waiting = await asyncio.wait(pending, timeout=20)
     assert failed_once and not waiting
     assert all(isinstance(task.result(), log_pb2.AppendEntryResponse) for task in done)
