@@ -117,10 +117,10 @@ SCRAPE_TIMEOUT = 10.0
 
 class _Handler(BaseHTTPRequestHandler):
     """`/metrics` for GET and HEAD (as every port of a node takes HEAD wherever it takes GET); a JSON
-    error, as on the node's other ports, for any other path or method."""
+    error, as on the node's other ports, for any other path or method. One request per connection
+    (HTTP/1.0, as Prometheus scrapes): none outlives the server."""
 
-    protocol_version = "HTTP/1.1"
-    #: Seconds a connection may take to send a request: a client that sends nothing does not hold
+    #: Seconds a connection may take to send its request: a client that sends nothing does not hold
     #: a thread for ever.
     timeout = 10
     server: _HttpServer
@@ -131,10 +131,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
-    def _not_allowed(self) -> None:
-        self._send(405, *_error(12, f"{self.command} is not allowed here: /metrics takes GET or HEAD"), True)
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _not_allowed
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The handler's own errors as JSON; a method it does not take (501 here) is a 405."""
+        if code == 501:
+            self._send(
+                405, *_error(12, f"{self.command} is not allowed here: /metrics takes GET or HEAD"), True
+            )
+            return
+        self.close_connection = True
+        self._send(code, *_error(_GRPC_CODES.get(code, 2), message or "bad request"), self.command != "HEAD")
 
     def _answer(self, send_body: bool) -> None:
         path = urlsplit(self.path).path
@@ -146,6 +151,9 @@ class _Handler(BaseHTTPRequestHandler):
         except TimeoutError:
             self._send(503, *_error(14, "the node did not answer the scrape in time"), send_body)
             return
+        except Exception as exc:  # the node is stopping (its stores closed, its loop gone)
+            self._send(503, *_error(14, f"the node cannot be read now: {exc}"), send_body)
+            return
         self._send(200, CONTENT_TYPE_LATEST, body, send_body)
 
     def _send(self, status: int, content_type: str, body: bytes, send_body: bool) -> None:
@@ -154,15 +162,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if status == 405:
             self.send_header("Allow", "GET, HEAD")
-            # Its body, if any, is not read: the connection cannot carry another request.
-            self.send_header("Connection", "close")
-            self.close_connection = True
         self.end_headers()
         if send_body:
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""
+
+
+#: The gRPC status code of each HTTP status the handler answers by itself (as on the node's other
+#: ports); 2 (UNKNOWN) for others.
+_GRPC_CODES = {400: 3, 404: 5, 405: 12, 408: 4, 414: 3, 431: 8, 503: 14}
 
 
 def _error(code: int, message: str) -> tuple[str, bytes]:

@@ -101,6 +101,7 @@ async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_
             assert get.status_code == 200
             assert get.headers["content-type"].startswith("text/plain")
             assert "potboiler_appends_total" in get.text
+            assert get.http_version == "HTTP/1.0"  # one request per connection: none outlives stop()
             head = await client.head("/metrics")
             assert head.status_code == 200 and head.content == b""
             assert head.headers["content-type"] == get.headers["content-type"]
@@ -108,14 +109,16 @@ async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_
                 missing = await client.request(method, "/nope")
                 assert missing.status_code == 404
             assert (await client.get("/nope")).json()["code"] == 5
-            post = await client.post("/metrics", content=b"x")
-            assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
-            assert post.json() == {
-                "code": 12,
-                "message": "POST is not allowed here: /metrics takes GET or HEAD",
-            }
+            for method in ("POST", "DELETE", "TRACE", "FOO"):
+                other = await client.request(method, "/metrics", content=b"x")
+                assert other.status_code == 405 and other.headers["allow"] == "GET, HEAD"
+                message = f"{method} is not allowed here: /metrics takes GET or HEAD"
+                assert other.json() == {"code": 12, "message": message}
     finally:
         server.stop()
+    with pytest.raises(httpx.ConnectError):  # nothing answers once it has stopped
+        async with httpx.AsyncClient() as client:
+            await client.get(f"http://127.0.0.1:{server.port}/metrics")
 
 
 async def test_a_metrics_client_that_sends_nothing_is_let_go(
