@@ -20,7 +20,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import Unavailable
 from potboiler.server.log import DeliveredBatch, Promise, validate_new_entry
-from potboiler.server.storage import Store, clear
+from potboiler.server.storage import Store, clear, clearing
 from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
@@ -58,21 +58,25 @@ class LogClient(Protocol):
 
 
 def discard_if_ahead(client: LogClient, position: int, store: Store, what: str) -> bool:
-    """Clear a service's `store` if its stored `position` in the log is beyond the log's own (True):
-    the log lost entries the service had applied (a power cut without --fsync, which can keep the
-    service's last write but not the log's; or a log restored from an older copy). Those positions
-    will go to other entries, which the service would skip: it must apply the log again from 0."""
+    """Clear a service's `store` if its stored `position` in the log is beyond the log's own, or an
+    earlier such clear was cut short (True): the log lost entries the service had applied (a power
+    cut without --fsync, which can keep the service's last write but not the log's; or a log restored
+    from an older copy). Those positions will go to other entries, which the service would skip: it
+    must apply the log again from 0."""
     end = client.position()
-    if position <= end:
+    if clearing(store):
+        log.warning("the %s state was being rebuilt from the log when the node stopped: rebuilding it", what)
+    elif position > end:
+        log.warning(
+            "the %s state has applied the log up to position %d, but the log ends at %d (it lost writes: "
+            "a power cut without --fsync, or a restored copy): rebuilding the %s state from the log",
+            what,
+            position,
+            end,
+            what,
+        )
+    else:
         return False
-    log.warning(
-        "the %s state has applied the log up to position %d, but the log ends at %d (it lost writes: "
-        "a power cut without --fsync, or a restored copy): rebuilding the %s state from the log",
-        what,
-        position,
-        end,
-        what,
-    )
     clear(store)
     return True
 

@@ -56,13 +56,25 @@ def prefix_end(prefix: bytes) -> bytes:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+#: Set while `clear` runs (it sorts before every other key, which all start with a letter).
+_CLEARING = b"\x00clearing"
+
+
 def clear(store: Store, chunk: int = 10_000) -> None:
     """Delete every key of `store` (each below b"\\xff", as all keys of the stores here are), a
-    chunk of keys per write."""
-    start = b""
+    chunk of keys per write. A clear cut short (the process stopped, a power cut) leaves its mark,
+    and `clearing` says so until a clear has run to its end."""
+    store.write([(_CLEARING, b"")], sync=True)
+    start = _CLEARING + b"\x00"
     while keys := [key for key, _ in store.scan(start, b"\xff", limit=chunk)]:
         store.write([(key, None) for key in keys])
         start = keys[-1] + b"\x00"
+    store.write([(_CLEARING, None)], sync=True)
+
+
+def clearing(store: Store) -> bool:
+    """Whether a `clear` of `store` was begun and not finished."""
+    return store.get(_CLEARING) is not None
 
 
 _KEY = operator.itemgetter(0)

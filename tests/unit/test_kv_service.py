@@ -10,6 +10,7 @@ import pytest
 
 from potboiler.kv import service as kv_service
 from potboiler.kv.service import KvService
+from potboiler.kv.state import CURSOR_KEY
 from potboiler.server.hlc import HybridClock
 from potboiler.server.plugin import NodeContext
 from potboiler.server.storage import MemoryStore
@@ -108,5 +109,29 @@ async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
         state = await asyncio.wait_for(again.current(), WAIT)
         assert state.position == 2
         assert state.keys("t") == ["kept"]
+    finally:
+        await again.stop()
+
+
+async def test_a_rebuild_cut_short_is_made_again_on_the_next_start(tmp_path: Path) -> None:
+    """A clear of the state interrupted (a power cut in the middle of it) may have deleted the cursor
+    and left states: the next start clears again, though the cursor is no longer ahead of the log."""
+    log = FakeLog(HybridClock())
+    store = MemoryStore()
+    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    await first.start()
+    await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
+    await first.write(first.state.plan_write("t", "lost", "set", 1))
+    await asyncio.wait_for(first.current(), WAIT)
+    assert first._task is not None
+    first._task.cancel()
+    del log.entries[1:]
+    store.write([(b"\x00clearing", b""), (CURSOR_KEY, None)])  # as a clear cut short leaves it
+    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    await again.start()
+    try:
+        state = await asyncio.wait_for(again.current(), WAIT)
+        assert state.position == 1
+        assert state.keys("t") == []
     finally:
         await again.stop()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from potboiler.server.storage import MemoryStore, RocksStore, Store, clear, prefix_end
+from potboiler.server.storage import MemoryStore, RocksStore, Store, clear, clearing, prefix_end
 
 
 @pytest.fixture(params=["memory", "rocksdb"])
@@ -35,8 +37,34 @@ def test_clear_deletes_every_key_a_chunk_at_a_time(store: Store) -> None:
     store.write([(bytes([c]) + bytes([i]), b"v") for c in b"acsz" for i in range(10)])
     clear(store, chunk=3)
     assert list(store.scan(b"", b"\xff")) == []
+    assert not clearing(store)
     store.write([(b"k", b"after")])
     assert store.get(b"k") == b"after"
+
+
+def test_a_clear_cut_short_says_so_until_one_finishes(store: Store) -> None:
+    store.write([(bytes([c]) + bytes([i]), b"v") for c in b"acsz" for i in range(10)])
+
+    class PowerCut(Exception):
+        pass
+
+    writes = 0
+    write = store.write
+
+    def failing_write(batch: Any, *, sync: bool = False) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 3:  # the mark, the first chunk, then the cut
+            raise PowerCut
+        write(batch, sync=sync)
+
+    with pytest.raises(PowerCut):
+        clear(cast(Store, SimpleNamespace(write=failing_write, scan=store.scan)), chunk=3)
+    assert clearing(store)
+    assert list(store.scan(b"a", b"\xff"))  # keys left over
+    clear(store)
+    assert not clearing(store)
+    assert list(store.scan(b"", b"\xff")) == []
 
 
 def test_writes_of_one_key_in_a_batch_apply_in_their_order(store: Store) -> None:
