@@ -120,19 +120,26 @@ def _value_cell(crdt: CrdtType, value: JSON) -> str:
 
 
 def page_of(
-    items: Iterable[tuple[str, JSON]], max_keys: int, max_bytes: int
+    crdt: CrdtType, items: Iterable[tuple[str, JSON]], max_keys: int, max_bytes: int
 ) -> tuple[list[tuple[str, JSON]], bool]:
-    """The first rows of `items` for one table page: at most `max_keys`, and only as many as keep
-    their values' JSON within `max_bytes` (but at least one); and whether more are left. A page
-    shows each value more than once, so its size follows its values'."""
+    """The first rows of `items` for one page of a table of type `crdt`: at most `max_keys`, and only
+    as many as keep the page's rows within `max_bytes` of HTML (but at least one); and whether more
+    are left."""
     rows: list[tuple[str, JSON]] = []
     size = 0
     for key, value in items:
-        size += len(key) + len(show_json(value))
+        size += len(_row(crdt, key, value).encode())
         if len(rows) == max_keys or (rows and size > max_bytes):
             return rows, True
         rows.append((key, value))
     return rows, False
+
+
+def _row(crdt: CrdtType, key: str, value: JSON) -> str:
+    return (
+        f'<tr data-key="{escape(key)}"><td class="key"><code>{escape(key)}</code></td>'
+        f"{_value_cell(crdt, value)}</tr>\n"
+    )
 
 
 def table_page(
@@ -147,11 +154,7 @@ def table_page(
         '<nav><a href="/">&larr; all tables</a></nav>'
     )
     if rows:
-        body_rows = "".join(
-            f'<tr data-key="{escape(key)}"><td class="key"><code>{escape(key)}</code></td>'
-            f"{_value_cell(crdt, value)}</tr>\n"
-            for key, value in rows
-        )
+        body_rows = "".join(_row(crdt, key, value) for key, value in rows)
         listing = (
             '<table id="keys"><thead><tr><th>Key</th><th>Value</th></tr></thead>'
             f"<tbody>\n{body_rows}</tbody></table>"

@@ -37,8 +37,9 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 #: Most keys of one ListKeys page (and its default).
 MAX_PAGE_KEYS = 10_000
-#: Keys shown on one page of the browser, and the most bytes of their values' JSON (a page of
-#: 1 MiB values would otherwise take hundreds of MiB to build, and more than gRPC may send).
+#: Keys shown on one page of the browser, and the most bytes of their rows' HTML (a page of 1 MiB
+#: values would otherwise take hundreds of MiB to build, and more than gRPC may send; a single row
+#: is at most a few times its entry's 1 MiB).
 BROWSER_PAGE_KEYS = 500
 BROWSER_PAGE_BYTES = 4 << 20
 HTML = "text/html; charset=utf-8"
@@ -185,7 +186,9 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
             info = state.table(table)
             if after:
                 check_name(after, "key")
-            rows, more = browser.page_of(state.items(table, after), BROWSER_PAGE_KEYS, BROWSER_PAGE_BYTES)
+            rows, more = browser.page_of(
+                info.crdt, state.items(table, after), BROWSER_PAGE_KEYS, BROWSER_PAGE_BYTES
+            )
         except (NotFound, InvalidArgument) as error:
             status = 404 if isinstance(error, NotFound) else 400
             rest.http_status(context, status)

@@ -123,10 +123,27 @@ def test_table_page_pages() -> None:
 
 
 def test_a_page_holds_as_many_keys_as_fit_its_byte_budget() -> None:
+    lww = CrdtType.LWW
     rows: list[tuple[str, JSON]] = [(f"k{i}", "x" * 1000) for i in range(5)]
-    assert browser.page_of(iter(rows), 500, 2500) == (rows[:2], True)
-    assert browser.page_of(iter(rows), 3, 1 << 20) == (rows[:3], True)
-    assert browser.page_of(iter(rows), 5, 1 << 20) == (rows, False)
+    # A row's bytes: what a second one adds to a page.
+    row = len(browser.table_page("t", lww, rows[:2], after="", next_after=None)) - len(
+        browser.table_page("t", lww, rows[:1], after="", next_after=None)
+    )
+    assert browser.page_of(lww, iter(rows), 500, 2 * row + row // 2) == (rows[:2], True)
+    assert browser.page_of(lww, iter(rows), 3, 1 << 20) == (rows[:3], True)
+    assert browser.page_of(lww, iter(rows), 5, 1 << 20) == (rows, False)
     huge: list[tuple[str, JSON]] = [("big", "x" * 5000), ("next", 1)]
-    assert browser.page_of(iter(huge), 500, 2500) == (huge[:1], True)  # at least one key a page
-    assert browser.page_of(iter([]), 500, 2500) == ([], False)
+    assert browser.page_of(lww, iter(huge), 500, 2500) == (huge[:1], True)  # at least one key a page
+    assert browser.page_of(lww, iter([]), 500, 2500) == ([], False)
+
+
+def test_the_byte_budget_counts_what_the_page_sends() -> None:
+    """Escaped characters and values shown more than once (an OR-Set's items and metadata) count as
+    the HTML they become: the page of the rows taken stays within the budget."""
+    items: JSON = [{"item": "'" * 1000, "key": "e", "metadata": "&" * 1000}]
+    rows: list[tuple[str, JSON]] = [(f"k{i}", items) for i in range(50)]
+    budget = 100_000
+    taken, more = browser.page_of(CrdtType.ORSET, iter(rows), 500, budget)
+    assert more and 1 <= len(taken) < 50
+    page = browser.table_page("s", CrdtType.ORSET, taken, after="", next_after=taken[-1][0])
+    assert len(page) < budget + 2000  # the rows, and the page around them
