@@ -13,15 +13,18 @@ import resolves to this very module both at run time and for mypy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import grpc
+import hypothesis
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -36,6 +39,12 @@ if TYPE_CHECKING:
 
 # pytest imports this file as `conftest`; make `from tests.conftest import ...` find this same module.
 sys.modules.setdefault("tests.conftest", sys.modules[__name__])
+
+# Property tests, the same on every run (CI must be deterministic) and with no time limit per
+# example: on a loaded 2-core machine one example can stall past hypothesis's 200 ms, which it
+# reports as a failure. Tests may still set their own settings on top of these.
+hypothesis.settings.register_profile("potboiler", deadline=None, derandomize=True, database=None)
+hypothesis.settings.load_profile("potboiler")
 
 T = TypeVar("T")
 
@@ -105,6 +114,15 @@ def wait_for_sync(
             text = message() if callable(message) else message
             raise WaitTimeout(f"condition not met after {timeout}s: {text or predicate!r}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port on which connections are refused, for as long as the block runs: bound, not listening,
+    so that no other test can take it meanwhile (as it could a port bound and closed again)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        yield sock.getsockname()[1]
 
 
 @dataclass

@@ -217,11 +217,13 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BadInputNode]:
     """One node for the whole module, with seeded state."""
     root = tmp_path_factory.mktemp("badinput")
     process = NodeProcess(root / "node", base_port())
-    start_node(process)
-    handle = BadInputNode(process)
-    try:
-        seed_state(handle)
-        yield handle
+    try:  # a start that fails (not ready in time) stops what it started too
+        start_node(process)
+        handle = BadInputNode(process)
+        try:
+            seed_state(handle)
+            yield handle
+        finally:
+            handle.close()
     finally:
-        handle.close()
         process.stop()

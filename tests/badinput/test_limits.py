@@ -5,7 +5,6 @@ Pigtail task info; and a slow webhook receiver never grows the node's memory wit
 
 from __future__ import annotations
 
-import socket
 import socketserver
 import threading
 import time
@@ -42,7 +41,7 @@ from tests.badinput.conftest import (
     client_error,
     start_node,
 )
-from tests.conftest import wait_for_sync
+from tests.conftest import refusing_port, wait_for_sync
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 #: How long the slow webhook receiver takes to answer each delivery (its behaviour, not a wait).
@@ -129,9 +128,11 @@ def test_dependencies_per_entry(node: BadInputNode) -> None:
 
 
 def test_webhooks_per_node(node: BadInputNode) -> None:
-    with socket.socket() as s:  # a port nothing listens on: deliveries fail fast and back off
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    with refusing_port() as closed:  # deliveries fail fast and back off
+        webhooks_up_to_the_limit(node, closed)
+
+
+def webhooks_up_to_the_limit(node: BadInputNode, closed: int) -> None:
     existing = len(node.webhooks.ListWebhooks(webhooks_pb2.ListWebhooksRequest()).webhooks)
     urls = [f"http://127.0.0.1:{closed}/hook{i}" for i in range(MAX_WEBHOOKS - existing)]
     try:

@@ -5,11 +5,11 @@ the `potboiler cluster` command, and the Prometheus metrics that report all this
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
+from tests.conftest import refusing_port
 
 pytestmark = pytest.mark.e2e
 
@@ -359,33 +360,33 @@ def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(cluster: Cluster) -> None:
     a, b = cluster(2)
     receiver = Receiver()
-    with socket.socket() as s:  # a port nothing listens on: every delivery to it fails
-        s.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
-    try:
-        for url in (receiver.url, dead_url):
-            assert httpx.post(f"{b.url}/log/register", json={"url": url}).status_code == 204
-        for n in range(5):
-            post(a, {"n": n})
-        wait_until(lambda: len(receiver.ids) == 5, what="the webhook deliveries on b")
-        # The receiver records an entry before it answers; b counts it once the answer is back.
-        delivered = ("potboiler_webhook_deliveries_total", (("url", receiver.url),))
-        wait_until(lambda: metrics(b)[delivered] == 5, what="the deliveries counted")
-        on_a, on_b = metrics(a), metrics(b)
-        assert on_a[("potboiler_appends_total", ())] == 5
-        assert on_a[("potboiler_replicated_entries_out_total", (("peer", b.url),))] >= 5
-        assert on_b[("potboiler_replicated_entries_in_total", (("peer", a.url),))] >= 5
-        assert on_b[("potboiler_entries", ())] == 5
-        assert on_b[("potboiler_peer_connected", (("peer", a.url),))] == 1
-        assert on_b[("potboiler_store_bytes", ())] > 0
-        wait_until(
-            lambda: metrics(b)[("potboiler_webhook_failures_total", (("url", dead_url),))] >= 1,
-            what="a failed delivery counted",
-        )
-        assert metrics(b)[("potboiler_webhook_deliveries_total", (("url", dead_url),))] == 0
-        wait_until(
-            lambda: metrics(a)[("potboiler_peer_lag_entries", (("peer", b.url),))] == 0,
-            what="b's acknowledgement of everything",
-        )
-    finally:
-        receiver.close()
+    with refusing_port() as dead_port, contextlib.closing(receiver):  # every delivery to it fails
+        count_what_happens(a, b, receiver, f"http://127.0.0.1:{dead_port}/hook")
+
+
+def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_url: str) -> None:
+    """Appends on a, replicated to b, delivered by b to a receiver and to a dead URL: each counted."""
+    for url in (receiver.url, dead_url):
+        assert httpx.post(f"{b.url}/log/register", json={"url": url}).status_code == 204
+    for n in range(5):
+        post(a, {"n": n})
+    wait_until(lambda: len(receiver.ids) == 5, what="the webhook deliveries on b")
+    # The receiver records an entry before it answers; b counts it once the answer is back.
+    delivered = ("potboiler_webhook_deliveries_total", (("url", receiver.url),))
+    wait_until(lambda: metrics(b)[delivered] == 5, what="the deliveries counted")
+    on_a, on_b = metrics(a), metrics(b)
+    assert on_a[("potboiler_appends_total", ())] == 5
+    assert on_a[("potboiler_replicated_entries_out_total", (("peer", b.url),))] >= 5
+    assert on_b[("potboiler_replicated_entries_in_total", (("peer", a.url),))] >= 5
+    assert on_b[("potboiler_entries", ())] == 5
+    assert on_b[("potboiler_peer_connected", (("peer", a.url),))] == 1
+    assert on_b[("potboiler_store_bytes", ())] > 0
+    wait_until(
+        lambda: metrics(b)[("potboiler_webhook_failures_total", (("url", dead_url),))] >= 1,
+        what="a failed delivery counted",
+    )
+    assert metrics(b)[("potboiler_webhook_deliveries_total", (("url", dead_url),))] == 0
+    wait_until(
+        lambda: metrics(a)[("potboiler_peer_lag_entries", (("peer", b.url),))] == 0,
+        what="b's acknowledgement of everything",
+    )

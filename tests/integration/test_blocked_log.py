@@ -70,9 +70,18 @@ async def test_service_writes_are_refused_while_the_own_log_is_blocked_and_resum
 
     # A write waiting for the log goes ahead once the dependency arrives (from a peer, say).
     monkeypatch.setattr(logclient, "BLOCKED_WAIT", 30.0)
+    appender = node.node.appender
+    write_waits = asyncio.Event()
+    wait_unblocked = appender.wait_own_log_unblocked
+
+    async def noted_wait(timeout: float) -> None:
+        write_waits.set()
+        await wait_unblocked(timeout)
+
+    monkeypatch.setattr(appender, "wait_own_log_unblocked", noted_wait)
     write = asyncio.ensure_future(kv.UpdateValue(set_value(2)))
     arriving = (await other.log.GetEntry(log_pb2.GetEntryRequest(id=missing))).entry
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(write_waits.wait(), 10)  # the write has reached the node, and waits there
     assert not write.done()
     await node.node.appender.ingest([arriving])
     assert not (await write).pending

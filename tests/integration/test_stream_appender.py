@@ -121,28 +121,52 @@ async def test_close_waits_for_acknowledgements_then_refuses_appends(grpc_node: 
     assert await stored_count(grpc_node) == 50
 
 
+def hold_node_writes(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the node hold its writes until `release` is set: `writing` is set once one waits. Appends
+    are then surely in flight when a test cancels or closes a stream, however fast the node is."""
+    appender = grpc_node.node.appender
+    writing, release = asyncio.Event(), asyncio.Event()
+    commit = appender._commit
+
+    async def held_commit(jobs: Any) -> None:
+        writing.set()
+        await release.wait()
+        await commit(jobs)
+
+    monkeypatch.setattr(appender, "_commit", held_commit)
+    return writing, release
+
+
 async def test_a_closer_that_gives_up_leaves_the_stream_to_acknowledge_everything(
-    grpc_node: GrpcNode,
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """close() under a timeout (or any cancellation of its caller) does not cancel the stream: every
     append is still answered, as what the node made durable."""
+    writing, release = hold_node_writes(grpc_node, monkeypatch)
     appender = StreamAppender(grpc_node.channel)
     pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(3000)]
-    await pending[0]
+    await asyncio.wait_for(writing.wait(), 20)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(appender.close(), 0.001)
+    release.set()
     results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
     assert all(isinstance(r, log_pb2.AppendEntryResponse) for r in results)
     assert await stored_count(grpc_node) == 3000
 
 
-async def test_a_cancelled_stream_fails_every_append_in_flight(grpc_node: GrpcNode) -> None:
+async def test_a_cancelled_stream_fails_every_append_in_flight(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing, release = hold_node_writes(grpc_node, monkeypatch)
     appender = StreamAppender(grpc_node.channel)
     pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(3000)]
-    await pending[0]
+    await asyncio.wait_for(writing.wait(), 20)
     runner = appender._runner
     assert runner is not None
     runner.cancel()
+    release.set()
     results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert failed and all(isinstance(r, RuntimeError) and "cancelled" in str(r) for r in failed)
@@ -164,17 +188,7 @@ async def test_appends_retried_as_a_cancelled_stream_fails_them_get_a_stream_of_
 ) -> None:
     """A caller that appends again as soon as its append fails does so while the cancelled stream
     is still winding down: the new append opens a new stream instead of waiting for ever."""
-    # The node holds its first write until the stream is cancelled, so appends are in flight then.
-    node_appender = grpc_node.node.appender
-    writing, release = asyncio.Event(), asyncio.Event()
-    commit = node_appender._commit
-
-    async def held_commit(jobs: Any) -> None:
-        writing.set()
-        await release.wait()
-        await commit(jobs)
-
-    monkeypatch.setattr(node_appender, "_commit", held_commit)
+    writing, release = hold_node_writes(grpc_node, monkeypatch)
     appender = StreamAppender(grpc_node.channel)
     failed_once: list[RuntimeError] = []
 

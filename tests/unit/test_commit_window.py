@@ -98,20 +98,27 @@ def test_the_first_write_after_a_pause_is_not_held() -> None:
 
 async def test_a_held_write_takes_the_appends_that_come_meanwhile() -> None:
     class Saturated(CommitWindow):
-        """Holds every write for up to a second (as if the thread were saturated)."""
+        """Holds every write until enough appends are queued (as if the thread were saturated;
+        a hold longer than any test, so that only the appends end it)."""
+
+        def __init__(self) -> None:
+            super().__init__(enough_jobs=4)
+            self.asked = asyncio.Event()
 
         def hold(self, queued_jobs: int, queued_entries: int) -> float:
-            return 0.0 if queued_jobs >= self.enough_jobs else 1.0
+            self.asked.set()
+            return 0.0 if queued_jobs >= self.enough_jobs else 60.0
 
     store = MemoryStore()
-    appender = Appender(Log(store), store, window=Saturated(enough_jobs=4))
+    saturated = Saturated()
+    appender = Appender(Log(store), store, window=saturated)
     appender.start()
     try:
         first = asyncio.create_task(appender.append([NewEntry(Value(number_value=0))]))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(saturated.asked.wait(), 10)
         assert not first.done()  # held open, waiting for more
         rest = [asyncio.create_task(appender.append([NewEntry(Value(number_value=n))])) for n in (1, 2, 3)]
-        entries = [e for t in [first, *rest] for e in await asyncio.wait_for(t, 0.5)]
+        entries = [e for t in [first, *rest] for e in await asyncio.wait_for(t, 10)]
         assert [e.data.number_value for e in entries] == [0, 1, 2, 3]
         assert appender.batches == 1  # the fourth append ended the hold: one write for all
     finally:

@@ -31,7 +31,10 @@ async def kv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[t
         await service.stop()
 
 
-async def test_a_read_shows_the_write_answered_before_it(kv: tuple[KvService, FakeLog]) -> None:
+async def test_a_read_shows_the_write_answered_before_it(
+    kv: tuple[KvService, FakeLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kv_service, "APPLY_WAIT", 60.0)  # the read must not give up meanwhile
     service, log = kv
     await service.write(service.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
     log.held = True
@@ -40,7 +43,7 @@ async def test_a_read_shows_the_write_answered_before_it(kv: tuple[KvService, Fa
     await asyncio.sleep(0.05)
     assert not read.done()  # the write is not applied yet
     log.release()
-    state = await asyncio.wait_for(read, WAIT / 2)
+    state = await asyncio.wait_for(read, 10)
     assert state.get("t", "k")[1] == 1
 
 
