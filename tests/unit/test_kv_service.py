@@ -88,11 +88,9 @@ async def test_reads_after_a_restart_show_the_writes_answered_before_it(
         await again.stop()
 
 
-async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The log lost entries the KV state had applied (a power cut without --fsync): on start, the
-    state is rebuilt from the log as it is, not resumed past entries that will take those positions."""
+async def applied_then_lost(tmp_path: Path) -> tuple[FakeLog, MemoryStore]:
+    """A KV state that applied a table's config and a write, then stopped (its store as it was), and
+    a log that came back without the write: the state is ahead of the log."""
     log = FakeLog(HybridClock())
     store = MemoryStore()
     first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
@@ -104,6 +102,15 @@ async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
     assert first._task is not None
     first._task.cancel()  # the node stops (its store stays as it was)
     del log.entries[1:]  # the log comes back without the second write
+    return log, store
+
+
+async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log lost entries the KV state had applied (a power cut without --fsync): on start, the
+    state is rebuilt from the log as it is, not resumed past entries that will take those positions."""
+    log, store = await applied_then_lost(tmp_path)
     again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
     assert "rebuilding the KV state from the log" in caplog.text
     await again.start()
@@ -119,16 +126,7 @@ async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
 async def test_a_rebuild_cut_short_is_made_again_on_the_next_start(tmp_path: Path) -> None:
     """A clear of the state interrupted (a power cut in the middle of it) may have deleted the cursor
     and left states: the next start clears again, though the cursor is no longer ahead of the log."""
-    log = FakeLog(HybridClock())
-    store = MemoryStore()
-    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
-    await first.start()
-    await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
-    await first.write(first.state.plan_write("t", "lost", "set", 1))
-    await asyncio.wait_for(first.current(), WAIT)
-    assert first._task is not None
-    first._task.cancel()
-    del log.entries[1:]
+    log, store = await applied_then_lost(tmp_path)
     store.write([(b"\x00clearing", b""), (CURSOR_KEY, None)])  # as a clear cut short leaves it
     again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
     await again.start()
