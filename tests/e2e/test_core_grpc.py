@@ -281,3 +281,14 @@ async def test_grpc_is_not_served_on_the_other_rest_ports(node: NodeProcess, por
             )
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "B+10" in (info.value.details() or "")
+
+
+async def test_a_grpc_clients_deadline_holds_through_envoy(node: NodeProcess) -> None:
+    async with grpc.aio.insecure_channel(core_target(node)) as channel:
+        status = await nodes_pb2_grpc.NodesServiceStub(channel).GetStatus(nodes_pb2.GetStatusRequest())
+        subscription = log_pb2_grpc.LogServiceStub(channel).SubscribeEntries(
+            log_pb2.SubscribeEntriesRequest(after_position=status.delivered_position), timeout=0.5
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await subscription.read()  # nothing new comes: the deadline ends the call
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -567,3 +567,11 @@ def test_http_1_0_clients_are_served(shared_node: NodeProcess, http: httpx.Clien
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.0 200"), head
         assert json.loads(body)["data"] == {"via": "HTTP/1.1"}
+
+
+def test_a_grpc_timeout_header_on_a_rest_request_is_ignored(http: httpx.Client) -> None:
+    """The node would reset a call with a malformed grpc-timeout (a 503 from Envoy): a REST client's
+    gRPC headers are none of its business."""
+    for value in ("soon", "5S"):
+        response = http.get("/log/first", headers={"grpc-timeout": value})
+        assert response.status_code == 200, response.text
