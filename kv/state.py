@@ -376,13 +376,8 @@ class KvState:
         if not batch or batch[-1][0] <= self._position:
             return
         last = batch[-1][0]
-        # Entries without the mark are skipped unread; with one mark per entry in the whole batch
-        # (a rebuild from a log of KV events), each is read without a search of its own: one
-        # without the mark can be no KV event, so reading it finds none either.
-        marks = b"".join(blobs).count(EVENT_MARK) if blobs is not None else 0
-        if blobs is not None and not marks:
+        if blobs is not None and b"".join(blobs).find(EVENT_MARK) < 0:
             batch, blobs = (), ()  # no KV event (one search in C), but the cursor moves on
-        search_each = blobs is not None and marks != len(blobs)
         states: dict[bytes, Stored] = {}
         cache = self._cache
         get = self._store.get
@@ -394,7 +389,7 @@ class KvState:
         for (position, entry), blob in pairs:
             if position <= floor:
                 continue  # already applied (a subscription resumed from an older cursor)
-            if search_each and blob is not None and blob.find(EVENT_MARK) < 0:
+            if blob is not None and blob.find(EVENT_MARK) < 0:
                 continue  # not a KV event (see potboiler.server.log.marked), and not read
             # Data that is not a Struct reads as an empty one (without changing the entry).
             event = _event_of_fields(entry.data.struct_value.fields)

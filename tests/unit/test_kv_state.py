@@ -896,23 +896,6 @@ def test_a_batch_without_kv_events_moves_the_cursor_on() -> None:
     assert node.state.get("t", "k") == (CrdtType.LWW, "v")
 
 
-def test_a_batch_with_as_many_marks_as_entries_reads_each_entry() -> None:
-    """A KV event whose value holds a "table" key carries the mark twice: with an entry without it
-    in the same batch, the batch has one mark per entry, and the entry without one is read (and
-    found to be no KV event) instead of being skipped by its own search."""
-    node = SimNode()
-    node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
-    batch = [
-        (2, make_entry("o", 2, lww_set_event("t", "k", {"table": "nested"}), 2)),
-        (3, make_entry("o", 3, [1, 2], 3)),
-    ]
-    blobs = [e.SerializeToString() for _, e in batch]
-    assert b"".join(blobs).count(EVENT_MARK) == len(blobs)
-    node.state.apply_batch(batch, blobs)
-    assert node.state.position == 3
-    assert node.state.get("t", "k") == (CrdtType.LWW, {"table": "nested"})
-
-
 def test_a_write_over_many_concurrent_values_depends_on_each_owners_newest() -> None:
     """More values than an entry may name as dependencies: the write names the newest of each
     owner, whose chain brings the others, so every node applies it after all of them."""
