@@ -272,12 +272,17 @@ async def test_more_than_a_thousand_open_subscriptions_through_envoy(node: NodeP
             await asyncio.gather(*readers, return_exceptions=True)
 
 
+@pytest.mark.parametrize("spoofed", [False, True], ids=["plain", "posing as transcoded REST"])
 @pytest.mark.parametrize("port", ["kv", "browser", "pigtail"])
-async def test_grpc_is_not_served_on_the_other_rest_ports(node: NodeProcess, port: str) -> None:
+async def test_grpc_is_not_served_on_the_other_rest_ports(
+    node: NodeProcess, port: str, spoofed: bool
+) -> None:
+    """Also for a call that sends the header by which Envoy's routes know a transcoded REST request."""
+    metadata = [("x-envoy-original-path", "/log")] if spoofed else []
     async with grpc.aio.insecure_channel(f"{node.host}:{getattr(node.ports, port)}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await log_pb2_grpc.LogServiceStub(channel).AppendEntry(
-                log_pb2.AppendEntryRequest(data=value("not here"))
+                log_pb2.AppendEntryRequest(data=value("not here")), metadata=metadata
             )
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "B+10" in (info.value.details() or "")
