@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from potboiler.server.urls import redacted
 
 if TYPE_CHECKING:
     from potboiler.server.node import Node
+
+log = logging.getLogger(__name__)
 
 
 class NodeCollector(Collector):
@@ -118,7 +121,8 @@ SCRAPE_TIMEOUT = 10.0
 class _Handler(BaseHTTPRequestHandler):
     """`/metrics` for GET and HEAD (as every port of a node takes HEAD wherever it takes GET); a JSON
     error, as on the node's other ports, for any other path or method. One request per connection
-    (HTTP/1.0, as Prometheus scrapes): none outlives the server."""
+    (HTTP/1.0, as Prometheus scrapes): a connection made before the server stopped is answered at
+    most once more."""
 
     #: Seconds a connection may take to send its request: a client that sends nothing does not hold
     #: a thread for ever.
@@ -151,8 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
         except TimeoutError:
             self._send(503, *_error(14, "the node did not answer the scrape in time"), send_body)
             return
-        except Exception as exc:  # the node is stopping (its stores closed, its loop gone)
-            self._send(503, *_error(14, f"the node cannot be read now: {exc}"), send_body)
+        except Exception:  # the node is stopping (its stores closed, its loop gone), or a bug
+            log.exception("metrics scrape failed")
+            self._send(503, *_error(14, "the node cannot be read now (its log says why)"), send_body)
             return
         self._send(200, CONTENT_TYPE_LATEST, body, send_body)
 
