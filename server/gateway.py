@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import envoy
-import grpc
 
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import InvalidArgument
+from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.rest_routes import (
     DESCRIPTOR,
     descriptor_set,
@@ -161,32 +161,12 @@ def upstream_tls(tls: TlsFiles | None, grpc_host: str) -> str:
     return "transport_socket: " + json.dumps(socket)
 
 
-#: For Envoy's own errors, the gRPC status code each HTTP status stands for: the node's errors carry
-#: their gRPC code (the transcoder's JSON of a gRPC status), so every error body reads the same.
-_GRPC_CODE_OF_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    405: grpc.StatusCode.UNIMPLEMENTED,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    431: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    500: grpc.StatusCode.INTERNAL,
-    501: grpc.StatusCode.UNIMPLEMENTED,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
 def error_code_mappers() -> list[dict[str, Any]]:
     """Envoy `local_reply_config` mappers: each of Envoy's own error statuses answered as
     `{"code": <gRPC code>, "message"}`; a body over the limit says what the limit is (Envoy's own
     words are about its buffers)."""
     mappers = []
-    for status, code in _GRPC_CODE_OF_STATUS.items():
+    for status, code in GRPC_CODE_OF_STATUS.items():
         message = {
             405: "%REQ(:METHOD)% is not allowed here: %LOCAL_REPLY_BODY%",
             413: f"the request body is larger than the limit of {MAX_BODY_BYTES >> 20} MiB",

@@ -16,11 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from potboiler.server.replication import lag
+from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.urls import redacted
 
 if TYPE_CHECKING:
@@ -138,28 +140,32 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The handler's own errors as JSON; a method it does not take (501 here) is a 405."""
         if code == 501:
-            self._send(
-                405, *_error(12, f"{self.command} is not allowed here: /metrics takes GET or HEAD"), True
-            )
+            self._fail(405, f"{self.command} is not allowed here: /metrics takes GET or HEAD", True)
             return
         self.close_connection = True
-        self._send(code, *_error(_GRPC_CODES.get(code, 2), message or "bad request"), self.command != "HEAD")
+        self._fail(code, message or "bad request", self.command != "HEAD")
 
     def _answer(self, send_body: bool) -> None:
         path = urlsplit(self.path).path
         if path.rstrip("/") != "/metrics":
-            self._send(404, *_error(5, f"No such path: {path} (metrics are at /metrics)"), send_body)
+            self._fail(404, f"No such path: {path} (metrics are at /metrics)", send_body)
             return
         try:
             body = self.server.scrape()
         except TimeoutError:
-            self._send(503, *_error(14, "the node did not answer the scrape in time"), send_body)
+            self._fail(503, "the node did not answer the scrape in time", send_body)
             return
         except Exception:  # the node is stopping (its stores closed, its loop gone), or a bug
             log.exception("metrics scrape failed")
-            self._send(503, *_error(14, "the node cannot be read now (its log says why)"), send_body)
+            self._fail(503, "the node cannot be read now (its log says why)", send_body)
             return
         self._send(200, CONTENT_TYPE_LATEST, body, send_body)
+
+    def _fail(self, status: int, message: str, send_body: bool) -> None:
+        """An error as the node's other ports answer theirs: {"code": <gRPC code>, "message"}."""
+        code = GRPC_CODE_OF_STATUS.get(status, grpc.StatusCode.UNKNOWN).value[0]
+        body = json.dumps({"code": code, "message": message}).encode()
+        self._send(status, "application/json", body, send_body)
 
     def _send(self, status: int, content_type: str, body: bytes, send_body: bool) -> None:
         self.send_response(status)
@@ -173,15 +179,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""
-
-
-#: The gRPC status code of each HTTP status the handler answers by itself (as on the node's other
-#: ports); 2 (UNKNOWN) for others.
-_GRPC_CODES = {400: 3, 404: 5, 405: 12, 408: 4, 414: 3, 431: 8, 503: 14}
-
-
-def _error(code: int, message: str) -> tuple[str, bytes]:
-    return "application/json", json.dumps({"code": code, "message": message}).encode()
 
 
 class _HttpServer(ThreadingHTTPServer):

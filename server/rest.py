@@ -34,6 +34,27 @@ MAX_EXACT_INTEGER = 2**53
 _LONG_DIGITS = b"0" * len(str(MAX_EXACT_INTEGER))
 _DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 
+#: The gRPC status code each HTTP status stands for, in the errors a node's ports answer by
+#: themselves (Envoy's, the metrics port's): the node's own errors carry their gRPC code (the
+#: transcoder's JSON of a gRPC status), so every error body reads the same.
+GRPC_CODE_OF_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    414: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    431: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
 
 def created(context: Ctx, location: str) -> None:
     """Answer REST with 201 Created and a Location header."""
