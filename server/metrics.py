@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from potboiler.server.replication import lag
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
-from potboiler.server.urls import redacted
+from potboiler.server.urls import digest, origin
 
 if TYPE_CHECKING:
     from potboiler.server.node import Node
@@ -97,22 +97,19 @@ class NodeCollector(Collector):
             connected.add_metric([url], 1 if peer.sessions else 0)
         yield from (peer_lag, connected)
 
+        # The metrics port is open: a webhook's series name only where it goes and a digest of its
+        # URL (ListWebhooks shows the same digest), as a path or query may be its secret.
+        labels = ["target", "webhook"]
         delivered = CounterMetricFamily(
-            "potboiler_webhook_deliveries", "Entries delivered per webhook", labels=["url"]
+            "potboiler_webhook_deliveries", "Entries delivered per webhook", labels=labels
         )
         failed = CounterMetricFamily(
-            "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=["url"]
+            "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=labels
         )
-        # The metrics port is open: no password in a label. Webhooks that differ only in theirs are
-        # summed (one series per label set: a scrape with two would be refused whole).
-        by_url: dict[str, tuple[int, int]] = {}
         for state in node.webhooks.states():
-            url = redacted(state.url)
-            done, failures = by_url.get(url, (0, 0))
-            by_url[url] = (done + state.delivered, failures + state.failed_attempts)
-        for url, (done, failures) in by_url.items():
-            delivered.add_metric([url], done)
-            failed.add_metric([url], failures)
+            names = [origin(state.url), digest(state.url)]
+            delivered.add_metric(names, state.delivered)
+            failed.add_metric(names, state.failed_attempts)
         yield from (delivered, failed)
 
 

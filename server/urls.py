@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import urlsplit, urlunsplit
 
 from potboiler.server.errors import InvalidArgument
@@ -52,11 +53,7 @@ def node_url(text: str) -> str:
         raise InvalidArgument(
             f"node url {text!r} must be a root URL like http://host:8000 (no path or query)"
         )
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host.lower()}:{port}"
+    return origin(text)
 
 
 def redacted(url: str) -> str:
@@ -68,3 +65,18 @@ def redacted(url: str) -> str:
     user, _, host = parts.netloc.rpartition("@")
     name = user.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def origin(url: str) -> str:
+    """`scheme://host:port` of `url`: where it goes, without the user info, path or query that may
+    hold its secrets (a token in the query, a path that is itself the key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def digest(url: str) -> str:
+    """A short stable name for `url` that tells it from any other without showing it."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]

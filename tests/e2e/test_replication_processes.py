@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.server.urls import digest, origin
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from tests.conftest import refusing_port
 
@@ -357,6 +358,11 @@ def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     }
 
 
+def webhook_labels(url: str) -> tuple[tuple[str, str], ...]:
+    """The labels of a webhook's series on the metrics port."""
+    return (("target", origin(url)), ("webhook", digest(url)))
+
+
 def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(cluster: Cluster) -> None:
     a, b = cluster(2)
     receiver = Receiver()
@@ -372,7 +378,7 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
         post(a, {"n": n})
     wait_until(lambda: len(receiver.ids) == 5, what="the webhook deliveries on b")
     # The receiver records an entry before it answers; b counts it once the answer is back.
-    delivered = ("potboiler_webhook_deliveries_total", (("url", receiver.url),))
+    delivered = ("potboiler_webhook_deliveries_total", webhook_labels(receiver.url))
     wait_until(lambda: metrics(b)[delivered] == 5, what="the deliveries counted")
     on_a, on_b = metrics(a), metrics(b)
     assert on_a[("potboiler_appends_total", ())] == 5
@@ -382,10 +388,10 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
     assert on_b[("potboiler_peer_connected", (("peer", a.url),))] == 1
     assert on_b[("potboiler_store_bytes", ())] > 0
     wait_until(
-        lambda: metrics(b)[("potboiler_webhook_failures_total", (("url", dead_url),))] >= 1,
+        lambda: metrics(b)[("potboiler_webhook_failures_total", webhook_labels(dead_url))] >= 1,
         what="a failed delivery counted",
     )
-    assert metrics(b)[("potboiler_webhook_deliveries_total", (("url", dead_url),))] == 0
+    assert metrics(b)[("potboiler_webhook_deliveries_total", webhook_labels(dead_url))] == 0
     wait_until(
         lambda: metrics(a)[("potboiler_peer_lag_entries", (("peer", b.url),))] == 0,
         what="b's acknowledgement of everything",

@@ -123,6 +123,7 @@ class Webhook(_message.Message):
     DELIVERED_POSITION_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    METRICS_ID_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """The URL, with the password of its user info (if any) shown as `***`
     (deregistering takes the URL as registered).
@@ -133,6 +134,10 @@ class Webhook(_message.Message):
     """Consecutive failed attempts at the next entry."""
     last_error: _builtins.str
     """The last delivery error, empty if the last attempt succeeded."""
+    metrics_id: _builtins.str
+    """The `webhook` label of this URL's series on the metrics port: a digest of
+    the URL, which that open port shows instead of the URL itself.
+    """
     def __init__(
         self,
         *,
@@ -140,10 +145,11 @@ class Webhook(_message.Message):
         delivered_position: _builtins.int = ...,
         failures: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        metrics_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_position", b"delivered_position", "failures", b"failures", "last_error", b"last_error", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_position", b"delivered_position", "failures", b"failures", "last_error", b"last_error", "metrics_id", b"metrics_id", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
