@@ -233,7 +233,8 @@ async def test_envoy_and_direct_see_the_same_log(node: NodeProcess) -> None:
         grpc.aio.insecure_channel(node.grpc_target) as direct,
     ):
         ack = await log_pb2_grpc.LogServiceStub(via_envoy).AppendEntry(
-            log_pb2.AppendEntryRequest(data=value("through envoy"))
+            log_pb2.AppendEntryRequest(data=value("through envoy")),
+            metadata=(("x-trace-bin", b"\x00\xff"),),  # binary metadata goes through to gRPC calls
         )
         entry = (await log_pb2_grpc.LogServiceStub(direct).GetEntry(log_pb2.GetEntryRequest(id=ack.id))).entry
         assert entry.data.string_value == "through envoy"

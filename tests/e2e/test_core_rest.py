@@ -578,6 +578,7 @@ def test_http_1_0_clients_are_served(shared_node: NodeProcess, http: httpx.Clien
         ("grpc-encoding", "bogus"),
         ("grpc-accept-encoding", "bogus"),
         ("grpc-previous-rpc-attempts", "x"),
+        ("x-note-bin", "!!! not base64"),
     ],
 )
 def test_grpc_headers_on_a_rest_request_are_ignored(http: httpx.Client, header: tuple[str, str]) -> None:
