@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,12 @@ class NodeCollector(Collector):
 
 #: Longest a scrape waits for the node's event loop.
 SCRAPE_TIMEOUT = 10.0
+#: Connections served at once (a thread each); more are closed unanswered. The port is open: a flood
+#: of connections must not take a thread each.
+MAX_CONNECTIONS = 16
+#: A scrape answered within this many seconds of another gets that one's result: however many
+#: clients scrape, the node's event loop reads its state at most this often.
+SCRAPE_INTERVAL = 0.25
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -188,16 +195,45 @@ class _HttpServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._registry = registry
         self._loop = loop
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._scraping = threading.Lock()
+        self._last: tuple[float, bytes] | None = None  # (when it was read, the metrics)
         super().__init__((host, port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def scrape(self) -> bytes:
         """The metrics, read on the node's event loop (whose state they read, and which changes it
-        meanwhile only between its steps); TimeoutError if the loop does not get to it in time."""
+        meanwhile only between its steps), or those read less than SCRAPE_INTERVAL ago; one read at
+        a time. TimeoutError if the loop does not get to it in time."""
 
         async def collect() -> bytes:
             return generate_latest(self._registry)
 
-        return asyncio.run_coroutine_threadsafe(collect(), self._loop).result(SCRAPE_TIMEOUT)
+        if not self._scraping.acquire(timeout=SCRAPE_TIMEOUT):
+            raise TimeoutError
+        try:
+            now = time.monotonic()
+            if self._last is None or now - self._last[0] >= SCRAPE_INTERVAL:
+                body = asyncio.run_coroutine_threadsafe(collect(), self._loop).result(SCRAPE_TIMEOUT)
+                self._last = (now, body)
+            return self._last[1]
+        finally:
+            self._scraping.release()
 
 
 class MetricsServer:

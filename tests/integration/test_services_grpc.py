@@ -146,6 +146,61 @@ async def test_a_metrics_client_that_sends_nothing_is_let_go(
         server.stop()
 
 
+async def test_metrics_scrapes_at_once_read_the_node_once(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = 0
+    collect = NodeCollector.collect
+
+    def counted(self: NodeCollector) -> Any:
+        nonlocal reads
+        reads += 1
+        return collect(self)
+
+    monkeypatch.setattr(NodeCollector, "collect", counted)
+    monkeypatch.setattr(metrics, "SCRAPE_INTERVAL", 60.0)
+    server = MetricsServer(grpc_node.node, "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            answers = await asyncio.gather(*(client.get("/metrics") for _ in range(10)))
+        assert {a.status_code for a in answers} == {200}
+        assert len({a.text for a in answers}) == 1
+        assert reads == 1
+    finally:
+        server.stop()
+
+
+async def test_metrics_connections_beyond_the_cap_are_closed(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 2)
+    server = MetricsServer(grpc_node.node, "127.0.0.1", 0)
+    try:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        for _, writer in idle:
+            writer.write(b"GET /metrics HTTP/1.0\r\n")  # and never the rest: each holds a thread
+        await asyncio.sleep(0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed unanswered
+        writer.close()
+        for _, writer in idle:
+            writer.write(b"\r\n")  # the held requests end: their slots come free
+        for reader, _ in idle:
+            assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.0 200")
+        # A slot comes free just after its connection closes: the next may be refused a moment more.
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                try:
+                    answer = await client.get(f"http://127.0.0.1:{server.port}/metrics")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        assert answer.status_code == 200
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("url", BAD_URLS)
 async def test_register_rejects_bad_urls(grpc_node: GrpcNode, url: str) -> None:
     error = await rpc_error(grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url)))
