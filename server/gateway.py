@@ -40,6 +40,7 @@ from potboiler.server.rest_routes import (
     descriptor_set,
     listener_of,
     method_routes,
+    path_variables,
     raw_body_routes,
 )
 from potboiler.server.security import RestTlsFiles, TlsFiles
@@ -230,6 +231,7 @@ def render(
             PORT=port,
             DESCRIPTOR=str(DESCRIPTOR),
             SERVICES=json.dumps(services[name]),
+            PATH_VARIABLES=json.dumps(path_variables(name)),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
             RAW_BODY_ROUTES=("\n" + indent).join(f"- {json.dumps(r.route())}" for r in raw_body_routes(name))

@@ -55,6 +55,11 @@ class RestBinding:
     path: str
     raw_body: bool
 
+    @property
+    def variables(self) -> list[str]:
+        """The names of the fields the path binds."""
+        return [v[1:-1] for v in _VARIABLE.findall(self.path)]
+
 
 def rest_bindings() -> list[RestBinding]:
     """Every REST binding of the API, in the order of the descriptor set."""
@@ -82,6 +87,13 @@ def rest_bindings() -> list[RestBinding]:
                 raw = bool(rule.body) and messages[method.input_type].get(rule.body) == ".google.api.HttpBody"
                 out.append(RestBinding(listener_of(service.name), kind.upper(), getattr(rule, kind), raw))
     return out
+
+
+def path_variables(listener: str) -> list[str]:
+    """The fields some path of a listener binds. The transcoder would also set them from a query
+    parameter of the same name, overriding the path (`/kv/users/alice?key=bob` wrote `bob`): the
+    gateway ignores such query parameters."""
+    return sorted({v for b in rest_bindings() if b.listener == listener for v in b.variables})
 
 
 def _segments(template: str) -> list[str | None]:

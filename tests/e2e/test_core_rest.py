@@ -216,6 +216,12 @@ def test_entry_shape(http: httpx.Client) -> None:
     )
 
 
+def test_the_path_names_the_entry_not_the_query(http: httpx.Client) -> None:
+    first, second = append(http, "first"), append(http, "second")
+    response = http.get(f"/log/{first}", params={"id": second})
+    assert response.status_code == 200 and response.json()["data"] == "first"
+
+
 def test_unknown_entry_is_404(http: httpx.Client) -> None:
     unknown = str(uuid.uuid4())
     assert_error(http.get(f"/log/{unknown}"), 404, unknown)

@@ -135,6 +135,10 @@ def test_browse_tables_and_follow_links(
         page.wait_for_url(f"{base}/tables/{table}")
         check_table_page(page, kv, table)
 
+    # The path names the table, whatever the query says.
+    page.goto(f"{base}/tables/people?table=tags")
+    check_table_page(page, kv, "people")
+
     # Markup in values is shown as text, never interpreted.
     page.goto(f"{base}/tables/people")
     assert page.locator("#keys b").count() == 0

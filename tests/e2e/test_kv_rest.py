@@ -123,6 +123,12 @@ def test_seed_rest_flow(kv: Kv) -> None:
     response = kv.http.post("/kv/test/bar", json={"op": "set", "change": "body", "table": "x", "key": "y"})
     assert response.status_code == 200, response.text
     assert kv.value("test", "bar") == "body"
+    # Nor does a query naming them (the transcoder would take those over the path).
+    query = {"table": "_config", "key": "test"}
+    response = kv.http.post("/kv/test/bar", params=query, json={"op": "set", "change": "query"})
+    assert response.status_code == 200, response.text
+    assert kv.value("test", "bar") == "query"
+    assert kv.get("/kv/test/bar?key=foo").json() == "query"
     assert kv.tables() == ["test"]
     assert kv.get("/kv/test").json() == ["bar", "foo"]
     assert kv.value("_config", "test") == {"crdt": "LWW"}

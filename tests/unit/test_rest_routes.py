@@ -6,14 +6,18 @@ from __future__ import annotations
 import re
 
 import pytest
+from google.api import annotations_pb2
 
 from potboiler.server.rest_routes import (
     RawBodyRoute,
     RestBinding,
     allowed_methods,
+    descriptor_set,
+    listener_of,
     method_routes,
     overlap,
     path_match,
+    path_variables,
     raw_body_routes,
     rest_bindings,
 )
@@ -156,3 +160,28 @@ def test_wildcard_templates_are_refused() -> None:
         path_match("/files/{path=**}")
     with pytest.raises(ValueError, match="unsupported path template"):
         path_match("/files/*")
+
+
+def test_the_fields_paths_bind_are_ignored_as_query_parameters_per_listener() -> None:
+    assert path_variables("core") == ["id"]
+    assert path_variables("kv") == ["key", "table"]
+    assert path_variables("browser") == ["table"]
+    assert path_variables("pigtail") == ["queue", "task_id"]
+
+
+def test_no_rest_binding_needs_a_query_parameter_that_another_path_binds() -> None:
+    """Ignoring a path-bound name in the query is per listener: no binding there may take that
+    field from the query."""
+    fds = descriptor_set()
+    fields = {f".{f.package}.{m.name}": {x.name for x in m.field} for f in fds.file for m in f.message_type}
+    for f in fds.file:
+        for service in f.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                kind = rule.WhichOneof("pattern")
+                if kind is None or rule.body == "*":
+                    continue
+                path = getattr(rule, kind)
+                bound = set(re.findall(r"\{([A-Za-z0-9_]+)\}", path)) | {rule.body}
+                from_query = fields[method.input_type] - bound
+                assert not from_query & set(path_variables(listener_of(service.name))), path
