@@ -133,6 +133,9 @@ class Pigtail:
         self._task_watchers: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self._queue_watchers: dict[str, set[asyncio.Future[None]]] = {}
         self._reserved: dict[str, set[str]] = {}
+        #: Per queue with ready waiters: when, and the timer that wakes them, as the queue's next
+        #: waiting task may become claimable then (a due time or a lease end: time alone does it).
+        self._timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._applier: asyncio.Task[None] | None = None
         #: The newest synced store write (it runs in a thread, which a cancellation does not stop).
         self._writing: asyncio.Future[None] | None = None
@@ -157,6 +160,9 @@ class Pigtail:
             if not future.done():
                 future.set_exception(Unavailable("the node is stopping"))
         self._waiters.clear()
+        for _, timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
 
     async def _apply_loop(self) -> None:
         await apply_forever(
@@ -222,6 +228,8 @@ class Pigtail:
         for queue, old in before.items():
             self._place_again(queue, old, applied, now)
             self._wake(self._queue_watchers.pop(queue, ()))
+        for queue in {queue for queue, _ in applied.tasks} | before.keys():
+            self._arm(queue)
         for entry_id in applied.entry_ids:
             future = self._waiters.pop(entry_id, None)
             if future is not None and not future.done():
@@ -244,6 +252,25 @@ class Pigtail:
             if not future.done():
                 future.set_result(None)
                 return
+
+    def _arm(self, queue: str) -> None:
+        """If anyone waits for a claimable task of the queue, wake them all when its next waiting
+        task may become claimable (they each waited only until the earliest such time they knew)."""
+        if not self._ready_waiters.get(queue):
+            return
+        wake = self._scheduler.next_wake_ms(queue)
+        armed = self._timers.get(queue)
+        if wake is None or (armed is not None and armed[0] <= wake):
+            return
+        if armed is not None:
+            armed[1].cancel()
+        delay = max(0.0, (wake - self.now_ms()) / 1000) + 0.001
+        timer = asyncio.get_running_loop().call_later(delay, self._ring, queue)
+        self._timers[queue] = (wake, timer)
+
+    def _ring(self, queue: str) -> None:
+        del self._timers[queue]
+        self._wake(self._ready_waiters.pop(queue, ()))
 
     async def _wait_for_work(
         self, queue: str, held: Iterable[str], ready: bool, timeout: float | None

@@ -335,6 +335,41 @@ async def test_claim_next_waits_for_a_task(h: Harness) -> None:
     assert claimed is not None and claimed["task_id"] == task_id and claimed["worker"] == "w"
 
 
+async def test_waiting_claimers_get_a_task_that_falls_due_meanwhile(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Time alone makes a delayed task claimable: claimers waiting since before it was added are
+    woken then, not at the end of their own wait (nor at the lease stream's safety net)."""
+    monkeypatch.setattr(engine, "LEASE_RECHECK_S", 60.0)
+    await h.pigtail.create_queue("q", 60_000)
+    claim = asyncio.create_task(h.pigtail.claim_next("q", "w1", wait_ms=60_000))
+    leases = h.pigtail.lease("q", "w2")
+    lease: asyncio.Task[TaskView] = asyncio.ensure_future(anext(leases))
+    await asyncio.sleep(0.01)
+    first, second = await h.add(delay_ms=100), await h.add(delay_ms=100)
+    await asyncio.sleep(0.01)
+    assert not claim.done() and not lease.done()
+    h.advance(100)
+    claimed, leased = await asyncio.wait_for(asyncio.gather(claim, lease), 5)
+    assert claimed is not None
+    assert {claimed["task_id"], leased["task_id"]} == {first, second}
+    await leases.aclose()
+
+
+async def test_a_waiting_claimer_gets_a_task_whose_claim_expires_meanwhile(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 100)
+    waiting = [asyncio.create_task(h.pigtail.claim_next("q", w, wait_ms=60_000)) for w in ("w1", "w2")]
+    await asyncio.sleep(0.01)
+    task_id = await h.add()
+    done, pending = await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    first = done.pop().result()
+    assert first is not None and first["task_id"] == task_id
+    h.advance(100)  # the first claim expires: the other claimer, waiting all along, takes the task
+    second = await asyncio.wait_for(pending.pop(), 5)
+    assert second is not None and second["task_id"] == task_id
+    assert second["worker"] != first["worker"] and second["attempts"] == 2
+
+
 async def test_lease_stream_respects_max_in_flight(h: Harness) -> None:
     await h.pigtail.create_queue("q", 60_000)
     ids = [await h.add() for _ in range(3)]
