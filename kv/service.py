@@ -9,7 +9,8 @@ Reads come from the materialised state (`KvState`), kept in the service's own Ro
 `<data-dir>/kv`, updated by one task that consumes the log's subscription from its stored cursor.
 
 Read-your-writes on this node: every read takes the state through `KvService.current`, which first waits
-(at most `APPLY_WAIT` seconds) until the applier has applied every write this service has answered. So
+(at most `APPLY_WAIT` seconds, then Unavailable) until the applier has applied every write this service
+has answered. So
 the wait falls on a read that follows writes, not on each write: writes that nobody reads at once are
 applied in batches (one store write for many). Planning a write reads the state too when the write
 depends on it (see `KvState.plan_reads_state`).
@@ -26,7 +27,7 @@ import grpc
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
-from potboiler.server.errors import InvalidArgument, TooDeep
+from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import MAX_DEPTH, DeliveredBatch
 from potboiler.server.logclient import Linger, apply_forever, discard_if_ahead
@@ -37,7 +38,7 @@ from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
-#: Longest a read waits for this node's answered writes to be applied before answering anyway.
+#: Longest a read waits for this node's answered writes to be applied before it is refused (Unavailable).
 APPLY_WAIT = 5.0
 #: Most log entries applied in one batch (one store write).
 APPLY_BATCH = 1000
@@ -72,8 +73,6 @@ class KvService:
         #: The highest seq of a write this service has answered, and of a `_config` write among them.
         self._answered_seq = 0
         self._answered_config_seq = 0
-        #: Reads stop waiting for seqs up to this one once a wait for it has timed out.
-        self._given_up_seq = 0
         #: Set once the state shows everything delivered before the service started: the writes this
         #: node answered before a restart (and not applied by then) included.
         self._caught_up = asyncio.Event()
@@ -129,17 +128,20 @@ class KvService:
 
     async def current(self) -> KvState:
         """The state, once it shows every write this service has answered (read-your-writes), also
-        before the node last started."""
+        before the node last started; Unavailable if it does not within APPLY_WAIT (a stale state
+        would hide those writes, and a write planned on it, an OR-Set remove say, would miss them)."""
         if not self._caught_up.is_set():
             self._linger.hurry()
             try:
                 async with asyncio.timeout(APPLY_WAIT):
                     await self._caught_up.wait()
             except TimeoutError:
-                log.warning("KV state not caught up with the log after %.1fs; reading anyway", APPLY_WAIT)
-                self._caught_up.set()
+                raise Unavailable(
+                    f"the KV state here is still being brought up to date with the log (at position "
+                    f"{self.state.position} of {self._start_position}); try again"
+                ) from None
         seq = self._answered_seq
-        if seq > self._own_seq and seq > self._given_up_seq:
+        if seq > self._own_seq:
             await self._wait_applied(seq)
         return self.state
 
@@ -155,8 +157,7 @@ class KvService:
         return await self.current()
 
     async def _wait_applied(self, seq: int) -> None:
-        """Wait until this node's own entry `seq` is applied, or reads have given up on it: after
-        APPLY_WAIT, reads stop waiting for it and every earlier seq (and so do those waiting now).
+        """Wait until this node's own entry `seq` is applied; Unavailable after APPLY_WAIT.
 
         A node's own entries are delivered in their seq order (each depends on its predecessor), so
         "applied" is "seq at most the highest own seq applied so far"."""
@@ -168,9 +169,11 @@ class KvService:
             async with asyncio.timeout(APPLY_WAIT):
                 await asyncio.shield(waiter)
         except TimeoutError:
-            log.warning("KV writes up to seq %d not applied after %.1fs; reading anyway", seq, APPLY_WAIT)
-            self._given_up_seq = max(self._given_up_seq, seq)
-            self._release(seq)
+            behind = self._context.log.position() - self.state.position
+            raise Unavailable(
+                f"writes this node answered are not applied to its KV state yet after {APPLY_WAIT:g} s "
+                f"(it is {behind} log entries behind); try again"
+            ) from None
 
     def _release(self, upto: int) -> None:
         """Wake the readers waiting for seqs up to `upto`."""
