@@ -87,6 +87,10 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
         and _has_non_finite(data)
     ):
         raise InvalidArgument("entry data must be JSON, which has no NaN or infinite numbers")
+    if (serialized.find(b"\x12\x00") >= 0 or serialized.find(b"\x0a\x00") >= 0) and _has_unset(data):
+        raise InvalidArgument(
+            "entry data holds a google.protobuf.Value with no kind set; a JSON null is null_value"
+        )
     deps = tuple(parse_uuid(d, "dependency") for d in dependencies) if dependencies else ()
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
@@ -114,6 +118,23 @@ def _has_non_finite(data: Value) -> bool:
             if not math.isfinite(v.number_value):
                 return True
         elif kind == "list_value":
+            stack.extend(v.list_value.values)
+        elif kind == "struct_value":
+            stack.extend(v.struct_value.fields.values())
+    return False
+
+
+def _has_unset(data: Value) -> bool:
+    """Whether a value nested in `data` has no kind (JSON has no such value: each reader would show
+    it differently). Asked only of data holding an empty list item or object member in its bytes
+    (`\x0a\x00`, `\x12\x00`), as every such value is."""
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        kind = v.WhichOneof("kind")
+        if kind is None:
+            return True
+        if kind == "list_value":
             stack.extend(v.list_value.values)
         elif kind == "struct_value":
             stack.extend(v.struct_value.fields.values())

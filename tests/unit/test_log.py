@@ -407,6 +407,21 @@ def test_every_non_finite_number_is_refused_wherever_it_is(
         validate_new_entry(value, ())
 
 
+def test_a_nested_value_with_no_kind_is_refused() -> None:
+    """REST would show the member dropped, a webhook null, a proto JSON reader an error."""
+    member, item = Value(), Value()
+    member.struct_value.fields["a"].CopyFrom(Value())
+    item.struct_value.fields["a"].list_value.values.add()
+    for value in (member, item):
+        with pytest.raises(InvalidArgument, match="no kind set"):
+            validate_new_entry(value, ())
+    empty = Value()  # empty strings, lists and objects look alike in bytes, and are fine
+    empty.struct_value.fields["a"].list_value.values.add().string_value = ""
+    empty.struct_value.fields["b"].list_value.SetInParent()
+    empty.struct_value.fields["c"].struct_value.SetInParent()
+    assert validate_new_entry(empty, ()).data == empty
+
+
 def test_a_finite_number_that_looks_non_finite_in_its_bytes_is_accepted() -> None:
     [number] = struct.unpack("<d", b"\x00\x00\x00\xf5\xff\x00\x00\x40")  # about 2.0, bytes F5 FF inside
     assert math.isfinite(number)
