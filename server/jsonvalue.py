@@ -13,10 +13,22 @@ from typing import TypeAlias
 
 from google.protobuf.struct_pb2 import NULL_VALUE, ListValue, Struct, Value
 
+from potboiler.server.errors import InvalidArgument
+
 #: A plain JSON value as Python holds it.
 JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 
-_EXACT = float(2**53)
+#: The largest integer every double up to it holds exactly.
+MAX_EXACT_INTEGER = 2**53
+_EXACT = float(MAX_EXACT_INTEGER)
+
+
+def big_integer_message(literal: str) -> str:
+    """What is wrong with an integer beyond MAX_EXACT_INTEGER in an entry."""
+    return (
+        f"the integer {literal} is beyond 2^53 ({MAX_EXACT_INTEGER}): JSON numbers are kept as IEEE "
+        "doubles, which hold every integer up to 2^53 but not all beyond; send bigger integers as strings"
+    )
 
 
 def read_number(n: float) -> int | float:
@@ -107,6 +119,26 @@ def set_list(out: ListValue, items: list[JSON]) -> ListValue:
 def to_value(x: JSON) -> Value:
     """A new Value holding the plain JSON `x`."""
     return set_value(Value(), x)
+
+
+def checked_value(x: object) -> Value:
+    """A new Value holding `x` if it is plain JSON as a node takes it; InvalidArgument otherwise
+    (`to_value` would store any other object as null, and an integer beyond 2^53 as another)."""
+    stack = [x]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise InvalidArgument("entry data must be JSON: object keys are strings")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) > MAX_EXACT_INTEGER:
+                raise InvalidArgument(big_integer_message(str(item)))
+        elif not (item is None or isinstance(item, str | bool | float)):
+            raise InvalidArgument(f"entry data must be JSON, which has no {type(item).__name__}")
+    return to_value(x)  # type: ignore[arg-type]  # checked above
 
 
 def to_struct(x: dict[str, JSON]) -> Struct:

@@ -18,7 +18,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.jsonvalue import JSON, to_value
+from potboiler.server.jsonvalue import JSON, MAX_EXACT_INTEGER, big_integer_message, to_value
 
 HTTP_CODE_HEADER = "x-http-code"
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -26,8 +26,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 #: potboiler.server.log, is checked on the converted value; this only keeps the conversion's
 #: recursion bounded).
 _MAX_BODY_NESTING = 64
-#: The largest integer every double up to it holds exactly.
-MAX_EXACT_INTEGER = 2**53
 #: A run of digits as long as MAX_EXACT_INTEGER's, in a body whose digits are all made "0": bodies
 #: without one hold no integer beyond it, so only those have their numbers looked at (a translate and
 #: a substring search: about ten times cheaper than a regular expression on a big body).
@@ -130,7 +128,7 @@ def _refuse_big_integers(value: JSON, raw: bytes) -> None:
             stack.extend(item)
         elif isinstance(item, int) and not isinstance(item, bool):
             if abs(item) > MAX_EXACT_INTEGER:
-                raise InvalidArgument(_big_integer(str(item)))
+                raise InvalidArgument(big_integer_message(str(item)))
         elif isinstance(item, float) and abs(item) > MAX_EXACT_INTEGER and item.is_integer():
             maybe_integer = True
     if maybe_integer:
@@ -138,17 +136,10 @@ def _refuse_big_integers(value: JSON, raw: bytes) -> None:
         # a float literal (1e30) by the literal itself, which the json module hands over as written.
         def integer(literal: str) -> int:
             if abs(n := int(literal)) > MAX_EXACT_INTEGER:
-                raise InvalidArgument(_big_integer(literal))
+                raise InvalidArgument(big_integer_message(literal))
             return n
 
         json.loads(raw, parse_int=integer)
-
-
-def _big_integer(literal: str) -> str:
-    return (
-        f"the integer {literal} is beyond 2^53 ({MAX_EXACT_INTEGER}): JSON numbers are kept as IEEE "
-        "doubles, which hold every integer up to 2^53 but not all beyond; send bigger integers as strings"
-    )
 
 
 def _nesting(value: dict[str, JSON] | list[JSON]) -> int:

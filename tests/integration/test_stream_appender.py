@@ -60,8 +60,12 @@ async def test_dependencies_and_values_pass_through(grpc_node: GrpcNode) -> None
         (nested(MAX_DEPTH + 1), InvalidArgument),
         ({"x": math.nan}, InvalidArgument),
         ("x" * (2 << 20), TooLarge),
+        ({"pair": (1, 2)}, InvalidArgument),  # not JSON: never stored as null
+        ([b"bytes"], InvalidArgument),
+        ({1: "key"}, InvalidArgument),
+        (2**53 + 1, InvalidArgument),  # refused as REST refuses it, not rounded
     ],
-    ids=["too deep", "NaN", "too large"],
+    ids=["too deep", "NaN", "too large", "tuple", "bytes", "int key", "big integer"],
 )
 async def test_an_entry_the_node_would_refuse_fails_at_once_and_alone(
     grpc_node: GrpcNode, bad: JSON, error: type[Exception]

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.rest import MAX_EXACT_INTEGER, parse_body
+from potboiler.server.jsonvalue import MAX_EXACT_INTEGER
+from potboiler.server.rest import parse_body
 
 
 def parse(raw: bytes | str) -> object:
