@@ -57,8 +57,8 @@ def node_url(text: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """`url` with the password of its user info, if any, replaced by `***` (for log lines: a webhook
-    URL may carry credentials)."""
+    """`url` with the password of its user info, if any, replaced by `***` (as ListWebhooks shows a
+    webhook to those who may list them)."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -80,3 +80,9 @@ def origin(url: str) -> str:
 def digest(url: str) -> str:
     """A short stable name for `url` that tells it from any other without showing it."""
     return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def shown(url: str) -> str:
+    """A webhook URL as logs show it: where it goes and its digest (as ListWebhooks and the metrics
+    give it), never its user info, path or query, any of which may be its secret."""
+    return f"{origin(url)} ({digest(url)})"

@@ -29,7 +29,7 @@ from potboiler.server.errors import NotFound, TooLarge
 from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
-from potboiler.server.urls import redacted, webhook_url
+from potboiler.server.urls import shown, webhook_url
 from potboiler.v1.entry_pb2 import Entry
 
 if TYPE_CHECKING:
@@ -149,9 +149,7 @@ class Webhooks:
         return [self._states[u] for u in sorted(self._states)]
 
     def _spawn(self, url: str) -> None:
-        self._tasks[url] = asyncio.create_task(
-            self._deliver(self._states[url]), name=f"webhook {redacted(url)}"
-        )
+        self._tasks[url] = asyncio.create_task(self._deliver(self._states[url]), name=f"webhook {shown(url)}")
 
     async def _deliver(self, state: WebhookState) -> None:
         """Deliver to `state.url` until it is deregistered. An error other than the receiver's (the
@@ -167,7 +165,7 @@ class Webhooks:
                 failures = 1 if state.position != resumed_at else failures + 1
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 delay = self._backoff.delay(failures)
-                log.exception("webhook %s: delivery failed; resuming in %.1fs", redacted(state.url), delay)
+                log.exception("webhook %s: delivery failed; resuming in %.1fs", shown(state.url), delay)
                 await asyncio.sleep(delay)
 
     async def _deliver_from(self, state: WebhookState) -> None:
@@ -208,7 +206,7 @@ class Webhooks:
             delay = self._backoff.delay(state.failures)
             log.warning(
                 "webhook %s failed (%s); attempt %d, retrying in %.1fs",
-                redacted(state.url),
+                shown(state.url),
                 error,
                 state.failures,
                 delay,

@@ -48,7 +48,7 @@ class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
                     delivered_position=s.position,
                     failures=s.failures,
                     last_error=s.last_error,
-                    metrics_id=digest(s.url),
+                    digest=digest(s.url),
                 )
                 for s in self._webhooks.states()
             ]

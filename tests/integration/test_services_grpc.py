@@ -94,7 +94,7 @@ async def test_webhook_metrics_show_where_a_webhook_goes_not_its_secrets(grpc_no
     for url in urls:
         await grpc_node.webhooks.RegisterWebhook(webhooks_pb2.RegisterWebhookRequest(url=url))
     listed = await grpc_node.webhooks.ListWebhooks(webhooks_pb2.ListWebhooksRequest())
-    ids = {hook.metrics_id for hook in listed.webhooks}
+    ids = {hook.digest for hook in listed.webhooks}
     assert len(ids) == len(urls)  # every webhook its own series, told apart as ListWebhooks does
     families = {f.name: f for f in NodeCollector(grpc_node.node).collect()}
     for name in ("potboiler_webhook_deliveries", "potboiler_webhook_failures"):

@@ -24,6 +24,7 @@ from potboiler.server.log import Log, NewEntry
 from potboiler.server.replication import RECONNECT
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
+from potboiler.server.urls import digest, shown
 from potboiler.server.webhooks import MAX_WEBHOOKS, Webhooks
 from tests.conftest import wait_for
 
@@ -189,6 +190,19 @@ async def test_failures_are_retried_until_accepted(harness: Harness, failure: in
     assert (state.failures, state.last_error) == (0, "")
 
 
+async def test_a_failure_is_logged_without_the_urls_secrets(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "http://token-user:pw@receiver.test/services/T0/s3cret?key=s3cret"
+    harness.receiver.status = lambda url, attempt: 500 if attempt == 1 else 200
+    await harness.webhooks.register(url)
+    await harness.append(1)
+    await wait_for(lambda: harness.receiver.attempts.get(url, 0) >= 2)
+    [line] = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert f"http://receiver.test:80 ({digest(url)})" in line
+    assert "s3cret" not in line and "token-user" not in line and "pw" not in line
+
+
 async def test_a_failing_url_does_not_hold_up_others(harness: Harness) -> None:
     other = "http://other.test/hook"
     harness.receiver.status = lambda url, attempt: 503 if url == URL else 200
@@ -238,7 +252,7 @@ async def test_delivery_resumes_after_a_very_long_outage(tmp_path: Path) -> None
     try:
         await harness.webhooks.register(URL)
         ids = await harness.append(1)
-        [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"webhook {URL}"]
+        [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"webhook {shown(URL)}"]
         await wait_for(lambda: receiver.ids(URL) == ids or task.done())
         assert not task.done(), task.exception()
         assert receiver.ids(URL) == ids

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpotboiler/v1/webhooks.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\"%\n\x16RegisterWebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x19\n\x17RegisterWebhookResponse\"\'\n\x18\x44\x65registerWebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65registerWebhookResponse\"\x15\n\x13ListWebhooksRequest\"l\n\x07Webhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65livered_position\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x12\n\nmetrics_id\x18\x05 \x01(\t\"?\n\x14ListWebhooksResponse\x12\'\n\x08webhooks\x18\x01 \x03(\x0b\x32\x15.potboiler.v1.Webhook2\xe5\x02\n\x0fWebhooksService\x12x\n\x0fRegisterWebhook\x12$.potboiler.v1.RegisterWebhookRequest\x1a%.potboiler.v1.RegisterWebhookResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/log/register:\x01*\x12\x80\x01\n\x11\x44\x65registerWebhook\x12&.potboiler.v1.DeregisterWebhookRequest\x1a\'.potboiler.v1.DeregisterWebhookResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/log/deregister:\x01*\x12U\n\x0cListWebhooks\x12!.potboiler.v1.ListWebhooksRequest\x1a\".potboiler.v1.ListWebhooksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpotboiler/v1/webhooks.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\"%\n\x16RegisterWebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x19\n\x17RegisterWebhookResponse\"\'\n\x18\x44\x65registerWebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65registerWebhookResponse\"\x15\n\x13ListWebhooksRequest\"h\n\x07Webhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65livered_position\x18\x02 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x03 \x01(\r\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"?\n\x14ListWebhooksResponse\x12\'\n\x08webhooks\x18\x01 \x03(\x0b\x32\x15.potboiler.v1.Webhook2\xe5\x02\n\x0fWebhooksService\x12x\n\x0fRegisterWebhook\x12$.potboiler.v1.RegisterWebhookRequest\x1a%.potboiler.v1.RegisterWebhookResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/log/register:\x01*\x12\x80\x01\n\x11\x44\x65registerWebhook\x12&.potboiler.v1.DeregisterWebhookRequest\x1a\'.potboiler.v1.DeregisterWebhookResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/log/deregister:\x01*\x12U\n\x0cListWebhooks\x12!.potboiler.v1.ListWebhooksRequest\x1a\".potboiler.v1.ListWebhooksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,9 +47,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWEBHOOKSREQUEST']._serialized_start=211
   _globals['_LISTWEBHOOKSREQUEST']._serialized_end=232
   _globals['_WEBHOOK']._serialized_start=234
-  _globals['_WEBHOOK']._serialized_end=342
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=344
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=407
-  _globals['_WEBHOOKSSERVICE']._serialized_start=410
-  _globals['_WEBHOOKSSERVICE']._serialized_end=767
+  _globals['_WEBHOOK']._serialized_end=338
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=340
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=403
+  _globals['_WEBHOOKSSERVICE']._serialized_start=406
+  _globals['_WEBHOOKSSERVICE']._serialized_end=763
 # @@protoc_insertion_point(module_scope)

@@ -123,7 +123,7 @@ class Webhook(_message.Message):
     DELIVERED_POSITION_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
-    METRICS_ID_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """The URL, with the password of its user info (if any) shown as `***`
     (deregistering takes the URL as registered).
@@ -134,9 +134,10 @@ class Webhook(_message.Message):
     """Consecutive failed attempts at the next entry."""
     last_error: _builtins.str
     """The last delivery error, empty if the last attempt succeeded."""
-    metrics_id: _builtins.str
-    """The `webhook` label of this URL's series on the metrics port: a digest of
-    the URL, which that open port shows instead of the URL itself.
+    digest: _builtins.str
+    """A digest of the URL, which names the webhook where its URL is not shown
+    (its path or query may be a secret): in the node's log and in the
+    `webhook` label of its series on the metrics port.
     """
     def __init__(
         self,
@@ -145,11 +146,11 @@ class Webhook(_message.Message):
         delivered_position: _builtins.int = ...,
         failures: _builtins.int = ...,
         last_error: _builtins.str = ...,
-        metrics_id: _builtins.str = ...,
+        digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_position", b"delivered_position", "failures", b"failures", "last_error", b"last_error", "metrics_id", b"metrics_id", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_position", b"delivered_position", "digest", b"digest", "failures", b"failures", "last_error", b"last_error", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
