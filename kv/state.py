@@ -128,10 +128,13 @@ def _counter_op(op: str, amount: JSON) -> tuple[str, JSON]:
     return op, amount
 
 
-def _check_exact_counter(table: str, state: JSON | None, op: str, amount: JSON) -> None:
+def _check_exact_counter(
+    table: str, state: JSON | None, op: str, amount: JSON, asked: tuple[str, JSON]
+) -> None:
     """Refuse a PN-Counter amount that would take this node's total of its side (increments or
     decrements, all nodes' as seen here) past MAX_EXACT_INT, where numbers stop being exact. (Writers
-    on different nodes may still, together, pass it: each checks what it has seen.)"""
+    on different nodes may still, together, pass it: each checks what it has seen.) `asked`: the op
+    and amount as the client gave them (`increment -3` is `decrement 3` here)."""
     if not isinstance(amount, int | float):
         return  # prepare() has refused it already
     side = "p" if op == "increment" else "n"
@@ -144,7 +147,7 @@ def _check_exact_counter(table: str, state: JSON | None, op: str, amount: JSON) 
     if total > MAX_EXACT_INT:
         what = "increments" if op == "increment" else "decrements"
         raise InvalidArgument(
-            f"table {table!r}: PN-Counter {op!r} amount {amount} would take the counter's {what} past "
+            f"table {table!r}: PN-Counter {asked[0]!r} amount {asked[1]} would take the counter's {what} past "
             f"2**53 = {MAX_EXACT_INT}, the largest integer a JSON number holds exactly"
         )
 
@@ -257,7 +260,7 @@ class KvState:
     ) -> PlannedWrite:
         """Validate a client's write and build its event. InvalidArgument says what is wrong."""
         check_name(table, "table")
-        check_name(key, "key")
+        check_name(key, "table" if table == CONFIG_TABLE else "key")  # a _config key names a table
         if not op:
             raise InvalidArgument(f"the request needs an 'op' (one of: {_ALL_OPS})")
         if not has_change and op != "create":
@@ -271,10 +274,11 @@ class KvState:
         if table == CONFIG_TABLE:
             return self._plan_config(key, op, change)
         info = self._tables.get(table)
+        asked = op, change  # as the client put it, for error messages
         if (info is None or info.crdt is CrdtType.PNCOUNTER) and op in _OPPOSITE:
-            op, change = _counter_op(op, change)  # after the checks that name the client's op
+            op, change = _counter_op(op, change)
         if info is None:
-            return self._plan_unknown_table(table, key, op, change)
+            return self._plan_unknown_table(table, key, op, change, asked)
         # An LWW set needs no observed context: its state is not read (see plan_reads_state).
         state = None if info.crdt is CrdtType.LWW else self.state(info.crdt, table, key)
         try:
@@ -282,7 +286,7 @@ class KvState:
         except InvalidOperation as exc:
             raise InvalidArgument(f"table {table!r}: {exc}") from None
         if info.crdt is CrdtType.PNCOUNTER:
-            _check_exact_counter(table, state, op, change)
+            _check_exact_counter(table, state, op, change, asked)
         deps = dict.fromkeys([info.config_id, *causal_dependencies(info.crdt, state, payload)])
         return PlannedWrite(
             KvEvent(table, key, info.crdt, op, payload), tuple(deps)[:MAX_DEPENDENCIES], pending=False
@@ -307,7 +311,9 @@ class KvState:
             raise InvalidArgument(f"{CONFIG_TABLE} {name!r}: {exc}") from None
         return PlannedWrite(KvEvent(CONFIG_TABLE, name, CrdtType.LWW, op, payload), (), pending=False)
 
-    def _plan_unknown_table(self, table: str, key: str, op: str, change: JSON) -> PlannedWrite:
+    def _plan_unknown_table(
+        self, table: str, key: str, op: str, change: JSON, asked: tuple[str, JSON]
+    ) -> PlannedWrite:
         types = TYPES_OF_OP.get(op)
         if types is None:
             raise InvalidArgument(f"unknown op {op!r} (valid ops: {_ALL_OPS})")
@@ -323,7 +329,7 @@ class KvState:
         if op in ("increment", "decrement"):
             # Against this node's counter state for the key: its earlier writes count, as they would
             # once the table is known.
-            _check_exact_counter(table, self.state(CrdtType.PNCOUNTER, table, key), op, change)
+            _check_exact_counter(table, self.state(CrdtType.PNCOUNTER, table, key), op, change, asked)
         # This node has applied its earlier writes to the key (and those of other nodes that did not
         # know the table either) to every candidate type: their tags are the write's observed context.
         observed: dict[str, None] = {}

@@ -281,6 +281,7 @@ def node() -> SimNode:
         (CONFIG_TABLE, "t", "set", {"crdt": "NOPE"}, "unknown crdt type 'NOPE'"),
         (CONFIG_TABLE, "t", "add", {"crdt": "LWW"}, "takes only op 'set'"),
         (CONFIG_TABLE, CONFIG_TABLE, "set", {"crdt": "LWW"}, "built in"),
+        (CONFIG_TABLE, "t.x", "set", {"crdt": "LWW"}, "table name 't.x' is invalid"),
         ("unknown", "k", "fly", 1, "unknown op 'fly'"),
         ("unknown", "k", "add", {"item": 1}, "not known here yet"),
         ("counter", "k", "increment", -(2**64), "too large"),
@@ -305,6 +306,8 @@ def test_counters_stay_within_exact_json_integers(node: SimNode) -> None:
     node.write("counter", "k", "decrement", 1)
     with pytest.raises(InvalidArgument, match="decrements past"):
         node.state.plan_write("counter", "k", "decrement", 0.5)
+    with pytest.raises(InvalidArgument, match="'increment' amount -0.5 would take the counter's decrements"):
+        node.state.plan_write("counter", "k", "increment", -0.5)  # the error names what the client sent
     node.write("counter", "k", "increment", 0)
     assert node.state.get("counter", "k")[1] == 0
     with pytest.raises(InvalidArgument, match="past 2"):
