@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -147,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(405, f"{self.command} is not allowed here: /metrics takes GET or HEAD", True)
             return
         self.close_connection = True
-        self._fail(code, message or "bad request", self.command != "HEAD")
+        self._fail(code, message or HTTPStatus(code).phrase, self.command != "HEAD")
 
     def _answer(self, send_body: bool) -> None:
         path = urlsplit(self.path).path

@@ -51,6 +51,7 @@ GRPC_CODE_OF_STATUS = {
     502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    505: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.entry_json import entry_json
-from potboiler.server.errors import NotFound, TooLarge
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
@@ -136,6 +136,8 @@ class Webhooks:
 
     def deregister(self, url: str) -> None:
         """Stop delivering to `url` and forget it; NotFound if it is not registered."""
+        if not url:
+            raise InvalidArgument("url is required")
         if url not in self._states:
             raise NotFound(f"no webhook registered for {url!r}")
         del self._states[url]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -132,6 +133,19 @@ async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_
             await client.get(f"http://127.0.0.1:{server.port}/metrics")
 
 
+async def test_a_metrics_request_line_too_long_is_a_414_that_says_so(grpc_node: GrpcNode) -> None:
+    server = MetricsServer(grpc_node.node, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"GET /metrics?{'x' * 70_000} HTTP/1.0\r\n\r\n".encode())
+        head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(b"HTTP/1.0 414")
+        assert json.loads(body) == {"code": 3, "message": "Request-URI Too Long"}
+    finally:
+        server.stop()
+
+
 async def test_a_metrics_client_that_sends_nothing_is_let_go(
     grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +244,8 @@ async def test_deregister_unknown(grpc_node: GrpcNode) -> None:
         grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest(url="http://x.invalid/"))
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    error = await rpc_error(grpc_node.webhooks.DeregisterWebhook(webhooks_pb2.DeregisterWebhookRequest()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details() == "url is required"
 
 
 async def test_webhooks_survive_restart(grpc_node_factory: GrpcNodeFactory) -> None:
