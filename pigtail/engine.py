@@ -59,9 +59,9 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooDeep, Unavailable
+from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable
 from potboiler.server.hlc import HybridClock
-from potboiler.server.log import MAX_DEPTH, DeliveredBatch
+from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever, discard_if_ahead
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
@@ -312,13 +312,7 @@ class Pigtail:
     async def _append(self, event: Event, dependencies: Sequence[str | None] = ()) -> Entry:
         """Append `event` and wait until this node has applied it."""
         deps = [d for d in dict.fromkeys(dependencies) if d is not None]
-        try:
-            entry = await self._log.append(event_data(event), deps)
-        except TooDeep:
-            raise InvalidArgument(
-                "the request's JSON is nested too deeply: the Pigtail event that carries it would "
-                f"nest deeper than {MAX_DEPTH} levels of arrays and objects"
-            ) from None
+        entry = await self._log.append(event_data(event), deps)  # info's depth is checked already
         if entry.id in self._recent:
             return entry
         if self._applier is None or self._applier.done():

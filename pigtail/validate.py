@@ -6,7 +6,8 @@ Nothing is appended to the log unless the whole request passes. The limits (also
 - ``timeout_ms``: 1 to 86,400,000 (a day); ``max_attempts``: 1 to 1,000 or absent (no limit);
 - ``task_name``, ``worker_id``, ``idempotency_key``: 1 to 256 characters, no control characters
   (``worker_id`` may be empty on a done);
-- ``info``: any JSON of at most 512 KiB (as compact JSON text);
+- ``info``: any JSON of at most 512 KiB (as compact JSON text), nesting arrays and objects at most
+  28 levels deep (the event that carries it nests it two levels deeper, within the log's 30);
 - ``not_before_ms``: 0 to a year from now; ``delay_ms``: 0 to a year; never both;
 - ``priority``: -1,000,000 to 1,000,000;
 - ``wait_ms`` (claim next): 0 to 60,000; ``max_in_flight`` (lease stream): 1 to 1,000 (0 means 1).
@@ -20,12 +21,15 @@ import orjson
 
 from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
 from potboiler.server.errors import InvalidArgument, TooLarge
+from potboiler.server.log import MAX_DEPTH
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_TEXT = 256
 MAX_INFO_BYTES = 512 * 1024
+#: The event that carries a task's info is an object in an object: two levels of the log's MAX_DEPTH.
+MAX_INFO_DEPTH = MAX_DEPTH - 2
 MAX_DELAY_MS = 365 * 86_400_000
 MAX_WAIT_MS = 60_000
 MAX_IN_FLIGHT = 1_000
@@ -91,7 +95,17 @@ def info(value: JSONValue) -> JSONValue:
     size = len(orjson.dumps(value))
     if size > MAX_INFO_BYTES:
         raise TooLarge(f"info is {size} bytes of JSON; at most {MAX_INFO_BYTES} are allowed")
-    return value
+    containers = [value] if isinstance(value, dict | list) else []
+    for _ in range(MAX_INFO_DEPTH):  # each round: the arrays and objects one level deeper
+        containers = [
+            child
+            for item in containers
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not containers:
+            return value
+    raise InvalidArgument(f"info nests arrays and objects deeper than {MAX_INFO_DEPTH} levels")
 
 
 def not_before(not_before_ms: int | None, delay_ms: int | None, now_ms: int) -> int | None:

@@ -19,6 +19,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail import worksession
 from potboiler.pigtail.service import create
+from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.server.jsonvalue import JSON, to_value
 from potboiler.server.log import MAX_DEPTH, NewEntry
 from potboiler.server.node import Node, NodeConfig
@@ -272,9 +273,7 @@ async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail
         n.rest.RestAddTask(pb.RestAddTaskRequest(queue="q", body=body({"task_name": "x", "info": deep})))
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"the Pigtail event that carries it would nest deeper than {MAX_DEPTH} levels" in (
-        error.details() or ""
-    )
+    assert error.details() == f"info nests arrays and objects deeper than {MAX_INFO_DEPTH} levels"
     assert n.node.log.position == position
 
 

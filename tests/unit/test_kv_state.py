@@ -306,7 +306,9 @@ def test_counters_stay_within_exact_json_integers(node: SimNode) -> None:
     node.write("counter", "k", "decrement", 1)
     with pytest.raises(InvalidArgument, match="decrements past"):
         node.state.plan_write("counter", "k", "decrement", 0.5)
-    with pytest.raises(InvalidArgument, match=r"'increment' amount -0\.5 would take the counter's decrements"):
+    with pytest.raises(
+        InvalidArgument, match=r"'increment' amount -0\.5 would take the counter's decrements"
+    ):
         node.state.plan_write("counter", "k", "increment", -0.5)  # the error names what the client sent
     node.write("counter", "k", "increment", 0)
     assert node.state.get("counter", "k")[1] == 0

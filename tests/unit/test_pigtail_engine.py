@@ -27,6 +27,7 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import rank
 from potboiler.pigtail.state import Applied
+from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.pigtail.worksession import work_session
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
@@ -160,6 +161,17 @@ async def test_bad_input_appends_nothing(h: Harness) -> None:
         await h.pigtail.add_task("q", "job", not_before_ms=T0, delay_ms=5)
     with pytest.raises(TooLarge, match="info"):
         await h.pigtail.add_task("q", "job", "x" * 600_000)
+    deep: Any = 1
+    for _ in range(MAX_INFO_DEPTH + 1):
+        deep = [deep]
+    for key in (None, "used"):  # also where the key would make it a repeat of an earlier add
+        if key == "used":
+            await h.pigtail.add_task("q", "job", idempotency_key=key)
+            count += 1
+        with pytest.raises(InvalidArgument, match=f"deeper than {MAX_INFO_DEPTH} levels"):
+            await h.pigtail.add_task("q", "job", deep, idempotency_key=key)
+    assert (await h.pigtail.add_task("q", "job", deep[0]))[1]  # as deep as allowed
+    count += 1
     with pytest.raises(InvalidArgument, match="worker_id is required"):
         await h.pigtail.claim("q", task_id, "")
     with pytest.raises(InvalidArgument, match="wait_ms"):
