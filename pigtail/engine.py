@@ -208,13 +208,14 @@ class Pigtail:
             await asyncio.shield(self._writing)
         else:
             self._store.write(applied.writes)
-        before = {name: self.state.queue(name) for name in applied.queues}
+        changed = applied.queues.keys() | {queue for queue, _ in applied.keys}
+        before = {name: self.state.queue(name) for name in changed}
         self.state.adopt(applied)
         self._after(applied, before)
 
     def _after(self, applied: Applied, before: Mapping[str, QueueState | None]) -> None:
         """Tell the scheduler and whoever waits what an adopted batch changed. `before`: the states
-        of the batch's changed queues before it."""
+        of the batch's changed queues (or key indexes) before it."""
         now = self.now_ms()
         for (queue, task_id), record in applied.tasks.items():
             if record is None:
@@ -344,14 +345,8 @@ class Pigtail:
         open_tasks = self.state.open_tasks(queue)
         if old is None or old["history"] != new["history"]:
             ids: Iterable[str] = list(open_tasks)
-        else:
-            changed = {
-                c["task_id"]
-                for key, candidates in new["keys"].items()
-                if old["keys"].get(key) != candidates
-                for c in candidates
-            }
-            ids = sorted(changed)
+        else:  # (a key index is changed in place: the batch says which keys changed)
+            ids = sorted({c["task_id"] for (q, _), kept in applied.keys.items() if q == queue for c in kept})
         for task_id in ids:
             task = open_tasks.get(task_id)
             if task is None or (queue, task_id) in applied.tasks:

@@ -121,6 +121,8 @@ __all__ = [
     "Verdict",
     "apply_queue_event",
     "apply_task_event",
+    "candidates_after_add",
+    "candidates_after_delete",
     "check_add",
     "check_claim",
     "check_create",
@@ -135,6 +137,7 @@ __all__ = [
     "is_listed",
     "list_dead",
     "list_tasks",
+    "new_queue_state",
     "next_claimable",
     "queue_config",
     "queue_exists",
@@ -532,7 +535,8 @@ class QueueConfig(NamedTuple):
     created: Stamp
 
 
-def _new_queue_state(name: str) -> QueueState:
+def new_queue_state(name: str) -> QueueState:
+    """The state of a queue nothing has been seen of yet."""
     return QueueState(name=name, history=[], keys={})
 
 
@@ -577,7 +581,7 @@ def apply_queue_event(
     at = Stamp.coerce(stamp)
     name = _event_queue(event)
     if state is None:
-        state = _new_queue_state(name)
+        state = new_queue_state(name)
     elif state["name"] != name:
         raise InvalidEvent(f"event for queue {name!r} applied to queue {state['name']!r}")
     history = state["history"]
@@ -603,22 +607,33 @@ def apply_queue_event(
             cut = _at(marks[last_delete])
             new["keys"] = {}
             for key, candidates in state["keys"].items():
-                kept = [c for c in candidates if _at(c) > cut]
-                if kept:
+                if kept := candidates_after_delete(candidates, cut):
                     new["keys"][key] = kept
         return new
     if isinstance(event, TaskAdded) and event.idempotency_key is not None:
         key = event.idempotency_key
         candidates = state["keys"].get(key, [])
-        if any(_at(c) == at for c in candidates):
+        joined = candidates_after_add(candidates, event.task_id, at)
+        if joined is candidates:
             return state
         new = state.copy()
-        new["keys"] = dict(state["keys"])
-        new["keys"][key] = sorted(
-            [*candidates, KeyCandidate(at=at.to_json(), task_id=event.task_id)], key=_at
-        )
+        new["keys"] = {**state["keys"], key: joined}
         return new
     return state
+
+
+def candidates_after_add(candidates: list[KeyCandidate], task_id: str, at: Stamp) -> list[KeyCandidate]:
+    """An idempotency key's candidates once the add of ``task_id`` stamped ``at`` joins them, by stamp;
+    ``candidates`` itself for a duplicate. (The key index of a queue state changes only by this and
+    :func:`candidates_after_delete`: a service may keep the index apart and apply these per key.)"""
+    if any(_at(c) == at for c in candidates):
+        return candidates
+    return sorted([*candidates, KeyCandidate(at=at.to_json(), task_id=task_id)], key=_at)
+
+
+def candidates_after_delete(candidates: list[KeyCandidate], cut: Stamp) -> list[KeyCandidate]:
+    """An idempotency key's candidates once the queue's latest delete is stamped ``cut``: those after it."""
+    return [c for c in candidates if _at(c) > cut]
 
 
 def apply_task_event(

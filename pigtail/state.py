@@ -5,7 +5,9 @@ Keys (queue names and task ids are restricted to letters, digits, ``_`` and ``-`
 them unambiguously)::
 
     c                       -> u64: position of the last applied log entry (the cursor)
-    q<queue>                -> QueueRecord (JSON): the machine's queue state and its marks' entry ids
+    q<queue>                -> QueueRecord (JSON): the machine's queue state but its key index, and its
+                               marks' entry ids
+    k<queue>\\x00<key>       -> the candidates of one idempotency key of the queue (JSON)
     t<queue>\\x00<task id>   -> TaskRecord (JSON): the machine's task state and its add's entry id
     o<queue>\\x00<task id>   -> '': the task is not done (what listings and the scheduler walk)
     s<owner>                -> [wall_ms, logical]: the stamp of the last entry applied from that owner
@@ -14,8 +16,14 @@ A batch of delivered entries is applied in two steps: :meth:`PigtailState.plan` 
 and the ONE store batch that holds them and the new cursor (nothing is changed yet), then the caller
 writes that batch and :meth:`PigtailState.adopt` makes it the current state. So a crash between the two
 replays the batch from the old cursor (applying is idempotent anyway), and a restart neither skips nor
-double-applies an entry. Queues and the tasks that are not done are kept in memory; done tasks are read
-from the store when asked for.
+double-applies an entry. Queues, their idempotency keys and the tasks that are not done are kept in
+memory; done tasks are read from the store when asked for.
+
+A queue's key index (the machine's ``QueueState["keys"]``) is kept apart, one record per key, and
+changed in place per key (:func:`~potboiler.pigtail.machine.candidates_after_add`): as one JSON value in
+the queue's record, every add with a key copied, wrote and compared the whole index, which grows with
+every key the queue has ever seen. Records written before that kept it in the queue record: they are
+moved out when the state is loaded.
 
 Deleting a queue drops the stored tasks added before the delete (they can never be seen again); task
 events stamped before the latest delete of their queue, for tasks that are not known, are not stored.
@@ -39,6 +47,7 @@ import orjson
 
 from potboiler.pigtail.codec import EVENT_MARK, decode, stamp_of
 from potboiler.pigtail.machine import (
+    KeyCandidate,
     QueueConfig,
     QueueCreated,
     QueueDeleted,
@@ -49,7 +58,10 @@ from potboiler.pigtail.machine import (
     TaskState,
     apply_queue_event,
     apply_task_event,
+    candidates_after_add,
+    candidates_after_delete,
     compact_task,
+    new_queue_state,
     queue_config,
 )
 from potboiler.server.log import Promise, marked, newest_of_each_owner
@@ -99,6 +111,16 @@ def _open_key(queue: str, task_id: str) -> bytes:
     return b"o" + queue.encode() + _SEP + task_id.encode()
 
 
+def _key_key(queue: str, key: str) -> bytes:
+    return b"k" + queue.encode() + _SEP + key.encode()
+
+
+def _dump_queue(record: QueueRecord) -> bytes:
+    """A queue's record as stored: without its key index (stored per key)."""
+    state = {k: v for k, v in record["state"].items() if k != "keys"}
+    return orjson.dumps({"state": state, "ids": record["ids"]})
+
+
 def _cut(queue: QueueState | None) -> Stamp | None:
     """The stamp of the queue's latest delete (its history is trimmed to start there), if any."""
     if queue is None or not queue["history"] or queue["history"][0]["op"] != "deleted":
@@ -116,6 +138,8 @@ def _settled(owner: str, newest: Stamp, seq: int, promises: Mapping[str, Promise
 
 
 TaskKey = tuple[str, str]
+#: A queue and one of its idempotency keys.
+KeyKey = tuple[str, str]
 
 
 @dataclass
@@ -127,6 +151,8 @@ class Applied:
     queues: dict[str, QueueRecord] = field(default_factory=dict)
     #: Changed tasks; None for a task dropped with its deleted queue.
     tasks: dict[TaskKey, TaskRecord | None] = field(default_factory=dict)
+    #: Changed idempotency keys: their candidates, empty for a key dropped with its deleted queue.
+    keys: dict[KeyKey, list[KeyCandidate]] = field(default_factory=dict)
     #: Each owner's newest entry in the batch: its stamp and seq.
     owners: dict[str, tuple[Stamp, int]] = field(default_factory=dict)
     #: Ids of the batch's Pigtail events (what appends wait for), in order.
@@ -142,8 +168,24 @@ class PigtailState:
         self.cursor = _U64.unpack(raw)[0] if raw else 0
         self._queues: dict[str, QueueRecord] = {}
         self._configs: dict[str, tuple[QueueState, QueueConfig | None]] = {}
+        indexes: dict[str, dict[str, list[KeyCandidate]]] = {}
+        for key, value in store.scan(b"k", prefix_end(b"k")):
+            queue, idempotency_key = key[1:].decode().split("\x00", 1)
+            indexes.setdefault(queue, {})[idempotency_key] = orjson.loads(value)
+        moved: list[Write] = []
         for key, value in store.scan(b"q", prefix_end(b"q")):
-            self._queues[key[1:].decode()] = cast(QueueRecord, orjson.loads(value))
+            name = key[1:].decode()
+            stored = cast(QueueRecord, orjson.loads(value))
+            index = indexes.setdefault(name, {})
+            if legacy := stored["state"].get("keys"):  # written before keys were stored apart
+                index.update(legacy)
+                moved.extend((_key_key(name, k), orjson.dumps(c)) for k, c in legacy.items())
+            stored["state"]["keys"] = index
+            if legacy:
+                moved.append((key, _dump_queue(stored)))
+            self._queues[name] = stored
+        if moved:
+            store.write(moved, sync=True)
         self._open: dict[str, dict[str, TaskState]] = {}
         self._add_ids: dict[TaskKey, str | None] = {}
         for key, _ in store.scan(b"o", prefix_end(b"o")):
@@ -242,6 +284,12 @@ class PigtailState:
         def queue_record(name: str) -> QueueRecord | None:
             return queues.get(name) or self._queues.get(name)
 
+        def candidates(queue: str, key: str) -> list[KeyCandidate]:
+            if (queue, key) in applied.keys:
+                return applied.keys[queue, key]
+            record = self._queues.get(queue)
+            return [] if record is None else record["state"]["keys"].get(key, [])
+
         def task_record(key: TaskKey) -> TaskRecord | None:
             if key in tasks:
                 return tasks[key]
@@ -268,6 +316,8 @@ class PigtailState:
                 new = apply_queue_event(old, event, stamp, delivered.entry_id)
                 if new is old:
                     continue
+                if old is not None:
+                    new["keys"] = old["keys"]  # the index stays one object, changed per key at adopt
                 ids = dict(record["ids"]) if record is not None else {}
                 ids[stamp_key(stamp)] = delivered.entry_id
                 keep = {stamp_key(mark["at"]) for mark in new["history"]}
@@ -275,6 +325,7 @@ class PigtailState:
                 cut = _cut(new)
                 if cut is not None and cut != _cut(old):
                     self._purge(event.name, cut, tasks)
+                    self._purge_keys(event.name, cut, new["keys"], applied.keys)
                 continue
             record = queue_record(event.queue)
             cut = _cut(None if record is None else record["state"])
@@ -283,12 +334,13 @@ class PigtailState:
             if cut is not None and stamp < cut and (isinstance(event, TaskAdded) or current is None):
                 continue  # belongs to an incarnation deleted since
             if isinstance(event, TaskAdded):
-                old_queue = None if record is None else record["state"]
-                new_queue = apply_queue_event(old_queue, event, stamp, delivered.entry_id)
-                if new_queue is not old_queue:
-                    queues[event.queue] = QueueRecord(
-                        state=new_queue, ids={} if record is None else record["ids"]
-                    )
+                if record is None:  # a task of a queue not seen yet: the queue is seen now
+                    queues[event.queue] = QueueRecord(state=new_queue_state(event.queue), ids={})
+                if (key_name := event.idempotency_key) is not None:
+                    known = candidates(event.queue, key_name)
+                    joined = candidates_after_add(known, event.task_id, stamp)
+                    if joined is not known:
+                        applied.keys[event.queue, key_name] = joined
             old_task = None if current is None else current["state"]
             new_task = apply_task_event(old_task, event, stamp, delivered.entry_id)
             if new_task is old_task:
@@ -303,7 +355,9 @@ class PigtailState:
         self._compact(applied, promises or {})
         writes = applied.writes
         for name, queue in queues.items():
-            writes.append((_queue_key(name), orjson.dumps(queue)))
+            writes.append((_queue_key(name), _dump_queue(queue)))
+        for (name, key_name), kept in applied.keys.items():
+            writes.append((_key_key(name, key_name), orjson.dumps(kept) if kept else None))
         for (queue_name, task_id), task in tasks.items():
             if task is None:
                 writes.append((_task_key(queue_name, task_id), None))
@@ -337,6 +391,22 @@ class PigtailState:
             if state["added"] is not None and Stamp.coerce(state["added"]) < cut:
                 tasks[queue, task_id] = None
 
+    def _purge_keys(
+        self,
+        queue: str,
+        cut: Stamp,
+        index: Mapping[str, list[KeyCandidate]],
+        changed: dict[KeyKey, list[KeyCandidate]],
+    ) -> None:
+        """Drop the candidates of the queue's keys stamped before `cut` (its latest delete), from its
+        `index` and from the keys `changed` in this batch so far."""
+        keys = set(index) | {key for q, key in changed if q == queue}
+        for key in keys:
+            known = changed.get((queue, key), index.get(key, []))
+            kept = candidates_after_delete(known, cut)
+            if kept != known:
+                changed[queue, key] = kept
+
     def _compact(self, applied: Applied, promises: Mapping[str, Promise]) -> None:
         owners = {**self._owners, **applied.owners}
         settled = [_settled(owner, stamp, seq, promises) for owner, (stamp, seq) in owners.items()]
@@ -363,6 +433,12 @@ class PigtailState:
     def adopt(self, applied: Applied) -> None:
         """Make a planned batch (already written to the store) the current state."""
         self._queues.update(applied.queues)
+        for (queue, key), kept in applied.keys.items():
+            index = self._queues[queue]["state"]["keys"]
+            if kept:
+                index[key] = kept
+            else:
+                index.pop(key, None)
         for (queue, task_id), record in applied.tasks.items():
             open_tasks = self._open.setdefault(queue, {})
             if record is None or record["state"]["done"] is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import uuid
 
+import orjson
 import pytest
 from google.protobuf.struct_pb2 import Value
 
@@ -27,6 +28,7 @@ from potboiler.pigtail.machine import (
     TaskView,
     apply_queue_event,
     apply_task_event,
+    find_by_key,
     list_tasks,
     queue_config,
     task_view,
@@ -342,6 +344,93 @@ def test_replicas_converge_whatever_the_interleaving() -> None:
     assert t1 is not None and t1["worker"] == "wa" and t1["state"] == "done"  # wb's claims were void
     assert t1["done_by"] == "wb"
     assert views["t3"] is None  # lost the idempotency key to t2
+
+
+def keyed_history(log: Log) -> tuple[list[Entry], list[Entry]]:
+    """Two nodes' events of one queue: keyed adds (some sharing keys) around a delete and re-create."""
+    a = [
+        log.event(A, T0, QueueCreated("q", 1000)),
+        log.event(A, T0 + 2, TaskAdded("q", "a1", "x", idempotency_key="k1")),
+        log.event(A, T0 + 4, TaskAdded("q", "a2", "x", idempotency_key="k2")),
+        log.event(A, T0 + 10, QueueDeleted("q")),
+        log.event(A, T0 + 11, QueueCreated("q", 1000)),
+        log.event(A, T0 + 14, TaskAdded("q", "a3", "x", idempotency_key="k1")),
+    ]
+    b = [
+        log.event(B, T0 + 3, TaskAdded("q", "b1", "x", idempotency_key="k1")),
+        log.event(B, T0 + 12, TaskAdded("q", "b2", "x", idempotency_key="k2")),
+        log.event(B, T0 + 13, TaskAdded("q", "b3", "x", idempotency_key="k1")),
+        log.event(B, T0 + 15, TaskAdded("q", "b4", "x")),
+    ]
+    return a, b
+
+
+def test_the_key_index_is_the_machines_whatever_the_order_batching_and_restarts() -> None:
+    """Kept apart from the queue record and changed per key, the index is still exactly what the pure
+    machine's queue state holds, in every causal order, batching, and after reloading the store."""
+    log = Log()
+    a, b = keyed_history(log)
+    reference = None
+    for entry in a + b:
+        delivered = decode(entry)
+        assert delivered is not None
+        reference = apply_queue_event(reference, delivered.event, delivered.stamp, entry.id)
+    assert reference is not None and reference["keys"] == {
+        "k1": [{"at": [T0 + 13, 0, B], "task_id": "b3"}, {"at": [T0 + 14, 0, A], "task_id": "a3"}],
+        "k2": [{"at": [T0 + 12, 0, B], "task_id": "b2"}],
+    }
+    rng = random.Random(7)
+    for _ in range(30):
+        picks = [0] * len(a) + [1] * len(b)
+        rng.shuffle(picks)
+        ia, ib = iter(a), iter(b)
+        order = [next(ia) if p == 0 else next(ib) for p in picks]
+        store = MemoryStore()
+        state = PigtailState(store)
+        position = 0
+        while position < len(order):
+            size = rng.randint(1, 4)
+            state.apply(positioned(order[position : position + size], start=position))
+            position += size
+            if rng.random() < 0.3:
+                state = PigtailState(store)
+        for seen in (state, PigtailState(store)):
+            queue = seen.queue("q")
+            assert queue is not None and queue["keys"] == reference["keys"]
+            assert queue["history"] == reference["history"]
+        assert sorted(key for key, _ in store.scan(b"k", b"l")) == [b"kq\x00k1", b"kq\x00k2"]
+
+
+def test_an_add_with_a_key_writes_its_key_alone() -> None:
+    """However many keys the queue has seen, an add writes one key record, not the queue's index."""
+    state = PigtailState(MemoryStore())
+    log = Log()
+    adds = [
+        log.event(A, T0 + i, TaskAdded("q", f"t{i}", "x", idempotency_key=f"k{i}")) for i in range(1, 500)
+    ]
+    state.apply(positioned([log.event(A, T0, QueueCreated("q", 1000)), *adds]))
+    last = log.event(A, T0 + 1000, TaskAdded("q", "last", "x", idempotency_key="last"))
+    applied = state.apply([(501, last)])
+    assert sorted(key[:1] for key, _ in applied.writes) == [b"c", b"k", b"o", b"s", b"t"]
+    assert sum(len(value or b"") for _, value in applied.writes) < 1000
+
+
+def test_queue_records_written_with_their_keys_inside_are_moved_apart_on_load() -> None:
+    store = MemoryStore()
+    legacy = {
+        "state": {
+            "name": "q",
+            "history": [{"at": [T0, 0, A], "op": "created", "timeout_ms": 1000, "max_attempts": None}],
+            "keys": {"k": [{"at": [T0 + 1, 0, A], "task_id": "t1"}]},
+        },
+        "ids": {},
+    }
+    store.write([(b"qq", orjson.dumps(legacy))])
+    state = PigtailState(store)
+    assert find_by_key(state.queue("q"), "k") == "t1"
+    assert orjson.loads(store.get(b"kq\x00k") or b"null") == legacy["state"]["keys"]["k"]  # type: ignore[index]
+    assert "keys" not in orjson.loads(store.get(b"qq") or b"{}")["state"]
+    assert find_by_key(PigtailState(store).queue("q"), "k") == "t1"
 
 
 def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
