@@ -60,6 +60,9 @@ class _Queue:
     def drop(self, task_id: str) -> None:
         self.where.pop(task_id, None)
         self.known.pop(task_id, None)
+        if not self.where:  # every heap entry is stale (a deleted queue's, say): free them now
+            self.ready.clear()
+            self.waiting.clear()
 
     def place(self, task: TaskState, view: TaskView | None, now_ms: int) -> bool:
         """Put the task where its view says; True if it is claimable now and was not known so."""

@@ -467,6 +467,20 @@ def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     assert scheduler.pick("q", state.open_tasks("q").get, queue, now + 1000, exclude={"old"}) == "urgent"
 
 
+def test_the_scheduler_frees_a_queue_whose_tasks_are_all_forgotten() -> None:
+    state = PigtailState(MemoryStore())
+    log = Log()
+    adds = [log.event(A, T0 + i, TaskAdded("q", f"t{i}", "x", not_before_ms=T0 + i % 2)) for i in range(100)]
+    state.apply(positioned([log.event(A, T0, QueueCreated("q", 1000)), *adds]))
+    scheduler = Scheduler()
+    for task in state.open_tasks("q").values():
+        scheduler.update(task, task_view(task, state.queue("q"), T0), T0)
+    for task_id in list(state.open_tasks("q")):
+        scheduler.forget("q", task_id)  # as for a deleted queue
+    queue = scheduler._queues["q"]
+    assert (queue.ready, queue.waiting, queue.where, queue.known) == ([], [], {}, {})
+
+
 @pytest.mark.parametrize(
     ("check", "message"),
     [
