@@ -344,10 +344,16 @@ def test_the_most_dependencies_fit_in_the_query(http: httpx.Client) -> None:
         assert http.get(response.headers["location"]).json()["dependencies"] == deps
 
 
-def test_unknown_query_parameters_are_ignored(http: httpx.Client) -> None:
-    response = post(http, "1", params={"whatever": "x"})
-    assert response.status_code == 201
-    assert http.get(f"/log/{response.json()['id']}").json()["dependencies"] == []
+@pytest.mark.parametrize("name", ["Dependency", "depends", "whatever"])
+def test_unknown_query_parameters_are_a_400_and_append_nothing(http: httpx.Client, name: str) -> None:
+    """A mistyped `dependency` would otherwise append the entry without the order it asked for."""
+    before = http.get("/log").json()
+    response = post(http, "1", params={name: str(uuid.UUID(int=1))})
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        f'Could not find field "{name}" in the type "potboiler.v1.PostLogEntryRequest".'
+    )
+    assert http.get("/log").json() == before
 
 
 def test_entry_size_limit_exactly(http: httpx.Client) -> None:
