@@ -34,7 +34,7 @@ import grpc
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.jsonvalue import JSON, checked_value
-from potboiler.server.log import validate_new_entry
+from potboiler.server.log import MAX_DEPTH, validate_new_entry
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
 #: Most entries sent in one message, and about the most bytes of entries (the node takes 10,000
@@ -77,7 +77,7 @@ class StreamAppender:
         """Append one entry (`data`: a Value or plain JSON); its acknowledgement once durable."""
         if self._closing:
             raise RuntimeError("the appender is closed")
-        value = data if isinstance(data, Value) else checked_value(data)
+        value = data if isinstance(data, Value) else checked_value(data, MAX_DEPTH)
         validate_new_entry(value, dependencies)
         request = log_pb2.AppendEntryRequest(data=value, dependencies=dependencies)
         item = _Append(request, asyncio.get_running_loop().create_future(), request.ByteSize())

@@ -21,6 +21,7 @@ import orjson
 
 from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
 from potboiler.server.errors import InvalidArgument, TooLarge
+from potboiler.server.jsonvalue import nesting
 from potboiler.server.log import MAX_DEPTH
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -91,20 +92,13 @@ def text(value: str, field: str, *, required: bool = True) -> str:
 
 
 def info(value: JSONValue) -> JSONValue:
-    """A task's info within the size limit (as compact JSON), else TooLarge."""
+    """A task's info within the size limit (as compact JSON), else TooLarge, and the depth limit, else
+    InvalidArgument."""
     size = len(orjson.dumps(value))
     if size > MAX_INFO_BYTES:
         raise TooLarge(f"info is {size} bytes of JSON; at most {MAX_INFO_BYTES} are allowed")
-    containers = [value] if isinstance(value, dict | list) else []
-    for _ in range(MAX_INFO_DEPTH):  # each round: the arrays and objects one level deeper
-        containers = [
-            child
-            for item in containers
-            for child in (item.values() if isinstance(item, dict) else item)
-            if isinstance(child, dict | list)
-        ]
-        if not containers:
-            return value
+    if nesting(value, MAX_INFO_DEPTH) <= MAX_INFO_DEPTH:
+        return value
     raise InvalidArgument(f"info nests arrays and objects deeper than {MAX_INFO_DEPTH} levels")
 
 

@@ -9,11 +9,12 @@ same JSON gives the same Python value on every node.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeAlias
 
 from google.protobuf.struct_pb2 import NULL_VALUE, ListValue, Struct, Value
 
-from potboiler.server.errors import InvalidArgument
+from potboiler.server.errors import InvalidArgument, TooDeep
 
 #: A plain JSON value as Python holds it.
 JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
@@ -121,19 +122,45 @@ def to_value(x: JSON) -> Value:
     return set_value(Value(), x)
 
 
-def checked_value(x: object) -> Value:
-    """A new Value holding `x` if it is plain JSON as a node takes it; InvalidArgument otherwise
-    (`to_value` would store any other object as null, and an integer beyond 2^53 as another)."""
+def nesting(x: object, limit: int) -> int:
+    """How deep arrays and objects nest in `x` (0 for anything else), counted no further than
+    `limit` + 1 (so a structure that holds itself is deeper than any limit, not endless)."""
+    level = [x] if isinstance(x, dict | list) else []
+    depth = 0
+    while level and depth <= limit:
+        depth += 1
+        children: list[object] = []
+        for v in level:
+            children.extend(v.values() if isinstance(v, dict) else v)
+        level = [c for c in children if isinstance(c, dict | list)]
+    return depth
+
+
+def scalars(x: object) -> Iterator[object]:
+    """Everything in `x` that is neither an array nor an object (`x` itself if it is neither), for
+    `x` whose nesting is bounded (see `nesting`); InvalidArgument for an object key that is not a
+    string."""
     stack = [x]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             if not all(isinstance(k, str) for k in item):
-                raise InvalidArgument("entry data must be JSON: object keys are strings")
+                raise InvalidArgument("JSON object keys are strings")
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
+        else:
+            yield item
+
+
+def checked_value(x: object, max_depth: int) -> Value:
+    """A new Value holding `x` if it is plain JSON as a node takes it (nested at most `max_depth`
+    deep); InvalidArgument otherwise (`to_value` would store any other object as null, and an
+    integer beyond 2^53 as another)."""
+    if nesting(x, max_depth) > max_depth:
+        raise TooDeep(f"entry data is nested deeper than {max_depth} levels of arrays and objects")
+    for item in scalars(x):
+        if isinstance(item, int) and not isinstance(item, bool):
             if abs(item) > MAX_EXACT_INTEGER:
                 raise InvalidArgument(big_integer_message(str(item)))
         elif not (item is None or isinstance(item, str | bool | float)):

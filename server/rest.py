@@ -18,7 +18,14 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.jsonvalue import JSON, MAX_EXACT_INTEGER, big_integer_message, to_value
+from potboiler.server.jsonvalue import (
+    JSON,
+    MAX_EXACT_INTEGER,
+    big_integer_message,
+    nesting,
+    scalars,
+    to_value,
+)
 
 HTTP_CODE_HEADER = "x-http-code"
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -105,7 +112,7 @@ def parse_body(body: HttpBody) -> JSON:
     if (
         len(raw) > _MAX_BODY_NESTING
         and isinstance(value, dict | list)
-        and _nesting(value) > _MAX_BODY_NESTING
+        and nesting(value, _MAX_BODY_NESTING) > _MAX_BODY_NESTING
     ):
         raise InvalidArgument(
             f"the request body nests arrays and objects deeper than {_MAX_BODY_NESTING} levels"
@@ -119,15 +126,9 @@ def _refuse_big_integers(value: JSON, raw: bytes) -> None:
     """InvalidArgument if the JSON `value` (parsed from `raw`, nested at most _MAX_BODY_NESTING deep)
     holds an integer beyond 2^53: every number of an entry is a double, which holds every integer up
     to 2^53 exactly but not all beyond, so it could read back as another number."""
-    stack = [value]
     maybe_integer = False
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
+    for item in scalars(value):
+        if isinstance(item, int) and not isinstance(item, bool):
             if abs(item) > MAX_EXACT_INTEGER:
                 raise InvalidArgument(big_integer_message(str(item)))
         elif isinstance(item, float) and abs(item) > MAX_EXACT_INTEGER and item.is_integer():
@@ -141,18 +142,3 @@ def _refuse_big_integers(value: JSON, raw: bytes) -> None:
             return n
 
         json.loads(raw, parse_int=integer)
-
-
-def _nesting(value: dict[str, JSON] | list[JSON]) -> int:
-    level: list[JSON] = [value]
-    depth = 0
-    while level and depth <= _MAX_BODY_NESTING:
-        depth += 1
-        children: list[JSON] = []
-        for v in level:
-            if isinstance(v, dict):
-                children.extend(v.values())
-            elif isinstance(v, list):
-                children.extend(v)
-        level = [c for c in children if isinstance(c, dict | list)]
-    return depth

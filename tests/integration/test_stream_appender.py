@@ -54,6 +54,10 @@ async def test_dependencies_and_values_pass_through(grpc_node: GrpcNode) -> None
     assert list(entry.dependencies) == [first.id]
 
 
+CYCLIC: list[Any] = []
+CYCLIC.append(CYCLIC)
+
+
 @pytest.mark.parametrize(
     ("bad", "error"),
     [
@@ -64,8 +68,9 @@ async def test_dependencies_and_values_pass_through(grpc_node: GrpcNode) -> None
         ([b"bytes"], InvalidArgument),
         ({1: "key"}, InvalidArgument),
         (2**53 + 1, InvalidArgument),  # refused as REST refuses it, not rounded
+        (CYCLIC, InvalidArgument),  # a list that holds itself: refused, not walked for ever
     ],
-    ids=["too deep", "NaN", "too large", "tuple", "bytes", "int key", "big integer"],
+    ids=["too deep", "NaN", "too large", "tuple", "bytes", "int key", "big integer", "cyclic"],
 )
 async def test_an_entry_the_node_would_refuse_fails_at_once_and_alone(
     grpc_node: GrpcNode, bad: JSON, error: type[Exception]
