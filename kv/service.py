@@ -146,13 +146,16 @@ class KvService:
         return self.state
 
     async def state_to_plan(self, table: str) -> KvState:
-        """The state to plan a write to `table` on: current for a write that reads it, or while a
-        `_config` write of this node is not applied yet (it may create or retype `table`)."""
-        if (
-            self._caught_up.is_set()
-            and self._answered_config_seq <= self._own_seq
-            and not self.state.plan_reads_state(table)
-        ):
+        """The state to plan a write to `table` on: current for a write that reads it (Unavailable
+        if it is not within APPLY_WAIT), or while a `_config` write of this node is not applied yet
+        (it may create or retype `table`). A write that reads no state (an LWW set) is planned on the
+        state as it is after APPLY_WAIT: its table's type is all it needs, and a table not known yet
+        makes it pending, which it may well be."""
+        if not self.state.plan_reads_state(table):
+            if self._caught_up.is_set() and self._answered_config_seq <= self._own_seq:
+                return self.state
+            with contextlib.suppress(Unavailable):
+                return await self.current()
             return self.state
         return await self.current()
 
@@ -171,8 +174,9 @@ class KvService:
         except TimeoutError:
             behind = self._context.log.position() - self.state.position
             raise Unavailable(
-                f"writes this node answered are not applied to its KV state yet after {APPLY_WAIT:g} s "
-                f"(it is {behind} log entries behind); try again"
+                f"writes this node answered are not applied to its KV state yet after {APPLY_WAIT:g} s"
+                + (f" (it is {behind} log entries behind)" if behind > 0 else "")
+                + "; try again"
             ) from None
 
     def _release(self, upto: int) -> None:

@@ -55,6 +55,7 @@ async def test_reads_and_state_planned_writes_are_unavailable_while_a_write_is_n
     the tags it saw added: after APPLY_WAIT both are refused, and they work again once it applies."""
     service, log = kv
     await service.write(service.state.plan_write("_config", "t", "set", {"crdt": "ORSET"}))
+    await service.write(service.state.plan_write("_config", "lww", "set", {"crdt": "LWW"}))
     await asyncio.wait_for(service.current(), WAIT)
     log.held = True
     await service.write(service.state.plan_write("t", "k", "add", {"item": "x", "key": "a"}))
@@ -62,6 +63,10 @@ async def test_reads_and_state_planned_writes_are_unavailable_while_a_write_is_n
         await service.current()
     with pytest.raises(Unavailable, match="not applied to its KV state yet"):
         await service.state_to_plan("t")
+    # A write that reads no state (an LWW set) is still taken, planned on the state as it is, also
+    # while a _config write of this node is not applied yet (it might have retyped the table).
+    await service.write(service.state.plan_write("_config", "other", "set", {"crdt": "LWW"}))
+    assert not (await service.state_to_plan("lww")).plan_write("lww", "k", "set", 1).pending
     log.release()
     state = await asyncio.wait_for(service.current(), WAIT)
     remove = state.plan_write("t", "k", "remove", {"item": "x", "key": "a"})
