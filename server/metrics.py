@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from potboiler.server.replication import lag
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
-from potboiler.server.urls import digest, origin
+from potboiler.server.urls import origin
 
 if TYPE_CHECKING:
     from potboiler.server.node import Node
@@ -109,7 +109,7 @@ class NodeCollector(Collector):
             "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=labels
         )
         for state in node.webhooks.states():
-            names = [origin(state.url), digest(state.url)]
+            names = [origin(state.url), node.webhooks.digest(state.url)]
             delivered.add_metric(names, state.delivered)
             failed.add_metric(names, state.failed_attempts)
         yield from (delivered, failed)
@@ -118,8 +118,9 @@ class NodeCollector(Collector):
 #: Longest a scrape waits for the node's event loop.
 SCRAPE_TIMEOUT = 10.0
 #: Connections served at once (a thread each); more are closed unanswered. The port is open: a flood
-#: of connections must not take a thread each.
-MAX_CONNECTIONS = 16
+#: of connections must not take a thread each from the node. (One holding all of them, and renewing
+#: them as they time out, keeps scrapers out: keep the port behind a firewall, as the README says.)
+MAX_CONNECTIONS = 64
 #: A scrape answered within this many seconds of another gets that one's result: however many
 #: clients scrape, the node's event loop reads its state at most this often.
 SCRAPE_INTERVAL = 0.25
@@ -131,9 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
     (HTTP/1.0, as Prometheus scrapes): a connection made before the server stopped is answered at
     most once more."""
 
-    #: Seconds a connection may take to send its request: a client that sends nothing does not hold
-    #: a thread for ever.
-    timeout = 10
+    #: Seconds a connection may take to send its request (a scraper sends it at once): a client that
+    #: sends nothing holds its slot this long.
+    timeout = 3
     server: _HttpServer
 
     def do_GET(self) -> None:

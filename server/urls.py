@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 from urllib.parse import urlsplit, urlunsplit
 
 from potboiler.server.errors import InvalidArgument
@@ -77,12 +78,14 @@ def origin(url: str) -> str:
     return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-def digest(url: str) -> str:
-    """A short stable name for `url` that tells it from any other without showing it."""
-    return hashlib.sha256(url.encode()).hexdigest()[:16]
+def digest(url: str, key: bytes) -> str:
+    """A short stable name for `url` that tells it from any other without showing it: keyed with a
+    secret `key` (of the node that shows it), so that whoever sees the name cannot test guesses of
+    the URL's secrets against it."""
+    return hmac.new(key, url.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def shown(url: str) -> str:
+def shown(url: str, key: bytes) -> str:
     """A webhook URL as logs show it: where it goes and its digest (as ListWebhooks and the metrics
     give it), never its user info, path or query, any of which may be its secret."""
-    return f"{origin(url)} ({digest(url)})"
+    return f"{origin(url)} ({digest(url, key)})"

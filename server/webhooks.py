@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
-from potboiler.server.urls import shown, webhook_url
+from potboiler.server.urls import digest, shown, webhook_url
 from potboiler.v1.entry_pb2 import Entry
 
 if TYPE_CHECKING:
@@ -47,6 +48,8 @@ MAX_RESPONSE_BYTES = 64 << 10
 ATTEMPT_TIMEOUT = 30.0
 _U64 = struct.Struct(">Q")
 _PREFIX = b"w"
+#: The node's secret key of the digests that name its webhooks where their URLs are not shown.
+_DIGEST_KEY = b"mwebhook_digest_key"
 #: Header naming the node whose webhook POSTs: a node of the same cluster refuses to append such a
 #: POST to its log (see CoreRestServicer.PostLogEntry), since every entry would come back again.
 ORIGIN_HEADER = "x-potboiler-webhook-from"
@@ -89,6 +92,18 @@ class Webhooks:
         for key, value in store.scan(_PREFIX, prefix_end(_PREFIX)):
             url = key[1:].decode()
             self._states[url] = WebhookState(url, _U64.unpack(value)[0])
+        digest_key = store.get(_DIGEST_KEY)
+        if digest_key is None:
+            digest_key = secrets.token_bytes(32)
+            store.write([(_DIGEST_KEY, digest_key)], sync=True)
+        self._digest_key = digest_key
+
+    def digest(self, url: str) -> str:
+        """The name of a webhook where its URL is not shown (logs, metrics), stable across restarts."""
+        return digest(url, self._digest_key)
+
+    def _shown(self, url: str) -> str:
+        return shown(url, self._digest_key)
 
     def start(self) -> None:
         """Start delivering to every registered URL."""
@@ -135,7 +150,8 @@ class Webhooks:
             raise TooLarge(f"this node already has the maximum of {MAX_WEBHOOKS} webhooks")
 
     def deregister(self, url: str) -> None:
-        """Stop delivering to `url` and forget it; NotFound if it is not registered."""
+        """Stop delivering to `url` and forget it; InvalidArgument if it is empty, NotFound if it is
+        not registered."""
         if not url:
             raise InvalidArgument("url is required")
         if url not in self._states:
@@ -151,7 +167,9 @@ class Webhooks:
         return [self._states[u] for u in sorted(self._states)]
 
     def _spawn(self, url: str) -> None:
-        self._tasks[url] = asyncio.create_task(self._deliver(self._states[url]), name=f"webhook {shown(url)}")
+        self._tasks[url] = asyncio.create_task(
+            self._deliver(self._states[url]), name=f"webhook {self._shown(url)}"
+        )
 
     async def _deliver(self, state: WebhookState) -> None:
         """Deliver to `state.url` until it is deregistered. An error other than the receiver's (the
@@ -167,7 +185,7 @@ class Webhooks:
                 failures = 1 if state.position != resumed_at else failures + 1
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 delay = self._backoff.delay(failures)
-                log.exception("webhook %s: delivery failed; resuming in %.1fs", shown(state.url), delay)
+                log.exception("webhook %s: delivery failed; resuming in %.1fs", self._shown(state.url), delay)
                 await asyncio.sleep(delay)
 
     async def _deliver_from(self, state: WebhookState) -> None:
@@ -208,7 +226,7 @@ class Webhooks:
             delay = self._backoff.delay(state.failures)
             log.warning(
                 "webhook %s failed (%s); attempt %d, retrying in %.1fs",
-                shown(state.url),
+                self._shown(state.url),
                 error,
                 state.failures,
                 delay,

@@ -8,7 +8,7 @@ import grpc
 
 from potboiler.server import rest
 from potboiler.server.grpc_errors import unary
-from potboiler.server.urls import digest, redacted
+from potboiler.server.urls import redacted
 from potboiler.server.webhooks import Webhooks
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
 
@@ -48,7 +48,7 @@ class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
                     delivered_position=s.position,
                     failures=s.failures,
                     last_error=s.last_error,
-                    digest=digest(s.url),
+                    digest=self._webhooks.digest(s.url),
                 )
                 for s in self._webhooks.states()
             ]

@@ -23,8 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from potboiler.server.processes import NodeProcess, find_base_port
-from potboiler.server.urls import digest, origin
-from potboiler.v1 import log_pb2, log_pb2_grpc
+from potboiler.server.urls import origin
+from potboiler.v1 import log_pb2, log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import refusing_port
 
 pytestmark = pytest.mark.e2e
@@ -358,9 +358,14 @@ def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     }
 
 
-def webhook_labels(url: str) -> tuple[tuple[str, str], ...]:
-    """The labels of a webhook's series on the metrics port."""
-    return (("target", origin(url)), ("webhook", digest(url)))
+def webhook_labels(node: NodeProcess, url: str) -> tuple[tuple[str, str], ...]:
+    """The labels of a webhook's series on a node's metrics port (its digest as ListWebhooks gives it)."""
+    with grpc.insecure_channel(node.grpc_target) as channel:
+        listed = webhooks_pb2_grpc.WebhooksServiceStub(channel).ListWebhooks(
+            webhooks_pb2.ListWebhooksRequest()
+        )
+    [hook] = [hook for hook in listed.webhooks if hook.url == url]
+    return (("target", origin(url)), ("webhook", hook.digest))
 
 
 def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(cluster: Cluster) -> None:
@@ -378,7 +383,7 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
         post(a, {"n": n})
     wait_until(lambda: len(receiver.ids) == 5, what="the webhook deliveries on b")
     # The receiver records an entry before it answers; b counts it once the answer is back.
-    delivered = ("potboiler_webhook_deliveries_total", webhook_labels(receiver.url))
+    delivered = ("potboiler_webhook_deliveries_total", webhook_labels(b, receiver.url))
     wait_until(lambda: metrics(b)[delivered] == 5, what="the deliveries counted")
     on_a, on_b = metrics(a), metrics(b)
     assert on_a[("potboiler_appends_total", ())] == 5
@@ -388,10 +393,10 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
     assert on_b[("potboiler_peer_connected", (("peer", a.url),))] == 1
     assert on_b[("potboiler_store_bytes", ())] > 0
     wait_until(
-        lambda: metrics(b)[("potboiler_webhook_failures_total", webhook_labels(dead_url))] >= 1,
+        lambda: metrics(b)[("potboiler_webhook_failures_total", webhook_labels(b, dead_url))] >= 1,
         what="a failed delivery counted",
     )
-    assert metrics(b)[("potboiler_webhook_deliveries_total", webhook_labels(dead_url))] == 0
+    assert metrics(b)[("potboiler_webhook_deliveries_total", webhook_labels(b, dead_url))] == 0
     wait_until(
         lambda: metrics(a)[("potboiler_peer_lag_entries", (("peer", b.url),))] == 0,
         what="b's acknowledgement of everything",

@@ -135,9 +135,10 @@ class Webhook(_message.Message):
     last_error: _builtins.str
     """The last delivery error, empty if the last attempt succeeded."""
     digest: _builtins.str
-    """A digest of the URL, which names the webhook where its URL is not shown
-    (its path or query may be a secret): in the node's log and in the
-    `webhook` label of its series on the metrics port.
+    """A digest of the URL, keyed with a secret of this node, which names the
+    webhook where its URL is not shown (its path or query may be a secret):
+    in the node's log and in the `webhook` label of its series on the
+    metrics port.
     """
     def __init__(
         self,

@@ -68,7 +68,8 @@ class WebhooksServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def DeregisterWebhook(self, request, context):
-        """Removes a URL; delivery to it stops. Errors: NOT_FOUND (not registered).
+        """Removes a URL; delivery to it stops. Errors: INVALID_ARGUMENT (no URL),
+        NOT_FOUND (not registered).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,9 @@ class WebhooksServiceStub:
     many webhooks).
     """
     DeregisterWebhook: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.DeregisterWebhookRequest, _webhooks_pb2.DeregisterWebhookResponse]
-    """Removes a URL; delivery to it stops. Errors: NOT_FOUND (not registered)."""
+    """Removes a URL; delivery to it stops. Errors: INVALID_ARGUMENT (no URL),
+    NOT_FOUND (not registered).
+    """
     ListWebhooks: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.ListWebhooksRequest, _webhooks_pb2.ListWebhooksResponse]
     """Lists the registered URLs and how far delivery to each has got."""
 
@@ -58,7 +60,9 @@ class WebhooksServiceAsyncStub(WebhooksServiceStub):
     many webhooks).
     """
     DeregisterWebhook: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.DeregisterWebhookRequest, _webhooks_pb2.DeregisterWebhookResponse]  # type: ignore[assignment]
-    """Removes a URL; delivery to it stops. Errors: NOT_FOUND (not registered)."""
+    """Removes a URL; delivery to it stops. Errors: INVALID_ARGUMENT (no URL),
+    NOT_FOUND (not registered).
+    """
     ListWebhooks: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.ListWebhooksRequest, _webhooks_pb2.ListWebhooksResponse]  # type: ignore[assignment]
     """Lists the registered URLs and how far delivery to each has got."""
 
@@ -84,7 +88,9 @@ class WebhooksServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _webhooks_pb2.DeregisterWebhookRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_webhooks_pb2.DeregisterWebhookResponse, _abc.Awaitable[_webhooks_pb2.DeregisterWebhookResponse]]:
-        """Removes a URL; delivery to it stops. Errors: NOT_FOUND (not registered)."""
+        """Removes a URL; delivery to it stops. Errors: INVALID_ARGUMENT (no URL),
+        NOT_FOUND (not registered).
+        """
 
     @_abc_1.abstractmethod
     def ListWebhooks(
