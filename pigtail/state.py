@@ -214,7 +214,7 @@ class PigtailState:
 
     def config(self, name: str) -> QueueConfig | None:
         """The settings of the queue's current incarnation, or None if it does not exist (cached per
-        queue state: states are never mutated, a change makes a new one)."""
+        queue state: a change of its history makes a new one; only its key index changes in place)."""
         record = self._queues.get(name)
         if record is None:
             return None

@@ -232,6 +232,8 @@ def render(
             DESCRIPTOR=str(DESCRIPTOR),
             SERVICES=json.dumps(services[name]),
             PATH_VARIABLES=json.dumps(path_variables(name)),
+            IGNORE_UNKNOWN_QUERY=json.dumps(name == "browser"),
+            REJECT_UNKNOWN_QUERY=json.dumps(name != "browser"),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
             RAW_BODY_ROUTES=("\n" + indent).join(f"- {json.dumps(r.route())}" for r in raw_body_routes(name))
