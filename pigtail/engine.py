@@ -257,7 +257,7 @@ class Pigtail:
     def _arm(self, queue: str) -> None:
         """If anyone waits for a claimable task of the queue, wake them all when its next waiting
         task may become claimable (they each waited only until the earliest such time they knew)."""
-        if not self._ready_waiters.get(queue):
+        if not any(not waiter.done() for waiter in self._ready_waiters.get(queue, ())):
             return
         wake = self._scheduler.next_wake_ms(queue)
         armed = self._timers.get(queue)
