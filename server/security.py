@@ -269,6 +269,9 @@ READ_PREFIXES = ("/grpc.reflection.",)
 PEER_METHODS = frozenset({"/potboiler.v1.ReplicationService/Replicate"})
 #: Verbs of read RPCs (after an optional `Rest` prefix, as in `RestGetTask`).
 READ_VERBS = ("Get", "List", "Subscribe")
+#: Reads that show secrets: webhook URLs may carry theirs (a token in the path or query), which
+#: whoever may register webhooks knows anyway, but a read token must not learn.
+WRITE_READS = frozenset({"/potboiler.v1.WebhooksService/ListWebhooks"})
 #: The services of the cluster itself (membership, replication): whoever may call their RPCs that
 #: are not reads can make nodes send their peer token (and every entry) to a server of theirs, so
 #: those need an admin token, including any such RPC added later.
@@ -285,7 +288,7 @@ def required_role(method: str) -> Role | None:
         return Role.READ
     name = method.rsplit("/", 1)[-1]
     name = name.removeprefix("Rest")
-    if name.startswith(READ_VERBS) and method not in PEER_METHODS:
+    if name.startswith(READ_VERBS) and method not in PEER_METHODS and method not in WRITE_READS:
         return Role.READ
     return Role.ADMIN if method.startswith(ADMIN_SERVICES) else Role.WRITE
 
@@ -719,14 +722,23 @@ class WebhookPolicy:
             listed = ", ".join(str(a) for a in self.allow)
             return f"{host}:{port} is not in the webhook allowlist ({listed})"
         if addresses is None:
-            addresses = self.resolver(host, port)
+            try:  # an address itself (with a zone, `fe80::1%lo`, the resolver would fail on it)
+                ipaddress.ip_address(host.split("%", 1)[0])
+                addresses = [host]
+            except ValueError:
+                addresses = self.resolver(host, port)
         if not addresses:
             return f"{host} resolves to no address"
         for text in addresses:
             reason = self.address_check(ipaddress.ip_address(text.split("%", 1)[0]))
-            if reason is not None:
-                shown = "" if host == text else f"{host} resolves to {text}: "
-                return f"webhook policy deny-private: {shown}{reason}"
+            if reason is None:
+                continue
+            if host == text:
+                return f"webhook policy deny-private: {reason}"
+            # Which address a name has is for the node's log, not for whoever may register webhooks
+            # (they would map internal names to internal addresses).
+            log.info("webhook policy deny-private: %s resolves to %s: %s", host, text, reason)
+            return f"webhook policy deny-private: {host} resolves to an address that is not public"
         return None
 
     def check_url(self, url: str) -> None:

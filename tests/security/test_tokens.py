@@ -221,7 +221,7 @@ def test_a_peer_token_that_cannot_travel_as_a_header_is_refused(tmp_path: Path, 
         ("/potboiler.v1.NodesService/GetStatus", Role.READ),
         ("/potboiler.v1.NodesService/AddNode", Role.ADMIN),
         ("/potboiler.v1.NodesService/RemoveNode", Role.ADMIN),
-        ("/potboiler.v1.WebhooksService/ListWebhooks", Role.READ),
+        ("/potboiler.v1.WebhooksService/ListWebhooks", Role.WRITE),  # webhook URLs may hold secrets
         ("/potboiler.v1.WebhooksService/RegisterWebhook", Role.WRITE),
         ("/potboiler.v1.KvService/GetValue", Role.READ),
         ("/potboiler.v1.KvService/UpdateValue", Role.WRITE),
@@ -354,7 +354,6 @@ READ_RPCS = {
     "NodesService": {"ListNodes", "GetStatus"},
     "PigtailService": {"GetQueue", "ListQueues", "GetTask", "ListTasks", "ListDeadTasks"},
     "PigtailRestService": {"RestListQueues", "RestListTasks", "RestListDeadTasks", "RestGetTask"},
-    "WebhooksService": {"ListWebhooks"},
 }
 
 
