@@ -7,6 +7,7 @@ replicator, webhooks, store) when Prometheus scrapes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -132,10 +133,25 @@ class _Handler(BaseHTTPRequestHandler):
     (HTTP/1.0, as Prometheus scrapes): a connection made before the server stopped is answered at
     most once more."""
 
-    #: Seconds a connection may take to send its request (a scraper sends it at once): a client that
-    #: sends nothing holds its slot this long.
+    #: Seconds a connection may take to send its whole request (a scraper sends it at once): a client
+    #: that sends nothing, or a byte at a time, holds its slot this long.
     timeout = 3
     server: _HttpServer
+
+    def handle(self) -> None:
+        # `timeout` bounds each read only: a deadline for the request as a whole closes the
+        # connection under a client that trickles it.
+        self._deadline = threading.Timer(self.timeout, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle()
+        finally:
+            self._deadline.cancel()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def do_GET(self) -> None:
         self._answer(send_body=True)
@@ -145,6 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The handler's own errors as JSON; a method it does not take (501 here) is a 405."""
+        self._deadline.cancel()
         if code == 501:
             self._fail(405, f"{self.command} is not allowed here: /metrics takes GET or HEAD", True)
             return
@@ -152,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._fail(code, message or HTTPStatus(code).phrase, self.command != "HEAD")
 
     def _answer(self, send_body: bool) -> None:
+        self._deadline.cancel()  # the request is in: the scrape may take its own time
         path = urlsplit(self.path).path
         if path.rstrip("/") != "/metrics":
             self._fail(404, f"No such path: {path} (metrics are at /metrics)", send_body)
