@@ -108,37 +108,29 @@ _MIN_BYTES_PER_LEVEL = 4
 _NON_FINITE_HINT = re.compile(rb"[\xf0-\xff][\x7f\xff]")
 
 
-def _has_non_finite(data: Value) -> bool:
-    """Whether any number in `data` is NaN or infinite (which JSON cannot carry)."""
+def _values(data: Value) -> Iterator[tuple[str | None, Value]]:
+    """Every value in `data` (itself included), with its kind."""
     stack = [data]
     while stack:
         v = stack.pop()
         kind = v.WhichOneof("kind")
-        if kind == "number_value":
-            if not math.isfinite(v.number_value):
-                return True
-        elif kind == "list_value":
+        yield kind, v
+        if kind == "list_value":
             stack.extend(v.list_value.values)
         elif kind == "struct_value":
             stack.extend(v.struct_value.fields.values())
-    return False
+
+
+def _has_non_finite(data: Value) -> bool:
+    """Whether any number in `data` is NaN or infinite (which JSON cannot carry)."""
+    return any(kind == "number_value" and not math.isfinite(v.number_value) for kind, v in _values(data))
 
 
 def _has_unset(data: Value) -> bool:
     """Whether a value nested in `data` has no kind (JSON has no such value: each reader would show
     it differently). Asked only of data holding an empty list item or object member in its bytes
-    (`\x0a\x00`, `\x12\x00`), as every such value is."""
-    stack = [data]
-    while stack:
-        v = stack.pop()
-        kind = v.WhichOneof("kind")
-        if kind is None:
-            return True
-        if kind == "list_value":
-            stack.extend(v.list_value.values)
-        elif kind == "struct_value":
-            stack.extend(v.struct_value.fields.values())
-    return False
+    (`\\x0a\\x00`, `\\x12\\x00`), as every such value is."""
+    return any(kind is None for kind, _ in _values(data))
 
 
 def _too_deep(data: Value) -> bool:
