@@ -75,7 +75,11 @@ class Membership:
         writes: list[Write] = []
         if join and url not in self._joining:
             writes.append((_JOINING + url.encode(), b""))
-        return self._insert(url, writes, joining=join)
+        if self._insert(url, writes, joining=join):
+            return True
+        for listener in self._listeners:  # known already: replication may try it again at once
+            listener(url, True)
+        return False
 
     def learn(self, url: str) -> bool:
         """Add a peer heard of from another node (or named by --peer), unless it is this node or was

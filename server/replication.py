@@ -43,6 +43,7 @@ from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.log import Plan, Promise, newest_of_each_owner, parse_entry_batch
 from potboiler.server.membership import Membership
+from potboiler.server.urls import GRPC_PORT_OFFSET
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
 
@@ -68,8 +69,9 @@ ANNOUNCE_INTERVAL = 0.05
 PROMISE_INTERVAL = 1.0
 #: Reconnection delays: 50 ms doubling to 5 s.
 RECONNECT = Backoff(first=0.05, cap=5.0)
-#: Offset of the direct gRPC port from a node's base port.
-GRPC_PORT_OFFSET = 10
+#: A stream that lasted this long worked: the next attempt after it ends starts the backoff afresh.
+#: One that ends sooner (a peer refusing what it is sent, say) counts as another failure.
+STABLE_SESSION_S = 10.0
 
 
 def forwarded_live_age() -> float:
@@ -603,6 +605,7 @@ class Replicator:
 
     def _add_peer(self, url: str) -> None:
         if url in self.peers:
+            self.peers[url].wake.set()  # added again: end its wait between attempts
             return
         peer = Peer(url)
         self.peers[url] = peer
@@ -648,8 +651,10 @@ class Replicator:
                     self, _ClientTransport(call), dialed=True, make_message=replication_pb2.ReplicateRequest
                 )
                 session.peer_url = peer.url
+                joining = self.membership.is_joining(peer.url)
+                connected_at: float | None = None
                 try:
-                    await session.hello(join=self.membership.is_joining(peer.url))
+                    await session.hello(join=joining)
                     first = await call.read()
                     if not isinstance(first, replication_pb2.ReplicateResponse) or not first.HasField(
                         "hello"
@@ -667,7 +672,7 @@ class Replicator:
                         continue
                     self.membership.identify(peer.url, session.peer_id)
                     self.learn_peers(first.hello.peers)
-                    failures = 0
+                    connected_at = time.monotonic()
                     self.membership.joined(peer.url)
                     log.info("connected to %s (node %s)", peer.url, peer.node_id)
                     await self._run_session(peer, session)
@@ -675,6 +680,8 @@ class Replicator:
                 except grpc.aio.AioRpcError as exc:
                     peer.last_error = _describe(exc)
                     if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                        if self.membership.is_joining(peer.url) and not joining:
+                            continue  # an operator added it since this hello: ask to join now
                         log.warning("%s removed this node from its peers; removing it here too", peer.url)
                         with contextlib.suppress(NotFound):  # (removed meanwhile, by an operator say)
                             self.membership.remove(peer.url)
@@ -699,6 +706,8 @@ class Replicator:
                     # The peer's own stream replaced this one (both dialed) and is live: no failure.
                     peer.last_error = ""
                     continue
+                if connected_at is not None and time.monotonic() - connected_at >= STABLE_SESSION_S:
+                    failures = 0  # (a stream that ends soon after its hello is a failure like any)
                 failures += 1
                 delay = self.backoff.delay(failures)
                 if failures in (1, 5) or failures % 50 == 0:

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 from potboiler.server.errors import InvalidArgument
 
 MAX_URL_LENGTH = 2048
+#: Offset of a node's direct gRPC port from its base port (the port of its URL).
+GRPC_PORT_OFFSET = 10
 
 
 def http_url(text: str, what: str = "url") -> str:
@@ -53,6 +55,10 @@ def node_url(text: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise InvalidArgument(
             f"node url {text!r} must be a root URL like http://host:8000 (no path or query)"
+        )
+    if (parts.port or 0) > 65535 - GRPC_PORT_OFFSET:
+        raise InvalidArgument(
+            f"node url {text!r}: a node's port B must leave room for its gRPC port B+{GRPC_PORT_OFFSET}"
         )
     return origin(text)
 

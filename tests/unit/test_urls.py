@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.urls import MAX_URL_LENGTH, http_url, node_url, redacted, webhook_url
+from potboiler.server.urls import GRPC_PORT_OFFSET, MAX_URL_LENGTH, http_url, node_url, redacted, webhook_url
 
 GOOD = [
     "http://example.com",
@@ -106,6 +106,7 @@ def test_node_url_normalises(url: str, normal: str) -> None:
         "http://example.com:8000#frag",
         "http://user@example.com:8000",
         "http://user:pw@example.com:8000",
+        "http://example.com:65526",  # its gRPC port, B+10, would be past 65535
     ],
 )
 def test_node_url_rejects(url: str) -> None:
@@ -128,7 +129,7 @@ hosts = st.one_of(
 @given(
     scheme=st.sampled_from(["http", "https", "HTTP", "Https"]),
     host=hosts,
-    port=st.one_of(st.none(), st.integers(1, 65535)),
+    port=st.one_of(st.none(), st.integers(1, 65535 - GRPC_PORT_OFFSET)),
     slash=st.booleans(),
 )
 def test_node_url_normal_form(scheme: str, host: str, port: int | None, slash: bool) -> None:
