@@ -27,6 +27,7 @@ so a failed write changes nothing and a crash leaves the store consistent.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 import struct
@@ -53,6 +54,8 @@ MAX_DEPENDENCIES = 1_000
 #: Deepest nesting of arrays and objects in entry data: deeper data could not be carried inside the
 #: messages that wrap entries (subscriptions, replication) within protobuf's decoding depth limit.
 MAX_DEPTH = 30
+
+_logger = logging.getLogger(__name__)
 
 _U64 = struct.Struct(">Q")
 _HEAD = struct.Struct(">Q16s")
@@ -411,6 +414,9 @@ class Log:
         self._own_floor = 0
         #: What `own_blocked` found, until the next change of the log.
         self._blocked: Blocked | None = None
+        #: Owners whose log a peer sent with another entry at a seq than the one held here (their
+        #: log forked), by the seq where it did: see `forks`.
+        self._forks: dict[str, int] = {}
         # Later stamps exceed every stamp held, as they did before the restart: each owner's newest
         # entry holds its highest (an owner's stamps grow along its chain).
         for owner, (seq, _) in self._heads.items():
@@ -667,6 +673,26 @@ class Log:
             plan.heads[me] = (seq, prev)
         return out
 
+    def forks(self) -> dict[str, int]:
+        """Each owner whose log has forked, as seen here (a peer holds other entries than this node
+        from that seq on), with the seq; their entries past it are not taken."""
+        return dict(self._forks)
+
+    def _note_fork(self, owner: str, seq: int, entry: Entry, held_prev: str) -> None:
+        if self._forks.get(owner) == seq:
+            return
+        self._forks[owner] = seq
+        _logger.warning(
+            "the log of %s has forked at seq %d: a peer sent entry %s after %s, this node holds %s "
+            "there; that log's entries past it are not taken (wipe the forked node's data directory "
+            "and let it rejoin)",
+            owner,
+            seq,
+            entry.id,
+            entry.prev or "(none)",
+            held_prev or "(none)",
+        )
+
     def plan_remote(
         self, plan: Plan, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None
     ) -> list[Entry]:
@@ -694,9 +720,10 @@ class Log:
                 if raw in plan.blobs or raw in plan.delivered_set:
                     raise InvalidArgument(f"entry {text} comes twice in one write")
                 if entry.prev != chain.text:
-                    raise InvalidArgument(
-                        f"entry {text} names prev {entry.prev!r}, this node holds otherwise"
-                    )
+                    # The owner's log forked (a store rolled back, a copied data directory): keep
+                    # the entries held, skip its others, and go on with the other owners' entries.
+                    self._note_fork(entry.owner, seq, entry, chain.text)
+                    continue
                 deps = (
                     tuple(canonical_uuid(d, "dependency") for d in entry.dependencies)
                     if entry.dependencies

@@ -70,4 +70,6 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
         if blocked is not None:
             status.blocked.id, status.blocked.seq = blocked.entry, blocked.seq
             status.blocked.waits_for.extend(blocked.waits_for)
+        for owner, seq in sorted(self._log.forks().items()):
+            status.forked.add(owner=owner, seq=seq)
         return status

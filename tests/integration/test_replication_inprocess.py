@@ -23,7 +23,7 @@ from potboiler.server.log import Log, NewEntry, validate_new_entry
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port, ports_free
 from potboiler.server.storage import MemoryStore
-from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
+from potboiler.v1 import nodes_pb2, nodes_pb2_grpc, replication_pb2, replication_pb2_grpc
 from tests.unit.test_log import commit_local
 
 pytestmark = pytest.mark.asyncio
@@ -741,3 +741,39 @@ async def test_appends_wait_while_a_peer_holds_more_of_this_nodes_log() -> None:
     plan = node_log.begin()
     with pytest.raises(Unavailable, match="a peer holds it up to 3"):
         node_log.plan_local(plan, [NewEntry(number(2))])
+
+
+async def test_a_forked_log_is_reported_and_holds_up_only_itself(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """x's store goes back to an older copy and x appends before reaching its peer: its log forks.
+    p keeps the entries it had, takes none of x's past the fork, says so in its status, and the
+    stream between them goes on carrying everything else."""
+    p = await make_node(gossip=False)
+    x = await make_node(name="x", peers=[p], gossip=False, index=1)
+    await append(x, 2)
+    await eventually(lambda: converged(p, x), what="first convergence")
+    await x.stop()
+    shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
+    x = await make_node(name="x", peers=[p], gossip=False, index=1)
+    await append(x, 2)  # seqs 3-4, replicated to p
+    await eventually(lambda: converged(p, x), what="convergence before the restore")
+    await x.stop()
+    p.membership.remove(x.config.url)  # x comes back alone: nothing tells it what p holds
+    shutil.rmtree(tmp_path / "x")
+    shutil.copytree(tmp_path / "x-copy", tmp_path / "x")
+    x = await make_node(name="x", gossip=False, index=1)
+    await append(x, 3)  # seqs 3-5 again, other entries: the fork
+    p.membership.add(x.config.url)
+    await eventually(lambda: p.log.forks() == {x.log.node_id: 5}, what="p seeing the fork")
+    [session] = p.replicator.peers[x.config.url].sessions
+    mine = await append(p, 3)
+    await eventually(
+        lambda: x.log.vector().get(p.log.node_id) == 3 and set(mine) <= set(delivered_ids(x)),
+        what="p's new entries on x",
+    )
+    assert p.log.vector()[x.log.node_id] == 4
+    assert p.replicator.peers[x.config.url].sessions == [session]  # the same stream all along
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
+        status = await nodes_pb2_grpc.NodesServiceStub(channel).GetStatus(nodes_pb2.GetStatusRequest())
+    assert [(f.owner, f.seq) for f in status.forked] == [(x.log.node_id, 5)]

@@ -259,15 +259,16 @@ def test_after_a_restart_new_stamps_exceed_those_received_from_peers(store: Memo
     assert restarted.clock.now().wall_ms == 5 + MAX_DRIFT_MS
 
 
-def test_remote_entry_with_wrong_prev_is_refused(store: MemoryStore) -> None:
+def test_remote_entry_with_wrong_prev_is_not_taken(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
     [a, b] = commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))])
     log = Log(store)
     commit_remote(log, store, [a])
     forged = copy(b)
     forged.prev = "00000000-0000-0000-0000-000000000000"
-    with pytest.raises(InvalidArgument):
-        commit_remote(log, store, [forged])
+    assert commit_remote(log, store, [forged]) == []
+    assert log.vector() == {a.owner: 1} and log.forks() == {a.owner: 2}
+    assert [e.id for e in commit_remote(log, store, [b])] == [b.id]  # the entry that follows a
 
 
 @pytest.mark.parametrize("with_blobs", [False, True], ids=["entries", "with their bytes"])

@@ -117,13 +117,28 @@ def test_a_stretch_continues_what_the_same_plan_took_before_it() -> None:
     assert fast == slow and len(fast[0]) == 2
 
 
-def test_a_wrong_prev_part_way_is_refused_after_the_entries_before_it() -> None:
+def test_a_wrong_prev_part_way_takes_the_entries_before_it_and_notes_a_fork() -> None:
     batch = [copy(e) for e in CHAIN[:6]]
     batch[3].prev = CHAIN[0].id
     fast, slow = plan_both_ways([], batch)
     assert fast == slow
-    assert "names prev" in str(fast[0])
-    assert fast[1][1] == slow[1][1] and len(fast[1][3]) == 3  # a, b, c taken
+    assert fast[0] == [e.SerializeToString() for e in CHAIN[:3]]  # a, b, c taken; the rest not
+    log = Log(MemoryStore())
+    plan = log.begin()
+    log.plan_remote(plan, batch, [e.SerializeToString() for e in batch])
+    assert log.forks() == {CHAIN[0].owner: 4}
+
+
+def test_a_forked_log_holds_up_only_its_own_entries() -> None:
+    """Another owner's entries in the same batch are taken, as are the forked log's up to the fork."""
+    other = make_chain(3)
+    forked = [copy(e) for e in CHAIN[:4]]
+    forked[2].prev = str(uuid.UUID(int=7))
+    log = Log(MemoryStore())
+    plan = log.begin()
+    taken = log.plan_remote(plan, [forked[0], other[0], forked[1], other[1], forked[2], other[2], forked[3]])
+    assert [e.id for e in taken] == [forked[0].id, other[0].id, forked[1].id, other[1].id, other[2].id]
+    assert log.forks() == {CHAIN[0].owner: 3}
 
 
 def test_mutations_of_a_batch_plan_as_entry_by_entry() -> None:

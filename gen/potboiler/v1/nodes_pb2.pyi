@@ -277,6 +277,7 @@ class GetStatusResponse(_message.Message):
     DELIVERED_POSITION_FIELD_NUMBER: _builtins.int
     PEERS_FIELD_NUMBER: _builtins.int
     BLOCKED_FIELD_NUMBER: _builtins.int
+    FORKED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """This node's id (UUID)."""
     url: _builtins.str
@@ -300,6 +301,13 @@ class GetStatusResponse(_message.Message):
         and Pigtail refuse writes on this node (UNAVAILABLE) until it arrives.
         """
 
+    @_builtins.property
+    def forked(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForkedLog]:
+        """The logs whose owner forked them (a store rolled back, or a data directory
+        copied to another node) as a peer showed this node: their entries past the
+        fork are not taken here. Sorted by owner.
+        """
+
     def __init__(
         self,
         *,
@@ -310,14 +318,41 @@ class GetStatusResponse(_message.Message):
         delivered_position: _builtins.int = ...,
         peers: _abc.Iterable[Global___PeerStatus] | None = ...,
         blocked: Global___BlockedEntry | None = ...,
+        forked: _abc.Iterable[Global___ForkedLog] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "delivered_position", b"delivered_position", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "url", b"url", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked", b"blocked", "delivered_position", b"delivered_position", "forked", b"forked", "node_id", b"node_id", "peers", b"peers", "pending", b"pending", "url", b"url", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class ForkedLog(_message.Message):
+    """A node's log that holds other entries on a peer than here from one seq on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The log's owner (node id)."""
+    seq: _builtins.int
+    """The first seq where the entries differ."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkedLog: _TypeAlias = ForkedLog  # noqa: Y015
 
 @_typing.final
 class BlockedEntry(_message.Message):
