@@ -424,6 +424,7 @@ class Session:
                     promise = Promise(Stamp(clock.wall_ms, clock.logical), vector.get(self.peer_id, 0))
                     r.log.note_promise(self.peer_id, promise)
                 for relayed in message.ack.promises:
+                    parse_uuid(relayed.owner, "promise owner")  # as the vector's owners
                     if relayed.owner != r.log.node_id:
                         stamp = Stamp(relayed.clock.wall_ms, relayed.clock.logical)
                         r.log.note_promise(relayed.owner, Promise(stamp, relayed.seq))

@@ -511,6 +511,20 @@ async def test_an_ack_naming_a_redundant_owner_that_is_not_a_uuid_ends_the_strea
     assert "redundant owner" in (error.details() or "")
 
 
+async def test_an_ack_relaying_a_promise_of_an_owner_that_is_not_a_uuid_ends_the_stream(
+    make_node: NodeFactory,
+) -> None:
+    """Relayed promises are checked like the vector's owners: unchecked, a bogus owner would be kept
+    and passed on to every node, and hold Pigtail's compaction back for good."""
+    a = await make_node()
+    ack = replication_pb2.Ack()
+    ack.promises.add(owner="not-a-uuid", seq=1)
+    error = await stream_error(a, str(uuid.uuid4()), replication_pb2.ReplicateRequest(ack=ack))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "promise owner" in (error.details() or "")
+    assert "not-a-uuid" not in a.log.promises()
+
+
 async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
