@@ -135,6 +135,7 @@ __all__ = [
     "find_by_key",
     "is_dead_lettered",
     "is_listed",
+    "latest_stamp",
     "list_dead",
     "list_tasks",
     "new_queue_state",
@@ -865,15 +866,21 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
     return lease
 
 
-def _latest_wall(task: TaskState) -> int:
-    """The highest wall time stamped on anything in the task (a new event's HLC stamp is at least that)."""
-    walls = [_at(c).wall_ms for c in task["claims"]] + [Stamp.coerce(r).wall_ms for r in task["retries"]]
+def latest_stamp(task: TaskState) -> Stamp | None:
+    """The latest stamp on anything in the task (a new event's HLC stamp is at least that), if any."""
+    stamps = [_at(c) for c in task["claims"]] + [Stamp.coerce(r) for r in task["retries"]]
     for raw in (task["added"], None if task["done"] is None else task["done"]["at"]):
         if raw is not None:
-            walls.append(Stamp.coerce(raw).wall_ms)
+            stamps.append(Stamp.coerce(raw))
     if task["base"] is not None:
-        walls.append(Stamp.coerce(task["base"]["horizon"]).wall_ms)
-    return max(walls, default=0)
+        stamps.append(Stamp.coerce(task["base"]["horizon"]))
+    return max(stamps, default=None)
+
+
+def _latest_wall(task: TaskState) -> int:
+    """The highest wall time stamped on anything in the task."""
+    latest = latest_stamp(task)
+    return 0 if latest is None else latest.wall_ms
 
 
 def _visible_config(task: TaskState | None, queue: QueueState | None) -> QueueConfig | None:

@@ -61,6 +61,7 @@ from potboiler.pigtail.machine import (
     candidates_after_add,
     candidates_after_delete,
     compact_task,
+    latest_stamp,
     new_queue_state,
     queue_config,
 )
@@ -380,7 +381,9 @@ class PigtailState:
         cut: Stamp,
         tasks: dict[TaskKey, TaskRecord | None],
     ) -> None:
-        """Drop the queue's tasks added before `cut` (its latest delete)."""
+        """Drop the queue's tasks added before `cut` (its latest delete), and the records of tasks
+        whose add is not here (a claim or done from a node that had not seen an earlier delete yet)
+        with every event before it: arriving after the delete, they would not have been stored."""
         candidates: dict[str, TaskState] = dict(self._open.get(queue, {}))
         for state in self.done_tasks(queue):
             candidates[state["task_id"]] = state
@@ -388,7 +391,8 @@ class PigtailState:
             if q == queue and record is not None:
                 candidates[task_id] = record["state"]
         for task_id, state in candidates.items():
-            if state["added"] is not None and Stamp.coerce(state["added"]) < cut:
+            stamp = state["added"] if state["added"] is not None else latest_stamp(state)
+            if stamp is not None and Stamp.coerce(stamp) < cut:
                 tasks[queue, task_id] = None
 
     def _purge_keys(

@@ -433,6 +433,36 @@ def test_queue_records_written_with_their_keys_inside_are_moved_apart_on_load() 
     assert find_by_key(PigtailState(store).queue("q"), "k") == "t1"
 
 
+def test_a_claim_of_a_task_a_delete_dropped_leaves_no_record_once_a_later_delete_comes() -> None:
+    """B claims a task it saw added, not yet knowing A deleted the queue (a partition): here the
+    claim arrives after the delete dropped the task, and its record has no add. A later delete drops
+    it too: the store ends as it does where the claim came before any delete."""
+    log = Log()
+    first = [
+        log.event(A, T0 + 100, QueueCreated("q", 1000)),
+        log.event(A, T0 + 200, TaskAdded("q", "t", "x")),
+        log.event(A, T0 + 300, QueueDeleted("q")),
+    ]
+    claim = log.event(B, T0 + 400, TaskClaimed("q", "t", "w"))
+    later = [
+        log.event(A, T0 + 500, QueueCreated("q", 1000)),
+        log.event(A, T0 + 600, QueueDeleted("q")),
+        log.event(A, T0 + 700, QueueCreated("q", 1000)),
+    ]
+    stores = []
+    for order in (
+        [*first, claim, *later],
+        [*first, *later, claim],
+        [first[0], first[1], claim, *first[2:], *later],
+    ):
+        store = MemoryStore()
+        state = PigtailState(store)
+        state.apply(positioned(order))
+        assert dict(state.open_tasks("q")) == {}
+        stores.append(sorted(key for key, _ in store.scan(b"o", b"u") if key[:1] in (b"o", b"t")))
+    assert stores[0] == stores[1] == stores[2] == []
+
+
 def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     state = PigtailState(MemoryStore())
     log = Log()
