@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -68,33 +68,39 @@ class FinishedCallChannel:
         return call
 
 
-async def test_dial_loop_survives_a_write_on_a_finished_call() -> None:
+@contextlib.asynccontextmanager
+async def replicating(channel: FinishedCallChannel, backoff: Backoff) -> AsyncIterator[Replicator]:
+    """A node's replicator (no gossip) dialling through `channel`, started and, at the end, stopped."""
     store = MemoryStore()
-    log = Log(store)
-    appender = Appender(log, store)
+    appender = Appender(Log(store), store)
     appender.start()
     membership = Membership(store, "http://127.0.0.1:9")
-    channel = FinishedCallChannel()
     replicator = Replicator(
         appender,
         membership,
         gossip=False,
-        backoff=Backoff(first=0.01, cap=0.01),
+        backoff=backoff,
         channel=cast(Callable[[str], grpc.aio.Channel], channel.open),
     )
     replicator.start()
     try:
-        membership.add(PEER)
+        yield replicator
+    finally:
+        with contextlib.suppress(Exception):
+            await replicator.stop()
+        await appender.stop()
+
+
+async def test_dial_loop_survives_a_write_on_a_finished_call() -> None:
+    channel = FinishedCallChannel()
+    async with replicating(channel, Backoff(first=0.01, cap=0.01)) as replicator:
+        replicator.membership.add(PEER)
         task = replicator.peers[PEER].task
         assert task is not None
         await wait_for(lambda: channel.calls >= 3 or task.done(), timeout=10, message="redials")
         died = task.exception() if task.done() and not task.cancelled() else None
         assert died is None, f"the dial loop of {PEER} died: {died!r}; it never dials again"
         assert channel.calls >= 3, "the dial loop should keep redialing a peer whose streams fail"
-    finally:
-        with contextlib.suppress(Exception):
-            await replicator.stop()
-        await appender.stop()
 
 
 class HelloThenEndCall(FinishedCall):
@@ -138,29 +144,11 @@ class CountingBackoff(Backoff):
 
 async def test_streams_that_end_right_after_their_hello_back_off_like_any_failure() -> None:
     """A hello alone is no sign the stream works: the backoff grows until one lasts."""
-    store = MemoryStore()
-    log = Log(store)
-    appender = Appender(log, store)
-    appender.start()
-    membership = Membership(store, "http://127.0.0.1:9")
-    channel = HelloThenEndChannel()
     backoff = CountingBackoff()
-    replicator = Replicator(
-        appender,
-        membership,
-        gossip=False,
-        backoff=backoff,
-        channel=cast(Callable[[str], grpc.aio.Channel], channel.open),
-    )
-    replicator.start()
-    try:
-        membership.add(PEER)
+    async with replicating(HelloThenEndChannel(), backoff) as replicator:
+        replicator.membership.add(PEER)
         await wait_for(lambda: len(backoff.asked) >= 4, timeout=10, message="redials")
         assert backoff.asked[:4] == [1, 2, 3, 4]
-    finally:
-        with contextlib.suppress(Exception):
-            await replicator.stop()
-        await appender.stop()
 
 
 class RefusingCall(FinishedCall):
@@ -190,24 +178,12 @@ class RefusingCall(FinishedCall):
 async def test_a_refusal_answering_a_hello_sent_before_an_operator_added_the_peer_removes_nothing() -> None:
     """The peer refuses a hello that did not ask to join; an operator's POST /nodes meanwhile means
     this node asks to join now, rather than taking the refusal as the peer's word and removing it."""
-    store = MemoryStore()
-    log = Log(store)
-    appender = Appender(log, store)
-    appender.start()
-    membership = Membership(store, "http://127.0.0.1:9")
     refuse = asyncio.Event()
     hellos: list[replication_pb2.Hello] = []
     channel = FinishedCallChannel()
     channel.stream_stream = lambda *a, **k: lambda *b, **c: RefusingCall(refuse, hellos)  # type: ignore[method-assign]
-    replicator = Replicator(
-        appender,
-        membership,
-        gossip=False,
-        backoff=Backoff(first=60.0, cap=60.0),
-        channel=cast(Callable[[str], grpc.aio.Channel], channel.open),
-    )
-    replicator.start()
-    try:
+    async with replicating(channel, Backoff(first=60.0, cap=60.0)) as replicator:
+        membership = replicator.membership
         membership.learn(PEER)  # heard of, not added by an operator: its hello does not ask to join
         await wait_for(lambda: len(hellos) == 1, timeout=10, message="the first hello")
         membership.add(PEER)  # the operator's POST /nodes, while the peer is still answering
@@ -215,33 +191,12 @@ async def test_a_refusal_answering_a_hello_sent_before_an_operator_added_the_pee
         await wait_for(lambda: len(hellos) == 2, timeout=10, message="a second hello")
         assert not hellos[0].join and hellos[1].join
         assert PEER in membership.urls()
-    finally:
-        with contextlib.suppress(Exception):
-            await replicator.stop()
-        await appender.stop()
 
 
 async def test_adding_a_known_peer_again_ends_its_wait_between_attempts() -> None:
-    store = MemoryStore()
-    log = Log(store)
-    appender = Appender(log, store)
-    appender.start()
-    membership = Membership(store, "http://127.0.0.1:9")
     channel = FinishedCallChannel()
-    replicator = Replicator(
-        appender,
-        membership,
-        gossip=False,
-        backoff=Backoff(first=60.0, cap=60.0),
-        channel=cast(Callable[[str], grpc.aio.Channel], channel.open),
-    )
-    replicator.start()
-    try:
-        membership.add(PEER)
+    async with replicating(channel, Backoff(first=60.0, cap=60.0)) as replicator:
+        replicator.membership.add(PEER)
         await wait_for(lambda: channel.calls == 1, timeout=10, message="the first attempt")
-        membership.add(PEER)  # again, by an operator: no 60 s wait for the next attempt
+        replicator.membership.add(PEER)  # again, by an operator: no 60 s wait for the next attempt
         await wait_for(lambda: channel.calls == 2, timeout=10, message="a second attempt")
-    finally:
-        with contextlib.suppress(Exception):
-            await replicator.stop()
-        await appender.stop()
