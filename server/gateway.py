@@ -143,21 +143,25 @@ def downstream_tls(rest_tls: RestTlsFiles | None) -> str:
 
 def upstream_tls(tls: TlsFiles | None, grpc_host: str) -> str:
     """The node cluster's `transport_socket` line: with mTLS on, Envoy dials the node's gRPC server
-    over TLS with the node's certificate as client certificate and the cluster CA as trust."""
+    over TLS with the node's certificate as client certificate and the cluster CA as trust, and
+    accepts only a server certificate that names `grpc_host` (as peers do): any certificate from
+    the CA would let another member listening on the node's gRPC port receive its clients' calls."""
     if tls is None:
         return "# plaintext upstream (mTLS off)"
     files = tls.resolved()
-    context: dict[str, object] = {
+    # The node's host is always an IP address (NodeConfig.check); Envoy matches IP SANs in this form.
+    address = str(ipaddress.ip_address(grpc_host))
+    validation = {
+        "trusted_ca": {"filename": str(files.ca)},
+        "match_typed_subject_alt_names": [{"san_type": "IP_ADDRESS", "matcher": {"exact": address}}],
+    }
+    context = {
         "common_tls_context": {
             "tls_certificates": [_certificate(files.cert, files.key)],
-            "validation_context": {"trusted_ca": {"filename": str(files.ca)}},
+            "validation_context": validation,
             "alpn_protocols": ["h2"],
         },
     }
-    try:
-        ipaddress.ip_address(grpc_host)
-    except ValueError:
-        context["sni"] = grpc_host
     socket = {"name": _TLS_SOCKET, "typed_config": {"@type": _TLS_TYPES + "UpstreamTlsContext", **context}}
     return "transport_socket: " + json.dumps(socket)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ import httpx
 import pytest
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.processes import NodeProcess
+from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import (
     log_pb2,
     log_pb2_grpc,
@@ -25,7 +26,7 @@ from potboiler.v1 import (
     replication_pb2_grpc,
 )
 from tests.conftest import wait_for_sync
-from tests.security.conftest import Identity, Nodes, Pki
+from tests.security.conftest import Identity, Nodes, Pki, make_identity
 
 pytestmark = pytest.mark.e2e
 
@@ -125,3 +126,28 @@ def test_grpc_through_envoy_works_and_replication_through_it_is_refused(nodes: N
         with pytest.raises(grpc.RpcError) as info:
             list(replicate)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_envoy_refuses_a_node_certificate_that_does_not_name_the_node(nodes: Nodes, tmp_path: Path) -> None:
+    """Envoy checks the name in the certificate of the gRPC server it forwards to, as peers do: a
+    certificate from the trusted CA for another host (here `localhost`, the node being 127.0.0.1)
+    gets no client's request."""
+    identity = make_identity(tmp_path / "pki-localhost", "localhost")
+    node = NodeProcess(tmp_path / "misnamed", find_base_port(), extra_args=identity.node_args())
+    nodes.started.append(node)
+    node.start(wait=False)
+
+    def rest_status() -> int | None:
+        try:
+            return httpx.post(f"{node.rest_url}/log", json="not forwarded", timeout=5).status_code
+        except httpx.TransportError:  # Envoy not listening yet
+            return None
+
+    answered = wait_for_sync(rest_status, message=node.log_tail)
+    assert answered == 503, node.log_tail()
+    # The node itself serves its direct port to a client that accepts its certificate's name: it
+    # is Envoy's check that refused, and nothing was appended.
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    with grpc.secure_channel(node.grpc_target, identity.channel_credentials(), options) as channel:
+        heads_now = log_pb2_grpc.LogServiceStub(channel).ListHeads(log_pb2.ListHeadsRequest(), timeout=10)
+    assert not heads_now.heads
