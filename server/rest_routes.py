@@ -148,20 +148,26 @@ def overlap(a: str, b: str) -> bool:
     return len(sa) == len(sb) and all(x is None or y is None or x == y for x, y in zip(sa, sb, strict=True))
 
 
+def _literals(template: str) -> int:
+    return sum(s is not None for s in _segments(template))
+
+
 def allowed_methods(bindings: list[RestBinding]) -> list[tuple[str, list[str]]]:
     """Each path template of `bindings` with the methods that may reach the transcoder on it, the
     most specific templates (most literal segments) first. Envoy takes the first route that matches,
-    so a path of two templates is decided by the earlier one, which therefore also admits the
-    methods of every later template it overlaps (`GET /log/register` is `GET /log/{id}`)."""
+    so a path of two templates is decided by the earlier one. A more specific template answers for
+    its own path alone: `GET /log/register` is a 405 (the path takes POST), not `GET /log/{id}` with
+    id "register" (no id of the API is such a word: ids are UUIDs). Templates as specific as each
+    other that overlap admit each other's methods."""
     methods: dict[str, set[str]] = {}
     for b in bindings:
         methods.setdefault(b.path, set()).add(b.method)
-    order = sorted(methods, key=lambda t: (-sum(s is not None for s in _segments(t)), t))
+    order = sorted(methods, key=lambda t: (-_literals(t), t))
     out = []
     for i, template in enumerate(order):
         allowed = set(methods[template])
         for later in order[i + 1 :]:
-            if overlap(template, later):
+            if _literals(later) == _literals(template) and overlap(template, later):
                 allowed |= methods[later]
         out.append((template, sorted(allowed)))
     return out

@@ -499,7 +499,11 @@ def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) 
         ("core", "PATCH", "/log", "GET, HEAD, POST"),
         ("core", "DELETE", "/log/3f1c0e4a-5b7d-4c8e-9f60-1a2b3c4d5e6f", "GET, HEAD"),
         ("core", "POST", "/status", "GET, HEAD"),
-        ("core", "PUT", "/log/register", "GET, HEAD, POST"),
+        ("core", "PUT", "/log/register", "POST"),
+        # Not GET /log/{id} with id "register" (a 400: not a UUID) or GET /queue/q/{task_id}.
+        ("core", "GET", "/log/register", "POST"),
+        ("core", "GET", "/log/deregister", "POST"),
+        ("pigtail", "GET", "/queue/q/claim", "POST"),
         ("kv", "DELETE", "/kv/t/k", "GET, HEAD, POST"),
         ("kv", "PUT", "/kv", "GET, HEAD"),
         ("pigtail", "GET", "/create", "POST"),

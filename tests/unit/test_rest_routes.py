@@ -52,7 +52,7 @@ def test_templates_overlap_when_some_path_matches_both() -> None:
     assert not overlap("/log/first", "/log/register")
 
 
-def test_a_more_specific_template_comes_first_and_admits_the_methods_of_those_it_overlaps() -> None:
+def test_a_more_specific_template_comes_first_and_answers_for_its_path_alone() -> None:
     bindings = [
         binding("GET", "/log/{id}"),
         binding("POST", "/log/register"),
@@ -60,10 +60,16 @@ def test_a_more_specific_template_comes_first_and_admits_the_methods_of_those_it
         binding("POST", "/log"),
     ]
     assert allowed_methods(bindings) == [
-        ("/log/register", ["GET", "POST"]),  # GET /log/register is GET /log/{id} with id "register"
+        ("/log/register", ["POST"]),  # GET /log/register is a 405, not GET /log/{id} with id "register"
         ("/log", ["GET", "POST"]),
         ("/log/{id}", ["GET"]),
     ]
+
+
+def test_templates_as_specific_as_each_other_admit_each_others_methods() -> None:
+    bindings = [binding("GET", "/a/{x}/c"), binding("POST", "/a/b/{y}")]
+    # /a/b/c is decided by the first.
+    assert allowed_methods(bindings) == [("/a/b/{y}", ["GET", "POST"]), ("/a/{x}/c", ["GET"])]
 
 
 def test_every_binding_reaches_the_transcoder_through_its_listeners_routes() -> None:
