@@ -168,7 +168,7 @@ def upstream_tls(tls: TlsFiles | None, grpc_host: str) -> str:
 
 def error_code_mappers() -> list[dict[str, Any]]:
     """Envoy `local_reply_config` mappers: each of Envoy's own error statuses answered as
-    `{"code": <gRPC code>, "message"}`; a body over the limit says what the limit is (Envoy's own
+    `{"code": <gRPC code>, "message", "details": []}`, the shape of the node's errors; a body over the limit says what the limit is (Envoy's own
     words are about its buffers)."""
     mappers = []
     for status, code in GRPC_CODE_OF_STATUS.items():
@@ -183,7 +183,9 @@ def error_code_mappers() -> list[dict[str, Any]]:
         mappers.append(
             {
                 "filter": {"status_code_filter": {"comparison": comparison}},
-                "body_format_override": {"json_format": {"code": code.value[0], "message": message}},
+                "body_format_override": {
+                    "json_format": {"code": code.value[0], "message": message, "details": []}
+                },
             }
         )
     return mappers

@@ -72,7 +72,9 @@ def assert_error(response: httpx.Response, status: int, *words: str) -> str:
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert isinstance(body, dict), body
-    assert body.get("code") == GRPC_CODE[status], body
+    # One shape whether the node or Envoy answered.
+    assert sorted(body) == ["code", "details", "message"], body
+    assert body["code"] == GRPC_CODE[status], body
     message = body.get("message")
     assert isinstance(message, str) and message.strip(), body
     for word in words:
