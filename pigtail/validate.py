@@ -64,7 +64,10 @@ def timeout_ms(value: int) -> int:
     """A valid claim timeout, else InvalidArgument."""
     if not 1 <= value <= MAX_TIMEOUT_MS:
         if value == 0:
-            raise InvalidArgument(f"timeout_ms is required: 1 to {MAX_TIMEOUT_MS} milliseconds")
+            # Absent and 0 are one value in protobuf: the message fits both.
+            raise InvalidArgument(
+                f"timeout_ms is required and must be 1 to {MAX_TIMEOUT_MS} milliseconds, not 0"
+            )
         raise InvalidArgument(f"timeout_ms must be 1 to {MAX_TIMEOUT_MS} milliseconds, not {value}")
     return value
 
