@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -263,7 +264,21 @@ def render(
         GRPC_PORT=ports.grpc,
         UPSTREAM_TLS=upstream_tls(tls, grpc_host),
         ADMIN_SOCKET=json.dumps(str(admin_socket)),
+        MAX_CONNECTIONS=max_connections(),
     )
+
+
+#: File descriptors Envoy keeps for other things than client connections.
+_FD_RESERVE = 256
+
+
+def max_connections() -> int:
+    """How many client connections Envoy takes at a time: what its file descriptor limit (the
+    node's, which it inherits) leaves after a reserve, at least 64."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(64, soft - _FD_RESERVE)
 
 
 def worker_threads() -> int:

@@ -218,6 +218,8 @@ def test_sigterm_stops_cleanly_and_restart_keeps_everything(
     node_process: NodeProcesses, rest_client: RestClient
 ) -> None:
     node = node_process("n")
+    # Envoy starts without warnings (it used to say it had no limit on client connections).
+    assert not [line for line in node.log_file.read_text().splitlines() if "][warning][" in line]
     http = rest_client(node)
     ids = [http.post("/log", json={"i": i}).json()["id"] for i in range(20)]
     node_id = http.get("/status").json()["node_id"]

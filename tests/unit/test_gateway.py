@@ -8,6 +8,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import tempfile
@@ -202,3 +203,16 @@ def test_a_long_temp_dir_puts_the_admin_socket_in_tmp(
     monkeypatch.setattr(tempfile, "gettempdir", lambda: "/" + "t" * 90)
     where = gateway.admin_dir(tmp_path)
     assert where.parent == Path("/tmp") and len(str(where / "admin.sock")) <= 107
+
+
+@pytest.mark.parametrize(
+    ("soft", "connections"), [(20_000, 19_744), (1024, 768), (100, 64), (resource.RLIM_INFINITY, 1_000_000)]
+)
+def test_envoy_takes_as_many_connections_as_its_file_descriptors_allow(
+    monkeypatch: pytest.MonkeyPatch, soft: int, connections: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
+    assert gateway.max_connections() == connections
+    assert f"max_active_downstream_connections: {connections}\n" in render(
+        "127.0.0.1", Ports(9000), "127.0.0.1"
+    )
