@@ -62,7 +62,8 @@ def _common(parser: argparse.ArgumentParser, data_dir: str) -> None:
         "--clock-skew-ms",
         type=int,
         default=0,
-        help="offset added to this node's physical clock (for fault-injection tests; default 0)",
+        # Offset added to this node's physical clock, for the fault-injection tests: not for users.
+        help=argparse.SUPPRESS,
     )
     _security_flags(parser)
 
