@@ -24,6 +24,7 @@ import potboiler.v1
 DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
 
 _VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_.]*\}")
+_LUA = "envoy.filters.http.lua"
 _LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
 _DISABLED = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
 
@@ -54,6 +55,9 @@ class RestBinding:
     method: str
     path: str
     raw_body: bool
+    #: The members a body bound whole to the request message (`body: "*"`) may have: its fields
+    #: (proto and JSON names) the path does not bind. None for other bindings.
+    members: tuple[str, ...] | None = None
 
     @property
     def variables(self) -> list[str]:
@@ -64,11 +68,7 @@ class RestBinding:
 def rest_bindings() -> list[RestBinding]:
     """Every REST binding of the API, in the order of the descriptor set."""
     fds = descriptor_set()
-    messages = {
-        f".{f.package}.{m.name}": {field.name: field.type_name for field in m.field}
-        for f in fds.file
-        for m in f.message_type
-    }
+    messages = {f".{f.package}.{m.name}": m for f in fds.file for m in f.message_type}
     out = []
     for f in fds.file:
         if f.package != "potboiler.v1":
@@ -84,8 +84,21 @@ def rest_bindings() -> list[RestBinding]:
                     raise ValueError(
                         f"{service.name}.{method.name}: custom and additional bindings are not supported"
                     )
-                raw = bool(rule.body) and messages[method.input_type].get(rule.body) == ".google.api.HttpBody"
-                out.append(RestBinding(listener_of(service.name), kind.upper(), getattr(rule, kind), raw))
+                fields = messages[method.input_type].field
+                types = {field.name: field.type_name for field in fields}
+                raw = bool(rule.body) and types.get(rule.body) == ".google.api.HttpBody"
+                path = getattr(rule, kind)
+                members = None
+                if rule.body == "*":
+                    bound = {v[1:-1] for v in _VARIABLE.findall(path)}
+                    names = (
+                        n
+                        for field in fields
+                        if field.name not in bound
+                        for n in (field.name, field.json_name)
+                    )
+                    members = tuple(dict.fromkeys(names))
+                out.append(RestBinding(listener_of(service.name), kind.upper(), path, raw, members))
     return out
 
 
@@ -127,7 +140,7 @@ class RawBodyRoute:
             "match": match,
             "route": {"cluster": "node", "timeout": "0s"},
             "typed_per_filter_config": {
-                "envoy.filters.http.lua": {"@type": _LUA_PER_ROUTE, "name": "raw_body"},
+                _LUA: {"@type": _LUA_PER_ROUTE, "name": "raw_body"},
             },
         }
 
@@ -178,7 +191,11 @@ def method_routes(listener: str) -> list[dict[str, object]]:
     path template, one route on to the transcoder for the methods it takes and one direct 405 with
     `Allow` (the filters skipped) for any other method. They come after the raw-body routes."""
     routes: list[dict[str, object]] = []
-    for template, methods in allowed_methods([b for b in rest_bindings() if b.listener == listener]):
+    bindings = [b for b in rest_bindings() if b.listener == listener]
+    for template, methods in allowed_methods(bindings):
+        members = {
+            b.method: list(b.members) for b in bindings if b.path == template and b.members is not None
+        }
         if "GET" in methods:  # HEAD goes on as GET (gateway/lua/responses.lua)
             methods = sorted([*methods, "HEAD"])
         allow = ", ".join(methods)
@@ -192,6 +209,8 @@ def method_routes(listener: str) -> list[dict[str, object]]:
                     "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": regex}}}],
                 },
                 "route": {"cluster": "node", "timeout": "0s"},
+                # What gateway/lua/request_json.lua lets through of a body bound whole to a message.
+                **({"metadata": {"filter_metadata": {_LUA: {"members": members}}}} if members else {}),
             }
         )
         routes.append(
@@ -205,7 +224,7 @@ def method_routes(listener: str) -> list[dict[str, object]]:
                     }
                 ],
                 "typed_per_filter_config": {
-                    "envoy.filters.http.lua": {"@type": _LUA_PER_ROUTE, "disabled": True},
+                    _LUA: {"@type": _LUA_PER_ROUTE, "disabled": True},
                     "envoy.filters.http.grpc_json_transcoder": _DISABLED,
                 },
             }

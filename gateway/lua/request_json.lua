@@ -79,6 +79,46 @@ local function json_error(s)
   if ws(s, i) <= #s then return "unexpected data after the value at byte " .. i end
   return nil
 end
+-- The members of a JSON object (already checked to be valid JSON) not in `allowed`, in order, or
+-- nil if the value is not an object. Keys are compared as written (an escaped key is unknown).
+local function unknown_members(s, allowed)
+  local i = ws(s, 1)
+  if byte(s, i) ~= 123 then return nil end
+  local unknown = {}
+  i = ws(s, i + 1)
+  while byte(s, i) == 34 do
+    local j = str(s, i)
+    local key = sub(s, i + 1, j - 2)
+    if not allowed[key] then
+      if #key > 64 then key = sub(key, 1, 64) .. "..." end
+      unknown[#unknown + 1] = "'" .. key .. "'"
+    end
+    i = ws(s, ws(s, j) + 1)  -- past the ':'
+    i = ws(s, value(s, i, 2))
+    if byte(s, i) == 44 then i = ws(s, i + 1) end
+  end
+  return unknown
+end
+-- A body bound whole to a typed request (`body: "*"`): the transcoder would drop members the
+-- message lacks unseen, and a non-object would get protobuf's words. The route's metadata lists
+-- the members per method (server/rest_routes.py).
+local function members_error(handle, method, text)
+  local members = handle:metadata():get("members")
+  if members == nil or members[method] == nil then return nil end
+  local allowed, names = {}, {}
+  for _, name in ipairs(members[method]) do
+    allowed[name] = true
+    names[#names + 1] = name
+  end
+  local unknown = unknown_members(text, allowed)
+  if unknown == nil then
+    return "the request body must be a JSON object with " .. table.concat(names, ", ")
+  end
+  if #unknown > 0 then
+    return "the request body has unknown members: " .. table.concat(unknown, ", ")
+  end
+  return nil
+end
 heads = true  -- see head_as_get in responses.lua
 function envoy_on_request(handle)
   local headers = handle:headers()
@@ -102,6 +142,11 @@ function envoy_on_request(handle)
   local err = json_error(text)
   if err ~= nil then
     handle:respond({[":status"] = "400"}, "the request body is not valid JSON: " .. err)
+    return
+  end
+  err = members_error(handle, method, text)
+  if err ~= nil then
+    handle:respond({[":status"] = "400"}, err)
     return
   end
   body:setBytes(text .. " ")

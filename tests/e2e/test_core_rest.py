@@ -11,6 +11,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from potboiler.server.gateway import MAX_BODY_BYTES
 from potboiler.server.log import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.processes import NodeProcess
+from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
 from tests.e2e.conftest import NodeProcesses
 
 pytestmark = pytest.mark.e2e
@@ -423,6 +425,29 @@ def test_register_bad_url_is_400(http: httpx.Client, body: JSON) -> None:
 def test_registration_bodies_must_be_json(http: httpx.Client, path: str) -> None:
     assert_error(http.post(path, content=b"url=http://x", headers={"content-type": "application/json"}), 400)
     assert_error(http.post(path), 400)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/log/register"), ("POST", "/log/deregister"), ("POST", "/nodes"), ("DELETE", "/nodes")],
+)
+def test_registration_bodies_take_no_other_members_and_are_objects(
+    shared_node: NodeProcess, http: httpx.Client, method: str, path: str
+) -> None:
+    """The transcoder would drop a member the request message lacks without a word."""
+
+    def webhook_urls() -> list[str]:
+        with grpc.insecure_channel(shared_node.grpc_target) as channel:
+            stub = webhooks_pb2_grpc.WebhooksServiceStub(channel)
+            return [w.url for w in stub.ListWebhooks(webhooks_pb2.ListWebhooksRequest(), timeout=10).webhooks]
+
+    url = "http://127.0.0.1:9/members"
+    nodes, hooks = http.get("/nodes").json(), webhook_urls()
+    body = {"url": url, "Url": url, "x" * 100: {"a": [1, {"b": 2}]}}
+    message = assert_error(http.request(method, path, json=body), 400, "unknown members: 'Url', 'xxx")
+    assert len(message) < 200, message
+    assert_error(http.request(method, path, json=[url]), 400, "must be a JSON object with url")
+    assert (http.get("/nodes").json(), webhook_urls()) == (nodes, hooks)
 
 
 def test_connection_is_reused_after_204(http: httpx.Client) -> None:

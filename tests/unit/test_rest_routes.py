@@ -3,6 +3,7 @@ which path templates, and the 405 answers for the rest."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -191,3 +192,14 @@ def test_no_rest_binding_needs_a_query_parameter_that_another_path_binds() -> No
                 bound = set(re.findall(r"\{([A-Za-z0-9_]+)\}", path)) | {rule.body}
                 from_query = fields[method.input_type] - bound
                 assert not from_query & set(path_variables(listener_of(service.name))), path
+
+
+def test_a_body_bound_whole_lists_the_members_it_takes() -> None:
+    members = {(b.method, b.path): b.members for b in rest_bindings()}
+    assert members[("POST", "/nodes")] == members[("DELETE", "/nodes")] == ("url",)
+    assert members[("POST", "/log/register")] == ("url",)
+    assert members[("POST", "/log")] is None  # a raw body: the node checks it
+    [route] = [r for r in method_routes("core") if "metadata" in r and "/nodes" in json.dumps(r["match"])]
+    assert route["metadata"] == {
+        "filter_metadata": {"envoy.filters.http.lua": {"members": {"POST": ["url"], "DELETE": ["url"]}}}
+    }
