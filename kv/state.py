@@ -48,7 +48,7 @@ from potboiler.kv.crdts import (
 )
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
-from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.errors import InvalidArgument, NotFound, quoted
 from potboiler.server.jsonvalue import as_sent, from_value, to_value
 from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import Store, Write, prefix_end
@@ -264,7 +264,7 @@ class KvState:
         if not op:
             raise InvalidArgument(f"the request needs an 'op' (one of: {_ALL_OPS})")
         if not has_change and op != "create":
-            raise InvalidArgument(f"op {op!r} needs a 'change'")
+            raise InvalidArgument(f"op {quoted(op)} needs a 'change'")
         if not has_change:
             change = {}
         elif op in _ELEMENT_OPS:
@@ -297,7 +297,7 @@ class KvState:
             raise InvalidArgument(f"{CONFIG_TABLE!r} is built in: it cannot be configured")
         if op != "set":
             raise InvalidArgument(
-                f'the {CONFIG_TABLE} table takes only op \'set\' (with a change like {{"crdt": "LWW"}}), not {op!r}'
+                f'the {CONFIG_TABLE} table takes only op \'set\' (with a change like {{"crdt": "LWW"}}), not {quoted(op)}'
             )
         if not isinstance(change, dict) or "crdt" not in change:
             raise InvalidArgument(
@@ -316,7 +316,7 @@ class KvState:
     ) -> PlannedWrite:
         types = TYPES_OF_OP.get(op)
         if types is None:
-            raise InvalidArgument(f"unknown op {op!r} (valid ops: {_ALL_OPS})")
+            raise InvalidArgument(f"unknown op {quoted(op)} (valid ops: {_ALL_OPS})")
         errors = []
         for crdt in types:
             try:

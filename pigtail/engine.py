@@ -59,7 +59,7 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable
+from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable, quoted
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever, discard_if_ahead
@@ -375,7 +375,7 @@ class Pigtail:
         if decision.verdict is Verdict.NOT_FOUND:
             if decision.reason is Reason.NO_QUEUE:
                 raise NotFound(f"no such queue {queue!r}")
-            raise NotFound(f"no such task {task_id!r} in queue {queue!r}")
+            raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
         raise Contended(f"task {task_id!r}: {decision.message}")
 
     def _view(self, queue: str, task_id: str, now_ms: int | None = None) -> TaskView:
@@ -386,7 +386,7 @@ class Pigtail:
         )
         if view is None:
             self._queue(queue)
-            raise NotFound(f"no such task {task_id!r} in queue {queue!r}")
+            raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
         return view
 
     def _task_deps(self, queue: str, task_id: str) -> list[str | None]:

@@ -90,6 +90,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, TypeAlias, TypedDict
 
+from potboiler.server.errors import quoted
+
 __all__ = [
     "ClaimDecision",
     "ClaimRecord",
@@ -1054,7 +1056,7 @@ def _not_found(task: TaskState | None, queue: QueueState | None) -> Decision | N
         return Decision(Verdict.NOT_FOUND, Reason.NO_QUEUE, f"no such queue {name!r}")
     if _visible_config(task, queue) is None:
         task_id = task["task_id"] if task is not None else "?"
-        return Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, f"no such task {task_id!r}")
+        return Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, f"no such task {quoted(task_id)}")
     return None
 
 

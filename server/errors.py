@@ -6,6 +6,21 @@ from __future__ import annotations
 import copy
 from typing import Self
 
+#: Characters of a client's value an error message shows: gRPC clients refuse a status message of
+#: 16 KiB or more (they would see a metadata error instead of the cause), and a long value says
+#: nothing more.
+SHOWN_CHARACTERS = 60
+#: The longest error message sent, whatever it holds (see `grpc_errors.abort`).
+MAX_MESSAGE_CHARACTERS = 2000
+
+
+def quoted(value: str) -> str:
+    """A client's value for an error message: its repr, cut short (saying how long it is) past
+    SHOWN_CHARACTERS."""
+    if len(value) <= SHOWN_CHARACTERS:
+        return repr(value)
+    return f"{value[: SHOWN_CHARACTERS - 3] + '...'!r} ({len(value)} characters)"
+
 
 class PotboilerError(Exception):
     """Base of every error a client can cause; the message says what was wrong."""

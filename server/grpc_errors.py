@@ -9,6 +9,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from potboiler.server.errors import (
+    MAX_MESSAGE_CHARACTERS,
     AlreadyExists,
     Conflict,
     Contended,
@@ -56,7 +57,10 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerErr
     # Set, not passed to abort(), which would keep metadata set earlier (say, a 201 before a
     # failure) when given none.
     context.set_trailing_metadata(((HTTP_CODE_HEADER, http),) if http is not None else ())
-    await context.abort(status_of(error), str(error))
+    message = str(error)
+    if len(message) > MAX_MESSAGE_CHARACTERS:  # a safety net: messages show values with `quoted`
+        message = message[: MAX_MESSAGE_CHARACTERS - 3] + "..."
+    await context.abort(status_of(error), message)
     raise AssertionError("unreachable")  # context.abort raises
 
 

@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from potboiler.server.errors import InvalidArgument
+from potboiler.server.errors import InvalidArgument, quoted
 
 
 def parse_uuid(text: str, what: str = "id") -> bytes:
@@ -23,7 +23,7 @@ def parse_uuid(text: str, what: str = "id") -> bytes:
             raw = b""
         if len(raw) == 16:
             return raw
-    raise InvalidArgument(f"{what} {text!r} is not a UUID (expected the form 8-4-4-4-12 hex digits)")
+    raise InvalidArgument(f"{what} {quoted(text)} is not a UUID (expected the form 8-4-4-4-12 hex digits)")
 
 
 def canonical_uuid(text: str, what: str = "id") -> bytes:
@@ -31,7 +31,7 @@ def canonical_uuid(text: str, what: str = "id") -> bytes:
     lower-case form, which every node writes, so that one id has one text everywhere."""
     raw = parse_uuid(text, what)
     if text.lower() != text:
-        raise InvalidArgument(f"{what} {text!r} is not in the canonical lower-case form")
+        raise InvalidArgument(f"{what} {quoted(text)} is not in the canonical lower-case form")
     return raw
 
 

@@ -17,7 +17,7 @@ import orjson
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.errors import InvalidArgument
+from potboiler.server.errors import InvalidArgument, quoted
 from potboiler.server.jsonvalue import (
     JSON,
     MAX_EXACT_INTEGER,
@@ -95,7 +95,7 @@ def json_object_body(body: HttpBody, members: set[str]) -> dict[str, JSON]:
     if not isinstance(value, dict):
         raise InvalidArgument("the request body must be a JSON object")
     if unknown := sorted(value.keys() - members):
-        raise InvalidArgument(f"the request body has unknown members: {', '.join(map(repr, unknown))}")
+        raise InvalidArgument(f"the request body has unknown members: {', '.join(map(quoted, unknown))}")
     return value
 
 

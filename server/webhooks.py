@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.entry_json import entry_json
-from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, quoted
 from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
 from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, prefix_end
@@ -155,7 +155,7 @@ class Webhooks:
         if not url:
             raise InvalidArgument("url is required")
         if url not in self._states:
-            raise NotFound(f"no webhook registered for {url!r}")
+            raise NotFound(f"no webhook registered for {quoted(url)}")
         del self._states[url]
         task = self._tasks.pop(url, None)
         if task is not None:

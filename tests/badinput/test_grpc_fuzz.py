@@ -158,6 +158,30 @@ def test_bad_log_requests(node: BadInputNode) -> None:
 
 @needs_kv
 @needs_pigtail
+def test_long_values_are_cut_short_in_error_messages(node: BadInputNode) -> None:
+    """A message repeating a client's whole value would pass gRPC's 16 KiB limit on metadata: the
+    client would see RESOURCE_EXHAUSTED about metadata, never the cause."""
+    long = "a" * 20_000
+    kv = kv_pb2_grpc.KvServiceStub(node.channel)
+    pigtail = pigtail_pb2_grpc.PigtailServiceStub(node.channel)
+    calls = [
+        (node.log.GetEntry, log_pb2.GetEntryRequest(id=long)),
+        (node.log.AppendEntry, log_pb2.AppendEntryRequest(data=Value(number_value=1), dependencies=[long])),
+        (node.webhooks.DeregisterWebhook, webhooks_pb2.DeregisterWebhookRequest(url="http://h/" + long)),
+        (kv.UpdateValue, kv_pb2.UpdateValueRequest(table="t_lww", key="k1", op=long, change=Value())),
+        (pigtail.GetTask, pigtail_pb2.GetTaskRequest(queue=QUEUE, task_id=long)),
+    ]
+    with node.unchanged():
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as raised:
+                method(request, timeout=10)  # type: ignore[operator]
+            expect_error(raised.value, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+            details = raised.value.details() or ""
+            assert "..." in details and len(details) < 300, (method, details)
+
+
+@needs_kv
+@needs_pigtail
 def test_bad_webhook_kv_and_queue_requests(node: BadInputNode) -> None:
     kv = kv_pb2_grpc.KvServiceStub(node.channel)
     pigtail = pigtail_pb2_grpc.PigtailServiceStub(node.channel)
