@@ -30,7 +30,7 @@ from potboiler.kv.state import KvState, PlannedWrite
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import MAX_DEPTH, DeliveredBatch
-from potboiler.server.logclient import Linger, apply_forever, discard_if_ahead
+from potboiler.server.logclient import CatchUp, Linger, apply_forever, discard_if_ahead
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
@@ -73,10 +73,9 @@ class KvService:
         #: The highest seq of a write this service has answered, and of a `_config` write among them.
         self._answered_seq = 0
         self._answered_config_seq = 0
-        #: Set once the state shows everything delivered before the service started: the writes this
+        #: Whether the state shows everything delivered before the service started: the writes this
         #: node answered before a restart (and not applied by then) included.
-        self._caught_up = asyncio.Event()
-        self._start_position = 0
+        self._caught_up = CatchUp("KV", self._linger, APPLY_WAIT)
 
     @property
     def node_id(self) -> str:
@@ -90,13 +89,8 @@ class KvService:
         return list(SERVICE_NAMES)
 
     async def start(self) -> None:
-        self._start_position = self._context.log.position()
-        self._note_progress()
+        self._caught_up.start(self._context.log.position(), self.state.position)
         self._task = asyncio.create_task(self._apply_forever(), name="kv-applier")
-
-    def _note_progress(self) -> None:
-        if self.state.position >= self._start_position:
-            self._caught_up.set()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -130,16 +124,7 @@ class KvService:
         """The state, once it shows every write this service has answered (read-your-writes), also
         before the node last started; Unavailable if it does not within APPLY_WAIT (a stale state
         would hide those writes, and a write planned on it, an OR-Set remove say, would miss them)."""
-        if not self._caught_up.is_set():
-            self._linger.hurry()
-            try:
-                async with asyncio.timeout(APPLY_WAIT):
-                    await self._caught_up.wait()
-            except TimeoutError:
-                raise Unavailable(
-                    f"the KV state here is still being brought up to date with the log (at position "
-                    f"{self.state.position} of {self._start_position}); try again"
-                ) from None
+        await self._caught_up.wait()
         seq = self._answered_seq
         if seq > self._own_seq:
             await self._wait_applied(seq)
@@ -152,7 +137,7 @@ class KvService:
         state as it is after APPLY_WAIT: its table's type is all it needs, and a table not known yet
         makes it pending, which it may well be."""
         if not self.state.plan_reads_state(table):
-            if self._caught_up.is_set() and self._answered_config_seq <= self._own_seq:
+            if self._caught_up.done and self._answered_config_seq <= self._own_seq:
                 return self.state
             with contextlib.suppress(Unavailable):
                 return await self.current()
@@ -211,8 +196,8 @@ class KvService:
                     break
         if self._waiters:
             self._release(self._own_seq)
-        if not self._caught_up.is_set():
-            self._note_progress()
+        if not self._caught_up.done:
+            self._caught_up.note(self.state.position)
 
 
 def create(context: NodeContext) -> NodeService:

@@ -62,7 +62,14 @@ from potboiler.pigtail.state import Applied, PigtailState
 from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable, quoted
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
-from potboiler.server.logclient import APPLY_RETRY, Linger, LogClient, apply_forever, discard_if_ahead
+from potboiler.server.logclient import (
+    APPLY_RETRY,
+    CatchUp,
+    Linger,
+    LogClient,
+    apply_forever,
+    discard_if_ahead,
+)
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -70,6 +77,8 @@ log = logging.getLogger(__name__)
 
 #: Longest an operation waits for the applier to apply the entry it appended.
 APPLY_TIMEOUT_S = 30.0
+#: Longest an operation waits, after the node starts, for the state to show what the log held then.
+CATCH_UP_WAIT_S = 5.0
 #: Most log entries applied in one batch.
 APPLY_BATCH = 1000
 #: Longest the applier waits to gather entries into one batch while no operation waits for it
@@ -140,11 +149,15 @@ class Pigtail:
         #: The newest synced store write (it runs in a thread, which a cancellation does not stop).
         self._writing: asyncio.Future[None] | None = None
         self._linger = Linger(APPLY_LINGER_S)
+        #: Every operation waits for it: until then the state may lack queues and tasks the node had
+        #: acknowledged (e.g. a state rebuilt from the log), and answer that they do not exist.
+        self._caught_up = CatchUp("Pigtail", self._linger, CATCH_UP_WAIT_S)
 
     # -- life --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start applying the log."""
+        self._caught_up.start(self._log.position(), self.state.cursor)
         self._applier = asyncio.create_task(self._apply_loop(), name="pigtail-applier")
 
     async def stop(self) -> None:
@@ -211,6 +224,8 @@ class Pigtail:
         changed = applied.queues.keys() | {queue for queue, _ in applied.keys}
         before = {name: self.state.queue(name) for name in changed}
         self.state.adopt(applied)
+        if not self._caught_up.done:
+            self._caught_up.note(self.state.cursor)
         self._after(applied, before)
 
     def _after(self, applied: Applied, before: Mapping[str, QueueState | None]) -> None:
@@ -398,6 +413,7 @@ class Pigtail:
         self, name: str, timeout_ms: int, max_attempts: int | None = None
     ) -> tuple[QueueConfig, bool]:
         """Create a queue; (its settings, False) when it existed with the same settings."""
+        await self._caught_up.wait()
         validate.queue_name(name)
         validate.timeout_ms(timeout_ms)
         validate.max_attempts(max_attempts)
@@ -419,12 +435,14 @@ class Pigtail:
 
     async def delete_queue(self, name: str) -> None:
         """Delete a queue and its tasks."""
+        await self._caught_up.wait()
         validate.queue_name(name)
         self._refuse(check_delete(self.state.queue(name)), name)
         await self._append(QueueDeleted(name), [self.state.create_entry_id(name)])
 
-    def get_queue(self, name: str) -> QueueInfo:
+    async def get_queue(self, name: str) -> QueueInfo:
         """A queue's settings and task counts."""
+        await self._caught_up.wait()
         validate.queue_name(name)
         state, config = self._queue(name)
         counts = self._scheduler.counts(name, self.state.open_tasks(name).get, state, self.now_ms())
@@ -432,8 +450,9 @@ class Pigtail:
             name, config, counts["pending"], counts["working"], counts["delayed"], counts["dead"]
         )
 
-    def list_queues(self) -> list[tuple[str, QueueConfig]]:
+    async def list_queues(self) -> list[tuple[str, QueueConfig]]:
         """The queues that exist, by name."""
+        await self._caught_up.wait()
         out = []
         for name in self.state.queue_names():
             config = self.state.config(name)
@@ -455,6 +474,7 @@ class Pigtail:
         idempotency_key: str | None = None,
     ) -> tuple[TaskView, bool]:
         """Add a task; (the task, False) when the idempotency key was used already."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(task_name, "task_name")
         validate.priority(priority)
@@ -479,29 +499,34 @@ class Pigtail:
         self._queue(queue)
         raise NotFound(f"queue {queue!r} was deleted concurrently")
 
-    def get_task(self, queue: str, task_id: str) -> TaskView:
+    async def get_task(self, queue: str, task_id: str) -> TaskView:
         """A task in any state."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         return self._view(queue, task_id)
 
-    def list_tasks(self, queue: str) -> list[tuple[str, ListEntry]]:
+    async def list_tasks(self, queue: str) -> list[tuple[str, ListEntry]]:
         """The pending, working and delayed tasks of a queue, best first."""
+        await self._caught_up.wait()
         return [task for _, task in self._open_listing(queue)]
 
-    def list_tasks_page(
+    async def list_tasks_page(
         self, queue: str, page_size: int, page_token: str
     ) -> tuple[list[tuple[str, ListEntry]], str]:
         """A page of `list_tasks` and the next page's token (see `paging.page`)."""
+        await self._caught_up.wait()
         return paging.page(self._open_listing(queue), page_size, page_token)
 
-    def list_dead(self, queue: str) -> list[tuple[str, ListEntry]]:
+    async def list_dead(self, queue: str) -> list[tuple[str, ListEntry]]:
         """The dead-lettered tasks of a queue, by id."""
+        await self._caught_up.wait()
         return [task for _, task in self._dead_listing(queue)]
 
-    def list_dead_page(
+    async def list_dead_page(
         self, queue: str, page_size: int, page_token: str
     ) -> tuple[list[tuple[str, ListEntry]], str]:
         """A page of `list_dead` and the next page's token (see `paging.page`)."""
+        await self._caught_up.wait()
         return paging.page(self._dead_listing(queue), page_size, page_token)
 
     def _open_listing(self, queue: str) -> list[tuple[Rank, tuple[str, ListEntry]]]:
@@ -516,6 +541,7 @@ class Pigtail:
 
     async def claim(self, queue: str, task_id: str, worker_id: str) -> tuple[TaskView, bool]:
         """Claim a task for a worker (or renew its claim); (the task, whether it was a renewal)."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
         decision = check_claim(
@@ -526,6 +552,7 @@ class Pigtail:
 
     async def heartbeat(self, queue: str, task_id: str, worker_id: str) -> TaskView:
         """Extend the worker's unexpired lease on a task."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
         decision = check_claim(
@@ -557,6 +584,7 @@ class Pigtail:
 
     async def complete(self, queue: str, task_id: str, worker_id: str = "") -> tuple[TaskView, bool]:
         """Mark a task done; (the task, whether it was done already)."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id", required=False)
         decision = check_done(
@@ -570,6 +598,7 @@ class Pigtail:
 
     async def retry(self, queue: str, task_id: str) -> TaskView:
         """Take a dead-lettered task back to pending."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         decision = check_retry(self._task_or_none(queue, task_id), self.state.queue(queue), self.now_ms())
         self._refuse(decision, queue, task_id)
@@ -605,6 +634,7 @@ class Pigtail:
 
     async def claim_next(self, queue: str, worker_id: str, wait_ms: int = 0) -> TaskView | None:
         """Claim the next claimable task, waiting up to `wait_ms` for one; None if none."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
         validate.wait_ms(wait_ms)
@@ -630,6 +660,7 @@ class Pigtail:
     ) -> AsyncGenerator[TaskView, None]:
         """Claim tasks for the worker as they become claimable, keeping at most `max_in_flight` of them
         held (working, by this worker, not done) at once. Runs until the caller stops iterating."""
+        await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
         max_in_flight = validate.in_flight(max_in_flight)

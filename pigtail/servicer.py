@@ -48,7 +48,7 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
     async def GetQueue(
         self, request: pigtail_pb2.GetQueueRequest, context: Ctx
     ) -> pigtail_pb2.GetQueueResponse:
-        info = self._p.get_queue(request.name)
+        info = await self._p.get_queue(request.name)
         return pigtail_pb2.GetQueueResponse(
             queue=views.queue_message(info.name, info.config),
             pending=info.pending,
@@ -61,7 +61,7 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
     async def ListQueues(
         self, request: pigtail_pb2.ListQueuesRequest, context: Ctx
     ) -> pigtail_pb2.ListQueuesResponse:
-        queues = [views.queue_message(name, config) for name, config in self._p.list_queues()]
+        queues = [views.queue_message(name, config) for name, config in await self._p.list_queues()]
         return pigtail_pb2.ListQueuesResponse(queues=queues)
 
     @unary
@@ -74,14 +74,14 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
     @unary
     async def GetTask(self, request: pigtail_pb2.GetTaskRequest, context: Ctx) -> pigtail_pb2.GetTaskResponse:
         return pigtail_pb2.GetTaskResponse(
-            task=views.task_message(self._p.get_task(request.queue, request.task_id))
+            task=views.task_message(await self._p.get_task(request.queue, request.task_id))
         )
 
     @unary
     async def ListTasks(
         self, request: pigtail_pb2.ListTasksRequest, context: Ctx
     ) -> pigtail_pb2.ListTasksResponse:
-        entries, token = self._p.list_tasks_page(request.queue, request.page_size, request.page_token)
+        entries, token = await self._p.list_tasks_page(request.queue, request.page_size, request.page_token)
         return pigtail_pb2.ListTasksResponse(
             tasks=[views.summary_message(i, e) for i, e in entries], next_page_token=token
         )
@@ -120,7 +120,7 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
     async def ListDeadTasks(
         self, request: pigtail_pb2.ListDeadTasksRequest, context: Ctx
     ) -> pigtail_pb2.ListDeadTasksResponse:
-        entries, token = self._p.list_dead_page(request.queue, request.page_size, request.page_token)
+        entries, token = await self._p.list_dead_page(request.queue, request.page_size, request.page_token)
         return pigtail_pb2.ListDeadTasksResponse(
             tasks=[views.summary_message(i, e) for i, e in entries], next_page_token=token
         )
@@ -183,7 +183,7 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestListQueues(self, request: pigtail_pb2.RestListQueuesRequest, context: Ctx) -> HttpBody:
-        return views.rest_json([name for name, _ in self._p.list_queues()])
+        return views.rest_json([name for name, _ in await self._p.list_queues()])
 
     @unary
     async def RestDeleteQueue(self, request: pigtail_pb2.RestDeleteQueueRequest, context: Ctx) -> HttpBody:
@@ -211,13 +211,13 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestListTasks(self, request: pigtail_pb2.RestListTasksRequest, context: Ctx) -> HttpBody:
-        return views.rest_listing(self._p.list_tasks(request.queue))
+        return views.rest_listing(await self._p.list_tasks(request.queue))
 
     @unary
     async def RestListDeadTasks(
         self, request: pigtail_pb2.RestListDeadTasksRequest, context: Ctx
     ) -> HttpBody:
-        return views.rest_listing(self._p.list_dead(request.queue))
+        return views.rest_listing(await self._p.list_dead(request.queue))
 
     @unary
     async def RestClaimNextTask(
@@ -234,7 +234,7 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
 
     @unary
     async def RestGetTask(self, request: pigtail_pb2.RestGetTaskRequest, context: Ctx) -> HttpBody:
-        view = self._p.get_task(request.queue, request.task_id)
+        view = await self._p.get_task(request.queue, request.task_id)
         return views.rest_json(views.rest_view(view, verbose=request.verbose))
 
     @unary

@@ -152,6 +152,51 @@ class Linger:
         self._hurry.clear()
 
 
+class CatchUp:
+    """Whether a service's state shows everything this node had delivered when the service
+    started: what it acknowledged before a restart, and all it held when its state was rebuilt from
+    the log. Until then an answer from the state could deny a write the client was told about, so
+    callers wait (`wait`); the applier reports its progress (`note`)."""
+
+    def __init__(self, what: str, linger: Linger, wait_s: float) -> None:
+        self._what = what
+        self._linger = linger
+        self._wait_s = wait_s
+        self._done = asyncio.Event()
+        self._target = 0
+        self._position = 0
+
+    def start(self, log_position: int, state_position: int) -> None:
+        """The service starts with its state at `state_position` and the log at `log_position`."""
+        self._target = log_position
+        self.note(state_position)
+
+    def note(self, state_position: int) -> None:
+        """The state now shows the log up to `state_position`."""
+        self._position = state_position
+        if state_position >= self._target:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the state has caught up."""
+        return self._done.is_set()
+
+    async def wait(self) -> None:
+        """Return once the state has caught up; Unavailable if it has not within wait_s."""
+        if self._done.is_set():
+            return
+        self._linger.hurry()
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._done.wait()
+        except TimeoutError:
+            raise Unavailable(
+                f"the {self._what} state here is still being brought up to date with the log (at "
+                f"position {self._position} of {self._target}); try again"
+            ) from None
+
+
 async def apply_forever(
     client: LogClient,
     position: Callable[[], int],

@@ -30,7 +30,7 @@ from potboiler.pigtail.state import Applied
 from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.pigtail.worksession import work_session
 from potboiler.server.backoff import Backoff
-from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge
+from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import HybridClock
 from potboiler.server.storage import MemoryStore, Write
 from potboiler.v1 import pigtail_pb2
@@ -91,7 +91,7 @@ async def test_create_add_claim_complete_reads_its_writes(h: Harness) -> None:
     view, created = await h.pigtail.add_task("q", "hello_world", {"foo": "bar"})
     task_id = view["task_id"]
     assert created and view["state"] == "pending" and view["worker"] is None
-    assert h.pigtail.list_tasks("q") == [(task_id, {"task_name": "hello_world", "state": "pending"})]
+    assert await h.pigtail.list_tasks("q") == [(task_id, {"task_name": "hello_world", "state": "pending"})]
     view, renewal = await h.pigtail.claim("q", task_id, "w1")
     assert not renewal and view["state"] == "working" and view["worker"] == "w1"
     assert view["info"] == {"foo": "bar"}
@@ -100,8 +100,8 @@ async def test_create_add_claim_complete_reads_its_writes(h: Harness) -> None:
     assert renewal
     view, already = await h.pigtail.complete("q", task_id, "w1")
     assert not already and view["state"] == "done" and view["done_by"] == "w1"
-    assert h.pigtail.list_tasks("q") == []
-    assert h.pigtail.get_task("q", task_id)["state"] == "done"
+    assert await h.pigtail.list_tasks("q") == []
+    assert (await h.pigtail.get_task("q", task_id))["state"] == "done"
     view, already = await h.pigtail.complete("q", task_id, "w2")
     assert already and view["done_by"] == "w1"
 
@@ -133,11 +133,11 @@ async def test_conflicts_and_not_found(h: Harness) -> None:
     with pytest.raises(NotFound, match="no such task"):
         await h.pigtail.claim("q", str(uuid.uuid4()), "w2")
     with pytest.raises(NotFound, match="no such task"):
-        h.pigtail.get_task("q", "not-an-id")
+        await h.pigtail.get_task("q", "not-an-id")
     with pytest.raises(NotFound, match="no such queue 'nope'"):
         await h.pigtail.add_task("nope", "job")
     with pytest.raises(NotFound, match="no such queue"):
-        h.pigtail.list_tasks("nope")
+        await h.pigtail.list_tasks("nope")
     with pytest.raises(NotFound, match="no such queue"):
         await h.pigtail.delete_queue("nope")
     with pytest.raises(AlreadyExists, match="timeout_ms=1000 and no max_attempts"):
@@ -184,9 +184,9 @@ async def test_an_expired_claim_goes_back_to_pending(h: Harness) -> None:
     task_id = await h.add()
     await h.pigtail.claim("q", task_id, "w1")
     h.advance(999)
-    assert h.pigtail.list_tasks("q")[0][1]["state"] == "working"
+    assert (await h.pigtail.list_tasks("q"))[0][1]["state"] == "working"
     h.advance(1)
-    assert h.pigtail.list_tasks("q")[0][1]["state"] == "pending"
+    assert (await h.pigtail.list_tasks("q"))[0][1]["state"] == "pending"
     with pytest.raises(Contended, match="holds no unexpired lease"):
         await h.pigtail.heartbeat("q", task_id, "w1")
     view, _ = await h.pigtail.claim("q", task_id, "w2")
@@ -201,7 +201,7 @@ async def test_heartbeat_extends_the_lease(h: Harness) -> None:
     view = await h.pigtail.heartbeat("q", task_id, "w1")
     assert view["lease_expires_ms"] == T0 + 1800 and view["attempts"] == 1
     h.advance(900)
-    assert h.pigtail.get_task("q", task_id)["state"] == "working"
+    assert (await h.pigtail.get_task("q", task_id))["state"] == "working"
 
 
 async def test_concurrent_claims_on_one_node_have_one_winner(h: Harness) -> None:
@@ -213,7 +213,7 @@ async def test_concurrent_claims_on_one_node_have_one_winner(h: Harness) -> None
     winners = [r for r in results if not isinstance(r, BaseException)]
     assert len(winners) == 1
     assert all(isinstance(r, Contended) for r in results if isinstance(r, BaseException))
-    assert h.pigtail.get_task("q", task_id)["worker"] == winners[0][0]["worker"]
+    assert (await h.pigtail.get_task("q", task_id))["worker"] == winners[0][0]["worker"]
 
 
 async def test_an_earlier_claim_from_another_node_wins_when_it_arrives(h: Harness) -> None:
@@ -224,7 +224,11 @@ async def test_an_earlier_claim_from_another_node_wins_when_it_arrives(h: Harnes
     assert view["worker"] == "local"
     # The other side of a partition claimed it 5 ms earlier: once replicated, it wins here too.
     h.log.remote(B, T0 + 5, TaskClaimed("q", task_id, "remote"))
-    await wait_for(lambda: h.pigtail.get_task("q", task_id)["worker"] == "remote")
+
+    async def remote_holds() -> bool:
+        return (await h.pigtail.get_task("q", task_id))["worker"] == "remote"
+
+    await wait_for(remote_holds)
     with pytest.raises(Contended, match="held by worker 'remote'"):
         await h.pigtail.heartbeat("q", task_id, "local")
 
@@ -240,9 +244,9 @@ async def test_an_earlier_add_with_the_same_key_from_another_node_hides_ours(h: 
     ours = await h.add(idempotency_key="k")
     h.log.remote(B, T0 + 50, TaskAdded("q", "theirs-id", "job", idempotency_key="k"))
     await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
-    assert [task_id for task_id, _ in h.pigtail.list_tasks("q")] == ["theirs-id"] != [ours]
-    assert sorted(h.pigtail.list_tasks("q")) == machine_listing(h)
-    info = h.pigtail.get_queue("q")
+    assert [task_id for task_id, _ in await h.pigtail.list_tasks("q")] == ["theirs-id"] != [ours]
+    assert sorted(await h.pigtail.list_tasks("q")) == machine_listing(h)
+    info = await h.pigtail.get_queue("q")
     assert info.pending == 1
 
 
@@ -254,8 +258,8 @@ async def test_a_concurrent_delete_leaves_the_recreated_queue_empty(h: Harness) 
     await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
     h.advance(100)
     await h.pigtail.create_queue("q", 1000)
-    assert h.pigtail.list_tasks("q") == [] == machine_listing(h)
-    assert h.pigtail.get_queue("q").pending == 0
+    assert await h.pigtail.list_tasks("q") == [] == machine_listing(h)
+    assert (await h.pigtail.get_queue("q")).pending == 0
 
 
 async def test_winning_settings_from_another_node_apply_to_held_claims(h: Harness) -> None:
@@ -269,8 +273,8 @@ async def test_winning_settings_from_another_node_apply_to_held_claims(h: Harnes
     config = h.pigtail.state.config("q")
     assert config is not None and config.timeout_ms == 1000
     h.advance(5000)
-    assert h.pigtail.get_task("q", task_id)["state"] == "pending"
-    assert h.pigtail.list_tasks("q") == [(task_id, {"task_name": "job", "state": "pending"})]
+    assert (await h.pigtail.get_task("q", task_id))["state"] == "pending"
+    assert await h.pigtail.list_tasks("q") == [(task_id, {"task_name": "job", "state": "pending"})]
     claimed = await h.pigtail.claim_next("q", "w2")
     assert claimed is not None and claimed["task_id"] == task_id
 
@@ -294,14 +298,14 @@ async def test_dead_letter_and_retry(h: Harness) -> None:
     for worker in ("w1", "w2"):
         await h.pigtail.claim("q", task_id, worker)
         h.advance(100)
-    assert h.pigtail.list_tasks("q") == []
-    assert h.pigtail.list_dead("q") == [(task_id, {"task_name": "job", "state": "dead"})]
+    assert await h.pigtail.list_tasks("q") == []
+    assert await h.pigtail.list_dead("q") == [(task_id, {"task_name": "job", "state": "dead"})]
     with pytest.raises(Contended, match="dead-lettered"):
         await h.pigtail.claim("q", task_id, "w3")
     assert await h.pigtail.claim_next("q", "w3") is None
     view = await h.pigtail.retry("q", task_id)
     assert view["state"] == "pending" and view["attempts"] == 0
-    assert h.pigtail.list_dead("q") == []
+    assert await h.pigtail.list_dead("q") == []
     with pytest.raises(Contended, match="only a dead-lettered task"):
         await h.pigtail.retry("q", task_id)
     claimed = await h.pigtail.claim_next("q", "w3")
@@ -311,7 +315,7 @@ async def test_dead_letter_and_retry(h: Harness) -> None:
 async def test_delayed_tasks_wait_until_due(h: Harness) -> None:
     await h.pigtail.create_queue("q", 1000)
     task_id = await h.add(delay_ms=500)
-    assert h.pigtail.list_tasks("q")[0][1]["state"] == "delayed"
+    assert (await h.pigtail.list_tasks("q"))[0][1]["state"] == "delayed"
     with pytest.raises(Contended, match="delayed"):
         await h.pigtail.claim("q", task_id, "w")
     assert await h.pigtail.claim_next("q", "w") is None
@@ -333,7 +337,7 @@ async def test_claim_next_by_priority_then_age(h: Harness) -> None:
         assert claimed is not None
         order.append(claimed["task_id"])
     assert order == [urgent, old, young]
-    assert [task_id for task_id, _ in h.pigtail.list_tasks("q")] == [urgent, old, young]
+    assert [task_id for task_id, _ in await h.pigtail.list_tasks("q")] == [urgent, old, young]
     assert await h.pigtail.claim_next("q", "w") is None
 
 
@@ -424,18 +428,18 @@ async def test_restart_resumes_from_the_stored_cursor(h: Harness) -> None:
     await h.pigtail.complete("q", done)
     await h.restart()
     assert h.pigtail.state.cursor == len(h.log.entries)
-    assert h.pigtail.get_task("q", done)["state"] == "done"
-    assert h.pigtail.get_task("q", kept)["worker"] == "w"
-    assert [task_id for task_id, _ in h.pigtail.list_tasks("q")] == [kept]
+    assert (await h.pigtail.get_task("q", done))["state"] == "done"
+    assert (await h.pigtail.get_task("q", kept))["worker"] == "w"
+    assert [task_id for task_id, _ in await h.pigtail.list_tasks("q")] == [kept]
     # Entries appended while it was down are applied after the restart, and new writes work.
     await h.pigtail.stop()
     h.log.remote(B, T0 + 50, TaskClaimed("q", kept, "other"))
     h.pigtail = Pigtail(h.log, h.store, h.clock)
     await h.pigtail.start()
     await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
-    assert h.pigtail.get_task("q", kept)["worker"] == "w"  # a void claim: w held the lease
+    assert (await h.pigtail.get_task("q", kept))["worker"] == "w"  # a void claim: w held the lease
     await h.add()
-    assert len(h.pigtail.list_tasks("q")) == 2
+    assert len(await h.pigtail.list_tasks("q")) == 2
 
 
 async def test_delete_and_recreate_gives_an_empty_queue(h: Harness) -> None:
@@ -443,13 +447,13 @@ async def test_delete_and_recreate_gives_an_empty_queue(h: Harness) -> None:
     await h.add()
     await h.pigtail.delete_queue("q")
     with pytest.raises(NotFound):
-        h.pigtail.list_tasks("q")
-    assert h.pigtail.list_queues() == []
+        await h.pigtail.list_tasks("q")
+    assert await h.pigtail.list_queues() == []
     config, created = await h.pigtail.create_queue("q", 50, 3)
     assert created and (config.timeout_ms, config.max_attempts) == (50, 3)
-    assert h.pigtail.list_tasks("q") == []
-    assert [name for name, _ in h.pigtail.list_queues()] == ["q"]
-    info = h.pigtail.get_queue("q")
+    assert await h.pigtail.list_tasks("q") == []
+    assert [name for name, _ in await h.pigtail.list_queues()] == ["q"]
+    info = await h.pigtail.get_queue("q")
     assert (info.pending, info.working, info.delayed, info.dead) == (0, 0, 0, 0)
 
 
@@ -483,13 +487,13 @@ async def test_listing_and_claim_next_agree_with_the_machine_at_every_moment(h: 
         now = h.pigtail.now_ms()
         state = h.pigtail.state
         expected = list_tasks(state.open_tasks("q"), state.queue("q"), now)
-        listed = h.pigtail.list_tasks("q")
+        listed = await h.pigtail.list_tasks("q")
         assert dict(listed) == expected
         assert [task_id for task_id, _ in listed] == sorted(
             expected, key=lambda i: rank(state.open_tasks("q")[i])
         )
-        assert dict(h.pigtail.list_dead("q")) == list_dead(state.open_tasks("q"), state.queue("q"), now)
-        info = h.pigtail.get_queue("q")
+        assert dict(await h.pigtail.list_dead("q")) == list_dead(state.open_tasks("q"), state.queue("q"), now)
+        info = await h.pigtail.get_queue("q")
         states = [e["state"] for e in expected.values()]
         seen.update(states)
         seen.update("dead" for _ in range(info.dead))
@@ -524,7 +528,7 @@ async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.M
         store.failures = 3
         view, created = await pigtail.add_task("q", "job")
         assert created and store.failures == 0
-        assert pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
+        assert await pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
     finally:
         await pigtail.stop()
 
@@ -544,7 +548,7 @@ async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
     with pytest.raises(RuntimeError, match="could not be applied"):
         await h.pigtail.add_task("q", "boom")
     kept = await h.add()
-    assert h.pigtail.list_tasks("q") == [(kept, {"task_name": "job", "state": "pending"})]
+    assert await h.pigtail.list_tasks("q") == [(kept, {"task_name": "job", "state": "pending"})]
     assert h.pigtail.state.cursor == len(h.log.entries)
 
 
@@ -572,8 +576,8 @@ async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None
     for _ in range(10):
         await asyncio.sleep(0)
     assert sent == ["task", "completed"]
-    assert h.pigtail.get_task("q", first)["state"] == "done"
-    assert h.pigtail.get_task("q", second)["state"] == "pending"
+    assert (await h.pigtail.get_task("q", first))["state"] == "done"
+    assert (await h.pigtail.get_task("q", second))["state"] == "pending"
     assert not [t for t in asyncio.all_tasks() if "lease" in t.get_name() and not t.done()]
 
 
@@ -590,9 +594,9 @@ async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
     await wait_for(lambda: h.pigtail.state.cursor == 1)
     assert "rebuilding the Pigtail state from the log" in caplog.text
     with pytest.raises(NotFound):
-        h.pigtail.get_task("q", lost)
+        await h.pigtail.get_task("q", lost)
     kept = await h.add()  # takes position 2
-    assert h.pigtail.get_task("q", kept)["state"] == "pending"
+    assert (await h.pigtail.get_task("q", kept))["state"] == "pending"
 
 
 async def test_stop_waits_for_a_synced_write_in_flight() -> None:
@@ -622,3 +626,35 @@ async def test_stop_waits_for_a_synced_write_in_flight() -> None:
     assert store.get(b"c") is not None  # the write, cursor included, was made before stop returned
     creating.cancel()
     await asyncio.gather(creating, return_exceptions=True)
+
+
+async def test_a_state_rebuilt_from_the_log_is_caught_up_before_it_answers(h: Harness) -> None:
+    """A node whose Pigtail state starts behind its log (rebuilt from it, or a store older than the
+    log) answers no operation from that state: a queue it had acknowledged would be "no such queue"."""
+    await h.pigtail.create_queue("q", 30_000)
+    task_id = await h.add()
+    await h.pigtail.stop()
+    rebuilt = Pigtail(h.log, MemoryStore(), h.clock)
+    await rebuilt.start()  # its applier has not had a turn yet
+    try:
+        assert (await rebuilt.get_queue("q")).pending == 1
+        assert (await rebuilt.get_task("q", task_id))["state"] == "pending"
+    finally:
+        await rebuilt.stop()
+
+
+async def test_an_operation_waits_for_the_catch_up_at_most_a_while(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await h.pigtail.create_queue("q", 30_000)
+    await h.pigtail.stop()
+    monkeypatch.setattr(engine, "CATCH_UP_WAIT_S", 0.05)
+    rebuilt = Pigtail(h.log, MemoryStore(), h.clock)
+    await rebuilt.start()
+    h.log.held = True  # from now on, nothing is delivered to the new state
+    try:
+        with pytest.raises(Unavailable, match="Pigtail state here is still being brought up to date"):
+            await rebuilt.list_queues()
+    finally:
+        h.log.release()
+        await rebuilt.stop()
