@@ -145,7 +145,7 @@ class Node:
         self.appender = Appender(self.log, self.store, sync=config.fsync)
         self.membership = Membership(self.store, config.url)
         security = config.security
-        self.webhooks = Webhooks(self.store, self.appender, policy=security.webhook_policy)
+        self.webhooks = Webhooks(self.store, self.appender, policy=security.webhook_policy, sync=config.fsync)
         self.replicator = Replicator(
             self.appender,
             self.membership,

@@ -31,6 +31,10 @@ class Store(Protocol):
         """Apply all writes atomically; with `sync`, return only once they are on stable storage."""
         ...
 
+    def sync(self) -> None:
+        """Return once every write so far is on stable storage (as if each had been synced)."""
+        ...
+
     def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Items with start <= key < end in key order, at most `limit` of them."""
         ...
@@ -129,6 +133,9 @@ class RocksStore:
                 wb.put(key, value)
         self._db.write(wb, self._sync if sync else self._nosync)
 
+    def sync(self) -> None:
+        self._db.flush_wal(sync=True)
+
     def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         # RocksDB stops at `end` itself (an upper bound on the read), and rocksdict's own iterator
         # hands out the pairs: about a quarter cheaper per item than stepping a raw iterator here.
@@ -181,6 +188,9 @@ class MemoryStore:
                 if key not in self._values:
                     bisect.insort(self._keys, key)
                 self._values[key] = value
+
+    def sync(self) -> None:
+        pass  # nothing to make durable
 
     def scan(self, start: bytes, end: bytes, *, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         i = bisect.bisect_left(self._keys, start)

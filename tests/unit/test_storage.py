@@ -33,6 +33,12 @@ def test_batch_puts_and_deletes(store: Store) -> None:
     assert list(store.scan(b"", b"\xff")) == [(b"a", b"9"), (b"c", b"3")]
 
 
+def test_sync_keeps_what_was_written(store: Store) -> None:
+    store.write([(b"a", b"1")])
+    store.sync()
+    assert store.get(b"a") == b"1"
+
+
 def test_clear_deletes_every_key_a_chunk_at_a_time(store: Store) -> None:
     store.write([(bytes([c]) + bytes([i]), b"v") for c in b"acsz" for i in range(10)])
     clear(store, chunk=3)

@@ -25,7 +25,7 @@ from potboiler.server.log import Log, NewEntry
 from potboiler.server.replication import RECONNECT
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
-from potboiler.server.webhooks import MAX_WEBHOOKS, Webhooks
+from potboiler.server.webhooks import BATCH, MAX_WEBHOOKS, Webhooks
 from tests.conftest import wait_for
 
 # -- Backoff ---------------------------------------------------------------------------------
@@ -308,6 +308,39 @@ async def test_a_failed_cursor_write_pauses_delivery_without_ending_it(harness: 
     assert store.failures == 0
     # At least once: an entry whose cursor was not written may come again, none is missed.
     assert sorted(set(harness.receiver.ids(URL))) == sorted(ids)
+
+
+class SyncCountingStore:
+    """The harness's store, counting WAL syncs and synced writes."""
+
+    def __init__(self, store: RocksStore) -> None:
+        self._store = store
+        self.syncs = 0
+        self.synced_writes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write(self, batch: Any, *, sync: bool = False) -> None:
+        self.synced_writes += sync
+        self._store.write(batch, sync=sync)
+
+    def sync(self) -> None:
+        self.syncs += 1
+        self._store.sync()
+
+
+async def test_with_fsync_cursors_are_synced_once_a_batch(harness: Harness) -> None:
+    """Without it, a cursor was durable only with the next synced log write: on a node delivering
+    its history and taking no writes, a power loss would resend everything delivered since."""
+    await harness.webhooks.register(URL)
+    store = SyncCountingStore(harness.store)
+    harness.webhooks._store, harness.webhooks._sync = store, True
+    ids = await harness.append(*range(2 * BATCH + 50))
+    # One per batch read (the last one's after its cursor moved): three for the history.
+    await wait_for(lambda: harness.webhooks.states()[0].position == len(ids) and store.syncs == 3)
+    assert harness.receiver.ids(URL) == ids
+    assert store.synced_writes == 0
 
 
 async def test_registration_resolves_the_host_off_the_event_loop(harness: Harness) -> None:
