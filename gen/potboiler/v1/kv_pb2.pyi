@@ -41,7 +41,7 @@ class _CrdtTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CrdtType.Val
     """Grow-only set ("GSET"): ops "create" and "add" as the OR-Set; same value."""
     CRDT_TYPE_PNCOUNTER: _CrdtType.ValueType  # 4
     """Positive-negative counter ("PNCOUNTER"): ops "increment" and "decrement"
-    with a non-negative number; the value is the number.
+    with a number (a negative one counts the other way); the value is the sum.
     """
     CRDT_TYPE_MVREGISTER: _CrdtType.ValueType  # 5
     """Multi-value register ("MVREGISTER"): op "set" with any JSON value; the
@@ -66,7 +66,7 @@ CRDT_TYPE_GSET: CrdtType.ValueType  # 3
 """Grow-only set ("GSET"): ops "create" and "add" as the OR-Set; same value."""
 CRDT_TYPE_PNCOUNTER: CrdtType.ValueType  # 4
 """Positive-negative counter ("PNCOUNTER"): ops "increment" and "decrement"
-with a non-negative number; the value is the number.
+with a number (a negative one counts the other way); the value is the sum.
 """
 CRDT_TYPE_MVREGISTER: CrdtType.ValueType  # 5
 """Multi-value register ("MVREGISTER"): op "set" with any JSON value; the
@@ -97,7 +97,8 @@ class UpdateValueRequest(_message.Message):
         """The op's argument, any JSON value as the op requires: the value to set;
         {"item": <JSON>, "key": "<str>", "metadata": <JSON>} to add;
         {"item": <JSON>, "key": "<str>"} to remove; {} (or nothing) for create; a
-        non-negative number for increment and decrement. Required except for create.
+        number for increment and decrement (a negative one counts the other way).
+        Required except for create.
         """
 
     def __init__(
