@@ -62,6 +62,10 @@ class Removed(PotboilerError):
     """A peer removed by this node's operator tried to replicate."""
 
 
+class OutOfRange(PotboilerError):
+    """A position beyond what there is (a subscription from a position the node has not reached)."""
+
+
 class TooLarge(PotboilerError):
     """The request exceeds a documented size or count limit."""
 

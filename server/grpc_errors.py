@@ -15,6 +15,7 @@ from potboiler.server.errors import (
     Contended,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     PotboilerError,
     Removed,
     TooLarge,
@@ -31,6 +32,7 @@ STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
     # ABORTED (a concurrency conflict), which Envoy's transcoder answers as HTTP 409.
     Contended: grpc.StatusCode.ABORTED,
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

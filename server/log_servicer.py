@@ -11,7 +11,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server import wire
 from potboiler.server.appender import Appender
-from potboiler.server.errors import InvalidArgument, PotboilerError, TooLarge
+from potboiler.server.errors import InvalidArgument, OutOfRange, PotboilerError, TooLarge
 from potboiler.server.grpc_errors import abort, streaming, unary
 from potboiler.server.log import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
 from potboiler.v1 import log_pb2, log_pb2_grpc
@@ -140,6 +140,13 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     ) -> AsyncIterator[log_pb2.SubscribeEntriesResponse]:
         limit = min(request.max_batch or MAX_SUBSCRIBE_BATCH, MAX_SUBSCRIBE_BATCH)
         appender = self._appender
+        if request.after_position > appender.log.position:
+            # Waiting for it would skip the entries delivered up to it, unseen.
+            raise OutOfRange(
+                f"position {request.after_position} is beyond this node's last delivered position "
+                f"{appender.log.position} (positions are this node's own: resume with a position "
+                "it gave)"
+            )
 
         def read(after: int) -> list[tuple[int, bytes]]:
             return appender.delivered_blobs(after, limit, MAX_SUBSCRIBE_BYTES)
