@@ -94,7 +94,8 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
         raise InvalidArgument(
             "entry data holds a google.protobuf.Value with no kind set; a JSON null is null_value"
         )
-    deps = tuple(parse_uuid(d, "dependency") for d in dependencies) if dependencies else ()
+    # One dependency named twice (or in upper and lower case) is one dependency.
+    deps = tuple(dict.fromkeys(parse_uuid(d, "dependency") for d in dependencies)) if dependencies else ()
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
     return NewEntry(data, deps)

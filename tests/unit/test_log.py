@@ -131,6 +131,12 @@ def test_validation() -> None:
         validate_new_entry(value("x" * (MAX_ENTRY_BYTES + 1)), [])
 
 
+def test_a_dependency_named_twice_is_one_dependency() -> None:
+    a, b = "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2", "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a3"
+    deps = validate_new_entry(value(1), [a.upper(), b, a, a]).dependencies
+    assert deps == (bytes.fromhex(a.replace("-", "")), bytes.fromhex(b.replace("-", "")))
+
+
 def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store: MemoryStore) -> None:
     other = Log(MemoryStore())
     [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
