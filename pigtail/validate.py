@@ -15,13 +15,14 @@ Nothing is appended to the log unless the whole request passes. The limits (also
 
 from __future__ import annotations
 
+import math
 import re
 
 import orjson
 
 from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
 from potboiler.server.errors import InvalidArgument, TooLarge
-from potboiler.server.jsonvalue import nesting
+from potboiler.server.jsonvalue import nesting, scalars
 from potboiler.server.log import MAX_DEPTH
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -97,12 +98,15 @@ def text(value: str, field: str, *, required: bool = True) -> str:
 def info(value: JSONValue) -> JSONValue:
     """A task's info within the size limit (as compact JSON), else TooLarge, and the depth limit, else
     InvalidArgument."""
-    size = len(orjson.dumps(value))
-    if size > MAX_INFO_BYTES:
-        raise TooLarge(f"info is {size} bytes of JSON; at most {MAX_INFO_BYTES} are allowed")
-    if nesting(value, MAX_INFO_DEPTH) <= MAX_INFO_DEPTH:
-        return value
-    raise InvalidArgument(f"info nests arrays and objects deeper than {MAX_INFO_DEPTH} levels")
+    dumped = orjson.dumps(value)
+    if len(dumped) > MAX_INFO_BYTES:
+        raise TooLarge(f"info is {len(dumped)} bytes of JSON; at most {MAX_INFO_BYTES} are allowed")
+    if nesting(value, MAX_INFO_DEPTH) > MAX_INFO_DEPTH:
+        raise InvalidArgument(f"info nests arrays and objects deeper than {MAX_INFO_DEPTH} levels")
+    # orjson writes NaN and infinities as null: only then is there one to look for.
+    if b"null" in dumped and any(isinstance(x, float) and not math.isfinite(x) for x in scalars(value)):
+        raise InvalidArgument("info must be JSON, which has no NaN or infinite numbers")
+    return value
 
 
 def not_before(not_before_ms: int | None, delay_ms: int | None, now_ms: int) -> int | None:

@@ -528,6 +528,8 @@ def test_the_scheduler_frees_a_queue_whose_tasks_are_all_forgotten() -> None:
         (lambda: validate.not_before(None, -1, T0), "delay_ms"),
         (lambda: validate.not_before(-1, None, T0), "not_before_ms"),
         (lambda: validate.priority(10**7), "priority"),
+        (lambda: validate.info({"a": [1, float("nan")]}), "info must be JSON, which has no NaN"),
+        (lambda: validate.info(float("-inf")), "info must be JSON, which has no NaN"),
         (lambda: validate.wait_ms(10**6), "wait_ms"),
         (lambda: validate.in_flight(-1), "max_in_flight"),
     ],
