@@ -36,8 +36,10 @@ def http_url(text: str, what: str = "url") -> str:
 
 
 def webhook_url(text: str) -> str:
-    """`text` if it is an http(s) URL (see `http_url`) that httpx, which delivers to it, takes too
-    (IDNA rules for the host name, for one); InvalidArgument otherwise."""
+    """`text` with its scheme and host in lower case (`HTTP://Example.COM/x` is
+    `http://example.com/x`: one receiver, one webhook), if it is an http(s) URL (see `http_url`)
+    that httpx, which delivers to it, takes too (IDNA rules for the host name, for one);
+    InvalidArgument otherwise."""
     http_url(text)
     import httpx  # here, not at the top: a node that delivers nowhere starts ~80 ms sooner without it
 
@@ -45,7 +47,9 @@ def webhook_url(text: str) -> str:
         httpx.Request("POST", text)  # as a delivery builds it: the host's IDNA rules apply here
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise InvalidArgument(f"url {text!r} is not a usable URL: {exc}") from None
-    return text
+    parts = urlsplit(text)
+    user, at, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(scheme=parts.scheme.lower(), netloc=user + at + host.lower()))
 
 
 def node_url(text: str) -> str:

@@ -133,8 +133,9 @@ class Webhooks:
 
     async def register(self, url: str) -> None:
         """Register `url` (delivery starts at the beginning of the log); again is a no-op.
-        InvalidArgument if it is not an http(s) URL or the webhook policy refuses it."""
-        webhook_url(url)
+        InvalidArgument if it is not an http(s) URL or the webhook policy refuses it. It is kept
+        with its scheme and host in lower case (`webhook_url`)."""
+        url = webhook_url(url)
         if url in self._states:
             return
         self._check_room()
@@ -160,6 +161,9 @@ class Webhooks:
         not registered."""
         if not url:
             raise InvalidArgument("url is required")
+        if url not in self._states:  # as registered, or as `register` keeps it
+            with contextlib.suppress(InvalidArgument):
+                url = webhook_url(url)
         if url not in self._states:
             raise NotFound(f"no webhook registered for {quoted(url)}")
         # On disk first: a failed write changes nothing, as for registering.

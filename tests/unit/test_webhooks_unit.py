@@ -263,6 +263,22 @@ async def test_register_validates_and_limits(harness: Harness) -> None:
     assert len(harness.webhooks.states()) == MAX_WEBHOOKS
 
 
+async def test_a_url_differing_in_the_case_of_its_scheme_or_host_is_the_same_webhook(
+    harness: Harness,
+) -> None:
+    await harness.webhooks.register("http://Receiver.test/Hook")
+    await harness.webhooks.register("HTTP://RECEIVER.TEST/Hook")
+    await harness.webhooks.register("http://u:Secret@receiver.TEST:80/Hook")
+    assert [s.url for s in harness.webhooks.states()] == [
+        "http://receiver.test/Hook",
+        "http://u:Secret@receiver.test:80/Hook",  # another URL: its user info and port differ
+    ]
+    harness.webhooks.deregister("HTTP://receiver.test/Hook")
+    with pytest.raises(NotFound):
+        harness.webhooks.deregister("http://receiver.test/hook")  # paths are case-sensitive
+    assert [s.url for s in harness.webhooks.states()] == ["http://u:Secret@receiver.test:80/Hook"]
+
+
 async def test_delivery_resumes_after_a_very_long_outage(tmp_path: Path) -> None:
     receiver = Receiver(status=lambda url, attempt: 500 if attempt <= 1100 else 200)
     harness = Harness(tmp_path / "db", receiver, backoff=Backoff(first=0.0, cap=0.0))
