@@ -536,6 +536,7 @@ async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.M
 async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
     await h.pigtail.create_queue("q", 1000)
     plan = h.pigtail.state.plan
 
@@ -550,6 +551,28 @@ async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
     kept = await h.add()
     assert await h.pigtail.list_tasks("q") == [(kept, {"task_name": "job", "state": "pending"})]
     assert h.pigtail.state.cursor == len(h.log.entries)
+    assert h.pigtail._plan_failures[1] == engine.PLAN_ATTEMPTS  # tried again before skipping it
+
+
+async def test_an_entry_whose_planning_fails_once_is_applied_on_the_next_try(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning reads the store: a read that fails once (an I/O error) must not drop a logged task."""
+    monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
+    await h.pigtail.create_queue("q", 1000)
+    plan = h.pigtail.state.plan
+    failures = 2  # the batch, then the entry alone
+
+    def plan_failing_once(batch: Sequence[tuple[int, Entry]], *args: Any) -> Applied:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError("IO error: a read failed")
+        return plan(batch, *args)
+
+    monkeypatch.setattr(h.pigtail.state, "plan", plan_failing_once)
+    task_id = await h.add()
+    assert (await h.pigtail.get_task("q", task_id))["state"] == "pending"
 
 
 async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None:
