@@ -55,9 +55,10 @@ class RestBinding:
     method: str
     path: str
     raw_body: bool
-    #: The members a body bound whole to the request message (`body: "*"`) may have: its fields
-    #: (proto and JSON names) the path does not bind. None for other bindings.
-    members: tuple[str, ...] | None = None
+    #: The members a body bound whole to the request message (`body: "*"`) may have, with the kind
+    #: of JSON value each takes (see `json_kind`): its fields (proto and JSON names) the path does
+    #: not bind. None for other bindings.
+    members: tuple[tuple[str, str], ...] | None = None
 
     @property
     def variables(self) -> list[str]:
@@ -91,15 +92,46 @@ def rest_bindings() -> list[RestBinding]:
                 members = None
                 if rule.body == "*":
                     bound = {v[1:-1] for v in _VARIABLE.findall(path)}
-                    names = (
-                        n
+                    named = (
+                        (n, json_kind(field))
                         for field in fields
                         if field.name not in bound
                         for n in (field.name, field.json_name)
                     )
-                    members = tuple(dict.fromkeys(names))
+                    members = tuple(dict(named).items())
                 out.append(RestBinding(listener_of(service.name), kind.upper(), path, raw, members))
     return out
+
+
+_FD = descriptor_pb2.FieldDescriptorProto
+#: JSON kinds of scalar fields in proto3's JSON mapping (64-bit integers also as strings).
+_KINDS = {
+    _FD.TYPE_STRING: "string",
+    _FD.TYPE_BYTES: "string",
+    _FD.TYPE_BOOL: "boolean",
+    _FD.TYPE_DOUBLE: "number",
+    _FD.TYPE_FLOAT: "number",
+    _FD.TYPE_INT32: "number",
+    _FD.TYPE_UINT32: "number",
+    _FD.TYPE_SINT32: "number",
+    _FD.TYPE_FIXED32: "number",
+    _FD.TYPE_SFIXED32: "number",
+    _FD.TYPE_INT64: "number or string",
+    _FD.TYPE_UINT64: "number or string",
+    _FD.TYPE_SINT64: "number or string",
+    _FD.TYPE_FIXED64: "number or string",
+    _FD.TYPE_SFIXED64: "number or string",
+}
+
+
+def json_kind(field: descriptor_pb2.FieldDescriptorProto) -> str:
+    """The kind of JSON value a field takes: "array" (repeated), "object" (a message), a scalar's
+    kind, or "any" (an enum: a name or a number)."""
+    if field.label == _FD.LABEL_REPEATED:
+        return "array"
+    if field.type == _FD.TYPE_MESSAGE:
+        return "object"
+    return _KINDS.get(field.type, "any")
 
 
 def path_variables(listener: str) -> list[str]:
@@ -194,7 +226,7 @@ def method_routes(listener: str) -> list[dict[str, object]]:
     bindings = [b for b in rest_bindings() if b.listener == listener]
     for template, methods in allowed_methods(bindings):
         members = {
-            b.method: list(b.members) for b in bindings if b.path == template and b.members is not None
+            b.method: dict(b.members) for b in bindings if b.path == template and b.members is not None
         }
         if "GET" in methods:  # HEAD goes on as GET (gateway/lua/responses.lua)
             methods = sorted([*methods, "HEAD"])

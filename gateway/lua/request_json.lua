@@ -79,45 +79,55 @@ local function json_error(s)
   if ws(s, i) <= #s then return "unexpected data after the value at byte " .. i end
   return nil
 end
--- The members of a JSON object (already checked to be valid JSON) not in `allowed`, in order, or
--- nil if the value is not an object. Keys are compared as written (an escaped key is unknown).
-local function unknown_members(s, allowed)
+-- Whether the JSON value starting at byte i is of `kind` (see json_kind in server/rest_routes.py);
+-- null is every field's default.
+local KIND_BYTES = {
+  string = '^["n]', boolean = "^[tfn]", number = "^[-%dn]", ["number or string"] = '^[-%d"n]',
+  object = "^[{n]", array = "^[%[n]",
+}
+local function of_kind(s, i, kind)
+  local pattern = KIND_BYTES[kind]
+  return pattern == nil or find(s, pattern, i) ~= nil
+end
+-- What is wrong with the members of a JSON object (already checked to be valid JSON) for `kinds`
+-- (member name -> kind): unknown members, or a member of another kind; nil if nothing, false if the
+-- value is not an object. Keys are compared as written (an escaped key is unknown).
+local function members_wrong(s, kinds)
   local i = ws(s, 1)
-  if byte(s, i) ~= 123 then return nil end
+  if byte(s, i) ~= 123 then return false end
   local unknown = {}
   i = ws(s, i + 1)
   while byte(s, i) == 34 do
     local j = str(s, i)
     local key = sub(s, i + 1, j - 2)
-    if not allowed[key] then
+    i = ws(s, ws(s, j) + 1)  -- past the ':'
+    local kind = kinds[key]
+    if kind == nil then
       if #key > 64 then key = sub(key, 1, 64) .. "..." end
       unknown[#unknown + 1] = "'" .. key .. "'"
+    elseif not of_kind(s, i, kind) then
+      return key .. " must be a JSON " .. kind
     end
-    i = ws(s, ws(s, j) + 1)  -- past the ':'
     i = ws(s, value(s, i, 2))
     if byte(s, i) == 44 then i = ws(s, i + 1) end
   end
-  return unknown
+  if #unknown > 0 then return "the request body has unknown members: " .. table.concat(unknown, ", ") end
+  return nil
 end
 -- A body bound whole to a typed request (`body: "*"`): the transcoder would drop members the
--- message lacks unseen, and a non-object would get protobuf's words. The route's metadata lists
--- the members per method (server/rest_routes.py).
+-- message lacks unseen, and would answer a value of the wrong kind in protobuf's words. The
+-- route's metadata gives the members and their kinds per method (server/rest_routes.py).
 local function members_error(handle, method, text)
   local members = handle:metadata():get("members")
   if members == nil or members[method] == nil then return nil end
-  local allowed, names = {}, {}
-  for _, name in ipairs(members[method]) do
-    allowed[name] = true
-    names[#names + 1] = name
-  end
-  local unknown = unknown_members(text, allowed)
-  if unknown == nil then
+  local wrong = members_wrong(text, members[method])
+  if wrong == false then
+    local names = {}
+    for name in pairs(members[method]) do names[#names + 1] = name end
+    table.sort(names)
     return "the request body must be a JSON object with " .. table.concat(names, ", ")
   end
-  if #unknown > 0 then
-    return "the request body has unknown members: " .. table.concat(unknown, ", ")
-  end
-  return nil
+  return wrong
 end
 heads = true  -- see head_as_get in responses.lua
 function envoy_on_request(handle)

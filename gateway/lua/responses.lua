@@ -59,10 +59,22 @@ local function status_and_location(handle, headers)
   end
   return body
 end
+-- A 400 of the transcoder's for a query parameter that no field takes names the request's
+-- protobuf type: say it in the API's words.
+local function plain_words(handle, body)
+  if handle:headers():get(":status") ~= "400" then return body end
+  body = body or handle:body(true)
+  if body == nil then return nil end
+  local text = body:getBytes(0, body:length())
+  local fixed, n = string.gsub(text, 'Could not find field \\"(.-)\\" in the type \\"[%w%._]+\\"%.',
+    "unknown query parameter '%1'")
+  if n > 0 then body:setBytes(fixed) end
+  return body
+end
 function envoy_on_response(handle)
   local headers = handle:headers()
   if is_grpc(headers) then return end
-  local body = status_and_location(handle, headers)
+  local body = plain_words(handle, status_and_location(handle, headers))
   if heads and asked_head(handle) then
     body = body or handle:body(true)
     headers = handle:headers()

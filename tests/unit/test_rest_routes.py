@@ -196,10 +196,12 @@ def test_no_rest_binding_needs_a_query_parameter_that_another_path_binds() -> No
 
 def test_a_body_bound_whole_lists_the_members_it_takes() -> None:
     members = {(b.method, b.path): b.members for b in rest_bindings()}
-    assert members[("POST", "/nodes")] == members[("DELETE", "/nodes")] == ("url",)
-    assert members[("POST", "/log/register")] == ("url",)
+    assert members[("POST", "/nodes")] == members[("DELETE", "/nodes")] == (("url", "string"),)
+    assert members[("POST", "/log/register")] == (("url", "string"),)
     assert members[("POST", "/log")] is None  # a raw body: the node checks it
     [route] = [r for r in method_routes("core") if "metadata" in r and "/nodes" in json.dumps(r["match"])]
     assert route["metadata"] == {
-        "filter_metadata": {"envoy.filters.http.lua": {"members": {"POST": ["url"], "DELETE": ["url"]}}}
+        "filter_metadata": {
+            "envoy.filters.http.lua": {"members": {"POST": {"url": "string"}, "DELETE": {"url": "string"}}}
+        }
     }
