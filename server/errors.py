@@ -10,8 +10,10 @@ from typing import Self
 #: 16 KiB or more (they would see a metadata error instead of the cause), and a long value says
 #: nothing more.
 SHOWN_CHARACTERS = 60
-#: The longest error message sent, whatever it holds (see `grpc_errors.abort`).
-MAX_MESSAGE_CHARACTERS = 2000
+#: The most UTF-8 bytes of an error message sent, whatever it holds (see `grpc_errors.abort`): gRPC
+#: percent-encodes every byte outside printable ASCII, so it is at most three times as long on the
+#: wire, under the 8 KiB past which clients start to refuse metadata.
+MAX_MESSAGE_BYTES = 2000
 
 
 def quoted(value: str) -> str:

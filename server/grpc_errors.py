@@ -9,7 +9,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from potboiler.server.errors import (
-    MAX_MESSAGE_CHARACTERS,
+    MAX_MESSAGE_BYTES,
     AlreadyExists,
     Conflict,
     Contended,
@@ -60,8 +60,9 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerErr
     # failure) when given none.
     context.set_trailing_metadata(((HTTP_CODE_HEADER, http),) if http is not None else ())
     message = str(error)
-    if len(message) > MAX_MESSAGE_CHARACTERS:  # a safety net: messages show values with `quoted`
-        message = message[: MAX_MESSAGE_CHARACTERS - 3] + "..."
+    encoded = message.encode()
+    if len(encoded) > MAX_MESSAGE_BYTES:  # a safety net: messages show values with `quoted`
+        message = encoded[: MAX_MESSAGE_BYTES - 3].decode(errors="ignore") + "..."
     await context.abort(status_of(error), message)
     raise AssertionError("unreachable")  # context.abort raises
 

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from urllib.parse import urlsplit, urlunsplit
 
-from potboiler.server.errors import InvalidArgument
+from potboiler.server.errors import InvalidArgument, quoted
 
 MAX_URL_LENGTH = 2048
 #: Offset of a node's direct gRPC port from its base port (the port of its URL).
@@ -20,18 +20,18 @@ def http_url(text: str, what: str = "url") -> str:
     if len(text) > MAX_URL_LENGTH:
         raise InvalidArgument(f"{what} is longer than {MAX_URL_LENGTH} characters")
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise InvalidArgument(f"{what} {text!r} contains whitespace or control characters")
+        raise InvalidArgument(f"{what} {quoted(text)} contains whitespace or control characters")
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
-        raise InvalidArgument(f"{what} {text!r} is not a valid URL: {exc}") from None
+        raise InvalidArgument(f"{what} {quoted(text)} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidArgument(f"{what} {text!r} is not an http:// or https:// URL")
+        raise InvalidArgument(f"{what} {quoted(text)} is not an http:// or https:// URL")
     if not parts.hostname:
-        raise InvalidArgument(f"{what} {text!r} has no host")
+        raise InvalidArgument(f"{what} {quoted(text)} has no host")
     if port == 0:
-        raise InvalidArgument(f"{what} {text!r} has port 0")
+        raise InvalidArgument(f"{what} {quoted(text)} has port 0")
     return text
 
 
@@ -46,10 +46,26 @@ def webhook_url(text: str) -> str:
     try:
         httpx.Request("POST", text)  # as a delivery builds it: the host's IDNA rules apply here
     except (httpx.InvalidURL, UnicodeError) as exc:
-        raise InvalidArgument(f"url {text!r} is not a usable URL: {exc}") from None
-    parts = urlsplit(text)
-    user, at, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(scheme=parts.scheme.lower(), netloc=user + at + host.lower()))
+        raise InvalidArgument(f"url {quoted(text)} is not a usable URL: {exc}") from None
+    return lower_case_origin(text)
+
+
+def lower_case_origin(url: str) -> str:
+    """`url` (an http(s) URL) with its scheme and host in lower case, the rest as it was: user
+    info, port, an IPv6 zone id (interface names are case-sensitive), path, query and fragment,
+    down to an empty `?`."""
+    scheme, sep, rest = url.partition("://")
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    user, at, hostport = netloc.rpartition("@")
+    if hostport.startswith("["):
+        address, bracket, port = hostport[1:].partition("]")
+        ip, zone_sep, zone = address.partition("%")
+        hostport = "[" + ip.lower() + zone_sep + zone + bracket + port
+    else:
+        host, colon, port = hostport.partition(":")
+        hostport = host.lower() + colon + port
+    return scheme.lower() + sep + user + at + hostport + tail
 
 
 def node_url(text: str) -> str:
@@ -58,11 +74,11 @@ def node_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise InvalidArgument(
-            f"node url {text!r} must be a root URL like http://host:8000 (no path or query)"
+            f"node url {quoted(text)} must be a root URL like http://host:8000 (no path or query)"
         )
     if (parts.port or 0) > 65535 - GRPC_PORT_OFFSET:
         raise InvalidArgument(
-            f"node url {text!r}: a node's port B must leave room for its gRPC port B+{GRPC_PORT_OFFSET}"
+            f"node url {quoted(text)}: a node's port B must leave room for its gRPC port B+{GRPC_PORT_OFFSET}"
         )
     return origin(text)
 

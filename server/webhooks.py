@@ -31,8 +31,8 @@ from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, quoted
 from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
 from potboiler.server.security import WebhookPolicy
-from potboiler.server.storage import Store, prefix_end
-from potboiler.server.urls import digest, shown, webhook_url
+from potboiler.server.storage import Store, Write, prefix_end
+from potboiler.server.urls import digest, lower_case_origin, shown, webhook_url
 from potboiler.v1.entry_pb2 import Entry
 
 if TYPE_CHECKING:
@@ -95,14 +95,34 @@ class Webhooks:
         self._backoff = backoff
         self._states: dict[str, WebhookState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        for key, value in store.scan(_PREFIX, prefix_end(_PREFIX)):
-            url = key[1:].decode()
-            self._states[url] = WebhookState(url, _U64.unpack(value)[0])
+        #: The newest WAL sync (it runs in a thread, which a cancellation does not stop).
+        self._syncing: asyncio.Future[None] | None = None
+        self._load()
         digest_key = store.get(_DIGEST_KEY)
         if digest_key is None:
             digest_key = secrets.token_bytes(32)
             store.write([(_DIGEST_KEY, digest_key)], sync=True)
         self._digest_key = digest_key
+
+    def _load(self) -> None:
+        """The registrations and their cursors from the store. One stored before URLs were kept with
+        their scheme and host in lower case is moved to its key in that form, in one synced write;
+        two that are now one keep the cursor further along (both delivered to one receiver)."""
+        moved: list[Write] = []
+        renamed: set[str] = set()
+        for key, value in self._store.scan(_PREFIX, prefix_end(_PREFIX)):
+            url = key[1:].decode()
+            form = lower_case_origin(url)
+            position = _U64.unpack(value)[0]
+            if form in self._states:
+                position = max(position, self._states[form].position)
+            self._states[form] = WebhookState(form, position)
+            if form != url:
+                moved.append((key, None))
+                renamed.add(form)
+        if moved:
+            moved += [(_PREFIX + form.encode(), _U64.pack(self._states[form].position)) for form in renamed]
+            self._store.write(moved, sync=True)
 
     def digest(self, url: str) -> str:
         """The name of a webhook where its URL is not shown (logs, metrics), stable across restarts."""
@@ -127,6 +147,8 @@ class Webhooks:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # (a delivery task ends only when cancelled or deregistered)
+        if self._syncing is not None:  # the store closes after this: its thread must be done
+            await asyncio.gather(self._syncing, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -217,7 +239,9 @@ class Webhooks:
                 self._store.write([(key, _U64.pack(position))])
             if self._sync:
                 # A WAL sync, not a write: a deregistration meanwhile cannot be undone by it.
-                await asyncio.to_thread(self._store.sync)
+                # Shielded and kept: a stop meanwhile waits for the thread before the store closes.
+                self._syncing = asyncio.ensure_future(asyncio.to_thread(self._store.sync))
+                await asyncio.shield(self._syncing)
 
     async def _post_until_accepted(self, state: WebhookState, body: bytes) -> None:
         import httpx  # here, not at the top: a node that delivers nowhere starts ~80 ms sooner without it

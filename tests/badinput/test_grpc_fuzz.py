@@ -168,6 +168,11 @@ def test_long_values_are_cut_short_in_error_messages(node: BadInputNode) -> None
         (node.log.GetEntry, log_pb2.GetEntryRequest(id=long)),
         (node.log.AppendEntry, log_pb2.AppendEntryRequest(data=Value(number_value=1), dependencies=[long])),
         (node.webhooks.DeregisterWebhook, webhooks_pb2.DeregisterWebhookRequest(url="http://h/" + long)),
+        # gRPC percent-encodes every byte beyond ASCII: 12 bytes on the wire for this character.
+        (
+            node.webhooks.RegisterWebhook,
+            webhooks_pb2.RegisterWebhookRequest(url="ftp://" + "\U0001f600" * 2000),
+        ),
         (kv.UpdateValue, kv_pb2.UpdateValueRequest(table="t_lww", key="k1", op=long, change=Value())),
         (pigtail.GetTask, pigtail_pb2.GetTaskRequest(queue=QUEUE, task_id=long)),
     ]

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from potboiler.server import rest
-from potboiler.server.errors import NotFound, TooLarge
+from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.grpc_errors import unary
 
 pytestmark = pytest.mark.asyncio
@@ -25,13 +25,17 @@ class Servicer:
     async def TooBig(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         raise TooLarge("too big")
 
+    @unary
+    async def LongMessage(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        raise InvalidArgument("bad: " + "\u00e9\U0001f600" * 3000)
+
 
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
     servicer = Servicer()
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
-        for name in ("CreateThenFail", "TooBig")
+        for name in ("CreateThenFail", "TooBig", "LongMessage")
     }
     server = grpc.aio.server()
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", handlers)])
@@ -61,3 +65,14 @@ async def test_too_large_carries_its_http_status(channel: grpc.aio.Channel) -> N
         await method(b"")
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(list(error.value.trailing_metadata() or ()))[rest.HTTP_CODE_HEADER] == "413"
+
+
+async def test_a_long_message_is_cut_short_to_reach_a_default_client(channel: grpc.aio.Channel) -> None:
+    """Clients refuse metadata past 8 KiB, and gRPC sends each byte beyond ASCII as three."""
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Errors/LongMessage")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await method(b"")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details() or ""
+    assert details.startswith("bad: \u00e9\U0001f600") and details.endswith("...")
+    assert len(details.encode()) <= 2000

@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.urls import GRPC_PORT_OFFSET, MAX_URL_LENGTH, http_url, node_url, redacted, webhook_url
+from potboiler.server.urls import (
+    GRPC_PORT_OFFSET,
+    MAX_URL_LENGTH,
+    http_url,
+    lower_case_origin,
+    node_url,
+    redacted,
+    webhook_url,
+)
 
 GOOD = [
     "http://example.com",
@@ -163,3 +171,18 @@ def test_webhook_url_also_needs_a_host_name_httpx_takes(url: str) -> None:
 )
 def test_redacted_hides_a_password(url: str, logged: str) -> None:
     assert redacted(url) == logged
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        ("HTTP://Example.COM/Path?Q=1#F", "http://example.com/Path?Q=1#F"),
+        ("http://User:PassWord@Host.test:8080/x", "http://User:PassWord@host.test:8080/x"),
+        ("http://h/x?", "http://h/x?"),  # an empty query is kept: the receiver sees /x?
+        ("http://h#", "http://h#"),
+        ("http://[FE80::1%25Eth0]:80/x", "http://[fe80::1%25Eth0]:80/x"),  # interface names keep their case
+        ("https://[::FFFF:10.0.0.1]/", "https://[::ffff:10.0.0.1]/"),
+    ],
+)
+def test_a_webhook_url_is_kept_with_its_scheme_and_host_in_lower_case(url: str, normalised: str) -> None:
+    assert lower_case_origin(url) == normalised

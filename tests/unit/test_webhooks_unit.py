@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -357,6 +359,52 @@ async def test_with_fsync_cursors_are_synced_once_a_batch(harness: Harness) -> N
     await wait_for(lambda: harness.webhooks.states()[0].position == len(ids) and store.syncs == 3)
     assert harness.receiver.ids(URL) == ids
     assert store.synced_writes == 0
+
+
+async def test_a_stop_waits_for_a_cursor_sync_in_flight(harness: Harness) -> None:
+    """The node closes the store after the webhooks stop: a sync still running in its thread then
+    failed the close ("Already borrowed")."""
+    syncing, finished = threading.Event(), threading.Event()
+
+    class SlowSyncStore(SyncCountingStore):
+        def sync(self) -> None:
+            syncing.set()
+            time.sleep(0.2)
+            super().sync()
+            finished.set()
+
+    await harness.webhooks.register(URL)
+    harness.webhooks._store, harness.webhooks._sync = SlowSyncStore(harness.store), True
+    await harness.append(1)
+    await wait_for(syncing.is_set)
+    await harness.webhooks.stop()
+    assert finished.is_set()
+
+
+async def test_registrations_stored_with_capitals_in_scheme_or_host_become_one(tmp_path: Path) -> None:
+    """Stored before URLs were kept in lower case: each is moved to its lower-case key, and two that
+    are one receiver keep the cursor further along."""
+    store = RocksStore(tmp_path / "db")
+    try:
+        store.write(
+            [
+                (b"wHTTP://Receiver.test/Hook", struct.pack(">Q", 5)),
+                (b"whttp://receiver.test/Hook", struct.pack(">Q", 3)),
+                (b"whttp://other.test/x", struct.pack(">Q", 1)),
+            ]
+        )
+        webhooks = Webhooks(store, Appender(Log(store), store))
+        assert [(s.url, s.position) for s in webhooks.states()] == [
+            ("http://other.test/x", 1),
+            ("http://receiver.test/Hook", 5),
+        ]
+        assert [key for key, _ in store.scan(b"w", b"x")] == [
+            b"whttp://other.test/x",
+            b"whttp://receiver.test/Hook",
+        ]
+        assert store.get(b"whttp://receiver.test/Hook") == struct.pack(">Q", 5)
+    finally:
+        store.close()
 
 
 async def test_registration_resolves_the_host_off_the_event_loop(harness: Harness) -> None:
