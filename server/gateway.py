@@ -42,7 +42,6 @@ from potboiler.server.rest_routes import (
     listener_of,
     method_routes,
     path_variables,
-    raw_body_routes,
 )
 from potboiler.server.security import RestTlsFiles, TlsFiles
 
@@ -221,7 +220,7 @@ def render(
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
-    [indent] = re.findall(r"^( *)\$\{RAW_BODY_ROUTES\}", listener, re.M)
+    [indent] = re.findall(r"^( *)\$\{METHOD_ROUTES\}", listener, re.M)
     [mapper_indent] = re.findall(r"^( *)\$\{ERROR_CODE_MAPPERS\}", listener, re.M)
     blocks = []
     for name, port in (
@@ -243,8 +242,6 @@ def render(
             REJECT_UNKNOWN_QUERY=json.dumps(name != "browser"),
             MAX_BODY=MAX_BODY_BYTES,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
-            RAW_BODY_ROUTES=("\n" + indent).join(f"- {json.dumps(r.route())}" for r in raw_body_routes(name))
-            or "# (none)",
             METHOD_ROUTES=("\n" + indent).join(f"- {json.dumps(r)}" for r in method_routes(name))
             or "# (none)",
             ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(

@@ -219,12 +219,16 @@ def allowed_methods(bindings: list[RestBinding]) -> list[tuple[str, list[str]]]:
 
 
 def method_routes(listener: str) -> list[dict[str, object]]:
-    """The routes of one listener that answer 405 to a method no binding takes on a known path: per
-    path template, one route on to the transcoder for the methods it takes and one direct 405 with
-    `Allow` (the filters skipped) for any other method. They come after the raw-body routes."""
+    """The routes of one listener's REST paths, per path template, the most specific first (see
+    `allowed_methods`): its raw-body routes, one route on to the transcoder for the methods it
+    takes, and one direct 405 with `Allow` (the filters skipped) for any other method. A raw-body
+    route of a less specific template comes after the 405 of a more specific one (`PUT
+    /queue/q/claim` is a 405, not `PUT /queue/{queue}/{task_id}`)."""
     routes: list[dict[str, object]] = []
     bindings = [b for b in rest_bindings() if b.listener == listener]
+    raw = raw_body_routes(listener)
     for template, methods in allowed_methods(bindings):
+        routes += [r.route() for r in raw if r.path == template]
         members = {
             b.method: dict(b.members) for b in bindings if b.path == template and b.members is not None
         }

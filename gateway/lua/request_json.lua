@@ -103,7 +103,11 @@ local function members_wrong(s, kinds)
     i = ws(s, ws(s, j) + 1)  -- past the ':'
     local kind = kinds[key]
     if kind == nil then
-      if #key > 64 then key = sub(key, 1, 64) .. "..." end
+      if #key > 64 then
+        local n = 64  -- bytes: back off a character the cut would split (a UTF-8 continuation byte next)
+        while byte(key, n + 1) >= 0x80 and byte(key, n + 1) < 0xC0 do n = n - 1 end
+        key = sub(key, 1, n) .. "..."
+      end
       unknown[#unknown + 1] = "'" .. key .. "'"
     elseif not of_kind(s, i, kind) then
       return key .. " must be a JSON " .. kind

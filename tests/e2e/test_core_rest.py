@@ -453,6 +453,9 @@ def test_registration_bodies_take_no_other_members_and_are_objects(
     message = assert_error(http.request(method, path, json=body), 400, "unknown members: 'Url', 'xxx")
     assert len(message) < 200, message
     assert_error(http.request(method, path, json=[url]), 400, "must be a JSON object with url")
+    # Long keys are cut between characters, not inside one.
+    cut = assert_error(http.request(method, path, json={"url": url, "a" + "\u00e9" * 40: 1}), 400)
+    assert "'a" + "\u00e9" * 31 + "...'" in cut, cut
     assert (http.get("/nodes").json(), webhook_urls()) == (nodes, hooks)
 
 
@@ -537,6 +540,8 @@ def test_unknown_paths_are_404_json(http: httpx.Client, method: str, path: str) 
         ("core", "GET", "/log/register", "POST"),
         ("core", "GET", "/log/deregister", "POST"),
         ("pigtail", "GET", "/queue/q/claim", "POST"),
+        ("pigtail", "PUT", "/queue/q/claim", "POST"),  # not PUT /queue/q/{task_id} (a raw-body route)
+        ("pigtail", "DELETE", "/queue/q/dead", "GET, HEAD"),
         ("kv", "DELETE", "/kv/t/k", "GET, HEAD, POST"),
         ("kv", "PUT", "/kv", "GET, HEAD"),
         ("pigtail", "GET", "/create", "POST"),

@@ -39,7 +39,10 @@ def route_for(routes: list[dict[str, object]], method: str, path: str) -> dict[s
             continue
         for header in match.get("headers", []):
             assert header["name"] == ":method"
-            if not re.fullmatch(header["string_match"]["safe_regex"]["regex"], method):
+            wanted = header["string_match"]
+            if not re.fullmatch(
+                wanted["safe_regex"]["regex"] if "safe_regex" in wanted else wanted["exact"], method
+            ):
                 break
         else:
             return route
@@ -205,3 +208,12 @@ def test_a_body_bound_whole_lists_the_members_it_takes() -> None:
             "envoy.filters.http.lua": {"members": {"POST": {"url": "string"}, "DELETE": {"url": "string"}}}
         }
     }
+
+
+def test_a_raw_body_route_of_a_less_specific_template_comes_after_the_405_of_a_more_specific_one() -> None:
+    routes = method_routes("pigtail")
+    for method, path in (("PUT", "/queue/q/claim"), ("DELETE", "/queue/q/dead")):
+        route = route_for(routes, method, path)
+        assert route is not None and route["direct_response"]["status"] == 405  # type: ignore[index]
+    claim = route_for(routes, "PUT", "/queue/q/t1")
+    assert claim is not None and "route" in claim
