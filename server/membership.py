@@ -4,7 +4,9 @@ peer's node id, empty until it is first reached).
 A peer removed by an operator is remembered (`r<url>` -> its node id, if known) so that gossip and
 the removed node's own reconnection attempts do not bring it back, under that URL or another one;
 only an explicit add does. A peer an operator added is `joining` (`j<url>` -> '') until replication
-with it starts: its first stream asks the peer to take this node back if it had removed it.
+with it starts: its first stream asks the peer to take this node back if it had removed it. A URL
+dropped because it named a node known otherwise (`a<url>` -> '') is not learnt again from gossip,
+but a node that dials in from it is taken as a peer: it is no removal.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from potboiler.server.urls import node_url
 _PREFIX = b"n"
 _REMOVED = b"r"
 _JOINING = b"j"
+_ALIASES = b"a"
 
 
 def _load(store: Store, prefix: bytes) -> dict[str, str]:
@@ -35,6 +38,8 @@ class Membership:
         #: Removed URL -> the node id it had ('' if unknown).
         self._removed = _load(store, _REMOVED)
         self._joining = set(_load(store, _JOINING))
+        #: URLs dropped as aliases of nodes known otherwise.
+        self._aliases = set(_load(store, _ALIASES))
         self._listeners: list[Callable[[str, bool], None]] = []
 
     def on_change(self, listener: Callable[[str, bool], None]) -> None:
@@ -81,18 +86,20 @@ class Membership:
             listener(url, True)
         return False
 
-    def learn(self, url: str) -> bool:
+    def learn(self, url: str, *, dialed_in: bool = False) -> bool:
         """Add a peer heard of from another node (or named by --peer), unless it is this node or was
-        removed here; it is not `joining`."""
+        removed here, or dropped as an alias (unless the node at `url` itself dialed in: `dialed_in`);
+        it is not `joining`."""
         url = node_url(url)
-        if url == self.self_url or url in self._removed:
+        if url == self.self_url or url in self._removed or (url in self._aliases and not dialed_in):
             return False
         return self._insert(url, [], joining=False)
 
     def _insert(self, url: str, writes: list[Write], *, joining: bool) -> bool:
         new = url not in self._urls
         if new:
-            writes += [(_PREFIX + url.encode(), b""), (_REMOVED + url.encode(), None)]
+            key = url.encode()
+            writes += [(_PREFIX + key, b""), (_REMOVED + key, None), (_ALIASES + key, None)]
         if writes:
             self._store.write(writes, sync=True)
         if joining:
@@ -100,6 +107,7 @@ class Membership:
         if not new:
             return False
         self._removed.pop(url, None)
+        self._aliases.discard(url)
         self._urls[url] = ""
         for listener in self._listeners:
             listener(url, True)
@@ -132,17 +140,21 @@ class Membership:
 
     def drop_alias(self, url: str) -> None:
         """Drop a member URL that names a node known otherwise (this node, or a peer under another
-        URL). It is marked removed so that gossip does not bring it back; its node is not refused."""
+        URL). Gossip does not bring it back; a node that dials in from it is no removed node."""
         if url in self._urls:
-            self._discard(url, "")
+            self._discard(url, None)
 
-    def _discard(self, url: str, node_id: str) -> None:
+    def _discard(self, url: str, node_id: str | None) -> None:
+        """Forget member `url`: removed (refused, with `node_id`: its node's id if known, else ''),
+        or, with None, dropped as an alias."""
         key = url.encode()
-        self._store.write(
-            [(_PREFIX + key, None), (_REMOVED + key, node_id.encode()), (_JOINING + key, None)], sync=True
-        )
+        mark = (_ALIASES + key, b"") if node_id is None else (_REMOVED + key, node_id.encode())
+        self._store.write([(_PREFIX + key, None), mark, (_JOINING + key, None)], sync=True)
         del self._urls[url]
-        self._removed[url] = node_id
+        if node_id is None:
+            self._aliases.add(url)
+        else:
+            self._removed[url] = node_id
         self._joining.discard(url)
         for listener in self._listeners:
             listener(url, False)

@@ -757,6 +757,16 @@ class Replicator:
         dialer does not ask to join). Removed if refused, Conflict if it is no peer."""
         node_id, url = session.peer_id, session.peer_url
         if (known := self.membership.url_of(node_id)) is not None:
+            twin = self.peers.get(known)
+            if twin is not None and any(not s.dialed and s.peer_url != url for s in twin.sessions):
+                # Not the node reconnecting (same URL) nor a stream this node dialed: another process
+                # with the same id, which would take turns with the first for the peer's one slot.
+                why = (
+                    f"node {node_id} is connected here from {twin.sessions[0].peer_url} and dials again "
+                    f"from {url}: two nodes share one id (a copied data directory?)"
+                )
+                log.warning("refused a stream: %s", why)
+                raise Conflict(why)
             url = known
         else:
             if self.membership.is_removed(url) or self.membership.is_removed_node(node_id):
@@ -764,7 +774,7 @@ class Replicator:
                     raise Removed(f"{url} (node {node_id}) was removed from this node's peers")
                 log.info("%s joins again after its removal", url)
                 self.membership.add(url, join=False)
-            self.membership.learn(url)
+            self.membership.learn(url, dialed_in=True)
         peer = self.peers.get(url)
         if peer is None:
             raise Conflict(f"{url} is not a peer of this node")

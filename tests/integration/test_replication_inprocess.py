@@ -615,7 +615,7 @@ async def test_a_url_that_names_this_node_is_dropped(make_node: NodeFactory) -> 
     alias = localhost_url(a)
     a.membership.add(alias)
     await eventually(lambda: a.membership.urls() == [], what="the alias dropped")
-    assert a.membership.is_removed(alias)
+    assert not a.membership.is_removed(alias)  # no removal: a node that dials in from it is taken
     assert not a.membership.learn(alias)  # gossip does not bring it back
     await eventually(lambda: not a.replicator.peers, what="no dialing")
     assert (
@@ -791,3 +791,29 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
         status = await nodes_pb2_grpc.NodesServiceStub(channel).GetStatus(nodes_pb2.GetStatusRequest())
     assert [(f.owner, f.seq) for f in status.forked] == [(x.log.node_id, 5)]
+
+
+async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A copy of a node's data directory started beside it (same id, another URL): the peer keeps
+    the first stream and refuses the other, naming the cause."""
+    a = await make_node(name="a")
+    b = await make_node(name="b", peers=[a], index=1)
+    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await b.stop()
+    shutil.copytree(tmp_path / "b", tmp_path / "b-copy")
+    b = await make_node(name="b", peers=[a], index=1)
+    copy = await make_node(name="b-copy", peers=[a], index=2)
+    assert copy.log.node_id == b.log.node_id
+
+    def told() -> bool:
+        errors = [
+            n.replicator.peers[a.config.url].last_error
+            for n in (b, copy)
+            if a.config.url in n.replicator.peers
+        ]
+        return any("two nodes share one id" in e for e in errors)
+
+    await eventually(told, what="one of the two told it shares its id")
+    assert a.membership.urls() == [b.config.url]

@@ -78,3 +78,6 @@ def test_a_dropped_alias_is_not_learned_again_and_its_node_is_not_refused() -> N
     again = restarted(membership, store)
     assert again.urls() == [PEER] and not again.learn(ALIAS) and not again.is_joining(ALIAS)
     assert not again.is_removed_node(PEER_ID)
+    # It is no removal: another node serving at that URL later, dialing in, is a peer.
+    assert not again.is_removed(ALIAS)
+    assert again.learn(ALIAS, dialed_in=True) and restarted(again, store).urls() == sorted([ALIAS, PEER])
