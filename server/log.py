@@ -61,6 +61,9 @@ _U64 = struct.Struct(">Q")
 _HEAD = struct.Struct(">Q16s")
 _NODE_ID_KEY = b"mnode_id"
 _X_START, _X_END = b"x", prefix_end(b"x")
+#: Forked logs seen here (`f<owner id text>` -> the seq, see `Log.forks`): kept, as the forked node
+#: may well never send them again.
+_FORKS = b"f"
 _COUNT = struct.Struct(">I")
 _LOCATION_BYTES = 24
 
@@ -417,7 +420,9 @@ class Log:
         self._blocked: Blocked | None = None
         #: Owners whose log a peer sent with another entry at a seq than the one held here (their
         #: log forked), by the seq where it did: see `forks`.
-        self._forks: dict[str, int] = {}
+        self._forks = {
+            key[1:].decode(): _U64.unpack(v)[0] for key, v in store.scan(_FORKS, prefix_end(_FORKS))
+        }
         # Later stamps exceed every stamp held, as they did before the restart: each owner's newest
         # entry holds its highest (an owner's stamps grow along its chain).
         for owner, (seq, _) in self._heads.items():
@@ -633,6 +638,13 @@ class Log:
                 else "this node's log is held up: an entry appended with it depends on an entry not here"
             )
         if seq < self._own_floor:
+            if self.node_id in self._forks:
+                raise Unavailable(
+                    f"this node's own log has forked at seq {self._forks[self.node_id]}: a peer holds "
+                    f"other entries of it, up to {self._own_floor}, than this node (its store was "
+                    "restored from an older copy after it wrote more); appends resume only once its "
+                    "data directory is wiped and it rejoins its cluster as a new node"
+                )
             raise Unavailable(
                 f"this node's own log ends at seq {seq} here, but a peer holds it up to "
                 f"{self._own_floor} (its store is older than what it wrote): appends resume once "
@@ -683,6 +695,7 @@ class Log:
         if self._forks.get(owner) == seq:
             return
         self._forks[owner] = seq
+        self._store.write([(_FORKS + owner.encode(), _U64.pack(seq))])
         _logger.warning(
             "the log of %s has forked at seq %d: a peer sent entry %s after %s, this node holds %s "
             "there; that log's entries past it are not taken (wipe the forked node's data directory "

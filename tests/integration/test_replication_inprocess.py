@@ -793,6 +793,32 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
     assert [(f.owner, f.seq) for f in status.forked] == [(x.log.node_id, 5)]
 
 
+async def test_a_node_that_sees_its_own_log_forked_refuses_appends_saying_so(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """x restored from a copy at seq 2 appends seqs 3-4 alone, then p sends x's old 5-6: x sees its
+    own log forked. Waiting for replication to bring the rest back would wait for ever."""
+    p = await make_node(gossip=False)
+    x = await make_node(name="x", peers=[p], gossip=False, index=1)
+    await append(x, 2)
+    await eventually(lambda: converged(p, x), what="first convergence")
+    await x.stop()
+    shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
+    x = await make_node(name="x", peers=[p], gossip=False, index=1)
+    await append(x, 4)  # seqs 3-6, replicated to p
+    await eventually(lambda: converged(p, x), what="convergence before the restore")
+    await x.stop()
+    p.membership.remove(x.config.url)
+    shutil.rmtree(tmp_path / "x")
+    shutil.copytree(tmp_path / "x-copy", tmp_path / "x")
+    x = await make_node(name="x", gossip=False, index=1)
+    await append(x, 2)  # seqs 3-4 again, other entries
+    p.membership.add(x.config.url)
+    await eventually(lambda: x.log.forks() == {x.log.node_id: 5}, what="x seeing its own log forked")
+    with pytest.raises(Unavailable, match=r"own log has forked at seq 5.*wiped"):
+        await append(x, 1)
+
+
 async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:

@@ -123,10 +123,13 @@ def test_a_wrong_prev_part_way_takes_the_entries_before_it_and_notes_a_fork() ->
     fast, slow = plan_both_ways([], batch)
     assert fast == slow
     assert fast[0] == [e.SerializeToString() for e in CHAIN[:3]]  # a, b, c taken; the rest not
-    log = Log(MemoryStore())
+    store = MemoryStore()
+    log = Log(store)
     plan = log.begin()
     log.plan_remote(plan, batch, [e.SerializeToString() for e in batch])
     assert log.forks() == {CHAIN[0].owner: 4}
+    # Kept across a restart: the forked node may never send that log again.
+    assert Log(store).forks() == {CHAIN[0].owner: 4}
 
 
 def test_a_forked_log_holds_up_only_its_own_entries() -> None:

@@ -339,7 +339,10 @@ class ForkedLog(_message.Message):
     owner: _builtins.str
     """The log's owner (node id)."""
     seq: _builtins.int
-    """The first seq where the entries differ."""
+    """Where this node found the log holding another entry than here: a peer
+    sent the entry at this seq naming another previous entry than the one held
+    (the logs differ from this seq on, or from an earlier one).
+    """
     def __init__(
         self,
         *,
