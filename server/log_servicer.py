@@ -11,7 +11,14 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server import wire
 from potboiler.server.appender import Appender
-from potboiler.server.errors import InvalidArgument, OutOfRange, PotboilerError, TooLarge
+from potboiler.server.errors import (
+    Conflict,
+    InvalidArgument,
+    OutOfRange,
+    PotboilerError,
+    TooLarge,
+    quoted,
+)
 from potboiler.server.grpc_errors import abort, streaming, unary
 from potboiler.server.log import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
 from potboiler.v1 import log_pb2, log_pb2_grpc
@@ -134,6 +141,19 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
             ]
         )
 
+    def _check_resume(self, position: int, entry_id: str) -> None:
+        """Conflict unless this node delivered entry `entry_id` at `position`."""
+        if position == 0:
+            raise InvalidArgument("after_id names the entry at after_position, and position 0 has none")
+        [(_, blob)] = self._appender.delivered_blobs(position - 1, 1)
+        held = Entry.FromString(blob).id
+        if held != entry_id:
+            raise Conflict(
+                f"the entry at position {position} here is {held}, not {quoted(entry_id)}: this "
+                "node's delivery order is not the one that position came from (it lost data since, "
+                "or it is another node); subscribe again from a position it gave, or from 0"
+            )
+
     @streaming
     async def SubscribeEntries(
         self, request: log_pb2.SubscribeEntriesRequest, context: Ctx
@@ -147,6 +167,8 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
                 f"{appender.log.position} (positions are this node's own: resume with a position "
                 "it gave)"
             )
+        if request.after_id:
+            self._check_resume(request.after_position, request.after_id)
 
         def read(after: int) -> list[tuple[int, bytes]]:
             return appender.delivered_blobs(after, limit, MAX_SUBSCRIBE_BYTES)

@@ -908,3 +908,27 @@ async def test_a_stream_message_that_is_not_protobuf_ends_the_stream_as_invalid_
     assert "not a valid protobuf message" in (raised.value.details() or "")
     assert [len(a.entries) for a in acks] == [2]  # what came before it stays appended
     assert (await grpc_node.heads())[grpc_node.node_id].seq == 2
+
+
+async def test_a_resume_naming_the_entry_at_its_position_is_checked(grpc_node: GrpcNode) -> None:
+    """A client resuming with the id of the last entry it got learns when this node's delivery
+    order is not the one its position came from, instead of skipping or repeating entries."""
+    first = await grpc_node.log.AppendEntry(request(0))
+    second = await grpc_node.log.AppendEntry(request(1))
+    resumed = grpc_node.log.SubscribeEntries(
+        log_pb2.SubscribeEntriesRequest(after_position=1, after_id=first.id)
+    )
+    response = await resumed.read()
+    assert isinstance(response, log_pb2.SubscribeEntriesResponse)
+    assert [d.entry.id for d in response.entries] == [second.id]
+    resumed.cancel()
+    for after, entry_id, code, words in (
+        (1, second.id, grpc.StatusCode.FAILED_PRECONDITION, f"the entry at position 1 here is {first.id}"),
+        (0, first.id, grpc.StatusCode.INVALID_ARGUMENT, "position 0 has none"),
+    ):
+        call = grpc_node.log.SubscribeEntries(
+            log_pb2.SubscribeEntriesRequest(after_position=after, after_id=entry_id)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() == code and words in (info.value.details() or ""), info.value.details()

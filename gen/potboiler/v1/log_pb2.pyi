@@ -312,6 +312,7 @@ class SubscribeEntriesRequest(_message.Message):
 
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
     MAX_BATCH_FIELD_NUMBER: _builtins.int
+    AFTER_ID_FIELD_NUMBER: _builtins.int
     after_position: _builtins.int
     """Stream entries whose delivery position is greater than this one: 0 for
     everything, or the last position received to resume without loss or
@@ -322,15 +323,22 @@ class SubscribeEntriesRequest(_message.Message):
     also holds at most 3 MiB of entries (but always one), so that it fits
     the 4 MiB a gRPC client takes by default.
     """
+    after_id: _builtins.str
+    """Optional, with after_position: the id of the entry received at that
+    position. If this node's entry there is another (it lost data since, or it
+    is another node), FAILED_PRECONDITION instead of a stream that would skip
+    or repeat entries unseen.
+    """
     def __init__(
         self,
         *,
         after_position: _builtins.int = ...,
         max_batch: _builtins.int = ...,
+        after_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "max_batch", b"max_batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "after_position", b"after_position", "max_batch", b"max_batch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

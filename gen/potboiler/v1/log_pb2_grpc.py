@@ -118,9 +118,10 @@ class LogServiceServicer(object):
     def SubscribeEntries(self, request, context):
         """Streams delivered entries in this node's delivery order (causal order),
         starting after a position; then keeps streaming new entries as they are
-        delivered. Resume by passing the last position received. Errors:
-        OUT_OF_RANGE for a position this node has not reached (positions are this
-        node's own: another node's, or this one's before it lost its data).
+        delivered. Resume by passing the last position received (and the id of
+        its entry). Errors: OUT_OF_RANGE for a position this node has not reached
+        (positions are this node's own: another node's, or this one's before it
+        lost its data); FAILED_PRECONDITION when after_id is not the entry there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

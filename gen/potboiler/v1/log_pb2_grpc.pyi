@@ -58,9 +58,10 @@ class LogServiceStub:
     SubscribeEntries: _grpc.UnaryStreamMultiCallable[_log_pb2.SubscribeEntriesRequest, _log_pb2.SubscribeEntriesResponse]
     """Streams delivered entries in this node's delivery order (causal order),
     starting after a position; then keeps streaming new entries as they are
-    delivered. Resume by passing the last position received. Errors:
-    OUT_OF_RANGE for a position this node has not reached (positions are this
-    node's own: another node's, or this one's before it lost its data).
+    delivered. Resume by passing the last position received (and the id of
+    its entry). Errors: OUT_OF_RANGE for a position this node has not reached
+    (positions are this node's own: another node's, or this one's before it
+    lost its data); FAILED_PRECONDITION when after_id is not the entry there.
     """
 
 @_typing.type_check_only
@@ -93,9 +94,10 @@ class LogServiceAsyncStub(LogServiceStub):
     SubscribeEntries: _aio.UnaryStreamMultiCallable[_log_pb2.SubscribeEntriesRequest, _log_pb2.SubscribeEntriesResponse]  # type: ignore[assignment]
     """Streams delivered entries in this node's delivery order (causal order),
     starting after a position; then keeps streaming new entries as they are
-    delivered. Resume by passing the last position received. Errors:
-    OUT_OF_RANGE for a position this node has not reached (positions are this
-    node's own: another node's, or this one's before it lost its data).
+    delivered. Resume by passing the last position received (and the id of
+    its entry). Errors: OUT_OF_RANGE for a position this node has not reached
+    (positions are this node's own: another node's, or this one's before it
+    lost its data); FAILED_PRECONDITION when after_id is not the entry there.
     """
 
 class LogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,9 +163,10 @@ class LogServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_log_pb2.SubscribeEntriesResponse], _abc.AsyncIterator[_log_pb2.SubscribeEntriesResponse]]:
         """Streams delivered entries in this node's delivery order (causal order),
         starting after a position; then keeps streaming new entries as they are
-        delivered. Resume by passing the last position received. Errors:
-        OUT_OF_RANGE for a position this node has not reached (positions are this
-        node's own: another node's, or this one's before it lost its data).
+        delivered. Resume by passing the last position received (and the id of
+        its entry). Errors: OUT_OF_RANGE for a position this node has not reached
+        (positions are this node's own: another node's, or this one's before it
+        lost its data); FAILED_PRECONDITION when after_id is not the entry there.
         """
 
 def add_LogServiceServicer_to_server(servicer: LogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
