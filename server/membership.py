@@ -67,6 +67,10 @@ class Membership:
         """Whether an operator added `url` and replication with it has not started since."""
         return url in self._joining
 
+    def node_id_of(self, url: str) -> str:
+        """The node id member `url` last answered with ('' if it was never reached)."""
+        return self._urls.get(url, "")
+
     def url_of(self, node_id: str) -> str | None:
         """The member URL that answered as `node_id`, if any."""
         return next((url for url, known in self._urls.items() if known == node_id), None) if node_id else None

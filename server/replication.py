@@ -869,7 +869,8 @@ class Replicator:
             out.append(
                 nodes_pb2.PeerStatus(
                     url=url,
-                    node_id=peer.node_id,
+                    # As last seen, also before this start's first stream with it.
+                    node_id=peer.node_id or self.membership.node_id_of(url),
                     state=state.value,
                     vector=vector_to_proto(acked),
                     lag=lag(mine, acked),

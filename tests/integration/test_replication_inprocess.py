@@ -843,3 +843,21 @@ async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
 
     await eventually(told, what="one of the two told it shares its id")
     assert a.membership.urls() == [b.config.url]
+
+
+async def test_a_restarted_node_names_a_peer_it_cannot_reach_by_the_id_it_knows(
+    make_node: NodeFactory,
+) -> None:
+    a = await make_node(name="a")
+    b = await make_node(name="b", peers=[a], index=1)
+    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    b_id = b.log.node_id
+    await b.stop()
+    await a.stop()
+    a = await make_node(name="a", index=0)
+    [peer] = a.replicator.status()
+    assert (peer.url, peer.node_id, peer.state) == (
+        b.config.url,
+        b_id,
+        nodes_pb2.PeerStatus.STATE_DISCONNECTED,
+    )
