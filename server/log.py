@@ -420,7 +420,7 @@ class Log:
         self._blocked: Blocked | None = None
         #: Owners whose log a peer sent with another entry at a seq than the one held here (their
         #: log forked), by the seq where it did: see `forks`.
-        self._forks = {
+        self._forks: dict[str, int] = {
             key[1:].decode(): _U64.unpack(v)[0] for key, v in store.scan(_FORKS, prefix_end(_FORKS))
         }
         # Later stamps exceed every stamp held, as they did before the restart: each owner's newest
@@ -637,14 +637,14 @@ class Log:
                 if blocked is not None
                 else "this node's log is held up: an entry appended with it depends on an entry not here"
             )
+        if self.node_id in self._forks:
+            raise Unavailable(
+                f"this node's own log has forked at seq {self._forks[self.node_id]}: a peer holds "
+                "other entries of it than this node (its store was restored from an older copy "
+                "after it wrote more), and would never take new ones; appends resume only once its "
+                "data directory is wiped and it rejoins its cluster as a new node"
+            )
         if seq < self._own_floor:
-            if self.node_id in self._forks:
-                raise Unavailable(
-                    f"this node's own log has forked at seq {self._forks[self.node_id]}: a peer holds "
-                    f"other entries of it, up to {self._own_floor}, than this node (its store was "
-                    "restored from an older copy after it wrote more); appends resume only once its "
-                    "data directory is wiped and it rejoins its cluster as a new node"
-                )
             raise Unavailable(
                 f"this node's own log ends at seq {seq} here, but a peer holds it up to "
                 f"{self._own_floor} (its store is older than what it wrote): appends resume once "
@@ -691,11 +691,30 @@ class Log:
         from that seq on), with the seq; their entries past it are not taken."""
         return dict(self._forks)
 
+    def fork_of(self, owner: str) -> int:
+        """The seq where `owner`'s log forked, as seen here (0: it did not)."""
+        return self._forks.get(owner, 0)
+
+    def note_own_fork(self, seq: int) -> None:
+        """A peer found this node's own log forked at `seq` (it holds other entries of it): the
+        entries this node appends from now on would never reach it, so appends are refused."""
+        if self.node_id not in self._forks:
+            self._note_fork_seq(self.node_id, seq)
+            _logger.error(
+                "a peer holds other entries of this node's own log from seq %d on (this node's store "
+                "was restored from an older copy after it wrote more): appends are refused from now "
+                "on; wipe this node's data directory and let it rejoin its cluster as a new node",
+                seq,
+            )
+
+    def _note_fork_seq(self, owner: str, seq: int) -> None:
+        self._forks[owner] = seq
+        self._store.write([(_FORKS + owner.encode(), _U64.pack(seq))], sync=True)
+
     def _note_fork(self, owner: str, seq: int, entry: Entry, held_prev: str) -> None:
         if self._forks.get(owner) == seq:
             return
-        self._forks[owner] = seq
-        self._store.write([(_FORKS + owner.encode(), _U64.pack(seq))])
+        self._note_fork_seq(owner, seq)
         _logger.warning(
             "the log of %s has forked at seq %d: a peer sent entry %s after %s, this node holds %s "
             "there; that log's entries past it are not taken (wipe the forked node's data directory "

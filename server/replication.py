@@ -286,6 +286,7 @@ class Session:
                     relayed.clock.wall_ms, relayed.clock.logical = known.stamp
             ack.redundant_owners.extend(sorted(self._redundant))
             self._redundant.clear()
+            ack.your_log_forked_at = node_log.fork_of(self.peer_id)
             await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
@@ -414,6 +415,8 @@ class Session:
             elif kind == "ack":
                 vector = vector_from_proto(message.ack.vector)
                 r.log.note_own_seq(vector.get(r.log.node_id, 0))
+                if message.ack.your_log_forked_at:
+                    r.log.note_own_fork(message.ack.your_log_forked_at)
                 redundant = set(message.ack.redundant_owners)
                 for owner in redundant:
                     parse_uuid(owner, "redundant owner")  # as the vector's owners: else the stream ends

@@ -191,6 +191,13 @@ class Ack(_message.Message):
     CLOCK_FIELD_NUMBER: _builtins.int
     PROMISES_FIELD_NUMBER: _builtins.int
     REDUNDANT_OWNERS_FIELD_NUMBER: _builtins.int
+    YOUR_LOG_FORKED_AT_FIELD_NUMBER: _builtins.int
+    your_log_forked_at: _builtins.int
+    """Set when the acknowledging node found the receiver's own log forked (it
+    holds other entries of it than the receiver sent): the seq where it found
+    so. The receiver, whose later entries that node will never take, refuses
+    its appends from then on (see NodesService's ForkedLog).
+    """
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.VectorComponent]:
         """The acknowledging node's version vector."""
@@ -228,10 +235,11 @@ class Ack(_message.Message):
         clock: _entry_pb2.HlcTimestamp | None = ...,
         promises: _abc.Iterable[Global___OwnerPromise] | None = ...,
         redundant_owners: _abc.Iterable[_builtins.str] | None = ...,
+        your_log_forked_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector", "your_log_forked_at", b"your_log_forked_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
