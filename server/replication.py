@@ -183,6 +183,8 @@ class Session:
     make_message: type[replication_pb2.ReplicateRequest] | type[replication_pb2.ReplicateResponse]
     peer_id: str = ""
     peer_url: str = ""
+    #: The URL the peer's hello announced (peer_url becomes the member URL it is known by here).
+    announced_url: str = ""
     acked: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -231,7 +233,7 @@ class Session:
         if hello.node_id == self.replicator.log.node_id:
             raise Conflict("a node cannot replicate with itself")
         self.peer_id = hello.node_id
-        self.peer_url = self.replicator.membership.normalise(hello.url)
+        self.peer_url = self.announced_url = self.replicator.membership.normalise(hello.url)
         self.acked = vector_from_proto(hello.vector)
         self.sent = dict(self.acked)
         node_log = self.replicator.log
@@ -761,12 +763,14 @@ class Replicator:
         node_id, url = session.peer_id, session.peer_url
         if (known := self.membership.url_of(node_id)) is not None:
             twin = self.peers.get(known)
-            if twin is not None and any(not s.dialed and s.peer_url != url for s in twin.sessions):
-                # Not the node reconnecting (same URL) nor a stream this node dialed: another process
-                # with the same id, which would take turns with the first for the peer's one slot.
+            first = next((s for s in twin.sessions if not s.dialed), None) if twin is not None else None
+            if first is not None and first.announced_url != url:
+                # Not the node reconnecting (it announces the URL it did) nor a stream this node
+                # dialed: another process with the same id, which would take turns with the first
+                # for the peer's one slot.
                 why = (
-                    f"node {node_id} is connected here from {twin.sessions[0].peer_url} and dials again "
-                    f"from {url}: two nodes share one id (a copied data directory?)"
+                    f"node {node_id} is connected here as {first.announced_url} and dials again as "
+                    f"{url}: two nodes share one id (a copied data directory?)"
                 )
                 log.warning("refused a stream: %s", why)
                 raise Conflict(why)

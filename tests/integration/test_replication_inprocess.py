@@ -865,3 +865,17 @@ async def test_a_restarted_node_names_a_peer_it_cannot_reach_by_the_id_it_knows(
         b_id,
         nodes_pb2.PeerStatus.STATE_DISCONNECTED,
     )
+
+
+async def test_a_node_known_under_another_name_dialing_again_is_no_twin(make_node: NodeFactory) -> None:
+    """b knows a as http://localhost:…, a announces http://127.0.0.1:…; a then dials b under an
+    alias URL too. That second stream comes from a itself (it announces what it did), not from a
+    second process with a's id: taken, and a drops the alias once it sees b's hello."""
+    a = await make_node(name="a")
+    b = await make_node(name="b", index=1)
+    b.membership.add(localhost_url(a))
+    await eventually(lambda: converged(a, b) and bool(a.membership.urls()), what="peering")
+    a.membership.add(localhost_url(b))
+    await eventually(lambda: a.membership.urls() == [b.config.url], what="a dropping b's alias")
+    errors = [p.last_error for n in (a, b) for p in n.replicator.peers.values()]
+    assert not any("share one id" in e for e in errors), errors
