@@ -420,9 +420,13 @@ class Log:
         self._blocked: Blocked | None = None
         #: Owners whose log a peer sent with another entry at a seq than the one held here (their
         #: log forked), by the seq where it did: see `forks`.
-        self._forks: dict[str, int] = {
-            key[1:].decode(): _U64.unpack(v)[0] for key, v in store.scan(_FORKS, prefix_end(_FORKS))
-        }
+        self._forks: dict[str, int] = {}
+        #: Per forked owner, the id of its entry held here at the seq before the fork ('' if none).
+        self._held_before_fork: dict[str, str] = {}
+        for key, value in store.scan(_FORKS, prefix_end(_FORKS)):
+            forked = key[1:].decode()
+            self._forks[forked] = _U64.unpack(value[:8])[0]
+            self._held_before_fork[forked] = value[8:].decode()
         # Later stamps exceed every stamp held, as they did before the restart: each owner's newest
         # entry holds its highest (an owner's stamps grow along its chain).
         for owner, (seq, _) in self._heads.items():
@@ -641,8 +645,9 @@ class Log:
             raise Unavailable(
                 f"this node's own log has forked at seq {self._forks[self.node_id]}: a peer holds "
                 "other entries of it than this node (its store was restored from an older copy "
-                "after it wrote more), and would never take new ones; appends resume only once its "
-                "data directory is wiped and it rejoins its cluster as a new node"
+                "after it wrote more, or another process runs with its id), and would never take "
+                "new ones; appends resume only once its data directory is wiped and it rejoins its "
+                "cluster as a new node"
             )
         if seq < self._own_floor:
             raise Unavailable(
@@ -691,30 +696,47 @@ class Log:
         from that seq on), with the seq; their entries past it are not taken."""
         return dict(self._forks)
 
-    def fork_of(self, owner: str) -> int:
-        """The seq where `owner`'s log forked, as seen here (0: it did not)."""
-        return self._forks.get(owner, 0)
+    def fork_of(self, owner: str) -> tuple[int, str]:
+        """Where `owner`'s log forked, as seen here: the seq (0: it did not) and the id of the entry
+        held here at the seq before it."""
+        return self._forks.get(owner, 0), self._held_before_fork.get(owner, "")
 
-    def note_own_fork(self, seq: int) -> None:
-        """A peer found this node's own log forked at `seq` (it holds other entries of it): the
-        entries this node appends from now on would never reach it, so appends are refused."""
-        if self.node_id not in self._forks:
-            self._note_fork_seq(self.node_id, seq)
-            _logger.error(
-                "a peer holds other entries of this node's own log from seq %d on (this node's store "
-                "was restored from an older copy after it wrote more): appends are refused from now "
-                "on; wipe this node's data directory and let it rejoin its cluster as a new node",
+    def note_own_fork(self, seq: int, held_before: str) -> None:
+        """A peer found this node's own log forked at `seq`: it holds `held_before` at the seq before,
+        where this node holds another entry. The entries this node appends from now on would never
+        reach it, so appends are refused. A claim that does not hold (this node holds that very
+        entry there, or has no entry there to compare) is logged and ignored."""
+        if self.node_id in self._forks:
+            return
+        head = self._heads.get(self.node_id_bytes, (0, b""))[0]
+        mine = self._load_at(self.node_id_bytes + _U64.pack(seq - 1)).id if 1 < seq <= head + 1 else ""
+        if not mine or mine == held_before:
+            _logger.warning(
+                "a peer says this node's own log forked at seq %d, holding %s before it; this node holds "
+                "%s there: ignored",
                 seq,
+                held_before or "(none)",
+                mine or "no entry",
             )
+            return
+        self._note_fork_seq(self.node_id, seq, held_before)
+        _logger.error(
+            "a peer holds other entries of this node's own log than this node from seq %d on (its "
+            "store was restored from an older copy after it wrote more, or another process runs "
+            "with its id): appends are refused from now on; wipe this node's data directory and let "
+            "it rejoin its cluster as a new node",
+            seq,
+        )
 
-    def _note_fork_seq(self, owner: str, seq: int) -> None:
+    def _note_fork_seq(self, owner: str, seq: int, held_before: str) -> None:
         self._forks[owner] = seq
-        self._store.write([(_FORKS + owner.encode(), _U64.pack(seq))], sync=True)
+        self._held_before_fork[owner] = held_before
+        self._store.write([(_FORKS + owner.encode(), _U64.pack(seq) + held_before.encode())], sync=True)
 
     def _note_fork(self, owner: str, seq: int, entry: Entry, held_prev: str) -> None:
         if self._forks.get(owner) == seq:
             return
-        self._note_fork_seq(owner, seq)
+        self._note_fork_seq(owner, seq, held_prev)
         _logger.warning(
             "the log of %s has forked at seq %d: a peer sent entry %s after %s, this node holds %s "
             "there; that log's entries past it are not taken (wipe the forked node's data directory "

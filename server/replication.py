@@ -288,7 +288,7 @@ class Session:
                     relayed.clock.wall_ms, relayed.clock.logical = known.stamp
             ack.redundant_owners.extend(sorted(self._redundant))
             self._redundant.clear()
-            ack.your_log_forked_at = node_log.fork_of(self.peer_id)
+            ack.your_log_forked_at, ack.your_entry_before_fork = node_log.fork_of(self.peer_id)
             await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
@@ -418,7 +418,7 @@ class Session:
                 vector = vector_from_proto(message.ack.vector)
                 r.log.note_own_seq(vector.get(r.log.node_id, 0))
                 if message.ack.your_log_forked_at:
-                    r.log.note_own_fork(message.ack.your_log_forked_at)
+                    r.log.note_own_fork(message.ack.your_log_forked_at, message.ack.your_entry_before_fork)
                 redundant = set(message.ack.redundant_owners)
                 for owner in redundant:
                     parse_uuid(owner, "redundant owner")  # as the vector's owners: else the stream ends

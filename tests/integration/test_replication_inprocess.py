@@ -792,7 +792,7 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
         status = await nodes_pb2_grpc.NodesServiceStub(channel).GetStatus(nodes_pb2.GetStatusRequest())
     assert [(f.owner, f.seq) for f in status.forked] == [(x.log.node_id, 5)]
     # p tells x, whose new entries it would never take: x stops acknowledging writes that stay on x.
-    await eventually(lambda: x.log.fork_of(x.log.node_id) == 5, what="x told its log forked")
+    await eventually(lambda: x.log.fork_of(x.log.node_id)[0] == 5, what="x told its log forked")
     with pytest.raises(Unavailable, match="own log has forked at seq 5"):
         await append(x, 1)
 

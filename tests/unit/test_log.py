@@ -277,6 +277,19 @@ def test_remote_entry_with_wrong_prev_is_not_taken(store: MemoryStore) -> None:
     assert [e.id for e in commit_remote(log, store, [b])] == [b.id]  # the entry that follows a
 
 
+def test_a_peers_word_that_this_nodes_log_forked_is_checked_then_kept(store: MemoryStore) -> None:
+    log = Log(store)
+    [_, b, _] = commit_local(log, store, [NewEntry(value(i)) for i in range(3)])
+    log.note_own_fork(3, b.id)  # the peer holds this node's very entry before seq 3: no fork there
+    log.note_own_fork(9, "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2")  # nothing here to compare with
+    assert log.forks() == {} and commit_local(log, store, [NewEntry(value(3))])
+    log.note_own_fork(2, "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2")  # another entry than a at seq 1
+    assert log.forks() == {log.node_id: 2}
+    with pytest.raises(Unavailable, match="own log has forked at seq 2"):
+        log.plan_local(log.begin(), [NewEntry(value(4))])
+    assert Log(store).fork_of(log.node_id) == (2, "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2")
+
+
 @pytest.mark.parametrize("with_blobs", [False, True], ids=["entries", "with their bytes"])
 @pytest.mark.parametrize(
     ("damage", "message"),

@@ -192,11 +192,17 @@ class Ack(_message.Message):
     PROMISES_FIELD_NUMBER: _builtins.int
     REDUNDANT_OWNERS_FIELD_NUMBER: _builtins.int
     YOUR_LOG_FORKED_AT_FIELD_NUMBER: _builtins.int
+    YOUR_ENTRY_BEFORE_FORK_FIELD_NUMBER: _builtins.int
     your_log_forked_at: _builtins.int
     """Set when the acknowledging node found the receiver's own log forked (it
     holds other entries of it than the receiver sent): the seq where it found
     so. The receiver, whose later entries that node will never take, refuses
     its appends from then on (see NodesService's ForkedLog).
+    """
+    your_entry_before_fork: _builtins.str
+    """With your_log_forked_at: the id of the receiver's entry that the
+    acknowledging node holds at the seq before (the receiver checks that it
+    holds another entry there).
     """
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.VectorComponent]:
@@ -236,10 +242,11 @@ class Ack(_message.Message):
         promises: _abc.Iterable[Global___OwnerPromise] | None = ...,
         redundant_owners: _abc.Iterable[_builtins.str] | None = ...,
         your_log_forked_at: _builtins.int = ...,
+        your_entry_before_fork: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector", "your_log_forked_at", b"your_log_forked_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector", "your_entry_before_fork", b"your_entry_before_fork", "your_log_forked_at", b"your_log_forked_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
