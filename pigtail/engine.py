@@ -79,8 +79,9 @@ log = logging.getLogger(__name__)
 APPLY_TIMEOUT_S = 30.0
 #: Longest an operation waits, after the node starts, for the state to show what the log held then.
 CATCH_UP_WAIT_S = 5.0
-#: Times the applier tries to plan an entry before it skips it (see `Pigtail._apply`).
-PLAN_ATTEMPTS = 3
+#: Times the applier tries to plan an entry before it skips it (see `Pigtail._apply`): with
+#: APPLY_RETRY's backoff, for about 11 s.
+PLAN_ATTEMPTS = 8
 #: Most log entries applied in one batch.
 APPLY_BATCH = 1000
 #: Longest the applier waits to gather entries into one batch while no operation waits for it

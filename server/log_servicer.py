@@ -20,6 +20,7 @@ from potboiler.server.errors import (
     quoted,
 )
 from potboiler.server.grpc_errors import abort, streaming, unary
+from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.log import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
@@ -145,9 +146,10 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         """Conflict unless this node delivered entry `entry_id` at `position`."""
         if position == 0:
             raise InvalidArgument("after_id names the entry at after_position, and position 0 has none")
+        wanted = uuid_str(parse_uuid(entry_id, "after_id"))
         [(_, blob)] = self._appender.delivered_blobs(position - 1, 1)
         held = Entry.FromString(blob).id
-        if held != entry_id:
+        if held != wanted:
             raise Conflict(
                 f"the entry at position {position} here is {held}, not {quoted(entry_id)}: this "
                 "node's delivery order is not the one that position came from (it lost data since, "

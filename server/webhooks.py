@@ -95,8 +95,8 @@ class Webhooks:
         self._backoff = backoff
         self._states: dict[str, WebhookState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        #: The newest WAL sync (it runs in a thread, which a cancellation does not stop).
-        self._syncing: asyncio.Future[None] | None = None
+        #: The WAL syncs running (each in a thread, which a cancellation does not stop).
+        self._syncing: set[asyncio.Future[None]] = set()
         self._load()
         digest_key = store.get(_DIGEST_KEY)
         if digest_key is None:
@@ -147,8 +147,8 @@ class Webhooks:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task  # (a delivery task ends only when cancelled or deregistered)
-        if self._syncing is not None:  # the store closes after this: its thread must be done
-            await asyncio.gather(self._syncing, return_exceptions=True)
+        # The store closes after this: their threads must be done.
+        await asyncio.gather(*self._syncing, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -240,8 +240,10 @@ class Webhooks:
             if self._sync:
                 # A WAL sync, not a write: a deregistration meanwhile cannot be undone by it.
                 # Shielded and kept: a stop meanwhile waits for the thread before the store closes.
-                self._syncing = asyncio.ensure_future(asyncio.to_thread(self._store.sync))
-                await asyncio.shield(self._syncing)
+                syncing = asyncio.ensure_future(asyncio.to_thread(self._store.sync))
+                self._syncing.add(syncing)
+                syncing.add_done_callback(self._syncing.discard)
+                await asyncio.shield(syncing)
 
     async def _post_until_accepted(self, state: WebhookState, body: bytes) -> None:
         import httpx  # here, not at the top: a node that delivers nowhere starts ~80 ms sooner without it

@@ -105,7 +105,7 @@ local function members_wrong(s, kinds)
     if kind == nil then
       if #key > 64 then
         local n = 64  -- bytes: back off a character the cut would split (a UTF-8 continuation byte next)
-        while byte(key, n + 1) >= 0x80 and byte(key, n + 1) < 0xC0 do n = n - 1 end
+        while n > 0 and byte(key, n + 1) >= 0x80 and byte(key, n + 1) < 0xC0 do n = n - 1 end
         key = sub(key, 1, n) .. "..."
       end
       unknown[#unknown + 1] = "'" .. key .. "'"

@@ -456,6 +456,11 @@ def test_registration_bodies_take_no_other_members_and_are_objects(
     # Long keys are cut between characters, not inside one.
     cut = assert_error(http.request(method, path, json={"url": url, "a" + "\u00e9" * 40: 1}), 400)
     assert "'a" + "\u00e9" * 31 + "...'" in cut, cut
+    # A key of bytes that are all UTF-8 continuations (no character to cut before): no Lua error.
+    odd = b'{"url": "http://127.0.0.1:9/x", "' + b"\x80" * 70 + b'": 1}'
+    headers = {"content-type": "application/json"}
+    assert_error(http.request(method, path, content=odd, headers=headers), 400, "unknown members: '...'")
+    assert "attempt to compare" not in shared_node.log_tail(200)
     assert (http.get("/nodes").json(), webhook_urls()) == (nodes, hooks)
 
 

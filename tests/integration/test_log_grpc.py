@@ -916,7 +916,7 @@ async def test_a_resume_naming_the_entry_at_its_position_is_checked(grpc_node: G
     first = await grpc_node.log.AppendEntry(request(0))
     second = await grpc_node.log.AppendEntry(request(1))
     resumed = grpc_node.log.SubscribeEntries(
-        log_pb2.SubscribeEntriesRequest(after_position=1, after_id=first.id)
+        log_pb2.SubscribeEntriesRequest(after_position=1, after_id=first.id.upper())  # as GetEntry takes it
     )
     response = await resumed.read()
     assert isinstance(response, log_pb2.SubscribeEntriesResponse)
@@ -925,6 +925,7 @@ async def test_a_resume_naming_the_entry_at_its_position_is_checked(grpc_node: G
     for after, entry_id, code, words in (
         (1, second.id, grpc.StatusCode.FAILED_PRECONDITION, f"the entry at position 1 here is {first.id}"),
         (0, first.id, grpc.StatusCode.INVALID_ARGUMENT, "position 0 has none"),
+        (1, "not-an-id", grpc.StatusCode.INVALID_ARGUMENT, "after_id 'not-an-id' is not a UUID"),
     ):
         call = grpc_node.log.SubscribeEntries(
             log_pb2.SubscribeEntriesRequest(after_position=after, after_id=entry_id)

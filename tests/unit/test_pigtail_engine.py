@@ -537,6 +537,7 @@ async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
+    await h.restart()  # its applier takes the retry delays as it starts
     await h.pigtail.create_queue("q", 1000)
     plan = h.pigtail.state.plan
 
@@ -559,6 +560,7 @@ async def test_an_entry_whose_planning_fails_once_is_applied_on_the_next_try(
 ) -> None:
     """Planning reads the store: a read that fails once (an I/O error) must not drop a logged task."""
     monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
+    await h.restart()  # its applier takes the retry delays as it starts
     await h.pigtail.create_queue("q", 1000)
     plan = h.pigtail.state.plan
     failures = 2  # the batch, then the entry alone
