@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -69,14 +69,23 @@ class StreamAppender:
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        if isinstance(error, asyncio.CancelledError | KeyboardInterrupt):
+            # The block was cancelled (a timeout, Ctrl-C): waiting for acknowledgements now would
+            # outlive it, with nothing left to cancel the wait.
+            await self.abort()
+        else:
+            await self.close()
 
     async def append(
-        self, data: Value | JSON, dependencies: Sequence[str] = ()
+        self, data: Value | JSON, dependencies: Iterable[str] = ()
     ) -> log_pb2.AppendEntryResponse:
-        """Append one entry (`data`: a Value or plain JSON); its acknowledgement once durable."""
+        """Append one entry (`data`: a Value or plain JSON, `dependencies`: ids of entries it depends
+        on); its acknowledgement once durable."""
         if self._closing:
             raise RuntimeError("the appender is closed")
+        if isinstance(dependencies, str | bytes):
+            raise TypeError("dependencies are a list of entry ids, not one string")
+        dependencies = list(dependencies)
         value = data if isinstance(data, Value) else checked_value(data, MAX_DEPTH)
         validate_new_entry(value, dependencies)
         request = log_pb2.AppendEntryRequest(data=value, dependencies=dependencies)
@@ -89,6 +98,16 @@ class StreamAppender:
         if runner is None or runner.done() or runner.cancelling():
             self._runner = asyncio.create_task(self._run(), name="stream-appender")
         return await item.done
+
+    async def abort(self) -> None:
+        """End the stream now: every append not acknowledged fails (it may or may not have been
+        appended), as unary calls in flight would."""
+        self._closing = True
+        runner = self._runner
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        self._fail(RuntimeError("the appender was aborted"), deque())
 
     async def close(self) -> None:
         """Send what is waiting, wait for every acknowledgement, then end the stream."""

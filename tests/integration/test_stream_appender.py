@@ -218,3 +218,41 @@ async def test_appends_retried_as_a_cancelled_stream_fails_them_get_a_stream_of_
     assert failed_once and not waiting
     assert all(isinstance(task.result(), log_pb2.AppendEntryResponse) for task in done)
     await appender.close()
+
+
+async def test_a_cancelled_block_ends_without_waiting_for_acknowledgements(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeout around `async with StreamAppender` ends the block on time, on a node that holds its
+    writes: the appends not acknowledged fail, as unary calls would (the timeout, once spent, could
+    not cancel a wait for them in __aexit__)."""
+    writing, release = hold_node_writes(grpc_node, monkeypatch)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pending: list[asyncio.Future[log_pb2.AppendEntryResponse]] = []
+
+    async def block() -> None:
+        nonlocal pending
+        async with asyncio.timeout(0.5), StreamAppender(grpc_node.channel) as appender:
+            pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(10)]
+            await writing.wait()
+            await asyncio.gather(*pending)
+
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(block(), 10)  # (a second timeout, to end a block that hangs)
+        assert loop.time() - started < 5
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(r, BaseException) for r in results), results
+    finally:
+        release.set()
+
+
+async def test_dependencies_may_be_any_iterable_of_ids_but_not_one_string(grpc_node: GrpcNode) -> None:
+    async with StreamAppender(grpc_node.channel) as appender:
+        first = await appender.append("first")
+        second = await appender.append("second", dependencies=(i for i in [first.id]))
+        with pytest.raises(TypeError, match="not one string"):
+            await appender.append("third", dependencies=first.id)
+    entry = (await grpc_node.log.GetEntry(log_pb2.GetEntryRequest(id=second.id))).entry
+    assert list(entry.dependencies) == [first.id]
