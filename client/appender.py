@@ -19,6 +19,9 @@ Errors, per append:
 - a stream that fails (the node went away, the stream was cancelled, the node refused a message after
   all) fails every append not yet acknowledged with the call's error, as it would fail unary calls in
   flight: such an entry may or may not have been appended. The next append opens a new stream.
+
+Leaving the `async with` block waits for every acknowledgement (`close`), unless the block was
+cancelled (a timeout, Ctrl-C): then the stream ends at once (`abort`), failing what is not acknowledged.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ async def work_session(
         raise InvalidArgument("the first WorkTasks message must be `start`")
     start = first.start
     session = _Session(pigtail, start.queue, start.worker_id)
-    leasing = asyncio.create_task(session.lease(start.max_in_flight), name="work-tasks-lease")
+    leasing = session.leasing = asyncio.create_task(
+        session.lease(start.max_in_flight), name="work-tasks-lease"
+    )
     reading = asyncio.create_task(session.read(requests), name="work-tasks-read")
     try:
         while (item := await session.out.get()) is not _ENDED:
@@ -61,8 +63,12 @@ async def work_session(
             await asyncio.wait(set(session.answering))
         while not session.out.empty():
             item = session.out.get_nowait()
-            if not isinstance(item, _RequestsEnded):
-                yield session.sendable(item)
+            # Not a task the lease put out meanwhile: the worker, done, could not complete it (it is
+            # handed out again when its lease ends).
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, pigtail_pb2.WorkTasksResponse) and item.WhichOneof("response") != "task":
+                yield item
     finally:
         for task in (leasing, reading, *session.answering):
             task.cancel()
@@ -75,6 +81,8 @@ class _Session:
         self._worker_id = worker_id
         self.out: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self.answering: set[asyncio.Task[None]] = set()
+        #: The lease handing out tasks, stopped as soon as the worker closes its side.
+        self.leasing: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_OUTSTANDING)
 
     def sent(self, item: _Outgoing) -> None:
@@ -108,9 +116,14 @@ class _Session:
                     operation, task_id = COMPLETE, request.complete_task_id
                 elif kind == "heartbeat_task_id":
                     operation, task_id = HEARTBEAT, request.heartbeat_task_id
+                elif kind == "stop_leasing" and request.stop_leasing:
+                    if self.leasing is not None:
+                        self.leasing.cancel()
+                    continue
                 else:
                     raise InvalidArgument(
-                        "after `start`, a WorkTasks message must be complete_task_id or heartbeat_task_id"
+                        "after `start`, a WorkTasks message must be complete_task_id, heartbeat_task_id "
+                        "or stop_leasing (true)"
                     )
                 await self._slots.acquire()
                 task = asyncio.create_task(self._answer(operation, task_id))
@@ -119,6 +132,10 @@ class _Session:
         except Exception as error:  # a bad message (or one that is not protobuf) ends the stream
             self.out.put_nowait(error)
         else:
+            # At once, not when the stream's generator gets to it: the completes just read would
+            # make room for tasks the worker could not complete.
+            if self.leasing is not None:
+                self.leasing.cancel()
             self.out.put_nowait(_ENDED)
 
     async def _answer(self, operation: pigtail_pb2.WorkTasksOperation.ValueType, task_id: str) -> None:

@@ -49,33 +49,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    done = 0
+    taken = 0  # tasks this worker took on
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
         stream = stub.WorkTasks()
         start = pigtail_pb2.LeaseTasksRequest(
             queue=args.queue, worker_id=args.worker_id, max_in_flight=args.in_flight
         )
+        stopping = False  # no more tasks asked for: finish those held, then close
+        closed = False  # this worker's side of the stream
+        completing: set[str] = set()  # completes sent and not answered yet
+
+        async def stop() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                await stream.write(pigtail_pb2.WorkTasksRequest(stop_leasing=True))
+
+        async def close_when_done() -> None:
+            nonlocal closed
+            if stopping and not completing and not closed:
+                closed = True
+                await stream.done_writing()  # every task taken is answered: the node ends the stream
+
         try:
             await stream.write(pigtail_pb2.WorkTasksRequest(start=start))
-            while args.max_tasks == 0 or done < args.max_tasks:
-                read = stream.read()
-                message = await (asyncio.wait_for(read, args.idle_exit) if args.idle_exit else read)
+            while True:
+                # A read is not cancelled on a timeout: that would cancel the whole call.
+                read = asyncio.ensure_future(stream.read())
+                if args.idle_exit and not stopping:
+                    await asyncio.wait([read], timeout=args.idle_exit)
+                    if not read.done():  # no task for --idle-exit seconds
+                        await stop()
+                        await close_when_done()
+                message = await read
                 if not isinstance(message, pigtail_pb2.WorkTasksResponse):
-                    break  # the stream ended
+                    break  # the node ended the stream, having answered every complete
                 kind = message.WhichOneof("response")
                 if kind == "task":
+                    task_id = message.task.task_id
+                    if closed:  # handed out as this worker closed: it goes back when its lease ends
+                        print(f"task {task_id} left to others", file=sys.stderr, flush=True)
+                        continue
+                    if not stopping:
+                        taken += 1
+                        if args.max_tasks and taken >= args.max_tasks:
+                            await stop()  # before this task's complete, which would make room
                     info = json_format.MessageToDict(message.task.info)  # the task's info as plain JSON
                     print(f"hello world: {info}", file=sys.stderr, flush=True)
-                    await stream.write(pigtail_pb2.WorkTasksRequest(complete_task_id=message.task.task_id))
-                elif kind == "completed":
-                    print(f"done {message.completed.task.task_id}", flush=True)
-                    done += 1
+                    completing.add(task_id)
+                    await stream.write(pigtail_pb2.WorkTasksRequest(complete_task_id=task_id))
+                    continue
+                if kind == "completed":
+                    task_id = message.completed.task.task_id
+                    print(f"done {task_id}", flush=True)
                 elif kind == "failure":
-                    failure = message.failure
-                    print(f"task {failure.task_id}: {failure.message}", file=sys.stderr, flush=True)
-        except TimeoutError:
-            pass  # idle for --idle-exit seconds
+                    task_id = message.failure.task_id
+                    print(f"task {task_id}: {message.failure.message}", file=sys.stderr, flush=True)
+                else:
+                    continue
+                completing.discard(task_id)
+                await close_when_done()
         except grpc.aio.AioRpcError as error:
             print(f"work stream failed: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
                 claim.raise_for_status()
                 claimed_any = True
                 work(claim.json()["info"])
-                client.request("DELETE", f"/queue/{args.queue}/{task_id}", json={"worker_id": args.worker_id})
+                finished = client.request(
+                    "DELETE", f"/queue/{args.queue}/{task_id}", json={"worker_id": args.worker_id}
+                )
+                if finished.status_code == 409:  # our claim ran out and another worker has it now
+                    print(f"task {task_id}: {finished.json()['message']}", file=sys.stderr, flush=True)
+                    continue
+                finished.raise_for_status()
                 print(f"done {task_id}", flush=True)
                 done += 1
                 if args.max_tasks and done >= args.max_tasks:

@@ -151,6 +151,11 @@ def test_example_lease_worker(pig: Pigtail, node: NodeProcess) -> None:
     # With --idle-exit it stops by itself once nothing comes (here: at once, the queue is empty).
     idle = ["--idle-exit", "0.5", "--target", f"127.0.0.1:{node.ports.core}", "--queue", queue]
     assert run_example("lease_worker.py", *idle) == []
+    # Stopping after some tasks, it completes those and holds none of the others.
+    more = [pig.add(queue, info={"n": n}) for n in range(4)]
+    target = ["--target", f"127.0.0.1:{node.ports.core}", "--queue", queue]
+    assert run_example("lease_worker.py", *target, "--max-tasks", "2") == [f"done {t}" for t in more[:2]]
+    assert pig.listing(queue) == {t: {"task_name": "hello_world", "state": "pending"} for t in more[2:]}
 
 
 def test_claim_conflict_is_409(pig: Pigtail) -> None:

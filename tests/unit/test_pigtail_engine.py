@@ -606,6 +606,33 @@ async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None
     assert not [t for t in asyncio.all_tasks() if "lease" in t.get_name() and not t.done()]
 
 
+async def test_stop_leasing_ends_the_tasks_and_keeps_the_stream(h: Harness) -> None:
+    """A worker stopping sends stop_leasing before its last complete (which would make room for
+    another task), gets its completes answered on the open stream, then closes."""
+    await h.pigtail.create_queue("q", 60_000)
+    ids = [await h.add() for _ in range(3)]
+    requests: asyncio.Queue[pigtail_pb2.WorkTasksRequest | None] = asyncio.Queue()
+
+    async def incoming() -> AsyncIterator[pigtail_pb2.WorkTasksRequest]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    start = pigtail_pb2.LeaseTasksRequest(queue="q", worker_id="w", max_in_flight=1)
+    await requests.put(pigtail_pb2.WorkTasksRequest(start=start))
+    sent = []
+    async for response in work_session(h.pigtail, incoming()):
+        kind = response.WhichOneof("response")
+        sent.append(kind)
+        if kind == "task":
+            await requests.put(pigtail_pb2.WorkTasksRequest(stop_leasing=True))
+            await requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=response.task.task_id))
+        elif kind == "completed":
+            await asyncio.sleep(0.05)  # the stream stays open: a task now would come before the end
+            await requests.put(None)
+    assert sent == ["task", "completed"]
+    assert [(await h.pigtail.get_task("q", i))["state"] for i in ids] == ["done", "pending", "pending"]
+
+
 async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
     h: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:

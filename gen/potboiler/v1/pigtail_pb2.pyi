@@ -1066,10 +1066,17 @@ class WorkTasksRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     COMPLETE_TASK_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TASK_ID_FIELD_NUMBER: _builtins.int
+    STOP_LEASING_FIELD_NUMBER: _builtins.int
     complete_task_id: _builtins.str
     """Marks a task of the queue done for this worker, as CompleteTask."""
     heartbeat_task_id: _builtins.str
     """Extends this worker's lease on a task, as HeartbeatTask."""
+    stop_leasing: _builtins.bool
+    """Hand out no more tasks on this stream (set it to true); completes and
+    heartbeats go on, for the tasks handed out before. A worker stopping sends
+    it before completing its last task (whose complete would make room for
+    another), finishes what it holds, then closes its side.
+    """
     @_builtins.property
     def start(self) -> Global___LeaseTasksRequest:
         """The first message, and only the first: which queue, which worker and
@@ -1082,12 +1089,13 @@ class WorkTasksRequest(_message.Message):
         start: Global___LeaseTasksRequest | None = ...,
         complete_task_id: _builtins.str = ...,
         heartbeat_task_id: _builtins.str = ...,
+        stop_leasing: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start", "stop_leasing", b"stop_leasing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start", "stop_leasing", b"stop_leasing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "complete_task_id", "heartbeat_task_id"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "complete_task_id", "heartbeat_task_id", "stop_leasing"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 

@@ -280,8 +280,10 @@ class PigtailServiceServicer(object):
         stream once it has taken effect on this node (answers to different tasks
         may come in any order); one that fails is answered with a `failure`
         carrying the status its unary RPC would have had, and the stream goes
-        on. When the worker closes its side, the server answers what is still
-        outstanding, hands out no more tasks and ends the stream. Errors that
+        on. `stop_leasing` stops the tasks, the stream going on. When the worker
+        closes its side, the server answers what is still outstanding, hands out
+        no more tasks (one it claimed meanwhile goes back when its lease ends)
+        and ends the stream. Errors that
         end the stream: INVALID_ARGUMENT (a bad start, or a start after the
         first message), NOT_FOUND (no such queue, also when the queue is deleted
         while streaming).
