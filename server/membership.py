@@ -6,11 +6,16 @@ the removed node's own reconnection attempts do not bring it back, under that UR
 only an explicit add does. A peer an operator added is `joining` (`j<url>` -> '') until replication
 with it starts: its first stream asks the peer to take this node back if it had removed it. A URL
 dropped because it named a node known otherwise (`a<url>` -> '') is not learnt again from gossip,
-but a node that dials in from it is taken as a peer: it is no removal.
+but a node that dials in from it is taken as a peer: it is no removal. Each member's version vector as
+it last acknowledged (`v<url>` -> 16-byte owner id and 8-byte seq per owner) is kept for its status
+while it is not connected, also across restarts.
 """
 
 from __future__ import annotations
 
+import logging
+import struct
+import uuid
 from collections.abc import Callable
 
 from potboiler.server.errors import InvalidArgument, NotFound
@@ -21,6 +26,10 @@ _PREFIX = b"n"
 _REMOVED = b"r"
 _JOINING = b"j"
 _ALIASES = b"a"
+_ACKED = b"v"
+_OWNER_SEQ = struct.Struct(">16sQ")
+
+log = logging.getLogger(__name__)
 
 
 def _load(store: Store, prefix: bytes) -> dict[str, str]:
@@ -71,6 +80,17 @@ class Membership:
         """The node id member `url` last answered with ('' if it was never reached)."""
         return self._urls.get(url, "")
 
+    def acked_of(self, url: str) -> dict[str, int]:
+        """Member `url`'s version vector as it last acknowledged it (empty if never)."""
+        blob = self._store.get(_ACKED + url.encode()) or b""
+        return {str(uuid.UUID(bytes=o)): seq for o, seq in _OWNER_SEQ.iter_unpack(blob)}
+
+    def note_acked(self, url: str, vector: dict[str, int]) -> None:
+        """Keep member `url`'s last acknowledged version vector (see `acked_of`)."""
+        if url in self._urls:
+            blob = b"".join(_OWNER_SEQ.pack(uuid.UUID(o).bytes, seq) for o, seq in sorted(vector.items()))
+            self._store.write([(_ACKED + url.encode(), blob)])
+
     def url_of(self, node_id: str) -> str | None:
         """The member URL that answered as `node_id`, if any."""
         return next((url for url, known in self._urls.items() if known == node_id), None) if node_id else None
@@ -85,6 +105,7 @@ class Membership:
         if join and url not in self._joining:
             writes.append((_JOINING + url.encode(), b""))
         if self._insert(url, writes, joining=join):
+            log.info("%s added as a peer by an operator", url)
             return True
         for listener in self._listeners:  # known already: replication may try it again at once
             listener(url, True)
@@ -97,7 +118,10 @@ class Membership:
         url = node_url(url)
         if url == self.self_url or url in self._removed or (url in self._aliases and not dialed_in):
             return False
-        return self._insert(url, [], joining=False)
+        if not self._insert(url, [], joining=False):
+            return False
+        log.info("%s learnt as a peer%s", url, " (it dialed in)" if dialed_in else "")
+        return True
 
     def _insert(self, url: str, writes: list[Write], *, joining: bool) -> bool:
         new = url not in self._urls
@@ -141,6 +165,7 @@ class Membership:
         if url not in self._urls:
             raise NotFound(f"{url} is not a known node")
         self._discard(url, self._urls[url])
+        log.info("%s removed from the peers (refused from now on, until added again)", url)
 
     def drop_alias(self, url: str) -> None:
         """Drop a member URL that names a node known otherwise (this node, or a peer under another
@@ -153,7 +178,9 @@ class Membership:
         or, with None, dropped as an alias."""
         key = url.encode()
         mark = (_ALIASES + key, b"") if node_id is None else (_REMOVED + key, node_id.encode())
-        self._store.write([(_PREFIX + key, None), mark, (_JOINING + key, None)], sync=True)
+        self._store.write(
+            [(_PREFIX + key, None), mark, (_JOINING + key, None), (_ACKED + key, None)], sync=True
+        )
         del self._urls[url]
         if node_id is None:
             self._aliases.add(url)

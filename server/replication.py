@@ -613,7 +613,7 @@ class Replicator:
         if url in self.peers:
             self.peers[url].wake.set()  # added again: end its wait between attempts
             return
-        peer = Peer(url)
+        peer = Peer(url, acked=self.membership.acked_of(url))
         self.peers[url] = peer
         peer.task = asyncio.get_running_loop().create_task(self._dial_loop(peer), name=f"dial {url}")
 
@@ -651,6 +651,7 @@ class Replicator:
                 # While the peer's own stream to us is the one kept, do not dial.
                 if peer.sessions and not any(s.dialed for s in peer.sessions):
                     await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
+                    failures = 0  # connected meanwhile: a failure from now on is a new outage's first
                     continue
                 call = stub.Replicate(metadata=self._metadata() or None)
                 session = Session(
@@ -751,10 +752,21 @@ class Replicator:
             return
         self.learn_peers(first.hello.peers)
         log.info("accepted stream from %s (node %s)", peer.url, peer.node_id)
+        ended = "the stream ended"
         try:
             await self._run_session(peer, session)
+            ended = "the peer closed the stream"
+        except asyncio.CancelledError:
+            ended = "the stream was cut (the peer went away, or this node stops)"
+            raise
+        except Exception as exc:
+            ended = _describe(exc)
+            raise
         finally:
             self._unregister(peer, session)
+            if self._running and not peer.sessions and self.peers.get(peer.url) is peer:
+                peer.last_error = ended
+                log.info("stream from %s ended: %s", peer.url, ended)
 
     def _accepted_peer(self, session: Session, *, join: bool) -> Peer:
         """The Peer of an accepted stream: the member that answered as the dialer's node id, whatever
@@ -824,6 +836,8 @@ class Replicator:
         if session in peer.sessions:
             peer.sessions.remove(session)
             peer.acked = dict(session.acked)
+            if not peer.sessions:  # for its status while it is away, also after a restart here
+                self.membership.note_acked(peer.url, peer.acked)
 
     async def _run_session(self, peer: Peer, session: Session) -> None:
         peer.last_error = ""

@@ -171,6 +171,7 @@ class Webhooks:
         self._check_room()
         self._store.write([(_PREFIX + url.encode(), _U64.pack(0))], sync=True)
         self._states[url] = WebhookState(url)
+        log.info("webhook %s registered", self._shown(url))
         if self._running:
             self._spawn(url)
 
@@ -194,6 +195,7 @@ class Webhooks:
         task = self._tasks.pop(url, None)
         if task is not None:
             task.cancel()
+        log.info("webhook %s deregistered", self._shown(url))
 
     def states(self) -> list[WebhookState]:
         """Every registered URL's progress, sorted by URL."""
@@ -253,6 +255,12 @@ class Webhooks:
                 async with asyncio.timeout(ATTEMPT_TIMEOUT):
                     status = await self._post(state.url, body)
                 if 200 <= status < 300:
+                    if state.failures:
+                        log.info(
+                            "webhook %s takes deliveries again, after %d failed attempts",
+                            self._shown(state.url),
+                            state.failures,
+                        )
                     state.failures, state.last_error = 0, ""
                     return
                 error = f"HTTP {status}"
@@ -264,13 +272,14 @@ class Webhooks:
             state.failed_attempts += 1
             state.last_error = error
             delay = self._backoff.delay(state.failures)
-            log.warning(
-                "webhook %s failed (%s); attempt %d, retrying in %.1fs",
-                self._shown(state.url),
-                error,
-                state.failures,
-                delay,
-            )
+            if state.failures in (1, 5) or state.failures % 50 == 0:  # not a line a retry all outage long
+                log.warning(
+                    "webhook %s failed (%s); attempt %d, retrying in %.1fs",
+                    self._shown(state.url),
+                    error,
+                    state.failures,
+                    delay,
+                )
             await asyncio.sleep(delay)
 
     async def _post(self, url: str, body: bytes) -> int:

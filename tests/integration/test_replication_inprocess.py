@@ -4,6 +4,7 @@ resume after restart, removal, one stream per pair, flow control and causal deli
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import time
@@ -849,12 +850,15 @@ async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
     assert a.membership.urls() == [b.config.url]
 
 
-async def test_a_restarted_node_names_a_peer_it_cannot_reach_by_the_id_it_knows(
+async def test_a_restarted_node_shows_a_peer_it_cannot_reach_as_it_last_knew_it(
     make_node: NodeFactory,
 ) -> None:
+    """Its id, and the vector it acknowledged: not a lag of everything (an alert after each restart)."""
     a = await make_node(name="a")
     b = await make_node(name="b", peers=[a], index=1)
+    await append(a, 5)
     await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await eventually(lambda: a.replicator.status()[0].lag == 0, what="b acknowledging everything")
     b_id = b.log.node_id
     await b.stop()
     await a.stop()
@@ -865,6 +869,7 @@ async def test_a_restarted_node_names_a_peer_it_cannot_reach_by_the_id_it_knows(
         b_id,
         nodes_pb2.PeerStatus.STATE_DISCONNECTED,
     )
+    assert (peer.lag, {c.owner: c.seq for c in peer.vector}) == (0, a.log.vector())
 
 
 async def test_a_node_known_under_another_name_dialing_again_is_no_twin(make_node: NodeFactory) -> None:
@@ -879,3 +884,23 @@ async def test_a_node_known_under_another_name_dialing_again_is_no_twin(make_nod
     await eventually(lambda: a.membership.urls() == [b.config.url], what="a dropping b's alias")
     errors = [p.last_error for n in (a, b) for p in n.replicator.peers.values()]
     assert not any("share one id" in e for e in errors), errors
+
+
+async def test_a_peer_going_away_is_logged_and_shown_where_its_stream_was_accepted(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whichever of the two streams a pair keeps (the one a dialed or the one it accepted, by their
+    ids), a says when it ends."""
+    caplog.set_level(logging.INFO, logger="potboiler.server")
+    a = await make_node(name="a")
+    b = await make_node(name="b", peers=[a], index=1)
+    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    assert f"{b.config.url} learnt as a peer (it dialed in)" in caplog.text
+    await b.stop()
+    ended = (f"stream from {b.config.url} ended", f"replication with {b.config.url}: ")
+    await eventually(lambda: any(line in caplog.text for line in ended), what="a logging it")
+    [peer] = a.replicator.status()
+    assert peer.state == nodes_pb2.PeerStatus.STATE_DISCONNECTED
+    await eventually(lambda: bool(a.replicator.status()[0].last_error), what="a showing why")
+    a.membership.remove(b.config.url)
+    assert f"{b.config.url} removed from the peers" in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import struct
 import threading
 import time
@@ -190,6 +191,22 @@ async def test_failures_are_retried_until_accepted(harness: Harness, failure: in
     assert harness.receiver.attempts[URL] == 5
     [state] = harness.webhooks.states()
     assert (state.failures, state.last_error) == (0, "")
+
+
+async def test_an_outage_is_logged_at_its_start_now_and_then_and_at_its_end(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a line per retry for as long as a receiver fails (one every 10 s, for days)."""
+    caplog.set_level(logging.INFO, logger="potboiler.server.webhooks")
+    harness.receiver.status = lambda url, attempt: 500 if attempt <= 60 else 200
+    await harness.webhooks.register(URL)
+    await harness.append(1)
+    await wait_for(lambda: len(harness.receiver.ids(URL)) == 1, timeout=30)
+    messages = [r.getMessage() for r in caplog.records if r.name == "potboiler.server.webhooks"]
+    failed = [m for m in messages if "failed (" in m]
+    assert [m.split("attempt ")[1].split(",")[0] for m in failed] == ["1", "5", "50"], failed
+    assert any("takes deliveries again, after 60 failed attempts" in m for m in messages), messages
+    assert any("registered" in m for m in messages)
 
 
 async def test_a_failure_is_logged_without_the_urls_secrets(
