@@ -758,12 +758,12 @@ async def test_appends_wait_while_a_peer_holds_more_of_this_nodes_log() -> None:
         node_log.plan_local(plan, [NewEntry(number(2))])
 
 
-async def test_a_forked_log_is_reported_and_holds_up_only_itself(
-    make_node: NodeFactory, tmp_path: Path
-) -> None:
-    """x's store goes back to an older copy and x appends before reaching its peer: its log forks.
-    p keeps the entries it had, takes none of x's past the fork, says so in its status, and the
-    stream between them goes on carrying everything else."""
+async def restored_alone(
+    make_node: NodeFactory, tmp_path: Path, after_copy: int, again: int
+) -> tuple[Node, Node]:
+    """p, and x whose log forked: x wrote 2 entries, a copy of its store was taken, it wrote
+    `after_copy` more (replicated to p), then came back from the copy without p (p had removed it:
+    nothing told x what p holds) and wrote `again` other entries at those seqs; p adds it again."""
     p = await make_node(gossip=False)
     x = await make_node(name="x", peers=[p], gossip=False, index=1)
     await append(x, 2)
@@ -771,15 +771,25 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
     await x.stop()
     shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
     x = await make_node(name="x", peers=[p], gossip=False, index=1)
-    await append(x, 2)  # seqs 3-4, replicated to p
+    await append(x, after_copy)
     await eventually(lambda: converged(p, x), what="convergence before the restore")
     await x.stop()
-    p.membership.remove(x.config.url)  # x comes back alone: nothing tells it what p holds
+    p.membership.remove(x.config.url)
     shutil.rmtree(tmp_path / "x")
     shutil.copytree(tmp_path / "x-copy", tmp_path / "x")
     x = await make_node(name="x", gossip=False, index=1)
-    await append(x, 3)  # seqs 3-5 again, other entries: the fork
+    await append(x, again)
     p.membership.add(x.config.url)
+    return p, x
+
+
+async def test_a_forked_log_is_reported_and_holds_up_only_itself(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """x's store goes back to an older copy and x appends before reaching its peer: its log forks.
+    p keeps the entries it had, takes none of x's past the fork, says so in its status, and the
+    stream between them goes on carrying everything else."""
+    p, x = await restored_alone(make_node, tmp_path, after_copy=2, again=3)  # x's 3-5 are new
     await eventually(lambda: p.log.forks() == {x.log.node_id: 5}, what="p seeing the fork")
     [session] = p.replicator.peers[x.config.url].sessions
     mine = await append(p, 3)
@@ -803,22 +813,7 @@ async def test_a_node_that_sees_its_own_log_forked_refuses_appends_saying_so(
 ) -> None:
     """x restored from a copy at seq 2 appends seqs 3-4 alone, then p sends x's old 5-6: x sees its
     own log forked. Waiting for replication to bring the rest back would wait for ever."""
-    p = await make_node(gossip=False)
-    x = await make_node(name="x", peers=[p], gossip=False, index=1)
-    await append(x, 2)
-    await eventually(lambda: converged(p, x), what="first convergence")
-    await x.stop()
-    shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
-    x = await make_node(name="x", peers=[p], gossip=False, index=1)
-    await append(x, 4)  # seqs 3-6, replicated to p
-    await eventually(lambda: converged(p, x), what="convergence before the restore")
-    await x.stop()
-    p.membership.remove(x.config.url)
-    shutil.rmtree(tmp_path / "x")
-    shutil.copytree(tmp_path / "x-copy", tmp_path / "x")
-    x = await make_node(name="x", gossip=False, index=1)
-    await append(x, 2)  # seqs 3-4 again, other entries
-    p.membership.add(x.config.url)
+    _, x = await restored_alone(make_node, tmp_path, after_copy=4, again=2)  # p holds x's old 3-6
     await eventually(lambda: x.log.forks() == {x.log.node_id: 5}, what="x seeing its own log forked")
     with pytest.raises(Unavailable, match=r"own log has forked at seq 5.*wiped"):
         await append(x, 1)

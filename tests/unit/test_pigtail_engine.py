@@ -9,7 +9,7 @@ import contextlib
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -533,20 +533,34 @@ async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.M
         await pigtail.stop()
 
 
-async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
+async def failing_planning(
+    h: Harness,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Callable[[Sequence[tuple[int, Entry]]], Exception | None],
 ) -> None:
+    """h's Pigtail restarted with fast retries and queue "q", planning a batch raising `failure(batch)`
+    when that is an exception."""
     monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
     await h.restart()  # its applier takes the retry delays as it starts
     await h.pigtail.create_queue("q", 1000)
     plan = h.pigtail.state.plan
 
     def plan_or_fail(batch: Sequence[tuple[int, Entry]], *args: Any) -> Applied:
-        if any(b"boom" in entry.SerializeToString() for _, entry in batch):
-            raise RuntimeError("a bug")
+        if (error := failure(batch)) is not None:
+            raise error
         return plan(batch, *args)
 
     monkeypatch.setattr(h.pigtail.state, "plan", plan_or_fail)
+
+
+async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(batch: Sequence[tuple[int, Entry]]) -> Exception | None:
+        boom = any(b"boom" in entry.SerializeToString() for _, entry in batch)
+        return RuntimeError("a bug") if boom else None
+
+    await failing_planning(h, monkeypatch, bug)
     with pytest.raises(RuntimeError, match="could not be applied"):
         await h.pigtail.add_task("q", "boom")
     kept = await h.add()
@@ -559,22 +573,38 @@ async def test_an_entry_whose_planning_fails_once_is_applied_on_the_next_try(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Planning reads the store: a read that fails once (an I/O error) must not drop a logged task."""
-    monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
-    await h.restart()  # its applier takes the retry delays as it starts
-    await h.pigtail.create_queue("q", 1000)
-    plan = h.pigtail.state.plan
     failures = 2  # the batch, then the entry alone
 
-    def plan_failing_once(batch: Sequence[tuple[int, Entry]], *args: Any) -> Applied:
+    def once(batch: Sequence[tuple[int, Entry]]) -> Exception | None:
         nonlocal failures
-        if failures:
-            failures -= 1
-            raise OSError("IO error: a read failed")
-        return plan(batch, *args)
+        if not failures:
+            return None
+        failures -= 1
+        return OSError("IO error: a read failed")
 
-    monkeypatch.setattr(h.pigtail.state, "plan", plan_failing_once)
+    await failing_planning(h, monkeypatch, once)
     task_id = await h.add()
     assert (await h.pigtail.get_task("q", task_id))["state"] == "pending"
+
+
+class WorkerRequests:
+    """What a test's worker sends on a WorkTasks stream: its start, then what it `put`s, until it
+    `close`s its side."""
+
+    def __init__(self, queue: str, max_in_flight: int) -> None:
+        self._requests: asyncio.Queue[pigtail_pb2.WorkTasksRequest | None] = asyncio.Queue()
+        start = pigtail_pb2.LeaseTasksRequest(queue=queue, worker_id="w", max_in_flight=max_in_flight)
+        self._requests.put_nowait(pigtail_pb2.WorkTasksRequest(start=start))
+
+    def put(self, **fields: Any) -> None:
+        self._requests.put_nowait(pigtail_pb2.WorkTasksRequest(**fields))
+
+    def close(self) -> None:
+        self._requests.put_nowait(None)
+
+    async def stream(self) -> AsyncIterator[pigtail_pb2.WorkTasksRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
 
 
 async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None:
@@ -583,20 +613,13 @@ async def test_a_closed_work_session_hands_out_no_more_tasks(h: Harness) -> None
     swallow that cancellation and claim the next task for the gone worker)."""
     await h.pigtail.create_queue("q", 1000, 1)
     first, second = await h.add(), await h.add()
-    requests: asyncio.Queue[pigtail_pb2.WorkTasksRequest | None] = asyncio.Queue()
-
-    async def incoming() -> AsyncIterator[pigtail_pb2.WorkTasksRequest]:
-        while (request := await requests.get()) is not None:
-            yield request
-
-    start = pigtail_pb2.LeaseTasksRequest(queue="q", worker_id="w", max_in_flight=1)
-    await requests.put(pigtail_pb2.WorkTasksRequest(start=start))
+    requests = WorkerRequests("q", max_in_flight=1)
     sent = []
-    async for response in work_session(h.pigtail, incoming()):
+    async for response in work_session(h.pigtail, requests.stream()):
         sent.append(response.WhichOneof("response"))
         if response.WhichOneof("response") == "task":
-            await requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=response.task.task_id))
-            await requests.put(None)
+            requests.put(complete_task_id=response.task.task_id)
+            requests.close()
     await wait_for(lambda: h.pigtail.state.cursor == len(h.log.entries))
     for _ in range(10):
         await asyncio.sleep(0)
@@ -611,24 +634,17 @@ async def test_stop_leasing_ends_the_tasks_and_keeps_the_stream(h: Harness) -> N
     another task), gets its completes answered on the open stream, then closes."""
     await h.pigtail.create_queue("q", 60_000)
     ids = [await h.add() for _ in range(3)]
-    requests: asyncio.Queue[pigtail_pb2.WorkTasksRequest | None] = asyncio.Queue()
-
-    async def incoming() -> AsyncIterator[pigtail_pb2.WorkTasksRequest]:
-        while (request := await requests.get()) is not None:
-            yield request
-
-    start = pigtail_pb2.LeaseTasksRequest(queue="q", worker_id="w", max_in_flight=1)
-    await requests.put(pigtail_pb2.WorkTasksRequest(start=start))
+    requests = WorkerRequests("q", max_in_flight=1)
     sent = []
-    async for response in work_session(h.pigtail, incoming()):
+    async for response in work_session(h.pigtail, requests.stream()):
         kind = response.WhichOneof("response")
         sent.append(kind)
         if kind == "task":
-            await requests.put(pigtail_pb2.WorkTasksRequest(stop_leasing=True))
-            await requests.put(pigtail_pb2.WorkTasksRequest(complete_task_id=response.task.task_id))
+            requests.put(stop_leasing=True)
+            requests.put(complete_task_id=response.task.task_id)
         elif kind == "completed":
             await asyncio.sleep(0.05)  # the stream stays open: a task now would come before the end
-            await requests.put(None)
+            requests.close()
     assert sent == ["task", "completed"]
     assert [(await h.pigtail.get_task("q", i))["state"] for i in ids] == ["done", "pending", "pending"]
 
