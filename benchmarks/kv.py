@@ -57,8 +57,8 @@ from benchmarks.common import Bench, CpuWindow, cpu_seconds, median_run
 from potboiler.kv.crdts import CrdtType
 from potboiler.kv.events import KvEvent
 from potboiler.kv.service import APPLY_BATCH, KvService
+from potboiler.server.entries import NewEntry
 from potboiler.server.jsonvalue import to_value
-from potboiler.server.log import NewEntry
 from potboiler.server.logclient import LocalLogClient
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.plugin import NodeContext

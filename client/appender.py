@@ -12,7 +12,7 @@ the appends its callers make next (with one message of everything, node and clie
 Errors, per append:
 
 - an entry the node would refuse raises at once, before anything is sent: the node's own checks
-  (:func:`~potboiler.server.log.validate_new_entry`) run in the client, raising
+  (:func:`~potboiler.server.entries.validate_new_entry`) run in the client, raising
   :class:`~potboiler.server.errors.InvalidArgument` or :class:`~potboiler.server.errors.TooLarge` with
   the message the node would give. (The node refuses a stream message whole and ends the stream, which
   would take the other appends of that message down with it);
@@ -36,8 +36,8 @@ from types import TracebackType
 import grpc
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server.entries import MAX_DEPTH, validate_new_entry
 from potboiler.server.jsonvalue import JSON, checked_value
-from potboiler.server.log import MAX_DEPTH, validate_new_entry
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
 #: Most entries sent in one message, and about the most bytes of entries (the node takes 10,000

@@ -27,9 +27,10 @@ import grpc
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import KvState, PlannedWrite
+from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import to_value
-from potboiler.server.log import MAX_DEPTH, DeliveredBatch
+from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import CatchUp, Linger, apply_forever, discard_if_ahead
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store

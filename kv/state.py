@@ -48,9 +48,9 @@ from potboiler.kv.crdts import (
 )
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
+from potboiler.server.entries import MAX_DEPENDENCIES
 from potboiler.server.errors import InvalidArgument, NotFound, quoted
 from potboiler.server.jsonvalue import as_sent, from_value, to_value
-from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 

@@ -21,9 +21,9 @@ import re
 import orjson
 
 from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
+from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.jsonvalue import nesting, scalars
-from potboiler.server.log import MAX_DEPTH
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

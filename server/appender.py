@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from potboiler.server.commit_window import CommitWindow
+from potboiler.server.entries import NewEntry
 from potboiler.server.errors import PotboilerError, Unavailable
-from potboiler.server.log import DeliveredBatch, Log, NewEntry, Plan, take_delivered
+from potboiler.server.log import DeliveredBatch, Log, Plan, take_delivered
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
 

@@ -11,6 +11,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server import wire
 from potboiler.server.appender import Appender
+from potboiler.server.entries import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
 from potboiler.server.errors import (
     Conflict,
     InvalidArgument,
@@ -21,7 +22,6 @@ from potboiler.server.errors import (
 )
 from potboiler.server.grpc_errors import abort, streaming, unary
 from potboiler.server.ids import parse_uuid, uuid_str
-from potboiler.server.log import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
 

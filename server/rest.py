@@ -30,7 +30,7 @@ from potboiler.server.jsonvalue import (
 HTTP_CODE_HEADER = "x-http-code"
 Ctx = grpc.aio.ServicerContext[Any, Any]
 #: Nesting beyond which a body is refused before it is converted (the exact limit, MAX_DEPTH in
-#: potboiler.server.log, is checked on the converted value; this only keeps the conversion's
+#: potboiler.server.entries, is checked on the converted value; this only keeps the conversion's
 #: recursion bounded).
 _MAX_BODY_NESTING = 64
 #: A run of digits as long as MAX_EXACT_INTEGER's, in a body whose digits are all made "0": bodies

@@ -11,10 +11,10 @@ from google.protobuf.struct_pb2 import ListValue, Struct
 
 from potboiler.server import rest
 from potboiler.server.appender import Appender
+from potboiler.server.entries import validate_new_entry
 from potboiler.server.entry_json import entry_struct
 from potboiler.server.errors import Conflict
 from potboiler.server.grpc_errors import unary
-from potboiler.server.log import validate_new_entry
 from potboiler.server.membership import Membership
 from potboiler.server.webhooks import ORIGIN_HEADER
 from potboiler.v1 import core_rest_pb2, core_rest_pb2_grpc

@@ -6,7 +6,7 @@
 -- quotes, bare keys and trailing commas. Returns the position after the value,
 -- or nil and a reason.
 local find, byte, sub = string.find, string.byte, string.sub
-local MAX_DEPTH = 30  -- as MAX_DEPTH in server/log.py
+local MAX_DEPTH = 30  -- as MAX_DEPTH in server/entries.py
 local value
 local function ws(s, i) local _, e = find(s, "^[ \t\r\n]*", i) return e + 1 end
 local function str(s, i)

@@ -13,7 +13,7 @@ from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.log import MAX_DEPTH
+from potboiler.server.entries import MAX_DEPTH
 from potboiler.v1 import (
     kv_pb2,
     kv_pb2_grpc,

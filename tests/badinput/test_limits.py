@@ -17,8 +17,8 @@ import grpc
 import pytest
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server.entries import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.gateway import MAX_BODY_BYTES
-from potboiler.server.log import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.node import MAX_MESSAGE_BYTES
 from potboiler.server.processes import NodeProcess
 from potboiler.server.webhooks import MAX_WEBHOOKS

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from potboiler.server.log import MAX_DEPTH
+from potboiler.server.entries import MAX_DEPTH
 from tests.badinput.conftest import (
     FUZZ,
     HAS_KV,

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from potboiler.server.entries import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.gateway import MAX_BODY_BYTES
-from potboiler.server.log import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
 from tests.e2e.conftest import NodeProcesses

@@ -14,8 +14,8 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.service import KvService, create
+from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.jsonvalue import from_value, to_value
-from potboiler.server.log import MAX_DEPTH
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,

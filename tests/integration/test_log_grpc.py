@@ -18,15 +18,9 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from potboiler.server import log_servicer
+from potboiler.server.entries import MAX_BATCH_ENTRIES, MAX_DEPENDENCIES, MAX_DEPTH, MAX_ENTRY_BYTES, NewEntry
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, wall_clock_ms
-from potboiler.server.log import (
-    MAX_BATCH_ENTRIES,
-    MAX_DEPENDENCIES,
-    MAX_DEPTH,
-    MAX_ENTRY_BYTES,
-    Log,
-    NewEntry,
-)
+from potboiler.server.log import Log
 from potboiler.server.log_servicer import MAX_SUBSCRIBE_BYTES
 from potboiler.server.processes import find_base_port
 from potboiler.server.storage import MemoryStore

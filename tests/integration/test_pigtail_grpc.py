@@ -20,8 +20,8 @@ from google.protobuf.struct_pb2 import Value
 from potboiler.pigtail import worksession
 from potboiler.pigtail.service import create
 from potboiler.pigtail.validate import MAX_INFO_DEPTH
+from potboiler.server.entries import MAX_DEPTH, NewEntry
 from potboiler.server.jsonvalue import JSON, to_value
-from potboiler.server.log import MAX_DEPTH, NewEntry
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port
 from potboiler.v1 import pigtail_pb2 as pb

@@ -18,9 +18,10 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import replication
+from potboiler.server.entries import NewEntry, validate_new_entry
 from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
-from potboiler.server.log import Log, NewEntry, validate_new_entry
+from potboiler.server.log import Log
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port, ports_free
 from potboiler.server.storage import MemoryStore

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 from typing import Any
 
 import grpc
@@ -14,9 +16,9 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.client import appender as appender_module
 from potboiler.client.appender import StreamAppender
+from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.jsonvalue import JSON
-from potboiler.server.log import MAX_DEPTH
 from potboiler.v1 import log_pb2
 from tests.conftest import GrpcNode, GrpcNodeFactory
 
@@ -256,3 +258,12 @@ async def test_dependencies_may_be_any_iterable_of_ids_but_not_one_string(grpc_n
             await appender.append("third", dependencies=first.id)
     entry = (await grpc_node.log.GetEntry(log_pb2.GetEntryRequest(id=second.id))).entry
     assert list(entry.dependencies) == [first.id]
+
+
+def test_the_client_needs_nothing_of_the_nodes_store() -> None:
+    """It runs the node's checks of an entry, which live apart from the log's store (and RocksDB)."""
+    code = "import sys, potboiler.client.appender; print(sorted(m for m in ('rocksdict', 'potboiler.server.log') if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

@@ -17,7 +17,8 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import webhooks as webhooks_module
 from potboiler.server.appender import Appender
-from potboiler.server.log import Log, NewEntry
+from potboiler.server.entries import NewEntry
+from potboiler.server.log import Log
 from potboiler.server.lookups import REGISTRATION_LOOKUPS
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore

@@ -12,9 +12,10 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import logclient
 from potboiler.server.appender import Appender
+from potboiler.server.entries import NewEntry
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
-from potboiler.server.log import Log, NewEntry
+from potboiler.server.log import Log
 from potboiler.server.logclient import LocalLogClient
 from potboiler.server.storage import MemoryStore
 

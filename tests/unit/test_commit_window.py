@@ -12,7 +12,8 @@ from google.protobuf.struct_pb2 import Value
 from potboiler.server import appender as appender_module
 from potboiler.server.appender import Appender
 from potboiler.server.commit_window import CommitWindow, thread_demand
-from potboiler.server.log import Log, NewEntry
+from potboiler.server.entries import NewEntry
+from potboiler.server.log import Log
 from potboiler.server.storage import MemoryStore
 
 

@@ -25,9 +25,9 @@ from potboiler.kv.crdts import JSON, CrdtType, EventContext, Stamp, apply, valid
 from potboiler.kv.encoding import decode, to_json
 from potboiler.kv.events import CONFIG_TABLE, KvEvent, check_name, is_name, parse_event
 from potboiler.kv.state import CURSOR_KEY, EVENT_MARK, KvState, PlannedWrite, _event_of_fields, state_key
+from potboiler.server.entries import MAX_DEPENDENCIES
 from potboiler.server.errors import InvalidArgument, NotFound
 from potboiler.server.jsonvalue import from_value, to_value
-from potboiler.server.log import MAX_DEPENDENCIES
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from potboiler.server.entries import NewEntry
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
-from potboiler.server.log import Log, NewEntry
+from potboiler.server.log import Log
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
 from tests.unit.test_log import commit_local, copy, value

@@ -17,9 +17,10 @@ from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
+from potboiler.server.entries import NewEntry
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.ids import parse_uuid, parse_uuids
-from potboiler.server.log import Log, NewEntry, Plan, run_owner
+from potboiler.server.log import Log, Plan, run_owner
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
 

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
+from potboiler.server.entries import NewEntry
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
-from potboiler.server.log import Log, NewEntry
+from potboiler.server.log import Log
 from potboiler.server.replication import RECONNECT
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore

@@ -1,0 +1,118 @@
+"""What a client's new entry may be: the log's limits, and the checks an entry passes before it is
+appended (`validate_new_entry`), which clients run too (potboiler.client), so this module needs
+nothing of the node's store."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+from google.protobuf.struct_pb2 import Value
+
+from potboiler.server.errors import InvalidArgument, TooDeep, TooLarge
+from potboiler.server.ids import parse_uuid
+
+#: Largest serialized `data` of one entry (1 MiB).
+MAX_ENTRY_BYTES = 1 << 20
+#: Most entries in one append call or stream message.
+MAX_BATCH_ENTRIES = 10_000
+#: Most dependencies of one entry.
+MAX_DEPENDENCIES = 1_000
+#: Deepest nesting of arrays and objects in entry data: deeper data could not be carried inside the
+#: messages that wrap entries (subscriptions, replication) within protobuf's decoding depth limit.
+MAX_DEPTH = 30
+
+
+class NewEntry(NamedTuple):
+    """A validated entry to append locally: its data and the 16-byte ids of its dependencies."""
+
+    data: Value
+    dependencies: tuple[bytes, ...] = ()
+
+
+def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEntry:
+    """Check a client's entry; InvalidArgument / TooLarge say what is wrong."""
+    if data is None or data.WhichOneof("kind") is None:
+        raise InvalidArgument("an entry needs data: a JSON value in the request body")
+    serialized = data.SerializeToString()
+    size = len(serialized)
+    if size > MAX_ENTRY_BYTES:
+        raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
+    if size > _MIN_BYTES_PER_LEVEL * MAX_DEPTH and _too_deep(data):
+        raise TooDeep(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects")
+    # Most data has neither 0x7f nor 0xff anywhere (never in UTF-8 text, nor in the doubles of
+    # everyday numbers): two searches for them first cost half of one by the pattern.
+    if (
+        (serialized.find(b"\x7f") >= 0 or serialized.find(b"\xff") >= 0)
+        and _NON_FINITE_HINT.search(serialized)
+        and _has_non_finite(data)
+    ):
+        raise InvalidArgument("entry data must be JSON, which has no NaN or infinite numbers")
+    if (serialized.find(b"\x12\x00") >= 0 or serialized.find(b"\x0a\x00") >= 0) and _has_unset(data):
+        raise InvalidArgument(
+            "entry data holds a google.protobuf.Value with no kind set; a JSON null is null_value"
+        )
+    # One dependency named twice (or in upper and lower case) is one dependency.
+    deps = tuple(dict.fromkeys(parse_uuid(d, "dependency") for d in dependencies)) if dependencies else ()
+    if len(deps) > MAX_DEPENDENCIES:
+        raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
+    return NewEntry(data, deps)
+
+
+#: Each level of nesting costs at least this many bytes of a serialized Value (a list level: the tag
+#: and length of `Value.list_value` and of `ListValue.values`), so smaller data cannot be too deep.
+_MIN_BYTES_PER_LEVEL = 4
+
+
+#: The last two bytes of every NaN or infinite double as protobuf writes it (little-endian, all 11
+#: exponent bits set): data whose serialized form has no such pair has no such number. A match may
+#: be a false alarm (other bytes), which `_has_non_finite` settles.
+_NON_FINITE_HINT = re.compile(rb"[\xf0-\xff][\x7f\xff]")
+
+
+def _values(data: Value) -> Iterator[tuple[str | None, Value]]:
+    """Every value in `data` (itself included), with its kind."""
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        kind = v.WhichOneof("kind")
+        yield kind, v
+        if kind == "list_value":
+            stack.extend(v.list_value.values)
+        elif kind == "struct_value":
+            stack.extend(v.struct_value.fields.values())
+
+
+def _has_non_finite(data: Value) -> bool:
+    """Whether any number in `data` is NaN or infinite (which JSON cannot carry)."""
+    return any(kind == "number_value" and not math.isfinite(v.number_value) for kind, v in _values(data))
+
+
+def _has_unset(data: Value) -> bool:
+    """Whether a value nested in `data` has no kind (JSON has no such value: each reader would show
+    it differently). Asked only of data holding an empty list item or object member in its bytes
+    (`\\x0a\\x00`, `\\x12\\x00`), as every such value is."""
+    return any(kind is None for kind, _ in _values(data))
+
+
+def _too_deep(data: Value) -> bool:
+    """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (callers only ask for data big
+    enough to be that deep)."""
+    level: list[Value] = [data]
+    for _ in range(MAX_DEPTH + 1):  # each round: is there an array or object at this depth?
+        children: list[Value] = []
+        containers = False
+        for v in level:
+            kind = v.WhichOneof("kind")
+            if kind == "list_value":
+                containers = True
+                children.extend(v.list_value.values)
+            elif kind == "struct_value":
+                containers = True
+                children.extend(v.struct_value.fields.values())
+        if not containers:
+            return False
+        level = children
+    return True
