@@ -65,6 +65,7 @@ class StreamAppender:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
+        self._aborted = False
 
     async def __aenter__(self) -> StreamAppender:
         return self
@@ -72,9 +73,9 @@ class StreamAppender:
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if isinstance(error, asyncio.CancelledError | KeyboardInterrupt):
-            # The block was cancelled (a timeout, Ctrl-C): waiting for acknowledgements now would
-            # outlive it, with nothing left to cancel the wait.
+        if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | TimeoutError):
+            # The block was cancelled or timed out (a stalled node, Ctrl-C): waiting for
+            # acknowledgements now would outlive it, with nothing left to cancel the wait.
             await self.abort()
         else:
             await self.close()
@@ -105,7 +106,7 @@ class StreamAppender:
     async def abort(self) -> None:
         """End the stream now: every append not acknowledged fails (it may or may not have been
         appended), as unary calls in flight would."""
-        self._closing = True
+        self._closing = self._aborted = True
         runner = self._runner
         if runner is not None:
             runner.cancel()
@@ -116,13 +117,20 @@ class StreamAppender:
         """Send what is waiting, wait for every acknowledgement, then end the stream."""
         self._closing = True
         self._wake.set()
-        if self._runner is not None:
+        runner = self._runner
+        if runner is None:
+            return
+        try:
             # Shielded: a closer that is cancelled (or times out) leaves the stream to finish.
-            await asyncio.shield(self._runner)
+            await asyncio.shield(runner)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not (runner.cancelled() and self._aborted) or (task is not None and task.cancelling()):
+                raise  # this closer's own cancellation, not an abort's
 
     async def _run(self) -> None:
         """One stream after another, for as long as there are appends to make."""
-        while self._waiting:
+        while self._waiting and not self._aborted:
             await self._stream()
 
     async def _stream(self) -> None:

@@ -666,16 +666,17 @@ class Pigtail:
             await self._wait_for_work(queue, (), True, remaining)
 
     async def lease(
-        self, queue: str, worker_id: str, max_in_flight: int = 1
+        self, queue: str, worker_id: str, max_in_flight: int = 1, stop: asyncio.Event | None = None
     ) -> AsyncGenerator[TaskView, None]:
         """Claim tasks for the worker as they become claimable, keeping at most `max_in_flight` of them
-        held (working, by this worker, not done) at once. Runs until the caller stops iterating."""
+        held (working, by this worker, not done) at once. Runs until the caller stops iterating, or
+        `stop` is set: then it ends between claims (a claim under way is finished and handed out)."""
         await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
         max_in_flight = validate.in_flight(max_in_flight)
         held: dict[str, int] = {}
-        while True:
+        while stop is None or not stop.is_set():
             state, _ = self._queue(queue)
             now = self.now_ms()
             for task_id in list(held):
@@ -703,4 +704,12 @@ class Pigtail:
                 if wakes
                 else LEASE_RECHECK_S
             )
-            await self._wait_for_work(queue, held, room, timeout)
+            if stop is None:
+                await self._wait_for_work(queue, held, room, timeout)
+                continue
+            waiting = asyncio.ensure_future(self._wait_for_work(queue, held, room, timeout))
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([waiting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            for task in (waiting, stopped):
+                task.cancel()  # (a wait cancelled passes on a wake-up it took: see _wait_for_work)
+            await asyncio.gather(waiting, stopped, return_exceptions=True)

@@ -83,6 +83,8 @@ class _Session:
         self.answering: set[asyncio.Task[None]] = set()
         #: The lease handing out tasks, stopped as soon as the worker closes its side.
         self.leasing: asyncio.Task[None] | None = None
+        #: Set by the worker's stop_leasing: the lease ends between claims (one under way is sent).
+        self.stop_leasing = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_OUTSTANDING)
 
     def sent(self, item: _Outgoing) -> None:
@@ -99,7 +101,7 @@ class _Session:
         return item
 
     async def lease(self, max_in_flight: int) -> None:
-        leases = self._pigtail.lease(self._queue, self._worker_id, max_in_flight)
+        leases = self._pigtail.lease(self._queue, self._worker_id, max_in_flight, self.stop_leasing)
         try:
             async for view in leases:
                 self.out.put_nowait(pigtail_pb2.WorkTasksResponse(task=views.task_message(view)))
@@ -117,8 +119,7 @@ class _Session:
                 elif kind == "heartbeat_task_id":
                     operation, task_id = HEARTBEAT, request.heartbeat_task_id
                 elif kind == "stop_leasing" and request.stop_leasing:
-                    if self.leasing is not None:
-                        self.leasing.cancel()
+                    self.stop_leasing.set()
                     continue
                 else:
                     raise InvalidArgument(

@@ -105,7 +105,7 @@ class Membership:
         if join and url not in self._joining:
             writes.append((_JOINING + url.encode(), b""))
         if self._insert(url, writes, joining=join):
-            log.info("%s added as a peer by an operator", url)
+            log.info("%s added as a peer%s", url, " by an operator" if join else " (it asked to join again)")
             return True
         for listener in self._listeners:  # known already: replication may try it again at once
             listener(url, True)

@@ -650,8 +650,10 @@ class Replicator:
             while self._running:
                 # While the peer's own stream to us is the one kept, do not dial.
                 if peer.sessions and not any(s.dialed for s in peer.sessions):
+                    since = time.monotonic()
                     await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
-                    failures = 0  # connected meanwhile: a failure from now on is a new outage's first
+                    if time.monotonic() - since >= STABLE_SESSION_S:
+                        failures = 0  # connected meanwhile: a failure from now on is a new outage's first
                     continue
                 call = stub.Replicate(metadata=self._metadata() or None)
                 session = Session(
@@ -837,7 +839,10 @@ class Replicator:
             peer.sessions.remove(session)
             peer.acked = dict(session.acked)
             if not peer.sessions:  # for its status while it is away, also after a restart here
-                self.membership.note_acked(peer.url, peer.acked)
+                try:
+                    self.membership.note_acked(peer.url, peer.acked)
+                except Exception:  # only its status while away is at stake: not the dial loop
+                    log.exception("could not keep the vector %s acknowledged", peer.url)
 
     async def _run_session(self, peer: Peer, session: Session) -> None:
         peer.last_error = ""

@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="this worker's id (default host-pid)",
     )
     parser.add_argument(
-        "--max-tasks", type=int, default=0, help="stop after this many tasks (default 0: never)"
+        "--max-tasks",
+        type=int,
+        default=0,
+        help="take no more tasks after this many; those already handed to it (up to --in-flight) "
+        "are completed too (default 0: never stop)",
     )
     parser.add_argument(
         "--idle-exit",

@@ -74,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
                 finished = client.request(
                     "DELETE", f"/queue/{args.queue}/{task_id}", json={"worker_id": args.worker_id}
                 )
-                if finished.status_code == 409:  # our claim ran out and another worker has it now
-                    print(f"task {task_id}: {finished.json()['message']}", file=sys.stderr, flush=True)
-                    continue
                 finished.raise_for_status()
                 print(f"done {task_id}", flush=True)
                 done += 1

@@ -156,6 +156,11 @@ def test_example_lease_worker(pig: Pigtail, node: NodeProcess) -> None:
     target = ["--target", f"127.0.0.1:{node.ports.core}", "--queue", queue]
     assert run_example("lease_worker.py", *target, "--max-tasks", "2") == [f"done {t}" for t in more[:2]]
     assert pig.listing(queue) == {t: {"task_name": "hello_world", "state": "pending"} for t in more[2:]}
+    # With tasks handed out ahead (--in-flight 3), it completes those it holds and leaves none claimed.
+    more = [pig.add(queue, info={"n": n}) for n in range(6)]
+    done = run_example("lease_worker.py", *target, "--max-tasks", "1", "--in-flight", "3")
+    assert 1 <= len(done) <= 3
+    assert all(task["state"] == "pending" for task in pig.listing(queue).values())
 
 
 def test_claim_conflict_is_409(pig: Pigtail) -> None:

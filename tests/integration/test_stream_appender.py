@@ -240,9 +240,17 @@ async def test_a_cancelled_block_ends_without_waiting_for_acknowledgements(
             await writing.wait()
             await asyncio.gather(*pending)
 
+    async def block_timing_out_inside() -> None:  # the block ends with the TimeoutError it caught
+        async with StreamAppender(grpc_node.channel) as appender:
+            await asyncio.wait_for(appender.append("late"), 0.5)
+
     try:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(block(), 10)  # (a second timeout, to end a block that hangs)
+        assert loop.time() - started < 5
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(block_timing_out_inside(), 10)
         assert loop.time() - started < 5
         results = await asyncio.gather(*pending, return_exceptions=True)
         assert all(isinstance(r, BaseException) for r in results), results
@@ -267,3 +275,12 @@ def test_the_client_needs_nothing_of_the_nodes_store() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+async def test_close_after_an_abort_returns(grpc_node: GrpcNode) -> None:
+    appender = StreamAppender(grpc_node.channel)
+    pending = asyncio.ensure_future(appender.append("x"))
+    await asyncio.sleep(0)
+    await appender.abort()
+    await appender.close()  # neither hangs nor raises the abort's cancellation
+    await asyncio.gather(pending, return_exceptions=True)
