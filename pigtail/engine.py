@@ -709,7 +709,11 @@ class Pigtail:
                 continue
             waiting = asyncio.ensure_future(self._wait_for_work(queue, held, room, timeout))
             stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([waiting, stopped], return_when=asyncio.FIRST_COMPLETED)
-            for task in (waiting, stopped):
-                task.cancel()  # (a wait cancelled passes on a wake-up it took: see _wait_for_work)
-            await asyncio.gather(waiting, stopped, return_exceptions=True)
+            try:
+                await asyncio.wait([waiting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this lease is cancelled: neither is left behind
+                for task in (waiting, stopped):
+                    task.cancel()  # (a wait cancelled passes on a wake-up it took: see _wait_for_work)
+                await asyncio.gather(waiting, stopped, return_exceptions=True)
+            if room and stop.is_set() and not waiting.cancelled():
+                self._signal_ready(queue)  # it may have been woken for a task it will not claim now

@@ -726,3 +726,32 @@ async def test_an_operation_waits_for_the_catch_up_at_most_a_while(
     finally:
         h.log.release()
         await rebuilt.stop()
+
+
+async def test_a_lease_with_stop_cancelled_while_waiting_leaves_no_waiter_behind(h: Harness) -> None:
+    """Its two waits (for work, for the stop) end with it: a wait left behind kept a place among
+    the queue's ready waiters, and took the wake-up meant for a claim waiting behind it."""
+    await h.pigtail.create_queue("q", 60_000)
+    before = asyncio.all_tasks()
+    stop = asyncio.Event()
+
+    async def lease() -> None:
+        async for _ in h.pigtail.lease("q", "w1", 1, stop):
+            pass
+
+    def waiting_for_work() -> bool:
+        return any(not f.done() for f in h.pigtail._ready_waiters.get("q", ()))
+
+    leasing = asyncio.create_task(lease())
+    await wait_for(waiting_for_work)
+    leasing.cancel()
+    await asyncio.gather(leasing, return_exceptions=True)
+    assert asyncio.all_tasks() - before == {asyncio.current_task()} - before
+    assert not waiting_for_work()
+    claiming = asyncio.create_task(h.pigtail.claim_next("q", "w2", wait_ms=3000))
+    await wait_for(waiting_for_work)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    task_id = await h.add()
+    view = await claiming
+    assert view is not None and view["task_id"] == task_id and loop.time() - started < 1
