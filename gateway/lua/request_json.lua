@@ -89,9 +89,46 @@ local function of_kind(s, i, kind)
   local pattern = KIND_BYTES[kind]
   return pattern == nil or find(s, pattern, i) ~= nil
 end
+local ESCAPED = {['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t"}
+local function utf8_char(c)  -- LuaJIT has no utf8 library
+  local floor, char = math.floor, string.char
+  if c < 0x80 then return char(c) end
+  if c < 0x800 then return char(0xC0 + floor(c / 64), 0x80 + c % 64) end
+  if c < 0x10000 then return char(0xE0 + floor(c / 4096), 0x80 + floor(c / 64) % 64, 0x80 + c % 64) end
+  return char(0xF0 + floor(c / 262144), 0x80 + floor(c / 4096) % 64, 0x80 + floor(c / 64) % 64, 0x80 + c % 64)
+end
+-- The text of a JSON string's inside (already checked to be valid), escapes decoded: `{"u\u0072l": …}`
+-- names the member url, as the transcoder reads it.
+local function unescape(s)
+  if not find(s, "\\", 1, true) then return s end
+  local out, i = {}, 1
+  while true do
+    local j = find(s, "\\", i, true)
+    if j == nil then break end
+    out[#out + 1] = sub(s, i, j - 1)
+    local n = sub(s, j + 1, j + 1)
+    i = j + 2
+    if n == "u" then
+      local c = tonumber(sub(s, i, i + 3), 16)
+      i = i + 4
+      if c >= 0xD800 and c < 0xDC00 and sub(s, i, i + 1) == "\\u" then  -- a surrogate pair
+        local low = tonumber(sub(s, i + 2, i + 5), 16)
+        if low >= 0xDC00 and low < 0xE000 then
+          c = 0x10000 + (c - 0xD800) * 1024 + (low - 0xDC00)
+          i = i + 6
+        end
+      end
+      out[#out + 1] = utf8_char(c)
+    else
+      out[#out + 1] = ESCAPED[n]
+    end
+  end
+  out[#out + 1] = sub(s, i)
+  return table.concat(out)
+end
 -- What is wrong with the members of a JSON object (already checked to be valid JSON) for `kinds`
 -- (member name -> kind): unknown members, or a member of another kind; nil if nothing, false if the
--- value is not an object. Keys are compared as written (an escaped key is unknown).
+-- value is not an object.
 local function members_wrong(s, kinds)
   local i = ws(s, 1)
   if byte(s, i) ~= 123 then return false end
@@ -99,7 +136,7 @@ local function members_wrong(s, kinds)
   i = ws(s, i + 1)
   while byte(s, i) == 34 do
     local j = str(s, i)
-    local key = sub(s, i + 1, j - 2)
+    local key = unescape(sub(s, i + 1, j - 2))
     i = ws(s, ws(s, j) + 1)  -- past the ':'
     local kind = kinds[key]
     if kind == nil then

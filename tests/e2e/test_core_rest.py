@@ -461,7 +461,24 @@ def test_registration_bodies_take_no_other_members_and_are_objects(
     headers = {"content-type": "application/json"}
     assert_error(http.request(method, path, content=odd, headers=headers), 400, "unknown members: '...'")
     assert "attempt to compare" not in shared_node.log_tail(200)
+    # Keys are read as JSON reads them: escapes decoded, also in the message.
+    escaped = b'{"url": "http://127.0.0.1:9/x", "\\u00e9\\ud83d\\ude00\\"": 1}'
+    assert_error(
+        http.request(method, path, content=escaped, headers=headers), 400, "members: '\u00e9\U0001f600\"'"
+    )
     assert (http.get("/nodes").json(), webhook_urls()) == (nodes, hooks)
+
+
+def test_an_escaped_member_name_is_the_member(http: httpx.Client) -> None:
+    """`{"u\\u0072l": U}` is `{"url": U}` to any JSON reader, the transcoder included."""
+    headers = {"content-type": "application/json"}
+    url = "http://127.0.0.1:9/escaped"
+    assert_no_content(
+        http.post("/log/register", content=b'{"u\\u0072l": "%s"}' % url.encode(), headers=headers)
+    )
+    assert_no_content(
+        http.post("/log/deregister", content=b'{"\\u0075rl": "%s"}' % url.encode(), headers=headers)
+    )
 
 
 def test_connection_is_reused_after_204(http: httpx.Client) -> None:
