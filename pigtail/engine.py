@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import zlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,6 +45,7 @@ from potboiler.pigtail.machine import (
     TaskAdded,
     TaskClaimed,
     TaskDone,
+    TaskReleased,
     TaskRetried,
     TaskState,
     TaskView,
@@ -53,13 +55,14 @@ from potboiler.pigtail.machine import (
     check_create,
     check_delete,
     check_done,
+    check_release,
     check_retry,
     find_by_key,
     task_view,
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.errors import AlreadyExists, Contended, NotFound, Unavailable, quoted
+from potboiler.server.errors import AlreadyExists, Contended, NotFound, PotboilerError, Unavailable, quoted
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import (
@@ -92,6 +95,11 @@ APPLY_LINGER_S = 0.02
 RECENT_IDS = 100_000
 #: Longest a lease stream waits before looking at its queue again, whatever it is told.
 LEASE_RECHECK_S = 5.0
+#: A node counts as up (for `Pigtail._share`) while its newest clock promise, which a live node
+#: sends every second, is at most this old.
+UP_PROMISE_MS = 10_000
+#: How long `Pigtail._share` keeps its answer.
+SHARE_TTL_MS = 1_000
 
 
 class _Lost:
@@ -116,6 +124,15 @@ class QueueInfo:
 def _settings(config: QueueConfig) -> str:
     limit = "no max_attempts" if config.max_attempts is None else f"max_attempts={config.max_attempts}"
     return f"timeout_ms={config.timeout_ms} and {limit}"
+
+
+def _share_of(count: int, index: int) -> Callable[[str], bool]:
+    """Whether a task id is in share `index` of `count`."""
+
+    def share(task_id: str) -> bool:
+        return zlib.crc32(task_id.encode()) % count == index
+
+    return share
 
 
 class Pigtail:
@@ -157,6 +174,10 @@ class Pigtail:
         #: Every operation waits for it: until then the state may lack queues and tasks the node had
         #: acknowledged (e.g. a state rebuilt from the log), and answer that they do not exist.
         self._caught_up = CatchUp("Pigtail", self._linger, CATCH_UP_WAIT_S)
+        #: The nodes up and this node's share of tasks among them (see `_share`), and when it was taken.
+        self._shared: tuple[int, Callable[[str], bool] | None] = (-SHARE_TTL_MS, None)
+        #: Releases of tasks claimed for workers that never got them (see `release_later`).
+        self._releasing: set[asyncio.Task[None]] = set()
 
     # -- life --------------------------------------------------------------------------------------
 
@@ -181,6 +202,9 @@ class Pigtail:
         for _, timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        for task in self._releasing:
+            task.cancel()
+        await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def _apply_loop(self) -> None:
         await apply_forever(
@@ -573,6 +597,40 @@ class Pigtail:
             raise Contended(f"task {task_id!r}: worker {worker_id!r} holds no unexpired lease on it")
         return await self._claim(queue, task_id, worker_id)
 
+    async def release(self, queue: str, task_id: str, worker_id: str) -> TaskView:
+        """Give back the task the worker holds: its lease ends now, and the task is pending again (dead
+        if that was its last attempt)."""
+        await self._caught_up.wait()
+        validate.queue_name(queue)
+        validate.text(worker_id, "worker_id")
+        decision = check_release(
+            self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
+        )
+        self._refuse(decision, queue, task_id)
+        await self._append(TaskReleased(queue, task_id, worker_id), self._task_deps(queue, task_id))
+        return self._view(queue, task_id)
+
+    async def release_unsent(self, queue: str, worker_id: str, task_ids: list[str]) -> None:
+        """Release tasks claimed for a worker that never got them (a lease stream ended first); one that
+        cannot be released (done meanwhile, its queue deleted...) is left as it is."""
+        for task_id in task_ids:
+            try:
+                await self.release(queue, task_id, worker_id)
+            except PotboilerError as error:
+                log.info(
+                    "task %s of queue %r, claimed for worker %r and not sent: %s",
+                    task_id,
+                    queue,
+                    worker_id,
+                    error,
+                )
+
+    def release_later(self, queue: str, worker_id: str, task_ids: list[str]) -> None:
+        """`release_unsent` in the background (for a stream that is being cancelled)."""
+        task = asyncio.create_task(self.release_unsent(queue, worker_id, task_ids), name="pigtail-release")
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
     def _task_or_none(self, queue: str, task_id: str) -> TaskState | None:
         return self.state.task(queue, task_id) if validate.is_task_id(task_id) else None
 
@@ -620,6 +678,21 @@ class Pigtail:
 
     # -- handing out tasks -------------------------------------------------------------------------
 
+    def _share(self, now_ms: int) -> Callable[[str], bool] | None:
+        """Whether a task is in this node's share, when other nodes are up: tasks are spread over the
+        nodes up by a hash of their id. Workers on every node look at the same best tasks; each node
+        claiming from its own share first, two nodes seldom claim one task before their claims meet
+        (when one loses, the task was done twice)."""
+        taken, share = self._shared
+        if now_ms - taken < SHARE_TTL_MS:
+            return share
+        own = self._log.node_id
+        promises = self._log.promises()
+        nodes = sorted({own, *(n for n, p in promises.items() if now_ms - p.stamp.wall_ms <= UP_PROMISE_MS)})
+        share = _share_of(len(nodes), nodes.index(own)) if len(nodes) > 1 else None
+        self._shared = (now_ms, share)
+        return share
+
     async def _claim_next(self, queue: str, worker_id: str) -> TaskView | _Lost | None:
         """Claim the best claimable task for the worker: its view, LOST after a lost race, None if none."""
         reserved = self._reserved.setdefault(queue, set())
@@ -628,7 +701,9 @@ class Pigtail:
             now = self.now_ms()
             state = self.state.queue(queue)
             tasks = self.state.open_tasks(queue)
-            task_id = self._scheduler.pick(queue, tasks.get, state, now, exclude=reserved | refused)
+            task_id = self._scheduler.pick(
+                queue, tasks.get, state, now, exclude=reserved | refused, prefer=self._share(now)
+            )
             if task_id is None:
                 return None
             if check_claim(tasks.get(task_id), state, worker_id, now).ok:
@@ -670,7 +745,9 @@ class Pigtail:
     ) -> AsyncGenerator[TaskView, None]:
         """Claim tasks for the worker as they become claimable, keeping at most `max_in_flight` of them
         held (working, by this worker, not done) at once. Runs until the caller stops iterating, or
-        `stop` is set: then it ends between claims (a claim under way is finished and handed out)."""
+        `stop` is set: then it ends between claims (a claim under way is finished and handed out).
+        A task whose lease ran out, or that the worker released, is claimable again: by this lease
+        too (as a new attempt)."""
         await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")

@@ -37,6 +37,10 @@ The rules, in plain words
   pending task on two sides of a partition, the claim with the lower stamp wins on every node once the
   partition heals, and the other claim is void (its worker learns it from a 409 on its next renewal, or
   from the task's ``worker``).
+* **Releases.** A release by the worker holding the unexpired lease (at the release's stamp) ends that
+  lease there: the task is pending again at once (or dead, if it used its last attempt), and the attempt
+  counts. Any other release is void. A worker gives back a task it will not do this way, and a WorkTasks
+  stream gives back a task it claimed but could not send.
 * **Attempts and the dead letter.** Every claim that starts a lease counts one attempt (a renewal does
   not, and a worker claiming again after its own lease expired starts a new lease). When the queue has
   ``max_attempts``, a task whose attempts reached it and whose last lease expired without a done is
@@ -44,7 +48,7 @@ The rules, in plain words
   while the task is dead (judged at the retry's stamp); it resets the attempts to 0 and the task is pending
   again.
 * **Done** is final and wins over everything: whoever sends it (delivery is at-least-once), at whatever
-  stamp, the task is done; claims and retries stamped after the earliest done are void. ``done_by`` is the
+  stamp, the task is done; claims, releases and retries stamped after the earliest done are void. ``done_by`` is the
   worker of the earliest done, ``worker`` stays the holder of the last lease.
 * **Delay and priority.** A task with ``not_before_ms`` in the future is ``"delayed"``: it is listed with
   that state by ``GET /queue/Q``, cannot be claimed (a claim stamped before ``not_before_ms`` is void), and
@@ -74,13 +78,14 @@ JSON shapes (all stamps are ``[wall_ms, logical, owner]``)::
                   "keys": {idempotency_key: [{"at": stamp, "task_id": str}, ...]}}        # by stamp
     task state:  {"queue": str, "task_id": str, "added": stamp|null, "task_name": str, "info": JSON,
                   "priority": int, "not_before_ms": int|null, "idempotency_key": str|null,
-                  "claims": [{"at": stamp, "worker": str}, ...],        # by stamp, all before "done"
+                  "claims": [{"at": stamp, "worker": str,               # by stamp, all before "done"
+                              "released": true?}, ...],                 # (a release, not a claim)
                   "retries": [stamp, ...],                              # by stamp, all before "done"
                   "done": {"at": stamp, "worker": str}|null,            # the earliest done
                   "base": {"horizon": stamp, "holder": str|null, "lease_from_ms": int|null,
                            "attempts": int}|null}                       # folded by compact_task
     event:       {"kind": "queue_created"|"queue_deleted"|"task_added"|"task_claimed"|"task_done"
-                          |"task_retried", ...the fields of its dataclass}
+                          |"task_released"|"task_retried", ...the fields of its dataclass}
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple, TypeAlias, TypedDict
+from typing import ClassVar, Literal, NamedTuple, NotRequired, TypeAlias, TypedDict
 
 from potboiler.server.errors import quoted
 
@@ -116,6 +121,7 @@ __all__ = [
     "TaskClaimed",
     "TaskDone",
     "TaskEvent",
+    "TaskReleased",
     "TaskRetried",
     "TaskState",
     "TaskStatus",
@@ -130,6 +136,7 @@ __all__ = [
     "check_create",
     "check_delete",
     "check_done",
+    "check_release",
     "check_retry",
     "claimable_order",
     "compact_task",
@@ -341,6 +348,25 @@ class TaskDone:
 
 
 @dataclass(frozen=True)
+class TaskReleased:
+    """Worker ``worker_id`` gives back the task it holds, at the event's stamp (void unless it holds it)."""
+
+    KIND: ClassVar[str] = "task_released"
+    queue: str
+    task_id: str
+    worker_id: str
+
+    def __post_init__(self) -> None:
+        _need_str(self.queue, "queue")
+        _need_str(self.task_id, "task_id")
+        _need_str(self.worker_id, "worker_id")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
+
+
+@dataclass(frozen=True)
 class TaskRetried:
     """Take a dead-lettered task back to pending with its attempts reset (void unless it is dead)."""
 
@@ -359,7 +385,7 @@ class TaskRetried:
 
 QueueEvent: TypeAlias = QueueCreated | QueueDeleted
 """Events that change a queue's own life (apply to the queue state only)."""
-TaskEvent: TypeAlias = TaskAdded | TaskClaimed | TaskDone | TaskRetried
+TaskEvent: TypeAlias = TaskAdded | TaskClaimed | TaskReleased | TaskDone | TaskRetried
 """Events about one task (apply to that task's state; TaskAdded also to its queue's state)."""
 Event: TypeAlias = QueueEvent | TaskEvent
 """Any Pigtail event."""
@@ -390,6 +416,12 @@ def event_from_json(raw: Mapping[str, object]) -> Event:
             )
         if kind == TaskClaimed.KIND:
             return TaskClaimed(
+                queue=_need_str(raw.get("queue"), "queue"),
+                task_id=_need_str(raw.get("task_id"), "task_id"),
+                worker_id=_need_str(raw.get("worker_id"), "worker_id"),
+            )
+        if kind == TaskReleased.KIND:
+            return TaskReleased(
                 queue=_need_str(raw.get("queue"), "queue"),
                 task_id=_need_str(raw.get("task_id"), "task_id"),
                 worker_id=_need_str(raw.get("worker_id"), "worker_id"),
@@ -459,10 +491,11 @@ class QueueState(TypedDict):
 
 
 class ClaimRecord(TypedDict):
-    """One claim of a task."""
+    """One claim of a task, or with ``released`` true one release (both judged in one stamp order)."""
 
     at: StampJSON
     worker: str
+    released: NotRequired[bool]
 
 
 class DoneRecord(TypedDict):
@@ -682,10 +715,12 @@ def apply_task_event(
         return new
     if (base is not None and at <= Stamp.coerce(base["horizon"])) or (done_at is not None and at > done_at):
         return state  # already folded into the base, or void because the task was done before
-    if isinstance(event, TaskClaimed):
+    if isinstance(event, TaskClaimed | TaskReleased):
         if any(_at(c) == at and c["worker"] == event.worker_id for c in state["claims"]):
             return state
         claim = ClaimRecord(at=at.to_json(), worker=event.worker_id)
+        if isinstance(event, TaskReleased):
+            claim["released"] = True
         new["claims"] = sorted([*state["claims"], claim], key=lambda c: (_at(c), c["worker"]))
         return new
     if any(Stamp.coerce(r) == at for r in state["retries"]):
@@ -763,6 +798,7 @@ class Reason(enum.StrEnum):
     DONE = "done"
     DEAD = "dead"
     HELD = "held"
+    NOT_HELD = "not_held"
     NOT_DUE = "not_due"
     NOT_DEAD = "not_dead"
     EXISTS = "exists"
@@ -841,11 +877,22 @@ def _claim_step(
     return None, False
 
 
+def _release_step(lease: _Lease, worker: str, wall_ms: int, config: QueueConfig) -> bool:
+    """Judge one release against ``lease`` (ended there when valid): whether it is valid."""
+    if lease.holder != worker or not lease.active_at(wall_ms, config):
+        return False
+    lease.lease_from_ms = wall_ms - config.timeout_ms
+    return True
+
+
 def _retry_step(lease: _Lease, wall_ms: int, config: QueueConfig) -> bool:
     if not lease.dead_at(wall_ms, config):
         return False
     lease.holder, lease.lease_from_ms, lease.attempts = None, None, 0
     return True
+
+
+_CLAIM, _RELEASE, _RETRY = 0, 1, 2
 
 
 def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> _Lease:
@@ -855,14 +902,18 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
         if base is None
         else _Lease(holder=base["holder"], lease_from_ms=base["lease_from_ms"], attempts=base["attempts"])
     )
-    steps: list[tuple[Stamp, int, str]] = [(_at(c), 0, c["worker"]) for c in task["claims"]]
-    steps += [(Stamp.coerce(r), 1, "") for r in task["retries"]]
+    steps: list[tuple[Stamp, int, str]] = [
+        (_at(c), _RELEASE if c.get("released") else _CLAIM, c["worker"]) for c in task["claims"]
+    ]
+    steps += [(Stamp.coerce(r), _RETRY, "") for r in task["retries"]]
     steps.sort()
     for at, kind, worker in steps:
         if upto is not None and at > upto:
             break
-        if kind == 0:
+        if kind == _CLAIM:
             _claim_step(lease, worker, at.wall_ms, task["not_before_ms"], config)
+        elif kind == _RELEASE:
+            _release_step(lease, worker, at.wall_ms, config)
         else:
             _retry_step(lease, at.wall_ms, config)
     return lease
@@ -1150,6 +1201,25 @@ def check_done(task: TaskState | None, queue: QueueState | None, worker_id: str,
     if task["done"] is not None:
         return Decision(Verdict.OK, noop=True, message="task is already done", holder=task["done"]["worker"])
     return Decision(Verdict.OK)
+
+
+def check_release(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
+    """Before TaskReleased: OK if ``worker_id`` holds an unexpired lease on the task; 409 DONE / NOT_HELD
+    otherwise; 404. Judged as the replay will judge it (see :func:`check_claim`)."""
+    missing = _not_found(task, queue)
+    config = _visible_config(task, queue)
+    if missing is not None or task is None or config is None:
+        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
+    if task["done"] is not None:
+        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
+    lease = _replay(task, config)
+    if lease.holder != worker_id or not lease.active_at(max(now_ms, _latest_wall(task)), config):
+        return Decision(
+            Verdict.CONFLICT,
+            Reason.NOT_HELD,
+            f"worker {quoted(worker_id)} holds no unexpired lease on the task",
+        )
+    return Decision(Verdict.OK, attempts=lease.attempts)
 
 
 def check_retry(task: TaskState | None, queue: QueueState | None, now_ms: int) -> Decision:

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import heapq
 import operator
+import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from potboiler.pigtail.machine import ListEntry, QueueState, Stamp, TaskState, TaskStatus, TaskView, task_view
 
 Rank = tuple[int, int, Stamp, str]
+
+#: How many of the best claimable tasks (of one priority) `Scheduler.pick` looks at for one it prefers.
+PICK_WINDOW = 32
+
+_random = random.Random()
 
 
 def rank(task: TaskState) -> Rank:
@@ -109,8 +115,11 @@ class Scheduler:
         queue_state: QueueState | None,
         now_ms: int,
         exclude: Collection[str] = (),
+        prefer: Callable[[str], bool] | None = None,
     ) -> str | None:
-        """The id of the best task claimable at `now_ms` that is not in `exclude`, or None.
+        """The id of the best task claimable at `now_ms` that is not in `exclude`, or None. With
+        `prefer`: the best task it prefers among the first PICK_WINDOW of the highest priority, else
+        any one of those.
 
         The task stays in ready: once claimed, the service's update moves it to waiting.
         """
@@ -128,6 +137,7 @@ class Scheduler:
             else:
                 q.place(task, task_view(task, queue_state, now_ms), now_ms)
         skipped: list[tuple[Rank, str]] = []
+        window: list[tuple[Rank, str]] = []  # claimable, not excluded, of the best's priority
         found: str | None = None
         while q.ready:
             item = heapq.heappop(q.ready)
@@ -144,9 +154,19 @@ class Scheduler:
                     q.place(task, view, now_ms)
                 continue
             skipped.append(item)
-            if task_id not in exclude:
+            if task_id in exclude:
+                continue
+            if window and item[0][0] != window[0][0][0]:
+                break  # a lower priority: never taken before the best
+            window.append(item)
+            if prefer is None or prefer(task_id):
                 found = task_id
                 break
+            if len(window) == PICK_WINDOW:
+                break
+        if found is None and window:
+            # None preferred: not the best, which the node whose share it is most likely claims now.
+            found = _random.choice(window)[1]
         for item in skipped:
             heapq.heappush(q.ready, item)
         return found

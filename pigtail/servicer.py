@@ -110,6 +110,13 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
         return pigtail_pb2.HeartbeatTaskResponse(task=views.task_message(view))
 
     @unary
+    async def ReleaseTask(
+        self, request: pigtail_pb2.ReleaseTaskRequest, context: Ctx
+    ) -> pigtail_pb2.ReleaseTaskResponse:
+        view = await self._p.release(request.queue, request.task_id, request.worker_id)
+        return pigtail_pb2.ReleaseTaskResponse(task=views.task_message(view))
+
+    @unary
     async def CompleteTask(
         self, request: pigtail_pb2.CompleteTaskRequest, context: Ctx
     ) -> pigtail_pb2.CompleteTaskResponse:
@@ -255,6 +262,12 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
     ) -> HttpBody:
         worker_id = restbody.text(restbody.members(request.body, restbody.WORKER), "worker_id")
         view = await self._p.heartbeat(request.queue, request.task_id, worker_id)
+        return views.rest_json(views.rest_view(view))
+
+    @unary
+    async def RestReleaseTask(self, request: pigtail_pb2.RestReleaseTaskRequest, context: Ctx) -> HttpBody:
+        worker_id = restbody.text(restbody.members(request.body, restbody.WORKER), "worker_id")
+        view = await self._p.release(request.queue, request.task_id, worker_id)
         return views.rest_json(views.rest_view(view))
 
     @unary

@@ -1,18 +1,18 @@
-"""One worker's WorkTasks stream: tasks go out as :meth:`Pigtail.lease` hands them; completes and
-heartbeats come in on the same stream and are each answered once they have taken effect (see WorkTasks
-in proto/potboiler/v1/pigtail.proto).
+"""One worker's WorkTasks stream: tasks go out as :meth:`Pigtail.lease` hands them; completes,
+heartbeats and releases come in on the same stream and are each answered once they have taken effect
+(see WorkTasks in proto/potboiler/v1/pigtail.proto).
 
 Three kinds of task feed one queue of outgoing messages, which the stream's own generator sends: the
-lease, the reader of the worker's messages, and one task per complete or heartbeat being worked on.
-A complete or heartbeat holds one of MAX_OUTSTANDING slots until its answer is sent: beyond that the
-reader waits, and gRPC's flow control holds the worker back (a worker that reads no answers cannot
-make the node keep more than that many).
+lease, the reader of the worker's messages, and one task per request being worked on. A request holds
+one of MAX_OUTSTANDING slots until its answer is sent: beyond that the reader waits, and gRPC's flow
+control holds the worker back (a worker that reads no answers cannot make the node keep more than that
+many). A task claimed for the worker that never went out is released when the stream ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
 from potboiler.pigtail import views
@@ -21,11 +21,12 @@ from potboiler.server.errors import InvalidArgument, PotboilerError
 from potboiler.server.grpc_errors import status_of
 from potboiler.v1 import pigtail_pb2
 
-#: Completes and heartbeats of one stream worked on at once.
+#: Completes, heartbeats and releases of one stream worked on at once.
 MAX_OUTSTANDING = 64
 
 COMPLETE: Final = pigtail_pb2.WORK_TASKS_OPERATION_COMPLETE
 HEARTBEAT: Final = pigtail_pb2.WORK_TASKS_OPERATION_HEARTBEAT
+RELEASE: Final = pigtail_pb2.WORK_TASKS_OPERATION_RELEASE
 
 
 class _RequestsEnded:
@@ -39,7 +40,7 @@ _Outgoing = pigtail_pb2.WorkTasksResponse | BaseException | _RequestsEnded
 
 async def work_session(
     pigtail: Pigtail, requests: AsyncIterator[pigtail_pb2.WorkTasksRequest]
-) -> AsyncIterator[pigtail_pb2.WorkTasksResponse]:
+) -> AsyncGenerator[pigtail_pb2.WorkTasksResponse, None]:
     """The messages to send on a WorkTasks stream whose requests are `requests`. Raises the
     domain error that ends the stream (a bad start, no such queue...)."""
     first = await anext(requests, None)
@@ -49,29 +50,26 @@ async def work_session(
         raise InvalidArgument("the first WorkTasks message must be `start`")
     start = first.start
     session = _Session(pigtail, start.queue, start.worker_id)
-    leasing = session.leasing = asyncio.create_task(
-        session.lease(start.max_in_flight), name="work-tasks-lease"
-    )
+    leasing = asyncio.create_task(session.lease(start.max_in_flight), name="work-tasks-lease")
     reading = asyncio.create_task(session.read(requests), name="work-tasks-read")
     try:
         while (item := await session.out.get()) is not _ENDED:
             yield session.sendable(item)
             session.sent(item)
-        # The worker is done: no more tasks, but every complete and heartbeat it sent is answered.
-        leasing.cancel()
+        # The worker is done: no more tasks (the lease is stopping), but every request it sent is
+        # answered; a task claimed meanwhile, which it could not complete here, is given back.
+        await asyncio.wait([leasing])
         while session.answering:
             await asyncio.wait(set(session.answering))
+        await pigtail.release_unsent(start.queue, start.worker_id, session.take_unsent())
         while not session.out.empty():
-            item = session.out.get_nowait()
-            # Not a task the lease put out meanwhile: the worker, done, could not complete it (it is
-            # handed out again when its lease ends).
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, pigtail_pb2.WorkTasksResponse) and item.WhichOneof("response") != "task":
-                yield item
+            yield session.sendable(session.out.get_nowait())
     finally:
         for task in (leasing, reading, *session.answering):
             task.cancel()
+        unsent = session.take_unsent()  # an error or a cancel ended the stream
+        if unsent:
+            pigtail.release_later(start.queue, start.worker_id, unsent)
 
 
 class _Session:
@@ -81,14 +79,27 @@ class _Session:
         self._worker_id = worker_id
         self.out: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self.answering: set[asyncio.Task[None]] = set()
-        #: The lease handing out tasks, stopped as soon as the worker closes its side.
-        self.leasing: asyncio.Task[None] | None = None
-        #: Set by the worker's stop_leasing: the lease ends between claims (one under way is sent).
+        #: Set by the worker's stop_leasing, or when it closes its side: the lease ends between claims
+        #: (one under way is sent, or released if the worker's side is closed).
         self.stop_leasing = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_OUTSTANDING)
 
+    def take_unsent(self) -> list[str]:
+        """The ids of the tasks waiting to go out, taken out of `out` (the other messages stay)."""
+        kept: list[_Outgoing] = []
+        unsent: list[str] = []
+        while not self.out.empty():
+            item = self.out.get_nowait()
+            if isinstance(item, pigtail_pb2.WorkTasksResponse) and item.WhichOneof("response") == "task":
+                unsent.append(item.task.task_id)
+            else:
+                kept.append(item)
+        for item in kept:
+            self.out.put_nowait(item)
+        return unsent
+
     def sent(self, item: _Outgoing) -> None:
-        """`item` went out: an answer to a complete or heartbeat frees its slot."""
+        """`item` went out: an answer to a request frees its slot."""
         if isinstance(item, pigtail_pb2.WorkTasksResponse) and item.WhichOneof("response") != "task":
             self._slots.release()
 
@@ -118,13 +129,15 @@ class _Session:
                     operation, task_id = COMPLETE, request.complete_task_id
                 elif kind == "heartbeat_task_id":
                     operation, task_id = HEARTBEAT, request.heartbeat_task_id
+                elif kind == "release_task_id":
+                    operation, task_id = RELEASE, request.release_task_id
                 elif kind == "stop_leasing" and request.stop_leasing:
                     self.stop_leasing.set()
                     continue
                 else:
                     raise InvalidArgument(
-                        "after `start`, a WorkTasks message must be complete_task_id, heartbeat_task_id "
-                        "or stop_leasing (true)"
+                        "after `start`, a WorkTasks message must be complete_task_id, heartbeat_task_id, "
+                        "release_task_id or stop_leasing (true)"
                     )
                 await self._slots.acquire()
                 task = asyncio.create_task(self._answer(operation, task_id))
@@ -135,8 +148,7 @@ class _Session:
         else:
             # At once, not when the stream's generator gets to it: the completes just read would
             # make room for tasks the worker could not complete.
-            if self.leasing is not None:
-                self.leasing.cancel()
+            self.stop_leasing.set()
             self.out.put_nowait(_ENDED)
 
     async def _answer(self, operation: pigtail_pb2.WorkTasksOperation.ValueType, task_id: str) -> None:
@@ -148,10 +160,15 @@ class _Session:
                         task=views.task_message(view), already_done=already
                     )
                 )
-            else:
+            elif operation == HEARTBEAT:
                 view = await self._pigtail.heartbeat(self._queue, task_id, self._worker_id)
                 answer = pigtail_pb2.WorkTasksResponse(
                     heartbeat=pigtail_pb2.HeartbeatTaskResponse(task=views.task_message(view))
+                )
+            else:
+                view = await self._pigtail.release(self._queue, task_id, self._worker_id)
+                answer = pigtail_pb2.WorkTasksResponse(
+                    released=pigtail_pb2.ReleaseTaskResponse(task=views.task_message(view))
                 )
         except PotboilerError as error:  # this request failed; the stream goes on
             code = status_of(error).value[0]

@@ -52,74 +52,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: Seconds between looks for a queue that does not exist yet.
+QUEUE_POLL_S = 1.0
+
+
 async def run(args: argparse.Namespace) -> int:
-    taken = 0  # tasks this worker took on
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = pigtail_pb2_grpc.PigtailServiceStub(channel)
-        stream = stub.WorkTasks()
-        start = pigtail_pb2.LeaseTasksRequest(
-            queue=args.queue, worker_id=args.worker_id, max_in_flight=args.in_flight
-        )
-        stopping = False  # no more tasks asked for: finish those held, then close
-        closed = False  # this worker's side of the stream
-        completing: set[str] = set()  # completes sent and not answered yet
+        waited = 0.0
+        while True:
+            try:
+                await work(stub, args)
+                return 0
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND or (args.idle_exit and waited >= args.idle_exit):
+                    print(f"work stream failed: {error.code().name}: {error.details()}", file=sys.stderr)
+                    return 1
+            print(f"no queue {args.queue!r} yet", file=sys.stderr, flush=True)  # (or deleted meanwhile)
+            await asyncio.sleep(QUEUE_POLL_S)
+            waited += QUEUE_POLL_S
 
-        async def stop() -> None:
-            nonlocal stopping
-            if not stopping:
-                stopping = True
-                await stream.write(pigtail_pb2.WorkTasksRequest(stop_leasing=True))
 
-        async def close_when_done() -> None:
-            nonlocal closed
-            if stopping and not completing and not closed:
-                closed = True
-                await stream.done_writing()  # every task taken is answered: the node ends the stream
+async def work(stub: pigtail_pb2_grpc.PigtailServiceStub, args: argparse.Namespace) -> None:
+    """One WorkTasks stream, until --max-tasks or --idle-exit ends it (or an error)."""
+    taken = 0  # tasks this worker took on
+    stream = stub.WorkTasks()
+    start = pigtail_pb2.LeaseTasksRequest(
+        queue=args.queue, worker_id=args.worker_id, max_in_flight=args.in_flight
+    )
+    stopping = False  # no more tasks asked for: finish those held, then close
+    closed = False  # this worker's side of the stream
+    completing: set[str] = set()  # completes sent and not answered yet
 
-        try:
-            await stream.write(pigtail_pb2.WorkTasksRequest(start=start))
-            while True:
-                # A read is not cancelled on a timeout: that would cancel the whole call.
-                read = asyncio.ensure_future(stream.read())
-                if args.idle_exit and not stopping:
-                    await asyncio.wait([read], timeout=args.idle_exit)
-                    if not read.done():  # no task for --idle-exit seconds
-                        await stop()
-                        await close_when_done()
-                message = await read
-                if not isinstance(message, pigtail_pb2.WorkTasksResponse):
-                    break  # the node ended the stream, having answered every complete
-                kind = message.WhichOneof("response")
-                if kind == "task":
-                    task_id = message.task.task_id
-                    if closed:  # handed out as this worker closed: it goes back when its lease ends
-                        print(f"task {task_id} left to others", file=sys.stderr, flush=True)
-                        continue
-                    if not stopping:
-                        taken += 1
-                        if args.max_tasks and taken >= args.max_tasks:
-                            await stop()  # before this task's complete, which would make room
-                    info = json_format.MessageToDict(message.task.info)  # the task's info as plain JSON
-                    print(f"hello world: {info}", file=sys.stderr, flush=True)
-                    completing.add(task_id)
-                    await stream.write(pigtail_pb2.WorkTasksRequest(complete_task_id=task_id))
+    async def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            await stream.write(pigtail_pb2.WorkTasksRequest(stop_leasing=True))
+
+    async def close_when_done() -> None:
+        nonlocal closed
+        if stopping and not completing and not closed:
+            closed = True
+            await stream.done_writing()  # every task taken is answered: the node ends the stream
+
+    try:
+        await stream.write(pigtail_pb2.WorkTasksRequest(start=start))
+        while True:
+            # A read is not cancelled on a timeout: that would cancel the whole call.
+            read = asyncio.ensure_future(stream.read())
+            if args.idle_exit and not stopping:
+                await asyncio.wait([read], timeout=args.idle_exit)
+                if not read.done():  # no task for --idle-exit seconds
+                    await stop()
+                    await close_when_done()
+            message = await read
+            if not isinstance(message, pigtail_pb2.WorkTasksResponse):
+                return  # the node ended the stream, having answered every complete
+            kind = message.WhichOneof("response")
+            if kind == "task":
+                task_id = message.task.task_id
+                if closed:  # sent as this worker closed: it goes back when its lease ends
+                    print(f"task {task_id} left to others", file=sys.stderr, flush=True)
                     continue
-                if kind == "completed":
-                    task_id = message.completed.task.task_id
-                    print(f"done {task_id}", flush=True)
-                elif kind == "failure":
-                    task_id = message.failure.task_id
-                    print(f"task {task_id}: {message.failure.message}", file=sys.stderr, flush=True)
-                else:
-                    continue
-                completing.discard(task_id)
-                await close_when_done()
-        except grpc.aio.AioRpcError as error:
-            print(f"work stream failed: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
-        finally:
-            stream.cancel()
-    return 0
+                if not stopping:
+                    taken += 1
+                    if args.max_tasks and taken >= args.max_tasks:
+                        await stop()  # before this task's complete, which would make room
+                info = json_format.MessageToDict(message.task.info)  # the task's info as plain JSON
+                print(f"hello world: {info}", file=sys.stderr, flush=True)
+                completing.add(task_id)
+                await stream.write(pigtail_pb2.WorkTasksRequest(complete_task_id=task_id))
+                continue
+            if kind == "completed":
+                task_id = message.completed.task.task_id
+                print(f"done {task_id}", flush=True)
+            elif kind == "failure":
+                task_id = message.failure.task_id
+                print(f"task {task_id}: {message.failure.message}", file=sys.stderr, flush=True)
+            else:
+                continue
+            completing.discard(task_id)
+            await close_when_done()
+    finally:
+        stream.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

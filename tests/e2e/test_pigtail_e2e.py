@@ -163,6 +163,37 @@ def test_example_lease_worker(pig: Pigtail, node: NodeProcess) -> None:
     assert all(task["state"] == "pending" for task in pig.listing(queue).values())
 
 
+def test_example_lease_worker_waits_for_its_queue(pig: Pigtail, node: NodeProcess) -> None:
+    """Started before the provider has created the queue, as worker.py it waits for it."""
+    queue = f"later-{uuid.uuid4().hex[:8]}"
+    target = ["--target", f"127.0.0.1:{node.ports.core}", "--queue", queue]
+    worker = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "lease_worker.py"), *target, "--max-tasks", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        assert "no queue" in worker.stderr.readline()
+        assert pig.http.post("/create", json={"name": queue, "timeout_ms": 60_000}).status_code == 201
+        task_id = pig.add(queue)
+        out, err = worker.communicate(timeout=60)
+        assert (worker.returncode, out.splitlines()) == (0, [f"done {task_id}"]), err
+    finally:
+        worker.kill()
+        worker.wait()
+    # With --idle-exit it gives up waiting after that long.
+    never = ["--target", f"127.0.0.1:{node.ports.core}", "--queue", "never", "--idle-exit", "0.5"]
+    gone = subprocess.run(
+        [sys.executable, str(EXAMPLES / "lease_worker.py"), *never],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
+
+
 def test_claim_conflict_is_409(pig: Pigtail) -> None:
     queue = pig.create(timeout_ms=60_000)
     task_id = pig.add(queue, info={"foo": "bar", "abc": {"z": 1, "a": 2}})
@@ -323,6 +354,25 @@ def test_bad_claims_are_400(pig: Pigtail) -> None:
     assert pig.http.put(f"/queue/{queue}/{task_id}").status_code == 400  # no body
     assert pig.http.get("/queue/not%20a%20name").status_code == 400
     assert pig.http.post("/create", json={"name": queue, "timeout_ms": 5}).status_code == 409
+
+
+def test_release_gives_a_task_back_at_once(pig: Pigtail) -> None:
+    queue = pig.create(timeout_ms=60_000)
+    task_id = pig.add(queue, info={"foo": "bar"})
+    assert pig.claim(queue, task_id, "w").status_code == 200
+    refused = pig.http.post(f"/queue/{queue}/{task_id}/release", json={"worker_id": "x"})
+    assert refused.status_code == 409 and "holds no unexpired lease" in refused.json()["message"]
+    released = pig.http.post(f"/queue/{queue}/{task_id}/release", json={"worker_id": "w"})
+    assert released.status_code == 200 and released.json() == {
+        "task_name": "hello_world",
+        "state": "pending",
+        "info": {"foo": "bar"},
+        "worker": "w",
+    }
+    assert pig.listing(queue) == {task_id: {"task_name": "hello_world", "state": "pending"}}
+    assert pig.claim(queue, task_id, "x").status_code == 200
+    assert pig.http.post(f"/queue/{queue}/{task_id}/release", json={}).status_code == 400
+    assert pig.http.post(f"/queue/{queue}/nope/release", json={"worker_id": "x"}).status_code == 404
 
 
 def test_heartbeat_dead_letter_and_retry(pig: Pigtail) -> None:

@@ -137,6 +137,14 @@ async def test_typed_api_flow_and_status_codes(pigtail_node: Factory) -> None:
     assert error.code() == grpc.StatusCode.ABORTED and "w1" in (error.details() or "")
     beat = await n.api.HeartbeatTask(pb.HeartbeatTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
     assert beat.task.lease_expires_ms >= claimed.task.lease_expires_ms
+    error = await rpc_error(
+        n.api.ReleaseTask(pb.ReleaseTaskRequest(queue="q", task_id=task_id, worker_id="w2"))
+    )
+    assert error.code() == grpc.StatusCode.ABORTED and "holds no unexpired lease" in (error.details() or "")
+    released = await n.api.ReleaseTask(pb.ReleaseTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
+    assert released.task.state == pb.TASK_STATE_PENDING and released.task.worker == "w1"
+    claimed = await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
+    assert claimed.task.attempts == 2
     queue = await n.api.GetQueue(pb.GetQueueRequest(name="q"))
     assert (queue.pending, queue.working) == (0, 1)
     done = await n.api.CompleteTask(pb.CompleteTaskRequest(queue="q", task_id=task_id, worker_id="w1"))
@@ -259,6 +267,9 @@ async def test_rest_bodies_are_read_strictly_and_bad_ones_append_nothing(pigtail
         n.rest.RestClaimTask(pb.RestClaimTaskRequest(queue="q", task_id=task_id, body=HttpBody())),
         n.rest.RestCompleteTask(pb.RestCompleteTaskRequest(queue="q", task_id=task_id, body=body({"x": 1}))),
         n.rest.RestHeartbeatTask(pb.RestHeartbeatTaskRequest(queue="q", task_id=task_id, body=body(None))),
+        n.rest.RestReleaseTask(
+            pb.RestReleaseTaskRequest(queue="q", task_id=task_id, body=body({"worker": "w"}))
+        ),
         n.rest.RestRetryTask(pb.RestRetryTaskRequest(queue="q", task_id=task_id, body=body({"x": 1}))),
         n.rest.RestClaimNextTask(pb.RestClaimNextTaskRequest(queue="q", body=body({"wait_ms": "soon"}))),
         # int() itself refuses a decimal string of more than 4,300 digits

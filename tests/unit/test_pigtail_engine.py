@@ -9,6 +9,7 @@ import contextlib
 import random
 import threading
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.pigtail.worksession import work_session
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge, Unavailable
-from potboiler.server.hlc import HybridClock
+from potboiler.server.hlc import HybridClock, Stamp
+from potboiler.server.log import Promise
 from potboiler.server.storage import MemoryStore, Write
 from potboiler.v1 import pigtail_pb2
 from potboiler.v1.entry_pb2 import Entry
@@ -202,6 +204,46 @@ async def test_heartbeat_extends_the_lease(h: Harness) -> None:
     assert view["lease_expires_ms"] == T0 + 1800 and view["attempts"] == 1
     h.advance(900)
     assert (await h.pigtail.get_task("q", task_id))["state"] == "working"
+
+
+async def test_a_released_task_is_pending_again_at_once(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 60_000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    with pytest.raises(Contended, match="worker 'w2' holds no unexpired lease"):
+        await h.pigtail.release("q", task_id, "w2")
+    h.advance(5)
+    view = await h.pigtail.release("q", task_id, "w1")
+    assert (view["state"], view["worker"], view["attempts"]) == ("pending", "w1", 1)
+    assert view["lease_expires_ms"] == T0 + 5
+    with pytest.raises(Contended, match="holds no unexpired lease"):
+        await h.pigtail.release("q", task_id, "w1")  # given back already
+    view, renewal = await h.pigtail.claim("q", task_id, "w2")
+    assert not renewal and view["attempts"] == 2
+    await h.pigtail.complete("q", task_id)
+    with pytest.raises(Contended, match="done"):
+        await h.pigtail.release("q", task_id, "w2")
+    with pytest.raises(NotFound):
+        await h.pigtail.release("q", "no-such-task", "w2")
+
+
+async def test_a_release_on_the_last_attempt_dead_letters_the_task(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 60_000, 1)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    assert (await h.pigtail.release("q", task_id, "w1"))["state"] == "dead"
+
+
+async def test_a_waiting_claim_gets_a_released_task(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 60_000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    waiting = asyncio.create_task(h.pigtail.claim_next("q", "w2", wait_ms=30_000))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    await h.pigtail.release("q", task_id, "w1")
+    view = await asyncio.wait_for(waiting, 10)
+    assert view is not None and (view["task_id"], view["worker"]) == (task_id, "w2")
 
 
 async def test_concurrent_claims_on_one_node_have_one_winner(h: Harness) -> None:
@@ -408,6 +450,37 @@ async def test_lease_stream_respects_max_in_flight(h: Harness) -> None:
     new = await h.add()
     assert (await asyncio.wait_for(fourth, 5))["task_id"] == new
     await leases.aclose()
+
+
+async def test_with_other_nodes_up_a_node_claims_from_its_share_first(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on every node look at the same best tasks: each node takes its share first, so that two
+    nodes seldom claim one task before their claims meet (one would lose, the task done twice)."""
+    await h.pigtail.create_queue("q", 60_000)
+    ids = [await h.add()]
+    # The peer's id puts the oldest task in the peer's share (this node's share is 1 - its hash % 2).
+    own_index = 1 - zlib.crc32(ids[0].encode()) % 2
+    peer = "00000000-0000-4000-8000-000000000000" if own_index else "ffffffff-ffff-4fff-bfff-ffffffffffff"
+    assert sorted([h.log.node_id, peer]).index(h.log.node_id) == own_index
+    while len(ids) < 4 or not any(zlib.crc32(i.encode()) % 2 == own_index for i in ids):
+        ids.append(await h.add())
+    share = [i for i in ids if zlib.crc32(i.encode()) % 2 == own_index]
+    peer_up = {peer: Promise(Stamp(h.pigtail.now_ms(), 0), 0)}
+    monkeypatch.setattr(h.log, "promises", lambda: peer_up)
+    claimed = [await h.pigtail.claim_next("q", f"w{i}") for i in range(len(ids))]
+    assert [v["task_id"] for v in claimed if v is not None] == share + [i for i in ids if i not in share]
+
+
+async def test_a_node_whose_peers_are_silent_hands_tasks_out_in_order(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await h.pigtail.create_queue("q", 60_000)
+    ids = [await h.add() for _ in range(4)]
+    long_ago = h.pigtail.now_ms() - engine.UP_PROMISE_MS - 1
+    monkeypatch.setattr(h.log, "promises", lambda: {B: Promise(Stamp(long_ago, 0), 0)})
+    claimed = [await h.pigtail.claim_next("q", f"w{i}") for i in range(len(ids))]
+    assert [v["task_id"] for v in claimed if v is not None] == ids
 
 
 async def test_lease_stream_ends_when_the_queue_is_deleted(h: Harness) -> None:
@@ -647,6 +720,82 @@ async def test_stop_leasing_ends_the_tasks_and_keeps_the_stream(h: Harness) -> N
             requests.close()
     assert sent == ["task", "completed"]
     assert [(await h.pigtail.get_task("q", i))["state"] for i in ids] == ["done", "pending", "pending"]
+
+
+async def test_a_work_session_takes_releases_and_hands_out_the_task_again(h: Harness) -> None:
+    """A released task keeps its place in the queue: the lease, with room again, hands it out next."""
+    await h.pigtail.create_queue("q", 60_000)
+    first, second = await h.add(), await h.add()
+    requests = WorkerRequests("q", max_in_flight=1)
+    got = []
+    async for response in work_session(h.pigtail, requests.stream()):
+        kind = response.WhichOneof("response")
+        got.append((kind, response.task.task_id if kind == "task" else None))
+        if kind == "task" and len(got) == 1:
+            requests.put(release_task_id=first)
+        elif kind == "task":
+            requests.put(complete_task_id=response.task.task_id)
+        elif kind == "completed" and response.completed.task.task_id == second:
+            requests.put(release_task_id="unknown")
+        elif kind == "failure":
+            assert response.failure.operation == pigtail_pb2.WORK_TASKS_OPERATION_RELEASE
+            assert response.failure.code == 5  # NOT_FOUND
+            requests.close()
+    assert [g for g in got if g[0] == "task"] == [("task", first), ("task", first), ("task", second)]
+    assert [g[0] for g in got if g[0] != "task"] == ["released", "completed", "completed", "failure"]
+    assert (await h.pigtail.get_task("q", first))["attempts"] == 2
+
+
+async def test_a_task_claimed_as_the_worker_closes_its_side_is_given_back(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker closes its side while the node is claiming a task for it: the claim is made, the
+    worker can never get the task, so the stream releases it before ending (it was held until its
+    lease ran out)."""
+    await h.pigtail.create_queue("q", 60_000)
+    task_id = await h.add()
+    claiming, go_on = asyncio.Event(), asyncio.Event()
+    claim = h.pigtail._claim
+
+    async def held_claim(queue: str, task: str, worker: str) -> TaskView:
+        claiming.set()
+        await go_on.wait()
+        return await claim(queue, task, worker)
+
+    monkeypatch.setattr(h.pigtail, "_claim", held_claim)
+    requests = WorkerRequests("q", max_in_flight=1)
+    session = work_session(h.pigtail, requests.stream())
+    ending = asyncio.ensure_future(anext(session, None))
+    await asyncio.wait_for(claiming.wait(), 10)
+    requests.close()
+    await asyncio.sleep(0.01)
+    go_on.set()
+    assert await asyncio.wait_for(ending, 10) is None  # the stream ended without sending the task
+    view = await h.pigtail.get_task("q", task_id)
+    assert (view["state"], view["worker"], view["attempts"]) == ("pending", "w", 1)
+
+
+async def test_tasks_not_sent_when_a_work_stream_is_cancelled_are_given_back(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 60_000)
+    ids = {await h.add(), await h.add()}
+    requests = WorkerRequests("q", max_in_flight=2)
+    session = work_session(h.pigtail, requests.stream())
+    sent = (await anext(session)).task.task_id
+    (unsent,) = ids - {sent}
+
+    async def both_claimed() -> bool:
+        return (await h.pigtail.get_task("q", unsent))["state"] == "working"
+
+    await wait_for(both_claimed)
+    for _ in range(10):
+        await asyncio.sleep(0)  # the lease puts the claimed task out to send
+    await session.aclose()  # as gRPC closes the generator of a cancelled call
+
+    async def given_back() -> bool:
+        return (await h.pigtail.get_task("q", unsent))["state"] == "pending"
+
+    await wait_for(given_back)
+    assert (await h.pigtail.get_task("q", sent))["state"] == "working"  # the worker may be doing it
 
 
 async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(

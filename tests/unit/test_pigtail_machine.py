@@ -23,6 +23,7 @@ from potboiler.pigtail.machine import (
     TaskClaimed,
     TaskDone,
     TaskEvent,
+    TaskReleased,
     TaskRetried,
     TaskState,
     TaskView,
@@ -34,6 +35,7 @@ from potboiler.pigtail.machine import (
     check_create,
     check_delete,
     check_done,
+    check_release,
     check_retry,
     claimable_order,
     compact_task,
@@ -96,6 +98,10 @@ def done(worker: str, task_id: str = "t") -> TaskDone:
 
 def retry(task_id: str = "t") -> TaskRetried:
     return TaskRetried(Q, task_id)
+
+
+def release(worker: str, task_id: str = "t") -> TaskReleased:
+    return TaskReleased(Q, task_id, worker)
 
 
 Step = tuple[int, str, Event]
@@ -274,6 +280,58 @@ TRANSITIONS = [
         1,
         1,
     ),
+    Case(
+        "release by the holder ends the lease there",
+        [(10, N1, claim("A")), (20, N2, release("A"))],
+        30,
+        "pending",
+        "A",
+        1,
+        lease_expires_ms=20,
+    ),
+    Case(
+        "release by another worker is void",
+        [(10, N1, claim("A")), (20, N1, release("B"))],
+        30,
+        "working",
+        "A",
+        1,
+    ),
+    Case(
+        "release of an expired lease is void",
+        [(10, N1, claim("A")), (150, N2, claim("B")), (160, N1, release("A"))],
+        170,
+        "working",
+        "B",
+        2,
+    ),
+    Case(
+        "a claim after a release starts a new attempt",
+        [(10, N1, claim("A")), (20, N1, release("A")), (20, N2, claim("B"))],
+        30,
+        "working",
+        "B",
+        2,
+        lease_expires_ms=120,
+    ),
+    Case(
+        "a release on the last attempt dead-letters the task",
+        [(10, N1, claim("A")), (20, N1, release("A"))],
+        30,
+        "dead",
+        "A",
+        1,
+        1,
+    ),
+    Case(
+        "release after done is void",
+        [(10, N1, claim("A")), (20, N1, done("A")), (30, N1, release("A"))],
+        40,
+        "done",
+        "A",
+        1,
+    ),
+    Case("release before any claim is void", [(20, N1, release("A"))], 30, "pending", None, 0),
     Case("delayed task before it is due", [], 100, "delayed", None, 0, not_before_ms=500),
     Case("delayed task once due is pending", [], 500, "pending", None, 0, not_before_ms=500),
     Case("claim before due is void", [(100, N1, claim("A"))], 150, "delayed", None, 0, not_before_ms=500),
@@ -399,6 +457,19 @@ def test_check_done() -> None:
     again = check_done(replica.task(), replica.queue, "A", 30)
     assert again.ok and again.noop
     assert check_done(None, replica.queue, "A", 30).verdict is Verdict.NOT_FOUND
+
+
+def test_check_release() -> None:
+    replica = run([(10, N1, claim("A"))])
+    assert check_release(replica.task(), replica.queue, "A", 20).ok
+    assert check_release(replica.task(), replica.queue, "B", 20).reason is Reason.NOT_HELD
+    assert check_release(replica.task(), replica.queue, "A", 110).reason is Reason.NOT_HELD  # expired
+    replica.apply(release("A"), Stamp(20, 0, N1))
+    assert check_release(replica.task(), replica.queue, "A", 30).reason is Reason.NOT_HELD
+    assert check_claim(replica.task(), replica.queue, "B", 30).ok
+    replica.apply(done("A"), Stamp(40, 0, N1))
+    assert check_release(replica.task(), replica.queue, "A", 50).reason is Reason.DONE
+    assert check_release(None, replica.queue, "A", 50).verdict is Verdict.NOT_FOUND
 
 
 def test_check_retry() -> None:
@@ -568,6 +639,7 @@ EVENTS: list[Event] = [
     ),
     TaskClaimed(Q, "t", "w"),
     TaskDone(Q, "t", "w"),
+    TaskReleased(Q, "t", "w"),
     TaskRetried(Q, "t"),
 ]
 
@@ -590,6 +662,7 @@ def test_event_json_roundtrip(event: Event) -> None:
         {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "info": {1, 2}},
         {"kind": "task_claimed", "queue": Q, "task_id": "t"},
         {"kind": "task_retried", "queue": Q},
+        {"kind": "task_released", "queue": Q, "task_id": "t", "worker_id": ""},
         # Past the API's limits: only appended by hand, and beyond the typed answers' int32 fields.
         {"kind": "queue_created", "name": Q, "timeout_ms": 86_400_001},
         {"kind": "queue_created", "name": Q, "timeout_ms": 10, "max_attempts": 1_001},
@@ -783,6 +856,7 @@ ACTION = st.one_of(
     CLAIM,
     st.tuples(st.just("done"), NODE, st.sampled_from(WORKERS), TASK_PICK, st.booleans()),
     st.tuples(st.just("retry"), NODE, TASK_PICK, st.booleans()),
+    st.tuples(st.just("release"), NODE, st.sampled_from(WORKERS), TASK_PICK, st.booleans()),
     st.tuples(st.just("deliver"), NODE, st.integers(1, 6), st.integers(0, 1 << 20)),
     st.tuples(st.just("dup"), NODE, st.integers(0, 1 << 20)),
     st.tuples(st.just("queue"), NODE, st.integers(0, 15)),
@@ -805,7 +879,7 @@ def _act(cluster: Cluster, action: tuple[Any, ...], config: tuple[int, int | Non
             cluster.emit(
                 node, TaskAdded(Q, f"t{len(cluster.log)}", "job", {"n": 1}, not_before, priority, key)
             )
-    elif kind in ("claim", "done", "retry") and known:
+    elif kind in ("claim", "done", "retry", "release") and known:
         task_id = known[action[-2] % len(known)]
         task, force = replica.tasks[task_id], action[-1]
         if kind == "claim":
@@ -818,6 +892,9 @@ def _act(cluster: Cluster, action: tuple[Any, ...], config: tuple[int, int | Non
             ok = decision.ok and not decision.noop and (holder or action[3] % 4 == 0)
             force = force and action[3] % 8 == 0
             event = done(action[2], task_id)
+        elif kind == "release":
+            ok = check_release(task, replica.queue, action[2], now).ok
+            event = release(action[2], task_id)
         else:
             ok = check_retry(task, replica.queue, now).ok
             force = force and action[2] % 4 == 0

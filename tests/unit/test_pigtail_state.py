@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -33,7 +34,7 @@ from potboiler.pigtail.machine import (
     queue_config,
     task_view,
 )
-from potboiler.pigtail.scheduler import Scheduler
+from potboiler.pigtail.scheduler import PICK_WINDOW, Scheduler
 from potboiler.pigtail.state import COMPACT_AT, COMPACT_MARGIN_MS, PigtailState
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.hlc import Stamp as HlcStamp
@@ -495,6 +496,33 @@ def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     assert scheduler.next_wake_ms("q") == now + 1000  # the lease of "urgent" ends then
     assert scheduler.pick("q", state.open_tasks("q").get, queue, T0 + 6000) == "later"
     assert scheduler.pick("q", state.open_tasks("q").get, queue, now + 1000, exclude={"old"}) == "urgent"
+
+
+def test_the_scheduler_takes_a_preferred_task_among_the_best_of_one_priority() -> None:
+    state = PigtailState(MemoryStore())
+    log = Log()
+    adds = [log.event(A, T0 + 1 + i, TaskAdded("q", f"t{i}", "x")) for i in range(PICK_WINDOW + 5)]
+    adds.append(log.event(A, T0 + 99, TaskAdded("q", "low", "x", priority=-1)))
+    state.apply(positioned([log.event(A, T0, QueueCreated("q", 1000)), *adds]))
+    scheduler = Scheduler()
+    now = T0 + 100
+    tasks, queue = state.open_tasks("q"), state.queue("q")
+    for task in tasks.values():
+        scheduler.update(task, task_view(task, queue, now), now)
+
+    def pick(prefer: Callable[[str], bool], exclude: set[str] | None = None) -> str | None:
+        return scheduler.pick("q", tasks.get, queue, now, exclude or set(), prefer)
+
+    assert pick(lambda t: t in ("t3", "t4")) == "t3"
+    assert pick(lambda t: t in ("t3", "t4"), {"t3"}) == "t4"
+    window = {f"t{i}" for i in range(PICK_WINDOW)}
+    picks = {pick(lambda t: False) for _ in range(200)}
+    assert picks <= window and len(picks) > 1  # none preferred: any of the window
+    assert pick(lambda t: t == f"t{PICK_WINDOW + 2}") in window  # beyond the window
+    assert pick(lambda t: t == "low") in window  # never a lower priority before the best
+    assert pick(lambda t: False, {f"t{i}" for i in range(PICK_WINDOW + 5)}) == "low"
+    assert pick(lambda t: t == "t7") == "t7"  # and every task is still there
+    assert scheduler.pick("q", tasks.get, queue, now) == "t0"
 
 
 def test_the_scheduler_frees_a_queue_whose_tasks_are_all_forgotten() -> None:

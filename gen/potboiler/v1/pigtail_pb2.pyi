@@ -70,6 +70,8 @@ class _WorkTasksOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Wo
     """A complete_task_id."""
     WORK_TASKS_OPERATION_HEARTBEAT: _WorkTasksOperation.ValueType  # 2
     """A heartbeat_task_id."""
+    WORK_TASKS_OPERATION_RELEASE: _WorkTasksOperation.ValueType  # 3
+    """A release_task_id."""
 
 class WorkTasksOperation(_WorkTasksOperation, metaclass=_WorkTasksOperationEnumTypeWrapper):
     """The requests of a WorkTasks stream that are answered."""
@@ -80,6 +82,8 @@ WORK_TASKS_OPERATION_COMPLETE: WorkTasksOperation.ValueType  # 1
 """A complete_task_id."""
 WORK_TASKS_OPERATION_HEARTBEAT: WorkTasksOperation.ValueType  # 2
 """A heartbeat_task_id."""
+WORK_TASKS_OPERATION_RELEASE: WorkTasksOperation.ValueType  # 3
+"""A release_task_id."""
 Global___WorkTasksOperation: _TypeAlias = WorkTasksOperation  # noqa: Y015
 
 @_typing.final
@@ -832,6 +836,60 @@ class HeartbeatTaskResponse(_message.Message):
 Global___HeartbeatTaskResponse: _TypeAlias = HeartbeatTaskResponse  # noqa: Y015
 
 @_typing.final
+class ReleaseTaskRequest(_message.Message):
+    """A release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue's name."""
+    task_id: _builtins.str
+    """The task's id."""
+    worker_id: _builtins.str
+    """The id of the worker holding the lease (required)."""
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "task_id", b"task_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseTaskRequest: _TypeAlias = ReleaseTaskRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseTaskResponse(_message.Message):
+    """The task given back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task, pending (or dead); lease_expires_ms is when the lease ended."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseTaskResponse: _TypeAlias = ReleaseTaskResponse  # noqa: Y015
+
+@_typing.final
 class CompleteTaskRequest(_message.Message):
     """A done."""
 
@@ -1067,6 +1125,7 @@ class WorkTasksRequest(_message.Message):
     COMPLETE_TASK_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TASK_ID_FIELD_NUMBER: _builtins.int
     STOP_LEASING_FIELD_NUMBER: _builtins.int
+    RELEASE_TASK_ID_FIELD_NUMBER: _builtins.int
     complete_task_id: _builtins.str
     """Marks a task of the queue done for this worker, as CompleteTask."""
     heartbeat_task_id: _builtins.str
@@ -1076,6 +1135,10 @@ class WorkTasksRequest(_message.Message):
     heartbeats go on, for the tasks handed out before. A worker stopping sends
     it before completing its last task (whose complete would make room for
     another), finishes what it holds, then closes its side.
+    """
+    release_task_id: _builtins.str
+    """Gives back a task this worker holds, as ReleaseTask; the stream then
+    has room for another task (unless stop_leasing was sent).
     """
     @_builtins.property
     def start(self) -> Global___LeaseTasksRequest:
@@ -1090,12 +1153,13 @@ class WorkTasksRequest(_message.Message):
         complete_task_id: _builtins.str = ...,
         heartbeat_task_id: _builtins.str = ...,
         stop_leasing: _builtins.bool = ...,
+        release_task_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start", "stop_leasing", b"stop_leasing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "release_task_id", b"release_task_id", "request", b"request", "start", b"start", "stop_leasing", b"stop_leasing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "request", b"request", "start", b"start", "stop_leasing", b"stop_leasing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_task_id", b"complete_task_id", "heartbeat_task_id", b"heartbeat_task_id", "release_task_id", b"release_task_id", "request", b"request", "start", b"start", "stop_leasing", b"stop_leasing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "complete_task_id", "heartbeat_task_id", "stop_leasing"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["start", "complete_task_id", "heartbeat_task_id", "stop_leasing", "release_task_id"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 
@@ -1111,6 +1175,7 @@ class WorkTasksResponse(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
         """A task claimed for the worker, as LeaseTasks sends it."""
@@ -1125,7 +1190,11 @@ class WorkTasksResponse(_message.Message):
 
     @_builtins.property
     def failure(self) -> Global___WorkTasksFailure:
-        """A complete or heartbeat that failed."""
+        """A complete, heartbeat or release that failed."""
+
+    @_builtins.property
+    def released(self) -> Global___ReleaseTaskResponse:
+        """The answer to a release_task_id: the task given back."""
 
     def __init__(
         self,
@@ -1134,12 +1203,13 @@ class WorkTasksResponse(_message.Message):
         completed: Global___CompleteTaskResponse | None = ...,
         heartbeat: Global___HeartbeatTaskResponse | None = ...,
         failure: Global___WorkTasksFailure | None = ...,
+        released: Global___ReleaseTaskResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failure", b"failure", "heartbeat", b"heartbeat", "response", b"response", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failure", b"failure", "heartbeat", b"heartbeat", "released", b"released", "response", b"response", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failure", b"failure", "heartbeat", b"heartbeat", "response", b"response", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failure", b"failure", "heartbeat", b"heartbeat", "released", b"released", "response", b"response", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["task", "completed", "heartbeat", "failure"]  # noqa: Y015
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["task", "completed", "heartbeat", "failure", "released"]  # noqa: Y015
     _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
 
@@ -1147,7 +1217,7 @@ Global___WorkTasksResponse: _TypeAlias = WorkTasksResponse  # noqa: Y015
 
 @_typing.final
 class WorkTasksFailure(_message.Message):
-    """A complete or heartbeat sent on a WorkTasks stream that failed."""
+    """A complete, heartbeat or release sent on a WorkTasks stream that failed."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1160,8 +1230,8 @@ class WorkTasksFailure(_message.Message):
     operation: Global___WorkTasksOperation.ValueType
     """Which request failed."""
     code: _code_pb2.Code.ValueType
-    """The status the unary RPC (CompleteTask or HeartbeatTask) would have
-    ended with: NOT_FOUND, ABORTED or INVALID_ARGUMENT.
+    """The status the unary RPC (CompleteTask, HeartbeatTask or ReleaseTask)
+    would have ended with: NOT_FOUND, ABORTED or INVALID_ARGUMENT.
     """
     message: _builtins.str
     """What went wrong, as that RPC's status message."""
@@ -1482,6 +1552,40 @@ class RestHeartbeatTaskRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestHeartbeatTaskRequest: _TypeAlias = RestHeartbeatTaskRequest  # noqa: Y015
+
+@_typing.final
+class RestReleaseTaskRequest(_message.Message):
+    """POST /queue/{queue}/{task_id}/release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue's name (from the path)."""
+    task_id: _builtins.str
+    """The task's id (from the path)."""
+    @_builtins.property
+    def body(self) -> _httpbody_pb2.HttpBody:
+        """The request body as sent: a JSON object with `worker_id` (required),
+        the id of the worker holding the claim.
+        """
+
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        body: _httpbody_pb2.HttpBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "queue", b"queue", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestReleaseTaskRequest: _TypeAlias = RestReleaseTaskRequest  # noqa: Y015
 
 @_typing.final
 class RestRetryTaskRequest(_message.Message):

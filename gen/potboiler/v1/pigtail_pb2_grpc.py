@@ -28,7 +28,7 @@ if _version_not_supported:
 
 class PigtailServiceStub(object):
     """Pigtail: a task queue replicated through the log. Every change (create or
-    delete a queue, add, claim, complete or retry a task) is an event appended
+    delete a queue, add, claim, release, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
     node can be claimed and completed on any node.
 
@@ -37,7 +37,10 @@ class PigtailServiceStub(object):
     claim starts a lease when the task is pending (not done, not dead, due, and
     nobody holds an unexpired lease); a claim by the holder of the unexpired
     lease renews it; any other claim is void. So after a partition heals, the
-    claim with the lower stamp wins everywhere: delivery is at-least-once.
+    claim with the lower stamp wins everywhere: delivery is at-least-once. The
+    same holds for claims made on two connected nodes before they reach each
+    other; to make that rare, each node hands out the tasks of its own share
+    first (tasks spread by a hash of their id over the nodes up).
 
     Errors common to every RPC: INVALID_ARGUMENT for a malformed request (the
     message says which field and why), NOT_FOUND for an unknown queue or task,
@@ -102,6 +105,11 @@ class PigtailServiceStub(object):
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.HeartbeatTaskRequest.SerializeToString,
                 response_deserializer=potboiler_dot_v1_dot_pigtail__pb2.HeartbeatTaskResponse.FromString,
                 _registered_method=True)
+        self.ReleaseTask = channel.unary_unary(
+                '/potboiler.v1.PigtailService/ReleaseTask',
+                request_serializer=potboiler_dot_v1_dot_pigtail__pb2.ReleaseTaskRequest.SerializeToString,
+                response_deserializer=potboiler_dot_v1_dot_pigtail__pb2.ReleaseTaskResponse.FromString,
+                _registered_method=True)
         self.CompleteTask = channel.unary_unary(
                 '/potboiler.v1.PigtailService/CompleteTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.CompleteTaskRequest.SerializeToString,
@@ -131,7 +139,7 @@ class PigtailServiceStub(object):
 
 class PigtailServiceServicer(object):
     """Pigtail: a task queue replicated through the log. Every change (create or
-    delete a queue, add, claim, complete or retry a task) is an event appended
+    delete a queue, add, claim, release, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
     node can be claimed and completed on any node.
 
@@ -140,7 +148,10 @@ class PigtailServiceServicer(object):
     claim starts a lease when the task is pending (not done, not dead, due, and
     nobody holds an unexpired lease); a claim by the holder of the unexpired
     lease renews it; any other claim is void. So after a partition heals, the
-    claim with the lower stamp wins everywhere: delivery is at-least-once.
+    claim with the lower stamp wins everywhere: delivery is at-least-once. The
+    same holds for claims made on two connected nodes before they reach each
+    other; to make that rare, each node hands out the tasks of its own share
+    first (tasks spread by a hash of their id over the nodes up).
 
     Errors common to every RPC: INVALID_ARGUMENT for a malformed request (the
     message says which field and why), NOT_FOUND for an unknown queue or task,
@@ -233,6 +244,17 @@ class PigtailServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseTask(self, request, context):
+        """Gives back a task the worker holds and will not do: its lease ends now
+        and the task is pending again at once, for any worker (dead-lettered
+        instead if that was its last attempt: the attempt counts). Errors:
+        NOT_FOUND, ABORTED (the worker does not hold an unexpired lease on the
+        task, or it is done).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CompleteTask(self, request, context):
         """Marks a task done, whoever asks; done is final. Completing a done task
         again changes nothing. Errors: NOT_FOUND.
@@ -273,18 +295,19 @@ class PigtailServiceServicer(object):
 
     def WorkTasks(self, request_iterator, context):
         """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
-        LeaseTasks, with the worker's completes and heartbeats sent on the same
-        stream instead of as separate calls (one message per task instead of a
-        call). The first request must be `start`; the server then sends tasks
-        exactly as LeaseTasks does. Each complete or heartbeat is answered on the
-        stream once it has taken effect on this node (answers to different tasks
-        may come in any order); one that fails is answered with a `failure`
-        carrying the status its unary RPC would have had, and the stream goes
-        on. `stop_leasing` stops the tasks, the stream going on. When the worker
-        closes its side, the server answers what is still outstanding, hands out
-        no more tasks (one it claimed meanwhile goes back when its lease ends)
-        and ends the stream. Errors that
-        end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+        LeaseTasks, with the worker's completes, heartbeats and releases sent on
+        the same stream instead of as separate calls (one message per task
+        instead of a call). The first request must be `start`; the server then
+        sends tasks exactly as LeaseTasks does. Each complete, heartbeat or
+        release is answered on the stream once it has taken effect on this node
+        (answers to different tasks may come in any order); one that fails is
+        answered with a `failure` carrying the status its unary RPC would have
+        had, and the stream goes on. `stop_leasing` stops the tasks, the stream
+        going on. When the worker closes its side, the server answers what is
+        still outstanding, hands out no more tasks and ends the stream; a task
+        claimed for the worker that it was not sent (a claim under way, or the
+        stream ended by an error or a cancel) is released. Errors that end the
+        stream: INVALID_ARGUMENT (a bad start, or a start after the
         first message), NOT_FOUND (no such queue, also when the queue is deleted
         while streaming).
         """
@@ -345,6 +368,11 @@ def add_PigtailServiceServicer_to_server(servicer, server):
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.HeartbeatTaskRequest.FromString,
                     response_serializer=potboiler_dot_v1_dot_pigtail__pb2.HeartbeatTaskResponse.SerializeToString,
             ),
+            'ReleaseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTask,
+                    request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.ReleaseTaskRequest.FromString,
+                    response_serializer=potboiler_dot_v1_dot_pigtail__pb2.ReleaseTaskResponse.SerializeToString,
+            ),
             'CompleteTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CompleteTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.CompleteTaskRequest.FromString,
@@ -380,7 +408,7 @@ def add_PigtailServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PigtailService(object):
     """Pigtail: a task queue replicated through the log. Every change (create or
-    delete a queue, add, claim, complete or retry a task) is an event appended
+    delete a queue, add, claim, release, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
     node can be claimed and completed on any node.
 
@@ -389,7 +417,10 @@ class PigtailService(object):
     claim starts a lease when the task is pending (not done, not dead, due, and
     nobody holds an unexpired lease); a claim by the holder of the unexpired
     lease renews it; any other claim is void. So after a partition heals, the
-    claim with the lower stamp wins everywhere: delivery is at-least-once.
+    claim with the lower stamp wins everywhere: delivery is at-least-once. The
+    same holds for claims made on two connected nodes before they reach each
+    other; to make that rare, each node hands out the tasks of its own share
+    first (tasks spread by a hash of their id over the nodes up).
 
     Errors common to every RPC: INVALID_ARGUMENT for a malformed request (the
     message says which field and why), NOT_FOUND for an unknown queue or task,
@@ -669,6 +700,33 @@ class PigtailService(object):
             _registered_method=True)
 
     @staticmethod
+    def ReleaseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potboiler.v1.PigtailService/ReleaseTask',
+            potboiler_dot_v1_dot_pigtail__pb2.ReleaseTaskRequest.SerializeToString,
+            potboiler_dot_v1_dot_pigtail__pb2.ReleaseTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CompleteTask(request,
             target,
             options=(),
@@ -884,6 +942,11 @@ class PigtailRestServiceStub(object):
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestHeartbeatTaskRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.RestReleaseTask = channel.unary_unary(
+                '/potboiler.v1.PigtailRestService/RestReleaseTask',
+                request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestReleaseTaskRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.RestRetryTask = channel.unary_unary(
                 '/potboiler.v1.PigtailRestService/RestRetryTask',
                 request_serializer=potboiler_dot_v1_dot_pigtail__pb2.RestRetryTaskRequest.SerializeToString,
@@ -1007,6 +1070,16 @@ class PigtailRestServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestReleaseTask(self, request, context):
+        """POST /queue/{queue}/{task_id}/release {"worker_id"}: gives back the
+        worker's unexpired claim; the task is pending again at once (dead if
+        that was its last attempt); 200 with the task's REST view. Errors: 400,
+        404, 409 (not held by this worker, or done).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RestRetryTask(self, request, context):
         """POST /queue/{queue}/{task_id}/retry {}: takes a dead-lettered task back
         to pending; 200 with the task's REST view. Errors: 404, 409 (not dead).
@@ -1071,6 +1144,11 @@ def add_PigtailRestServiceServicer_to_server(servicer, server):
             'RestHeartbeatTask': grpc.unary_unary_rpc_method_handler(
                     servicer.RestHeartbeatTask,
                     request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestHeartbeatTaskRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'RestReleaseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestReleaseTask,
+                    request_deserializer=potboiler_dot_v1_dot_pigtail__pb2.RestReleaseTaskRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'RestRetryTask': grpc.unary_unary_rpc_method_handler(
@@ -1391,6 +1469,33 @@ class PigtailRestService(object):
             target,
             '/potboiler.v1.PigtailRestService/RestHeartbeatTask',
             potboiler_dot_v1_dot_pigtail__pb2.RestHeartbeatTaskRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestReleaseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potboiler.v1.PigtailRestService/RestReleaseTask',
+            potboiler_dot_v1_dot_pigtail__pb2.RestReleaseTaskRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

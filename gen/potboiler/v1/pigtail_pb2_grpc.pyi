@@ -29,7 +29,7 @@ GRPC_VERSION: str
 
 class PigtailServiceStub:
     """Pigtail: a task queue replicated through the log. Every change (create or
-    delete a queue, add, claim, complete or retry a task) is an event appended
+    delete a queue, add, claim, release, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
     node can be claimed and completed on any node.
 
@@ -38,7 +38,10 @@ class PigtailServiceStub:
     claim starts a lease when the task is pending (not done, not dead, due, and
     nobody holds an unexpired lease); a claim by the holder of the unexpired
     lease renews it; any other claim is void. So after a partition heals, the
-    claim with the lower stamp wins everywhere: delivery is at-least-once.
+    claim with the lower stamp wins everywhere: delivery is at-least-once. The
+    same holds for claims made on two connected nodes before they reach each
+    other; to make that rare, each node hands out the tasks of its own share
+    first (tasks spread by a hash of their id over the nodes up).
 
     Errors common to every RPC: INVALID_ARGUMENT for a malformed request (the
     message says which field and why), NOT_FOUND for an unknown queue or task,
@@ -93,6 +96,13 @@ class PigtailServiceStub:
     Unlike ClaimTask it never starts a new lease. Errors: NOT_FOUND, ABORTED
     (the worker does not hold an unexpired lease on the task, or it is done).
     """
+    ReleaseTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.ReleaseTaskRequest, _pigtail_pb2.ReleaseTaskResponse]
+    """Gives back a task the worker holds and will not do: its lease ends now
+    and the task is pending again at once, for any worker (dead-lettered
+    instead if that was its last attempt: the attempt counts). Errors:
+    NOT_FOUND, ABORTED (the worker does not hold an unexpired lease on the
+    task, or it is done).
+    """
     CompleteTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.CompleteTaskRequest, _pigtail_pb2.CompleteTaskResponse]
     """Marks a task done, whoever asks; done is final. Completing a done task
     again changes nothing. Errors: NOT_FOUND.
@@ -117,18 +127,19 @@ class PigtailServiceStub:
     """
     WorkTasks: _grpc.StreamStreamMultiCallable[_pigtail_pb2.WorkTasksRequest, _pigtail_pb2.WorkTasksResponse]
     """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
-    LeaseTasks, with the worker's completes and heartbeats sent on the same
-    stream instead of as separate calls (one message per task instead of a
-    call). The first request must be `start`; the server then sends tasks
-    exactly as LeaseTasks does. Each complete or heartbeat is answered on the
-    stream once it has taken effect on this node (answers to different tasks
-    may come in any order); one that fails is answered with a `failure`
-    carrying the status its unary RPC would have had, and the stream goes
-    on. `stop_leasing` stops the tasks, the stream going on. When the worker
-    closes its side, the server answers what is still outstanding, hands out
-    no more tasks (one it claimed meanwhile goes back when its lease ends)
-    and ends the stream. Errors that
-    end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+    LeaseTasks, with the worker's completes, heartbeats and releases sent on
+    the same stream instead of as separate calls (one message per task
+    instead of a call). The first request must be `start`; the server then
+    sends tasks exactly as LeaseTasks does. Each complete, heartbeat or
+    release is answered on the stream once it has taken effect on this node
+    (answers to different tasks may come in any order); one that fails is
+    answered with a `failure` carrying the status its unary RPC would have
+    had, and the stream goes on. `stop_leasing` stops the tasks, the stream
+    going on. When the worker closes its side, the server answers what is
+    still outstanding, hands out no more tasks and ends the stream; a task
+    claimed for the worker that it was not sent (a claim under way, or the
+    stream ended by an error or a cancel) is released. Errors that end the
+    stream: INVALID_ARGUMENT (a bad start, or a start after the
     first message), NOT_FOUND (no such queue, also when the queue is deleted
     while streaming).
     """
@@ -136,7 +147,7 @@ class PigtailServiceStub:
 @_typing.type_check_only
 class PigtailServiceAsyncStub(PigtailServiceStub):
     """Pigtail: a task queue replicated through the log. Every change (create or
-    delete a queue, add, claim, complete or retry a task) is an event appended
+    delete a queue, add, claim, release, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
     node can be claimed and completed on any node.
 
@@ -145,7 +156,10 @@ class PigtailServiceAsyncStub(PigtailServiceStub):
     claim starts a lease when the task is pending (not done, not dead, due, and
     nobody holds an unexpired lease); a claim by the holder of the unexpired
     lease renews it; any other claim is void. So after a partition heals, the
-    claim with the lower stamp wins everywhere: delivery is at-least-once.
+    claim with the lower stamp wins everywhere: delivery is at-least-once. The
+    same holds for claims made on two connected nodes before they reach each
+    other; to make that rare, each node hands out the tasks of its own share
+    first (tasks spread by a hash of their id over the nodes up).
 
     Errors common to every RPC: INVALID_ARGUMENT for a malformed request (the
     message says which field and why), NOT_FOUND for an unknown queue or task,
@@ -197,6 +211,13 @@ class PigtailServiceAsyncStub(PigtailServiceStub):
     Unlike ClaimTask it never starts a new lease. Errors: NOT_FOUND, ABORTED
     (the worker does not hold an unexpired lease on the task, or it is done).
     """
+    ReleaseTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.ReleaseTaskRequest, _pigtail_pb2.ReleaseTaskResponse]  # type: ignore[assignment]
+    """Gives back a task the worker holds and will not do: its lease ends now
+    and the task is pending again at once, for any worker (dead-lettered
+    instead if that was its last attempt: the attempt counts). Errors:
+    NOT_FOUND, ABORTED (the worker does not hold an unexpired lease on the
+    task, or it is done).
+    """
     CompleteTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.CompleteTaskRequest, _pigtail_pb2.CompleteTaskResponse]  # type: ignore[assignment]
     """Marks a task done, whoever asks; done is final. Completing a done task
     again changes nothing. Errors: NOT_FOUND.
@@ -221,25 +242,26 @@ class PigtailServiceAsyncStub(PigtailServiceStub):
     """
     WorkTasks: _aio.StreamStreamMultiCallable[_pigtail_pb2.WorkTasksRequest, _pigtail_pb2.WorkTasksResponse]  # type: ignore[assignment]
     """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
-    LeaseTasks, with the worker's completes and heartbeats sent on the same
-    stream instead of as separate calls (one message per task instead of a
-    call). The first request must be `start`; the server then sends tasks
-    exactly as LeaseTasks does. Each complete or heartbeat is answered on the
-    stream once it has taken effect on this node (answers to different tasks
-    may come in any order); one that fails is answered with a `failure`
-    carrying the status its unary RPC would have had, and the stream goes
-    on. `stop_leasing` stops the tasks, the stream going on. When the worker
-    closes its side, the server answers what is still outstanding, hands out
-    no more tasks (one it claimed meanwhile goes back when its lease ends)
-    and ends the stream. Errors that
-    end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+    LeaseTasks, with the worker's completes, heartbeats and releases sent on
+    the same stream instead of as separate calls (one message per task
+    instead of a call). The first request must be `start`; the server then
+    sends tasks exactly as LeaseTasks does. Each complete, heartbeat or
+    release is answered on the stream once it has taken effect on this node
+    (answers to different tasks may come in any order); one that fails is
+    answered with a `failure` carrying the status its unary RPC would have
+    had, and the stream goes on. `stop_leasing` stops the tasks, the stream
+    going on. When the worker closes its side, the server answers what is
+    still outstanding, hands out no more tasks and ends the stream; a task
+    claimed for the worker that it was not sent (a claim under way, or the
+    stream ended by an error or a cancel) is released. Errors that end the
+    stream: INVALID_ARGUMENT (a bad start, or a start after the
     first message), NOT_FOUND (no such queue, also when the queue is deleted
     while streaming).
     """
 
 class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
     """Pigtail: a task queue replicated through the log. Every change (create or
-    delete a queue, add, claim, complete or retry a task) is an event appended
+    delete a queue, add, claim, release, complete or retry a task) is an event appended
     to the node's log; every node applies every event, so tasks added on any
     node can be claimed and completed on any node.
 
@@ -248,7 +270,10 @@ class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
     claim starts a lease when the task is pending (not done, not dead, due, and
     nobody holds an unexpired lease); a claim by the holder of the unexpired
     lease renews it; any other claim is void. So after a partition heals, the
-    claim with the lower stamp wins everywhere: delivery is at-least-once.
+    claim with the lower stamp wins everywhere: delivery is at-least-once. The
+    same holds for claims made on two connected nodes before they reach each
+    other; to make that rare, each node hands out the tasks of its own share
+    first (tasks spread by a hash of their id over the nodes up).
 
     Errors common to every RPC: INVALID_ARGUMENT for a malformed request (the
     message says which field and why), NOT_FOUND for an unknown queue or task,
@@ -360,6 +385,19 @@ class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ReleaseTask(
+        self,
+        request: _pigtail_pb2.ReleaseTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pigtail_pb2.ReleaseTaskResponse, _abc.Awaitable[_pigtail_pb2.ReleaseTaskResponse]]:
+        """Gives back a task the worker holds and will not do: its lease ends now
+        and the task is pending again at once, for any worker (dead-lettered
+        instead if that was its last attempt: the attempt counts). Errors:
+        NOT_FOUND, ABORTED (the worker does not hold an unexpired lease on the
+        task, or it is done).
+        """
+
+    @_abc_1.abstractmethod
     def CompleteTask(
         self,
         request: _pigtail_pb2.CompleteTaskRequest,
@@ -412,18 +450,19 @@ class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_pigtail_pb2.WorkTasksResponse], _abc.AsyncIterator[_pigtail_pb2.WorkTasksResponse]]:
         """A worker's whole session on one stream, like Pub/Sub's StreamingPull:
-        LeaseTasks, with the worker's completes and heartbeats sent on the same
-        stream instead of as separate calls (one message per task instead of a
-        call). The first request must be `start`; the server then sends tasks
-        exactly as LeaseTasks does. Each complete or heartbeat is answered on the
-        stream once it has taken effect on this node (answers to different tasks
-        may come in any order); one that fails is answered with a `failure`
-        carrying the status its unary RPC would have had, and the stream goes
-        on. `stop_leasing` stops the tasks, the stream going on. When the worker
-        closes its side, the server answers what is still outstanding, hands out
-        no more tasks (one it claimed meanwhile goes back when its lease ends)
-        and ends the stream. Errors that
-        end the stream: INVALID_ARGUMENT (a bad start, or a start after the
+        LeaseTasks, with the worker's completes, heartbeats and releases sent on
+        the same stream instead of as separate calls (one message per task
+        instead of a call). The first request must be `start`; the server then
+        sends tasks exactly as LeaseTasks does. Each complete, heartbeat or
+        release is answered on the stream once it has taken effect on this node
+        (answers to different tasks may come in any order); one that fails is
+        answered with a `failure` carrying the status its unary RPC would have
+        had, and the stream goes on. `stop_leasing` stops the tasks, the stream
+        going on. When the worker closes its side, the server answers what is
+        still outstanding, hands out no more tasks and ends the stream; a task
+        claimed for the worker that it was not sent (a claim under way, or the
+        stream ended by an error or a cancel) is released. Errors that end the
+        stream: INVALID_ARGUMENT (a bad start, or a start after the
         first message), NOT_FOUND (no such queue, also when the queue is deleted
         while streaming).
         """
@@ -504,6 +543,12 @@ class PigtailRestServiceStub:
     worker's unexpired claim by the queue's timeout_ms; 200 with the task's
     REST view. Errors: 400, 404, 409 (not held by this worker, or done).
     """
+    RestReleaseTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestReleaseTaskRequest, _httpbody_pb2.HttpBody]
+    """POST /queue/{queue}/{task_id}/release {"worker_id"}: gives back the
+    worker's unexpired claim; the task is pending again at once (dead if
+    that was its last attempt); 200 with the task's REST view. Errors: 400,
+    404, 409 (not held by this worker, or done).
+    """
     RestRetryTask: _grpc.UnaryUnaryMultiCallable[_pigtail_pb2.RestRetryTaskRequest, _httpbody_pb2.HttpBody]
     """POST /queue/{queue}/{task_id}/retry {}: takes a dead-lettered task back
     to pending; 200 with the task's REST view. Errors: 404, 409 (not dead).
@@ -580,6 +625,12 @@ class PigtailRestServiceAsyncStub(PigtailRestServiceStub):
     """POST /queue/{queue}/{task_id}/heartbeat {"worker_id"}: extends the
     worker's unexpired claim by the queue's timeout_ms; 200 with the task's
     REST view. Errors: 400, 404, 409 (not held by this worker, or done).
+    """
+    RestReleaseTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestReleaseTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """POST /queue/{queue}/{task_id}/release {"worker_id"}: gives back the
+    worker's unexpired claim; the task is pending again at once (dead if
+    that was its last attempt); 200 with the task's REST view. Errors: 400,
+    404, 409 (not held by this worker, or done).
     """
     RestRetryTask: _aio.UnaryUnaryMultiCallable[_pigtail_pb2.RestRetryTaskRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /queue/{queue}/{task_id}/retry {}: takes a dead-lettered task back
@@ -720,6 +771,18 @@ class PigtailRestServiceServicer(metaclass=_abc_1.ABCMeta):
         """POST /queue/{queue}/{task_id}/heartbeat {"worker_id"}: extends the
         worker's unexpired claim by the queue's timeout_ms; 200 with the task's
         REST view. Errors: 400, 404, 409 (not held by this worker, or done).
+        """
+
+    @_abc_1.abstractmethod
+    def RestReleaseTask(
+        self,
+        request: _pigtail_pb2.RestReleaseTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """POST /queue/{queue}/{task_id}/release {"worker_id"}: gives back the
+        worker's unexpired claim; the task is pending again at once (dead if
+        that was its last attempt); 200 with the task's REST view. Errors: 400,
+        404, 409 (not held by this worker, or done).
         """
 
     @_abc_1.abstractmethod
