@@ -169,7 +169,7 @@ def table_page(
 
 
 def error_page(status: int, message: str) -> bytes:
-    """A page for a table that does not exist (404) or a bad name (400)."""
+    """A page saying why there is no page: no such table (404), a bad name (400), not ready (503)."""
     body = (
         '<h1><a href="/">Potboiler KV</a></h1>'
         f'<p id="error">{status}: {escape(message)}</p><nav><a href="/">&larr; all tables</a></nav>'

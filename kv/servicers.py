@@ -18,7 +18,7 @@ from potboiler.kv import browser
 from potboiler.kv.crdts import CrdtType
 from potboiler.kv.events import CONFIG_TABLE, check_name
 from potboiler.server import rest
-from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.errors import InvalidArgument, NotFound, PotboilerError, Unavailable
 from potboiler.server.grpc_errors import unary
 from potboiler.server.jsonvalue import JSON, from_value
 from potboiler.v1 import (
@@ -176,24 +176,35 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
         self._service = service
 
     async def GetIndexPage(self, request: kv_browser_pb2.GetIndexPageRequest, context: Ctx) -> HttpBody:
-        tables = [(t.name, t.crdt) for t in (await self._service.current()).tables()]
+        try:
+            state = await self._service.current()
+        except Unavailable as error:
+            return _error_page(context, 503, error)
+        tables = [(t.name, t.crdt) for t in state.tables()]
         return HttpBody(content_type=HTML, data=browser.index_page(tables, self._service.node_id))
 
     async def GetTablePage(self, request: kv_browser_pb2.GetTablePageRequest, context: Ctx) -> HttpBody:
         table, after = request.table, request.after
-        state = await self._service.current()
         try:
+            state = await self._service.current()
             info = state.table(table)
             if after:
                 check_name(after, "key")
             rows, more = browser.page_of(
                 info.crdt, state.items(table, after), BROWSER_PAGE_KEYS, BROWSER_PAGE_BYTES
             )
-        except (NotFound, InvalidArgument) as error:
-            status = 404 if isinstance(error, NotFound) else 400
-            rest.http_status(context, status)
-            return HttpBody(content_type=HTML, data=browser.error_page(status, str(error)))
+        except (NotFound, InvalidArgument, Unavailable) as error:
+            status = (
+                404 if isinstance(error, NotFound) else 400 if isinstance(error, InvalidArgument) else 503
+            )
+            return _error_page(context, status, error)
         page = browser.table_page(
             table, info.crdt, rows, after=after, next_after=rows[-1][0] if more else None
         )
         return HttpBody(content_type=HTML, data=page)
+
+
+def _error_page(context: Ctx, status: int, error: PotboilerError) -> HttpBody:
+    """A browser page saying what went wrong, answered with HTTP `status`."""
+    rest.http_status(context, status)
+    return HttpBody(content_type=HTML, data=browser.error_page(status, str(error)))

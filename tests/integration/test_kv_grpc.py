@@ -15,6 +15,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.service import KvService, create
 from potboiler.server.entries import MAX_DEPTH
+from potboiler.server.errors import Unavailable
 from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.v1 import (
     kv_browser_pb2,
@@ -353,3 +354,22 @@ async def test_browser_pages(kv: KvNode) -> None:
     call = kv.browser.GetTablePage(kv_browser_pb2.GetTablePageRequest(table="a b"))
     await call
     assert ("x-http-code", "400") in list(await call.trailing_metadata() or [])
+
+
+async def test_browser_pages_say_when_the_state_is_not_ready(
+    kv: KvNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state still catching up (or a write not applied in time) is a 503 page, not a gRPC UNKNOWN
+    that Envoy answers as a bare 500."""
+
+    async def not_ready() -> None:
+        raise Unavailable("the KV state is still catching up with the log")
+
+    monkeypatch.setattr(kv.service, "current", not_ready)
+    for call in (
+        kv.browser.GetIndexPage(kv_browser_pb2.GetIndexPageRequest()),
+        kv.browser.GetTablePage(kv_browser_pb2.GetTablePageRequest(table="t")),
+    ):
+        page = await call
+        assert page.content_type == "text/html; charset=utf-8" and b"catching up" in page.data
+        assert ("x-http-code", "503") in list(await call.trailing_metadata() or [])
