@@ -293,6 +293,9 @@ class Appender:
             if not job.done.done():
                 job.done.set_result(entries)
         for listener in self._listeners:
-            listener(plan)
+            try:
+                listener(plan)
+            except Exception:  # the batch is written and acknowledged: not a failed write
+                log.exception("a commit listener failed")
         async with self._delivered:
             self._delivered.notify_all()

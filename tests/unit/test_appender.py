@@ -84,3 +84,24 @@ async def test_a_service_append_refused_in_its_batch_waits_for_the_dependency_li
         await appender.ingest([dep])
         entry = await write
         assert entry.seq == 2 and appender.log.pending == 0
+
+
+async def test_a_failing_commit_listener_fails_nothing_and_delivery_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batch is written when listeners run: one raising must not be reported as a failed write,
+    nor keep subscribers asleep until the next commit."""
+    async with started() as appender:
+
+        def broken(plan: object) -> None:
+            raise RuntimeError("a listener's bug")
+
+        appender.on_commit(broken)
+        subscription = LocalLogClient(appender).subscribe(0)
+        waiting = asyncio.ensure_future(anext(subscription))
+        await asyncio.sleep(0)  # the subscriber waits for a commit
+        [entry] = await appender.append([NewEntry(Value(number_value=1))])
+        batch = await asyncio.wait_for(waiting, 10)
+        assert [e.id for _, e in batch.entries] == [entry.id]
+        assert "a commit listener failed" in caplog.text and "write batch failed" not in caplog.text
+        await subscription.aclose()
