@@ -44,6 +44,32 @@ class Attempt:
     at: float
 
 
+async def test_entries_a_failing_receiver_missed_arrive_after_a_crash(
+    node_process: NodeProcesses, rest_client: RestClient, receiver: Receiver
+) -> None:
+    """The node is killed while the receiver fails: nothing it was retrying is lost (the cursor
+    moves only past what the receiver accepted), and delivery resumes in causal order."""
+    node = node_process("n")
+    http = rest_client(node)
+    register(http, receiver.url())
+    receiver.fail("/hook")
+    ids = [append(http, {"i": i}) for i in range(5)]
+    await wait_for(lambda: len(receiver.attempts()) >= 2)  # it is retrying
+    node.kill()
+    node_process.start(node)
+    http = rest_client(node)
+    ids.append(append(http, {"after": "restart"}))
+    tried = len(receiver.attempts())
+    await wait_for(lambda: len(receiver.attempts()) > tried)  # the restarted node retries
+    assert receiver.accepted() == []
+    receiver.fail("/hook", failing=False)
+    await wait_for(
+        lambda: set(receiver.accepted_ids()) >= set(ids), message=lambda: f"{receiver.accepted_ids()}"
+    )
+    assert receiver.accepted_ids() == ids  # each once: none had been accepted before
+    assert_causal(receiver.accepted())
+
+
 class Receiver:
     """A webhook receiver: records every POST; answers 500 on paths set to fail, else 200."""
 
