@@ -897,8 +897,8 @@ async def test_a_lease_with_stop_cancelled_while_waiting_leaves_no_waiter_behind
     await asyncio.gather(leasing, return_exceptions=True)
     assert asyncio.all_tasks() - before == {asyncio.current_task()} - before
     assert not waiting_for_work()
-    claiming = asyncio.create_task(h.pigtail.claim_next("q", "w2", wait_ms=600_000))
+    claiming = asyncio.create_task(h.pigtail.claim_next("q", "w2", wait_ms=60_000))
     await wait_for(waiting_for_work)
     task_id = await h.add()
-    view = await asyncio.wait_for(claiming, 30)  # a lost wake-up would leave it waiting 10 minutes
+    view = await asyncio.wait_for(claiming, 30)  # a lost wake-up would leave it waiting a minute
     assert view is not None and view["task_id"] == task_id
