@@ -284,7 +284,7 @@ def _check_op(crdt: CrdtType, op: object) -> str:
         raise InvalidOperation(f"op must be a string, got {_kind(op)}")
     if op not in _OPS[crdt]:
         raise InvalidOperation(
-            f"op {_show(op)} does not apply to a {crdt.value} table (valid ops: {', '.join(_OPS[crdt])})"
+            f"op {_show(op)} does not apply to {crdt.value} tables (valid ops: {', '.join(_OPS[crdt])})"
         )
     return op
 

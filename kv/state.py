@@ -103,8 +103,9 @@ CONFIG_INFO = TableInfo(CONFIG_TABLE, CrdtType.LWW, "")
 
 
 def _table_of_config(name: str, state: JSON) -> TableInfo | None:
-    """The table a `_config` LWW state describes, or None if its value is not {"crdt": <type>}."""
-    if not isinstance(state, dict):
+    """The table a `_config` LWW state describes, or None if its value is not {"crdt": <type>}, or it
+    would configure `_config` itself (the KV API writes neither; an entry appended by hand may)."""
+    if not isinstance(state, dict) or name == CONFIG_TABLE:
         return None
     config, tag = state.get("value"), state.get("tag")
     if not isinstance(config, dict) or not isinstance(tag, str):
@@ -299,7 +300,7 @@ class KvState:
             raise InvalidArgument(
                 f'the {CONFIG_TABLE} table takes only op \'set\' (with a change like {{"crdt": "LWW"}}), not {quoted(op)}'
             )
-        if not isinstance(change, dict) or "crdt" not in change:
+        if not isinstance(change, dict) or set(change) != {"crdt"}:
             raise InvalidArgument(
                 f'a {CONFIG_TABLE} change must be an object like {{"crdt": "LWW"}} '
                 f"(types: {', '.join(c.value for c in CrdtType)})"

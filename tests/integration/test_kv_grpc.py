@@ -187,7 +187,7 @@ BAD_UPDATES: list[tuple[dict[str, Any], str]] = [
     ({"table": "t", "key": "", "op": "set", "change": to_value(1)}, "key name '' is invalid"),
     ({"table": "t", "key": "k", "op": "", "change": to_value(1)}, "needs an 'op'"),
     ({"table": "t", "key": "k", "op": "set"}, "op 'set' needs a 'change'"),
-    ({"table": "t", "key": "k", "op": "increment", "change": to_value(1)}, "does not apply to a LWW table"),
+    ({"table": "t", "key": "k", "op": "increment", "change": to_value(1)}, "does not apply to LWW tables"),
     (
         {"table": "_config", "key": "x", "op": "set", "change": to_value({"crdt": "BTREE"})},
         "unknown crdt type",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 from google.protobuf.struct_pb2 import Value
@@ -98,6 +98,7 @@ async def test_a_failing_commit_listener_fails_nothing_and_delivery_goes_on(
 
         appender.on_commit(broken)
         subscription = LocalLogClient(appender).subscribe(0)
+        assert isinstance(subscription, AsyncGenerator)
         waiting = asyncio.ensure_future(anext(subscription))
         await asyncio.sleep(0)  # the subscriber waits for a commit
         [entry] = await appender.append([NewEntry(Value(number_value=1))])

@@ -614,16 +614,16 @@ def test_crdt_type_parse_rejects_unknown_names(name: Any) -> None:
 LW, OR, GS, PN, MV = CrdtType.LWW, CrdtType.ORSET, CrdtType.GSET, CrdtType.PNCOUNTER, CrdtType.MVREGISTER
 BAD_OPS: list[tuple[CrdtType, Any, Any, str]] = [
     # wrong op for the type (the exact message)
-    (LW, "add", {"item": 1, "key": "k"}, "op 'add' does not apply to a LWW table (valid ops: set)"),
-    (OR, "set", 1, "op 'set' does not apply to a ORSET table (valid ops: create, add, remove)"),
+    (LW, "add", {"item": 1, "key": "k"}, "op 'add' does not apply to LWW tables (valid ops: set)"),
+    (OR, "set", 1, "op 'set' does not apply to ORSET tables (valid ops: create, add, remove)"),
     (
         GS,
         "remove",
         {"item": 1, "key": "k"},
-        "op 'remove' does not apply to a GSET table (valid ops: create, add)",
+        "op 'remove' does not apply to GSET tables (valid ops: create, add)",
     ),
-    (PN, "set", 1, "op 'set' does not apply to a PNCOUNTER table (valid ops: increment, decrement)"),
-    (MV, "add", 1, "op 'add' does not apply to a MVREGISTER table (valid ops: set)"),
+    (PN, "set", 1, "op 'set' does not apply to PNCOUNTER tables (valid ops: increment, decrement)"),
+    (MV, "add", 1, "op 'add' does not apply to MVREGISTER tables (valid ops: set)"),
     (PN, "Increment", 1, "op 'Increment' does not apply"),
     (LW, None, 1, "op must be a string, got null"),
     (LW, 3, 1, "op must be a string, got a number"),
@@ -703,7 +703,7 @@ def test_prepare_accepts_or_rejects_with_invalid_operation_only(
 
 BAD_PAYLOADS: list[tuple[CrdtType, Any, str]] = [
     (LW, [1], "LWW payload must be an object, got a list"),
-    (LW, {"op": "add", "value": 1}, "op 'add' does not apply to a LWW table"),
+    (LW, {"op": "add", "value": 1}, "op 'add' does not apply to LWW tables"),
     (LW, {"value": 1}, "op must be a string, got null"),
     (LW, {"op": "set"}, "LWW 'set' payload needs a 'value'"),
     (

@@ -265,8 +265,8 @@ def node() -> SimNode:
         ("lww", "k/x", "set", 1, "key name 'k/x' is invalid"),
         ("lww", "x" * 129, "set", 1, "it has 129 characters"),
         ("lww", "k", "", 1, "the request needs an 'op'"),
-        ("lww", "k", "add", {"item": 1, "key": "a"}, "op 'add' does not apply to a LWW table"),
-        ("orset", "k", "set", 1, "op 'set' does not apply to a ORSET table"),
+        ("lww", "k", "add", {"item": 1, "key": "a"}, "op 'add' does not apply to LWW tables"),
+        ("orset", "k", "set", 1, "op 'set' does not apply to ORSET tables"),
         ("orset", "k", "add", {"key": "a"}, "needs an 'item'"),
         ("orset", "k", "add", {"item": 1}, "needs a string 'key'"),
         ("orset", "k", "add", {"item": 1, "key": "a", "colour": 1}, "unknown field(s) 'colour'"),
@@ -396,13 +396,27 @@ def test_non_finite_numbers_are_refused(node: SimNode) -> None:
         node.state.plan_write("lww", "k", "set", [math.nan])
 
 
-def test_config_extra_fields_are_kept_but_ignored(node: SimNode) -> None:
-    node.write(CONFIG_TABLE, "extra", "set", {"crdt": "GSET", "owner": "me"})
-    assert [(t.name, t.crdt) for t in node.state.tables()][:2] == [
-        ("counter", CrdtType.PNCOUNTER),
-        ("extra", CrdtType.GSET),
-    ]
-    assert node.state.get(CONFIG_TABLE, "extra") == (CrdtType.LWW, {"crdt": "GSET", "owner": "me"})
+def test_a_config_takes_no_other_members(node: SimNode) -> None:
+    with pytest.raises(InvalidArgument, match="must be an object like"):
+        node.state.plan_write(CONFIG_TABLE, "extra", "set", {"crdt": "GSET", "owner": "me"})
+
+
+def test_config_extra_fields_from_the_log_are_kept_but_ignored() -> None:
+    """Configs written before the API refused other members still configure their table."""
+    a = SimNode()
+    raw = lww_set_event(CONFIG_TABLE, "extra", {"crdt": "GSET", "owner": "me"})
+    a.receive([make_entry(str(uuid.uuid4()), 1, raw, 10**6)])
+    assert [(t.name, t.crdt) for t in a.state.tables()] == [("extra", CrdtType.GSET)]
+    assert a.state.get(CONFIG_TABLE, "extra") == (CrdtType.LWW, {"crdt": "GSET", "owner": "me"})
+
+
+def test_a_config_of_config_appended_to_the_log_configures_nothing() -> None:
+    a = SimNode()
+    a.receive([make_entry(str(uuid.uuid4()), 1, config_event(CONFIG_TABLE, "ORSET"), 10**6)])
+    assert a.state.tables() == []
+    a.reopen()
+    assert a.state.tables() == []
+    assert a.state.table(CONFIG_TABLE).crdt is CrdtType.LWW
 
 
 # -- writes: reads and dependencies ----------------------------------------------------------------
