@@ -358,6 +358,8 @@ class Session:
                 if room <= 0:
                     return sent_any, held_back
                 after = max(self.sent.get(owner, 0), self.acked.get(owner, 0))
+                if after >= limit:  # the peer acknowledged past it meanwhile (the log grew since)
+                    break
                 blobs = r.log.chain_bytes(parse_uuid(owner), after, min(MAX_BATCH, room, limit - after))
                 parts: list[bytes] = []
                 size = 0
@@ -370,7 +372,8 @@ class Session:
                     break
                 # The stored bytes go out as they are: no parse, no serializing again.
                 await self._write(self.make_message(entries=replication_pb2.EntryBatch(entries=parts)))
-                self.sent[owner] = after + len(parts)
+                # Never back: while this batch was written, an Ack may have shown the peer holds more.
+                self.sent[owner] = max(self.sent.get(owner, 0), after + len(parts))
                 r.counters_for(self.peer_url).entries_out += len(parts)
                 sent_any = True
         return sent_any, held_back

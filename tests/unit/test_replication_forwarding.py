@@ -17,6 +17,7 @@ from potboiler.server.replication import (
     FORWARD_DELAY,
     MAX_BATCH,
     WINDOW,
+    Counters,
     Replicator,
     Session,
 )
@@ -220,3 +221,31 @@ async def test_a_peer_list_a_stream_cannot_take_is_dropped_without_an_unretrieve
             raise GrpcInternalError('Failed "execute_batch"')
 
     await Replicator._send_quietly(Ending(), ["http://a"])  # type: ignore[arg-type]
+
+
+async def test_an_ack_past_what_is_being_sent_moves_the_session_on_not_back() -> None:
+    """While a batch of this node's own log is written, the peer acknowledges more of it (it got it
+    by another path, as the log grew): `sent` must not fall back to the batch's end, nor the next
+    batch be asked for a negative count (islice's ValueError ended healthy streams)."""
+    me = "00000000-0000-4000-8000-0000000000aa"
+    seq = 2 * MAX_BATCH
+    asked: list[tuple[int, int]] = []
+
+    def chain_bytes(owner: bytes, after: int, count: int) -> list[bytes]:
+        asked.append((after, count))
+        if count < 0:
+            raise ValueError("Indices for islice() must be None or an integer")
+        return [b"x"] * min(count, seq - after)
+
+    log = SimpleNamespace(node_id=me, vector=lambda: {me: seq}, chain_bytes=chain_bytes)
+    replicator: Any = SimpleNamespace(log=log, counters_for=lambda url: Counters())
+    s = Session(replicator, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
+    s.peer_id = PEER
+
+    class Transport:
+        async def send(self, message: Any) -> None:
+            s.peer_has(me, seq + 5, 0.0)  # an Ack read meanwhile
+
+    s.transport = Transport()  # type: ignore[assignment]
+    assert await s._send_available() == (True, False)
+    assert s.sent[me] == seq + 5 and asked == [(0, MAX_BATCH)]
