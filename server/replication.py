@@ -67,6 +67,8 @@ ELSEWHERE_FACTOR = 3
 ANNOUNCE_INTERVAL = 0.05
 #: Most time between two announcements (each carries a clock promise, see Log.promise).
 PROMISE_INTERVAL = 1.0
+#: A peer that has sent nothing for this long (it sends a promise every PROMISE_INTERVAL) is SILENT.
+SILENT_AFTER = 3 * PROMISE_INTERVAL
 #: Reconnection delays: 50 ms doubling to 5 s.
 RECONNECT = Backoff(first=0.05, cap=5.0)
 #: A stream that lasted this long worked: the next attempt after it ends starts the backoff afresh.
@@ -93,6 +95,7 @@ class PeerState(enum.Enum):
     DISCONNECTED = nodes_pb2.PeerStatus.STATE_DISCONNECTED
     CATCHING_UP = nodes_pb2.PeerStatus.STATE_CATCHING_UP
     LIVE = nodes_pb2.PeerStatus.STATE_LIVE
+    SILENT = nodes_pb2.PeerStatus.STATE_SILENT
 
 
 def grpc_target(url: str) -> str:
@@ -188,6 +191,8 @@ class Session:
     acked: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: When the last message came from the peer (or the session began).
+    heard_at: float = field(default_factory=time.monotonic)
     _peer_own_cap: int = 0
     #: When the peer last made progress on an owner's log (or the session began).
     _progress_at: dict[str, float] = field(default_factory=dict)
@@ -404,7 +409,7 @@ class Session:
             counters = r.counters_for(self.peer_url)
             counters.messages_in += 1
             kind = message.WhichOneof("message")
-            now = time.monotonic()
+            now = self.heard_at = time.monotonic()
             if kind == "entries":
                 blobs = list(message.entries.entries)
                 entries = parse_entries(message.entries)
@@ -876,10 +881,10 @@ class Replicator:
         )
 
     def status(self) -> list[nodes_pb2.PeerStatus]:
-        """Per peer: state, acknowledged vector, lag and last error. A connected peer is LIVE when
-        it holds every entry of this node's own that has been here for FORWARD_DELAY, and every other
-        entry that has been here for `forwarded_live_age()` (what is newer may be on its way), else
-        CATCHING_UP."""
+        """Per peer: state, acknowledged vector, lag and last error. A connected peer is SILENT when
+        nothing came from it for SILENT_AFTER, else LIVE when it holds every entry of this node's own
+        that has been here for FORWARD_DELAY, and every other entry that has been here for
+        `forwarded_live_age()` (what is newer may be on its way), else CATCHING_UP."""
         mine = self.log.vector()
         now = time.monotonic()
         me = self.log.node_id
@@ -889,8 +894,11 @@ class Replicator:
             peer = self.peers[url]
             session = peer.sessions[0] if peer.sessions else None
             acked = session.acked if session else peer.acked
+            silent = 0.0 if session is None else now - session.heard_at
             if session is None:
                 state = PeerState.DISCONNECTED
+            elif silent > SILENT_AFTER:
+                state = PeerState.SILENT
             elif all(acked.get(owner, 0) >= self.arrivals.held(owner, now, ages[owner]) for owner in mine):
                 state = PeerState.LIVE
             else:
@@ -904,6 +912,7 @@ class Replicator:
                     vector=vector_to_proto(acked),
                     lag=lag(mine, acked),
                     last_error=peer.last_error,
+                    silent_ms=round(silent * 1000),
                 )
             )
         return out

@@ -192,6 +192,25 @@ def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster) -> None:
         assert set(ids) == set(acknowledged), "lost or invented entries"
 
 
+def test_a_frozen_peer_is_shown_silent_then_live_again(cluster: Cluster) -> None:
+    """A hung peer (here SIGSTOPped) keeps its stream open until keepalive gives up (~15 s): meanwhile
+    /status must not call it LIVE, as nothing comes from it."""
+    a, b = cluster(2)
+
+    def state_of_b() -> tuple[str, int]:
+        [peer] = httpx.get(f"{a.url}/status", timeout=5).json()["peers"]
+        return peer["state"], int(peer.get("silent_ms", 0))
+
+    wait_until(lambda: state_of_b()[0] == "STATE_LIVE", what="b live")
+    b.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: state_of_b()[0] == "STATE_SILENT", what="b silent")
+        assert state_of_b()[1] > 3000
+    finally:
+        b.signal(signal.SIGCONT)
+    wait_until(lambda: state_of_b()[0] == "STATE_LIVE", what="b live again")
+
+
 def test_line_topology_converges_through_the_middle(cluster: Cluster) -> None:
     def line(i: int, urls: list[str]) -> list[str]:
         return [urls[1]] if i != 1 else []

@@ -207,6 +207,11 @@ class PeerStatus(_message.Message):
         """A stream is open and the peer holds every entry this node has held for
         more than that moment; newer ones are on their way.
         """
+        STATE_SILENT: PeerStatus._State.ValueType  # 4
+        """A stream is open but nothing has come from the peer for more than 3 s
+        (a peer sends at least its clock promise every second): it is hung,
+        frozen or cut off, and keepalive will end the stream within about 15 s.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """How replication with a peer stands."""
@@ -225,6 +230,11 @@ class PeerStatus(_message.Message):
     """A stream is open and the peer holds every entry this node has held for
     more than that moment; newer ones are on their way.
     """
+    STATE_SILENT: PeerStatus.State.ValueType  # 4
+    """A stream is open but nothing has come from the peer for more than 3 s
+    (a peer sends at least its clock promise every second): it is hung,
+    frozen or cut off, and keepalive will end the stream within about 15 s.
+    """
 
     URL_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
@@ -232,6 +242,7 @@ class PeerStatus(_message.Message):
     VECTOR_FIELD_NUMBER: _builtins.int
     LAG_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    SILENT_MS_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """The peer's root URL."""
     node_id: _builtins.str
@@ -242,6 +253,10 @@ class PeerStatus(_message.Message):
     """Entries this node holds that the peer has not acknowledged."""
     last_error: _builtins.str
     """The last connection error, empty when connected."""
+    silent_ms: _builtins.int
+    """Milliseconds since the last message from the peer on the open stream (0
+    when none is open).
+    """
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[Global___VectorComponent]:
         """The peer's version vector as last acknowledged."""
@@ -255,10 +270,11 @@ class PeerStatus(_message.Message):
         vector: _abc.Iterable[Global___VectorComponent] | None = ...,
         lag: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        silent_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag", b"lag", "last_error", b"last_error", "node_id", b"node_id", "state", b"state", "url", b"url", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag", b"lag", "last_error", b"last_error", "node_id", b"node_id", "silent_ms", b"silent_ms", "state", b"state", "url", b"url", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
