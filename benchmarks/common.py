@@ -487,10 +487,6 @@ class Bench:
         node.start()
         return node
 
-    def stop_node(self, node: NodeProcess) -> None:
-        """Stop a node started here (it may be started again with `node.start()`)."""
-        node.stop()
-
     def adopt(self, thing: Stoppable) -> None:
         """Stop `thing` when the bench ends (before the nodes)."""
         self.adopted.append(thing)

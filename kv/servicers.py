@@ -8,9 +8,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import grpc
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import ListValue, Value
 
@@ -19,6 +18,7 @@ from potboiler.kv.crdts import CrdtType
 from potboiler.kv.events import CONFIG_TABLE, check_name
 from potboiler.server import rest
 from potboiler.server.errors import InvalidArgument, NotFound, PotboilerError, Unavailable
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import unary
 from potboiler.server.jsonvalue import JSON, from_value
 from potboiler.v1 import (
@@ -33,7 +33,6 @@ from potboiler.v1 import (
 if TYPE_CHECKING:
     from potboiler.kv.service import KvService
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 #: Most keys of one ListKeys page (and its default).
 MAX_PAGE_KEYS = 10_000

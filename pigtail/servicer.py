@@ -7,18 +7,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail import restbody, views
 from potboiler.pigtail.engine import Pigtail
 from potboiler.pigtail.worksession import work_session
 from potboiler.server import rest
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import streaming, unary
 from potboiler.server.jsonvalue import from_value
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):

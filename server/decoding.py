@@ -27,10 +27,10 @@ from google.api import annotations_pb2
 from google.protobuf.message import DecodeError, Message
 
 from potboiler.server.errors import InvalidArgument
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import abort
 from potboiler.v1 import log_pb2
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -21,6 +21,7 @@ from potboiler.server.errors import (
     TooLarge,
     Unavailable,
 )
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.rest import HTTP_CODE_HEADER
 
 STATUS: dict[type[PotboilerError], grpc.StatusCode] = {
@@ -53,7 +54,7 @@ def status_of(error: PotboilerError) -> grpc.StatusCode:
 HTTP_OVERRIDE: dict[type[PotboilerError], str] = {TooLarge: "413"}
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PotboilerError) -> NoReturn:
+async def abort(context: Ctx, error: PotboilerError) -> NoReturn:
     """End the call with the error's status and message."""
     http = HTTP_OVERRIDE.get(type(error))
     # Set, not passed to abort(), which would keep metadata set earlier (say, a 201 before a

@@ -168,14 +168,6 @@ def checked_value(x: object, max_depth: int) -> Value:
     return to_value(x)  # type: ignore[arg-type]  # checked above
 
 
-def to_struct(x: dict[str, JSON]) -> Struct:
-    """A new Struct holding the plain JSON object `x`."""
-    out = Struct()
-    for k, y in x.items():
-        set_value(out.fields[k], y)
-    return out
-
-
 def sorted_keys(x: JSON) -> JSON:
     """`x` with every object's keys in sorted order (how the REST answers print objects)."""
     if isinstance(x, dict):

@@ -400,10 +400,6 @@ class Log:
         """The newest clock promise of every owner that made one, this node's own included."""
         return {**self._promises, self.node_id: self.promise()}
 
-    def vector_bytes(self) -> dict[bytes, int]:
-        """The version vector keyed by 16-byte owner ids."""
-        return {owner: seq for owner, (seq, _) in self._heads.items()}
-
     def total(self) -> int:
         """How many entries this node holds."""
         return sum(seq for seq, _ in self._heads.values())

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
-import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server import wire
@@ -20,12 +18,12 @@ from potboiler.server.errors import (
     TooLarge,
     quoted,
 )
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import abort, streaming, unary
 from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
 #: Most entries per SubscribeEntries message.
 MAX_SUBSCRIBE_BATCH = 1000
 #: Most bytes of entries per SubscribeEntries message (but at least one entry): below the 4 MiB that

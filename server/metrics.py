@@ -24,9 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from potboiler.server.replication import lag
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.urls import origin
+from potboiler.server.vectors import lag
 
 if TYPE_CHECKING:
     from potboiler.server.node import Node

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import grpc
-
-from potboiler.server import rest
+from potboiler.server import rest, vectors
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import unary
 from potboiler.server.log import Log
 from potboiler.server.membership import Membership
 from potboiler.v1 import nodes_pb2, nodes_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def vector_message(vector: dict[str, int]) -> list[nodes_pb2.VectorComponent]:
-    """A version vector as sorted components."""
-    return [nodes_pb2.VectorComponent(owner=o, seq=s) for o, s in sorted(vector.items())]
 
 
 class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
@@ -61,7 +52,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServiceServicer):
         status = nodes_pb2.GetStatusResponse(
             node_id=self._log.node_id,
             url=self._membership.self_url,
-            vector=vector_message(self._log.vector()),
+            vector=vectors.to_proto(self._log.vector()),
             pending=self._log.pending,
             delivered_position=self._log.position,
             peers=self._peer_status(),

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import grpc
 from google.protobuf.message import DecodeError
 
+from potboiler.server import vectors
 from potboiler.server.appender import Appender
 from potboiler.server.arrivals import Arrivals
 from potboiler.server.backoff import Backoff
@@ -105,25 +106,6 @@ def grpc_target(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{host}:{(parts.port or 80) + GRPC_PORT_OFFSET}"
-
-
-def vector_to_proto(vector: dict[str, int]) -> list[nodes_pb2.VectorComponent]:
-    """A version vector as sorted message components."""
-    return [nodes_pb2.VectorComponent(owner=o, seq=s) for o, s in sorted(vector.items())]
-
-
-def vector_from_proto(components: Any) -> dict[str, int]:
-    """A version vector from message components (owners validated)."""
-    out: dict[str, int] = {}
-    for c in components:
-        parse_uuid(c.owner, "owner")
-        out[c.owner] = max(out.get(c.owner, 0), c.seq)
-    return out
-
-
-def lag(mine: dict[str, int], theirs: dict[str, int]) -> int:
-    """How many of my entries the other vector lacks."""
-    return sum(max(0, seq - theirs.get(owner, 0)) for owner, seq in mine.items())
 
 
 class Transport(Protocol):
@@ -226,7 +208,7 @@ class Session:
             hello=replication_pb2.Hello(
                 node_id=r.log.node_id,
                 url=r.membership.self_url,
-                vector=vector_to_proto(r.log.vector()),
+                vector=vectors.to_proto(r.log.vector()),
                 peers=r.membership.urls(),
                 join=join,
             )
@@ -239,7 +221,7 @@ class Session:
             raise Conflict("a node cannot replicate with itself")
         self.peer_id = hello.node_id
         self.peer_url = self.announced_url = self.replicator.membership.normalise(hello.url)
-        self.acked = vector_from_proto(hello.vector)
+        self.acked = vectors.from_proto(hello.vector)
         self.sent = dict(self.acked)
         node_log = self.replicator.log
         node_log.note_own_seq(self.acked.get(node_log.node_id, 0))
@@ -284,7 +266,7 @@ class Session:
             self._changed.clear()
             # Read together, with no await between: the promise's seq is the vector's own.
             promise = node_log.promise()
-            ack = replication_pb2.Ack(vector=vector_to_proto(node_log.vector()))
+            ack = replication_pb2.Ack(vector=vectors.to_proto(node_log.vector()))
             ack.clock.wall_ms, ack.clock.logical = promise.stamp
             # Others' promises, passed on: a node not replicating with their owner hears them too.
             for owner, known in node_log.promises().items():
@@ -423,7 +405,7 @@ class Session:
                 self._redundant |= r.feeders.brought(self, self.peer_id, newest, fresh, time.monotonic())
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
             elif kind == "ack":
-                vector = vector_from_proto(message.ack.vector)
+                vector = vectors.from_proto(message.ack.vector)
                 r.log.note_own_seq(vector.get(r.log.node_id, 0))
                 if message.ack.your_log_forked_at:
                     r.log.note_own_fork(message.ack.your_log_forked_at, message.ack.your_entry_before_fork)
@@ -909,8 +891,8 @@ class Replicator:
                     # As last seen, also before this start's first stream with it.
                     node_id=peer.node_id or self.membership.node_id_of(url),
                     state=state.value,
-                    vector=vector_to_proto(acked),
-                    lag=lag(mine, acked),
+                    vector=vectors.to_proto(acked),
+                    lag=vectors.lag(mine, acked),
                     last_error=peer.last_error,
                     silent_ms=round(silent * 1000),
                 )

@@ -10,7 +10,6 @@ call). Plain gRPC clients see only harmless metadata.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import grpc
 import orjson
@@ -18,6 +17,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.errors import InvalidArgument, quoted
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.jsonvalue import (
     JSON,
     MAX_EXACT_INTEGER,
@@ -28,7 +28,6 @@ from potboiler.server.jsonvalue import (
 )
 
 HTTP_CODE_HEADER = "x-http-code"
-Ctx = grpc.aio.ServicerContext[Any, Any]
 #: Nesting beyond which a body is refused before it is converted (the exact limit, MAX_DEPTH in
 #: potboiler.server.entries, is checked on the converted value; this only keeps the conversion's
 #: recursion bounded).

@@ -4,9 +4,7 @@ as LogService and NodesService."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import grpc
 from google.protobuf.struct_pb2 import ListValue, Struct
 
 from potboiler.server import rest
@@ -14,12 +12,11 @@ from potboiler.server.appender import Appender
 from potboiler.server.entries import validate_new_entry
 from potboiler.server.entry_json import entry_struct
 from potboiler.server.errors import Conflict
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import unary
 from potboiler.server.membership import Membership
 from potboiler.server.webhooks import ORIGIN_HEADER
 from potboiler.v1 import core_rest_pb2, core_rest_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from potboiler.server.errors import InvalidArgument
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.urls import webhook_url
 
 if TYPE_CHECKING:
@@ -344,7 +345,7 @@ def _original(handler: Handler) -> Behavior:
 
 
 def _refuse(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def refuse(request: Any, context: Ctx) -> None:
         await context.abort(code, details)
 
     return _with_behavior(handler, refuse)
@@ -379,11 +380,11 @@ class _Stream:
     token: str
     method: str
     need: Role
-    context: grpc.aio.ServicerContext[Any, Any]
+    context: Ctx
     task: asyncio.Task[Any]
 
 
-def _peer_certificate_verified(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+def _peer_certificate_verified(context: Ctx) -> bool:
     auth = context.auth_context()
     return auth.get("transport_security_type") == [b"ssl"] and bool(context.peer_identities())
 
@@ -395,7 +396,7 @@ def _require_peer_certificate(handler: Handler) -> Handler:
     denied = "replication needs a client certificate from the cluster CA"
     if inspect.isasyncgenfunction(original):
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
             if not _peer_certificate_verified(context):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
             async for item in original(request, context):
@@ -403,7 +404,7 @@ def _require_peer_certificate(handler: Handler) -> Handler:
 
         return _with_behavior(handler, stream)
 
-    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def call(request: Any, context: Ctx) -> Any:
         if not _peer_certificate_verified(context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
         result = original(request, context)
@@ -479,7 +480,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         original = _original(handler)
         streams = self._streams
 
-        async def track(context: grpc.aio.ServicerContext[Any, Any]) -> _Stream:
+        async def track(context: Ctx) -> _Stream:
             # The token is checked again as the handler starts: grpc.aio may have waited for the
             # request message since the headers were checked, and the tokens may have changed
             # meanwhile (after the change, end_revoked did not see this call yet). No await between
@@ -495,7 +496,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         if inspect.isasyncgenfunction(original):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 running = await track(context)
                 try:
                     async for item in original(request, context):
@@ -508,7 +509,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # grpc.aio takes a streaming handler as an async generator or a coroutine (context.write).
         assert inspect.iscoroutinefunction(original), f"{method}: a streaming handler must be async"
 
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def call(request: Any, context: Ctx) -> Any:
             running = await track(context)
             try:
                 return await original(request, context)

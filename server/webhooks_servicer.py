@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
 from potboiler.server import rest
+from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import unary
 from potboiler.server.urls import redacted
 from potboiler.server.webhooks import Webhooks
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class WebhooksServicer(webhooks_pb2_grpc.WebhooksServiceServicer):
