@@ -26,12 +26,12 @@ import grpc
 
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
-from potboiler.kv.state import KvState, PlannedWrite
+from potboiler.kv.state import EventFailed, KvState, PlannedWrite
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import to_value
 from potboiler.server.log import DeliveredBatch
-from potboiler.server.logclient import CatchUp, Linger, apply_forever, discard_if_ahead
+from potboiler.server.logclient import Attempts, CatchUp, Linger, apply_forever, discard_if_ahead
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
@@ -77,6 +77,9 @@ class KvService:
         #: Whether the state shows everything delivered before the service started: the writes this
         #: node answered before a restart (and not applied by then) included.
         self._caught_up = CatchUp("KV", self._linger, APPLY_WAIT)
+        #: Failed tries at applying the entry at one position, and the positions given up on.
+        self._failures = Attempts()
+        self._skip: set[int] = set()
 
     @property
     def node_id(self) -> str:
@@ -183,9 +186,19 @@ class KvService:
         )
 
     def apply(self, delivered: DeliveredBatch) -> None:
-        """Apply a batch of delivered entries and wake the readers waiting for them."""
+        """Apply a batch of delivered entries and wake the readers waiting for them. An entry that
+        fails is raised for the loop to try again; one that fails APPLY_ATTEMPTS times is skipped."""
         batch = delivered.entries
-        self.state.apply_batch(batch, delivered.blobs)
+        while True:
+            try:
+                self.state.apply_batch(batch, delivered.blobs, self._skip)
+                break
+            except EventFailed as failed:
+                if not self._failures.failed(failed.position):
+                    raise
+                log.exception("KV skips the log entry %s at position %d", failed.entry_id, failed.position)
+                self._skip.add(failed.position)
+        self._skip = {p for p in self._skip if p > self.state.position}
         me = self._context.log.node_id
         mark = me.encode()
         # The newest own entry of the batch, from its end: only entries that mention this node's id

@@ -27,6 +27,7 @@ import itertools
 import logging
 import struct
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, cast
@@ -151,6 +152,15 @@ def _check_exact_counter(
             f"table {table!r}: PN-Counter {asked[0]!r} amount {asked[1]} would take the counter's {what} past "
             f"2**53 = {MAX_EXACT_INT}, the largest integer a JSON number holds exactly"
         )
+
+
+class EventFailed(Exception):
+    """Applying the log entry at `position` failed (the cause is chained)."""
+
+    def __init__(self, position: int, entry_id: str) -> None:
+        super().__init__(f"the log entry {entry_id} at position {position} could not be applied")
+        self.position = position
+        self.entry_id = entry_id
 
 
 class KvState:
@@ -371,10 +381,17 @@ class KvState:
         self._cache_sizes.clear()
         self._cache_bytes = 0
 
-    def apply_batch(self, batch: Sequence[tuple[int, Entry]], blobs: Sequence[bytes] | None = None) -> None:
+    def apply_batch(
+        self,
+        batch: Sequence[tuple[int, Entry]],
+        blobs: Sequence[bytes] | None = None,
+        skip: AbstractSet[int] = frozenset(),
+    ) -> None:
         """Apply delivered log entries (in delivery order, after `position`) and store the changed
         states together with the new cursor in one write. Entries that are not KV events are skipped:
         given the entries serialized (`blobs`, in the same order), most of them without reading them.
+        So are the entries at the positions in `skip`. EventFailed if an entry fails in another way
+        than being an invalid event (nothing is written then).
 
         This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
         change is converted to JSON), states are read at most once per batch (and kept across batches
@@ -396,54 +413,63 @@ class KvState:
         for (position, entry), blob in pairs:
             if position <= floor:
                 continue  # already applied (a subscription resumed from an older cursor)
-            if blob is not None and blob.find(EVENT_MARK) < 0:
-                continue  # not a KV event (see potboiler.server.log.marked), and not read
-            # Data that is not a Struct reads as an empty one (without changing the entry).
-            event = _event_of_fields(entry.data.struct_value.fields)
-            if event is None:
+            if position in skip:
+                log.error(
+                    "skipping the log entry %s at position %d: KV could not apply it", entry.id, position
+                )
                 continue
-            table, key, crdt, op, change, observed = event
-            if crdt is _LWW and op == "set":
-                prefix = lww_prefixes.get(table)
-                if prefix is None:
-                    prefix = lww_prefixes[table] = table_prefix(_LWW, table)
-                skey = prefix + key.encode()
-                state = states[skey] if skey in states else cache.get(skey, _MISSING)
-                if state is _MISSING:
-                    raw = get(skey)
-                    state = None if raw is None else decode(raw)
-                new = _lww_set(state, change, entry, blob)
-                if new is not _MISSING:
+            try:
+                if blob is not None and blob.find(EVENT_MARK) < 0:
+                    continue  # not a KV event (see potboiler.server.log.marked), and not read
+                # Data that is not a Struct reads as an empty one (without changing the entry).
+                event = _event_of_fields(entry.data.struct_value.fields)
+                if event is None:
+                    continue
+                table, key, crdt, op, change, observed = event
+                if crdt is _LWW and op == "set":
+                    prefix = lww_prefixes.get(table)
+                    if prefix is None:
+                        prefix = lww_prefixes[table] = table_prefix(_LWW, table)
+                    skey = prefix + key.encode()
+                    state = states[skey] if skey in states else cache.get(skey, _MISSING)
+                    if state is _MISSING:
+                        raw = get(skey)
+                        state = None if raw is None else decode(raw)
+                    new = _lww_set(state, change, entry, blob)
+                    if new is not _MISSING:
+                        if new is not state:
+                            states[skey] = new
+                        applied += 1
+                        continue
+                ctx = _context(entry)
+                if crdt is not None:
+                    changes = [(crdt, from_value(change))]
+                else:  # written while its node did not know the table: prepared here, against nothing
+                    raw_change = from_value(change)
+                    changes = []
+                    for each in TYPES_OF_OP[op]:
+                        try:
+                            changes.append((each, prepare_observed(each, op, raw_change, observed)))
+                        except InvalidOperation:
+                            continue
+                for each, payload in changes:
+                    skey = state_key(each, table, key)
+                    state = states[skey] if skey in states else cache.get(skey, _MISSING)
+                    if state is _MISSING:
+                        raw = get(skey)
+                        state = None if raw is None else decode(raw)
+                    state = to_json(state)
+                    try:
+                        new = apply(each, state, payload, ctx)
+                    except InvalidOperation as exc:
+                        log.warning("skipping KV event %s (%s/%s): %s", entry.id, table, key, exc)
+                        continue
                     if new is not state:
                         states[skey] = new
-                    applied += 1
-                    continue
-            ctx = _context(entry)
-            if crdt is not None:
-                changes = [(crdt, from_value(change))]
-            else:  # written while its node did not know the table: prepared here, against nothing
-                raw_change = from_value(change)
-                changes = []
-                for each in TYPES_OF_OP[op]:
-                    try:
-                        changes.append((each, prepare_observed(each, op, raw_change, observed)))
-                    except InvalidOperation:
-                        continue
-            for each, payload in changes:
-                skey = state_key(each, table, key)
-                state = states[skey] if skey in states else cache.get(skey, _MISSING)
-                if state is _MISSING:
-                    raw = get(skey)
-                    state = None if raw is None else decode(raw)
-                state = to_json(state)
-                try:
-                    new = apply(each, state, payload, ctx)
-                except InvalidOperation as exc:
-                    log.warning("skipping KV event %s (%s/%s): %s", entry.id, table, key, exc)
-                    continue
-                if new is not state:
-                    states[skey] = new
-            applied += 1
+                applied += 1
+            except Exception as exc:  # not an invalid event (those are skipped above): a bug, a damaged state
+                raise EventFailed(position, entry.id) from exc
+
         writes: list[Write] = [(k, encode(state)) for k, state in states.items()]
         writes.append((CURSOR_KEY, _U64.pack(last)))
         try:

@@ -67,6 +67,7 @@ from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import (
     APPLY_RETRY,
+    Attempts,
     CatchUp,
     Linger,
     LogClient,
@@ -82,9 +83,6 @@ log = logging.getLogger(__name__)
 APPLY_TIMEOUT_S = 30.0
 #: Longest an operation waits, after the node starts, for the state to show what the log held then.
 CATCH_UP_WAIT_S = 5.0
-#: Times the applier tries to plan an entry before it skips it (see `Pigtail._apply`): with
-#: APPLY_RETRY's backoff, for about 11 s.
-PLAN_ATTEMPTS = 8
 #: Most log entries applied in one batch.
 APPLY_BATCH = 1000
 #: Longest the applier waits to gather entries into one batch while no operation waits for it
@@ -169,8 +167,8 @@ class Pigtail:
         #: The newest synced store write (it runs in a thread, which a cancellation does not stop).
         self._writing: asyncio.Future[None] | None = None
         self._linger = Linger(APPLY_LINGER_S)
-        #: The position whose entry failed to plan last, and how many times in a row.
-        self._plan_failures = (0, 0)
+        #: Failed tries at planning the entry at one position (see `_apply`).
+        self._plan_failures = Attempts()
         #: Every operation waits for it: until then the state may lack queues and tasks the node had
         #: acknowledged (e.g. a state rebuilt from the log), and answer that they do not exist.
         self._caught_up = CatchUp("Pigtail", self._linger, CATCH_UP_WAIT_S)
@@ -219,7 +217,7 @@ class Pigtail:
 
     async def _apply(self, delivered: DeliveredBatch) -> None:
         """Apply a delivered batch. An entry that cannot be planned is raised for the loop to retry
-        (planning reads the store, which may fail once); one that fails PLAN_ATTEMPTS times (a bug,
+        (planning reads the store, which may fail once); one that fails APPLY_ATTEMPTS times (a bug,
         failing alike on every node) is skipped on its own, and whoever waits for it hears so. A
         write that fails is never skipped but raised, for the loop to retry."""
         batch = delivered.entries
@@ -234,9 +232,7 @@ class Pigtail:
             try:
                 applied = self.state.plan([(position, entry)], self._log.promises())
             except Exception:
-                failures = self._plan_failures[1] + 1 if self._plan_failures[0] == position else 1
-                self._plan_failures = (position, failures)
-                if failures < PLAN_ATTEMPTS:
+                if not self._plan_failures.failed(position):
                     raise
                 log.exception("skipping log entry %s at position %d", entry.id, position)
                 applied = self.state.plan_skip(position)

@@ -198,6 +198,28 @@ class CatchUp:
             ) from None
 
 
+#: Times an applier tries an entry that fails before it skips it (see `Attempts`): with APPLY_RETRY's
+#: backoff, for about 11 s.
+APPLY_ATTEMPTS = 8
+
+
+class Attempts:
+    """Failed tries at applying the entry at one position, in a row: an entry that fails alike every
+    time (a bug, or data a service cannot take, failing so on every node) is skipped after
+    APPLY_ATTEMPTS, rather than stopping the service for good; one that fails once (a store read
+    failing) is applied on a later try."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.count = 0
+
+    def failed(self, position: int) -> bool:
+        """Count a failure at `position`; whether to skip that entry now."""
+        self.count = self.count + 1 if self.position == position else 1
+        self.position = position
+        return self.count >= APPLY_ATTEMPTS
+
+
 async def apply_forever(
     client: LogClient,
     position: Callable[[], int],

@@ -13,7 +13,9 @@ import pytest
 from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.kv import state as kv_state
 from potboiler.kv.service import KvService, create
+from potboiler.server import logclient
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import Unavailable
 from potboiler.server.jsonvalue import from_value, to_value
@@ -337,6 +339,28 @@ async def test_kv_events_appended_through_the_log_api_apply_too(kv: KvNode) -> N
     await kv.grpc.log.AppendEntry(log_pb2.AppendEntryRequest(data=to_value({"not": "kv"})))
     await wait_for(lambda: kv.service.state.position >= 3)
     assert await kv.value("t", "raw") == "from the log"
+
+
+async def test_an_event_that_fails_to_apply_every_time_is_skipped_not_stopping_kv(
+    kv: KvNode, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug (here: the CRDT code raising for one item) fails alike at each try and on every node: after
+    a few tries that event is skipped, and KV goes on applying (it stopped for good, every read then
+    refused as not caught up)."""
+    crdt_apply = kv_state.apply
+
+    def buggy(crdt: Any, state: Any, payload: Any, ctx: Any) -> Any:
+        if "boom" in repr(payload):
+            raise RuntimeError("a bug")
+        return crdt_apply(crdt, state, payload, ctx)
+
+    monkeypatch.setattr(kv_state, "apply", buggy)
+    monkeypatch.setattr(logclient, "APPLY_ATTEMPTS", 2)
+    await kv.create_table("s", "ORSET")
+    for item in ("ok1", "boom", "ok2"):
+        await kv.update("s", "k", "add", {"item": item, "key": item})
+    assert [i["item"] for i in await kv.value("s", "k")] == ["ok1", "ok2"]
+    assert "KV skips the log entry" in caplog.text
 
 
 async def test_browser_pages(kv: KvNode) -> None:

@@ -34,6 +34,7 @@ from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import HybridClock, Stamp
 from potboiler.server.log import Promise
+from potboiler.server.logclient import APPLY_ATTEMPTS
 from potboiler.server.storage import MemoryStore, Write
 from potboiler.v1 import pigtail_pb2
 from potboiler.v1.entry_pb2 import Entry
@@ -640,7 +641,7 @@ async def test_an_entry_that_cannot_be_planned_is_skipped_alone(
     kept = await h.add()
     assert await h.pigtail.list_tasks("q") == [(kept, {"task_name": "job", "state": "pending"})]
     assert h.pigtail.state.cursor == len(h.log.entries)
-    assert h.pigtail._plan_failures[1] == engine.PLAN_ATTEMPTS  # tried again before skipping it
+    assert h.pigtail._plan_failures.count == APPLY_ATTEMPTS  # tried again before skipping it
 
 
 async def test_an_entry_whose_planning_fails_once_is_applied_on_the_next_try(
