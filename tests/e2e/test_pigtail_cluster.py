@@ -177,14 +177,18 @@ def test_conflicting_claims_on_two_nodes_resolve_to_one_winner(cluster: list[Nod
         wait_for_sync(partial(lists, node, queue, {task_id}))
     set_split(cluster, n1, split=True)
     try:
-        # Both sides of the split grant the claim: delivery is at-least-once.
-        on_n0 = n0.pig.put(f"/queue/{queue}/{task_id}", json={"worker_id": "left"})
-        on_n1 = n1.pig.put(f"/queue/{queue}/{task_id}", json={"worker_id": "right"})
-        assert on_n0.status_code == 200 and on_n0.json()["worker"] == "left"
-        assert on_n1.status_code == 200 and on_n1.json()["worker"] == "right"
-        left = n0.task(queue, task_id)
-        right = n1.task(queue, task_id)
-        assert left is not None and right is not None
+        # Both sides of the split grant the claim: delivery is at-least-once. The first claim is made
+        # on n1 by a worker whose name sorts last: neither the lowest worker id nor the first node
+        # (the lowest id, ids being time-ordered) is the winner by the rule, the lower stamp.
+        first = n1.pig.put(f"/queue/{queue}/{task_id}", json={"worker_id": "zz-first"})
+        assert first.status_code == 200 and first.json()["worker"] == "zz-first"
+        early = n1.task(queue, task_id)
+        assert early is not None
+        late = early
+        while late["lease_expires_ms"] <= early["lease_expires_ms"]:  # a later millisecond
+            second = n0.pig.put(f"/queue/{queue}/{task_id}", json={"worker_id": "aa-second"})
+            assert second.status_code == 200 and second.json()["worker"] == "aa-second"
+            late = n0.task(queue, task_id) or early
     finally:
         set_split(cluster, n1, split=False)
 
@@ -194,15 +198,10 @@ def test_conflicting_claims_on_two_nodes_resolve_to_one_winner(cluster: list[Nod
         return len(workers) == 1 and all(s is not None and s["attempts"] == 1 for s in seen)
 
     wait_for_sync(agreed, message=lambda: repr([node.task(queue, task_id) for node in cluster]))
-    winner = (n2.task(queue, task_id) or {})["worker"]
-    assert winner in ("left", "right")
-    # The lower stamp wins; a lease runs timeout_ms from its claim's stamp, so the earlier lease wins.
-    if left["lease_expires_ms"] != right["lease_expires_ms"]:
-        assert winner == ("left" if left["lease_expires_ms"] < right["lease_expires_ms"] else "right")
-    loser = "right" if winner == "left" else "left"
+    assert (n2.task(queue, task_id) or {})["worker"] == "zz-first"  # the earlier claim's stamp is lower
     for node in cluster:
-        assert node.pig.put(f"/queue/{queue}/{task_id}", json={"worker_id": loser}).status_code == 409
-        heartbeat = node.pig.post(f"/queue/{queue}/{task_id}/heartbeat", json={"worker_id": winner})
+        assert node.pig.put(f"/queue/{queue}/{task_id}", json={"worker_id": "aa-second"}).status_code == 409
+        heartbeat = node.pig.post(f"/queue/{queue}/{task_id}/heartbeat", json={"worker_id": "zz-first"})
         assert heartbeat.status_code == 200
 
 

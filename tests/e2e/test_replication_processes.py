@@ -108,10 +108,21 @@ def post(node: NodeProcess, body: object, params: dict[str, str] | None = None) 
     return entry_id
 
 
+def firsts(node: NodeProcess) -> dict[str, str]:
+    result: dict[str, str] = httpx.get(f"{node.url}/log/first", timeout=5).json()
+    return result
+
+
 def converged(nodes: list[NodeProcess], expected: int) -> bool:
+    """Every node holds `expected` entries, with the same heads and firsts (one per owner)."""
     try:
         h = [heads(n) for n in nodes]
-        return all(x == h[0] for x in h) and all(total(n) == expected for n in nodes)
+        f = [firsts(n) for n in nodes]
+        return (
+            all(x == h[0] for x in h)
+            and all(x == f[0] and x.keys() == h[0].keys() for x in f)
+            and all(total(n) == expected for n in nodes)
+        )
     except httpx.HTTPError:
         return False
 
