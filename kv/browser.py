@@ -7,12 +7,12 @@ value cell also carries its JSON in a `data-json` attribute for tools.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from html import escape
 from urllib.parse import quote
 
 from potboiler.kv.crdts import JSON, CrdtType
+from potboiler.server.jsonvalue import json_text
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; padding: 0 1em;
@@ -38,8 +38,8 @@ _TYPE_HELP = {
 
 
 def show_json(value: JSON) -> str:
-    """A value as the JSON text shown on the pages: with its object keys sorted, as REST answers it."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    """A value as the JSON text shown on the pages: as REST answers it."""
+    return json_text(value).decode()
 
 
 def _json_cell(value: JSON, css: str = "value") -> str:

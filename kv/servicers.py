@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from google.api.httpbody_pb2 import HttpBody
-from google.protobuf.struct_pb2 import ListValue, Value
 
 from potboiler.kv import browser
 from potboiler.kv.crdts import CrdtType
@@ -136,9 +135,7 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
         self._service = service
 
     @unary
-    async def PostKvValue(
-        self, request: kv_rest_pb2.PostKvValueRequest, context: Ctx
-    ) -> kv_rest_pb2.PostKvValueResponse:
+    async def PostKvValue(self, request: kv_rest_pb2.PostKvValueRequest, context: Ctx) -> HttpBody:
         # `table` and `key` in the body are tolerated and ignored: the path names them.
         body = rest.json_object_body(request.raw_body, {"op", "change", "table", "key"})
         op = body.get("op", "")
@@ -147,25 +144,19 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
         entry_id, pending = await update(
             self._service, request.table, request.key, op, body.get("change"), has_change="change" in body
         )
-        return kv_rest_pb2.PostKvValueResponse(id=entry_id, pending=pending)
+        return rest.json_answer({"id": entry_id, "pending": pending})
 
     @unary
-    async def GetKvTables(self, request: kv_rest_pb2.GetKvTablesRequest, context: Ctx) -> ListValue:
-        out = ListValue()
-        for t in (await self._service.current()).tables():
-            out.values.add().string_value = t.name
-        return out
+    async def GetKvTables(self, request: kv_rest_pb2.GetKvTablesRequest, context: Ctx) -> HttpBody:
+        return rest.json_answer([t.name for t in (await self._service.current()).tables()])
 
     @unary
-    async def GetKvKeys(self, request: kv_rest_pb2.GetKvKeysRequest, context: Ctx) -> ListValue:
-        out = ListValue()
-        for key in (await self._service.current()).keys(request.table):
-            out.values.add().string_value = key
-        return out
+    async def GetKvKeys(self, request: kv_rest_pb2.GetKvKeysRequest, context: Ctx) -> HttpBody:
+        return rest.json_answer((await self._service.current()).keys(request.table))
 
     @unary
-    async def GetKvValue(self, request: kv_rest_pb2.GetKvValueRequest, context: Ctx) -> Value:
-        return (await self._service.current()).get_message(request.table, request.key)[1]
+    async def GetKvValue(self, request: kv_rest_pb2.GetKvValueRequest, context: Ctx) -> HttpBody:
+        return rest.text_answer((await self._service.current()).get_text(request.table, request.key))
 
 
 class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):

@@ -51,7 +51,7 @@ from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
 from potboiler.server.entries import MAX_DEPENDENCIES
 from potboiler.server.errors import InvalidArgument, NotFound, quoted
-from potboiler.server.jsonvalue import as_sent, from_value, to_value
+from potboiler.server.jsonvalue import as_sent, from_value, json_text, to_value
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -183,6 +183,8 @@ class KvState:
         #: Serialized size of each cached state, and their sum.
         self._cache_sizes: dict[bytes, int] = {}
         self._cache_bytes = 0
+        #: The JSON text of values read lately, by state key (see `get_text`).
+        self._texts: dict[bytes, bytes] = {}
         #: How many events were applied since the state was opened (for benchmarks and metrics).
         self.events_applied = 0
 
@@ -223,6 +225,28 @@ class KvState:
         table or the key does not exist."""
         crdt, stored = self._get_stored(table, key)
         return crdt, value(crdt, to_json(stored))
+
+    def get_text(self, table: str, key: str) -> bytes:
+        """`get`'s value alone, as REST answers it (`json_text`); kept for the next read of the key
+        until it changes (reads of a key far outnumber its writes)."""
+        check_name(table, "table")
+        check_name(key, "key")
+        info = self.table(table)
+        skey = state_key(info.crdt, table, key)
+        text = self._texts.get(skey)
+        if text is None:
+            stored = self._stored(skey)
+            if stored is None:
+                raise NotFound(f"No such key '{key}'")
+            shown = (
+                from_value(stored.message()) if isinstance(stored, LwwRecord) else value(info.crdt, stored)
+            )
+            text = json_text(shown)
+            if len(text) <= _TEXT_BYTES:
+                if len(self._texts) >= _TEXTS:
+                    self._texts.clear()
+                self._texts[skey] = text
+        return text
 
     def get_message(self, table: str, key: str) -> tuple[CrdtType, Value]:
         """`get` with the value as a Value (an LWW value is kept as one: no conversion)."""
@@ -377,6 +401,7 @@ class KvState:
             self._forget_cache()
 
     def _forget_cache(self) -> None:
+        self._texts.clear()
         self._cache.clear()
         self._cache_sizes.clear()
         self._cache_bytes = 0
@@ -477,6 +502,9 @@ class KvState:
         except BaseException:
             self._forget_cache()  # it may hold states that were not written
             raise
+        texts = self._texts
+        for k in states:
+            texts.pop(k, None)
         self._cache_written(writes[:-1], states)
         self._position = last
         self.events_applied += applied
@@ -500,6 +528,10 @@ _LWW = CrdtType.LWW
 _CACHE_STATES = 50_000
 _CACHE_BYTES = 8 << 20
 _CACHE_STATE_BYTES = 2048
+#: Most values kept as JSON text for reads, and the largest one kept (see `KvState.get_text`): at most
+#: 40 MiB. Emptied when full.
+_TEXTS = 10_000
+_TEXT_BYTES = 4096
 _CRDTS = {c.value: c for c in CrdtType}
 _new_record = tuple.__new__
 #: The ops whose change names a set's element (OR-Set and G-Set).

@@ -9,9 +9,11 @@ same JSON gives the same Python value on every node.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import TypeAlias
 
+import orjson
 from google.protobuf.struct_pb2 import NULL_VALUE, ListValue, Struct, Value
 
 from potboiler.server.errors import InvalidArgument, TooDeep
@@ -166,6 +168,15 @@ def checked_value(x: object, max_depth: int) -> Value:
         elif not (item is None or isinstance(item, str | bool | float)):
             raise InvalidArgument(f"entry data must be JSON, which has no {type(item).__name__}")
     return to_value(x)  # type: ignore[arg-type]  # checked above
+
+
+def json_text(value: object) -> bytes:
+    """`value` as the JSON text of a REST answer: compact, object members in sorted order, integers
+    exact (also past 2^53, where a google.protobuf.Value printed by the transcoder rounds them)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer past 64 bits, which orjson does not write
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sorted_keys(x: JSON) -> JSON:

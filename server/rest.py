@@ -22,6 +22,7 @@ from potboiler.server.jsonvalue import (
     JSON,
     MAX_EXACT_INTEGER,
     big_integer_message,
+    json_text,
     nesting,
     scalars,
     to_value,
@@ -79,6 +80,16 @@ def no_content(context: Ctx) -> None:
 def http_status(context: Ctx, status: int) -> None:
     """Answer REST with `status` (for a body the servicer writes itself, e.g. an error page)."""
     context.set_trailing_metadata(((HTTP_CODE_HEADER, str(status)),))
+
+
+def json_answer(value: object) -> HttpBody:
+    """A REST answer of JSON text (`json_text`), which Envoy passes on as it is."""
+    return text_answer(json_text(value))
+
+
+def text_answer(text: bytes) -> HttpBody:
+    """A REST answer of JSON text already written."""
+    return HttpBody(content_type="application/json", data=text)
 
 
 def json_body(body: HttpBody) -> Value:

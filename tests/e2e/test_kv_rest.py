@@ -116,8 +116,10 @@ def test_seed_rest_flow(kv: Kv) -> None:
     assert set(created) == {"id", "pending"} and created["pending"] is False
     kv.ok("test", "foo", "set", ["foo", "bar"])
     assert kv.value("test", "foo") == ["foo", "bar"]
-    kv.ok("test", "foo", "set", {"nested": {"a": [1, 2.5, None, True]}})
-    assert kv.value("test", "foo") == {"nested": {"a": [1, 2.5, None, True]}}
+    kv.ok("test", "foo", "set", {"nested": {"a": [1, 2.5, None, True]}, "b": {"y": 1, "x": 2}})
+    answer = kv.get("/kv/test/foo")
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.content == b'{"b":{"x":2,"y":1},"nested":{"a":[1,2.5,null,true]}}'  # members sorted
     kv.ok("test", "bar", "set", "text")
     # The table and key come from the path only: a body naming others changes nothing.
     response = kv.http.post("/kv/test/bar", json={"op": "set", "change": "body", "table": "x", "key": "y"})

@@ -319,6 +319,28 @@ def test_counters_stay_within_exact_json_integers(node: SimNode) -> None:
     assert node.state.plan_write("not-yet", "k", "increment", 2**53).pending
 
 
+def test_a_counter_past_2_53_from_writers_on_two_nodes_reads_exactly() -> None:
+    """Each node checks only what it has seen: together, two may take a total past 2**53. REST then
+    answers it exactly (JSON text written by the node; a double would round it to ...992)."""
+    a, b = SimNode(), SimNode()
+    config = a.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"})
+    b.receive([config])
+    from_a = a.write("c", "k", "increment", 2**52)
+    from_b = [b.write("c", "k", "increment", 2**52), b.write("c", "k", "increment", 1)]
+    a.receive(from_b)
+    b.receive([from_a])
+    assert a.state.get_text("c", "k") == b.state.get_text("c", "k") == b"9007199254740993"
+
+
+def test_values_read_as_text_have_sorted_members_and_change_with_writes(node: SimNode) -> None:
+    node.write("lww", "k", "set", {"b": 1, "a": {"d": [2, {"z": 0, "y": 1}], "c": 3}})
+    assert node.state.get_text("lww", "k") == b'{"a":{"c":3,"d":[2,{"y":1,"z":0}]},"b":1}'
+    node.write("lww", "k", "set", "new")
+    assert node.state.get_text("lww", "k") == b'"new"'  # not the text kept from the first read
+    with pytest.raises(NotFound, match="No such key 'nope'"):
+        node.state.get_text("lww", "nope")
+
+
 @pytest.mark.parametrize("known", [True, False])
 def test_a_negative_amount_counts_the_other_way(known: bool) -> None:
     n = SimNode()
@@ -921,7 +943,8 @@ def test_a_write_over_many_concurrent_values_depends_on_each_owners_newest(
     """More values than an entry may name as dependencies: the write names the newest of each
     owner, whose chain brings the others, so every node applies it after all of them. (With the
     limit lowered to 4: the same logic, without building a thousand values.)"""
-    monkeypatch.setattr(kv_state, "MAX_DEPENDENCIES", 4)
+    limit = 4
+    monkeypatch.setattr(kv_state, "MAX_DEPENDENCIES", limit)
     a, b, c = SimNode(), SimNode(), SimNode()
     config = a.write(CONFIG_TABLE, "m", "set", {"crdt": "MVREGISTER"})
     # Written on a together (in flight at once), so that none supersedes another.
@@ -929,7 +952,7 @@ def test_a_write_over_many_concurrent_values_depends_on_each_owners_newest(
         make_entry(
             a.owner, 2 + i, a.state.plan_write("m", "k", "set", i).event.to_json(), 2 + i, deps=[config.id]
         )
-        for i in range(kv_state.MAX_DEPENDENCIES + 1)
+        for i in range(limit + 1)
     ]
     b.receive([config, *values])
     superseding = b.write("m", "k", "set", "from-b")

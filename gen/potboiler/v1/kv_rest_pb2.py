@@ -24,10 +24,9 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apotboiler/v1/kv_rest.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\"d\n\x12PostKvValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12&\n\x08raw_body\x18\x04 \x01(\x0b\x32\x14.google.api.HttpBodyJ\x04\x08\x03\x10\x04R\x04\x62ody\"2\n\x13PostKvValueResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"\x14\n\x12GetKvTablesRequest\"!\n\x10GetKvKeysRequest\x12\r\n\x05table\x18\x01 \x01(\t\"/\n\x11GetKvValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t2\xa2\x03\n\rKvRestService\x12w\n\x0bPostKvValue\x12 .potboiler.v1.PostKvValueRequest\x1a!.potboiler.v1.PostKvValueResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x11/kv/{table}/{key}:\x08raw_body\x12X\n\x0bGetKvTables\x12 .potboiler.v1.GetKvTablesRequest\x1a\x1a.google.protobuf.ListValue\"\x0b\x82\xd3\xe4\x93\x02\x05\x12\x03/kv\x12\\\n\tGetKvKeys\x12\x1e.potboiler.v1.GetKvKeysRequest\x1a\x1a.google.protobuf.ListValue\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/kv/{table}\x12`\n\nGetKvValue\x12\x1f.potboiler.v1.GetKvValueRequest\x1a\x16.google.protobuf.Value\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/kv/{table}/{key}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apotboiler/v1/kv_rest.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"d\n\x12PostKvValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12&\n\x08raw_body\x18\x04 \x01(\x0b\x32\x14.google.api.HttpBodyJ\x04\x08\x03\x10\x04R\x04\x62ody\"\x14\n\x12GetKvTablesRequest\"!\n\x10GetKvKeysRequest\x12\r\n\x05table\x18\x01 \x01(\t\"/\n\x11GetKvValueRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t2\x87\x03\n\rKvRestService\x12j\n\x0bPostKvValue\x12 .potboiler.v1.PostKvValueRequest\x1a\x14.google.api.HttpBody\"#\x82\xd3\xe4\x93\x02\x1d\"\x11/kv/{table}/{key}:\x08raw_body\x12R\n\x0bGetKvTables\x12 .potboiler.v1.GetKvTablesRequest\x1a\x14.google.api.HttpBody\"\x0b\x82\xd3\xe4\x93\x02\x05\x12\x03/kv\x12V\n\tGetKvKeys\x12\x1e.potboiler.v1.GetKvKeysRequest\x1a\x14.google.api.HttpBody\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/kv/{table}\x12^\n\nGetKvValue\x12\x1f.potboiler.v1.GetKvValueRequest\x1a\x14.google.api.HttpBody\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/kv/{table}/{key}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +41,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVRESTSERVICE'].methods_by_name['GetKvKeys']._serialized_options = b'\202\323\344\223\002\r\022\013/kv/{table}'
   _globals['_KVRESTSERVICE'].methods_by_name['GetKvValue']._loaded_options = None
   _globals['_KVRESTSERVICE'].methods_by_name['GetKvValue']._serialized_options = b'\202\323\344\223\002\023\022\021/kv/{table}/{key}'
-  _globals['_POSTKVVALUEREQUEST']._serialized_start=131
-  _globals['_POSTKVVALUEREQUEST']._serialized_end=231
-  _globals['_POSTKVVALUERESPONSE']._serialized_start=233
-  _globals['_POSTKVVALUERESPONSE']._serialized_end=283
-  _globals['_GETKVTABLESREQUEST']._serialized_start=285
-  _globals['_GETKVTABLESREQUEST']._serialized_end=305
-  _globals['_GETKVKEYSREQUEST']._serialized_start=307
-  _globals['_GETKVKEYSREQUEST']._serialized_end=340
-  _globals['_GETKVVALUEREQUEST']._serialized_start=342
-  _globals['_GETKVVALUEREQUEST']._serialized_end=389
-  _globals['_KVRESTSERVICE']._serialized_start=392
-  _globals['_KVRESTSERVICE']._serialized_end=810
+  _globals['_POSTKVVALUEREQUEST']._serialized_start=101
+  _globals['_POSTKVVALUEREQUEST']._serialized_end=201
+  _globals['_GETKVTABLESREQUEST']._serialized_start=203
+  _globals['_GETKVTABLESREQUEST']._serialized_end=223
+  _globals['_GETKVKEYSREQUEST']._serialized_start=225
+  _globals['_GETKVKEYSREQUEST']._serialized_end=258
+  _globals['_GETKVVALUEREQUEST']._serialized_start=260
+  _globals['_GETKVVALUEREQUEST']._serialized_end=307
+  _globals['_KVRESTSERVICE']._serialized_start=310
+  _globals['_KVRESTSERVICE']._serialized_end=701
 # @@protoc_insertion_point(module_scope)

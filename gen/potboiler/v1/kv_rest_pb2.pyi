@@ -55,34 +55,6 @@ class PostKvValueRequest(_message.Message):
 Global___PostKvValueRequest: _TypeAlias = PostKvValueRequest  # noqa: Y015
 
 @_typing.final
-class PostKvValueResponse(_message.Message):
-    """The accepted write (as KvService.UpdateValueResponse)."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ID_FIELD_NUMBER: _builtins.int
-    PENDING_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """Id of the log entry carrying the write."""
-    pending: _builtins.bool
-    """True when this node does not know the table yet: the write is kept and
-    takes effect once the table's config arrives.
-    """
-    def __init__(
-        self,
-        *,
-        id: _builtins.str = ...,
-        pending: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "pending", b"pending"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PostKvValueResponse: _TypeAlias = PostKvValueResponse  # noqa: Y015
-
-@_typing.final
 class GetKvTablesRequest(_message.Message):
     """Request of GetKvTables; it has no parameters."""
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from potboiler.v1 import kv_rest_pb2 as potboiler_dot_v1_dot_kv__rest__pb2
 
 GRPC_GENERATED_VERSION = '1.78.2'
@@ -27,11 +27,14 @@ if _version_not_supported:
 
 
 class KvRestServiceStub(object):
-    """The KV REST paths of the seed, served on port B+1. Most answers are bare
-    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
-    Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue. They call the same domain code as
-    the typed KvService, which real clients should use instead.
+    """The KV REST paths of the seed, served on port B+1. The answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`)
+    and {"id", "pending"} for a write, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a message printed by the transcoder, and exact (an
+    integer past 2^53 stays one), with object members in sorted order. They
+    call the same domain code as the typed KvService, which real clients should
+    use instead.
     """
 
     def __init__(self, channel):
@@ -43,31 +46,34 @@ class KvRestServiceStub(object):
         self.PostKvValue = channel.unary_unary(
                 '/potboiler.v1.KvRestService/PostKvValue',
                 request_serializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueRequest.SerializeToString,
-                response_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueResponse.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetKvTables = channel.unary_unary(
                 '/potboiler.v1.KvRestService/GetKvTables',
                 request_serializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvTablesRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetKvKeys = channel.unary_unary(
                 '/potboiler.v1.KvRestService/GetKvKeys',
                 request_serializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvKeysRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetKvValue = channel.unary_unary(
                 '/potboiler.v1.KvRestService/GetKvValue',
                 request_serializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvValueRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Value.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
 
 
 class KvRestServiceServicer(object):
-    """The KV REST paths of the seed, served on port B+1. Most answers are bare
-    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
-    Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue. They call the same domain code as
-    the typed KvService, which real clients should use instead.
+    """The KV REST paths of the seed, served on port B+1. The answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`)
+    and {"id", "pending"} for a write, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a message printed by the transcoder, and exact (an
+    integer past 2^53 stays one), with object members in sorted order. They
+    call the same domain code as the typed KvService, which real clients should
+    use instead.
     """
 
     def PostKvValue(self, request, context):
@@ -112,22 +118,22 @@ def add_KvRestServiceServicer_to_server(servicer, server):
             'PostKvValue': grpc.unary_unary_rpc_method_handler(
                     servicer.PostKvValue,
                     request_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueRequest.FromString,
-                    response_serializer=potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueResponse.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetKvTables': grpc.unary_unary_rpc_method_handler(
                     servicer.GetKvTables,
                     request_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvTablesRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.ListValue.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetKvKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.GetKvKeys,
                     request_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvKeysRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.ListValue.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetKvValue': grpc.unary_unary_rpc_method_handler(
                     servicer.GetKvValue,
                     request_deserializer=potboiler_dot_v1_dot_kv__rest__pb2.GetKvValueRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Value.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,11 +144,14 @@ def add_KvRestServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KvRestService(object):
-    """The KV REST paths of the seed, served on port B+1. Most answers are bare
-    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
-    Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue. They call the same domain code as
-    the typed KvService, which real clients should use instead.
+    """The KV REST paths of the seed, served on port B+1. The answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`)
+    and {"id", "pending"} for a write, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a message printed by the transcoder, and exact (an
+    integer past 2^53 stays one), with object members in sorted order. They
+    call the same domain code as the typed KvService, which real clients should
+    use instead.
     """
 
     @staticmethod
@@ -161,7 +170,7 @@ class KvRestService(object):
             target,
             '/potboiler.v1.KvRestService/PostKvValue',
             potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueRequest.SerializeToString,
-            potboiler_dot_v1_dot_kv__rest__pb2.PostKvValueResponse.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -188,7 +197,7 @@ class KvRestService(object):
             target,
             '/potboiler.v1.KvRestService/GetKvTables',
             potboiler_dot_v1_dot_kv__rest__pb2.GetKvTablesRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -215,7 +224,7 @@ class KvRestService(object):
             target,
             '/potboiler.v1.KvRestService/GetKvKeys',
             potboiler_dot_v1_dot_kv__rest__pb2.GetKvKeysRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -242,7 +251,7 @@ class KvRestService(object):
             target,
             '/potboiler.v1.KvRestService/GetKvValue',
             potboiler_dot_v1_dot_kv__rest__pb2.GetKvValueRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Value.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
-from google.protobuf import struct_pb2 as _struct_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from potboiler.v1 import kv_rest_pb2 as _kv_rest_pb2
 import abc as _abc_1
@@ -28,31 +28,34 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class KvRestServiceStub:
-    """The KV REST paths of the seed, served on port B+1. Most answers are bare
-    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
-    Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue. They call the same domain code as
-    the typed KvService, which real clients should use instead.
+    """The KV REST paths of the seed, served on port B+1. The answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`)
+    and {"id", "pending"} for a write, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a message printed by the transcoder, and exact (an
+    integer past 2^53 stays one), with object members in sorted order. They
+    call the same domain code as the typed KvService, which real clients should
+    use instead.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KvRestServiceAsyncStub: ...
-    PostKvValue: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _kv_rest_pb2.PostKvValueResponse]
+    PostKvValue: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _httpbody_pb2.HttpBody]
     """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
     as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
     table and key come from the path only. The body arrives raw and the node
     parses it (strict JSON; INVALID_ARGUMENT for anything else, other fields
     included).
     """
-    GetKvTables: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _struct_pb2.ListValue]
+    GetKvTables: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _httpbody_pb2.HttpBody]
     """GET /kv: the list of table names, sorted (`_config` is not listed)."""
-    GetKvKeys: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvKeysRequest, _struct_pb2.ListValue]
+    GetKvKeys: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvKeysRequest, _httpbody_pb2.HttpBody]
     """GET /kv/{table}: the list of the table's keys, sorted.
     Errors: INVALID_ARGUMENT (bad name), NOT_FOUND ("No such table '<table>'").
     """
-    GetKvValue: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvValueRequest, _struct_pb2.Value]
+    GetKvValue: _grpc.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvValueRequest, _httpbody_pb2.HttpBody]
     """GET /kv/{table}/{key}: the key's value as bare JSON (see
     KvService.GetValue for its shape per table type). Errors:
     INVALID_ARGUMENT (bad name), NOT_FOUND ("No such table '<table>'" or
@@ -61,28 +64,31 @@ class KvRestServiceStub:
 
 @_typing.type_check_only
 class KvRestServiceAsyncStub(KvRestServiceStub):
-    """The KV REST paths of the seed, served on port B+1. Most answers are bare
-    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
-    Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue. They call the same domain code as
-    the typed KvService, which real clients should use instead.
+    """The KV REST paths of the seed, served on port B+1. The answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`)
+    and {"id", "pending"} for a write, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a message printed by the transcoder, and exact (an
+    integer past 2^53 stays one), with object members in sorted order. They
+    call the same domain code as the typed KvService, which real clients should
+    use instead.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    PostKvValue: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _kv_rest_pb2.PostKvValueResponse]  # type: ignore[assignment]
+    PostKvValue: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.PostKvValueRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
     as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
     table and key come from the path only. The body arrives raw and the node
     parses it (strict JSON; INVALID_ARGUMENT for anything else, other fields
     included).
     """
-    GetKvTables: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
+    GetKvTables: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvTablesRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /kv: the list of table names, sorted (`_config` is not listed)."""
-    GetKvKeys: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvKeysRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
+    GetKvKeys: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvKeysRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /kv/{table}: the list of the table's keys, sorted.
     Errors: INVALID_ARGUMENT (bad name), NOT_FOUND ("No such table '<table>'").
     """
-    GetKvValue: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvValueRequest, _struct_pb2.Value]  # type: ignore[assignment]
+    GetKvValue: _aio.UnaryUnaryMultiCallable[_kv_rest_pb2.GetKvValueRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /kv/{table}/{key}: the key's value as bare JSON (see
     KvService.GetValue for its shape per table type). Errors:
     INVALID_ARGUMENT (bad name), NOT_FOUND ("No such table '<table>'" or
@@ -90,11 +96,14 @@ class KvRestServiceAsyncStub(KvRestServiceStub):
     """
 
 class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The KV REST paths of the seed, served on port B+1. Most answers are bare
-    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`);
-    Envoy's transcoder can only print a whole response message, so these RPCs
-    answer google.protobuf.Value / ListValue. They call the same domain code as
-    the typed KvService, which real clients should use instead.
+    """The KV REST paths of the seed, served on port B+1. The answers are bare
+    JSON values and lists (`GET /kv`, `GET /kv/{table}`, `GET /kv/{table}/{key}`)
+    and {"id", "pending"} for a write, written by the node as JSON text (a
+    google.api.HttpBody, passed on as is): much cheaper, for the node and for
+    the gateway, than a message printed by the transcoder, and exact (an
+    integer past 2^53 stays one), with object members in sorted order. They
+    call the same domain code as the typed KvService, which real clients should
+    use instead.
     """
 
     @_abc_1.abstractmethod
@@ -102,7 +111,7 @@ class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _kv_rest_pb2.PostKvValueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_kv_rest_pb2.PostKvValueResponse, _abc.Awaitable[_kv_rest_pb2.PostKvValueResponse]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """POST /kv/{table}/{key} with the body {"op": ..., "change": ...}: one write,
         as KvService.UpdateValue (same errors); 200 with {"id", "pending"}. The
         table and key come from the path only. The body arrives raw and the node
@@ -115,7 +124,7 @@ class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _kv_rest_pb2.GetKvTablesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.ListValue, _abc.Awaitable[_struct_pb2.ListValue]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /kv: the list of table names, sorted (`_config` is not listed)."""
 
     @_abc_1.abstractmethod
@@ -123,7 +132,7 @@ class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _kv_rest_pb2.GetKvKeysRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.ListValue, _abc.Awaitable[_struct_pb2.ListValue]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /kv/{table}: the list of the table's keys, sorted.
         Errors: INVALID_ARGUMENT (bad name), NOT_FOUND ("No such table '<table>'").
         """
@@ -133,7 +142,7 @@ class KvRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _kv_rest_pb2.GetKvValueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Value, _abc.Awaitable[_struct_pb2.Value]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /kv/{table}/{key}: the key's value as bare JSON (see
         KvService.GetValue for its shape per table type). Errors:
         INVALID_ARGUMENT (bad name), NOT_FOUND ("No such table '<table>'" or
