@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from google.protobuf.struct_pb2 import ListValue, Struct
+from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.server import rest
 from potboiler.server.appender import Appender
 from potboiler.server.entries import validate_new_entry
-from potboiler.server.entry_json import entry_struct
+from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import Conflict
 from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import unary
@@ -30,22 +30,16 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
         self._in_cluster = in_cluster
 
     @unary
-    async def GetLogHeads(self, request: core_rest_pb2.GetLogHeadsRequest, context: Ctx) -> Struct:
-        out = Struct()
-        for head in self._log.heads():
-            out.fields[head.owner].string_value = head.head
-        return out
+    async def GetLogHeads(self, request: core_rest_pb2.GetLogHeadsRequest, context: Ctx) -> HttpBody:
+        return rest.json_answer({head.owner: head.head for head in self._log.heads()})
 
     @unary
-    async def GetLogFirsts(self, request: core_rest_pb2.GetLogFirstsRequest, context: Ctx) -> Struct:
-        out = Struct()
-        for head in self._log.heads():
-            out.fields[head.owner].string_value = head.first
-        return out
+    async def GetLogFirsts(self, request: core_rest_pb2.GetLogFirstsRequest, context: Ctx) -> HttpBody:
+        return rest.json_answer({head.owner: head.first for head in self._log.heads()})
 
     @unary
-    async def GetLogEntry(self, request: core_rest_pb2.GetLogEntryRequest, context: Ctx) -> Struct:
-        return entry_struct(self._log.get(request.id))
+    async def GetLogEntry(self, request: core_rest_pb2.GetLogEntryRequest, context: Ctx) -> HttpBody:
+        return rest.text_answer(entry_json(self._log.get(request.id)))
 
     @unary
     async def PostLogEntry(
@@ -71,8 +65,5 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
                 )
 
     @unary
-    async def GetNodes(self, request: core_rest_pb2.GetNodesRequest, context: Ctx) -> ListValue:
-        out = ListValue()
-        for url in self._membership.urls():
-            out.values.add().string_value = url
-        return out
+    async def GetNodes(self, request: core_rest_pb2.GetNodesRequest, context: Ctx) -> HttpBody:
+        return rest.json_answer(self._membership.urls())

@@ -223,6 +223,23 @@ def test_entry_shape(http: httpx.Client) -> None:
     )
 
 
+def test_entries_print_their_members_sorted_at_every_depth(http: httpx.Client) -> None:
+    """As webhooks receive them: the same entry reads byte for byte the same everywhere."""
+    entry_id = append(http, {"name": 1, "nested": {"b": [{"z": 0, "y": 1}], "a": None}, "n": 2.5})
+    response = http.get(f"/log/{entry_id}")
+    assert response.headers["content-type"] == "application/json"
+    text = response.content
+    assert text.startswith(
+        b'{"data":{"n":2.5,"name":1,"nested":{"a":null,"b":[{"y":1,"z":0}]}},"dependencies":[]'
+    )
+    assert text.endswith(
+        b'"when":{"logical":%d,"wall_ms":%d}}'
+        % tuple(response.json()["when"][k] for k in ("logical", "wall_ms"))
+    )
+    heads = http.get("/log")
+    assert heads.headers["content-type"] == "application/json" and list(heads.json()) == sorted(heads.json())
+
+
 def test_the_path_names_the_entry_not_the_query(http: httpx.Client) -> None:
     first, second = append(http, "first"), append(http, "second")
     response = http.get(f"/log/{first}", params={"id": second})

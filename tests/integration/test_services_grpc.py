@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 import httpx
+import orjson
 import pytest
 from google.api.httpbody_pb2 import HttpBody
-from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import metrics
@@ -371,9 +371,7 @@ async def test_membership_survives_restart(grpc_node_factory: GrpcNodeFactory) -
 
 
 async def test_core_rest_shapes(grpc_node: GrpcNode) -> None:
-    assert (
-        json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())) == {}
-    )
+    assert orjson.loads((await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())).data) == {}
     call = grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b'"hello"')))
     response = await call
     metadata = dict((k, v) for k, v in (await call.trailing_metadata() or ()))
@@ -383,13 +381,13 @@ async def test_core_rest_shapes(grpc_node: GrpcNode) -> None:
         core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=b"2"), dependency=[response.id])
     )
 
-    heads = json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest()))
-    firsts = json_format.MessageToDict(await grpc_node.rest.GetLogFirsts(core_rest_pb2.GetLogFirstsRequest()))
+    heads = orjson.loads((await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())).data)
+    firsts = orjson.loads((await grpc_node.rest.GetLogFirsts(core_rest_pb2.GetLogFirstsRequest())).data)
     assert heads == {grpc_node.node_id: second.id}
     assert firsts == {grpc_node.node_id: response.id}
 
-    entry = json_format.MessageToDict(
-        await grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=second.id))
+    entry = orjson.loads(
+        (await grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=second.id))).data
     )
     when = entry.pop("when")
     assert entry == {
@@ -402,13 +400,13 @@ async def test_core_rest_shapes(grpc_node: GrpcNode) -> None:
         "seq": 2,
     }
     assert set(when) == {"wall_ms", "logical"}
-    first = json_format.MessageToDict(
-        await grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=response.id))
+    first = orjson.loads(
+        (await grpc_node.rest.GetLogEntry(core_rest_pb2.GetLogEntryRequest(id=response.id))).data
     )
     assert (first["prev"], first["next"], first["dependencies"]) == (None, second.id, [])
 
     await grpc_node.nodes.AddNode(nodes_pb2.AddNodeRequest(url="http://127.0.0.1:9100"))
-    nodes: JSON = json_format.MessageToDict(await grpc_node.rest.GetNodes(core_rest_pb2.GetNodesRequest()))
+    nodes: JSON = orjson.loads((await grpc_node.rest.GetNodes(core_rest_pb2.GetNodesRequest())).data)
     assert nodes == ["http://127.0.0.1:9100"]
 
 
@@ -432,6 +430,4 @@ async def test_core_rest_errors(grpc_node: GrpcNode) -> None:
             grpc_node.rest.PostLogEntry(core_rest_pb2.PostLogEntryRequest(body=HttpBody(data=body)))
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, body
-    assert (
-        json_format.MessageToDict(await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())) == {}
-    )
+    assert orjson.loads((await grpc_node.rest.GetLogHeads(core_rest_pb2.GetLogHeadsRequest())).data) == {}

@@ -24,10 +24,9 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpotboiler/v1/core_rest.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x14\n\x12GetLogHeadsRequest\"\x15\n\x13GetLogFirstsRequest\" \n\x12GetLogEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Y\n\x13PostLogEntryRequest\x12\"\n\x04\x62ody\x18\x03 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x12\n\ndependency\x18\x02 \x03(\tJ\x04\x08\x01\x10\x02R\x04\x64\x61ta\"\"\n\x14PostLogEntryResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fGetNodesRequest2\xe8\x03\n\x0f\x43oreRestService\x12V\n\x0bGetLogHeads\x12 .potboiler.v1.GetLogHeadsRequest\x1a\x17.google.protobuf.Struct\"\x0c\x82\xd3\xe4\x93\x02\x06\x12\x04/log\x12^\n\x0cGetLogFirsts\x12!.potboiler.v1.GetLogFirstsRequest\x1a\x17.google.protobuf.Struct\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/log/first\x12[\n\x0bGetLogEntry\x12 .potboiler.v1.GetLogEntryRequest\x1a\x17.google.protobuf.Struct\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/log/{id}\x12i\n\x0cPostLogEntry\x12!.potboiler.v1.PostLogEntryRequest\x1a\".potboiler.v1.PostLogEntryResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\"\x04/log:\x04\x62ody\x12U\n\x08GetNodes\x12\x1d.potboiler.v1.GetNodesRequest\x1a\x1a.google.protobuf.ListValue\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/nodesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpotboiler/v1/core_rest.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\x14\n\x12GetLogHeadsRequest\"\x15\n\x13GetLogFirstsRequest\" \n\x12GetLogEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Y\n\x13PostLogEntryRequest\x12\"\n\x04\x62ody\x18\x03 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x12\n\ndependency\x18\x02 \x03(\tJ\x04\x08\x01\x10\x02R\x04\x64\x61ta\"\"\n\x14PostLogEntryResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fGetNodesRequest2\xd9\x03\n\x0f\x43oreRestService\x12S\n\x0bGetLogHeads\x12 .potboiler.v1.GetLogHeadsRequest\x1a\x14.google.api.HttpBody\"\x0c\x82\xd3\xe4\x93\x02\x06\x12\x04/log\x12[\n\x0cGetLogFirsts\x12!.potboiler.v1.GetLogFirstsRequest\x1a\x14.google.api.HttpBody\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/log/first\x12X\n\x0bGetLogEntry\x12 .potboiler.v1.GetLogEntryRequest\x1a\x14.google.api.HttpBody\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/log/{id}\x12i\n\x0cPostLogEntry\x12!.potboiler.v1.PostLogEntryRequest\x1a\".potboiler.v1.PostLogEntryResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\"\x04/log:\x04\x62ody\x12O\n\x08GetNodes\x12\x1d.potboiler.v1.GetNodesRequest\x1a\x14.google.api.HttpBody\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/nodesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,18 +43,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CORERESTSERVICE'].methods_by_name['PostLogEntry']._serialized_options = b'\202\323\344\223\002\014\"\004/log:\004body'
   _globals['_CORERESTSERVICE'].methods_by_name['GetNodes']._loaded_options = None
   _globals['_CORERESTSERVICE'].methods_by_name['GetNodes']._serialized_options = b'\202\323\344\223\002\010\022\006/nodes'
-  _globals['_GETLOGHEADSREQUEST']._serialized_start=133
-  _globals['_GETLOGHEADSREQUEST']._serialized_end=153
-  _globals['_GETLOGFIRSTSREQUEST']._serialized_start=155
-  _globals['_GETLOGFIRSTSREQUEST']._serialized_end=176
-  _globals['_GETLOGENTRYREQUEST']._serialized_start=178
-  _globals['_GETLOGENTRYREQUEST']._serialized_end=210
-  _globals['_POSTLOGENTRYREQUEST']._serialized_start=212
-  _globals['_POSTLOGENTRYREQUEST']._serialized_end=301
-  _globals['_POSTLOGENTRYRESPONSE']._serialized_start=303
-  _globals['_POSTLOGENTRYRESPONSE']._serialized_end=337
-  _globals['_GETNODESREQUEST']._serialized_start=339
-  _globals['_GETNODESREQUEST']._serialized_end=356
-  _globals['_CORERESTSERVICE']._serialized_start=359
-  _globals['_CORERESTSERVICE']._serialized_end=847
+  _globals['_GETLOGHEADSREQUEST']._serialized_start=103
+  _globals['_GETLOGHEADSREQUEST']._serialized_end=123
+  _globals['_GETLOGFIRSTSREQUEST']._serialized_start=125
+  _globals['_GETLOGFIRSTSREQUEST']._serialized_end=146
+  _globals['_GETLOGENTRYREQUEST']._serialized_start=148
+  _globals['_GETLOGENTRYREQUEST']._serialized_end=180
+  _globals['_POSTLOGENTRYREQUEST']._serialized_start=182
+  _globals['_POSTLOGENTRYREQUEST']._serialized_end=271
+  _globals['_POSTLOGENTRYRESPONSE']._serialized_start=273
+  _globals['_POSTLOGENTRYRESPONSE']._serialized_end=307
+  _globals['_GETNODESREQUEST']._serialized_start=309
+  _globals['_GETNODESREQUEST']._serialized_end=326
+  _globals['_CORERESTSERVICE']._serialized_start=329
+  _globals['_CORERESTSERVICE']._serialized_end=802
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from potboiler.v1 import core_rest_pb2 as potboiler_dot_v1_dot_core__rest__pb2
 
 GRPC_GENERATED_VERSION = '1.78.2'
@@ -27,11 +27,13 @@ if _version_not_supported:
 
 
 class CoreRestServiceStub(object):
-    """The core REST paths whose answers are bare JSON objects, lists or values
-    (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
-    print a whole response message, so these RPCs answer
-    google.protobuf.Struct / ListValue and call the same domain code as the
-    typed LogService and NodesService, which real clients should use instead.
+    """The core REST paths of the seed. The answers that are bare JSON objects
+    and lists (`GET /log`, `GET /log/{id}`, `GET /nodes`...) are written by the
+    node as JSON text (a google.api.HttpBody, passed on as is), with object
+    members in sorted order at every depth (the transcoder prints a Struct's
+    nested maps in an order of its own), as webhooks receive entries. They call
+    the same domain code as the typed LogService and NodesService, which real
+    clients should use instead.
     """
 
     def __init__(self, channel):
@@ -43,17 +45,17 @@ class CoreRestServiceStub(object):
         self.GetLogHeads = channel.unary_unary(
                 '/potboiler.v1.CoreRestService/GetLogHeads',
                 request_serializer=potboiler_dot_v1_dot_core__rest__pb2.GetLogHeadsRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetLogFirsts = channel.unary_unary(
                 '/potboiler.v1.CoreRestService/GetLogFirsts',
                 request_serializer=potboiler_dot_v1_dot_core__rest__pb2.GetLogFirstsRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetLogEntry = channel.unary_unary(
                 '/potboiler.v1.CoreRestService/GetLogEntry',
                 request_serializer=potboiler_dot_v1_dot_core__rest__pb2.GetLogEntryRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.PostLogEntry = channel.unary_unary(
                 '/potboiler.v1.CoreRestService/PostLogEntry',
@@ -63,16 +65,18 @@ class CoreRestServiceStub(object):
         self.GetNodes = channel.unary_unary(
                 '/potboiler.v1.CoreRestService/GetNodes',
                 request_serializer=potboiler_dot_v1_dot_core__rest__pb2.GetNodesRequest.SerializeToString,
-                response_deserializer=google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
 
 
 class CoreRestServiceServicer(object):
-    """The core REST paths whose answers are bare JSON objects, lists or values
-    (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
-    print a whole response message, so these RPCs answer
-    google.protobuf.Struct / ListValue and call the same domain code as the
-    typed LogService and NodesService, which real clients should use instead.
+    """The core REST paths of the seed. The answers that are bare JSON objects
+    and lists (`GET /log`, `GET /log/{id}`, `GET /nodes`...) are written by the
+    node as JSON text (a google.api.HttpBody, passed on as is), with object
+    members in sorted order at every depth (the transcoder prints a Struct's
+    nested maps in an order of its own), as webhooks receive entries. They call
+    the same domain code as the typed LogService and NodesService, which real
+    clients should use instead.
     """
 
     def GetLogHeads(self, request, context):
@@ -122,17 +126,17 @@ def add_CoreRestServiceServicer_to_server(servicer, server):
             'GetLogHeads': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLogHeads,
                     request_deserializer=potboiler_dot_v1_dot_core__rest__pb2.GetLogHeadsRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetLogFirsts': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLogFirsts,
                     request_deserializer=potboiler_dot_v1_dot_core__rest__pb2.GetLogFirstsRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetLogEntry': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLogEntry,
                     request_deserializer=potboiler_dot_v1_dot_core__rest__pb2.GetLogEntryRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.Struct.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'PostLogEntry': grpc.unary_unary_rpc_method_handler(
                     servicer.PostLogEntry,
@@ -142,7 +146,7 @@ def add_CoreRestServiceServicer_to_server(servicer, server):
             'GetNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNodes,
                     request_deserializer=potboiler_dot_v1_dot_core__rest__pb2.GetNodesRequest.FromString,
-                    response_serializer=google_dot_protobuf_dot_struct__pb2.ListValue.SerializeToString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,11 +157,13 @@ def add_CoreRestServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CoreRestService(object):
-    """The core REST paths whose answers are bare JSON objects, lists or values
-    (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
-    print a whole response message, so these RPCs answer
-    google.protobuf.Struct / ListValue and call the same domain code as the
-    typed LogService and NodesService, which real clients should use instead.
+    """The core REST paths of the seed. The answers that are bare JSON objects
+    and lists (`GET /log`, `GET /log/{id}`, `GET /nodes`...) are written by the
+    node as JSON text (a google.api.HttpBody, passed on as is), with object
+    members in sorted order at every depth (the transcoder prints a Struct's
+    nested maps in an order of its own), as webhooks receive entries. They call
+    the same domain code as the typed LogService and NodesService, which real
+    clients should use instead.
     """
 
     @staticmethod
@@ -176,7 +182,7 @@ class CoreRestService(object):
             target,
             '/potboiler.v1.CoreRestService/GetLogHeads',
             potboiler_dot_v1_dot_core__rest__pb2.GetLogHeadsRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -203,7 +209,7 @@ class CoreRestService(object):
             target,
             '/potboiler.v1.CoreRestService/GetLogFirsts',
             potboiler_dot_v1_dot_core__rest__pb2.GetLogFirstsRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,7 +236,7 @@ class CoreRestService(object):
             target,
             '/potboiler.v1.CoreRestService/GetLogEntry',
             potboiler_dot_v1_dot_core__rest__pb2.GetLogEntryRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.Struct.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,7 +290,7 @@ class CoreRestService(object):
             target,
             '/potboiler.v1.CoreRestService/GetNodes',
             potboiler_dot_v1_dot_core__rest__pb2.GetNodesRequest.SerializeToString,
-            google_dot_protobuf_dot_struct__pb2.ListValue.FromString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

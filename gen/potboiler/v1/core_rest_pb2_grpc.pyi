@@ -4,7 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
-from google.protobuf import struct_pb2 as _struct_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from potboiler.v1 import core_rest_pb2 as _core_rest_pb2
 import abc as _abc_1
@@ -28,22 +28,24 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CoreRestServiceStub:
-    """The core REST paths whose answers are bare JSON objects, lists or values
-    (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
-    print a whole response message, so these RPCs answer
-    google.protobuf.Struct / ListValue and call the same domain code as the
-    typed LogService and NodesService, which real clients should use instead.
+    """The core REST paths of the seed. The answers that are bare JSON objects
+    and lists (`GET /log`, `GET /log/{id}`, `GET /nodes`...) are written by the
+    node as JSON text (a google.api.HttpBody, passed on as is), with object
+    members in sorted order at every depth (the transcoder prints a Struct's
+    nested maps in an order of its own), as webhooks receive entries. They call
+    the same domain code as the typed LogService and NodesService, which real
+    clients should use instead.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoreRestServiceAsyncStub: ...
-    GetLogHeads: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogHeadsRequest, _struct_pb2.Struct]
+    GetLogHeads: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogHeadsRequest, _httpbody_pb2.HttpBody]
     """GET /log: {"<owner>": "<id of the owner's newest entry>", ...}."""
-    GetLogFirsts: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogFirstsRequest, _struct_pb2.Struct]
+    GetLogFirsts: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogFirstsRequest, _httpbody_pb2.HttpBody]
     """GET /log/first: {"<owner>": "<id of the owner's first entry>", ...}."""
-    GetLogEntry: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogEntryRequest, _struct_pb2.Struct]
+    GetLogEntry: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogEntryRequest, _httpbody_pb2.HttpBody]
     """GET /log/{id}: the entry as {"data", "dependencies", "id", "next",
     "owner", "prev", "seq", "when"}, with null `next` / `prev` when there is
     none. Errors: INVALID_ARGUMENT (not a UUID), NOT_FOUND.
@@ -55,24 +57,26 @@ class CoreRestServiceStub:
     JSON check in the gateway. Errors: INVALID_ARGUMENT for a body that is not
     JSON, else as LogService.AppendEntry.
     """
-    GetNodes: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetNodesRequest, _struct_pb2.ListValue]
+    GetNodes: _grpc.UnaryUnaryMultiCallable[_core_rest_pb2.GetNodesRequest, _httpbody_pb2.HttpBody]
     """GET /nodes: a list of the root URLs of the nodes this node replicates with."""
 
 @_typing.type_check_only
 class CoreRestServiceAsyncStub(CoreRestServiceStub):
-    """The core REST paths whose answers are bare JSON objects, lists or values
-    (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
-    print a whole response message, so these RPCs answer
-    google.protobuf.Struct / ListValue and call the same domain code as the
-    typed LogService and NodesService, which real clients should use instead.
+    """The core REST paths of the seed. The answers that are bare JSON objects
+    and lists (`GET /log`, `GET /log/{id}`, `GET /nodes`...) are written by the
+    node as JSON text (a google.api.HttpBody, passed on as is), with object
+    members in sorted order at every depth (the transcoder prints a Struct's
+    nested maps in an order of its own), as webhooks receive entries. They call
+    the same domain code as the typed LogService and NodesService, which real
+    clients should use instead.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    GetLogHeads: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogHeadsRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    GetLogHeads: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogHeadsRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /log: {"<owner>": "<id of the owner's newest entry>", ...}."""
-    GetLogFirsts: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogFirstsRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    GetLogFirsts: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogFirstsRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /log/first: {"<owner>": "<id of the owner's first entry>", ...}."""
-    GetLogEntry: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogEntryRequest, _struct_pb2.Struct]  # type: ignore[assignment]
+    GetLogEntry: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetLogEntryRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /log/{id}: the entry as {"data", "dependencies", "id", "next",
     "owner", "prev", "seq", "when"}, with null `next` / `prev` when there is
     none. Errors: INVALID_ARGUMENT (not a UUID), NOT_FOUND.
@@ -84,15 +88,17 @@ class CoreRestServiceAsyncStub(CoreRestServiceStub):
     JSON check in the gateway. Errors: INVALID_ARGUMENT for a body that is not
     JSON, else as LogService.AppendEntry.
     """
-    GetNodes: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetNodesRequest, _struct_pb2.ListValue]  # type: ignore[assignment]
+    GetNodes: _aio.UnaryUnaryMultiCallable[_core_rest_pb2.GetNodesRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """GET /nodes: a list of the root URLs of the nodes this node replicates with."""
 
 class CoreRestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The core REST paths whose answers are bare JSON objects, lists or values
-    (`GET /log`, `GET /log/{id}`, `GET /nodes`...). Envoy's transcoder can only
-    print a whole response message, so these RPCs answer
-    google.protobuf.Struct / ListValue and call the same domain code as the
-    typed LogService and NodesService, which real clients should use instead.
+    """The core REST paths of the seed. The answers that are bare JSON objects
+    and lists (`GET /log`, `GET /log/{id}`, `GET /nodes`...) are written by the
+    node as JSON text (a google.api.HttpBody, passed on as is), with object
+    members in sorted order at every depth (the transcoder prints a Struct's
+    nested maps in an order of its own), as webhooks receive entries. They call
+    the same domain code as the typed LogService and NodesService, which real
+    clients should use instead.
     """
 
     @_abc_1.abstractmethod
@@ -100,7 +106,7 @@ class CoreRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _core_rest_pb2.GetLogHeadsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /log: {"<owner>": "<id of the owner's newest entry>", ...}."""
 
     @_abc_1.abstractmethod
@@ -108,7 +114,7 @@ class CoreRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _core_rest_pb2.GetLogFirstsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /log/first: {"<owner>": "<id of the owner's first entry>", ...}."""
 
     @_abc_1.abstractmethod
@@ -116,7 +122,7 @@ class CoreRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _core_rest_pb2.GetLogEntryRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.Struct, _abc.Awaitable[_struct_pb2.Struct]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /log/{id}: the entry as {"data", "dependencies", "id", "next",
         "owner", "prev", "seq", "when"}, with null `next` / `prev` when there is
         none. Errors: INVALID_ARGUMENT (not a UUID), NOT_FOUND.
@@ -140,7 +146,7 @@ class CoreRestServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _core_rest_pb2.GetNodesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_struct_pb2.ListValue, _abc.Awaitable[_struct_pb2.ListValue]]:
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """GET /nodes: a list of the root URLs of the nodes this node replicates with."""
 
 def add_CoreRestServiceServicer_to_server(servicer: CoreRestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
