@@ -52,6 +52,7 @@ The functions never mutate their arguments; results may share sub-objects (items
 
 from __future__ import annotations
 
+import bisect
 import enum
 import json
 import math
@@ -424,31 +425,62 @@ class _OrSet:
     def to_json(self) -> JSON:
         return {"vv": _dump_vv(self.vv), "adds": {tag: self.adds[tag].to_json() for tag in sorted(self.adds)}}
 
+
+@dataclass
+class _RawOrSet:
+    """An OR-Set state as stored, read without building every add (a set of thousands of items is
+    read at each op): its version vector, and its adds as stored JSON, each checked when used."""
+
+    vv: dict[str, int]
+    adds: Mapping[str, JSON]
+
+    def add(self, tag: str) -> Mapping[str, JSON]:
+        return _obj(self.adds[tag], f"OR-Set state add {tag!r}")
+
+    def key_of(self, tag: str) -> str:
+        return _str_field(self.add(tag), "key", f"OR-Set state add {tag!r}")
+
     def tags_of(self, item: JSON, key: str) -> list[JSON]:
-        element = _element_id(item, key)
-        return [tag for tag in sorted(self.adds) if self.adds[tag].element == element]
+        """The tags of the adds of the element (item, key), sorted. Items are compared as canonical
+        JSON only where the key matches (the key alone tells most elements apart)."""
+        element: str | None = None
+        tags: list[JSON] = []
+        for tag in self.adds:
+            if self.key_of(tag) != key:
+                continue
+            if element is None:
+                element = canonical_json(item)
+            if canonical_json(self.add(tag).get("item")) == element:
+                tags.append(tag)
+        return sorted(tags, key=str)
+
+
+def _raw_orset(state: JSON | None) -> _RawOrSet:
+    if state is None:
+        return _RawOrSet({}, {})
+    what = "OR-Set state"
+    d = _obj(state, what)
+    return _RawOrSet(_load_vv(d.get("vv"), f"{what} 'vv'"), _obj(d.get("adds"), f"{what} 'adds'"))
 
 
 def _load_orset(state: JSON | None) -> _OrSet:
-    if state is None:
-        return _OrSet({}, {})
-    what = "OR-Set state"
-    d = _obj(state, what)
-    adds: dict[str, _OrAdd] = {}
-    for tag, raw in _obj(d.get("adds"), f"{what} 'adds'").items():
-        entry_what = f"{what} add {tag!r}"
-        e = _obj(raw, entry_what)
-        if "item" not in e:
-            raise InvalidOperation(f"{entry_what} needs an 'item'")
-        adds[tag] = _OrAdd(
-            item=e["item"],
-            key=_str_field(e, "key", entry_what),
-            metadata=e.get("metadata"),
-            owner=_str_field(e, "owner", entry_what),
-            seq=_int_field(e, "seq", entry_what),
-            stamp=Stamp.from_json(e.get("stamp"), f"{entry_what} 'stamp'"),
-        )
-    return _OrSet(_load_vv(d.get("vv"), f"{what} 'vv'"), adds)
+    raw = _raw_orset(state)
+    return _OrSet(raw.vv, {tag: _or_add(tag, raw.adds[tag]) for tag in raw.adds})
+
+
+def _or_add(tag: str, raw: JSON) -> _OrAdd:
+    what = f"OR-Set state add {tag!r}"
+    e = _obj(raw, what)
+    if "item" not in e:
+        raise InvalidOperation(f"{what} needs an 'item'")
+    return _OrAdd(
+        item=e["item"],
+        key=_str_field(e, "key", what),
+        metadata=e.get("metadata"),
+        owner=_str_field(e, "owner", what),
+        seq=_int_field(e, "seq", what),
+        stamp=Stamp.from_json(e.get("stamp"), f"{what} 'stamp'"),
+    )
 
 
 def _orset_prepare(state: JSON | None, op: str, change: JSON) -> JSON:
@@ -458,10 +490,10 @@ def _orset_prepare(state: JSON | None, op: str, change: JSON) -> JSON:
     what = f"OR-Set {op!r} change"
     if op == "add":
         item, key, metadata = _element(change, what, ("item", "key", "metadata"))
-        supersedes = _load_orset(state).tags_of(item, key)
+        supersedes = _raw_orset(state).tags_of(item, key)
         return {"op": "add", "item": item, "key": key, "metadata": metadata, "supersedes": supersedes}
     item, key, _ = _element(change, what, ("item", "key"))
-    return {"op": "remove", "item": item, "key": key, "tags": _load_orset(state).tags_of(item, key)}
+    return {"op": "remove", "item": item, "key": key, "tags": _raw_orset(state).tags_of(item, key)}
 
 
 def _orset_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: EventContext) -> JSON:
@@ -477,15 +509,16 @@ def _orset_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: Eve
     else:
         _element(payload, what, ("op", "item", "key", "tags"))
         dropped = _tags_field(payload, "tags", what)
-    s = _load_orset(state)
+    s = _raw_orset(state)
     if state is not None and _already_applied(s.vv, ctx):
         return state
+    adds = dict(s.adds)
     for tag in dropped:
-        s.adds.pop(tag, None)
+        adds.pop(tag, None)
     if new_add is not None:
-        s.adds[ctx.tag] = new_add
+        adds[ctx.tag] = new_add.to_json()
     s.vv[ctx.owner] = ctx.seq
-    return s.to_json()
+    return {"vv": _dump_vv(s.vv), "adds": {tag: adds[tag] for tag in sorted(adds)}}
 
 
 def _orset_merge(a: JSON, b: JSON) -> JSON:
@@ -494,14 +527,33 @@ def _orset_merge(a: JSON, b: JSON) -> JSON:
 
 
 def _orset_value(state: JSON) -> JSON:
-    s = _load_orset(state)
-    winners: dict[str, tuple[tuple[Stamp, str], _OrAdd]] = {}
-    for tag, add in s.adds.items():
-        rank = (add.stamp, tag)
-        current = winners.get(add.element)
-        if current is None or rank > current[0]:
-            winners[add.element] = (rank, add)
-    return _element_list(add for _, add in winners.values())
+    """Each element once, with the metadata of its newest add (by stamp, then tag), sorted by key and
+    item. Items are compared as canonical JSON only among the adds of one key."""
+    s = _raw_orset(state)
+    by_key: dict[str, list[str]] = {}
+    for tag in s.adds:
+        by_key.setdefault(s.key_of(tag), []).append(tag)
+    out: list[JSON] = []
+    for key in sorted(by_key):
+        tags = by_key[key]
+        if len(tags) == 1:  # one add: nothing to compare it with
+            add = s.add(tags[0])
+            if "item" not in add:
+                raise InvalidOperation(f"OR-Set state add {tags[0]!r} needs an 'item'")
+            out.append({"item": add["item"], "key": key, "metadata": add.get("metadata")})
+            continue
+        winners: dict[str, tuple[tuple[Stamp, str], _OrAdd]] = {}
+        for tag in tags:
+            e = _or_add(tag, s.adds[tag])
+            rank = (e.stamp, tag)
+            element = canonical_json(e.item)
+            current = winners.get(element)
+            if current is None or rank > current[0]:
+                winners[element] = (rank, e)
+        for element in sorted(winners):
+            e = winners[element][1]
+            out.append({"item": e.item, "key": key, "metadata": e.metadata})
+    return out
 
 
 def _element_list(adds: Iterable[_OrAdd | _GElement]) -> list[JSON]:
@@ -537,24 +589,9 @@ class _GElement:
 def _load_gset(state: JSON | None) -> dict[str, _GElement]:
     if state is None:
         return {}
-    what = "G-Set state"
-    raw = _obj(state, what).get("elements")
-    if not isinstance(raw, list):
-        raise InvalidOperation(f"{what} needs a list 'elements'")
     out: dict[str, _GElement] = {}
-    for i, r in enumerate(raw):
-        entry_what = f"{what} element {i}"
-        e = _obj(r, entry_what)
-        if "item" not in e:
-            raise InvalidOperation(f"{entry_what} needs an 'item'")
-        element = _GElement(
-            item=e["item"],
-            key=_str_field(e, "key", entry_what),
-            metadata=e.get("metadata"),
-            stamp=Stamp.from_json(e.get("stamp"), f"{entry_what} 'stamp'"),
-            tag=_str_field(e, "tag", entry_what),
-        )
-        _gset_put(out, element)
+    for i, raw in enumerate(_gset_elements(state)):
+        _gset_put(out, _gset_element(raw, i))
     return out
 
 
@@ -587,10 +624,64 @@ def _gset_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: Even
         _no_unknown_fields(payload, ("op",), what)
         return {"elements": []} if state is None else state
     item, key, metadata = _element(payload, what, ("op", "item", "key", "metadata"))
-    elements = _load_gset(state)
-    if not _gset_put(elements, _GElement(item, key, metadata, ctx.stamp, ctx.tag)) and state is not None:
-        return state
-    return _dump_gset(elements)
+    new = _GElement(item, key, metadata, ctx.stamp, ctx.tag)
+    if state is None:
+        return {"elements": [new.to_json()]}
+    # The stored elements are sorted by (key, canonical item), one per element: find the new one's
+    # place by its key (a binary search), then among the few of that key by the item.
+    raw = _gset_elements(state)
+    at = bisect.bisect_left(raw, key, key=_gset_key)
+    end = bisect.bisect_right(raw, key, lo=at, key=_gset_key)
+    text = canonical_json(item)
+    for i in range(at, end):
+        element = _gset_element(raw[i], i)
+        held = canonical_json(element.item)
+        if held == text:
+            if element.rank() >= new.rank():
+                return state
+            return {"elements": [*raw[:i], new.to_json(), *raw[i + 1 :]]}
+        if held > text:
+            end = i
+            break
+    return {"elements": [*raw[:end], new.to_json(), *raw[end:]]}
+
+
+def _gset_elements(state: JSON) -> list[JSON]:
+    raw = _obj(state, "G-Set state").get("elements")
+    if not isinstance(raw, list):
+        raise InvalidOperation("G-Set state needs a list 'elements'")
+    return raw
+
+
+def _gset_shown(raw: JSON, i: int) -> JSON:
+    e = _obj(raw, f"G-Set state element {i}")
+    if "item" not in e:
+        raise InvalidOperation(f"G-Set state element {i} needs an 'item'")
+    return {
+        "item": e["item"],
+        "key": _str_field(e, "key", f"G-Set state element {i}"),
+        "metadata": e.get("metadata"),
+    }
+
+
+def _gset_key(raw: JSON) -> str:
+    if not isinstance(raw, dict) or not isinstance(key := raw.get("key"), str):
+        raise InvalidOperation("G-Set state element needs a string 'key'")
+    return key
+
+
+def _gset_element(raw: JSON, i: int) -> _GElement:
+    what = f"G-Set state element {i}"
+    e = _obj(raw, what)
+    if "item" not in e:
+        raise InvalidOperation(f"{what} needs an 'item'")
+    return _GElement(
+        item=e["item"],
+        key=_str_field(e, "key", what),
+        metadata=e.get("metadata"),
+        stamp=Stamp.from_json(e.get("stamp"), f"{what} 'stamp'"),
+        tag=_str_field(e, "tag", what),
+    )
 
 
 def _gset_merge(a: JSON, b: JSON) -> JSON:
@@ -845,7 +936,8 @@ def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> li
         return []
     held: Mapping[str, _OrAdd | _MvValue]
     if crdt is CrdtType.ORSET:
-        held = _load_orset(state).adds
+        raw = _raw_orset(state)
+        held = {tag: _or_add(tag, raw.adds[tag]) for tag in tags if tag in raw.adds}
     elif crdt is CrdtType.MVREGISTER:
         held = _load_mv(state).values
     else:
@@ -916,7 +1008,8 @@ def value(crdt: CrdtType, state: JSON | None) -> JSON:
     if crdt is CrdtType.ORSET:
         return [] if state is None else _orset_value(state)
     if crdt is CrdtType.GSET:
-        return _element_list(_load_gset(state).values())
+        # Stored sorted by (key, item), one per element (see _gset_apply).
+        return [] if state is None else [_gset_shown(raw, i) for i, raw in enumerate(_gset_elements(state))]
     if crdt is CrdtType.PNCOUNTER:
         return _pn_value(state)
     return _mv_value(state)
