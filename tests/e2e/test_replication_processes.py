@@ -26,6 +26,7 @@ from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.urls import origin
 from potboiler.v1 import log_pb2, log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import refusing_port
+from tests.e2e.conftest import processes_matching
 
 pytestmark = pytest.mark.e2e
 
@@ -295,9 +296,12 @@ def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arri
         y = post(b, {"needs": x}, params={"dependency": x})
         after = post(b, {"on": "b", "n": 2})
         wait_until(lambda: receiver.ids == [before], what="the entry without dependencies")
-        time.sleep(0)  # y and `after` must not arrive while x is missing
         assert httpx.get(f"{b.url}/log/{y}").status_code == 200  # stored and acknowledged
-        assert receiver.ids == [before]
+        # y and `after` do not arrive while x is missing (a while is all a test can watch).
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert receiver.ids == [before]
+            time.sleep(0.05)
         assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
         wait_until(lambda: len(receiver.ids) == 4, what="delivery once the dependency arrived")
         assert receiver.ids == [before, x, y, after]
@@ -344,8 +348,11 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
         assert sorted(p["url"] for p in peers) == sorted([nodes[0].url, nodes[2].url])
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0
-    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+        try:
+            code = proc.wait(30)
+        finally:
+            leftover = kill_leftovers(tmp_path)
+    assert code == 0
     assert leftover == [], f"processes left behind: {leftover}"
 
 
@@ -376,6 +383,17 @@ def test_a_cluster_killed_or_hung_up_takes_its_nodes_and_envoys_with_it(
     finally:
         if proc.poll() is None:
             proc.kill()
+        kill_leftovers(tmp_path)  # whatever a failure above left running (each node has its own session)
+
+
+def kill_leftovers(root: Path) -> list[int]:
+    """SIGKILL every process whose arguments name `root` (nodes and Envoys a test started there);
+    returns their pids."""
+    pids = processes_matching(lambda argv: any(str(root) in arg for arg in argv))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
