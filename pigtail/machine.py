@@ -310,60 +310,46 @@ class TaskAdded:
 
 
 @dataclass(frozen=True)
-class TaskClaimed:
+class _WorkerEvent:
+    """An event about a task by a worker: its queue, the task and the worker's id."""
+
+    KIND: ClassVar[str]
+    #: Whether the worker may go unnamed ("").
+    ANONYMOUS: ClassVar[bool] = False
+    queue: str
+    task_id: str
+    worker_id: str
+
+    def __post_init__(self) -> None:
+        _need_str(self.queue, "queue")
+        _need_str(self.task_id, "task_id")
+        _need_str(self.worker_id, "worker_id", empty_ok=self.ANONYMOUS)
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"``."""
+        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
+
+
+@dataclass(frozen=True)
+class TaskClaimed(_WorkerEvent):
     """Worker ``worker_id`` claims (or, holding the lease, renews) the task at the event's stamp."""
 
     KIND: ClassVar[str] = "task_claimed"
-    queue: str
-    task_id: str
-    worker_id: str
-
-    def __post_init__(self) -> None:
-        _need_str(self.queue, "queue")
-        _need_str(self.task_id, "task_id")
-        _need_str(self.worker_id, "worker_id")
-
-    def to_json(self) -> dict[str, JSONValue]:
-        """The event's JSON object, with its ``"kind"``."""
-        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
 
 
 @dataclass(frozen=True)
-class TaskDone:
+class TaskDone(_WorkerEvent):
     """The task is done (sent by ``worker_id``, whoever that is): final."""
 
     KIND: ClassVar[str] = "task_done"
-    queue: str
-    task_id: str
-    worker_id: str
-
-    def __post_init__(self) -> None:
-        _need_str(self.queue, "queue")
-        _need_str(self.task_id, "task_id")
-        _need_str(self.worker_id, "worker_id", empty_ok=True)
-
-    def to_json(self) -> dict[str, JSONValue]:
-        """The event's JSON object, with its ``"kind"``."""
-        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
+    ANONYMOUS: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class TaskReleased:
+class TaskReleased(_WorkerEvent):
     """Worker ``worker_id`` gives back the task it holds, at the event's stamp (void unless it holds it)."""
 
     KIND: ClassVar[str] = "task_released"
-    queue: str
-    task_id: str
-    worker_id: str
-
-    def __post_init__(self) -> None:
-        _need_str(self.queue, "queue")
-        _need_str(self.task_id, "task_id")
-        _need_str(self.worker_id, "worker_id")
-
-    def to_json(self) -> dict[str, JSONValue]:
-        """The event's JSON object, with its ``"kind"``."""
-        return {"kind": self.KIND, "queue": self.queue, "task_id": self.task_id, "worker_id": self.worker_id}
 
 
 @dataclass(frozen=True)
@@ -414,24 +400,13 @@ def event_from_json(raw: Mapping[str, object]) -> Event:
                 priority=_need_int(raw.get("priority", 0), "priority"),
                 idempotency_key=None if key is None else _need_str(key, "idempotency_key"),
             )
-        if kind == TaskClaimed.KIND:
-            return TaskClaimed(
-                queue=_need_str(raw.get("queue"), "queue"),
-                task_id=_need_str(raw.get("task_id"), "task_id"),
-                worker_id=_need_str(raw.get("worker_id"), "worker_id"),
-            )
-        if kind == TaskReleased.KIND:
-            return TaskReleased(
-                queue=_need_str(raw.get("queue"), "queue"),
-                task_id=_need_str(raw.get("task_id"), "task_id"),
-                worker_id=_need_str(raw.get("worker_id"), "worker_id"),
-            )
-        if kind == TaskDone.KIND:
-            return TaskDone(
-                queue=_need_str(raw.get("queue"), "queue"),
-                task_id=_need_str(raw.get("task_id"), "task_id"),
-                worker_id=_need_str(raw.get("worker_id", ""), "worker_id", empty_ok=True),
-            )
+        for event in (TaskClaimed, TaskReleased, TaskDone):
+            if kind == event.KIND:
+                return event(
+                    queue=_need_str(raw.get("queue"), "queue"),
+                    task_id=_need_str(raw.get("task_id"), "task_id"),
+                    worker_id=_need_str(raw.get("worker_id", ""), "worker_id", empty_ok=event.ANONYMOUS),
+                )
         if kind == TaskRetried.KIND:
             return TaskRetried(
                 queue=_need_str(raw.get("queue"), "queue"), task_id=_need_str(raw.get("task_id"), "task_id")
