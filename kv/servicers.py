@@ -1,8 +1,9 @@
-"""The KV gRPC servicers (thin: validate, call the KV domain, map errors).
+"""The KV gRPC servicers (thin: validate, call the KV domain, map errors to statuses, or for the
+browser to error pages).
 
 - `KvServicer`: the typed KvService.
 - `KvRestServicer`: the REST paths: `POST /kv/{table}/{key}`, and `GET /kv`, `/kv/{table}`,
-  `/kv/{table}/{key}` as bare JSON (ListValue / Value).
+  `/kv/{table}/{key}`, answered as JSON text (google.api.HttpBody).
 - `KvBrowserServicer`: the browser's HTML pages (google.api.HttpBody).
 """
 

@@ -1,4 +1,5 @@
-"""Capped exponential backoff, shared by webhook delivery and peer reconnection."""
+"""Capped exponential backoff: webhook delivery, peer reconnection, the services' appliers retrying the
+log, Envoy restarts."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ class AlreadyExists(PotboilerError):
 
 
 class Conflict(PotboilerError):
-    """The request does not fit the current state (e.g. a task claimed by another worker)."""
+    """The request does not fit the current state: a resume from a position whose entry is another
+    (`after_id`), a second node with one id, a webhook into its own cluster (REST 400)."""
 
 
 class Contended(Conflict):

@@ -64,26 +64,32 @@ class Ports:
 
     @property
     def core(self) -> int:
+        """B: core REST and every service's gRPC, through Envoy."""
         return self.base
 
     @property
     def kv(self) -> int:
+        """B+1: KV REST, through Envoy."""
         return self.base + 1
 
     @property
     def browser(self) -> int:
+        """B+2: the KV browser, through Envoy."""
         return self.base + 2
 
     @property
     def pigtail(self) -> int:
+        """B+3: Pigtail REST, through Envoy."""
         return self.base + 3
 
     @property
     def metrics(self) -> int:
+        """B+5: Prometheus metrics, served by the node."""
         return self.base + 5
 
     @property
     def grpc(self) -> int:
+        """B+10: the node's own gRPC server (peers replicate through it)."""
         return self.base + 10
 
     def check(self) -> None:

@@ -1,5 +1,6 @@
-"""The narrow interface KV and Pigtail use to reach the log: append, read, subscribe from a position,
-and what each owner has promised about its clock.
+"""The narrow interface KV and Pigtail use to reach the log: append, subscribe from a position, and
+what each owner has promised about its clock; and what both build on it to apply the log to their
+state (`apply_forever`, `Attempts`, `CatchUp`, `Linger`, `discard_if_ahead`).
 
 `LocalLogClient` is the in-process implementation (a method call into the node's Appender). Append
 and subscribe also exist as LogService RPCs; the clock promises do not, as only services inside the
