@@ -21,7 +21,7 @@ from pathlib import Path
 import uvloop
 
 from potboiler.server.errors import InvalidArgument, PotboilerError
-from potboiler.server.gateway import Ports, url_host
+from potboiler.server.gateway import Ports
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
@@ -39,7 +39,7 @@ from potboiler.server.security import (
     tls_context_for,
     token_line,
 )
-from potboiler.server.urls import node_url
+from potboiler.server.urls import node_url, url_host
 
 log = logging.getLogger("potboiler")
 

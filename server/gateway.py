@@ -102,11 +102,6 @@ class Ports:
             )
 
 
-def url_host(host: str) -> str:
-    """`host` as it is written in a URL or a host:port address: an IPv6 literal in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def services_by_port() -> dict[str, list[str]]:
     """The gRPC services each REST listener transcodes, from the descriptor set (see `listener_of`)."""
     out: dict[str, list[str]] = {"core": [], "kv": [], "browser": [], "pigtail": []}

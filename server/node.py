@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from potboiler.server.appender import Appender
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.gateway import Gateway, Ports, url_host
+from potboiler.server.gateway import Gateway, Ports
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
@@ -32,7 +32,7 @@ from potboiler.server.rest_servicer import CoreRestServicer
 from potboiler.server.security import FileVersion, SecurityConfig, SecurityConfigError, file_version
 from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
-from potboiler.server.urls import node_url
+from potboiler.server.urls import node_url, url_host
 from potboiler.server.webhooks import Webhooks
 from potboiler.server.webhooks_servicer import WebhooksServicer
 from potboiler.v1 import (

@@ -18,7 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from potboiler.server.gateway import Ports, die_with_parent, url_host
+from potboiler.server.gateway import Ports, die_with_parent
+from potboiler.server.urls import url_host
 
 #: The line a node prints once it serves (see potboiler.server.cli.run_node).
 _UP_LINE = re.compile(rb"^node [0-9a-f-]{36}: ", re.MULTILINE)

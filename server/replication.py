@@ -28,7 +28,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -44,7 +43,7 @@ from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.log import Plan, Promise, newest_of_each_owner, parse_entry_batch
 from potboiler.server.membership import Membership
-from potboiler.server.urls import GRPC_PORT_OFFSET
+from potboiler.server.urls import GRPC_PORT_OFFSET, host_port, url_host
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
 
@@ -101,11 +100,8 @@ class PeerState(enum.Enum):
 
 def grpc_target(url: str) -> str:
     """host:port of the direct gRPC server of the node with root URL `url`."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{(parts.port or 80) + GRPC_PORT_OFFSET}"
+    host, port = host_port(url)
+    return f"{url_host(host)}:{port + GRPC_PORT_OFFSET}"
 
 
 class Transport(Protocol):

@@ -36,7 +36,7 @@ import grpc
 
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.grpc_context import Ctx
-from potboiler.server.urls import webhook_url
+from potboiler.server.urls import host_port, url_host, webhook_url
 
 if TYPE_CHECKING:
     import httpx
@@ -660,7 +660,7 @@ class AllowedTarget:
         return ascii_host(host) == self.host and (self.port is None or self.port == port)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = url_host(self.host)
         return host if self.port is None else f"{host}:{self.port}"
 
 
@@ -684,14 +684,6 @@ def system_resolver(host: str, port: int) -> list[str]:
     """Every address the system resolver gives for `host` (TCP)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def target_of(url: str) -> tuple[str, int]:
-    """The host (lower case) and port a URL connects to."""
-    parts = urlsplit(str(url))
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return host, port
 
 
 @dataclass(frozen=True)
@@ -747,7 +739,7 @@ class WebhookPolicy:
         With deny-private, a name that does not resolve now is accepted (it is checked again at
         every delivery attempt)."""
         webhook_url(url)
-        host, port = target_of(url)
+        host, port = host_port(url)
         try:
             reason = self.refusal(host, port)
         except UnicodeError:

@@ -94,14 +94,22 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
+def url_host(host: str) -> str:
+    """`host` as it is written in a URL or a host:port address: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def host_port(url: str) -> tuple[str, int]:
+    """The host (lower case, an IPv6 literal without brackets) and the port `url` connects to."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def origin(url: str) -> str:
     """`scheme://host:port` of `url`: where it goes, without the user info, path or query that may
     hold its secrets (a token in the query, a path that is itself the key)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    host, port = host_port(url)
+    return f"{urlsplit(url).scheme}://{url_host(host)}:{port}"
 
 
 def digest(url: str, key: bytes) -> str:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import httpx
 
 from potboiler.server.lookups import Lookups
-from potboiler.server.security import PolicyMode, WebhookPolicy, target_of
+from potboiler.server.security import PolicyMode, WebhookPolicy
+from potboiler.server.urls import host_port
 
 
 class BlockedTarget(httpx.ConnectError):
@@ -56,14 +57,14 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         self._inners: dict[tuple[str, str, int], httpx.AsyncBaseTransport] = {}
 
     def _inner(self, request: httpx.Request) -> httpx.AsyncBaseTransport:
-        host, port = target_of(str(request.url))
+        host, port = host_port(str(request.url))
         key = (request.url.scheme, host, port)
         if (inner := self._inners.get(key)) is None:
             inner = self._inners[key] = self._make_inner()
         return inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host, port = target_of(str(request.url))
+        host, port = host_port(str(request.url))
         if self._policy.mode is not PolicyMode.DENY_PRIVATE:
             reason = self._policy.refusal(host, port)
             if reason is not None:
