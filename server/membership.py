@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import struct
-import uuid
 from collections.abc import Callable
 
 from potboiler.server.errors import InvalidArgument, NotFound
+from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.server.urls import node_url
 
@@ -83,12 +83,12 @@ class Membership:
     def acked_of(self, url: str) -> dict[str, int]:
         """Member `url`'s version vector as it last acknowledged it (empty if never)."""
         blob = self._store.get(_ACKED + url.encode()) or b""
-        return {str(uuid.UUID(bytes=o)): seq for o, seq in _OWNER_SEQ.iter_unpack(blob)}
+        return {uuid_str(o): seq for o, seq in _OWNER_SEQ.iter_unpack(blob)}
 
     def note_acked(self, url: str, vector: dict[str, int]) -> None:
         """Keep member `url`'s last acknowledged version vector (see `acked_of`)."""
         if url in self._urls:
-            blob = b"".join(_OWNER_SEQ.pack(uuid.UUID(o).bytes, seq) for o, seq in sorted(vector.items()))
+            blob = b"".join(_OWNER_SEQ.pack(parse_uuid(o), seq) for o, seq in sorted(vector.items()))
             self._store.write([(_ACKED + url.encode(), blob)])
 
     def url_of(self, node_id: str) -> str | None:
