@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
@@ -72,6 +73,12 @@ def add_acks(
         ack.when.CopyFrom(entry.when)
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as seen (asyncio logs an exception nobody retrieved)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class LogServicer(log_pb2_grpc.LogServiceServicer):
     """Appends, reads and subscriptions."""
 
@@ -126,6 +133,12 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
             await abort(context, error)
         finally:
             reader.cancel()
+            reader.add_done_callback(_retrieved)  # its error, if it failed, is the call's already
+            # Acks nobody will send (the call ended): a batch failing later is no one's to hear.
+            while not acks.empty():
+                left = acks.get_nowait()
+                if left is not None:
+                    left.add_done_callback(_retrieved)
 
     @unary
     async def GetEntry(self, request: log_pb2.GetEntryRequest, context: Ctx) -> log_pb2.GetEntryResponse:

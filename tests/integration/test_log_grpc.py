@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -283,6 +284,40 @@ async def test_append_stream_with_concurrent_writer_and_reader(grpc_node: GrpcNo
     await writer
     assert [a.entries[0].seq for a in acks] == list(range(1, messages + 1))
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_an_append_stream_ended_before_its_batch_fails_leaves_no_unseen_error(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client goes away while its entries wait to be written, then the write fails: the acks
+    nobody will send must not end up as 'Future exception was never retrieved' in the node's log."""
+    appender = grpc_node.node.appender
+    queued, fail = asyncio.Event(), asyncio.Event()
+    commit = appender._commit
+
+    async def failing_commit(jobs: Any) -> None:
+        queued.set()
+        await fail.wait()
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(appender, "_commit", failing_commit)
+    unseen: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unseen.append(context["message"]))
+    try:
+        call = grpc_node.log.AppendEntryStream()
+        await call.write(stream_message(0, 1))
+        await asyncio.wait_for(queued.wait(), 10)
+        call.cancel()
+        await asyncio.sleep(0.1)  # the server sees the cancel and leaves the handler
+        fail.set()
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(appender, "_commit", commit)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not [m for m in unseen if "never retrieved" in m], unseen
 
 
 async def test_append_stream_bad_message_ends_stream_keeping_earlier_acks(grpc_node: GrpcNode) -> None:
