@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from potboiler.pigtail import paging, validate
 from potboiler.pigtail.codec import event_data, stamp_of
@@ -593,9 +594,10 @@ class Pigtail:
             raise Contended(f"task {task_id!r}: worker {worker_id!r} holds no unexpired lease on it")
         return await self._claim(queue, task_id, worker_id)
 
-    async def release(self, queue: str, task_id: str, worker_id: str) -> TaskView:
+    async def release(self, queue: str, task_id: str, worker_id: str, *, unsent: bool = False) -> TaskView:
         """Give back the task the worker holds: its lease ends now, and the task is pending again (dead
-        if that was its last attempt)."""
+        if that was its last attempt). `unsent`: the worker never got the task (the claim was made for
+        a stream or call that ended first): the attempt does not count."""
         await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
@@ -603,7 +605,8 @@ class Pigtail:
             self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
         )
         self._refuse(decision, queue, task_id)
-        await self._append(TaskReleased(queue, task_id, worker_id), self._task_deps(queue, task_id))
+        event = TaskReleased(queue, task_id, worker_id, unsent=unsent)
+        await self._append(event, self._task_deps(queue, task_id))
         return self._view(queue, task_id)
 
     async def release_unsent(self, queue: str, worker_id: str, task_ids: list[str]) -> None:
@@ -611,7 +614,7 @@ class Pigtail:
         cannot be released (done meanwhile, its queue deleted...) is left as it is."""
         for task_id in task_ids:
             try:
-                await self.release(queue, task_id, worker_id)
+                await self.release(queue, task_id, worker_id, unsent=True)
             except PotboilerError as error:
                 log.info(
                     "task %s of queue %r, claimed for worker %r and not sent: %s",
@@ -623,7 +626,12 @@ class Pigtail:
 
     def release_later(self, queue: str, worker_id: str, task_ids: list[str]) -> None:
         """`release_unsent` in the background (for a stream that is being cancelled)."""
-        task = asyncio.create_task(self.release_unsent(queue, worker_id, task_ids), name="pigtail-release")
+        self._keep(
+            asyncio.create_task(self.release_unsent(queue, worker_id, task_ids), name="pigtail-release")
+        )
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task until it ends (`stop` ends those still running)."""
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -706,12 +714,23 @@ class Pigtail:
                 break
             refused.add(task_id)  # e.g. stamped ahead of our clock by a remote node: not claimable yet
         reserved.add(task_id)
+        # The claim goes on if the caller is cancelled meanwhile (a stream ending, a call's deadline),
+        # and is then released if it was made: its worker will never hear of it, and it would hold
+        # the task until its lease ran out.
+        claiming = asyncio.ensure_future(self._claim(queue, task_id, worker_id))
+        claiming.add_done_callback(lambda _: reserved.discard(task_id))
         try:
-            return await self._claim(queue, task_id, worker_id)
+            return await asyncio.shield(claiming)
         except Contended:
             return LOST
-        finally:
-            reserved.discard(task_id)
+        except asyncio.CancelledError:
+            self._keep(claiming)
+            claiming.add_done_callback(functools.partial(self._release_orphan, queue, worker_id))
+            raise
+
+    def _release_orphan(self, queue: str, worker_id: str, claiming: asyncio.Future[TaskView]) -> None:
+        if not claiming.cancelled() and claiming.exception() is None:
+            self.release_later(queue, worker_id, [claiming.result()["task_id"]])
 
     async def claim_next(self, queue: str, worker_id: str, wait_ms: int = 0) -> TaskView | None:
         """Claim the next claimable task, waiting up to `wait_ms` for one; None if none."""

@@ -39,8 +39,9 @@ The rules, in plain words
   from the task's ``worker``).
 * **Releases.** A release by the worker holding the unexpired lease (at the release's stamp) ends that
   lease there: the task is pending again at once (or dead, if it used its last attempt), and the attempt
-  counts. Any other release is void. A worker gives back a task it will not do this way, and a WorkTasks
-  stream gives back a task it claimed but could not send.
+  counts. Any other release is void. A worker gives back a task it will not do this way. A lease stream
+  or call that ended before its worker got a task it claimed releases it as *unsent*: then the attempt
+  is taken back too.
 * **Attempts and the dead letter.** Every claim that starts a lease counts one attempt (a renewal does
   not, and a worker claiming again after its own lease expired starts a new lease). When the queue has
   ``max_attempts``, a task whose attempts reached it and whose last lease expired without a done is
@@ -347,9 +348,21 @@ class TaskDone(_WorkerEvent):
 
 @dataclass(frozen=True)
 class TaskReleased(_WorkerEvent):
-    """Worker ``worker_id`` gives back the task it holds, at the event's stamp (void unless it holds it)."""
+    """Worker ``worker_id`` gives back the task it holds, at the event's stamp (void unless it holds it).
+    ``unsent``: the worker never got the task (its claim was made for a stream that ended first), so
+    the attempt that claim counted is taken back."""
 
     KIND: ClassVar[str] = "task_released"
+    unsent: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.unsent, bool):
+            raise InvalidEvent("unsent must be true or false")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"`` (and ``"unsent"`` only when true)."""
+        return {**super().to_json(), "unsent": True} if self.unsent else super().to_json()
 
 
 @dataclass(frozen=True)
@@ -400,13 +413,23 @@ def event_from_json(raw: Mapping[str, object]) -> Event:
                 priority=_need_int(raw.get("priority", 0), "priority"),
                 idempotency_key=None if key is None else _need_str(key, "idempotency_key"),
             )
-        for event in (TaskClaimed, TaskReleased, TaskDone):
+        for event in (TaskClaimed, TaskDone):
             if kind == event.KIND:
                 return event(
                     queue=_need_str(raw.get("queue"), "queue"),
                     task_id=_need_str(raw.get("task_id"), "task_id"),
                     worker_id=_need_str(raw.get("worker_id", ""), "worker_id", empty_ok=event.ANONYMOUS),
                 )
+        if kind == TaskReleased.KIND:
+            unsent = raw.get("unsent", False)
+            if not isinstance(unsent, bool):
+                raise InvalidEvent("unsent must be true or false")
+            return TaskReleased(
+                queue=_need_str(raw.get("queue"), "queue"),
+                task_id=_need_str(raw.get("task_id"), "task_id"),
+                worker_id=_need_str(raw.get("worker_id"), "worker_id"),
+                unsent=unsent,
+            )
         if kind == TaskRetried.KIND:
             return TaskRetried(
                 queue=_need_str(raw.get("queue"), "queue"), task_id=_need_str(raw.get("task_id"), "task_id")
@@ -471,6 +494,8 @@ class ClaimRecord(TypedDict):
     at: StampJSON
     worker: str
     released: NotRequired[bool]
+    #: A release of a task its worker never got (see TaskReleased).
+    unsent: NotRequired[bool]
 
 
 class DoneRecord(TypedDict):
@@ -696,6 +721,8 @@ def apply_task_event(
         claim = ClaimRecord(at=at.to_json(), worker=event.worker_id)
         if isinstance(event, TaskReleased):
             claim["released"] = True
+            if event.unsent:
+                claim["unsent"] = True
         new["claims"] = sorted([*state["claims"], claim], key=lambda c: (_at(c), c["worker"]))
         return new
     if any(Stamp.coerce(r) == at for r in state["retries"]):
@@ -852,11 +879,14 @@ def _claim_step(
     return None, False
 
 
-def _release_step(lease: _Lease, worker: str, wall_ms: int, config: QueueConfig) -> bool:
-    """Judge one release against ``lease`` (ended there when valid): whether it is valid."""
+def _release_step(lease: _Lease, worker: str, wall_ms: int, config: QueueConfig, unsent: bool) -> bool:
+    """Judge one release against ``lease`` (ended there when valid, and its attempt taken back if the
+    worker never got the task): whether it is valid."""
     if lease.holder != worker or not lease.active_at(wall_ms, config):
         return False
     lease.lease_from_ms = wall_ms - config.timeout_ms
+    if unsent:
+        lease.attempts = max(0, lease.attempts - 1)
     return True
 
 
@@ -867,7 +897,7 @@ def _retry_step(lease: _Lease, wall_ms: int, config: QueueConfig) -> bool:
     return True
 
 
-_CLAIM, _RELEASE, _RETRY = 0, 1, 2
+_CLAIM, _RELEASE, _UNSENT, _RETRY = 0, 1, 2, 3
 
 
 def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> _Lease:
@@ -878,7 +908,8 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
         else _Lease(holder=base["holder"], lease_from_ms=base["lease_from_ms"], attempts=base["attempts"])
     )
     steps: list[tuple[Stamp, int, str]] = [
-        (_at(c), _RELEASE if c.get("released") else _CLAIM, c["worker"]) for c in task["claims"]
+        (_at(c), (_UNSENT if c.get("unsent") else _RELEASE) if c.get("released") else _CLAIM, c["worker"])
+        for c in task["claims"]
     ]
     steps += [(Stamp.coerce(r), _RETRY, "") for r in task["retries"]]
     steps.sort()
@@ -887,8 +918,8 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
             break
         if kind == _CLAIM:
             _claim_step(lease, worker, at.wall_ms, task["not_before_ms"], config)
-        elif kind == _RELEASE:
-            _release_step(lease, worker, at.wall_ms, config)
+        elif kind in (_RELEASE, _UNSENT):
+            _release_step(lease, worker, at.wall_ms, config, unsent=kind == _UNSENT)
         else:
             _retry_step(lease, at.wall_ms, config)
     return lease

@@ -774,7 +774,46 @@ async def test_a_task_claimed_as_the_worker_closes_its_side_is_given_back(
     go_on.set()
     assert await asyncio.wait_for(ending, 10) is None  # the stream ended without sending the task
     view = await h.pigtail.get_task("q", task_id)
-    assert (view["state"], view["worker"], view["attempts"]) == ("pending", "w", 1)
+    assert (view["state"], view["worker"], view["attempts"]) == ("pending", "w", 0)  # not an attempt
+
+
+@pytest.mark.parametrize("how", ["work stream", "claim next"])
+async def test_a_claim_under_way_when_its_caller_is_cancelled_is_given_back(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The claim is in the log already, the call waits for it to be applied, and is cancelled (the
+    client went away, a deadline): the claim is made all the same, and given back at once, with its
+    attempt (a task no worker got must not be dead-lettered: here it is the only attempt allowed)."""
+    await h.pigtail.create_queue("q", 60_000, 1)
+    task_id = await h.add()
+    appended, go_on = asyncio.Event(), asyncio.Event()
+    append = h.pigtail._append
+
+    async def slow_append(event: Any, dependencies: Any) -> Any:
+        entry = await append(event, dependencies)
+        if isinstance(event, TaskClaimed):
+            appended.set()
+            await go_on.wait()
+        return entry
+
+    monkeypatch.setattr(h.pigtail, "_append", slow_append)
+    if how == "work stream":
+        session = work_session(h.pigtail, WorkerRequests("q", max_in_flight=1).stream())
+        call: asyncio.Future[Any] = asyncio.ensure_future(anext(session))
+    else:
+        call = asyncio.ensure_future(h.pigtail.claim_next("q", "w", wait_ms=10_000))
+    await asyncio.wait_for(appended.wait(), 10)
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    if how == "work stream":
+        await session.aclose()
+    go_on.set()
+
+    async def given_back() -> bool:
+        view = await h.pigtail.get_task("q", task_id)
+        return (view["state"], view["worker"], view["attempts"]) == ("pending", "w", 0)
+
+    await wait_for(given_back)
 
 
 async def test_tasks_not_sent_when_a_work_stream_is_cancelled_are_given_back(h: Harness) -> None:

@@ -332,6 +332,15 @@ TRANSITIONS = [
         1,
     ),
     Case("release before any claim is void", [(20, N1, release("A"))], 30, "pending", None, 0),
+    Case(
+        "an unsent release takes the attempt back: not dead-lettered",
+        [(10, N1, claim("A")), (20, N1, TaskReleased(Q, "t", "A", unsent=True))],
+        30,
+        "pending",
+        "A",
+        0,
+        1,
+    ),
     Case("delayed task before it is due", [], 100, "delayed", None, 0, not_before_ms=500),
     Case("delayed task once due is pending", [], 500, "pending", None, 0, not_before_ms=500),
     Case("claim before due is void", [(100, N1, claim("A"))], 150, "delayed", None, 0, not_before_ms=500),
@@ -640,6 +649,7 @@ EVENTS: list[Event] = [
     TaskClaimed(Q, "t", "w"),
     TaskDone(Q, "t", "w"),
     TaskReleased(Q, "t", "w"),
+    TaskReleased(Q, "t", "w", unsent=True),
     TaskRetried(Q, "t"),
 ]
 
@@ -663,6 +673,7 @@ def test_event_json_roundtrip(event: Event) -> None:
         {"kind": "task_claimed", "queue": Q, "task_id": "t"},
         {"kind": "task_retried", "queue": Q},
         {"kind": "task_released", "queue": Q, "task_id": "t", "worker_id": ""},
+        {"kind": "task_released", "queue": Q, "task_id": "t", "worker_id": "w", "unsent": 1},
         # Past the API's limits: only appended by hand, and beyond the typed answers' int32 fields.
         {"kind": "queue_created", "name": Q, "timeout_ms": 86_400_001},
         {"kind": "queue_created", "name": Q, "timeout_ms": 10, "max_attempts": 1_001},

@@ -138,7 +138,9 @@ class PigtailServiceStub:
     going on. When the worker closes its side, the server answers what is
     still outstanding, hands out no more tasks and ends the stream; a task
     claimed for the worker that it was not sent (a claim under way, or the
-    stream ended by an error or a cancel) is released. Errors that end the
+    stream ended by an error or a cancel) is released, its attempt not
+    counted (as for LeaseTasks and ClaimNextTask ended by a cancel or a
+    deadline while they claim). Errors that end the
     stream: INVALID_ARGUMENT (a bad start, or a start after the
     first message), NOT_FOUND (no such queue, also when the queue is deleted
     while streaming).
@@ -253,7 +255,9 @@ class PigtailServiceAsyncStub(PigtailServiceStub):
     going on. When the worker closes its side, the server answers what is
     still outstanding, hands out no more tasks and ends the stream; a task
     claimed for the worker that it was not sent (a claim under way, or the
-    stream ended by an error or a cancel) is released. Errors that end the
+    stream ended by an error or a cancel) is released, its attempt not
+    counted (as for LeaseTasks and ClaimNextTask ended by a cancel or a
+    deadline while they claim). Errors that end the
     stream: INVALID_ARGUMENT (a bad start, or a start after the
     first message), NOT_FOUND (no such queue, also when the queue is deleted
     while streaming).
@@ -461,7 +465,9 @@ class PigtailServiceServicer(metaclass=_abc_1.ABCMeta):
         going on. When the worker closes its side, the server answers what is
         still outstanding, hands out no more tasks and ends the stream; a task
         claimed for the worker that it was not sent (a claim under way, or the
-        stream ended by an error or a cancel) is released. Errors that end the
+        stream ended by an error or a cancel) is released, its attempt not
+        counted (as for LeaseTasks and ClaimNextTask ended by a cancel or a
+        deadline while they claim). Errors that end the
         stream: INVALID_ARGUMENT (a bad start, or a start after the
         first message), NOT_FOUND (no such queue, also when the queue is deleted
         while streaming).
