@@ -154,6 +154,24 @@ def _check_exact_counter(
         )
 
 
+def _shown(crdt: CrdtType, stored: Stored) -> JSON:
+    """A key's value as REST answers it and the browser shows it."""
+    if isinstance(stored, LwwRecord):
+        return from_value(stored.message())
+    shown = value(crdt, stored)
+    if isinstance(shown, float) and shown.is_integer() and abs(shown) <= MAX_EXACT_INT:
+        return int(shown)  # a counter's 1.5 + 1.5: 3, as a JSON number is read everywhere else
+    return shown
+
+
+class _StoreFailed(Exception):
+    """A store read failed while applying: `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class EventFailed(Exception):
     """Applying the log entry at `position` failed (the cause is chained)."""
 
@@ -238,10 +256,7 @@ class KvState:
             stored = self._stored(skey)
             if stored is None:
                 raise NotFound(f"No such key '{key}'")
-            shown = (
-                from_value(stored.message()) if isinstance(stored, LwwRecord) else value(info.crdt, stored)
-            )
-            text = json_text(shown)
+            text = json_text(_shown(info.crdt, stored))
             if len(text) <= _TEXT_BYTES:
                 if len(self._texts) >= _TEXTS:
                     self._texts.clear()
@@ -277,7 +292,7 @@ class KvState:
         start = prefix + after.encode() + b"\x00" if after else prefix
         n = len(prefix)
         for k, raw in self._store.scan(start, prefix_end(prefix), limit=limit):
-            yield k[n:].decode(), value(info.crdt, to_json(decode(raw))) if states else None
+            yield k[n:].decode(), _shown(info.crdt, decode(raw)) if states else None
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -430,6 +445,13 @@ class KvState:
         states: dict[bytes, Stored] = {}
         cache = self._cache
         get = self._store.get
+
+        def read(skey: bytes) -> bytes | None:
+            try:
+                return get(skey)
+            except Exception as exc:  # the store failing: no fault of the entry, never skipped for it
+                raise _StoreFailed(exc) from exc
+
         lww_prefixes = self._lww_prefixes
         applied = 0
         floor = self._position
@@ -458,7 +480,7 @@ class KvState:
                     skey = prefix + key.encode()
                     state = states[skey] if skey in states else cache.get(skey, _MISSING)
                     if state is _MISSING:
-                        raw = get(skey)
+                        raw = read(skey)
                         state = None if raw is None else decode(raw)
                     new = _lww_set(state, change, entry, blob)
                     if new is not _MISSING:
@@ -481,7 +503,7 @@ class KvState:
                     skey = state_key(each, table, key)
                     state = states[skey] if skey in states else cache.get(skey, _MISSING)
                     if state is _MISSING:
-                        raw = get(skey)
+                        raw = read(skey)
                         state = None if raw is None else decode(raw)
                     state = to_json(state)
                     try:
@@ -492,6 +514,8 @@ class KvState:
                     if new is not state:
                         states[skey] = new
                 applied += 1
+            except _StoreFailed as failed:
+                raise failed.error from None  # the store's own error, for the applier to retry
             except Exception as exc:  # not an invalid event (those are skipped above): a bug, a damaged state
                 raise EventFailed(position, entry.id) from exc
 

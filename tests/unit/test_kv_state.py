@@ -610,6 +610,35 @@ def test_a_failed_store_write_changes_nothing_and_the_batch_can_be_retried() -> 
     assert state.position == 6 and state.get("c", "k")[1] == 5
 
 
+def test_a_failed_store_read_is_the_stores_error_not_the_entrys() -> None:
+    """A read failing is raised as it is (the applier retries it for as long as it takes): only an
+    entry's own failure (EventFailed) may, after a few tries, be skipped."""
+    a = SimNode()
+    entries = [a.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"}), a.write("c", "k", "increment", 1)]
+
+    class FailingReads(MemoryStore):
+        fail = True
+
+        def get(self, key: bytes) -> bytes | None:
+            if self.fail and key != CURSOR_KEY:
+                raise OSError("IO error: a read failed")
+            return super().get(key)
+
+    store = FailingReads()
+    state = KvState(store)
+    with pytest.raises(OSError, match="a read failed"):
+        state.apply_batch(list(enumerate(entries, start=1)))
+    store.fail = False
+    state.apply_batch(list(enumerate(entries, start=1)))
+    assert state.get("c", "k")[1] == 1
+
+
+def test_a_counter_of_fractions_with_a_whole_total_reads_as_an_integer(node: SimNode) -> None:
+    node.write("counter", "k", "increment", 1.5)
+    node.write("counter", "k", "increment", 1.5)
+    assert node.state.get_text("counter", "k") == b"3"  # as REST printed it before: not 3.0
+
+
 class CountingStore(MemoryStore):
     """A MemoryStore that counts reads of single keys."""
 

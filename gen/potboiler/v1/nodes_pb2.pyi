@@ -210,7 +210,8 @@ class PeerStatus(_message.Message):
         STATE_SILENT: PeerStatus._State.ValueType  # 4
         """A stream is open but nothing has come from the peer for more than 3 s
         (a peer sends at least its clock promise every second): it is hung,
-        frozen or cut off, and keepalive will end the stream within about 15 s.
+        frozen or cut off, and keepalive will end the stream within 15 s (a
+        stream this node dialed) to 30 s (one the peer dialed).
         """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
@@ -233,7 +234,8 @@ class PeerStatus(_message.Message):
     STATE_SILENT: PeerStatus.State.ValueType  # 4
     """A stream is open but nothing has come from the peer for more than 3 s
     (a peer sends at least its clock promise every second): it is hung,
-    frozen or cut off, and keepalive will end the stream within about 15 s.
+    frozen or cut off, and keepalive will end the stream within 15 s (a
+    stream this node dialed) to 30 s (one the peer dialed).
     """
 
     URL_FIELD_NUMBER: _builtins.int
