@@ -958,7 +958,9 @@ def apply(crdt: CrdtType, state: JSON | None, payload: JSON, ctx: EventContext) 
 
     ``state`` is ``None`` when the key has no state yet; the result is never ``None``.  Applying an event
     that is already reflected in ``state`` (a duplicate delivery) returns ``state`` unchanged.  Raises
-    :class:`InvalidOperation` if the payload or the state does not fit ``crdt``.
+    :class:`InvalidOperation` if the payload or the state does not fit ``crdt``: of the elements of an
+    OR-Set or G-Set state, only those the op reads are checked (states are written by this module; a
+    set of thousands of elements is not checked whole at every op).
     """
     body = _obj(payload, f"{crdt.label} payload")
     op = _check_op(crdt, body.get("op"))
