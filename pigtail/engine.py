@@ -175,8 +175,8 @@ class Pigtail:
         self._caught_up = CatchUp("Pigtail", self._linger, CATCH_UP_WAIT_S)
         #: The nodes up and this node's share of tasks among them (see `_share`), and when it was taken.
         self._shared: tuple[int, Callable[[str], bool] | None] = (-SHARE_TTL_MS, None)
-        #: Releases of tasks claimed for workers that never got them (see `release_later`).
-        self._releasing: set[asyncio.Task[None]] = set()
+        #: Claims and releases for workers that are gone, going on in the background (see `_keep`).
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- life --------------------------------------------------------------------------------------
 
@@ -201,9 +201,9 @@ class Pigtail:
         for _, timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in self._releasing:
+        for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._releasing, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _apply_loop(self) -> None:
         await apply_forever(
@@ -632,8 +632,8 @@ class Pigtail:
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a background task until it ends (`stop` ends those still running)."""
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _task_or_none(self, queue: str, task_id: str) -> TaskState | None:
         return self.state.task(queue, task_id) if validate.is_task_id(task_id) else None
