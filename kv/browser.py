@@ -135,11 +135,20 @@ def page_of(
     return rows, False
 
 
+#: Largest value (as JSON) a table page shows; a key's value is not bounded (an OR-Set can grow and
+#: grow), and a page stays within its byte budget only if each row does.
+MAX_SHOWN_BYTES = 256 << 10
+
+
 def _row(crdt: CrdtType, key: str, value: JSON) -> str:
-    return (
-        f'<tr data-key="{escape(key)}"><td class="key"><code>{escape(key)}</code></td>'
-        f"{_value_cell(crdt, value)}</tr>\n"
+    size = len(show_json(value).encode())
+    cell = (
+        _value_cell(crdt, value)
+        if size <= MAX_SHOWN_BYTES
+        else f'<td class="value too-large">{size:,} bytes of JSON: too large to show here '
+        "(the KV REST port answers it whole)</td>"
     )
+    return f'<tr data-key="{escape(key)}"><td class="key"><code>{escape(key)}</code></td>{cell}</tr>\n'
 
 
 def table_page(

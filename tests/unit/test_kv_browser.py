@@ -137,6 +137,18 @@ def test_a_page_holds_as_many_keys_as_fit_its_byte_budget() -> None:
     assert browser.page_of(lww, iter([]), 500, 2500) == ([], False)
 
 
+def test_a_value_too_large_to_show_is_named_not_shown() -> None:
+    """A key's value is not bounded (an OR-Set of large items): one row must not make a page of many
+    megabytes (a 4.5 MB set made a 13.5 MB page)."""
+    items: JSON = [{"item": "x" * 1000, "key": f"e{i}", "metadata": None} for i in range(400)]
+    small: JSON = [{"item": "y", "key": "e", "metadata": None}]
+    page = browser.table_page(
+        "s", CrdtType.ORSET, [("big", items), ("small", small)], after="", next_after=None
+    )
+    assert len(page) < 20_000
+    assert b"too large to show here" in page and b"&quot;y&quot;" in page  # the small one is shown
+
+
 def test_the_byte_budget_counts_what_the_page_sends() -> None:
     """Escaped characters and values shown more than once (an OR-Set's items and metadata) count as
     the HTML they become: the page of the rows taken stays within the budget."""
