@@ -150,7 +150,7 @@ def _check_exact_counter(
         what = "increments" if op == "increment" else "decrements"
         raise InvalidArgument(
             f"table {table!r}: PN-Counter {asked[0]!r} amount {asked[1]} would take the counter's {what} past "
-            f"2**53 = {MAX_EXACT_INT}, the largest integer a JSON number holds exactly"
+            f"2**53 = {MAX_EXACT_INT}: a counter's totals are kept within it, where every integer is exact"
         )
 
 
