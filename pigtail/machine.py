@@ -1149,6 +1149,20 @@ def check_add(queue: QueueState | None, idempotency_key: str | None = None) -> D
     return Decision(Verdict.OK)
 
 
+def _open_lease(
+    task: TaskState | None, queue: QueueState | None
+) -> Decision | tuple[TaskState, QueueConfig, _Lease]:
+    """A visible task that is not done, its queue's config and its lease as replayed; else the answer
+    refusing it: 404 (unknown) or 409 DONE."""
+    missing = _not_found(task, queue)
+    config = _visible_config(task, queue)
+    if missing is not None or task is None or config is None:
+        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
+    if task["done"] is not None:
+        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
+    return task, config, _replay(task, config)
+
+
 def check_claim(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
     """Before TaskClaimed: OK (new lease, or ``renewal``), 404, or 409 DONE / DEAD / HELD / NOT_DUE.
 
@@ -1156,13 +1170,10 @@ def check_claim(task: TaskState | None, queue: QueueState | None, worker_id: str
     task)`` (the new event's HLC stamp is at least that). A concurrent claim elsewhere may still win once
     both are replicated; the task's ``worker`` then tells.
     """
-    missing = _not_found(task, queue)
-    config = _visible_config(task, queue)
-    if missing is not None or task is None or config is None:
-        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
-    if task["done"] is not None:
-        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
-    lease = _replay(task, config)
+    found = _open_lease(task, queue)
+    if isinstance(found, Decision):
+        return found
+    task, config, lease = found
     wall = max(now_ms, _latest_wall(task))
     before = _Lease(lease.holder, lease.lease_from_ms, lease.attempts)
     reason, renewal = _claim_step(lease, worker_id, wall, task["not_before_ms"], config)
@@ -1212,13 +1223,10 @@ def check_done(task: TaskState | None, queue: QueueState | None, worker_id: str,
 def check_release(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
     """Before TaskReleased: OK if ``worker_id`` holds an unexpired lease on the task; 409 DONE / NOT_HELD
     otherwise; 404. Judged as the replay will judge it (see :func:`check_claim`)."""
-    missing = _not_found(task, queue)
-    config = _visible_config(task, queue)
-    if missing is not None or task is None or config is None:
-        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
-    if task["done"] is not None:
-        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
-    lease = _replay(task, config)
+    found = _open_lease(task, queue)
+    if isinstance(found, Decision):
+        return found
+    task, config, lease = found
     if lease.holder != worker_id or not lease.active_at(max(now_ms, _latest_wall(task)), config):
         return Decision(
             Verdict.CONFLICT,
@@ -1230,13 +1238,10 @@ def check_release(task: TaskState | None, queue: QueueState | None, worker_id: s
 
 def check_retry(task: TaskState | None, queue: QueueState | None, now_ms: int) -> Decision:
     """Before TaskRetried: OK if the task is dead-lettered; 409 DONE / NOT_DEAD otherwise; 404."""
-    missing = _not_found(task, queue)
-    config = _visible_config(task, queue)
-    if missing is not None or task is None or config is None:
-        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
-    if task["done"] is not None:
-        return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
-    lease = _replay(task, config)
+    found = _open_lease(task, queue)
+    if isinstance(found, Decision):
+        return found
+    task, config, lease = found
     if not lease.dead_at(max(now_ms, _latest_wall(task)), config):
         return Decision(Verdict.CONFLICT, Reason.NOT_DEAD, "only a dead-lettered task can be retried")
     return Decision(Verdict.OK)
