@@ -247,16 +247,10 @@ class KvState:
     def get_text(self, table: str, key: str) -> bytes:
         """`get`'s value alone, as REST answers it (`json_text`); kept for the next read of the key
         until it changes (reads of a key far outnumber its writes)."""
-        check_name(table, "table")
-        check_name(key, "key")
-        info = self.table(table)
-        skey = state_key(info.crdt, table, key)
+        crdt, skey = self._state_key(table, key)
         text = self._texts.get(skey)
         if text is None:
-            stored = self._stored(skey)
-            if stored is None:
-                raise NotFound(f"No such key '{key}'")
-            text = json_text(_shown(info.crdt, stored))
+            text = json_text(_shown(crdt, self._existing(skey, key)))
             if len(text) <= _TEXT_BYTES:
                 if len(self._texts) >= _TEXTS:
                     self._texts.clear()
@@ -271,13 +265,22 @@ class KvState:
         return crdt, to_value(value(crdt, stored))
 
     def _get_stored(self, table: str, key: str) -> tuple[CrdtType, Stored]:
+        crdt, skey = self._state_key(table, key)
+        return crdt, self._existing(skey, key)
+
+    def _state_key(self, table: str, key: str) -> tuple[CrdtType, bytes]:
+        """The table's type and the key's state key: InvalidArgument for a bad name, NotFound if the
+        table does not exist."""
         check_name(table, "table")
         check_name(key, "key")  # a bad name is a 400 whether or not the table exists
         info = self.table(table)
-        stored = self._stored(state_key(info.crdt, table, key))
+        return info.crdt, state_key(info.crdt, table, key)
+
+    def _existing(self, skey: bytes, key: str) -> Stored:
+        stored = self._stored(skey)
         if stored is None:
             raise NotFound(f"No such key '{key}'")
-        return info.crdt, stored
+        return stored
 
     def keys(self, table: str, after: str = "", limit: int | None = None) -> list[str]:
         """The table's keys in name order, those after `after`, at most `limit` of them."""
