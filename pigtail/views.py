@@ -6,6 +6,7 @@ import orjson
 from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail.machine import JSONValue, ListEntry, QueueConfig, TaskStatus, TaskView
+from potboiler.server import rest
 from potboiler.server.jsonvalue import set_value, sorted_keys
 from potboiler.v1 import pigtail_pb2
 
@@ -86,12 +87,12 @@ def rest_view(view: TaskView, *, verbose: bool = False, with_id: bool = False) -
 
 def rest_json(value: JSONValue) -> HttpBody:
     """A REST answer: `value` as JSON text."""
-    return HttpBody(content_type="application/json", data=orjson.dumps(value))
+    return rest.text_answer(orjson.dumps(value))  # members in the documented order, not sorted
 
 
 def rest_listing(entries: list[tuple[str, ListEntry]]) -> HttpBody:
     """`GET /queue/Q`: {"<id>": {"task_name", "state"}, ...} as JSON text, in the listing's order."""
-    return HttpBody(content_type="application/json", data=orjson.dumps(dict(entries)))
+    return rest.text_answer(orjson.dumps(dict(entries)))
 
 
 def rest_queue(name: str, config: QueueConfig) -> dict[str, JSONValue]:
