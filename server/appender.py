@@ -83,6 +83,8 @@ class Appender:
         """Start the writer task."""
         self._window.reset()
         self._task = asyncio.create_task(self._run(), name="appender")
+        if self.log.resuming:  # left by the last run of the node
+            self._wake.set()
 
     async def stop(self) -> None:
         """Commit what is queued, then stop the writer task."""
@@ -225,9 +227,16 @@ class Appender:
             # One turn of the loop first, so that requests already received join this batch.
             await asyncio.sleep(0)
             self._wake.clear()
-            while self._queue:
-                hold = 0.0 if self._closing else self._window.hold(len(self._queue), self._queued_entries)
-                gathered = await self._hold_open(hold) if hold else None
+            # Waiting entries left deliverable by a write (see `Log.resuming`) are delivered by the
+            # next ones, with a turn of the loop between them; a stopping node leaves them for its
+            # restart.
+            while self._queue or (self.log.resuming and not self._closing):
+                if self._queue:
+                    hold = 0.0 if self._closing else self._window.hold(len(self._queue), self._queued_entries)
+                    gathered = await self._hold_open(hold) if hold else None
+                else:
+                    gathered = None
+                    await asyncio.sleep(0)
                 jobs = self._take()
                 try:
                     await self._commit(jobs)
@@ -236,6 +245,8 @@ class Appender:
                     for job in jobs:
                         if not job.done.done():
                             job.done.set_exception(exc)
+                    if not jobs:  # the next append tries again
+                        break
                 self._window.committed(gathered)
             if self._closing:
                 return

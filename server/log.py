@@ -53,6 +53,9 @@ _X_START, _X_END = b"x", prefix_end(b"x")
 #: may well never send them again.
 _FORKS = b"f"
 _COUNT = struct.Struct(">I")
+#: Most waiting entries one plan delivers as they become deliverable; the next plans go on from
+#: there (so that an entry that thousands wait for holds up the node's event loop for a moment only).
+CASCADE_BUDGET = 4_000
 _LOCATION_BYTES = 24
 
 
@@ -198,6 +201,9 @@ class Plan:
     """A change of the log: the batch to write, then the in-memory state to adopt once written."""
 
     position: int
+    #: How many more waiting entries it may deliver, and the delivered entries whose waiters are
+    #: left for the next plan once that is spent (see `CASCADE_BUDGET`).
+    budget: int
     writes: list[Write] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
     #: The entries this plan stores through `Log._plan_store` (all but the remote ones that are
@@ -212,7 +218,10 @@ class Plan:
     delivered_blobs: list[bytes] = field(default_factory=list)
     delivered_set: set[bytes] = field(default_factory=set)
     undelivered: set[bytes] = field(default_factory=set)
+    #: The wait marks it adds (what is waited for -> the entries waiting) and those it takes away.
     waiting: dict[bytes, list[bytes]] = field(default_factory=dict)
+    unwaited: list[tuple[bytes, bytes]] = field(default_factory=list)
+    resume: list[bytes] = field(default_factory=list)
     #: The delivery run being built, written by `Log.finish` (or when the next one begins).
     run: DeliveryRun | None = None
 
@@ -293,8 +302,11 @@ class Log:
     """The log of one node. Single writer: only one plan may be in flight at a time (the
     `Appender` serialises them); reads may happen at any time and see the last applied plan."""
 
-    def __init__(self, store: Store, clock: HybridClock | None = None) -> None:
+    def __init__(
+        self, store: Store, clock: HybridClock | None = None, *, cascade_budget: int = CASCADE_BUDGET
+    ) -> None:
         self._store = store
+        self._cascade_budget = cascade_budget
         raw_id = store.get(_NODE_ID_KEY)
         if raw_id is None:
             raw_id, _ = new_uuid()
@@ -305,6 +317,17 @@ class Log:
         for key, value in store.scan(b"h", prefix_end(b"h")):
             self._heads[key[1:]] = _HEAD.unpack(value)
         self._undelivered = {key[1:] for key, _ in store.scan(b"u", prefix_end(b"u"))}
+        #: The `p` marks in memory: per entry waited for, the stored entries waiting for it.
+        self._waiting: dict[bytes, set[bytes]] = {}
+        for key, _ in store.scan(b"p", prefix_end(b"p")):
+            self._waiting.setdefault(key[1:17], set()).add(key[17:])
+        #: Delivered entries whose waiters the next plan looks at (a plan's budget ran out): at
+        #: start, every delivered entry that something still waits for.
+        self._resume = sorted(
+            awaited
+            for awaited in self._waiting
+            if awaited not in self._undelivered and store.get(b"e" + awaited) is not None
+        )
         last = store.last(_X_START, _X_END)
         self._position = DeliveryRun.read(*last).last if last else 0
         self.clock = clock or HybridClock()
@@ -511,9 +534,18 @@ class Log:
 
     # -- planning changes -------------------------------------------------------------------
 
+    @property
+    def resuming(self) -> bool:
+        """Whether entries that can be delivered wait for the next plan (see `CASCADE_BUDGET`)."""
+        return bool(self._resume)
+
     def begin(self) -> Plan:
-        """An empty plan on top of the current state."""
-        return Plan(position=self._position)
+        """A plan on top of the current state, which first delivers the waiting entries left
+        deliverable by the last one (as many as its budget allows)."""
+        plan = Plan(position=self._position, budget=self._cascade_budget)
+        for raw in self._resume:
+            self._cascade(plan, raw)
+        return plan
 
     def plan_local(self, plan: Plan, new: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Entry]:
         """Add appending `new` to this node's own log, in order, to `plan`; returns the entries.
@@ -521,11 +553,7 @@ class Log:
         entries would wait behind it (see `own_blocked`)."""
         me = self.node_id_bytes
         seq, prev = plan.heads.get(me) or self._heads.get(me, (0, b""))
-        if (
-            unless_blocked
-            and prev
-            and (prev in plan.undelivered or (prev in self._undelivered and prev not in plan.delivered_set))
-        ):
+        if unless_blocked and self._held_back(plan, prev):
             blocked = self.own_blocked()
             raise Unavailable(
                 blocked.describe()
@@ -548,9 +576,9 @@ class Log:
             )
         prev_text = uuid_str(prev) if prev else ""
         out = []
-        # While nothing waits, new entries without dependencies are delivered at once, in order: as
+        # New entries without dependencies after a delivered one are delivered at once, in order: as
         # one stretch of this node's chain, stored and delivered a whole batch at a time.
-        run = not (self._undelivered or plan.undelivered) and not any(item.dependencies for item in new)
+        run = not self._held_back(plan, prev) and not any(item.dependencies for item in new)
         raws, blobs = [], []
         first_seq = seq + 1
         stamp = self.clock.now_many(len(new))
@@ -646,7 +674,7 @@ class Log:
         Each owner's entries are taken only in chain order: an entry already held, or one that would
         leave a gap, is skipped. `blobs`, if given, are the entries serialized (as received), which
         are then stored as they are."""
-        if blobs is not None and not (self._undelivered or plan.undelivered):
+        if blobs is not None:
             taken = self._plan_run(plan, entries, blobs)
             if taken is not None:
                 return taken
@@ -697,10 +725,11 @@ class Log:
 
     def _plan_run(self, plan: Plan, entries: Sequence[Entry], blobs: Sequence[bytes]) -> list[Entry] | None:
         """`plan_remote` for the shape a peer sends (a stretch of one owner's chain, as stored, with
-        no dependencies) while nothing waits, a whole batch at a time: about twice as fast as entry
-        by entry, which is what a catch-up spends most of its time on. None, having planned
-        nothing, if the batch has another shape or anything in it is wrong (the entry-by-entry path
-        then says what)."""
+        no dependencies) after a delivered entry, a whole batch at a time: about twice as fast as
+        entry by entry, which is what a catch-up spends most of its time on. Entries that wait for
+        it are delivered after it. None, having planned nothing, if the batch has another shape,
+        its chain is held back here, or anything in it is wrong (the entry-by-entry path then says
+        what)."""
         count = len(entries)
         if not count or len(blobs) != count:
             return None
@@ -709,6 +738,8 @@ class Log:
         if owner_text is None or [e.seq for e in entries] != list(range(first_seq, first_seq + count)):
             return None
         chain = self._chain(plan, owner_text)
+        if self._held_back(plan, chain.raw):
+            return None
         skip = chain.seq + 1 - first_seq
         if skip < 0 or skip >= count:  # a gap before it, or all of it held already
             return []
@@ -726,6 +757,9 @@ class Log:
         seq = chain.seq + 1
         self._store_run(plan, chain.owner, seq, raws, taken, blobs)
         plan.heads[chain.owner] = (seq + len(taken) - 1, raws[-1])
+        if self._waiting or plan.waiting:
+            for raw in raws:
+                self._cascade(plan, raw)
         when = taken[-1].when  # the latest stamp of the chain's stretch (see plan_remote)
         self.clock.observe_remote(Stamp(when.wall_ms, when.logical))
         return taken
@@ -841,51 +875,81 @@ class Log:
             return False
         return self._store.get(b"e" + raw) is not None
 
-    def _deliver(self, plan: Plan, raw: bytes) -> None:
-        location = plan.locations.get(raw) or self._store.get(b"e" + raw)
-        assert location is not None, "only stored entries are delivered"
+    def _held_back(self, plan: Plan, raw: bytes) -> bool:
+        """Whether `raw` (an id, or b"") is stored but not delivered, with `plan`'s changes."""
+        return bool(raw) and (
+            raw in plan.undelivered or (raw in self._undelivered and raw not in plan.delivered_set)
+        )
+
+    def _deliver(self, plan: Plan, raw: bytes, stored: tuple[bytes, bytes, Entry] | None = None) -> None:
+        """Deliver the stored entry `raw` (`stored`: its location, serialized form and entry, when
+        the caller has read them)."""
         entry = plan.by_id.get(raw)
-        if entry is None:  # stored by an earlier plan
-            blob = self._store.get(b"o" + location)
-            assert blob is not None, f"entry {uuid_str(raw)} is missing"
-            entry = Entry.FromString(blob)
-        else:
-            blob = plan.blobs[raw]
+        if entry is not None:
+            location, blob = plan.locations[raw], plan.blobs[raw]
+        else:  # stored by an earlier plan
+            location, blob, entry = stored or self._read_stored(raw)
         plan.deliver(raw, location[:16], _U64.unpack(location[16:])[0], entry, blob)
         if raw in plan.undelivered or raw in self._undelivered:
             # Also when the mark was written earlier in this same batch: the delete comes after it.
             plan.undelivered.discard(raw)
             plan.writes.append((b"u" + raw, None))
 
+    def _read_stored(self, raw: bytes) -> tuple[bytes, bytes, Entry]:
+        location = self._store.get(b"e" + raw)
+        assert location is not None, "only stored entries are delivered"
+        blob = self._store.get(b"o" + location)
+        assert blob is not None, f"entry {uuid_str(raw)} is missing"
+        return location, blob, Entry.FromString(blob)
+
     def _plan_deliver(self, plan: Plan, raw: bytes) -> None:
-        """Deliver `raw`, then every waiter this makes deliverable, each in causal order: an entry
-        gets its position only after everything it needs has one."""
+        """Deliver `raw`, then every waiter this makes deliverable (see `_cascade`)."""
         self._deliver(plan, raw)
+        self._cascade(plan, raw)
+
+    def _cascade(self, plan: Plan, raw: bytes) -> None:
+        """Deliver every entry that the delivered `raw` makes deliverable, each in causal order: an
+        entry gets its position only after everything it needs has one."""
         queue = [raw]
         while queue and (self._undelivered or plan.undelivered):
             current = queue.pop()
             for waiter in self._waiters(plan, current):
-                if self._deliverable(plan, waiter):
-                    self._deliver(plan, waiter)
+                if plan.budget <= 0:  # `current` again too: its waiters looked at are skipped then
+                    plan.resume += queue
+                    plan.resume.append(current)
+                    return
+                stored = self._deliverable(plan, waiter)
+                if stored is not None:
+                    self._deliver(plan, waiter, stored)
+                    plan.budget -= 1
                     queue.append(waiter)
 
     def _waiters(self, plan: Plan, raw: bytes) -> list[bytes]:
-        found = set(plan.waiting.get(raw, ()))
-        if self._undelivered:
-            found.update(key[17:] for key, _ in self._store.scan(b"p" + raw, prefix_end(b"p" + raw)))
-        return sorted(found)
+        found = self._waiting.get(raw)
+        added = plan.waiting.get(raw)
+        if added:
+            return sorted(found.union(added) if found else set(added))
+        return sorted(found) if found else []
 
-    def _deliverable(self, plan: Plan, waiter: bytes) -> bool:
+    def _deliverable(self, plan: Plan, waiter: bytes) -> tuple[bytes, bytes, Entry] | None:
+        """What `_deliver` takes for the waiting entry `waiter` if all it needs is delivered, and its
+        wait marks are then taken away; else None."""
         if waiter in plan.delivered_set or not (waiter in self._undelivered or waiter in plan.undelivered):
-            return False
-        entry = plan.by_id.get(waiter) or self._load(waiter)
+            return None
+        entry = plan.by_id.get(waiter)
+        if entry is not None:
+            stored = (plan.locations[waiter], plan.blobs[waiter], entry)
+        else:
+            stored = self._read_stored(waiter)
+            entry = stored[2]
         needs = [parse_uuid(d) for d in entry.dependencies]
         if entry.prev:
             needs.append(parse_uuid(entry.prev))
         if not all(self._is_delivered(plan, d) for d in needs):
-            return False
+            return None
         plan.writes.extend((b"p" + d + waiter, None) for d in needs)
-        return True
+        plan.unwaited.extend((d, waiter) for d in needs)
+        return stored
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -904,4 +968,14 @@ class Log:
         self._heads.update(plan.heads)
         self._undelivered |= plan.undelivered
         self._undelivered.difference_update(plan.delivered)
+        self._resume = plan.resume
+        waiting = self._waiting
+        for awaited, waiters in plan.waiting.items():
+            waiting.setdefault(awaited, set()).update(waiters)
+        for awaited, waiter in plan.unwaited:
+            left = waiting.get(awaited)
+            if left is not None:
+                left.discard(waiter)
+                if not left:
+                    del waiting[awaited]
         self._position = plan.position

@@ -106,3 +106,58 @@ async def test_a_failing_commit_listener_fails_nothing_and_delivery_goes_on(
         assert [e.id for _, e in batch.entries] == [entry.id]
         assert "a commit listener failed" in caplog.text and "write batch failed" not in caplog.text
         await subscription.aclose()
+
+
+async def test_entries_waiting_for_one_are_delivered_over_several_writes_the_loop_turning_between() -> None:
+    async with started() as origin, started() as writer:
+        [awaited] = await origin.append([NewEntry(Value(number_value=0))])
+        chain = await writer.append([NewEntry(Value(number_value=1), (parse_uuid(awaited.id),))])
+        chain += await writer.append([NewEntry(Value(number_value=n)) for n in range(2, 11)])
+        store = MemoryStore()
+        appender = Appender(Log(store, cascade_budget=3), store)
+        appender.start()
+        try:
+            await appender.ingest(chain)
+            assert appender.log.pending == 10
+            turns = 0
+
+            async def count_turns() -> None:
+                nonlocal turns
+                while True:
+                    await asyncio.sleep(0)
+                    turns += 1
+
+            counter = asyncio.create_task(count_turns())
+            batches = appender.batches
+            await appender.ingest([awaited])  # 1 + 3 delivered by this write, the rest by three more
+            assert appender.log.position == 4
+            assert await appender.wait_delivered(10, timeout=10)
+            counter.cancel()
+            assert appender.batches - batches == 4
+            assert turns >= 3
+            assert [e.id for _, e in appender.delivered(0, 20)] == [awaited.id, *(e.id for e in chain)]
+        finally:
+            await appender.stop()
+
+
+async def test_a_restarted_writer_delivers_what_its_last_run_left_deliverable() -> None:
+    async with started() as origin, started() as writer:
+        [awaited] = await origin.append([NewEntry(Value(number_value=0))])
+        chain = await writer.append([NewEntry(Value(number_value=1), (parse_uuid(awaited.id),))])
+        chain += await writer.append([NewEntry(Value(number_value=n)) for n in range(2, 11)])
+    store = MemoryStore()
+    log = Log(store, cascade_budget=3)
+    for entries in (chain, [awaited]):  # as a writer that stops right after the second write
+        plan = log.begin()
+        log.plan_remote(plan, entries)
+        log.finish(plan)
+        store.write(plan.writes)
+        log.apply(plan)
+    assert log.position == 4 and log.resuming
+    appender = Appender(Log(store, cascade_budget=3), store)
+    appender.start()
+    try:
+        assert await appender.wait_delivered(10, timeout=10)
+        assert appender.log.pending == 0
+    finally:
+        await appender.stop()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from potboiler.server.entries import NewEntry
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
-from potboiler.server.log import Log
+from potboiler.server.log import CASCADE_BUDGET, Log, Plan
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
 from tests.unit.test_log import commit_local, copy, value
@@ -43,13 +43,28 @@ def interleave(rng: random.Random, batches: list[list[Entry]]) -> list[Entry]:
     return [next(its[i]) for i in slots]
 
 
+def write_plan(log: Log, plan: Plan) -> None:
+    log.finish(plan)
+    log._store.write(plan.writes)
+    log.apply(plan)
+
+
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), owners=st.integers(2, 4), per_owner=st.integers(1, 20))
-def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: int, per_owner: int) -> None:
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    owners=st.integers(2, 4),
+    per_owner=st.integers(1, 20),
+    budget=st.sampled_from([1, 2, 5, CASCADE_BUDGET]),
+)
+def test_every_held_entry_is_delivered_after_what_it_needs(
+    seed: int, owners: int, per_owner: int, budget: int
+) -> None:
+    """`budget`: how many waiting entries one plan delivers (the rest are left to the next plans,
+    and to a restarted node)."""
     rng = random.Random(seed)
     chains = make_logs(rng, owners, per_owner)
     store = MemoryStore()
-    log = Log(store)
+    log = Log(store, cascade_budget=budget)
     sent = [0] * owners
     while any(n < len(chain) for n, chain in zip(sent, chains, strict=True)):
         plan = log.begin()
@@ -68,9 +83,7 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
             # taken whole) or entry by entry.
             blobs = [e.SerializeToString() for e in batch] if rng.random() < 0.5 else None
             log.plan_remote(plan, batch, blobs)
-        log.finish(plan)
-        store.write(plan.writes)
-        log.apply(plan)
+        write_plan(log, plan)
         # What the plan hands to subscribers is what the log now reads back at those positions.
         assert [parse_uuid(e.id) for e in plan.delivered_entries] == plan.delivered
         assert [e.SerializeToString() for e in plan.delivered_entries] == plan.delivered_blobs
@@ -78,7 +91,12 @@ def test_every_held_entry_is_delivered_after_what_it_needs(seed: int, owners: in
         assert [e.id for _, e in again.entries] == [e.id for e in plan.delivered_entries]
         assert again.blobs == plan.delivered_blobs
         if rng.random() < 0.2:
-            log = Log(store)  # a restart
+            log = Log(store, cascade_budget=budget)  # a restart
+    for _ in range(owners * per_owner):  # the plans a node's writer runs on its own
+        if not log.resuming:
+            break
+        write_plan(log, log.begin())
+    assert not log.resuming
     assert log.pending == 0
     everything = log.delivered(0, 10_000)
     order = [entry.id for _, entry in everything]
