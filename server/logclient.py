@@ -146,11 +146,14 @@ class Linger:
 
     async def pause(self, batch_size: int, limit: int) -> None:
         """Pause after a batch of `batch_size` entries read with `limit` (no pause for a full batch:
-        more is waiting)."""
+        more is waiting; only a turn of the event loop, as nothing else awaits between batches and a
+        rebuild from the log would otherwise hold the whole node up until it ends)."""
         if batch_size < limit and not self._hurry.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._seconds):
                     await self._hurry.wait()
+        else:
+            await asyncio.sleep(0)
         self._hurry.clear()
 
 

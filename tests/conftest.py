@@ -6,6 +6,7 @@ import resolves to this very module both at run time and for mypy.
 
 - `wait_for(predicate, timeout)` / `wait_for_sync(...)`: poll a condition until it holds or a
   deadline passes. Tests never sleep for a fixed time.
+- `loop_turns()`: count the event loop's turns meanwhile (that long work lets others run).
 - `grpc_node`: an in-process, gRPC-only `Node` on an OS-chosen port, with an aio channel and stubs.
 - `grpc_node_factory`: start several of them (each with its own data dir); all stopped at teardown.
 """
@@ -114,6 +115,32 @@ def wait_for_sync(
             text = message() if callable(message) else message
             raise WaitTimeout(f"condition not met after {timeout}s: {text or predicate!r}")
         time.sleep(interval)
+
+
+class LoopTurns:
+    """How many times a task of its own got to run: see `loop_turns`."""
+
+    count = 0
+
+
+@contextlib.asynccontextmanager
+async def loop_turns() -> AsyncIterator[LoopTurns]:
+    """Count the turns of the event loop while the block runs: work that never awaits leaves the
+    count where it was, however long it takes."""
+    turns = LoopTurns()
+
+    async def count() -> None:
+        while True:
+            await asyncio.sleep(0)
+            turns.count += 1
+
+    counter = asyncio.create_task(count())
+    try:
+        yield turns
+    finally:
+        counter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await counter
 
 
 @contextlib.contextmanager

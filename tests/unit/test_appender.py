@@ -18,6 +18,7 @@ from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Log
 from potboiler.server.logclient import LocalLogClient
 from potboiler.server.storage import MemoryStore
+from tests.conftest import loop_turns
 
 
 @contextlib.asynccontextmanager
@@ -119,22 +120,13 @@ async def test_entries_waiting_for_one_are_delivered_over_several_writes_the_loo
         try:
             await appender.ingest(chain)
             assert appender.log.pending == 10
-            turns = 0
-
-            async def count_turns() -> None:
-                nonlocal turns
-                while True:
-                    await asyncio.sleep(0)
-                    turns += 1
-
-            counter = asyncio.create_task(count_turns())
             batches = appender.batches
-            await appender.ingest([awaited])  # 1 + 3 delivered by this write, the rest by three more
-            assert appender.log.position == 4
-            assert await appender.wait_delivered(10, timeout=10)
-            counter.cancel()
+            async with loop_turns() as turns:
+                await appender.ingest([awaited])  # 1 + 3 delivered by this write, the rest by three more
+                assert appender.log.position == 4
+                assert await appender.wait_delivered(10, timeout=10)
             assert appender.batches - batches == 4
-            assert turns >= 3
+            assert turns.count >= 3
             assert [e.id for _, e in appender.delivered(0, 20)] == [awaited.id, *(e.id for e in chain)]
         finally:
             await appender.stop()
