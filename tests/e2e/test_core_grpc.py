@@ -274,6 +274,49 @@ async def test_more_than_a_thousand_open_subscriptions_through_envoy(node: NodeP
             await asyncio.gather(*readers, return_exceptions=True)
 
 
+async def test_subscribers_that_stop_reading_hold_up_no_other_call_through_envoy(tmp_path: Path) -> None:
+    """Every call through Envoy shares its one HTTP/2 connection to the node, and a subscription whose
+    client stops reading keeps its unread data's share of that connection's window: with a window of
+    4 MiB, four of them (1 MiB each) held up every REST and gRPC call through Envoy for as long as
+    they stayed open."""
+    factory = NodeProcesses(tmp_path)
+    try:
+        node = factory("stalled")
+        async with grpc.aio.insecure_channel(node.grpc_target) as direct:
+            big = [log_pb2.AppendEntryRequest(data=value("x" * 100_000)) for _ in range(20)]
+            # 50 MB for each subscriber, in messages of up to 3 MiB: more than its client, the
+            # sockets and Envoy take in unread.
+            for _ in range(25):
+                await log_pb2_grpc.LogServiceStub(direct).AppendEntries(
+                    log_pb2.AppendEntriesRequest(entries=big)
+                )
+        channels = [
+            # Each its own connection, whose client takes in no more than its first window unread.
+            grpc.aio.insecure_channel(
+                core_target(node),
+                options=[("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)],
+            )
+            for _ in range(8)
+        ]
+        try:
+            calls = [
+                log_pb2_grpc.LogServiceStub(channel).SubscribeEntries(
+                    log_pb2.SubscribeEntriesRequest(after_position=0)
+                )
+                for channel in channels
+            ]
+            for call in calls:
+                await call.read()  # flowing: then never read again
+            async with httpx.AsyncClient(base_url=f"http://{core_target(node)}", timeout=10) as rest:
+                for _ in range(20):
+                    assert (await rest.get("/status")).status_code == 200
+        finally:
+            for channel in channels:
+                await channel.close()
+    finally:
+        assert not factory.stop_all()
+
+
 @pytest.mark.parametrize("spoofed", [False, True], ids=["plain", "posing as transcoded REST"])
 @pytest.mark.parametrize("port", ["kv", "browser", "pigtail"])
 async def test_grpc_is_not_served_on_the_other_rest_ports(
