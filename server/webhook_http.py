@@ -1,6 +1,7 @@
 """The HTTP side of webhook delivery: the httpx client a node POSTs entries with, whose transport
 resolves each receiver's host in the lookup threads (`potboiler.server.lookups`) and applies the
-node's webhook policy (`potboiler.server.security.WebhookPolicy`) on every attempt.
+node's webhook policy (`potboiler.server.security.WebhookPolicy`) on every attempt, then sends the
+request on a connection of `potboiler.server.webhook_transport`.
 
 Apart from the policy so that a node imports httpx only once it delivers (about 80 ms of start-up)."""
 
@@ -13,6 +14,7 @@ import httpx
 from potboiler.server.lookups import Lookups
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.urls import host_port
+from potboiler.server.webhook_transport import H11Transport
 
 
 class BlockedTarget(httpx.ConnectError):
@@ -46,7 +48,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         policy: WebhookPolicy,
-        make_inner: Callable[[], httpx.AsyncBaseTransport] = lambda: httpx.AsyncHTTPTransport(retries=0),
+        make_inner: Callable[[], httpx.AsyncBaseTransport] = H11Transport,
     ) -> None:
         self._policy = policy
         self._lookups = Lookups(policy.resolver)
