@@ -22,6 +22,7 @@ import uvloop
 
 from potboiler.server.errors import InvalidArgument, PotboilerError
 from potboiler.server.gateway import Ports
+from potboiler.server.grpc_errors import quiet_client_gone
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {os.getpid()} %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    quiet_client_gone()
     if args.command == "cluster":
         return run_cluster(args)
     config = NodeConfig(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn, TypeVar
 
@@ -99,3 +100,28 @@ def streaming(
             await abort(context, error)
 
     return wrapper
+
+
+#: What grpc.aio logs, at ERROR with a traceback, when a message of a server stream cannot be sent
+#: because its client cancelled it or went away.
+_CLIENT_GONE = "ExecuteBatchError raised in core by servicer method"
+
+
+class ClientGoneFilter(logging.Filter):
+    """Keeps grpc.aio's report of a stream whose client went away (an ordinary end of a
+    subscription: a client that read what it wanted and left) at DEBUG, in one line: at ERROR, with
+    a traceback, it hid real errors in the node's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(_CLIENT_GONE):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_client_gone() -> None:
+    """Install `ClientGoneFilter` on grpc's logger (once)."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ClientGoneFilter) for f in logger.filters):
+        logger.addFilter(ClientGoneFilter())
