@@ -161,6 +161,8 @@ class Pigtail:
         self._task_watchers: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self._queue_watchers: dict[str, set[asyncio.Future[None]]] = {}
         self._reserved: dict[str, set[str]] = {}
+        #: The tasks this node is marking done (a second complete of one waits, then finds it done).
+        self._completing: dict[tuple[str, str], asyncio.Future[None]] = {}
         #: Per queue with ready waiters: when, and the timer that wakes them, as the queue's next
         #: waiting task may become claimable then (a due time or a lease end: time alone does it).
         self._timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}
@@ -659,13 +661,20 @@ class Pigtail:
         await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id", required=False)
+        key = (queue, task_id)
+        while (under_way := self._completing.get(key)) is not None:
+            await asyncio.shield(under_way)
         decision = check_done(
             self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
         )
         self._refuse(decision, queue, task_id)
         if decision.noop:
             return self._view(queue, task_id), True
-        await self._append(TaskDone(queue, task_id, worker_id), self._task_deps(queue, task_id))
+        self._completing[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._append(TaskDone(queue, task_id, worker_id), self._task_deps(queue, task_id))
+        finally:
+            self._completing.pop(key).set_result(None)
         return self._view(queue, task_id), False
 
     async def retry(self, queue: str, task_id: str) -> TaskView:

@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 
 from potboiler.pigtail import engine
+from potboiler.pigtail.codec import decode
 from potboiler.pigtail.engine import Pigtail
 from potboiler.pigtail.machine import (
     QueueCreated,
     QueueDeleted,
     TaskAdded,
     TaskClaimed,
+    TaskDone,
     TaskView,
     list_dead,
     list_tasks,
@@ -107,6 +109,18 @@ async def test_create_add_claim_complete_reads_its_writes(h: Harness) -> None:
     assert (await h.pigtail.get_task("q", task_id))["state"] == "done"
     view, already = await h.pigtail.complete("q", task_id, "w2")
     assert already and view["done_by"] == "w1"
+
+
+async def test_completes_of_one_task_at_once_mark_it_done_once(h: Harness) -> None:
+    """A worker sending its complete again before the first is answered (or two calls racing on
+    one node): one TaskDone, and only one answer saying the task was not done already."""
+    await h.pigtail.create_queue("q", 1000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    answers = await asyncio.gather(*(h.pigtail.complete("q", task_id, "w1") for _ in range(3)))
+    assert sorted(already for _, already in answers) == [False, True, True]
+    events = [decode(entry) for entry in h.log.entries]
+    assert sum(isinstance(e.event, TaskDone) for e in events if e is not None) == 1
 
 
 async def test_events_depend_on_the_queue_create_and_the_task_add(h: Harness) -> None:
