@@ -5,6 +5,7 @@ Used by `potboiler cluster`, the end-to-end tests and the benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from potboiler.server.gateway import Ports, die_with_parent
@@ -77,17 +78,7 @@ def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000
             f"no base port between {start} and {end} lies outside the ephemeral range {ephemeral}"
         )
     first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % len(slots)
-    with open(_RECENT_PICKS.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        now = time.time()
-        try:  # {base: [when picked, how many nodes]}
-            recent = {
-                int(b): (float(t), int(n))
-                for b, (t, n) in json.loads(_RECENT_PICKS.read_text()).items()
-                if now - float(t) < _RESERVE_S
-            }
-        except (OSError, ValueError, TypeError, AttributeError):
-            recent = {}
+    with _recent_picks() as recent:
         taken = {b + 100 * i for b, (_, n) in recent.items() for i in range(n)}
         # A second pass ignores the reservations: better a rare collision than no port at all.
         for avoid in (taken, set()):
@@ -95,10 +86,36 @@ def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000
                 base = slots[(first + i) % len(slots)]
                 wanted = [base + 100 * n for n in range(count)]
                 if avoid.isdisjoint(wanted) and all(ports_free(host, b) for b in wanted):
-                    recent[base] = (now, count)
-                    _RECENT_PICKS.write_text(json.dumps(recent))
+                    recent[base] = (time.time(), count)
                     return base
     raise RuntimeError("no free port range found")
+
+
+def reserve_base_port(base: int) -> None:
+    """Hand out base port `base` again, now: a node stopped to be started again on its ports (a
+    restart, a crash test) keeps them from other pickers for another `_RESERVE_S`, however long
+    ago they were first picked."""
+    with _recent_picks() as recent:
+        recent[base] = (time.time(), max(1, recent.get(base, (0.0, 1))[1]))
+
+
+@contextlib.contextmanager
+def _recent_picks() -> Iterator[dict[int, tuple[float, int]]]:
+    """The base ports handed out in the last `_RESERVE_S`, {base: (when, how many nodes)}, under
+    the lock every process shares; written back at the end of the block."""
+    with open(_RECENT_PICKS.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        now = time.time()
+        try:
+            recent = {
+                int(b): (float(t), int(n))
+                for b, (t, n) in json.loads(_RECENT_PICKS.read_text()).items()
+                if now - float(t) < _RESERVE_S
+            }
+        except (OSError, ValueError, TypeError, AttributeError):
+            recent = {}
+        yield recent
+        _RECENT_PICKS.write_text(json.dumps(recent))
 
 
 class NodeProcess:
@@ -165,6 +182,7 @@ class NodeProcess:
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> NodeProcess:
         """Start the node (in its own session, so terminal signals reach it only through us)."""
+        reserve_base_port(self.ports.base)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as out:
             self._log_start = out.tell()
@@ -227,6 +245,7 @@ class NodeProcess:
         """SIGTERM, wait, SIGKILL if it does not stop in time; returns the exit code."""
         if self.process is None:
             return None
+        reserve_base_port(self.ports.base)  # it may be started again on its ports
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -238,6 +257,7 @@ class NodeProcess:
 
     def kill(self) -> None:
         """SIGKILL the node (a crash); its Envoy follows it (PR_SET_PDEATHSIG)."""
+        reserve_base_port(self.ports.base)  # it may be started again on its ports
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()

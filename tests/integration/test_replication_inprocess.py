@@ -23,7 +23,7 @@ from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
 from potboiler.server.log import Log
 from potboiler.server.node import Node, NodeConfig
-from potboiler.server.processes import find_base_port, ports_free
+from potboiler.server.processes import find_base_port, ports_free, reserve_base_port
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import nodes_pb2, nodes_pb2_grpc, replication_pb2, replication_pb2_grpc
 from tests.unit.test_log import commit_local
@@ -66,6 +66,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         if index is not None:  # a restart on the ports of a node stopped here: grpc closes its
             # listener a moment after stop() returns
             await eventually(lambda: ports_free(host, base + 100 * i), what=f"the ports of node {i}")
+        reserve_base_port(base + 100 * i)  # a test running long keeps its ports from other pickers
         config = NodeConfig(
             data_dir=tmp_path / (name or f"n{i}"),
             host=host,

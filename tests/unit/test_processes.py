@@ -49,6 +49,20 @@ def test_a_reservation_expires(private_picks: Path) -> None:
 
 
 @pytest.mark.usefixtures("all_ports_free")
+def test_a_node_killed_or_stopped_keeps_its_ports_reserved(private_picks: Path, tmp_path: Path) -> None:
+    """A test that stops a node to start it again on its ports, longer after they were picked than a
+    reservation lasts: meanwhile another process must not pick them."""
+    base = find_base_port(start=20000, end=20300)
+    other = ({20000, 20100} - {base}).pop()
+    stale = time.time() - processes._RESERVE_S - 1
+    private_picks.write_text(json.dumps({str(base): [stale, 1]}))
+    processes.NodeProcess(tmp_path / "n", base).kill()  # not running: as after a crash
+    when, nodes = json.loads(private_picks.read_text())[str(base)]
+    assert time.time() - when < 60 and nodes == 1  # reserved again, from now
+    assert find_base_port(start=20000, end=20300) == other
+
+
+@pytest.mark.usefixtures("all_ports_free")
 def test_when_every_range_is_reserved_a_free_one_is_still_found() -> None:
     picks = [find_base_port(start=20000, end=20300) for _ in range(4)]
     assert set(picks) <= {20000, 20100}
