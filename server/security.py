@@ -749,11 +749,11 @@ class WebhookPolicy:
         if reason is not None:
             raise InvalidArgument(f"url {url!r} is refused: {reason}")
 
-    def client(self) -> httpx.AsyncClient:
-        """The delivery client (see `potboiler.server.webhook_http.delivery_client`)."""
-        from potboiler.server.webhook_http import delivery_client  # httpx is imported only when needed
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """The delivery transport (see `potboiler.server.webhook_http.delivery_transport`)."""
+        from potboiler.server.webhook_http import delivery_transport  # httpx is imported only when needed
 
-        return delivery_client(self)
+        return delivery_transport(self)
 
 
 class PeerToken:

@@ -79,7 +79,7 @@ class Webhooks:
         store: Store,
         appender: Appender,
         *,
-        client: Callable[[], httpx.AsyncClient] | None = None,
+        transport: Callable[[], httpx.AsyncBaseTransport] | None = None,
         backoff: Backoff = RETRY,
         policy: WebhookPolicy | None = None,
         sync: bool = False,
@@ -88,8 +88,9 @@ class Webhooks:
         self._sync = sync
         self._appender = appender
         self._policy = policy or WebhookPolicy()
-        self._client_factory = client or self._policy.client
-        self._client: httpx.AsyncClient | None = None  # made at the first delivery (TLS set-up is slow)
+        self._transport_factory = transport or self._policy.transport
+        #: Made at the first delivery (TLS set-up is slow).
+        self._transport: httpx.AsyncBaseTransport | None = None
         self._registration_lookups = asyncio.Semaphore(REGISTRATION_LOOKUPS)
         self._running = False
         self._backoff = backoff
@@ -149,9 +150,9 @@ class Webhooks:
                 await task  # (a delivery task ends only when cancelled or deregistered)
         # The store closes after this: their threads must be done.
         await asyncio.gather(*self._syncing, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
 
     async def register(self, url: str) -> None:
         """Register `url` (delivery starts at the beginning of the log); again is a no-op.
@@ -284,17 +285,10 @@ class Webhooks:
 
     async def _post(self, url: str, body: bytes) -> int:
         """POST one entry; returns the status, having read at most MAX_RESPONSE_BYTES of the answer."""
-        if self._client is None:
-            self._client = self._client_factory()
-        async with self._client.stream(
-            "POST",
-            url,
-            content=body,
-            headers={"content-type": "application/json", ORIGIN_HEADER: self._appender.log.node_id},
-        ) as response:
-            received = 0
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                if received >= MAX_RESPONSE_BYTES:
-                    break  # closing the response unread drops the connection
-            return response.status_code
+        from potboiler.server.webhook_http import post
+
+        if self._transport is None:
+            self._transport = self._transport_factory()
+        return await post(
+            self._transport, url, body, {ORIGIN_HEADER: self._appender.log.node_id}, MAX_RESPONSE_BYTES
+        )

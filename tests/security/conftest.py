@@ -192,6 +192,7 @@ class Received:
     path: str
     host: str
     body: bytes
+    authorization: str = ""
 
 
 class Receiver:
@@ -210,7 +211,14 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with receiver._lock:
-                    receiver._received.append(Received(self.path, self.headers.get("host", ""), body))
+                    receiver._received.append(
+                        Received(
+                            self.path,
+                            self.headers.get("host", ""),
+                            body,
+                            self.headers.get("authorization", ""),
+                        )
+                    )
                 answer = receiver.answer(self.path)
                 self.send_response(answer.status)
                 for key, value in answer.headers.items():

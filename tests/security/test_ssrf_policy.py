@@ -4,6 +4,7 @@ address it checked (with a fake resolver and a real receiver on loopback)."""
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 
@@ -19,8 +20,20 @@ from potboiler.server.security import (
     WebhookPolicy,
     forbidden_reason,
 )
-from potboiler.server.webhook_http import CONNECT_TIMEOUT, READ_TIMEOUT, BlockedTarget, GuardedTransport
+from potboiler.server.webhook_http import (
+    CONNECT_TIMEOUT,
+    READ_TIMEOUT,
+    BlockedTarget,
+    GuardedTransport,
+    post,
+)
 from tests.security.conftest import Answer, Receiver
+
+
+async def deliver(transport: httpx.AsyncBaseTransport, url: str) -> int:
+    """POST `{}` to `url` as a delivery does; the status."""
+    return await post(transport, url, b"{}", {}, 1 << 16)
+
 
 FORBIDDEN = [
     "127.0.0.1",
@@ -197,10 +210,10 @@ async def test_delivery_resolves_once_and_connects_to_the_checked_address(receiv
         return None  # this test's receiver is on loopback: admit it
 
     policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=resolve, address_check=check)
-    async with policy.client() as client:
-        for _ in range(2):
-            response = await client.post(f"http://hooks.invalid:{receiver.port}/in", content=b"{}")
-            assert response.status_code == 200
+    transport = policy.transport()
+    for _ in range(2):
+        assert await deliver(transport, f"http://hooks.invalid:{receiver.port}/in") == 200
+    await transport.aclose()
     assert looked_up == ["hooks.invalid", "hooks.invalid"]
     assert checked == [ipaddress.ip_address("127.0.0.1")] * 2
     assert [(r.path, r.host) for r in receiver.received()] == [("/in", f"hooks.invalid:{receiver.port}")] * 2
@@ -212,32 +225,50 @@ async def test_delivery_to_a_name_that_now_resolves_to_loopback_is_blocked(recei
     policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=lambda host, port: next(answers))
     url = f"http://rebind.example:{receiver.port}/in"
     policy.check_url(url)
-    async with policy.client() as client:
-        with pytest.raises(BlockedTarget, match=r"rebind\.example resolves to an address that is not public"):
-            await client.post(url, content=b"{}")
+    with pytest.raises(BlockedTarget, match=r"rebind\.example resolves to an address that is not public"):
+        await deliver(policy.transport(), url)
     assert receiver.received() == []
 
 
 async def test_the_allowlist_is_applied_at_delivery_too(receiver: Receiver) -> None:
     policy = WebhookPolicy(PolicyMode.ALLOWLIST, (AllowedTarget("127.0.0.1", receiver.port),))
-    async with policy.client() as client:
-        assert (await client.post(receiver.url("/ok"), content=b"{}")).status_code == 200
-        with pytest.raises(BlockedTarget, match="not in the webhook allowlist"):
-            await client.post(receiver.url("/no", host="localhost"), content=b"{}")
+    transport = policy.transport()
+    assert await deliver(transport, receiver.url("/ok")) == 200
+    with pytest.raises(BlockedTarget, match="not in the webhook allowlist"):
+        await deliver(transport, receiver.url("/no", host="localhost"))
+    await transport.aclose()
     assert [r.path for r in receiver.received()] == ["/ok"]
 
 
-async def test_the_delivery_client_follows_no_redirects_has_timeouts_and_ignores_proxies(
+async def test_a_delivery_follows_no_redirects_ignores_proxies_and_has_timeouts(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9/")
     receiver.answer = lambda path: Answer(302, {"location": "/elsewhere"}) if path == "/in" else Answer()
-    async with WebhookPolicy().client() as client:
-        assert client.timeout == httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT)
-        response = await client.post(receiver.url("/in"), content=b"{}")
-    assert response.status_code == 302
+    transport = WebhookPolicy().transport()
+    assert await deliver(transport, receiver.url("/in")) == 302
+    await transport.aclose()
     assert [r.path for r in receiver.received()] == ["/in"]
+    seen: list[object] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(204)
+
+    assert await deliver(httpx.MockTransport(record), "http://hooks.example/in") == 204
+    assert seen == [
+        {"connect": CONNECT_TIMEOUT, "read": READ_TIMEOUT, "write": READ_TIMEOUT, "pool": READ_TIMEOUT}
+    ]
+
+
+async def test_a_delivery_to_a_url_with_user_info_sends_it_as_basic_auth(receiver: Receiver) -> None:
+    transport = WebhookPolicy().transport()
+    assert await deliver(transport, f"http://us%40er:p%3Ass@127.0.0.1:{receiver.port}/in") == 200
+    assert await deliver(transport, receiver.url("/in")) == 200
+    await transport.aclose()
+    expected = "Basic " + base64.b64encode(b"us@er:p:ss").decode()
+    assert [r.authorization for r in receiver.received()] == [expected, ""]
 
 
 class Addresses(httpx.AsyncBaseTransport):

@@ -121,7 +121,7 @@ class Harness:
         self.webhooks = Webhooks(
             self.store,
             self.appender,
-            client=lambda: httpx.AsyncClient(transport=transport),
+            transport=lambda: transport,
             backoff=self.backoff,
         )
         self.webhooks.start()
