@@ -292,6 +292,11 @@ class Blocked(NamedTuple):
 
     def describe(self) -> str:
         """What holds the log up, in words."""
+        if not self.waits_for:  # all it needs has arrived: it is among those being delivered
+            return (
+                f"this node's log is held up: its entry {self.entry} (seq {self.seq}) is among entries "
+                f"being delivered now that what they waited for is here ({CASCADE_BUDGET:,} a write)"
+            )
         return (
             f"this node's log is held up: its entry {self.entry} (seq {self.seq}) depends on "
             f"{', '.join(self.waits_for)}, not delivered here yet, and its later entries wait behind it"

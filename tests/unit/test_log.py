@@ -165,6 +165,26 @@ def test_own_blocked_names_the_first_own_entry_waiting_and_what_it_waits_for(sto
     assert not log.own_log_blocked() and log.own_blocked() is None
 
 
+def test_own_entries_left_for_the_next_write_are_blocked_by_nothing_missing() -> None:
+    """Once what they waited for is here, waiting entries are delivered a budget per write: own
+    entries left for the next one still hold the log up, for a moment, waiting for nothing."""
+    other = Log(MemoryStore())
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    store = MemoryStore()
+    log = Log(store, cascade_budget=1)
+    [first, second, _] = commit_local(
+        log, store, [NewEntry(value(0), (parse_uuid(dep.id),)), NewEntry(value(1)), NewEntry(value(2))]
+    )
+    commit_remote(log, store, [dep])
+    assert delivered_ids(log) == [dep.id, first.id] and log.resuming
+    blocked = log.own_blocked()
+    assert blocked == Blocked(second.id, 2, ())
+    assert "is among entries being delivered" in blocked.describe()
+    while log.resuming:
+        commit_local(log, store, [])
+    assert log.own_blocked() is None and log.pending == 0
+
+
 def test_an_append_unless_blocked_is_refused_behind_a_waiting_entry_and_plans_nothing(
     store: MemoryStore,
 ) -> None:
