@@ -656,7 +656,7 @@ class AllowedTarget:
 
     def admits(self, host: str, port: int) -> bool:
         """Whether a URL's host and (effective) port match this entry (an international name in
-        either form: as written, or as the punycode the delivery client connects to)."""
+        either form: as written, or as the punycode deliveries connect to)."""
         return ascii_host(host) == self.host and (self.port is None or self.port == port)
 
     def __str__(self) -> str:
@@ -665,7 +665,7 @@ class AllowedTarget:
 
 
 def ascii_host(host: str) -> str:
-    """A host name in the ASCII form (IDNA, lower case) the delivery client (httpx) uses."""
+    """A host name in the ASCII form (IDNA, lower case) deliveries use (httpx's URL parsing)."""
     if host.isascii():
         return host.lower()
     import httpx  # here, not at the top: only international names need it

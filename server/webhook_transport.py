@@ -3,7 +3,7 @@ asyncio streams, and keeps idle connections for the next POST to the same origin
 
 httpx's own transport (httpcore over anyio) spent about 1.2 ms of CPU per POST on a 2-core machine,
 most of a node's cost of delivering an entry; this one a fifth of that (`benchmarks/webhooks.py`).
-It does what a webhook needs and no more: HTTP/1.1 only, no proxies (the delivery client takes
+It does what a webhook needs and no more: HTTP/1.1 only, no proxies (deliveries use
 none), and connections to the address in the request's URL (`GuardedTransport` puts the checked
 address there) with TLS checked against the `sni_hostname` extension, else the URL's host.
 

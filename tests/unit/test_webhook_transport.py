@@ -102,8 +102,7 @@ async def client(
 
 
 async def post(http: httpx.AsyncClient, url: str, body: bytes = b'{"n": 1}') -> httpx.Response:
-    response = await http.post(url, content=body, headers={"content-type": "application/json"})
-    return response
+    return await http.post(url, content=body, headers={"content-type": "application/json"})
 
 
 async def test_a_connection_is_kept_for_the_next_post() -> None:
