@@ -23,6 +23,7 @@ from potboiler.server.entries import NewEntry
 from potboiler.server.errors import PotboilerError, Unavailable
 from potboiler.server.log import DeliveredBatch, Log, Plan, take_delivered
 from potboiler.server.storage import Store
+from potboiler.server.turns import Turns
 from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class Appender:
         self._tail: list[tuple[int, Entry]] = []
         self._tail_blobs: list[bytes] = []  # each tail entry serialized
         self._tail_bytes = 0
+        #: Turns at catching up on the log, which readers that are behind (`follow`) and webhooks
+        #: take, so that the node's requests are not held up behind all of them at once.
+        self.turns = Turns()
         self.batches = 0
         self.held_batches = 0
         self.appended = 0
@@ -161,15 +165,21 @@ class Appender:
     ) -> AsyncIterator[_Batch]:
         """The batches `read(position)` returns of what is delivered after `position`, from `after`
         on, forever, each as soon as there is one (`last(batch)`: the position of its last entry,
-        None when it is empty)."""
+        None when it is empty). A reader that is behind (more was delivered after its last batch)
+        takes a turn (`turns`) before reading the next."""
         position = after
+        behind = False
         while True:
+            if behind:
+                await self.turns.take()
             batch = read(position)
             end = last(batch)
             if end is None:
+                behind = False
                 await self.wait_delivered(position)
                 continue
             position = end
+            behind = position < self.log.position
             yield batch
 
     def delivered(self, after: int, limit: int) -> list[tuple[int, Entry]]:

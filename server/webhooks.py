@@ -8,10 +8,12 @@ deadline per attempt, and reads at most `MAX_RESPONSE_BYTES` of a receiver's ans
 Each URL has a durable cursor over this node's delivery order (`w<url>` -> position). One task per
 URL posts entries one by one in that order — so in causal order — advancing the cursor after each
 2xx, and retrying a failing entry with capped exponential backoff. A slow or dead receiver only
-delays its own task: appends and other receivers never wait for it. Registrations and cursors
-survive a restart; delivery is at-least-once (a crash between a 2xx and the cursor write resends).
-With `sync` (the node's --fsync) a cursor is synced after each batch of up to `BATCH` entries, not
-after each POST: a power loss resends at most that many.
+delays its own task: appends and other receivers never wait for it. The tasks take turns at the work
+of a delivery (`Appender.turns`): however many catch up on a long log at once, the node's requests wait behind
+one delivery at a time. Registrations and cursors survive a restart; delivery is at-least-once (a
+crash between a 2xx and the cursor write resends). With `sync` (the node's --fsync) a cursor is
+synced after each batch of up to `BATCH` entries, not after each POST: a power loss resends at most
+that many.
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ class Webhooks:
                 await self._appender.wait_delivered(state.position)
                 continue
             for position, entry in batch:
+                await self._appender.turns.take()
                 body = entry_json(self._appender.log.with_next(Entry.FromString(entry.SerializeToString())))
                 await self._post_until_accepted(state, body)
                 if state.url not in self._states:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
@@ -18,7 +19,9 @@ from potboiler.server.ids import parse_uuid
 from potboiler.server.log import Log
 from potboiler.server.logclient import LocalLogClient
 from potboiler.server.storage import MemoryStore
-from tests.conftest import loop_turns
+from potboiler.server.turns import Turns
+from potboiler.v1.entry_pb2 import Entry
+from tests.conftest import loop_turns, wait_for
 
 
 @contextlib.asynccontextmanager
@@ -153,3 +156,42 @@ async def test_a_restarted_writer_delivers_what_its_last_run_left_deliverable() 
         assert appender.log.pending == 0
     finally:
         await appender.stop()
+
+
+def _last(batch: list[tuple[int, Entry]]) -> int | None:
+    return batch[-1][0] if batch else None
+
+
+async def test_readers_that_are_behind_take_turns_and_a_live_one_does_not() -> None:
+    async with started() as appender:
+        appender.turns = Turns(every=50)
+        await appender.append([NewEntry(Value(number_value=n)) for n in range(12)])
+        read_in: list[tuple[str, int]] = []
+        positions = {"a": 0, "b": 0}
+
+        async def follow(name: str) -> None:
+            def read(after: int) -> list[tuple[int, Entry]]:
+                batch = appender.delivered(after, 3)
+                if batch:
+                    read_in.append((name, counted.count))
+                return batch
+
+            async for batch in appender.follow(0, read, _last):
+                positions[name] = batch[-1][0]
+
+        async with loop_turns() as counted:
+            readers = [asyncio.create_task(follow(name)) for name in positions]
+            await wait_for(lambda: positions == {"a": 12, "b": 12})
+            # Each reader's first read is at once; every later one of the catch-up waits for a
+            # turn, one reader at a time.
+            assert len(read_in) == 8
+            later = sorted(at for name in positions for _, at in [r for r in read_in if r[0] == name][1:])
+            assert all(b - a >= 50 for a, b in itertools.pairwise(later))
+            # Caught up, a reader gets what is appended next without a turn: none is handed out now.
+            appender.turns = Turns(every=10**9)
+            await appender.turns.take()
+            await appender.append([NewEntry(Value(number_value=99))])
+            await wait_for(lambda: positions == {"a": 13, "b": 13})
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)

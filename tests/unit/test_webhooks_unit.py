@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import struct
@@ -29,8 +30,9 @@ from potboiler.server.log import Log
 from potboiler.server.replication import RECONNECT
 from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
+from potboiler.server.turns import EVERY
 from potboiler.server.webhooks import BATCH, MAX_WEBHOOKS, Webhooks
-from tests.conftest import wait_for
+from tests.conftest import loop_turns, wait_for
 
 # -- Backoff ---------------------------------------------------------------------------------
 
@@ -117,7 +119,7 @@ class Harness:
         self.store = RocksStore(self.path)
         self.appender = Appender(Log(self.store), self.store)
         self.appender.start()
-        transport = httpx.MockTransport(self.receiver.handle)
+        transport = httpx.MockTransport(lambda request: self.receiver.handle(request))
         self.webhooks = Webhooks(
             self.store,
             self.appender,
@@ -251,6 +253,27 @@ async def test_a_failing_url_does_not_hold_up_others(harness: Harness) -> None:
     await wait_for(lambda: harness.receiver.attempts.get(URL, 0) >= 3)
     state = next(s for s in harness.webhooks.states() if s.url == URL)
     assert state.failures >= 2 and state.last_error == "HTTP 503" and state.position == 0
+
+
+async def test_webhooks_catching_up_take_turns_leaving_the_loop_to_others(harness: Harness) -> None:
+    # The mock answers without suspending the caller: without turns each webhook would deliver a
+    # whole batch in one pass of the loop, and everything else the node serves would wait for it.
+    urls = [f"http://receiver{n}.test/hook" for n in range(4)]
+    ids = await harness.append(*range(40))
+    delivered_in: list[int] = []
+    answer = harness.receiver.handle
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        delivered_in.append(counted.count)
+        return answer(request)
+
+    harness.receiver.handle = handle  # type: ignore[method-assign]
+    async with loop_turns() as counted:
+        for url in urls:
+            await harness.webhooks.register(url)
+        await wait_for(lambda: all(harness.receiver.ids(url) == ids for url in urls))
+    assert len(delivered_in) == 160
+    assert all(b - a >= EVERY for a, b in itertools.pairwise(delivered_in))
 
 
 async def test_deregister_stops_delivery(harness: Harness) -> None:
