@@ -23,6 +23,9 @@ Rank = tuple[int, int, Stamp, str]
 
 #: How many of the best claimable tasks (of one priority) `Scheduler.pick` looks at for one it prefers.
 PICK_WINDOW = 32
+#: How long a claimable task that `Scheduler.pick` does not prefer is left to the node whose share it
+#: is before it is handed out anyway, in milliseconds: long enough for that node's claim to arrive.
+OTHERS_AFTER_MS = 300
 
 _random = random.Random()
 
@@ -44,6 +47,8 @@ class _Queue:
     #: name and its rank. A working or delayed task keeps that state until its time in `where`; a dead
     #: one until an event (a retry) changes it.
     known: dict[str, tuple[TaskStatus, str, Rank]] = field(default_factory=dict)
+    #: When the last `pick` that found only tasks it does not prefer may take one of them.
+    others_at: int | None = None
 
     def to_ready(self, task: TaskState) -> bool:
         task_id = task["task_id"]
@@ -119,13 +124,15 @@ class Scheduler:
     ) -> str | None:
         """The id of the best task claimable at `now_ms` that is not in `exclude`, or None. With
         `prefer`: the best task it prefers among the first PICK_WINDOW of the highest priority, else
-        any one of those.
+        any one of those that has been claimable for OTHERS_AFTER_MS (until then, None, and
+        `next_wake_ms` says when).
 
         The task stays in ready: once claimed, the service's update moves it to waiting.
         """
         q = self._queues.get(queue)
         if q is None:
             return None
+        q.others_at = None
         while q.waiting and q.waiting[0][0] <= now_ms:
             until, task_id = heapq.heappop(q.waiting)
             if q.where.get(task_id) != until:
@@ -138,6 +145,7 @@ class Scheduler:
                 q.place(task, task_view(task, queue_state, now_ms), now_ms)
         skipped: list[tuple[Rank, str]] = []
         window: list[tuple[Rank, str]] = []  # claimable, not excluded, of the best's priority
+        since: list[int] = []  # when each of the window became claimable
         found: str | None = None
         while q.ready:
             item = heapq.heappop(q.ready)
@@ -162,11 +170,18 @@ class Scheduler:
             if prefer is None or prefer(task_id):
                 found = task_id
                 break
+            since.append(max(item[0][1], view["lease_expires_ms"] or 0))
             if len(window) == PICK_WINDOW:
                 break
         if found is None and window:
-            # None preferred: not the best, which the node whose share it is most likely claims now.
-            found = _random.choice(window)[1]
+            # None preferred: each is most likely being claimed by the node whose share it is, as soon
+            # as it knows of it. Any one of those left to it for a moment (not the best, which that
+            # node takes first) once that moment has passed.
+            others = [item for item, at in zip(window, since, strict=True) if now_ms - at >= OTHERS_AFTER_MS]
+            if others:
+                found = _random.choice(others)[1]
+            else:
+                q.others_at = min(since) + OTHERS_AFTER_MS
         for item in skipped:
             heapq.heappush(q.ready, item)
         return found
@@ -247,11 +262,14 @@ class Scheduler:
         return out
 
     def next_wake_ms(self, queue: str) -> int | None:
-        """The earliest time a waiting task of the queue may become claimable, if any."""
+        """The earliest time a waiting task of the queue may become claimable, or the last `pick`
+        may take a task it does not prefer, if any."""
         q = self._queues.get(queue)
-        while q is not None and q.waiting:
+        if q is None:
+            return None
+        while q.waiting:
             until, task_id = q.waiting[0]
             if q.where.get(task_id) == until:
-                return until
+                return until if q.others_at is None else min(until, q.others_at)
             heapq.heappop(q.waiting)  # stale
-        return None
+        return q.others_at

@@ -34,7 +34,7 @@ from potboiler.pigtail.machine import (
     queue_config,
     task_view,
 )
-from potboiler.pigtail.scheduler import PICK_WINDOW, Scheduler
+from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, PICK_WINDOW, Scheduler
 from potboiler.pigtail.state import COMPACT_AT, COMPACT_MARGIN_MS, PigtailState
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.hlc import Stamp as HlcStamp
@@ -510,14 +510,23 @@ def test_the_scheduler_takes_a_preferred_task_among_the_best_of_one_priority() -
     for task in tasks.values():
         scheduler.update(task, task_view(task, queue, now), now)
 
-    def pick(prefer: Callable[[str], bool], exclude: set[str] | None = None) -> str | None:
-        return scheduler.pick("q", tasks.get, queue, now, exclude or set(), prefer)
+    def pick(
+        prefer: Callable[[str], bool], exclude: set[str] | None = None, at: int | None = None
+    ) -> str | None:
+        return scheduler.pick("q", tasks.get, queue, now if at is None else at, exclude or set(), prefer)
 
     assert pick(lambda t: t in ("t3", "t4")) == "t3"
     assert pick(lambda t: t in ("t3", "t4"), {"t3"}) == "t4"
     window = {f"t{i}" for i in range(PICK_WINDOW)}
+    # None preferred: none until the oldest has been claimable for OTHERS_AFTER_MS (left to the node
+    # whose share it is), then any of the window that has.
+    assert pick(lambda t: False) is None
+    assert scheduler.next_wake_ms("q") == T0 + 1 + OTHERS_AFTER_MS
+    assert {pick(lambda t: False, at=T0 + 2 + OTHERS_AFTER_MS) for _ in range(50)} == {"t0", "t1"}
+    assert scheduler.next_wake_ms("q") is None
+    now = T0 + 99 + OTHERS_AFTER_MS  # every task has been claimable that long
     picks = {pick(lambda t: False) for _ in range(200)}
-    assert picks <= window and len(picks) > 1  # none preferred: any of the window
+    assert picks <= window and len(picks) > 1
     assert pick(lambda t: t == f"t{PICK_WINDOW + 2}") in window  # beyond the window
     assert pick(lambda t: t == "low") in window  # never a lower priority before the best
     assert pick(lambda t: False, {f"t{i}" for i in range(PICK_WINDOW + 5)}) == "low"
