@@ -2,7 +2,7 @@
 
 Nothing is appended to the log unless the whole request passes. The limits (also in pigtail.proto):
 
-- queue names: 1 to 128 letters, digits, ``_`` or ``-`` (like KV table names);
+- queue names: 1 to 128 letters, digits, ``_`` or ``-`` (:mod:`potboiler.server.names`, as KV's);
 - ``timeout_ms``: 1 to 86,400,000 (a day); ``max_attempts``: 1 to 1,000 or absent (no limit);
 - ``task_name``, ``worker_id``, ``idempotency_key``: 1 to 256 characters, no control characters
   (``worker_id`` may be empty on a done);
@@ -24,8 +24,9 @@ from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.jsonvalue import nesting, scalars
+from potboiler.server.names import check_name
+from potboiler.server.names import is_name as is_name  # queue names (pigtail.codec checks events' with it)
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_TEXT = 256
@@ -41,24 +42,14 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
-def is_name(name: str) -> bool:
-    """Whether `name` is a valid queue name."""
-    return _NAME.fullmatch(name) is not None
-
-
 def is_task_id(task_id: str) -> bool:
     """Whether `task_id` can be a task id (the service makes UUIDs; events may carry any such name)."""
-    return _NAME.fullmatch(task_id) is not None
+    return is_name(task_id)
 
 
 def queue_name(name: str) -> str:
     """A valid queue name, else InvalidArgument."""
-    if not is_name(name):
-        detail = f" (it has {len(name)} characters)" if len(name) > 128 else ""
-        raise InvalidArgument(
-            f"queue name {_shown(name)} is invalid: use 1 to 128 letters, digits, '_' or '-'{detail}"
-        )
-    return name
+    return check_name(name, "queue")
 
 
 def timeout_ms(value: int) -> int:
