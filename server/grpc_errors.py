@@ -53,6 +53,25 @@ def status_of(error: PotboilerError) -> grpc.StatusCode:
 
 #: REST statuses that differ from Envoy's mapping of the gRPC code (RESOURCE_EXHAUSTED would be 429).
 HTTP_OVERRIDE: dict[type[PotboilerError], str] = {TooLarge: "413"}
+#: The HTTP status Envoy's gRPC-JSON transcoder answers for each gRPC code of STATUS.
+HTTP_OF_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+
+
+def http_status_of(error: PotboilerError) -> int:
+    """The HTTP status REST answers a domain error with, for a servicer that writes the error's body
+    itself (a browser page) instead of ending the call with it."""
+    http = HTTP_OVERRIDE.get(type(error))
+    return int(http) if http is not None else HTTP_OF_CODE[status_of(error)]
 
 
 async def abort(context: Ctx, error: PotboilerError) -> NoReturn:

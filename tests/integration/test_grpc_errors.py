@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from potboiler.server import rest
-from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
-from potboiler.server.grpc_errors import unary
+from potboiler.server.errors import Conflict, Contended, InvalidArgument, NotFound, TooLarge, Unavailable
+from potboiler.server.grpc_errors import HTTP_OF_CODE, STATUS, http_status_of, unary
 
 pytestmark = pytest.mark.asyncio
 
@@ -76,3 +76,13 @@ async def test_a_long_message_is_cut_short_to_reach_a_default_client(channel: gr
     details = error.value.details() or ""
     assert details.startswith("bad: \u00e9\U0001f600") and details.endswith("...")
     assert len(details.encode()) <= 2000
+
+
+async def test_every_domain_error_has_the_http_status_rest_answers_it_with() -> None:
+    """For a servicer that writes the error's body itself (the KV browser's pages)."""
+    assert set(STATUS.values()) <= set(HTTP_OF_CODE)
+    assert http_status_of(InvalidArgument("x")) == 400
+    assert http_status_of(NotFound("x")) == 404
+    assert http_status_of(Unavailable("x")) == 503
+    assert http_status_of(TooLarge("x")) == 413  # not RESOURCE_EXHAUSTED's 429
+    assert http_status_of(Contended("x")) == 409 and http_status_of(Conflict("x")) == 400
