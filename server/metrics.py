@@ -24,9 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from potboiler.server.replication import PeerState
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.urls import origin
-from potboiler.server.vectors import lag
 
 if TYPE_CHECKING:
     from potboiler.server.node import Node
@@ -90,15 +90,26 @@ class NodeCollector(Collector):
         peer_lag = GaugeMetricFamily(
             "potboiler_peer_lag_entries", "Entries a peer has not acknowledged", labels=["peer"]
         )
+        behind = GaugeMetricFamily(
+            "potboiler_peer_behind_entries",
+            "Entries a peer holds (as last acknowledged) that this node does not",
+            labels=["peer"],
+        )
         connected = GaugeMetricFamily(
             "potboiler_peer_connected", "1 if a stream with the peer is open", labels=["peer"]
         )
-        mine = log.vector()
-        for url, peer in sorted(node.replicator.peers.items()):
-            acked = peer.sessions[0].acked if peer.sessions else peer.acked
-            peer_lag.add_metric([url], lag(mine, acked))
-            connected.add_metric([url], 1 if peer.sessions else 0)
-        yield from (peer_lag, connected)
+        states = GaugeMetricFamily(
+            "potboiler_peer_state",
+            "1 for the state replication with the peer is in",
+            labels=["peer", "state"],
+        )
+        for peer, view in node.replicator.views():
+            peer_lag.add_metric([peer.url], view.lag)
+            behind.add_metric([peer.url], view.behind)
+            connected.add_metric([peer.url], 0 if view.state is PeerState.DISCONNECTED else 1)
+            for each in PeerState:
+                states.add_metric([peer.url, each.name.lower()], 1 if each is view.state else 0)
+        yield from (peer_lag, behind, connected, states)
 
         # The metrics port is open: a webhook's series name only where it goes and a digest of its
         # URL (ListWebhooks shows the same digest), as a path or query may be its secret.
@@ -109,11 +120,17 @@ class NodeCollector(Collector):
         failed = CounterMetricFamily(
             "potboiler_webhook_failures", "Failed delivery attempts per webhook", labels=labels
         )
+        pending = GaugeMetricFamily(
+            "potboiler_webhook_pending_entries",
+            "Entries delivered here not yet delivered to the webhook",
+            labels=labels,
+        )
         for state in node.webhooks.states():
             names = [origin(state.url), node.webhooks.digest(state.url)]
             delivered.add_metric(names, state.delivered)
             failed.add_metric(names, state.failed_attempts)
-        yield from (delivered, failed)
+            pending.add_metric(names, max(0, log.position - state.position))
+        yield from (delivered, failed, pending)
 
 
 #: Longest a scrape waits for the node's event loop.

@@ -26,6 +26,7 @@ from potboiler.server.logclient import LocalLogClient
 from potboiler.server.membership import Membership
 from potboiler.server.metrics import MetricsServer
 from potboiler.server.nodes_servicer import NodesServicer
+from potboiler.server.peer_watch import PeerWatch
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.replication import ReplicationServicer, Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer
@@ -153,6 +154,7 @@ class Node:
             channel=lambda target: security.peer_channel(target, channel_options()),
             metadata=security.peer_metadata,
         )
+        self.peer_watch = PeerWatch(self.replicator)
         self.services: list[NodeService] = []
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
@@ -226,6 +228,7 @@ class Node:
             await service.start()
         self.webhooks.start()
         self.replicator.start()
+        self.peer_watch.start()
         tokens = config.security.tokens
         if tokens is not None and tokens.path is not None:
             self._watch(tokens.path, tokens.version, self.reload_tokens)
@@ -338,6 +341,7 @@ class Node:
             self.server = None
         if self._auth is not None:
             await self._auth.close()
+        await self.peer_watch.stop()
         await self.replicator.stop()
         await self.webhooks.stop()
         for service in reversed(self.services):

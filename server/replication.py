@@ -471,6 +471,27 @@ class Peer:
     acked: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Whether a stream with it has been open since this node started.
+    reached: bool = False
+    #: When its last stream ended (time.monotonic), or this Peer was made.
+    down_since: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """How replication with a peer stands at one moment (see `Replicator.views`)."""
+
+    state: PeerState
+    #: The peer's version vector as last acknowledged (or as kept from before, while it is away).
+    acked: dict[str, int]
+    #: Entries this node holds that the peer has not acknowledged.
+    lag: int
+    #: Entries the peer holds (as last acknowledged) that this node does not.
+    behind: int
+    #: Seconds since the last message on the open stream (0 when none is open).
+    silent: float
+    #: Seconds since the last stream ended (0 while one is open).
+    down: float
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -706,7 +727,14 @@ class Replicator:
                 failures += 1
                 delay = self.backoff.delay(failures)
                 if failures in (1, 5) or failures % 50 == 0:
-                    log.info("replication with %s: %s; retrying in %.2fs", peer.url, peer.last_error, delay)
+                    # A peer not reached yet may just not have started: a warning once it was up.
+                    log.log(
+                        logging.WARNING if peer.reached else logging.INFO,
+                        "replication with %s: %s; retrying in %.2fs",
+                        peer.url,
+                        peer.last_error,
+                        delay,
+                    )
                 peer.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
@@ -816,6 +844,7 @@ class Replicator:
             other.closed.set()  # the replaced stream (or a stale one of the same direction)
             peer.sessions.remove(other)
         peer.sessions.append(session)
+        peer.reached = True
         return True
 
     def _unregister(self, peer: Peer, session: Session) -> None:
@@ -825,8 +854,9 @@ class Replicator:
             peer.sessions.remove(session)
             peer.acked = dict(session.acked)
             if not peer.sessions:  # for its status while it is away, also after a restart here
+                peer.down_since = time.monotonic()
                 try:
-                    self.membership.note_acked(peer.url, peer.acked)
+                    self.keep_acked(peer.url, peer.acked)
                 except Exception:  # only its status while away is at stake: not the dial loop
                     log.exception("could not keep the vector %s acknowledged", peer.url)
 
@@ -858,8 +888,13 @@ class Replicator:
             or node_id in self.log.vector()
         )
 
-    def status(self) -> list[nodes_pb2.PeerStatus]:
-        """Per peer: state, acknowledged vector, lag and last error. A connected peer is SILENT when
+    def keep_acked(self, url: str, vector: dict[str, int]) -> None:
+        """Keep `vector` as what peer `url` acknowledged last (its status while it is away, also
+        after a restart of this node)."""
+        self.membership.note_acked(url, vector)
+
+    def views(self) -> list[tuple[Peer, PeerView]]:
+        """Every peer with how replication with it stands, by URL. A connected peer is SILENT when
         nothing came from it for SILENT_AFTER, else LIVE when it holds every entry of this node's own
         that has been here for FORWARD_DELAY, and every other entry that has been here for
         `forwarded_live_age()` (what is newer may be on its way), else CATCHING_UP."""
@@ -881,19 +916,34 @@ class Replicator:
                 state = PeerState.LIVE
             else:
                 state = PeerState.CATCHING_UP
-            out.append(
-                nodes_pb2.PeerStatus(
-                    url=url,
-                    # As last seen, also before this start's first stream with it.
-                    node_id=peer.node_id or self.membership.node_id_of(url),
-                    state=state.value,
-                    vector=vectors.to_proto(acked),
-                    lag=vectors.lag(mine, acked),
-                    last_error=peer.last_error,
-                    silent_ms=round(silent * 1000),
-                )
+            view = PeerView(
+                state=state,
+                acked=dict(acked),
+                lag=vectors.lag(mine, acked),
+                behind=vectors.lag(acked, mine),
+                silent=silent,
+                down=0.0 if session is not None else now - peer.down_since,
             )
+            out.append((peer, view))
         return out
+
+    def status(self) -> list[nodes_pb2.PeerStatus]:
+        """Per peer: state, acknowledged vector, lag both ways and last error (see `views`)."""
+        return [
+            nodes_pb2.PeerStatus(
+                url=peer.url,
+                # As last seen, also before this start's first stream with it.
+                node_id=peer.node_id or self.membership.node_id_of(peer.url),
+                state=view.state.value,
+                vector=vectors.to_proto(view.acked),
+                lag=view.lag,
+                last_error=peer.last_error,
+                silent_ms=round(view.silent * 1000),
+                behind=view.behind,
+                down_ms=round(view.down * 1000),
+            )
+            for peer, view in self.views()
+        ]
 
 
 def _describe(exc: BaseException) -> str:

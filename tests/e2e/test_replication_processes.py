@@ -416,6 +416,9 @@ def webhook_labels(node: NodeProcess, url: str) -> tuple[tuple[str, str], ...]:
     return (("target", origin(url)), ("webhook", hook.digest))
 
 
+PEER_STATES = ("disconnected", "catching_up", "live", "silent")
+
+
 def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(cluster: Cluster) -> None:
     a, b = cluster(2)
     receiver = Receiver()
@@ -439,6 +442,11 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
     assert on_b[("potboiler_replicated_entries_in_total", (("peer", a.url),))] >= 5
     assert on_b[("potboiler_entries", ())] == 5
     assert on_b[("potboiler_peer_connected", (("peer", a.url),))] == 1
+    assert on_b[("potboiler_peer_behind_entries", (("peer", a.url),))] == 0
+    state = {s: on_b[("potboiler_peer_state", (("peer", a.url), ("state", s)))] for s in PEER_STATES}
+    assert sum(state.values()) == 1 and state["disconnected"] == 0
+    assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, receiver.url))] == 0
+    assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, dead_url))] == 5
     assert on_b[("potboiler_store_bytes", ())] > 0
     wait_until(
         lambda: metrics(b)[("potboiler_webhook_failures_total", webhook_labels(b, dead_url))] >= 1,

@@ -398,6 +398,7 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     )
     [status] = a.replicator.status()
     assert status.url == b.config.url and status.node_id == b.log.node_id
+    assert (status.behind, status.down_ms) == (0, 0)
     await b.stop()
     await eventually(
         lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_DISCONNECTED],
@@ -406,6 +407,21 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     await append(a, 4)
     [status] = a.replicator.status()
     assert status.lag == 4 and status.last_error
+    await eventually(lambda: a.replicator.status()[0].down_ms > 0, what="time since the stream ended")
+    assert a.replicator.status()[0].silent_ms == 0
+
+
+async def test_a_node_keeps_the_vector_a_connected_peer_acknowledged_now_and_then(
+    make_node: NodeFactory,
+) -> None:
+    """Not only when the peer's stream ends: a crash of this node would bring back the vector kept
+    at the last end (a false lag of everything since, for a peer then away)."""
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await append(a, 7)
+    await eventually(lambda: converged(a, b) and a.replicator.status()[0].lag == 0, what="acknowledged")
+    a.peer_watch.look(keep=True)
+    assert a.membership.acked_of(b.config.url) == a.log.vector()
 
 
 async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backlog(
@@ -440,8 +456,11 @@ async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backl
         what="catching up",
     )
     assert a.replicator.status()[0].lag >= 5
+    # b has been sent what it has not taken in yet: it shows itself behind a by that much.
+    assert b.replicator.status()[0].behind >= 5
     taking.set()
     await eventually(lambda: [p.state for p in a.replicator.status()] == live, what="live again")
+    await eventually(lambda: b.replicator.status()[0].behind == 0, what="b caught up with a")
 
 
 async def test_status_is_live_for_a_peer_fed_by_forwarding_under_steady_writes(

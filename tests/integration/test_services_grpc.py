@@ -99,7 +99,11 @@ async def test_webhook_metrics_show_where_a_webhook_goes_not_its_secrets(grpc_no
     ids = {hook.digest for hook in listed.webhooks}
     assert len(ids) == len(urls)  # every webhook its own series, told apart as ListWebhooks does
     families = {f.name: f for f in NodeCollector(grpc_node.node).collect()}
-    for name in ("potboiler_webhook_deliveries", "potboiler_webhook_failures"):
+    for name in (
+        "potboiler_webhook_deliveries",
+        "potboiler_webhook_failures",
+        "potboiler_webhook_pending_entries",
+    ):
         samples = families[name].samples
         assert {s.labels["webhook"] for s in samples} == ids
         assert {s.labels["target"] for s in samples} == {"http://127.0.0.1:9"}

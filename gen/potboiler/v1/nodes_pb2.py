@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18potboiler/v1/nodes.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\"\x12\n\x10ListNodesRequest\"!\n\x11ListNodesResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"\x1d\n\x0e\x41\x64\x64NodeRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x11\n\x0f\x41\x64\x64NodeResponse\" \n\x11RemoveNodeRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x14\n\x12RemoveNodeResponse\"\x12\n\x10GetStatusRequest\"-\n\x0fVectorComponent\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xad\x02\n\nPeerStatus\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.potboiler.v1.PeerStatus.State\x12-\n\x06vector\x18\x04 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12\x0b\n\x03lag\x18\x05 \x01(\x04\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x11\n\tsilent_ms\x18\x07 \x01(\x04\"o\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STATE_DISCONNECTED\x10\x01\x12\x15\n\x11STATE_CATCHING_UP\x10\x02\x12\x0e\n\nSTATE_LIVE\x10\x03\x12\x10\n\x0cSTATE_SILENT\x10\x04\"\x8c\x02\n\x11GetStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12-\n\x06vector\x18\x03 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x1a\n\x12\x64\x65livered_position\x18\x05 \x01(\x04\x12\'\n\x05peers\x18\x06 \x03(\x0b\x32\x18.potboiler.v1.PeerStatus\x12+\n\x07\x62locked\x18\x07 \x01(\x0b\x32\x1a.potboiler.v1.BlockedEntry\x12\'\n\x06\x66orked\x18\x08 \x03(\x0b\x32\x17.potboiler.v1.ForkedLog\"\'\n\tForkedLog\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\":\n\x0c\x42lockedEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\twaits_for\x18\x03 \x03(\t2\xfa\x02\n\x0cNodesService\x12L\n\tListNodes\x12\x1e.potboiler.v1.ListNodesRequest\x1a\x1f.potboiler.v1.ListNodesResponse\x12Y\n\x07\x41\x64\x64Node\x12\x1c.potboiler.v1.AddNodeRequest\x1a\x1d.potboiler.v1.AddNodeResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\"\x06/nodes:\x01*\x12\x62\n\nRemoveNode\x12\x1f.potboiler.v1.RemoveNodeRequest\x1a .potboiler.v1.RemoveNodeResponse\"\x11\x82\xd3\xe4\x93\x02\x0b*\x06/nodes:\x01*\x12]\n\tGetStatus\x12\x1e.potboiler.v1.GetStatusRequest\x1a\x1f.potboiler.v1.GetStatusResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18potboiler/v1/nodes.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/api/annotations.proto\"\x12\n\x10ListNodesRequest\"!\n\x11ListNodesResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"\x1d\n\x0e\x41\x64\x64NodeRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x11\n\x0f\x41\x64\x64NodeResponse\" \n\x11RemoveNodeRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"\x14\n\x12RemoveNodeResponse\"\x12\n\x10GetStatusRequest\"-\n\x0fVectorComponent\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xce\x02\n\nPeerStatus\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.potboiler.v1.PeerStatus.State\x12-\n\x06vector\x18\x04 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12\x0b\n\x03lag\x18\x05 \x01(\x04\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x11\n\tsilent_ms\x18\x07 \x01(\x04\x12\x0e\n\x06\x62\x65hind\x18\x08 \x01(\x04\x12\x0f\n\x07\x64own_ms\x18\t \x01(\x04\"o\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STATE_DISCONNECTED\x10\x01\x12\x15\n\x11STATE_CATCHING_UP\x10\x02\x12\x0e\n\nSTATE_LIVE\x10\x03\x12\x10\n\x0cSTATE_SILENT\x10\x04\"\x8c\x02\n\x11GetStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12-\n\x06vector\x18\x03 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12\x0f\n\x07pending\x18\x04 \x01(\x04\x12\x1a\n\x12\x64\x65livered_position\x18\x05 \x01(\x04\x12\'\n\x05peers\x18\x06 \x03(\x0b\x32\x18.potboiler.v1.PeerStatus\x12+\n\x07\x62locked\x18\x07 \x01(\x0b\x32\x1a.potboiler.v1.BlockedEntry\x12\'\n\x06\x66orked\x18\x08 \x03(\x0b\x32\x17.potboiler.v1.ForkedLog\"\'\n\tForkedLog\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\":\n\x0c\x42lockedEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\twaits_for\x18\x03 \x03(\t2\xfa\x02\n\x0cNodesService\x12L\n\tListNodes\x12\x1e.potboiler.v1.ListNodesRequest\x1a\x1f.potboiler.v1.ListNodesResponse\x12Y\n\x07\x41\x64\x64Node\x12\x1c.potboiler.v1.AddNodeRequest\x1a\x1d.potboiler.v1.AddNodeResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\"\x06/nodes:\x01*\x12\x62\n\nRemoveNode\x12\x1f.potboiler.v1.RemoveNodeRequest\x1a .potboiler.v1.RemoveNodeResponse\"\x11\x82\xd3\xe4\x93\x02\x0b*\x06/nodes:\x01*\x12]\n\tGetStatus\x12\x1e.potboiler.v1.GetStatusRequest\x1a\x1f.potboiler.v1.GetStatusResponse\"\x0f\x82\xd3\xe4\x93\x02\t\x12\x07/statusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,15 +55,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VECTORCOMPONENT']._serialized_start=253
   _globals['_VECTORCOMPONENT']._serialized_end=298
   _globals['_PEERSTATUS']._serialized_start=301
-  _globals['_PEERSTATUS']._serialized_end=602
-  _globals['_PEERSTATUS_STATE']._serialized_start=491
-  _globals['_PEERSTATUS_STATE']._serialized_end=602
-  _globals['_GETSTATUSRESPONSE']._serialized_start=605
-  _globals['_GETSTATUSRESPONSE']._serialized_end=873
-  _globals['_FORKEDLOG']._serialized_start=875
-  _globals['_FORKEDLOG']._serialized_end=914
-  _globals['_BLOCKEDENTRY']._serialized_start=916
-  _globals['_BLOCKEDENTRY']._serialized_end=974
-  _globals['_NODESSERVICE']._serialized_start=977
-  _globals['_NODESSERVICE']._serialized_end=1355
+  _globals['_PEERSTATUS']._serialized_end=635
+  _globals['_PEERSTATUS_STATE']._serialized_start=524
+  _globals['_PEERSTATUS_STATE']._serialized_end=635
+  _globals['_GETSTATUSRESPONSE']._serialized_start=638
+  _globals['_GETSTATUSRESPONSE']._serialized_end=906
+  _globals['_FORKEDLOG']._serialized_start=908
+  _globals['_FORKEDLOG']._serialized_end=947
+  _globals['_BLOCKEDENTRY']._serialized_start=949
+  _globals['_BLOCKEDENTRY']._serialized_end=1007
+  _globals['_NODESSERVICE']._serialized_start=1010
+  _globals['_NODESSERVICE']._serialized_end=1388
 # @@protoc_insertion_point(module_scope)

@@ -245,6 +245,8 @@ class PeerStatus(_message.Message):
     LAG_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     SILENT_MS_FIELD_NUMBER: _builtins.int
+    BEHIND_FIELD_NUMBER: _builtins.int
+    DOWN_MS_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """The peer's root URL."""
     node_id: _builtins.str
@@ -258,6 +260,15 @@ class PeerStatus(_message.Message):
     silent_ms: _builtins.int
     """Milliseconds since the last message from the peer on the open stream (0
     when none is open).
+    """
+    behind: _builtins.int
+    """Entries the peer holds, as of its last acknowledgement or hello, that
+    this node does not hold yet: how far this node is behind the peer (what
+    `lag` is the other way round).
+    """
+    down_ms: _builtins.int
+    """Milliseconds since the last stream with the peer ended, or since this
+    node started if none has been open since (0 while one is open).
     """
     @_builtins.property
     def vector(self) -> _containers.RepeatedCompositeFieldContainer[Global___VectorComponent]:
@@ -273,10 +284,12 @@ class PeerStatus(_message.Message):
         lag: _builtins.int = ...,
         last_error: _builtins.str = ...,
         silent_ms: _builtins.int = ...,
+        behind: _builtins.int = ...,
+        down_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lag", b"lag", "last_error", b"last_error", "node_id", b"node_id", "silent_ms", b"silent_ms", "state", b"state", "url", b"url", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behind", b"behind", "down_ms", b"down_ms", "lag", b"lag", "last_error", b"last_error", "node_id", b"node_id", "silent_ms", b"silent_ms", "state", b"state", "url", b"url", "vector", b"vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
