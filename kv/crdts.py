@@ -3,8 +3,10 @@
 Every KV write becomes one event of the replicated log.  The KV service calls :func:`prepare` to validate a
 client's ``{"op": …, "change": …}`` against the table's type and to turn it into the event payload (reading
 the local state where the CRDT needs observed context), appends the payload, and every node (the author
-included) then calls :func:`apply` with the event's identity (:class:`EventContext`).  :func:`merge` is the
-equivalent state-based join and :func:`value` gives the ``GET`` answer.
+included) then calls :func:`apply` with the event's identity (:class:`EventContext`), and :func:`value` gives the
+``GET`` answer.  :func:`merge`, the equivalent state-based join, is not on the serving path (nodes
+exchange events, never states): the tests state each type's merge laws on it and check it against
+applying events.
 
 Delivery assumptions (guaranteed by the log): each event reaches every node in causal order — an owner's
 events in ``seq`` order, and an event only after every event its author had applied.  Events may be
@@ -60,24 +62,29 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol, TypeAlias, TypeVar, cast
+from typing import Protocol, TypeVar, cast
+
+from potboiler.server.jsonvalue import JSON
 
 __all__ = [
+    "CRDT_BY_NAME",
     "JSON",
+    "MAX_COUNTER_INT",
     "CrdtType",
     "EventContext",
     "InvalidOperation",
     "Stamp",
     "apply",
     "canonical_json",
+    "causal_dependencies",
+    "counter_total",
     "merge",
+    "observed_tags",
     "prepare",
+    "prepare_observed",
     "valid_ops",
     "value",
 ]
-
-JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
-"""A plain JSON value as produced by a JSON parser."""
 
 MAX_COUNTER_INT = 2**63 - 1
 """Largest integer a PN-Counter amount (and a node's running total) may reach, so states fit int64 JSON."""
@@ -99,10 +106,8 @@ class CrdtType(enum.Enum):
     @classmethod
     def parse(cls, name: object) -> CrdtType:
         """Return the type called ``name`` (exact spelling), or raise :class:`InvalidOperation`."""
-        if isinstance(name, str):
-            for member in cls:
-                if member.value == name:
-                    return member
+        if isinstance(name, str) and (crdt := CRDT_BY_NAME.get(name)) is not None:
+            return crdt
         valid = ", ".join(member.value for member in cls)
         raise InvalidOperation(f"unknown crdt type {_show(name)} (valid types: {valid})")
 
@@ -111,6 +116,9 @@ class CrdtType(enum.Enum):
         """Human-readable name used in messages, e.g. ``OR-Set``."""
         return _LABELS[self]
 
+
+CRDT_BY_NAME: dict[str, CrdtType] = {c.value: c for c in CrdtType}
+"""Each table type by its name (the exact spelling; :meth:`CrdtType.parse` says what is wrong)."""
 
 _LABELS = {
     CrdtType.LWW: "LWW",
@@ -752,15 +760,32 @@ def _amount(raw: JSON, what: str) -> int | float:
     return raw
 
 
+def counter_total(state: JSON | None, op: str, amount: int | float) -> int | Fraction:
+    """The exact total of one side of a PN-Counter ``state`` (every owner's increments for ``op``
+    ``increment``, else decrements) with ``amount`` added: an int when every number is one, else a
+    Fraction (a float sum rounds).  Raises :class:`InvalidOperation` for a state that is not a
+    PN-Counter's."""
+    counts = _load_pn(state).values()
+    numbers = [*(e.p if op == "increment" else e.n for e in counts), amount]
+    if all(isinstance(x, int) for x in numbers):
+        return sum(int(x) for x in numbers)
+    return sum((Fraction(x) for x in numbers), Fraction(0))
+
+
+def _beyond_floats(total: Fraction) -> bool:
+    """Whether ``total`` rounds to a float beyond the finite ones."""
+    try:
+        float(total)
+    except OverflowError:
+        return True
+    return False
+
+
 def _pn_prepare(state: JSON | None, op: str, change: JSON) -> JSON:
     what = f"PN-Counter {op!r} amount"
     amount = _amount(change, what)
-    counts = _load_pn(state).values()
-    side = [e.p if op == "increment" else e.n for e in counts]
-    total = _sum([*side, amount])
-    if (isinstance(total, float) and not math.isfinite(total)) or (
-        isinstance(total, int) and total > MAX_COUNTER_INT
-    ):
+    total = counter_total(state, op, amount)
+    if total > MAX_COUNTER_INT if isinstance(total, int) else _beyond_floats(total):
         raise InvalidOperation(f"{what} {amount} would overflow the counter's {op}s")
     return {"op": op, "amount": amount}
 
@@ -985,10 +1010,12 @@ _MERGES: dict[CrdtType, Callable[[JSON, JSON], JSON]] = {
 
 
 def merge(crdt: CrdtType, a: JSON | None, b: JSON | None) -> JSON | None:
-    """State-based join of two states of one key: commutative, associative and idempotent.
+    """The join of two states of one key: commutative, associative and idempotent.
 
     ``None`` (no state) is the identity.  For states reached by applying causally closed sets of events
-    ``E1`` and ``E2``, the result equals the state reached by applying the union of ``E1`` and ``E2``.
+    ``E1`` and ``E2``, the result equals the state reached by applying the union of ``E1`` and ``E2``:
+    the tests check both, each type's merge laws on this function and the result against applying the
+    events.  Not on the serving path: nodes exchange events (:func:`apply`), never states.
     """
     if a is None:
         return b if b is None else _MERGES[crdt](b, b)
