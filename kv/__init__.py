@@ -4,15 +4,18 @@ How it fits together (each module's docstring has the details):
 
 - `crdts`: the pure CRDT logic (LWW, OR-Set, G-Set, PN-Counter, MV-Register): `prepare` a client's op
   into an event payload, `apply` a payload, `value` for GET.
-- `events`: the change event a write appends to the log,
-  `{"table", "key", "crdt", "op", "change"}`, and name validation (`[A-Za-z0-9_-]{1,128}`).
+- `events`: the change event a write appends to the log, `{"table", "key", "crdt", "op", "change"}`.
 - `state`: the materialised tables of one node on its own store (`<data-dir>/kv`): validating writes
   into events with their dependencies, applying delivered log entries in batches (states and cursor in
-  one write), reads.
-- `service`: the node service: the applier task on the log subscription, writes with read-your-writes.
+  one write), reads; `encoding`: a state's stored form (JSON, or an LWW register's binary record).
+- `service`: the node service: the applier task on the log subscription, writes (`update`) and reads
+  (`current`, `keys_page`) with read-your-writes.
 - `servicers`: KvService (typed gRPC), KvRestService (the seed's REST paths on port B+1, bare JSON),
   KvBrowserService (HTML pages on port B+2); `browser` renders the pages.
-- `jsonvalue`: google.protobuf.Value <-> plain JSON.
+
+From the node's shared modules: `potboiler.server.names` checks table and key names
+(`[A-Za-z0-9_-]{1,128}`, as Pigtail's queue names), `potboiler.server.jsonvalue` converts between
+google.protobuf.Value and plain JSON.
 
 Behaviour worth knowing:
 

@@ -1,9 +1,10 @@
 """The KV service of a node: its store, the task applying the log to it, and its gRPC servicers.
 
-Writes: a servicer validates the request into a `PlannedWrite` (`KvState.plan_write`), `KvService.write`
-appends its event to the local log through the narrow `LogClient` interface (with the entries it depends
-on: the table's `_config` entry, and the entries an OR-Set remove or an MV-Register set supersedes, so
-every replica applies them in an order that makes sense) and answers once the entry is durable.
+Writes (`KvService.update`, which the servicers call): the request is validated into a `PlannedWrite`
+(`KvState.plan_write`), and `KvService.write` appends its event to the local log through the narrow
+`LogClient` interface (with the entries it depends on: the table's `_config` entry, and the entries an
+OR-Set remove or an MV-Register set supersedes, so every replica applies them in an order that makes
+sense) and answers once the entry is durable.
 
 Reads come from the materialised state (`KvState`), kept in the service's own RocksDB store in
 `<data-dir>/kv`, updated by one task that consumes the log's subscription from its stored cursor.
@@ -29,9 +30,10 @@ from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import EventFailed, KvState, PlannedWrite
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
-from potboiler.server.jsonvalue import to_value
+from potboiler.server.jsonvalue import JSON, to_value
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import Attempts, CatchUp, Linger, apply_forever, discard_if_ahead
+from potboiler.server.names import is_name
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
@@ -48,6 +50,8 @@ APPLY_BATCH = 1000
 #: every entry, most of them not KV's: at 1,000 entries/s, 20 ms instead of 5 took a follower from
 #: 20-21 % to 17-19 % of a core.
 APPLY_LINGER_S = 0.02
+#: Most keys of one page of `KvService.keys_page` (and its default).
+MAX_PAGE_KEYS = 10_000
 
 SERVICE_NAMES = [
     "potboiler.v1.KvService",
@@ -110,6 +114,15 @@ class KvService:
 
     # -- writes ---------------------------------------------------------------------------------
 
+    async def update(
+        self, table: str, key: str, op: str, change: JSON, *, has_change: bool = True
+    ) -> tuple[str, bool]:
+        """Validate and make a client's write (`has_change`: whether the request had a change); its
+        entry id, once durable, and whether its table is not known here yet (pending)."""
+        planned = (await self.state_to_plan(table)).plan_write(table, key, op, change, has_change=has_change)
+        entry = await self.write(planned)
+        return entry.id, planned.pending
+
     async def write(self, planned: PlannedWrite) -> Entry:
         """Append a planned write; returns its entry once durable (reads wait until it is applied)."""
         try:
@@ -133,6 +146,18 @@ class KvService:
         if seq > self._own_seq:
             await self._wait_applied(seq)
         return self.state
+
+    async def keys_page(self, table: str, size: int, token: str) -> tuple[list[str], str]:
+        """One page of the table's keys in name order: at most `size` of them (0, or more than
+        MAX_PAGE_KEYS: MAX_PAGE_KEYS), those after `token` (the previous page's next token, '' for
+        the first page), and the next page's token ('' after the last page)."""
+        size = min(size or MAX_PAGE_KEYS, MAX_PAGE_KEYS)
+        if token and not is_name(token):  # tokens are key names
+            raise InvalidArgument(f"invalid page token {token[:40]!r}")
+        keys = (await self.current()).keys(table, token, size + 1)
+        more = len(keys) > size
+        keys = keys[:size]
+        return keys, keys[-1] if more else ""
 
     async def state_to_plan(self, table: str) -> KvState:
         """The state to plan a write to `table` on: current for a write that reads it (Unavailable

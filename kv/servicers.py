@@ -15,12 +15,13 @@ from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.kv import browser
 from potboiler.kv.crdts import CrdtType
-from potboiler.kv.events import CONFIG_TABLE, check_name
+from potboiler.kv.events import CONFIG_TABLE
 from potboiler.server import rest
 from potboiler.server.errors import InvalidArgument, NotFound, PotboilerError, Unavailable
 from potboiler.server.grpc_context import Ctx
-from potboiler.server.grpc_errors import unary
-from potboiler.server.jsonvalue import JSON, from_value
+from potboiler.server.grpc_errors import http_status_of, unary
+from potboiler.server.jsonvalue import from_value
+from potboiler.server.names import check_name
 from potboiler.v1 import (
     kv_browser_pb2,
     kv_browser_pb2_grpc,
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
     from potboiler.kv.service import KvService
 
 
-#: Most keys of one ListKeys page (and its default).
-MAX_PAGE_KEYS = 10_000
 #: Keys shown on one page of the browser, and the most bytes of their rows' HTML (a page of 1 MiB
 #: values would otherwise take hundreds of MiB to build, and more than gRPC may send; a single row
 #: is at most a few times its entry's 1 MiB).
@@ -56,16 +55,6 @@ def crdt_from_proto(value: kv_pb2.CrdtType.ValueType) -> CrdtType:
     return CrdtType(kv_pb2.CrdtType.Name(value).removeprefix("CRDT_TYPE_"))
 
 
-async def update(
-    service: KvService, table: str, key: str, op: str, change: JSON, *, has_change: bool
-) -> tuple[str, bool]:
-    """Validate and make one write; its entry id and whether its table is unknown here."""
-    state = await service.state_to_plan(table)
-    planned = state.plan_write(table, key, op, change, has_change=has_change)
-    entry = await service.write(planned)
-    return entry.id, planned.pending
-
-
 class KvServicer(kv_pb2_grpc.KvServiceServicer):
     """The typed KV API."""
 
@@ -78,8 +67,8 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
     ) -> kv_pb2.UpdateValueResponse:
         has_change = request.HasField("change")
         change = from_value(request.change) if has_change else None
-        entry_id, pending = await update(
-            self._service, request.table, request.key, request.op, change, has_change=has_change
+        entry_id, pending = await self._service.update(
+            request.table, request.key, request.op, change, has_change=has_change
         )
         return kv_pb2.UpdateValueResponse(id=entry_id, pending=pending)
 
@@ -93,10 +82,8 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
         self, request: kv_pb2.CreateTableRequest, context: Ctx
     ) -> kv_pb2.CreateTableResponse:
         crdt = crdt_from_proto(request.crdt)
-        state = await self._service.state_to_plan(CONFIG_TABLE)
-        planned = state.plan_write(CONFIG_TABLE, request.name, "set", {"crdt": crdt.value})
-        entry = await self._service.write(planned)
-        return kv_pb2.CreateTableResponse(id=entry.id)
+        entry_id, _ = await self._service.update(CONFIG_TABLE, request.name, "set", {"crdt": crdt.value})
+        return kv_pb2.CreateTableResponse(id=entry_id)
 
     @unary
     async def ListTables(self, request: kv_pb2.ListTablesRequest, context: Ctx) -> kv_pb2.ListTablesResponse:
@@ -110,23 +97,8 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
 
     @unary
     async def ListKeys(self, request: kv_pb2.ListKeysRequest, context: Ctx) -> kv_pb2.ListKeysResponse:
-        size = min(request.page_size or MAX_PAGE_KEYS, MAX_PAGE_KEYS)
-        after = request.page_token
-        if after and not check_page_token(after):
-            raise InvalidArgument(f"invalid page token {after[:40]!r}")
-        keys = (await self._service.current()).keys(request.table, after, size + 1)
-        more = len(keys) > size
-        keys = keys[:size]
-        return kv_pb2.ListKeysResponse(keys=keys, next_page_token=keys[-1] if more else "")
-
-
-def check_page_token(token: str) -> bool:
-    """Whether a page token is well formed (tokens are key names)."""
-    try:
-        check_name(token, "key")
-    except InvalidArgument:
-        return False
-    return True
+        keys, token = await self._service.keys_page(request.table, request.page_size, request.page_token)
+        return kv_pb2.ListKeysResponse(keys=keys, next_page_token=token)
 
 
 class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
@@ -142,8 +114,8 @@ class KvRestServicer(kv_rest_pb2_grpc.KvRestServiceServicer):
         op = body.get("op", "")
         if not isinstance(op, str):
             raise InvalidArgument("the body's 'op' must be a string")
-        entry_id, pending = await update(
-            self._service, request.table, request.key, op, body.get("change"), has_change="change" in body
+        entry_id, pending = await self._service.update(
+            request.table, request.key, op, body.get("change"), has_change="change" in body
         )
         return rest.json_answer({"id": entry_id, "pending": pending})
 
@@ -170,7 +142,7 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
         try:
             state = await self._service.current()
         except Unavailable as error:
-            return _error_page(context, 503, error)
+            return _error_page(context, error)
         tables = [(t.name, t.crdt) for t in state.tables()]
         return HttpBody(content_type=HTML, data=browser.index_page(tables, self._service.node_id))
 
@@ -185,17 +157,15 @@ class KvBrowserServicer(kv_browser_pb2_grpc.KvBrowserServiceServicer):
                 info.crdt, state.items(table, after), BROWSER_PAGE_KEYS, BROWSER_PAGE_BYTES
             )
         except (NotFound, InvalidArgument, Unavailable) as error:
-            status = (
-                404 if isinstance(error, NotFound) else 400 if isinstance(error, InvalidArgument) else 503
-            )
-            return _error_page(context, status, error)
+            return _error_page(context, error)
         page = browser.table_page(
             table, info.crdt, rows, after=after, next_after=rows[-1][0] if more else None
         )
         return HttpBody(content_type=HTML, data=page)
 
 
-def _error_page(context: Ctx, status: int, error: PotboilerError) -> HttpBody:
-    """A browser page saying what went wrong, answered with HTTP `status`."""
+def _error_page(context: Ctx, error: PotboilerError) -> HttpBody:
+    """A browser page saying what went wrong, answered with the error's HTTP status (as REST's)."""
+    status = http_status_of(error)
     rest.http_status(context, status)
     return HttpBody(content_type=HTML, data=browser.error_page(status, str(error)))

@@ -29,29 +29,30 @@ import struct
 from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, cast
 
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.kv.crdts import (
-    JSON,
+    CRDT_BY_NAME,
     CrdtType,
     EventContext,
     InvalidOperation,
     Stamp,
     apply,
     causal_dependencies,
+    counter_total,
     observed_tags,
     prepare,
     prepare_observed,
     value,
 )
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
-from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent, check_name, is_name
+from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent
 from potboiler.server.entries import MAX_DEPENDENCIES
 from potboiler.server.errors import InvalidArgument, NotFound, quoted
-from potboiler.server.jsonvalue import as_sent, from_value, json_text, to_value
+from potboiler.server.jsonvalue import JSON, MAX_EXACT_INTEGER, as_sent, from_value, json_text, to_value
+from potboiler.server.names import check_name, is_name
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -117,11 +118,6 @@ def _table_of_config(name: str, state: JSON) -> TableInfo | None:
         return None
 
 
-#: Largest integer a JSON number carries exactly: numbers travel as IEEE doubles (google.protobuf.Value),
-#: through Envoy and in log entries, so a counter's totals are kept within it.
-MAX_EXACT_INT = 2**53
-
-
 def _counter_op(op: str, amount: JSON) -> tuple[str, JSON]:
     """A PN-Counter op with a negative amount as the other op: increment -3 is decrement 3 (a
     counter's sides only grow, so the event says which)."""
@@ -134,23 +130,23 @@ def _check_exact_counter(
     table: str, state: JSON | None, op: str, amount: JSON, asked: tuple[str, JSON]
 ) -> None:
     """Refuse a PN-Counter amount that would take this node's total of its side (increments or
-    decrements, all nodes' as seen here) past MAX_EXACT_INT, where numbers stop being exact. (Writers
-    on different nodes may still, together, pass it: each checks what it has seen.) `asked`: the op
-    and amount as the client gave them (`increment -3` is `decrement 3` here)."""
+    decrements, all nodes' as seen here) past MAX_EXACT_INTEGER (2**53): numbers travel as IEEE
+    doubles (google.protobuf.Value), through Envoy and in log entries, and stop being exact beyond it.
+    (Writers on different nodes may still, together, pass it: each checks what it has seen.) `asked`:
+    the op and amount as the client gave them (`increment -3` is `decrement 3` here)."""
     if not isinstance(amount, int | float):
         return  # prepare() has refused it already
-    side = "p" if op == "increment" else "n"
-    total = Fraction(amount)  # exact: near 2**53, float sums round
-    counts = state.get("counts") if isinstance(state, dict) else None
-    if isinstance(counts, dict):
-        for count in counts.values():
-            if isinstance(count, dict) and isinstance(number := count.get(side), int | float):
-                total += Fraction(number)
-    if total > MAX_EXACT_INT:
+    try:
+        total = counter_total(state, op, amount)  # exact: near 2**53, float sums round
+    except InvalidOperation:
+        # A damaged state: only a write to a table not known here gets this far with one (a known
+        # table's prepare() refuses it first), and its observed context skips that state too.
+        return
+    if total > MAX_EXACT_INTEGER:
         what = "increments" if op == "increment" else "decrements"
         raise InvalidArgument(
             f"table {table!r}: PN-Counter {asked[0]!r} amount {asked[1]} would take the counter's {what} past "
-            f"2**53 = {MAX_EXACT_INT}: a counter's totals are kept within it, where every integer is exact"
+            f"2**53 = {MAX_EXACT_INTEGER}: a counter's totals are kept within it, where every integer is exact"
         )
 
 
@@ -159,7 +155,7 @@ def _shown(crdt: CrdtType, stored: Stored) -> JSON:
     if isinstance(stored, LwwRecord):
         return from_value(stored.message())
     shown = value(crdt, stored)
-    if isinstance(shown, float) and shown.is_integer() and abs(shown) <= MAX_EXACT_INT:
+    if isinstance(shown, float) and shown.is_integer() and abs(shown) <= MAX_EXACT_INTEGER:
         return int(shown)  # a counter's 1.5 + 1.5: 3, as a JSON number is read everywhere else
     return shown
 
@@ -203,7 +199,7 @@ class KvState:
         self._cache_bytes = 0
         #: The JSON text of values read lately, by state key (see `get_text`).
         self._texts: dict[bytes, bytes] = {}
-        #: How many events were applied since the state was opened (for benchmarks and metrics).
+        #: How many events were applied since the state was opened (benchmarks/kv.py reports it).
         self.events_applied = 0
 
     # -- reads ----------------------------------------------------------------------------------
@@ -238,15 +234,10 @@ class KvState:
         raw = self._store.get(skey)
         return None if raw is None else decode(raw)
 
-    def get(self, table: str, key: str) -> tuple[CrdtType, JSON]:
-        """The table's type and the key's value: InvalidArgument for a bad name, NotFound if the
-        table or the key does not exist."""
-        crdt, stored = self._get_stored(table, key)
-        return crdt, value(crdt, to_json(stored))
-
     def get_text(self, table: str, key: str) -> bytes:
-        """`get`'s value alone, as REST answers it (`json_text`); kept for the next read of the key
-        until it changes (reads of a key far outnumber its writes)."""
+        """The key's value as REST answers it (`json_text`): InvalidArgument for a bad name, NotFound
+        if the table or the key does not exist. Kept for the next read of the key until it changes
+        (reads of a key far outnumber its writes)."""
         crdt, skey = self._state_key(table, key)
         text = self._texts.get(skey)
         if text is None:
@@ -258,7 +249,8 @@ class KvState:
         return text
 
     def get_message(self, table: str, key: str) -> tuple[CrdtType, Value]:
-        """`get` with the value as a Value (an LWW value is kept as one: no conversion)."""
+        """The table's type and the key's value as a Value (an LWW value is kept as one: no
+        conversion): InvalidArgument for a bad name, NotFound if the table or the key does not exist."""
         crdt, stored = self._get_stored(table, key)
         if isinstance(stored, LwwRecord):
             return crdt, stored.message()
@@ -559,7 +551,6 @@ _CACHE_STATE_BYTES = 2048
 #: 40 MiB. Emptied when full.
 _TEXTS = 10_000
 _TEXT_BYTES = 4096
-_CRDTS = {c.value: c for c in CrdtType}
 _new_record = tuple.__new__
 #: The ops whose change names a set's element (OR-Set and G-Set).
 _ELEMENT_OPS = frozenset({"add", "remove"})
@@ -581,8 +572,7 @@ def _event_of_fields(
     fields: Any,
 ) -> tuple[str, str, CrdtType | None, str, Value, tuple[str, ...]] | None:
     """(table, key, crdt, op, change, observed) of an entry's data if it is a KV event (see
-    potboiler.kv.events, whose `parse_event` is the same check on plain JSON), else None. `fields`
-    is the data's Struct map."""
+    potboiler.kv.events), else None. `fields` is the data's Struct map."""
     count = len(fields)
     if count != 5 and count != 6:
         return None
@@ -604,7 +594,7 @@ def _event_of_fields(
         return None
     name = crdt.string_value
     if name:
-        c = _CRDTS.get(name)
+        c = CRDT_BY_NAME.get(name)
         return None if c is None or count == 6 else (t, k, c, o, change, ())
     if crdt.WhichOneof("kind") != "null_value":
         return None

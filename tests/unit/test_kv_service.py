@@ -13,6 +13,7 @@ from potboiler.kv.service import KvService
 from potboiler.kv.state import CURSOR_KEY
 from potboiler.server.errors import Unavailable
 from potboiler.server.hlc import HybridClock
+from potboiler.server.jsonvalue import from_value
 from potboiler.server.plugin import NodeContext
 from potboiler.server.storage import MemoryStore
 from tests.fakelog import FakeLog
@@ -45,7 +46,7 @@ async def test_a_read_shows_the_write_answered_before_it(
     assert not read.done()  # the write is not applied yet
     log.release()
     state = await asyncio.wait_for(read, 10)
-    assert state.get("t", "k")[1] == 1
+    assert from_value(state.get_message("t", "k")[1]) == 1
 
 
 async def test_reads_and_state_planned_writes_are_unavailable_while_a_write_is_not_applied(
@@ -71,7 +72,7 @@ async def test_reads_and_state_planned_writes_are_unavailable_while_a_write_is_n
     state = await asyncio.wait_for(service.current(), WAIT)
     remove = state.plan_write("t", "k", "remove", {"item": "x", "key": "a"})
     await service.write(remove)
-    assert (await asyncio.wait_for(service.current(), WAIT)).get("t", "k")[1] == []
+    assert from_value((await asyncio.wait_for(service.current(), WAIT)).get_message("t", "k")[1]) == []
 
 
 async def test_reads_after_a_restart_show_the_writes_answered_before_it(
@@ -96,7 +97,7 @@ async def test_reads_after_a_restart_show_the_writes_answered_before_it(
     try:
         async with asyncio.timeout(WAIT / 2):
             state = await again.current()  # awaited here: before the applier has had a turn
-        assert state.get("t", "k")[1] == 1
+        assert from_value(state.get_message("t", "k")[1]) == 1
     finally:
         await again.stop()
 
