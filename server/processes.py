@@ -56,6 +56,10 @@ def _ephemeral_ports() -> range:
 _RECENT_PICKS = Path(tempfile.gettempdir()) / "potboiler-base-ports.json"
 #: How long a handed-out base port stays reserved: time enough for its nodes to bind their ports.
 _RESERVE_S = 60.0
+#: The base ports `find_base_port` handed to this process (each node's of a range): those that
+#: `reserve_base_port` keeps reserved. A node on a port chosen otherwise (`potboiler cluster`'s)
+#: writes nothing to the shared file.
+_HANDED_OUT: set[int] = set()
 
 
 def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000, count: int = 1) -> int:
@@ -87,14 +91,17 @@ def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000
                 wanted = [base + 100 * n for n in range(count)]
                 if avoid.isdisjoint(wanted) and all(ports_free(host, b) for b in wanted):
                     recent[base] = (time.time(), count)
+                    _HANDED_OUT.update(wanted)
                     return base
     raise RuntimeError("no free port range found")
 
 
 def reserve_base_port(base: int) -> None:
-    """Hand out base port `base` again, now: a node stopped to be started again on its ports (a
-    restart, a crash test) keeps them from other pickers for another `_RESERVE_S`, however long
-    ago they were first picked."""
+    """Hand out base port `base` again, now, if `find_base_port` handed it to this process: a node
+    stopped to be started again on its ports (a restart, a crash test) keeps them from other pickers
+    for another `_RESERVE_S`, however long ago they were first picked."""
+    if base not in _HANDED_OUT:
+        return
     with _recent_picks() as recent:
         recent[base] = (time.time(), max(1, recent.get(base, (0.0, 1))[1]))
 

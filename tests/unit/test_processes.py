@@ -62,6 +62,14 @@ def test_a_node_killed_or_stopped_keeps_its_ports_reserved(private_picks: Path, 
     assert find_base_port(start=20000, end=20300) == other
 
 
+def test_a_node_on_a_port_chosen_otherwise_reserves_nothing(private_picks: Path, tmp_path: Path) -> None:
+    """`potboiler cluster --base-port 8000`: the picks file is the tests' and benchmarks' business."""
+    node = processes.NodeProcess(tmp_path / "n", 8000)
+    node.kill()
+    node.stop()
+    assert not private_picks.exists()
+
+
 @pytest.mark.usefixtures("all_ports_free")
 def test_when_every_range_is_reserved_a_free_one_is_still_found() -> None:
     picks = [find_base_port(start=20000, end=20300) for _ in range(4)]
