@@ -63,7 +63,15 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
-from potboiler.server.errors import AlreadyExists, Contended, NotFound, PotboilerError, Unavailable, quoted
+from potboiler.server.errors import (
+    AlreadyExists,
+    Contended,
+    NotFound,
+    PotboilerError,
+    TooLarge,
+    Unavailable,
+    quoted,
+)
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch
 from potboiler.server.logclient import (
@@ -522,7 +530,12 @@ class Pigtail:
             return self._view(queue, decision.task_id), False
         task_id = str(uuid.uuid4())
         event = TaskAdded(queue, task_id, task_name, info, due, priority, idempotency_key)
-        await self._append(event, [self.state.create_entry_id(queue)])
+        try:
+            await self._append(event, [self.state.create_entry_id(queue)])
+        except TooLarge as exc:
+            # Under MAX_INFO_BYTES of JSON can still be too much for the log: protobuf spends about
+            # 11 bytes on each number of an array, for example.
+            raise TooLarge(f"info does not fit in a log entry: {exc}") from None
         view = task_view(self.state.task(queue, task_id), self.state.queue(queue), self.now_ms())
         if view is not None:
             return view, True
