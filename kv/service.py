@@ -112,6 +112,9 @@ class KvService:
         self._waiters.clear()
         self._store.close()
 
+    def store_bytes(self) -> int:
+        return self._store.size_bytes()
+
     # -- writes ---------------------------------------------------------------------------------
 
     async def update(

@@ -35,6 +35,9 @@ class PigtailService:
         await self.pigtail.stop()
         self._store.close()
 
+    def store_bytes(self) -> int:
+        return self._store.size_bytes()
+
 
 def create(context: NodeContext) -> NodeService:
     """The Pigtail service of a node."""

@@ -64,9 +64,15 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "potboiler_delivered_position", "Newest delivery position", value=log.position
         )
-        yield GaugeMetricFamily(
-            "potboiler_store_bytes", "Approximate size of the log store", value=node.store.size_bytes()
+        stores = GaugeMetricFamily(
+            "potboiler_store_bytes",
+            "Approximate size of each store (the log's, each service's)",
+            labels=["store"],
         )
+        stores.add_metric(["log"], node.store.size_bytes())
+        for name, service in node.services.items():
+            stores.add_metric([name], service.store_bytes())
+        yield stores
 
         entries_in = CounterMetricFamily(
             "potboiler_replicated_entries_in", "Entries received per peer", labels=["peer"]

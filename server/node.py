@@ -155,7 +155,8 @@ class Node:
             metadata=security.peer_metadata,
         )
         self.peer_watch = PeerWatch(self.replicator)
-        self.services: list[NodeService] = []
+        #: The services by name (KV, Pigtail), in the order they start.
+        self.services: dict[str, NodeService] = {}
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
         self.grpc_port = 0
@@ -205,7 +206,7 @@ class Node:
         for name, factory in config.services:
             service = factory(NodeContext(context.log, config.data_dir / name, context.clock, context.fsync))
             names += service.register(ours)
-            self.services.append(service)
+            self.services[name] = service
         health_pb2_grpc.add_HealthServicer_to_server(self._health, ours)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], ours)
@@ -224,7 +225,7 @@ class Node:
             ) from None
         await server.start()
         self.server = server
-        for service in self.services:
+        for service in self.services.values():
             await service.start()
         self.webhooks.start()
         self.replicator.start()
@@ -344,7 +345,7 @@ class Node:
         await self.peer_watch.stop()
         await self.replicator.stop()
         await self.webhooks.stop()
-        for service in reversed(self.services):
+        for service in reversed(self.services.values()):
             await service.stop()
         self.services.clear()
         await self.appender.stop()

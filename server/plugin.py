@@ -38,3 +38,7 @@ class NodeService(Protocol):
     async def stop(self) -> None:
         """Stop background work and close the service's store."""
         ...
+
+    def store_bytes(self) -> int:
+        """Approximate bytes the service's store occupies (for metrics)."""
+        ...

@@ -447,7 +447,10 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
     assert sum(state.values()) == 1 and state["disconnected"] == 0
     assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, receiver.url))] == 0
     assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, dead_url))] == 5
-    assert on_b[("potboiler_store_bytes", ())] > 0
+    assert on_b[("potboiler_store_bytes", (("store", "log"),))] > 0
+    assert {labels for name, labels in on_b if name == "potboiler_store_bytes"} == {
+        (("store", s),) for s in ("log", "kv", "pigtail")
+    }
     wait_until(
         lambda: metrics(b)[("potboiler_webhook_failures_total", webhook_labels(b, dead_url))] >= 1,
         what="a failed delivery counted",

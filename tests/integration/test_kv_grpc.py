@@ -49,7 +49,7 @@ class KvNode:
 
     @property
     def service(self) -> KvService:
-        service = self.grpc.node.services[0]
+        service = self.grpc.node.services["kv"]
         assert isinstance(service, KvService)
         return service
 
