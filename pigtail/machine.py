@@ -92,14 +92,13 @@ JSON shapes (all stamps are ``[wall_ms, logical, owner]``)::
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, NotRequired, TypeAlias, TypedDict
 
 from potboiler.server.errors import quoted
 
 __all__ = [
-    "ClaimDecision",
     "ClaimRecord",
     "Decision",
     "DoneRecord",
@@ -139,17 +138,11 @@ __all__ = [
     "check_done",
     "check_release",
     "check_retry",
-    "claimable_order",
     "compact_task",
     "event_from_json",
     "find_by_key",
-    "is_dead_lettered",
-    "is_listed",
     "latest_stamp",
-    "list_dead",
-    "list_tasks",
     "new_queue_state",
-    "next_claimable",
     "queue_config",
     "queue_exists",
     "task_view",
@@ -167,10 +160,6 @@ TaskStatus: TypeAlias = Literal["pending", "working", "done", "dead", "delayed"]
 
 class InvalidEvent(ValueError):
     """An event, stamp or state that breaks the rules (bad field type, bad value, wrong task)."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Stamp(NamedTuple):
@@ -810,35 +799,22 @@ class Reason(enum.StrEnum):
 class Decision:
     """The answer of a ``check_*`` function, made before the service appends an event.
 
-    ``noop`` means the request is fine but changes nothing (the service need not append an event);
-    ``holder``/``until_ms`` say who holds the task and until when (for HELD; for an OK claim the new
-    lease's end); ``renewal`` that an OK claim renews the worker's own lease; ``task_id`` the existing
-    task for an idempotent add; ``attempts`` the task's attempts after the claim.
+    ``message`` says why (for a refusal); ``noop`` means the request is fine but changes nothing (the
+    service need not append an event); ``renewal`` that an OK claim renews the worker's own lease;
+    ``task_id`` the existing task for an idempotent add.
     """
 
     verdict: Verdict
     reason: Reason | None = None
     message: str = ""
-    holder: str | None = None
-    until_ms: int | None = None
     renewal: bool = False
     noop: bool = False
     task_id: str | None = None
-    attempts: int | None = None
 
     @property
     def ok(self) -> bool:
         """Whether the request may go ahead."""
         return self.verdict is Verdict.OK
-
-    @property
-    def http_status(self) -> int:
-        """200, 404 or 409."""
-        return {Verdict.OK: 200, Verdict.NOT_FOUND: 404, Verdict.CONFLICT: 409}[self.verdict]
-
-
-ClaimDecision = Decision
-"""The answer of :func:`check_claim` (the same type as every other check's)."""
 
 
 @dataclass
@@ -1006,7 +982,7 @@ def compact_task(task: TaskState, queue: QueueState, horizon: Stamp | StampJSON)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Views and listings
+# Views
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -1032,74 +1008,6 @@ def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> 
         done_by=None if task["done"] is None else task["done"]["worker"] or None,  # "": no worker named
         idempotency_key=task["idempotency_key"],
     )
-
-
-def _task_states(tasks: Iterable[TaskState] | Mapping[str, TaskState]) -> Iterable[TaskState]:
-    return tasks.values() if isinstance(tasks, Mapping) else tasks
-
-
-def is_listed(task: TaskState | None, queue: QueueState | None, now_ms: int) -> bool:
-    """Whether ``GET /queue/Q`` lists the task: visible and pending, working or delayed (not done/dead)."""
-    view = task_view(task, queue, now_ms)
-    return view is not None and view["state"] in ("pending", "working", "delayed")
-
-
-def is_dead_lettered(task: TaskState | None, queue: QueueState | None, now_ms: int) -> bool:
-    """Whether the dead-letter listing shows the task (visible and dead)."""
-    view = task_view(task, queue, now_ms)
-    return view is not None and view["state"] == "dead"
-
-
-def list_tasks(
-    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
-) -> dict[str, ListEntry]:
-    """``GET /queue/Q``: ``{task_id: {"task_name", "state"}}`` of the listed tasks (see :func:`is_listed`)."""
-    out: dict[str, ListEntry] = {}
-    for task in _task_states(tasks):
-        view = task_view(task, queue, now_ms)
-        if view is not None and view["state"] in ("pending", "working", "delayed"):
-            out[view["task_id"]] = ListEntry(task_name=view["task_name"], state=view["state"])
-    return out
-
-
-def list_dead(
-    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
-) -> dict[str, ListEntry]:
-    """The dead-letter listing: ``{task_id: {"task_name", "state": "dead"}}``."""
-    out: dict[str, ListEntry] = {}
-    for task in _task_states(tasks):
-        view = task_view(task, queue, now_ms)
-        if view is not None and view["state"] == "dead":
-            out[view["task_id"]] = ListEntry(task_name=view["task_name"], state="dead")
-    return out
-
-
-def claimable_order(
-    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
-) -> list[str]:
-    """Ids of the tasks claimable now (state pending), best first.
-
-    Order: priority descending, then available time ascending (``max(added wall time, not_before_ms)``),
-    then add stamp, then task id.
-    """
-    ranked: list[tuple[int, int, Stamp, str]] = []
-    for task in _task_states(tasks):
-        view = task_view(task, queue, now_ms)
-        if view is None or view["state"] != "pending" or task["added"] is None:
-            continue
-        added = Stamp.coerce(task["added"])
-        available = max(added.wall_ms, task["not_before_ms"] or added.wall_ms)
-        ranked.append((-task["priority"], available, added, task["task_id"]))
-    ranked.sort()
-    return [task_id for *_, task_id in ranked]
-
-
-def next_claimable(
-    tasks: Iterable[TaskState] | Mapping[str, TaskState], queue: QueueState | None, now_ms: int
-) -> str | None:
-    """The id of the task to hand out next (first of :func:`claimable_order`), or None."""
-    order = claimable_order(tasks, queue, now_ms)
-    return order[0] if order else None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1175,38 +1083,22 @@ def check_claim(task: TaskState | None, queue: QueueState | None, worker_id: str
         return found
     task, config, lease = found
     wall = max(now_ms, _latest_wall(task))
-    before = _Lease(lease.holder, lease.lease_from_ms, lease.attempts)
-    reason, renewal = _claim_step(lease, worker_id, wall, task["not_before_ms"], config)
+    reason, renewal = _claim_step(lease, worker_id, wall, task["not_before_ms"], config)  # void: unchanged
     if reason is Reason.NOT_DUE:
-        return Decision(
-            Verdict.CONFLICT,
-            reason,
-            f"task is delayed until {task['not_before_ms']}",
-            until_ms=task["not_before_ms"],
-        )
+        return Decision(Verdict.CONFLICT, reason, f"task is delayed until {task['not_before_ms']}")
     if reason is Reason.HELD:
-        until = before.until_ms(config)
         return Decision(
             Verdict.CONFLICT,
             reason,
-            f"task is held by worker {before.holder!r} until {until}",
-            before.holder,
-            until,
+            f"task is held by worker {lease.holder!r} until {lease.until_ms(config)}",
         )
     if reason is Reason.DEAD:
         return Decision(
             Verdict.CONFLICT,
             reason,
-            f"task is dead-lettered after {before.attempts} attempts; retry it first",
-            attempts=before.attempts,
+            f"task is dead-lettered after {lease.attempts} attempts; retry it first",
         )
-    return Decision(
-        Verdict.OK,
-        holder=worker_id,
-        until_ms=lease.until_ms(config),
-        renewal=renewal,
-        attempts=lease.attempts,
-    )
+    return Decision(Verdict.OK, renewal=renewal)
 
 
 def check_done(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
@@ -1216,7 +1108,7 @@ def check_done(task: TaskState | None, queue: QueueState | None, worker_id: str,
     if missing is not None or task is None:
         return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
     if task["done"] is not None:
-        return Decision(Verdict.OK, noop=True, message="task is already done", holder=task["done"]["worker"])
+        return Decision(Verdict.OK, noop=True, message="task is already done")
     return Decision(Verdict.OK)
 
 
@@ -1233,7 +1125,7 @@ def check_release(task: TaskState | None, queue: QueueState | None, worker_id: s
             Reason.NOT_HELD,
             f"worker {quoted(worker_id)} holds no unexpired lease on the task",
         )
-    return Decision(Verdict.OK, attempts=lease.attempts)
+    return Decision(Verdict.OK)
 
 
 def check_retry(task: TaskState | None, queue: QueueState | None, now_ms: int) -> Decision:

@@ -1,8 +1,8 @@
 """Which task of a queue to hand out next, without walking the whole queue on every claim.
 
-Per queue, two heaps of task ids: *ready* (ordered like :func:`~potboiler.pigtail.machine.claimable_order`:
-priority descending, then available time, then add stamp, then id) and *waiting* (by the time a task
-may become claimable: when its lease ends or when it is due). The service tells the scheduler what each
+Per queue, two heaps of task ids: *ready* (by :func:`rank`: priority descending, then available time,
+then add stamp, then id) and *waiting* (by the time a task may become claimable: when its lease ends or
+when it is due). The service tells the scheduler what each
 changed task looks like now (:meth:`Scheduler.update`); entries are checked again against the machine's
 view when they reach the top (time passes, leases end), and stale entries are skipped, so each task has
 one live entry: in *ready*, in *waiting* at one time, or none (done, dead, hidden: a retry brings a dead
@@ -31,7 +31,8 @@ _random = random.Random()
 
 
 def rank(task: TaskState) -> Rank:
-    """The order tasks are handed out in (lowest first)."""
+    """The order tasks are handed out in (lowest first): priority descending, then available time
+    ascending (``max(added wall time, not_before_ms)``), then add stamp, then task id."""
     added = Stamp.coerce(task["added"]) if task["added"] is not None else Stamp(0, 0, "")
     available = max(added.wall_ms, task["not_before_ms"] or added.wall_ms)
     return (-task["priority"], available, added, task["task_id"])
@@ -227,8 +228,8 @@ class Scheduler:
         queue_state: QueueState | None,
         now_ms: int,
     ) -> list[tuple[Rank, tuple[str, ListEntry]]]:
-        """The queue's pending, working and delayed tasks at `now_ms`, best first, each with its rank:
-        what :func:`~potboiler.pigtail.machine.list_tasks` answers, without replaying every task."""
+        """The queue's pending, working and delayed tasks at `now_ms`, best first, each with its rank
+        (without replaying every task: see `_current`)."""
         listed = [item for item in self._current(queue, lookup, queue_state, now_ms) if item[0] != "dead"]
         listed.sort(key=_BY_RANK)  # ranks are unique: they end with the task id
         return [
@@ -242,8 +243,7 @@ class Scheduler:
         queue_state: QueueState | None,
         now_ms: int,
     ) -> list[tuple[str, tuple[str, ListEntry]]]:
-        """The queue's dead-lettered tasks at `now_ms`, by id (and with it, as their sort key): what
-        :func:`~potboiler.pigtail.machine.list_dead` answers."""
+        """The queue's dead-lettered tasks at `now_ms`, by id (and with it, as their sort key)."""
         current = self._current(queue, lookup, queue_state, now_ms)
         dead = sorted((task_id, name) for state, task_id, name, _ in current if state == "dead")
         return [(task_id, (task_id, ListEntry(task_name=name, state="dead"))) for task_id, name in dead]

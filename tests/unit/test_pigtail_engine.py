@@ -25,8 +25,6 @@ from potboiler.pigtail.machine import (
     TaskClaimed,
     TaskDone,
     TaskView,
-    list_dead,
-    list_tasks,
 )
 from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, rank
 from potboiler.pigtail.state import Applied
@@ -42,6 +40,7 @@ from potboiler.v1 import pigtail_pb2
 from potboiler.v1.entry_pb2 import Entry
 from tests.conftest import wait_for
 from tests.fakelog import FakeLog
+from tests.pigtail_oracle import list_dead, list_tasks
 
 B = "00000000-0000-4000-8000-00000000000b"
 T0 = 1_700_000_000_000

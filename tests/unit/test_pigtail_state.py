@@ -30,7 +30,6 @@ from potboiler.pigtail.machine import (
     apply_queue_event,
     apply_task_event,
     find_by_key,
-    list_tasks,
     queue_config,
     task_view,
 )
@@ -42,6 +41,7 @@ from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.server.log import Promise
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
+from tests.pigtail_oracle import list_tasks
 
 A = "00000000-0000-4000-8000-00000000000a"
 B = "00000000-0000-4000-8000-00000000000b"
