@@ -20,27 +20,18 @@ from pathlib import Path
 
 import uvloop
 
+from potboiler.server.config_files import SecurityConfigError
 from potboiler.server.errors import InvalidArgument, PotboilerError
 from potboiler.server.gateway import Ports
 from potboiler.server.grpc_errors import quiet_client_gone
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import NodeProcess
-from potboiler.server.security import (
-    AllowedTarget,
-    PeerToken,
-    PolicyMode,
-    RestTlsFiles,
-    Role,
-    SecurityConfig,
-    SecurityConfigError,
-    TlsFiles,
-    TokenStore,
-    WebhookPolicy,
-    tls_context_for,
-    token_line,
-)
+from potboiler.server.security import SecurityConfig
+from potboiler.server.tls import RestTlsFiles, TlsFiles, tls_context_for
+from potboiler.server.tokens import PeerToken, Role, TokenStore, token_line
 from potboiler.server.urls import node_url, url_host
+from potboiler.server.webhook_policy import AllowedTarget, PolicyMode, WebhookPolicy
 
 log = logging.getLogger("potboiler")
 

@@ -43,7 +43,7 @@ from potboiler.server.rest_routes import (
     method_routes,
     path_variables,
 )
-from potboiler.server.security import RestTlsFiles, TlsFiles
+from potboiler.server.tls import RestTlsFiles, TlsFiles
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from potboiler.server.security import Resolver
+from potboiler.server.webhook_policy import Resolver
 
 T = TypeVar("T")
 

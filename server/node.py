@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from potboiler.server.appender import Appender
+from potboiler.server.config_files import FileVersion, SecurityConfigError, file_version
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.gateway import Gateway, Ports
@@ -30,7 +31,7 @@ from potboiler.server.peer_watch import PeerWatch
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.replication import ReplicationServicer, Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer
-from potboiler.server.security import FileVersion, SecurityConfig, SecurityConfigError, file_version
+from potboiler.server.security import SecurityConfig
 from potboiler.server.services import ServiceFactory, default_services
 from potboiler.server.storage import RocksStore
 from potboiler.server.urls import node_url, url_host

@@ -1,6 +1,6 @@
 """The HTTP side of webhook delivery: `post` sends one entry through the delivery transport, which
 resolves each receiver's host in the lookup threads (`potboiler.server.lookups`), applies the node's
-webhook policy (`potboiler.server.security.WebhookPolicy`) on every attempt, and sends the request on
+webhook policy (`potboiler.server.webhook_policy.WebhookPolicy`) on every attempt, and sends the request on
 a connection of `potboiler.server.webhook_transport`.
 
 Straight to the transport, not through an httpx client: the client's own work (building the request
@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 import httpx
 
 from potboiler.server.lookups import Lookups
-from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.urls import host_port
+from potboiler.server.webhook_policy import PolicyMode, WebhookPolicy
 from potboiler.server.webhook_transport import H11Transport
 
 

@@ -1,6 +1,6 @@
 """Webhooks: every registered URL receives every delivered entry as an HTTP POST of its JSON.
 
-Targets are subject to the node's `WebhookPolicy` (potboiler.server.security): checked when a URL
+Targets are subject to the node's `WebhookPolicy` (potboiler.server.webhook_policy): checked when a URL
 is registered (a refusal is a 400) and on every delivery attempt (a refusal is a failed attempt).
 Delivery follows no redirects (a 3xx is a failure), has connect and read timeouts and an overall
 deadline per attempt, and reads at most `MAX_RESPONSE_BYTES` of a receiver's answer.
@@ -32,9 +32,9 @@ from potboiler.server.backoff import Backoff
 from potboiler.server.entry_json import entry_json
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, quoted
 from potboiler.server.lookups import REGISTRATION_LOOKUPS, in_lookup_thread
-from potboiler.server.security import WebhookPolicy
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.server.urls import digest, lower_case_origin, shown, webhook_url
+from potboiler.server.webhook_policy import WebhookPolicy
 from potboiler.v1.entry_pb2 import Entry
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ class Webhooks:
         self._sync = sync
         self._appender = appender
         self._policy = policy or WebhookPolicy()
-        self._transport_factory = transport or self._policy.transport
+        #: What makes the delivery transport, if not `webhook_http.delivery_transport` (tests give theirs).
+        self._transport_factory = transport
         #: Made at the first delivery (TLS set-up is slow).
         self._transport: httpx.AsyncBaseTransport | None = None
         self._registration_lookups = asyncio.Semaphore(REGISTRATION_LOOKUPS)
@@ -288,10 +289,11 @@ class Webhooks:
 
     async def _post(self, url: str, body: bytes) -> int:
         """POST one entry; returns the status, having read at most MAX_RESPONSE_BYTES of the answer."""
-        from potboiler.server.webhook_http import post
+        from potboiler.server.webhook_http import delivery_transport, post
 
         if self._transport is None:
-            self._transport = self._transport_factory()
+            make = self._transport_factory
+            self._transport = make() if make is not None else delivery_transport(self._policy)
         return await post(
             self._transport, url, body, {ORIGIN_HEADER: self._appender.log.node_id}, MAX_RESPONSE_BYTES
         )

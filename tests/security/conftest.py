@@ -27,7 +27,7 @@ import trustme
 
 from potboiler.server.gateway import Ports
 from potboiler.server.processes import NodeProcess, find_base_port
-from potboiler.server.security import Role, token_line
+from potboiler.server.tokens import Role, token_line
 
 sys.modules.setdefault("tests.security.conftest", sys.modules[__name__])
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 
 from potboiler.server import cli
 from potboiler.server.processes import NodeProcess
-from potboiler.server.security import Role, token_line
+from potboiler.server.tokens import Role, token_line
 from potboiler.v1 import log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from tests.conftest import wait_for_sync
 from tests.security.conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN, Nodes, Pki

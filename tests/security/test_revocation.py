@@ -17,10 +17,13 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from potboiler.server import auth
 from potboiler.server import node as node_module
-from potboiler.server import security
+from potboiler.server.auth import AuthInterceptor
+from potboiler.server.config_files import file_version
 from potboiler.server.node import Node
-from potboiler.server.security import AuthInterceptor, Role, SecurityConfig, TokenStore, token_line
+from potboiler.server.security import SecurityConfig
+from potboiler.server.tokens import Role, TokenStore, token_line
 from tests.conftest import grpc_only_config, wait_for
 
 READER, WRITER, ADMIN = "reader-token-1357", "writer-token-2468", "admin-token-3579"
@@ -204,7 +207,7 @@ async def test_streams_whose_token_still_allows_them_are_left_alone(served: Serv
 async def test_a_caller_that_stops_reading_holds_up_no_other_stream_and_is_stopped_in_time(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(security, "END_STREAM_TIMEOUT", 0.5)
+    monkeypatch.setattr(auth, "END_STREAM_TIMEOUT", 0.5)
     stuck, reading = served.call("SubscribeFlood", READER), served.call("SubscribeEntries", READER)
     assert await stuck.read() and await reading.read() == b"first"  # then `stuck` reads no more
     served.rewrite((WRITER, Role.WRITE))
@@ -259,10 +262,10 @@ async def test_a_stream_whose_request_arrives_after_the_tokens_changed_is_refuse
 async def test_ending_a_stream_stops_its_handler_whatever_becomes_of_its_status(
     context: AbortingContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(security, "END_STREAM_TIMEOUT", 0.1)
+    monkeypatch.setattr(auth, "END_STREAM_TIMEOUT", 0.1)
     handler = asyncio.create_task(asyncio.Event().wait())
-    stream = security._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, context), handler)
-    await security._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
+    stream = auth._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, context), handler)
+    await auth._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
     with pytest.raises(asyncio.CancelledError):
         await handler
 
@@ -270,8 +273,8 @@ async def test_ending_a_stream_stops_its_handler_whatever_becomes_of_its_status(
 async def test_a_handler_aborting_by_itself_is_left_to_finish() -> None:
     handler = asyncio.create_task(asyncio.sleep(0))
     aborting = AbortingContext(grpc.aio.UsageError("Abort already called!"))
-    stream = security._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, aborting), handler)
-    await security._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
+    stream = auth._Stream(READER, "/m/SubscribeX", Role.READ, cast(Any, aborting), handler)
+    await auth._end_stream(stream, (grpc.StatusCode.UNAUTHENTICATED, "revoked"))
     await handler  # not cancelled
 
 
@@ -295,7 +298,7 @@ async def test_a_reload_that_fails_leaves_the_node_watching_its_file(
     try:
         watched = tmp_path / "watched"
         watched.write_text("1")
-        node._watch(watched, security.file_version(watched), failing)
+        node._watch(watched, file_version(watched), failing)
         for version in ("22", "333"):
             called.clear()
             watched.write_text(version)

@@ -11,21 +11,22 @@ import logging
 import httpx
 import pytest
 
+from potboiler.server.config_files import SecurityConfigError
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.security import (
-    AllowedTarget,
-    IPAddress,
-    PolicyMode,
-    SecurityConfigError,
-    WebhookPolicy,
-    forbidden_reason,
-)
 from potboiler.server.webhook_http import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
     BlockedTarget,
     GuardedTransport,
+    delivery_transport,
     post,
+)
+from potboiler.server.webhook_policy import (
+    AllowedTarget,
+    IPAddress,
+    PolicyMode,
+    WebhookPolicy,
+    forbidden_reason,
 )
 from tests.security.conftest import Answer, Receiver
 
@@ -210,7 +211,7 @@ async def test_delivery_resolves_once_and_connects_to_the_checked_address(receiv
         return None  # this test's receiver is on loopback: admit it
 
     policy = WebhookPolicy(PolicyMode.DENY_PRIVATE, resolver=resolve, address_check=check)
-    transport = policy.transport()
+    transport = delivery_transport(policy)
     for _ in range(2):
         assert await deliver(transport, f"http://hooks.invalid:{receiver.port}/in") == 200
     await transport.aclose()
@@ -226,13 +227,13 @@ async def test_delivery_to_a_name_that_now_resolves_to_loopback_is_blocked(recei
     url = f"http://rebind.example:{receiver.port}/in"
     policy.check_url(url)
     with pytest.raises(BlockedTarget, match=r"rebind\.example resolves to an address that is not public"):
-        await deliver(policy.transport(), url)
+        await deliver(delivery_transport(policy), url)
     assert receiver.received() == []
 
 
 async def test_the_allowlist_is_applied_at_delivery_too(receiver: Receiver) -> None:
     policy = WebhookPolicy(PolicyMode.ALLOWLIST, (AllowedTarget("127.0.0.1", receiver.port),))
-    transport = policy.transport()
+    transport = delivery_transport(policy)
     assert await deliver(transport, receiver.url("/ok")) == 200
     with pytest.raises(BlockedTarget, match="not in the webhook allowlist"):
         await deliver(transport, receiver.url("/no", host="localhost"))
@@ -246,7 +247,7 @@ async def test_a_delivery_follows_no_redirects_ignores_proxies_and_has_timeouts(
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9/")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9/")
     receiver.answer = lambda path: Answer(302, {"location": "/elsewhere"}) if path == "/in" else Answer()
-    transport = WebhookPolicy().transport()
+    transport = delivery_transport(WebhookPolicy())
     assert await deliver(transport, receiver.url("/in")) == 302
     await transport.aclose()
     assert [r.path for r in receiver.received()] == ["/in"]
@@ -263,7 +264,7 @@ async def test_a_delivery_follows_no_redirects_ignores_proxies_and_has_timeouts(
 
 
 async def test_a_delivery_to_a_url_with_user_info_sends_it_as_basic_auth(receiver: Receiver) -> None:
-    transport = WebhookPolicy().transport()
+    transport = delivery_transport(WebhookPolicy())
     assert await deliver(transport, f"http://us%40er:p%3Ass@127.0.0.1:{receiver.port}/in") == 200
     assert await deliver(transport, receiver.url("/in")) == 200
     await transport.aclose()

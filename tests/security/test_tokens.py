@@ -15,18 +15,10 @@ import pytest
 
 import potboiler.v1
 from potboiler.server import cli
-from potboiler.server.security import (
-    PeerToken,
-    Role,
-    SecurityConfig,
-    SecurityConfigError,
-    TokenStore,
-    bearer_token,
-    file_version,
-    hash_token,
-    required_role,
-    token_line,
-)
+from potboiler.server.auth import bearer_token, required_role
+from potboiler.server.config_files import SecurityConfigError, file_version
+from potboiler.server.security import SecurityConfig
+from potboiler.server.tokens import PeerToken, Role, TokenStore, hash_token, token_line
 
 
 def test_tokens_are_stored_as_their_sha256() -> None:

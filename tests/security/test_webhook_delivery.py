@@ -20,8 +20,8 @@ from potboiler.server.appender import Appender
 from potboiler.server.entries import NewEntry
 from potboiler.server.log import Log
 from potboiler.server.lookups import REGISTRATION_LOOKUPS
-from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
+from potboiler.server.webhook_policy import PolicyMode, WebhookPolicy
 from potboiler.server.webhooks import MAX_RESPONSE_BYTES, Webhooks, WebhookState
 from tests.conftest import wait_for
 from tests.security.conftest import Answer, Receiver

@@ -28,9 +28,9 @@ from potboiler.server.entries import NewEntry
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.log import Log
 from potboiler.server.replication import RECONNECT
-from potboiler.server.security import PolicyMode, WebhookPolicy
 from potboiler.server.storage import RocksStore
 from potboiler.server.turns import EVERY
+from potboiler.server.webhook_policy import PolicyMode, WebhookPolicy
 from potboiler.server.webhooks import BATCH, MAX_WEBHOOKS, Webhooks
 from tests.conftest import loop_turns, wait_for
 
