@@ -677,9 +677,7 @@ class Pigtail:
         key = (queue, task_id)
         while (under_way := self._completing.get(key)) is not None:
             await asyncio.shield(under_way)
-        decision = check_done(
-            self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
-        )
+        decision = check_done(self._task_or_none(queue, task_id), self.state.queue(queue))
         self._refuse(decision, queue, task_id)
         if decision.noop:
             return self._view(queue, task_id), True

@@ -141,6 +141,7 @@ __all__ = [
     "compact_task",
     "event_from_json",
     "find_by_key",
+    "latest_delete",
     "latest_stamp",
     "new_queue_state",
     "queue_config",
@@ -591,60 +592,45 @@ def _at(record: QueueMark | KeyCandidate | ClaimRecord | DoneRecord) -> Stamp:
 # --------------------------------------------------------------------------------------------------------
 
 
-def apply_queue_event(
-    state: QueueState | None, event: Event, stamp: Stamp | StampJSON, event_id: str
-) -> QueueState:
-    """The queue state after ``event`` (stamped ``stamp``); call it for every event of the queue.
+def apply_queue_event(state: QueueState | None, event: QueueEvent, stamp: Stamp | StampJSON) -> QueueState:
+    """The queue state after a create or delete of the queue (stamped ``stamp``): it joins the history.
 
-    QueueCreated/QueueDeleted join the queue's history; a TaskAdded with an idempotency key joins the key
-    index; other events change nothing. ``state`` None means "nothing seen yet for this queue". The input
-    is never mutated: the result is a new object, or ``state`` itself when the event changes nothing (a
-    duplicate), so ``new is old`` tells the service it may skip the write. Stamps are unique per event,
-    so deduplication uses them; ``event_id`` is accepted for symmetry and not needed.
+    ``state`` None means "nothing seen yet for this queue". The key index is left as it is (the very
+    same object): it changes only by :func:`candidates_after_add` and :func:`candidates_after_delete`,
+    applied per key. The input is never mutated: the result is a new object, or ``state`` itself when
+    the event changes nothing (a duplicate), so ``new is old`` tells the service it may skip the write.
+    Stamps are unique per event, so deduplication uses them.
     """
-    del event_id
     at = Stamp.coerce(stamp)
-    name = _event_queue(event)
     if state is None:
-        state = new_queue_state(name)
-    elif state["name"] != name:
-        raise InvalidEvent(f"event for queue {name!r} applied to queue {state['name']!r}")
+        state = new_queue_state(event.name)
+    elif state["name"] != event.name:
+        raise InvalidEvent(f"event for queue {event.name!r} applied to queue {state['name']!r}")
     history = state["history"]
     # Only the latest delete and what follows it can still matter (tasks, keys and creates stamped before
     # it belong to ended incarnations), so the history is kept trimmed to that: bounded, and the same for
     # every arrival order.
-    if history and history[0]["op"] == "deleted" and at < _at(history[0]):
+    cut = latest_delete(state)
+    if (cut is not None and at < cut) or any(_at(mark) == at for mark in history):
         return state
-    if isinstance(event, QueueCreated | QueueDeleted):
-        if any(_at(mark) == at for mark in history):
-            return state
-        mark = QueueMark(
-            at=at.to_json(),
-            op="created" if isinstance(event, QueueCreated) else "deleted",
-            timeout_ms=event.timeout_ms if isinstance(event, QueueCreated) else None,
-            max_attempts=event.max_attempts if isinstance(event, QueueCreated) else None,
-        )
-        marks = sorted([*history, mark], key=_at)
-        last_delete = max((i for i, m in enumerate(marks) if m["op"] == "deleted"), default=None)
-        new = state.copy()
-        new["history"] = marks if last_delete is None else marks[last_delete:]
-        if last_delete is not None:
-            cut = _at(marks[last_delete])
-            new["keys"] = {}
-            for key, candidates in state["keys"].items():
-                if kept := candidates_after_delete(candidates, cut):
-                    new["keys"][key] = kept
-        return new
-    if isinstance(event, TaskAdded) and event.idempotency_key is not None:
-        key = event.idempotency_key
-        candidates = state["keys"].get(key, [])
-        joined = candidates_after_add(candidates, event.task_id, at)
-        if joined is candidates:
-            return state
-        new = state.copy()
-        new["keys"] = {**state["keys"], key: joined}
-        return new
-    return state
+    mark = QueueMark(
+        at=at.to_json(),
+        op="created" if isinstance(event, QueueCreated) else "deleted",
+        timeout_ms=event.timeout_ms if isinstance(event, QueueCreated) else None,
+        max_attempts=event.max_attempts if isinstance(event, QueueCreated) else None,
+    )
+    marks = sorted([*history, mark], key=_at)
+    last_delete = max((i for i, m in enumerate(marks) if m["op"] == "deleted"), default=None)
+    new = state.copy()
+    new["history"] = marks if last_delete is None else marks[last_delete:]
+    return new
+
+
+def latest_delete(queue: QueueState | None) -> Stamp | None:
+    """The stamp of the queue's latest delete (its history is kept trimmed to start there), if any."""
+    if queue is None or not queue["history"] or queue["history"][0]["op"] != "deleted":
+        return None
+    return _at(queue["history"][0])
 
 
 def candidates_after_add(candidates: list[KeyCandidate], task_id: str, at: Stamp) -> list[KeyCandidate]:
@@ -661,17 +647,14 @@ def candidates_after_delete(candidates: list[KeyCandidate], cut: Stamp) -> list[
     return [c for c in candidates if _at(c) > cut]
 
 
-def apply_task_event(
-    state: TaskState | None, event: TaskEvent, stamp: Stamp | StampJSON, event_id: str
-) -> TaskState:
+def apply_task_event(state: TaskState | None, event: TaskEvent, stamp: Stamp | StampJSON) -> TaskState:
     """The task state after ``event`` (stamped ``stamp``); ``state`` None means "nothing seen yet".
 
     Idempotent (a duplicate changes nothing) and commutative (concurrent events give the same state in
     any order). Events may arrive before the task's TaskAdded (a ghost state with ``added`` null, hidden
     until the add arrives). Never mutates its input; returns ``state`` itself when nothing changed.
-    ``event_id`` is accepted for symmetry: stamps are unique per event and deduplicate.
+    Stamps are unique per event, so deduplication uses them.
     """
-    del event_id
     at = Stamp.coerce(stamp)
     if state is None:
         state = _new_task_state(event.queue, event.task_id)
@@ -1101,9 +1084,8 @@ def check_claim(task: TaskState | None, queue: QueueState | None, worker_id: str
     return Decision(Verdict.OK, renewal=renewal)
 
 
-def check_done(task: TaskState | None, queue: QueueState | None, worker_id: str, now_ms: int) -> Decision:
+def check_done(task: TaskState | None, queue: QueueState | None) -> Decision:
     """Before TaskDone: OK for any visible task, whoever asks (``noop`` if already done); else 404."""
-    del worker_id, now_ms
     missing = _not_found(task, queue)
     if missing is not None or task is None:
         return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")

@@ -61,6 +61,7 @@ from potboiler.pigtail.machine import (
     candidates_after_add,
     candidates_after_delete,
     compact_task,
+    latest_delete,
     latest_stamp,
     new_queue_state,
     queue_config,
@@ -120,13 +121,6 @@ def _dump_queue(record: QueueRecord) -> bytes:
     """A queue's record as stored: without its key index (stored per key)."""
     state = {k: v for k, v in record["state"].items() if k != "keys"}
     return orjson.dumps({"state": state, "ids": record["ids"]})
-
-
-def _cut(queue: QueueState | None) -> Stamp | None:
-    """The stamp of the queue's latest delete (its history is trimmed to start there), if any."""
-    if queue is None or not queue["history"] or queue["history"][0]["op"] != "deleted":
-        return None
-    return Stamp.coerce(queue["history"][0]["at"])
 
 
 def _settled(owner: str, newest: Stamp, seq: int, promises: Mapping[str, Promise]) -> Stamp:
@@ -314,22 +308,20 @@ class PigtailState:
             if isinstance(event, QueueCreated | QueueDeleted):
                 record = queue_record(event.name)
                 old = None if record is None else record["state"]
-                new = apply_queue_event(old, event, stamp, delivered.entry_id)
+                new = apply_queue_event(old, event, stamp)  # old's key index, changed per key at adopt
                 if new is old:
                     continue
-                if old is not None:
-                    new["keys"] = old["keys"]  # the index stays one object, changed per key at adopt
                 ids = dict(record["ids"]) if record is not None else {}
                 ids[stamp_key(stamp)] = delivered.entry_id
                 keep = {stamp_key(mark["at"]) for mark in new["history"]}
                 queues[event.name] = QueueRecord(state=new, ids={k: v for k, v in ids.items() if k in keep})
-                cut = _cut(new)
-                if cut is not None and cut != _cut(old):
+                cut = latest_delete(new)
+                if cut is not None and cut != latest_delete(old):
                     self._purge(event.name, cut, tasks)
                     self._purge_keys(event.name, cut, new["keys"], applied.keys)
                 continue
             record = queue_record(event.queue)
-            cut = _cut(None if record is None else record["state"])
+            cut = latest_delete(None if record is None else record["state"])
             key = (event.queue, event.task_id)
             current = task_record(key)
             if cut is not None and stamp < cut and (isinstance(event, TaskAdded) or current is None):
@@ -343,7 +335,7 @@ class PigtailState:
                     if joined is not known:
                         applied.keys[event.queue, key_name] = joined
             old_task = None if current is None else current["state"]
-            new_task = apply_task_event(old_task, event, stamp, delivered.entry_id)
+            new_task = apply_task_event(old_task, event, stamp)
             if new_task is old_task:
                 continue
             add_id = None if current is None else current["add_id"]

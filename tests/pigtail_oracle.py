@@ -1,15 +1,56 @@
-"""Pigtail's listings computed the slow, obvious way, from every task's view: what the tests hold the
-scheduler's listings (:class:`~potboiler.pigtail.scheduler.Scheduler`) and replicas' answers to."""
+"""Pigtail's listings and queue states computed the slow, obvious way: what the tests hold the
+scheduler's listings (:class:`~potboiler.pigtail.scheduler.Scheduler`), the service's state
+(:class:`~potboiler.pigtail.state.PigtailState`) and replicas' answers to."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from potboiler.pigtail.machine import ListEntry, QueueState, TaskState, task_view
+from potboiler.pigtail.machine import (
+    Event,
+    ListEntry,
+    QueueCreated,
+    QueueDeleted,
+    QueueState,
+    Stamp,
+    TaskAdded,
+    TaskState,
+    apply_queue_event,
+    candidates_after_add,
+    candidates_after_delete,
+    latest_delete,
+    new_queue_state,
+    task_view,
+)
 from potboiler.pigtail.scheduler import rank
 
 Tasks = Iterable[TaskState] | Mapping[str, TaskState]
 """Task states, or task states by id."""
+
+
+def apply_to_queue(queue: QueueState | None, event: Event, stamp: Stamp) -> QueueState:
+    """The queue state after any event of the queue, its key index included, kept in one piece: a
+    create or delete joins the history and drops the candidates stamped before the latest delete; a
+    keyed add joins its key's candidates unless stamped before the latest delete. (The service keeps
+    the index apart and changes it per key.) ``queue`` itself when the event changes nothing."""
+    if isinstance(event, QueueCreated | QueueDeleted):
+        new = apply_queue_event(queue, event, stamp)
+        cut = latest_delete(new)
+        if new is queue or cut is None:
+            return new
+        kept = {key: candidates_after_delete(candidates, cut) for key, candidates in new["keys"].items()}
+        return {**new, "keys": {key: candidates for key, candidates in kept.items() if candidates}}
+    if queue is None:
+        queue = new_queue_state(event.queue)
+    if not isinstance(event, TaskAdded) or event.idempotency_key is None:
+        return queue
+    cut = latest_delete(queue)
+    if cut is not None and stamp < cut:
+        return queue
+    key = event.idempotency_key
+    candidates = queue["keys"].get(key, [])
+    joined = candidates_after_add(candidates, event.task_id, stamp)
+    return queue if joined is candidates else {**queue, "keys": {**queue["keys"], key: joined}}
 
 
 def _task_states(tasks: Tasks) -> Iterable[TaskState]:

@@ -44,7 +44,7 @@ from potboiler.pigtail.machine import (
     queue_exists,
     task_view,
 )
-from tests.pigtail_oracle import claimable_order, list_dead, list_tasks
+from tests.pigtail_oracle import apply_to_queue, claimable_order, list_dead, list_tasks
 
 Q = "jobs"
 N1 = "00000000-0000-4000-8000-000000000001"
@@ -62,12 +62,12 @@ class Replica:
         self.queues: dict[str, QueueState] = {}
         self.tasks: dict[str, TaskState] = {}
 
-    def apply(self, event: Event, stamp: Stamp, event_id: str = "") -> None:
+    def apply(self, event: Event, stamp: Stamp) -> None:
         name = event.name if isinstance(event, QueueCreated | QueueDeleted) else event.queue
-        self.queues[name] = _roundtrip(apply_queue_event(self.queues.get(name), event, stamp, event_id))
+        self.queues[name] = _roundtrip(apply_to_queue(self.queues.get(name), event, stamp))
         if not isinstance(event, QueueCreated | QueueDeleted):
             old = self.tasks.get(event.task_id)
-            self.tasks[event.task_id] = _roundtrip(apply_task_event(old, event, stamp, event_id))
+            self.tasks[event.task_id] = _roundtrip(apply_task_event(old, event, stamp))
 
     @property
     def queue(self) -> QueueState | None:
@@ -448,11 +448,11 @@ def test_check_claim_not_found() -> None:
 
 def test_check_done() -> None:
     replica = run([(10, N1, claim("A"))])
-    assert check_done(replica.task(), replica.queue, "B", 20).verdict is Verdict.OK  # whoever sends it
+    assert check_done(replica.task(), replica.queue).verdict is Verdict.OK  # held by A: done by anyone
     replica.apply(done("B"), Stamp(20, 0, N1))
-    again = check_done(replica.task(), replica.queue, "A", 30)
+    again = check_done(replica.task(), replica.queue)
     assert again.ok and again.noop
-    assert check_done(None, replica.queue, "A", 30).verdict is Verdict.NOT_FOUND
+    assert check_done(None, replica.queue).verdict is Verdict.NOT_FOUND
 
 
 def test_check_release() -> None:
@@ -679,9 +679,9 @@ def test_bad_stamps_and_mismatched_states() -> None:
     task, queue = replica.task(), replica.queue
     assert task is not None and queue is not None
     with pytest.raises(InvalidEvent):
-        apply_task_event(task, claim("A", "other"), Stamp(5, 0, N1), "e")
+        apply_task_event(task, claim("A", "other"), Stamp(5, 0, N1))
     with pytest.raises(InvalidEvent):
-        apply_queue_event(queue, QueueDeleted("other"), Stamp(5, 0, N1), "e")
+        apply_queue_event(queue, QueueDeleted("other"), Stamp(5, 0, N1))
 
 
 def test_apply_is_pure_and_duplicates_change_nothing() -> None:
@@ -697,10 +697,12 @@ def test_apply_is_pure_and_duplicates_change_nothing() -> None:
         (retry(), Stamp(40, 0, N2)),
     ]
     for event, stamp in duplicates:
-        assert apply_task_event(task, event, stamp.to_json(), "dup") is task
-        assert apply_queue_event(queue, event, stamp, "dup") is queue
-    assert apply_queue_event(queue, QueueCreated(Q, 100, 2), Stamp(0, 0, N1), "dup") is queue
-    new = apply_task_event(task, done("B"), Stamp(5, 0, N2), "earlier")
+        assert apply_task_event(task, event, stamp.to_json()) is task
+    assert apply_queue_event(queue, QueueCreated(Q, 100, 2), Stamp(0, 0, N1)) is queue
+    deleted = apply_queue_event(queue, QueueDeleted(Q), Stamp(50, 0, N1))
+    assert [mark["op"] for mark in deleted["history"]] == ["deleted"]
+    assert deleted["keys"] is queue["keys"]  # the key index is changed per key, apart
+    new = apply_task_event(task, done("B"), Stamp(5, 0, N2))
     assert new is not task and new["done"] == {"at": [5, 0, N2], "worker": "B"} and new["claims"] == []
     assert (json.dumps(task, sort_keys=True), json.dumps(queue, sort_keys=True)) == frozen
 
@@ -721,15 +723,15 @@ def test_compaction_keeps_views_and_bounds_heartbeats() -> None:
     for now in (900, 1000, 1100, 2000):
         assert task_view(compacted, queue, now) == task_view(task, queue, now)
     # Late duplicates of folded events are ignored; later events still apply on top of the base.
-    assert apply_task_event(compacted, claim("A"), Stamp(10, 0, N1), "dup") is compacted
+    assert apply_task_event(compacted, claim("A"), Stamp(10, 0, N1)) is compacted
     later: list[tuple[TaskEvent, Stamp]] = [
         (claim("B"), Stamp(1200, 0, N2)),
         (claim("B"), Stamp(1250, 0, N2)),
         (retry(), Stamp(1500, 0, N1)),
     ]
     for event, stamp in later:
-        task = apply_task_event(task, event, stamp, "e")
-        compacted = apply_task_event(compacted, event, stamp, "e")
+        task = apply_task_event(task, event, stamp)
+        compacted = apply_task_event(compacted, event, stamp)
     for now in (1200, 1300, 1400, 1600):
         assert task_view(compacted, queue, now) == task_view(task, queue, now)
     # A hidden task or a task added after the horizon is left alone.
@@ -746,7 +748,6 @@ NODE_NAMES = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
 
 @dataclass
 class SimEvent:
-    event_id: str
     owner: int
     stamp: Stamp
     event: Event
@@ -780,9 +781,9 @@ class Cluster:
     def emit(self, node: SimNode, event: Event) -> SimEvent:
         stamp = node.stamp(self.phys_ms)
         node.delivered[node.index] += 1
-        sim = SimEvent(f"e{len(self.log)}", node.index, stamp, event, tuple(node.delivered))
+        sim = SimEvent(node.index, stamp, event, tuple(node.delivered))
         self.log.append(sim)
-        node.replica.apply(event, stamp, sim.event_id)
+        node.replica.apply(event, stamp)
         return sim
 
     def has(self, node: SimNode, sim: SimEvent) -> bool:
@@ -799,13 +800,13 @@ class Cluster:
     def deliver(self, node: SimNode, sim: SimEvent) -> None:
         node.hlc = max(node.hlc, (sim.stamp.wall_ms, sim.stamp.logical))
         node.delivered[sim.owner] += 1
-        node.replica.apply(sim.event, sim.stamp, sim.event_id)
+        node.replica.apply(sim.event, sim.stamp)
 
     def duplicate(self, node: SimNode, pick: int) -> None:
         seen = [sim for sim in self.log if self.has(node, sim)]
         if seen:
             sim = seen[pick % len(seen)]
-            node.replica.apply(sim.event, sim.stamp, sim.event_id)
+            node.replica.apply(sim.event, sim.stamp)
 
     def heal(self, rng: random.Random) -> None:
         """Deliver everything everywhere, in a random causal order, with duplicate deliveries."""
@@ -827,7 +828,7 @@ class Cluster:
         """A replica that applied the whole log in stamp order (the reference)."""
         replica = Replica()
         for sim in sorted(self.log, key=lambda s: s.stamp)[:upto]:
-            replica.apply(sim.event, sim.stamp, sim.event_id)
+            replica.apply(sim.event, sim.stamp)
         return replica
 
 
@@ -878,7 +879,7 @@ def _act(cluster: Cluster, action: tuple[Any, ...], config: tuple[int, int | Non
             ok = check_claim(task, replica.queue, action[2], now).ok
             event: Event = claim(action[2], task_id)
         elif kind == "done":  # mostly by the lease holder, as a worker would; sometimes by anyone
-            decision = check_done(task, replica.queue, action[2], now)
+            decision = check_done(task, replica.queue)
             view = task_view(task, replica.queue, now)
             holder = view is not None and view["worker"] == action[2] and view["state"] == "working"
             ok = decision.ok and not decision.noop and (holder or action[3] % 4 == 0)
@@ -980,7 +981,7 @@ def test_replicas_converge(
     rest = ordered[upto:] + rng.sample(ordered, min(len(ordered), 5))
     rng.shuffle(rest)
     for sim in rest:
-        compacted.apply(sim.event, sim.stamp, sim.event_id)
+        compacted.apply(sim.event, sim.stamp)
     for now in nows:
         assert compacted.views(now) == reference.views(now)
 
