@@ -24,6 +24,7 @@ from potboiler.pigtail.machine import (
     QueueDeleted,
     Stamp,
     event_from_json,
+    event_queue,
 )
 from potboiler.pigtail.validate import is_name, is_task_id
 from potboiler.server.jsonvalue import from_value, to_value
@@ -73,8 +74,7 @@ def decode(entry: Entry) -> Delivered | None:
     except InvalidEvent as exc:
         log.warning("ignoring entry %s: not a valid Pigtail event: %s", entry.id, exc)
         return None
-    queue = event.name if isinstance(event, QueueCreated | QueueDeleted) else event.queue
-    if not is_name(queue) or not (
+    if not is_name(event_queue(event)) or not (
         isinstance(event, QueueCreated | QueueDeleted) or is_task_id(event.task_id)
     ):
         log.warning("ignoring entry %s: bad queue name or task id in a Pigtail event", entry.id)

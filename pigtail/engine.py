@@ -434,12 +434,8 @@ class Pigtail:
             raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
         raise Contended(f"task {task_id!r}: {decision.message}")
 
-    def _view(self, queue: str, task_id: str, now_ms: int | None = None) -> TaskView:
-        view = task_view(
-            self.state.task(queue, task_id) if validate.is_task_id(task_id) else None,
-            self.state.queue(queue),
-            self.now_ms() if now_ms is None else now_ms,
-        )
+    def _view(self, queue: str, task_id: str) -> TaskView:
+        view = task_view(self._task_or_none(queue, task_id), self.state.queue(queue), self.now_ms())
         if view is None:
             self._queue(queue)
             raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
@@ -587,17 +583,18 @@ class Pigtail:
 
     async def claim(self, queue: str, task_id: str, worker_id: str) -> tuple[TaskView, bool]:
         """Claim a task for a worker (or renew its claim); (the task, whether it was a renewal)."""
-        await self._caught_up.wait()
-        validate.queue_name(queue)
-        validate.text(worker_id, "worker_id")
-        decision = check_claim(
-            self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
-        )
-        self._refuse(decision, queue, task_id)
-        return await self._claim(queue, task_id, worker_id), decision.renewal
+        renewal = await self._check_claim(queue, task_id, worker_id)
+        return await self._claim(queue, task_id, worker_id), renewal
 
     async def heartbeat(self, queue: str, task_id: str, worker_id: str) -> TaskView:
         """Extend the worker's unexpired lease on a task."""
+        if not await self._check_claim(queue, task_id, worker_id):
+            raise Contended(f"task {task_id!r}: worker {worker_id!r} holds no unexpired lease on it")
+        return await self._claim(queue, task_id, worker_id)
+
+    async def _check_claim(self, queue: str, task_id: str, worker_id: str) -> bool:
+        """Check a claim request (once caught up) and raise the error refusing it; whether the claim
+        would renew the worker's own lease."""
         await self._caught_up.wait()
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
@@ -605,9 +602,7 @@ class Pigtail:
             self._task_or_none(queue, task_id), self.state.queue(queue), worker_id, self.now_ms()
         )
         self._refuse(decision, queue, task_id)
-        if not decision.renewal:
-            raise Contended(f"task {task_id!r}: worker {worker_id!r} holds no unexpired lease on it")
-        return await self._claim(queue, task_id, worker_id)
+        return decision.renewal
 
     async def release(self, queue: str, task_id: str, worker_id: str, *, unsent: bool = False) -> TaskView:
         """Give back the task the worker holds: its lease ends now, and the task is pending again (dead

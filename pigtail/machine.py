@@ -140,6 +140,7 @@ __all__ = [
     "check_retry",
     "compact_task",
     "event_from_json",
+    "event_queue",
     "find_by_key",
     "latest_delete",
     "latest_stamp",
@@ -445,7 +446,8 @@ def _json_value(value: object) -> JSONValue:
     raise InvalidEvent(f"not a JSON value: {value!r}")
 
 
-def _event_queue(event: Event) -> str:
+def event_queue(event: Event) -> str:
+    """The name of the queue the event is about."""
     return event.name if isinstance(event, QueueCreated | QueueDeleted) else event.queue
 
 

@@ -39,6 +39,7 @@ from potboiler.pigtail.machine import (
     check_retry,
     compact_task,
     event_from_json,
+    event_queue,
     find_by_key,
     queue_config,
     queue_exists,
@@ -63,7 +64,7 @@ class Replica:
         self.tasks: dict[str, TaskState] = {}
 
     def apply(self, event: Event, stamp: Stamp) -> None:
-        name = event.name if isinstance(event, QueueCreated | QueueDeleted) else event.queue
+        name = event_queue(event)
         self.queues[name] = _roundtrip(apply_to_queue(self.queues.get(name), event, stamp))
         if not isinstance(event, QueueCreated | QueueDeleted):
             old = self.tasks.get(event.task_id)
