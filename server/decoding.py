@@ -12,7 +12,9 @@ Handlers registered here also serialize the answers of the RPCs that have a REST
 transcodes to JSON) with each object's keys sorted: a Struct's fields are a protobuf map, written in
 no particular order, so the same entry or value printed differently on every node (Envoy prints them
 in wire order). Sorting costs about 1 µs per answer. Other answers (gRPC clients read maps as maps)
-are serialized as they are.
+are serialized as they are, and one a servicer gives as bytes is sent as it is: SubscribeEntries
+writes its messages from the entries as stored (`potboiler.server.wire`), which parsing into a
+message only for grpc to serialize it again would cost as much again.
 """
 
 from __future__ import annotations
@@ -80,6 +82,17 @@ def _serialize_sorted(response: Message) -> bytes:
     return response.SerializeToString(deterministic=True)
 
 
+def _serialize_or_pass(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """`serialize`, but an answer given as bytes (serialized already) is sent as it is."""
+    if serialize is None:
+        return None
+
+    def serialize_or_pass(response: Any) -> bytes:
+        return response if type(response) is bytes else serialize(response)
+
+    return serialize_or_pass
+
+
 @functools.cache
 def transcoded(method: str) -> bool:
     """Whether the RPC `method` (`/package.Service/Method`, as grpc names it) has a REST binding: its
@@ -97,7 +110,7 @@ def guard(handler: Handler, method: str) -> Handler:
     INVALID_ARGUMENT, and its answers serialized with sorted map keys if the RPC has a REST binding."""
     # The behaviours are coroutine functions (grpc.aio), which grpc's type stubs do not describe.
     parse = _deserializer(handler.request_deserializer)
-    serialize = _serialize_sorted if transcoded(method) else handler.response_serializer
+    serialize = _serialize_sorted if transcoded(method) else _serialize_or_pass(handler.response_serializer)
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary
 

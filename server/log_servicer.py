@@ -170,7 +170,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     @streaming
     async def SubscribeEntries(
         self, request: log_pb2.SubscribeEntriesRequest, context: Ctx
-    ) -> AsyncIterator[log_pb2.SubscribeEntriesResponse]:
+    ) -> AsyncIterator[bytes]:  # each a serialized SubscribeEntriesResponse
         limit = min(request.max_batch or MAX_SUBSCRIBE_BATCH, MAX_SUBSCRIBE_BATCH)
         appender = self._appender
         if request.after_position > appender.log.position:
@@ -186,6 +186,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         def read(after: int) -> list[tuple[int, bytes]]:
             return appender.delivered_blobs(after, limit, MAX_SUBSCRIBE_BYTES)
 
-        # Made from the entries as stored: no parsing them, no building messages field by field.
+        # Made from the entries as stored, and sent as made (see potboiler.server.decoding): no
+        # parsing them, no building messages field by field.
         async for delivered in appender.follow(request.after_position, read, _last_position):
-            yield log_pb2.SubscribeEntriesResponse.FromString(wire.subscribe_entries_response(delivered))
+            yield wire.subscribe_entries_response(delivered)
