@@ -14,8 +14,8 @@ worker then gets a 409 at once). ``now_ms`` comes from the node's hybrid logical
 use the same time base as the stamps of the events they append.
 
 Events declare dependencies so that replicas apply them in an order that makes sense: a task's add (and
-a queue's delete) depends on the entry that created the queue's incarnation; a claim, done or retry
-depends on that create entry and on the task's add.
+a queue's delete) depends on the entry that created the queue's incarnation; a claim, release, done or
+retry depends on that create entry and on the task's add.
 """
 
 from __future__ import annotations

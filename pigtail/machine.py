@@ -1,9 +1,13 @@
 """Pigtail's pure state machine: queue and task state built from replicated events.
 
-Nothing here does I/O. The Pigtail service appends events to the replicated log, feeds every delivered
-event to :func:`apply_queue_event` / :func:`apply_task_event`, stores the JSON-able states they return,
-and answers clients with the check and query functions below (which take the current wall time
-``now_ms``).
+Nothing here does I/O. The Pigtail service appends events to the replicated log
+(:mod:`potboiler.pigtail.engine`) and applies every delivered one (:mod:`potboiler.pigtail.state`): a
+queue's creates and deletes by :func:`apply_queue_event`, a task's events by :func:`apply_task_event`, and
+a keyed add to its queue's key index by :func:`candidates_after_add` (a delete trims the index by
+:func:`candidates_after_delete`); it stores the JSON-able states they return. It checks a request with
+its ``check_*`` function below before appending the event, and shows a task with :func:`task_view` (those
+that depend on time take the current wall time ``now_ms``). Listings and the next task to hand out come
+from the scheduler (:class:`~potboiler.pigtail.scheduler.Scheduler`), which places each task by its view.
 
 Why the states converge
 -----------------------
@@ -53,9 +57,12 @@ The rules, in plain words
   worker of the earliest done, ``worker`` stays the holder of the last lease.
 * **Delay and priority.** A task with ``not_before_ms`` in the future is ``"delayed"``: it is listed with
   that state by ``GET /queue/Q``, cannot be claimed (a claim stamped before ``not_before_ms`` is void), and
-  becomes ``"pending"`` once due. The next task to hand out (:func:`next_claimable`) is the pending one with
-  the highest priority, then the earliest available time (``max(added, not_before_ms)``), then the earliest
-  add stamp.
+  becomes ``"pending"`` once due. Pending tasks are ranked by highest priority, then earliest available
+  time (``max(added, not_before_ms)``), then earliest add stamp (:func:`potboiler.pigtail.scheduler.rank`).
+  A node with no other node up hands out the top one; on a cluster, a node takes the best of its own share
+  of the tasks (spread over the nodes up by a hash of their ids) among the best 32 of the top priority,
+  else any one of those 32 that has been claimable for 300 ms
+  (:meth:`~potboiler.pigtail.scheduler.Scheduler.pick`, its PICK_WINDOW and OTHERS_AFTER_MS).
 
 Task states seen by clients: ``"pending"``, ``"working"`` (an unexpired lease), ``"done"``, ``"dead"``
 (dead letter) and ``"delayed"`` (not due yet). A ``working`` task whose lease expired shows as ``pending``
@@ -68,8 +75,9 @@ long-running task's heartbeats would still pile up, because a claim that arrives
 of a partition) can slot in between any two of them. :func:`compact_task` folds every claim and retry
 stamped at or before a *stable horizon* into a small summary: a stamp no later than the last stamp the node
 has applied from each node it knows (events of one owner arrive in that owner's order, so nothing older can
-still come). A queue's state trims itself: only its latest delete and what follows it are kept (whatever
-is stamped before the latest delete belongs to an ended incarnation).
+still come). A queue's history trims itself: only its latest delete and what follows it are kept (whatever
+is stamped before the latest delete belongs to an ended incarnation); :func:`candidates_after_delete`
+trims its key index alike.
 
 JSON shapes (all stamps are ``[wall_ms, logical, owner]``)::
 
@@ -749,50 +757,6 @@ def find_by_key(queue: QueueState | None, idempotency_key: str) -> str | None:
 # --------------------------------------------------------------------------------------------------------
 
 
-class Verdict(enum.StrEnum):
-    """The outcome of a check: go ahead (HTTP 200/201), no such thing (404) or conflict (409)."""
-
-    OK = "ok"
-    NOT_FOUND = "not_found"
-    CONFLICT = "conflict"
-
-
-class Reason(enum.StrEnum):
-    """Why a check did not answer OK."""
-
-    NO_QUEUE = "no_queue"
-    UNKNOWN_TASK = "unknown_task"
-    DONE = "done"
-    DEAD = "dead"
-    HELD = "held"
-    NOT_HELD = "not_held"
-    NOT_DUE = "not_due"
-    NOT_DEAD = "not_dead"
-    EXISTS = "exists"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The answer of a ``check_*`` function, made before the service appends an event.
-
-    ``message`` says why (for a refusal); ``noop`` means the request is fine but changes nothing (the
-    service need not append an event); ``renewal`` that an OK claim renews the worker's own lease;
-    ``task_id`` the existing task for an idempotent add.
-    """
-
-    verdict: Verdict
-    reason: Reason | None = None
-    message: str = ""
-    renewal: bool = False
-    noop: bool = False
-    task_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the request may go ahead."""
-        return self.verdict is Verdict.OK
-
-
 @dataclass
 class _Lease:
     holder: str | None = None
@@ -989,6 +953,50 @@ def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> 
 # --------------------------------------------------------------------------------------------------------
 # Checks made before appending an event
 # --------------------------------------------------------------------------------------------------------
+
+
+class Verdict(enum.StrEnum):
+    """The outcome of a check: go ahead (HTTP 200/201), no such thing (404) or conflict (409)."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+
+
+class Reason(enum.StrEnum):
+    """Why a check did not answer OK."""
+
+    NO_QUEUE = "no_queue"
+    UNKNOWN_TASK = "unknown_task"
+    DONE = "done"
+    DEAD = "dead"
+    HELD = "held"
+    NOT_HELD = "not_held"
+    NOT_DUE = "not_due"
+    NOT_DEAD = "not_dead"
+    EXISTS = "exists"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer of a ``check_*`` function, made before the service appends an event.
+
+    ``message`` says why (for a refusal); ``noop`` means the request is fine but changes nothing (the
+    service need not append an event); ``renewal`` that an OK claim renews the worker's own lease;
+    ``task_id`` the existing task for an idempotent add.
+    """
+
+    verdict: Verdict
+    reason: Reason | None = None
+    message: str = ""
+    renewal: bool = False
+    noop: bool = False
+    task_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request may go ahead."""
+        return self.verdict is Verdict.OK
 
 
 def _not_found(task: TaskState | None, queue: QueueState | None) -> Decision | None:
