@@ -1,5 +1,6 @@
 """Pigtail, a replicated task queue whose every change is an event in the node's log.
 
+- :mod:`~potboiler.pigtail.events`: the events, every change of a queue or a task, and their JSON form.
 - :mod:`~potboiler.pigtail.machine`: the pure state machine: queue and task states built from events,
   the checks made before appending one, and what a task looks like.
 - :mod:`~potboiler.pigtail.codec`: how events travel in log entries, and their stamps.

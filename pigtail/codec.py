@@ -1,10 +1,10 @@
 """How Pigtail events travel in the log.
 
 A Pigtail event is appended as an entry whose data is the JSON object ``{"pigtail": <event>}``, the event
-being :meth:`to_json` of one of the machine's event classes (``{"kind": "task_added", ...}``). Entries
-whose data is anything else are not Pigtail's (KV writes, the users' own entries) and are ignored; an
-entry that looks like a Pigtail event but breaks its rules (e.g. one posted by hand to ``POST /log``) is
-ignored too, with a warning, so no entry can stop a node from applying the log.
+being ``to_json`` of one of the classes of :mod:`potboiler.pigtail.events` (``{"kind": "task_added",
+...}``). Entries whose data is anything else are not Pigtail's (KV writes, the users' own entries) and
+are ignored; an entry that looks like a Pigtail event but breaks its rules (e.g. one posted by hand to
+``POST /log``) is ignored too, with a warning, so no entry can stop a node from applying the log.
 
 An event's stamp, the order every node judges events in, is the entry's hybrid logical clock stamp and
 its owner: ``(when.wall_ms, when.logical, owner)``, unique per entry.
@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.pigtail.machine import (
+from potboiler.pigtail.events import (
     Event,
     InvalidEvent,
     QueueCreated,
     QueueDeleted,
-    Stamp,
     event_from_json,
     event_queue,
 )
+from potboiler.pigtail.machine import Stamp
 from potboiler.pigtail.validate import is_name, is_task_id
 from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.v1.entry_pb2 import Entry

@@ -33,21 +33,23 @@ from typing import Any, Final
 
 from potboiler.pigtail import paging, validate
 from potboiler.pigtail.codec import event_data, stamp_of
-from potboiler.pigtail.machine import (
-    Decision,
+from potboiler.pigtail.events import (
     Event,
     JSONValue,
-    ListEntry,
-    QueueConfig,
     QueueCreated,
     QueueDeleted,
-    QueueState,
-    Reason,
     TaskAdded,
     TaskClaimed,
     TaskDone,
     TaskReleased,
     TaskRetried,
+)
+from potboiler.pigtail.machine import (
+    Decision,
+    ListEntry,
+    QueueConfig,
+    QueueState,
+    Reason,
     TaskState,
     TaskView,
     Verdict,

@@ -46,15 +46,13 @@ from typing import TypedDict, cast
 import orjson
 
 from potboiler.pigtail.codec import EVENT_MARK, decode, stamp_of
+from potboiler.pigtail.events import QueueCreated, QueueDeleted, TaskAdded
 from potboiler.pigtail.machine import (
     KeyCandidate,
     QueueConfig,
-    QueueCreated,
-    QueueDeleted,
     QueueState,
     Stamp,
     StampJSON,
-    TaskAdded,
     TaskState,
     apply_queue_event,
     apply_task_event,

@@ -20,7 +20,7 @@ import re
 
 import orjson
 
-from potboiler.pigtail.machine import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
+from potboiler.pigtail.events import MAX_ATTEMPTS, MAX_PRIORITY, MAX_TIMEOUT_MS, JSONValue
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.jsonvalue import nesting, scalars

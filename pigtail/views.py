@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 from google.api.httpbody_pb2 import HttpBody
 
-from potboiler.pigtail.machine import JSONValue, ListEntry, QueueConfig, TaskStatus, TaskView
+from potboiler.pigtail.events import JSONValue
+from potboiler.pigtail.machine import ListEntry, QueueConfig, TaskStatus, TaskView
 from potboiler.server import rest
 from potboiler.server.jsonvalue import set_value, sorted_keys
 from potboiler.v1 import pigtail_pb2

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail.codec import event_data
-from potboiler.pigtail.machine import Event
+from potboiler.pigtail.events import Event
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import DeliveredBatch, Promise
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp

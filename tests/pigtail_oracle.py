@@ -6,14 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from potboiler.pigtail.events import Event, QueueCreated, QueueDeleted, TaskAdded
 from potboiler.pigtail.machine import (
-    Event,
     ListEntry,
-    QueueCreated,
-    QueueDeleted,
     QueueState,
     Stamp,
-    TaskAdded,
     TaskState,
     apply_queue_event,
     candidates_after_add,

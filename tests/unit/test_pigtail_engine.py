@@ -18,14 +18,8 @@ import pytest
 from potboiler.pigtail import engine
 from potboiler.pigtail.codec import decode
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.machine import (
-    QueueCreated,
-    QueueDeleted,
-    TaskAdded,
-    TaskClaimed,
-    TaskDone,
-    TaskView,
-)
+from potboiler.pigtail.events import QueueCreated, QueueDeleted, TaskAdded, TaskClaimed, TaskDone
+from potboiler.pigtail.machine import TaskView
 from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, rank
 from potboiler.pigtail.state import Applied
 from potboiler.pigtail.validate import MAX_INFO_DEPTH

@@ -11,20 +11,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from potboiler.pigtail.machine import (
+from potboiler.pigtail.events import (
     Event,
     InvalidEvent,
     QueueCreated,
     QueueDeleted,
-    QueueState,
-    Reason,
-    Stamp,
     TaskAdded,
     TaskClaimed,
     TaskDone,
     TaskEvent,
     TaskReleased,
     TaskRetried,
+    event_from_json,
+    event_queue,
+)
+from potboiler.pigtail.machine import (
+    QueueState,
+    Reason,
+    Stamp,
     TaskState,
     TaskView,
     Verdict,
@@ -38,8 +42,6 @@ from potboiler.pigtail.machine import (
     check_release,
     check_retry,
     compact_task,
-    event_from_json,
-    event_queue,
     find_by_key,
     queue_config,
     queue_exists,

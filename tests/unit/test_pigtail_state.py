@@ -14,17 +14,19 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail import validate
 from potboiler.pigtail.codec import EVENT_MARK, decode, event_data
-from potboiler.pigtail.machine import (
+from potboiler.pigtail.events import (
     Event,
     JSONValue,
-    ListEntry,
     QueueCreated,
     QueueDeleted,
-    Stamp,
     TaskAdded,
     TaskClaimed,
     TaskDone,
     TaskRetried,
+)
+from potboiler.pigtail.machine import (
+    ListEntry,
+    Stamp,
     TaskState,
     TaskView,
     apply_queue_event,
