@@ -1,6 +1,6 @@
 """When each owner's log grew on this node: which of its entries have been here long enough that a
 peer which still lacks them is not getting them from anywhere else, or is behind (see
-replication.Session and Replicator.status)."""
+replication_session.Session and Replicator.status)."""
 
 from __future__ import annotations
 

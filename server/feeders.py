@@ -1,5 +1,5 @@
 """Which incoming replication stream feeds this node each owner's log, so that the other streams
-bringing that log can be told to stop forwarding it (see replication.Session)."""
+bringing that log can be told to stop forwarding it (see replication_session.Session)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from potboiler.server.replication import PeerState
+from potboiler.server.replicator import PeerState
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.urls import origin
 

@@ -29,7 +29,8 @@ from potboiler.server.metrics import MetricsServer
 from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.peer_watch import PeerWatch
 from potboiler.server.plugin import NodeContext, NodeService
-from potboiler.server.replication import ReplicationServicer, Replicator, channel_options
+from potboiler.server.replication_servicer import ReplicationServicer
+from potboiler.server.replicator import Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer
 from potboiler.server.security import SecurityConfig
 from potboiler.server.services import ServiceFactory, default_services

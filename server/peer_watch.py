@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from potboiler.server.replication import Counters, Peer, PeerState, PeerView
+from potboiler.server.replication_session import Counters
+from potboiler.server.replicator import Peer, PeerState, PeerView
 
 log = logging.getLogger("potboiler.server.replication")
 

@@ -16,7 +16,7 @@ from tests.faults.proxy import LinkMode
 
 LINK = "n0-n1"
 #: Longest a dialer may take to notice a half-open connection and dial again: its keepalive (a ping
-#: after 10 s without news, 5 s to answer: server/replication.py channel_options) plus a reconnect,
+#: after 10 s without news, 5 s to answer: server/replicator.py channel_options) plus a reconnect,
 #: with room for a loaded machine.
 HALF_OPEN_RECOVERY_S = 30.0
 

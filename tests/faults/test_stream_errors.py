@@ -20,7 +20,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.log import Log
 from potboiler.server.membership import Membership
-from potboiler.server.replication import Replicator
+from potboiler.server.replicator import Replicator
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import replication_pb2
 from tests.conftest import wait_for

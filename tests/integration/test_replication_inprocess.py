@@ -17,7 +17,7 @@ import grpc
 import pytest
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server import replication
+from potboiler.server import replication_session
 from potboiler.server.entries import NewEntry, validate_new_entry
 from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
@@ -117,7 +117,7 @@ async def test_an_idle_peer_keeps_promising_its_clock(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every Ack carries its sender's clock promise, also while the sender writes nothing."""
-    monkeypatch.setattr(replication, "PROMISE_INTERVAL", 0.1)
+    monkeypatch.setattr(replication_session, "PROMISE_INTERVAL", 0.1)
     a = await make_node()
     b = await make_node(peers=[a])
     await append(b, 3)
@@ -141,7 +141,7 @@ async def test_a_promise_reaches_a_node_that_does_not_replicate_with_its_owner(
 ) -> None:
     """In a line A-B-C, C hears A's clock promises through B, so a quiet A does not hold C's
     Pigtail compaction back."""
-    monkeypatch.setattr(replication, "PROMISE_INTERVAL", 0.1)
+    monkeypatch.setattr(replication_session, "PROMISE_INTERVAL", 0.1)
     b = await make_node(gossip=False)
     a = await make_node(peers=[b], gossip=False)
     c = await make_node(peers=[b], gossip=False)
@@ -175,7 +175,7 @@ async def test_a_full_mesh_at_a_low_rate_sends_each_entry_over_each_link_once(
     node from their owner; the other nodes do not forward them as well."""
     # Longer than a stream can stall on a loaded machine, so only a forward that ignores how long
     # the entry has been on the forwarder shows up here.
-    monkeypatch.setattr(replication, "FORWARD_DELAY", 0.4)
+    monkeypatch.setattr(replication_session, "FORWARD_DELAY", 0.4)
     a = await make_node()
     b = await make_node(peers=[a])
     c = await make_node(peers=[a, b])
@@ -188,10 +188,10 @@ async def test_a_full_mesh_at_a_low_rate_sends_each_entry_over_each_link_once(
     )
     written = 3
     for _ in range(written):
-        await asyncio.sleep(2 * replication.FORWARD_DELAY)  # the peers' progress on a is now old
+        await asyncio.sleep(2 * replication_session.FORWARD_DELAY)  # the peers' progress on a is now old
         await append(a, 1)
         await eventually(lambda: converged(a, b, c), what="the entry on every node")
-    await asyncio.sleep(2 * replication.FORWARD_DELAY)  # room for a late forward to show
+    await asyncio.sleep(2 * replication_session.FORWARD_DELAY)  # room for a late forward to show
     for node, other in ((b, c), (c, b)):
         assert node.replicator.counters_for(other.config.url).entries_in == 0
         assert node.replicator.counters_for(a.config.url).entries_in == written
@@ -202,7 +202,7 @@ async def test_two_paths_to_a_node_across_a_ring_do_not_both_forward_entries_wri
 ) -> None:
     """A ring a-b-c-d-a: c gets a's entries through b and through d. Once c has told one of them
     it gets a's log from the other, each entry reaches c once (the first may come twice)."""
-    monkeypatch.setattr(replication, "FORWARD_DELAY", 0.3)  # as in the full-mesh test: stalls
+    monkeypatch.setattr(replication_session, "FORWARD_DELAY", 0.3)  # as in the full-mesh test: stalls
     a = await make_node(gossip=False)
     b = await make_node(peers=[a], gossip=False)
     c = await make_node(peers=[b], gossip=False)
@@ -212,10 +212,12 @@ async def test_two_paths_to_a_node_across_a_ring_do_not_both_forward_entries_wri
     )
     written = 4
     for _ in range(written):
-        await asyncio.sleep(2 * replication.FORWARD_DELAY)  # c's progress on a is now old
+        await asyncio.sleep(2 * replication_session.FORWARD_DELAY)  # c's progress on a is now old
         await append(a, 1)
         await eventually(lambda: converged(a, b, c, d), what="the entry on every node")
-    await asyncio.sleep(replication.ELSEWHERE_FACTOR * replication.FORWARD_DELAY)  # a late forward
+    await asyncio.sleep(
+        replication_session.ELSEWHERE_FACTOR * replication_session.FORWARD_DELAY
+    )  # a late forward
     received = [c.replicator.counters_for(n.config.url).entries_in for n in (b, d)]
     assert sum(received) <= written + 1, received
 
@@ -260,7 +262,7 @@ async def test_two_forwarders_of_a_down_owners_log_do_not_both_feed_a_new_node(
 ) -> None:
     """The owner is down, and a new node catches up on its log from two peers that hold it: one
     feeds it, the other is told to stop after its probe (before, the whole log came twice)."""
-    total = 2 * replication.WINDOW
+    total = 2 * replication_session.WINDOW
     a = await make_node()
     b = await make_node(peers=[a])
     c = await make_node(peers=[a, b])
@@ -272,7 +274,7 @@ async def test_two_forwarders_of_a_down_owners_log_do_not_both_feed_a_new_node(
     await eventually(lambda: d.log.total() == total and converged(b, c, d), what="catch-up")
     received = [d.replicator.counters_for(n.config.url).entries_in for n in (b, c)]
     # One probe batch twice in a quiet run; a few more if the feed stalls on a loaded machine.
-    assert sum(received) <= total + replication.WINDOW // 2, received
+    assert sum(received) <= total + replication_session.WINDOW // 2, received
 
 
 async def test_line_topology_converges_through_the_middle(make_node: NodeFactory) -> None:
@@ -299,8 +301,8 @@ async def test_late_node_catches_up_in_batches(make_node: NodeFactory) -> None:
 async def test_flow_control_window_bounds_unacked_entries(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replication, "WINDOW", 50)
-    monkeypatch.setattr(replication, "MAX_BATCH", 20)
+    monkeypatch.setattr(replication_session, "WINDOW", 50)
+    monkeypatch.setattr(replication_session, "MAX_BATCH", 20)
     a = await make_node()
     await append(a, 1000)
     b = await make_node(peers=[a])
@@ -430,7 +432,7 @@ async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backl
     """LIVE means the peer holds everything this node has held for FORWARD_DELAY: a peer taking a
     steady stream is LIVE although entries are always in flight, and a peer that stops taking
     entries shows CATCHING_UP once they are older than that."""
-    monkeypatch.setattr(replication, "FORWARD_DELAY", 0.5)  # far above a loaded machine's ack delay
+    monkeypatch.setattr(replication_session, "FORWARD_DELAY", 0.5)  # far above a loaded machine's ack delay
     a = await make_node()
     b = await make_node(peers=[a])
     live = [nodes_pb2.PeerStatus.STATE_LIVE]

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from potboiler.server.peer_watch import BEHIND_LOGGED, PeerWatch
-from potboiler.server.replication import Counters, Peer, PeerState, PeerView
+from potboiler.server.replication_session import Counters
+from potboiler.server.replicator import Peer, PeerState, PeerView
 
 URL = "http://10.0.0.2:8000"
 

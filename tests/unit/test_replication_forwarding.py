@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 
 from potboiler.server.arrivals import Arrivals
-from potboiler.server.replication import (
+from potboiler.server.replication_session import (
     ELSEWHERE_FACTOR,
     FORWARD_DELAY,
     MAX_BATCH,
     WINDOW,
     Counters,
-    Replicator,
     Session,
 )
+from potboiler.server.replicator import Replicator
 from potboiler.v1 import replication_pb2
 
 ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a third node
@@ -29,8 +29,8 @@ ME, PEER, OWNER = "me", "peer", "owner"  # the forwarding node, its peer, a thir
 def session(now: float, arrivals: Arrivals | None = None) -> Session:
     """A session begun at `now`; by default every entry of OWNER's log arrived here long before."""
     arrivals = arrivals or Arrivals(FORWARD_DELAY, {OWNER: 1 << 40})
-    replicator: Any = SimpleNamespace(log=SimpleNamespace(node_id=ME), arrivals=arrivals)
-    s = Session(replicator, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
+    host: Any = SimpleNamespace(log=SimpleNamespace(node_id=ME), arrivals=arrivals)
+    s = Session(host, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
     s.peer_id = PEER
     s._progress_at = {OWNER: now}  # as accept_hello leaves it: the session began at `now`
     return s
@@ -238,8 +238,8 @@ async def test_an_ack_past_what_is_being_sent_moves_the_session_on_not_back() ->
         return [b"x"] * min(count, seq - after)
 
     log = SimpleNamespace(node_id=me, vector=lambda: {me: seq}, chain_bytes=chain_bytes)
-    replicator: Any = SimpleNamespace(log=log, counters_for=lambda url: Counters())
-    s = Session(replicator, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
+    host: Any = SimpleNamespace(log=log, counters_for=lambda url: Counters())
+    s = Session(host, transport=None, dialed=True, make_message=replication_pb2.ReplicateRequest)  # type: ignore[arg-type]
     s.peer_id = PEER
 
     class Transport:

@@ -27,7 +27,7 @@ from potboiler.server.backoff import Backoff
 from potboiler.server.entries import NewEntry
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge
 from potboiler.server.log import Log
-from potboiler.server.replication import RECONNECT
+from potboiler.server.replicator import RECONNECT
 from potboiler.server.storage import RocksStore
 from potboiler.server.turns import EVERY
 from potboiler.server.webhook_policy import PolicyMode, WebhookPolicy
