@@ -62,7 +62,7 @@ _RESERVE_S = 60.0
 _HANDED_OUT: set[int] = set()
 
 
-def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 60000, count: int = 1) -> int:
+def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 65400, count: int = 1) -> int:
     """A base port B such that `count` nodes at B, B+100, ... can bind all their ports, outside the
     kernel's ephemeral range.
 
@@ -104,6 +104,17 @@ def reserve_base_port(base: int) -> None:
         return
     with _recent_picks() as recent:
         recent[base] = (time.time(), max(1, recent.get(base, (0.0, 1))[1]))
+
+
+def release_base_port(base: int) -> None:
+    """Give base port `base` back (its node is gone for good, at the end of a test): other pickers
+    may have it at once, rather than when its reservation runs out. A busy test run otherwise ran out
+    of unreserved ranges, and pickers then shared ranges."""
+    if base not in _HANDED_OUT:
+        return
+    _HANDED_OUT.discard(base)
+    with _recent_picks() as recent:
+        recent.pop(base, None)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from potboiler.server.gateway import Ports
-from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.server.processes import NodeProcess, find_base_port, release_base_port
 from tests.conftest import wait_for_sync
 
 sys.modules.setdefault("tests.e2e.conftest", sys.modules[__name__])
@@ -121,6 +121,7 @@ class NodeProcesses:
             except Exception as exc:  # stop the others anyway
                 problems.append(f"{node.data_dir}: {exc!r}")
                 node.kill()
+            release_base_port(node.ports.base)
         return problems
 
 

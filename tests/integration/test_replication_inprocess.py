@@ -23,7 +23,7 @@ from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
 from potboiler.server.log import Log
 from potboiler.server.node import Node, NodeConfig
-from potboiler.server.processes import find_base_port, ports_free, reserve_base_port
+from potboiler.server.processes import find_base_port, ports_free, release_base_port, reserve_base_port
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import nodes_pb2, nodes_pb2_grpc, replication_pb2, replication_pb2_grpc
 from tests.unit.test_log import commit_local
@@ -52,7 +52,8 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what:
 async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
     """Start in-process nodes on free ports; stop them all at the end."""
     nodes: list[Node] = []
-    base = find_base_port(count=6)
+    #: Each node's base port, by its index (a restart reuses its node's): picked as nodes are made.
+    bases: dict[int, int] = {}
     counter = iter(range(6))
 
     async def make(
@@ -63,14 +64,17 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         host: str = "127.0.0.1",
     ) -> Node:
         i = next(counter) if index is None else index
+        if i not in bases:
+            bases[i] = find_base_port()
+        base = bases[i]
         if index is not None:  # a restart on the ports of a node stopped here: grpc closes its
             # listener a moment after stop() returns
-            await eventually(lambda: ports_free(host, base + 100 * i), what=f"the ports of node {i}")
-        reserve_base_port(base + 100 * i)  # a test running long keeps its ports from other pickers
+            await eventually(lambda: ports_free(host, base), what=f"the ports of node {i}")
+        reserve_base_port(base)  # a test running long keeps its ports from other pickers
         config = NodeConfig(
             data_dir=tmp_path / (name or f"n{i}"),
             host=host,
-            base_port=base + 100 * i,
+            base_port=base,
             peers=[p.config.url for p in peers or []],
             gateway=False,
             metrics=False,
@@ -86,6 +90,8 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
     for node in nodes:
         if node.server is not None:
             await node.stop()
+    for base in bases.values():
+        release_base_port(base)
 
 
 async def append(node: Node, n: int, deps: tuple[bytes, ...] = ()) -> list[str]:

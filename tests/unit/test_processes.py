@@ -104,3 +104,13 @@ def test_a_node_is_up_once_it_has_said_so_since_it_was_started(tmp_path: Path) -
     with open(log, "a") as f:
         f.write(up)
     assert node._said_up()
+
+
+@pytest.mark.usefixtures("all_ports_free")
+def test_a_released_range_is_no_longer_reserved(private_picks: Path) -> None:
+    first = find_base_port(start=20000, end=20300)
+    assert str(first) in json.loads(private_picks.read_text())
+    processes.release_base_port(first)
+    assert str(first) not in json.loads(private_picks.read_text())
+    processes.NodeProcess(Path("/nonexistent"), first).kill()  # released: no longer renewed either
+    assert str(first) not in json.loads(private_picks.read_text())
