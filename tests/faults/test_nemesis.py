@@ -44,13 +44,15 @@ DRAIN_TIMEOUT_S = 60.0
 
 
 def drain_queue(cluster: FaultCluster, history: History) -> int:
-    """Complete every acknowledged task not done yet, on node 0, as worker "drain" (claims held by
-    others must time out first); returns how many the drain completed."""
+    """Complete every acknowledged task not done yet, and every other task node 0 lists (an add whose
+    answer never came, from a paused node say, may have landed), on node 0, as worker "drain" (claims
+    held by others must time out first); returns how many the drain completed."""
     url = f"{cluster.nodes[0].pigtail_url}/queue/{QUEUE}"
     remaining = {o.result for o in history.of("task-add", outcome="ok")}
     drained = 0
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     with httpx.Client(timeout=10.0) as client:
+        remaining |= set(client.get(url).json())
         while remaining:
             for task in sorted(remaining):
                 if client.get(f"{url}/{task}").json().get("state") == "done":
