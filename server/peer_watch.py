@@ -47,8 +47,8 @@ class _Seen:
     state: PeerState | None = None
     #: A catch-up of the peer being logged: when it began, and the entries sent to it then.
     catching_up: tuple[float, int] | None = None
-    #: This node catching up with the peer, logged: when, by how much, and the entries received then.
-    behind: tuple[float, int, int] | None = None
+    #: This node catching up with the peer, logged: when it began, and the entries received then.
+    behind: tuple[float, int] | None = None
     kept: dict[str, int] | None = None
 
 
@@ -124,10 +124,10 @@ class PeerWatch:
         received = self._replicator.counters_for(peer.url).entries_in
         if seen.behind is None:
             if view.behind >= BEHIND_LOGGED and view.state is not PeerState.DISCONNECTED:
-                seen.behind = (now, view.behind, received)
+                seen.behind = (now, received)
                 log.info("this node is %d entries behind %s: taking them in", view.behind, peer.url)
         elif view.behind == 0:
-            began, _, before = seen.behind
+            began, before = seen.behind
             log.info(
                 "this node has caught up with %s: %d entries received from it in %.1fs",
                 peer.url,
