@@ -50,6 +50,7 @@ from potboiler.pigtail.machine import (
     QueueConfig,
     QueueState,
     Reason,
+    Stamp,
     TaskState,
     TaskView,
     Verdict,
@@ -62,6 +63,7 @@ from potboiler.pigtail.machine import (
     check_retry,
     find_by_key,
     task_view,
+    task_view_after,
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import Applied, PigtailState
@@ -75,7 +77,7 @@ from potboiler.server.errors import (
     quoted,
 )
 from potboiler.server.hlc import HybridClock
-from potboiler.server.log import DeliveredBatch
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.logclient import (
     APPLY_RETRY,
     Attempts,
@@ -448,8 +450,10 @@ class Pigtail:
             raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
         raise Contended(f"task {task_id!r}: {decision.message}")
 
-    def _view(self, queue: str, task_id: str) -> TaskView:
-        view = task_view(self._task_or_none(queue, task_id), self.state.queue(queue), self.now_ms())
+    def _view(self, queue: str, task_id: str, after: Stamp | None = None) -> TaskView:
+        """The task now, or just after the event stamped `after` (see `task_view_after`)."""
+        task, state = self._task_or_none(queue, task_id), self.state.queue(queue)
+        view = task_view(task, state, self.now_ms()) if after is None else task_view_after(task, state, after)
         if view is None:
             self._queue(queue)
             raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
@@ -663,15 +667,17 @@ class Pigtail:
         return self.state.task(queue, task_id) if validate.is_task_id(task_id) else None
 
     async def _claim(self, queue: str, task_id: str, worker_id: str) -> TaskView:
+        """Claim a task for the worker, or renew its claim: the task as the claim left it (seen at
+        the claim's own stamp: with a short timeout_ms, its lease may have ended by the time it is
+        applied). Contended if the task is done, or if a concurrent claim won."""
         entry = await self._append(TaskClaimed(queue, task_id, worker_id), self._task_deps(queue, task_id))
         _, config = self._queue(queue)
-        view = self._view(queue, task_id)
-        if view["state"] == "done":
+        task = self._task_or_none(queue, task_id)
+        if task is not None and task["done"] is not None:
             raise Contended(f"task {task_id!r}: task is done")
-        if (
-            view["worker"] != worker_id
-            or (view["lease_expires_ms"] or 0) < entry.when.wall_ms + config.timeout_ms
-        ):
+        stamp = stamp_of(entry)
+        view = self._view(queue, task_id, after=stamp)
+        if view["worker"] != worker_id or (view["lease_expires_ms"] or 0) < stamp.wall_ms + config.timeout_ms:
             raise Contended(
                 f"task {task_id!r}: a concurrent claim won: it is {view['state']}, held by worker "
                 f"{view['worker']!r} until {view['lease_expires_ms']}"

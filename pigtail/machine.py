@@ -7,7 +7,8 @@ queue's creates and deletes by :func:`apply_queue_event`, a task's events by :fu
 a keyed add to its queue's key index by :func:`candidates_after_add` (a delete trims the index by
 :func:`candidates_after_delete`); it stores the JSON-able states they return. It checks a request with
 its ``check_*`` function below before appending the event, and shows a task with :func:`task_view` (those
-that depend on time take the current wall time ``now_ms``). Listings and the next task to hand out come
+that depend on time take the current wall time ``now_ms``), or as a claim left it with
+:func:`task_view_after`. Listings and the next task to hand out come
 from the scheduler (:class:`~potboiler.pigtail.scheduler.Scheduler`), which places each task by its view.
 
 Why the states converge
@@ -152,6 +153,7 @@ __all__ = [
     "queue_config",
     "queue_exists",
     "task_view",
+    "task_view_after",
 ]
 
 StampJSON: TypeAlias = list[int | str]
@@ -620,8 +622,8 @@ def _visible_config(task: TaskState | None, queue: QueueState | None) -> QueueCo
     return config
 
 
-def _status(task: TaskState, lease: _Lease, config: QueueConfig, now_ms: int) -> TaskStatus:
-    if task["done"] is not None:
+def _status(task: TaskState, done: bool, lease: _Lease, config: QueueConfig, now_ms: int) -> TaskStatus:
+    if done:
         return "done"
     if lease.active_at(now_ms, config):
         return "working"
@@ -669,15 +671,30 @@ def compact_task(task: TaskState, queue: QueueState, horizon: Stamp | StampJSON)
 
 def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> TaskView | None:
     """What a client sees of ``task`` at ``now_ms``; None (404) if it is unknown or hidden."""
+    return _task_view(task, queue, now_ms, None)
+
+
+def task_view_after(task: TaskState | None, queue: QueueState | None, stamp: Stamp) -> TaskView | None:
+    """What a client saw of ``task`` just after the event stamped ``stamp`` (a claim: the task as it
+    left it), at its wall time: the task's events stamped later do not count. None if it is hidden."""
+    return _task_view(task, queue, stamp.wall_ms, stamp)
+
+
+def _task_view(
+    task: TaskState | None, queue: QueueState | None, now_ms: int, upto: Stamp | None
+) -> TaskView | None:
     config = _visible_config(task, queue)
     if task is None or config is None or task["added"] is None:
         return None
-    lease = _replay(task, config)
+    lease = _replay(task, config, upto)
+    done = task["done"]
+    if done is not None and upto is not None and _at(done) > upto:
+        done = None
     return TaskView(
         task_id=task["task_id"],
         queue=task["queue"],
         task_name=task["task_name"],
-        state=_status(task, lease, config, now_ms),
+        state=_status(task, done is not None, lease, config, now_ms),
         info=task["info"],
         worker=lease.holder,
         attempts=lease.attempts,
@@ -686,7 +703,7 @@ def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> 
         not_before_ms=task["not_before_ms"],
         added_ms=Stamp.coerce(task["added"]).wall_ms,
         lease_expires_ms=lease.until_ms(config) if lease.holder is not None else None,
-        done_by=None if task["done"] is None else task["done"]["worker"] or None,  # "": no worker named
+        done_by=None if done is None else done["worker"] or None,  # "": no worker named
         idempotency_key=task["idempotency_key"],
     )
 

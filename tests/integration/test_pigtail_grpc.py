@@ -545,6 +545,24 @@ async def test_an_unfinished_lease_is_handed_out_again_after_its_timeout(pigtail
     stream.cancel()
 
 
+async def test_a_claim_answers_working_though_its_lease_ends_before_the_answer(pigtail_node: Factory) -> None:
+    """On a queue with a 1 ms timeout, a claim's lease has ended by the time it is applied: the claim
+    still answers the task as it left it (working, with its worker); a read after that, pending."""
+    n = await pigtail_node()
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=1))
+    rest_id, grpc_id = await n.add(), await n.add()
+    claim = pb.RestClaimTaskRequest(queue="q", task_id=rest_id, body=body({"worker_id": "w"}))
+    answer = answer_json(await n.rest.RestClaimTask(claim))
+    assert answer == {"task_name": "job", "state": "working", "info": None, "worker": "w"}
+    claimed = await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=grpc_id, worker_id="w"))
+    assert (claimed.task.state, claimed.task.worker) == (pb.TASK_STATE_WORKING, "w")
+    await asyncio.sleep(0.01)
+    view = answer_json(await n.rest.RestGetTask(pb.RestGetTaskRequest(queue="q", task_id=rest_id)))
+    assert (view["state"], view["worker"]) == ("pending", "w")
+    later = await n.task(grpc_id)
+    assert (later.state, later.lease_expires_ms) == (pb.TASK_STATE_PENDING, claimed.task.lease_expires_ms)
+
+
 async def test_state_survives_a_restart(pigtail_node: Factory, tmp_path: Path) -> None:
     n = await pigtail_node("a")
     await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))

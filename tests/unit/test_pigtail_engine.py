@@ -10,15 +10,15 @@ import random
 import threading
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pytest
 
 from potboiler.pigtail import engine
 from potboiler.pigtail.codec import decode
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.events import QueueCreated, QueueDeleted, TaskAdded, TaskClaimed, TaskDone
+from potboiler.pigtail.events import Event, QueueCreated, QueueDeleted, TaskAdded, TaskClaimed, TaskDone
 from potboiler.pigtail.machine import TaskView
 from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, rank
 from potboiler.pigtail.state import Applied
@@ -38,6 +38,7 @@ from tests.pigtail_oracle import list_dead, list_tasks
 
 B = "00000000-0000-4000-8000-00000000000b"
 T0 = 1_700_000_000_000
+T = TypeVar("T")
 
 
 class Clock:
@@ -212,6 +213,68 @@ async def test_heartbeat_extends_the_lease(h: Harness) -> None:
     assert view["lease_expires_ms"] == T0 + 1800 and view["attempts"] == 1
     h.advance(900)
     assert (await h.pigtail.get_task("q", task_id))["state"] == "working"
+
+
+async def applied_late(h: Harness, call: Awaitable[T], ms: int, *remote: tuple[int, Event]) -> T:
+    """Run `call` with the log's delivery held until its entry is appended, then `ms` later deliver
+    it, after the `remote` events (another node's, stamped at those walls): the answer comes then."""
+    h.log.held = True
+    count = len(h.log.entries)
+    running = asyncio.ensure_future(call)
+    await wait_for(lambda: len(h.log.entries) > count)
+    h.advance(ms)
+    for wall_ms, event in remote:
+        h.log.remote(B, wall_ms, event)
+    h.log.release()
+    return await running
+
+
+async def test_a_claim_answers_the_task_as_it_left_it_though_its_lease_ended_since(h: Harness) -> None:
+    """With a 1 ms timeout the lease has ended by the time the claim is applied: the answer still
+    says working, with the worker and the lease's end; a read after that says pending."""
+    await h.pigtail.create_queue("q", 1)
+    task_id = await h.add()
+    view, renewal = await applied_late(h, h.pigtail.claim("q", task_id, "w1"), 5)
+    assert not renewal
+    assert (view["state"], view["worker"], view["attempts"]) == ("working", "w1", 1)
+    assert view["lease_expires_ms"] == T0 + 1
+    later = await h.pigtail.get_task("q", task_id)
+    assert (later["state"], later["worker"], later["lease_expires_ms"]) == ("pending", "w1", T0 + 1)
+    claimed = await applied_late(h, h.pigtail.claim_next("q", "w2"), 5)
+    assert claimed is not None and (claimed["state"], claimed["worker"]) == ("working", "w2")
+    assert claimed["lease_expires_ms"] == T0 + 6
+    assert (await h.pigtail.get_task("q", task_id))["state"] == "pending"
+
+
+async def test_a_heartbeat_answers_the_lease_it_extended_though_it_ended_since(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 10)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    h.advance(5)
+    view = await applied_late(h, h.pigtail.heartbeat("q", task_id, "w1"), 20)
+    assert (view["state"], view["worker"], view["lease_expires_ms"]) == ("working", "w1", T0 + 15)
+    assert (await h.pigtail.get_task("q", task_id))["state"] == "pending"
+
+
+async def test_a_claim_loses_to_an_earlier_claim_only(h: Harness) -> None:
+    """Another node's claim stamped after the claim's lease ended does not make it lose (it won, and
+    answers so); one stamped before it, while the task was claimable, does; so does a done."""
+    await h.pigtail.create_queue("q", 1)
+    task_id = await h.add()
+    view, _ = await applied_late(
+        h, h.pigtail.claim("q", task_id, "w1"), 5, (T0 + 3, TaskClaimed("q", task_id, "w2"))
+    )
+    assert (view["state"], view["worker"]) == ("working", "w1")
+    assert (await h.pigtail.get_task("q", task_id))["worker"] == "w2"
+    await h.pigtail.create_queue("r", 1000)
+    task_id = await h.add("r")
+    h.advance(10)  # now T0 + 15
+    earlier = (T0 + 14, TaskClaimed("r", task_id, "w3"))
+    with pytest.raises(Contended, match="a concurrent claim won: it is working, held by worker 'w3'"):
+        await applied_late(h, h.pigtail.claim("r", task_id, "w1"), 5, earlier)
+    done = (T0 + 21, TaskDone("r", task_id, "w3"))
+    with pytest.raises(Contended, match="task is done"):
+        await applied_late(h, h.pigtail.claim("r", task_id, "w3"), 5, done)
 
 
 async def test_a_released_task_is_pending_again_at_once(h: Harness) -> None:

@@ -46,6 +46,7 @@ from potboiler.pigtail.machine import (
     queue_config,
     queue_exists,
     task_view,
+    task_view_after,
 )
 from tests.pigtail_oracle import apply_to_queue, claimable_order, list_dead, list_tasks
 
@@ -380,6 +381,26 @@ def test_view_fields() -> None:
         "done_by": None,
         "idempotency_key": None,
     }
+
+
+def test_view_after_an_event_counts_nothing_stamped_later() -> None:
+    """A claim's view as it left the task: working at its own wall time, whatever came after it
+    (another worker's claim once its lease ended, a done)."""
+    replica = run([(10, N1, claim("A")), (200, N2, claim("B")), (250, N2, done("B"))])
+    view = task_view_after(replica.task(), replica.queue, Stamp(10, 0, N1))
+    assert view is not None
+    assert (view["state"], view["worker"], view["attempts"], view["lease_expires_ms"]) == (
+        "working",
+        "A",
+        1,
+        110,
+    )
+    assert view["done_by"] is None
+    later = task_view_after(replica.task(), replica.queue, Stamp(200, 0, N2))
+    assert later is not None and (later["state"], later["worker"], later["attempts"]) == ("working", "B", 2)
+    final = task_view_after(replica.task(), replica.queue, Stamp(250, 0, N2))
+    assert final == replica.view(now_ms=250) and final is not None and final["state"] == "done"
+    assert task_view_after(None, replica.queue, Stamp(10, 0, N1)) is None
 
 
 @dataclass(frozen=True)
