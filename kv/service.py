@@ -31,7 +31,7 @@ from potboiler.kv.state import EventFailed, KvState, PlannedWrite
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import JSON, to_value
-from potboiler.server.log import DeliveredBatch
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.logclient import Attempts, CatchUp, Linger, apply_forever, discard_if_ahead
 from potboiler.server.names import is_name
 from potboiler.server.plugin import NodeContext, NodeService

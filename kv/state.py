@@ -462,7 +462,7 @@ class KvState:
                 continue
             try:
                 if blob is not None and blob.find(EVENT_MARK) < 0:
-                    continue  # not a KV event (see potboiler.server.log.marked), and not read
+                    continue  # not a KV event (see potboiler.server.entry_batches.marked), and not read
                 # Data that is not a Struct reads as an empty one (without changing the entry).
                 event = _event_of_fields(entry.data.struct_value.fields)
                 if event is None:
@@ -537,7 +537,7 @@ class KvState:
                     self._tables[name] = info
 
 
-#: What every KV event's serialized entry holds (see `potboiler.server.log.marked`): the key "table"
+#: What every KV event's serialized entry holds (see `potboiler.server.entry_batches.marked`): the key "table"
 #: of its data's Struct, as a map entry's key (field 1) is written.
 EVENT_MARK = b"\n\x05table"
 _MISSING: Any = object()

@@ -64,7 +64,8 @@ from potboiler.pigtail.machine import (
     new_queue_state,
     queue_config,
 )
-from potboiler.server.log import Promise, marked, newest_of_each_owner
+from potboiler.server.entry_batches import marked, newest_of_each_owner
+from potboiler.server.log import Promise
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 

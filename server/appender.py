@@ -21,7 +21,9 @@ from typing import TypeVar
 from potboiler.server.commit_window import CommitWindow
 from potboiler.server.entries import NewEntry
 from potboiler.server.errors import PotboilerError, Unavailable
-from potboiler.server.log import DeliveredBatch, Log, Plan, take_delivered
+from potboiler.server.log import Log
+from potboiler.server.log_delivered import DeliveredBatch, take_delivered
+from potboiler.server.log_plan import Plan
 from potboiler.server.storage import Store
 from potboiler.server.turns import Turns
 from potboiler.v1.entry_pb2 import Entry

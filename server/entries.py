@@ -1,17 +1,17 @@
 """What a client's new entry may be: the log's limits, and the checks an entry passes before it is
-appended (`validate_new_entry`), which clients run too (potboiler.client), so this module needs
-nothing of the node's store."""
+appended (`validate_new_entry`, and `validate_new_batch` for a batch), which clients run too
+(potboiler.client), so this module needs nothing of the node's store."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.errors import InvalidArgument, TooDeep, TooLarge
+from potboiler.server.errors import InvalidArgument, PotboilerError, TooDeep, TooLarge
 from potboiler.server.ids import parse_uuid
 
 #: Largest serialized `data` of one entry (1 MiB).
@@ -59,6 +59,22 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
     return NewEntry(data, deps)
+
+
+def validate_new_batch(entries: Sequence[tuple[Value | None, Iterable[str]]]) -> list[NewEntry]:
+    """Check a batch of a client's entries, each as (data, dependencies): all or nothing, the first
+    error saying which entry it is about."""
+    if not entries:
+        raise InvalidArgument("a batch needs at least one entry")
+    if len(entries) > MAX_BATCH_ENTRIES:
+        raise TooLarge(f"a batch may hold at most {MAX_BATCH_ENTRIES} entries, not {len(entries)}")
+    out = []
+    for i, (data, dependencies) in enumerate(entries):
+        try:
+            out.append(validate_new_entry(data, dependencies))
+        except PotboilerError as exc:
+            raise exc.prefixed(f"entry {i}: ") from None
+    return out
 
 
 #: Each level of nesting costs at least this many bytes of a serialized Value (a list level: the tag

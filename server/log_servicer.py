@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server import wire
 from potboiler.server.appender import Appender
-from potboiler.server.entries import MAX_BATCH_ENTRIES, NewEntry, validate_new_entry
-from potboiler.server.errors import (
-    Conflict,
-    InvalidArgument,
-    OutOfRange,
-    PotboilerError,
-    TooLarge,
-    quoted,
-)
+from potboiler.server.entries import NewEntry, validate_new_batch, validate_new_entry
+from potboiler.server.errors import PotboilerError
 from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import abort, streaming, unary
-from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from potboiler.v1.entry_pb2 import Entry
 
@@ -39,20 +31,10 @@ def _last_position(delivered: list[tuple[int, bytes]]) -> int | None:
     return delivered[-1][0] if delivered else None
 
 
-def validate_batch(requests: Sequence[log_pb2.AppendEntryRequest]) -> list[NewEntry]:
-    """Validate every entry of a batch (all or nothing)."""
-    if not requests:
-        raise InvalidArgument("a batch needs at least one entry")
-    if len(requests) > MAX_BATCH_ENTRIES:
-        raise TooLarge(f"a batch may hold at most {MAX_BATCH_ENTRIES} entries, not {len(requests)}")
-    out = []
-    for i, r in enumerate(requests):
-        try:
-            # An unset `data` reads as an empty Value, which is refused as no data is.
-            out.append(validate_new_entry(r.data, r.dependencies))
-        except PotboilerError as exc:
-            raise exc.prefixed(f"entry {i}: ") from None
-    return out
+def _new_entries(requests: Iterable[log_pb2.AppendEntryRequest]) -> list[NewEntry]:
+    """The validated entries of a batch of append requests (see `validate_new_batch`)."""
+    # An unset `data` reads as an empty Value, which is refused as no data is.
+    return validate_new_batch([(r.data, r.dependencies) for r in requests])
 
 
 def appended(entry: Entry) -> log_pb2.AppendEntryResponse:
@@ -98,7 +80,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     async def AppendEntries(
         self, request: log_pb2.AppendEntriesRequest, context: Ctx
     ) -> log_pb2.AppendEntriesResponse:
-        entries = await self._appender.append(validate_batch(request.entries))
+        entries = await self._appender.append(_new_entries(request.entries))
         response = log_pb2.AppendEntriesResponse()
         add_acks(response.entries, entries)
         return response
@@ -113,7 +95,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
         async def read() -> None:
             try:
                 async for message in request_iterator:
-                    new = validate_batch(message.entries)
+                    new = _new_entries(message.entries)
                     await acks.put(self._appender.queue_append(new))
             except asyncio.CancelledError:
                 raise  # the call is over and nobody reads the queue: no end mark (it may be full)
@@ -153,35 +135,13 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
             ]
         )
 
-    def _check_resume(self, position: int, entry_id: str) -> None:
-        """Conflict unless this node delivered entry `entry_id` at `position`."""
-        if position == 0:
-            raise InvalidArgument("after_id names the entry at after_position, and position 0 has none")
-        wanted = uuid_str(parse_uuid(entry_id, "after_id"))
-        [(_, blob)] = self._appender.delivered_blobs(position - 1, 1)
-        held = Entry.FromString(blob).id
-        if held != wanted:
-            raise Conflict(
-                f"the entry at position {position} here is {held}, not {quoted(entry_id)}: this "
-                "node's delivery order is not the one that position came from (it lost data since, "
-                "or it is another node); subscribe again from a position it gave, or from 0"
-            )
-
     @streaming
     async def SubscribeEntries(
         self, request: log_pb2.SubscribeEntriesRequest, context: Ctx
     ) -> AsyncIterator[bytes]:  # each a serialized SubscribeEntriesResponse
         limit = min(request.max_batch or MAX_SUBSCRIBE_BATCH, MAX_SUBSCRIBE_BATCH)
+        self._log.check_resume(request.after_position, request.after_id)
         appender = self._appender
-        if request.after_position > appender.log.position:
-            # Waiting for it would skip the entries delivered up to it, unseen.
-            raise OutOfRange(
-                f"position {request.after_position} is beyond this node's last delivered position "
-                f"{appender.log.position} (positions are this node's own: resume with a position "
-                "it gave)"
-            )
-        if request.after_id:
-            self._check_resume(request.after_position, request.after_id)
 
         def read(after: int) -> list[tuple[int, bytes]]:
             return appender.delivered_blobs(after, limit, MAX_SUBSCRIBE_BYTES)

@@ -21,7 +21,8 @@ from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
 from potboiler.server.entries import validate_new_entry
 from potboiler.server.errors import Unavailable
-from potboiler.server.log import DeliveredBatch, Promise
+from potboiler.server.log import Promise
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.storage import Store, clear, clearing
 from potboiler.v1.entry_pb2 import Entry
 

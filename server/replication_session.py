@@ -27,11 +27,12 @@ from google.protobuf.message import DecodeError
 from potboiler.server import vectors
 from potboiler.server.appender import Appender
 from potboiler.server.arrivals import Arrivals
+from potboiler.server.entry_batches import newest_of_each_owner, parse_entry_batch
 from potboiler.server.errors import Conflict, InvalidArgument
 from potboiler.server.feeders import Feeders
 from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid
-from potboiler.server.log import Log, Promise, newest_of_each_owner, parse_entry_batch
+from potboiler.server.log import Log, Promise
 from potboiler.server.membership import Membership
 from potboiler.v1 import replication_pb2
 from potboiler.v1.entry_pb2 import Entry

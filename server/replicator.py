@@ -33,7 +33,7 @@ from potboiler.server.errors import Conflict, InvalidArgument, NotFound, Potboil
 from potboiler.server.feeders import Feeders
 from potboiler.server.grpc_errors import status_of
 from potboiler.server.ids import uuid_str
-from potboiler.server.log import Plan
+from potboiler.server.log_plan import Plan
 from potboiler.server.membership import Membership
 from potboiler.server.replication_session import (
     ClientTransport,

@@ -11,7 +11,8 @@ from google.protobuf.struct_pb2 import Value
 from potboiler.pigtail.codec import event_data
 from potboiler.pigtail.events import Event
 from potboiler.server.hlc import HybridClock
-from potboiler.server.log import DeliveredBatch, Promise
+from potboiler.server.log import Promise
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 
 A = "00000000-0000-4000-8000-00000000000a"

@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potboiler.server.entries import MAX_DEPTH, MAX_ENTRY_BYTES, NewEntry, validate_new_entry
+from potboiler.server.entry_batches import marked
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
 from potboiler.server.ids import parse_uuid, uuid_str
-from potboiler.server.log import Blocked, Log, marked
+from potboiler.server.log import Blocked, Log
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
 

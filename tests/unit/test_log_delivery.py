@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from potboiler.server.entries import NewEntry
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
-from potboiler.server.log import CASCADE_BUDGET, Log, Plan
+from potboiler.server.log import CASCADE_BUDGET, Log
+from potboiler.server.log_plan import Plan
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
 from tests.unit.test_log import commit_local, copy, value

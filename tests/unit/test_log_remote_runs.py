@@ -18,9 +18,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potboiler.server.entries import NewEntry
+from potboiler.server.entry_batches import run_owner
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.ids import parse_uuid, parse_uuids
-from potboiler.server.log import Log, Plan, run_owner
+from potboiler.server.log import Log
+from potboiler.server.log_plan import Plan
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
 

@@ -9,7 +9,8 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
 from potboiler.server.entries import NewEntry
-from potboiler.server.log import DeliveredBatch, Log
+from potboiler.server.log import Log
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.logclient import Linger, LocalLogClient, apply_forever
 from potboiler.server.storage import MemoryStore
 from tests.conftest import loop_turns

@@ -1,0 +1,58 @@
+"""Batches of entries as they travel between nodes and to consumers, read in bulk: parsed in one
+go, their one owner, the newest of each owner, and those whose bytes hold a mark."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
+from potboiler.v1.entry_pb2 import Entry
+from potboiler.v1.replication_pb2 import EntryBatch, EntryBatchShape, ParsedEntryBatch
+
+
+def parse_entry_batch(serialized: bytes) -> list[Entry]:
+    """The entries of a serialized `EntryBatch` (entries serialized), parsed in one go as its twin
+    `ParsedEntryBatch`: about 40% cheaper than parsing each entry on its own. DecodeError if one is
+    not a serialized Entry."""
+    return list(ParsedEntryBatch.FromString(serialized).entries)
+
+
+def run_owner(blobs: Sequence[bytes]) -> str | None:
+    """The owner of the serialized entries `blobs` if they all have that one owner and none of them
+    names a next or dependencies (a plain stretch of one chain, as a peer sends it), else None.
+    Read in one parse of the entries' shapes (the rest of each left unread), and checked with one
+    comparison of bytes: the shapes, serialized, are one entry's owner over and over."""
+    if not blobs:
+        return None
+    try:
+        shape = EntryBatchShape.FromString(EntryBatch(entries=blobs).SerializeToString())
+    except DecodeError:
+        return None
+    shape.DiscardUnknownFields()  # type: ignore[attr-defined]  # missing from types-protobuf's Message
+    owner = shape.entries[0].owner
+    one = EntryBatchShape(entries=[EntryBatchShape.EntryShape(owner=owner)]).SerializeToString()
+    return owner if shape.SerializeToString() == one * len(blobs) else None
+
+
+def newest_of_each_owner(entries: Sequence[Entry]) -> dict[str, Entry]:
+    """The last entry of each owner in `entries`: its newest, as each owner's entries come in chain
+    order. One owner's entries, as in a catch-up, are found without a look at each entry's owner
+    but one."""
+    owners = [e.owner for e in entries]
+    if owners and owners.count(owners[0]) == len(owners):
+        return {owners[0]: entries[-1]}
+    return dict(zip(owners, entries, strict=True))
+
+
+def marked(
+    entries: Sequence[tuple[int, Entry]], blobs: Sequence[bytes], mark: bytes
+) -> list[tuple[int, Entry]]:
+    """The (position, entry) pairs whose serialized entry (`blobs`, in the same order) holds `mark`.
+    An entry's bytes are those its owner serialized, canonically (a Struct key, for one, is written
+    as its field tag, length and text), and they travel unchanged to every node: given a mark every
+    entry of some kind holds, every node skips the same other entries without reading them."""
+    if b"".join(blobs).find(mark) < 0:  # one search in C: a batch with none (a catch-up of plain events)
+        return []
+    # `find`, not `in`: half the cost per blob here (0.4 against 0.8 µs for a 221-byte entry).
+    return [item for item, blob in zip(entries, blobs, strict=True) if blob.find(mark) >= 0]
