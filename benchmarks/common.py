@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Protocol
 
+from potboiler.server.ports import cluster_bases
 from potboiler.server.processes import NodeProcess, find_base_port
 
 #: A JSON-able figure tree.
@@ -493,15 +494,16 @@ class Bench:
 
     def start_cluster(self, count: int, name: str = "cluster", spare: int = 1) -> list[NodeProcess]:
         """`count` nodes, each peered with all the others (`--peer`), on consecutive base ports
-        B, B+100, ... (with `spare` more slots kept free for nodes added later), each with a fresh
+        B, B+NODE_SPACING, ... (with `spare` more slots kept free for nodes added later), each with a fresh
         data directory `<name>-node<i>`; returns once every node answers REST."""
         base = find_base_port(count=count + spare)
-        urls = [f"http://127.0.0.1:{base + 100 * i}" for i in range(count)]
+        bases = cluster_bases(base, count)
+        urls = [f"http://127.0.0.1:{b}" for b in bases]
         nodes = []
         for i in range(count):
             node = NodeProcess(
                 self.root / f"{name}-node{i}",
-                base + 100 * i,
+                bases[i],
                 peers=[u for u in urls if u != urls[i]],
                 extra_args=["--log-level", "WARNING"],
             )

@@ -76,6 +76,7 @@ from benchmarks.common import (
     sigterm_as_interrupt,
 )
 from benchmarks.sections.lag import WARM, lags_by_second, paced, potboiler_stream_writer, potboiler_writer
+from potboiler.server.ports import NODE_SPACING
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
 
@@ -269,13 +270,13 @@ class Cluster:
                 progress(f"end of {node.log_file.name} ({node.url}):\n" + "\n".join(tail))
 
     def url_of(self, slot: int) -> str:
-        return f"http://127.0.0.1:{self.base + 100 * slot}"
+        return f"http://127.0.0.1:{self.base + NODE_SPACING * slot}"
 
     def add_node(self, slot: int, peers: Sequence[str], wait: bool = True) -> NodeProcess:
-        """Start the node of slot `slot` (base port B + 100 * slot) with a fresh data directory."""
+        """Start the node of slot `slot` (base port B + NODE_SPACING * slot) with a fresh data directory."""
         node = NodeProcess(
             self.root / f"node{slot}",
-            self.base + 100 * slot,
+            self.base + NODE_SPACING * slot,
             peers=peers,
             extra_args=["--log-level", "WARNING"],
         )

@@ -22,10 +22,10 @@ import uvloop
 
 from potboiler.server.config_files import SecurityConfigError
 from potboiler.server.errors import InvalidArgument, PotboilerError
-from potboiler.server.gateway import Ports
 from potboiler.server.grpc_errors import quiet_client_gone
 from potboiler.server.hlc import HybridClock, skewed_clock
 from potboiler.server.node import Node, NodeConfig
+from potboiler.server.ports import Ports, cluster_bases
 from potboiler.server.processes import NodeProcess
 from potboiler.server.security import SecurityConfig
 from potboiler.server.tls import RestTlsFiles, TlsFiles, tls_context_for
@@ -231,7 +231,7 @@ def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
     """The node processes of `potboiler cluster`: each peered with the other nodes and with every
     --peer (a --peer naming a node of the cluster is one of those); InvalidArgument if --host or a
     --peer does not make a node root URL."""
-    bases = [args.base_port + 100 * i for i in range(args.nodes)]
+    bases = cluster_bases(args.base_port, args.nodes)
     for base in bases:  # as each node will check them: before starting any
         NodeConfig(data_dir=args.data_dir, host=args.host, base_port=base).check()
     try:

@@ -27,14 +27,13 @@ import stat
 import string
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import envoy
 
 from potboiler.server.backoff import Backoff
-from potboiler.server.errors import InvalidArgument
+from potboiler.server.ports import Ports
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.rest_routes import (
     DESCRIPTOR,
@@ -54,52 +53,6 @@ ENVOY_RESTART = Backoff(first=0.1, cap=5.0)
 LUA_DIR = TEMPLATE.parent / "lua"
 #: Largest REST request body Envoy accepts (413 beyond): an entry's 1 MiB of data plus JSON overhead.
 MAX_BODY_BYTES = 2 << 20
-
-
-@dataclass(frozen=True)
-class Ports:
-    """A node's ports from its base port B (see the contract)."""
-
-    base: int
-
-    @property
-    def core(self) -> int:
-        """B: core REST and every service's gRPC, through Envoy."""
-        return self.base
-
-    @property
-    def kv(self) -> int:
-        """B+1: KV REST, through Envoy."""
-        return self.base + 1
-
-    @property
-    def browser(self) -> int:
-        """B+2: the KV browser, through Envoy."""
-        return self.base + 2
-
-    @property
-    def pigtail(self) -> int:
-        """B+3: Pigtail REST, through Envoy."""
-        return self.base + 3
-
-    @property
-    def metrics(self) -> int:
-        """B+5: Prometheus metrics, served by the node."""
-        return self.base + 5
-
-    @property
-    def grpc(self) -> int:
-        """B+10: the node's own gRPC server (peers replicate through it)."""
-        return self.base + 10
-
-    def check(self) -> None:
-        """InvalidArgument unless every port from the base port up is a valid port number."""
-        span = self.grpc - self.base
-        if not 1 <= self.base <= 65535 - span:
-            raise InvalidArgument(
-                f"bad --base-port: {self.base}; a node takes ports B to B+{span}, so B must be 1 to "
-                f"{65535 - span}"
-            )
 
 
 def services_by_port() -> dict[str, list[str]]:

@@ -19,7 +19,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.config_files import FileVersion, SecurityConfigError, file_version
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.gateway import Gateway, Ports
+from potboiler.server.gateway import Gateway
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
@@ -29,6 +29,7 @@ from potboiler.server.metrics import MetricsServer
 from potboiler.server.nodes_servicer import NodesServicer
 from potboiler.server.peer_watch import PeerWatch
 from potboiler.server.plugin import NodeContext, NodeService
+from potboiler.server.ports import Ports
 from potboiler.server.replication_servicer import ReplicationServicer
 from potboiler.server.replicator import Replicator, channel_options
 from potboiler.server.rest_servicer import CoreRestServicer

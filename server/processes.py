@@ -19,21 +19,21 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from potboiler.server.gateway import Ports, die_with_parent
+from potboiler.server.gateway import die_with_parent
+from potboiler.server.ports import NODE_SPACING, PORT_OFFSETS, Ports, cluster_bases
 from potboiler.server.urls import url_host
 
 #: The line a node prints once it serves (see potboiler.server.cli.run_node).
 _UP_LINE = re.compile(rb"^node [0-9a-f-]{36}: ", re.MULTILINE)
-#: Offsets from a base port that a node binds (REST ports, metrics, gRPC).
-PORT_OFFSETS = (0, 1, 2, 3, 5, 10)
 
 
 def ports_free(host: str, base: int) -> bool:
     """Whether every port a node with base `base` needs is free on `host`. Bound with SO_REUSEADDR,
     as the node's servers and Envoy bind theirs: a port that only closed connections still hold
     (TIME_WAIT, for a minute) is free to them, and the tests leave many such ports behind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for offset in PORT_OFFSETS:
-        with socket.socket() as s:
+        with socket.socket(family) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, base + offset))
@@ -63,8 +63,8 @@ _HANDED_OUT: set[int] = set()
 
 
 def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 65400, count: int = 1) -> int:
-    """A base port B such that `count` nodes at B, B+100, ... can bind all their ports, outside the
-    kernel's ephemeral range.
+    """A base port B such that `count` nodes at B, B+NODE_SPACING, ... can bind all their ports,
+    outside the kernel's ephemeral range.
 
     Checking that ports are free does not reserve them: two processes (parallel test workers, say)
     that look at once could both pick the same range, and the first to start its nodes would take
@@ -74,8 +74,8 @@ def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 65400
     # Eligible slots only, so that the starting point spreads pickers over all of them.
     slots = [
         base
-        for base in range(start, end - 100 * count, 100)
-        if base + 100 * count < ephemeral.start or base > ephemeral.stop
+        for base in range(start, end - NODE_SPACING * count, NODE_SPACING)
+        if base + NODE_SPACING * count < ephemeral.start or base > ephemeral.stop
     ]
     if not slots:
         raise RuntimeError(
@@ -83,12 +83,12 @@ def find_base_port(host: str = "127.0.0.1", start: int = 10000, end: int = 65400
         )
     first = (os.getpid() * 7919 + time.monotonic_ns() // 1000) % len(slots)
     with _recent_picks() as recent:
-        taken = {b + 100 * i for b, (_, n) in recent.items() for i in range(n)}
+        taken = {b for first, (_, n) in recent.items() for b in cluster_bases(first, n)}
         # A second pass ignores the reservations: better a rare collision than no port at all.
         for avoid in (taken, set()):
             for i in range(len(slots)):
                 base = slots[(first + i) % len(slots)]
-                wanted = [base + 100 * n for n in range(count)]
+                wanted = cluster_bases(base, count)
                 if avoid.isdisjoint(wanted) and all(ports_free(host, b) for b in wanted):
                     recent[base] = (time.time(), count)
                     _HANDED_OUT.update(wanted)

@@ -35,6 +35,7 @@ from potboiler.server.grpc_errors import status_of
 from potboiler.server.ids import uuid_str
 from potboiler.server.log_plan import Plan
 from potboiler.server.membership import Membership
+from potboiler.server.ports import GRPC_PORT_OFFSET
 from potboiler.server.replication_session import (
     ClientTransport,
     Counters,
@@ -42,7 +43,7 @@ from potboiler.server.replication_session import (
     Session,
     forwarded_live_age,
 )
-from potboiler.server.urls import GRPC_PORT_OFFSET, host_port, url_host
+from potboiler.server.urls import host_port, url_host
 from potboiler.v1 import nodes_pb2, replication_pb2, replication_pb2_grpc
 
 # Named as when replication was one module: the log format prints it, and peer_watch.py shares it.

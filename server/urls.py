@@ -7,10 +7,9 @@ import hmac
 from urllib.parse import urlsplit, urlunsplit
 
 from potboiler.server.errors import InvalidArgument, quoted
+from potboiler.server.ports import GRPC_PORT_OFFSET
 
 MAX_URL_LENGTH = 2048
-#: Offset of a node's direct gRPC port from its base port (the port of its URL).
-GRPC_PORT_OFFSET = 10
 
 
 def http_url(text: str, what: str = "url") -> str:

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from potboiler.server.gateway import Ports
+from potboiler.server.ports import Ports
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.services import SERVICES
 from potboiler.v1 import log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from potboiler.server.gateway import Ports
+from potboiler.server.ports import Ports
 from potboiler.server.processes import NodeProcess, find_base_port, release_base_port
 from tests.conftest import wait_for_sync
 

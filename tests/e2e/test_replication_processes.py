@@ -22,6 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from potboiler.server.ports import cluster_bases
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.urls import origin
 from potboiler.v1 import log_pb2, log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
@@ -51,13 +52,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         n: int, peers: Callable[[int, list[str]], list[str]] | None = None, extra: list[str] | None = None
     ) -> list[NodeProcess]:
         first = len(started)
-        urls = [f"http://127.0.0.1:{base + 100 * (first + i)}" for i in range(n)]
+        bases = cluster_bases(base, first + n)[first:]
+        urls = [f"http://127.0.0.1:{b}" for b in bases]
         nodes = []
         for i in range(n):
             chosen = peers(i, urls) if peers else [u for j, u in enumerate(urls) if j != i]
-            node = NodeProcess(
-                tmp_path / f"node{first + i}", base + 100 * (first + i), peers=chosen, extra_args=extra or []
-            )
+            node = NodeProcess(tmp_path / f"node{first + i}", bases[i], peers=chosen, extra_args=extra or [])
             started.append(node)
             nodes.append(node.start(wait=False))
         for node in nodes:
@@ -334,8 +334,9 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
             lines.append(raw.decode())
             if "is up" in lines[-1]:
                 break
-        assert any(f"REST http://127.0.0.1:{base + 200}" in line for line in lines), lines
-        nodes = [NodeProcess(tmp_path / f"node{i}", base + 100 * i) for i in range(3)]
+        bases = cluster_bases(base, 3)
+        assert any(f"REST http://127.0.0.1:{bases[2]}" in line for line in lines), lines
+        nodes = [NodeProcess(tmp_path / f"node{i}", b) for i, b in enumerate(bases)]
         post(nodes[0], {"hello": "cluster"})
         wait_until(lambda: converged(nodes, 1), what="cluster convergence")
         status = subprocess.run(

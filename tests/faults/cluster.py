@@ -24,7 +24,7 @@ import grpc
 import httpx
 from google.protobuf import json_format
 
-from potboiler.server.gateway import Ports
+from potboiler.server.ports import NODE_SPACING, Ports, cluster_bases
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from tests.conftest import wait_for_sync
@@ -51,7 +51,7 @@ def base_port_below_ephemeral(count: int) -> int:
     """A free base port for `count` nodes on 127.0.0.1, drawn uniformly from the ports below the
     kernel's ephemeral range (find_base_port's default search lands most workers on its first port)."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    end = min(low, 60_000) - 100 * count
+    end = min(low, 60_000) - NODE_SPACING * count
     return find_base_port(start=10_000, end=end, count=count) if end > 12_000 else find_base_port(count=count)
 
 
@@ -200,7 +200,7 @@ class FaultCluster:
         else:
             hosts = ["127.0.0.1"] * size
             first = base_port_below_ephemeral(size)
-            bases = [first + 100 * i for i in range(size)]
+            bases = cluster_bases(first, size)
         urls = [f"http://{h}:{b}" for h, b in zip(hosts, bases, strict=True)]
         gid0 = gid_base()
         for i in range(size):

@@ -25,7 +25,7 @@ import grpc
 import pytest
 import trustme
 
-from potboiler.server.gateway import Ports
+from potboiler.server.ports import Ports
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.tokens import Role, token_line
 

@@ -20,7 +20,8 @@ import pytest
 
 from potboiler.server import gateway
 from potboiler.server.backoff import Backoff
-from potboiler.server.gateway import LUA_DIR, Ports, render, worker_threads
+from potboiler.server.gateway import LUA_DIR, render, worker_threads
+from potboiler.server.ports import Ports
 from potboiler.server.rest_routes import RawBodyRoute, raw_body_routes
 from tests.conftest import wait_for
 

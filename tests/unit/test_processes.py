@@ -4,12 +4,14 @@ row (parallel test workers used to start nodes on the same ports)."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from potboiler.server import processes
+from potboiler.server.ports import GRPC_PORT_OFFSET, cluster_bases
 from potboiler.server.processes import find_base_port
 
 
@@ -28,7 +30,7 @@ def all_ports_free(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def ranges(base: int, count: int) -> set[int]:
-    return {base + 100 * i for i in range(count)}
+    return set(cluster_bases(base, count))
 
 
 def test_picks_do_not_overlap_while_reserved() -> None:
@@ -114,3 +116,20 @@ def test_a_released_range_is_no_longer_reserved(private_picks: Path) -> None:
     assert str(first) not in json.loads(private_picks.read_text())
     processes.NodeProcess(Path("/nonexistent"), first).kill()  # released: no longer renewed either
     assert str(first) not in json.loads(private_picks.read_text())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_ports_free_sees_a_bound_port_on_either_family(host: str) -> None:
+    """A port taken on the host's own address family counts (an IPv6 host is checked with IPv6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.socket(family).close()
+        base = find_base_port(host)
+    except OSError:
+        pytest.skip(f"no {host} on this machine")
+    assert processes.ports_free(host, base)
+    with socket.socket(family) as taken:
+        taken.bind((host, base + GRPC_PORT_OFFSET))
+        taken.listen()
+        assert not processes.ports_free(host, base)
+    processes.release_base_port(base)

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
+from potboiler.server.ports import GRPC_PORT_OFFSET
 from potboiler.server.urls import (
-    GRPC_PORT_OFFSET,
     MAX_URL_LENGTH,
     http_url,
     lower_case_origin,
