@@ -11,11 +11,11 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
-from potboiler.server.grpc_context import Ctx
+from potboiler.server.grpc_context import Ctx, Handler
 from potboiler.server.tokens import Role, TokenStore
 
 # The name of the module these were split from: log lines and filters on them stay as they were.
@@ -76,7 +76,6 @@ def _via_gateway(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
     return any(key.lower() == GATEWAY_HEADER for key, _ in metadata or ())
 
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Behavior = Callable[..., Any]
 
 

@@ -22,18 +22,16 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 from google.api import annotations_pb2
 from google.protobuf.message import DecodeError, Message
 
 from potboiler.server.errors import InvalidArgument
-from potboiler.server.grpc_context import Ctx
+from potboiler.server.grpc_context import Ctx, Handler
 from potboiler.server.grpc_errors import abort
 from potboiler.v1 import log_pb2
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class Undecodable:
