@@ -225,7 +225,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return _refuse(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
-                "this node requires a token: send 'authorization: Bearer <token>'",
+                "this node requires a token: send it in the header 'authorization: Bearer TOKEN'",
             )
         role = self._tokens.role_of(token)
         if role is None:

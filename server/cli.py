@@ -312,7 +312,7 @@ def show_status(url: str, token: str | None = None, cacert: Path | None = None) 
     except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:  # OSError: the --cacert file
         print(f"potboiler: cannot get the status of {url}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
-    print(response.text)
+    print_out(response.text)
     return 0 if response.is_success else 1
 
 
@@ -325,8 +325,17 @@ def hash_token_command(token: str | None, role: str) -> int:
     if not token:
         token = secrets.token_urlsafe(32)
         print(f"token (give it to the client, keep it secret): {token}", file=sys.stderr)
-    print(token_line(token, Role(role)))
+    print_out(token_line(token, Role(role)))
     return 0
+
+
+def print_out(text: str) -> None:
+    """Print `text` on stdout; a reader that has gone (`| head`) ends the output without a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would fail again flushing stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,9 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, CONTENT_TYPE_LATEST, body, send_body)
 
     def _fail(self, status: int, message: str, send_body: bool) -> None:
-        """An error as the node's other ports answer theirs: {"code": <gRPC code>, "message"}."""
+        """An error as the node's other ports answer theirs: {"code": <gRPC code>, "message", "details"}."""
         code = GRPC_CODE_OF_STATUS.get(status, grpc.StatusCode.UNKNOWN).value[0]
-        body = json.dumps({"code": code, "message": message}).encode()
+        body = json.dumps({"code": code, "message": message, "details": []}).encode()
         self._send(status, "application/json", body, send_body)
 
     def _send(self, status: int, content_type: str, body: bytes, send_body: bool) -> None:

@@ -125,12 +125,16 @@ async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_
             for method in ("GET", "HEAD"):
                 missing = await client.request(method, "/nope")
                 assert missing.status_code == 404
-            assert (await client.get("/nope")).json()["code"] == 5
+            assert (await client.get("/nope")).json() == {
+                "code": 5,
+                "message": "No such path: /nope (metrics are at /metrics)",
+                "details": [],
+            }
             for method in ("POST", "DELETE", "TRACE", "FOO"):
                 other = await client.request(method, "/metrics", content=b"x")
                 assert other.status_code == 405 and other.headers["allow"] == "GET, HEAD"
                 message = f"{method} is not allowed here: /metrics takes GET or HEAD"
-                assert other.json() == {"code": 12, "message": message}
+                assert other.json() == {"code": 12, "message": message, "details": []}
     finally:
         server.stop()
     with pytest.raises(httpx.ConnectError):  # nothing answers once it has stopped
@@ -146,7 +150,7 @@ async def test_a_metrics_request_line_too_long_is_a_414_that_says_so(grpc_node: 
         head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
         writer.close()
         assert head.startswith(b"HTTP/1.0 414")
-        assert json.loads(body) == {"code": 3, "message": "Request-URI Too Long"}
+        assert json.loads(body) == {"code": 3, "message": "Request-URI Too Long", "details": []}
     finally:
         server.stop()
 

@@ -3,6 +3,9 @@ that cannot start are reported (one line, an exit code, no traceback)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,18 @@ def test_status_of_a_node_that_does_not_answer_is_a_one_line_error(
     assert cli.main(["status", "--url", f"https://127.0.0.1:{closed}", "--cacert", missing]) == 1
     err = capsys.readouterr().err
     assert err.count("potboiler: cannot get the status of") == 3 and "Traceback" not in err, err
+
+
+def test_output_to_a_reader_that_has_gone_ends_without_a_traceback() -> None:
+    """`potboiler hash-token - | head -c 0`, say: the reader closes the pipe before anything is written."""
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "potboiler.server.cli", "hash-token", "-"],
+        stdin=subprocess.PIPE,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+    )
+    os.close(write_end)
+    os.close(read_end)  # nobody reads: the child's write fails with EPIPE
+    _, err = child.communicate(b"s3cret\n", timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
