@@ -8,8 +8,9 @@ them unambiguously)::
     q<queue>                -> QueueRecord (JSON): the machine's queue state but its key index, and its
                                marks' entry ids
     k<queue>\\x00<key>       -> the candidates of one idempotency key of the queue (JSON)
-    t<queue>\\x00<task id>   -> TaskRecord (JSON): the machine's task state and its add's entry id
-    o<queue>\\x00<task id>   -> '': the task is not done (what listings and the scheduler walk)
+    o<queue>\\x00<task id>   -> TaskRecord (JSON) of a task that is not done: the machine's task state
+                               and its add's entry id
+    t<queue>\\x00<task id>   -> TaskRecord (JSON) of a done task
     s<owner>                -> [wall_ms, logical]: the stamp of the last entry applied from that owner
 
 A batch of delivered entries is applied in two steps: :meth:`PigtailState.plan` computes the new states
@@ -18,6 +19,12 @@ writes that batch and :meth:`PigtailState.adopt` makes it the current state. So 
 replays the batch from the old cursor (applying is idempotent anyway), and a restart neither skips nor
 double-applies an entry. Queues, their idempotency keys and the tasks that are not done are kept in
 memory; done tasks are read from the store when asked for.
+
+The tasks that are not done are stored apart from the done ones (done is final: a task moves once), so
+that loading them at start is one read of their range in key order, however many tasks are done. With
+``o`` keys only marking the tasks of ``t`` that were not done, a read of each by its key, 20,000 open
+tasks took 0.25 s of CPU to load instead of 0.17 (0.14 with the collector paused, see below); records
+written that way are moved when the state is loaded.
 
 A queue's key index (the machine's ``QueueState["keys"]``) is kept apart, one record per key, and
 changed in place per key (:func:`~potboiler.pigtail.machine.candidates_after_add`): as one JSON value in
@@ -38,6 +45,8 @@ applied up to the promise's seq: so a node that has stopped writing does not hol
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +162,18 @@ class Applied:
     entry_ids: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (if it runs) while the block runs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class PigtailState:
     """The state of every queue and task on one node (single writer: the service's applier)."""
 
@@ -160,14 +181,27 @@ class PigtailState:
         self._store = store
         raw = store.get(_CURSOR)
         self.cursor = _U64.unpack(raw)[0] if raw else 0
-        self._queues: dict[str, QueueRecord] = {}
         self._configs: dict[str, tuple[QueueState, QueueConfig | None]] = {}
+        #: Records written in an older layout, written again in this one.
+        moved: list[Write] = []
+        # What is loaded stays: the collector's passes over it while it was made (about 100,000
+        # containers for 20,000 open tasks) took 0.03 s of the 0.17 s loading them took.
+        with _collector_paused():
+            self._queues = self._load_queues(moved)
+            self._open, self._add_ids = self._load_open(moved)
+            #: Each owner's newest entry applied: its stamp and seq (0 in records older than the seq).
+            self._owners = self._load_owners()
+        if moved:
+            store.write(moved, sync=True)
+
+    def _load_queues(self, moved: list[Write]) -> dict[str, QueueRecord]:
+        """The stored queues with their key indexes; records to move appended to `moved`."""
         indexes: dict[str, dict[str, list[KeyCandidate]]] = {}
-        for key, value in store.scan(b"k", prefix_end(b"k")):
+        for key, value in self._store.scan(b"k", prefix_end(b"k")):
             queue, idempotency_key = key[1:].decode().split("\x00", 1)
             indexes.setdefault(queue, {})[idempotency_key] = orjson.loads(value)
-        moved: list[Write] = []
-        for key, value in store.scan(b"q", prefix_end(b"q")):
+        queues: dict[str, QueueRecord] = {}
+        for key, value in self._store.scan(b"q", prefix_end(b"q")):
             name = key[1:].decode()
             stored = cast(QueueRecord, orjson.loads(value))
             index = indexes.setdefault(name, {})
@@ -177,23 +211,37 @@ class PigtailState:
             stored["state"]["keys"] = index
             if legacy:
                 moved.append((key, _dump_queue(stored)))
-            self._queues[name] = stored
-        if moved:
-            store.write(moved, sync=True)
-        self._open: dict[str, dict[str, TaskState]] = {}
-        self._add_ids: dict[TaskKey, str | None] = {}
-        for key, _ in store.scan(b"o", prefix_end(b"o")):
-            queue, task_id = key[1:].decode().split("\x00", 1)
-            record = self._load_task(queue, task_id)
-            if record is not None:
-                self._open.setdefault(queue, {})[task_id] = record["state"]
-                self._add_ids[queue, task_id] = record["add_id"]
-        #: Each owner's newest entry applied: its stamp and seq (0 in records older than the seq).
-        self._owners: dict[str, tuple[Stamp, int]] = {}
-        for key, value in store.scan(b"s", prefix_end(b"s")):
+            queues[name] = stored
+        return queues
+
+    def _load_open(
+        self, moved: list[Write]
+    ) -> tuple[dict[str, dict[str, TaskState]], dict[TaskKey, str | None]]:
+        """The stored tasks that are not done, by queue, and their adds' entry ids; records to move
+        appended to `moved`."""
+        open_tasks: dict[str, dict[str, TaskState]] = {}
+        add_ids: dict[TaskKey, str | None] = {}
+        for key, value in self._store.scan(b"o", prefix_end(b"o")):
+            raw: bytes | None = value
+            if not raw:  # written when the record was in "t" (every task's): moved here
+                raw = self._store.get(b"t" + key[1:])
+                moved += [(key, raw), (b"t" + key[1:], None)]
+                if raw is None:
+                    continue
+            record = cast(TaskRecord, orjson.loads(raw))
+            state = record["state"]
+            open_tasks.setdefault(state["queue"], {})[state["task_id"]] = state
+            add_ids[state["queue"], state["task_id"]] = record["add_id"]
+        return open_tasks, add_ids
+
+    def _load_owners(self) -> dict[str, tuple[Stamp, int]]:
+        """Each owner's newest entry applied, as stored."""
+        owners: dict[str, tuple[Stamp, int]] = {}
+        for key, value in self._store.scan(b"s", prefix_end(b"s")):
             wall, logical, *seq = orjson.loads(value)
             owner = key[1:].decode()
-            self._owners[owner] = (Stamp(wall, logical, owner), seq[0] if seq else 0)
+            owners[owner] = (Stamp(wall, logical, owner), seq[0] if seq else 0)
+        return owners
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -251,11 +299,10 @@ class PigtailState:
         """The queue's stored done tasks (read from the store)."""
         prefix = b"t" + queue.encode() + _SEP
         for _, value in self._store.scan(prefix, prefix_end(prefix)):
-            record = cast(TaskRecord, orjson.loads(value))
-            if record["state"]["done"] is not None:
-                yield record["state"]
+            yield cast(TaskRecord, orjson.loads(value))["state"]
 
     def _load_task(self, queue: str, task_id: str) -> TaskRecord | None:
+        """A done task's record (the others are in memory), or None."""
         raw = self._store.get(_task_key(queue, task_id))
         return None if raw is None else cast(TaskRecord, orjson.loads(raw))
 
@@ -355,8 +402,11 @@ class PigtailState:
                 writes.append((_task_key(queue_name, task_id), None))
                 writes.append((_open_key(queue_name, task_id), None))
                 continue
-            writes.append((_task_key(queue_name, task_id), orjson.dumps(task)))
-            writes.append((_open_key(queue_name, task_id), b"" if task["state"]["done"] is None else None))
+            if task["state"]["done"] is None:
+                writes.append((_open_key(queue_name, task_id), orjson.dumps(task)))
+            else:
+                writes.append((_task_key(queue_name, task_id), orjson.dumps(task)))
+                writes.append((_open_key(queue_name, task_id), None))
         for owner, (stamp, seq) in applied.owners.items():
             writes.append((b"s" + owner.encode(), orjson.dumps([stamp.wall_ms, stamp.logical, seq])))
         writes.append((_CURSOR, _U64.pack(applied.position)))

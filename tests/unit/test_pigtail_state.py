@@ -147,6 +147,67 @@ def test_apply_create_add_claim_done_and_restart() -> None:
     assert [s["task_id"] for s in again.done_tasks("q")] == ["t1"]
 
 
+def stored_tasks(store: MemoryStore) -> dict[bytes, list[str]]:
+    """The task records stored under "o" (not done) and "t" (done): their task ids."""
+    return {
+        prefix: [orjson.loads(value)["state"]["task_id"] for _, value in store.scan(prefix, prefix + b"\xff")]
+        for prefix in (b"o", b"t")
+    }
+
+
+def test_a_task_is_stored_with_the_open_ones_until_it_is_done() -> None:
+    """Loading the tasks that are not done reads their range alone, not the done tasks' too."""
+    store = MemoryStore()
+    state = PigtailState(store)
+    log = Log()
+    entries = [
+        log.event(A, T0, QueueCreated("q", 1000)),
+        log.event(A, T0 + 1, TaskAdded("q", "t1", "x")),
+        log.event(A, T0 + 2, TaskAdded("q", "t2", "x")),
+        log.event(A, T0 + 3, TaskClaimed("q", "t1", "w")),
+    ]
+    state.apply(positioned(entries))
+    assert stored_tasks(store) == {b"o": ["t1", "t2"], b"t": []}
+    state.apply([(5, log.event(A, T0 + 4, TaskDone("q", "t1", "w")))])
+    assert stored_tasks(store) == {b"o": ["t2"], b"t": ["t1"]}
+    again = PigtailState(store)
+    assert dict(again.open_tasks("q")) == dict(state.open_tasks("q"))
+    assert again.task("q", "t1") == state.task("q", "t1")
+
+
+def test_records_of_tasks_not_done_kept_with_the_done_ones_are_moved_on_load() -> None:
+    """A store written when every task's record was under "t" and "o" only marked those not done."""
+    log = Log()
+    entries = [
+        log.event(A, T0, QueueCreated("q", 1000)),
+        log.event(A, T0 + 1, TaskAdded("q", "t1", "x")),
+        log.event(A, T0 + 2, TaskAdded("q", "t2", "x", {"n": 2})),
+        log.event(A, T0 + 3, TaskClaimed("q", "t2", "w")),
+        log.event(A, T0 + 4, TaskAdded("q", "t3", "x")),
+        log.event(A, T0 + 5, TaskDone("q", "t1", "w")),
+    ]
+    reference = PigtailState(MemoryStore())
+    reference.apply(positioned(entries))
+    store = MemoryStore()
+    legacy = [
+        (b"c", b"\x00" * 7 + b"\x06"),
+        (b"qq", orjson.dumps({"state": reference.queue("q"), "ids": {}})),
+    ]
+    for task_id in ("t1", "t2", "t3"):
+        record = {"state": reference.task("q", task_id), "add_id": f"add-{task_id}"}
+        legacy.append((b"tq\x00" + task_id.encode(), orjson.dumps(record)))
+        if task_id != "t1":
+            legacy.append((b"oq\x00" + task_id.encode(), b""))
+    store.write(legacy)
+    for _ in range(2):
+        state = PigtailState(store)
+        assert state.cursor == 6
+        assert dict(state.open_tasks("q")) == dict(reference.open_tasks("q"))
+        assert state.task("q", "t1") == reference.task("q", "t1")
+        assert [state.add_entry_id("q", t) for t in ("t1", "t2", "t3")] == ["add-t1", "add-t2", "add-t3"]
+        assert stored_tasks(store) == {b"o": ["t2", "t3"], b"t": ["t1"]}
+
+
 def test_crash_between_plan_and_write_replays_from_old_cursor() -> None:
     store = MemoryStore()
     state = PigtailState(store)
@@ -415,7 +476,7 @@ def test_an_add_with_a_key_writes_its_key_alone() -> None:
     state.apply(positioned([log.event(A, T0, QueueCreated("q", 1000)), *adds]))
     last = log.event(A, T0 + 1000, TaskAdded("q", "last", "x", idempotency_key="last"))
     applied = state.apply([(501, last)])
-    assert sorted(key[:1] for key, _ in applied.writes) == [b"c", b"k", b"o", b"s", b"t"]
+    assert sorted(key[:1] for key, _ in applied.writes) == [b"c", b"k", b"o", b"s"]
     assert sum(len(value or b"") for _, value in applied.writes) < 1000
 
 
