@@ -47,6 +47,8 @@ class _Job:
     blobs: Sequence[bytes] | None = None
     #: Refuse the local entries while this node's own log is blocked (see `Log.plan_local`).
     unless_blocked: bool = False
+    #: Where the remote entries came from, for the log's lines (a peer's id and URL).
+    source: str = ""
 
     @property
     def size(self) -> int:
@@ -131,10 +133,13 @@ class Appender:
         if blocked is not None:
             raise Unavailable(blocked.describe())
 
-    async def ingest(self, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None) -> list[Entry]:
-        """Store entries received from a peer (and, if given, each serialized as received, which is
-        then stored as it is); returns those that were new, once durable."""
-        return await self._submit(_Job(None, entries, asyncio.get_running_loop().create_future(), blobs))
+    async def ingest(
+        self, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None, source: str = ""
+    ) -> list[Entry]:
+        """Store entries received from a peer, `source` (and, if given, each serialized as received,
+        which is then stored as it is); returns those that were new, once durable."""
+        future = asyncio.get_running_loop().create_future()
+        return await self._submit(_Job(None, entries, future, blobs, source=source))
 
     def _submit(self, job: _Job) -> asyncio.Future[list[Entry]]:
         if self._task is None or self._closing:
@@ -297,7 +302,8 @@ class Appender:
                         (job, self.log.plan_local(plan, job.local, unless_blocked=job.unless_blocked))
                     )
                 else:
-                    results.append((job, self.log.plan_remote(plan, job.remote or (), job.blobs)))
+                    remote = job.remote or ()
+                    results.append((job, self.log.plan_remote(plan, remote, job.blobs, job.source)))
             except PotboilerError as exc:
                 if not job.done.done():  # its caller may have given up (a replication stream ended)
                     job.done.set_exception(exc)

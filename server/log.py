@@ -381,8 +381,8 @@ class Log:
         held here at the seq before it."""
         return self._forks.of(owner)
 
-    def note_own_fork(self, seq: int, held_before: str) -> None:
-        """A peer found this node's own log forked at `seq`: it holds `held_before` at the seq before,
+    def note_own_fork(self, seq: int, held_before: str, source: str = "") -> None:
+        """A peer, `source`, found this node's own log forked at `seq`: it holds `held_before` at the seq before,
         where this node holds another entry. The entries this node appends from now on would never
         reach it, so appends are refused. A claim that does not hold (this node holds that very
         entry there, or has no entry there to compare) is logged and ignored."""
@@ -390,15 +390,15 @@ class Log:
             return
         head = self._heads.get(self.node_id_bytes, (0, b""))[0]
         mine = self._load_at(self.node_id_bytes + U64.pack(seq - 1)).id if 1 < seq <= head + 1 else ""
-        self._forks.note_own(self.node_id, seq, held_before, mine)
+        self._forks.note_own(self.node_id, seq, held_before, mine, source)
 
     def plan_remote(
-        self, plan: Plan, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None
+        self, plan: Plan, entries: Sequence[Entry], blobs: Sequence[bytes] | None = None, source: str = ""
     ) -> list[Entry]:
-        """Add storing entries received from another node to `plan`; returns those that are new.
-        Each owner's entries are taken only in chain order: an entry already held, or one that would
-        leave a gap, is skipped. `blobs`, if given, are the entries serialized (as received), which
-        are then stored as they are."""
+        """Add storing entries received from another node, `source` (named in log lines), to `plan`;
+        returns those that are new. Each owner's entries are taken only in chain order: an entry
+        already held, or one that would leave a gap, is skipped. `blobs`, if given, are the entries
+        serialized (as received), which are then stored as they are."""
         if blobs is not None:
             taken = self._plan_run(plan, entries, blobs)
             if taken is not None:
@@ -421,7 +421,7 @@ class Log:
                 if entry.prev != chain.text:
                     # The owner's log forked (a store rolled back, a copied data directory): keep
                     # the entries held, skip its others, and go on with the other owners' entries.
-                    self._forks.note_sent(entry.owner, seq, entry, chain.text)
+                    self._forks.note_sent(entry.owner, seq, entry, chain.text, source)
                     continue
                 deps = (
                     tuple(canonical_uuid(d, "dependency") for d in entry.dependencies)

@@ -41,31 +41,33 @@ class Forks:
         the seq before it."""
         return self._seqs.get(owner, 0), self._held_before.get(owner, "")
 
-    def note_sent(self, owner: str, seq: int, entry: Entry, held_prev: str) -> None:
-        """A peer sent `entry` at seq `seq` of `owner`'s log, after another entry than `held_prev`,
-        which this node holds at the seq before."""
+    def note_sent(self, owner: str, seq: int, entry: Entry, held_prev: str, source: str = "") -> None:
+        """A peer, `source`, sent `entry` at seq `seq` of `owner`'s log, after another entry than
+        `held_prev`, which this node holds at the seq before."""
         if self._seqs.get(owner) == seq:
             return
         self._note(owner, seq, held_prev)
         _logger.warning(
-            "the log of %s has forked at seq %d: a peer sent entry %s after %s, this node holds %s "
+            "the log of %s has forked at seq %d: %s sent entry %s after %s, this node holds %s "
             "there; that log's entries past it are not taken (wipe the forked node's data directory "
             "and let it rejoin)",
             owner,
             seq,
+            source or "a peer",
             entry.id,
             entry.prev or "(none)",
             held_prev or "(none)",
         )
 
-    def note_own(self, me: str, seq: int, held_before: str, mine: str) -> None:
-        """A peer found this node's own log (`me`, not forked yet) forked at `seq`: it holds
+    def note_own(self, me: str, seq: int, held_before: str, mine: str, source: str = "") -> None:
+        """A peer, `source`, found this node's own log (`me`, not forked yet) forked at `seq`: it holds
         `held_before` at the seq before, where this node holds `mine` ('' if no entry). A claim that
         does not hold (the same entry there, or none here to compare) is logged and ignored."""
         if not mine or mine == held_before:
             _logger.warning(
-                "a peer says this node's own log forked at seq %d, holding %s before it; this node holds "
+                "%s says this node's own log forked at seq %d, holding %s before it; this node holds "
                 "%s there: ignored",
+                source or "a peer",
                 seq,
                 held_before or "(none)",
                 mine or "no entry",
@@ -73,10 +75,11 @@ class Forks:
             return
         self._note(me, seq, held_before)
         _logger.error(
-            "a peer holds other entries of this node's own log than this node from seq %d on (its "
+            "%s holds other entries of this node's own log than this node from seq %d on (its "
             "store was restored from an older copy after it wrote more, or another process runs "
             "with its id): appends are refused from now on; wipe this node's data directory and let "
             "it rejoin its cluster as a new node",
+            source or "a peer",
             seq,
         )
 

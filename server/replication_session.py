@@ -232,6 +232,11 @@ class Session:
             )
         )
 
+    @property
+    def source(self) -> str:
+        """The peer, as log lines name it."""
+        return f"peer {self.peer_id} ({self.peer_url})"
+
     def accept_hello(self, hello: replication_pb2.Hello) -> None:
         """Take in the peer's Hello: who it is and what it holds."""
         parse_uuid(hello.node_id, "node id")
@@ -418,7 +423,7 @@ class Session:
                 newest = {owner: e.seq for owner, e in newest_of_each_owner(entries).items()}
                 for owner, seq in newest.items():
                     self.peer_has(owner, seq, now)
-                new = await host.appender.ingest(entries, blobs)
+                new = await host.appender.ingest(entries, blobs, self.source)
                 fresh = set(newest) if new and len(newest) == 1 else {e.owner for e in new}
                 self._redundant |= host.feeders.brought(self, self.peer_id, newest, fresh, time.monotonic())
                 self._changed.set()  # acknowledge, even when every entry was a duplicate
@@ -426,7 +431,8 @@ class Session:
                 vector = vectors.from_proto(message.ack.vector)
                 host.log.note_own_seq(vector.get(host.log.node_id, 0))
                 if message.ack.your_log_forked_at:
-                    host.log.note_own_fork(message.ack.your_log_forked_at, message.ack.your_entry_before_fork)
+                    ack = message.ack
+                    host.log.note_own_fork(ack.your_log_forked_at, ack.your_entry_before_fork, self.source)
                 redundant = set(message.ack.redundant_owners)
                 for owner in redundant:
                     parse_uuid(owner, "redundant owner")  # as the vector's owners: else the stream ends

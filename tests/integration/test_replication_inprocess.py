@@ -813,13 +813,16 @@ async def restored_alone(
 
 
 async def test_a_forked_log_is_reported_and_holds_up_only_itself(
-    make_node: NodeFactory, tmp_path: Path
+    make_node: NodeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """x's store goes back to an older copy and x appends before reaching its peer: its log forks.
-    p keeps the entries it had, takes none of x's past the fork, says so in its status, and the
-    stream between them goes on carrying everything else."""
+    p keeps the entries it had, takes none of x's past the fork, says so in its status and its log
+    (naming the peer that sent them), and the stream between them goes on carrying everything else."""
+    caplog.set_level(logging.WARNING, logger="potboiler.server.log")
     p, x = await restored_alone(make_node, tmp_path, after_copy=2, again=3)  # x's 3-5 are new
     await eventually(lambda: p.log.forks() == {x.log.node_id: 5}, what="p seeing the fork")
+    sent = f"the log of {x.log.node_id} has forked at seq 5: peer {x.log.node_id} ({x.config.url}) sent"
+    assert any(r.getMessage().startswith(sent) for r in caplog.records), caplog.text
     [session] = p.replicator.peers[x.config.url].sessions
     mine = await append(p, 3)
     await eventually(
@@ -833,6 +836,8 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
     assert [(f.owner, f.seq) for f in status.forked] == [(x.log.node_id, 5)]
     # p tells x, whose new entries it would never take: x stops acknowledging writes that stay on x.
     await eventually(lambda: x.log.fork_of(x.log.node_id)[0] == 5, what="x told its log forked")
+    told = f"peer {p.log.node_id} ({p.config.url}) holds other entries of this node's own log"
+    assert any(r.getMessage().startswith(told) for r in caplog.records), caplog.text
     with pytest.raises(Unavailable, match="own log has forked at seq 5"):
         await append(x, 1)
 
