@@ -9,6 +9,10 @@ import resolves to this very module both at run time and for mypy.
 - `loop_turns()`: count the event loop's turns meanwhile (that long work lets others run).
 - `grpc_node`: an in-process, gRPC-only `Node` on an OS-chosen port, with an aio channel and stubs.
 - `grpc_node_factory`: start several of them (each with its own data dir); all stopped at teardown.
+- `receiver`: a webhook receiver (tests/webhook_receiver.py), closed at teardown.
+
+Real node processes (with Envoy) are started by `tests.node_processes.NodeProcesses`, through the
+fixtures of the suites that use them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from grpc_health.v1 import health_pb2
 
 from potboiler.server.node import Node, NodeConfig
 from potboiler.v1 import core_rest_pb2_grpc, log_pb2, log_pb2_grpc, nodes_pb2_grpc, webhooks_pb2_grpc
+from tests.webhook_receiver import Receiver
 
 if TYPE_CHECKING:
     from potboiler.v1.core_rest_pb2_grpc import CoreRestServiceAsyncStub
@@ -266,3 +271,14 @@ async def grpc_node_factory(tmp_path: Path) -> AsyncIterator[GrpcNodeFactory]:
 async def grpc_node(grpc_node_factory: GrpcNodeFactory) -> GrpcNode:
     """One in-process gRPC-only node (stopped at teardown by its factory)."""
     return await grpc_node_factory("node")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver answering 200 to everything (tests change `receiver.answer` or call
+    `receiver.fail(path)`); closed at teardown."""
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()

@@ -4,8 +4,9 @@ its surfaces, and a digest of everything it stores, to show that bad requests ch
 Import the helpers as `from tests.badinput.conftest import ...` (registered below, as tests/conftest.py
 does).
 
-- `node`: a `potboiler node` on a free base port, with a table of each KV type, a queue, a task and a
-  few entries made up front (so the digest covers non-empty state); stopped at the end of the module.
+- `node`: a `potboiler node` on a free base port (a `tests.node_processes.NodeProcesses` starts it),
+  with a table of each KV type, a queue, a task and a few entries made up front (so the digest covers
+  non-empty state); stopped at the end of the module.
 - `BadInputNode.unchanged()`: a context manager that takes the digest before and after (GET /log and
   /log/first, /status, /nodes, every KV table, key and value, every queue's listing and task views,
   the webhooks) and asserts they are equal and the node process is still alive.
@@ -16,8 +17,8 @@ does).
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 
-from potboiler.server.ports import Ports
-from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.server.processes import NodeProcess
 from potboiler.server.services import SERVICES
 from potboiler.v1 import log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
+from tests.node_processes import NodeProcesses
 
 sys.modules.setdefault("tests.badinput.conftest", sys.modules[__name__])
 
@@ -61,6 +62,9 @@ needs_kv = pytest.mark.skipif(
 needs_pigtail = pytest.mark.skipif(
     not HAS_PIGTAIL, reason="the Pigtail service is not registered in potboiler.server.services"
 )
+#: A string that is a UUID, and one that is a valid queue or table name: what fuzzed strings avoid.
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 GRPC_OPTIONS = [("grpc.max_send_message_length", 128 << 20), ("grpc.max_receive_message_length", 128 << 20)]
 
 
@@ -69,38 +73,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
-
-
-def base_port(count: int = 1) -> int:
-    """A free base port for `count` nodes, drawn uniformly from the ports below the kernel's ephemeral
-    range. (find_base_port's own default search starts, for most process ids, in the excluded range
-    and then always lands on its first port: parallel workers collide; see tests/faults/test_harness.py.)"""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    end = min(low, 60_000) - 100 * count
-    return find_base_port(start=10_000, end=end, count=count) if end > 12_000 else find_base_port(count=count)
-
-
-def start_node(process: NodeProcess, timeout: float = 60.0, attempts: int = 3) -> None:
-    """Start a node and wait until it serves, making sure the node answering is this one: a node whose
-    port was taken meanwhile exits ("in use") while the other one answers its URL; it then moves to
-    another base port."""
-    for attempt in range(attempts):
-        offset = process.log_file.stat().st_size if process.log_file.exists() else 0
-        process.start(wait=False)
-        deadline = time.monotonic() + timeout
-        while True:
-            text = process.log_file.read_bytes()[offset:].decode(errors="replace")
-            if f"serving {process.url}" in text or not process.alive():
-                break
-            assert time.monotonic() < deadline, f"node not serving after {timeout}s: {process.log_file}"
-            time.sleep(0.05)
-        if process.alive():
-            process.wait_ready(timeout)
-            return
-        process.stop()
-        if "in use" not in text or attempt == attempts - 1:
-            raise RuntimeError(f"node failed to start; see {process.log_file}")
-        process.ports = Ports(base_port())
 
 
 def client_error(response: httpx.Response, *allowed: int) -> None:
@@ -215,15 +187,10 @@ def seed_kv(node: BadInputNode) -> None:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BadInputNode]:
     """One node for the whole module, with seeded state."""
-    root = tmp_path_factory.mktemp("badinput")
-    process = NodeProcess(root / "node", base_port())
-    try:  # a start that fails (not ready in time) stops what it started too
-        start_node(process)
-        handle = BadInputNode(process)
+    with NodeProcesses(tmp_path_factory.mktemp("badinput")) as nodes:
+        handle = BadInputNode(nodes("node"))
         try:
             seed_state(handle)
             yield handle
         finally:
             handle.close()
-    finally:
-        process.stop()

@@ -5,8 +5,6 @@ change anything; the node's stores are compared before and after (`BadInputNode.
 
 from __future__ import annotations
 
-import re
-
 import grpc
 import pytest
 from google.protobuf.struct_pb2 import Value
@@ -24,10 +22,8 @@ from potboiler.v1 import (
     replication_pb2_grpc,
     webhooks_pb2,
 )
-from tests.badinput.conftest import FUZZ, QUEUE, BadInputNode, needs_kv, needs_pigtail
+from tests.badinput.conftest import FUZZ, NAME, QUEUE, UUID, BadInputNode, needs_kv, needs_pigtail
 
-UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,

@@ -9,7 +9,6 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,11 @@ from tests.badinput.conftest import (
     HAS_PIGTAIL,
     QUEUE,
     BadInputNode,
-    base_port,
     client_error,
-    start_node,
 )
 from tests.conftest import refusing_port, wait_for_sync
+from tests.node_processes import NodeProcesses
+from tests.webhook_receiver import Answer, Receiver
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 #: How long the slow webhook receiver takes to answer each delivery (its behaviour, not a wait).
@@ -194,47 +193,26 @@ class _Swallow(socketserver.BaseRequestHandler):
             pass
 
 
-class _SlowHandler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        threading.Event().wait(SLOW_ANSWER_S)  # the receiver is slow: that is the fault under test
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def receivers() -> Iterator[list[str]]:
-    """Two webhook receivers: one that never answers, one that answers each POST after a second."""
+def receivers(receiver: Receiver) -> Iterator[list[str]]:
+    """Two webhook receivers: one that never answers, one that answers each POST after a second (the
+    receiver is slow: that is the fault under test)."""
+    receiver.answer = lambda path: Answer(delay=SLOW_ANSWER_S)
     silent = SilentReceiver()
-    slow = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
-    slow.daemon_threads = True
-    servers: list[socketserver.BaseServer] = [silent, slow]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=silent.serve_forever, daemon=True)
+    thread.start()
     try:
-        yield [f"http://127.0.0.1:{silent.server_address[1]}/", f"http://127.0.0.1:{slow.server_address[1]}/"]
+        yield [f"http://127.0.0.1:{silent.server_address[1]}/", receiver.url("/")]
     finally:
-        for s in servers:
-            s.shutdown()
-            s.server_close()
+        silent.shutdown()
+        silent.server_close()
 
 
 @pytest.fixture
 def two_nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
     """Two unconnected nodes (one under test, one as a control), stopped at teardown."""
-    nodes: list[NodeProcess] = []
-    try:
-        for i in range(2):  # one after the other: each takes a base port the one before does not hold
-            nodes.append(NodeProcess(tmp_path / f"n{i}", base_port()))
-            start_node(nodes[-1])
-        yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
+    with NodeProcesses(tmp_path) as nodes:
+        yield [nodes("n0"), nodes("n1")]
 
 
 def rss(process: NodeProcess) -> int:

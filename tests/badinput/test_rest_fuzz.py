@@ -7,7 +7,6 @@ unchanged (`BadInputNode.unchanged`)."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 from urllib.parse import quote
 
@@ -19,16 +18,16 @@ from tests.badinput.conftest import (
     FUZZ,
     HAS_KV,
     HAS_PIGTAIL,
+    NAME,
     QUEUE,
     TABLES,
+    UUID,
     BadInputNode,
     client_error,
     needs_kv,
     needs_pigtail,
 )
 
-UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 KV_OPS = {"set", "create", "add", "remove", "increment", "decrement"}
 
 json_values = st.recursive(

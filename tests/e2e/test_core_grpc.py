@@ -40,11 +40,8 @@ SERVICES = {
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    factory = NodeProcesses(tmp_path_factory.mktemp("grpc"))
-    try:
+    with NodeProcesses(tmp_path_factory.mktemp("grpc")) as factory:
         yield factory("node")
-    finally:
-        assert not factory.stop_all()
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -279,8 +276,7 @@ async def test_subscribers_that_stop_reading_hold_up_no_other_call_through_envoy
     client stops reading keeps its unread data's share of that connection's window: with a window of
     4 MiB, four of them (1 MiB each) held up every REST and gRPC call through Envoy for as long as
     they stayed open."""
-    factory = NodeProcesses(tmp_path)
-    try:
+    with NodeProcesses(tmp_path) as factory:
         node = factory("stalled")
         async with grpc.aio.insecure_channel(node.grpc_target) as direct:
             big = [log_pb2.AppendEntryRequest(data=value("x" * 100_000)) for _ in range(20)]
@@ -313,8 +309,6 @@ async def test_subscribers_that_stop_reading_hold_up_no_other_call_through_envoy
         finally:
             for channel in channels:
                 await channel.close()
-    finally:
-        assert not factory.stop_all()
 
 
 @pytest.mark.parametrize("spoofed", [False, True], ids=["plain", "posing as transcoded REST"])

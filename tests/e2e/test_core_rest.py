@@ -33,14 +33,11 @@ ENTRY_KEYS = {"data", "dependencies", "id", "next", "owner", "prev", "seq", "whe
 def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """One node for the tests that only add entries (they do not depend on the log being empty). After
     them (all the bad requests of this module that ran in this process), its log holds no traceback."""
-    factory = NodeProcesses(tmp_path_factory.mktemp("rest"))
-    node = factory("shared")
-    try:
+    with NodeProcesses(tmp_path_factory.mktemp("rest")) as factory:
+        node = factory("shared")
         yield node
-    finally:
-        assert not factory.stop_all()
-        tail = node.log_file.read_text(errors="replace")
-        assert "Traceback" not in tail, tail[max(0, tail.index("Traceback") - 2000) :]
+    tail = node.log_file.read_text(errors="replace")
+    assert "Traceback" not in tail, tail[max(0, tail.index("Traceback") - 2000) :]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,9 @@ from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.urls import origin
 from potboiler.v1 import log_pb2, log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import refusing_port
-from tests.e2e.conftest import processes_matching
+from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import processes_matching
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -43,30 +44,29 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str =
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Start nodes peered as asked; stop them all at the end."""
-    started: list[NodeProcess] = []
+def cluster(node_process: NodeProcesses) -> Cluster:
+    """Start nodes peered as asked, all at once (on ports chosen up front, the peers' URLs); the
+    factory stops them all at the end."""
     base = find_base_port(count=4)
 
     def make(
         n: int, peers: Callable[[int, list[str]], list[str]] | None = None, extra: list[str] | None = None
     ) -> list[NodeProcess]:
-        first = len(started)
+        first = len(node_process.started)
         bases = cluster_bases(base, first + n)[first:]
         urls = [f"http://127.0.0.1:{b}" for b in bases]
         nodes = []
         for i in range(n):
             chosen = peers(i, urls) if peers else [u for j, u in enumerate(urls) if j != i]
-            node = NodeProcess(tmp_path / f"node{first + i}", bases[i], peers=chosen, extra_args=extra or [])
-            started.append(node)
+            node = node_process(
+                f"node{first + i}", peers=chosen, extra_args=extra or [], base_port=bases[i], start=False
+            )
             nodes.append(node.start(wait=False))
         for node in nodes:
             node.wait_ready()
         return nodes
 
-    yield make
-    for node in started:
-        node.stop()
+    return make
 
 
 def heads(node: NodeProcess) -> dict[str, str]:
@@ -259,54 +259,25 @@ def test_removed_peer_stops_receiving(cluster: Cluster) -> None:
     assert httpx.get(f"{a.url}/nodes").json() == [b.url]
 
 
-class Receiver:
-    """A webhook receiver on an OS-chosen port, recording entry ids in arrival order."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        received = self.ids
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                received.append(json.loads(body)["id"])
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arrives(cluster: Cluster) -> None:
+def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arrives(
+    cluster: Cluster, receiver: Receiver
+) -> None:
     a, b = cluster(2, peers=lambda i, urls: [])
-    receiver = Receiver()
-    try:
-        assert httpx.post(f"{b.url}/log/register", json={"url": receiver.url}).status_code == 204
-        x = post(a, {"on": "a"})
-        before = post(b, {"on": "b", "n": 1})
-        y = post(b, {"needs": x}, params={"dependency": x})
-        after = post(b, {"on": "b", "n": 2})
-        wait_until(lambda: receiver.ids == [before], what="the entry without dependencies")
-        assert httpx.get(f"{b.url}/log/{y}").status_code == 200  # stored and acknowledged
-        # y and `after` do not arrive while x is missing (a while is all a test can watch).
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            assert receiver.ids == [before]
-            time.sleep(0.05)
-        assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
-        wait_until(lambda: len(receiver.ids) == 4, what="delivery once the dependency arrived")
-        assert receiver.ids == [before, x, y, after]
-    finally:
-        receiver.close()
+    assert httpx.post(f"{b.url}/log/register", json={"url": receiver.url()}).status_code == 204
+    x = post(a, {"on": "a"})
+    before = post(b, {"on": "b", "n": 1})
+    y = post(b, {"needs": x}, params={"dependency": x})
+    after = post(b, {"on": "b", "n": 2})
+    wait_until(lambda: receiver.accepted_ids() == [before], what="the entry without dependencies")
+    assert httpx.get(f"{b.url}/log/{y}").status_code == 200  # stored and acknowledged
+    # y and `after` do not arrive while x is missing (a while is all a test can watch).
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        assert receiver.accepted_ids() == [before]
+        time.sleep(0.05)
+    assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
+    wait_until(lambda: len(receiver.accepted_ids()) == 4, what="delivery once the dependency arrived")
+    assert receiver.accepted_ids() == [before, x, y, after]
 
 
 def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
@@ -420,22 +391,23 @@ def webhook_labels(node: NodeProcess, url: str) -> tuple[tuple[str, str], ...]:
 PEER_STATES = ("disconnected", "catching_up", "live", "silent")
 
 
-def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(cluster: Cluster) -> None:
+def test_metrics_count_appends_replication_and_webhook_deliveries_and_failures(
+    cluster: Cluster, receiver: Receiver
+) -> None:
     a, b = cluster(2)
-    receiver = Receiver()
-    with refusing_port() as dead_port, contextlib.closing(receiver):  # every delivery to it fails
+    with refusing_port() as dead_port:  # every delivery to it fails
         count_what_happens(a, b, receiver, f"http://127.0.0.1:{dead_port}/hook")
 
 
 def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_url: str) -> None:
     """Appends on a, replicated to b, delivered by b to a receiver and to a dead URL: each counted."""
-    for url in (receiver.url, dead_url):
+    for url in (receiver.url(), dead_url):
         assert httpx.post(f"{b.url}/log/register", json={"url": url}).status_code == 204
     for n in range(5):
         post(a, {"n": n})
-    wait_until(lambda: len(receiver.ids) == 5, what="the webhook deliveries on b")
+    wait_until(lambda: len(receiver.accepted_ids()) == 5, what="the webhook deliveries on b")
     # The receiver records an entry before it answers; b counts it once the answer is back.
-    delivered = ("potboiler_webhook_deliveries_total", webhook_labels(b, receiver.url))
+    delivered = ("potboiler_webhook_deliveries_total", webhook_labels(b, receiver.url()))
     wait_until(lambda: metrics(b)[delivered] == 5, what="the deliveries counted")
     on_a, on_b = metrics(a), metrics(b)
     assert on_a[("potboiler_appends_total", ())] == 5
@@ -446,7 +418,7 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
     assert on_b[("potboiler_peer_behind_entries", (("peer", a.url),))] == 0
     state = {s: on_b[("potboiler_peer_state", (("peer", a.url), ("state", s)))] for s in PEER_STATES}
     assert sum(state.values()) == 1 and state["disconnected"] == 0
-    assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, receiver.url))] == 0
+    assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, receiver.url()))] == 0
     assert on_b[("potboiler_webhook_pending_entries", webhook_labels(b, dead_url))] == 5
     assert on_b[("potboiler_store_bytes", (("store", "log"),))] > 0
     assert {labels for name, labels in on_b if name == "potboiler_store_bytes"} == {

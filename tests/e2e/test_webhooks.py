@@ -6,13 +6,8 @@ by deregistering."""
 from __future__ import annotations
 
 import functools
-import http.server
 import itertools
-import json
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -25,23 +20,13 @@ from potboiler.server.processes import NodeProcess
 from potboiler.v1 import log_pb2, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import GrpcNode, GrpcNodeFactory, wait_for, wait_for_sync
 from tests.e2e.conftest import NodeProcesses
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
 JSON = Any
 RestClient = Callable[[NodeProcess], httpx.Client]
 ENTRY_KEYS = {"data", "dependencies", "id", "next", "owner", "prev", "seq", "when"}
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One POST the receiver got."""
-
-    path: str
-    body: JSON
-    content_type: str
-    status: int
-    at: float
 
 
 async def test_entries_a_failing_receiver_missed_arrive_after_a_crash(
@@ -54,13 +39,13 @@ async def test_entries_a_failing_receiver_missed_arrive_after_a_crash(
     register(http, receiver.url())
     receiver.fail("/hook")
     ids = [append(http, {"i": i}) for i in range(5)]
-    await wait_for(lambda: len(receiver.attempts()) >= 2)  # it is retrying
+    await wait_for(lambda: len(receiver.received()) >= 2)  # it is retrying
     node.kill()
     node_process.start(node)
     http = rest_client(node)
     ids.append(append(http, {"after": "restart"}))
-    tried = len(receiver.attempts())
-    await wait_for(lambda: len(receiver.attempts()) > tried)  # the restarted node retries
+    tried = len(receiver.received())
+    await wait_for(lambda: len(receiver.received()) > tried)  # the restarted node retries
     assert receiver.accepted() == []
     receiver.fail("/hook", failing=False)
     await wait_for(
@@ -68,76 +53,6 @@ async def test_entries_a_failing_receiver_missed_arrive_after_a_crash(
     )
     assert receiver.accepted_ids() == ids  # each once: none had been accepted before
     assert_causal(receiver.accepted())
-
-
-class Receiver:
-    """A webhook receiver: records every POST; answers 500 on paths set to fail, else 200."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._attempts: list[Attempt] = []
-        self._failing: set[str] = set()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                raw = self.rfile.read(length)
-                with receiver._lock:
-                    status = 500 if self.path in receiver._failing else 200
-                    receiver._attempts.append(
-                        Attempt(
-                            self.path,
-                            json.loads(raw),
-                            self.headers.get("content-type", ""),
-                            status,
-                            time.monotonic(),
-                        )
-                    )
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook receiver")
-        self._thread.start()
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
-
-    def fail(self, path: str, failing: bool = True) -> None:
-        """Answer 500 to POSTs on `path` (or stop doing so)."""
-        with self._lock:
-            (self._failing.add if failing else self._failing.discard)(path)
-
-    def attempts(self, path: str = "/hook") -> list[Attempt]:
-        with self._lock:
-            return [a for a in self._attempts if a.path == path]
-
-    def accepted(self, path: str = "/hook") -> list[JSON]:
-        """Bodies answered 200, in arrival order."""
-        return [a.body for a in self.attempts(path) if a.status == 200]
-
-    def accepted_ids(self, path: str = "/hook") -> list[str]:
-        return [body["id"] for body in self.accepted(path)]
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def register(http: httpx.Client, url: str) -> None:
@@ -201,7 +116,7 @@ def test_every_entry_in_causal_order(
         assert set(body) == ENTRY_KEYS
         assert list(body) == sorted(body) and list(body["data"]) == sorted(body["data"])  # as GET prints
         assert without_next(body) == without_next(http.get(f"/log/{body['id']}").json())
-    assert all(a.content_type == "application/json" for a in receiver.attempts())
+    assert all(a.content_type == "application/json" for a in receiver.received())
 
 
 async def test_failing_receiver_is_retried_with_backoff_in_order(
@@ -216,7 +131,7 @@ async def test_failing_receiver_is_retried_with_backoff_in_order(
 
     # A failing receiver delays only itself: the healthy one gets everything meanwhile.
     await wait_for(lambda: receiver.accepted_ids("/ok") == ids)
-    await wait_for(lambda: len(receiver.attempts("/flaky")) >= 4)
+    await wait_for(lambda: len(receiver.received("/flaky")) >= 4)
     state = await webhook_state(node, receiver.url("/flaky"))
     assert state.failures >= 1 and "500" in state.last_error
     assert state.delivered_position == 0
@@ -224,11 +139,11 @@ async def test_failing_receiver_is_retried_with_backoff_in_order(
     receiver.fail("/flaky", False)
     await wait_for(lambda: len(receiver.accepted("/flaky")) >= len(ids))
     assert receiver.accepted_ids("/flaky") == ids
-    attempts = receiver.attempts("/flaky")
+    attempts = receiver.received("/flaky")
     failed = [a for a in attempts if a.status == 500]
     # The first entry was retried until accepted; nothing after it was tried meanwhile.
     first_ok = next(i for i, a in enumerate(attempts) if a.status == 200)
-    assert all(a.body["id"] == ids[0] for a in attempts[: first_ok + 1])
+    assert all(a.json()["id"] == ids[0] for a in attempts[: first_ok + 1])
     assert len(failed) == first_ok >= 4
     # Backoff: the waits between attempts grow (lower bounds only; the machine may be slow).
     gaps = [b.at - a.at for a, b in itertools.pairwise(attempts[: first_ok + 1])]
@@ -290,7 +205,7 @@ def test_deregister_stops_delivery(
     ids += [append(http, i) for i in range(3, 6)]
     wait_for_sync(lambda: receiver.accepted_ids("/b") == ids)
     assert receiver.accepted_ids("/a") == ids[:3]
-    assert len(receiver.attempts("/a")) == 3
+    assert len(receiver.received("/a")) == 3
 
     # Registering again starts over from the beginning of the log.
     register(http, receiver.url("/a"))

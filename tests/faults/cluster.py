@@ -24,12 +24,13 @@ import grpc
 import httpx
 from google.protobuf import json_format
 
-from potboiler.server.ports import NODE_SPACING, Ports, cluster_bases
-from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.server.ports import Ports, cluster_bases
+from potboiler.server.processes import NodeProcess, find_base_port, release_base_port
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from tests.conftest import wait_for_sync
 from tests.faults.netfilter import Firewall
 from tests.faults.proxy import LinkMode, Proxy
+from tests.node_processes import processes_of
 
 #: The wrapper a node is started through: drop supplementary groups, take group id argv[1], exec.
 SETGID = "import os, sys; os.setgroups([]); os.setgid(int(sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])"
@@ -47,14 +48,6 @@ def address_block() -> str:
     return f"127.{100 + pid % 150}.{(pid // 150) % 250 + 1}"
 
 
-def base_port_below_ephemeral(count: int) -> int:
-    """A free base port for `count` nodes on 127.0.0.1, drawn uniformly from the ports below the
-    kernel's ephemeral range (find_base_port's default search lands most workers on its first port)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    end = min(low, 60_000) - NODE_SPACING * count
-    return find_base_port(start=10_000, end=end, count=count) if end > 12_000 else find_base_port(count=count)
-
-
 def gid_base() -> int:
     """First group id of this process's nodes (16 per process, far above any real group)."""
     return 3_000_000 + (os.getpid() % 1_000_000) * 16
@@ -69,26 +62,6 @@ class GroupNodeProcess(NodeProcess):
 
     def command(self) -> list[str]:
         return [sys.executable, "-c", SETGID, str(self.gid), *super().command()]
-
-
-def processes_of(data_dir: Path) -> list[int]:
-    """Pids of live processes with `data_dir` (or a path in it) on their command line: a node and its
-    Envoy, which may outlive a killed node for a moment."""
-    text = str(data_dir)
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[:1]
-            if (
-                state
-                and state[0] not in ("Z", "X")
-                and any(a == text or a.startswith(text + "/") for a in argv)
-            ):
-                pids.append(int(entry.name))
-    return pids
 
 
 def rss_bytes(pid: int) -> int:
@@ -199,7 +172,7 @@ class FaultCluster:
             bases = [find_base_port(host) for host in hosts]
         else:
             hosts = ["127.0.0.1"] * size
-            first = base_port_below_ephemeral(size)
+            first = find_base_port(count=size)
             bases = cluster_bases(first, size)
         urls = [f"http://{h}:{b}" for h, b in zip(hosts, bases, strict=True)]
         gid0 = gid_base()
@@ -249,6 +222,7 @@ class FaultCluster:
         return self._stop_nodes()
 
     def _stop_nodes(self) -> list[str]:
+        """Stop every node and give its base port back; returns problems met."""
         problems = []
         for node in self.nodes:
             if node.paused:
@@ -263,6 +237,7 @@ class FaultCluster:
             except Exception as exc:  # stop the others anyway
                 problems.append(f"{node.name}: {exc!r}")
                 node.process.kill()
+            release_base_port(node.ports.base)
         return problems
 
     def count(self, fault: str, n: int = 1) -> None:
@@ -360,6 +335,19 @@ class FaultCluster:
             finally:
                 call.cancel()
         return out
+
+
+def append(client: httpx.Client, url: str, data: object) -> str:
+    """POST `data` as an entry to the node at `url` (core REST); the new entry's id."""
+    response = client.post(f"{url}/log", json=data)
+    assert response.status_code == 201, response.text
+    entry_id: str = response.json()["id"]
+    return entry_id
+
+
+def has(client: httpx.Client, url: str, entry_id: str) -> bool:
+    """Whether the node at `url` holds the entry."""
+    return client.get(f"{url}/log/{entry_id}").status_code == 200
 
 
 def converged(vectors: Sequence[dict[str, int]], target: dict[str, int] | None = None) -> bool:

@@ -11,22 +11,11 @@ import sys
 import httpx
 
 from tests.conftest import wait_for_sync
-from tests.faults.cluster import FaultCluster, hold_for
+from tests.faults.cluster import FaultCluster, append, has, hold_for
 from tests.faults.netfilter import CHAIN_PREFIX, Firewall
 
 #: How long a partition is watched for leaks (entries crossing it).
 WATCH_S = 1.5
-
-
-def append(client: httpx.Client, url: str, data: object) -> str:
-    response = client.post(f"{url}/log", json=data)
-    assert response.status_code == 201, response.text
-    entry_id: str = response.json()["id"]
-    return entry_id
-
-
-def has(client: httpx.Client, url: str, entry_id: str) -> bool:
-    return client.get(f"{url}/log/{entry_id}").status_code == 200
 
 
 def test_partition_blocks_replication_until_healed(cluster: FaultCluster) -> None:

@@ -11,7 +11,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.v1 import log_pb2, log_pb2_grpc
 from tests.conftest import wait_for_sync
-from tests.faults.cluster import FaultCluster, converged, hold_for, rss_bytes
+from tests.faults.cluster import FaultCluster, append, converged, has, hold_for, rss_bytes
 from tests.faults.proxy import LinkMode
 
 LINK = "n0-n1"
@@ -19,17 +19,6 @@ LINK = "n0-n1"
 #: after 10 s without news, 5 s to answer: server/replicator.py channel_options) plus a reconnect,
 #: with room for a loaded machine.
 HALF_OPEN_RECOVERY_S = 30.0
-
-
-def append(client: httpx.Client, url: str, data: object) -> str:
-    response = client.post(f"{url}/log", json=data)
-    assert response.status_code == 201, response.text
-    entry_id: str = response.json()["id"]
-    return entry_id
-
-
-def has(client: httpx.Client, url: str, entry_id: str) -> bool:
-    return client.get(f"{url}/log/{entry_id}").status_code == 200
 
 
 def no_duplicates(cluster: FaultCluster) -> None:

@@ -1,5 +1,4 @@
-"""Fixtures of the security tests: certificates made with trustme, token files, node processes, and
-a webhook receiver.
+"""Fixtures of the security tests: certificates made with trustme, token files and node processes.
 
 Import the helpers in a test module as `from tests.security.conftest import ...` (this file registers
 itself under that name, as tests/conftest.py does).
@@ -7,33 +6,28 @@ itself under that name, as tests/conftest.py does).
 - `pki`: a cluster CA with a node certificate for 127.0.0.1/localhost, and a second, unrelated CA
   with a certificate of its own (a rogue node), all as PEM files.
 - `tokens`: a tokens file with one read, one write and one admin token.
-- `nodes`: starts `potboiler node` processes on free ports; every one is stopped at teardown.
-- `Receiver`: an HTTP server on 127.0.0.1 (port from the OS) whose answers a test chooses.
+- `nodes`: starts `potboiler node` processes on free ports (a `tests.node_processes.NodeProcesses`);
+  every one is stopped at teardown.
+
+The webhook receiver the tests use is tests/webhook_receiver.py's (the `receiver` fixture is in
+tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import http.server
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import trustme
 
-from potboiler.server.ports import Ports
-from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.tokens import Role, token_line
+from tests.node_processes import NodeProcesses
 
 sys.modules.setdefault("tests.security.conftest", sys.modules[__name__])
-
-#: How long a node may take to answer REST after its start (slow, loaded CI machines).
-START_TIMEOUT = 60.0
-START_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -110,169 +104,8 @@ def tokens(tmp_path: Path) -> Path:
     return path
 
 
-class Nodes:
-    """Starts `potboiler node` processes; `stop_all()` stops them (the fixture does)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[NodeProcess] = []
-
-    def __call__(
-        self,
-        name: str,
-        *,
-        peers: Sequence[str] = (),
-        extra_args: Sequence[str] = (),
-        base_port: int | None = None,
-    ) -> NodeProcess:
-        """A node with data in root/name, started and ready (moved to fresh ports if its ports
-        were taken by another test process meanwhile)."""
-        node = NodeProcess(
-            self.root / name, base_port or find_base_port(), peers=peers, extra_args=extra_args
-        )
-        self.started.append(node)
-        return self.start(node, may_move=base_port is None)
-
-    def start(self, node: NodeProcess, may_move: bool = False) -> NodeProcess:
-        """(Re)start a node and wait until it serves."""
-        for attempt in range(START_ATTEMPTS):
-            log_size = node.log_file.stat().st_size if node.log_file.exists() else 0
-            try:
-                node.start(timeout=START_TIMEOUT)
-                return node
-            except (RuntimeError, TimeoutError):
-                node.stop()
-                new_log = node.log_file.read_bytes()[log_size:].decode(errors="replace")
-                if not may_move or "in use" not in new_log or attempt == START_ATTEMPTS - 1:
-                    raise
-                node.ports = Ports(find_base_port())
-        raise AssertionError("unreachable")
-
-    def stop_all(self) -> list[str]:
-        """Stop every node started (SIGTERM, then SIGKILL); returns problems found."""
-        problems = []
-        for node in reversed(self.started):
-            try:
-                node.stop()
-            except Exception as exc:  # stop the others anyway, then report
-                problems.append(f"{node.data_dir}: {exc!r}")
-                node.kill()
-        return problems
-
-
 @pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[Nodes]:
+def nodes(tmp_path: Path) -> Iterator[NodeProcesses]:
     """Factory of real node processes (each with its Envoy), all stopped at teardown."""
-    factory = Nodes(tmp_path)
-    try:
+    with NodeProcesses(tmp_path) as factory:
         yield factory
-    finally:
-        problems = factory.stop_all()
-        for node in factory.started:
-            # Shown only when the test fails, where the logs explain it.
-            print(f"--- {node.log_file} (base port {node.ports.base}) ---\n{node.log_tail()}")
-        assert not problems, problems
-
-
-@dataclass
-class Answer:
-    """How the receiver answers one request: status, headers, and a body (`endless` streams
-    without end until the client hangs up)."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    endless: bool = False
-
-
-@dataclass(frozen=True)
-class Received:
-    """One request the receiver got."""
-
-    path: str
-    host: str
-    body: bytes
-    authorization: str = ""
-
-
-class Receiver:
-    """An HTTP server on 127.0.0.1, on a port the OS picks; `answer(path)` decides each answer."""
-
-    def __init__(self, answer: Callable[[str], Answer] = lambda path: Answer()) -> None:
-        self.answer = answer
-        self._lock = threading.Lock()
-        self._received: list[Received] = []
-        self.bytes_sent = 0
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with receiver._lock:
-                    receiver._received.append(
-                        Received(
-                            self.path,
-                            self.headers.get("host", ""),
-                            body,
-                            self.headers.get("authorization", ""),
-                        )
-                    )
-                answer = receiver.answer(self.path)
-                self.send_response(answer.status)
-                for key, value in answer.headers.items():
-                    self.send_header(key, value)
-                if answer.endless:
-                    self.send_header("content-length", str(1 << 40))
-                    self.end_headers()
-                    chunk = b"x" * 65536
-                    try:
-                        while True:
-                            self.wfile.write(chunk)
-                            with receiver._lock:
-                                receiver.bytes_sent += len(chunk)
-                    except OSError:
-                        self.close_connection = True
-                    return
-                self.send_header("content-length", str(len(answer.body)))
-                self.end_headers()
-                self.wfile.write(answer.body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        """The port it listens on."""
-        return int(self._server.server_address[1])
-
-    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
-        """A URL of this receiver."""
-        return f"http://{host}:{self.port}{path}"
-
-    def received(self, path: str | None = None) -> list[Received]:
-        """The requests received so far (on `path`, if given)."""
-        with self._lock:
-            return [r for r in self._received if path is None or r.path == path]
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    """A webhook receiver answering 200 to everything (tests change `receiver.answer`)."""
-    r = Receiver()
-    try:
-        yield r
-    finally:
-        r.close()

@@ -23,7 +23,8 @@ from potboiler.server.processes import NodeProcess
 from potboiler.server.tokens import Role, token_line
 from potboiler.v1 import log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from tests.conftest import wait_for_sync
-from tests.security.conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN, Nodes, Pki
+from tests.node_processes import NodeProcesses
+from tests.security.conftest import ADMIN_TOKEN, READ_TOKEN, WRITE_TOKEN, Pki
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +38,7 @@ def grpc_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 @pytest.fixture
-def token_node(nodes: Nodes, tokens: Path) -> NodeProcess:
+def token_node(nodes: NodeProcesses, tokens: Path) -> NodeProcess:
     return nodes("guarded", extra_args=["--auth-tokens", str(tokens)])
 
 
@@ -85,7 +86,7 @@ def test_rest_needs_a_token_and_a_write_token_to_write(token_node: NodeProcess) 
         assert kv.post("/kv/_config/t", json=config, headers=bearer(READ_TOKEN)).status_code == 403
 
 
-def test_a_changed_tokens_file_is_taken_without_a_restart(nodes: Nodes, tokens: Path) -> None:
+def test_a_changed_tokens_file_is_taken_without_a_restart(nodes: NodeProcesses, tokens: Path) -> None:
     node = nodes("rotating", extra_args=["--auth-tokens", str(tokens)])
 
     def replace(text: str) -> None:  # as an operator should: a new file renamed over the old one
@@ -176,7 +177,7 @@ def entry_owner(http: httpx.Client, entry_id: str, token: str) -> str:
     return owner
 
 
-def test_without_mtls_peers_need_an_admin_token(nodes: Nodes, tokens: Path, tmp_path: Path) -> None:
+def test_without_mtls_peers_need_an_admin_token(nodes: NodeProcesses, tokens: Path, tmp_path: Path) -> None:
     (tmp_path / "peer-token").write_text(ADMIN_TOKEN + "\n")
     common = ["--auth-tokens", str(tokens)]
     a = nodes("a", extra_args=[*common, "--peer-token-file", str(tmp_path / "peer-token")])
@@ -207,7 +208,7 @@ def test_without_mtls_peers_need_an_admin_token(nodes: Nodes, tokens: Path, tmp_
         assert http_a.get("/nodes", headers=bearer(READ_TOKEN)).json() == [b.url]
 
 
-def test_peer_tokens_rotate_without_a_restart(nodes: Nodes, tokens: Path, tmp_path: Path) -> None:
+def test_peer_tokens_rotate_without_a_restart(nodes: NodeProcesses, tokens: Path, tmp_path: Path) -> None:
     """The whole rotation, nodes running throughout: the new admin token is added to the tokens
     file, each node's peer token file gets it, the old token is removed; the streams opened with
     the old token end, the nodes dial again with the new one, and replication goes on."""
@@ -272,7 +273,7 @@ def test_peer_tokens_rotate_without_a_restart(nodes: Nodes, tokens: Path, tmp_pa
             wait_for_sync(live, message="replicating with the new token")
 
 
-def test_a_hardened_cluster(nodes: Nodes, pki: Pki, tokens: Path) -> None:
+def test_a_hardened_cluster(nodes: NodeProcesses, pki: Pki, tokens: Path) -> None:
     """mTLS, tokens and HTTPS together: peers replicate on their certificates alone (no peer
     token), REST is served over HTTPS only, and still needs tokens."""
     hardened = [*pki.cluster.node_args(), *pki.cluster.rest_args(), "--auth-tokens", str(tokens)]
@@ -308,7 +309,7 @@ def test_a_hardened_cluster(nodes: Nodes, pki: Pki, tokens: Path) -> None:
             plain.get(f"{a.rest_url}/log", headers=bearer(READ_TOKEN))
 
 
-def test_rest_over_https_alone(nodes: Nodes, pki: Pki) -> None:
+def test_rest_over_https_alone(nodes: NodeProcesses, pki: Pki) -> None:
     """--rest-tls-cert without anything else: every REST port is HTTPS (HTTP/2 offered too), and
     gRPC through the gateway works over TLS."""
     a = nodes("a", extra_args=pki.cluster.rest_args())

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from google.protobuf.struct_pb2 import Value
 
-from potboiler.server.processes import NodeProcess, find_base_port
+from potboiler.server.processes import NodeProcess
 from potboiler.v1 import (
     log_pb2,
     log_pb2_grpc,
@@ -26,7 +26,8 @@ from potboiler.v1 import (
     replication_pb2_grpc,
 )
 from tests.conftest import wait_for_sync
-from tests.security.conftest import Identity, Nodes, Pki, make_identity
+from tests.node_processes import NodeProcesses
+from tests.security.conftest import Identity, Pki, make_identity
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +63,9 @@ def heads(http: httpx.Client) -> dict[str, Any]:
     return body
 
 
-def test_nodes_with_cluster_certificates_replicate_and_others_are_refused(nodes: Nodes, pki: Pki) -> None:
+def test_nodes_with_cluster_certificates_replicate_and_others_are_refused(
+    nodes: NodeProcesses, pki: Pki
+) -> None:
     a = nodes("a", extra_args=pki.cluster.node_args())
     b = nodes("b", peers=[a.url], extra_args=pki.cluster.node_args())
     rogue = nodes("rogue", peers=[a.url, b.url], extra_args=pki.rogue.node_args())
@@ -98,7 +101,7 @@ def test_nodes_with_cluster_certificates_replicate_and_others_are_refused(nodes:
         assert all(p.node_id == "" for p in status(rogue, pki.rogue).peers)
 
 
-def test_the_direct_grpc_port_requires_a_cluster_certificate(nodes: Nodes, pki: Pki) -> None:
+def test_the_direct_grpc_port_requires_a_cluster_certificate(nodes: NodeProcesses, pki: Pki) -> None:
     a = nodes("a", extra_args=pki.cluster.node_args())
     request = log_pb2.ListHeadsRequest()
     with direct_channel(a, pki.cluster) as channel:
@@ -110,7 +113,9 @@ def test_the_direct_grpc_port_requires_a_cluster_certificate(nodes: Nodes, pki: 
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (identity, client_cert)
 
 
-def test_grpc_through_envoy_works_and_replication_through_it_is_refused(nodes: Nodes, pki: Pki) -> None:
+def test_grpc_through_envoy_works_and_replication_through_it_is_refused(
+    nodes: NodeProcesses, pki: Pki
+) -> None:
     """The gateway forwards clients' plain gRPC to the node over TLS, but it does not make its
     clients peers: ReplicationService is not served through it."""
     a = nodes("a", extra_args=pki.cluster.node_args())
@@ -128,13 +133,14 @@ def test_grpc_through_envoy_works_and_replication_through_it_is_refused(nodes: N
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_envoy_refuses_a_node_certificate_that_does_not_name_the_node(nodes: Nodes, tmp_path: Path) -> None:
+def test_envoy_refuses_a_node_certificate_that_does_not_name_the_node(
+    nodes: NodeProcesses, tmp_path: Path
+) -> None:
     """Envoy checks the name in the certificate of the gRPC server it forwards to, as peers do: a
     certificate from the trusted CA for another host (here `localhost`, the node being 127.0.0.1)
     gets no client's request."""
     identity = make_identity(tmp_path / "pki-localhost", "localhost")
-    node = NodeProcess(tmp_path / "misnamed", find_base_port(), extra_args=identity.node_args())
-    nodes.started.append(node)
+    node = nodes("misnamed", extra_args=identity.node_args(), start=False)
     node.start(wait=False)
 
     def rest_status() -> int | None:

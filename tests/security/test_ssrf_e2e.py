@@ -11,7 +11,8 @@ import pytest
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import wait_for_sync
-from tests.security.conftest import Nodes, Receiver
+from tests.node_processes import NodeProcesses
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +38,7 @@ REFUSED = [
 ]
 
 
-def test_deny_private_refuses_private_targets_at_registration(nodes: Nodes) -> None:
+def test_deny_private_refuses_private_targets_at_registration(nodes: NodeProcesses) -> None:
     node = nodes("strict", extra_args=["--webhook-policy", "deny-private"])
     with httpx.Client(base_url=node.rest_url, timeout=30) as http:
         for url, reason in REFUSED:
@@ -48,7 +49,9 @@ def test_deny_private_refuses_private_targets_at_registration(nodes: Nodes) -> N
     assert webhooks(node) == []
 
 
-def test_a_target_refused_at_delivery_is_reported_as_failing(nodes: Nodes, receiver: Receiver) -> None:
+def test_a_target_refused_at_delivery_is_reported_as_failing(
+    nodes: NodeProcesses, receiver: Receiver
+) -> None:
     """Registered under allow-all, the node restarts with deny-private: the stored URL (a name
     that resolves to loopback) is refused at every attempt, reported in last_error."""
     node = nodes("hooked")
@@ -75,7 +78,7 @@ def test_a_target_refused_at_delivery_is_reported_as_failing(nodes: Nodes, recei
     assert len(receiver.received()) == 1
 
 
-def test_allowlist_admits_exactly_the_listed_host_and_port(nodes: Nodes, receiver: Receiver) -> None:
+def test_allowlist_admits_exactly_the_listed_host_and_port(nodes: NodeProcesses, receiver: Receiver) -> None:
     node = nodes(
         "listed",
         extra_args=["--webhook-policy", "allowlist", "--webhook-allow", f"127.0.0.1:{receiver.port}"],

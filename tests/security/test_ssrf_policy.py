@@ -28,7 +28,7 @@ from potboiler.server.webhook_policy import (
     WebhookPolicy,
     forbidden_reason,
 )
-from tests.security.conftest import Answer, Receiver
+from tests.webhook_receiver import Answer, Receiver
 
 
 async def deliver(transport: httpx.AsyncBaseTransport, url: str) -> int:

@@ -24,7 +24,7 @@ from potboiler.server.storage import RocksStore
 from potboiler.server.webhook_policy import PolicyMode, WebhookPolicy
 from potboiler.server.webhooks import MAX_RESPONSE_BYTES, Webhooks, WebhookState
 from tests.conftest import wait_for
-from tests.security.conftest import Answer, Receiver
+from tests.webhook_receiver import Answer, Receiver
 
 
 @dataclass
