@@ -46,6 +46,7 @@ from potboiler.pigtail.events import (
 )
 from potboiler.pigtail.machine import (
     Decision,
+    Incarnation,
     ListEntry,
     QueueConfig,
     QueueState,
@@ -218,13 +219,16 @@ class Pigtail:
 
     async def _place_open(self) -> None:
         """Place every open task in the scheduler, PLACE_CHUNK at a time: 20,000 open tasks took
-        0.5 s, which held up the whole node's start (its log, KV, replication) when done at once."""
+        0.5 s, which held up the whole node's start (its log, KV, replication) when done at once.
+        Each is placed by where it stands against its queue's incarnation, worked out once per queue:
+        placed by their views instead (each working out the queue's settings again), 20,000 took 0.30 s
+        of CPU rather than 0.15."""
         now = self.now_ms()
         placed = 0
         for name in self.state.queue_names():
-            queue = self.state.queue(name)
+            incarnation = Incarnation(self.state.queue(name))
             for task in list(self.state.open_tasks(name).values()):
-                self._scheduler.update(task, task_view(task, queue, now), now)
+                self._scheduler.update(task, incarnation.standing(task, now), now)
                 placed += 1
                 if placed % PLACE_CHUNK == 0:
                     await asyncio.sleep(0)
@@ -294,8 +298,8 @@ class Pigtail:
                 self._scheduler.forget(queue, task_id)
             else:
                 task = record["state"]
-                view = task_view(task, self.state.queue(queue), now)
-                if self._scheduler.update(task, view, now):
+                standing = Incarnation(self.state.queue(queue)).standing(task, now)
+                if self._scheduler.update(task, standing, now):
                     self._signal_ready(queue)
             self._wake(self._task_watchers.pop((queue, task_id), ()))
         for queue, old in before.items():
@@ -415,6 +419,7 @@ class Pigtail:
         if new is None:
             return
         open_tasks = self.state.open_tasks(queue)
+        incarnation = Incarnation(new)
         if old is None or old["history"] != new["history"]:
             ids: Iterable[str] = list(open_tasks)
         else:  # (a key index is changed in place: the batch says which keys changed)
@@ -423,7 +428,7 @@ class Pigtail:
             task = open_tasks.get(task_id)
             if task is None or (queue, task_id) in applied.tasks:
                 continue
-            if self._scheduler.update(task, task_view(task, new, now), now):
+            if self._scheduler.update(task, incarnation.standing(task, now), now):
                 self._signal_ready(queue)
 
     # -- helpers -----------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ a keyed add to its queue's key index by :func:`candidates_after_add` (a delete t
 its ``check_*`` function below before appending the event, and shows a task with :func:`task_view` (those
 that depend on time take the current wall time ``now_ms``), or as a claim left it with
 :func:`task_view_after`. Listings and the next task to hand out come
-from the scheduler (:class:`~potboiler.pigtail.scheduler.Scheduler`), which places each task by its view.
+from the scheduler (:class:`~potboiler.pigtail.scheduler.Scheduler`), which places each task by where it
+stands (:meth:`Incarnation.standing`: its view's state and lease end, judged against its queue's
+:class:`Incarnation`, which is worked out once for many tasks).
 
 Why the states converge
 -----------------------
@@ -121,6 +123,7 @@ __all__ = [
     "ClaimRecord",
     "Decision",
     "DoneRecord",
+    "Incarnation",
     "KeyCandidate",
     "LeaseBase",
     "ListEntry",
@@ -130,6 +133,7 @@ __all__ = [
     "Reason",
     "Stamp",
     "StampJSON",
+    "Standing",
     "TaskState",
     "TaskStatus",
     "TaskView",
@@ -484,15 +488,17 @@ def queue_exists(queue: QueueState | None) -> bool:
 
 def find_by_key(queue: QueueState | None, idempotency_key: str) -> str | None:
     """The id of the current incarnation's task with this idempotency key (lowest stamp wins), if any."""
-    if queue is None:
+    current = None if queue is None else _incarnation(queue, None)
+    if queue is None or current is None:
         return None
-    current = _incarnation(queue, None)
-    if current is None:
-        return None
-    for candidate in queue["keys"].get(idempotency_key, []):
-        if _incarnation(queue, _at(candidate)) == current:
-            return candidate["task_id"]
-    return None
+    winner = _key_winner(queue, _at(current), idempotency_key)
+    return None if winner is None else winner["task_id"]
+
+
+def _key_winner(queue: QueueState, created: Stamp, key: str) -> KeyCandidate | None:
+    """The add that holds an idempotency key in the queue's current incarnation, created at ``created``:
+    its candidate with the lowest stamp after that (see :meth:`Incarnation.config_for`), if any."""
+    return next((c for c in queue["keys"].get(key, ()) if created < _at(c)), None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -508,6 +514,10 @@ class _Lease:
 
     def until_ms(self, config: QueueConfig) -> int | None:
         return None if self.lease_from_ms is None else self.lease_from_ms + config.timeout_ms
+
+    def expires_ms(self, config: QueueConfig) -> int | None:
+        """A view's ``lease_expires_ms``: when the last lease ends (or ended), None if nobody held it."""
+        return self.until_ms(config) if self.holder is not None else None
 
     def active_at(self, wall_ms: int, config: QueueConfig) -> bool:
         until = self.until_ms(config)
@@ -566,6 +576,8 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
         if base is None
         else _Lease(holder=base["holder"], lease_from_ms=base["lease_from_ms"], attempts=base["attempts"])
     )
+    if not task["claims"] and not task["retries"]:
+        return lease  # most open tasks: nothing to replay
     steps: list[tuple[Stamp, int, str]] = [
         (_at(c), (_UNSENT if c.get("unsent") else _RELEASE) if c.get("released") else _CLAIM, c["worker"])
         for c in task["claims"]
@@ -601,27 +613,6 @@ def _latest_wall(task: TaskState) -> int:
     return 0 if latest is None else latest.wall_ms
 
 
-def _visible_config(task: TaskState | None, queue: QueueState | None) -> QueueConfig | None:
-    """The queue's config if ``task`` is visible: added, in the current incarnation, not a key loser."""
-    if task is None or queue is None or task["added"] is None or task["queue"] != queue["name"]:
-        return None
-    current = _incarnation(queue, None)
-    config = _config_of(current)
-    if config is None:
-        return None
-    # The current incarnation has no delete after it, so it is the one alive just before the add exactly
-    # when it was created before the add.
-    if not config.created < Stamp.coerce(task["added"]):
-        return None
-    key = task["idempotency_key"]
-    if key is not None:
-        winner = next((c for c in queue["keys"].get(key, []) if _incarnation(queue, _at(c)) == current), None)
-        # No candidate yet means the queue state has not seen this add: the task is visible meanwhile.
-        if winner is not None and winner["task_id"] != task["task_id"]:
-            return None
-    return config
-
-
 def _status(task: TaskState, done: bool, lease: _Lease, config: QueueConfig, now_ms: int) -> TaskStatus:
     if done:
         return "done"
@@ -645,7 +636,7 @@ def compact_task(task: TaskState, queue: QueueState, horizon: Stamp | StampJSON)
     unchanged.
     """
     limit = Stamp.coerce(horizon)
-    config = _visible_config(task, queue)
+    config = Incarnation(queue).config_for(task)
     if config is None or task["added"] is None or Stamp.coerce(task["added"]) > limit:
         return task
     base = task["base"]
@@ -669,6 +660,56 @@ def compact_task(task: TaskState, queue: QueueState, horizon: Stamp | StampJSON)
 # --------------------------------------------------------------------------------------------------------
 
 
+class Standing(NamedTuple):
+    """Where a task stands at a time: its view's ``state`` and ``lease_expires_ms`` (see :class:`TaskView`),
+    all the scheduler places it by."""
+
+    state: TaskStatus
+    lease_expires_ms: int | None
+
+
+class Incarnation:
+    """A queue's current incarnation (if it exists), worked out once from the queue's state to judge
+    many of its tasks by: its settings, and which tasks belong to it. (Placing a node's 20,000 open
+    tasks at start by their views, each working out the settings again, took twice the CPU.) A change
+    of the queue's history makes a new queue state, which needs a new one; its key index may change
+    (in place) meanwhile."""
+
+    __slots__ = ("_queue", "config")
+
+    def __init__(self, queue: QueueState | None) -> None:
+        self._queue = queue
+        #: The current incarnation's settings; None when the queue does not exist (every task is hidden).
+        self.config = queue_config(queue)
+
+    def config_for(self, task: TaskState | None) -> QueueConfig | None:
+        """The settings if ``task`` is visible: added, in the current incarnation, not a key loser."""
+        queue, config = self._queue, self.config
+        if task is None or queue is None or config is None or task["added"] is None:
+            return None
+        # The current incarnation has no delete after it, so it is the one alive just before a stamp
+        # (the add's, a key candidate's) exactly when it was created before that stamp.
+        if task["queue"] != queue["name"] or not config.created < Stamp.coerce(task["added"]):
+            return None
+        key = task["idempotency_key"]
+        if key is not None:
+            winner = _key_winner(queue, config.created, key)
+            # No candidate yet means the queue state has not seen this add: the task is visible meanwhile.
+            if winner is not None and winner["task_id"] != task["task_id"]:
+                return None
+        return config
+
+    def standing(self, task: TaskState | None, now_ms: int) -> Standing | None:
+        """Where ``task`` stands at ``now_ms``, as its :func:`task_view` would say without building the
+        rest of the view; None if it is unknown or hidden."""
+        config = self.config_for(task)
+        if task is None or config is None:
+            return None
+        lease = _replay(task, config)
+        state = _status(task, task["done"] is not None, lease, config, now_ms)
+        return Standing(state, lease.expires_ms(config))
+
+
 def task_view(task: TaskState | None, queue: QueueState | None, now_ms: int) -> TaskView | None:
     """What a client sees of ``task`` at ``now_ms``; None (404) if it is unknown or hidden."""
     return _task_view(task, queue, now_ms, None)
@@ -683,7 +724,7 @@ def task_view_after(task: TaskState | None, queue: QueueState | None, stamp: Sta
 def _task_view(
     task: TaskState | None, queue: QueueState | None, now_ms: int, upto: Stamp | None
 ) -> TaskView | None:
-    config = _visible_config(task, queue)
+    config = Incarnation(queue).config_for(task)
     if task is None or config is None or task["added"] is None:
         return None
     lease = _replay(task, config, upto)
@@ -702,7 +743,7 @@ def _task_view(
         priority=task["priority"],
         not_before_ms=task["not_before_ms"],
         added_ms=Stamp.coerce(task["added"]).wall_ms,
-        lease_expires_ms=lease.until_ms(config) if lease.holder is not None else None,
+        lease_expires_ms=lease.expires_ms(config),
         done_by=None if done is None else done["worker"] or None,  # "": no worker named
         idempotency_key=task["idempotency_key"],
     )
@@ -761,7 +802,7 @@ def _not_found(task: TaskState | None, queue: QueueState | None) -> Decision | N
     if not queue_exists(queue):
         name = queue["name"] if queue is not None else (task["queue"] if task is not None else "?")
         return Decision(Verdict.NOT_FOUND, Reason.NO_QUEUE, f"no such queue {name!r}")
-    if _visible_config(task, queue) is None:
+    if Incarnation(queue).config_for(task) is None:
         task_id = task["task_id"] if task is not None else "?"
         return Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, f"no such task {quoted(task_id)}")
     return None
@@ -805,7 +846,7 @@ def _open_lease(
     """A visible task that is not done, its queue's config and its lease as replayed; else the answer
     refusing it: 404 (unknown) or 409 DONE."""
     missing = _not_found(task, queue)
-    config = _visible_config(task, queue)
+    config = Incarnation(queue).config_for(task)
     if missing is not None or task is None or config is None:
         return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
     if task["done"] is not None:

@@ -2,9 +2,10 @@
 
 Per queue, two heaps of task ids: *ready* (by :func:`rank`: priority descending, then available time,
 then add stamp, then id) and *waiting* (by the time a task may become claimable: when its lease ends or
-when it is due). The service tells the scheduler what each
-changed task looks like now (:meth:`Scheduler.update`); entries are checked again against the machine's
-view when they reach the top (time passes, leases end), and stale entries are skipped, so each task has
+when it is due). The service tells the scheduler where each
+changed task stands now (:meth:`Scheduler.update`, with the machine's
+:meth:`~potboiler.pigtail.machine.Incarnation.standing`); entries are judged again by the machine when
+they reach the top (time passes, leases end), and stale entries are skipped, so each task has
 one live entry: in *ready*, in *waiting* at one time, or none (done, dead, hidden: a retry brings a dead
 task back through :meth:`Scheduler.update`).
 """
@@ -17,7 +18,15 @@ import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from potboiler.pigtail.machine import ListEntry, QueueState, Stamp, TaskState, TaskStatus, TaskView, task_view
+from potboiler.pigtail.machine import (
+    Incarnation,
+    ListEntry,
+    QueueState,
+    Stamp,
+    Standing,
+    TaskState,
+    TaskStatus,
+)
 
 Rank = tuple[int, int, Stamp, str]
 
@@ -76,18 +85,18 @@ class _Queue:
             self.ready.clear()
             self.waiting.clear()
 
-    def place(self, task: TaskState, view: TaskView | None, now_ms: int) -> bool:
-        """Put the task where its view says; True if it is claimable now and was not known so."""
-        state = None if view is None else view["state"]
-        if view is None or state == "done":
+    def place(self, task: TaskState, standing: Standing | None, now_ms: int) -> bool:
+        """Put the task where it stands (None: hidden); True if it is claimable now and was not known so."""
+        state = None if standing is None else standing.state
+        if standing is None or state == "done":
             self.drop(task["task_id"])
         elif state == "dead":
             self.where.pop(task["task_id"], None)
             self.known[task["task_id"]] = ("dead", task["task_name"], rank(task))
         elif state == "working":
-            self.to_waiting(task, "working", view["lease_expires_ms"] or now_ms)
+            self.to_waiting(task, "working", standing.lease_expires_ms or now_ms)
         elif state == "delayed":
-            self.to_waiting(task, "delayed", view["not_before_ms"] or now_ms)
+            self.to_waiting(task, "delayed", task["not_before_ms"] or now_ms)
         else:
             return self.to_ready(task)
         return False
@@ -103,10 +112,13 @@ class Scheduler:
     def __init__(self) -> None:
         self._queues: dict[str, _Queue] = {}
 
-    def update(self, task: TaskState, view: TaskView | None, now_ms: int) -> bool:
-        """Note what a changed (or new) task looks like now; True if it just became claimable."""
-        q = self._queues.setdefault(task["queue"], _Queue())
-        return q.place(task, view, now_ms)
+    def update(self, task: TaskState, standing: Standing | None, now_ms: int) -> bool:
+        """Note where a changed (or new) task stands now (None: hidden); True if it just became
+        claimable."""
+        q = self._queues.get(task["queue"])
+        if q is None:  # (not setdefault: that would make a _Queue on every call)
+            q = self._queues[task["queue"]] = _Queue()
+        return q.place(task, standing, now_ms)
 
     def forget(self, queue: str, task_id: str) -> None:
         """Drop a task (e.g. dropped with its queue)."""
@@ -134,6 +146,7 @@ class Scheduler:
         if q is None:
             return None
         q.others_at = None
+        incarnation = Incarnation(queue_state)
         while q.waiting and q.waiting[0][0] <= now_ms:
             until, task_id = heapq.heappop(q.waiting)
             if q.where.get(task_id) != until:
@@ -143,7 +156,7 @@ class Scheduler:
             if task is None:
                 q.drop(task_id)
             else:
-                q.place(task, task_view(task, queue_state, now_ms), now_ms)
+                q.place(task, incarnation.standing(task, now_ms), now_ms)
         skipped: list[tuple[Rank, str]] = []
         window: list[tuple[Rank, str]] = []  # claimable, not excluded, of the best's priority
         since: list[int] = []  # when each of the window became claimable
@@ -154,13 +167,13 @@ class Scheduler:
             if task_id not in q.where or q.where[task_id] is not None:
                 continue  # stale: the task moved on
             task = lookup(task_id)
-            view = task_view(task, queue_state, now_ms)
-            if task is None or view is None or view["state"] != "pending":
+            standing = incarnation.standing(task, now_ms)
+            if task is None or standing is None or standing.state != "pending":
                 del q.where[task_id]
                 if task is None:
                     q.drop(task_id)
                 else:
-                    q.place(task, view, now_ms)
+                    q.place(task, standing, now_ms)
                 continue
             skipped.append(item)
             if task_id in exclude:
@@ -171,7 +184,7 @@ class Scheduler:
             if prefer is None or prefer(task_id):
                 found = task_id
                 break
-            since.append(max(item[0][1], view["lease_expires_ms"] or 0))
+            since.append(max(item[0][1], standing.lease_expires_ms or 0))
             if len(window) == PICK_WINDOW:
                 break
         if found is None and window:
@@ -210,15 +223,16 @@ class Scheduler:
                     ended.append(task_id)  # placed again below: not while iterating `known`
                     continue
             out.append((state, task_id, name, order))
+        incarnation = Incarnation(queue_state)
         for task_id in ended:
             task = lookup(task_id)
             if task is None:
                 q.drop(task_id)
                 continue
-            view = task_view(task, queue_state, now_ms)
-            q.place(task, view, now_ms)
-            if view is not None and view["state"] != "done":
-                out.append((view["state"], task_id, task["task_name"], q.known[task_id][2]))
+            standing = incarnation.standing(task, now_ms)
+            q.place(task, standing, now_ms)
+            if standing is not None and standing.state != "done":
+                out.append((standing.state, task_id, task["task_name"], q.known[task_id][2]))
         return out
 
     def listing(

@@ -11,6 +11,7 @@ import threading
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
@@ -19,8 +20,8 @@ from potboiler.pigtail import engine
 from potboiler.pigtail.codec import decode
 from potboiler.pigtail.engine import Pigtail
 from potboiler.pigtail.events import Event, QueueCreated, QueueDeleted, TaskAdded, TaskClaimed, TaskDone
-from potboiler.pigtail.machine import TaskView
-from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, rank
+from potboiler.pigtail.machine import ListEntry, TaskStatus, TaskView, task_view
+from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, Rank, Scheduler, rank
 from potboiler.pigtail.state import Applied
 from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.pigtail.worksession import work_session
@@ -34,7 +35,7 @@ from potboiler.v1 import pigtail_pb2
 from potboiler.v1.entry_pb2 import Entry
 from tests.conftest import loop_turns, wait_for
 from tests.fakelog import FakeLog
-from tests.pigtail_oracle import list_dead, list_tasks
+from tests.pigtail_oracle import claimable_order, list_dead, list_tasks
 
 B = "00000000-0000-4000-8000-00000000000b"
 T0 = 1_700_000_000_000
@@ -590,6 +591,89 @@ async def test_restart_resumes_from_the_stored_cursor(h: Harness) -> None:
     assert (await h.pigtail.get_task("q", kept))["worker"] == "w"  # a void claim: w held the lease
     await h.add()
     assert len(await h.pigtail.list_tasks("q")) == 2
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a scheduler has a queue's tasks (each known task's state, name and rank, and its wake time
+    if it waits), and what it answers from that: listings, counts, picks (the claim order), next wake."""
+
+    known: dict[str, tuple[TaskStatus, str, Rank]]
+    where: dict[str, int | None]
+    listing: list[tuple[Rank, tuple[str, ListEntry]]]
+    dead: list[tuple[str, tuple[str, ListEntry]]]
+    counts: dict[TaskStatus, int]
+    picks: list[str]
+    wake_ms: int | None
+
+
+def placed(h: Harness, scheduler: Scheduler, queue: str) -> Placed:
+    """Where `scheduler` has the queue's tasks now, each checked against the machine's views."""
+    state, now = h.pigtail.state, h.pigtail.now_ms()
+    tasks, queue_state = state.open_tasks(queue), state.queue(queue)
+    args = (queue, tasks.get, queue_state, now)
+    listing, dead, counts = scheduler.listing(*args), scheduler.dead(*args), scheduler.counts(*args)
+    q = scheduler._queues[queue]
+    known, where = dict(q.known), dict(q.where)
+    picks: list[str] = []
+    while (task_id := scheduler.pick(*args, exclude=set(picks))) is not None:
+        picks.append(task_id)
+    assert dict(entry for _, entry in listing) == list_tasks(tasks, queue_state, now)
+    assert dict(entry for _, entry in dead) == list_dead(tasks, queue_state, now)
+    assert picks == claimable_order(tasks, queue_state, now)
+    views = {task_id: task_view(task, queue_state, now) for task_id, task in tasks.items()}
+    assert known.keys() == {task_id for task_id, view in views.items() if view and view["state"] != "done"}
+    for task_id, (status, name, order) in known.items():
+        view = views[task_id]
+        assert view is not None
+        assert (status, name, order) == (view["state"], view["task_name"], rank(tasks[task_id]))
+        wake = {"working": view["lease_expires_ms"], "delayed": view["not_before_ms"]}.get(status)
+        assert where.get(task_id) == wake
+    return Placed(known, where, listing, dead, counts, picks, scheduler.next_wake_ms(queue))
+
+
+async def test_a_restart_places_the_open_tasks_where_they_were(h: Harness) -> None:
+    """At start every open task is placed by where it stands (judged against its queue's incarnation,
+    worked out once per queue): the same states, ranks and wake times as the scheduler that placed it
+    as its events were applied had, so the same listings and picks, the machine's, as time passes."""
+    await h.pigtail.create_queue("q", 1000, max_attempts=2)
+    await h.pigtail.create_queue("other", 500)
+    h.advance(100)
+    ours = await h.add(idempotency_key="k")
+    h.log.remote(B, T0 + 50, TaskAdded("q", "theirs", "job", idempotency_key="k"))  # wins the key
+    expired, urgent, low, released, dead, done, working = [
+        await h.add(priority=priority) for priority in (0, 5, -1, 0, 0, 0, 0)
+    ]
+    delayed = await h.add(delay_ms=3000)
+    await h.add("other")
+    other_working = await h.add("other")
+    await h.pigtail.claim("q", dead, "w1")
+    await h.pigtail.claim("q", expired, "w3")
+    h.advance(1000)
+    await h.pigtail.claim("q", dead, "w2")  # its last attempt
+    h.advance(1000)  # the leases of `dead` and `expired` have ended: neither was placed since
+    await h.pigtail.claim("q", released, "w1")
+    await h.pigtail.release("q", released, "w1")
+    await h.pigtail.complete("q", done)
+    await h.pigtail.claim("q", working, "w1")
+    h.advance(10)
+    await h.pigtail.heartbeat("q", working, "w1")
+    await h.pigtail.claim("other", other_working, "w1")
+    before = h.pigtail._scheduler
+    await h.restart()
+    await h.pigtail.list_tasks("q")  # waits for the placing
+    after = h.pigtail._scheduler
+    assert ours in h.pigtail.state.open_tasks("q")  # but hidden
+    for step_ms in (0, 499, 1, 500, 10_000):  # through the ends of the leases and the delay
+        h.advance(step_ms)
+        for queue in ("q", "other"):
+            assert placed(h, after, queue) == placed(h, before, queue)
+        if step_ms == 0:
+            now = placed(h, after, "q")
+            assert now.counts == {"pending": 5, "working": 1, "delayed": 1, "dead": 1}
+            assert now.picks == [urgent, "theirs", expired, released, low]
+            assert [task_id for _, (task_id, _) in now.dead] == [dead]
+            assert now.known[delayed][0] == "delayed"
 
 
 async def test_delete_and_recreate_gives_an_empty_queue(h: Harness) -> None:

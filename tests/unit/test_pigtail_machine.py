@@ -26,9 +26,11 @@ from potboiler.pigtail.events import (
     event_queue,
 )
 from potboiler.pigtail.machine import (
+    Incarnation,
     QueueState,
     Reason,
     Stamp,
+    Standing,
     TaskState,
     TaskView,
     Verdict,
@@ -944,6 +946,17 @@ def _observed(replica: Replica, now_ms: int) -> tuple[Any, ...]:
     )
 
 
+def _stands_as_viewed(replica: Replica, now_ms: int) -> bool:
+    """Whether where each task stands (what the scheduler places it by) is what its view says."""
+    incarnation = Incarnation(replica.queue)
+    standings = {task_id: incarnation.standing(task, now_ms) for task_id, task in replica.tasks.items()}
+    viewed = {
+        task_id: None if view is None else Standing(view["state"], view["lease_expires_ms"])
+        for task_id, view in replica.views(now_ms).items()
+    }
+    return standings == viewed
+
+
 SIM_SETTINGS = settings(
     max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -988,6 +1001,7 @@ def test_replicas_converge(
         for now in nows:
             assert _observed(node.replica, now) == _observed(reference, now)
     for now in nows:
+        assert _stands_as_viewed(reference, now)
         for view in reference.views(now).values():
             if view is not None and view["max_attempts"] is not None:
                 assert view["attempts"] <= view["max_attempts"]
@@ -1008,6 +1022,7 @@ def test_replicas_converge(
         compacted.apply(sim.event, sim.stamp)
     for now in nows:
         assert compacted.views(now) == reference.views(now)
+        assert _stands_as_viewed(compacted, now)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

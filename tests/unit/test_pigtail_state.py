@@ -25,6 +25,7 @@ from potboiler.pigtail.events import (
     TaskRetried,
 )
 from potboiler.pigtail.machine import (
+    Incarnation,
     ListEntry,
     Stamp,
     TaskState,
@@ -542,7 +543,7 @@ def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     scheduler = Scheduler()
     now = T0 + 10
     became_claimable = [
-        scheduler.update(task, task_view(task, state.queue("q"), now), now)
+        scheduler.update(task, Incarnation(state.queue("q")).standing(task, now), now)
         for task in state.open_tasks("q").values()
     ]
     assert became_claimable == [True, True, True, False]  # "later" is not due yet
@@ -555,7 +556,7 @@ def test_scheduler_hands_out_by_priority_then_age_and_skips_held() -> None:
     applied = state.apply(positioned([claim], start=len(entries)))
     for record in applied.tasks.values():
         assert record is not None
-        assert not scheduler.update(record["state"], task_view(record["state"], queue, now), now)
+        assert not scheduler.update(record["state"], Incarnation(queue).standing(record["state"], now), now)
     assert scheduler.pick("q", tasks.get, queue, now) == "old"
     assert scheduler.next_wake_ms("q") == now + 1000  # the lease of "urgent" ends then
     assert scheduler.pick("q", state.open_tasks("q").get, queue, T0 + 6000) == "later"
@@ -572,7 +573,7 @@ def test_the_scheduler_takes_a_preferred_task_among_the_best_of_one_priority() -
     now = T0 + 100
     tasks, queue = state.open_tasks("q"), state.queue("q")
     for task in tasks.values():
-        scheduler.update(task, task_view(task, queue, now), now)
+        scheduler.update(task, Incarnation(queue).standing(task, now), now)
 
     def pick(
         prefer: Callable[[str], bool], exclude: set[str] | None = None, at: int | None = None
@@ -605,7 +606,7 @@ def test_the_scheduler_frees_a_queue_whose_tasks_are_all_forgotten() -> None:
     state.apply(positioned([log.event(A, T0, QueueCreated("q", 1000)), *adds]))
     scheduler = Scheduler()
     for task in state.open_tasks("q").values():
-        scheduler.update(task, task_view(task, state.queue("q"), T0), T0)
+        scheduler.update(task, Incarnation(state.queue("q")).standing(task, T0), T0)
     for task_id in list(state.open_tasks("q")):
         scheduler.forget("q", task_id)  # as for a deleted queue
     queue = scheduler._queues["q"]
