@@ -1,9 +1,7 @@
 """Fixtures for end-to-end tests: real `potboiler node` processes, each with its Envoy gateway.
 
-Import the helpers in a test module as `from tests.e2e.conftest import NodeProcesses, ...` (this file
-registers itself under that name, as tests/conftest.py does). NodeProcesses, and the helpers about a
-node's processes, live in tests/node_processes.py; this module re-exports NodeProcesses for the e2e
-modules that import it from here.
+NodeProcesses, the factory behind `node_process`, and the helpers about a node's processes live in
+tests/node_processes.py.
 
 - `node_process`: a factory, `node_process("a")` starts a node with data in tmp_path/a on a free base
   port and waits until it serves; every node it started is stopped at teardown (SIGTERM, SIGKILL if it
@@ -13,7 +11,6 @@ modules that import it from here.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,9 +18,7 @@ import httpx
 import pytest
 
 from potboiler.server.processes import NodeProcess
-from tests.node_processes import NodeProcesses as NodeProcesses
-
-sys.modules.setdefault("tests.e2e.conftest", sys.modules[__name__])
+from tests.node_processes import NodeProcesses
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import core_rest_pb2, core_rest_pb2_grpc, log_pb2, log_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from tests.conftest import wait_for
-from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import NodeProcesses
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from potboiler.server.entries import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.gateway import MAX_BODY_BYTES
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
-from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import NodeProcesses
 
 pytestmark = pytest.mark.e2e
 

@@ -28,8 +28,7 @@ from potboiler.v1 import (
     webhooks_pb2_grpc,
 )
 from tests.conftest import wait_for, wait_for_sync
-from tests.e2e.conftest import NodeProcesses
-from tests.node_processes import processes_of
+from tests.node_processes import NodeProcesses, processes_of
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from potboiler.server.processes import NodeProcess
-from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import NodeProcesses
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

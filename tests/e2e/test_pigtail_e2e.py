@@ -20,7 +20,7 @@ import pytest
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
 from tests.conftest import wait_for_sync
-from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import NodeProcesses
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import NodeProcesses
 
 README = Path(__file__).parents[2] / "README.md"
 #: The direct gRPC port of the README's default node.

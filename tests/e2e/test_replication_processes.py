@@ -26,8 +26,7 @@ from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.urls import origin
 from potboiler.v1 import log_pb2, log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import refusing_port
-from tests.e2e.conftest import NodeProcesses
-from tests.node_processes import processes_matching
+from tests.node_processes import NodeProcesses, processes_matching
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ from potboiler.server.backoff import Backoff
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import log_pb2, webhooks_pb2, webhooks_pb2_grpc
 from tests.conftest import GrpcNode, GrpcNodeFactory, wait_for, wait_for_sync
-from tests.e2e.conftest import NodeProcesses
+from tests.node_processes import NodeProcesses
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
