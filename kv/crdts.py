@@ -59,7 +59,7 @@ import enum
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol, TypeVar, cast
@@ -75,13 +75,13 @@ __all__ = [
     "InvalidOperation",
     "Stamp",
     "apply",
+    "apply_change",
     "canonical_json",
     "causal_dependencies",
     "counter_total",
     "merge",
     "observed_tags",
     "prepare",
-    "prepare_observed",
     "valid_ops",
     "value",
 ]
@@ -214,6 +214,8 @@ def _show(x: object) -> str:
 
 def _check_json(data: object, what: str) -> JSON:
     """Return ``data`` typed as JSON after checking it really is plain, finite JSON."""
+    if type(data) in _PLAIN:  # most items and values: nothing to walk
+        return cast(JSON, data)
     stack: list[object] = [data]
     while stack:
         x = stack.pop()
@@ -228,10 +230,15 @@ def _check_json(data: object, what: str) -> JSON:
             for k, v in x.items():
                 if not isinstance(k, str):
                     raise InvalidOperation(f"{what} contains an object key that is not a string ({k!r})")
-                stack.append(v)
+                if type(v) not in _PLAIN:
+                    stack.append(v)
         else:
             raise InvalidOperation(f"{what} contains a value that is not JSON ({type(x).__name__})")
     return cast(JSON, data)
+
+
+#: The types of the JSON scalars `_check_json` takes as they are (a float may be NaN or infinite).
+_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def _obj(x: JSON, what: str) -> dict[str, JSON]:
@@ -240,12 +247,12 @@ def _obj(x: JSON, what: str) -> dict[str, JSON]:
     return x
 
 
-def _no_unknown_fields(d: Mapping[str, JSON], allowed: Iterable[str], what: str) -> None:
-    allowed = tuple(allowed)
-    unknown = sorted(k for k in d if k not in allowed)
-    if unknown:
-        names = ", ".join(repr(k) for k in unknown)
-        raise InvalidOperation(f"{what} has unknown field(s) {names} (allowed: {', '.join(allowed)})")
+def _no_unknown_fields(d: Mapping[str, JSON], allowed: tuple[str, ...], what: str) -> None:
+    for k in d:
+        if k not in allowed:
+            unknown = sorted(k for k in d if k not in allowed)
+            names = ", ".join(repr(k) for k in unknown)
+            raise InvalidOperation(f"{what} has unknown field(s) {names} (allowed: {', '.join(allowed)})")
 
 
 def _str_field(d: Mapping[str, JSON], name: str, what: str) -> str:
@@ -386,7 +393,11 @@ def _lww_apply(state: JSON | None, payload: dict[str, JSON], ctx: EventContext) 
     _no_unknown_fields(payload, ("op", "value"), what)
     if "value" not in payload:
         raise InvalidOperation(f"{what} needs a 'value'")
-    new = _Lww(payload["value"], ctx.stamp, ctx.tag)
+    return _lww_set(state, payload["value"], ctx)
+
+
+def _lww_set(state: JSON | None, value: JSON, ctx: EventContext) -> JSON:
+    new = _Lww(value, ctx.stamp, ctx.tag)
     if state is not None and _load_lww(state).rank() >= new.rank():
         return state
     return new.to_json()
@@ -517,6 +528,13 @@ def _orset_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: Eve
     else:
         _element(payload, what, ("op", "item", "key", "tags"))
         dropped = _tags_field(payload, "tags", what)
+    return _orset_update(state, dropped, new_add, ctx)
+
+
+def _orset_update(
+    state: JSON | None, dropped: Iterable[str], new_add: _OrAdd | None, ctx: EventContext
+) -> JSON:
+    """An OR-Set op: take away the adds `dropped` names, put in `new_add` (an add's)."""
     s = _raw_orset(state)
     if state is not None and _already_applied(s.vv, ctx):
         return state
@@ -630,17 +648,24 @@ def _gset_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: Even
     what = f"G-Set {op!r} payload"
     if op == "create":
         _no_unknown_fields(payload, ("op",), what)
-        return {"elements": []} if state is None else state
+        return _gset_create(state)
     item, key, metadata = _element(payload, what, ("op", "item", "key", "metadata"))
-    new = _GElement(item, key, metadata, ctx.stamp, ctx.tag)
+    return _gset_add(state, _GElement(item, key, metadata, ctx.stamp, ctx.tag))
+
+
+def _gset_create(state: JSON | None) -> JSON:
+    return {"elements": []} if state is None else state
+
+
+def _gset_add(state: JSON | None, new: _GElement) -> JSON:
     if state is None:
         return {"elements": [new.to_json()]}
     # The stored elements are sorted by (key, canonical item), one per element: find the new one's
     # place by its key (a binary search), then among the few of that key by the item.
     raw = _gset_elements(state)
-    at = bisect.bisect_left(raw, key, key=_gset_key)
-    end = bisect.bisect_right(raw, key, lo=at, key=_gset_key)
-    text = canonical_json(item)
+    at = bisect.bisect_left(raw, new.key, key=_gset_key)
+    end = bisect.bisect_right(raw, new.key, lo=at, key=_gset_key)
+    text = canonical_json(new.item)
     for i in range(at, end):
         element = _gset_element(raw[i], i)
         held = canonical_json(element.item)
@@ -793,7 +818,10 @@ def _pn_prepare(state: JSON | None, op: str, change: JSON) -> JSON:
 def _pn_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: EventContext) -> JSON:
     what = f"PN-Counter {op!r} payload"
     _no_unknown_fields(payload, ("op", "amount"), what)
-    amount = _amount(payload.get("amount"), f"{what} 'amount'")
+    return _pn_add(state, op, _amount(payload.get("amount"), f"{what} 'amount'"), ctx)
+
+
+def _pn_add(state: JSON | None, op: str, amount: int | float, ctx: EventContext) -> JSON:
     counts = _load_pn(state)
     current = counts.get(ctx.owner, _PnEntry(0, 0, 0))
     if state is not None and ctx.seq <= current.seq:
@@ -802,7 +830,9 @@ def _pn_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: EventC
     if not all(math.isfinite(x) for x in (p, n) if isinstance(x, float)):
         # Only an event appended past the API's checks (straight to the log) gets here. Its owner's
         # total is the same on every node, so every node skips it alike.
-        raise InvalidOperation(f"{what} 'amount' {amount} takes {ctx.owner}'s total beyond any number")
+        raise InvalidOperation(
+            f"PN-Counter {op!r} amount {amount} takes {ctx.owner}'s total beyond any number"
+        )
     counts[ctx.owner] = _PnEntry(ctx.seq, p, n)
     return _dump_pn(counts)
 
@@ -847,24 +877,39 @@ class _MvRegister:
         return {"vv": _dump_vv(self.vv), "values": {t: self.values[t].to_json() for t in sorted(self.values)}}
 
 
-def _load_mv(state: JSON | None) -> _MvRegister:
+@dataclass
+class _RawMv:
+    """An MV-Register state as stored, read without building every value (only the new one is
+    built at a set): its version vector, and its values as stored JSON."""
+
+    vv: dict[str, int]
+    values: Mapping[str, JSON]
+
+
+def _raw_mv(state: JSON | None) -> _RawMv:
     if state is None:
-        return _MvRegister({}, {})
+        return _RawMv({}, {})
     what = "MV-Register state"
     d = _obj(state, what)
-    values: dict[str, _MvValue] = {}
-    for tag, raw in _obj(d.get("values"), f"{what} 'values'").items():
-        entry_what = f"{what} value {tag!r}"
-        e = _obj(raw, entry_what)
-        if "value" not in e:
-            raise InvalidOperation(f"{entry_what} needs a 'value'")
-        values[tag] = _MvValue(
-            value=e["value"],
-            owner=_str_field(e, "owner", entry_what),
-            seq=_int_field(e, "seq", entry_what),
-            stamp=Stamp.from_json(e.get("stamp"), f"{entry_what} 'stamp'"),
-        )
-    return _MvRegister(_load_vv(d.get("vv"), f"{what} 'vv'"), values)
+    return _RawMv(_load_vv(d.get("vv"), f"{what} 'vv'"), _obj(d.get("values"), f"{what} 'values'"))
+
+
+def _load_mv(state: JSON | None) -> _MvRegister:
+    raw = _raw_mv(state)
+    return _MvRegister(raw.vv, {tag: _load_mv_value(tag, raw.values[tag]) for tag in raw.values})
+
+
+def _load_mv_value(tag: str, raw: JSON) -> _MvValue:
+    what = f"MV-Register state value {tag!r}"
+    e = _obj(raw, what)
+    if "value" not in e:
+        raise InvalidOperation(f"{what} needs a 'value'")
+    return _MvValue(
+        value=e["value"],
+        owner=_str_field(e, "owner", what),
+        seq=_int_field(e, "seq", what),
+        stamp=Stamp.from_json(e.get("stamp"), f"{what} 'stamp'"),
+    )
 
 
 def _mv_apply(state: JSON | None, payload: dict[str, JSON], ctx: EventContext) -> JSON:
@@ -872,15 +917,19 @@ def _mv_apply(state: JSON | None, payload: dict[str, JSON], ctx: EventContext) -
     _no_unknown_fields(payload, ("op", "value", "supersedes"), what)
     if "value" not in payload:
         raise InvalidOperation(f"{what} needs a 'value'")
-    supersedes = _tags_field(payload, "supersedes", what)
-    reg = _load_mv(state)
+    return _mv_set(state, payload["value"], _tags_field(payload, "supersedes", what), ctx)
+
+
+def _mv_set(state: JSON | None, value: JSON, supersedes: Iterable[str], ctx: EventContext) -> JSON:
+    reg = _raw_mv(state)
     if state is not None and _already_applied(reg.vv, ctx):
         return state
+    values = dict(reg.values)
     for tag in supersedes:
-        reg.values.pop(tag, None)
-    reg.values[ctx.tag] = _MvValue(payload["value"], ctx.owner, ctx.seq, ctx.stamp)
+        values.pop(tag, None)
+    values[ctx.tag] = _MvValue(value, ctx.owner, ctx.seq, ctx.stamp).to_json()
     reg.vv[ctx.owner] = ctx.seq
-    return reg.to_json()
+    return {"vv": _dump_vv(reg.vv), "values": {tag: values[tag] for tag in sorted(values)}}
 
 
 def _mv_merge(a: JSON, b: JSON) -> JSON:
@@ -924,7 +973,7 @@ def prepare(crdt: CrdtType, state: JSON | None, op: str, change: JSON) -> JSON:
     if crdt is CrdtType.PNCOUNTER:
         return _pn_prepare(state, op, change)
     new_value = _check_json(change, "MV-Register 'set' value")
-    supersedes: list[JSON] = [tag for tag in sorted(_load_mv(state).values)]
+    supersedes: list[JSON] = [tag for tag in sorted(_raw_mv(state).values)]
     return {"op": "set", "value": new_value, "supersedes": supersedes}
 
 
@@ -934,21 +983,6 @@ def observed_tags(payload: JSON) -> list[str]:
         return []
     tags = payload.get("tags", payload.get("supersedes"))
     return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
-
-
-def prepare_observed(crdt: CrdtType, op: str, change: JSON, observed: Sequence[str]) -> JSON:
-    """:func:`prepare` against no state, with ``observed`` as the payload's observed context (the
-    tags it takes away or supersedes) for the types that have one: how every node prepares a write
-    made where the table's type was not known yet. A tag the state does not hold takes nothing away,
-    so one list serves every candidate type."""
-    payload = prepare(crdt, None, op, change)
-    if observed and isinstance(payload, dict):
-        tags: list[JSON] = [tag for tag in sorted(observed)]
-        if "tags" in payload:
-            payload["tags"] = tags
-        elif "supersedes" in payload:
-            payload["supersedes"] = tags
-    return payload
 
 
 def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> list[str]:
@@ -964,7 +998,8 @@ def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> li
         raw = _raw_orset(state)
         held = {tag: _or_add(tag, raw.adds[tag]) for tag in tags if tag in raw.adds}
     elif crdt is CrdtType.MVREGISTER:
-        held = _load_mv(state).values
+        values = _raw_mv(state).values
+        held = {tag: _load_mv_value(tag, values[tag]) for tag in tags if tag in values}
     else:
         held = {}
     newest: dict[str, tuple[int, str]] = {}
@@ -984,8 +1019,8 @@ def apply(crdt: CrdtType, state: JSON | None, payload: JSON, ctx: EventContext) 
     ``state`` is ``None`` when the key has no state yet; the result is never ``None``.  Applying an event
     that is already reflected in ``state`` (a duplicate delivery) returns ``state`` unchanged.  Raises
     :class:`InvalidOperation` if the payload or the state does not fit ``crdt``: of the elements of an
-    OR-Set or G-Set state, only those the op reads are checked (states are written by this module; a
-    set of thousands of elements is not checked whole at every op).
+    OR-Set or G-Set state (the values of an MV-Register's), only those the op reads are checked (states
+    are written by this module; a set of thousands of elements is not checked whole at every op).
     """
     body = _obj(payload, f"{crdt.label} payload")
     op = _check_op(crdt, body.get("op"))
@@ -998,6 +1033,36 @@ def apply(crdt: CrdtType, state: JSON | None, payload: JSON, ctx: EventContext) 
     if crdt is CrdtType.PNCOUNTER:
         return _pn_apply(state, op, body, ctx)
     return _mv_apply(state, body, ctx)
+
+
+def apply_change(
+    crdt: CrdtType, state: JSON | None, op: str, change: JSON, observed: Iterable[str], ctx: EventContext
+) -> JSON:
+    """:func:`apply` of the payload :func:`prepare` makes of ``op``/``change`` against no state, with
+    ``observed`` as its observed context (the tags it takes away or supersedes, for the types that
+    have one), without making that payload and checking it again: how every node applies a write
+    made where the table's type was not known yet. A tag the state does not hold takes nothing away,
+    so one list serves every candidate type. Raises :class:`InvalidOperation` as :func:`prepare` and
+    :func:`apply` do."""
+    op = _check_op(crdt, op)
+    if crdt is CrdtType.LWW:
+        return _lww_set(state, _check_json(change, "LWW 'set' value"), ctx)
+    if crdt is CrdtType.MVREGISTER:
+        return _mv_set(state, _check_json(change, "MV-Register 'set' value"), observed, ctx)
+    if crdt is CrdtType.PNCOUNTER:
+        # Against no state, an amount prepare() takes cannot overflow: _amount checks all it would.
+        return _pn_add(state, op, _amount(change, f"PN-Counter {op!r} amount"), ctx)
+    if op == "create":
+        _create_change(crdt, change)
+        return _gset_create(state) if crdt is CrdtType.GSET else _orset_update(state, (), None, ctx)
+    if crdt is CrdtType.GSET:
+        item, key, metadata = _element(change, "G-Set 'add' change", ("item", "key", "metadata"))
+        return _gset_add(state, _GElement(item, key, metadata, ctx.stamp, ctx.tag))
+    if op == "add":
+        item, key, metadata = _element(change, "OR-Set 'add' change", ("item", "key", "metadata"))
+        return _orset_update(state, observed, _OrAdd(item, key, metadata, ctx.owner, ctx.seq, ctx.stamp), ctx)
+    _element(change, "OR-Set 'remove' change", ("item", "key"))
+    return _orset_update(state, observed, None, ctx)
 
 
 _MERGES: dict[CrdtType, Callable[[JSON, JSON], JSON]] = {

@@ -3,7 +3,8 @@
 - Every state made by the generic CRDT code (`potboiler.kv.crdts`) is stored as JSON (orjson), always an
   object, so its blob starts with ``{``.
 - An LWW register set on the apply fast path is stored as an `LwwRecord`: the log entry whose event set
-  the value, serialized as it was delivered, behind the two numbers of its stamp. Applying a set then
+  the value (an LWW `set`, or a `set` made where its table was not known yet, whose change is the
+  value), serialized as it was delivered, behind the two numbers of its stamp. Applying a set then
   neither converts the value to JSON nor serializes anything (it keeps bytes it already has), and most
   comparisons of two writes read no entry; a GET answers the value as the `google.protobuf.Value` it
   arrived in. Its blob is ``\\x02`` + wall_ms + logical (u64 BE each) + the entry.
@@ -42,7 +43,8 @@ class LwwRecord(NamedTuple):
 
     wall_ms: int
     logical: int
-    #: The entry, serialized; its data is the KV event {"change": {"op": "set", "value": ...}, ...}.
+    #: The entry, serialized; its data is the KV event {"crdt": "LWW", "change": {"op": "set", "value":
+    #: ...}, ...}, or {"crdt": null, "change": <the value>, ...}.
     entry: bytes
 
     def rank(self) -> tuple[int, int, str, str]:
@@ -65,7 +67,11 @@ class LwwRecord(NamedTuple):
 
 
 def _value_of(entry: Entry) -> Value:
-    return entry.data.struct_value.fields["change"].struct_value.fields["value"]
+    fields = entry.data.struct_value.fields
+    crdt = fields.get("crdt")
+    if crdt is not None and crdt.WhichOneof("kind") == "null_value":
+        return fields["change"]  # a set made where the table was not known: its change is the value
+    return fields["change"].struct_value.fields["value"]
 
 
 #: A state as KvState holds it in memory: plain JSON, or an LWW record.

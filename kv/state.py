@@ -40,11 +40,11 @@ from potboiler.kv.crdts import (
     InvalidOperation,
     Stamp,
     apply,
+    apply_change,
     causal_dependencies,
     counter_total,
     observed_tags,
     prepare,
-    prepare_observed,
     value,
 )
 from potboiler.kv.encoding import LwwRecord, Stored, decode, encode, to_json
@@ -430,8 +430,10 @@ class KvState:
 
         This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
         change is converted to JSON), states are read at most once per batch (and kept across batches
-        in a bounded cache), and LWW sets are compared without the generic CRDT machinery and keep
-        their entry, as it was serialized, as the key's state (an `LwwRecord`)."""
+        in a bounded cache), and LWW sets (also the LWW candidate of a set made where its table was
+        not known) are compared without the generic CRDT machinery and keep their entry, as it was
+        serialized, as the key's state (an `LwwRecord`). A write made where its table was not known
+        is applied to its other candidate types by `crdts.apply_change`, its change checked once."""
         if not batch or batch[-1][0] <= self._position:
             return
         last = batch[-1][0]
@@ -468,7 +470,10 @@ class KvState:
                 if event is None:
                     continue
                 table, key, crdt, op, change, observed = event
-                if crdt is _LWW and op == "set":
+                lww_done = False
+                # An LWW set, and the LWW candidate of a set written where its table was not known
+                # (its change is the value), keep their entry as the key's state (see _lww_set).
+                if op == "set" and (crdt is None or (crdt is _LWW and _is_set_payload(change))):
                     prefix = lww_prefixes.get(table)
                     if prefix is None:
                         prefix = lww_prefixes[table] = table_prefix(_LWW, table)
@@ -477,24 +482,21 @@ class KvState:
                     if state is _MISSING:
                         raw = read(skey)
                         state = None if raw is None else decode(raw)
-                    new = _lww_set(state, change, entry, blob)
+                    new = _lww_set(state, entry, blob)
                     if new is not _MISSING:
                         if new is not state:
                             states[skey] = new
-                        applied += 1
-                        continue
-                ctx = _context(entry)
-                if crdt is not None:
-                    changes = [(crdt, from_value(change))]
-                else:  # written while its node did not know the table: prepared here, against nothing
-                    raw_change = from_value(change)
-                    changes = []
-                    for each in TYPES_OF_OP[op]:
-                        try:
-                            changes.append((each, prepare_observed(each, op, raw_change, observed)))
-                        except InvalidOperation:
+                        if crdt is _LWW:
+                            applied += 1
                             continue
-                for each, payload in changes:
+                        lww_done = True
+                ctx = _context(entry)
+                raw_change = from_value(change)
+                # A write made where its table was not known applies, prepared as every node does
+                # (against nothing, with its observed context), to each type whose ops include its op.
+                for each in TYPES_OF_OP[op] if crdt is None else (crdt,):
+                    if lww_done and each is _LWW:
+                        continue
                     skey = state_key(each, table, key)
                     state = states[skey] if skey in states else cache.get(skey, _MISSING)
                     if state is _MISSING:
@@ -502,7 +504,10 @@ class KvState:
                         state = None if raw is None else decode(raw)
                     state = to_json(state)
                     try:
-                        new = apply(each, state, payload, ctx)
+                        if crdt is None:
+                            new = apply_change(each, state, op, raw_change, observed, ctx)
+                        else:
+                            new = apply(each, state, raw_change, ctx)
                     except InvalidOperation as exc:
                         log.warning("skipping KV event %s (%s/%s): %s", entry.id, table, key, exc)
                         continue
@@ -603,10 +608,12 @@ def _event_of_fields(
     observed = fields.get("observed")
     if observed is None or observed.WhichOneof("kind") != "list_value":
         return None
-    tags = observed.list_value.values
-    if any(tag.WhichOneof("kind") != "string_value" for tag in tags):
-        return None
-    return t, k, None, o, change, tuple(tag.string_value for tag in tags)
+    tags = []
+    for tag in observed.list_value.values:
+        if tag.WhichOneof("kind") != "string_value":
+            return None
+        tags.append(tag.string_value)
+    return t, k, None, o, change, tuple(tags)
 
 
 def _context(entry: Entry) -> EventContext:
@@ -615,16 +622,20 @@ def _context(entry: Entry) -> EventContext:
     return EventContext(entry.id, owner, entry.seq, Stamp(when.wall_ms, when.logical, owner))
 
 
-def _lww_set(state: Stored | None, change: Value, entry: Entry, blob: bytes | None) -> Any:
-    """`crdts.apply` of an LWW set payload, for the common case: the new state (an `LwwRecord` of the
-    entry, serialized as `blob` if given), `state` itself when the event loses (or is a duplicate), or
-    _MISSING when the payload or state is unusual (the caller then takes the generic path, which also
-    reports what is wrong)."""
+def _is_set_payload(change: Value) -> bool:
+    """Whether an LWW event's change is the payload `crdts.prepare` makes of a set: {"op": "set",
+    "value": ...} (anything else takes the generic path, which says what is wrong)."""
     payload = change.struct_value.fields  # empty if the change is not a Struct
     if len(payload) != 2 or not ("op" in payload and "value" in payload):
-        return _MISSING
-    if payload["op"].string_value != "set":
-        return _MISSING
+        return False
+    return payload["op"].string_value == "set"
+
+
+def _lww_set(state: Stored | None, entry: Entry, blob: bytes | None) -> Any:
+    """`crdts.apply` of the LWW set of `entry`, for the common case: the new state (an `LwwRecord` of
+    the entry, serialized as `blob` if given), `state` itself when the event loses (or is a
+    duplicate), or _MISSING when the state is unusual (the caller then takes the generic path, which
+    also reports what is wrong)."""
     when = entry.when
     wall, logical = when.wall_ms, when.logical
     if isinstance(state, LwwRecord):

@@ -31,6 +31,7 @@ from potboiler.kv.crdts import (
     InvalidOperation,
     Stamp,
     apply,
+    apply_change,
     canonical_json,
     causal_dependencies,
     merge,
@@ -397,6 +398,58 @@ def test_anti_entropy_by_merge_mixed_with_delivery_converges(crdt: CrdtType, dat
         state = checked_apply(crdt, state, ev)
         done.add(ev.index)
     assert state == causal_closure_replay(crdt, events, frozenset(done))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writes made where the table's type was not known
+
+
+def prepared_then_applied(
+    crdt: CrdtType, state: JSON | None, op: str, change: JSON, observed: Sequence[str], ctx: EventContext
+) -> JSON:
+    """What apply_change stands for: the change prepared against no state, given the observed
+    context as the tags it takes away or supersedes, then applied."""
+    payload = prepare(crdt, None, op, change)
+    assert isinstance(payload, dict)
+    tags: list[JSON] = [*sorted(observed)]
+    for name in ("tags", "supersedes"):
+        if name in payload:
+            payload[name] = tags
+    return apply(crdt, state, payload, ctx)
+
+
+def outcome(f: Any) -> Any:
+    try:
+        return f()
+    except InvalidOperation as exc:
+        return InvalidOperation, str(exc)
+
+
+any_op = st.sampled_from(sorted({op for c in CrdtType for op in valid_ops(c)})) | st.text(max_size=6)
+
+
+@pytest.mark.parametrize("crdt", list(CrdtType), ids=lambda c: c.value)
+@PROPERTY
+@given(data=st.data())
+def test_apply_change_is_apply_of_the_change_prepared_against_no_state(
+    crdt: CrdtType, data: st.DataObject
+) -> None:
+    """Every node applies a write made where its table was not known with apply_change, on states
+    of every kind, with ops and changes of any type (most refused) and any observed context."""
+    history = run_history(crdt, data.draw(actions(crdt, max_size=15), label="actions"))
+    state = data.draw(st.sampled_from(history.snapshots), label="snapshot").state
+    tags = [*sorted({e.ctx.tag for e in history.events}), "elsewhere"]
+    observed = data.draw(st.lists(st.sampled_from(tags), max_size=3, unique=True), label="observed")
+    op, change = data.draw(
+        st.one_of(*(op_strategy(c) for c in CrdtType), st.tuples(any_op, json_values)), label="write"
+    )
+    owner = data.draw(st.sampled_from(OWNERS), label="owner")
+    seq, wall = data.draw(st.integers(1, 40), label="seq"), data.draw(st.integers(0, 8), label="wall")
+    c = ctx(owner, seq, wall)
+    before = copy.deepcopy((state, change, observed))
+    got = outcome(lambda: apply_change(crdt, state, op, change, observed, c))
+    assert (state, change, observed) == before, "apply_change mutated its arguments"
+    assert got == outcome(lambda: prepared_then_applied(crdt, state, op, change, observed, c))
 
 
 # ----------------------------------------------------------------------------------------------------------

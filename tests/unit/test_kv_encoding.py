@@ -25,10 +25,14 @@ json_values = st.recursive(
 )
 
 
-def lww_entry(value: JSON, wall: int, logical: int, owner: str, tag: str) -> Entry:
-    """A log entry of an LWW set of `value`, as the KV service writes it."""
+def lww_entry(value: JSON, wall: int, logical: int, owner: str, tag: str, unknown: bool = False) -> Entry:
+    """A log entry of an LWW set of `value`, as the KV service writes it (`unknown`: where the table
+    was not known, so the event's crdt is null and its change the value)."""
     entry = Entry(id=tag, owner=owner, seq=1, when=HlcTimestamp(wall_ms=wall, logical=logical))
-    event = KvEvent("t", "k", CrdtType.LWW, "set", {"op": "set", "value": value}).to_json()
+    if unknown:
+        event = KvEvent("t", "k", None, "set", value, ("observed-tag",)).to_json()
+    else:
+        event = KvEvent("t", "k", CrdtType.LWW, "set", {"op": "set", "value": value}).to_json()
     entry.data.CopyFrom(to_value(event))
     return entry
 
@@ -43,10 +47,13 @@ records = st.tuples(
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, database=None)
-@given(records)
-def test_an_lww_record_round_trips_to_the_json_state(record_of: tuple[JSON, int, int, str, str]) -> None:
+@given(records, st.booleans())
+def test_an_lww_record_round_trips_to_the_json_state(
+    record_of: tuple[JSON, int, int, str, str], unknown: bool
+) -> None:
     value, wall, logical, owner, tag = record_of
-    record = LwwRecord(wall, logical, lww_entry(value, wall, logical, owner, tag).SerializeToString())
+    entry = lww_entry(value, wall, logical, owner, tag, unknown)
+    record = LwwRecord(wall, logical, entry.SerializeToString())
     assert decode(encode(record)) == record
     stamp: list[JSON] = [wall, logical, owner]
     assert to_json(record) == {"value": from_value(to_value(value)), "stamp": stamp, "tag": tag}

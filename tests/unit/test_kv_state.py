@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from potboiler.kv import state as kv_state
 from potboiler.kv.crdts import JSON, CrdtType, EventContext, Stamp, apply, valid_ops
-from potboiler.kv.encoding import decode, to_json
+from potboiler.kv.encoding import LwwRecord, decode, to_json
 from potboiler.kv.events import CONFIG_TABLE, TYPES_OF_OP, KvEvent
 from potboiler.kv.state import CURSOR_KEY, EVENT_MARK, KvState, PlannedWrite, _event_of_fields, state_key
 from potboiler.server.errors import InvalidArgument, NotFound
@@ -758,12 +758,13 @@ lww_events = st.lists(
 
 
 @PROPERTY
-@given(lww_events, st.booleans())
+@given(lww_events, st.booleans(), st.booleans())
 def test_lww_fast_path_is_crdts_apply(
-    events: list[tuple[int, int, str, str, int, bool]], serialized: bool
+    events: list[tuple[int, int, str, str, int, bool]], serialized: bool, unknown: bool
 ) -> None:
     """Also with each entry's serialized form given (kept as the record's entry) or not (serialized
-    by the fast path)."""
+    by the fast path), and for sets written where the table was not known (`unknown`: crdt null,
+    the change is the value)."""
     node = SimNode()
     node.state.apply_batch([(1, make_entry(node.owner, 1, config_event("t", "LWW"), 1))])
     expected: JSON | None = None
@@ -772,9 +773,9 @@ def test_lww_fast_path_is_crdts_apply(
         data: JSON = {
             "table": "t",
             "key": "k",
-            "crdt": "LWW",
+            "crdt": None if unknown else "LWW",
             "op": "set",
-            "change": {"op": "set", "value": value},
+            "change": value if unknown else {"op": "set", "value": value},
         }
         entry = make_entry(owner, i + 1, data, wall, logical)
         entry.id = tag
@@ -787,6 +788,7 @@ def test_lww_fast_path_is_crdts_apply(
     node.state.apply_batch(batch, [e.SerializeToString() for _, e in batch] if serialized else None)
     raw = node.store.get(state_key(CrdtType.LWW, "t", "k"))
     assert (None if raw is None else to_json(decode(raw))) == expected
+    assert raw is None or isinstance(decode(raw), LwwRecord)
 
 
 @pytest.mark.parametrize("wall", [4, 5, 6])
