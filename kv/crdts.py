@@ -24,12 +24,13 @@ Stamps are stored as ``[wall_ms, logical, owner]``.  The state shapes are:
     ``{"vv": {owner: seq}, "adds": {tag: {"item": …, "key": "…", "metadata": …, "owner": "…", "seq": n,
     "stamp": [w, l, owner]}}}`` — an observed-remove set without tombstones (the "ORSWOT" design): ``adds``
     holds only the live adds, each identified by its event tag and its dot ``(owner, seq)``, and ``vv``
-    holds, per owner, the highest seq of that owner's events applied to this key.  A dot covered by ``vv``
-    but missing from ``adds`` was removed, which is what lets :func:`merge` tell "removed" from "not yet
-    seen" and what makes a duplicate delivery a no-op.  A ``remove`` carries the tags of the adds of that
-    element its node had seen; an ``add`` likewise carries (as ``supersedes``) the tags of the adds of the
-    same element its node had seen and replaces them, so the live adds of an element are only the
-    concurrent ones.  The state grows with the live elements and the number of writing nodes only.  The
+    holds, per owner, the highest seq of that owner's adds and creates applied to this key.  A dot covered
+    by ``vv`` but missing from ``adds`` was removed, which is what lets :func:`merge` tell "removed" from
+    "not yet seen" and what makes a duplicate add a no-op.  A ``remove`` carries the tags of the adds of
+    that element its node had seen and takes them away, nothing more (it records no dot), so a remove
+    that takes nothing away leaves a key without a state as it is: missing.  An ``add`` likewise carries
+    (as ``supersedes``) the tags of the adds of the same element its node had seen and replaces them, so
+    the live adds of an element are only the concurrent ones.  The state grows with the live elements and the number of writing nodes only.  The
     price of having no tombstones is that correctness relies on causal delivery: an add applied after a
     remove that had seen it (impossible with the log's guarantee) would come back.
 ``GSET``
@@ -527,14 +528,13 @@ def _orset_apply(state: JSON | None, op: str, payload: dict[str, JSON], ctx: Eve
         new_add = _OrAdd(item, key, metadata, ctx.owner, ctx.seq, ctx.stamp)
     else:
         _element(payload, what, ("op", "item", "key", "tags"))
-        dropped = _tags_field(payload, "tags", what)
-    return _orset_update(state, dropped, new_add, ctx)
+        return _orset_remove(state, _tags_field(payload, "tags", what))
+    return _orset_add(state, dropped, new_add, ctx)
 
 
-def _orset_update(
-    state: JSON | None, dropped: Iterable[str], new_add: _OrAdd | None, ctx: EventContext
-) -> JSON:
-    """An OR-Set op: take away the adds `dropped` names, put in `new_add` (an add's)."""
+def _orset_add(state: JSON | None, dropped: Iterable[str], new_add: _OrAdd | None, ctx: EventContext) -> JSON:
+    """An OR-Set add (`new_add`, replacing the adds `dropped` names) or create (no add): the key's
+    state, with the event's dot in its version vector."""
     s = _raw_orset(state)
     if state is not None and _already_applied(s.vv, ctx):
         return state
@@ -545,6 +545,18 @@ def _orset_update(
         adds[ctx.tag] = new_add.to_json()
     s.vv[ctx.owner] = ctx.seq
     return {"vv": _dump_vv(s.vv), "adds": {tag: adds[tag] for tag in sorted(adds)}}
+
+
+def _orset_remove(state: JSON | None, tags: Iterable[str]) -> JSON | None:
+    """An OR-Set remove: the state without the adds `tags` names, and nothing else. Its dot is not
+    recorded: the version vector only has to cover the adds applied here, which theirs do (an
+    owner's events arrive in seq order), and a remove delivered again finds its adds gone already.
+    So a remove that takes nothing away changes nothing, and a key without a state keeps none."""
+    s = _raw_orset(state)
+    gone = {tag for tag in tags if tag in s.adds}
+    if not gone:
+        return state
+    return {"vv": _dump_vv(s.vv), "adds": {tag: s.adds[tag] for tag in sorted(s.adds) if tag not in gone}}
 
 
 def _orset_merge(a: JSON, b: JSON) -> JSON:
@@ -1016,7 +1028,8 @@ def causal_dependencies(crdt: CrdtType, state: JSON | None, payload: JSON) -> li
 def apply(crdt: CrdtType, state: JSON | None, payload: JSON, ctx: EventContext) -> JSON:
     """Apply the event payload ``payload`` (made by :func:`prepare`, possibly on another node) to ``state``.
 
-    ``state`` is ``None`` when the key has no state yet; the result is never ``None``.  Applying an event
+    ``state`` is ``None`` when the key has no state yet; the result is ``None`` only for an OR-Set
+    ``remove`` on such a key (it takes nothing away, and the key stays missing).  Applying an event
     that is already reflected in ``state`` (a duplicate delivery) returns ``state`` unchanged.  Raises
     :class:`InvalidOperation` if the payload or the state does not fit ``crdt``: of the elements of an
     OR-Set or G-Set state (the values of an MV-Register's), only those the op reads are checked (states
@@ -1054,15 +1067,15 @@ def apply_change(
         return _pn_add(state, op, _amount(change, f"PN-Counter {op!r} amount"), ctx)
     if op == "create":
         _create_change(crdt, change)
-        return _gset_create(state) if crdt is CrdtType.GSET else _orset_update(state, (), None, ctx)
+        return _gset_create(state) if crdt is CrdtType.GSET else _orset_add(state, (), None, ctx)
     if crdt is CrdtType.GSET:
         item, key, metadata = _element(change, "G-Set 'add' change", ("item", "key", "metadata"))
         return _gset_add(state, _GElement(item, key, metadata, ctx.stamp, ctx.tag))
     if op == "add":
         item, key, metadata = _element(change, "OR-Set 'add' change", ("item", "key", "metadata"))
-        return _orset_update(state, observed, _OrAdd(item, key, metadata, ctx.owner, ctx.seq, ctx.stamp), ctx)
+        return _orset_add(state, observed, _OrAdd(item, key, metadata, ctx.owner, ctx.seq, ctx.stamp), ctx)
     _element(change, "OR-Set 'remove' change", ("item", "key"))
-    return _orset_update(state, observed, None, ctx)
+    return _orset_remove(state, observed)
 
 
 _MERGES: dict[CrdtType, Callable[[JSON, JSON], JSON]] = {

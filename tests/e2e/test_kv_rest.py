@@ -211,6 +211,10 @@ def test_every_table_type(kv: Kv) -> None:
         kv.ok("_config", name, "set", {"crdt": crdt})
     kv.ok("s", "k", "create", {})
     assert kv.value("s", "k") == []
+    kv.ok("s", "gone", "remove", {"item": "x", "key": "a"})  # takes nothing away: makes no key
+    missing = kv.get("/kv/s/gone")
+    assert missing.status_code == 404 and error_message(missing) == "No such key 'gone'"
+    assert kv.get("/kv/s").json() == ["k"]
     kv.ok("s", "k", "add", {"item": "x", "key": "a", "metadata": {"by": "me"}})
     kv.ok("s", "k", "add", {"item": {"y": 1}, "key": "b"})
     assert kv.value("s", "k") == [

@@ -145,12 +145,13 @@ def json_roundtrip(x: JSON | None) -> JSON | None:
     return result
 
 
-def checked_apply(crdt: CrdtType, state: JSON | None, ev: Event) -> JSON:
-    """apply(), also checking it mutates nothing and that its result is plain JSON."""
+def checked_apply(crdt: CrdtType, state: JSON | None, ev: Event) -> JSON | None:
+    """apply(), also checking it mutates nothing and that its result is plain JSON (no state only
+    for an OR-Set remove on a key without one: it takes nothing away)."""
     state_before, payload_before = copy.deepcopy(state), copy.deepcopy(ev.payload)
     result = apply(crdt, state, ev.payload, ev.ctx)
     assert state == state_before and ev.payload == payload_before, "apply mutated its arguments"
-    assert result is not None
+    assert result is not None or (state is None and ev.op == "remove")
     assert json_roundtrip(result) == result
     return result
 
@@ -332,8 +333,10 @@ def test_replicas_converge_on_the_specified_value(crdt: CrdtType, data: st.DataO
     finals.append(causal_closure_replay(crdt, events, frozenset(e.index for e in events)))
     assert all(f == finals[0] for f in finals), "replicas diverged"
     assert all(canonical_json(f) == canonical_json(finals[0]) for f in finals), "state not canonical"
+    # A key exists (GET answers it, else 404) once an event made it: any but an OR-Set remove, which
+    # only takes away adds (of a key without a state, none).
+    assert (finals[0] is None) == all(e.op == "remove" for e in events)
     if not events:
-        assert finals[0] is None
         return
     values = [value(crdt, f) for f in finals]
     assert all(canonical_json(v) == canonical_json(values[0]) for v in values)
@@ -520,6 +523,20 @@ def test_orset_remove_of_an_unseen_add_does_not_take_it_away() -> None:
     states = both_orders(crdt, None, (add, ctx(A, 1, 1)), (remove, ctx(B, 1, 1)))
     assert states[0] == states[1]
     assert value(crdt, states[0]) == [{"item": [1, 2], "key": "k", "metadata": None}]
+
+
+def test_orset_remove_from_a_missing_key_leaves_it_missing() -> None:
+    """A remove that takes nothing away records nothing: a key without a state keeps none (a GET is
+    a 404), whatever the order with a concurrent add and however often it is delivered; `create`
+    makes the empty set."""
+    crdt = CrdtType.ORSET
+    remove = prepare(crdt, None, "remove", {"item": "x", "key": "k"})
+    assert apply(crdt, None, remove, ctx(A, 1, 1)) is None
+    add = prepare(crdt, None, "add", {"item": "x", "key": "k"})
+    states = both_orders(crdt, None, (remove, ctx(A, 1, 1)), (add, ctx(B, 1, 1)), (remove, ctx(A, 1, 1)))
+    assert states[0] == states[1] == apply(crdt, None, add, ctx(B, 1, 1))
+    created = apply(crdt, None, prepare(crdt, None, "create", {}), ctx(C, 1, 1))
+    assert value(crdt, created) == [] and apply(crdt, created, remove, ctx(A, 1, 1)) is created
 
 
 def test_orset_readd_after_remove_and_create() -> None:

@@ -588,6 +588,28 @@ def test_concurrent_add_and_remove_add_wins() -> None:
     assert read(a.state, "s", "k")[1] == read(b.state, "s", "k")[1] == []
 
 
+@pytest.mark.parametrize("known", [True, False])
+def test_a_remove_from_a_missing_key_leaves_it_missing(known: bool) -> None:
+    """A remove that takes nothing away from a key that does not exist does not make the key (on
+    the writer, or on a node that learns the table later); `create` does, as an empty set. With
+    `known` False the writes are made before the writer knows the table."""
+    a, b = SimNode(), SimNode()
+    config = a.write(CONFIG_TABLE, "s", "set", {"crdt": "ORSET"})
+    writer = a if known else b
+    removes = [
+        writer.write("s", "gone", "remove", {"item": "x", "key": "e"}),
+        writer.write("s", "k", "remove", {"item": "x", "key": "e"}),
+    ]
+    made = writer.write("s", "k", "create", {})
+    for node in (a, b):
+        node.receive([config, *removes, made])
+        with pytest.raises(NotFound, match="No such key 'gone'"):
+            read(node.state, "s", "gone")
+        assert read(node.state, "s", "k") == (CrdtType.ORSET, [])
+        assert node.state.keys("s") == ["k"]
+        assert node.state.state(CrdtType.ORSET, "s", "gone") is None
+
+
 def test_restart_resumes_after_the_cursor_without_applying_twice() -> None:
     a, b = SimNode(), SimNode()
     entries = [a.write(CONFIG_TABLE, "c", "set", {"crdt": "PNCOUNTER"})]
