@@ -798,14 +798,16 @@ class Decision:
         return self.verdict is Verdict.OK
 
 
-def _not_found(task: TaskState | None, queue: QueueState | None) -> Decision | None:
-    if not queue_exists(queue):
+def _visible(task: TaskState | None, queue: QueueState | None) -> Decision | tuple[TaskState, QueueConfig]:
+    """The task, if visible, with its queue's config; else the 404 refusing it."""
+    if queue is None or not queue_exists(queue):
         name = queue["name"] if queue is not None else (task["queue"] if task is not None else "?")
         return Decision(Verdict.NOT_FOUND, Reason.NO_QUEUE, f"no such queue {name!r}")
-    if Incarnation(queue).config_for(task) is None:
+    config = Incarnation(queue).config_for(task)
+    if task is None or config is None:
         task_id = task["task_id"] if task is not None else "?"
         return Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, f"no such task {quoted(task_id)}")
-    return None
+    return task, config
 
 
 def check_create(queue: QueueState | None, timeout_ms: int, max_attempts: int | None = None) -> Decision:
@@ -845,10 +847,10 @@ def _open_lease(
 ) -> Decision | tuple[TaskState, QueueConfig, _Lease]:
     """A visible task that is not done, its queue's config and its lease as replayed; else the answer
     refusing it: 404 (unknown) or 409 DONE."""
-    missing = _not_found(task, queue)
-    config = Incarnation(queue).config_for(task)
-    if missing is not None or task is None or config is None:
-        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
+    found = _visible(task, queue)
+    if isinstance(found, Decision):
+        return found
+    task, config = found
     if task["done"] is not None:
         return Decision(Verdict.CONFLICT, Reason.DONE, "task is done")
     return task, config, _replay(task, config)
@@ -886,10 +888,10 @@ def check_claim(task: TaskState | None, queue: QueueState | None, worker_id: str
 
 def check_done(task: TaskState | None, queue: QueueState | None) -> Decision:
     """Before TaskDone: OK for any visible task, whoever asks (``noop`` if already done); else 404."""
-    missing = _not_found(task, queue)
-    if missing is not None or task is None:
-        return missing or Decision(Verdict.NOT_FOUND, Reason.UNKNOWN_TASK, "no such task")
-    if task["done"] is not None:
+    found = _visible(task, queue)
+    if isinstance(found, Decision):
+        return found
+    if found[0]["done"] is not None:
         return Decision(Verdict.OK, noop=True, message="task is already done")
     return Decision(Verdict.OK)
 
