@@ -27,12 +27,12 @@ import grpc
 
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
-from potboiler.kv.state import EventFailed, KvState, PlannedWrite
+from potboiler.kv.state import STATE_FORMAT, EventFailed, KvState, PlannedWrite
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import JSON, to_value
 from potboiler.server.log_delivered import DeliveredBatch
-from potboiler.server.logclient import Attempts, CatchUp, Linger, apply_forever, discard_if_ahead
+from potboiler.server.logclient import Attempts, CatchUp, Linger, apply_forever, discard_if_stale
 from potboiler.server.names import is_name
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
@@ -67,7 +67,7 @@ class KvService:
         self._context = context
         self._store = store if store is not None else RocksStore(context.data_dir)
         self.state = KvState(self._store, sync=context.fsync)
-        if discard_if_ahead(context.log, self.state.position, self._store, "KV"):
+        if discard_if_stale(context.log, self.state.position, self._store, "KV", STATE_FORMAT):
             self.state = KvState(self._store, sync=context.fsync)
         self._task: asyncio.Task[None] | None = None
         #: Readers waiting for this node's own entries to be applied, by the entry's seq.

@@ -59,6 +59,11 @@ from potboiler.v1.entry_pb2 import Entry
 log = logging.getLogger(__name__)
 
 CURSOR_KEY = b"c"
+#: The format of the states this code writes. A store in another format is rebuilt from the log at
+#: start (`discard_if_stale`), so bump it when some events' states would differ from what older code
+#: stored. 1 (unmarked): until 30 November 2026. 2: an OR-Set remove that takes nothing away leaves a
+#: missing key missing (format 1 made it an empty set).
+STATE_FORMAT = 2
 _U64 = struct.Struct(">Q")
 _CODE = {
     CrdtType.LWW: b"L",

@@ -67,7 +67,7 @@ from potboiler.pigtail.machine import (
     task_view_after,
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
-from potboiler.pigtail.state import Applied, PigtailState
+from potboiler.pigtail.state import STATE_FORMAT, Applied, PigtailState
 from potboiler.server.errors import (
     AlreadyExists,
     Contended,
@@ -86,7 +86,7 @@ from potboiler.server.logclient import (
     Linger,
     LogClient,
     apply_forever,
-    discard_if_ahead,
+    discard_if_stale,
 )
 from potboiler.server.storage import Store
 from potboiler.v1.entry_pb2 import Entry
@@ -160,7 +160,7 @@ class Pigtail:
         self._clock = clock
         self._sync = sync
         self.state = PigtailState(store)
-        if discard_if_ahead(log_client, self.state.cursor, store, "Pigtail"):
+        if discard_if_stale(log_client, self.state.cursor, store, "Pigtail", STATE_FORMAT):
             self.state = PigtailState(store)
         #: Filled with the open tasks by the applier task before anything is answered (`_place_open`).
         self._scheduler = Scheduler()

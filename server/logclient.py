@@ -1,6 +1,6 @@
 """The narrow interface KV and Pigtail use to reach the log: append, subscribe from a position, and
 what each owner has promised about its clock; and what both build on it to apply the log to their
-state (`apply_forever`, `Attempts`, `CatchUp`, `Linger`, `discard_if_ahead`).
+state (`apply_forever`, `Attempts`, `CatchUp`, `Linger`, `discard_if_stale`).
 
 `LocalLogClient` is the in-process implementation (a method call into the node's Appender). Append
 and subscribe also exist as LogService RPCs; the clock promises do not, as only services inside the
@@ -23,7 +23,7 @@ from potboiler.server.entries import validate_new_entry
 from potboiler.server.errors import Unavailable
 from potboiler.server.log import Promise
 from potboiler.server.log_delivered import DeliveredBatch
-from potboiler.server.storage import Store, clear, clearing
+from potboiler.server.storage import Store, clear, clearing, mark_format, stored_format
 from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,29 @@ class LogClient(Protocol):
         ...
 
 
-def discard_if_ahead(client: LogClient, position: int, store: Store, what: str) -> bool:
-    """Clear a service's `store` if its stored `position` in the log is beyond the log's own, or an
-    earlier such clear was cut short (True): the log lost entries the service had applied (a power
-    cut without --fsync, which can keep the service's last write but not the log's; or a log restored
-    from an older copy). Those positions will go to other entries, which the service would skip: it
-    must apply the log again from 0."""
+def discard_if_stale(client: LogClient, position: int, store: Store, what: str, state_format: int) -> bool:
+    """Clear a service's `store` (True) if it must apply the log again from 0, and mark it as written
+    in `state_format`, the service's format:
+    - its stored `position` in the log is beyond the log's own: the log lost entries the service had
+      applied (a power cut without --fsync, which can keep the service's last write but not the log's;
+      or a log restored from an older copy). Those positions will go to other entries, which the
+      service would skip;
+    - it was written in another format (an older or newer version of the service, which makes other
+      states of some events); a store that marks none, having applied entries, is in format 1;
+    - an earlier such clear was cut short."""
     end = client.position()
+    written_in = stored_format(store) or (1 if position else state_format)
     if clearing(store):
         log.warning("the %s state was being rebuilt from the log when the node stopped: rebuilding it", what)
+    elif written_in != state_format:
+        log.warning(
+            "the %s state was written in format %d, and this node's code writes format %d: rebuilding "
+            "the %s state from the log",
+            what,
+            written_in,
+            state_format,
+            what,
+        )
     elif position > end:
         log.warning(
             "the %s state has applied the log up to position %d, but the log ends at %d (it lost writes: "
@@ -79,8 +93,11 @@ def discard_if_ahead(client: LogClient, position: int, store: Store, what: str) 
             what,
         )
     else:
+        if stored_format(store) is None:
+            mark_format(store, state_format)  # a new store (or one written before formats were marked)
         return False
     clear(store)
+    mark_format(store, state_format)
     return True
 
 

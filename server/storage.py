@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import operator
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -62,6 +63,9 @@ def prefix_end(prefix: bytes) -> bytes:
 
 #: Set while `clear` runs (it sorts before every other key, which all start with a letter).
 _CLEARING = b"\x00clearing"
+#: The format a service's store is written in (see `stored_format`); cleared with the rest.
+_FORMAT = b"\x00format"
+_FORMAT_NUMBER = struct.Struct(">I")
 
 
 def clear(store: Store, chunk: int = 10_000) -> None:
@@ -79,6 +83,17 @@ def clear(store: Store, chunk: int = 10_000) -> None:
 def clearing(store: Store) -> bool:
     """Whether a `clear` of `store` was begun and not finished."""
     return store.get(_CLEARING) is not None
+
+
+def stored_format(store: Store) -> int | None:
+    """The format `store` says it is written in (`mark_format`), None if it says none."""
+    raw = store.get(_FORMAT)
+    return None if raw is None else _FORMAT_NUMBER.unpack(raw)[0]
+
+
+def mark_format(store: Store, number: int) -> None:
+    """Record that `store` is written in format `number` (synced)."""
+    store.write([(_FORMAT, _FORMAT_NUMBER.pack(number))], sync=True)
 
 
 _KEY = operator.itemgetter(0)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from potboiler.kv import service as kv_service
+from potboiler.kv.crdts import CrdtType
 from potboiler.kv.service import KvService
-from potboiler.kv.state import CURSOR_KEY
+from potboiler.kv.state import CURSOR_KEY, state_key
 from potboiler.server.errors import Unavailable
 from potboiler.server.hlc import HybridClock
 from potboiler.server.jsonvalue import from_value
@@ -148,5 +149,36 @@ async def test_a_rebuild_cut_short_is_made_again_on_the_next_start(tmp_path: Pat
         state = await asyncio.wait_for(again.current(), WAIT)
         assert state.position == 1
         assert state.keys("t") == []
+    finally:
+        await again.stop()
+
+
+async def test_a_state_written_by_older_code_is_rebuilt_from_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store of format 1 may hold states this code would not make (an OR-Set key that a remove of
+    nothing created): at start it is applied again from the log, which makes them as this code does."""
+    log = FakeLog(HybridClock())
+    store = MemoryStore()
+    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    await first.start()
+    await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "ORSET"}))
+    await first.write(first.state.plan_write("t", "k", "add", {"item": "x", "key": "a"}))
+    await asyncio.wait_for(first.current(), WAIT)
+    assert first._task is not None
+    first._task.cancel()  # the node stops (its store stays as it was)
+    # As format 1 left it: no format mark, and a key the log does not make (a copy of k's state).
+    store.write(
+        [
+            (b"\x00format", None),
+            (state_key(CrdtType.ORSET, "t", "ghost"), store.get(state_key(CrdtType.ORSET, "t", "k"))),
+        ]
+    )
+    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    assert "written in format 1, and this node's code writes format 2" in caplog.text
+    await again.start()
+    try:
+        state = await asyncio.wait_for(again.current(), WAIT)
+        assert state.keys("t") == ["k"]
     finally:
         await again.stop()
