@@ -96,23 +96,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
     """Three nodes, each peered with the ones started before it (a node learns the peers that dial
     it, so that is a full mesh). Gossip is off, so that a node of another test that happens to know one
     of these ports (ports are reused) cannot make the cluster learn its peers."""
-    factory = NodeProcesses(tmp_path_factory.mktemp("pigtail-cluster"))
     nodes: list[Node] = []
-    try:
-        for i in range(3):
-            process = factory(f"node{i}", peers=[n.url for n in nodes], extra_args=["--no-gossip"])
-            nodes.append(Node(process))
-        for node in nodes:
-            others = [n.url for n in nodes if n is not node]
-            wait_for_sync(partial(knows_all, node, others), timeout=60, message="the nodes peer")
-        yield nodes
-    finally:
-        for node in nodes:
-            node.close()
-        problems = factory.stop_all()
-        for process in factory.started:
-            print(f"--- {process.log_file} ---\n{process.log_tail()}")
-        assert not problems, problems
+    with NodeProcesses(tmp_path_factory.mktemp("pigtail-cluster")) as factory:
+        try:
+            for i in range(3):
+                process = factory(f"node{i}", peers=[n.url for n in nodes], extra_args=["--no-gossip"])
+                nodes.append(Node(process))
+            for node in nodes:
+                others = [n.url for n in nodes if n is not node]
+                wait_for_sync(partial(knows_all, node, others), timeout=60, message="the nodes peer")
+            yield nodes
+        finally:
+            for node in nodes:
+                node.close()
 
 
 def create_queue(node: Node, cluster: list[Node], timeout_ms: int = 60_000) -> str:

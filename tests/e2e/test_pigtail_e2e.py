@@ -72,14 +72,8 @@ class Pigtail:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """One real node (with its Envoy) shared by the module's tests; each test uses its own queues."""
-    nodes = NodeProcesses(tmp_path_factory.mktemp("pigtail"))
-    try:
+    with NodeProcesses(tmp_path_factory.mktemp("pigtail")) as nodes:
         yield nodes("node")
-    finally:
-        problems = nodes.stop_all()
-        for started in nodes.started:
-            print(f"--- {started.log_file} ---\n{started.log_tail()}")
-        assert not problems, problems
 
 
 @pytest.fixture
