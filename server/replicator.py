@@ -404,11 +404,12 @@ class Replicator:
         node_id, url = session.peer_id, session.peer_url
         if (known := self.membership.url_of(node_id)) is not None:
             twin = self.peers.get(known)
-            first = next((s for s in twin.sessions if not s.dialed), None) if twin is not None else None
+            live = [s for s in twin.sessions if not s.closed.is_set()] if twin is not None else []
+            first = live[0] if live else None
             if first is not None and first.announced_url != url:
-                # Not the node reconnecting (it announces the URL it did) nor a stream this node
-                # dialed: another process with the same id, which would take turns with the first
-                # for the peer's one slot.
+                # A live stream with the node (either way dialed) where it announced another URL: not
+                # the node reconnecting (it announces the URL it did) but another process with the
+                # same id, which would take turns with the first for the peer's one slot.
                 why = (
                     f"node {node_id} is connected here as {first.announced_url} and dials again as "
                     f"{url}: two nodes share one id (a copied data directory?)"

@@ -853,17 +853,37 @@ async def test_a_node_that_sees_its_own_log_forked_refuses_appends_saying_so(
         await append(x, 1)
 
 
+@pytest.mark.parametrize("kept", ["either", "dialed"])
 async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
-    make_node: NodeFactory, tmp_path: Path
+    make_node: NodeFactory, tmp_path: Path, kept: str
 ) -> None:
     """A copy of a node's data directory started beside it (same id, another URL): the peer keeps
-    the first stream and refuses the other, naming the cause."""
+    the first stream and refuses the other, naming the cause. Also when the stream the peer keeps
+    with the node is one the peer dialed ("dialed": a, made first, has the lower id, so its own
+    stream to b is the one kept once it dials)."""
     a = await make_node(name="a")
     b = await make_node(name="b", peers=[a], index=1)
     await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    to_b = a.replicator.peers[b.config.url]
+    before = list(to_b.sessions)
     await b.stop()
     shutil.copytree(tmp_path / "b", tmp_path / "b-copy")
     b = await make_node(name="b", peers=[a], index=1)
+    await eventually(
+        lambda: bool(to_b.sessions) and all(s not in before for s in to_b.sessions),
+        what="a stream with b restarted",
+    )
+    if kept == "dialed":
+        assert a.log.node_id < b.log.node_id
+
+        def dialed_by_a() -> bool:
+            # Ending b's stream makes both redial: a keeps its own stream if it wins that race.
+            for session in to_b.sessions:
+                if not session.dialed:
+                    session.closed.set()
+            return [(s.dialed, s.closed.is_set()) for s in to_b.sessions] == [(True, False)]
+
+        await eventually(dialed_by_a, what="a's own stream to b")
     copy = await make_node(name="b-copy", peers=[a], index=2)
     assert copy.log.node_id == b.log.node_id
 
