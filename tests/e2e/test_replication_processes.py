@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from potboiler.server.ports import cluster_bases
 from potboiler.server.processes import NodeProcess, find_base_port
 from potboiler.server.urls import origin
 from potboiler.v1 import log_pb2, log_pb2_grpc, webhooks_pb2, webhooks_pb2_grpc
-from tests.conftest import refusing_port
+from tests.conftest import refusing_port, wait_for_sync
 from tests.node_processes import NodeProcesses, processes_matching
 from tests.webhook_receiver import Receiver
 
@@ -33,13 +34,8 @@ pytestmark = pytest.mark.e2e
 
 Cluster = Callable[..., list[NodeProcess]]
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+#: Node processes on a loaded 2-core machine: more room than the in-process default.
+wait_until = functools.partial(wait_for_sync, timeout=30.0)
 
 
 @pytest.fixture
@@ -143,7 +139,7 @@ def test_three_nodes_writing_concurrently_converge(cluster: Cluster) -> None:
         t.join()
     acknowledged = {i for r in results for i in r}
     assert len(acknowledged) == 450
-    wait_until(lambda: converged(nodes, 450), what="convergence")
+    wait_until(lambda: converged(nodes, 450), message="convergence")
     for node in nodes:
         ids = all_ids(node)
         assert len(ids) == len(set(ids)) == 450
@@ -163,10 +159,10 @@ def test_node_added_later_catches_up(cluster: Cluster) -> None:
         post(a if i % 2 else b, {"i": i})
     [late] = cluster(1, peers=lambda i, urls: [])
     assert httpx.post(f"{late.url}/nodes", json={"url": a.url}, timeout=5).status_code == 204
-    wait_until(lambda: converged([a, b, late], 300), what="late node catch-up")
+    wait_until(lambda: converged([a, b, late], 300), message="late node catch-up")
     # it joined both ways, and learned b by gossip
-    wait_until(lambda: late.url in httpx.get(f"{a.url}/nodes").json(), what="join both ways")
-    wait_until(lambda: b.url in httpx.get(f"{late.url}/nodes").json(), what="gossip")
+    wait_until(lambda: late.url in httpx.get(f"{a.url}/nodes").json(), message="join both ways")
+    wait_until(lambda: b.url in httpx.get(f"{late.url}/nodes").json(), message="gossip")
 
 
 def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster) -> None:
@@ -186,17 +182,17 @@ def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster) -> None:
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        wait_until(lambda: len(acknowledged) > 100, what="writes before the crash")
+        wait_until(lambda: len(acknowledged) > 100, message="writes before the crash")
         b.kill()
         n = len(acknowledged)
-        wait_until(lambda: len(acknowledged) > n + 100, what="writes while b is down")
+        wait_until(lambda: len(acknowledged) > n + 100, message="writes while b is down")
         b.start()
         n = len(acknowledged)
-        wait_until(lambda: len(acknowledged) > n + 100, what="writes after the restart")
+        wait_until(lambda: len(acknowledged) > n + 100, message="writes after the restart")
     finally:
         stop.set()
         thread.join()
-    wait_until(lambda: converged([a, b, c], len(acknowledged)), what="convergence after kill -9")
+    wait_until(lambda: converged([a, b, c], len(acknowledged)), message="convergence after kill -9")
     for node in (a, b, c):
         ids = all_ids(node)
         assert len(ids) == len(set(ids)), "duplicates"
@@ -212,14 +208,14 @@ def test_a_frozen_peer_is_shown_silent_then_live_again(cluster: Cluster) -> None
         [peer] = httpx.get(f"{a.url}/status", timeout=5).json()["peers"]
         return peer["state"], int(peer.get("silent_ms", 0))
 
-    wait_until(lambda: state_of_b()[0] == "STATE_LIVE", what="b live")
+    wait_until(lambda: state_of_b()[0] == "STATE_LIVE", message="b live")
     b.signal(signal.SIGSTOP)
     try:
-        wait_until(lambda: state_of_b()[0] == "STATE_SILENT", what="b silent")
+        wait_until(lambda: state_of_b()[0] == "STATE_SILENT", message="b silent")
         assert state_of_b()[1] > 3000
     finally:
         b.signal(signal.SIGCONT)
-    wait_until(lambda: state_of_b()[0] == "STATE_LIVE", what="b live again")
+    wait_until(lambda: state_of_b()[0] == "STATE_LIVE", message="b live again")
 
 
 def test_line_topology_converges_through_the_middle(cluster: Cluster) -> None:
@@ -230,7 +226,7 @@ def test_line_topology_converges_through_the_middle(cluster: Cluster) -> None:
     for i in range(50):
         post(a, {"from": "a", "i": i})
         post(c, {"from": "c", "i": i})
-    wait_until(lambda: converged([a, b, c], 100), what="multi-hop convergence")
+    wait_until(lambda: converged([a, b, c], 100), message="multi-hop convergence")
     assert httpx.get(f"{a.url}/nodes").json() == [b.url]
     assert httpx.get(f"{c.url}/nodes").json() == [b.url]
     assert sorted(httpx.get(f"{b.url}/nodes").json()) == sorted([a.url, c.url])
@@ -239,14 +235,14 @@ def test_line_topology_converges_through_the_middle(cluster: Cluster) -> None:
 def test_removed_peer_stops_receiving(cluster: Cluster) -> None:
     a, b = cluster(2)
     post(a, 1)
-    wait_until(lambda: converged([a, b], 1), what="convergence")
+    wait_until(lambda: converged([a, b], 1), message="convergence")
     assert httpx.request("DELETE", f"{a.url}/nodes", json={"url": b.url}).status_code == 204
     assert httpx.request("DELETE", f"{a.url}/nodes", json={"url": b.url}).status_code == 404
     # b is refused when it redials, and drops a from its own peers
-    wait_until(lambda: httpx.get(f"{b.url}/nodes").json() == [], what="b forgets a")
+    wait_until(lambda: httpx.get(f"{b.url}/nodes").json() == [], message="b forgets a")
     for i in range(5):
         post(a, {"after": i})
-    wait_until(lambda: total(a) == 6, what="writes on a")
+    wait_until(lambda: total(a) == 6, message="writes on a")
     deadline = time.monotonic() + 1.0  # b never gets them: watch it for a while
     while time.monotonic() < deadline:
         assert total(b) == 1
@@ -254,7 +250,7 @@ def test_removed_peer_stops_receiving(cluster: Cluster) -> None:
     assert httpx.get(f"{a.url}/nodes").json() == []
     # an operator's explicit add on either side joins them again, both ways
     assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
-    wait_until(lambda: converged([a, b], 6), what="convergence after re-adding")
+    wait_until(lambda: converged([a, b], 6), message="convergence after re-adding")
     assert httpx.get(f"{a.url}/nodes").json() == [b.url]
 
 
@@ -267,7 +263,7 @@ def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arri
     before = post(b, {"on": "b", "n": 1})
     y = post(b, {"needs": x}, params={"dependency": x})
     after = post(b, {"on": "b", "n": 2})
-    wait_until(lambda: receiver.accepted_ids() == [before], what="the entry without dependencies")
+    wait_until(lambda: receiver.accepted_ids() == [before], message="the entry without dependencies")
     assert httpx.get(f"{b.url}/log/{y}").status_code == 200  # stored and acknowledged
     # y and `after` do not arrive while x is missing (a while is all a test can watch).
     deadline = time.monotonic() + 0.5
@@ -275,7 +271,7 @@ def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arri
         assert receiver.accepted_ids() == [before]
         time.sleep(0.05)
     assert httpx.post(f"{b.url}/nodes", json={"url": a.url}).status_code == 204
-    wait_until(lambda: len(receiver.accepted_ids()) == 4, what="delivery once the dependency arrived")
+    wait_until(lambda: len(receiver.accepted_ids()) == 4, message="delivery once the dependency arrived")
     assert receiver.accepted_ids() == [before, x, y, after]
 
 
@@ -308,7 +304,7 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
         assert any(f"REST http://127.0.0.1:{bases[2]}" in line for line in lines), lines
         nodes = [NodeProcess(tmp_path / f"node{i}", b) for i, b in enumerate(bases)]
         post(nodes[0], {"hello": "cluster"})
-        wait_until(lambda: converged(nodes, 1), what="cluster convergence")
+        wait_until(lambda: converged(nodes, 1), message="cluster convergence")
         status = subprocess.run(
             [sys.executable, "-m", "potboiler.server.cli", "status", "--url", nodes[1].url],
             capture_output=True,
@@ -350,7 +346,7 @@ def test_a_cluster_killed_or_hung_up_takes_its_nodes_and_envoys_with_it(
             found = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
             return found.stdout.split()
 
-        wait_until(lambda: not left(), timeout=30, what="the node and its Envoy to stop")
+        wait_until(lambda: not left(), timeout=30, message="the node and its Envoy to stop")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -404,10 +400,10 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
         assert httpx.post(f"{b.url}/log/register", json={"url": url}).status_code == 204
     for n in range(5):
         post(a, {"n": n})
-    wait_until(lambda: len(receiver.accepted_ids()) == 5, what="the webhook deliveries on b")
+    wait_until(lambda: len(receiver.accepted_ids()) == 5, message="the webhook deliveries on b")
     # The receiver records an entry before it answers; b counts it once the answer is back.
     delivered = ("potboiler_webhook_deliveries_total", webhook_labels(b, receiver.url()))
-    wait_until(lambda: metrics(b)[delivered] == 5, what="the deliveries counted")
+    wait_until(lambda: metrics(b)[delivered] == 5, message="the deliveries counted")
     on_a, on_b = metrics(a), metrics(b)
     assert on_a[("potboiler_appends_total", ())] == 5
     assert on_a[("potboiler_replicated_entries_out_total", (("peer", b.url),))] >= 5
@@ -425,10 +421,10 @@ def count_what_happens(a: NodeProcess, b: NodeProcess, receiver: Receiver, dead_
     }
     wait_until(
         lambda: metrics(b)[("potboiler_webhook_failures_total", webhook_labels(b, dead_url))] >= 1,
-        what="a failed delivery counted",
+        message="a failed delivery counted",
     )
     assert metrics(b)[("potboiler_webhook_deliveries_total", webhook_labels(b, dead_url))] == 0
     wait_until(
         lambda: metrics(a)[("potboiler_peer_lag_entries", (("peer", b.url),))] == 0,
-        what="b's acknowledgement of everything",
+        message="b's acknowledgement of everything",
     )

@@ -26,6 +26,7 @@ from potboiler.server.node import Node, NodeConfig
 from potboiler.server.processes import find_base_port, ports_free, release_base_port, reserve_base_port
 from potboiler.server.storage import MemoryStore
 from potboiler.v1 import nodes_pb2, nodes_pb2_grpc, replication_pb2, replication_pb2_grpc
+from tests.conftest import wait_for
 from tests.unit.test_log import commit_local
 
 pytestmark = pytest.mark.asyncio
@@ -37,15 +38,6 @@ def number(n: float) -> Value:
     v = Value()
     v.number_value = n
     return v
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll `predicate` until it holds or `timeout` passes."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -69,7 +61,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
         base = bases[i]
         if index is not None:  # a restart on the ports of a node stopped here: grpc closes its
             # listener a moment after stop() returns
-            await eventually(lambda: ports_free(host, base), what=f"the ports of node {i}")
+            await wait_for(lambda: ports_free(host, base), message=f"the ports of node {i}")
         reserve_base_port(base)  # a test running long keeps its ports from other pickers
         config = NodeConfig(
             data_dir=tmp_path / (name or f"n{i}"),
@@ -113,7 +105,7 @@ async def test_two_nodes_exchange_everything(make_node: NodeFactory) -> None:
     b = await make_node(peers=[a])
     await append(a, 50)
     await append(b, 30)
-    await eventually(lambda: converged(a, b) and a.log.total() == 80, what="convergence")
+    await wait_for(lambda: converged(a, b) and a.log.total() == 80, message="convergence")
     assert sorted(delivered_ids(a)) == sorted(delivered_ids(b))
     assert len(set(delivered_ids(a))) == 80
     assert a.membership.urls() == [b.config.url]  # b joined a: both directions
@@ -127,11 +119,11 @@ async def test_an_idle_peer_keeps_promising_its_clock(
     a = await make_node()
     b = await make_node(peers=[a])
     await append(b, 3)
-    await eventually(lambda: converged(a, b), what="convergence")
-    await eventually(lambda: b.log.node_id in a.log.promises(), what="b's first promise")
+    await wait_for(lambda: converged(a, b), message="convergence")
+    await wait_for(lambda: b.log.node_id in a.log.promises(), message="b's first promise")
     first = a.log.promises()[b.log.node_id]
-    await eventually(
-        lambda: a.log.promises()[b.log.node_id].stamp > first.stamp, what="a newer promise from idle b"
+    await wait_for(
+        lambda: a.log.promises()[b.log.node_id].stamp > first.stamp, message="a newer promise from idle b"
     )
     promise = a.log.promises()[b.log.node_id]
     assert promise.seq == 3  # b's own seq when it promised
@@ -152,12 +144,12 @@ async def test_a_promise_reaches_a_node_that_does_not_replicate_with_its_owner(
     a = await make_node(peers=[b], gossip=False)
     c = await make_node(peers=[b], gossip=False)
     await append(a, 1)
-    await eventually(lambda: converged(a, b, c), what="convergence")
+    await wait_for(lambda: converged(a, b, c), message="convergence")
     assert a.config.url not in c.membership.urls()
-    await eventually(lambda: a.log.node_id in c.log.promises(), what="a's promise at c")
+    await wait_for(lambda: a.log.node_id in c.log.promises(), message="a's promise at c")
     first = c.log.promises()[a.log.node_id]
-    await eventually(
-        lambda: c.log.promises()[a.log.node_id].stamp > first.stamp, what="a newer promise from quiet a"
+    await wait_for(
+        lambda: c.log.promises()[a.log.node_id].stamp > first.stamp, message="a newer promise from quiet a"
     )
     assert c.log.promises()[a.log.node_id].seq == 1
 
@@ -167,11 +159,11 @@ async def test_three_nodes_writing_concurrently_converge(make_node: NodeFactory)
     b = await make_node(peers=[a])
     c = await make_node(peers=[a])
     await asyncio.gather(*(append(n, 200) for n in (a, b, c)))
-    await eventually(lambda: converged(a, b, c) and a.log.total() == 600, what="convergence")
+    await wait_for(lambda: converged(a, b, c) and a.log.total() == 600, message="convergence")
     heads = [[(h.owner, h.head, h.seq) for h in n.log.heads()] for n in (a, b, c)]
     assert heads[0] == heads[1] == heads[2]
     # gossip: c learned b through a
-    await eventually(lambda: b.config.url in c.membership.urls(), what="gossip")
+    await wait_for(lambda: b.config.url in c.membership.urls(), message="gossip")
 
 
 async def test_a_full_mesh_at_a_low_rate_sends_each_entry_over_each_link_once(
@@ -185,18 +177,18 @@ async def test_a_full_mesh_at_a_low_rate_sends_each_entry_over_each_link_once(
     a = await make_node()
     b = await make_node(peers=[a])
     c = await make_node(peers=[a, b])
-    await eventually(
+    await wait_for(
         lambda: all(
             [p.state for p in n.replicator.status()] == [nodes_pb2.PeerStatus.STATE_LIVE] * 2
             for n in (a, b, c)
         ),
-        what="a full mesh of live streams",
+        message="a full mesh of live streams",
     )
     written = 3
     for _ in range(written):
         await asyncio.sleep(2 * replication_session.FORWARD_DELAY)  # the peers' progress on a is now old
         await append(a, 1)
-        await eventually(lambda: converged(a, b, c), what="the entry on every node")
+        await wait_for(lambda: converged(a, b, c), message="the entry on every node")
     await asyncio.sleep(2 * replication_session.FORWARD_DELAY)  # room for a late forward to show
     for node, other in ((b, c), (c, b)):
         assert node.replicator.counters_for(other.config.url).entries_in == 0
@@ -213,14 +205,14 @@ async def test_two_paths_to_a_node_across_a_ring_do_not_both_forward_entries_wri
     b = await make_node(peers=[a], gossip=False)
     c = await make_node(peers=[b], gossip=False)
     d = await make_node(peers=[c, a], gossip=False)
-    await eventually(
-        lambda: all(len(n.replicator.status()) == 2 for n in (a, b, c, d)), what="a ring of streams"
+    await wait_for(
+        lambda: all(len(n.replicator.status()) == 2 for n in (a, b, c, d)), message="a ring of streams"
     )
     written = 4
     for _ in range(written):
         await asyncio.sleep(2 * replication_session.FORWARD_DELAY)  # c's progress on a is now old
         await append(a, 1)
-        await eventually(lambda: converged(a, b, c, d), what="the entry on every node")
+        await wait_for(lambda: converged(a, b, c, d), message="the entry on every node")
     await asyncio.sleep(
         replication_session.ELSEWHERE_FACTOR * replication_session.FORWARD_DELAY
     )  # a late forward
@@ -246,9 +238,9 @@ async def test_a_nearer_path_takes_over_from_a_longer_one_that_fed_first(make_no
 
     task = asyncio.create_task(writer())
     try:
-        await eventually(lambda: c.log.vector().get(a.log.node_id, 0) > 10, what="a's entries on c")
+        await wait_for(lambda: c.log.vector().get(a.log.node_id, 0) > 10, message="a's entries on c")
         b = await make_node(peers=[a, c], gossip=False)
-        await eventually(lambda: bool(b.replicator.peers[c.config.url].sessions), what="b's stream to c")
+        await wait_for(lambda: bool(b.replicator.peers[c.config.url].sessions), message="b's stream to c")
         # As if c had answered b's first forward with Ack.redundant_owners (d feeding it then).
         session = b.replicator.peers[c.config.url].sessions[0]
         session.peer_has(a.log.node_id, 0, time.monotonic(), elsewhere=True)
@@ -274,10 +266,10 @@ async def test_two_forwarders_of_a_down_owners_log_do_not_both_feed_a_new_node(
     c = await make_node(peers=[a, b])
     for _ in range(total // 1000):
         await append(a, 1000)
-    await eventually(lambda: converged(a, b, c), what="convergence")
+    await wait_for(lambda: converged(a, b, c), message="convergence")
     await a.stop()
     d = await make_node(peers=[b, c])
-    await eventually(lambda: d.log.total() == total and converged(b, c, d), what="catch-up")
+    await wait_for(lambda: d.log.total() == total and converged(b, c, d), message="catch-up")
     received = [d.replicator.counters_for(n.config.url).entries_in for n in (b, c)]
     # One probe batch twice in a quiet run; a few more if the feed stalls on a loaded machine.
     assert sum(received) <= total + replication_session.WINDOW // 2, received
@@ -289,7 +281,7 @@ async def test_line_topology_converges_through_the_middle(make_node: NodeFactory
     c = await make_node(peers=[b], gossip=False)
     await append(a, 20)
     await append(c, 20)
-    await eventually(lambda: converged(a, b, c) and a.log.total() == 40, what="multi-hop convergence")
+    await wait_for(lambda: converged(a, b, c) and a.log.total() == 40, message="multi-hop convergence")
     assert c.config.url not in a.membership.urls()
     assert a.config.url not in c.membership.urls()
 
@@ -299,7 +291,7 @@ async def test_late_node_catches_up_in_batches(make_node: NodeFactory) -> None:
     for _ in range(5):
         await append(a, 1000)
     b = await make_node(peers=[a])
-    await eventually(lambda: converged(a, b) and b.log.total() == 5000, what="catch-up")
+    await wait_for(lambda: converged(a, b) and b.log.total() == 5000, message="catch-up")
     counters = b.replicator.counters[a.config.url]
     assert counters.messages_in < 100  # batched, not one message per entry
 
@@ -312,20 +304,20 @@ async def test_flow_control_window_bounds_unacked_entries(
     a = await make_node()
     await append(a, 1000)
     b = await make_node(peers=[a])
-    await eventually(lambda: converged(a, b) and b.log.total() == 1000, what="windowed catch-up")
+    await wait_for(lambda: converged(a, b) and b.log.total() == 1000, message="windowed catch-up")
 
 
 async def test_restart_resumes_without_loss_or_duplicates(make_node: NodeFactory) -> None:
     a = await make_node()
     b = await make_node(name="b", peers=[a], index=1)
     await append(a, 100)
-    await eventually(lambda: converged(a, b), what="first convergence")
+    await wait_for(lambda: converged(a, b), message="first convergence")
     await b.stop()
     await append(a, 100)
     b2 = await make_node(name="b", index=1)  # same data dir and port: same identity
     assert b2.log.node_id == b.log.node_id
     await append(b2, 10)
-    await eventually(lambda: converged(a, b2) and a.log.total() == 210, what="convergence after restart")
+    await wait_for(lambda: converged(a, b2) and a.log.total() == 210, message="convergence after restart")
     ids = delivered_ids(b2)
     assert len(ids) == len(set(ids)) == 210
 
@@ -334,16 +326,16 @@ async def test_removed_peer_stops_receiving_and_is_removed_both_ways(make_node: 
     a = await make_node()
     b = await make_node(peers=[a])
     await append(a, 5)
-    await eventually(lambda: converged(a, b), what="convergence")
+    await wait_for(lambda: converged(a, b), message="convergence")
     a.membership.remove(b.config.url)
-    await eventually(lambda: b.membership.urls() == [], what="b refused and removing a")
+    await wait_for(lambda: b.membership.urls() == [], message="b refused and removing a")
     assert b.membership.is_removed(a.config.url)
     await append(a, 5)
     await append(b, 1)
     assert not a.replicator.peers and not b.replicator.peers
     assert b.log.total() == 6 and a.log.total() == 10
     a.membership.add(b.config.url)  # an explicit add joins again, clearing b's removal of a
-    await eventually(lambda: converged(a, b) and b.log.total() == 11, what="convergence after re-adding")
+    await wait_for(lambda: converged(a, b) and b.log.total() == 11, message="convergence after re-adding")
     assert b.membership.urls() == [a.config.url]
 
 
@@ -352,7 +344,7 @@ async def test_a_node_stopped_just_after_removing_a_peer_has_stopped_replicating
 ) -> None:
     a = await make_node()
     b = await make_node(peers=[a])
-    await eventually(lambda: stream_count(a) == 1, what="the stream")
+    await wait_for(lambda: stream_count(a) == 1, message="the stream")
     a.membership.remove(b.config.url)
     await a.stop()
     pending = [t for t in asyncio.all_tasks() if "_drop_peer" in repr(t.get_coro())]
@@ -365,16 +357,16 @@ async def test_one_stream_per_pair_when_both_dial(make_node: NodeFactory) -> Non
     a.membership.add(b.config.url)
     b.membership.add(a.config.url)
     await append(a, 3)
-    await eventually(lambda: converged(a, b) and b.log.total() == 3, what="convergence")
+    await wait_for(lambda: converged(a, b) and b.log.total() == 3, message="convergence")
 
     def sessions(n: Node) -> int:
         return sum(len(p.sessions) for p in n.replicator.peers.values())
 
-    await eventually(lambda: sessions(a) == 1 and sessions(b) == 1, what="one stream per pair")
+    await wait_for(lambda: sessions(a) == 1 and sessions(b) == 1, message="one stream per pair")
     [pa] = a.replicator.peers.values()
     [pb] = b.replicator.peers.values()
     # The dropped stream is not reported as an error of a peer that is live.
-    await eventually(lambda: pa.last_error == pb.last_error == "", timeout=2.0, what="no error shown")
+    await wait_for(lambda: pa.last_error == pb.last_error == "", timeout=2.0, message="no error shown")
     assert pa.sessions[0].dialed != pb.sessions[0].dialed
     lower = a if a.log.node_id < b.log.node_id else b
     [lower_peer] = lower.replicator.peers.values()
@@ -388,7 +380,7 @@ async def test_entry_waits_for_a_dependency_from_another_node(make_node: NodeFac
     [waiting] = await append(b, 1, validate_new_entry(number(0), [dep]).dependencies)
     assert b.log.pending == 1 and delivered_ids(b) == []
     b.membership.add(a.config.url)
-    await eventually(lambda: converged(a, b), what="dependency arrival")
+    await wait_for(lambda: converged(a, b), message="dependency arrival")
     order = delivered_ids(b)
     assert order.index(dep) < order.index(waiting)
     order_a = delivered_ids(a)
@@ -399,23 +391,23 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     a = await make_node()
     b = await make_node(peers=[a])
     await append(a, 10)
-    await eventually(lambda: converged(a, b), what="convergence")
-    await eventually(
+    await wait_for(lambda: converged(a, b), message="convergence")
+    await wait_for(
         lambda: [(p.state, p.lag) for p in a.replicator.status()] == [(nodes_pb2.PeerStatus.STATE_LIVE, 0)],
-        what="live state, everything acknowledged",
+        message="live state, everything acknowledged",
     )
     [status] = a.replicator.status()
     assert status.url == b.config.url and status.node_id == b.log.node_id
     assert (status.behind, status.down_ms) == (0, 0)
     await b.stop()
-    await eventually(
+    await wait_for(
         lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_DISCONNECTED],
-        what="disconnected state",
+        message="disconnected state",
     )
     await append(a, 4)
     [status] = a.replicator.status()
     assert status.lag == 4 and status.last_error
-    await eventually(lambda: a.replicator.status()[0].down_ms > 0, what="time since the stream ended")
+    await wait_for(lambda: a.replicator.status()[0].down_ms > 0, message="time since the stream ended")
     assert a.replicator.status()[0].silent_ms == 0
 
 
@@ -427,7 +419,7 @@ async def test_a_node_keeps_the_vector_a_connected_peer_acknowledged_now_and_the
     a = await make_node()
     b = await make_node(peers=[a])
     await append(a, 7)
-    await eventually(lambda: converged(a, b) and a.replicator.status()[0].lag == 0, what="acknowledged")
+    await wait_for(lambda: converged(a, b) and a.replicator.status()[0].lag == 0, message="acknowledged")
     a.peer_watch.look(keep=True)
     assert a.membership.acked_of(b.config.url) == a.log.vector()
 
@@ -442,7 +434,7 @@ async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backl
     a = await make_node()
     b = await make_node(peers=[a])
     live = [nodes_pb2.PeerStatus.STATE_LIVE]
-    await eventually(lambda: [p.state for p in a.replicator.status()] == live, what="live state")
+    await wait_for(lambda: [p.state for p in a.replicator.status()] == live, message="live state")
     states = []
     for _ in range(50):
         await append(a, 1)
@@ -459,16 +451,16 @@ async def test_status_is_live_under_steady_writes_and_catching_up_behind_a_backl
 
     monkeypatch.setattr(b.appender, "ingest", stalled)
     await append(a, 5)
-    await eventually(
+    await wait_for(
         lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_CATCHING_UP],
-        what="catching up",
+        message="catching up",
     )
     assert a.replicator.status()[0].lag >= 5
     # b has been sent what it has not taken in yet: it shows itself behind a by that much.
     assert b.replicator.status()[0].behind >= 5
     taking.set()
-    await eventually(lambda: [p.state for p in a.replicator.status()] == live, what="live again")
-    await eventually(lambda: b.replicator.status()[0].behind == 0, what="b caught up with a")
+    await wait_for(lambda: [p.state for p in a.replicator.status()] == live, message="live again")
+    await wait_for(lambda: b.replicator.status()[0].behind == 0, message="b caught up with a")
 
 
 async def test_status_is_live_for_a_peer_fed_by_forwarding_under_steady_writes(
@@ -480,14 +472,14 @@ async def test_status_is_live_for_a_peer_fed_by_forwarding_under_steady_writes(
     b = await make_node(peers=[a], gossip=False)
     c = await make_node(peers=[b], gossip=False)
     live = nodes_pb2.PeerStatus.STATE_LIVE
-    await eventually(lambda: [p.state for p in b.replicator.status()] == [live, live], what="live streams")
+    await wait_for(lambda: [p.state for p in b.replicator.status()] == [live, live], message="live streams")
     samples = []
     for _ in range(40):
         await append(a, 1)
         await asyncio.sleep(0.05)
         samples.append({p.url: p.state for p in b.replicator.status()}[c.config.url])
     assert samples.count(live) >= 30, samples
-    await eventually(lambda: converged(a, b, c), what="convergence")
+    await wait_for(lambda: converged(a, b, c), message="convergence")
 
 
 async def stream_error(
@@ -562,7 +554,7 @@ async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(
     b = await make_node(peers=[a])
     a.membership.add(b.config.url)
     await append(a, 1)
-    await eventually(lambda: converged(a, b) and b.log.total() == 1, what="convergence")
+    await wait_for(lambda: converged(a, b) and b.log.total() == 1, message="convergence")
     # The node whose dialed stream is kept fails once taking entries in (as if its store failed).
     dialer, other = (a, b) if a.log.node_id < b.log.node_id else (b, a)
     ingest = dialer.appender.ingest
@@ -576,8 +568,8 @@ async def test_an_unexpected_failure_ends_the_stream_not_the_dialing(
 
     monkeypatch.setattr(dialer.appender, "ingest", failing_ingest)
     await append(other, 3)
-    await eventually(
-        lambda: converged(a, b) and dialer.log.total() == 4, what="convergence after the failure"
+    await wait_for(
+        lambda: converged(a, b) and dialer.log.total() == 4, message="convergence after the failure"
     )
     assert failures
     [peer] = dialer.replicator.peers.values()
@@ -594,16 +586,16 @@ async def test_an_operators_add_survives_a_restart_before_it_reaches_the_peer(ma
     a = await make_node(name="a", index=0)
     b = await make_node(name="b", peers=[a], index=1)
     await append(a, 1)
-    await eventually(lambda: converged(a, b), what="convergence")
+    await wait_for(lambda: converged(a, b), message="convergence")
     a.membership.remove(b.config.url)
-    await eventually(lambda: b.membership.is_removed(a.config.url), what="b refused and removing a")
+    await wait_for(lambda: b.membership.is_removed(a.config.url), message="b refused and removing a")
     await b.stop()
     a.membership.add(b.config.url)  # POST /nodes b on a, while b is down
     await a.stop()
     a2 = await make_node(name="a", index=0)
     b2 = await make_node(name="b", index=1)
     await append(b2, 1)
-    await eventually(lambda: converged(a2, b2) and a2.log.total() == 2, what="convergence after the re-add")
+    await wait_for(lambda: converged(a2, b2) and a2.log.total() == 2, message="convergence after the re-add")
     assert a2.membership.urls() == [b.config.url] and b2.membership.urls() == [a.config.url]
     assert not a2.membership.is_joining(b.config.url)
 
@@ -613,9 +605,9 @@ async def test_a_seed_peer_removed_here_stays_removed_after_a_restart(make_node:
     does): the seed is skipped, and it is not a join that would clear the peer's removal of this node."""
     a = await make_node(name="a", index=0)
     b = await make_node(name="b", peers=[a], index=1)
-    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
     b.membership.remove(a.config.url)  # DELETE /nodes a on b
-    await eventually(lambda: a.membership.is_removed(b.config.url), what="a refused and removing b")
+    await wait_for(lambda: a.membership.is_removed(b.config.url), message="a refused and removing b")
     await b.stop()
     b2 = await make_node(name="b", peers=[a], index=1)
     assert b2.membership.urls() == [] and not b2.replicator.peers
@@ -627,11 +619,11 @@ async def test_a_seed_peer_is_not_joining(make_node: NodeFactory) -> None:
     ask to be taken back: only an operator's POST /nodes does)."""
     a = await make_node(name="a", index=0)
     b = await make_node(name="b", peers=[a], index=1)
-    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
     await b.stop()
     a.membership.remove(b.config.url)  # DELETE /nodes b on a while b is down
     b2 = await make_node(name="b", peers=[a], index=1)
-    await eventually(lambda: b2.membership.is_removed(a.config.url), what="b refused and removing a")
+    await wait_for(lambda: b2.membership.is_removed(a.config.url), message="b refused and removing a")
     assert a.membership.urls() == [] and a.membership.is_removed(b.config.url)
 
 
@@ -644,10 +636,10 @@ async def test_a_url_that_names_this_node_is_dropped(make_node: NodeFactory) -> 
     a = await make_node()
     alias = localhost_url(a)
     a.membership.add(alias)
-    await eventually(lambda: a.membership.urls() == [], what="the alias dropped")
+    await wait_for(lambda: a.membership.urls() == [], message="the alias dropped")
     assert not a.membership.is_removed(alias)  # no removal: a node that dials in from it is taken
     assert not a.membership.learn(alias)  # gossip does not bring it back
-    await eventually(lambda: not a.replicator.peers, what="no dialing")
+    await wait_for(lambda: not a.replicator.peers, message="no dialing")
     assert (
         a.replicator.counters == {}
     )  # no metrics series for the alias, nor for a stream's URL before its hello
@@ -656,21 +648,21 @@ async def test_a_url_that_names_this_node_is_dropped(make_node: NodeFactory) -> 
 async def test_a_peer_added_under_a_second_url_stays_one_peer(make_node: NodeFactory) -> None:
     a = await make_node()
     b = await make_node(peers=[a])
-    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
     alias = localhost_url(b)
     a.membership.add(alias)  # POST /nodes {"url": "http://localhost:<b>"} on a
     # a finds alias is b and drops it; b, taught alias by gossip, finds it is itself and drops it.
-    await eventually(
+    await wait_for(
         lambda: a.membership.urls() == [b.config.url] and list(a.replicator.peers) == [b.config.url],
-        what="a dropping the alias",
+        message="a dropping the alias",
     )
     await append(a, 2)
-    await eventually(lambda: converged(a, b) and b.log.total() == 2, what="convergence")
-    await eventually(lambda: stream_count(a) == stream_count(b) == 1, what="one stream per pair")
-    await eventually(lambda: alias not in b.membership.urls(), what="b dropping the alias of itself")
+    await wait_for(lambda: converged(a, b) and b.log.total() == 2, message="convergence")
+    await wait_for(lambda: stream_count(a) == stream_count(b) == 1, message="one stream per pair")
+    await wait_for(lambda: alias not in b.membership.urls(), message="b dropping the alias of itself")
     assert set(a.replicator.counters) == {b.config.url} and set(b.replicator.counters) == {a.config.url}
     a.membership.remove(b.config.url)  # DELETE /nodes b on a stops replication both ways
-    await eventually(lambda: b.membership.urls() == [] and not b.replicator.peers, what="b removing a")
+    await wait_for(lambda: b.membership.urls() == [] and not b.replicator.peers, message="b removing a")
     assert a.membership.urls() == [] and not a.replicator.peers
     assert a.replicator.counters == b.replicator.counters == {}  # the removed peer's series end
 
@@ -685,17 +677,17 @@ async def test_a_stream_from_a_peer_known_under_another_url_joins_its_peer(make_
     # As if a had reached b there before: whichever of the two streams comes first, it is b's.
     a.membership.identify(alias, b.log.node_id)
     await append(b, 1)
-    await eventually(lambda: converged(a, b) and a.log.total() == 1, what="convergence")
-    await eventually(lambda: stream_count(a) == stream_count(b) == 1, what="one stream per pair")
+    await wait_for(lambda: converged(a, b) and a.log.total() == 1, message="convergence")
+    await wait_for(lambda: stream_count(a) == stream_count(b) == 1, message="one stream per pair")
     assert a.membership.urls() == [alias]
     await a.stop()
     a2 = await make_node(name="a", index=0)
     await append(b, 1)
-    await eventually(lambda: converged(a2, b) and a2.log.total() == 2, what="convergence after a restart")
-    await eventually(lambda: stream_count(a2) == stream_count(b) == 1, what="one stream per pair")
+    await wait_for(lambda: converged(a2, b) and a2.log.total() == 2, message="convergence after a restart")
+    await wait_for(lambda: stream_count(a2) == stream_count(b) == 1, message="one stream per pair")
     assert a2.membership.urls() == [alias]
     a2.membership.remove(alias)  # DELETE /nodes
-    await eventually(lambda: b.membership.urls() == [] and not b.replicator.peers, what="b removing a")
+    await wait_for(lambda: b.membership.urls() == [] and not b.replicator.peers, message="b removing a")
     assert a2.membership.urls() == [] and not a2.replicator.peers
 
 
@@ -715,7 +707,7 @@ async def test_nodes_on_an_ipv6_address_replicate(make_node: NodeFactory) -> Non
     assert a.config.url == f"http://[::1]:{a.config.base_port}"
     await append(a, 2)
     await append(b, 1)
-    await eventually(lambda: converged(a, b) and a.log.total() == 3, what="convergence")
+    await wait_for(lambda: converged(a, b) and a.log.total() == 3, message="convergence")
     assert a.membership.urls() == [b.config.url] and b.membership.urls() == [a.config.url]
 
 
@@ -725,19 +717,19 @@ async def test_a_node_restored_from_an_older_copy_waits_for_its_own_entries_befo
     p = await make_node()
     x = await make_node(name="x", peers=[p], index=1)
     await append(x, 5)
-    await eventually(lambda: converged(p, x), what="first convergence")
+    await wait_for(lambda: converged(p, x), message="first convergence")
     await x.stop()
     shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
     x = await make_node(name="x", index=1)
     later = await append(x, 5)  # seqs 6-10, replicated to p
-    await eventually(lambda: converged(p, x), what="convergence before the restore")
+    await wait_for(lambda: converged(p, x), message="convergence before the restore")
     await x.stop()
     shutil.rmtree(tmp_path / "x")
     shutil.copytree(tmp_path / "x-copy", tmp_path / "x")  # x's store goes back to seq 5
     x = await make_node(name="x", index=1)
     # Once p has said it holds x's log up to 10, x takes no entry of its own until it holds them
     # again: a new seq 6 would fork its log.
-    await eventually(lambda: x.log._own_floor == 10, what="p's hello")
+    await wait_for(lambda: x.log._own_floor == 10, message="p's hello")
     while True:
         try:
             [after] = await append(x, 1)
@@ -746,7 +738,7 @@ async def test_a_node_restored_from_an_older_copy_waits_for_its_own_entries_befo
             await asyncio.sleep(0.01)
     assert x.log.get(after).seq == 11
     assert [e.id for _, e in x.log.delivered(0, 100)][5:10] == later
-    await eventually(lambda: converged(p, x) and p.log.total() == 11, what="convergence after the restore")
+    await wait_for(lambda: converged(p, x) and p.log.total() == 11, message="convergence after the restore")
 
 
 async def test_a_restored_node_gets_its_own_entries_that_reach_its_peer_after_their_hello(
@@ -761,7 +753,7 @@ async def test_a_restored_node_gets_its_own_entries_that_reach_its_peer_after_th
     p = await make_node(name="n0", index=0, gossip=False)
     later = await append(p, 2)  # seqs 4-5: q keeps them, p's restored store will not have them
     q = await make_node(peers=[p], gossip=False, index=1)
-    await eventually(lambda: converged(p, q), what="q holding all of p's log")
+    await wait_for(lambda: converged(p, q), message="q holding all of p's log")
     q.membership.remove(p.config.url)  # q and p do not talk again
     await q.stop()
     await p.stop()
@@ -769,13 +761,13 @@ async def test_a_restored_node_gets_its_own_entries_that_reach_its_peer_after_th
     shutil.copytree(tmp_path / "p-copy", tmp_path / "n0")
     a = await make_node(gossip=False, index=2)
     p = await make_node(name="n0", peers=[a], gossip=False, index=0)
-    await eventually(lambda: a.log.vector().get(p.log.node_id) == 3, what="a holding p's restored log")
+    await wait_for(lambda: a.log.vector().get(p.log.node_id) == 3, message="a holding p's restored log")
     q = await make_node(name="n1", peers=[a], gossip=False, index=1)
-    await eventually(lambda: p.log.vector().get(p.log.node_id) == 5, what="p's own entries coming back")
+    await wait_for(lambda: p.log.vector().get(p.log.node_id) == 5, message="p's own entries coming back")
     assert [e.id for _, e in p.log.delivered(0, 100)][3:5] == later
     [after] = await append(p, 1)
     assert p.log.get(after).seq == 6
-    await eventually(lambda: converged(p, q, a), what="convergence")
+    await wait_for(lambda: converged(p, q, a), message="convergence")
 
 
 async def test_appends_wait_while_a_peer_holds_more_of_this_nodes_log() -> None:
@@ -796,12 +788,12 @@ async def restored_alone(
     p = await make_node(gossip=False)
     x = await make_node(name="x", peers=[p], gossip=False, index=1)
     await append(x, 2)
-    await eventually(lambda: converged(p, x), what="first convergence")
+    await wait_for(lambda: converged(p, x), message="first convergence")
     await x.stop()
     shutil.copytree(tmp_path / "x", tmp_path / "x-copy")
     x = await make_node(name="x", peers=[p], gossip=False, index=1)
     await append(x, after_copy)
-    await eventually(lambda: converged(p, x), what="convergence before the restore")
+    await wait_for(lambda: converged(p, x), message="convergence before the restore")
     await x.stop()
     p.membership.remove(x.config.url)
     shutil.rmtree(tmp_path / "x")
@@ -820,14 +812,14 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
     (naming the peer that sent them), and the stream between them goes on carrying everything else."""
     caplog.set_level(logging.WARNING, logger="potboiler.server.log")
     p, x = await restored_alone(make_node, tmp_path, after_copy=2, again=3)  # x's 3-5 are new
-    await eventually(lambda: p.log.forks() == {x.log.node_id: 5}, what="p seeing the fork")
+    await wait_for(lambda: p.log.forks() == {x.log.node_id: 5}, message="p seeing the fork")
     sent = f"the log of {x.log.node_id} has forked at seq 5: peer {x.log.node_id} ({x.config.url}) sent"
     assert any(r.getMessage().startswith(sent) for r in caplog.records), caplog.text
     [session] = p.replicator.peers[x.config.url].sessions
     mine = await append(p, 3)
-    await eventually(
+    await wait_for(
         lambda: x.log.vector().get(p.log.node_id) == 3 and set(mine) <= set(delivered_ids(x)),
-        what="p's new entries on x",
+        message="p's new entries on x",
     )
     assert p.log.vector()[x.log.node_id] == 4
     assert p.replicator.peers[x.config.url].sessions == [session]  # the same stream all along
@@ -835,7 +827,7 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
         status = await nodes_pb2_grpc.NodesServiceStub(channel).GetStatus(nodes_pb2.GetStatusRequest())
     assert [(f.owner, f.seq) for f in status.forked] == [(x.log.node_id, 5)]
     # p tells x, whose new entries it would never take: x stops acknowledging writes that stay on x.
-    await eventually(lambda: x.log.fork_of(x.log.node_id)[0] == 5, what="x told its log forked")
+    await wait_for(lambda: x.log.fork_of(x.log.node_id)[0] == 5, message="x told its log forked")
     told = f"peer {p.log.node_id} ({p.config.url}) holds other entries of this node's own log"
     assert any(r.getMessage().startswith(told) for r in caplog.records), caplog.text
     with pytest.raises(Unavailable, match="own log has forked at seq 5"):
@@ -848,7 +840,7 @@ async def test_a_node_that_sees_its_own_log_forked_refuses_appends_saying_so(
     """x restored from a copy at seq 2 appends seqs 3-4 alone, then p sends x's old 5-6: x sees its
     own log forked. Waiting for replication to bring the rest back would wait for ever."""
     _, x = await restored_alone(make_node, tmp_path, after_copy=4, again=2)  # p holds x's old 3-6
-    await eventually(lambda: x.log.forks() == {x.log.node_id: 5}, what="x seeing its own log forked")
+    await wait_for(lambda: x.log.forks() == {x.log.node_id: 5}, message="x seeing its own log forked")
     with pytest.raises(Unavailable, match=r"own log has forked at seq 5.*wiped"):
         await append(x, 1)
 
@@ -863,15 +855,15 @@ async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
     stream to b is the one kept once it dials)."""
     a = await make_node(name="a")
     b = await make_node(name="b", peers=[a], index=1)
-    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
     to_b = a.replicator.peers[b.config.url]
     before = list(to_b.sessions)
     await b.stop()
     shutil.copytree(tmp_path / "b", tmp_path / "b-copy")
     b = await make_node(name="b", peers=[a], index=1)
-    await eventually(
+    await wait_for(
         lambda: bool(to_b.sessions) and all(s not in before for s in to_b.sessions),
-        what="a stream with b restarted",
+        message="a stream with b restarted",
     )
     if kept == "dialed":
         assert a.log.node_id < b.log.node_id
@@ -883,7 +875,7 @@ async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
                     session.closed.set()
             return [(s.dialed, s.closed.is_set()) for s in to_b.sessions] == [(True, False)]
 
-        await eventually(dialed_by_a, what="a's own stream to b")
+        await wait_for(dialed_by_a, message="a's own stream to b")
     copy = await make_node(name="b-copy", peers=[a], index=2)
     assert copy.log.node_id == b.log.node_id
 
@@ -895,7 +887,7 @@ async def test_two_nodes_with_one_id_are_told_so_instead_of_taking_turns(
         ]
         return any("two nodes share one id" in e for e in errors)
 
-    await eventually(told, what="one of the two told it shares its id")
+    await wait_for(told, message="one of the two told it shares its id")
     assert a.membership.urls() == [b.config.url]
 
 
@@ -906,8 +898,8 @@ async def test_a_restarted_node_shows_a_peer_it_cannot_reach_as_it_last_knew_it(
     a = await make_node(name="a")
     b = await make_node(name="b", peers=[a], index=1)
     await append(a, 5)
-    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
-    await eventually(lambda: a.replicator.status()[0].lag == 0, what="b acknowledging everything")
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
+    await wait_for(lambda: a.replicator.status()[0].lag == 0, message="b acknowledging everything")
     b_id = b.log.node_id
     await b.stop()
     await a.stop()
@@ -928,9 +920,9 @@ async def test_a_node_known_under_another_name_dialing_again_is_no_twin(make_nod
     a = await make_node(name="a")
     b = await make_node(name="b", index=1)
     b.membership.add(localhost_url(a))
-    await eventually(lambda: converged(a, b) and bool(a.membership.urls()), what="peering")
+    await wait_for(lambda: converged(a, b) and bool(a.membership.urls()), message="peering")
     a.membership.add(localhost_url(b))
-    await eventually(lambda: a.membership.urls() == [b.config.url], what="a dropping b's alias")
+    await wait_for(lambda: a.membership.urls() == [b.config.url], message="a dropping b's alias")
     errors = [p.last_error for n in (a, b) for p in n.replicator.peers.values()]
     assert not any("share one id" in e for e in errors), errors
 
@@ -954,11 +946,11 @@ async def test_a_peer_going_away_is_logged_and_shown_where_its_stream_was_accept
             peer = a.replicator.peers.get(b.config.url)
             return peer.sessions if peer is not None else []
 
-        await eventually(lambda: bool(kept()), what="a stream between a and b")
+        await wait_for(lambda: bool(kept()), message="a stream between a and b")
         assert [s.dialed for s in kept()] == [False]
         await b.stop()
-        await eventually(lambda: caplog.text.count(ended) == count, what=f"a logging outage {count}")
-        await eventually(lambda: bool(a.replicator.status()[0].last_error), what="a showing why")
+        await wait_for(lambda: caplog.text.count(ended) == count, message=f"a logging outage {count}")
+        await wait_for(lambda: bool(a.replicator.status()[0].last_error), message="a showing why")
         assert a.replicator.status()[0].state == nodes_pb2.PeerStatus.STATE_DISCONNECTED
 
     await outage(b, 1)
@@ -973,7 +965,7 @@ async def test_a_store_failing_to_keep_a_peers_vector_stops_no_replication(
 ) -> None:
     a = await make_node(name="a")
     b = await make_node(name="b", peers=[a], index=1)
-    await eventually(lambda: converged(a, b) and a.membership.urls() == [b.config.url], what="peering")
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
 
     def failing(url: str, vector: dict[str, int]) -> None:
         raise OSError("IO error: No space left on device")
@@ -982,4 +974,4 @@ async def test_a_store_failing_to_keep_a_peers_vector_stops_no_replication(
     await b.stop()
     b = await make_node(name="b", peers=[a], index=1)
     mine = await append(a, 3)
-    await eventually(lambda: set(mine) <= set(delivered_ids(b)), what="a replicating to b again")
+    await wait_for(lambda: set(mine) <= set(delivered_ids(b)), message="a replicating to b again")
