@@ -165,7 +165,7 @@ def test_node_added_later_catches_up(cluster: Cluster) -> None:
     wait_until(lambda: b.url in httpx.get(f"{late.url}/nodes").json(), message="gossip")
 
 
-def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster) -> None:
+def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster, node_process: NodeProcesses) -> None:
     a, b, c = cluster(3)
     acknowledged: list[str] = []
     stop = threading.Event()
@@ -186,7 +186,7 @@ def test_kill_9_mid_stream_then_restart_converges(cluster: Cluster) -> None:
         b.kill()
         n = len(acknowledged)
         wait_until(lambda: len(acknowledged) > n + 100, message="writes while b is down")
-        b.start()
+        node_process.start(b)  # (once the killed node's Envoy has let go of its ports)
         n = len(acknowledged)
         wait_until(lambda: len(acknowledged) > n + 100, message="writes after the restart")
     finally:

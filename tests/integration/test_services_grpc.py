@@ -211,6 +211,7 @@ async def test_metrics_connections_beyond_the_cap_are_closed(
     grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(metrics, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(metrics._Handler, "timeout", 30)  # the held requests are ended by the test
     server = MetricsServer(grpc_node.node, "127.0.0.1", 0)
     try:
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
