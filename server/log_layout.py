@@ -18,6 +18,9 @@ owner + seq, 24 bytes:
     p<missing><waiter> -> ''           `waiter` waits for `missing` to be delivered
     f<owner id text>   -> seq, id text a forked owner's log (see `potboiler.server.log_forks`)
     m<name>            -> value        node metadata (its id)
+
+The same store holds the membership (`n`, `r`, `j`, `a`, `v`, `d`: see
+`potboiler.server.membership`) and the webhooks (`w`: see `potboiler.server.webhooks`).
 """
 
 from __future__ import annotations

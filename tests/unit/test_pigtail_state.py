@@ -308,6 +308,29 @@ def test_an_idle_owner_holds_compaction_back_until_it_promises_its_clock() -> No
     assert task["base"] is not None and len(task["claims"]) < COMPACT_AT
 
 
+def test_a_retired_owner_does_not_hold_compaction_back() -> None:
+    """B wrote once, long ago, and is gone for good (removed, or its URL answers as another node
+    now): once it is retired here its old stamp no longer holds the horizon, nor does its promise."""
+    state = PigtailState(MemoryStore())
+    log = Log()
+    later = T0 + COMPACT_MARGIN_MS + 10_000
+    entries = [log.entry(B, T0, to_value("B's last entry"))]
+    entries += [
+        log.event(A, later, QueueCreated("q", 100_000)),
+        log.event(A, later + 1, TaskAdded("q", "t", "x")),
+    ]
+    entries += [log.event(A, later + 2 + i, TaskClaimed("q", "t", "w")) for i in range(COMPACT_AT + 5)]
+    b_last = Promise(HlcStamp(T0 + 1, 0), 1)
+    state.apply(positioned(entries), promises={B: b_last})
+    task = state.task("q", "t")
+    assert task is not None and task["base"] is None  # B's stamp (T0) holds the horizon
+    at = later + COMPACT_MARGIN_MS + len(log.entries)
+    heartbeat = positioned([log.event(A, at, TaskClaimed("q", "t", "w"))], start=len(entries))
+    state.apply(heartbeat, promises={B: b_last}, retired={B})
+    task = state.task("q", "t")
+    assert task is not None and task["base"] is not None and len(task["claims"]) < COMPACT_AT
+
+
 def test_an_owner_known_only_by_its_promise_holds_compaction_back() -> None:
     """C promised its clock (so it is out there) but none of its entries is applied here: they may
     be claims of this task stamped behind the horizon, so nothing is compacted until they are."""
