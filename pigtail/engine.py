@@ -253,7 +253,7 @@ class Pigtail:
         write that fails is never skipped but raised, for the loop to retry."""
         batch = delivered.entries
         try:
-            applied = self.state.plan(batch, self._log.promises(), delivered.blobs, self._log.retired())
+            applied = self.state.plan(batch, self._log.promises(), delivered.blobs)
         except Exception:
             log.exception("planning a batch of %d entries failed; planning them one by one", len(batch))
         else:
@@ -261,9 +261,7 @@ class Pigtail:
             return
         for position, entry in batch:
             try:
-                applied = self.state.plan(
-                    [(position, entry)], self._log.promises(), None, self._log.retired()
-                )
+                applied = self.state.plan([(position, entry)], self._log.promises())
             except Exception:
                 if not self._plan_failures.failed(position):
                     raise

@@ -41,9 +41,6 @@ of every owner seen, so a late event from another node is never older than the h
 are skewed by more than :data:`COMPACT_MARGIN_MS`. An owner's settled stamp is the stamp of its newest
 entry applied here, or its clock promise (:class:`~potboiler.server.log.Promise`) once its log has been
 applied up to the promise's seq: so a node that has stopped writing does not hold the horizon back.
-An owner that writes no more here (removed from the node's peers, or replaced at its URL by another
-node id: see :meth:`~potboiler.server.membership.Membership.retired_nodes`) has no settled stamp:
-a node that is gone for good would hold the horizon back at its last promise for ever.
 """
 
 from __future__ import annotations
@@ -52,7 +49,6 @@ import contextlib
 import gc
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TypedDict, cast
 
@@ -322,11 +318,9 @@ class PigtailState:
         batch: Sequence[tuple[int, Entry]],
         promises: Mapping[str, Promise] | None = None,
         blobs: Sequence[bytes] | None = None,
-        retired: AbstractSet[str] = frozenset(),
     ) -> Applied:
         """The writes and new records for a batch of delivered entries; changes nothing yet.
-        `promises` are the owners' clock promises known to the node, and `retired` the owners that
-        write no more (for the compaction horizon, which they do not hold back).
+        `promises` are the owners' clock promises known to the node (for the compaction horizon).
         Given the entries serialized (`blobs`, in the same order), those that cannot be Pigtail
         events are skipped without reading their data."""
         applied = Applied(position=batch[-1][0] if batch else self.cursor)
@@ -402,7 +396,7 @@ class PigtailState:
 
         for owner, entry in newest.items():
             applied.owners[owner] = (stamp_of(entry), entry.seq)
-        self._compact(applied, promises or {}, retired)
+        self._compact(applied, promises or {})
         writes = applied.writes
         for name, queue in queues.items():
             writes.append((_queue_key(name), _dump_queue(queue)))
@@ -463,15 +457,11 @@ class PigtailState:
             if kept != known:
                 changed[queue, key] = kept
 
-    def _compact(self, applied: Applied, promises: Mapping[str, Promise], retired: AbstractSet[str]) -> None:
+    def _compact(self, applied: Applied, promises: Mapping[str, Promise]) -> None:
         owners = {**self._owners, **applied.owners}
-        settled = [
-            _settled(owner, stamp, seq, promises)
-            for owner, (stamp, seq) in owners.items()
-            if owner not in retired
-        ]
+        settled = [_settled(owner, stamp, seq, promises) for owner, (stamp, seq) in owners.items()]
         for owner, promise in promises.items():
-            if owner in owners or owner in retired:
+            if owner in owners:
                 continue
             if promise.seq:
                 return  # an owner with entries none of which is applied here yet: they may be claims
@@ -518,10 +508,9 @@ class PigtailState:
         *,
         sync: bool = False,
         promises: Mapping[str, Promise] | None = None,
-        retired: AbstractSet[str] = frozenset(),
     ) -> Applied:
         """Plan, write and adopt a batch in one go."""
-        applied = self.plan(batch, promises, retired=retired)
+        applied = self.plan(batch, promises)
         self._store.write(applied.writes, sync=sync)
         self.adopt(applied)
         return applied

@@ -19,8 +19,8 @@ owner + seq, 24 bytes:
     f<owner id text>   -> seq, id text a forked owner's log (see `potboiler.server.log_forks`)
     m<name>            -> value        node metadata (its id)
 
-The same store holds the membership (`n`, `r`, `j`, `a`, `v`, `d`: see
-`potboiler.server.membership`) and the webhooks (`w`: see `potboiler.server.webhooks`).
+The same store holds the membership (`n`, `r`, `j`, `a`, `v`: see `potboiler.server.membership`)
+and the webhooks (`w`: see `potboiler.server.webhooks`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""The narrow interface KV and Pigtail use to reach the log: append, subscribe from a position,
-what each owner has promised about its clock and which owners write no more; and what both build
-on it to apply the log to their state (`apply_forever`, `Attempts`, `CatchUp`, `Linger`,
-`discard_if_stale`).
+"""The narrow interface KV and Pigtail use to reach the log: append, subscribe from a position, and
+what each owner has promised about its clock; and what both build on it to apply the log to their
+state (`apply_forever`, `Attempts`, `CatchUp`, `Linger`, `discard_if_stale`).
 
 `LocalLogClient` is the in-process implementation (a method call into the node's Appender). Append
-and subscribe also exist as LogService RPCs; the clock promises and retired owners do not, as only
-services inside the node use them.
+and subscribe also exist as LogService RPCs; the clock promises do not, as only services inside the
+node use them.
 """
 
 from __future__ import annotations
@@ -56,11 +55,6 @@ class LogClient(Protocol):
         """The newest clock promise of each owner that made one (see `Promise`), this node's included."""
         ...
 
-    def retired(self) -> frozenset[str]:
-        """The owners that write no more here as far as this node knows (removed from its peers, or
-        replaced at their URL by another node id), which nothing should wait for."""
-        ...
-
     def position(self) -> int:
         """The position of the newest entry delivered here (0 before any)."""
         ...
@@ -108,12 +102,10 @@ def discard_if_stale(client: LogClient, position: int, store: Store, what: str, 
 
 
 class LocalLogClient:
-    """A LogClient calling the node's own Appender; `retired` gives the node's retired owners (see
-    `Membership.retired_nodes`), none without it."""
+    """A LogClient calling the node's own Appender."""
 
-    def __init__(self, appender: Appender, retired: Callable[[], frozenset[str]] | None = None) -> None:
+    def __init__(self, appender: Appender) -> None:
         self._appender = appender
-        self._retired = retired
 
     @property
     def node_id(self) -> str:
@@ -147,9 +139,6 @@ class LocalLogClient:
 
     def promises(self) -> dict[str, Promise]:
         return self._appender.log.promises()
-
-    def retired(self) -> frozenset[str]:
-        return self._retired() if self._retired is not None else frozenset()
 
     def position(self) -> int:
         return self._appender.log.position

@@ -8,10 +8,7 @@ with it starts: its first stream asks the peer to take this node back if it had 
 dropped because it named a node known otherwise (`a<url>` -> '') is not learnt again from gossip,
 but a node that dials in from it is taken as a peer: it is no removal. Each member's version vector as
 it last acknowledged (`v<url>` -> 16-byte owner id and 8-byte seq per owner) is kept for its status
-while it is not connected, also across restarts. A node id that a member URL answered with before
-it answered with another (its data was wiped, or another node took its place) is replaced
-(`d<node id>` -> that URL) until some member answers with it again: together with the removed
-nodes' ids, these are the `retired_nodes`, which write no more here as far as this node knows.
+while it is not connected, also across restarts.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ _REMOVED = b"r"
 _JOINING = b"j"
 _ALIASES = b"a"
 _ACKED = b"v"
-_REPLACED = b"d"
 _OWNER_SEQ = struct.Struct(">16sQ")
 
 log = logging.getLogger(__name__)
@@ -53,8 +49,6 @@ class Membership:
         self._joining = set(_load(store, _JOINING))
         #: URLs dropped as aliases of nodes known otherwise.
         self._aliases = set(_load(store, _ALIASES))
-        #: Node id -> the member URL that answered with another id since.
-        self._replaced = _load(store, _REPLACED)
         self._listeners: list[Callable[[str, bool], None]] = []
 
     def on_change(self, listener: Callable[[str, bool], None]) -> None:
@@ -85,13 +79,6 @@ class Membership:
     def node_id_of(self, url: str) -> str:
         """The node id member `url` last answered with ('' if it was never reached)."""
         return self._urls.get(url, "")
-
-    def retired_nodes(self) -> frozenset[str]:
-        """The ids of nodes that are no member here: removed by an operator, or replaced at their
-        URL by another node id (a wiped data directory). Those a member answers with again are not."""
-        members = set(self._urls.values())
-        gone = {*self._replaced, *(known for known in self._removed.values() if known)}
-        return frozenset(gone - members)
 
     def acked_of(self, url: str) -> dict[str, int]:
         """Member `url`'s version vector as it last acknowledged it (empty if never)."""
@@ -156,27 +143,15 @@ class Membership:
 
     def identify(self, url: str, node_id: str) -> None:
         """Record that member `url` answered as node `node_id`; a removal of that node under another
-        URL no longer stands (the node is a member again). The id `url` answered with before, if
-        another, is replaced (see `retired_nodes`)."""
+        URL no longer stands (the node is a member again)."""
         if url not in self._urls or self._urls[url] == node_id:
             return
         cleared = [u for u, known in self._removed.items() if known == node_id]
         writes: list[Write] = [(_PREFIX + url.encode(), node_id.encode())]
         writes += [(_REMOVED + u.encode(), b"") for u in cleared]
-        before = self._urls[url]
-        if before:
-            writes.append((_REPLACED + before.encode(), url.encode()))
-        if node_id in self._replaced:
-            writes.append((_REPLACED + node_id.encode(), None))
         self._store.write(writes, sync=True)
         self._urls[url] = node_id
         self._removed.update(dict.fromkeys(cleared, ""))
-        if before:
-            self._replaced[before] = url
-            log.info(
-                "%s answers as node %s, no longer as %s: that node is retired here", url, node_id, before
-            )
-        self._replaced.pop(node_id, None)
 
     def joined(self, url: str) -> None:
         """Replication with `url` started: it is no longer `joining`."""

@@ -201,7 +201,7 @@ class Node:
             "potboiler.v1.ReplicationService",
         ]
         context = NodeContext(
-            log=LocalLogClient(self.appender, self.membership.retired_nodes),
+            log=LocalLogClient(self.appender),
             data_dir=config.data_dir,
             clock=self.log.clock,
             fsync=config.fsync,

@@ -70,9 +70,6 @@ class FakeLog:
     def promises(self) -> dict[str, Promise]:
         return {}
 
-    def retired(self) -> frozenset[str]:
-        return frozenset()
-
     def position(self) -> int:
         return 0 if self.held else len(self.entries)
 

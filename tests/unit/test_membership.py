@@ -81,23 +81,3 @@ def test_a_dropped_alias_is_not_learned_again_and_its_node_is_not_refused() -> N
     # It is no removal: another node serving at that URL later, dialing in, is a peer.
     assert not again.is_removed(ALIAS)
     assert again.learn(ALIAS, dialed_in=True) and restarted(again, store).urls() == sorted([ALIAS, PEER])
-
-
-def test_a_node_id_replaced_at_its_url_or_removed_is_retired_until_a_member_answers_with_it() -> None:
-    store = MemoryStore()
-    membership = Membership(store, SELF)
-    wiped = "0f9b6c1e-2a3d-4e5f-8a7b-6c5d4e3f2a1b"
-    other = "http://127.0.0.1:8200"
-    membership.learn(PEER)
-    membership.identify(PEER, PEER_ID)
-    assert membership.retired_nodes() == frozenset()
-    membership.identify(PEER, wiped)  # PEER's data was wiped: it came back as another node
-    assert restarted(membership, store).retired_nodes() == {PEER_ID}
-    membership.learn(other)
-    membership.identify(other, PEER_ID)  # the node moved to another URL: it is a member again
-    assert restarted(membership, store).retired_nodes() == frozenset()
-    membership.remove(other)
-    assert restarted(membership, store).retired_nodes() == {PEER_ID}
-    membership.add(other)
-    membership.identify(other, PEER_ID)  # added back by an operator
-    assert membership.retired_nodes() == frozenset()

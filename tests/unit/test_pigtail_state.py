@@ -273,9 +273,12 @@ def test_delete_drops_tasks_and_recreate_is_empty() -> None:
     assert list(list_tasks(state.open_tasks("q"), state.queue("q"), T0 + 10)) == ["t4"]
 
 
-def b_long_ago_then_heartbeats(log: Log) -> tuple[int, list[Entry]]:
-    """One entry of B at T0, then, well over the margin later (the time returned), a queue and a
-    task of A's claimed more than COMPACT_AT times."""
+def test_an_idle_owner_holds_compaction_back_until_it_promises_its_clock() -> None:
+    """B wrote once, long ago, and then nothing: its newest stamp holds the horizon back until B's
+    clock promise covers everything of B applied here (seq 1), also after a restart."""
+    store = MemoryStore()
+    state = PigtailState(store)
+    log = Log()
     later = T0 + COMPACT_MARGIN_MS + 10_000
     entries = [log.entry(B, T0, to_value("B's only entry"))]
     entries += [
@@ -283,16 +286,6 @@ def b_long_ago_then_heartbeats(log: Log) -> tuple[int, list[Entry]]:
         log.event(A, later + 1, TaskAdded("q", "t", "x")),
     ]
     entries += [log.event(A, later + 2 + i, TaskClaimed("q", "t", "w")) for i in range(COMPACT_AT + 5)]
-    return later, entries
-
-
-def test_an_idle_owner_holds_compaction_back_until_it_promises_its_clock() -> None:
-    """B wrote once, long ago, and then nothing: its newest stamp holds the horizon back until B's
-    clock promise covers everything of B applied here (seq 1), also after a restart."""
-    store = MemoryStore()
-    state = PigtailState(store)
-    log = Log()
-    later, entries = b_long_ago_then_heartbeats(log)
     a_newest = Promise(HlcStamp(later + COMPACT_AT + 6, 0), COMPACT_AT + 7)
     state.apply(positioned(entries), promises={A: a_newest})
     task = state.task("q", "t")
@@ -313,23 +306,6 @@ def test_an_idle_owner_holds_compaction_back_until_it_promises_its_clock() -> No
     b_settled = Promise(HlcStamp(later + 2 * COMPACT_MARGIN_MS, 0), 1)
     task = heartbeat({B: b_settled})
     assert task["base"] is not None and len(task["claims"]) < COMPACT_AT
-
-
-def test_a_retired_owner_does_not_hold_compaction_back() -> None:
-    """B wrote once, long ago, and is gone for good (removed, or its URL answers as another node
-    now): once it is retired here its old stamp no longer holds the horizon, nor does its promise."""
-    state = PigtailState(MemoryStore())
-    log = Log()
-    later, entries = b_long_ago_then_heartbeats(log)
-    b_last = Promise(HlcStamp(T0 + 1, 0), 1)
-    state.apply(positioned(entries), promises={B: b_last})
-    task = state.task("q", "t")
-    assert task is not None and task["base"] is None  # B's stamp (T0) holds the horizon
-    at = later + COMPACT_MARGIN_MS + len(log.entries)
-    heartbeat = positioned([log.event(A, at, TaskClaimed("q", "t", "w"))], start=len(entries))
-    state.apply(heartbeat, promises={B: b_last}, retired={B})
-    task = state.task("q", "t")
-    assert task is not None and task["base"] is not None and len(task["claims"]) < COMPACT_AT
 
 
 def test_an_owner_known_only_by_its_promise_holds_compaction_back() -> None:
