@@ -982,3 +982,25 @@ async def test_a_store_failing_to_keep_a_peers_vector_stops_no_replication(
     b = await make_node(name="b", peers=[a], index=1)
     mine = await append(a, 3)
     await wait_for(lambda: set(mine) <= set(delivered_ids(b)), message="a replicating to b again")
+
+
+async def test_a_node_whose_data_was_wiped_comes_back_as_another_node_and_takes_its_old_log_back(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """b's data directory is wiped: it starts again at its URL with a new id, takes everything
+    (its old entries too) back from a, and a knows its URL by the new id."""
+    a = await make_node(name="a")
+    b = await make_node(name="b", peers=[a], index=1)
+    written = await append(b, 3)
+    await wait_for(lambda: converged(a, b) and a.membership.urls() == [b.config.url], message="peering")
+    old = b.log.node_id
+    await b.stop()
+    shutil.rmtree(tmp_path / "b")
+    b = await make_node(name="b", peers=[a], index=1)
+    assert b.log.node_id != old
+    await wait_for(lambda: converged(a, b) and b.log.total() == 3, message="b taking its old entries back")
+    assert delivered_ids(b) == written
+    await wait_for(lambda: a.membership.node_id_of(b.config.url) == b.log.node_id, message="b's new id")
+    [after] = await append(b, 1)
+    await wait_for(lambda: a.log.vector().get(b.log.node_id) == 1, message="b's first entry as a new node")
+    assert a.log.get(after).owner == b.log.node_id
