@@ -409,8 +409,17 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
         message="disconnected state",
     )
     await append(a, 4)
-    [status] = a.replicator.status()
-    assert status.lag == 4 and status.last_error
+
+    def down_with_lag() -> bool:
+        # (a stream b dialed as it stopped may still register here a moment later, and then end)
+        [status] = a.replicator.status()
+        return (
+            status.state == nodes_pb2.PeerStatus.STATE_DISCONNECTED
+            and status.lag == 4
+            and bool(status.last_error)
+        )
+
+    await wait_for(down_with_lag, message="b down, 4 entries behind, and why")
     await wait_for(lambda: a.replicator.status()[0].down_ms > 0, message="time since the stream ended")
     assert a.replicator.status()[0].silent_ms == 0
 
