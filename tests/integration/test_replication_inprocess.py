@@ -411,7 +411,7 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     await append(a, 4)
 
     def down_with_lag() -> bool:
-        # (a stream b dialed as it stopped may still register here a moment later, and then end)
+        # (a has been seen to hold a stream from b again just after showing it disconnected)
         [status] = a.replicator.status()
         return (
             status.state == nodes_pb2.PeerStatus.STATE_DISCONNECTED
