@@ -404,8 +404,8 @@ class Replicator:
         node_id, url = session.peer_id, session.peer_url
         if (known := self.membership.url_of(node_id)) is not None:
             twin = self.peers.get(known)
-            live = [s for s in twin.sessions if not s.closed.is_set()] if twin is not None else []
-            first = live[0] if live else None
+            sessions = twin.sessions if twin is not None else []
+            first = next((s for s in sessions if not s.closed.is_set()), None)
             if first is not None and first.announced_url != url:
                 # A live stream with the node (either way dialed) where it announced another URL: not
                 # the node reconnecting (it announces the URL it did) but another process with the
