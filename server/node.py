@@ -339,6 +339,7 @@ class Node:
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
+        self.replicator.stop_dialing()
         if self.server is not None:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)

@@ -173,9 +173,17 @@ class Replicator:
         for url in self.membership.urls():
             self._add_peer(url)
 
+    def stop_dialing(self) -> None:
+        """Open no more streams (the node is stopping): the open ones run on until `stop`. Else a
+        stream the peer dialed, ended as this node's server stops, is dialed again, and the peer
+        holds a live stream from a node that has gone until `stop` cuts it."""
+        self._running = False
+        for peer in self.peers.values():
+            peer.wake.set()  # out of the wait between attempts
+
     async def stop(self) -> None:
         """Close every stream and stop dialing (and wait for peers being dropped already)."""
-        self._running = False
+        self.stop_dialing()
         for url in list(self.peers):
             await self._drop_peer(url)
         await asyncio.gather(*self._dropping)
@@ -331,6 +339,8 @@ class Replicator:
                 finally:
                     call.cancel()
                     self._unregister(peer, session)
+                if not self._running:
+                    return  # the node stops: no new attempt
                 if peer.sessions:
                     # The peer's own stream replaced this one (both dialed) and is live: no failure.
                     peer.last_error = ""

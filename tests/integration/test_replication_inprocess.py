@@ -411,7 +411,7 @@ async def test_status_reports_peers(make_node: NodeFactory) -> None:
     await append(a, 4)
 
     def down_with_lag() -> bool:
-        # (a has been seen to hold a stream from b again just after showing it disconnected)
+        # (a stopping node used to dial again as its server stopped: see the test below)
         [status] = a.replicator.status()
         return (
             status.state == nodes_pb2.PeerStatus.STATE_DISCONNECTED
@@ -1013,3 +1013,39 @@ async def test_a_node_whose_data_was_wiped_comes_back_as_another_node_and_takes_
     [after] = await append(b, 1)
     await wait_for(lambda: a.log.vector().get(b.log.node_id) == 1, message="b's first entry as a new node")
     assert a.log.get(after).owner == b.log.node_id
+
+
+async def test_a_stopping_node_opens_no_new_streams(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopping node dials no more. a keeps the stream it dialed (the lower id), which ends as b's
+    server stops; b dialing a again then, before its replicator stops, gave a a live stream from a
+    node that had gone (its stop held up between the two, here, to make that certain)."""
+    a = await make_node()
+    b = await make_node(peers=[a])
+    assert a.log.node_id < b.log.node_id  # node ids begin with the time they were made
+    live = [nodes_pb2.PeerStatus.STATE_LIVE]
+    await wait_for(
+        lambda: (
+            [p.state for p in a.replicator.status()] == live
+            and [p.state for p in b.replicator.status()] == live
+        ),
+        message="both live",
+    )
+    accepted: list[str] = []
+    accept = a.replicator._accepted_peer
+
+    def spy(session: replication_session.Session, *, join: bool) -> Any:
+        accepted.append(session.peer_id)
+        return accept(session, join=join)
+
+    stop_watch = b.peer_watch.stop
+
+    async def slow_stop() -> None:
+        await asyncio.sleep(0.3)
+        await stop_watch()
+
+    monkeypatch.setattr(a.replicator, "_accepted_peer", spy)
+    monkeypatch.setattr(b.peer_watch, "stop", slow_stop)
+    await b.stop()
+    assert accepted == []
