@@ -244,6 +244,7 @@ class Replicator:
         peer = Peer(url, acked=self.membership.acked_of(url))
         self.peers[url] = peer
         peer.task = asyncio.get_running_loop().create_task(self._dial_loop(peer), name=f"dial {url}")
+        peer.task.add_done_callback(_log_failure)
 
     async def _drop_peer(self, url: str) -> None:
         peer = self.peers.pop(url, None)
@@ -251,7 +252,7 @@ class Replicator:
             return
         if peer.task is not None:
             peer.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # (an error is logged)
                 await peer.task
         for session in list(peer.sessions):
             session.closed.set()
@@ -271,97 +272,114 @@ class Replicator:
                 session.wake()
 
     async def _dial_loop(self, peer: Peer) -> None:
-        failures = 0
         target = grpc_target(peer.url)
-        async with self._channel(target) as channel:
-            stub = replication_pb2_grpc.ReplicationServiceStub(channel)
-            while self._running:
-                # While the peer's own stream to us is the one kept, do not dial.
-                if peer.sessions and not any(s.dialed for s in peer.sessions):
-                    since = time.monotonic()
-                    await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
-                    if time.monotonic() - since >= STABLE_SESSION_S:
-                        failures = 0  # connected meanwhile: a failure from now on is a new outage's first
-                    continue
-                call = stub.Replicate(metadata=self._metadata() or None)
-                session = Session(
-                    self, ClientTransport(call), dialed=True, make_message=replication_pb2.ReplicateRequest
-                )
-                session.peer_url = peer.url
-                joining = self.membership.is_joining(peer.url)
-                connected_at: float | None = None
-                try:
-                    await session.hello(join=joining)
-                    first = await call.read()
-                    if not isinstance(first, replication_pb2.ReplicateResponse) or not first.HasField(
-                        "hello"
-                    ):
-                        raise InvalidArgument("the peer did not start with a hello")
-                    if first.hello.node_id == self.log.node_id:
-                        self._drop_alias(peer, "this node itself")
-                        return
-                    session.accept_hello(first.hello)
-                    session.peer_url = peer.url
-                    if (why := self._alias_of(peer.url, session.peer_id)) is not None:
-                        self._drop_alias(peer, why)
-                        return
-                    if not self._register(peer, session):
-                        continue
-                    self.membership.identify(peer.url, session.peer_id)
-                    self.learn_peers(first.hello.peers)
-                    connected_at = time.monotonic()
-                    self.membership.joined(peer.url)
-                    log.info("connected to %s (node %s)", peer.url, peer.node_id)
-                    await self._run_session(peer, session)
-                    peer.last_error = "the peer closed the stream"
-                except grpc.aio.AioRpcError as exc:
-                    peer.last_error = _describe(exc)
-                    if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                        if self.membership.is_joining(peer.url) and not joining:
-                            continue  # an operator added it since this hello: ask to join now
-                        log.warning("%s removed this node from its peers; removing it here too", peer.url)
-                        with contextlib.suppress(NotFound):  # (removed meanwhile, by an operator say)
-                            self.membership.remove(peer.url)
-                        return
-                except (
-                    grpc.RpcError,
-                    grpc.aio.UsageError,
-                    asyncio.InvalidStateError,  # grpc.aio writing on a call a reset already ended
-                    PotboilerError,
-                    OSError,
-                    ValueError,
-                ) as exc:
-                    peer.last_error = _describe(exc)
-                    log.debug("stream to %s ended: %s", peer.url, peer.last_error)
-                except Exception as exc:  # e.g. this node's store failed: keep dialing, after a pause
-                    peer.last_error = _describe(exc)
-                    log.exception("stream to %s failed", peer.url)
-                finally:
-                    call.cancel()
-                    self._unregister(peer, session)
-                if not self._running:
-                    return  # the node stops: no new attempt
-                if peer.sessions:
-                    # The peer's own stream replaced this one (both dialed) and is live: no failure.
-                    peer.last_error = ""
-                    continue
-                if connected_at is not None and time.monotonic() - connected_at >= STABLE_SESSION_S:
-                    failures = 0  # (a stream that ends soon after its hello is a failure like any)
+        failures = 0
+        while self._running:
+            try:
+                channel = self._channel(target)
+            except Exception as exc:  # e.g. its TLS files unreadable halfway through a rotation
+                peer.last_error = f"no channel could be opened: {_describe(exc)}"
                 failures += 1
-                delay = self.backoff.delay(failures)
-                if failures in (1, 5) or failures % 50 == 0:
-                    # A peer not reached yet may just not have started: a warning once it was up.
-                    log.log(
-                        logging.WARNING if peer.reached else logging.INFO,
-                        "replication with %s: %s; retrying in %.2fs",
-                        peer.url,
-                        peer.last_error,
-                        delay,
-                    )
-                peer.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await peer.wake.wait()
+                await self._pause(peer, failures)
+                continue
+            async with channel:
+                await self._dial_streams(peer, channel)
+            return
+
+    async def _pause(self, peer: Peer, failures: int) -> None:
+        """Wait before the next attempt to reach `peer` (its `failures`-th in a row failed), or until
+        it is added again; say so now and then."""
+        delay = self.backoff.delay(failures)
+        if failures in (1, 5) or failures % 50 == 0:
+            # A peer not reached yet may just not have started: a warning once it was up.
+            log.log(
+                logging.WARNING if peer.reached else logging.INFO,
+                "replication with %s: %s; retrying in %.2fs",
+                peer.url,
+                peer.last_error,
+                delay,
+            )
+        peer.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await peer.wake.wait()
+
+    async def _dial_streams(self, peer: Peer, channel: grpc.aio.Channel) -> None:
+        """Dial `peer` over `channel` until this node stops or the peer is dropped."""
+        failures = 0
+        stub = replication_pb2_grpc.ReplicationServiceStub(channel)
+        while self._running:
+            # While the peer's own stream to us is the one kept, do not dial.
+            if peer.sessions and not any(s.dialed for s in peer.sessions):
+                since = time.monotonic()
+                await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in peer.sessions])
+                if time.monotonic() - since >= STABLE_SESSION_S:
+                    failures = 0  # connected meanwhile: a failure from now on is a new outage's first
+                continue
+            call = stub.Replicate(metadata=self._metadata() or None)
+            session = Session(
+                self, ClientTransport(call), dialed=True, make_message=replication_pb2.ReplicateRequest
+            )
+            session.peer_url = peer.url
+            joining = self.membership.is_joining(peer.url)
+            connected_at: float | None = None
+            try:
+                await session.hello(join=joining)
+                first = await call.read()
+                if not isinstance(first, replication_pb2.ReplicateResponse) or not first.HasField("hello"):
+                    raise InvalidArgument("the peer did not start with a hello")
+                if first.hello.node_id == self.log.node_id:
+                    self._drop_alias(peer, "this node itself")
+                    return
+                session.accept_hello(first.hello)
+                session.peer_url = peer.url
+                if (why := self._alias_of(peer.url, session.peer_id)) is not None:
+                    self._drop_alias(peer, why)
+                    return
+                if not self._register(peer, session):
+                    continue
+                self.membership.identify(peer.url, session.peer_id)
+                self.learn_peers(first.hello.peers)
+                connected_at = time.monotonic()
+                self.membership.joined(peer.url)
+                log.info("connected to %s (node %s)", peer.url, peer.node_id)
+                await self._run_session(peer, session)
+                peer.last_error = "the peer closed the stream"
+            except grpc.aio.AioRpcError as exc:
+                peer.last_error = _describe(exc)
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    if self.membership.is_joining(peer.url) and not joining:
+                        continue  # an operator added it since this hello: ask to join now
+                    log.warning("%s removed this node from its peers; removing it here too", peer.url)
+                    with contextlib.suppress(NotFound):  # (removed meanwhile, by an operator say)
+                        self.membership.remove(peer.url)
+                    return
+            except (
+                grpc.RpcError,
+                grpc.aio.UsageError,
+                asyncio.InvalidStateError,  # grpc.aio writing on a call a reset already ended
+                PotboilerError,
+                OSError,
+                ValueError,
+            ) as exc:
+                peer.last_error = _describe(exc)
+                log.debug("stream to %s ended: %s", peer.url, peer.last_error)
+            except Exception as exc:  # e.g. this node's store failed: keep dialing, after a pause
+                peer.last_error = _describe(exc)
+                log.exception("stream to %s failed", peer.url)
+            finally:
+                call.cancel()
+                self._unregister(peer, session)
+            if not self._running:
+                return  # the node stops: no new attempt
+            if peer.sessions:
+                # The peer's own stream replaced this one (both dialed) and is live: no failure.
+                peer.last_error = ""
+                continue
+            if connected_at is not None and time.monotonic() - connected_at >= STABLE_SESSION_S:
+                failures = 0  # (a stream that ends soon after its hello is a failure like any)
+            failures += 1
+            await self._pause(peer, failures)
 
     async def serve(self, requests: AsyncIterator[replication_pb2.ReplicateRequest], context: Any) -> None:
         """Run the dialed end of a stream (called by the servicer)."""
@@ -571,6 +589,13 @@ class Replicator:
             )
             for peer, view in self.views()
         ]
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Log the error that ended a dial loop (a bug: it retries whatever the peer does), as nobody
+    awaits the task until the peer is dropped."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s stopped with an error", task.get_name(), exc_info=exc)
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import replication_session
+from potboiler.server.config_files import SecurityConfigError
 from potboiler.server.entries import NewEntry, validate_new_entry
 from potboiler.server.errors import NotFound, Unavailable
 from potboiler.server.hlc import Stamp
@@ -1049,3 +1050,33 @@ async def test_a_stopping_node_opens_no_new_streams(
     monkeypatch.setattr(b.peer_watch, "stop", slow_stop)
     await b.stop()
     assert accepted == []
+
+
+async def test_a_channel_that_cannot_be_opened_is_tried_again(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening a channel to a peer reads the TLS files with mTLS: unreadable for a moment (replaced
+    in two steps as the peer is added), the peer is tried again, as an unreachable one is; the dial
+    loop used to end for good, and the node's stop to fail on it."""
+    caplog.set_level(logging.INFO, logger="potboiler.server.replication")
+    a = await make_node()
+    b = await make_node()
+    opened = a.replicator._channel
+    refusals = [SecurityConfigError("the TLS key file /pki/key.pem does not exist")] * 2
+
+    def channel(target: str) -> grpc.aio.Channel:
+        if refusals:
+            raise refusals.pop()
+        return opened(target)
+
+    monkeypatch.setattr(a.replicator, "_channel", channel)
+    a.membership.add(b.config.url)
+    await wait_for(
+        lambda: [p.state for p in a.replicator.status()] == [nodes_pb2.PeerStatus.STATE_LIVE], message="live"
+    )
+    assert (
+        "no channel could be opened: SecurityConfigError: the TLS key file /pki/key.pem does not exist"
+        in caplog.text
+    )
+    await append(a, 3)
+    await wait_for(lambda: converged(a, b), message="convergence")
