@@ -327,18 +327,39 @@ class Node:
         await self._health.set(name, status)
 
     async def stop(self) -> None:
-        """Stop the gateway, the server (letting calls finish for a moment), services and the log."""
-        for watch in self._watches:  # first: no reload while calls are being torn down
+        """Stop dialing peers, then the server (letting calls in flight finish for a moment, those
+        through Envoy too), the gateway, the services and the log. Every step runs, whatever failed
+        before it (logged): the store is closed in the end."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("the file watches", self._stop_watches),  # first: no reload while calls are torn down
+            ("the gRPC server", self._stop_server),
+            ("the gateway", self._stop_gateway),
+            ("the metrics server", self._stop_metrics),
+            ("the peer watch", self.peer_watch.stop),
+            ("replication", self.replicator.stop),
+            ("webhooks", self.webhooks.stop),
+            *((f"the {name} service", service.stop) for name, service in reversed(self.services.items())),
+            ("the appender", self.appender.stop),
+        ]
+        try:
+            for what, step in steps:
+                try:
+                    await step()
+                except Exception:
+                    log.exception("stopping %s failed", what)
+        finally:
+            self.services.clear()
+            self.store.close()
+
+    async def _stop_watches(self) -> None:
+        for watch in self._watches:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
         self._watches.clear()
-        if self.gateway is not None:
-            await self.gateway.stop()
-            self.gateway = None
-        if self.metrics is not None:
-            self.metrics.stop()
-            self.metrics = None
+
+    async def _stop_server(self) -> None:
+        # No new stream to a peer first: one dialed while the server stops would outlive the node.
         self.replicator.stop_dialing()
         if self.server is not None:
             await self._set_health("", serving=False)
@@ -346,11 +367,13 @@ class Node:
             self.server = None
         if self._auth is not None:
             await self._auth.close()
-        await self.peer_watch.stop()
-        await self.replicator.stop()
-        await self.webhooks.stop()
-        for service in reversed(self.services.values()):
-            await service.stop()
-        self.services.clear()
-        await self.appender.stop()
-        self.store.close()
+
+    async def _stop_gateway(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None

@@ -9,6 +9,7 @@ import itertools
 import os
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -206,6 +207,26 @@ def _serves(http: httpx.Client) -> bool:
         return http.post("/log", json="after").status_code == 201
     except httpx.TransportError:
         return False
+
+
+def test_a_rest_call_in_flight_as_the_node_stops_is_answered(node_process: NodeProcesses) -> None:
+    """A stopping node lets the calls in flight finish for a moment, those through Envoy too: Envoy
+    stops after the node's server (it used to stop first, cutting them unanswered)."""
+    node = node_process("n")
+    socket = gateway.admin_dir(node.data_dir / "gateway") / "admin.sock"
+    admin = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://envoy")
+    pigtail = httpx.Client(base_url=f"http://127.0.0.1:{node.ports.pigtail}", timeout=30)
+    with admin, pigtail, ThreadPoolExecutor(1) as pool:
+        assert pigtail.post("/create", json={"name": "q", "timeout_ms": 60_000}).status_code == 201
+
+        def calls_at_the_node() -> int:
+            stats = admin.get("/stats", params={"filter": r"^cluster\.node\.upstream_rq_active$"}).text
+            return int(stats.split(":")[1])
+
+        claim = pool.submit(pigtail.post, "/queue/q/claim", json={"worker_id": "w", "wait_ms": 700})
+        wait_for_sync(lambda: calls_at_the_node() == 1, message="the claim waiting at the node")
+        stop_with(node, signal.SIGTERM)
+        assert claim.result().status_code == 204  # no task came
 
 
 def test_sigint_stops_cleanly(node_process: NodeProcesses, rest_client: RestClient) -> None:

@@ -285,6 +285,24 @@ async def test_webhooks_survive_restart(grpc_node_factory: GrpcNodeFactory) -> N
     assert await webhook_urls(again) == [url]
 
 
+async def test_a_step_of_stop_that_fails_leaves_the_others_to_run(
+    grpc_node_factory: GrpcNodeFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store is closed (RocksDB's lock let go) whatever failed before."""
+    node = await grpc_node_factory("n")
+    appended = await node.log.AppendEntry(log_pb2.AppendEntryRequest(data=Value(string_value="kept")))
+
+    async def broken() -> None:
+        raise RuntimeError("the peer watch broke")
+
+    monkeypatch.setattr(node.node.peer_watch, "stop", broken)
+    await grpc_node_factory.stop(node)
+    assert "stopping the peer watch failed" in caplog.text
+    again = await grpc_node_factory("n")
+    got = await again.log.GetEntry(log_pb2.GetEntryRequest(id=appended.id))
+    assert got.entry.data.string_value == "kept"
+
+
 # -- nodes -----------------------------------------------------------------------------------
 
 
