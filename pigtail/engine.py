@@ -234,7 +234,10 @@ class Pigtail:
                     await asyncio.sleep(0)
 
     async def _apply_loop(self, started_at: int) -> None:
-        await self._place_open()
+        try:
+            await self._place_open()
+        except Exception:  # a bug: applying the log must go on (the tasks it touches are placed)
+            log.exception("placing the open tasks in the scheduler failed; some may not be handed out")
         self._caught_up.start(started_at, self.state.cursor)
         await apply_forever(
             self._log,

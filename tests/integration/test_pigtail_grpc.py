@@ -18,6 +18,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail import worksession
+from potboiler.pigtail.engine import Pigtail
 from potboiler.pigtail.service import create
 from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.server.entries import MAX_DEPTH, NewEntry
@@ -575,6 +576,23 @@ async def test_state_survives_a_restart(pigtail_node: Factory, tmp_path: Path) -
     assert (await n.task(done)).state == pb.TASK_STATE_DONE
     listed = await n.api.ListTasks(pb.ListTasksRequest(queue="q"))
     assert [t.task_id for t in listed.tasks] == [kept]
+
+
+async def test_a_failure_placing_the_open_tasks_at_start_leaves_pigtail_applying(
+    pigtail_node: Factory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(A bug there used to end the applier for good: every write then waited and failed.)"""
+
+    async def broken(self: Pigtail) -> None:
+        raise RuntimeError("placing broke")
+
+    monkeypatch.setattr(Pigtail, "_place_open", broken)
+    n = await pigtail_node("a")
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    task_id = await n.add()
+    claimed = await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="w"))
+    assert claimed.task.worker == "w"
+    assert "placing the open tasks in the scheduler failed" in caplog.text
 
 
 async def test_two_nodes_share_tasks_and_agree_on_one_winner(pigtail_node: Factory) -> None:
