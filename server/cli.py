@@ -280,15 +280,17 @@ def run_cluster(args: argparse.Namespace) -> int:
         for node in nodes:
             node.start(wait=False)
         for i, node in enumerate(nodes):
-            node.wait_ready()
+            if not node.wait_ready(interrupted=stop.is_set):
+                break  # stopped while starting
             line = ports_line(args.host, node.ports.base, node.rest_tls)
             print(f"node{i}: {line}  (log {node.log_file})", flush=True)
-        print(f"cluster of {args.nodes} nodes is up; Ctrl-C stops them all", flush=True)
-        while not stop.wait(0.5):
-            if dead := [n for n in nodes if not n.alive()]:
-                print(f"a node exited (see {dead[0].log_file}); stopping the cluster", file=sys.stderr)
-                code = 1
-                break
+        else:
+            print(f"cluster of {args.nodes} nodes is up; Ctrl-C stops them all", flush=True)
+            while not stop.wait(0.5):
+                if dead := [n for n in nodes if not n.alive()]:
+                    print(f"a node exited (see {dead[0].log_file}); stopping the cluster", file=sys.stderr)
+                    code = 1
+                    break
     except (RuntimeError, TimeoutError) as exc:
         print(f"cluster failed to start: {exc}", file=sys.stderr)
         code = 1

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from potboiler.server.gateway import die_with_parent
@@ -215,12 +215,13 @@ class NodeProcess:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, interrupted: Callable[[], bool] = lambda: False) -> bool:
         """Wait until the node has said it is up (the line it prints once every port is bound) and
         answers REST on its core port: 200, or 401/403 when it requires tokens (either way the
         request went through Envoy to the node's gRPC server and back). The line tells this node
         from another process that holds its ports. Over HTTPS the certificate is not checked:
-        nothing secret is sent, and only the answer's status counts."""
+        nothing secret is sent, and only the answer's status counts. False if `interrupted()`
+        said so first (e.g. Ctrl-C while a cluster starts)."""
         import httpx  # here, not at the top: node processes import this module too, never needing it
 
         deadline = time.monotonic() + timeout
@@ -231,9 +232,11 @@ class NodeProcess:
                 if self._said_up():
                     status = httpx.get(f"{self.rest_url}/log", timeout=1.0, verify=False).status_code
                     if status in (200, 401, 403):
-                        return
+                        return True
             except httpx.HTTPError:
                 pass
+            if interrupted():
+                return False
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node at {self.url} not ready after {timeout}s; see {self.log_file}")
             time.sleep(0.05)

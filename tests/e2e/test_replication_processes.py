@@ -323,6 +323,31 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
     assert leftover == [], f"processes left behind: {leftover}"
 
 
+def test_a_cluster_stopped_while_it_starts_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C while the nodes start: the cluster stops them rather than waiting for them to be up."""
+    base = find_base_port(count=2)
+    cmd = [sys.executable, "-m", "potboiler.server.cli", "cluster", "--nodes", "2"]
+    cmd += ["--base-port", str(base), "--data-dir", str(tmp_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        # Its nodes are spawned once its signal handlers are in place.
+        wait_until(
+            lambda: processes_matching(lambda argv: f"{tmp_path}/node1" in argv), message="the nodes spawned"
+        )
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        leftover = kill_leftovers(tmp_path)
+    assert proc.returncode == 0, output
+    assert b"is up" not in output, output
+    assert leftover == [], f"processes left behind: {leftover}"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["killed", "hung up"])
 def test_a_cluster_killed_or_hung_up_takes_its_nodes_and_envoys_with_it(
     tmp_path: Path, sig: signal.Signals
