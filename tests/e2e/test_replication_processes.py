@@ -275,24 +275,19 @@ def test_webhook_holds_back_an_entry_until_its_dependency_from_another_node_arri
     assert receiver.accepted_ids() == [before, x, y, after]
 
 
-def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
-    base = find_base_port(count=3)
+def start_cluster(data_dir: Path, nodes: int, base: int) -> subprocess.Popen[bytes]:
+    """`potboiler cluster` of `nodes` nodes from `base` on, in its own session, its output piped."""
+    cmd = [sys.executable, "-m", "potboiler.server.cli", "cluster", "--nodes", str(nodes)]
+    cmd += ["--base-port", str(base), "--data-dir", str(data_dir)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "potboiler.server.cli",
-        "cluster",
-        "--nodes",
-        "3",
-        "--base-port",
-        str(base),
-        "--data-dir",
-        str(tmp_path),
-    ]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
+
+
+def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
+    base = find_base_port(count=3)
+    proc = start_cluster(tmp_path, 3, base)
     try:
         lines: list[str] = []
         assert proc.stdout is not None
@@ -325,13 +320,7 @@ def test_cluster_command_runs_and_stops_every_node(tmp_path: Path) -> None:
 
 def test_a_cluster_stopped_while_it_starts_stops_at_once(tmp_path: Path) -> None:
     """Ctrl-C while the nodes start: the cluster stops them rather than waiting for them to be up."""
-    base = find_base_port(count=2)
-    cmd = [sys.executable, "-m", "potboiler.server.cli", "cluster", "--nodes", "2"]
-    cmd += ["--base-port", str(base), "--data-dir", str(tmp_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+    proc = start_cluster(tmp_path, 2, find_base_port(count=2))
     try:
         # Its nodes are spawned once its signal handlers are in place.
         wait_until(
@@ -352,13 +341,7 @@ def test_a_cluster_stopped_while_it_starts_stops_at_once(tmp_path: Path) -> None
 def test_a_cluster_killed_or_hung_up_takes_its_nodes_and_envoys_with_it(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
-    base = find_base_port()
-    cmd = [sys.executable, "-m", "potboiler.server.cli", "cluster", "--nodes", "1"]
-    cmd += ["--base-port", str(base), "--data-dir", str(tmp_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
+    proc = start_cluster(tmp_path, 1, find_base_port())
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
