@@ -67,7 +67,7 @@ from potboiler.pigtail.machine import (
     task_view_after,
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
-from potboiler.pigtail.state import STATE_FORMAT, Applied, PigtailState
+from potboiler.pigtail.state import STATE_FORMAT, Applied, PigtailState, StoreFailed
 from potboiler.server.errors import (
     AlreadyExists,
     Contended,
@@ -250,10 +250,11 @@ class Pigtail:
         )
 
     async def _apply(self, delivered: DeliveredBatch) -> None:
-        """Apply a delivered batch. An entry that cannot be planned is raised for the loop to retry
-        (planning reads the store, which may fail once); one that fails APPLY_ATTEMPTS times (a bug,
-        failing alike on every node) is skipped on its own, and whoever waits for it hears so. A
-        write that fails is never skipped but raised, for the loop to retry."""
+        """Apply a delivered batch. An entry that cannot be planned is raised for the loop to retry;
+        one that fails APPLY_ATTEMPTS times (a bug, failing alike on every node) is skipped on its
+        own, and whoever waits for it hears so. A store that fails (a read while planning, or the
+        write) is never a reason to skip: that is raised for the loop to retry, for as long as it
+        takes."""
         batch = delivered.entries
         try:
             applied = self.state.plan(batch, self._log.promises(), delivered.blobs)
@@ -265,6 +266,8 @@ class Pigtail:
         for position, entry in batch:
             try:
                 applied = self.state.plan([(position, entry)], self._log.promises())
+            except StoreFailed as failed:
+                raise failed.error from None  # the store's own error, for the loop to retry
             except Exception:
                 if not self._plan_failures.failed(position):
                     raise

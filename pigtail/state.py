@@ -92,6 +92,15 @@ COMPACT_AT = 64
 COMPACT_MARGIN_MS = 10 * 60_000
 
 
+class StoreFailed(Exception):
+    """A store read failed (`error`): no fault of the entry being applied, which is never skipped
+    for it (unlike an entry that fails to apply by itself)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class QueueRecord(TypedDict):
     """What is stored per queue."""
 
@@ -300,15 +309,21 @@ class PigtailState:
         """The queue's tasks that are not done, by id (possibly hidden ones: use the machine's views)."""
         return self._open.get(queue, {})
 
-    def done_tasks(self, queue: str) -> Iterator[TaskState]:
-        """The queue's stored done tasks (read from the store)."""
+    def done_tasks(self, queue: str) -> list[TaskState]:
+        """The queue's stored done tasks (read from the store; StoreFailed if that fails)."""
         prefix = b"t" + queue.encode() + _SEP
-        for _, value in self._store.scan(prefix, prefix_end(prefix)):
-            yield cast(TaskRecord, orjson.loads(value))["state"]
+        try:
+            values = [value for _, value in self._store.scan(prefix, prefix_end(prefix))]
+        except Exception as exc:
+            raise StoreFailed(exc) from exc
+        return [cast(TaskRecord, orjson.loads(value))["state"] for value in values]
 
     def _load_task(self, queue: str, task_id: str) -> TaskRecord | None:
-        """A done task's record (the others are in memory), or None."""
-        raw = self._store.get(_task_key(queue, task_id))
+        """A done task's record (the others are in memory), or None; StoreFailed if the read fails."""
+        try:
+            raw = self._store.get(_task_key(queue, task_id))
+        except Exception as exc:
+            raise StoreFailed(exc) from exc
         return None if raw is None else cast(TaskRecord, orjson.loads(raw))
 
     # -- applying --------------------------------------------------------------------------------

@@ -738,11 +738,19 @@ async def test_listing_and_claim_next_agree_with_the_machine_at_every_moment(h: 
 
 
 class FailingStore(MemoryStore):
-    """A MemoryStore whose next `failures` writes fail (as a full disk would)."""
+    """A MemoryStore whose next `failures` writes fail (as a full disk would), and whose next
+    `read_failures` reads fail (as a bad disk would)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failures = 0
+        self.read_failures = 0
+
+    def get(self, key: bytes) -> bytes | None:
+        if self.read_failures:
+            self.read_failures -= 1
+            raise OSError("IO error: a read failed")
+        return super().get(key)
 
     def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
         if self.failures:
@@ -762,6 +770,24 @@ async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.M
         store.failures = 3
         view, created = await pigtail.add_task("q", "job")
         assert created and store.failures == 0
+        assert await pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
+    finally:
+        await pigtail.stop()
+
+
+async def test_a_store_read_failing_for_long_is_retried_not_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More failed reads in a row than an entry that fails by itself is tried before it is skipped:
+    the task is applied once the store reads again (it used to be skipped on this node only)."""
+    monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
+    clock = HybridClock(Clock())
+    store = FailingStore()
+    pigtail = Pigtail(FakeLog(clock), store, clock)
+    await pigtail.start()
+    try:
+        await pigtail.create_queue("q", 1000)
+        store.read_failures = 3 * APPLY_ATTEMPTS
+        view, created = await pigtail.add_task("q", "job")
+        assert created and store.read_failures == 0
         assert await pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
     finally:
         await pigtail.stop()
