@@ -206,6 +206,9 @@ class Session:
     _elsewhere: set[str] = field(default_factory=set)
     #: Owners whose log the peer sent while another stream feeds it here (told in the next Ack).
     _redundant: set[str] = field(default_factory=set)
+    #: Owners whose log the peer found forked, with the seq where (Ack.forked_logs): it takes none of
+    #: their entries from there on, so none are sent.
+    _forked: dict[str, int] = field(default_factory=dict)
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -299,6 +302,8 @@ class Session:
             ack.redundant_owners.extend(sorted(self._redundant))
             self._redundant.clear()
             ack.your_log_forked_at, ack.your_entry_before_fork = node_log.fork_of(self.peer_id)
+            for owner, seq in sorted(node_log.forks().items()):
+                ack.forked_logs.add(owner=owner, seq=seq)
             await self.send(ack=ack)
             await asyncio.sleep(ANNOUNCE_INTERVAL)  # coalesce: at most one announcement per interval
 
@@ -322,6 +327,8 @@ class Session:
     def send_limit(self, owner: str, seq: int, now: float) -> tuple[int, bool]:
         """How far to send `owner`'s log now, and whether more is held back for later (a fed peer
         that has nearly caught up stops being fed here)."""
+        if owner in self._forked:  # the peer takes nothing of it past the fork: as if it ended there
+            seq = min(seq, max(self._forked[owner] - 1, self.acked.get(owner, 0)))
         if owner == self.peer_id:
             if self.acked.get(owner, 0) >= seq:  # as ever: the peer holds all its own log held here
                 return min(seq, self._peer_own_cap), False
@@ -408,6 +415,16 @@ class Session:
         if seq > sent:
             self.sent[owner] = seq
 
+    def _peer_found_fork(self, owner: str, seq: int) -> None:
+        """Take in that the peer found `owner`'s log forked at `seq`: what was sent of it past the
+        fork will never be acknowledged, and no longer counts against the window."""
+        if seq < 1 or self._forked.get(owner) == seq:
+            return
+        self._forked[owner] = seq
+        taken = max(seq - 1, self.acked.get(owner, 0))
+        if self.sent.get(owner, 0) > taken:
+            self.sent[owner] = taken
+
     async def _receive_loop(self) -> None:
         host = self.host
         async for message in self.transport.receive():
@@ -433,6 +450,9 @@ class Session:
                 if message.ack.your_log_forked_at:
                     ack = message.ack
                     host.log.note_own_fork(ack.your_log_forked_at, ack.your_entry_before_fork, self.source)
+                for forked in message.ack.forked_logs:
+                    parse_uuid(forked.owner, "forked owner")  # as the vector's owners
+                    self._peer_found_fork(forked.owner, forked.seq)
                 redundant = set(message.ack.redundant_owners)
                 for owner in redundant:
                     parse_uuid(owner, "redundant owner")  # as the vector's owners: else the stream ends

@@ -851,6 +851,43 @@ async def test_a_forked_log_is_reported_and_holds_up_only_itself(
         await append(x, 1)
 
 
+async def test_a_forked_log_past_the_window_holds_up_nothing_else(
+    make_node: NodeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """x appends more entries past the fork than the window holds: p never acknowledges them, and
+    they used to fill x's window to p for good, so that nothing else went from x to p (here q's
+    entries, which reach p only through x). p's Acks name the logs it found forked and where, and x
+    sends none of them past that (reviewer's reproduction, with the window scaled down)."""
+    monkeypatch.setattr(replication_session, "WINDOW", 6)
+    monkeypatch.setattr(replication_session, "MAX_BATCH", 2)
+    p, x = await restored_alone(make_node, tmp_path, after_copy=2, again=12)  # x's 3-14 are new
+    await wait_for(lambda: p.log.forks() == {x.log.node_id: 5}, message="p seeing the fork")
+    q = await make_node(name="q", peers=[x], gossip=False, index=2)
+    mine = await append(q, 3)
+    await wait_for(lambda: set(mine) <= set(delivered_ids(p)), message="q's entries on p, through x")
+    [to_p] = x.replicator.peers[p.config.url].sessions
+    assert to_p.sent[x.log.node_id] == 4 and x.log.node_id not in to_p._unacked()
+
+
+async def test_a_forked_log_forwarded_past_the_fork_holds_up_nothing_else(
+    make_node: NodeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """r holds x's new entries past the fork and forwards them to p, which takes none: they stay
+    unacknowledged, and (a window of one batch here, of twenty at full scale for as many forked
+    logs) used to stop everything else r had for p, here s's entries, which reach p only through r."""
+    monkeypatch.setattr(replication_session, "WINDOW", 2)
+    monkeypatch.setattr(replication_session, "MAX_BATCH", 2)
+    p, x = await restored_alone(make_node, tmp_path, after_copy=2, again=12)  # x's 3-14 are new
+    await wait_for(lambda: p.log.forks() == {x.log.node_id: 5}, message="p seeing the fork")
+    r = await make_node(name="r", peers=[x], gossip=False, index=2)
+    await wait_for(lambda: r.log.vector().get(x.log.node_id) == 14, message="x's new entries on r")
+    r.membership.add(p.config.url)
+    s = await make_node(name="s", peers=[r], gossip=False, index=3)
+    mine = await append(s, 3)
+    await wait_for(lambda: set(mine) <= set(delivered_ids(p)), message="s's entries on p, through r")
+    assert r.log.forks() == {}  # r holds one branch only: it takes p's word for the fork
+
+
 async def test_a_node_that_sees_its_own_log_forked_refuses_appends_saying_so(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:

@@ -26,7 +26,7 @@ from potboiler.v1 import entry_pb2 as potboiler_dot_v1_dot_entry__pb2
 from potboiler.v1 import nodes_pb2 as potboiler_dot_v1_dot_nodes__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epotboiler/v1/replication.proto\x12\x0cpotboiler.v1\x1a\x18potboiler/v1/entry.proto\x1a\x18potboiler/v1/nodes.proto\"q\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12-\n\x06vector\x18\x03 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12\r\n\x05peers\x18\x04 \x03(\t\x12\x0c\n\x04join\x18\x05 \x01(\x08\"\x1d\n\nEntryBatch\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"8\n\x10ParsedEntryBatch\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.potboiler.v1.Entry\"\x8d\x01\n\x0f\x45ntryBatchShape\x12\x39\n\x07\x65ntries\x18\x01 \x03(\x0b\x32(.potboiler.v1.EntryBatchShape.EntryShape\x1a?\n\nEntryShape\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04next\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x65pendencies\x18\x08 \x03(\t\"\xe3\x01\n\x03\x41\x63k\x12-\n\x06vector\x18\x01 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12)\n\x05\x63lock\x18\x02 \x01(\x0b\x32\x1a.potboiler.v1.HlcTimestamp\x12,\n\x08promises\x18\x03 \x03(\x0b\x32\x1a.potboiler.v1.OwnerPromise\x12\x18\n\x10redundant_owners\x18\x04 \x03(\t\x12\x1a\n\x12your_log_forked_at\x18\x05 \x01(\x04\x12\x1e\n\x16your_entry_before_fork\x18\x06 \x01(\t\"U\n\x0cOwnerPromise\x12\r\n\x05owner\x18\x01 \x01(\t\x12)\n\x05\x63lock\x18\x02 \x01(\x0b\x32\x1a.potboiler.v1.HlcTimestamp\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"\x18\n\x08PeerList\x12\x0c\n\x04urls\x18\x01 \x03(\t\"\xbb\x01\n\x10ReplicateRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.potboiler.v1.HelloH\x00\x12+\n\x07\x65ntries\x18\x02 \x01(\x0b\x32\x18.potboiler.v1.EntryBatchH\x00\x12 \n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x11.potboiler.v1.AckH\x00\x12\'\n\x05peers\x18\x04 \x01(\x0b\x32\x16.potboiler.v1.PeerListH\x00\x42\t\n\x07message\"\xbc\x01\n\x11ReplicateResponse\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.potboiler.v1.HelloH\x00\x12+\n\x07\x65ntries\x18\x02 \x01(\x0b\x32\x18.potboiler.v1.EntryBatchH\x00\x12 \n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x11.potboiler.v1.AckH\x00\x12\'\n\x05peers\x18\x04 \x01(\x0b\x32\x16.potboiler.v1.PeerListH\x00\x42\t\n\x07message2f\n\x12ReplicationService\x12P\n\tReplicate\x12\x1e.potboiler.v1.ReplicateRequest\x1a\x1f.potboiler.v1.ReplicateResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epotboiler/v1/replication.proto\x12\x0cpotboiler.v1\x1a\x18potboiler/v1/entry.proto\x1a\x18potboiler/v1/nodes.proto\"q\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12-\n\x06vector\x18\x03 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12\r\n\x05peers\x18\x04 \x03(\t\x12\x0c\n\x04join\x18\x05 \x01(\x08\"\x1d\n\nEntryBatch\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"8\n\x10ParsedEntryBatch\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.potboiler.v1.Entry\"\x8d\x01\n\x0f\x45ntryBatchShape\x12\x39\n\x07\x65ntries\x18\x01 \x03(\x0b\x32(.potboiler.v1.EntryBatchShape.EntryShape\x1a?\n\nEntryShape\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04next\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x65pendencies\x18\x08 \x03(\t\"\x91\x02\n\x03\x41\x63k\x12-\n\x06vector\x18\x01 \x03(\x0b\x32\x1d.potboiler.v1.VectorComponent\x12)\n\x05\x63lock\x18\x02 \x01(\x0b\x32\x1a.potboiler.v1.HlcTimestamp\x12,\n\x08promises\x18\x03 \x03(\x0b\x32\x1a.potboiler.v1.OwnerPromise\x12\x18\n\x10redundant_owners\x18\x04 \x03(\t\x12\x1a\n\x12your_log_forked_at\x18\x05 \x01(\x04\x12\x1e\n\x16your_entry_before_fork\x18\x06 \x01(\t\x12,\n\x0b\x66orked_logs\x18\x07 \x03(\x0b\x32\x17.potboiler.v1.ForkedLog\"U\n\x0cOwnerPromise\x12\r\n\x05owner\x18\x01 \x01(\t\x12)\n\x05\x63lock\x18\x02 \x01(\x0b\x32\x1a.potboiler.v1.HlcTimestamp\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"\x18\n\x08PeerList\x12\x0c\n\x04urls\x18\x01 \x03(\t\"\xbb\x01\n\x10ReplicateRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.potboiler.v1.HelloH\x00\x12+\n\x07\x65ntries\x18\x02 \x01(\x0b\x32\x18.potboiler.v1.EntryBatchH\x00\x12 \n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x11.potboiler.v1.AckH\x00\x12\'\n\x05peers\x18\x04 \x01(\x0b\x32\x16.potboiler.v1.PeerListH\x00\x42\t\n\x07message\"\xbc\x01\n\x11ReplicateResponse\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.potboiler.v1.HelloH\x00\x12+\n\x07\x65ntries\x18\x02 \x01(\x0b\x32\x18.potboiler.v1.EntryBatchH\x00\x12 \n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x11.potboiler.v1.AckH\x00\x12\'\n\x05peers\x18\x04 \x01(\x0b\x32\x16.potboiler.v1.PeerListH\x00\x42\t\n\x07message2f\n\x12ReplicationService\x12P\n\tReplicate\x12\x1e.potboiler.v1.ReplicateRequest\x1a\x1f.potboiler.v1.ReplicateResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTRYBATCHSHAPE_ENTRYSHAPE']._serialized_start=383
   _globals['_ENTRYBATCHSHAPE_ENTRYSHAPE']._serialized_end=446
   _globals['_ACK']._serialized_start=449
-  _globals['_ACK']._serialized_end=676
-  _globals['_OWNERPROMISE']._serialized_start=678
-  _globals['_OWNERPROMISE']._serialized_end=763
-  _globals['_PEERLIST']._serialized_start=765
-  _globals['_PEERLIST']._serialized_end=789
-  _globals['_REPLICATEREQUEST']._serialized_start=792
-  _globals['_REPLICATEREQUEST']._serialized_end=979
-  _globals['_REPLICATERESPONSE']._serialized_start=982
-  _globals['_REPLICATERESPONSE']._serialized_end=1170
-  _globals['_REPLICATIONSERVICE']._serialized_start=1172
-  _globals['_REPLICATIONSERVICE']._serialized_end=1274
+  _globals['_ACK']._serialized_end=722
+  _globals['_OWNERPROMISE']._serialized_start=724
+  _globals['_OWNERPROMISE']._serialized_end=809
+  _globals['_PEERLIST']._serialized_start=811
+  _globals['_PEERLIST']._serialized_end=835
+  _globals['_REPLICATEREQUEST']._serialized_start=838
+  _globals['_REPLICATEREQUEST']._serialized_end=1025
+  _globals['_REPLICATERESPONSE']._serialized_start=1028
+  _globals['_REPLICATERESPONSE']._serialized_end=1216
+  _globals['_REPLICATIONSERVICE']._serialized_start=1218
+  _globals['_REPLICATIONSERVICE']._serialized_end=1320
 # @@protoc_insertion_point(module_scope)

@@ -193,6 +193,7 @@ class Ack(_message.Message):
     REDUNDANT_OWNERS_FIELD_NUMBER: _builtins.int
     YOUR_LOG_FORKED_AT_FIELD_NUMBER: _builtins.int
     YOUR_ENTRY_BEFORE_FORK_FIELD_NUMBER: _builtins.int
+    FORKED_LOGS_FIELD_NUMBER: _builtins.int
     your_log_forked_at: _builtins.int
     """Set when the acknowledging node found the receiver's own log forked (it
     holds other entries of it than the receiver sent): the seq where it found
@@ -234,6 +235,14 @@ class Ack(_message.Message):
         never stops sending its own log.
         """
 
+    @_builtins.property
+    def forked_logs(self) -> _containers.RepeatedCompositeFieldContainer[_nodes_pb2.ForkedLog]:
+        """Every log the acknowledging node found forked (the receiver's own
+        included), with the seq where: it takes none of that owner's entries
+        from there on, so the receiver sends it none (never acknowledged, they
+        would fill the receiver's window of unacknowledged entries for good).
+        """
+
     def __init__(
         self,
         *,
@@ -243,10 +252,11 @@ class Ack(_message.Message):
         redundant_owners: _abc.Iterable[_builtins.str] | None = ...,
         your_log_forked_at: _builtins.int = ...,
         your_entry_before_fork: _builtins.str = ...,
+        forked_logs: _abc.Iterable[_nodes_pb2.ForkedLog] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector", "your_entry_before_fork", b"your_entry_before_fork", "your_log_forked_at", b"your_log_forked_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock", "forked_logs", b"forked_logs", "promises", b"promises", "redundant_owners", b"redundant_owners", "vector", b"vector", "your_entry_before_fork", b"your_entry_before_fork", "your_log_forked_at", b"your_log_forked_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
