@@ -114,6 +114,9 @@ UP_PROMISE_MS = 10_000
 SHARE_TTL_MS = 1_000
 #: Open tasks placed in the scheduler between two turns of the event loop at start.
 PLACE_CHUNK = 500
+#: Longest a stopping node waits for the releases under way (of tasks claimed for lease streams the
+#: stop cut before they were sent), which would otherwise stay held until their lease ends.
+STOP_RELEASES_S = 2.0
 
 
 class _Lost:
@@ -198,7 +201,10 @@ class Pigtail:
         self._applier = asyncio.create_task(self._apply_loop(self._log.position()), name="pigtail-applier")
 
     async def stop(self) -> None:
-        """Stop applying the log; operations waiting for it fail."""
+        """Let the releases under way finish (for up to STOP_RELEASES_S), then stop applying the log;
+        operations waiting for it fail."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=STOP_RELEASES_S)
         applier, self._applier = self._applier, None
         if applier is not None:
             applier.cancel()

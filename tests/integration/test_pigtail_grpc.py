@@ -595,6 +595,23 @@ async def test_a_failure_placing_the_open_tasks_at_start_leaves_pigtail_applying
     assert "placing the open tasks in the scheduler failed" in caplog.text
 
 
+async def test_releases_under_way_as_the_node_stops_are_finished(pigtail_node: Factory) -> None:
+    """A lease stream cut by the node's stop releases the tasks it had claimed and not sent, one after
+    the other: the stop waits for that (it used to cancel it, leaving the later ones held until
+    their lease ended)."""
+    n = await pigtail_node("a")
+    await n.api.CreateQueue(pb.CreateQueueRequest(name="q", timeout_ms=60_000))
+    task_ids = [await n.add() for _ in range(3)]
+    for task_id in task_ids:
+        await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="w"))
+    pigtail = n.node.services["pigtail"].pigtail
+    pigtail.release_later("q", "w", task_ids)
+    await pigtail.stop()  # as the node's stop does, right after its server cut the stream
+    await n.close()
+    n = await pigtail_node("a")
+    assert [(await n.task(task_id)).state for task_id in task_ids] == [pb.TASK_STATE_PENDING] * 3
+
+
 async def test_two_nodes_share_tasks_and_agree_on_one_winner(pigtail_node: Factory) -> None:
     a = await pigtail_node("a")
     b = await pigtail_node("b", peers=(a,))
