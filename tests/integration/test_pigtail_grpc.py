@@ -19,7 +19,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail import worksession
 from potboiler.pigtail.engine import Pigtail
-from potboiler.pigtail.service import create
+from potboiler.pigtail.service import PigtailService, create
 from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.server.entries import MAX_DEPTH, NewEntry
 from potboiler.server.jsonvalue import JSON, to_value
@@ -604,7 +604,9 @@ async def test_releases_under_way_as_the_node_stops_are_finished(pigtail_node: F
     task_ids = [await n.add() for _ in range(3)]
     for task_id in task_ids:
         await n.api.ClaimTask(pb.ClaimTaskRequest(queue="q", task_id=task_id, worker_id="w"))
-    pigtail = n.node.services["pigtail"].pigtail
+    service = n.node.services["pigtail"]
+    assert isinstance(service, PigtailService)
+    pigtail = service.pigtail
     pigtail.release_later("q", "w", task_ids)
     await pigtail.stop()  # as the node's stop does, right after its server cut the stream
     await n.close()
