@@ -77,9 +77,9 @@ class HybridClock:
             self._last = seen
 
     def observe_remote(self, remote: Stamp) -> None:
-        """Take in a stamp seen on an entry from another node, so later stamps exceed it, but move
-        the clock at most MAX_DRIFT_MS ahead of physical time (then later stamps only exceed that
-        bound, and the far-future entry keeps its stamp)."""
+        """Take in a stamp from another node (an entry's, or a clock promise), so later stamps exceed
+        it, but move the clock at most MAX_DRIFT_MS ahead of physical time (then later stamps only
+        exceed that bound, and a far-future entry keeps its stamp)."""
         if remote <= self._last:
             return
         bound = self._physical() + MAX_DRIFT_MS
@@ -88,7 +88,7 @@ class HybridClock:
             if now - self._warned_at > 60:
                 self._warned_at = now
                 log.warning(
-                    "an entry from another node is stamped %.1f s ahead of this node's clock; "
+                    "a stamp from another node (an entry's, or its clock's) is %.1f s ahead of this node's clock; "
                     "the clock follows it only %d s ahead (check the nodes' clocks)",
                     (remote.wall_ms - bound + MAX_DRIFT_MS) / 1000,
                     MAX_DRIFT_MS // 1000,

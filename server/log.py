@@ -189,7 +189,11 @@ class Log:
         return Promise(self.clock.now(), self._heads.get(self.node_id_bytes, (0, b""))[0])
 
     def note_promise(self, owner: str, promise: Promise) -> None:
-        """Remember another owner's clock promise (an older one than already known changes nothing)."""
+        """Remember another owner's clock promise (an older one than already known changes nothing),
+        and let this node's clock follow it as it follows peers' entries: an idle node whose clock
+        is behind would otherwise stamp its next entries (a Pigtail claim, whose lease runs from its
+        stamp) at a time the other nodes have left behind."""
+        self.clock.observe_remote(promise.stamp)
         known = self._promises.get(owner)
         if known is None or promise.stamp > known.stamp:
             self._promises[owner] = promise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import uuid
 from collections.abc import Sequence
 
 import pytest
@@ -15,9 +16,9 @@ from hypothesis import strategies as st
 from potboiler.server.entries import MAX_DEPTH, MAX_ENTRY_BYTES, NewEntry, validate_new_entry
 from potboiler.server.entry_batches import marked
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
-from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
+from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
-from potboiler.server.log import Blocked, Log
+from potboiler.server.log import Blocked, Log, Promise
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -230,6 +231,15 @@ def test_remote_entries_are_taken_once_and_in_chain_order(store: MemoryStore) ->
     assert delivered_ids(log) == [e.id for e in entries]
     assert log.vector() == {origin.node_id: 4}
     assert log.clock.now().wall_ms == ahead  # observed the remote stamps
+
+
+def test_a_peers_clock_promise_moves_the_clock_on_within_the_drift_bound(store: MemoryStore) -> None:
+    """An idle node behind its peers (no entry of theirs to observe) stamps after their promises."""
+    log = Log(store, HybridClock(lambda: 5))
+    log.note_promise(str(uuid.uuid4()), Promise(Stamp(5 + MAX_DRIFT_MS // 2, 7), 0))
+    assert log.clock.now() == Stamp(5 + MAX_DRIFT_MS // 2, 8)
+    log.note_promise(str(uuid.uuid4()), Promise(Stamp(5 + 2 * MAX_DRIFT_MS, 0), 0))
+    assert log.clock.now().wall_ms == 5 + MAX_DRIFT_MS  # a clock far ahead pulls it only so far
 
 
 def test_dependency_chains_resolve_transitively(store: MemoryStore) -> None:
