@@ -63,6 +63,7 @@ from potboiler.pigtail.machine import (
     check_release,
     check_retry,
     find_by_key,
+    latest_delete,
     task_view,
     task_view_after,
 )
@@ -77,7 +78,8 @@ from potboiler.server.errors import (
     Unavailable,
     quoted,
 )
-from potboiler.server.hlc import HybridClock
+from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock
+from potboiler.server.hlc import Stamp as ClockStamp
 from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.logclient import (
     APPLY_RETRY,
@@ -467,6 +469,17 @@ class Pigtail:
             raise NotFound(f"no such task {quoted(task_id)} in queue {queue!r}")
         raise Contended(f"task {task_id!r}: {decision.message}")
 
+    def _refuse_stamping_before(self, at: Stamp, done: str, what: str) -> None:
+        """Unavailable if this node would stamp its next entry before `at` (when something was
+        `done`): then `what` made here would count as made before it (tasks added before their
+        queue never show, a create before a delete is void)."""
+        if not self._clock.stamps_after(ClockStamp(at.wall_ms, at.logical)):
+            raise Unavailable(
+                f"{done} by a node whose clock runs more than {MAX_DRIFT_MS // 1000} s ahead of this "
+                f"node's: {what} here now would be stamped before that and not count; check the "
+                "nodes' clocks"
+            )
+
     def _view(self, queue: str, task_id: str, after: Stamp | None = None) -> TaskView:
         """The task now, or just after the event stamped `after` (see `task_view_after`)."""
         task, state = self._task_or_none(queue, task_id), self.state.queue(queue)
@@ -497,6 +510,8 @@ class Pigtail:
         self._refuse(decision, name)
         if decision.noop:
             return self._queue(name)[1], False
+        if (deleted := latest_delete(self.state.queue(name))) is not None:
+            self._refuse_stamping_before(deleted, f"queue {name!r} was deleted", "a create")
         entry = await self._append(QueueCreated(name, timeout_ms, max_attempts))
         config = self.state.config(name)
         if config is None:
@@ -557,6 +572,8 @@ class Pigtail:
         due = validate.not_before(not_before_ms, delay_ms, now)
         decision = check_add(self.state.queue(queue), idempotency_key)
         self._refuse(decision, queue)
+        if (config := self.state.config(queue)) is not None:
+            self._refuse_stamping_before(config.created, f"queue {queue!r} was created", "a task added")
         if decision.noop and decision.task_id is not None:
             return self._view(queue, decision.task_id), False
         task_id = str(uuid.uuid4())

@@ -70,6 +70,11 @@ class HybridClock:
         self._last = Stamp(first.wall_ms, first.logical + n - 1)
         return first
 
+    def stamps_after(self, stamp: Stamp) -> bool:
+        """Whether the next stamp will come after `stamp` (not so for a stamp of a node whose clock
+        runs further ahead than MAX_DRIFT_MS, which this clock follows only that far)."""
+        return self._last >= stamp or self._physical() > stamp.wall_ms
+
     def observe(self, seen: Stamp) -> None:
         """Take in a stamp of this node's own history (e.g. its newest entry after a restart), so
         later stamps exceed it, however far ahead of the physical clock it is."""

@@ -27,7 +27,7 @@ from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.pigtail.worksession import work_session
 from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge, Unavailable
-from potboiler.server.hlc import HybridClock, Stamp
+from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from potboiler.server.log import Promise
 from potboiler.server.logclient import APPLY_ATTEMPTS
 from potboiler.server.storage import MemoryStore, Write
@@ -328,6 +328,30 @@ async def test_concurrent_claims_on_one_node_have_one_winner(h: Harness) -> None
     assert len(winners) == 1
     assert all(isinstance(r, Contended) for r in results if isinstance(r, BaseException))
     assert (await h.pigtail.get_task("q", task_id))["worker"] == winners[0][0]["worker"]
+
+
+async def test_adds_to_a_queue_created_by_a_node_far_ahead_are_refused_saying_why(h: Harness) -> None:
+    """The create is stamped further ahead of this node's clock than it follows (60 s): a task added
+    here would be stamped before its queue and never show (the add answered "deleted
+    concurrently"). Refused, saying why, until the clocks agree."""
+    h.log.remote(B, T0 + 2 * MAX_DRIFT_MS, QueueCreated("q", 1000))
+    await wait_for(lambda: h.pigtail.state.config("q") is not None, message="the create applied")
+    with pytest.raises(Unavailable, match="queue 'q' was created by a node whose clock runs more than 60 s"):
+        await h.add()
+    assert await h.pigtail.list_tasks("q") == []
+    h.advance(2 * MAX_DRIFT_MS + 1)
+    task_id = await h.add()
+    assert [listed for listed, _ in await h.pigtail.list_tasks("q")] == [task_id]
+
+
+async def test_a_create_after_a_delete_by_a_node_far_ahead_is_refused_saying_why(h: Harness) -> None:
+    await h.pigtail.create_queue("q", 1000)
+    h.log.remote(B, T0 + 2 * MAX_DRIFT_MS, QueueDeleted("q"))
+    await wait_for(lambda: h.pigtail.state.config("q") is None, message="the delete applied")
+    with pytest.raises(Unavailable, match="queue 'q' was deleted by a node whose clock runs more than 60 s"):
+        await h.pigtail.create_queue("q", 1000)
+    h.advance(2 * MAX_DRIFT_MS + 1)
+    assert (await h.pigtail.create_queue("q", 1000))[1]
 
 
 async def test_an_earlier_claim_from_another_node_wins_when_it_arrives(h: Harness) -> None:
