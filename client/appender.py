@@ -146,16 +146,29 @@ class StreamAppender:
         try:
             while (response := await call.read()) is not grpc.aio.EOF:
                 assert isinstance(response, log_pb2.AppendEntryStreamResponse)
-                for item, ack in zip(sent.popleft(), response.entries, strict=True):
+                acks = response.entries
+                if not sent or len(sent[0]) != len(acks):
+                    raise RuntimeError(
+                        f"the node acknowledged {len(acks)} entries of a message of "
+                        f"{len(sent[0]) if sent else 0}: the stream is out of step"
+                    )
+                for item, ack in zip(sent.popleft(), acks, strict=True):
                     if not item.done.done():
                         item.done.set_result(ack)
             if sent:
                 self._fail(RuntimeError("the node ended the append stream without acknowledging"), sent)
         except Exception as error:  # the call's error, or an answer that does not fit what was sent
             self._fail(error, sent)
-        except asyncio.CancelledError:  # this task (or the call, locally) was cancelled
-            self._fail(RuntimeError("the append stream was cancelled"), sent)
-            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this task was cancelled (abort)
+                self._fail(RuntimeError("the append stream was cancelled"), sent)
+                raise
+            # Nobody cancelled this task: the call was, by a writer that failed, or by grpc.aio as
+            # its channel was closed.
+            failed = writer.exception() if writer.done() and not writer.cancelled() else None
+            closed = RuntimeError("the append stream ended: its channel was closed")
+            self._fail(failed if isinstance(failed, Exception) else closed, sent)
         finally:
             writer.cancel()
             # A writer that wrote on the call after it ended raises what grpc.aio says then (the

@@ -19,7 +19,7 @@ from potboiler.client.appender import StreamAppender
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.jsonvalue import JSON
-from potboiler.v1 import log_pb2
+from potboiler.v1 import log_pb2, log_pb2_grpc
 from tests.conftest import GrpcNode, GrpcNodeFactory
 
 
@@ -287,3 +287,50 @@ async def test_close_after_an_abort_returns(grpc_node: GrpcNode) -> None:
     await appender.abort()
     await appender.close()  # neither hangs nor raises the abort's cancellation
     await asyncio.gather(pending, return_exceptions=True)
+
+
+async def test_a_channel_closed_under_the_appends_fails_them_and_close_returns(
+    grpc_node: GrpcNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc.aio ends the calls of a channel that is closed as if they were cancelled: the appends in
+    flight fail saying so, and close() returns (it raised CancelledError in a task nobody had
+    cancelled)."""
+    writing, release = hold_node_writes(grpc_node, monkeypatch)
+    channel = grpc.aio.insecure_channel(grpc_node.target)
+    appender = StreamAppender(channel)
+    pending = [asyncio.ensure_future(appender.append({"n": n})) for n in range(100)]
+    await asyncio.wait_for(writing.wait(), 20)
+    await channel.close()
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+    assert all(isinstance(r, RuntimeError) and "channel was closed" in str(r) for r in results), results
+    await appender.close()
+
+
+class _OutOfStep(log_pb2_grpc.LogServiceServicer):
+    """A LogService whose stream acknowledges one entry too few of each message."""
+
+    async def AppendEntryStream(self, request_iterator: Any, context: Any) -> Any:
+        async for message in request_iterator:
+            response = log_pb2.AppendEntryStreamResponse()
+            for _ in message.entries[1:]:
+                response.entries.add(id="0", seq=1)
+            yield response
+
+
+async def test_an_answer_out_of_step_with_what_was_sent_fails_every_append() -> None:
+    """(The appends of the message answered short were waited on for ever.)"""
+    server = grpc.aio.server()
+    log_pb2_grpc.add_LogServiceServicer_to_server(_OutOfStep(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            appender = StreamAppender(channel)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(appender.append(n) for n in range(4)), return_exceptions=True), 10
+            )
+            assert all(isinstance(r, RuntimeError) and "out of step" in str(r) for r in results), results
+            await appender.close()
+    finally:
+        await server.stop(None)
