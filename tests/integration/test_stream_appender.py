@@ -19,7 +19,7 @@ from potboiler.client.appender import StreamAppender
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.jsonvalue import JSON
-from potboiler.v1 import log_pb2, log_pb2_grpc
+from potboiler.v1 import log_pb2
 from tests.conftest import GrpcNode, GrpcNodeFactory
 
 
@@ -307,21 +307,26 @@ async def test_a_channel_closed_under_the_appends_fails_them_and_close_returns(
     await appender.close()
 
 
-class _OutOfStep(log_pb2_grpc.LogServiceServicer):
-    """A LogService whose stream acknowledges one entry too few of each message."""
-
-    async def AppendEntryStream(self, request_iterator: Any, context: Any) -> Any:
-        async for message in request_iterator:
-            response = log_pb2.AppendEntryStreamResponse()
-            for _ in message.entries[1:]:
-                response.entries.add(id="0", seq=1)
-            yield response
+async def _out_of_step(request_iterator: Any, context: Any) -> Any:
+    """An AppendEntryStream that acknowledges one entry too few of each message."""
+    async for message in request_iterator:
+        response = log_pb2.AppendEntryStreamResponse()
+        for _ in message.entries[1:]:
+            response.entries.add(id="0", seq=1)
+        yield response
 
 
 async def test_an_answer_out_of_step_with_what_was_sent_fails_every_append() -> None:
     """(The appends of the message answered short were waited on for ever.)"""
     server = grpc.aio.server()
-    log_pb2_grpc.add_LogServiceServicer_to_server(_OutOfStep(), server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        _out_of_step,
+        request_deserializer=log_pb2.AppendEntryStreamRequest.FromString,
+        response_serializer=log_pb2.AppendEntryStreamResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("potboiler.v1.LogService", {"AppendEntryStream": handler})]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
