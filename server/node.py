@@ -286,7 +286,10 @@ class Node:
         assert tokens is not None and tokens.path is not None  # watched only when read from a file
         if not self._reloaded("tokens", tokens.reload):
             return
-        log.info("reloaded the tokens file %s: %d tokens", tokens.path, len(tokens))
+        if len(tokens):
+            log.info("reloaded the tokens file %s: %d tokens", tokens.path, len(tokens))
+        else:
+            log.warning("the tokens file %s holds no tokens now: every call is refused", tokens.path)
         if self._auth is not None and (ended := self._auth.end_revoked()):
             log.info("ended %d streaming calls whose token no longer allows them", ended)
 

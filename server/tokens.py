@@ -72,8 +72,8 @@ class TokenStore:
             self._entries.append((digest.lower().encode(), role))
 
     @classmethod
-    def parse(cls, text: str, source: str = "tokens file") -> TokenStore:
-        """Tokens from the text of a tokens file."""
+    def parse(cls, text: str, source: str = "tokens file", *, allow_empty: bool = False) -> TokenStore:
+        """Tokens from the text of a tokens file (one without any refused unless `allow_empty`)."""
         entries = []
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
@@ -93,25 +93,27 @@ class TokenStore:
             except SecurityConfigError as exc:
                 raise SecurityConfigError(f"{source}:{number}: {exc}") from None
             entries.append((fields[0], role))
-        if not entries:
+        if not entries and not allow_empty:
             raise SecurityConfigError(f"{source} holds no tokens (every call would be refused)")
         return cls(entries)
 
     @classmethod
-    def load(cls, path: Path) -> TokenStore:
-        """Tokens from a tokens file."""
+    def load(cls, path: Path, *, allow_empty: bool = False) -> TokenStore:
+        """Tokens from a tokens file (see `parse`)."""
         text, version = read_versioned(path, "tokens file")
-        tokens = cls.parse(text, str(path))
+        tokens = cls.parse(text, str(path), allow_empty=allow_empty)
         tokens.path, tokens.version = path, version
         return tokens
 
     def reload(self) -> int:
         """Read the tokens file again and take its tokens in place of these, all at once (calls
-        checked from then on see only the new ones); returns how many. SecurityConfigError, keeping
-        these, if the file cannot be read or is not a valid tokens file."""
+        checked from then on see only the new ones); returns how many. A file left with no tokens
+        (every line removed or commented out) revokes them all: an operator locking everything
+        down. SecurityConfigError, keeping these, if the file cannot be read or is not a valid
+        tokens file."""
         if self.path is None:
             raise SecurityConfigError("these tokens were not read from a file")
-        loaded = TokenStore.load(self.path)
+        loaded = TokenStore.load(self.path, allow_empty=True)
         self._entries, self.version = loaded._entries, loaded.version
         return len(self._entries)
 

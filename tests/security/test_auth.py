@@ -135,6 +135,12 @@ def test_a_changed_tokens_file_is_taken_without_a_restart(nodes: NodeProcesses, 
         assert appends_with(new_token) == 201
         assert appends_with(WRITE_TOKEN) == 401
 
+        # A file left with no tokens revokes them all (an operator locking everything down).
+        replace("# every token revoked\n")
+        wait_for_sync(lambda: appends_with(new_token) == 401, message="every token revoked")
+        assert http.get("/log", headers=bearer(READ_TOKEN)).status_code == 401
+        assert node_log_says("holds no tokens now: every call is refused")
+
 
 @pytest.mark.parametrize("port", ["direct", "envoy"])
 def test_grpc_needs_a_token_and_a_write_token_to_write(token_node: NodeProcess, port: str) -> None:

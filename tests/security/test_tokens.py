@@ -114,17 +114,29 @@ def test_reloading_takes_the_files_tokens_instead_or_keeps_them_if_it_is_not_val
         Role.READ,
         Role.ADMIN,
     )
-    for broken in ("", "not a tokens file\n"):
-        path.write_text(broken)
-        with pytest.raises(SecurityConfigError):
-            tokens.reload()
-        assert tokens.role_of("new") is Role.READ
+    path.write_text("not a tokens file\n")
+    with pytest.raises(SecurityConfigError):
+        tokens.reload()
+    assert tokens.role_of("new") is Role.READ
     path.unlink()
     with pytest.raises(SecurityConfigError, match="cannot read"):
         tokens.reload()
     assert tokens.role_of("newer") is Role.ADMIN
     with pytest.raises(SecurityConfigError, match="not read from a file"):
         TokenStore.parse(token_line("x", Role.READ)).reload()
+
+
+def test_a_tokens_file_left_with_no_tokens_revokes_them_all(tmp_path: Path) -> None:
+    """(It used to be refused as not valid, leaving every token working.) At start such a file is
+    refused: every call would be."""
+    path = tmp_path / "tokens"
+    path.write_text(token_line("old", Role.ADMIN) + "\n")
+    tokens = TokenStore.load(path)
+    path.write_text("# every token revoked\n")
+    assert tokens.reload() == 0
+    assert tokens.role_of("old") is None
+    with pytest.raises(SecurityConfigError, match="holds no tokens"):
+        TokenStore.load(path)
 
 
 def test_a_peer_token_file_is_read_again_or_kept_if_it_holds_no_token(tmp_path: Path) -> None:
