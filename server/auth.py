@@ -25,10 +25,11 @@ log = logging.getLogger("potboiler.server.security")
 #: Header Envoy sets (overwriting any a client sent) on every request it forwards. A call that
 #: has it came through the gateway, so the gateway's TLS client certificate does not make it a peer.
 GATEWAY_HEADER = "x-potboiler-gateway"
-#: Calls open to anyone, whatever the settings.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+#: Calls open to anyone, whatever the settings (a health check; not its Watch stream, which stays
+#: open as long as the caller likes, holding the node's memory).
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 #: Read-only services beside ours.
-READ_PREFIXES = ("/grpc.reflection.",)
+READ_PREFIXES = ("/grpc.reflection.", "/grpc.health.v1.Health/")
 #: The node-to-node RPC: a verified peer certificate authenticates it.
 PEER_METHODS = frozenset({"/potboiler.v1.ReplicationService/Replicate"})
 #: Verbs of read RPCs (after an optional `Rest` prefix, as in `RestGetTask`).
@@ -46,7 +47,7 @@ def required_role(method: str) -> Role | None:
     """The role a call of `method` (`/package.Service/Method`) needs; None if it is open.
     Anything not recognisably a read is a write, or in the cluster's own services an admin call
     (fail closed)."""
-    if method.startswith(OPEN_PREFIXES):
+    if method in OPEN_METHODS:
         return None
     if method.startswith(READ_PREFIXES):
         return Role.READ

@@ -213,7 +213,7 @@ def test_a_peer_token_that_cannot_travel_as_a_header_is_refused(tmp_path: Path, 
     ("method", "role"),
     [
         ("/grpc.health.v1.Health/Check", None),
-        ("/grpc.health.v1.Health/Watch", None),
+        ("/grpc.health.v1.Health/Watch", Role.READ),
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", Role.READ),
         ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Role.READ),
         ("/potboiler.v1.CoreRestService/GetLogHeads", Role.READ),
