@@ -8,7 +8,8 @@ none), and connections to the address in the request's URL (`GuardedTransport` p
 address there) with TLS checked against the `sni_hostname` extension, else the URL's host.
 
 A connection is kept for the next request only once a response has been read to its end and both
-sides may go on (h11 says so); one left with part of a response unread, or broken, is closed. A POST
+sides may go on (h11 says so), and for IDLE_TIMEOUT_S at most; one left with part of a response
+unread, or broken, is closed. A POST
 on a kept connection that the receiver closed meanwhile (a keep-alive timeout) is sent again, once,
 on a new one: it had not been answered, and deliveries are at-least-once anyway.
 """
@@ -24,6 +25,9 @@ import httpx
 
 #: Idle connections kept per origin (each webhook's task uses one connection at a time).
 MAX_IDLE = 100
+#: How long a kept connection waits for its next request before it is closed: receivers come and
+#: go (a webhook registered, delivered to and deregistered), and their connections must not stay.
+IDLE_TIMEOUT_S = 30.0
 _READ_SIZE = 64 << 10
 
 
@@ -141,24 +145,45 @@ class H11Transport(httpx.AsyncBaseTransport):
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         """`tls`: the context of HTTPS connections (default: certifi's CAs, as httpx's own)."""
         self._idle: dict[tuple[str, str, int, str], list[_Connection]] = {}
+        #: When each kept connection is closed unless used meanwhile.
+        self._expiry: dict[_Connection, asyncio.TimerHandle] = {}
         self._tls = tls
 
     def keep(self, key: tuple[str, str, int, str], connection: _Connection) -> None:
-        """Keep `connection` for the next request to its origin (closing it if enough are kept)."""
+        """Keep `connection` for the next request to its origin, for IDLE_TIMEOUT_S at most
+        (closing it now if enough are kept)."""
         idle = self._idle.setdefault(key, [])
         if len(idle) < MAX_IDLE:
             idle.append(connection)
+            loop = asyncio.get_running_loop()
+            self._expiry[connection] = loop.call_later(IDLE_TIMEOUT_S, self._expire, key, connection)
         else:
             connection.close()
+
+    def _expire(self, key: tuple[str, str, int, str], connection: _Connection) -> None:
+        self._expiry.pop(connection, None)
+        idle = self._idle.get(key, [])
+        if connection in idle:
+            idle.remove(connection)
+            connection.close()
+        if not idle:
+            self._idle.pop(key, None)
 
     def _kept(self, key: tuple[str, str, int, str]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
+            if (expiry := self._expiry.pop(connection, None)) is not None:
+                expiry.cancel()
             if connection.usable():
                 return connection
             connection.close()
         return None
+
+    @property
+    def idle(self) -> int:
+        """How many connections are kept."""
+        return sum(map(len, self._idle.values()))
 
     async def _connect(
         self, request: httpx.Request, key: tuple[str, str, int, str], timeout: float | None
@@ -225,6 +250,9 @@ class H11Transport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}
+        for expiry in self._expiry.values():
+            expiry.cancel()
+        self._expiry.clear()
         for connections in idle.values():
             for connection in connections:
                 connection.close()

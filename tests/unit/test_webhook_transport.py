@@ -13,7 +13,9 @@ import httpx
 import pytest
 import trustme
 
+from potboiler.server import webhook_transport
 from potboiler.server.webhook_transport import H11Transport
+from tests.conftest import wait_for
 
 #: One connection's handling: (reader, writer, its number from 1) -> None.
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -115,6 +117,20 @@ async def test_a_connection_is_kept_for_the_next_post() -> None:
         statuses = [(await post(http, f"http://127.0.0.1:{server.port}/in")).status_code for _ in range(3)]
     assert statuses == [204, 204, 200]
     assert server.connections == 1
+
+
+async def test_a_kept_connection_is_closed_once_idle_for_too_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Kept for ever, a receiver registered, delivered to once and deregistered left its socket
+    open: one per receiver.)"""
+    monkeypatch.setattr(webhook_transport, "IDLE_TIMEOUT_S", 0.05)
+    transport = H11Transport()
+    async with serving(answering(NO_CONTENT, NO_CONTENT)) as server, client(transport) as http:
+        url = f"http://127.0.0.1:{server.port}/in"
+        assert (await post(http, url)).status_code == 204
+        assert transport.idle == 1
+        await wait_for(lambda: transport.idle == 0, message="the idle connection closed")
+        assert (await post(http, url)).status_code == 204  # on a new connection
+    assert server.connections == 2
 
 
 async def test_a_post_on_a_kept_connection_the_receiver_closed_goes_again_on_a_new_one() -> None:
