@@ -9,11 +9,15 @@ position 0 and its KV and Pigtail state through REST, and compared with the hist
   entries, heads and version vectors;
 - KV: every node shows the same tables, keys and values; each counter lies between the sum of its
   acknowledged increments and that sum plus the increments whose outcome is unknown (equal to the
-  acknowledged sum when none is unknown); each LWW value is one that was written, and the write with
-  the greatest (HLC stamp, owner) among those in the log; each OR-Set holds only items that were added,
-  and every acknowledged add of an item nobody tried to remove;
+  acknowledged sum when none is unknown); each LWW key with an acknowledged write has a value, one
+  that was written, and the write with the greatest (HLC stamp, owner) among those in the log; each
+  OR-Set holds only items that were added, every acknowledged add of an item nobody tried to remove,
+  and no item whose remove was acknowledged;
 - Pigtail: every acknowledged task is done on every node (at least once), all nodes show the same
-  task views and no open task, and no task is present that was never added.
+  task views and no open task, and no task is present that was never added; a task whose done a
+  worker had acknowledged was done by that (not by the drain), and no node accepted a claim after
+  acknowledging the task's done;
+- every kind of operation was acknowledged at least once (else its checks ran on nothing).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import pytest
 
 from tests.faults.cluster import FaultCluster
-from tests.faults.workload import COUNTER_TABLE, LWW_TABLE, ORSET_TABLE, QUEUE, History
+from tests.faults.workload import COUNTER_TABLE, LWW_TABLE, ORSET_TABLE, QUEUE, History, Op
 
 #: Name of the user property (and report section) figures are recorded under.
 FIGURES_PROPERTY = "figures"
@@ -195,7 +199,9 @@ def check_kv(
     # LWW: a value that was written, and the greatest (stamp, owner) among the sets in the log.
     lww_ok = 0
     for key, value in sorted(state.get(LWW_TABLE, {}).items()):
-        written = {o.value for o in history.of("lww") if o.key == key}
+        # (Not those that certainly failed: refused with a 4xx before anything was appended, or
+        # never sent.)
+        written = {o.value for o in history.of("lww") if o.key == key and o.outcome != "fail"}
         verdict.expect(value in written, f"LWW {key} is {value!r}, which was never written")
         candidates = [
             (_stamp(e), s)
@@ -206,27 +212,50 @@ def check_kv(
             for s in _strings(e["data"].get("change"))
             if s in written
         ]
+        verdict.expect(bool(candidates), f"LWW {key} is {value!r}, but no write of it is in the log")
         if candidates:
             winner = max(candidates)[1]
             verdict.expect(
                 value == winner, f"LWW {key} is {value!r}, but the latest write in the log is {winner!r}"
             )
             lww_ok += value == winner
+        # The latest by stamps is the latest in time for writes one after the other: a writer's
+        # acknowledged set is stamped after its previous acknowledged set of the key.
+        stamped = {s: stamp for stamp, s in candidates}
+        last: dict[int, Op] = {}
+        for o in sorted((o for o in history.of("lww", outcome="ok") if o.key == key), key=lambda o: o.start):
+            before = last.get(o.writer)
+            if before is not None and before.end < o.start:
+                earlier, later = stamped.get(before.value), stamped.get(o.value)
+                verdict.expect(
+                    earlier is not None and later is not None and earlier < later,
+                    f"LWW {key}: {o.value!r} was written after {before.value!r} but is not stamped after it",
+                )
+            last[o.writer] = o
+    for key in {o.key for o in history.of("lww", outcome="ok")} - set(state.get(LWW_TABLE, {})):
+        verdict.problems.append(f"LWW {key} has acknowledged writes but no value")
     figures["lww_keys"] = len(state.get(LWW_TABLE, {}))
     figures["lww_latest_write_wins"] = lww_ok
     # OR-Set: only added items; every acknowledged add of an item never removed is there.
     present_items = 0
-    for key, value in sorted(state.get(ORSET_TABLE, {}).items()):
+    sets = state.get(ORSET_TABLE, {})
+    for key in sorted(set(sets) | {o.key for o in history.of("orset-add", outcome="ok")}):
+        value = sets.get(key, [])
         items = {e.get("item") for e in value} if isinstance(value, list) else set()
         adds = [o for o in history.of("orset-add") if o.key == key]
-        removed = {o.value for o in history.of("orset-remove") if o.key == key}
-        added = {o.value for o in adds}
+        removes = history.of("orset-remove")
+        removed = {o.value for o in removes if o.key == key}
+        added = {o.value for o in adds if o.outcome != "fail"}
         invented = items - added
         verdict.expect(
             not invented, f"OR-Set {key} holds items never added: {sorted(map(str, invented))[:5]}"
         )
         missing = {o.value for o in adds if o.outcome == "ok"} - removed - items
         verdict.expect(not missing, f"OR-Set {key} lacks acknowledged adds: {sorted(missing)[:5]}")
+        # Each item is added once, and removed only by its writer, on the node that acknowledged
+        # the add (which shows its own writes): an acknowledged remove saw the add, and wins.
+        kept = {o.value for o in removes if o.key == key and o.outcome == "ok"} & items
+        verdict.expect(not kept, f"OR-Set {key} holds items removed since: {sorted(kept)[:5]}")
         present_items += len(items)
     figures["orset_items"] = present_items
     figures["orset_adds_acknowledged"] = len(history.of("orset-add", outcome="ok"))
@@ -237,7 +266,7 @@ def check_kv(
 def task_views(cluster: FaultCluster, i: int, task_ids: Sequence[str]) -> dict[str, Any]:
     """Node i's REST view of each task."""
     url = cluster.nodes[i].pigtail_url
-    return {t: cluster.get(f"{url}/queue/{QUEUE}/{t}") for t in task_ids}
+    return {t: cluster.get(f"{url}/queue/{QUEUE}/{t}?verbose=true") for t in task_ids}
 
 
 def check_queue(
@@ -262,6 +291,18 @@ def check_queue(
     }
     invented = in_log - names
     verdict.expect(not invented, f"tasks in the log that were never added: {sorted(invented)[:5]}")
+    # A worker's acknowledged done is the task's first (the drain completes only tasks not done).
+    by_workers = {o.key for o in history.of("task-done", outcome="ok")}
+    redone = sorted(t for t in by_workers if views[0].get(t, {}).get("done_by") == "drain")
+    verdict.expect(not redone, f"tasks whose acknowledged done was lost (the drain did them): {redone[:5]}")
+    # Done is final, and a node shows its own writes: it refuses claims once it has answered a done.
+    dones = {(o.node, o.key): o.end for o in reversed(history.of("task-done", outcome="ok"))}
+    late = [
+        o.key
+        for o in history.of("task-claim", outcome="ok")
+        if (o.node, o.key) in dones and o.start > dones[o.node, o.key]
+    ]
+    verdict.expect(not late, f"claims accepted after the same node acknowledged a done: {late[:5]}")
     claimers: dict[str, set[str]] = {}
     for o in history.of("task-claim", outcome="ok"):
         claimers.setdefault(o.key, set()).add(o.value)
@@ -287,6 +328,8 @@ def check_all(
         "indeterminate": sum(c["info"] for c in counts.values()),
         "by_kind": counts,
     }
+    idle = sorted(kind for kind, outcomes in counts.items() if not outcomes["ok"])
+    verdict.expect(not idle, f"operations never acknowledged, so never checked: {idle}")
     per_node = check_log(verdict, cluster, history, tag)
     if "kv" in services:
         check_kv(verdict, cluster, history, per_node[0])

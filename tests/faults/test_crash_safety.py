@@ -156,6 +156,8 @@ async def test_kill_9_during_heavy_appends_keeps_every_acknowledged_entry(
         mine = [e["data"] for e in entries if e["data"].get("crash") == number]
         invented = [d for d in mine if d["n"] not in r.attempted]
         verdict.expect(not invented, f"round {number}: entries never sent: {invented[:3]}")
+        twice = len(mine) - len({d["n"] for d in mine})
+        verdict.expect(not twice, f"round {number}: {twice} appends stored under two ids")
         survived_unacked = len(mine) - len(r.acked)
         counter: int | None = None
         if with_kv:
