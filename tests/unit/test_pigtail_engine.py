@@ -783,7 +783,15 @@ class FailingStore(MemoryStore):
         super().write(batch, sync=sync)
 
 
-async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("failing", "times"), [("failures", 3), ("read_failures", 3 * APPLY_ATTEMPTS)], ids=["writes", "reads"]
+)
+async def test_a_failing_store_is_retried_not_skipped(
+    monkeypatch: pytest.MonkeyPatch, failing: str, times: int
+) -> None:
+    """Writes, or reads while planning, that fail for a while: the task is applied once the store
+    works again. Reads fail here more times in a row than an entry that fails by itself is tried
+    before it is skipped (a task used to be skipped so, on this node only)."""
     monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
     clock = HybridClock(Clock())
     store = FailingStore()
@@ -791,27 +799,9 @@ async def test_a_failed_store_write_is_retried_not_skipped(monkeypatch: pytest.M
     await pigtail.start()
     try:
         await pigtail.create_queue("q", 1000)
-        store.failures = 3
+        setattr(store, failing, times)
         view, created = await pigtail.add_task("q", "job")
-        assert created and store.failures == 0
-        assert await pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
-    finally:
-        await pigtail.stop()
-
-
-async def test_a_store_read_failing_for_long_is_retried_not_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    """More failed reads in a row than an entry that fails by itself is tried before it is skipped:
-    the task is applied once the store reads again (it used to be skipped on this node only)."""
-    monkeypatch.setattr(engine, "APPLY_RETRY", Backoff(first=0.001, cap=0.01))
-    clock = HybridClock(Clock())
-    store = FailingStore()
-    pigtail = Pigtail(FakeLog(clock), store, clock)
-    await pigtail.start()
-    try:
-        await pigtail.create_queue("q", 1000)
-        store.read_failures = 3 * APPLY_ATTEMPTS
-        view, created = await pigtail.add_task("q", "job")
-        assert created and store.read_failures == 0
+        assert created and getattr(store, failing) == 0
         assert await pigtail.list_tasks("q") == [(view["task_id"], {"task_name": "job", "state": "pending"})]
     finally:
         await pigtail.stop()
