@@ -10,7 +10,7 @@ timeout, and records each in the `History` with its outcome, as Jepsen does:
 Operations (each value unique, so the checker can tell them apart):
 
 - ``append``: ``POST /log`` of ``{"nemesis": tag, "w": writer, "n": n}`` (always);
-- ``incr``: PN-Counter increments, ``lww``: LWW sets, ``orset-add`` / ``orset-remove``: OR-Set adds of
+- ``incr``: PN-Counter increments and decrements (a negative value), ``lww``: LWW sets, ``orset-add`` / ``orset-remove``: OR-Set adds of
   unique items and removes of items this writer added (when the node runs the KV service);
 - ``task-add``, ``task-claim``, ``task-done``: Pigtail adds, claims by worker ``w<i>`` and completions
   (when the node runs Pigtail).
@@ -242,9 +242,10 @@ class Workload:
 
     async def _op_incr(self, client: httpx.AsyncClient, i: int, n: int, rng: random.Random) -> None:
         key, amount = f"c{rng.randrange(KEYS)}", rng.randint(1, 5)
-        op = Op("incr", i, i, n, key=key, value=amount)
+        verb = "decrement" if rng.random() < 0.3 else "increment"
+        op = Op("incr", i, i, n, key=key, value=-amount if verb == "decrement" else amount)
         url = f"{self.nodes[i].kv_url}/kv/{COUNTER_TABLE}/{key}"
-        await self._call(client, op, "POST", url, {"op": "increment", "change": amount})
+        await self._call(client, op, "POST", url, {"op": verb, "change": amount})
 
     async def _op_lww(self, client: httpx.AsyncClient, i: int, n: int, rng: random.Random) -> None:
         key, value = f"l{rng.randrange(KEYS)}", f"v-{i}-{n}"
