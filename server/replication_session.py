@@ -417,8 +417,9 @@ class Session:
 
     def _peer_found_fork(self, owner: str, seq: int) -> None:
         """Take in that the peer found `owner`'s log forked at `seq`: what was sent of it past the
-        fork will never be acknowledged, and no longer counts against the window."""
-        if seq < 1 or self._forked.get(owner) == seq:
+        fork will never be acknowledged, and no longer counts against the window. (Every Ack says
+        so again, which also takes back a batch that was being written as the first one came.)"""
+        if seq < 1:
             return
         self._forked[owner] = seq
         taken = max(seq - 1, self.acked.get(owner, 0))
