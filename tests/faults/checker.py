@@ -11,8 +11,9 @@ position 0 and its KV and Pigtail state through REST, and compared with the hist
   acknowledged changes plus some of those whose outcome is unknown (equal to the acknowledged sum
   when none is unknown); each LWW key with an acknowledged write has a value, one
   that was written, and the write with the greatest (HLC stamp, owner) among those in the log; each
-  OR-Set holds only items that were added, every acknowledged add of an item nobody tried to remove,
-  and no item whose remove was acknowledged;
+  OR-Set is exactly what its log spells out by OR-Set rules (items and metadata), every acknowledged
+  add is in the log, removes name only adds of their element their node had delivered before them,
+  and an acknowledged remove took away the add its node had shown;
 - Pigtail: every acknowledged task is done on every node (at least once), all nodes show the same
   task views and no open task, and no task is present that was never added; a task whose done a
   worker had acknowledged was done by that (not by the drain), and no node accepted a claim after
@@ -171,9 +172,10 @@ def _normal(value: Any) -> Any:
 
 
 def check_kv(
-    verdict: Verdict, cluster: FaultCluster, history: History, entries: list[dict[str, Any]]
+    verdict: Verdict, cluster: FaultCluster, history: History, per_node: list[list[dict[str, Any]]]
 ) -> None:
     """The KV checks (see the module docstring)."""
+    entries = per_node[0]
     dumps = [_normal(kv_dump(cluster, n.index)) for n in cluster.nodes]
     verdict.expect(all(d == dumps[0] for d in dumps), "KV state differs between nodes")
     state = dumps[0]
@@ -237,31 +239,141 @@ def check_kv(
         verdict.problems.append(f"LWW {key} has acknowledged writes but no value")
     figures["lww_keys"] = len(state.get(LWW_TABLE, {}))
     figures["lww_latest_write_wins"] = lww_ok
-    # OR-Set: only added items; every acknowledged add of an item never removed is there.
-    present_items = 0
-    sets = state.get(ORSET_TABLE, {})
-    for key in sorted(set(sets) | {o.key for o in history.of("orset-add", outcome="ok")}):
-        value = sets.get(key, [])
-        items = {e.get("item") for e in value} if isinstance(value, list) else set()
-        adds = [o for o in history.of("orset-add") if o.key == key]
-        removes = history.of("orset-remove")
-        removed = {o.value for o in removes if o.key == key}
-        added = {o.value for o in adds if o.outcome != "fail"}
-        invented = items - added
-        verdict.expect(
-            not invented, f"OR-Set {key} holds items never added: {sorted(map(str, invented))[:5]}"
-        )
-        missing = {o.value for o in adds if o.outcome == "ok"} - removed - items
-        verdict.expect(not missing, f"OR-Set {key} lacks acknowledged adds: {sorted(missing)[:5]}")
-        # Each item is added once, and removed only by its writer, on the node that acknowledged
-        # the add (which shows its own writes): an acknowledged remove saw the add, and wins.
-        kept = {o.value for o in removes if o.key == key and o.outcome == "ok"} & items
-        verdict.expect(not kept, f"OR-Set {key} holds items removed since: {sorted(kept)[:5]}")
-        present_items += len(items)
-    figures["orset_items"] = present_items
-    figures["orset_adds_acknowledged"] = len(history.of("orset-add", outcome="ok"))
-    figures["orset_removes_acknowledged"] = len(history.of("orset-remove", outcome="ok"))
+    figures.update(check_orsets(verdict, cluster, history, per_node, state.get(ORSET_TABLE, {})))
     verdict.figures["kv"] = figures
+
+
+@dataclass
+class OrSetEvent:
+    """An OR-Set add or remove as the log holds it."""
+
+    tag: str
+    owner: str
+    op: str
+    key: str
+    item: Any
+    metadata: Any
+    #: The adds it takes away (a remove) or replaces (an add).
+    named: list[str]
+    stamp: tuple[int, int, str]
+
+
+def orset_events(entries: Sequence[dict[str, Any]]) -> dict[str, OrSetEvent]:
+    """The workload's OR-Set adds and removes in a node's log, by tag (entry id), in its delivery order."""
+    out: dict[str, OrSetEvent] = {}
+    for e in entries:
+        data = e.get("data")
+        if (
+            not isinstance(data, dict)
+            or data.get("table") != ORSET_TABLE
+            or data.get("op") not in ("add", "remove")
+        ):
+            continue
+        raw = data.get("change")
+        change: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        # A write made before its node knew the table carries the client's change and "observed".
+        named = change.get("tags", change.get("supersedes", data.get("observed", [])))
+        out[e["id"]] = OrSetEvent(
+            e["id"],
+            str(e["owner"]),
+            data["op"],
+            str(data.get("key")),
+            change.get("item"),
+            change.get("metadata"),
+            list(named or []),
+            _stamp(e),
+        )
+    return out
+
+
+def check_orsets(
+    verdict: Verdict,
+    cluster: FaultCluster,
+    history: History,
+    per_node: list[list[dict[str, Any]]],
+    sets: dict[str, Any],
+) -> dict[str, Any]:
+    """The OR-Set checks. The state must be the one the log spells out by OR-Set rules (an add lives
+    until a remove or a later add of its element names it); every acknowledged add is in the log, and
+    an add whose entry lives shows; removes name only adds of their element that their node had
+    delivered, and an acknowledged remove took away the add its node had shown; nothing is in the log
+    that no writer sent. Returns figures."""
+    events = orset_events(per_node[0])
+    adds = {t: ev for t, ev in events.items() if ev.op == "add"}
+    named = {t for ev in events.values() for t in ev.named}
+    alive = {t: ev for t, ev in adds.items() if t not in named}
+    # The model: per key, each element of a live add, with the metadata of its newest live add.
+    model: dict[str, dict[str, OrSetEvent]] = {}
+    for ev in alive.values():
+        current = model.setdefault(ev.key, {}).get(json.dumps(ev.item, sort_keys=True))
+        if current is None or (ev.stamp[:2], ev.tag) > (current.stamp[:2], current.tag):
+            model[ev.key][json.dumps(ev.item, sort_keys=True)] = ev
+    for key in sorted(set(sets) | set(model)):
+        shown = sets.get(key, [])
+        got = (
+            {json.dumps(e.get("item"), sort_keys=True): e.get("metadata") for e in shown}
+            if isinstance(shown, list)
+            else {}
+        )
+        want = {element: ev.metadata for element, ev in model.get(key, {}).items()}
+        verdict.expect(
+            got == want,
+            f"OR-Set {key} is not what its log spells out: shows {sorted(set(got) - set(want))[:5]} it should not, "
+            f"lacks {sorted(set(want) - set(got))[:5]}, other metadata for "
+            f"{sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]}",
+        )
+    # Each add carries unique metadata {"w", "n"}: find each operation's entry.
+    by_op = {
+        (ev.metadata.get("w"), ev.metadata.get("n")): ev
+        for ev in adds.values()
+        if isinstance(ev.metadata, dict)
+    }
+    attempted = {(o.writer, o.n): o for o in history.of("orset-add")}
+    lost = [k for k, o in attempted.items() if o.outcome == "ok" and k not in by_op]
+    verdict.expect(not lost, f"acknowledged OR-Set adds missing from the log: {lost[:5]}")
+    invented = [k for k in by_op if k not in attempted or attempted[k].outcome == "fail"]
+    verdict.expect(not invented, f"OR-Set adds in the log that were never sent or failed: {invented[:5]}")
+    # Removes: only adds of their own element, delivered on their node before them.
+    index = {n.node_id: n.index for n in cluster.nodes}
+    positions = [{e["id"]: p for p, e in enumerate(entries)} for entries in per_node]
+    removes = [ev for ev in events.values() if ev.op == "remove"]
+    for ev in removes + [a for a in adds.values() if a.named]:
+        at = positions[index[ev.owner]] if ev.owner in index else {}
+        for tag in ev.named:
+            target = adds.get(tag)
+            verdict.expect(
+                target is not None and target.key == ev.key and target.item == ev.item,
+                f"OR-Set {ev.op} {ev.tag} names {tag}, which is not an add of {ev.key}/{ev.item!r}",
+            )
+            verdict.expect(
+                tag in at and at[tag] < at.get(ev.tag, -1),
+                f"OR-Set {ev.op} {ev.tag} names {tag}, which its node had not delivered before it",
+            )
+    sent: Counter[tuple[int, str, Any]] = Counter(
+        (o.writer, o.key, o.value) for o in history.of("orset-remove") if o.outcome != "fail"
+    )
+    logged = Counter((index.get(ev.owner, -1), ev.key, ev.item) for ev in removes)
+    extra = [k for k, c in logged.items() if c > sent[k]]
+    verdict.expect(not extra, f"OR-Set removes in the log beyond those sent: {extra[:5]}")
+    # An acknowledged remove took away the add its node showed (the newest of the element there).
+    for o in history.of("orset-remove", outcome="ok"):
+        seen = by_op.get((o.result.get("w"), o.result.get("n"))) if isinstance(o.result, dict) else None
+        verdict.expect(
+            seen is not None and seen.tag not in alive,
+            f"OR-Set {o.key}: the remove of {o.value!r} by w{o.writer} (acknowledged) left the add it saw",
+        )
+    return {
+        "orset_items": sum(len(v) for v in model.values()),
+        "orset_adds_acknowledged": len(history.of("orset-add", outcome="ok")),
+        "orset_readds": sum(1 for o in history.of("orset-add") if not o.value.endswith(f"-{o.writer}-{o.n}")),
+        "orset_removes_acknowledged": len(history.of("orset-remove", outcome="ok")),
+        "orset_removes_of_others_adds": sum(
+            1
+            for o in history.of("orset-remove", outcome="ok")
+            if isinstance(o.result, dict) and o.result.get("w") != o.writer
+        ),
+        "orset_adds_alive": len(alive),
+    }
 
 
 def task_views(cluster: FaultCluster, i: int, task_ids: Sequence[str]) -> dict[str, Any]:
@@ -333,7 +445,7 @@ def check_all(
     verdict.expect(not idle, f"operations never acknowledged, so never checked: {idle}")
     per_node = check_log(verdict, cluster, history, tag)
     if "kv" in services:
-        check_kv(verdict, cluster, history, per_node[0])
+        check_kv(verdict, cluster, history, per_node)
     if "pigtail" in services:
         check_queue(verdict, cluster, history, per_node[0], drained)
     return verdict

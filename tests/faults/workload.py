@@ -10,8 +10,12 @@ timeout, and records each in the `History` with its outcome, as Jepsen does:
 Operations (each value unique, so the checker can tell them apart):
 
 - ``append``: ``POST /log`` of ``{"nemesis": tag, "w": writer, "n": n}`` (always);
-- ``incr``: PN-Counter increments and decrements (a negative value), ``lww``: LWW sets, ``orset-add`` / ``orset-remove``: OR-Set adds of
-  unique items and removes of items this writer added (when the node runs the KV service);
+- ``incr``: PN-Counter increments and decrements (a negative value), ``lww``: LWW sets (when the node
+  runs the KV service);
+- ``orset-add`` / ``orset-remove``: OR-Set adds of new items and again of items added before (by any
+  writer, so adds race removes of the same item), each add with unique metadata ``{"w": writer, "n": n}``;
+  removes of an item the writer's node shows (whoever added it), the metadata it showed recorded as the
+  op's `result`;
 - ``task-add``, ``task-claim``, ``task-done``: Pigtail adds, claims by worker ``w<i>`` and completions
   (when the node runs Pigtail).
 
@@ -132,7 +136,7 @@ class Workload:
         self.kinds = {k: w for k, (w, svc) in self.KINDS.items() if svc is None or svc in self.services}
         self.history = History()
         self._acked_tasks: list[str] = []
-        self._sets: dict[int, dict[str, list[str]]] = {}
+        self._items: dict[str, list[str]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -256,19 +260,29 @@ class Workload:
 
     async def _op_orset(self, client: httpx.AsyncClient, i: int, n: int, rng: random.Random) -> None:
         key = f"s{rng.randrange(KEYS)}"
-        mine = self._sets.setdefault(i, {}).setdefault(key, [])
         url = f"{self.nodes[i].kv_url}/kv/{ORSET_TABLE}/{key}"
-        if mine and rng.random() < 0.3:
-            item = mine.pop(rng.randrange(len(mine)))
-            op = Op("orset-remove", i, i, n, key=key, value=item)
+        known = self._items.setdefault(key, [])
+        roll = rng.random()
+        if roll < 0.35:
+            # Remove an item this node shows, whoever added it: the node's observed adds go with it.
+            try:
+                shown = (await client.get(url)).json()
+            except (httpx.HTTPError, ValueError):
+                return
+            if not isinstance(shown, list) or not shown:
+                return
+            element = rng.choice(shown)
+            item = element.get("item")
+            op = Op("orset-remove", i, i, n, key=key, value=item, result=element.get("metadata"))
             await self._call(client, op, "POST", url, {"op": "remove", "change": {"item": item, "key": item}})
             return
-        item = f"i-{i}-{n}"
+        # Mostly a new item; sometimes one added before (maybe removed since, maybe being removed).
+        item = rng.choice(known) if known and roll < 0.5 else f"i-{i}-{n}"
         op = Op("orset-add", i, i, n, key=key, value=item)
-        body = {"op": "add", "change": {"item": item, "key": item, "metadata": {"w": i}}}
+        body = {"op": "add", "change": {"item": item, "key": item, "metadata": {"w": i, "n": n}}}
         await self._call(client, op, "POST", url, body)
-        if op.outcome == "ok":
-            mine.append(item)
+        if op.outcome == "ok" and item not in known:
+            known.append(item)
 
     async def _op_task_add(self, client: httpx.AsyncClient, i: int, n: int, rng: random.Random) -> None:
         name = f"t-{i}-{n}"
