@@ -15,9 +15,10 @@ position 0 and its KV and Pigtail state through REST, and compared with the hist
   add is in the log, removes name only adds of their element their node had delivered before them,
   and an acknowledged remove took away the add its node had shown;
 - Pigtail: every acknowledged task is done on every node (at least once), all nodes show the same
-  task views and no open task, and no task is present that was never added; a task whose done a
-  worker had acknowledged was done by that (not by the drain), and no node accepted a claim after
-  acknowledging the task's done;
+  task views (states, attempts, leases) and no open task, and no task is present that was never added;
+  a task whose done a worker had acknowledged was done by that (not by the drain), no node accepted a
+  claim after acknowledging the task's done, and no task counts more attempts than the queue allows
+  (releases count, heartbeats do not, a retry of a dead-lettered task resets them);
 - every kind of operation was acknowledged at least once (else its checks ran on nothing).
 """
 
@@ -34,7 +35,15 @@ from typing import Any
 import pytest
 
 from tests.faults.cluster import FaultCluster
-from tests.faults.workload import COUNTER_TABLE, LWW_TABLE, ORSET_TABLE, QUEUE, History, Op
+from tests.faults.workload import (
+    COUNTER_TABLE,
+    LWW_TABLE,
+    ORSET_TABLE,
+    QUEUE,
+    QUEUE_MAX_ATTEMPTS,
+    History,
+    Op,
+)
 
 #: Name of the user property (and report section) figures are recorded under.
 FIGURES_PROPERTY = "figures"
@@ -416,6 +425,10 @@ def check_queue(
         if (o.node, o.key) in dones and o.start > dones[o.node, o.key]
     ]
     verdict.expect(not late, f"claims accepted after the same node acknowledged a done: {late[:5]}")
+    # Attempts are counted once per winning claim, and a dead-lettered task takes no claim until a
+    # retry resets them: no task shows more than the queue allows.
+    over = sorted(t for t, v in views[0].items() if int(v.get("attempts", 0)) > QUEUE_MAX_ATTEMPTS)
+    verdict.expect(not over, f"tasks with more attempts than max_attempts {QUEUE_MAX_ATTEMPTS}: {over[:5]}")
     claimers: dict[str, set[str]] = {}
     for o in history.of("task-claim", outcome="ok"):
         claimers.setdefault(o.key, set()).add(o.value)
@@ -425,6 +438,9 @@ def check_queue(
         "completed_by_workers": len({o.key for o in history.of("task-done", outcome="ok")}),
         "completed_by_drain": drained,
         "claimed_by_several_workers": sum(1 for ws in claimers.values() if len(ws) > 1),
+        "heartbeats_acknowledged": len(history.of("task-heartbeat", outcome="ok")),
+        "releases_acknowledged": len(history.of("task-release", outcome="ok")),
+        "retries_acknowledged": len(history.of("task-retry", outcome="ok")),
     }
 
 

@@ -1,5 +1,5 @@
 """A Jepsen-style run: a 5-node cluster under steady writes (log appends, KV LWW / OR-Set / counter ops,
-Pigtail adds, claims and completions) while a nemesis partitions it (one node off, majorities, ring,
+Pigtail adds, claims, heartbeats, releases, completions and retries of dead-lettered tasks) while a nemesis partitions it (one node off, majorities, ring,
 bridge), kill -9s and restarts nodes, pauses them (SIGSTOP/SIGCONT), slows, stalls and resets links
 through a proxy, with two nodes' clocks skewed. Then everything heals, the cluster must become quiet,
 and the checker (tests/faults/checker.py) compares every node's state with the history.
@@ -45,19 +45,23 @@ DRAIN_TIMEOUT_S = 60.0
 
 def drain_queue(cluster: FaultCluster, history: History) -> int:
     """Complete every acknowledged task not done yet, and every other task node 0 lists (an add whose
-    answer never came, from a paused node say, may have landed), on node 0, as worker "drain" (claims
-    held by others must time out first); returns how many the drain completed."""
+    answer never came, from a paused node say, may have landed) or lists as dead, on node 0, as worker
+    "drain" (claims held by others must time out first; dead tasks are retried first); returns how
+    many the drain completed."""
     url = f"{cluster.nodes[0].pigtail_url}/queue/{QUEUE}"
     remaining = {o.result for o in history.of("task-add", outcome="ok")}
     drained = 0
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     with httpx.Client(timeout=10.0) as client:
-        remaining |= set(client.get(url).json())
+        remaining |= set(client.get(url).json()) | set(client.get(f"{url}/dead").json())
         while remaining:
             for task in sorted(remaining):
-                if client.get(f"{url}/{task}").json().get("state") == "done":
+                state = client.get(f"{url}/{task}").json().get("state")
+                if state == "done":
                     remaining.discard(task)
                     continue
+                if state == "dead":
+                    client.post(f"{url}/{task}/retry", json={})
                 if client.put(f"{url}/{task}", json={"worker_id": "drain"}).status_code != 200:
                     continue  # claimed by a worker whose claim has not timed out yet
                 done = client.request("DELETE", f"{url}/{task}", json={"worker_id": "drain"})

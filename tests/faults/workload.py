@@ -16,8 +16,11 @@ Operations (each value unique, so the checker can tell them apart):
   writer, so adds race removes of the same item), each add with unique metadata ``{"w": writer, "n": n}``;
   removes of an item the writer's node shows (whoever added it), the metadata it showed recorded as the
   op's `result`;
-- ``task-add``, ``task-claim``, ``task-done``: Pigtail adds, claims by worker ``w<i>`` and completions
-  (when the node runs Pigtail).
+- ``task-add``, ``task-claim``, ``task-done``: Pigtail adds, claims by worker ``w<i>`` of tasks not
+  known done and completions; ``task-heartbeat`` before some completions, ``task-release`` instead of
+  some, and some claims walked away from (a crashed worker); the queue dead-letters a task at its
+  second claim not completed (``max_attempts`` 2), and ``task-retry`` takes a task its node lists as
+  dead back (when the node runs Pigtail).
 
 Which services a node runs comes from `potboiler.server.services.SERVICES`; the parts of the workload
 of a service that is not there are skipped, and named in `Workload.skipped`. A new service's part is a
@@ -42,8 +45,8 @@ from tests.faults.cluster import ClusterNode
 
 #: KV tables the workload writes, by type.
 LWW_TABLE, ORSET_TABLE, COUNTER_TABLE = "lww", "orset", "ctr"
-#: The Pigtail queue the workload uses, and its claim timeout.
-QUEUE, QUEUE_TIMEOUT_MS = "nemesis", 1000
+#: The Pigtail queue the workload uses, its claim timeout and its dead-letter limit.
+QUEUE, QUEUE_TIMEOUT_MS, QUEUE_MAX_ATTEMPTS = "nemesis", 1000, 2
 #: Keys per KV table (few, so that writes contend).
 KEYS = 4
 
@@ -106,7 +109,8 @@ class Workload:
         "lww": (1, "kv"),
         "orset": (1, "kv"),
         "task-add": (1, "pigtail"),
-        "task-work": (1, "pigtail"),
+        "task-work": (2, "pigtail"),
+        "task-retry": (1, "pigtail"),
     }
 
     def __init__(
@@ -135,7 +139,8 @@ class Workload:
         )
         self.kinds = {k: w for k, (w, svc) in self.KINDS.items() if svc is None or svc in self.services}
         self.history = History()
-        self._acked_tasks: list[str] = []
+        #: Acknowledged tasks no worker has acknowledged done yet.
+        self._open_tasks: list[str] = []
         self._items: dict[str, list[str]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
@@ -156,7 +161,8 @@ class Workload:
                 assert r.status_code == 200, r.text
         if "pigtail" in self.services:
             r = await client.post(
-                f"{node.pigtail_url}/create", json={"name": QUEUE, "timeout_ms": QUEUE_TIMEOUT_MS}
+                f"{node.pigtail_url}/create",
+                json={"name": QUEUE, "timeout_ms": QUEUE_TIMEOUT_MS, "max_attempts": QUEUE_MAX_ATTEMPTS},
             )
             assert r.status_code in (200, 201), r.text
 
@@ -196,6 +202,7 @@ class Workload:
             "orset": self._op_orset,
             "task-add": self._op_task_add,
             "task-work": self._op_task_work,
+            "task-retry": self._op_task_retry,
         }
         while not stop.is_set():
             n += 1
@@ -296,19 +303,46 @@ class Workload:
         )
         if r is not None and op.outcome == "ok":
             op.result = r.json()["id"]
-            self._acked_tasks.append(op.result)
+            self._open_tasks.append(op.result)
 
     async def _op_task_work(self, client: httpx.AsyncClient, i: int, n: int, rng: random.Random) -> None:
-        """Claim a task added anywhere; usually complete it, sometimes walk away (a crashed worker)."""
-        if not self._acked_tasks:
+        """Claim a task not known done; then complete it (after a heartbeat, sometimes), release it, or
+        walk away (a crashed worker)."""
+        if not self._open_tasks:
             await self._op_task_add(client, i, n, rng)
             return
-        task = rng.choice(self._acked_tasks)
+        task = rng.choice(self._open_tasks)
         worker = f"w{i}"
         url = f"{self.nodes[i].pigtail_url}/queue/{QUEUE}/{task}"
         claim = Op("task-claim", i, i, n, key=task, value=worker)
         await self._call(client, claim, "PUT", url, {"worker_id": worker})
-        if claim.outcome != "ok" or rng.random() < 0.2:
+        roll = rng.random()
+        if claim.outcome != "ok" or roll < 0.15:
             return
+        if roll < 0.3:
+            release = Op("task-release", i, i, n, key=task, value=worker)
+            await self._call(client, release, "POST", f"{url}/release", {"worker_id": worker})
+            return
+        if roll < 0.45:
+            beat = Op("task-heartbeat", i, i, n, key=task, value=worker)
+            await self._call(client, beat, "POST", f"{url}/heartbeat", {"worker_id": worker})
+            if beat.outcome != "ok":
+                return
         done = Op("task-done", i, i, n, key=task, value=worker)
         await self._call(client, done, "DELETE", url, {"worker_id": worker})
+        if done.outcome == "ok" and task in self._open_tasks:
+            self._open_tasks.remove(task)
+
+    async def _op_task_retry(self, client: httpx.AsyncClient, i: int, n: int, rng: random.Random) -> None:
+        """Take back a task this node lists as dead-lettered (else do task work)."""
+        url = f"{self.nodes[i].pigtail_url}/queue/{QUEUE}"
+        try:
+            dead = (await client.get(f"{url}/dead")).json()
+        except (httpx.HTTPError, ValueError):
+            return
+        if not isinstance(dead, dict) or not dead:
+            await self._op_task_work(client, i, n, rng)
+            return
+        task = rng.choice(sorted(dead))
+        op = Op("task-retry", i, i, n, key=task)
+        await self._call(client, op, "POST", f"{url}/{task}/retry", {})
