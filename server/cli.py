@@ -175,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run one node (log, KV, Pigtail and its Envoy gateway)")
     _common(node, "data")
+    node.add_argument(
+        "--advertise-url",
+        default="",
+        help="root URL other nodes reach this node at (default http://HOST:B); give it with a "
+        "wildcard --host such as 0.0.0.0 when nodes run on several machines",
+    )
     cluster = sub.add_parser("cluster", help="run N nodes on this machine, peered with each other")
     cluster.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
     _common(cluster, "data")
@@ -365,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         base_port=args.base_port,
         peers=args.peer,
+        advertise_url=args.advertise_url,
         fsync=args.fsync,
         gossip=not args.no_gossip,
         clock=HybridClock(skewed_clock(args.clock_skew_ms)) if args.clock_skew_ms else None,

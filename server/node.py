@@ -79,6 +79,9 @@ class NodeConfig:
     host: str = "127.0.0.1"
     base_port: int = 8000
     peers: list[str] = field(default_factory=list)
+    #: The root URL peers reach this node at, if not http://host:B: where --host is a wildcard
+    #: address (0.0.0.0, ::) and nodes on several machines share a base port, each names its own.
+    advertise_url: str = ""
     #: Sync every write batch to disk (survives power loss), not just to the WAL.
     fsync: bool = False
     #: Start Envoy (the REST ports); off in in-process tests that speak gRPC only.
@@ -102,7 +105,7 @@ class NodeConfig:
     @property
     def url(self) -> str:
         """The node's root URL, its name among peers."""
-        return f"http://{url_host(self.host)}:{self.base_port}"
+        return self.advertise_url or f"http://{url_host(self.host)}:{self.base_port}"
 
     def check(self) -> None:
         """InvalidArgument if --host is not an IP address (Envoy binds and connects to addresses,
@@ -118,7 +121,9 @@ class NodeConfig:
         try:
             own = node_url(self.url)
         except InvalidArgument as exc:
-            raise InvalidArgument(f"bad --host: {exc}") from None
+            raise InvalidArgument(
+                f"bad {'--advertise-url' if self.advertise_url else '--host'}: {exc}"
+            ) from None
         for peer in self.peers:
             try:
                 url = node_url(peer)

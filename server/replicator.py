@@ -185,7 +185,8 @@ class Replicator:
         """Close every stream and stop dialing (and wait for peers being dropped already)."""
         self.stop_dialing()
         for url in list(self.peers):
-            await self._drop_peer(url)
+            if (peer := self._forget_peer(url)) is not None:
+                await self._drop_peer(peer)
         await asyncio.gather(*self._dropping)
         for task in self._broadcasts:
             task.cancel()
@@ -205,9 +206,10 @@ class Replicator:
             return
         if added:
             self._add_peer(url)
-        else:
-            # Kept, so that it is not collected while it runs and stop() can wait for it.
-            dropping = asyncio.get_running_loop().create_task(self._drop_peer(url))
+        elif (peer := self._forget_peer(url)) is not None:
+            # Forgotten at once, so that an add right after it starts a new Peer. The drop task is
+            # kept, so that it is not collected while it runs and stop() can wait for it.
+            dropping = asyncio.get_running_loop().create_task(self._drop_peer(peer))
             self._dropping.add(dropping)
             dropping.add_done_callback(self._dropping.discard)
         self._broadcast_peers()
@@ -238,26 +240,32 @@ class Replicator:
             log.debug("peer list not sent to %s: %r", session.peer_url, exc)
 
     def _add_peer(self, url: str) -> None:
-        if url in self.peers:
-            self.peers[url].wake.set()  # added again: end its wait between attempts
+        if (known := self.peers.get(url)) is not None:
+            known.wake.set()  # added again: end its wait between attempts
+            if any(not s.closed.is_set() for s in known.sessions):
+                # Replicating with it now, so it holds this node as a peer: nothing to ask it.
+                # (Left joining, the next stream would undo a removal of this node made there later.)
+                self.membership.joined(url)
             return
         peer = Peer(url, acked=self.membership.acked_of(url))
         self.peers[url] = peer
         peer.task = asyncio.get_running_loop().create_task(self._dial_loop(peer), name=f"dial {url}")
         peer.task.add_done_callback(_log_failure)
 
-    async def _drop_peer(self, url: str) -> None:
-        peer = self.peers.pop(url, None)
-        if peer is None:
-            return
+    def _forget_peer(self, url: str) -> Peer | None:
+        """Take a peer out of the table (its traffic counters with it); `_drop_peer` ends it."""
+        self.counters.pop(url, None)
+        return self.peers.pop(url, None)
+
+    async def _drop_peer(self, peer: Peer) -> None:
+        """End a forgotten peer's dial loop and streams."""
         if peer.task is not None:
             peer.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # (an error is logged)
                 await peer.task
         for session in list(peer.sessions):
             session.closed.set()
-        self.counters.pop(url, None)
-        log.info("stopped replicating with %s", url)
+        log.info("stopped replicating with %s", peer.url)
 
     # -- the streams --------------------------------------------------------------------
 
@@ -453,6 +461,11 @@ class Replicator:
                 self.membership.add(url, join=False)
             self.membership.learn(url, dialed_in=True)
         peer = self.peers.get(url)
+        if peer is None and url == self.membership.self_url:
+            raise Conflict(
+                f"node {node_id} announces {url}, this node's own URL: nodes on several machines that "
+                "serve on a wildcard --host (0.0.0.0) need --advertise-url naming each one's address"
+            )
         if peer is None:
             raise Conflict(f"{url} is not a peer of this node")
         self.membership.identify(url, node_id)

@@ -340,6 +340,84 @@ async def test_removed_peer_stops_receiving_and_is_removed_both_ways(make_node: 
     assert b.membership.urls() == [a.config.url]
 
 
+async def test_a_peer_removed_and_added_again_at_once_replicates_again(make_node: NodeFactory) -> None:
+    """DELETE /nodes then POST /nodes of one peer before the removal's clean-up ran: the add must
+    start a new dial loop, not wake the one being dropped (the peer stayed listed, unreplicated)."""
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await wait_for(lambda: stream_count(a) == 1, message="the stream")
+    a.membership.remove(b.config.url)
+    a.membership.add(b.config.url)  # in the same turn of the event loop
+    await append(a, 3)
+    await wait_for(lambda: converged(a, b) and b.log.total() == 3, message="b getting a's entries")
+    assert list(a.replicator.peers) == [b.config.url] and a.membership.urls() == [b.config.url]
+
+
+async def test_adding_a_connected_peer_again_leaves_its_later_removal_of_this_node_standing(
+    make_node: NodeFactory,
+) -> None:
+    """POST /nodes of a peer already replicating changes nothing: it does not leave the node asking
+    to join, which would make the peer take it back when its operator removes it later."""
+    a = await make_node()
+    b = await make_node(peers=[a])
+    await wait_for(lambda: stream_count(a) == 1, message="the stream")
+    assert a.membership.add(b.config.url) is False  # a provisioning script adding its peers again
+    assert not a.membership.is_joining(b.config.url)
+    b.membership.remove(a.config.url)
+    await wait_for(lambda: a.membership.urls() == [], message="a refused by b and removing b")
+    assert b.membership.is_removed(a.config.url) and b.membership.urls() == []
+
+
+async def test_nodes_serving_on_a_wildcard_address_need_advertised_urls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two machines each serving on 0.0.0.0 at one base port, simulated here (the second node's gRPC
+    server moved so that both bind): named http://0.0.0.0:B both, they refuse each other saying what to
+    do; with --advertise-url each names its address and they replicate."""
+    # Free on every address: a node of another test on 127.0.0.N holds a port 0.0.0.0 cannot take.
+    base, other = find_base_port("0.0.0.0"), find_base_port("0.0.0.0")
+    nodes: list[Node] = []
+
+    async def start(name: str, **settings: Any) -> Node:
+        config = NodeConfig(
+            data_dir=tmp_path / name,
+            host="0.0.0.0",
+            base_port=base,
+            gateway=False,
+            metrics=False,
+            services=[],
+            **settings,
+        )
+        node = Node(config)
+        await node.start()
+        nodes.append(node)
+        return node
+
+    try:
+        r = await start("r")
+        a = await start("a", grpc_port=other + 10, peers=[f"http://127.0.0.1:{base}"])
+        assert a.config.url == r.config.url == f"http://0.0.0.0:{base}"
+        peer = a.replicator.peers[f"http://127.0.0.1:{base}"]
+        await wait_for(lambda: "--advertise-url" in peer.last_error, message="a told why r refuses it")
+        assert r.membership.urls() == []
+        await a.stop()
+        a = await start(
+            "a2",
+            grpc_port=other + 10,
+            peers=[f"http://127.0.0.1:{base}"],
+            advertise_url=f"http://127.0.0.1:{other}",
+        )
+        await append(a, 2)
+        await wait_for(lambda: converged(a, r) and r.log.total() == 2, message="convergence")
+        assert r.membership.urls() == [f"http://127.0.0.1:{other}"]
+    finally:
+        for node in nodes:
+            if node.server is not None:
+                await node.stop()
+        release_base_port(base)
+        release_base_port(other)
+
+
 async def test_a_node_stopped_just_after_removing_a_peer_has_stopped_replicating_with_it(
     make_node: NodeFactory,
 ) -> None:
