@@ -642,7 +642,7 @@ class Pigtail:
         """Extend the worker's unexpired lease on a task."""
         if not await self._check_claim(queue, task_id, worker_id):
             raise Contended(f"task {task_id!r}: worker {worker_id!r} holds no unexpired lease on it")
-        return await self._claim(queue, task_id, worker_id)
+        return await self._claim(queue, task_id, worker_id, renew=True)
 
     async def _check_claim(self, queue: str, task_id: str, worker_id: str) -> bool:
         """Check a claim request (once caught up) and raise the error refusing it; whether the claim
@@ -700,11 +700,13 @@ class Pigtail:
     def _task_or_none(self, queue: str, task_id: str) -> TaskState | None:
         return self.state.task(queue, task_id) if validate.is_task_id(task_id) else None
 
-    async def _claim(self, queue: str, task_id: str, worker_id: str) -> TaskView:
-        """Claim a task for the worker, or renew its claim: the task as the claim left it (seen at
-        the claim's own stamp: with a short timeout_ms, its lease may have ended by the time it is
-        applied). Contended if the task is done, or if a concurrent claim won."""
-        entry = await self._append(TaskClaimed(queue, task_id, worker_id), self._task_deps(queue, task_id))
+    async def _claim(self, queue: str, task_id: str, worker_id: str, *, renew: bool = False) -> TaskView:
+        """Claim a task for the worker, or renew its claim (only that, with `renew`): the task as the
+        claim left it (seen at the claim's own stamp: with a short timeout_ms, its lease may have ended
+        by the time it is applied). Contended if the task is done, or if a concurrent claim won (or,
+        with `renew`, the worker's lease ended first: a release of its own, say)."""
+        event = TaskClaimed(queue, task_id, worker_id, renew=renew)
+        entry = await self._append(event, self._task_deps(queue, task_id))
         _, config = self._queue(queue)
         task = self._task_or_none(queue, task_id)
         if task is not None and task["done"] is not None:
@@ -712,6 +714,11 @@ class Pigtail:
         stamp = stamp_of(entry)
         view = self._view(queue, task_id, after=stamp)
         if view["worker"] != worker_id or (view["lease_expires_ms"] or 0) < stamp.wall_ms + config.timeout_ms:
+            if renew:
+                raise Contended(
+                    f"task {task_id!r}: worker {worker_id!r}'s lease ended before this heartbeat took "
+                    f"effect (released, or claimed by another): it is {view['state']}"
+                )
             raise Contended(
                 f"task {task_id!r}: a concurrent claim won: it is {view['state']}, held by worker "
                 f"{view['worker']!r} until {view['lease_expires_ms']}"

@@ -169,9 +169,21 @@ class _WorkerEvent:
 
 @dataclass(frozen=True)
 class TaskClaimed(_WorkerEvent):
-    """Worker ``worker_id`` claims (or, holding the lease, renews) the task at the event's stamp."""
+    """Worker ``worker_id`` claims (or, holding the lease, renews) the task at the event's stamp.
+    ``renew``: a heartbeat, which only renews: void unless the worker holds the lease then (a
+    heartbeat racing the worker's own release must not take the task again)."""
 
     KIND: ClassVar[str] = "task_claimed"
+    renew: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.renew, bool):
+            raise InvalidEvent("renew must be true or false")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The event's JSON object, with its ``"kind"`` (and ``"renew"`` only when true)."""
+        return {**super().to_json(), "renew": True} if self.renew else super().to_json()
 
 
 @dataclass(frozen=True)
@@ -249,9 +261,15 @@ def event_from_json(raw: Mapping[str, object]) -> Event:
                 priority=get("priority", 0),
                 idempotency_key=get("idempotency_key"),
             )
-        for event in (TaskClaimed, TaskDone):
-            if kind == event.KIND:
-                return event(queue=get("queue"), task_id=get("task_id"), worker_id=get("worker_id", ""))
+        if kind == TaskClaimed.KIND:
+            return TaskClaimed(
+                queue=get("queue"),
+                task_id=get("task_id"),
+                worker_id=get("worker_id", ""),
+                renew=get("renew", False),
+            )
+        if kind == TaskDone.KIND:
+            return TaskDone(queue=get("queue"), task_id=get("task_id"), worker_id=get("worker_id", ""))
         if kind == TaskReleased.KIND:
             return TaskReleased(
                 queue=get("queue"),

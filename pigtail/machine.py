@@ -40,7 +40,9 @@ The rules, in plain words
 * **Claims (the conflict rule).** The claims of a task are judged one after another in stamp order. A
   claim *starts a lease* when, at the claim's wall time, the task is due (``not_before_ms`` passed), not
   done, not dead, and nobody holds an unexpired lease; a claim by the worker that holds the unexpired lease
-  *renews* it (heartbeat: the lease then runs ``timeout_ms`` from this claim); any other claim is *void*.
+  *renews* it (the lease then runs ``timeout_ms`` from this claim); any other claim is *void*. A
+  heartbeat is a claim that only renews: void unless its worker holds the unexpired lease at its stamp
+  (so a heartbeat sent as its worker releases the task never starts a new lease).
   A lease expires ``timeout_ms`` after its holder's latest valid claim. So when two workers claim the same
   pending task on two sides of a partition, the claim with the lower stamp wins on every node once the
   partition heals, and the other claim is void (its worker learns it from a 409 on its next renewal, or
@@ -92,7 +94,8 @@ JSON shapes (all stamps are ``[wall_ms, logical, owner]``)::
     task state:  {"queue": str, "task_id": str, "added": stamp|null, "task_name": str, "info": JSON,
                   "priority": int, "not_before_ms": int|null, "idempotency_key": str|null,
                   "claims": [{"at": stamp, "worker": str,               # by stamp, all before "done"
-                              "released": true?}, ...],                 # (a release, not a claim)
+                              "released": true?, "unsent": true?,      # (a release, not a claim)
+                              "renew": true?}, ...],                    # (a heartbeat: renews only)
                   "retries": [stamp, ...],                              # by stamp, all before "done"
                   "done": {"at": stamp, "worker": str}|null,            # the earliest done
                   "base": {"horizon": stamp, "holder": str|null, "lease_from_ms": int|null,
@@ -234,6 +237,8 @@ class ClaimRecord(TypedDict):
     released: NotRequired[bool]
     #: A release of a task its worker never got (see TaskReleased).
     unsent: NotRequired[bool]
+    #: A heartbeat: a claim that only renews the worker's lease (see TaskClaimed).
+    renew: NotRequired[bool]
 
 
 class DoneRecord(TypedDict):
@@ -443,6 +448,8 @@ def apply_task_event(state: TaskState | None, event: TaskEvent, stamp: Stamp | S
             claim["released"] = True
             if event.unsent:
                 claim["unsent"] = True
+        elif event.renew:
+            claim["renew"] = True
         new["claims"] = sorted([*state["claims"], claim], key=lambda c: (_at(c), c["worker"]))
         return new
     if any(Stamp.coerce(r) == at for r in state["retries"]):
@@ -548,6 +555,12 @@ def _claim_step(
     return None, False
 
 
+def _renew_step(lease: _Lease, worker: str, wall_ms: int, config: QueueConfig) -> None:
+    """Judge one heartbeat against ``lease``: renewed in place if ``worker`` holds it, else void."""
+    if lease.holder == worker and lease.active_at(wall_ms, config):
+        lease.lease_from_ms = max(lease.lease_from_ms or wall_ms, wall_ms)
+
+
 def _release_step(lease: _Lease, worker: str, wall_ms: int, config: QueueConfig, unsent: bool) -> bool:
     """Judge one release against ``lease`` (ended there when valid, and its attempt taken back if the
     worker never got the task): whether it is valid."""
@@ -566,7 +579,7 @@ def _retry_step(lease: _Lease, wall_ms: int, config: QueueConfig) -> bool:
     return True
 
 
-_CLAIM, _RELEASE, _UNSENT, _RETRY = 0, 1, 2, 3
+_CLAIM, _RENEW, _RELEASE, _UNSENT, _RETRY = 0, 1, 2, 3, 4
 
 
 def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> _Lease:
@@ -578,10 +591,7 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
     )
     if not task["claims"] and not task["retries"]:
         return lease  # most open tasks: nothing to replay
-    steps: list[tuple[Stamp, int, str]] = [
-        (_at(c), (_UNSENT if c.get("unsent") else _RELEASE) if c.get("released") else _CLAIM, c["worker"])
-        for c in task["claims"]
-    ]
+    steps: list[tuple[Stamp, int, str]] = [(_at(c), _step_kind(c), c["worker"]) for c in task["claims"]]
     steps += [(Stamp.coerce(r), _RETRY, "") for r in task["retries"]]
     steps.sort()
     for at, kind, worker in steps:
@@ -589,11 +599,19 @@ def _replay(task: TaskState, config: QueueConfig, upto: Stamp | None = None) -> 
             break
         if kind == _CLAIM:
             _claim_step(lease, worker, at.wall_ms, task["not_before_ms"], config)
+        elif kind == _RENEW:
+            _renew_step(lease, worker, at.wall_ms, config)
         elif kind in (_RELEASE, _UNSENT):
             _release_step(lease, worker, at.wall_ms, config, unsent=kind == _UNSENT)
         else:
             _retry_step(lease, at.wall_ms, config)
     return lease
+
+
+def _step_kind(claim: ClaimRecord) -> int:
+    if claim.get("released"):
+        return _UNSENT if claim.get("unsent") else _RELEASE
+    return _RENEW if claim.get("renew") else _CLAIM
 
 
 def latest_stamp(task: TaskState) -> Stamp | None:

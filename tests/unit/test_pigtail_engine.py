@@ -216,6 +216,27 @@ async def test_heartbeat_extends_the_lease(h: Harness) -> None:
     assert (await h.pigtail.get_task("q", task_id))["state"] == "working"
 
 
+async def test_a_heartbeat_racing_its_workers_release_does_not_take_the_task_again(h: Harness) -> None:
+    """A release and then a heartbeat of the same worker, both checked before either is applied (two
+    WorkTasks messages, or two calls): the heartbeat must not start a new lease and count an attempt."""
+    await h.pigtail.create_queue("q", 60_000)
+    task_id = await h.add()
+    await h.pigtail.claim("q", task_id, "w1")
+    h.advance(5)
+    h.log.held = True
+    count = len(h.log.entries)
+    released = asyncio.ensure_future(h.pigtail.release("q", task_id, "w1"))
+    await wait_for(lambda: len(h.log.entries) == count + 1)
+    beat = asyncio.ensure_future(h.pigtail.heartbeat("q", task_id, "w1"))
+    await wait_for(lambda: len(h.log.entries) == count + 2)
+    h.log.release()
+    assert (await released)["state"] == "pending"
+    with pytest.raises(Contended, match="lease ended before this heartbeat took effect"):
+        await beat
+    view = await h.pigtail.get_task("q", task_id)
+    assert (view["state"], view["attempts"]) == ("pending", 1)
+
+
 async def applied_late(h: Harness, call: Awaitable[T], ms: int, *remote: tuple[int, Event]) -> T:
     """Run `call` with the log's delivery held until its entry is appended, then `ms` later deliver
     it, after the `remote` events (another node's, stamped at those walls): the answer comes then."""

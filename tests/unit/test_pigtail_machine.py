@@ -105,6 +105,10 @@ def release(worker: str, task_id: str = "t") -> TaskReleased:
     return TaskReleased(Q, task_id, worker)
 
 
+def heartbeat(worker: str, task_id: str = "t") -> TaskClaimed:
+    return TaskClaimed(Q, task_id, worker, renew=True)
+
+
 Step = tuple[int, str, Event]
 """(wall_ms, owner, event): the event is applied with stamp (wall_ms, 0, owner)."""
 
@@ -342,6 +346,41 @@ TRANSITIONS = [
         0,
         1,
     ),
+    Case(
+        "a heartbeat by the holder renews the lease",
+        [(10, N1, claim("A")), (60, N2, heartbeat("A"))],
+        150,
+        "working",
+        "A",
+        1,
+        lease_expires_ms=160,
+    ),
+    Case(
+        "a heartbeat after its worker's release starts no lease",
+        [(10, N1, claim("A")), (20, N1, release("A")), (21, N1, heartbeat("A"))],
+        30,
+        "pending",
+        "A",
+        1,
+        lease_expires_ms=20,
+    ),
+    Case(
+        "a heartbeat after the lease expired starts no lease",
+        [(10, N1, claim("A")), (120, N1, heartbeat("A"))],
+        130,
+        "pending",
+        "A",
+        1,
+    ),
+    Case(
+        "a heartbeat by another worker is void",
+        [(10, N1, claim("A")), (20, N2, heartbeat("B"))],
+        30,
+        "working",
+        "A",
+        1,
+    ),
+    Case("a heartbeat before any claim is void", [(20, N1, heartbeat("A"))], 30, "pending", None, 0),
     Case("delayed task before it is due", [], 100, "delayed", None, 0, not_before_ms=500),
     Case("delayed task once due is pending", [], 500, "pending", None, 0, not_before_ms=500),
     Case("claim before due is void", [(100, N1, claim("A"))], 150, "delayed", None, 0, not_before_ms=500),
@@ -654,6 +693,7 @@ EVENTS: list[Event] = [
         Q, "t", "job", {"a": [1, 2.5, None, True, "x"]}, not_before_ms=5, priority=-2, idempotency_key="k"
     ),
     TaskClaimed(Q, "t", "w"),
+    TaskClaimed(Q, "t", "w", renew=True),
     TaskDone(Q, "t", "w"),
     TaskReleased(Q, "t", "w"),
     TaskReleased(Q, "t", "w", unsent=True),
@@ -678,6 +718,7 @@ def test_event_json_roundtrip(event: Event) -> None:
         {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "priority": 1.5},
         {"kind": "task_added", "queue": Q, "task_id": "t", "task_name": "n", "info": {1, 2}},
         {"kind": "task_claimed", "queue": Q, "task_id": "t"},
+        {"kind": "task_claimed", "queue": Q, "task_id": "t", "worker_id": "w", "renew": "yes"},
         {"kind": "task_retried", "queue": Q},
         {"kind": "task_released", "queue": Q, "task_id": "t", "worker_id": ""},
         {"kind": "task_released", "queue": Q, "task_id": "t", "worker_id": "w", "unsent": 1},
@@ -876,6 +917,7 @@ ACTION = st.one_of(
     st.tuples(st.just("done"), NODE, st.sampled_from(WORKERS), TASK_PICK, st.booleans()),
     st.tuples(st.just("retry"), NODE, TASK_PICK, st.booleans()),
     st.tuples(st.just("release"), NODE, st.sampled_from(WORKERS), TASK_PICK, st.booleans()),
+    st.tuples(st.just("heartbeat"), NODE, st.sampled_from(WORKERS), TASK_PICK, st.booleans()),
     st.tuples(st.just("deliver"), NODE, st.integers(1, 6), st.integers(0, 1 << 20)),
     st.tuples(st.just("dup"), NODE, st.integers(0, 1 << 20)),
     st.tuples(st.just("queue"), NODE, st.integers(0, 15)),
@@ -898,12 +940,16 @@ def _act(cluster: Cluster, action: tuple[Any, ...], config: tuple[int, int | Non
             cluster.emit(
                 node, TaskAdded(Q, f"t{len(cluster.log)}", "job", {"n": 1}, not_before, priority, key)
             )
-    elif kind in ("claim", "done", "retry", "release") and known:
+    elif kind in ("claim", "heartbeat", "done", "retry", "release") and known:
         task_id = known[action[-2] % len(known)]
         task, force = replica.tasks[task_id], action[-1]
         if kind == "claim":
             ok = check_claim(task, replica.queue, action[2], now).ok
             event: Event = claim(action[2], task_id)
+        elif kind == "heartbeat":  # as the service checks it: the worker renews its own lease
+            decision = check_claim(task, replica.queue, action[2], now)
+            ok = decision.ok and decision.renewal
+            event = heartbeat(action[2], task_id)
         elif kind == "done":  # mostly by the lease holder, as a worker would; sometimes by anyone
             decision = check_done(task, replica.queue)
             view = task_view(task, replica.queue, now)
