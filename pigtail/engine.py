@@ -843,9 +843,12 @@ class Pigtail:
         validate.queue_name(queue)
         validate.text(worker_id, "worker_id")
         max_in_flight = validate.in_flight(max_in_flight)
+        _, incarnation = self._queue(queue)
         held: dict[str, int] = {}
         while stop is None or not stop.is_set():
-            state, _ = self._queue(queue)
+            state, config = self._queue(queue)
+            if config.created > incarnation.created:  # (an earlier concurrent create: the same one)
+                raise NotFound(f"queue {queue!r} was deleted (and created again) while leasing from it")
             now = self.now_ms()
             for task_id in list(held):
                 view = task_view(self.state.task(queue, task_id), state, now)

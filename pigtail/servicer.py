@@ -7,16 +7,33 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail import restbody, views
 from potboiler.pigtail.engine import Pigtail
+from potboiler.pigtail.machine import TaskView
 from potboiler.pigtail.worksession import work_session
 from potboiler.server import rest
 from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import streaming, unary
 from potboiler.server.jsonvalue import from_value
 from potboiler.v1 import pigtail_pb2, pigtail_pb2_grpc
+
+
+async def _give_back_if_out_of_time(
+    pigtail: Pigtail, context: Ctx, queue: str, worker_id: str, view: TaskView
+) -> None:
+    """End a claim-next call whose deadline passed while its claim was made (the caller has given up:
+    grpc does not cancel the call at its deadline) with DEADLINE_EXCEEDED, giving the task back
+    rather than leaving it claimed by a worker that never gets it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        pigtail.release_later(queue, worker_id, [view["task_id"]])
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "the call's deadline passed as a task was claimed; it was given back",
+        )
 
 
 class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
@@ -98,6 +115,7 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
         view = await self._p.claim_next(request.queue, request.worker_id, request.wait_ms)
         if view is None:
             return pigtail_pb2.ClaimNextTaskResponse()
+        await _give_back_if_out_of_time(self._p, context, request.queue, request.worker_id, view)
         return pigtail_pb2.ClaimNextTaskResponse(task=views.task_message(view))
 
     @unary
@@ -142,10 +160,15 @@ class PigtailServicer(pigtail_pb2_grpc.PigtailServiceServicer):
         self, request: pigtail_pb2.LeaseTasksRequest, context: Ctx
     ) -> AsyncIterator[pigtail_pb2.LeaseTasksResponse]:
         leases = self._p.lease(request.queue, request.worker_id, request.max_in_flight)
+        sending = ""
         try:
             async for view in leases:
+                sending = view["task_id"]
                 yield pigtail_pb2.LeaseTasksResponse(task=views.task_message(view))
+                sending = ""
         finally:
+            if sending:  # the stream ended at this task's message (grpc took no more): never sent
+                self._p.release_later(request.queue, request.worker_id, [sending])
             await leases.aclose()
 
     @streaming
@@ -229,12 +252,12 @@ class PigtailRestServicer(pigtail_pb2_grpc.PigtailRestServiceServicer):
         self, request: pigtail_pb2.RestClaimNextTaskRequest, context: Ctx
     ) -> HttpBody:
         body = restbody.members(request.body, restbody.CLAIM_NEXT)
-        view = await self._p.claim_next(
-            request.queue, restbody.text(body, "worker_id"), restbody.integer(body, "wait_ms")
-        )
+        worker_id = restbody.text(body, "worker_id")
+        view = await self._p.claim_next(request.queue, worker_id, restbody.integer(body, "wait_ms"))
         if view is None:
             rest.no_content(context)
             return HttpBody()
+        await _give_back_if_out_of_time(self._p, context, request.queue, worker_id, view)
         return views.rest_json(views.rest_view(view, with_id=True))
 
     @unary

@@ -52,9 +52,12 @@ async def work_session(
     session = _Session(pigtail, start.queue, start.worker_id)
     leasing = asyncio.create_task(session.lease(start.max_in_flight), name="work-tasks-lease")
     reading = asyncio.create_task(session.read(requests), name="work-tasks-read")
+    sending: _Outgoing | None = None
     try:
         while (item := await session.out.get()) is not _ENDED:
+            sending = item
             yield session.sendable(item)
+            sending = None
             session.sent(item)
         # The worker is done: no more tasks (the lease is stopping), but every request it sent is
         # answered; a task claimed meanwhile, which it could not complete here, is given back.
@@ -68,6 +71,8 @@ async def work_session(
         for task in (leasing, reading, *session.answering):
             task.cancel()
         unsent = session.take_unsent()  # an error or a cancel ended the stream
+        if isinstance(sending, pigtail_pb2.WorkTasksResponse) and sending.WhichOneof("response") == "task":
+            unsent.append(sending.task.task_id)  # it ended at this task's message: never sent
         if unsent:
             pigtail.release_later(start.queue, start.worker_id, unsent)
 

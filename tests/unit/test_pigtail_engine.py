@@ -10,11 +10,13 @@ import random
 import threading
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import grpc
 import pytest
+from google.api.httpbody_pb2 import HttpBody
 
 from potboiler.pigtail import engine
 from potboiler.pigtail.codec import decode
@@ -22,6 +24,7 @@ from potboiler.pigtail.engine import Pigtail
 from potboiler.pigtail.events import Event, QueueCreated, QueueDeleted, TaskAdded, TaskClaimed, TaskDone
 from potboiler.pigtail.machine import ListEntry, TaskStatus, TaskView, task_view
 from potboiler.pigtail.scheduler import OTHERS_AFTER_MS, Rank, Scheduler, rank
+from potboiler.pigtail.servicer import PigtailRestServicer, PigtailServicer
 from potboiler.pigtail.state import Applied
 from potboiler.pigtail.validate import MAX_INFO_DEPTH
 from potboiler.pigtail.worksession import work_session
@@ -1037,12 +1040,14 @@ async def test_a_claim_under_way_when_its_caller_is_cancelled_is_given_back(
 
 
 async def test_tasks_not_sent_when_a_work_stream_is_cancelled_are_given_back(h: Harness) -> None:
+    """Closed at a task's message (grpc's write of it failed, or was cut: it took no more), the
+    stream gives that task back, and those claimed but not sent yet."""
     await h.pigtail.create_queue("q", 60_000)
     ids = {await h.add(), await h.add()}
     requests = WorkerRequests("q", max_in_flight=2)
     session = work_session(h.pigtail, requests.stream())
-    sent = (await anext(session)).task.task_id
-    (unsent,) = ids - {sent}
+    at_message = (await anext(session)).task.task_id
+    (unsent,) = ids - {at_message}
 
     async def both_claimed() -> bool:
         return (await h.pigtail.get_task("q", unsent))["state"] == "working"
@@ -1053,10 +1058,104 @@ async def test_tasks_not_sent_when_a_work_stream_is_cancelled_are_given_back(h: 
     await session.aclose()  # as gRPC closes the generator of a cancelled call
 
     async def given_back() -> bool:
-        return (await h.pigtail.get_task("q", unsent))["state"] == "pending"
+        views = [await h.pigtail.get_task("q", task_id) for task_id in ids]
+        return all((v["state"], v["attempts"]) == ("pending", 0) for v in views)
 
     await wait_for(given_back)
-    assert (await h.pigtail.get_task("q", sent))["state"] == "working"  # the worker may be doing it
+
+
+@pytest.mark.parametrize("stream", ["WorkTasks", "LeaseTasks"])
+async def test_a_task_whose_message_went_out_stays_with_the_worker_when_its_stream_ends(
+    h: Harness, stream: str
+) -> None:
+    """grpc asks for the next message once a task's is written: a stream cancelled then leaves the
+    task claimed (the worker may be doing it); cancelled while grpc still held the message (closed
+    at it), it gives the task back."""
+    await h.pigtail.create_queue("q", 60_000)
+    first, second = await h.add(), await h.add()
+    servicer = PigtailServicer(h.pigtail)
+
+    def open_stream() -> AsyncGenerator[Any, None]:
+        if stream == "WorkTasks":
+            return work_session(h.pigtail, WorkerRequests("q", max_in_flight=1).stream())
+        request = pigtail_pb2.LeaseTasksRequest(queue="q", worker_id="w", max_in_flight=1)
+        return cast(AsyncGenerator[Any, None], servicer.LeaseTasks(request, cast(Any, None)))
+
+    written = open_stream()
+    assert (await anext(written)).task.task_id == first
+    following = asyncio.ensure_future(anext(written))  # grpc wrote it and waits for the next
+    for _ in range(10):
+        await asyncio.sleep(0)
+    following.cancel()
+    await asyncio.gather(following, return_exceptions=True)
+    await written.aclose()
+    cut = open_stream()
+    assert (await anext(cut)).task.task_id == second
+    await cut.aclose()  # closed at the message
+
+    async def second_given_back() -> bool:
+        return (await h.pigtail.get_task("q", second))["state"] == "pending"
+
+    await wait_for(second_given_back)
+    view = await h.pigtail.get_task("q", first)
+    assert (view["state"], view["worker"]) == ("working", "w")
+
+
+class OutOfTime:
+    """The context of a call whose deadline has passed (grpc does not cancel a call at its deadline:
+    the handler may run on, and finish, after it)."""
+
+    class Aborted(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.status: tuple[Any, str] | None = None
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    async def abort(self, code: Any, details: str) -> None:
+        self.status = (code, details)
+        raise self.Aborted(details)
+
+
+@pytest.mark.parametrize("rest", [False, True], ids=["ClaimNextTask", "RestClaimNextTask"])
+async def test_a_claim_next_answered_after_its_deadline_gives_the_task_back(h: Harness, rest: bool) -> None:
+    await h.pigtail.create_queue("q", 60_000, 1)
+    task_id = await h.add()
+    context = OutOfTime()
+    with pytest.raises(OutOfTime.Aborted):
+        if rest:
+            body = HttpBody(content_type="application/json", data=b'{"worker_id": "w"}')
+            request = pigtail_pb2.RestClaimNextTaskRequest(queue="q", body=body)
+            await PigtailRestServicer(h.pigtail).RestClaimNextTask(request, cast(Any, context))
+        else:
+            claim = pigtail_pb2.ClaimNextTaskRequest(queue="q", worker_id="w")
+            await PigtailServicer(h.pigtail).ClaimNextTask(claim, cast(Any, context))
+    assert context.status is not None and context.status[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def given_back() -> bool:
+        view = await h.pigtail.get_task("q", task_id)
+        return (view["state"], view["worker"], view["attempts"]) == ("pending", "w", 0)
+
+    await wait_for(given_back)
+
+
+async def test_a_lease_stream_ends_when_its_queue_is_deleted_and_created_again_at_once(h: Harness) -> None:
+    """Another node's delete and re-create arrive together: the stream must not go on handing out the
+    new queue's tasks (under other settings) to a worker that leased from the old one."""
+    await h.pigtail.create_queue("q", 60_000)
+    leases = h.pigtail.lease("q", "w")
+    pending = asyncio.ensure_future(anext(leases))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    h.advance(100)
+    h.log.held = True
+    h.log.remote(B, T0 + 10, QueueDeleted("q"))
+    h.log.remote(B, T0 + 20, QueueCreated("q", 1000))
+    h.log.release()
+    with pytest.raises(NotFound, match="deleted \\(and created again\\) while leasing"):
+        await asyncio.wait_for(pending, 5)
 
 
 async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
