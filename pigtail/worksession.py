@@ -50,7 +50,9 @@ async def work_session(
         raise InvalidArgument("the first WorkTasks message must be `start`")
     start = first.start
     session = _Session(pigtail, start.queue, start.worker_id)
-    leasing = asyncio.create_task(session.lease(start.max_in_flight), name="work-tasks-lease")
+    leasing = session.leasing = asyncio.create_task(
+        session.lease(start.max_in_flight), name="work-tasks-lease"
+    )
     reading = asyncio.create_task(session.read(requests), name="work-tasks-read")
     sending: _Outgoing | None = None
     try:
@@ -87,6 +89,7 @@ class _Session:
         #: Set by the worker's stop_leasing, or when it closes its side: the lease ends between claims
         #: (one under way is sent, or released if the worker's side is closed).
         self.stop_leasing = asyncio.Event()
+        self.leasing: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_OUTSTANDING)
 
     def take_unsent(self) -> list[str]:
@@ -185,4 +188,9 @@ class _Session:
         except Exception as error:  # not a request's failure (a bug): ends the stream
             self.out.put_nowait(error)
             return
+        if self.stop_leasing.is_set() and self.leasing is not None:
+            # A task whose claim was under way as the worker stopped leasing goes out before this
+            # answer: a worker that closes its side at its last answer would be sent it after that,
+            # and leave it claimed.
+            await asyncio.wait([self.leasing])
         self.out.put_nowait(answer)  # its slot is freed once it is sent

@@ -1000,6 +1000,41 @@ async def test_a_task_claimed_as_the_worker_closes_its_side_is_given_back(
     assert (view["state"], view["worker"], view["attempts"]) == ("pending", "w", 0)  # not an attempt
 
 
+async def test_a_task_claimed_as_the_worker_stops_leasing_goes_out_before_later_answers(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker sends stop_leasing, then its last complete, and closes its side once that is answered
+    (the README's way to stop): a task whose claim was under way must reach it before that answer."""
+    await h.pigtail.create_queue("q", 60_000)
+    first = await h.add()
+    claiming, go_on = asyncio.Event(), asyncio.Event()
+    claim = h.pigtail._claim
+
+    async def held_claim(queue: str, task: str, worker: str) -> TaskView:
+        claiming.set()
+        await go_on.wait()
+        return await claim(queue, task, worker)
+
+    requests = WorkerRequests("q", max_in_flight=2)
+    session = work_session(h.pigtail, requests.stream())
+    assert (await anext(session)).task.task_id == first
+    monkeypatch.setattr(h.pigtail, "_claim", held_claim)
+    second = await h.add()
+    await asyncio.wait_for(claiming.wait(), 10)
+    requests.put(stop_leasing=True)
+    requests.put(complete_task_id=first)
+    for _ in range(20):
+        await asyncio.sleep(0)  # the complete is made, its answer waits
+    go_on.set()
+    messages = [await asyncio.wait_for(anext(session), 10) for _ in range(2)]
+    assert [m.WhichOneof("response") for m in messages] == ["task", "completed"]
+    assert messages[0].task.task_id == second
+    requests.put(complete_task_id=second)
+    assert (await asyncio.wait_for(anext(session), 10)).WhichOneof("response") == "completed"
+    requests.close()
+    assert await asyncio.wait_for(anext(session, None), 10) is None
+
+
 @pytest.mark.parametrize("how", ["work stream", "claim next"])
 async def test_a_claim_under_way_when_its_caller_is_cancelled_is_given_back(
     h: Harness, monkeypatch: pytest.MonkeyPatch, how: str
