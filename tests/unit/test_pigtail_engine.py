@@ -885,6 +885,20 @@ async def test_an_entry_whose_planning_fails_once_is_applied_on_the_next_try(
     assert (await h.pigtail.get_task("q", task_id))["state"] == "pending"
 
 
+def holding_claims(h: Harness) -> tuple[asyncio.Event, asyncio.Event, Callable[..., Awaitable[TaskView]]]:
+    """A stand-in for Pigtail._claim that sets the first event when a claim starts and makes it only
+    once the second is set."""
+    claiming, go_on = asyncio.Event(), asyncio.Event()
+    claim = h.pigtail._claim
+
+    async def held_claim(queue: str, task: str, worker: str) -> TaskView:
+        claiming.set()
+        await go_on.wait()
+        return await claim(queue, task, worker)
+
+    return claiming, go_on, held_claim
+
+
 class WorkerRequests:
     """What a test's worker sends on a WorkTasks stream: its start, then what it `put`s, until it
     `close`s its side."""
@@ -979,14 +993,7 @@ async def test_a_task_claimed_as_the_worker_closes_its_side_is_given_back(
     lease ran out)."""
     await h.pigtail.create_queue("q", 60_000)
     task_id = await h.add()
-    claiming, go_on = asyncio.Event(), asyncio.Event()
-    claim = h.pigtail._claim
-
-    async def held_claim(queue: str, task: str, worker: str) -> TaskView:
-        claiming.set()
-        await go_on.wait()
-        return await claim(queue, task, worker)
-
+    claiming, go_on, held_claim = holding_claims(h)
     monkeypatch.setattr(h.pigtail, "_claim", held_claim)
     requests = WorkerRequests("q", max_in_flight=1)
     session = work_session(h.pigtail, requests.stream())
@@ -1007,14 +1014,7 @@ async def test_a_task_claimed_as_the_worker_stops_leasing_goes_out_before_later_
     (the README's way to stop): a task whose claim was under way must reach it before that answer."""
     await h.pigtail.create_queue("q", 60_000)
     first = await h.add()
-    claiming, go_on = asyncio.Event(), asyncio.Event()
-    claim = h.pigtail._claim
-
-    async def held_claim(queue: str, task: str, worker: str) -> TaskView:
-        claiming.set()
-        await go_on.wait()
-        return await claim(queue, task, worker)
-
+    claiming, go_on, held_claim = holding_claims(h)
     requests = WorkerRequests("q", max_in_flight=2)
     session = work_session(h.pigtail, requests.stream())
     assert (await anext(session)).task.task_id == first
