@@ -75,9 +75,11 @@ class KvService:
         self._linger = Linger(APPLY_LINGER_S)
         #: The highest seq of this node's own entries applied since the service started.
         self._own_seq = 0
-        #: The highest seq of a write this service has answered, and of a `_config` write among them.
+        #: The highest seq of a write this service has answered.
         self._answered_seq = 0
-        self._answered_config_seq = 0
+        #: Table -> the highest seq of a `_config` write of it this service answered and has not
+        #: applied yet (a write to the table is planned once it is: it may create or retype it).
+        self._answered_configs: dict[str, int] = {}
         #: Whether the state shows everything delivered before the service started: the writes this
         #: node answered before a restart (and not applied by then) included.
         self._caught_up = CatchUp("KV", self._linger, APPLY_WAIT)
@@ -137,7 +139,8 @@ class KvService:
             ) from None
         self._answered_seq = max(self._answered_seq, entry.seq)
         if planned.event.table == CONFIG_TABLE:
-            self._answered_config_seq = max(self._answered_config_seq, entry.seq)
+            configured = planned.event.key
+            self._answered_configs[configured] = max(self._answered_configs.get(configured, 0), entry.seq)
         return entry
 
     async def current(self) -> KvState:
@@ -163,18 +166,17 @@ class KvService:
         return keys, keys[-1] if more else ""
 
     async def state_to_plan(self, table: str) -> KvState:
-        """The state to plan a write to `table` on: current for a write that reads it (Unavailable
-        if it is not within APPLY_WAIT), or while a `_config` write of this node is not applied yet
-        (it may create or retype `table`). A write that reads no state (an LWW set) is planned on the
-        state as it is after APPLY_WAIT: its table's type is all it needs, and a table not known yet
-        makes it pending, which it may well be."""
-        if not self.state.plan_reads_state(table):
-            if self._caught_up.done and self._answered_config_seq <= self._own_seq:
-                return self.state
-            with contextlib.suppress(Unavailable):
-                return await self.current()
-            return self.state
-        return await self.current()
+        """The state to plan a write to `table` on: current (Unavailable if it is not within
+        APPLY_WAIT) for a write that reads it, and while a `_config` write of `table` this node
+        answered is not applied yet (it may create or retype the table: a write checked against the
+        type before it would be taken for that type, and never show), or may not be (before the
+        service has caught up with what was delivered before it started). A write that reads no state
+        (an LWW set) is otherwise planned on the state as it is: its table's type is all it needs."""
+        if self.state.plan_reads_state(table) or not self._caught_up.done:
+            return await self.current()
+        if self._answered_configs.get(table, 0) > self._own_seq:
+            return await self.current()
+        return self.state
 
     async def _wait_applied(self, seq: int) -> None:
         """Wait until this node's own entry `seq` is applied; Unavailable after APPLY_WAIT.
@@ -238,6 +240,9 @@ class KvService:
                     break
         if self._waiters:
             self._release(self._own_seq)
+        if self._answered_configs:
+            own = self._own_seq
+            self._answered_configs = {t: seq for t, seq in self._answered_configs.items() if seq > own}
         if not self._caught_up.done:
             self._caught_up.note(self.state.position)
 

@@ -12,7 +12,7 @@ from potboiler.kv import service as kv_service
 from potboiler.kv.crdts import CrdtType
 from potboiler.kv.service import KvService
 from potboiler.kv.state import CURSOR_KEY, state_key
-from potboiler.server.errors import Unavailable
+from potboiler.server.errors import InvalidArgument, Unavailable
 from potboiler.server.hlc import HybridClock
 from potboiler.server.jsonvalue import from_value
 from potboiler.server.plugin import NodeContext
@@ -66,7 +66,7 @@ async def test_reads_and_state_planned_writes_are_unavailable_while_a_write_is_n
     with pytest.raises(Unavailable, match="not applied to its KV state yet"):
         await service.state_to_plan("t")
     # A write that reads no state (an LWW set) is still taken, planned on the state as it is, also
-    # while a _config write of this node is not applied yet (it might have retyped the table).
+    # while a _config write of this node for another table is not applied yet.
     await service.write(service.state.plan_write("_config", "other", "set", {"crdt": "LWW"}))
     assert not (await service.state_to_plan("lww")).plan_write("lww", "k", "set", 1).pending
     log.release()
@@ -74,6 +74,25 @@ async def test_reads_and_state_planned_writes_are_unavailable_while_a_write_is_n
     remove = state.plan_write("t", "k", "remove", {"item": "x", "key": "a"})
     await service.write(remove)
     assert from_value((await asyncio.wait_for(service.current(), WAIT)).get_message("t", "k")[1]) == []
+
+
+async def test_a_set_waits_for_this_nodes_retype_of_its_table(kv: tuple[KvService, FakeLog]) -> None:
+    """This node answered a retype of `t` to ORSET: an LWW set of `t` checked against the type before
+    it would be taken for LWW and never show (read-your-writes). It is a 503 until the retype applies,
+    then a 400 (the op does not fit); sets of other tables go on meanwhile."""
+    service, log = kv
+    await service.write(service.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
+    await service.write(service.state.plan_write("_config", "u", "set", {"crdt": "LWW"}))
+    await asyncio.wait_for(service.current(), WAIT)
+    log.held = True
+    await service.write(service.state.plan_write("_config", "t", "set", {"crdt": "ORSET"}))
+    with pytest.raises(Unavailable, match="not applied to its KV state yet"):
+        await service.state_to_plan("t")
+    assert not (await service.state_to_plan("u")).plan_write("u", "k", "set", 1).pending
+    log.release()
+    state = await asyncio.wait_for(service.state_to_plan("t"), WAIT)
+    with pytest.raises(InvalidArgument, match="does not apply to ORSET tables"):
+        state.plan_write("t", "k", "set", 1)
 
 
 async def test_reads_after_a_restart_show_the_writes_answered_before_it(

@@ -102,8 +102,8 @@ class KvServiceServicer(object):
         formed for at least one table type; it is kept and takes effect once the
         table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
         an op that does not fit the table's type, a malformed change, a `_config`
-        change that is not an object with "crdt": <known type>; its other members
-        are kept and ignored, as in the original project); nothing is appended then.
+        change that is not exactly an object {"crdt": <known type>}); nothing is
+        appended then.
         RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -56,8 +56,8 @@ class KvServiceStub:
     formed for at least one table type; it is kept and takes effect once the
     table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
     an op that does not fit the table's type, a malformed change, a `_config`
-    change that is not an object with "crdt": <known type>; its other members
-    are kept and ignored, as in the original project); nothing is appended then.
+    change that is not exactly an object {"crdt": <known type>}); nothing is
+    appended then.
     RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
     """
     GetValue: _grpc.UnaryUnaryMultiCallable[_kv_pb2.GetValueRequest, _kv_pb2.GetValueResponse]
@@ -107,8 +107,8 @@ class KvServiceAsyncStub(KvServiceStub):
     formed for at least one table type; it is kept and takes effect once the
     table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
     an op that does not fit the table's type, a malformed change, a `_config`
-    change that is not an object with "crdt": <known type>; its other members
-    are kept and ignored, as in the original project); nothing is appended then.
+    change that is not exactly an object {"crdt": <known type>}); nothing is
+    appended then.
     RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
     """
     GetValue: _aio.UnaryUnaryMultiCallable[_kv_pb2.GetValueRequest, _kv_pb2.GetValueResponse]  # type: ignore[assignment]
@@ -161,8 +161,8 @@ class KvServiceServicer(metaclass=_abc_1.ABCMeta):
         formed for at least one table type; it is kept and takes effect once the
         table's config arrives. Errors: INVALID_ARGUMENT (bad name, unknown op,
         an op that does not fit the table's type, a malformed change, a `_config`
-        change that is not an object with "crdt": <known type>; its other members
-        are kept and ignored, as in the original project); nothing is appended then.
+        change that is not exactly an object {"crdt": <known type>}); nothing is
+        appended then.
         RESOURCE_EXHAUSTED: the write is larger than a log entry may be (1 MiB).
         """
 
