@@ -37,6 +37,7 @@ from potboiler.server.ports import Ports
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.rest_routes import (
     DESCRIPTOR,
+    REST_TIMEOUT,
     descriptor_set,
     listener_of,
     method_routes,
@@ -195,6 +196,7 @@ def render(
             IGNORE_UNKNOWN_QUERY=json.dumps(name == "browser"),
             REJECT_UNKNOWN_QUERY=json.dumps(name != "browser"),
             MAX_BODY=MAX_BODY_BYTES,
+            REST_TIMEOUT=REST_TIMEOUT,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
             METHOD_ROUTES=("\n" + indent).join(f"- {json.dumps(r)}" for r in method_routes(name))
             or "# (none)",

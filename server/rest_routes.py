@@ -23,6 +23,11 @@ import potboiler.v1
 
 DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
 
+#: Longest Envoy waits for the node's answer to a REST call before it answers 504 itself (with none,
+#: a call to a node that stalled waited for ever): longer than any REST call takes, a Pigtail
+#: claim-next waiting up to its 60 s the longest. gRPC calls through Envoy have no such limit.
+REST_TIMEOUT = "90s"
+
 _VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_.]*\}")
 _LUA = "envoy.filters.http.lua"
 _LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
@@ -170,7 +175,7 @@ class RawBodyRoute:
         match["headers"] = [{"name": ":method", "string_match": {"exact": self.method}}]
         return {
             "match": match,
-            "route": {"cluster": "node", "timeout": "0s"},
+            "route": {"cluster": "node", "timeout": REST_TIMEOUT},
             "typed_per_filter_config": {
                 _LUA: {"@type": _LUA_PER_ROUTE, "name": "raw_body"},
             },
@@ -244,7 +249,7 @@ def method_routes(listener: str) -> list[dict[str, object]]:
                     **match,
                     "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": regex}}}],
                 },
-                "route": {"cluster": "node", "timeout": "0s"},
+                "route": {"cluster": "node", "timeout": REST_TIMEOUT},
                 # What gateway/lua/request_json.lua lets through of a body bound whole to a message.
                 **({"metadata": {"filter_metadata": {_LUA: {"members": members}}}} if members else {}),
             }

@@ -3,9 +3,12 @@
 -- A call that failed ends with its headers alone, so its metadata is found there instead.
 -- Also lets HEAD through wherever GET goes (head_as_get, with request_json.lua).
 -- Loaded on every route, before request_json.lua where that is loaded too.
+-- As Envoy tells gRPC: application/grpc, alone or followed by + or ; (application/grpc-web is not).
 local function is_grpc(headers)
   local ctype = headers:get("content-type") or ""
-  return string.find(ctype, "application/grpc", 1, true) == 1
+  if string.find(ctype, "application/grpc", 1, true) ~= 1 then return false end
+  local after = string.sub(ctype, 17, 17)
+  return after == "" or after == "+" or after == ";"
 end
 local function strip_grpc(map)
   map:remove("grpc-status")

@@ -4,6 +4,7 @@ shape, and the errors (all JSON with a message)."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from potboiler.server.entries import MAX_DEPENDENCIES, MAX_ENTRY_BYTES
 from potboiler.server.gateway import MAX_BODY_BYTES
 from potboiler.server.processes import NodeProcess
 from potboiler.v1 import webhooks_pb2, webhooks_pb2_grpc
+from tests.conftest import wait_for_sync
 from tests.node_processes import NodeProcesses
 
 pytestmark = pytest.mark.e2e
@@ -616,6 +618,40 @@ def test_a_trailing_slash_is_the_same_path(http: httpx.Client) -> None:
     # A raw body stays the node's to judge: the same answer as without the slashes.
     bad = http.post("/log//", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json() == post(http, "{not json").json()
+
+
+def test_percent_encoded_letters_in_a_path_are_the_letters(http: httpx.Client) -> None:
+    """RFC 3986 6.2.2.2: /log/%72egister is /log/register; routes and transcoder read it alike."""
+    entry_id = append(http, {"pct": 1})
+    assert (
+        http.get(f"/log/%{ord(entry_id[0]):02X}{entry_id[1:]}").json() == http.get(f"/log/{entry_id}").json()
+    )
+    assert http.get("/log/%66irst").json() == http.get("/log/first").json()
+    body = {"url": "http://127.0.0.1:9/pct"}
+    assert_no_content(http.post("/log/%72egister", json=body))
+    assert_no_content(http.post("/log/deregister", json=body))
+
+
+def test_a_grpc_web_content_type_is_a_rest_request(http: httpx.Client) -> None:
+    """Envoy transcodes application/grpc-web as REST: the gateway's body checks must apply to it."""
+    headers = {"content-type": "application/grpc-web"}
+    bad = http.post("/log/register", content=b"{'url': 1, bogus: 1,}", headers=headers)
+    assert_error(bad, 400, "not valid JSON")
+    assert http.head("/log", headers=headers).status_code == 200
+
+
+def test_a_stalled_node_is_a_503_not_a_request_that_hangs(fresh: tuple[NodeProcess, httpx.Client]) -> None:
+    """A stopped node still accepts TCP: Envoy's pings to it go unanswered, and the REST call on
+    that connection gets a 503 (in about 15 s) instead of waiting for ever; then it serves again."""
+    node, http = fresh
+    append(http, {"before": "the stall"})
+    node.signal(signal.SIGSTOP)
+    try:
+        stalled = http.get("/log", timeout=60.0)
+    finally:
+        node.signal(signal.SIGCONT)
+    assert stalled.status_code == 503 and stalled.json()["code"] == 14, stalled.text
+    wait_for_sync(lambda: http.get("/log").status_code == 200, 30, "the node serving again")
 
 
 def test_head_answers_as_get_without_the_body(shared_node: NodeProcess) -> None:
