@@ -121,29 +121,49 @@ def upstream_tls(tls: TlsFiles | None, grpc_host: str) -> str:
     return "transport_socket: " + json.dumps(socket)
 
 
-def error_code_mappers() -> list[dict[str, Any]]:
+#: The KV browser's page for a path Envoy finds no page at (its own 404): HTML for a browser, like
+#: the pages' own errors, with no part of the request in it (Envoy would not escape it).
+BROWSER_NOT_FOUND = (
+    '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Potboiler KV: 404</title></head>\n'
+    '<body>\n<h1><a href="/">Potboiler KV</a></h1><p id="error">404: there is no such page here</p>'
+    '<nav><a href="/">&larr; all tables</a></nav>\n</body></html>\n'
+)
+
+
+def error_code_mappers(listener: str = "core") -> list[dict[str, Any]]:
     """Envoy `local_reply_config` mappers: each of Envoy's own error statuses answered as
     `{"code": <gRPC code>, "message", "details": []}`, the shape of the node's errors; a body over the limit says what the limit is (Envoy's own
-    words are about its buffers)."""
-    mappers = []
+    words are about its buffers). On the browser's listener a 404 is an HTML page."""
+    mappers: list[dict[str, Any]] = []
+    if listener == "browser":
+        mappers.append(
+            {
+                "filter": {"status_code_filter": {"comparison": _status_is(404)}},
+                "body_format_override": {
+                    "text_format_source": {"inline_string": BROWSER_NOT_FOUND},
+                    "content_type": "text/html; charset=utf-8",
+                },
+            }
+        )
     for status, code in GRPC_CODE_OF_STATUS.items():
         message = {
             405: "%REQ(:METHOD)% is not allowed here: %LOCAL_REPLY_BODY%",
             413: f"the request body is larger than the limit of {MAX_BODY_BYTES >> 20} MiB",
         }.get(status, "%LOCAL_REPLY_BODY%")
-        comparison = {
-            "op": "EQ",
-            "value": {"default_value": status, "runtime_key": f"potboiler.status_{status}"},
-        }
         mappers.append(
             {
-                "filter": {"status_code_filter": {"comparison": comparison}},
+                "filter": {"status_code_filter": {"comparison": _status_is(status)}},
                 "body_format_override": {
                     "json_format": {"code": code.value[0], "message": message, "details": []}
                 },
             }
         )
     return mappers
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    """A local reply mapper's comparison: the status is `status`."""
+    return {"op": "EQ", "value": {"default_value": status, "runtime_key": f"potboiler.status_{status}"}}
 
 
 #: The route answering gRPC calls on the REST ports but B: 404, which a gRPC client reads as
@@ -201,7 +221,7 @@ def render(
             METHOD_ROUTES=("\n" + indent).join(f"- {json.dumps(r)}" for r in method_routes(name))
             or "# (none)",
             ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(
-                f"- {json.dumps(m)}" for m in error_code_mappers()
+                f"- {json.dumps(m)}" for m in error_code_mappers(name)
             ),
             GRPC_REFUSAL="# (none: gRPC is served here)"
             if name == "core"

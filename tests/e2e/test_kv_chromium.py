@@ -151,6 +151,13 @@ def test_browse_tables_and_follow_links(
     missing = page.goto(f"{base}/tables/nope")
     assert missing is not None and missing.status == 404
     assert "No such table 'nope'" in page.locator("#error").inner_text()
+    # So is a path with no page at all (Envoy's own 404, an HTML page too), with its way back.
+    for path in ("/nope", "/tables/people/extra", "/%3Cb%3Ex"):
+        lost = page.goto(base + path)
+        assert lost is not None and lost.status == 404 and "text/html" in lost.headers["content-type"]
+        assert page.locator("#error").inner_text() == "404: there is no such page here"
+    page.get_by_role("link", name="← all tables").click()
+    page.wait_for_url(f"{base}/")
 
     assert requested and all(url.startswith(base + "/") for url in requested)  # no external assets
 
