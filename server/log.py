@@ -27,6 +27,11 @@ from potboiler.v1.entry_pb2 import Entry
 from potboiler.v1.replication_pb2 import EntryBatch
 
 _NODE_ID_KEY = b"mnode_id"
+#: The layout of the log's store (see `potboiler.server.log_layout`) as a number a checkout checks: one
+#: that reads an older layout raises this when it writes the store; one that finds a newer refuses to
+#: open it (it would misread it). Stores written before the mark are in format 1.
+_FORMAT_KEY = b"mformat"
+LOG_FORMAT = 1
 #: Most waiting entries one plan delivers as they become deliverable; the next plans go on from
 #: there (so that an entry that thousands wait for holds up the node's event loop for a moment only).
 CASCADE_BUDGET = 4_000
@@ -98,9 +103,17 @@ class Log:
         self._store = store
         self._cascade_budget = cascade_budget
         raw_id = store.get(_NODE_ID_KEY)
+        written_in = store.get(_FORMAT_KEY)
         if raw_id is None:
             raw_id, _ = new_uuid()
-            store.write([(_NODE_ID_KEY, raw_id)], sync=True)
+            store.write([(_NODE_ID_KEY, raw_id), (_FORMAT_KEY, U64.pack(LOG_FORMAT))], sync=True)
+        elif written_in is None:  # written before the mark, in a layout this format reads
+            store.write([(_FORMAT_KEY, U64.pack(LOG_FORMAT))], sync=True)
+        elif U64.unpack(written_in)[0] > LOG_FORMAT:
+            raise OSError(
+                f"the log store was written in format {U64.unpack(written_in)[0]}, by a newer "
+                f"Potboiler, and this one reads formats up to {LOG_FORMAT}: run the newer one"
+            )
         self.node_id_bytes = raw_id
         self.node_id = uuid_str(raw_id)
         self._heads: dict[bytes, tuple[int, bytes]] = {}

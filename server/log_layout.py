@@ -17,7 +17,8 @@ owner + seq, 24 bytes:
     u<id>              -> ''           stored but not yet delivered
     p<missing><waiter> -> ''           `waiter` waits for `missing` to be delivered
     f<owner id text>   -> seq, id text a forked owner's log (see `potboiler.server.log_forks`)
-    m<name>            -> value        node metadata (its id)
+    m<name>            -> value        node metadata: its id (`mnode_id`), the layout's format
+                                       (`mformat`, see `potboiler.server.log.LOG_FORMAT`)
 
 The same store holds the membership (`n`, `r`, `j`, `a`, `v`: see `potboiler.server.membership`)
 and the webhooks (`w`: see `potboiler.server.webhooks`).

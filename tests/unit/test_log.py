@@ -18,7 +18,8 @@ from potboiler.server.entry_batches import marked
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
-from potboiler.server.log import Blocked, Log, Promise
+from potboiler.server.log import LOG_FORMAT, Blocked, Log, Promise
+from potboiler.server.log_layout import U64
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
 
@@ -267,6 +268,18 @@ def test_restart_keeps_identity_heads_pending_and_clock(store: MemoryStore) -> N
     [b] = commit_local(again, store, [NewEntry(value(2))])
     assert b.prev == a.id
     assert (b.when.wall_ms, b.when.logical) > (a.when.wall_ms, a.when.logical)
+
+
+def test_the_store_marks_its_format_and_a_newer_one_is_refused(store: MemoryStore) -> None:
+    """A newer layout would be misread: refused, saying so. A store from before the mark is in
+    format 1, and gets the mark."""
+    log = Log(store)
+    assert store.get(b"mformat") == U64.pack(LOG_FORMAT)
+    store.write([(b"mformat", None)])
+    assert Log(store).node_id == log.node_id and store.get(b"mformat") == U64.pack(LOG_FORMAT)
+    store.write([(b"mformat", U64.pack(LOG_FORMAT + 1))])
+    with pytest.raises(OSError, match=f"written in format {LOG_FORMAT + 1}, by a newer Potboiler"):
+        Log(store)
 
 
 def test_after_a_restart_new_stamps_exceed_those_received_from_peers(store: MemoryStore) -> None:
