@@ -400,6 +400,10 @@ class Gateway:
             "--concurrency",
             str(worker_threads()),
             stdin=asyncio.subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C signals the node's process group, and Envoy in
+            # it would quit at once, cutting the calls in flight the node's stop lets finish. It
+            # still dies with the node (die_with_parent) and is stopped by it.
+            start_new_session=True,
             preexec_fn=die_with_parent(),
         )
         loop = asyncio.get_running_loop()
@@ -438,6 +442,11 @@ class Gateway:
             started = loop.time()
             self.restarts += 1
             log.info("envoy is serving again")
+
+    def stop_restarting(self) -> None:
+        """Start Envoy no more if it exits (the node is stopping, and stops Envoy after its server)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     async def stop(self) -> None:
         """Stop Envoy (SIGTERM, then SIGKILL after 5 s)."""

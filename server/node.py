@@ -369,6 +369,8 @@ class Node:
     async def _stop_server(self) -> None:
         # No new stream to a peer first: one dialed while the server stops would outlive the node.
         self.replicator.stop_dialing()
+        if self.gateway is not None:
+            self.gateway.stop_restarting()  # Envoy exiting now is no failure to start it again after
         if self.server is not None:
             await self._set_health("", serving=False)
             await self.server.stop(grace=1.0)

@@ -169,11 +169,14 @@ async def test_kill_9_during_concurrent_appends_loses_nothing_acknowledged(
     assert ack.seq == total + 1
 
 
-def stop_with(node: NodeProcess, sig: signal.Signals) -> None:
-    """Send `sig`; the node exits 0, leaves no process behind (its Envoy is stopped with it) and logs
-    no traceback."""
+def stop_with(node: NodeProcess, sig: signal.Signals, *, group: bool = False) -> None:
+    """Send `sig` (with `group`, to the node's whole process group, as a terminal's Ctrl-C does); the
+    node exits 0, leaves no process behind (its Envoy is stopped with it) and logs no traceback."""
     assert node.process is not None
-    node.signal(sig)
+    if group:
+        os.killpg(os.getpgid(node.process.pid), sig)
+    else:
+        node.signal(sig)
     assert node.process.wait(timeout=30) == 0
     assert processes_of(node.data_dir) == []
     assert "Traceback" not in node.log_file.read_text(errors="replace")
@@ -209,9 +212,12 @@ def _serves(http: httpx.Client) -> bool:
         return False
 
 
-def test_a_rest_call_in_flight_as_the_node_stops_is_answered(node_process: NodeProcesses) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_rest_call_in_flight_as_the_node_stops_is_answered(node_process: NodeProcesses, how: str) -> None:
     """A stopping node lets the calls in flight finish for a moment, those through Envoy too: Envoy
-    stops after the node's server (it used to stop first, cutting them unanswered)."""
+    stops after the node's server (it used to stop first, cutting them unanswered), also when a
+    terminal's Ctrl-C signals the node's whole process group (Envoy used to be in it, and quit at
+    once)."""
     node = node_process("n")
     socket = gateway.admin_dir(node.data_dir / "gateway") / "admin.sock"
     admin = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://envoy")
@@ -225,7 +231,10 @@ def test_a_rest_call_in_flight_as_the_node_stops_is_answered(node_process: NodeP
 
         claim = pool.submit(pigtail.post, "/queue/q/claim", json={"worker_id": "w", "wait_ms": 700})
         wait_for_sync(lambda: calls_at_the_node() == 1, message="the claim waiting at the node")
-        stop_with(node, signal.SIGTERM)
+        if how == "SIGTERM":
+            stop_with(node, signal.SIGTERM)
+        else:
+            stop_with(node, signal.SIGINT, group=True)
         assert claim.result().status_code == 204  # no task came
 
 

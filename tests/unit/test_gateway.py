@@ -217,3 +217,29 @@ def test_envoy_takes_as_many_connections_as_its_file_descriptors_allow(
     assert f"max_active_downstream_connections: {connections}\n" in render(
         "127.0.0.1", Ports(9000), "127.0.0.1"
     )
+
+
+async def test_an_envoy_that_exits_once_the_node_stops_is_not_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[_FakeEnvoy] = []
+
+    async def create_subprocess_exec(*args: object, **kwargs: Any) -> _FakeEnvoy:
+        assert kwargs.get("start_new_session") is True  # a terminal's Ctrl-C is the node's to handle
+        started.append(_FakeEnvoy())
+        return started[-1]
+
+    async def admin_ready(path: Path) -> bool:
+        return True
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", create_subprocess_exec)
+    monkeypatch.setattr(gateway, "_admin_ready", admin_ready)
+    monkeypatch.setattr(gateway, "ENVOY_RESTART", Backoff(first=0.01, cap=0.02))
+    envoy_gateway = gateway.Gateway("127.0.0.1", Ports(9000), "127.0.0.1", tmp_path / "gateway")
+    await envoy_gateway.start()
+    envoy_gateway.stop_restarting()
+    started[0].die(0)
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert len(started) == 1 and envoy_gateway.restarts == 0
+    await envoy_gateway.stop()
