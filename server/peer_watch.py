@@ -45,8 +45,10 @@ class _Seen:
     """What was last seen of one peer."""
 
     state: PeerState | None = None
-    #: A catch-up of the peer being logged: when it began, and the entries sent to it then.
+    #: A catch-up of the peer: when it was first seen, and the entries the peer had acknowledged
+    #: then; and whether it has been logged (at the second look: one that ends at once is not news).
     catching_up: tuple[float, int] | None = None
+    announced: bool = False
     #: This node catching up with the peer, logged: when it began, and the entries received then.
     behind: tuple[float, int] | None = None
     kept: dict[str, int] | None = None
@@ -99,26 +101,30 @@ class PeerWatch:
     def _note_state(self, peer: Peer, view: PeerView, seen: _Seen, now: float) -> None:
         before, state = seen.state, view.state
         seen.state = state
-        counters = self._replicator.counters_for(peer.url)
         if state is PeerState.SILENT and before is not PeerState.SILENT:
             log.warning("nothing from %s for %.1fs: its stream may be cut off", peer.url, view.silent)
         elif before is PeerState.SILENT and state in (PeerState.LIVE, PeerState.CATCHING_UP):
             log.info("%s is heard from again", peer.url)
+        # Counted in what the peer acknowledged, as its lag is (entries sent but not acknowledged
+        # yet are lacking still): the count taken in is then at least the count found lacking.
         if state is PeerState.CATCHING_UP:
-            if before is PeerState.CATCHING_UP and seen.catching_up is None:
-                seen.catching_up = (now, counters.entries_out)
+            if seen.catching_up is None:
+                seen.catching_up = (now, sum(view.acked.values()))
+            elif not seen.announced:
+                seen.announced = True
                 log.info("%s lacks %d entries of this node's: sending them", peer.url, view.lag)
         elif state is PeerState.LIVE and seen.catching_up is not None:
-            began, sent = seen.catching_up
-            log.info(
-                "%s has caught up: %d entries sent in %.1fs",
-                peer.url,
-                counters.entries_out - sent,
-                now - began,
-            )
-            seen.catching_up = None
+            began, acknowledged = seen.catching_up
+            if seen.announced:
+                log.info(
+                    "%s has caught up: %d entries taken in %.1fs",
+                    peer.url,
+                    sum(view.acked.values()) - acknowledged,
+                    now - began,
+                )
+            seen.catching_up, seen.announced = None, False
         elif state is PeerState.DISCONNECTED:
-            seen.catching_up = None  # the stream's end is logged where it ends
+            seen.catching_up, seen.announced = None, False  # the stream's end is logged where it ends
 
     def _note_behind(self, peer: Peer, view: PeerView, seen: _Seen, now: float) -> None:
         received = self._replicator.counters_for(peer.url).entries_in

@@ -55,16 +55,16 @@ def test_a_catch_up_is_logged_once_it_lasts_and_when_it_ends(caplog: pytest.LogC
     fake.view = view(PeerState.LIVE)
     watch.look()
     assert messages(caplog) == []  # a moment's backlog is not news
-    fake.view = view(PeerState.CATCHING_UP, lag=50_000)
+    # Counted from the first look, in what the peer acknowledged (20,000 were sent, not acknowledged).
+    fake.view = view(PeerState.CATCHING_UP, lag=60_000, acked={"o": 10_000})
     watch.look()
-    fake.counters.entries_out += 10
+    fake.view = view(PeerState.CATCHING_UP, lag=50_000, acked={"o": 20_000})
     watch.look()
     assert messages(caplog) == [(logging.INFO, f"{URL} lacks 50000 entries of this node's: sending them")]
-    fake.counters.entries_out += 49_990
-    fake.view = view(PeerState.LIVE)
+    fake.view = view(PeerState.LIVE, acked={"o": 70_000})
     watch.look()
     [(level, text)] = messages(caplog)
-    assert level == logging.INFO and text.startswith(f"{URL} has caught up: 49990 entries sent in ")
+    assert level == logging.INFO and text.startswith(f"{URL} has caught up: 60000 entries taken in ")
 
 
 def test_silence_is_a_warning_and_being_heard_again_is_logged(caplog: pytest.LogCaptureFixture) -> None:
