@@ -46,7 +46,13 @@ def _common(parser: argparse.ArgumentParser, data_dir: str) -> None:
     parser.add_argument(
         "--fsync", action="store_true", help="sync every write batch to disk (survives power loss)"
     )
-    parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="log level (default INFO)",
+    )
     parser.add_argument(
         "--no-gossip", action="store_true", help="do not learn peers from other nodes (static membership)"
     )
@@ -238,8 +244,16 @@ def cluster_nodes(args: argparse.Namespace) -> list[NodeProcess]:
     --peer (a --peer naming a node of the cluster is one of those); InvalidArgument if --host or a
     --peer does not make a node root URL."""
     bases = cluster_bases(args.base_port, args.nodes)
-    for base in bases:  # as each node will check them: before starting any
-        NodeConfig(data_dir=args.data_dir, host=args.host, base_port=base).check()
+    for i, base in enumerate(bases):  # as each node will check them: before starting any
+        try:
+            NodeConfig(data_dir=args.data_dir, host=args.host, base_port=base).check()
+        except InvalidArgument as exc:
+            if i == 0 or "--base-port" not in str(exc):
+                raise
+            raise InvalidArgument(
+                f"bad --nodes: {args.nodes} nodes from --base-port {args.base_port} take ports past "
+                f"65535 (node {i} would have base port {base}); start lower, or with fewer nodes"
+            ) from None
     try:
         urls = [node_url(f"http://{url_host(args.host)}:{base}") for base in bases]
     except InvalidArgument as exc:
@@ -359,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"potboiler: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format=f"%(asctime)s {os.getpid()} %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -420,7 +420,9 @@ class Replicator:
         ended = "the stream ended"
         try:
             await self._run_session(peer, session)
-            ended = "the peer closed the stream"
+            # A dialer never closes its side (it cancels its call): grpc ends the requests so when
+            # the connection goes (the peer's process died, or stopped answering its pings).
+            ended = "the connection ended (the peer's process or its network went away)"
         except asyncio.CancelledError:
             ended = "the stream was cut (the peer went away, or this node stops)"
             raise

@@ -98,7 +98,8 @@ def test_a_node_that_cannot_start_is_a_one_line_error(
         (["node", "--host", "localhost"], "bad --host: 'localhost' is not an IP address"),
         (["node", "--base-port", "65530"], "bad --base-port: 65530"),
         (["node", "--base-port", "0"], "bad --base-port: 0"),
-        (["cluster", "--nodes", "2", "--base-port", "65430"], "bad --base-port: 65530"),
+        (["cluster", "--nodes", "2", "--base-port", "65430"], "bad --nodes: 2 nodes from --base-port 65430"),
+        (["cluster", "--nodes", "1", "--base-port", "65530"], "bad --base-port: 65530"),
         (["cluster", "--host", "nosuchhost.invalid"], "is not an IP address"),
     ],
 )
@@ -110,6 +111,14 @@ def test_a_host_or_base_port_a_node_cannot_use_is_a_one_line_error(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not data.exists()
+
+
+@pytest.mark.parametrize("command", ["node", "cluster"])
+def test_a_log_level_is_one_of_the_levels(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--log-level", "WARNNG"])
+    assert exited.value.code == 2 and "invalid choice: 'WARNNG'" in capsys.readouterr().err
+    assert cli.parser().parse_args([command, "--log-level", "debug"]).log_level == "DEBUG"
 
 
 def test_status_of_a_node_that_does_not_answer_is_a_one_line_error(
