@@ -136,9 +136,23 @@ def error_code_mappers(listener: str = "core") -> list[dict[str, Any]]:
     words are about its buffers). On the browser's listener a 404 is an HTML page."""
     mappers: list[dict[str, Any]] = []
     if listener == "browser":
+        # (Not for gRPC calls: their 404 tells them where gRPC is served.)
+        grpc_call = {
+            "name": "content-type",
+            "string_match": {"prefix": "application/grpc"},
+            "invert_match": True,
+            "treat_missing_header_as_empty": True,  # a browser's GET has none
+        }
         mappers.append(
             {
-                "filter": {"status_code_filter": {"comparison": _status_is(404)}},
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            {"status_code_filter": {"comparison": _status_is(404)}},
+                            {"header_filter": {"header": grpc_call}},
+                        ]
+                    }
+                },
                 "body_format_override": {
                     "text_format_source": {"inline_string": BROWSER_NOT_FOUND},
                     "content_type": "text/html; charset=utf-8",
