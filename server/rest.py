@@ -10,6 +10,7 @@ call). Plain gRPC clients see only harmless metadata.
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote_plus
 
 import grpc
 import orjson
@@ -60,6 +61,25 @@ GRPC_CODE_OF_STATUS = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
     505: grpc.StatusCode.UNIMPLEMENTED,
 }
+
+
+#: The metadata in which Envoy's transcoder passes on a REST request's path, query included.
+ORIGINAL_PATH = "x-envoy-original-path"
+
+
+def check_query(path: str, names: set[str]) -> None:
+    """InvalidArgument unless every parameter of `path`'s query is `name=value` with a name in
+    `names` (for a path whose RPC the transcoder would hand others to, or drop them)."""
+    query = path.partition("?")[2]
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, equals, _ = part.partition("=")
+        name = unquote_plus(name)
+        if name not in names:
+            raise InvalidArgument(f"unknown query parameter {name[:100]!r}")
+        if not equals:
+            raise InvalidArgument(f"query parameter {name!r} has no value: give {name}=<value>")
 
 
 def created(context: Ctx, location: str) -> None:

@@ -46,23 +46,26 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
         self, request: core_rest_pb2.PostLogEntryRequest, context: Ctx
     ) -> core_rest_pb2.PostLogEntryResponse:
         new = validate_new_entry(rest.json_body(request.body), request.dependency)
-        self._refuse_own_webhook(context)
+        self._check_metadata(context)
         [entry] = await self._appender.append([new])
         rest.created(context, f"/log/{entry.id}")
         return core_rest_pb2.PostLogEntryResponse(id=entry.id)
 
-    def _refuse_own_webhook(self, context: Ctx) -> None:
-        """A webhook of this cluster POSTing to this cluster's log would append every entry again,
-        and deliver each new entry to itself again, forever."""
+    def _check_metadata(self, context: Ctx) -> None:
+        """Refuse a POST from a webhook of this cluster (it would append every entry again, and
+        deliver each new entry to itself again, forever), and one whose query is not all
+        `dependency=<id>` (the transcoder drops a bare `?dependency`, and takes `?body=` as a field
+        the body then replaces: neither may pass unnoticed)."""
         for key, value in context.invocation_metadata() or ():
-            if key != ORIGIN_HEADER:
-                continue
-            origin = value if isinstance(value, str) else value.decode("latin-1")
-            if self._in_cluster(origin):
-                raise Conflict(
-                    f"this POST comes from a webhook of node {origin}, which replicates with this node: "
-                    "appending it would deliver it to that webhook again, without end"
-                )
+            if key == ORIGIN_HEADER:
+                origin = value if isinstance(value, str) else value.decode("latin-1")
+                if self._in_cluster(origin):
+                    raise Conflict(
+                        f"this POST comes from a webhook of node {origin}, which replicates with this "
+                        "node: appending it would deliver it to that webhook again, without end"
+                    )
+            elif key == rest.ORIGINAL_PATH:
+                rest.check_query(value if isinstance(value, str) else value.decode("latin-1"), {"dependency"})
 
     @unary
     async def GetNodes(self, request: core_rest_pb2.GetNodesRequest, context: Ctx) -> HttpBody:
