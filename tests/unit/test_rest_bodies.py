@@ -1,5 +1,5 @@
 """REST bodies as the node parses them (`rest.parse_body`): strict JSON, bounded nesting, and no
-integer a double would change."""
+integer a double would change; and the queries it checks itself (`rest.check_query`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.jsonvalue import MAX_EXACT_INTEGER
-from potboiler.server.rest import parse_body
+from potboiler.server.rest import check_query, parse_body
 
 
 def parse(raw: bytes | str) -> object:
@@ -50,3 +50,32 @@ def test_a_deep_body_with_a_long_number_is_refused_for_its_depth() -> None:
     # whose depth is known to be bounded.
     with pytest.raises(InvalidArgument, match="deeper than 64 levels"):
         parse("[" * 990 + "12345678901234567890" + "]" * 990)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/log",
+        "/log?",
+        "/log?dependency=a",
+        "/log?dependency=a&dependency=b",
+        "/log?&dependency=",
+        "/log?depend%65ncy=x",
+    ],
+)
+def test_a_query_of_named_parameters_with_values_passes(path: str) -> None:
+    check_query(path, {"dependency"})
+
+
+@pytest.mark.parametrize(
+    ("path", "words"),
+    [
+        ("/log?dependency", "'dependency' has no value"),
+        ("/log?dependency=a&dependency", "'dependency' has no value"),
+        ("/log?body=x", "unknown query parameter 'body'"),
+        ("/log?Dependency=a", "unknown query parameter 'Dependency'"),
+    ],
+)
+def test_a_query_with_other_names_or_no_value_is_refused(path: str, words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        check_query(path, {"dependency"})
