@@ -209,6 +209,8 @@ class Session:
     #: Owners whose log the peer found forked, with the seq where (Ack.forked_logs): it takes none of
     #: their entries from there on, so none are sent.
     _forked: dict[str, int] = field(default_factory=dict)
+    #: Passes of sending made: the other owners' logs take turns at going first (`_send_order`).
+    _turn: int = 0
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -367,7 +369,9 @@ class Session:
         host = self.host
         sent_any = held_back = False
         now = time.monotonic()
-        for owner, seq in sorted(host.log.vector().items()):
+        vector = host.log.vector()
+        for owner in self._send_order(vector):
+            seq = vector[owner]
             limit, held = self.send_limit(owner, seq, now)
             held_back |= held
             while self.sent.get(owner, 0) < limit:
@@ -394,6 +398,19 @@ class Session:
                 host.counters_for(self.peer_url).entries_out += len(parts)
                 sent_any = True
         return sent_any, held_back
+
+    def _send_order(self, vector: dict[str, int]) -> list[str]:
+        """The owners whose logs a pass sends, in the order it takes the window's room: this node's
+        own first (its new entries go at once), then the others, from the next one each pass. In a
+        fixed order, a forwarded log's backlog took every ack's room, and the logs after it, this
+        node's own among them, waited until it was all sent."""
+        own = self.host.log.node_id
+        others = sorted(owner for owner in vector if owner != own)
+        if others:
+            turn = self._turn % len(others)
+            self._turn += 1
+            others = others[turn:] + others[:turn]
+        return [own, *others] if own in vector else others
 
     def peer_has(self, owner: str, seq: int, now: float, elsewhere: bool = False) -> None:
         """Take in that the peer holds `owner`'s log up to `seq` (from an Ack, or entries it sent).
