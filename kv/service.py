@@ -172,9 +172,11 @@ class KvService:
         type before it would be taken for that type, and never show), or may not be (before the
         service has caught up with what was delivered before it started). A write that reads no state
         (an LWW set) is otherwise planned on the state as it is: its table's type is all it needs."""
-        if self.state.plan_reads_state(table) or not self._caught_up.done:
-            return await self.current()
-        if self._answered_configs.get(table, 0) > self._own_seq:
+        if (
+            self.state.plan_reads_state(table)
+            or not self._caught_up.done
+            or self._answered_configs.get(table, 0) > self._own_seq
+        ):
             return await self.current()
         return self.state
 

@@ -56,16 +56,17 @@ class CoreRestServicer(core_rest_pb2_grpc.CoreRestServiceServicer):
         deliver each new entry to itself again, forever), and one whose query is not all
         `dependency=<id>` (the transcoder drops a bare `?dependency`, and takes `?body=` as a field
         the body then replaces: neither may pass unnoticed)."""
-        for key, value in context.invocation_metadata() or ():
-            if key == ORIGIN_HEADER:
-                origin = value if isinstance(value, str) else value.decode("latin-1")
-                if self._in_cluster(origin):
-                    raise Conflict(
-                        f"this POST comes from a webhook of node {origin}, which replicates with this "
-                        "node: appending it would deliver it to that webhook again, without end"
-                    )
-            elif key == rest.ORIGINAL_PATH:
-                rest.check_query(value if isinstance(value, str) else value.decode("latin-1"), {"dependency"})
+        for key, raw in context.invocation_metadata() or ():
+            if key not in (ORIGIN_HEADER, rest.ORIGINAL_PATH):
+                continue
+            value = raw if isinstance(raw, str) else raw.decode("latin-1")
+            if key == rest.ORIGINAL_PATH:
+                rest.check_query(value, {"dependency"})
+            elif self._in_cluster(value):
+                raise Conflict(
+                    f"this POST comes from a webhook of node {value}, which replicates with this "
+                    "node: appending it would deliver it to that webhook again, without end"
+                )
 
     @unary
     async def GetNodes(self, request: core_rest_pb2.GetNodesRequest, context: Ctx) -> HttpBody:
