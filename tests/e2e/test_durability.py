@@ -226,7 +226,7 @@ def test_a_rest_call_in_flight_as_the_node_stops_is_answered(node_process: NodeP
         assert pigtail.post("/create", json={"name": "q", "timeout_ms": 60_000}).status_code == 201
 
         def calls_at_the_node() -> int:
-            stats = admin.get("/stats", params={"filter": r"^cluster\.node\.upstream_rq_active$"}).text
+            stats = admin.get("/stats", params={"filter": r"^cluster\.node_rest\.upstream_rq_active$"}).text
             return int(stats.split(":")[1])
 
         claim = pool.submit(pigtail.post, "/queue/q/claim", json={"worker_id": "w", "wait_ms": 700})

@@ -136,24 +136,36 @@ def test_grpc_through_envoy_works_and_replication_through_it_is_refused(
 def test_envoy_refuses_a_node_certificate_that_does_not_name_the_node(
     nodes: NodeProcesses, tmp_path: Path
 ) -> None:
-    """Envoy checks the name in the certificate of the gRPC server it forwards to, as peers do: a
-    certificate from the trusted CA for another host (here `localhost`, the node being 127.0.0.1)
-    gets no client's request."""
+    """Envoy checks the name in the certificate of the gRPC server it forwards gRPC calls to, as
+    peers do: a certificate from the trusted CA for another host (here `localhost`, the node being
+    127.0.0.1) gets no gRPC client's call. (REST calls reach the node by its REST bridge, a unix
+    socket in a directory only the node's user may enter: no certificate to check there.)"""
     identity = make_identity(tmp_path / "pki-localhost", "localhost")
     node = nodes("misnamed", extra_args=identity.node_args(), start=False)
     node.start(wait=False)
 
     def rest_status() -> int | None:
         try:
-            return httpx.post(f"{node.rest_url}/log", json="not forwarded", timeout=5).status_code
+            return httpx.post(f"{node.rest_url}/log", json="by REST", timeout=5).status_code
         except httpx.TransportError:  # Envoy not listening yet
             return None
 
     answered = wait_for_sync(rest_status, message=node.log_tail)
-    assert answered == 503, node.log_tail()
+    assert answered == 201, node.log_tail()
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{node.ports.core}") as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        log_pb2_grpc.LogServiceStub(channel).AppendEntry(
+            log_pb2.AppendEntryRequest(data=Value(string_value="not forwarded")), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
     # The node itself serves its direct port to a client that accepts its certificate's name: it
-    # is Envoy's check that refused, and nothing was appended.
+    # is Envoy's check that refused, and nothing was appended by gRPC.
     options = [("grpc.ssl_target_name_override", "localhost")]
     with grpc.secure_channel(node.grpc_target, identity.channel_credentials(), options) as channel:
-        heads_now = log_pb2_grpc.LogServiceStub(channel).ListHeads(log_pb2.ListHeadsRequest(), timeout=10)
-    assert not heads_now.heads
+        stub = log_pb2_grpc.LogServiceStub(channel)
+        heads_now = stub.ListHeads(log_pb2.ListHeadsRequest(), timeout=10)
+        [head] = heads_now.heads
+        entry = stub.GetEntry(log_pb2.GetEntryRequest(id=head.head), timeout=10)
+    assert head.seq == 1 and entry.entry.data.string_value == "by REST"

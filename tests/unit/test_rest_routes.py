@@ -9,7 +9,11 @@ import re
 import pytest
 from google.api import annotations_pb2
 
+from potboiler.pigtail.validate import MAX_WAIT_MS
 from potboiler.server.rest_routes import (
+    LONG_REST_CALLS,
+    REST_CLUSTER,
+    REST_TIMEOUT,
     RawBodyRoute,
     RestBinding,
     allowed_methods,
@@ -21,6 +25,7 @@ from potboiler.server.rest_routes import (
     path_variables,
     raw_body_routes,
     rest_bindings,
+    transcoded_routes,
 )
 
 
@@ -217,3 +222,19 @@ def test_a_raw_body_route_of_a_less_specific_template_comes_after_the_405_of_a_m
         assert route is not None and route["direct_response"]["status"] == 405  # type: ignore[index]
     claim = route_for(routes, "PUT", "/queue/q/t1")
     assert claim is not None and "route" in claim
+
+
+def test_transcoded_calls_go_to_the_rest_bridge_the_long_polls_with_their_own_timeout() -> None:
+    """Once transcoded, every REST call goes to the node's REST bridge within REST_TIMEOUT, but those
+    that may wait longer (a Pigtail claim-next, up to its 60 s) get theirs; the catch-all comes last."""
+    routes = transcoded_routes()
+    assert routes[-1]["match"] == {"prefix": "/"}
+    assert routes[-1]["route"] == {"cluster": REST_CLUSTER, "timeout": REST_TIMEOUT}
+    claim = route_for(routes, "POST", "/potboiler.v1.PigtailRestService/RestClaimNextTask")
+    assert claim is not None and claim["route"] == {"cluster": REST_CLUSTER, "timeout": "90s"}
+    assert float(REST_TIMEOUT.removesuffix("s")) < MAX_WAIT_MS / 1000 < 90
+    # Each long call names a method of the API.
+    methods = {
+        f"/{f.package}.{s.name}/{m.name}" for f in descriptor_set().file for s in f.service for m in s.method
+    }
+    assert set(LONG_REST_CALLS) <= methods

@@ -1,0 +1,444 @@
+"""The node's unary calls for Envoy's REST listeners, over HTTP/1.1 on a unix socket.
+
+A REST request reaches the node as a unary gRPC call that Envoy's transcoder made of it. Through
+grpc.aio each such call costs the node about 300 µs of CPU before any servicer code runs (HTTP/2
+framing, HPACK, the call object, the completion queue), more than the work of an append. Envoy can
+carry the same call over HTTP/1.1 instead: the request is the gRPC-framed message in a chunked body,
+and the answer is a chunked body whose trailers hold `grpc-status` (or, for an error, a trailers-only
+answer: `grpc-status` and `grpc-message` in the headers), which Envoy's codec passes to the
+transcoder as an HTTP/2 server's trailers. Parsing that here costs a few µs.
+
+The calls run the very handlers the gRPC server serves (registered through
+`potboiler.server.decoding.GuardedServer`), behind the same interceptor (tokens), with a context
+that offers what our servicers use of grpc.aio's. Only Envoy reaches the socket (it lives in the
+gateway's private directory), and every call on it counts as one through the gateway: a peer's
+privileges need the direct gRPC port. Streaming RPCs are not served here (REST has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn, TypeAlias, cast
+
+import grpc
+
+from potboiler.server.auth import GATEWAY_HEADER
+from potboiler.server.grpc_context import Handler
+
+log = logging.getLogger(__name__)
+
+#: Metadata: (key, value) pairs, a value str, or bytes for a `-bin` key (as grpc.aio gives them).
+Metadata = tuple[tuple[str, str | bytes], ...]
+Lookup: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
+
+#: Longest request head (request line and headers) taken; Envoy's own limit is 60 KiB.
+MAX_HEAD_BYTES = 256 * 1024
+#: Headers that are HTTP/1.1's or gRPC's own, not metadata a servicer sees (as with grpc.aio).
+_NOT_METADATA = frozenset(
+    {
+        "host",
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "keep-alive",
+        "grpc-timeout",
+        "grpc-encoding",
+        "grpc-accept-encoding",
+        "grpc-message-type",
+    }
+)
+_ANSWER_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\n"
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """What grpc hands an interceptor and a generic handler about a call."""
+
+    def __init__(self, method: str, invocation_metadata: Metadata) -> None:
+        self.method = method
+        self.invocation_metadata = invocation_metadata
+
+
+class BridgeContext:
+    """The part of `grpc.aio.ServicerContext` our servicers, interceptor and guards use, for a call
+    on the bridge. `abort` raises grpc.aio's own AbortError, so code that lets it pass still does."""
+
+    __slots__ = ("_metadata", "code", "details", "trailing_metadata")
+
+    def __init__(self, metadata: Metadata) -> None:
+        self._metadata = metadata
+        self.code = grpc.StatusCode.OK
+        self.details = ""
+        self.trailing_metadata: Sequence[tuple[str, str | bytes]] = ()
+
+    def invocation_metadata(self) -> Metadata:
+        return self._metadata
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self.trailing_metadata = tuple(trailing_metadata)
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> NoReturn:
+        if code == grpc.StatusCode.OK:  # as grpc.aio: aborting with OK is a server error
+            code, details = grpc.StatusCode.UNKNOWN, "abort() called with OK"
+        self.code, self.details = code, details
+        if trailing_metadata:
+            self.trailing_metadata = tuple(trailing_metadata)
+        raise grpc.aio.AbortError()
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def time_remaining(self) -> float | None:
+        """None: Envoy sends REST calls without a gRPC deadline (the route's timeout is its own)."""
+        return None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        """No transport security: a unix socket (a peer's certificate never shows here)."""
+        return {}
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer(self) -> str:
+        return "unix:envoy"
+
+
+def grpc_message(details: str) -> bytes:
+    """`details` as a grpc-message header value: UTF-8, percent-encoded outside printable ASCII
+    (and `%` itself), as the gRPC HTTP/2 protocol spells it."""
+    out = bytearray()
+    for byte in details.encode("utf-8", "replace"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def _metadata_lines(metadata: Sequence[tuple[str, str | bytes]]) -> bytes:
+    out = bytearray()
+    for key, value in metadata:
+        raw = base64.b64encode(value) if isinstance(value, bytes) else value.encode("utf-8")
+        if b"\r" in raw or b"\n" in raw:  # grpc refuses such metadata too; never split a header
+            raise ValueError(f"metadata {key!r} holds a line break")
+        out += key.encode("ascii") + b": " + raw + b"\r\n"
+    return bytes(out)
+
+
+def answer(payload: bytes, trailing: Sequence[tuple[str, str | bytes]]) -> bytes:
+    """The HTTP/1.1 answer of a call that returned `payload` (the serialized message): one chunk
+    with its gRPC frame, then the trailers."""
+    frame_length = 5 + len(payload)
+    return b"".join(
+        (
+            _ANSWER_HEAD,
+            b"transfer-encoding: chunked\r\n\r\n",
+            b"%x\r\n\x00" % frame_length,
+            len(payload).to_bytes(4, "big"),
+            payload,
+            b"\r\n0\r\ngrpc-status: 0\r\n",
+            _metadata_lines(trailing),
+            b"\r\n",
+        )
+    )
+
+
+def status_answer(code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str | bytes]]) -> bytes:
+    """The trailers-only HTTP/1.1 answer of a call that ended with `code` (not OK)."""
+    return b"".join(
+        (
+            _ANSWER_HEAD,
+            b"grpc-status: %d\r\n" % code.value[0],
+            b"grpc-message: " + grpc_message(details) + b"\r\n" if details else b"",
+            _metadata_lines(trailing),
+            b"content-length: 0\r\n\r\n",
+        )
+    )
+
+
+class BadRequest(Exception):
+    """The bytes on a connection are not the HTTP/1.1 Envoy sends: the connection is closed."""
+
+
+class Request(NamedTuple):
+    """One call as it arrived: its gRPC method path, metadata and body (the gRPC frames)."""
+
+    method: str
+    metadata: Metadata
+    body: bytes
+
+
+class RequestParser:
+    """Reads HTTP/1.1 requests off a byte stream, one at a time (`feed`, then `next` until None).
+    Bodies are sized by content-length or chunked; at most `max_body` bytes each."""
+
+    def __init__(self, max_body: int) -> None:
+        self._buffer = bytearray()
+        self._max_body = max_body
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next(self) -> Request | None:
+        """The next whole request, taken off the buffer; None while it has not all arrived.
+        BadRequest if it is not a request we take."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise BadRequest("the request head is too long")
+            return None
+        lines = bytes(buffer[:end]).split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+            raise BadRequest(f"not a gRPC request line: {lines[0][:200]!r}")
+        metadata: list[tuple[str, str | bytes]] = []
+        length: int | None = None
+        chunked = False
+        for line in lines[1:]:
+            name, colon, raw = line.partition(b":")
+            if not colon:
+                raise BadRequest(f"not a header: {line[:200]!r}")
+            key = name.strip().lower().decode("latin-1")
+            value = raw.strip()
+            if key == "content-length":
+                length = int(value)
+            elif key == "transfer-encoding":
+                chunked = value.lower() == b"chunked"
+                if not chunked:
+                    raise BadRequest(f"transfer-encoding {value[:100]!r} is not taken")
+            elif key.startswith(":") or key in _NOT_METADATA or key == GATEWAY_HEADER:
+                continue
+            elif key.endswith("-bin"):
+                metadata.append((key, base64.b64decode(value + b"==")))
+            else:
+                metadata.append((key, value.decode("latin-1")))
+        metadata.append((GATEWAY_HEADER, "1"))
+        start = end + 4
+        if chunked:
+            taken = self._chunked(start)
+            if taken is None:
+                return None
+            body, after = taken
+        else:
+            size = length or 0
+            if size > self._max_body:
+                raise BadRequest(f"the body of {size} bytes is larger than {self._max_body}")
+            if len(buffer) < start + size:
+                return None
+            body, after = bytes(buffer[start : start + size]), start + size
+        del buffer[:after]
+        return Request(parts[1].decode("latin-1"), tuple(metadata), body)
+
+    def _chunked(self, at: int) -> tuple[bytes, int] | None:
+        """The chunked body starting at `at` and where it ends, or None if it has not all arrived."""
+        buffer = self._buffer
+        pieces: list[bytes] = []
+        total = 0
+        while True:
+            line_end = buffer.find(b"\r\n", at)
+            if line_end < 0:
+                return None
+            try:
+                size = int(bytes(buffer[at:line_end]).split(b";", 1)[0], 16)
+            except ValueError:
+                raise BadRequest("a chunk's size is not hexadecimal") from None
+            at = line_end + 2
+            if size == 0:  # the last chunk; no trailers expected, but skip any
+                end = buffer.find(b"\r\n", at)
+                while end > at:
+                    at = end + 2
+                    end = buffer.find(b"\r\n", at)
+                if end < 0:
+                    return None
+                return b"".join(pieces), end + 2
+            total += size
+            if total > self._max_body:
+                raise BadRequest(f"the body is larger than {self._max_body} bytes")
+            if len(buffer) < at + size + 2:
+                return None
+            pieces.append(bytes(buffer[at : at + size]))
+            at += size + 2
+
+
+def unframe(body: bytes) -> bytes:
+    """The one message of a unary call's body (gRPC's length-prefixed framing)."""
+    if len(body) < 5:
+        raise ValueError("the request holds no gRPC message")
+    if body[0] != 0:
+        raise ValueError("compressed messages are not taken")
+    size = int.from_bytes(body[1:5], "big")
+    if len(body) != 5 + size:
+        raise ValueError("the request is not one gRPC message")
+    return body[5:]
+
+
+class RestBridge:
+    """Serves unary calls over HTTP/1.1 on a unix socket, for the node's Envoy (see the module)."""
+
+    def __init__(
+        self,
+        lookup: Lookup,
+        interceptor: grpc.aio.ServerInterceptor | None = None,
+        *,
+        max_body: int,
+    ) -> None:
+        self._lookup = lookup
+        self._interceptor = interceptor
+        self._max_body = max_body
+        self._server: asyncio.AbstractServer | None = None
+        self._path: Path | None = None
+        self._identity: tuple[int, int] | None = None
+        self._connections: set[_Connection] = set()
+
+    async def listen(self, path: Path) -> None:
+        """Serve on the unix socket `path` (made readable by this user only), unless serving there
+        already: called before each start of Envoy, which may find its directory made anew."""
+        if self._path == path and self._identity == _identity(path):
+            return
+        await self._close_server()
+        _remove(path)
+        loop = asyncio.get_running_loop()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await loop.create_unix_server(lambda: _Connection(self), str(path))
+        finally:
+            os.umask(old_umask)
+        self._path, self._identity = path, _identity(path)
+
+    async def stop(self, grace: float) -> None:
+        """Take no more connections; let the calls running finish for up to `grace` seconds, then
+        cancel them and close every connection."""
+        await self._close_server()
+        calls = [c.call for c in self._connections if c.call is not None]
+        if calls:
+            await asyncio.wait(calls, timeout=grace)
+        for connection in list(self._connections):
+            connection.close()
+
+    async def _close_server(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._path is not None and self._identity == _identity(self._path):
+            _remove(self._path)
+        self._path = self._identity = None
+
+    async def handler(self, method: str, metadata: Metadata) -> Handler | None:
+        """The handler serving `method`, behind the interceptor."""
+        details = _CallDetails(method, metadata)
+        if self._interceptor is None:
+            return self._lookup(details)
+
+        async def continuation(details: grpc.HandlerCallDetails) -> Handler | None:
+            return self._lookup(details)
+
+        return await self._interceptor.intercept_service(continuation, details)
+
+    async def call(self, request: Request) -> bytes:
+        """Run one call; its HTTP/1.1 answer."""
+        context = BridgeContext(request.metadata)
+        try:
+            handler = await self.handler(request.method, request.metadata)
+            if handler is None or handler.unary_unary is None:
+                return status_answer(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", ())
+            try:
+                message = unframe(request.body)
+            except ValueError as error:
+                return status_answer(grpc.StatusCode.INTERNAL, str(error), ())
+            parse = handler.request_deserializer
+            behavior: Callable[[Any, BridgeContext], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]
+            response = await behavior(parse(message) if parse is not None else message, context)
+            serialize = handler.response_serializer
+            payload = serialize(response) if serialize is not None else response
+            if context.code != grpc.StatusCode.OK:  # set_code without abort
+                return status_answer(context.code, context.details, context.trailing_metadata)
+            return answer(payload, context.trailing_metadata)
+        except grpc.aio.AbortError:
+            return status_answer(context.code, context.details, context.trailing_metadata)
+        except Exception as error:  # as grpc.aio: a servicer's bug is the call's UNKNOWN, logged
+            log.exception("the call %s failed", request.method)
+            return status_answer(grpc.StatusCode.UNKNOWN, f"Unexpected {type(error)}: {error}", ())
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+class _Connection(asyncio.Protocol):
+    """One of Envoy's connections: requests answered one at a time, in order. A connection that
+    closes cancels its call, as a gRPC client's cancellation would."""
+
+    def __init__(self, bridge: RestBridge) -> None:
+        self._bridge = bridge
+        self._parser = RequestParser(bridge._max_body)
+        self._transport: asyncio.Transport | None = None
+        #: The call running, if any; requests that arrive meanwhile wait in the parser.
+        self.call: asyncio.Task[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
+        self._bridge._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        if self.call is None:
+            self._next()
+
+    def _next(self) -> None:
+        try:
+            request = self._parser.next()
+        except (BadRequest, ValueError) as error:
+            log.warning("closing a gateway connection: %s", error)
+            self.close()
+            return
+        if request is not None:
+            self.call = call = asyncio.get_running_loop().create_task(self._bridge.call(request))
+            call.add_done_callback(self._answered)
+
+    def _answered(self, call: asyncio.Task[bytes]) -> None:
+        self.call = None
+        if call.cancelled() or self._transport is None:
+            return
+        try:
+            self._transport.write(call.result())
+        except Exception:  # building the answer failed (e.g. bad metadata): no half answer
+            log.exception("answering a gateway call failed")
+            self.close()
+            return
+        self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._bridge._connections.discard(self)
+        if self.call is not None:
+            self.call.cancel()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

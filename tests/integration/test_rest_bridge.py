@@ -1,0 +1,258 @@
+"""The REST bridge serving real handlers on a unix socket, spoken to as Envoy speaks to it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+
+from potboiler.server.auth import GATEWAY_HEADER, AuthInterceptor
+from potboiler.server.decoding import GuardedServer
+from potboiler.server.rest_bridge import BridgeContext, RestBridge
+from potboiler.server.tokens import Role, TokenStore, hash_token
+from tests.conftest import wait_for
+
+StringValue = wrappers_pb2.StringValue
+
+
+class Answer:
+    """An HTTP/1.1 answer of the bridge: status line, headers, the gRPC message if any, trailers."""
+
+    def __init__(
+        self, status: bytes, headers: dict[str, str], message: bytes | None, trailers: dict[str, str]
+    ):
+        self.status, self.headers, self.message, self.trailers = status, headers, message, trailers
+
+    @property
+    def grpc_status(self) -> int:
+        return int({**self.headers, **self.trailers}["grpc-status"])
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = {k.decode(): v.strip().decode() for k, _, v in (line.partition(b":") for line in lines)}
+    trailers: dict[str, str] = {}
+    message = None
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+            key, _, value = line[:-2].partition(b":")
+            trailers[key.decode()] = value.strip().decode()
+        assert body[0] == 0 and int.from_bytes(body[1:5], "big") == len(body) - 5
+        message = body[5:]
+    else:
+        assert await reader.readexactly(int(headers["content-length"])) == b""
+    return Answer(status, headers, message, trailers)
+
+
+def request(method: str, message: bytes, headers: dict[str, str] | None = None) -> bytes:
+    body = b"\x00" + len(message).to_bytes(4, "big") + message
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (
+        (
+            f"POST {method} HTTP/1.1\r\nhost: node\r\ncontent-type: application/grpc\r\n{extra}"
+            f"transfer-encoding: chunked\r\n\r\n{len(body):x}\r\n"
+        ).encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+
+
+class Echo:
+    """A servicer with a behaviour per case; `started` and `ended` say what the last call did."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.ended: str | None = None
+        self.seen: Any = None
+
+    async def Echo(self, request: StringValue, context: BridgeContext) -> StringValue:
+        self.seen = context.invocation_metadata()
+        if request.value == "abort":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: ünïcode 100%")
+        if request.value == "crash":
+            raise RuntimeError("a bug")
+        if request.value == "created":
+            context.set_trailing_metadata([("x-http-code", "201"), ("location", "/log/1")])
+        if request.value == "wait":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.ended = "cancelled"
+                raise
+            self.ended = "finished"
+        return StringValue(value=request.value.upper())
+
+    async def Stream(self, request: StringValue, context: BridgeContext) -> AsyncIterator[StringValue]:
+        yield request
+
+
+def handlers(echo: Echo) -> grpc.GenericRpcHandler:
+    parse, serialize = StringValue.FromString, StringValue.SerializeToString
+    return grpc.method_handlers_generic_handler(
+        "test.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo.Echo, parse, serialize),
+            "Stream": grpc.unary_stream_rpc_method_handler(echo.Stream, parse, serialize),
+            "GetEcho": grpc.unary_unary_rpc_method_handler(echo.Echo, parse, serialize),
+        },
+    )
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[RestBridge, Echo, Path]]:
+    server = grpc.aio.server()  # never started: the bridge only looks its handlers up
+    guarded = GuardedServer(server)
+    echo = Echo()
+    guarded.add_generic_rpc_handlers([handlers(echo)])
+    bridge = RestBridge(guarded.method_handler, max_body=1 << 20)
+    path = tmp_path / "rest.sock"
+    await bridge.listen(path)
+    yield bridge, echo, path
+    await bridge.stop(grace=0.1)
+
+
+async def exchange(path: Path, *requests: bytes) -> list[Answer]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(b"".join(requests))
+        return [await read_answer(reader) for _ in requests]
+    finally:
+        writer.close()
+
+
+async def test_a_call_answers_its_message_and_trailing_metadata_as_trailers(
+    served: tuple[RestBridge, Echo, Path],
+) -> None:
+    _, echo, path = served
+    [plain, created] = await exchange(
+        path,
+        request(
+            "/test.Echo/Echo", StringValue(value="hi").SerializeToString(), {"x-envoy-original-path": "/e"}
+        ),
+        request("/test.Echo/Echo", StringValue(value="created").SerializeToString()),
+    )
+    assert plain.status == b"HTTP/1.1 200 OK" and plain.headers["content-type"] == "application/grpc"
+    assert StringValue.FromString(plain.message or b"").value == "HI" and plain.trailers == {
+        "grpc-status": "0"
+    }
+    assert created.trailers == {"grpc-status": "0", "x-http-code": "201", "location": "/log/1"}
+    assert echo.seen == ((GATEWAY_HEADER, "1"),)
+
+
+async def test_errors_are_trailers_only_answers(served: tuple[RestBridge, Echo, Path]) -> None:
+    _, _, path = served
+    aborted, crashed, unknown, streaming, garbage, unframed = await exchange(
+        path,
+        request("/test.Echo/Echo", StringValue(value="abort").SerializeToString()),
+        request("/test.Echo/Echo", StringValue(value="crash").SerializeToString()),
+        request("/test.Echo/Nope", b""),
+        request("/test.Echo/Stream", b""),
+        request("/test.Echo/Echo", b"\xff\xff\xff"),
+        b"POST /test.Echo/Echo HTTP/1.1\r\ncontent-length: 2\r\n\r\nab",
+    )
+    assert (aborted.grpc_status, aborted.headers["grpc-message"]) == (
+        grpc.StatusCode.NOT_FOUND.value[0],
+        "no such thing: %C3%BCn%C3%AFcode 100%25",
+    )
+    assert aborted.message is None and aborted.headers["content-length"] == "0"
+    assert (
+        crashed.grpc_status == grpc.StatusCode.UNKNOWN.value[0] and "a bug" in crashed.headers["grpc-message"]
+    )
+    assert unknown.grpc_status == streaming.grpc_status == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    # GuardedServer's guard: a request that is not protobuf is the client's error, as over gRPC.
+    assert garbage.grpc_status == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert unframed.grpc_status == grpc.StatusCode.INTERNAL.value[0]
+
+
+async def test_what_is_not_http_from_envoy_closes_the_connection(
+    served: tuple[RestBridge, Echo, Path],
+) -> None:
+    _, _, path = served
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(b"GARBAGE / SPDY/3\r\n\r\n")
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_closed_connection_cancels_its_call(served: tuple[RestBridge, Echo, Path]) -> None:
+    """As a gRPC client's cancellation does: the servicer sees CancelledError (and gives back what
+    it took, as Pigtail's claim does)."""
+    _, echo, path = served
+    _, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(request("/test.Echo/Echo", StringValue(value="wait").SerializeToString()))
+    await asyncio.wait_for(echo.started.wait(), 10)
+    writer.close()
+    await wait_for(lambda: echo.ended == "cancelled", 10)
+
+
+async def test_stop_lets_running_calls_finish_within_its_grace(served: tuple[RestBridge, Echo, Path]) -> None:
+    bridge, echo, path = served
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(request("/test.Echo/Echo", StringValue(value="wait").SerializeToString()))
+    await asyncio.wait_for(echo.started.wait(), 10)
+    stopping = asyncio.create_task(bridge.stop(grace=10))
+    await wait_for(lambda: not path.exists(), 10)  # no new connections from here on
+    echo.release.set()
+    finished = await read_answer(reader)
+    await stopping
+    assert StringValue.FromString(finished.message or b"").value == "WAIT" and echo.ended == "finished"
+    assert await reader.read() == b""  # then the connection is closed
+    writer.close()
+    with pytest.raises(OSError):
+        await asyncio.open_unix_connection(str(path))
+
+
+async def test_the_socket_is_the_users_own_and_made_again_if_removed(
+    served: tuple[RestBridge, Echo, Path],
+) -> None:
+    bridge, _, path = served
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    before = os.stat(path).st_ino
+    await bridge.listen(path)  # serving there already: nothing changes
+    assert os.stat(path).st_ino == before
+    path.unlink()  # e.g. a temp cleaner took it: Envoy's next start finds it made again
+    await bridge.listen(path)
+    [answer] = await exchange(
+        path, request("/test.Echo/Echo", StringValue(value="again").SerializeToString())
+    )
+    assert StringValue.FromString(answer.message or b"").value == "AGAIN"
+
+
+async def test_calls_pass_the_interceptor(tmp_path: Path) -> None:
+    """With tokens on, a REST call needs one, as a gRPC call does."""
+    server = grpc.aio.server()
+    guarded = GuardedServer(server)
+    echo = Echo()
+    guarded.add_generic_rpc_handlers([handlers(echo)])
+    tokens = TokenStore([(hash_token("reader"), Role.READ)])
+    bridge = RestBridge(
+        guarded.method_handler, AuthInterceptor(tokens, peer_certificates=True), max_body=1 << 20
+    )
+    path = tmp_path / "rest.sock"
+    await bridge.listen(path)
+    try:
+        value = StringValue(value="x").SerializeToString()
+        none, read, write = await exchange(
+            path,
+            request("/test.Echo/GetEcho", value),
+            request("/test.Echo/GetEcho", value, {"authorization": "Bearer reader"}),
+            request("/test.Echo/Echo", value, {"authorization": "Bearer reader"}),
+        )
+        assert none.grpc_status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+        assert read.grpc_status == grpc.StatusCode.OK.value[0]
+        assert write.grpc_status == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    finally:
+        await bridge.stop(grace=0.1)
