@@ -275,14 +275,15 @@ def max_connections() -> int:
 
 
 def worker_threads() -> int:
-    """Envoy's worker threads (`--concurrency`): every core this process may run on but one, which
-    the node's own Python process keeps busy, and at least one.
+    """Envoy's worker threads (`--concurrency`): one per core this process may run on.
 
-    Measured on 2 cores (wrk, 32 connections, 5 interleaved pairs): with 1 worker instead of 2,
-    `GET /kv/t/k` went from 2,400-2,800 to 3,700-4,200 requests/s, with both Envoy's and the node's
-    CPU per request lower by a quarter; `POST /log` was as fast or faster in each of 5 pairs. A second
-    worker mostly contends with the node for the two cores."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    Measured on 2 cores (wrk, 32 connections, 2 interleaved pairs, 1 December) with REST calls
+    reaching the node by its REST bridge: with 2 workers instead of 1, `POST /log` went from
+    2,390-2,510 to 2,690-3,230 requests/s, `POST /kv/t/k` from 1,590-1,900 to 2,210-2,250 and
+    `GET /kv/t/k` from 3,480-4,040 to 3,970-4,960. (When grpc.aio took each REST call, at about
+    twice the node's CPU per call, one worker was faster: a second one mostly contended with the
+    node for the two cores.)"""
+    return len(os.sched_getaffinity(0))
 
 
 #: prctl's option asking the kernel to signal the calling process when its parent dies.
