@@ -183,13 +183,27 @@ class Request(NamedTuple):
     body: bytes
 
 
+class _Head(NamedTuple):
+    """A request's head: its method, metadata and how its body is sized."""
+
+    method: str
+    metadata: Metadata
+    #: The body's length (content-length); None for a chunked body.
+    length: int | None
+
+
 class RequestParser:
     """Reads HTTP/1.1 requests off a byte stream, one at a time (`feed`, then `next` until None).
-    Bodies are sized by content-length or chunked; at most `max_body` bytes each."""
+    Bodies are sized by content-length or chunked; at most `max_body` bytes each. Each byte is
+    looked at once: a body that arrives in many reads costs no more than one that arrives whole."""
 
     def __init__(self, max_body: int) -> None:
         self._buffer = bytearray()
         self._max_body = max_body
+        #: The request whose body is arriving, and the chunks of it taken so far.
+        self._head: _Head | None = None
+        self._pieces: list[bytes] = []
+        self._size = 0
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -197,6 +211,26 @@ class RequestParser:
     def next(self) -> Request | None:
         """The next whole request, taken off the buffer; None while it has not all arrived.
         BadRequest if it is not a request we take."""
+        if self._head is None:
+            self._head = self._take_head()
+            if self._head is None:
+                return None
+        head = self._head
+        buffer = self._buffer
+        if head.length is None:
+            if not self._take_chunks():
+                return None
+            body = b"".join(self._pieces)
+            self._pieces, self._size = [], 0
+        else:
+            if len(buffer) < head.length:
+                return None
+            body = bytes(buffer[: head.length])
+            del buffer[: head.length]
+        self._head = None
+        return Request(head.method, head.metadata, body)
+
+    def _take_head(self) -> _Head | None:
         buffer = self._buffer
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -204,12 +238,12 @@ class RequestParser:
                 raise BadRequest("the request head is too long")
             return None
         lines = bytes(buffer[:end]).split(b"\r\n")
+        del buffer[: end + 4]
         parts = lines[0].split(b" ")
         if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
             raise BadRequest(f"not a gRPC request line: {lines[0][:200]!r}")
         metadata: list[tuple[str, str | bytes]] = []
-        length: int | None = None
-        chunked = False
+        length: int | None = 0
         for line in lines[1:]:
             name, colon, raw = line.partition(b":")
             if not colon:
@@ -217,11 +251,15 @@ class RequestParser:
             key = name.strip().lower().decode("latin-1")
             value = raw.strip()
             if key == "content-length":
+                if not value.isdigit():
+                    raise BadRequest(f"content-length {value[:100]!r} is not a length")
                 length = int(value)
+                if length > self._max_body:
+                    raise BadRequest(f"the body of {length} bytes is larger than {self._max_body}")
             elif key == "transfer-encoding":
-                chunked = value.lower() == b"chunked"
-                if not chunked:
+                if value.lower() != b"chunked":
                     raise BadRequest(f"transfer-encoding {value[:100]!r} is not taken")
+                length = None
             elif key.startswith(":") or key in _NOT_METADATA or key == GATEWAY_HEADER:
                 continue
             elif key.endswith("-bin"):
@@ -229,51 +267,39 @@ class RequestParser:
             else:
                 metadata.append((key, value.decode("latin-1")))
         metadata.append((GATEWAY_HEADER, "1"))
-        start = end + 4
-        if chunked:
-            taken = self._chunked(start)
-            if taken is None:
-                return None
-            body, after = taken
-        else:
-            size = length or 0
-            if size > self._max_body:
-                raise BadRequest(f"the body of {size} bytes is larger than {self._max_body}")
-            if len(buffer) < start + size:
-                return None
-            body, after = bytes(buffer[start : start + size]), start + size
-        del buffer[:after]
-        return Request(parts[1].decode("latin-1"), tuple(metadata), body)
+        return _Head(parts[1].decode("latin-1"), tuple(metadata), length)
 
-    def _chunked(self, at: int) -> tuple[bytes, int] | None:
-        """The chunked body starting at `at` and where it ends, or None if it has not all arrived."""
+    def _take_chunks(self) -> bool:
+        """Take the chunks that have arrived off the buffer; True once the last one has."""
         buffer = self._buffer
-        pieces: list[bytes] = []
-        total = 0
         while True:
-            line_end = buffer.find(b"\r\n", at)
+            line_end = buffer.find(b"\r\n")
             if line_end < 0:
-                return None
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise BadRequest("a chunk's size line is too long")
+                return False
             try:
-                size = int(bytes(buffer[at:line_end]).split(b";", 1)[0], 16)
+                size = int(bytes(buffer[:line_end]).split(b";", 1)[0], 16)
             except ValueError:
                 raise BadRequest("a chunk's size is not hexadecimal") from None
-            at = line_end + 2
-            if size == 0:  # the last chunk; no trailers expected, but skip any
-                end = buffer.find(b"\r\n", at)
-                while end > at:
-                    at = end + 2
-                    end = buffer.find(b"\r\n", at)
+            if size == 0:  # the last chunk, then trailers (none expected, any skipped) and a CRLF
+                end = buffer.find(b"\r\n\r\n", line_end)
                 if end < 0:
-                    return None
-                return b"".join(pieces), end + 2
-            total += size
-            if total > self._max_body:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        raise BadRequest("the trailers are too long")
+                    return False
+                del buffer[: end + 4]
+                return True
+            if size < 0 or self._size + size > self._max_body:
                 raise BadRequest(f"the body is larger than {self._max_body} bytes")
-            if len(buffer) < at + size + 2:
-                return None
-            pieces.append(bytes(buffer[at : at + size]))
-            at += size + 2
+            start = line_end + 2
+            if len(buffer) < start + size + 2:
+                return False
+            if buffer[start + size : start + size + 2] != b"\r\n":
+                raise BadRequest("a chunk does not end where its size says")
+            self._pieces.append(bytes(buffer[start : start + size]))
+            self._size += size
+            del buffer[: start + size + 2]
 
 
 def unframe(body: bytes) -> bytes:

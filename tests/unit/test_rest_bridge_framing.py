@@ -112,6 +112,8 @@ def test_metadata_is_what_grpc_would_show() -> None:
         b"POST /a/B HTTP/1.1\r\nno colon here\r\n\r\n",
         b"POST /a/B HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n",
         b"POST /a/B HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /a/B HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabcXY",
+        b"POST /a/B HTTP/1.1\r\ncontent-length: -5\r\n\r\n",
     ],
 )
 def test_what_envoy_never_sends_is_refused(raw: bytes) -> None:
@@ -179,3 +181,22 @@ def test_an_error_is_a_trailers_only_answer() -> None:
 def test_metadata_with_a_line_break_is_never_written() -> None:
     with pytest.raises(ValueError, match="line break"):
         answer(b"", [("location", "/log/1\r\nset-cookie: x")])
+
+
+def test_a_big_body_in_many_reads_and_chunks_comes_out_whole() -> None:
+    body = framed(bytes(range(256)) * 4096)  # 1 MiB
+    raw = (
+        request_bytes(body, chunks=False)
+        .replace(b"content-length: %d\r\n\r\n" % len(body), b"transfer-encoding: chunked\r\n\r\n")
+        .removesuffix(body)
+    )
+    raw += b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096]) for i in range(0, len(body), 4096)
+    )
+    raw += b"0\r\n\r\n"
+    parser = RequestParser(max_body=2 << 20)
+    got = None
+    for i in range(0, len(raw), 1000):
+        parser.feed(raw[i : i + 1000])
+        got = parser.next() or got
+    assert got is not None and got.body == body
