@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import sys
 import tempfile
@@ -220,6 +221,23 @@ def ports_line(host: str, base: int, https: bool = False) -> str:
     )
 
 
+#: The soft limit on open files a node raises itself to when its hard limit is unlimited.
+OPEN_FILES = 1 << 20
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard one (Envoy, started by the node,
+    inherits it): a node holds a file descriptor per REST call in flight (its Envoy another), per
+    peer stream and per RocksDB file, and the usual soft limit of 1,024 is soon reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:  # e.g. above the kernel's nr_open: keep what there is
+            log.warning("could not raise the limit on open files from %d to %d: %s", soft, want, exc)
+
+
 async def run_node(config: NodeConfig) -> None:
     """Run a node until SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -396,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"potboiler: {exc}", file=sys.stderr)
         return 2
+    raise_open_files_limit()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run_node(config))

@@ -266,12 +266,13 @@ _FD_RESERVE = 256
 
 
 def max_connections() -> int:
-    """How many client connections Envoy takes at a time: what its file descriptor limit (the
-    node's, which it inherits) leaves after a reserve, at least 64."""
+    """How many client connections Envoy takes at a time: half of what its file descriptor limit
+    (the node's, which it inherits) leaves after a reserve, at least 64, as each may hold a
+    connection to the node's REST bridge too (and as many connections to the bridge at most)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1_000_000
-    return max(64, soft - _FD_RESERVE)
+    return max(64, (soft - _FD_RESERVE) // 2)
 
 
 def worker_threads() -> int:

@@ -22,6 +22,8 @@ import base64
 import contextlib
 import logging
 import os
+import re
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TypeAlias, cast
@@ -130,13 +132,22 @@ def grpc_message(details: str) -> bytes:
     return bytes(out)
 
 
+#: What gRPC allows in metadata: keys of lower-case letters, digits and `-_.`; values of printable
+#: ASCII (binary values, `-bin` keys, go base64-encoded).
+_METADATA_KEY = re.compile(rb"[0-9a-z_.-]+")
+_METADATA_VALUE = re.compile(rb"[\x20-\x7e]*")
+
+
 def _metadata_lines(metadata: Sequence[tuple[str, str | bytes]]) -> bytes:
+    """`metadata` as header lines; ValueError for metadata gRPC would refuse to send too (it could
+    not pass as an HTTP header, or could add header lines of its own)."""
     out = bytearray()
     for key, value in metadata:
+        raw_key = key.encode("utf-8")
         raw = base64.b64encode(value) if isinstance(value, bytes) else value.encode("utf-8")
-        if b"\r" in raw or b"\n" in raw:  # grpc refuses such metadata too; never split a header
-            raise ValueError(f"metadata {key!r} holds a line break")
-        out += key.encode("ascii") + b": " + raw + b"\r\n"
+        if not _METADATA_KEY.fullmatch(raw_key) or not _METADATA_VALUE.fullmatch(raw):
+            raise ValueError(f"metadata {key!r}: {value!r} is not valid gRPC metadata")
+        out += raw_key + b": " + raw + b"\r\n"
     return bytes(out)
 
 
@@ -172,7 +183,13 @@ def status_answer(code: grpc.StatusCode, details: str, trailing: Sequence[tuple[
 
 
 class BadRequest(Exception):
-    """The bytes on a connection are not the HTTP/1.1 Envoy sends: the connection is closed."""
+    """The bytes on a connection are not the HTTP/1.1 Envoy sends, or the request is too large:
+    answered with `code` (INTERNAL, or RESOURCE_EXHAUSTED for sizes, as grpc does), then the
+    connection is closed."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Request(NamedTuple):
@@ -181,6 +198,17 @@ class Request(NamedTuple):
     method: str
     metadata: Metadata
     body: bytes
+
+
+_TOO_LARGE = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _text(value: bytes) -> str:
+    """A header's value as grpc.aio gives it: UTF-8, or Latin-1 where it is not UTF-8."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 class _Head(NamedTuple):
@@ -207,6 +235,11 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet taken."""
+        return len(self._buffer)
 
     def next(self) -> Request | None:
         """The next whole request, taken off the buffer; None while it has not all arrived.
@@ -235,7 +268,7 @@ class RequestParser:
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > MAX_HEAD_BYTES:
-                raise BadRequest("the request head is too long")
+                raise BadRequest("the request head is too long", _TOO_LARGE)
             return None
         lines = bytes(buffer[:end]).split(b"\r\n")
         del buffer[: end + 4]
@@ -255,7 +288,9 @@ class RequestParser:
                     raise BadRequest(f"content-length {value[:100]!r} is not a length")
                 length = int(value)
                 if length > self._max_body:
-                    raise BadRequest(f"the body of {length} bytes is larger than {self._max_body}")
+                    raise BadRequest(
+                        f"the body of {length} bytes is larger than {self._max_body}", _TOO_LARGE
+                    )
             elif key == "transfer-encoding":
                 if value.lower() != b"chunked":
                     raise BadRequest(f"transfer-encoding {value[:100]!r} is not taken")
@@ -265,7 +300,7 @@ class RequestParser:
             elif key.endswith("-bin"):
                 metadata.append((key, base64.b64decode(value + b"==")))
             else:
-                metadata.append((key, value.decode("latin-1")))
+                metadata.append((key, _text(value)))
         metadata.append((GATEWAY_HEADER, "1"))
         return _Head(parts[1].decode("latin-1"), tuple(metadata), length)
 
@@ -291,7 +326,7 @@ class RequestParser:
                 del buffer[: end + 4]
                 return True
             if size < 0 or self._size + size > self._max_body:
-                raise BadRequest(f"the body is larger than {self._max_body} bytes")
+                raise BadRequest(f"the body is larger than {self._max_body} bytes", _TOO_LARGE)
             start = line_end + 2
             if len(buffer) < start + size + 2:
                 return False
@@ -326,45 +361,68 @@ class RestBridge:
     ) -> None:
         self._lookup = lookup
         self._interceptor = interceptor
-        self._max_body = max_body
+        self.max_body = max_body
         self._server: asyncio.AbstractServer | None = None
         self._path: Path | None = None
         self._identity: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
+        #: Set by `stop`: requests that arrive from then on are answered UNAVAILABLE.
+        self.stopping = False
 
     async def listen(self, path: Path) -> None:
-        """Serve on the unix socket `path` (made readable by this user only), unless serving there
+        """Serve on the unix socket `path` (readable by this user only), unless serving there
         already: called before each start of Envoy, which may find its directory made anew."""
         if self._path == path and self._identity == _identity(path):
             return
         await self._close_server()
-        _remove(path)
-        loop = asyncio.get_running_loop()
-        old_umask = os.umask(0o177)
+        sock = _bound_socket(path)
         try:
-            self._server = await loop.create_unix_server(lambda: _Connection(self), str(path))
-        finally:
-            os.umask(old_umask)
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self._path, self._identity = path, _identity(path)
 
     async def stop(self, grace: float) -> None:
-        """Take no more connections; let the calls running finish for up to `grace` seconds, then
-        cancel them and close every connection."""
-        await self._close_server()
-        calls = [c.call for c in self._connections if c.call is not None]
-        if calls:
+        """Take no more connections or calls (one that arrives is answered UNAVAILABLE); let the
+        calls running finish for up to `grace` seconds, then cancel them, wait (as long again at
+        most) until they have ended, and close every connection."""
+        self.stopping = True
+        self._stop_listening()
+        for connection in list(self._connections):
+            connection.close_if_idle()
+        if calls := self._calls():
             await asyncio.wait(calls, timeout=grace)
         for connection in list(self._connections):
-            connection.close()
+            connection.close()  # cancels its call, if any is still running
+        if calls := self._calls():
+            await asyncio.wait(calls, timeout=grace)
+        await self._close_server()
 
-    async def _close_server(self) -> None:
+    def _calls(self) -> list[asyncio.Task[bytes]]:
+        return [c.call for c in self._connections if c.call is not None and not c.call.done()]
+
+    def opened(self, connection: _Connection) -> None:
+        self._connections.add(connection)
+
+    def closed(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+
+    def _stop_listening(self) -> None:
+        """Take no more connections, and remove the socket's file if it is ours."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
-            self._server = None
         if self._path is not None and self._identity == _identity(self._path):
             _remove(self._path)
         self._path = self._identity = None
+
+    async def _close_server(self) -> None:
+        self._stop_listening()
+        if self._server is not None:
+            # Since Python 3.12.1 this waits for every connection to close: stop closes them first.
+            await self._server.wait_closed()
+            self._server = None
 
     async def handler(self, method: str, metadata: Metadata) -> Handler | None:
         """The handler serving `method`, behind the interceptor."""
@@ -380,6 +438,7 @@ class RestBridge:
     async def call(self, request: Request) -> bytes:
         """Run one call; its HTTP/1.1 answer."""
         context = BridgeContext(request.metadata)
+        payload = b""
         try:
             handler = await self.handler(request.method, request.metadata)
             if handler is None or handler.unary_unary is None:
@@ -393,14 +452,32 @@ class RestBridge:
             response = await behavior(parse(message) if parse is not None else message, context)
             serialize = handler.response_serializer
             payload = serialize(response) if serialize is not None else response
-            if context.code != grpc.StatusCode.OK:  # set_code without abort
-                return status_answer(context.code, context.details, context.trailing_metadata)
-            return answer(payload, context.trailing_metadata)
         except grpc.aio.AbortError:
-            return status_answer(context.code, context.details, context.trailing_metadata)
+            if context.code == grpc.StatusCode.OK:  # not the context's abort: grpc.aio's UNKNOWN too
+                context.code, context.details = grpc.StatusCode.UNKNOWN, "the call was aborted"
         except Exception as error:  # as grpc.aio: a servicer's bug is the call's UNKNOWN, logged
             log.exception("the call %s failed", request.method)
             return status_answer(grpc.StatusCode.UNKNOWN, f"Unexpected {type(error)}: {error}", ())
+        try:
+            if context.code == grpc.StatusCode.OK:
+                return answer(payload, context.trailing_metadata)
+            return status_answer(context.code, context.details, context.trailing_metadata)
+        except ValueError as error:  # metadata HTTP cannot carry: as grpc, the call fails
+            log.error("the call %s set metadata that cannot be sent: %s", request.method, error)
+            return status_answer(grpc.StatusCode.INTERNAL, "the answer's metadata is not valid", ())
+
+
+def _bound_socket(path: Path) -> socket.socket:
+    """A unix socket bound at `path` (anything there first removed), only this user may open."""
+    _remove(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)  # its directory is private already: no window to get in meanwhile
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _remove(path: Path) -> None:
@@ -422,49 +499,68 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, bridge: RestBridge) -> None:
         self._bridge = bridge
-        self._parser = RequestParser(bridge._max_body)
+        self._parser = RequestParser(bridge.max_body)
         self._transport: asyncio.Transport | None = None
         #: The call running, if any; requests that arrive meanwhile wait in the parser.
         self.call: asyncio.Task[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
-        self._bridge._connections.add(self)
+        self._bridge.opened(self)
 
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
         if self.call is None:
             self._next()
+        elif self._parser.buffered > self._bridge.max_body + MAX_HEAD_BYTES:
+            log.warning("closing a gateway connection: it sent too much while a call ran")
+            self.close()
 
     def _next(self) -> None:
         try:
             request = self._parser.next()
-        except (BadRequest, ValueError) as error:
+        except BadRequest as error:
             log.warning("closing a gateway connection: %s", error)
-            self.close()
+            self._end(status_answer(error.code, str(error), ()))
             return
-        if request is not None:
-            self.call = call = asyncio.get_running_loop().create_task(self._bridge.call(request))
-            call.add_done_callback(self._answered)
+        if request is None:
+            return
+        if self._bridge.stopping:
+            self._end(status_answer(grpc.StatusCode.UNAVAILABLE, "the node is stopping", ()))
+            return
+        self.call = call = asyncio.get_running_loop().create_task(self._bridge.call(request))
+        call.add_done_callback(self._answered)
 
     def _answered(self, call: asyncio.Task[bytes]) -> None:
         self.call = None
-        if call.cancelled() or self._transport is None:
+        if self._transport is None:
             return
-        try:
-            self._transport.write(call.result())
-        except Exception:  # building the answer failed (e.g. bad metadata): no half answer
-            log.exception("answering a gateway call failed")
+        if call.cancelled():  # without the connection closing (that cancelled it): no answer
             self.close()
             return
+        self._transport.write(call.result())
         self._next()
+        if self._bridge.stopping:
+            self.close()  # what came after the call was answered UNAVAILABLE
+
+    def _end(self, last: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(last)
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._bridge._connections.discard(self)
+        self._bridge.closed(self)
         if self.call is not None:
             self.call.cancel()
 
+    def close_if_idle(self) -> None:
+        if self.call is None:
+            self.close()
+
     def close(self) -> None:
+        """Close the connection and cancel its call, if one is running."""
+        if self.call is not None:
+            self.call.cancel()
         if self._transport is not None:
             self._transport.close()

@@ -83,6 +83,8 @@ class Echo:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: ünïcode 100%")
         if request.value == "crash":
             raise RuntimeError("a bug")
+        if request.value == "cancelled":  # e.g. it awaited something that was cancelled
+            raise asyncio.CancelledError
         if request.value == "created":
             context.set_trailing_metadata([("x-http-code", "201"), ("location", "/log/1")])
         if request.value == "wait":
@@ -183,6 +185,8 @@ async def test_what_is_not_http_from_envoy_closes_the_connection(
     _, _, path = served
     reader, writer = await asyncio.open_unix_connection(str(path))
     writer.write(b"GARBAGE / SPDY/3\r\n\r\n")
+    refused = await read_answer(reader)
+    assert refused.grpc_status == grpc.StatusCode.INTERNAL.value[0]
     assert await reader.read() == b""
     writer.close()
 
@@ -256,3 +260,57 @@ async def test_calls_pass_the_interceptor(tmp_path: Path) -> None:
         assert write.grpc_status == grpc.StatusCode.PERMISSION_DENIED.value[0]
     finally:
         await bridge.stop(grace=0.1)
+
+
+async def test_a_call_cancelled_on_its_own_closes_its_connection(
+    served: tuple[RestBridge, Echo, Path],
+) -> None:
+    """No answer can come: Envoy learns at once (a 503), not at its route's timeout."""
+    _, _, path = served
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(request("/test.Echo/Echo", StringValue(value="cancelled").SerializeToString()))
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_a_body_over_the_limit_is_resource_exhausted(tmp_path: Path) -> None:
+    server = grpc.aio.server()
+    guarded = GuardedServer(server)
+    guarded.add_generic_rpc_handlers([handlers(Echo())])
+    bridge = RestBridge(guarded.method_handler, max_body=100)
+    path = tmp_path / "rest.sock"
+    await bridge.listen(path)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(request("/test.Echo/Echo", b"x" * 200))
+        refused = await read_answer(reader)
+        assert refused.grpc_status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert await reader.read() == b""
+        writer.close()
+    finally:
+        await bridge.stop(grace=0.1)
+
+
+async def test_a_call_that_arrives_while_the_node_stops_is_unavailable(
+    served: tuple[RestBridge, Echo, Path],
+) -> None:
+    """Stopping lets the calls running finish; a new one on a kept-alive connection is refused as
+    grpc refuses calls then, and idle connections are closed at once."""
+    bridge, echo, path = served
+    idle_reader, idle_writer = await asyncio.open_unix_connection(str(path))
+    [_] = await exchange(path, request("/test.Echo/Echo", StringValue(value="warm").SerializeToString()))
+    busy_reader, busy_writer = await asyncio.open_unix_connection(str(path))
+    busy_writer.write(request("/test.Echo/Echo", StringValue(value="wait").SerializeToString()))
+    await asyncio.wait_for(echo.started.wait(), 10)
+    stopping = asyncio.create_task(bridge.stop(grace=10))
+    assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # idle: closed at once
+    # A request pipelined behind the running call is answered UNAVAILABLE once that call is done.
+    busy_writer.write(request("/test.Echo/Echo", StringValue(value="late").SerializeToString()))
+    await asyncio.sleep(0)
+    echo.release.set()
+    finished, late = await read_answer(busy_reader), await read_answer(busy_reader)
+    await stopping
+    assert StringValue.FromString(finished.message or b"").value == "WAIT"
+    assert late.grpc_status == grpc.StatusCode.UNAVAILABLE.value[0]
+    for writer in (idle_writer, busy_writer):
+        writer.close()

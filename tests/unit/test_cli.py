@@ -4,6 +4,7 @@ that cannot start are reported (one line, an exit code, no traceback)."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,34 @@ def test_output_to_a_reader_that_has_gone_ends_without_a_traceback() -> None:
     os.close(read_end)  # nobody reads: the child's write fails with EPIPE
     _, err = child.communicate(b"s3cret\n", timeout=60)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "raised"),
+    [
+        (1024, 524_288, 524_288),
+        (1024, resource.RLIM_INFINITY, cli.OPEN_FILES),
+        (524_288, 524_288, None),
+        (resource.RLIM_INFINITY, resource.RLIM_INFINITY, None),
+    ],
+)
+def test_a_node_raises_its_open_files_limit_to_the_hard_one(
+    monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, raised: int | None
+) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    cli.raise_open_files_limit()
+    assert calls == ([] if raised is None else [(raised, hard)])
+
+
+def test_a_limit_that_cannot_be_raised_is_kept(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    cli.raise_open_files_limit()
+    assert "could not raise the limit on open files from 1024" in caplog.text

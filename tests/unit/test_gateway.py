@@ -207,16 +207,16 @@ def test_a_long_temp_dir_puts_the_admin_socket_in_tmp(
 
 
 @pytest.mark.parametrize(
-    ("soft", "connections"), [(20_000, 19_744), (1024, 768), (100, 64), (resource.RLIM_INFINITY, 1_000_000)]
+    ("soft", "connections"), [(20_000, 9_872), (1024, 384), (100, 64), (resource.RLIM_INFINITY, 1_000_000)]
 )
 def test_envoy_takes_as_many_connections_as_its_file_descriptors_allow(
     monkeypatch: pytest.MonkeyPatch, soft: int, connections: int
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
     assert gateway.max_connections() == connections
-    assert f"max_active_downstream_connections: {connections}\n" in render(
-        "127.0.0.1", Ports(9000), "127.0.0.1"
-    )
+    config = render("127.0.0.1", Ports(9000), "127.0.0.1")
+    assert f"max_active_downstream_connections: {connections}\n" in config
+    assert f"max_connections: {connections}," in config  # the REST bridge's cluster
 
 
 async def test_an_envoy_that_exits_once_the_node_stops_is_not_started_again(

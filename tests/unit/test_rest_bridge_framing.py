@@ -178,9 +178,27 @@ def test_an_error_is_a_trailers_only_answer() -> None:
     )
 
 
-def test_metadata_with_a_line_break_is_never_written() -> None:
-    with pytest.raises(ValueError, match="line break"):
-        answer(b"", [("location", "/log/1\r\nset-cookie: x")])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        ("location", "/log/1\r\nset-cookie: x"),
+        ("location", "/log/\x00"),
+        ("location", "/kv/é"),
+        ("Bad Key", "1"),
+    ],
+)
+def test_metadata_http_cannot_carry_is_never_written(metadata: tuple[str, str]) -> None:
+    with pytest.raises(ValueError, match="not valid gRPC metadata"):
+        answer(b"", [metadata])
+    with pytest.raises(ValueError, match="not valid gRPC metadata"):
+        status_answer(grpc.StatusCode.NOT_FOUND, "x", [metadata])
+
+
+def test_metadata_values_are_utf8_where_they_can_be() -> None:
+    parser = RequestParser(max_body=1 << 20)
+    parser.feed(request_bytes(framed(b""), headers="x-name: é\r\nx-raw: ".encode() + b"\xe9\r\n"))
+    got = parser.next()
+    assert got is not None and ("x-name", "é") in got.metadata and ("x-raw", "é") in got.metadata
 
 
 def test_a_big_body_in_many_reads_and_chunks_comes_out_whole() -> None:
