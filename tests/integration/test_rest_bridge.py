@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import stat
+import socket
+import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import wrappers_pb2
 
+from potboiler.server import rest_bridge
 from potboiler.server.auth import GATEWAY_HEADER, AuthInterceptor
 from potboiler.server.decoding import GuardedServer
-from potboiler.server.rest_bridge import BridgeContext, RestBridge
+from potboiler.server.rest_bridge import BridgeContext, RestBridge, abstract
 from potboiler.server.tokens import Role, TokenStore, hash_token
 from tests.conftest import wait_for
 
@@ -114,20 +116,34 @@ def handlers(echo: Echo) -> grpc.GenericRpcHandler:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[RestBridge, Echo, Path]]:
+async def served() -> AsyncIterator[tuple[RestBridge, Echo, str]]:
     server = grpc.aio.server()  # never started: the bridge only looks its handlers up
     guarded = GuardedServer(server)
     echo = Echo()
     guarded.add_generic_rpc_handlers([handlers(echo)])
     bridge = RestBridge(guarded.method_handler, max_body=1 << 20)
-    path = tmp_path / "rest.sock"
+    path = new_address()
     await bridge.listen(path)
     yield bridge, echo, path
     await bridge.stop(grace=0.1)
 
 
-async def exchange(path: Path, *requests: bytes) -> list[Answer]:
-    reader, writer = await asyncio.open_unix_connection(str(path))
+def new_address() -> str:
+    return f"@potboiler-test-{uuid.uuid4().hex}"
+
+
+async def connect(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(abstract(address))
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.open_unix_connection(sock=sock)
+
+
+async def exchange(address: str, *requests: bytes) -> list[Answer]:
+    reader, writer = await connect(address)
     try:
         writer.write(b"".join(requests))
         return [await read_answer(reader) for _ in requests]
@@ -136,7 +152,7 @@ async def exchange(path: Path, *requests: bytes) -> list[Answer]:
 
 
 async def test_a_call_answers_its_message_and_trailing_metadata_as_trailers(
-    served: tuple[RestBridge, Echo, Path],
+    served: tuple[RestBridge, Echo, str],
 ) -> None:
     _, echo, path = served
     [plain, created] = await exchange(
@@ -154,7 +170,7 @@ async def test_a_call_answers_its_message_and_trailing_metadata_as_trailers(
     assert echo.seen == ((GATEWAY_HEADER, "1"),)
 
 
-async def test_errors_are_trailers_only_answers(served: tuple[RestBridge, Echo, Path]) -> None:
+async def test_errors_are_trailers_only_answers(served: tuple[RestBridge, Echo, str]) -> None:
     _, _, path = served
     aborted, crashed, unknown, streaming, garbage, unframed = await exchange(
         path,
@@ -180,10 +196,10 @@ async def test_errors_are_trailers_only_answers(served: tuple[RestBridge, Echo, 
 
 
 async def test_what_is_not_http_from_envoy_closes_the_connection(
-    served: tuple[RestBridge, Echo, Path],
+    served: tuple[RestBridge, Echo, str],
 ) -> None:
     _, _, path = served
-    reader, writer = await asyncio.open_unix_connection(str(path))
+    reader, writer = await connect(path)
     writer.write(b"GARBAGE / SPDY/3\r\n\r\n")
     refused = await read_answer(reader)
     assert refused.grpc_status == grpc.StatusCode.INTERNAL.value[0]
@@ -191,51 +207,67 @@ async def test_what_is_not_http_from_envoy_closes_the_connection(
     writer.close()
 
 
-async def test_a_closed_connection_cancels_its_call(served: tuple[RestBridge, Echo, Path]) -> None:
+async def test_a_closed_connection_cancels_its_call(served: tuple[RestBridge, Echo, str]) -> None:
     """As a gRPC client's cancellation does: the servicer sees CancelledError (and gives back what
     it took, as Pigtail's claim does)."""
     _, echo, path = served
-    _, writer = await asyncio.open_unix_connection(str(path))
+    _, writer = await connect(path)
     writer.write(request("/test.Echo/Echo", StringValue(value="wait").SerializeToString()))
     await asyncio.wait_for(echo.started.wait(), 10)
     writer.close()
     await wait_for(lambda: echo.ended == "cancelled", 10)
 
 
-async def test_stop_lets_running_calls_finish_within_its_grace(served: tuple[RestBridge, Echo, Path]) -> None:
+async def test_stop_lets_running_calls_finish_within_its_grace(served: tuple[RestBridge, Echo, str]) -> None:
     bridge, echo, path = served
-    reader, writer = await asyncio.open_unix_connection(str(path))
+    reader, writer = await connect(path)
     writer.write(request("/test.Echo/Echo", StringValue(value="wait").SerializeToString()))
     await asyncio.wait_for(echo.started.wait(), 10)
     stopping = asyncio.create_task(bridge.stop(grace=10))
-    await wait_for(lambda: not path.exists(), 10)  # no new connections from here on
+    await wait_for(lambda: refused(path), 10)  # no new connections from here on
     echo.release.set()
     finished = await read_answer(reader)
     await stopping
     assert StringValue.FromString(finished.message or b"").value == "WAIT" and echo.ended == "finished"
     assert await reader.read() == b""  # then the connection is closed
     writer.close()
-    with pytest.raises(OSError):
-        await asyncio.open_unix_connection(str(path))
+    assert refused(path)
 
 
-async def test_the_socket_is_the_users_own_and_made_again_if_removed(
-    served: tuple[RestBridge, Echo, Path],
+def refused(address: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(abstract(address))
+        except ConnectionRefusedError:
+            return True
+    return False
+
+
+async def test_only_the_nodes_own_user_may_connect(
+    served: tuple[RestBridge, Echo, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bridge, _, path = served
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    before = os.stat(path).st_ino
-    await bridge.listen(path)  # serving there already: nothing changes
-    assert os.stat(path).st_ino == before
-    path.unlink()  # e.g. a temp cleaner took it: Envoy's next start finds it made again
-    await bridge.listen(path)
+    bridge, _, address = served
+    await bridge.listen(address)  # serving there already: nothing changes
     [answer] = await exchange(
-        path, request("/test.Echo/Echo", StringValue(value="again").SerializeToString())
+        address, request("/test.Echo/Echo", StringValue(value="mine").SerializeToString())
     )
-    assert StringValue.FromString(answer.message or b"").value == "AGAIN"
+    assert StringValue.FromString(answer.message or b"").value == "MINE"
+    monkeypatch.setattr(rest_bridge, "_peer_uid", lambda transport: os.getuid() + 1)  # another's
+    reader, writer = await connect(address)
+    writer.write(request("/test.Echo/Echo", StringValue(value="theirs").SerializeToString()))
+    with contextlib.suppress(ConnectionResetError):  # closed with the request unread: reset
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, unanswered
+    writer.close()
 
 
-async def test_calls_pass_the_interceptor(tmp_path: Path) -> None:
+def test_an_address_must_be_abstract() -> None:
+    assert abstract("@potboiler-rest-x") == "\0potboiler-rest-x"
+    for bad in ["/tmp/rest.sock", "potboiler", "@" + "x" * 107]:
+        with pytest.raises(ValueError, match="abstract"):
+            abstract(bad)
+
+
+async def test_calls_pass_the_interceptor() -> None:
     """With tokens on, a REST call needs one, as a gRPC call does."""
     server = grpc.aio.server()
     guarded = GuardedServer(server)
@@ -245,7 +277,7 @@ async def test_calls_pass_the_interceptor(tmp_path: Path) -> None:
     bridge = RestBridge(
         guarded.method_handler, AuthInterceptor(tokens, peer_certificates=True), max_body=1 << 20
     )
-    path = tmp_path / "rest.sock"
+    path = new_address()
     await bridge.listen(path)
     try:
         value = StringValue(value="x").SerializeToString()
@@ -263,25 +295,25 @@ async def test_calls_pass_the_interceptor(tmp_path: Path) -> None:
 
 
 async def test_a_call_cancelled_on_its_own_closes_its_connection(
-    served: tuple[RestBridge, Echo, Path],
+    served: tuple[RestBridge, Echo, str],
 ) -> None:
     """No answer can come: Envoy learns at once (a 503), not at its route's timeout."""
     _, _, path = served
-    reader, writer = await asyncio.open_unix_connection(str(path))
+    reader, writer = await connect(path)
     writer.write(request("/test.Echo/Echo", StringValue(value="cancelled").SerializeToString()))
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
 
 
-async def test_a_body_over_the_limit_is_resource_exhausted(tmp_path: Path) -> None:
+async def test_a_body_over_the_limit_is_resource_exhausted() -> None:
     server = grpc.aio.server()
     guarded = GuardedServer(server)
     guarded.add_generic_rpc_handlers([handlers(Echo())])
     bridge = RestBridge(guarded.method_handler, max_body=100)
-    path = tmp_path / "rest.sock"
+    path = new_address()
     await bridge.listen(path)
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path))
+        reader, writer = await connect(path)
         writer.write(request("/test.Echo/Echo", b"x" * 200))
         refused = await read_answer(reader)
         assert refused.grpc_status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -292,14 +324,14 @@ async def test_a_body_over_the_limit_is_resource_exhausted(tmp_path: Path) -> No
 
 
 async def test_a_call_that_arrives_while_the_node_stops_is_unavailable(
-    served: tuple[RestBridge, Echo, Path],
+    served: tuple[RestBridge, Echo, str],
 ) -> None:
     """Stopping lets the calls running finish; a new one on a kept-alive connection is refused as
     grpc refuses calls then, and idle connections are closed at once."""
     bridge, echo, path = served
-    idle_reader, idle_writer = await asyncio.open_unix_connection(str(path))
+    idle_reader, idle_writer = await connect(path)
     [_] = await exchange(path, request("/test.Echo/Echo", StringValue(value="warm").SerializeToString()))
-    busy_reader, busy_writer = await asyncio.open_unix_connection(str(path))
+    busy_reader, busy_writer = await connect(path)
     busy_writer.write(request("/test.Echo/Echo", StringValue(value="wait").SerializeToString()))
     await asyncio.wait_for(echo.started.wait(), 10)
     stopping = asyncio.create_task(bridge.stop(grace=10))
