@@ -1,4 +1,4 @@
-"""The REST bridge's HTTP/1.1 framing: requests as Envoy sends them, answers as Envoy reads them."""
+"""gRPC over HTTP/1.1 (the REST bridge's wire format): requests as Envoy sends them, answers as Envoy reads them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from potboiler.server.auth import GATEWAY_HEADER
-from potboiler.server.rest_bridge import (
+from potboiler.server.grpc_http1 import (
     BadRequest,
     Request,
     RequestParser,
