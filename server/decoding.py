@@ -192,17 +192,24 @@ class GuardedServer(grpc.aio.Server):
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
         self._generic: list[_GuardedGeneric] = []
+        #: method -> its handler, as `method_handler` found it.
+        self._found: dict[str, Handler] = {}
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         guarded = [_GuardedGeneric(h) for h in generic_rpc_handlers]
         self._generic += guarded
+        self._found.clear()
         self._server.add_generic_rpc_handlers(guarded)
 
     def method_handler(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         """The guarded handler registered here for the call, as the server would find it (for calls
         that reach the node by another way than grpc's server: potboiler.server.rest_bridge)."""
+        method = handler_call_details.method
+        if (found := self._found.get(method)) is not None:
+            return found
         for generic in self._generic:
             if (found := generic.service(handler_call_details)) is not None:
+                self._found[method] = found
                 return found
         return None
 

@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 import potboiler.v1
 import potboiler.v1.core_rest_pb2
 import potboiler.v1.log_pb2
-from potboiler.server.decoding import guard, transcoded
+from potboiler.server.decoding import GuardedServer, guard, transcoded
 from potboiler.server.rest_routes import descriptor_set
 
 
@@ -69,3 +69,27 @@ def test_rest_answers_print_their_keys_sorted() -> None:
     assert other is not None
     assert other(value) == value.SerializeToString()
     assert other(b"\x0a\x00") == b"\x0a\x00"
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+async def test_method_handler_finds_the_guarded_handler_the_server_would_serve() -> None:
+    server = GuardedServer(grpc.aio.server())  # never started
+
+    async def echo(request: bytes, context: object) -> bytes:
+        return request
+
+    def service(name: str) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(name, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+
+    server.add_generic_rpc_handlers([service("a.A")])
+    first = server.method_handler(_Details("/a.A/Echo"))
+    assert first is not None and first.unary_unary is not echo  # guarded
+    assert server.method_handler(_Details("/a.A/Echo")) is first
+    assert server.method_handler(_Details("/b.B/Echo")) is None
+    server.add_generic_rpc_handlers([service("b.B")])  # registered later: found too
+    assert server.method_handler(_Details("/b.B/Echo")) is not None
