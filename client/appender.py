@@ -46,6 +46,9 @@ MAX_ENTRIES = 1000
 MAX_BYTES = 4 << 20
 
 _Call = grpc.aio.StreamStreamCall[log_pb2.AppendEntryStreamRequest, log_pb2.AppendEntryStreamResponse]
+#: What grpc.aio raises on a call that has ended (its status, a usage error, or InvalidStateError
+#: "RPC already finished") when it is written to afterwards.
+_CALL_ENDED = (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError)
 
 
 @dataclass(eq=False)
@@ -165,18 +168,18 @@ class StreamAppender:
                 self._fail(RuntimeError("the append stream was cancelled"), sent)
                 raise
             # Nobody cancelled this task: the call was, by a writer that failed, or by grpc.aio as
-            # its channel was closed.
+            # its channel was closed (a writer may have found the call ended first).
             failed = writer.exception() if writer.done() and not writer.cancelled() else None
             closed = RuntimeError("the append stream ended: its channel was closed")
-            self._fail(failed if isinstance(failed, Exception) else closed, sent)
+            if isinstance(failed, Exception) and not isinstance(failed, _CALL_ENDED):
+                self._fail(failed, sent)
+            else:
+                self._fail(closed, sent)
         finally:
             writer.cancel()
-            # A writer that wrote on the call after it ended raises what grpc.aio says then (the
-            # call's status, a usage error, or InvalidStateError "RPC already finished"): the
+            # A writer that wrote on the call after it ended raises what grpc.aio says then: the
             # reader has already failed the appends with the call's own error.
-            with contextlib.suppress(
-                asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError
-            ):
+            with contextlib.suppress(asyncio.CancelledError, *_CALL_ENDED):
                 await writer
             call.cancel()
 

@@ -339,3 +339,40 @@ async def test_an_answer_out_of_step_with_what_was_sent_fails_every_append() -> 
             await appender.close()
     finally:
         await server.stop(None)
+
+
+class _ClosedUnderTheWriter:
+    """A call whose channel closes as its first message is written: grpc.aio fails the write with
+    InvalidStateError ("RPC already finished") and ends the pending read with CancelledError, in a
+    task nobody cancelled. Which of the two the appender sees first is a race; here the writer's."""
+
+    def __init__(self) -> None:
+        self._read: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def read(self) -> Any:
+        return await self._read
+
+    async def write(self, request: Any) -> None:
+        self._read.set_exception(asyncio.CancelledError())
+        raise asyncio.InvalidStateError("RPC already finished.")
+
+    async def done_writing(self) -> None:
+        raise asyncio.InvalidStateError("RPC already finished.")
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _Stub:
+    def AppendEntryStream(self) -> _ClosedUnderTheWriter:
+        return _ClosedUnderTheWriter()
+
+
+async def test_a_writer_that_finds_the_channel_closed_fails_the_appends_saying_so(
+    grpc_node: GrpcNode,
+) -> None:
+    appender = StreamAppender(grpc_node.channel)
+    appender._stub = _Stub()  # type: ignore[assignment]
+    results = await asyncio.gather(*(appender.append({"n": n}) for n in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "channel was closed" in str(r) for r in results), results
+    await appender.close()
