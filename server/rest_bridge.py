@@ -186,11 +186,11 @@ class RestBridge:
         details = _CallDetails(method, metadata)
         if self._interceptor is None:
             return self._lookup(details)
+        return await self._interceptor.intercept_service(self._found, details)
 
-        async def continuation(details: grpc.HandlerCallDetails) -> Handler | None:
-            return self._lookup(details)
-
-        return await self._interceptor.intercept_service(continuation, details)
+    async def _found(self, details: grpc.HandlerCallDetails) -> Handler | None:
+        """The interceptor's continuation: the handler registered for the call."""
+        return self._lookup(details)
 
     async def call(self, request: Request) -> bytes:
         """Run one call; its HTTP/1.1 answer."""
