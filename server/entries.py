@@ -40,7 +40,7 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     size = len(serialized)
     if size > MAX_ENTRY_BYTES:
         raise TooLarge(f"entry data is {size} bytes, more than the limit of {MAX_ENTRY_BYTES}")
-    if size > _MIN_BYTES_PER_LEVEL * MAX_DEPTH and _too_deep(data):
+    if serialized.count(_STRUCT_TAG) + serialized.count(_LIST_TAG) > MAX_DEPTH and _too_deep(data):
         raise TooDeep(f"entry data is nested deeper than {MAX_DEPTH} levels of arrays and objects")
     # Most data has neither 0x7f nor 0xff anywhere (never in UTF-8 text, nor in the doubles of
     # everyday numbers): two searches for them first cost half of one by the pattern.
@@ -77,9 +77,12 @@ def validate_new_batch(entries: Sequence[tuple[Value | None, Iterable[str]]]) ->
     return out
 
 
-#: Each level of nesting costs at least this many bytes of a serialized Value (a list level: the tag
-#: and length of `Value.list_value` and of `ListValue.values`), so smaller data cannot be too deep.
-_MIN_BYTES_PER_LEVEL = 4
+#: The tag bytes of `Value.struct_value` and `Value.list_value` (fields 5 and 6, length-delimited).
+#: Each array or object nested in data is a Value whose serialized form starts with one of them, so
+#: data holding these bytes (as tags or otherwise) at most MAX_DEPTH times in all cannot be too deep:
+#: two counts in C instead of walking the data.
+_STRUCT_TAG = bytes([5 << 3 | 2])
+_LIST_TAG = bytes([6 << 3 | 2])
 
 
 #: The last two bytes of every NaN or infinite double as protobuf writes it (little-endian, all 11
@@ -114,8 +117,8 @@ def _has_unset(data: Value) -> bool:
 
 
 def _too_deep(data: Value) -> bool:
-    """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (callers only ask for data big
-    enough to be that deep)."""
+    """Whether arrays/objects in `data` nest deeper than MAX_DEPTH (callers only ask for data that
+    holds enough of their tag bytes to be that deep)."""
     level: list[Value] = [data]
     for _ in range(MAX_DEPTH + 1):  # each round: is there an array or object at this depth?
         children: list[Value] = []

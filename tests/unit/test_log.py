@@ -389,6 +389,45 @@ def test_nesting_counts_arrays_and_objects_even_when_the_innermost_is_empty() ->
             validate_new_entry(nested(depth + 1, innermost), [])
 
 
+def _json_nesting(x: object) -> int:
+    if isinstance(x, dict):
+        return 1 + max(map(_json_nesting, x.values()), default=0)
+    if isinstance(x, list):
+        return 1 + max(map(_json_nesting, x), default=0)
+    return 0
+
+
+#: JSON around the depth limit: chains of arrays and objects, with scalars (some of whose bytes are
+#: the struct and list tags, `*` and `2`) beside them.
+_deep_json = st.recursive(
+    st.none() | st.booleans() | st.sampled_from(["*2*2", "", "x", 42.0, 2.5]),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.sampled_from(["*", "2", "k"]), inner, max_size=2)
+    ),
+    max_leaves=40,
+)
+
+
+@given(
+    st.integers(min_value=MAX_DEPTH - 3, max_value=MAX_DEPTH + 2),
+    st.lists(st.booleans(), min_size=MAX_DEPTH + 2, max_size=MAX_DEPTH + 2),
+    _deep_json,
+)
+def test_data_is_refused_exactly_when_it_nests_deeper_than_the_limit(
+    depth: int, objects: list[bool], filler: object
+) -> None:
+    data: object = filler
+    for is_object in objects[:depth]:
+        data = {"*": data, "2": "2*"} if is_object else [data, "**22"]
+    value = Value()
+    json_format.ParseDict(data, value)
+    if _json_nesting(data) > MAX_DEPTH:
+        with pytest.raises(InvalidArgument, match="nested deeper"):
+            validate_new_entry(value, [])
+    else:
+        validate_new_entry(value, [])
+
+
 def test_uuid_helpers_agree_with_the_uuid_module() -> None:
     import uuid
 
