@@ -106,6 +106,10 @@ class BridgeContext:
         return "unix:envoy"
 
 
+#: How long a stopping bridge goes on reading and starting calls before it refuses new ones.
+STOP_SETTLE_S = 0.05
+
+
 class RestBridge:
     """Serves unary calls over HTTP/1.1 on a unix socket, for the node's Envoy (see the module)."""
 
@@ -144,11 +148,17 @@ class RestBridge:
         self._address = address
 
     async def stop(self, grace: float) -> None:
-        """Take no more connections or calls (one that arrives is answered UNAVAILABLE); let the
-        calls running finish for up to `grace` seconds, then cancel them, wait (as long again at
-        most) until they have ended, and close every connection."""
-        self.stopping = True
+        """After a moment (STOP_SETTLE_S) in which what was already sent is still taken, take no
+        more connections or calls (one that arrives is answered UNAVAILABLE); let the calls running
+        finish for up to `grace` seconds, then cancel them, wait (as long again at most) until they
+        have ended, and close every connection."""
+        # A request Envoy sent before the stop began may wait unread in its connection's socket,
+        # on a connection perhaps not even accepted yet: read for a moment more, and its call runs
+        # on like the others (else it would be cut, and its client get a 503 for a call sent in
+        # time). It takes the loop a few turns to accept a connection and read it.
+        await asyncio.sleep(STOP_SETTLE_S)
         self._stop_listening()
+        self.stopping = True
         for connection in list(self._connections):
             connection.close_if_idle()
         if calls := self._calls():
@@ -160,7 +170,9 @@ class RestBridge:
         await self._close_server()
 
     def _calls(self) -> list[asyncio.Task[bytes]]:
-        return [c.call for c in self._connections if c.call is not None and not c.call.done()]
+        """The calls not answered yet: running, or ended with their answer still to be written (a
+        connection's `call` is cleared once its answer is written)."""
+        return [c.call for c in self._connections if c.call is not None]
 
     def opened(self, connection: _Connection) -> None:
         self._connections.add(connection)

@@ -323,6 +323,33 @@ async def test_a_body_over_the_limit_is_resource_exhausted() -> None:
         await bridge.stop(grace=0.1)
 
 
+@pytest.mark.parametrize("connection", ["open and idle", "not accepted yet"])
+async def test_a_request_sent_before_the_stop_began_is_served(
+    served: tuple[RestBridge, Echo, str], connection: str
+) -> None:
+    """A request already in its connection's socket, not read yet, when the stop begins (Envoy
+    counts it at the node) runs like the calls already running: it is neither refused nor cut, also
+    on a connection the bridge has not accepted yet."""
+    bridge, _, path = served
+    sent_in_time = request("/test.Echo/Echo", StringValue(value="sent in time").SerializeToString())
+    if connection == "open and idle":
+        reader, writer = await connect(path)
+        writer.write(request("/test.Echo/Echo", StringValue(value="first").SerializeToString()))
+        await read_answer(reader)
+        writer.write(sent_in_time)
+        stopping = asyncio.create_task(bridge.stop(grace=10))  # runs before the request is read
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(abstract(path))  # in the listening socket's backlog: the loop has not run
+        sock.sendall(sent_in_time)
+        stopping = asyncio.create_task(bridge.stop(grace=10))
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+    answer = await read_answer(reader)
+    await stopping
+    assert StringValue.FromString(answer.message or b"").value == "SENT IN TIME"
+    writer.close()
+
+
 async def test_a_call_that_arrives_while_the_node_stops_is_unavailable(
     served: tuple[RestBridge, Echo, str],
 ) -> None:
