@@ -27,7 +27,7 @@ import grpc
 
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
-from potboiler.kv.state import STATE_FORMAT, EventFailed, KvState, PlannedWrite
+from potboiler.kv.state import EVENT_MARK, STATE_FORMAT, EventFailed, KvState, PlannedWrite
 from potboiler.server.entries import MAX_DEPTH
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import JSON, to_value
@@ -214,7 +214,13 @@ class KvService:
             self.apply(batch)
 
         await apply_forever(
-            self._context.log, lambda: self.state.position, apply, self._linger, APPLY_BATCH, "KV"
+            self._context.log,
+            lambda: self.state.position,
+            apply,
+            self._linger,
+            APPLY_BATCH,
+            "KV",
+            mark=EVENT_MARK,
         )
 
     def apply(self, delivered: DeliveredBatch) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from potboiler.pigtail import paging, validate
-from potboiler.pigtail.codec import event_data, stamp_of
+from potboiler.pigtail.codec import EVENT_MARK, event_data, stamp_of
 from potboiler.pigtail.events import (
     Event,
     JSONValue,
@@ -255,6 +255,7 @@ class Pigtail:
             APPLY_BATCH,
             "Pigtail",
             APPLY_RETRY,
+            EVENT_MARK,
         )
 
     async def _apply(self, delivered: DeliveredBatch) -> None:

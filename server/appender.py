@@ -36,6 +36,9 @@ MAX_GROUP = 20_000
 #: The newest delivered entries kept in memory for subscribers that keep up (count, and bytes).
 TAIL_ENTRIES = 20_000
 TAIL_BYTES = 64 << 20
+#: Most entries of a batch from the in-memory tail for a reader that names the mark of the entries
+#: it applies (see `delivered_batch`).
+WIDE_BATCH = 10_000
 
 
 @dataclass
@@ -193,14 +196,26 @@ class Appender:
         """Up to `limit` delivered (position, entry) after position `after` (see `delivered_batch`)."""
         return self.delivered_batch(after, limit).entries
 
-    def delivered_batch(self, after: int, limit: int) -> DeliveredBatch:
+    def delivered_batch(self, after: int, limit: int, mark: bytes | None = None) -> DeliveredBatch:
         """Up to `limit` delivered entries after position `after`, with their serialized forms: from
         the in-memory tail when it reaches back that far, else from the store. The entries are
-        shared: do not change them."""
+        shared: do not change them.
+
+        With `mark` (the bytes every entry the reader applies holds, as a service skips the others
+        by their bytes), a batch from the tail holds up to WIDE_BATCH entries when `mark` occurs at
+        most `limit` times in them: a reader that is behind gets a turn only every few passes of the
+        loop, and under a heavy load of other entries (batches of 1,000 appended at 50,000 a second)
+        it fell further and further behind, out of the tail and into reading the store."""
         start = self._tail_index(after)
         if start is None:
             return self.log.delivered_batch(after, limit)
-        return DeliveredBatch(self._tail[start : start + limit], self._tail_blobs[start : start + limit])
+        end = start + limit
+        blobs = self._tail_blobs
+        if mark is not None and len(blobs) > end:
+            wide = start + WIDE_BATCH
+            if b"".join(blobs[start:wide]).count(mark) <= limit:
+                end = wide
+        return DeliveredBatch(self._tail[start:end], blobs[start:end])
 
     def _tail_index(self, after: int) -> int | None:
         """Where the entry after position `after` is in the in-memory tail (None when the tail does

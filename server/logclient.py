@@ -47,8 +47,12 @@ class LogClient(Protocol):
         nothing, while an entry of this node's log waits for a dependency (see `LocalLogClient`)."""
         ...
 
-    def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
-        """Batches of entries delivered after `after_position`, forever, in delivery order."""
+    def subscribe(
+        self, after_position: int, limit: int = 1000, mark: bytes | None = None
+    ) -> AsyncIterator[DeliveredBatch]:
+        """Batches of entries delivered after `after_position`, forever, in delivery order, each of
+        at most `limit` entries; with `mark`, the bytes every entry the caller applies holds, a
+        batch may hold more entries, of which at most `limit` hold `mark`."""
         ...
 
     def promises(self) -> dict[str, Promise]:
@@ -131,10 +135,14 @@ class LocalLogClient:
                 continue
             return entry
 
-    def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
+    def subscribe(
+        self, after_position: int, limit: int = 1000, mark: bytes | None = None
+    ) -> AsyncIterator[DeliveredBatch]:
         appender = self._appender
         return appender.follow(
-            after_position, lambda position: appender.delivered_batch(position, limit), DeliveredBatch.last
+            after_position,
+            lambda position: appender.delivered_batch(position, limit, mark),
+            DeliveredBatch.last,
         )
 
     def promises(self) -> dict[str, Promise]:
@@ -250,14 +258,17 @@ async def apply_forever(
     limit: int,
     what: str,
     retry: Backoff = APPLY_RETRY,
+    mark: bytes | None = None,
 ) -> None:
     """Apply the log to a service's state, batch by batch, from its stored `position()` on, for
-    ever. A failure (the service's store failing, or a bug) is logged, and applying resumes from the
-    stored position after a backoff: nothing is skipped for it."""
+    ever: batches of at most `limit` entries holding `mark`, the bytes every entry the service
+    applies holds (`LogClient.subscribe`). A failure (the service's store failing, or a bug) is
+    logged, and applying resumes from the stored position after a backoff: nothing is skipped for
+    it."""
     failures = 0
     while True:
         try:
-            async for batch in client.subscribe(position(), limit):
+            async for batch in client.subscribe(position(), limit, mark):
                 await apply(batch)
                 failures = 0
                 await linger.pause(len(batch.entries), limit)

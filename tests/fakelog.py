@@ -73,7 +73,10 @@ class FakeLog:
     def position(self) -> int:
         return 0 if self.held else len(self.entries)
 
-    async def subscribe(self, after_position: int, limit: int = 1000) -> AsyncIterator[DeliveredBatch]:
+    async def subscribe(
+        self, after_position: int, limit: int = 1000, mark: bytes | None = None
+    ) -> AsyncIterator[DeliveredBatch]:
+        """Batches of `limit` entries (a batch with `mark` may hold more; none here does)."""
         position = after_position
         while True:
             if position < len(self.entries) and not self.held:

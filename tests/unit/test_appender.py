@@ -12,7 +12,7 @@ import pytest
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server import logclient
-from potboiler.server.appender import Appender
+from potboiler.server.appender import WIDE_BATCH, Appender
 from potboiler.server.entries import NewEntry
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
@@ -195,3 +195,43 @@ async def test_readers_that_are_behind_take_turns_and_a_live_one_does_not() -> N
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_a_reader_naming_its_mark_gets_wide_batches_of_other_entries_from_the_tail() -> None:
+    mark = b"\n\x04mine"
+
+    def data(mine: bool) -> Value:
+        value = Value()
+        value.struct_value.fields["mine" if mine else "other"].number_value = 1
+        return value
+
+    async with started() as appender:
+        await appender.append([NewEntry(data(mine=n % 100 == 0)) for n in range(3000)])
+        # Without a mark, or with the mark in more than `limit` of the entries: `limit` entries.
+        assert len(appender.delivered_batch(0, 10).entries) == 10
+        assert len(appender.delivered_batch(0, 10, b"\n\x05other").entries) == 10
+        # With the mark in at most `limit` of them: as many as the tail holds, up to WIDE_BATCH.
+        batch = appender.delivered_batch(0, 30, mark)
+        assert [p for p, _ in batch.entries] == list(range(1, 3001))
+        assert [sum(blob.count(mark) for blob in batch.blobs)] == [30]
+        assert len(appender.delivered_batch(0, 29, mark).entries) == 29
+        # Caught up but for a few: what there is.
+        assert [p for p, _ in appender.delivered_batch(2990, 30, mark).entries] == list(range(2991, 3001))
+        # Entries the tail no longer holds come from the store, `limit` at a time.
+        appender._tail.clear()
+        appender._tail_blobs.clear()
+        from_store = appender.delivered_batch(0, 30, mark)
+        assert [p for p, _ in from_store.entries] == list(range(1, 31))
+        assert from_store.blobs == batch.blobs[:30]
+
+
+async def test_a_service_applier_keeps_up_within_the_tail_under_batches_of_other_entries() -> None:
+    """A subscription with a mark catches up on thousands of other entries in few batches."""
+    async with started() as appender:
+        await appender.append([NewEntry(Value(number_value=n)) for n in range(WIDE_BATCH + 500)])
+        sizes: list[int] = []
+        async for batch in LocalLogClient(appender).subscribe(0, 100, b"\n\x05table"):
+            sizes.append(len(batch.entries))
+            if batch.entries[-1][0] == WIDE_BATCH + 500:
+                break
+        assert sizes == [WIDE_BATCH, 500]
