@@ -20,6 +20,7 @@ from potboiler.server.config_files import FileVersion, SecurityConfigError, file
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.gateway import Gateway
+from potboiler.server.gc_pacing import CallPacer
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
@@ -188,6 +189,7 @@ class Node:
         server = grpc.aio.server(
             options=server_options(), interceptors=[self._auth] if self._auth is not None else []
         )
+        server.add_generic_rpc_handlers([CallPacer()])  # first: grpc asks it about every call
         # Our services answer requests that are not valid protobuf with INVALID_ARGUMENT.
         ours = GuardedServer(server)
         log_pb2_grpc.add_LogServiceServicer_to_server(LogServicer(self.appender), ours)
