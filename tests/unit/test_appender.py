@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import pytest
 from google.protobuf.struct_pb2 import Value
 
+from potboiler.server import appender as appender_module
 from potboiler.server import logclient
 from potboiler.server.appender import WIDE_BATCH, Appender
 from potboiler.server.entries import NewEntry
@@ -197,7 +198,9 @@ async def test_readers_that_are_behind_take_turns_and_a_live_one_does_not() -> N
         await asyncio.gather(*readers, return_exceptions=True)
 
 
-async def test_a_reader_naming_its_mark_gets_wide_batches_of_other_entries_from_the_tail() -> None:
+async def test_a_reader_naming_its_mark_gets_wide_batches_of_other_entries_from_the_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     mark = b"\n\x04mine"
 
     def data(mine: bool) -> Value:
@@ -218,8 +221,8 @@ async def test_a_reader_naming_its_mark_gets_wide_batches_of_other_entries_from_
         # Caught up but for a few: what there is.
         assert [p for p, _ in appender.delivered_batch(2990, 30, mark).entries] == list(range(2991, 3001))
         # Entries the tail no longer holds come from the store, `limit` at a time.
-        appender._tail.clear()
-        appender._tail_blobs.clear()
+        monkeypatch.setattr(appender_module, "TAIL_ENTRIES", 100)
+        await appender.append([NewEntry(data(mine=False))])  # the tail keeps its newest half
         from_store = appender.delivered_batch(0, 30, mark)
         assert [p for p, _ in from_store.entries] == list(range(1, 31))
         assert from_store.blobs == batch.blobs[:30]
