@@ -1,4 +1,6 @@
-"""Collecting the garbage grpc.aio leaves behind every call, a little at a time.
+"""The cyclic garbage collector in a node: collecting the garbage grpc.aio leaves behind every call
+a little at a time (`CallPacer`), and the collector's passes, which stop the event loop, counted and
+timed for the metrics (`CollectorPauses`).
 
 grpc.aio's server (1.78) finds a call's handler through a nested function that its coroutine's
 closure holds, so each call leaves a reference cycle of five objects (the closure, the function,
@@ -19,9 +21,14 @@ leave no garbage, never reach it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import time
 
 import grpc
+
+#: The collector's generations, youngest first.
+GENERATIONS = 3
 
 #: Calls through grpc.aio between two young collections: their garbage (5 objects each) and what
 #: else is young then take the collector about a millisecond.
@@ -43,3 +50,33 @@ class CallPacer(grpc.GenericRpcHandler):
             self._left = self._calls
             self.collections += 1
             gc.collect(0)
+
+
+class CollectorPauses:
+    """The collector's passes in this process since `start()`, per generation: how many, their time
+    in all, and the longest (each stops the event loop for as long as it takes)."""
+
+    def __init__(self) -> None:
+        self.passes = [0] * GENERATIONS
+        self.seconds = [0.0] * GENERATIONS
+        self.longest = [0.0] * GENERATIONS
+        self._began = 0.0
+
+    def start(self) -> None:
+        """Time every pass from now on."""
+        gc.callbacks.append(self._note)
+
+    def stop(self) -> None:
+        """Stop timing passes."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._note)
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        took = time.perf_counter() - self._began
+        generation = info["generation"]
+        self.passes[generation] += 1
+        self.seconds[generation] += took
+        self.longest[generation] = max(self.longest[generation], took)

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from potboiler.server.gc_pacing import GENERATIONS, CollectorPauses
 from potboiler.server.replicator import PeerState
 from potboiler.server.rest import GRPC_CODE_OF_STATUS
 from potboiler.server.urls import origin
@@ -32,6 +33,26 @@ if TYPE_CHECKING:
     from potboiler.server.node import Node
 
 log = logging.getLogger(__name__)
+
+
+def _collector_pauses(pauses: CollectorPauses) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The garbage collector's passes per generation (each stops the node's event loop)."""
+    labels = ["generation"]
+    passes = CounterMetricFamily("potboiler_gc_passes", "Garbage collector passes", labels=labels)
+    seconds = CounterMetricFamily(
+        "potboiler_gc_pause_seconds", "Time the garbage collector's passes took", labels=labels
+    )
+    longest = GaugeMetricFamily(
+        "potboiler_gc_longest_pause_seconds",
+        "The longest garbage collector pass since the node started",
+        labels=labels,
+    )
+    for generation in range(GENERATIONS):
+        name = [str(generation)]
+        passes.add_metric(name, pauses.passes[generation])
+        seconds.add_metric(name, pauses.seconds[generation])
+        longest.add_metric(name, pauses.longest[generation])
+    yield from (passes, seconds, longest)
 
 
 class NodeCollector(Collector):
@@ -57,6 +78,7 @@ class NodeCollector(Collector):
             "Write batches held open for more appends while the node was saturated",
             value=node.appender.held_batches,
         )
+        yield from _collector_pauses(node.gc_pauses)
         yield GaugeMetricFamily("potboiler_entries", "Entries held, all owners", value=log.total())
         yield GaugeMetricFamily(
             "potboiler_pending_entries", "Entries waiting for a dependency", value=log.pending

@@ -20,7 +20,7 @@ from potboiler.server.config_files import FileVersion, SecurityConfigError, file
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.gateway import Gateway
-from potboiler.server.gc_pacing import CallPacer
+from potboiler.server.gc_pacing import CallPacer, CollectorPauses
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
@@ -178,6 +178,8 @@ class Node:
         self._watches: list[asyncio.Task[None]] = []
         #: Checks every call when tokens or mTLS are on (and ends streams whose token is revoked).
         self._auth = config.security.auth_interceptor()
+        #: The garbage collector's passes, for the metrics.
+        self.gc_pauses = CollectorPauses()
 
     async def start(self) -> None:
         """Serve gRPC, start the services and the gateway."""
@@ -185,6 +187,7 @@ class Node:
         for warning in config.security.warnings():
             log.warning("%s", warning)
         gc.set_threshold(*GC_THRESHOLDS)
+        self.gc_pauses.start()
         self.appender.start()
         server = grpc.aio.server(
             options=server_options(), interceptors=[self._auth] if self._auth is not None else []
@@ -365,6 +368,7 @@ class Node:
         finally:
             self.services.clear()
             self.store.close()
+            self.gc_pauses.stop()
 
     async def _stop_watches(self) -> None:
         for watch in self._watches:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from potboiler.server.gc_pacing import CallPacer
+from potboiler.server.gc_pacing import CallPacer, CollectorPauses
 
 CALLS = 600
 
@@ -68,3 +68,19 @@ async def test_the_pacer_collects_every_so_many_calls_and_answers_none() -> None
     # hundred left and little else. (Should grpc stop leaving garbage, both are small.)
     assert paced <= 5 * 100 + 100
     assert paced <= unpaced
+
+
+def test_collector_pauses_count_and_time_each_generation_until_stopped() -> None:
+    pauses = CollectorPauses()
+    pauses.start()
+    try:
+        gc.collect(1)
+        gc.collect(2)
+        assert pauses.passes[1] >= 1 and pauses.passes[2] >= 1
+        assert 0 < pauses.longest[2] <= pauses.seconds[2]
+    finally:
+        pauses.stop()
+    seen = list(pauses.passes)
+    gc.collect()
+    assert pauses.passes == seen
+    pauses.stop()  # stopping twice is harmless

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import uuid
 from typing import Any
@@ -108,6 +109,16 @@ async def test_webhook_metrics_show_where_a_webhook_goes_not_its_secrets(grpc_no
         assert {s.labels["webhook"] for s in samples} == ids
         assert {s.labels["target"] for s in samples} == {"http://127.0.0.1:9"}
         assert "s3cret" not in repr(samples)
+
+
+async def test_metrics_show_the_garbage_collectors_passes_per_generation(grpc_node: GrpcNode) -> None:
+    gc.collect()
+    families = {f.name: f for f in NodeCollector(grpc_node.node).collect()}
+    for name in ("potboiler_gc_passes", "potboiler_gc_pause_seconds", "potboiler_gc_longest_pause_seconds"):
+        samples = families[name].samples
+        assert [s.labels["generation"] for s in samples] == ["0", "1", "2"]
+    full = [s for s in families["potboiler_gc_passes"].samples if s.labels["generation"] == "2"]
+    assert full[0].value >= 1
 
 
 async def test_the_metrics_port_takes_get_and_head_and_answers_json_errors(grpc_node: GrpcNode) -> None:
