@@ -21,7 +21,8 @@ SIGTERM. Then:
     subscriber is what decides the lag's tail. The writer and the subscriber keep their own full
     garbage collections out of the load (`frozen_heap`): one took 12-25 ms, which showed as lag.
 (c) during (a): node 0's Prometheus counters (port B+5) before and after, per peer: messages and
-    entries sent and received, divided by the entries appended (for each writer).
+    entries sent and received, divided by the entries appended (for each writer); and each node's
+    garbage collector passes (`gc`: how many and how long per generation, each a stop of the node).
 (b) catch-up: 1,000,000 entries are appended to the cluster (AppendEntries of 1,000, spread round-robin
     over the three nodes); the time until all three hold everything (GET /status vectors) is the
     convergence time. Then a fresh 4th node is started with node 0 as its only peer, and the time
@@ -94,7 +95,7 @@ LOAD_IN_FLIGHT = 2
 #: The data of every catch-up entry.
 LOAD_DATA = {"kind": "bench", "n": 1, "text": "a small JSON event"}
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-_METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{peer="([^"]*)"\})?\s+(\S+)$')
+_METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?:peer|generation)="([^"]*)"\})?\s+(\S+)$')
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ async def totals(client: httpx.AsyncClient, nodes: Sequence[NodeProcess]) -> lis
 
 
 async def scrape(client: httpx.AsyncClient, node: NodeProcess) -> dict[tuple[str, str], float]:
-    """A node's Prometheus samples as {(name, peer label or ""): value}."""
+    """A node's Prometheus samples as {(name, its peer or generation label or ""): value}."""
     response = await client.get(node.port_url(node.ports.metrics) + "/metrics", timeout=15.0)
     response.raise_for_status()
     out: dict[tuple[str, str], float] = {}
@@ -513,6 +514,15 @@ async def measure_lag(
             "send_to_owner_stamp_ms_resolution": summary_ms(to_stamp),
         },
         "achieved_rate_per_s": round(result.sent / result.seconds, 1) if result.seconds else math.nan,
+        "gc": {
+            f"node{slot}": collector_passes(before, after)
+            for slot, before, after in zip(
+                (0, 1, 2),
+                [metrics_before, *peer_metrics_before],
+                [metrics_after, *peer_metrics_after],
+                strict=True,
+            )
+        },
         "cpu_percent": cpu_figures,
         "cpu_ms_per_entry": cpu.ms_per(result.sent),
     }
@@ -577,6 +587,28 @@ async def measure_lag(
         ),
     }
     return lag_fig, net_fig
+
+
+def collector_passes(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> Json:
+    """A node's garbage collector passes between two scrapes, per generation: how many and their time
+    in all (each stops the node), and the longest since the node started."""
+    return {
+        f"generation{g}": {
+            "passes": delta(after, before, "potboiler_gc_passes_total", str(g)),
+            "ms": round(
+                1000
+                * (
+                    after.get(("potboiler_gc_pause_seconds_total", str(g)), 0.0)
+                    - before.get(("potboiler_gc_pause_seconds_total", str(g)), 0.0)
+                ),
+                2,
+            ),
+            "longest_ms_since_start": round(
+                1000 * after.get(("potboiler_gc_longest_pause_seconds", str(g)), 0.0), 2
+            ),
+        }
+        for g in range(3)
+    }
 
 
 def sum_delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], float], name: str) -> int:
