@@ -1,11 +1,11 @@
-"""The cyclic garbage collector in a node: collecting the garbage grpc.aio leaves behind every call
-a little at a time (`CallPacer`), and the collector's passes, which stop the event loop, counted and
-timed for the metrics (`CollectorPauses`).
+"""The cyclic garbage collector in a node: its thresholds (`GC_THRESHOLDS`), collecting the garbage
+grpc.aio leaves behind every call a little at a time (`CallPacer`), and the collector's passes,
+which stop the event loop, counted and timed for the metrics (`CollectorPauses`).
 
 grpc.aio's server (1.78) finds a call's handler through a nested function that its coroutine's
 closure holds, so each call leaves a reference cycle of five objects (the closure, the function,
 the call details, the metadata tuple and its item) that only the cyclic collector frees. A node
-takes its young collections every 50,000 objects (`node.GC_THRESHOLDS`: the entries it holds in
+takes its young collections every 50,000 objects (`GC_THRESHOLDS`: the entries it holds in
 memory made smaller thresholds cost far more in all), so at 1,000 unary calls a second that
 garbage filled the young generation, and its collection, every 10 to 15 s, stalled the node for
 33 to 77 ms (freeing 18,000 to 35,000 objects), which showed as the worst lag in the replication
@@ -29,6 +29,14 @@ import grpc
 
 #: The collector's generations, youngest first.
 GENERATIONS = 3
+
+#: The process's collector thresholds once a node runs in it. Entries held in memory (the
+#: appender's tail, the services' caches) are long-lived and many: with Python's defaults (700, 10,
+#: 10) the older passes walk them every few thousand allocations, which cost about 1 us per
+#: replicated entry and a third of a KV rebuild's time (measured). A young pass walks what is young
+#: then: 10-12 ms for 50,000 live objects (a node taking 1,000 replicated entries a second, about
+#: every 15 s); a young threshold of 5,000 instead took 20 times the collector's time in all.
+GC_THRESHOLDS = (50_000, 20, 10)
 
 #: Calls through grpc.aio between two young collections: their garbage (5 objects each) and what
 #: else is young then take the collector about a millisecond.

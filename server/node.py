@@ -20,7 +20,7 @@ from potboiler.server.config_files import FileVersion, SecurityConfigError, file
 from potboiler.server.decoding import GuardedServer
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.gateway import Gateway
-from potboiler.server.gc_pacing import CallPacer, CollectorPauses
+from potboiler.server.gc_pacing import GC_THRESHOLDS, CallPacer, CollectorPauses
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Log
 from potboiler.server.log_servicer import LogServicer
@@ -135,12 +135,6 @@ class NodeConfig:
                 raise InvalidArgument(f"bad --peer: {peer} is this node itself")
 
 
-#: The process's garbage collector thresholds once a node runs in it. Entries held in memory (the
-#: appender's tail, the services' caches) are long-lived and many: with Python's defaults (700, 10,
-#: 10) the older passes walk them every few thousand allocations, which cost about 1 us per
-#: replicated entry and a third of a KV rebuild's time (measured). A young pass over 50,000 objects
-#: takes under a millisecond.
-GC_THRESHOLDS = (50_000, 20, 10)
 #: How often a node looks whether its tokens file (--auth-tokens) or its peer token file changed.
 TOKENS_POLL_S = 1.0
 
