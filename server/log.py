@@ -166,6 +166,11 @@ class Log:
         """This node's version vector: per owner, the highest seq held (contiguously from 1)."""
         return {uuid_str(owner): seq for owner, (seq, _) in self._heads.items()}
 
+    def own_seq(self) -> int:
+        """The highest seq of this node's own log held here (0 before any)."""
+        head = self._heads.get(self.node_id_bytes)
+        return 0 if head is None else head[0]
+
     def own_log_blocked(self) -> bool:
         """Whether an entry of this node's own log waits for a dependency (so new ones would too)."""
         head = self._heads.get(self.node_id_bytes)
