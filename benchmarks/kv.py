@@ -228,7 +228,10 @@ async def top_up(data_dir: Path, events: int) -> None:
         while node.log.position < events:
             batch = min(1000, events - node.log.position)
             await node.appender.append(
-                [NewEntry(set_event("t", f"r{(n + i) % 10_000}", n + i)) for i in range(batch)]
+                [
+                    NewEntry(set_event("t", f"r{(n + i) % 10_000}", n + i).SerializeToString())
+                    for i in range(batch)
+                ]
             )
             n += batch
     finally:

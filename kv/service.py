@@ -28,7 +28,7 @@ import grpc
 from potboiler.kv.events import CONFIG_TABLE
 from potboiler.kv.servicers import KvBrowserServicer, KvRestServicer, KvServicer
 from potboiler.kv.state import EVENT_MARK, STATE_FORMAT, EventFailed, KvState, PlannedWrite
-from potboiler.server.entries import MAX_DEPTH
+from potboiler.server.entries import MAX_DEPTH, Appended
 from potboiler.server.errors import InvalidArgument, TooDeep, Unavailable
 from potboiler.server.jsonvalue import JSON, to_value
 from potboiler.server.log_delivered import DeliveredBatch
@@ -37,7 +37,6 @@ from potboiler.server.names import is_name
 from potboiler.server.plugin import NodeContext, NodeService
 from potboiler.server.storage import RocksStore, Store
 from potboiler.v1 import kv_browser_pb2_grpc, kv_pb2_grpc, kv_rest_pb2_grpc
-from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class KvService:
         entry = await self.write(planned)
         return entry.id, planned.pending
 
-    async def write(self, planned: PlannedWrite) -> Entry:
+    async def write(self, planned: PlannedWrite) -> Appended:
         """Append a planned write; returns its entry once durable (reads wait until it is applied)."""
         try:
             entry = await self._context.log.append(to_value(planned.event.to_json()), planned.dependencies)
@@ -226,10 +225,11 @@ class KvService:
     def apply(self, delivered: DeliveredBatch) -> None:
         """Apply a batch of delivered entries and wake the readers waiting for them. An entry that
         fails is raised for the loop to try again; one that fails APPLY_ATTEMPTS times is skipped."""
-        batch = delivered.entries
+        events = delivered.marked(EVENT_MARK)  # the other entries are never parsed
+        batch = events.entries
         while True:
             try:
-                self.state.apply_batch(batch, delivered.blobs, self._skip)
+                self.state.apply_batch(batch, events.blobs, self._skip, delivered.last())
                 break
             except EventFailed as failed:
                 if not self._failures.failed(failed.position):
@@ -241,8 +241,8 @@ class KvService:
         mark = me.encode()
         # The newest own entry of the batch, from its end: only entries that mention this node's id
         # in their bytes can be its own (one search in C first: a batch of other nodes' entries).
-        if b"".join(delivered.blobs).find(mark) >= 0:
-            for (_, entry), blob in zip(reversed(batch), reversed(delivered.blobs), strict=True):
+        if b"".join(events.blobs).find(mark) >= 0:
+            for (_, entry), blob in zip(reversed(batch), reversed(events.blobs), strict=True):
                 if blob.find(mark) >= 0 and entry.owner == me:
                     self._own_seq = max(self._own_seq, entry.seq)
                     break

@@ -426,11 +426,13 @@ class KvState:
         batch: Sequence[tuple[int, Entry]],
         blobs: Sequence[bytes] | None = None,
         skip: AbstractSet[int] = frozenset(),
+        last: int | None = None,
     ) -> None:
         """Apply delivered log entries (in delivery order, after `position`) and store the changed
         states together with the new cursor in one write. Entries that are not KV events are skipped:
         given the entries serialized (`blobs`, in the same order), most of them without reading them.
-        So are the entries at the positions in `skip`. EventFailed if an entry fails in another way
+        So are the entries at the positions in `skip`. `last`: the position the batch reaches, if
+        beyond its last entry (the entries after it were delivered and are not KV events). EventFailed if an entry fails in another way
         than being an invalid event (nothing is written then).
 
         This is the rebuild hot path: entry data is read straight from its protobuf Struct (only the
@@ -439,9 +441,10 @@ class KvState:
         not known) are compared without the generic CRDT machinery and keep their entry, as it was
         serialized, as the key's state (an `LwwRecord`). A write made where its table was not known
         is applied to its other candidate types by `crdts.apply_change`, its change checked once."""
-        if not batch or batch[-1][0] <= self._position:
+        if batch:
+            last = max(batch[-1][0], last or 0)
+        if last is None or last <= self._position:
             return
-        last = batch[-1][0]
         if blobs is not None and b"".join(blobs).find(EVENT_MARK) < 0:
             batch, blobs = (), ()  # no KV event (one search in C), but the cursor moves on
         states: dict[bytes, Stored] = {}
@@ -469,7 +472,7 @@ class KvState:
                 continue
             try:
                 if blob is not None and blob.find(EVENT_MARK) < 0:
-                    continue  # not a KV event (see potboiler.server.entry_batches.marked), and not read
+                    continue  # not a KV event (see potboiler.server.log_delivered.DeliveredBatch.marked), and not read
                 # Data that is not a Struct reads as an empty one (without changing the entry).
                 event = _event_of_fields(entry.data.struct_value.fields)
                 if event is None:
@@ -547,7 +550,7 @@ class KvState:
                     self._tables[name] = info
 
 
-#: What every KV event's serialized entry holds (see `potboiler.server.entry_batches.marked`): the key "table"
+#: What every KV event's serialized entry holds (see `potboiler.server.log_delivered.DeliveredBatch.marked`): the key "table"
 #: of its data's Struct, as a map entry's key (field 1) is written.
 EVENT_MARK = b"\n\x05table"
 _MISSING: Any = object()

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: The one key of a Pigtail entry's data.
 TAG = "pigtail"
-#: What every Pigtail entry serialized holds (see `potboiler.server.entry_batches.marked`): the key TAG of its
+#: What every Pigtail entry serialized holds (see `potboiler.server.log_delivered.DeliveredBatch.marked`): the key TAG of its
 #: data's Struct, as a map entry's key (field 1) is written.
 EVENT_MARK = b"\n" + bytes([len(TAG)]) + TAG.encode()
 

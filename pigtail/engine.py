@@ -69,6 +69,7 @@ from potboiler.pigtail.machine import (
 )
 from potboiler.pigtail.scheduler import Rank, Scheduler
 from potboiler.pigtail.state import STATE_FORMAT, Applied, PigtailState, StoreFailed
+from potboiler.server.entries import Appended
 from potboiler.server.errors import (
     AlreadyExists,
     Contended,
@@ -91,7 +92,6 @@ from potboiler.server.logclient import (
     discard_if_stale,
 )
 from potboiler.server.storage import Store
-from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +264,16 @@ class Pigtail:
         own, and whoever waits for it hears so. A store that fails (a read while planning, or the
         write) is never a reason to skip: that is raised for the loop to retry, for as long as it
         takes."""
-        batch = delivered.entries
         try:
-            applied = self.state.plan(batch, self._log.promises(), delivered.blobs)
+            applied = self.state.plan(delivered, self._log.promises())
         except Exception:
-            log.exception("planning a batch of %d entries failed; planning them one by one", len(batch))
+            log.exception("planning a batch of %d entries failed; planning them one by one", len(delivered))
         else:
             await self._write(applied)
             return
-        for position, entry in batch:
+        for position, entry in delivered.entries:
             try:
-                applied = self.state.plan([(position, entry)], self._log.promises())
+                applied = self.state.plan(DeliveredBatch.parsed([(position, entry)]), self._log.promises())
             except StoreFailed as failed:
                 raise failed.error from None  # the store's own error, for the loop to retry
             except Exception:
@@ -401,7 +400,7 @@ class Pigtail:
                 if not watchers:
                     del self._queue_watchers[queue]
 
-    async def _append(self, event: Event, dependencies: Sequence[str | None] = ()) -> Entry:
+    async def _append(self, event: Event, dependencies: Sequence[str | None] = ()) -> Appended:
         """Append `event` and wait until this node has applied it."""
         deps = [d for d in dict.fromkeys(dependencies) if d is not None]
         entry = await self._log.append(event_data(event), deps)  # info's depth is checked already
@@ -519,7 +518,7 @@ class Pigtail:
             raise Contended(f"queue {name!r} was deleted concurrently")
         if (config.timeout_ms, config.max_attempts) != (timeout_ms, max_attempts):
             raise AlreadyExists(f"queue {name!r} was created concurrently with {_settings(config)}")
-        return config, config.created == stamp_of(entry)
+        return config, config.created == stamp_of(entry.entry())
 
     async def delete_queue(self, name: str) -> None:
         """Delete a queue and its tasks."""
@@ -712,7 +711,7 @@ class Pigtail:
         task = self._task_or_none(queue, task_id)
         if task is not None and task["done"] is not None:
             raise Contended(f"task {task_id!r}: task is done")
-        stamp = stamp_of(entry)
+        stamp = stamp_of(entry.entry())
         view = self._view(queue, task_id, after=stamp)
         if view["worker"] != worker_id or (view["lease_expires_ms"] or 0) < stamp.wall_ms + config.timeout_ms:
             if renew:

@@ -73,8 +73,8 @@ from potboiler.pigtail.machine import (
     new_queue_state,
     queue_config,
 )
-from potboiler.server.entry_batches import marked, newest_of_each_owner
 from potboiler.server.log import Promise
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.storage import Store, Write, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
@@ -328,17 +328,12 @@ class PigtailState:
 
     # -- applying --------------------------------------------------------------------------------
 
-    def plan(
-        self,
-        batch: Sequence[tuple[int, Entry]],
-        promises: Mapping[str, Promise] | None = None,
-        blobs: Sequence[bytes] | None = None,
-    ) -> Applied:
+    def plan(self, batch: DeliveredBatch, promises: Mapping[str, Promise] | None = None) -> Applied:
         """The writes and new records for a batch of delivered entries; changes nothing yet.
         `promises` are the owners' clock promises known to the node (for the compaction horizon).
-        Given the entries serialized (`blobs`, in the same order), those that cannot be Pigtail
-        events are skipped without reading their data."""
-        applied = Applied(position=batch[-1][0] if batch else self.cursor)
+        Entries that cannot be Pigtail events (by their bytes) are never parsed."""
+        last = batch.last()
+        applied = Applied(position=self.cursor if last is None else last)
         queues = applied.queues
         tasks = applied.tasks
 
@@ -361,10 +356,8 @@ class PigtailState:
             return self._load_task(queue, task_id)
 
         # Each owner's newest entry in the batch (stamps grow along a chain).
-        newest = newest_of_each_owner([entry for _, entry in batch])
-        if blobs is not None:
-            batch = marked(batch, blobs, EVENT_MARK)
-        for _, entry in batch:
+        newest = batch.newest_of_each_owner()
+        for _, entry in batch.marked(EVENT_MARK).entries:
             delivered = decode(entry)
             if delivered is None:
                 continue
@@ -525,7 +518,7 @@ class PigtailState:
         promises: Mapping[str, Promise] | None = None,
     ) -> Applied:
         """Plan, write and adopt a batch in one go."""
-        applied = self.plan(batch, promises)
+        applied = self.plan(DeliveredBatch.parsed(batch), promises)
         self._store.write(applied.writes, sync=sync)
         self.adopt(applied)
         return applied

@@ -16,10 +16,10 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from potboiler.server.commit_window import CommitWindow
-from potboiler.server.entries import NewEntry
+from potboiler.server.entries import Appended, NewEntry
 from potboiler.server.errors import PotboilerError, Unavailable
 from potboiler.server.log import Log
 from potboiler.server.log_delivered import DeliveredBatch, take_delivered
@@ -45,7 +45,8 @@ WIDE_BATCH = 10_000
 class _Job:
     local: Sequence[NewEntry] | None
     remote: Sequence[Entry] | None
-    done: asyncio.Future[list[Entry]]
+    #: Resolves to the entries appended (`Appended`, for local ones) or taken (`Entry`, for remote).
+    done: asyncio.Future[list[Any]]
     #: The remote entries serialized, as received.
     blobs: Sequence[bytes] | None = None
     #: Refuse the local entries while this node's own log is blocked (see `Log.plan_local`).
@@ -79,8 +80,11 @@ class Appender:
         self._listeners: list[Callable[[Plan], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._tail: list[tuple[int, Entry]] = []
-        self._tail_blobs: list[bytes] = []  # each tail entry serialized
+        #: The newest delivered entries: the position of the first, the entries (None for those not
+        #: parsed: this node's own new ones) and each entry serialized.
+        self._tail_first = 0
+        self._tail: list[Entry | None] = []
+        self._tail_blobs: list[bytes] = []
         self._tail_bytes = 0
         #: Turns at catching up on the log, which readers that are behind (`follow`) and webhooks
         #: take, so that the node's requests are not held up behind all of them at once.
@@ -111,14 +115,14 @@ class Appender:
         """Call `listener` with every plan once it is durable (on the event loop)."""
         self._listeners.append(listener)
 
-    async def append(self, entries: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Entry]:
+    async def append(self, entries: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Appended]:
         """Append validated entries to this node's log; returns them once durable. `unless_blocked`:
         Unavailable instead while an entry of this node's own log waits for a dependency (the new
         ones would wait behind it)."""
         loop = asyncio.get_running_loop()
         return await self._submit(_Job(entries, None, loop.create_future(), unless_blocked=unless_blocked))
 
-    def queue_append(self, entries: Sequence[NewEntry]) -> asyncio.Future[list[Entry]]:
+    def queue_append(self, entries: Sequence[NewEntry]) -> asyncio.Future[list[Appended]]:
         """Queue appending validated entries; the future resolves to them once they are durable
         (for a caller that keeps several appends in flight without a task for each)."""
         return self._submit(_Job(entries, None, asyncio.get_running_loop().create_future()))
@@ -144,7 +148,7 @@ class Appender:
         future = asyncio.get_running_loop().create_future()
         return await self._submit(_Job(None, entries, future, blobs, source=source))
 
-    def _submit(self, job: _Job) -> asyncio.Future[list[Entry]]:
+    def _submit(self, job: _Job) -> asyncio.Future[list[Any]]:
         if self._task is None or self._closing:
             raise RuntimeError("the log is not accepting writes: the node is stopping")
         if self._task.done():  # the writer failed outside a write (a bug): never wait on it
@@ -215,13 +219,15 @@ class Appender:
             wide = start + WIDE_BATCH
             if b"".join(blobs[start:wide]).count(mark) <= limit:
                 end = wide
-        return DeliveredBatch(self._tail[start:end], blobs[start:end])
+        end = min(end, len(blobs))
+        first = self._tail_first + start
+        return DeliveredBatch(range(first, first + end - start), blobs[start:end], self._tail[start:end])
 
     def _tail_index(self, after: int) -> int | None:
         """Where the entry after position `after` is in the in-memory tail (None when the tail does
         not reach back that far)."""
-        tail = self._tail
-        return after + 1 - tail[0][0] if tail and tail[0][0] <= after + 1 else None
+        first = self._tail_first
+        return after + 1 - first if self._tail and first <= after + 1 else None
 
     def _remember(self, plan: Plan) -> None:
         entries = plan.delivered_entries
@@ -230,16 +236,18 @@ class Appender:
         first = plan.position - len(entries) + 1
         tail = self._tail
         blobs = self._tail_blobs
-        if tail and tail[-1][0] != first - 1:
-            tail.clear()  # not contiguous (cannot happen with one writer; be safe)
+        if not tail or self._tail_first + len(tail) != first:
+            tail.clear()  # empty, or not contiguous (cannot happen with one writer; be safe)
             blobs.clear()
             self._tail_bytes = 0
-        tail.extend(zip(range(first, plan.position + 1), entries, strict=True))
+            self._tail_first = first
+        tail.extend(entries)
         blobs.extend(plan.delivered_blobs)
         self._tail_bytes += sum(map(len, plan.delivered_blobs))
         if len(tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES:
             drop = len(tail) - len(tail) // 2
             self._tail_bytes -= sum(map(len, blobs[:drop]))
+            self._tail_first += drop
             del tail[:drop]
             del blobs[:drop]
 
@@ -309,7 +317,7 @@ class Appender:
 
     async def _commit(self, jobs: list[_Job]) -> None:
         plan = self.log.begin()
-        results: list[tuple[_Job, list[Entry]]] = []
+        results: list[tuple[_Job, list[Any]]] = []
         for job in jobs:
             try:
                 if job.local is not None:

@@ -12,7 +12,9 @@ from typing import NamedTuple
 from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.errors import InvalidArgument, PotboilerError, TooDeep, TooLarge
+from potboiler.server.hlc import Stamp
 from potboiler.server.ids import parse_uuid
+from potboiler.v1.entry_pb2 import Entry
 
 #: Largest serialized `data` of one entry (1 MiB).
 MAX_ENTRY_BYTES = 1 << 20
@@ -26,10 +28,25 @@ MAX_DEPTH = 30
 
 
 class NewEntry(NamedTuple):
-    """A validated entry to append locally: its data and the 16-byte ids of its dependencies."""
+    """A validated entry to append locally: its data (a `google.protobuf.Value`, serialized) and the
+    16-byte ids of its dependencies."""
 
-    data: Value
+    data: bytes
     dependencies: tuple[bytes, ...] = ()
+
+
+class Appended(NamedTuple):
+    """An entry appended to this node's log, as its appender answers: its id, seq and stamp, and the
+    entry serialized (`entry()` parses it)."""
+
+    id: str
+    seq: int
+    when: Stamp
+    blob: bytes
+
+    def entry(self) -> Entry:
+        """The entry itself."""
+        return Entry.FromString(self.blob)
 
 
 def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEntry:
@@ -58,7 +75,7 @@ def validate_new_entry(data: Value | None, dependencies: Iterable[str]) -> NewEn
     deps = tuple(dict.fromkeys(parse_uuid(d, "dependency") for d in dependencies)) if dependencies else ()
     if len(deps) > MAX_DEPENDENCIES:
         raise TooLarge(f"an entry may have at most {MAX_DEPENDENCIES} dependencies, not {len(deps)}")
-    return NewEntry(data, deps)
+    return NewEntry(serialized, deps)
 
 
 def validate_new_batch(entries: Sequence[tuple[Value | None, Iterable[str]]]) -> list[NewEntry]:

@@ -1,5 +1,5 @@
 """Batches of entries as they travel between nodes and to consumers, read in bulk: parsed in one
-go, their one owner, the newest of each owner, and those whose bytes hold a mark."""
+go, their one owner, and the newest of each owner."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def parse_entry_batch(serialized: bytes) -> list[Entry]:
     `ParsedEntryBatch`: about 40% cheaper than parsing each entry on its own. DecodeError if one is
     not a serialized Entry."""
     return list(ParsedEntryBatch.FromString(serialized).entries)
+
+
+def parse_entries(blobs: Sequence[bytes]) -> list[Entry]:
+    """The serialized entries `blobs`, parsed in one go (see `parse_entry_batch`)."""
+    return parse_entry_batch(EntryBatch(entries=blobs).SerializeToString())
 
 
 def run_owner(blobs: Sequence[bytes]) -> str | None:
@@ -43,16 +48,3 @@ def newest_of_each_owner(entries: Sequence[Entry]) -> dict[str, Entry]:
     if owners and owners.count(owners[0]) == len(owners):
         return {owners[0]: entries[-1]}
     return dict(zip(owners, entries, strict=True))
-
-
-def marked(
-    entries: Sequence[tuple[int, Entry]], blobs: Sequence[bytes], mark: bytes
-) -> list[tuple[int, Entry]]:
-    """The (position, entry) pairs whose serialized entry (`blobs`, in the same order) holds `mark`.
-    An entry's bytes are those its owner serialized, canonically (a Struct key, for one, is written
-    as its field tag, length and text), and they travel unchanged to every node: given a mark every
-    entry of some kind holds, every node skips the same other entries without reading them."""
-    if b"".join(blobs).find(mark) < 0:  # one search in C: a batch with none (a catch-up of plain events)
-        return []
-    # `find`, not `in`: half the cost per blob here (0.4 against 0.8 µs for a 221-byte entry).
-    return [item for item, blob in zip(entries, blobs, strict=True) if blob.find(mark) >= 0]

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from potboiler.server.entries import NewEntry
-from potboiler.server.entry_batches import parse_entry_batch, run_owner
+from potboiler.server import wire
+from potboiler.server.entries import Appended, NewEntry
+from potboiler.server.entry_batches import run_owner
 from potboiler.server.errors import Conflict, InvalidArgument, NotFound, OutOfRange, Unavailable, quoted
 from potboiler.server.hlc import HybridClock, Stamp
 from potboiler.server.ids import canonical_uuid, new_uuid, new_uuids, parse_uuid, parse_uuids, uuid_str
@@ -24,7 +25,6 @@ from potboiler.server.log_layout import DELIVERY_END, DELIVERY_START, HEAD, U64,
 from potboiler.server.log_plan import Plan
 from potboiler.server.storage import Store, prefix_end
 from potboiler.v1.entry_pb2 import Entry
-from potboiler.v1.replication_pb2 import EntryBatch
 
 _NODE_ID_KEY = b"mnode_id"
 #: The layout of the log's store (see `potboiler.server.log_layout`) as a number a checkout checks: one
@@ -261,9 +261,7 @@ class Log:
         """Up to `limit` delivered entries with position > `after`, in delivery order, with their
         serialized forms."""
         delivered = self.delivered_blobs(after, limit)
-        blobs = [blob for _, blob in delivered]
-        entries = parse_entry_batch(EntryBatch(entries=blobs).SerializeToString())
-        return DeliveredBatch(list(zip([position for position, _ in delivered], entries, strict=True)), blobs)
+        return DeliveredBatch([position for position, _ in delivered], [blob for _, blob in delivered])
 
     def delivered_blobs(
         self, after: int, limit: int, max_bytes: int | None = None
@@ -329,7 +327,9 @@ class Log:
             self._cascade(plan, raw)
         return plan
 
-    def plan_local(self, plan: Plan, new: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Entry]:
+    def plan_local(
+        self, plan: Plan, new: Sequence[NewEntry], *, unless_blocked: bool = False
+    ) -> list[Appended]:
         """Add appending `new` to this node's own log, in order, to `plan`; returns the entries.
         `unless_blocked`: refuse (Unavailable) while an own entry waits for a dependency, as the new
         entries would wait behind it (see `own_blocked`)."""
@@ -357,40 +357,38 @@ class Log:
                 f"{self._own_floor} (its store is older than what it wrote): appends resume once "
                 "replication has brought the rest back"
             )
-        prev_text = uuid_str(prev) if prev else ""
-        out = []
+        if not new:
+            return []
         # New entries without dependencies after a delivered one are delivered at once, in order: as
-        # one stretch of this node's chain, stored and delivered a whole batch at a time.
+        # one stretch of this node's chain, stored and delivered a whole batch at a time, and not
+        # parsed here (readers parse those they want from their bytes).
         run = not self._held_back(plan, prev) and not any(item.dependencies for item in new)
-        raws, blobs = [], []
         first_seq = seq + 1
         stamp = self.clock.now_many(len(new))
-        for i, (item, raw) in enumerate(zip(new, new_uuids(len(new), stamp.wall_ms), strict=True)):
-            text = uuid_str(raw)
-            seq += 1
-            # Field by field: much faster than keyword construction with a nested message.
-            entry = Entry()
-            entry.id = text
-            entry.owner = self.node_id
-            entry.seq = seq
-            entry.prev = prev_text
-            when = entry.when
-            when.wall_ms = stamp.wall_ms
-            when.logical = stamp.logical + i
-            if item.dependencies:
-                entry.dependencies.extend(uuid_str(d) for d in item.dependencies)
-            entry.data.CopyFrom(item.data)
-            if run:
-                raws.append(raw)
-                blobs.append(entry.SerializeToString())
-            else:
-                self._take(plan, entry, raw, me, seq, prev, item.dependencies)
-            out.append(entry)
-            prev, prev_text = raw, text
-        if run and out:
-            plan.store_run(me, first_seq, raws, out, blobs)
-        if out:
-            plan.heads[me] = (seq, prev)
+        raws = new_uuids(len(new), stamp.wall_ms)
+        ids = [uuid_str(raw) for raw in raws]
+        blobs = wire.new_entries(
+            self.node_id,
+            first_seq,
+            uuid_str(prev) if prev else "",
+            ids,
+            stamp,
+            [item.data for item in new],
+            [[uuid_str(d) for d in item.dependencies] if item.dependencies else () for item in new],
+        )
+        wall_ms, logical = stamp
+        out = [
+            Appended(entry_id, first_seq + i, Stamp(wall_ms, logical + i), blob)
+            for i, (entry_id, blob) in enumerate(zip(ids, blobs, strict=True))
+        ]
+        if run:
+            plan.store_run(me, first_seq, raws, None, blobs)
+        else:
+            for appended, item, raw in zip(out, new, raws, strict=True):
+                blob = appended.blob
+                self._take(plan, Entry.FromString(blob), raw, me, appended.seq, prev, item.dependencies, blob)
+                prev = raw
+        plan.heads[me] = (out[-1].seq, raws[-1])
         return out
 
     def forks(self) -> dict[str, int]:
@@ -554,7 +552,7 @@ class Log:
         writes.append((b"e" + raw, location))
         plan.locations[raw] = location
         plan.heads[owner] = (seq, raw)
-        plan.entries.append(entry)
+        plan.stored += 1
         plan.by_id[raw] = entry
         # The previous entry of a chain is always stored: it is delivered unless it is waiting. One
         # that waited before this plan may have been delivered earlier in it: `_undelivered` only

@@ -4,26 +4,83 @@ the delivery runs and the owners' chains in the store, and the batches they are 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
+from potboiler.server.entry_batches import newest_of_each_owner, parse_entries, run_owner
 from potboiler.server.log_layout import DELIVERY_END, DELIVERY_START, U64, DeliveryRun
 from potboiler.server.storage import Store, prefix_end
 from potboiler.v1.entry_pb2 import Entry
 
 
-@dataclass(frozen=True)
 class DeliveredBatch:
-    """Delivered entries in delivery order, as (position, entry), and each entry serialized (in the
-    same order). A consumer that only wants some entries can skip the others by their bytes: the
-    first access to a parsed entry's data costs about a microsecond."""
+    """Delivered entries in delivery order: their positions, each entry serialized, and the entries
+    parsed, on demand (`entries`). A consumer that only wants some entries picks them by their bytes
+    (`marked`): the others are never parsed."""
 
-    entries: list[tuple[int, Entry]]
-    blobs: list[bytes]
+    __slots__ = ("_pairs", "_parsed", "blobs", "positions")
+
+    def __init__(
+        self, positions: Sequence[int], blobs: Sequence[bytes], parsed: Sequence[Entry | None] | None = None
+    ) -> None:
+        """`parsed`: the entries of those already parsed (None for the others), in the same order."""
+        self.positions = positions
+        self.blobs = blobs
+        self._parsed = parsed
+        self._pairs: list[tuple[int, Entry]] | None = None
+
+    @classmethod
+    def parsed(cls, pairs: Sequence[tuple[int, Entry]]) -> DeliveredBatch:
+        """A batch of entries at hand, as (position, entry): each serialized here."""
+        return cls([p for p, _ in pairs], [e.SerializeToString() for _, e in pairs], [e for _, e in pairs])
+
+    @property
+    def entries(self) -> list[tuple[int, Entry]]:
+        """Every entry, as (position, entry), parsed once. The entries are shared: do not change them."""
+        if self._pairs is None:
+            parsed: list[Any] = [None] * len(self.blobs) if self._parsed is None else list(self._parsed)
+            missing = [i for i, entry in enumerate(parsed) if entry is None]
+            if missing:
+                fresh = parse_entries([self.blobs[i] for i in missing])
+                for i, entry in zip(missing, fresh, strict=True):
+                    parsed[i] = entry
+            self._pairs = list(zip(self.positions, parsed, strict=True))
+        return self._pairs
+
+    def marked(self, mark: bytes) -> DeliveredBatch:
+        """Those of its entries whose bytes hold `mark`; the others are left unparsed. An entry's
+        bytes are those its owner serialized, canonically (a Struct key, for one, is written as its
+        field tag, length and text), and they travel unchanged to every node: given a mark every
+        entry of some kind holds, every node skips the same other entries without reading them."""
+        blobs = self.blobs
+        if b"".join(blobs).find(mark) < 0:  # one search in C: a batch with none
+            return DeliveredBatch([], [], [])
+        # `find`, not `in`: half the cost per blob (0.4 against 0.8 µs for a 221-byte entry).
+        keep = [i for i, blob in enumerate(blobs) if blob.find(mark) >= 0]
+        parsed = self._parsed
+        return DeliveredBatch(
+            [self.positions[i] for i in keep],
+            [blobs[i] for i in keep],
+            None if parsed is None else [parsed[i] for i in keep],
+        )
+
+    def newest_of_each_owner(self) -> dict[str, Entry]:
+        """The last entry of each owner in the batch: its newest, as each owner's entries come in
+        chain order. A stretch of one owner's chain (this node's own appends, a catch-up) is told
+        from the entries' shapes, and only its last entry parsed."""
+        owner = run_owner(self.blobs)
+        if owner is not None:
+            return {
+                owner: self.entries[-1][1] if self._pairs is not None else Entry.FromString(self.blobs[-1])
+            }
+        return newest_of_each_owner([entry for _, entry in self.entries])
+
+    def __len__(self) -> int:
+        return len(self.blobs)
 
     def last(self) -> int | None:
         """The position of its last entry (None when it is empty)."""
-        return self.entries[-1][0] if self.entries else None
+        return self.positions[-1] if self.positions else None
 
 
 def take_delivered(

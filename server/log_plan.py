@@ -21,16 +21,18 @@ class Plan:
     #: left for the next plan once that is spent (see `potboiler.server.log.CASCADE_BUDGET`).
     budget: int
     writes: list[Write] = field(default_factory=list)
-    entries: list[Entry] = field(default_factory=list)
+    #: How many entries it stores.
+    stored: int = 0
     #: The entries this plan stores through `Log._plan_store` (all but the remote ones that are
     #: delivered at once), by id, with their locations and serialized forms.
     by_id: dict[bytes, Entry] = field(default_factory=dict)
     locations: dict[bytes, bytes] = field(default_factory=dict)
     blobs: dict[bytes, bytes] = field(default_factory=dict)
     heads: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
-    #: What this plan delivers, in delivery order: ids, entries and the entries serialized.
+    #: What this plan delivers, in delivery order: ids, entries (None for those not parsed: this
+    #: node's new entries are only ever serialized) and the entries serialized.
     delivered: list[bytes] = field(default_factory=list)
-    delivered_entries: list[Entry] = field(default_factory=list)
+    delivered_entries: list[Entry | None] = field(default_factory=list)
     delivered_blobs: list[bytes] = field(default_factory=list)
     delivered_set: set[bytes] = field(default_factory=set)
     undelivered: set[bytes] = field(default_factory=set)
@@ -51,20 +53,25 @@ class Plan:
         writes = self.writes
         writes.append((b"o" + location, blob))
         writes.append((b"e" + raw, location))
-        self.entries.append(entry)
+        self.stored += 1
         self.deliver(raw, owner, seq, entry, blob)
 
     def store_run(
-        self, owner: bytes, seq: int, raws: Sequence[bytes], entries: Sequence[Entry], blobs: Sequence[bytes]
+        self,
+        owner: bytes,
+        seq: int,
+        raws: Sequence[bytes],
+        entries: Sequence[Entry] | None,
+        blobs: Sequence[bytes],
     ) -> None:
-        """`store_delivered` for a stretch of `owner`'s chain from seq `seq` on (the entries, their
-        16-byte ids and their serialized forms, in chain order), a whole batch at a time. The
-        caller sets the chain's head."""
+        """`store_delivered` for a stretch of `owner`'s chain from seq `seq` on (the entries, or None
+        if they are not parsed, their 16-byte ids and their serialized forms, in chain order), a
+        whole batch at a time. The caller sets the chain's head."""
         locations = [owner + U64.pack(s) for s in range(seq, seq + len(raws))]
         writes = self.writes
         writes.extend(zip([b"o" + location for location in locations], blobs, strict=True))
         writes.extend(zip([b"e" + raw for raw in raws], locations, strict=True))
-        self.entries.extend(entries)
+        self.stored += len(raws)
         self.deliver_run(raws, owner, seq, entries, blobs)
 
     def deliver(self, raw: bytes, owner: bytes, seq: int, entry: Entry, blob: bytes) -> None:
@@ -76,14 +83,20 @@ class Plan:
         self.delivered_blobs.append(blob)
 
     def deliver_run(
-        self, raws: Sequence[bytes], owner: bytes, seq: int, entries: Sequence[Entry], blobs: Sequence[bytes]
+        self,
+        raws: Sequence[bytes],
+        owner: bytes,
+        seq: int,
+        entries: Sequence[Entry] | None,
+        blobs: Sequence[bytes],
     ) -> None:
         """Give the stored entries `raws` (seq `seq`, `seq` + 1, ... of `owner`'s chain, with the
-        entries and their serialized forms in the same order) the next delivery positions."""
+        entries, or None if they are not parsed, and their serialized forms in the same order) the
+        next delivery positions."""
         self._advance(owner, seq, len(raws))
         self.delivered.extend(raws)
         self.delivered_set.update(raws)
-        self.delivered_entries.extend(entries)
+        self.delivered_entries.extend([None] * len(raws) if entries is None else entries)
         self.delivered_blobs.extend(blobs)
 
     def _advance(self, owner: bytes, seq: int, count: int) -> None:

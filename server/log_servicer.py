@@ -10,12 +10,11 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from potboiler.server import wire
 from potboiler.server.appender import Appender
-from potboiler.server.entries import NewEntry, validate_new_batch, validate_new_entry
+from potboiler.server.entries import Appended, NewEntry, validate_new_batch, validate_new_entry
 from potboiler.server.errors import PotboilerError
 from potboiler.server.grpc_context import Ctx
 from potboiler.server.grpc_errors import abort, streaming, unary
 from potboiler.v1 import log_pb2, log_pb2_grpc
-from potboiler.v1.entry_pb2 import Entry
 
 #: Most entries per SubscribeEntries message.
 MAX_SUBSCRIBE_BATCH = 1000
@@ -37,13 +36,15 @@ def _new_entries(requests: Iterable[log_pb2.AppendEntryRequest]) -> list[NewEntr
     return validate_new_batch([(r.data, r.dependencies) for r in requests])
 
 
-def appended(entry: Entry) -> log_pb2.AppendEntryResponse:
+def appended(entry: Appended) -> log_pb2.AppendEntryResponse:
     """The acknowledgement of one appended entry."""
-    return log_pb2.AppendEntryResponse(id=entry.id, seq=entry.seq, when=entry.when)
+    ack = log_pb2.AppendEntryResponse(id=entry.id, seq=entry.seq)
+    ack.when.wall_ms, ack.when.logical = entry.when
+    return ack
 
 
 def add_acks(
-    acks: RepeatedCompositeFieldContainer[log_pb2.AppendEntryResponse], entries: list[Entry]
+    acks: RepeatedCompositeFieldContainer[log_pb2.AppendEntryResponse], entries: list[Appended]
 ) -> None:
     """Add the acknowledgement of each appended entry to a response's repeated field (filled in
     place: about twice as fast as building each message and handing over a list)."""
@@ -52,7 +53,8 @@ def add_acks(
         ack = add()
         ack.id = entry.id
         ack.seq = entry.seq
-        ack.when.CopyFrom(entry.when)
+        when = ack.when
+        when.wall_ms, when.logical = entry.when
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -90,7 +92,7 @@ class LogServicer(log_pb2_grpc.LogServiceServicer):
     ) -> AsyncIterator[log_pb2.AppendEntryStreamResponse]:
         # Requests are validated and queued as they arrive, without waiting for the previous ack,
         # so a client that keeps many messages in flight gets them group-committed together.
-        acks: asyncio.Queue[asyncio.Future[list[Entry]] | None] = asyncio.Queue(maxsize=STREAM_ACKS_QUEUED)
+        acks: asyncio.Queue[asyncio.Future[list[Appended]] | None] = asyncio.Queue(maxsize=STREAM_ACKS_QUEUED)
 
         async def read() -> None:
             try:

@@ -19,12 +19,11 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.appender import Appender
 from potboiler.server.backoff import Backoff
-from potboiler.server.entries import validate_new_entry
+from potboiler.server.entries import Appended, validate_new_entry
 from potboiler.server.errors import Unavailable
 from potboiler.server.log import Promise
 from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.storage import Store, clear, clearing, mark_format, stored_format
-from potboiler.v1.entry_pb2 import Entry
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class LogClient(Protocol):
         """This node's id (the owner of the entries it appends)."""
         ...
 
-    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
+    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Appended:
         """Append one entry to this node's log; returns it once durable. Unavailable, appending
         nothing, while an entry of this node's log waits for a dependency (see `LocalLogClient`)."""
         ...
@@ -115,7 +114,7 @@ class LocalLogClient:
     def node_id(self) -> str:
         return self._appender.log.node_id
 
-    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
+    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Appended:
         # A service answers a write from its applied state, so the write must be delivered here soon.
         # Behind an own entry that waits for a dependency (a client may append one that depends on an
         # entry not here yet, or on none that exists) it would wait as long: give the dependency a
@@ -271,7 +270,7 @@ async def apply_forever(
             async for batch in client.subscribe(position(), limit, mark):
                 await apply(batch)
                 failures = 0
-                await linger.pause(len(batch.entries), limit)
+                await linger.pause(len(batch), limit)
         except Exception:
             failures += 1
             delay = retry.delay(failures)

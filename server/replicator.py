@@ -270,7 +270,7 @@ class Replicator:
     # -- the streams --------------------------------------------------------------------
 
     def _on_commit(self, plan: Plan) -> None:
-        if not plan.entries:
+        if not plan.stored:
             return
         now = time.monotonic()
         for owner, (seq, _) in plan.heads.items():

@@ -1,7 +1,11 @@
-"""Protobuf wire format, written by hand for the one message a node builds from stored bytes in bulk:
-a `SubscribeEntriesResponse` of entries as the store holds them serialized. Wrapping each stored
-entry in its `DeliveredEntry` as bytes costs a third of building the messages field by field (which
-also needs every entry parsed first, and copies each twice)."""
+"""Protobuf wire format, written by hand for the two messages a node builds in bulk:
+
+- a `SubscribeEntriesResponse` of entries as the store holds them serialized. Wrapping each stored
+  entry in its `DeliveredEntry` as bytes costs a third of building the messages field by field
+  (which also needs every entry parsed first, and copies each twice);
+- this node's new entries (`new_entries`), serialized from their data as validated: about half the
+  cost of building each `Entry` field by field and serializing it, and no message object is made
+  at all (readers parse the entries they want from the bytes)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,18 @@ from collections.abc import Sequence
 _RESPONSE_ENTRIES = b"\x0a"  # SubscribeEntriesResponse.entries = 1
 _DELIVERED_POSITION = b"\x08"  # DeliveredEntry.position = 1
 _DELIVERED_ENTRY = b"\x12"  # DeliveredEntry.entry = 2
+
+#: Entry's fields: id = 1, owner = 2, seq = 3 (varint), prev = 4, when = 6, data = 7,
+#: dependencies = 8; HlcTimestamp's wall_ms = 1 and logical = 2 (varints).
+_ENTRY_ID = b"\x0a"
+_ENTRY_OWNER = b"\x12"
+_ENTRY_SEQ = b"\x18"
+_ENTRY_PREV = b"\x22"
+_ENTRY_WHEN = b"\x32"
+_ENTRY_DATA = b"\x3a"
+_ENTRY_DEPENDENCY = b"\x42"
+_WHEN_WALL_MS = b"\x08"
+_WHEN_LOGICAL = b"\x10"
 
 _ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
@@ -38,3 +54,47 @@ def subscribe_entries_response(delivered: Sequence[tuple[int, bytes]]) -> bytes:
         head = _DELIVERED_POSITION + varint(position) + _DELIVERED_ENTRY + varint(len(blob))
         parts += (_RESPONSE_ENTRIES, varint(len(head) + len(blob)), head, blob)
     return b"".join(parts)
+
+
+def _text(key: bytes, text: bytes) -> bytes:
+    """A string field (`text` as UTF-8)."""
+    return key + varint(len(text)) + text
+
+
+def new_entries(
+    owner: str,
+    first_seq: int,
+    prev: str,
+    ids: Sequence[str],
+    stamp: tuple[int, int],
+    data: Sequence[bytes],
+    dependencies: Sequence[Sequence[str]],
+) -> list[bytes]:
+    """Serialized `Entry` messages for a stretch of `owner`'s chain: seq `first_seq` on, the first
+    after `prev` ("" for none) and each after the one before, with the ids `ids`, stamps `stamp`
+    (wall_ms, logical) with logical counting up, the serialized `Value` of each one's data, and its
+    dependencies. The bytes are exactly those `Entry.SerializeToString` writes: fields in number
+    order, those with default values left out, nothing for `next` (no new entry has one)."""
+    wall_ms, logical = stamp
+    wall = _WHEN_WALL_MS + varint(wall_ms) if wall_ms else b""
+    owner_field = _text(_ENTRY_OWNER, owner.encode()) if owner else b""
+    previous = _text(_ENTRY_PREV, prev.encode()) if prev else b""
+    out = []
+    seq = first_seq
+    for entry_id, value, deps in zip(ids, data, dependencies, strict=True):
+        when = wall + _WHEN_LOGICAL + varint(logical) if logical else wall
+        parts = [
+            _text(_ENTRY_ID, entry_id.encode()),
+            owner_field,
+            _ENTRY_SEQ + varint(seq) if seq else b"",
+            previous,
+            _ENTRY_WHEN + varint(len(when)) + when,
+            _ENTRY_DATA + varint(len(value)) + value,
+        ]
+        if deps:
+            parts += [_text(_ENTRY_DEPENDENCY, d.encode()) for d in deps]
+        out.append(b"".join(parts))
+        previous = _text(_ENTRY_PREV, entry_id.encode())
+        seq += 1
+        logical += 1
+    return out

@@ -10,6 +10,7 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.pigtail.codec import event_data
 from potboiler.pigtail.events import Event
+from potboiler.server.entries import Appended
 from potboiler.server.hlc import HybridClock
 from potboiler.server.log import Promise
 from potboiler.server.log_delivered import DeliveredBatch
@@ -46,11 +47,11 @@ class FakeLog:
             dependencies=list(deps),
         )
 
-    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Entry:
+    async def append(self, data: Value, dependencies: Sequence[str] = ()) -> Appended:
         stamp = self.clock.now()
         entry = self.make(self._node_id, stamp.wall_ms, stamp.logical, data, dependencies)
         self.deliver(entry)
-        return entry
+        return Appended(entry.id, entry.seq, stamp, entry.SerializeToString())
 
     def deliver(self, entry: Entry) -> None:
         self.entries.append(entry)
@@ -83,7 +84,7 @@ class FakeLog:
                 end = min(len(self.entries), position + limit)
                 batch = [(i + 1, self.entries[i]) for i in range(position, end)]
                 position = end
-                yield DeliveredBatch(batch, [entry.SerializeToString() for _, entry in batch])
+                yield DeliveredBatch.parsed(batch)
             else:
                 self._changed.clear()
                 await self._changed.wait()

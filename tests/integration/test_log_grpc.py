@@ -116,12 +116,7 @@ def remote_append(log: RemoteLog, *items: NewEntry) -> list[entry_pb2.Entry]:
     entries = log.plan_local(plan, items)
     log.store.write(plan.writes)
     log.apply(plan)
-    out = []
-    for e in entries:
-        c = entry_pb2.Entry()
-        c.CopyFrom(e)
-        out.append(c)
-    return out
+    return [e.entry() for e in entries]
 
 
 # -- appends and reads ----------------------------------------------------------------------
@@ -547,8 +542,8 @@ async def test_concurrent_appends_reach_subscriber_exactly_once(grpc_node: GrpcN
 
 async def test_entry_with_unknown_dependency_waits_for_it(grpc_node: GrpcNode) -> None:
     other, third = remote_log(), remote_log()
-    [dependency] = remote_append(other, NewEntry(value("the dependency")))
-    [independent] = remote_append(third, NewEntry(value("independent")))
+    [dependency] = remote_append(other, NewEntry(value("the dependency").SerializeToString()))
+    [independent] = remote_append(third, NewEntry(value("independent").SerializeToString()))
     sub = Subscriber(grpc_node)
     try:
         a1 = await grpc_node.log.AppendEntry(request("a1"))
@@ -612,7 +607,7 @@ async def test_dependency_already_delivered_is_no_wait(grpc_node: GrpcNode) -> N
 
 async def test_remote_entries_of_one_owner_are_taken_in_chain_order(grpc_node: GrpcNode) -> None:
     other = remote_log()
-    e1, e2, e3 = remote_append(other, *(NewEntry(value(i)) for i in range(3)))
+    e1, e2, e3 = remote_append(other, *(NewEntry(value(i).SerializeToString()) for i in range(3)))
     # A gap (e2 without e1) is skipped, not stored out of order.
     assert await grpc_node.node.appender.ingest([e2]) == []
     assert await grpc_node.heads() == {}
@@ -624,7 +619,9 @@ async def test_remote_entries_of_one_owner_are_taken_in_chain_order(grpc_node: G
 
 async def test_remote_stamps_advance_the_clock(grpc_node: GrpcNode) -> None:
     ahead_ms = wall_clock_ms() + MAX_DRIFT_MS // 2  # a peer whose clock runs ahead, within the bound
-    [remote] = remote_append(remote_log(clock_ms=ahead_ms), NewEntry(value("from a fast clock")))
+    [remote] = remote_append(
+        remote_log(clock_ms=ahead_ms), NewEntry(value("from a fast clock").SerializeToString())
+    )
     await grpc_node.node.appender.ingest([remote])
     ack = await grpc_node.log.AppendEntry(request("later"))
     assert (ack.when.wall_ms, ack.when.logical) > (remote.when.wall_ms, remote.when.logical)
@@ -632,7 +629,9 @@ async def test_remote_stamps_advance_the_clock(grpc_node: GrpcNode) -> None:
 
 async def test_a_far_future_stamp_pulls_the_clock_only_to_the_drift_bound(grpc_node: GrpcNode) -> None:
     future_ms = 4_000_000_000_000  # year 2096
-    [remote] = remote_append(remote_log(clock_ms=future_ms), NewEntry(value("from the future")))
+    [remote] = remote_append(
+        remote_log(clock_ms=future_ms), NewEntry(value("from the future").SerializeToString())
+    )
     assert await grpc_node.node.appender.ingest([remote]) == [remote]  # stored all the same
     before = wall_clock_ms()
     ack = await grpc_node.log.AppendEntry(request("later"))
@@ -832,7 +831,7 @@ async def test_restart_keeps_identity_entries_and_positions(grpc_node_factory: G
 
 async def test_waiting_entries_survive_a_restart(grpc_node_factory: GrpcNodeFactory) -> None:
     node = await grpc_node_factory("pending")
-    [dependency] = remote_append(remote_log(), NewEntry(value("dependency")))
+    [dependency] = remote_append(remote_log(), NewEntry(value("dependency").SerializeToString()))
     waiting = await node.log.AppendEntry(request("waits", [dependency.id]))
     after = await node.log.AppendEntry(request("after"))
     await grpc_node_factory.stop(node)

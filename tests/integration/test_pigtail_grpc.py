@@ -305,7 +305,9 @@ async def test_events_appended_by_hand_past_the_limits_are_ignored(pigtail_node:
         },
         {"kind": "queue_created", "name": "other", "timeout_ms": 1000, "max_attempts": 3_000_000_000},
     ]
-    await n.node.appender.append([NewEntry(to_value({"pigtail": event})) for event in forged])
+    await n.node.appender.append(
+        [NewEntry(to_value({"pigtail": event}).SerializeToString()) for event in forged]
+    )
     task_id = await n.add()  # appended after the forged events: once it is listed, they were read
 
     async def listed() -> bool:

@@ -88,7 +88,7 @@ async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
 
 
 async def append(node: Node, n: int, deps: tuple[bytes, ...] = ()) -> list[str]:
-    entries = await node.appender.append([NewEntry(number(i), deps) for i in range(n)])
+    entries = await node.appender.append([NewEntry(number(i).SerializeToString(), deps) for i in range(n)])
     return [e.id for e in entries]
 
 
@@ -625,7 +625,7 @@ async def test_a_batch_entry_that_is_not_an_entry_ends_the_stream_and_changes_no
     The sender is this test (see stream_error)."""
     a = await make_node()
     origin = Log(MemoryStore())
-    [entry] = commit_local(origin, origin._store, [NewEntry(number(1))])
+    [entry] = commit_local(origin, origin._store, [NewEntry(number(1).SerializeToString())])
     good, blob = entry.id, entry.SerializeToString()
     batch = replication_pb2.EntryBatch(entries=[blob, b"\xff\xff\xff"])
     error = await stream_error(a, origin.node_id, replication_pb2.ReplicateRequest(entries=batch))
@@ -887,11 +887,11 @@ async def test_a_restored_node_gets_its_own_entries_that_reach_its_peer_after_th
 
 async def test_appends_wait_while_a_peer_holds_more_of_this_nodes_log() -> None:
     node_log = Log(MemoryStore())
-    commit_local(node_log, node_log._store, [NewEntry(number(1))])
+    commit_local(node_log, node_log._store, [NewEntry(number(1).SerializeToString())])
     node_log.note_own_seq(3)  # a peer holds seq 2 and 3, which this store has lost
     plan = node_log.begin()
     with pytest.raises(Unavailable, match="a peer holds it up to 3"):
-        node_log.plan_local(plan, [NewEntry(number(2))])
+        node_log.plan_local(plan, [NewEntry(number(2).SerializeToString())])
 
 
 async def restored_alone(

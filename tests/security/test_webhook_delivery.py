@@ -36,7 +36,9 @@ class Hooks:
     webhooks: Webhooks
 
     async def append(self, count: int) -> None:
-        await self.appender.append([NewEntry(Value(number_value=i)) for i in range(count)])
+        await self.appender.append(
+            [NewEntry(Value(number_value=i).SerializeToString()) for i in range(count)]
+        )
 
     def state(self, url: str) -> WebhookState:
         return next(s for s in self.webhooks.states() if s.url == url)

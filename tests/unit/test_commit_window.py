@@ -115,12 +115,15 @@ async def test_a_held_write_takes_the_appends_that_come_meanwhile() -> None:
     appender = Appender(Log(store), store, window=saturated)
     appender.start()
     try:
-        first = asyncio.create_task(appender.append([NewEntry(Value(number_value=0))]))
+        first = asyncio.create_task(appender.append([NewEntry(Value(number_value=0).SerializeToString())]))
         await asyncio.wait_for(saturated.asked.wait(), 10)
         assert not first.done()  # held open, waiting for more
-        rest = [asyncio.create_task(appender.append([NewEntry(Value(number_value=n))])) for n in (1, 2, 3)]
+        rest = [
+            asyncio.create_task(appender.append([NewEntry(Value(number_value=n).SerializeToString())]))
+            for n in (1, 2, 3)
+        ]
         entries = [e for t in [first, *rest] for e in await asyncio.wait_for(t, 10)]
-        assert [e.data.number_value for e in entries] == [0, 1, 2, 3]
+        assert [e.entry().data.number_value for e in entries] == [0, 1, 2, 3]
         assert appender.batches == 1  # the fourth append ended the hold: one write for all
     finally:
         await appender.stop()
@@ -140,7 +143,7 @@ async def test_stop_ends_a_held_write_and_commits_it() -> None:
     window = Saturated()
     appender = Appender(Log(store), store, window=window)
     appender.start()
-    pending = asyncio.create_task(appender.append([NewEntry(Value(number_value=1))]))
+    pending = asyncio.create_task(appender.append([NewEntry(Value(number_value=1).SerializeToString())]))
     await asyncio.wait_for(window.asked.wait(), 1.0)  # the writer holds the write open now
     await asyncio.wait_for(appender.stop(), 1.0)
     [entry] = await pending
@@ -220,7 +223,7 @@ class Recording(CommitWindow):
 
 
 def entries(n: int) -> list[NewEntry]:
-    return [NewEntry(Value(number_value=i)) for i in range(n)]
+    return [NewEntry(Value(number_value=i).SerializeToString()) for i in range(n)]
 
 
 async def test_a_hold_ends_once_enough_entries_are_queued_and_reports_what_it_gathered() -> None:

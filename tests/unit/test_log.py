@@ -14,11 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potboiler.server.entries import MAX_DEPTH, MAX_ENTRY_BYTES, NewEntry, validate_new_entry
-from potboiler.server.entry_batches import marked
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
 from potboiler.server.log import LOG_FORMAT, Blocked, Log, Promise
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.log_layout import U64
 from potboiler.server.storage import MemoryStore, Store
 from potboiler.v1.entry_pb2 import Entry
@@ -35,11 +35,11 @@ def value(n: int | str) -> Value:
 
 def commit_local(log: Log, store: Store, items: Sequence[NewEntry]) -> list[Entry]:
     plan = log.begin()
-    entries = log.plan_local(plan, items)
+    appended = log.plan_local(plan, items)
     log.finish(plan)
     store.write(plan.writes)
     log.apply(plan)
-    return entries
+    return [a.entry() for a in appended]
 
 
 def commit_remote(log: Log, store: Store, entries: Sequence[Entry]) -> list[Entry]:
@@ -68,7 +68,7 @@ def store() -> MemoryStore:
 
 def test_chain_numbers_and_links_entries(store: MemoryStore) -> None:
     log = Log(store)
-    a, b, c = commit_local(log, store, [NewEntry(value(i)) for i in range(3)])
+    a, b, c = commit_local(log, store, [NewEntry(value(i).SerializeToString()) for i in range(3)])
     assert [e.seq for e in (a, b, c)] == [1, 2, 3]
     assert (a.prev, b.prev, c.prev) == ("", a.id, b.id)
     assert log.get(a.id).next == b.id
@@ -82,8 +82,11 @@ def test_chain_numbers_and_links_entries(store: MemoryStore) -> None:
 
 def test_a_batch_of_one_owner_is_one_delivery_record(store: MemoryStore) -> None:
     log = Log(store)
-    [first] = commit_local(log, store, [NewEntry(value(0))])
-    entries = [first, *commit_local(log, store, [NewEntry(value(i)) for i in range(1, 1000)])]
+    [first] = commit_local(log, store, [NewEntry(value(0).SerializeToString())])
+    entries = [
+        first,
+        *commit_local(log, store, [NewEntry(value(i).SerializeToString()) for i in range(1, 1000)]),
+    ]
     records = list(store.scan(b"x", b"y"))
     assert [key for key, _ in records] == [b"x" + struct.pack(">Q", 1), b"x" + struct.pack(">Q", 2)]
     assert [len(v) for _, v in records] == [24, 28]  # a bare location; a location and a count
@@ -98,8 +101,15 @@ def test_a_local_batch_stored_as_a_run_is_what_entry_by_entry_stores(store: Memo
     # Without dependencies, while nothing waits, a batch is stored as one stretch of the chain; with
     # one, entry by entry (through the causal path). Either way the same keys and values.
     log = Log(store)
-    entries = commit_local(log, store, [NewEntry(value(i)) for i in range(5)])
-    waiting = commit_local(log, store, [NewEntry(value(5)), NewEntry(value(6), (parse_uuid(entries[0].id),))])
+    entries = commit_local(log, store, [NewEntry(value(i).SerializeToString()) for i in range(5)])
+    waiting = commit_local(
+        log,
+        store,
+        [
+            NewEntry(value(5).SerializeToString()),
+            NewEntry(value(6).SerializeToString(), (parse_uuid(entries[0].id),)),
+        ],
+    )
     for entry in [*entries, *waiting]:
         location = parse_uuid(entry.owner) + struct.pack(">Q", entry.seq)
         assert store.get(b"e" + parse_uuid(entry.id)) == location
@@ -135,10 +145,12 @@ def test_a_dependency_named_twice_is_one_dependency() -> None:
 
 def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store: MemoryStore) -> None:
     other = Log(MemoryStore())
-    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep").SerializeToString())])
     log = Log(store)
     dep_raw = validate_new_entry(value(0), [dep.id]).dependencies
-    waiting, after = commit_local(log, store, [NewEntry(value(1), dep_raw), NewEntry(value(2))])
+    waiting, after = commit_local(
+        log, store, [NewEntry(value(1).SerializeToString(), dep_raw), NewEntry(value(2).SerializeToString())]
+    )
     assert log.pending == 2
     assert delivered_ids(log) == []
     assert log.get(waiting.id).id == waiting.id  # stored (acknowledged) though not delivered
@@ -150,17 +162,20 @@ def test_entry_waits_for_missing_dependency_then_delivers_in_causal_order(store:
 
 def test_own_blocked_names_the_first_own_entry_waiting_and_what_it_waits_for(store: MemoryStore) -> None:
     other = Log(MemoryStore())
-    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep").SerializeToString())])
     log = Log(store)
-    commit_local(log, store, [NewEntry(value(i)) for i in range(5)])
+    commit_local(log, store, [NewEntry(value(i).SerializeToString()) for i in range(5)])
     assert not log.own_log_blocked() and log.own_blocked() is None
-    [held, *_] = commit_local(log, store, [NewEntry(value(5))])
+    [held, *_] = commit_local(log, store, [NewEntry(value(5).SerializeToString())])
     # Depends on `dep` (not here) and on an own entry (delivered): only `dep` holds it up.
     needs = validate_new_entry(value(0), [dep.id, held.id]).dependencies
     waiting, *_ = commit_local(
-        log, store, [NewEntry(value("w"), needs)] + [NewEntry(value(i)) for i in range(3)]
+        log,
+        store,
+        [NewEntry(value("w").SerializeToString(), needs)]
+        + [NewEntry(value(i).SerializeToString()) for i in range(3)],
     )
-    commit_local(log, store, [NewEntry(value("later"))])
+    commit_local(log, store, [NewEntry(value("later").SerializeToString())])
     assert log.own_log_blocked()
     assert log.own_blocked() == Blocked(waiting.id, 7, (dep.id,))
     assert Log(store).own_blocked() == Blocked(waiting.id, 7, (dep.id,))  # after a restart too
@@ -172,11 +187,17 @@ def test_own_entries_left_for_the_next_write_are_blocked_by_nothing_missing() ->
     """Once what they waited for is here, waiting entries are delivered a budget per write: own
     entries left for the next one still hold the log up, for a moment, waiting for nothing."""
     other = Log(MemoryStore())
-    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep").SerializeToString())])
     store = MemoryStore()
     log = Log(store, cascade_budget=1)
     [first, second, _] = commit_local(
-        log, store, [NewEntry(value(0), (parse_uuid(dep.id),)), NewEntry(value(1)), NewEntry(value(2))]
+        log,
+        store,
+        [
+            NewEntry(value(0).SerializeToString(), (parse_uuid(dep.id),)),
+            NewEntry(value(1).SerializeToString()),
+            NewEntry(value(2).SerializeToString()),
+        ],
     )
     commit_remote(log, store, [dep])
     assert delivered_ids(log) == [dep.id, first.id] and log.resuming
@@ -192,12 +213,14 @@ def test_an_append_unless_blocked_is_refused_behind_a_waiting_entry_and_plans_no
     store: MemoryStore,
 ) -> None:
     log = Log(store)
-    commit_local(log, store, [NewEntry(value(1))])
+    commit_local(log, store, [NewEntry(value(1).SerializeToString())])
     plan = log.begin()
-    log.plan_local(plan, [NewEntry(value(2))], unless_blocked=True)  # nothing waits: planned
-    log.plan_local(plan, [NewEntry(value(3), (bytes(16),))])
+    log.plan_local(
+        plan, [NewEntry(value(2).SerializeToString())], unless_blocked=True
+    )  # nothing waits: planned
+    log.plan_local(plan, [NewEntry(value(3).SerializeToString(), (bytes(16),))])
     with pytest.raises(Unavailable, match="held up"):  # behind an entry of the same plan
-        log.plan_local(plan, [NewEntry(value(4))], unless_blocked=True)
+        log.plan_local(plan, [NewEntry(value(4).SerializeToString())], unless_blocked=True)
     log.finish(plan)
     store.write(plan.writes)
     log.apply(plan)
@@ -208,14 +231,18 @@ def test_an_append_unless_blocked_is_refused_behind_a_waiting_entry_and_plans_no
     with pytest.raises(
         Unavailable, match=f"its entry {blocked.entry} \\(seq 3\\) depends on {uuid_str(bytes(16))}"
     ):
-        log.plan_local(plan, [NewEntry(value(5))], unless_blocked=True)
-    assert plan.writes == [] and plan.entries == []
+        log.plan_local(plan, [NewEntry(value(5).SerializeToString())], unless_blocked=True)
+    assert plan.writes == [] and plan.stored == 0
 
 
 def test_dependency_inside_the_same_batch(store: MemoryStore) -> None:
     log = Log(store)
-    [a] = commit_local(log, store, [NewEntry(value(1))])
-    commit_local(log, store, [NewEntry(value(2), (bytes(16),)), NewEntry(value(3))])
+    [a] = commit_local(log, store, [NewEntry(value(1).SerializeToString())])
+    commit_local(
+        log,
+        store,
+        [NewEntry(value(2).SerializeToString(), (bytes(16),)), NewEntry(value(3).SerializeToString())],
+    )
     assert delivered_ids(log) == [a.id]
     assert log.pending == 2
 
@@ -223,7 +250,7 @@ def test_dependency_inside_the_same_batch(store: MemoryStore) -> None:
 def test_remote_entries_are_taken_once_and_in_chain_order(store: MemoryStore) -> None:
     ahead = 5 + MAX_DRIFT_MS // 2  # the origin's clock runs ahead, within the drift bound
     origin = Log(MemoryStore(), HybridClock(lambda: ahead))
-    entries = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(4)])
+    entries = commit_local(origin, origin._store, [NewEntry(value(i).SerializeToString()) for i in range(4)])
     log = Log(store, HybridClock(lambda: 5))
     assert commit_remote(log, store, [entries[1]]) == []  # gap: skipped
     assert [e.seq for e in commit_remote(log, store, entries[:2])] == [1, 2]
@@ -245,10 +272,12 @@ def test_a_peers_clock_promise_moves_the_clock_on_within_the_drift_bound(store: 
 
 def test_dependency_chains_resolve_transitively(store: MemoryStore) -> None:
     a_log, b_log = Log(MemoryStore()), Log(MemoryStore())
-    [a1] = commit_local(a_log, a_log._store, [NewEntry(value("a1"))])
+    [a1] = commit_local(a_log, a_log._store, [NewEntry(value("a1").SerializeToString())])
     commit_remote(b_log, b_log._store, [a1])
     [b1] = commit_local(
-        b_log, b_log._store, [NewEntry(value("b1"), (validate_new_entry(value(0), [a1.id]).dependencies))]
+        b_log,
+        b_log._store,
+        [NewEntry(value("b1").SerializeToString(), (validate_new_entry(value(0), [a1.id]).dependencies))],
     )
     log = Log(store)
     commit_remote(log, store, [b1])
@@ -259,13 +288,13 @@ def test_dependency_chains_resolve_transitively(store: MemoryStore) -> None:
 
 def test_restart_keeps_identity_heads_pending_and_clock(store: MemoryStore) -> None:
     log = Log(store, HybridClock(lambda: 1000))
-    [a] = commit_local(log, store, [NewEntry(value(1), (bytes(16),))])
+    [a] = commit_local(log, store, [NewEntry(value(1).SerializeToString(), (bytes(16),))])
     again = Log(store, HybridClock(lambda: 1))
     assert again.node_id == log.node_id
     assert again.vector() == log.vector()
     assert again.pending == 1
     assert again.position == 0
-    [b] = commit_local(again, store, [NewEntry(value(2))])
+    [b] = commit_local(again, store, [NewEntry(value(2).SerializeToString())])
     assert b.prev == a.id
     assert (b.when.wall_ms, b.when.logical) > (a.when.wall_ms, a.when.logical)
 
@@ -288,15 +317,15 @@ def test_after_a_restart_new_stamps_exceed_those_received_from_peers(store: Memo
     stamp), also when the peer's clock runs ahead; beyond the drift bound, only up to it."""
     ahead = 5 + MAX_DRIFT_MS // 2
     origin = Log(MemoryStore(), HybridClock(lambda: ahead))
-    [remote] = commit_local(origin, origin._store, [NewEntry(value("theirs"))])
+    [remote] = commit_local(origin, origin._store, [NewEntry(value("theirs").SerializeToString())])
     log = Log(store, HybridClock(lambda: 5))
-    commit_local(log, store, [NewEntry(value("mine, before"))])
+    commit_local(log, store, [NewEntry(value("mine, before").SerializeToString())])
     commit_remote(log, store, [remote])
     again = Log(store, HybridClock(lambda: 5))
-    [mine] = commit_local(again, store, [NewEntry(value("mine, after"))])
+    [mine] = commit_local(again, store, [NewEntry(value("mine, after").SerializeToString())])
     assert (mine.when.wall_ms, mine.when.logical) > (remote.when.wall_ms, remote.when.logical)
     far = Log(MemoryStore(), HybridClock(lambda: 10 * MAX_DRIFT_MS))
-    [beyond] = commit_local(far, far._store, [NewEntry(value("far ahead"))])
+    [beyond] = commit_local(far, far._store, [NewEntry(value("far ahead").SerializeToString())])
     commit_remote(again, store, [beyond])
     restarted = Log(store, HybridClock(lambda: 5))
     assert restarted.clock.now().wall_ms == 5 + MAX_DRIFT_MS
@@ -304,7 +333,11 @@ def test_after_a_restart_new_stamps_exceed_those_received_from_peers(store: Memo
 
 def test_remote_entry_with_wrong_prev_is_not_taken(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
-    [a, b] = commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))])
+    [a, b] = commit_local(
+        origin,
+        origin._store,
+        [NewEntry(value(1).SerializeToString()), NewEntry(value(2).SerializeToString())],
+    )
     log = Log(store)
     commit_remote(log, store, [a])
     forged = copy(b)
@@ -316,14 +349,14 @@ def test_remote_entry_with_wrong_prev_is_not_taken(store: MemoryStore) -> None:
 
 def test_a_peers_word_that_this_nodes_log_forked_is_checked_then_kept(store: MemoryStore) -> None:
     log = Log(store)
-    [_, b, _] = commit_local(log, store, [NewEntry(value(i)) for i in range(3)])
+    [_, b, _] = commit_local(log, store, [NewEntry(value(i).SerializeToString()) for i in range(3)])
     log.note_own_fork(3, b.id)  # the peer holds this node's very entry before seq 3: no fork there
     log.note_own_fork(9, "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2")  # nothing here to compare with
-    assert log.forks() == {} and commit_local(log, store, [NewEntry(value(3))])
+    assert log.forks() == {} and commit_local(log, store, [NewEntry(value(3).SerializeToString())])
     log.note_own_fork(2, "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2")  # another entry than a at seq 1
     assert log.forks() == {log.node_id: 2}
     with pytest.raises(Unavailable, match="own log has forked at seq 2"):
-        log.plan_local(log.begin(), [NewEntry(value(4))])
+        log.plan_local(log.begin(), [NewEntry(value(4).SerializeToString())])
     assert Log(store).fork_of(log.node_id) == (2, "01a22b6f-e1fd-7aeb-9abc-96e25c6f79a2")
 
 
@@ -343,7 +376,14 @@ def test_a_peers_entry_in_a_form_no_node_writes_is_refused(
     """Entries are stored as they came: an id in another letter case would be a second text for one
     id (two chains for one owner), and one id on two entries would index one of them only."""
     origin = Log(MemoryStore())
-    a, b = (copy(e) for e in commit_local(origin, origin._store, [NewEntry(value(1)), NewEntry(value(2))]))
+    a, b = (
+        copy(e)
+        for e in commit_local(
+            origin,
+            origin._store,
+            [NewEntry(value(1).SerializeToString()), NewEntry(value(2).SerializeToString())],
+        )
+    )
     if damage == "upper-case id":
         b.id = b.id.upper()
     elif damage == "upper-case owner":
@@ -360,7 +400,9 @@ def test_a_peers_entry_in_a_form_no_node_writes_is_refused(
 
 def test_an_entry_refused_mid_batch_leaves_the_head_at_the_last_entry_taken(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
-    [a, b, c] = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(3)])
+    [a, b, c] = commit_local(
+        origin, origin._store, [NewEntry(value(i).SerializeToString()) for i in range(3)]
+    )
     log = Log(store)
     bad = copy(b)
     bad.dependencies.append("not-a-uuid")
@@ -447,9 +489,9 @@ def test_uuid_helpers_agree_with_the_uuid_module() -> None:
 
 def test_entry_delivered_in_the_batch_that_stored_it_is_not_left_waiting(store: MemoryStore) -> None:
     other = Log(MemoryStore())
-    [dep] = commit_local(other, other._store, [NewEntry(value("dep"))])
+    [dep] = commit_local(other, other._store, [NewEntry(value("dep").SerializeToString())])
     log = Log(store)
-    [waiting] = commit_local(log, store, [NewEntry(value(1), (parse(dep.id),))])
+    [waiting] = commit_local(log, store, [NewEntry(value(1).SerializeToString(), (parse(dep.id),))])
     assert log.pending == 1
     # the dependency arrives together with an entry that needs the waiting one: one batch
     commit_remote(log, store, [dep])
@@ -461,10 +503,12 @@ def test_entry_delivered_in_the_batch_that_stored_it_is_not_left_waiting(store: 
 
 def test_waiting_and_delivered_within_one_batch_leaves_no_mark(store: MemoryStore) -> None:
     origin = Log(MemoryStore())
-    [dep] = commit_local(origin, origin._store, [NewEntry(value("dep"))])
+    [dep] = commit_local(origin, origin._store, [NewEntry(value("dep").SerializeToString())])
     other = Log(MemoryStore())
     commit_remote(other, other._store, [dep])
-    [needs] = commit_local(other, other._store, [NewEntry(value("needs"), (parse(dep.id),))])
+    [needs] = commit_local(
+        other, other._store, [NewEntry(value("needs").SerializeToString(), (parse(dep.id),))]
+    )
     log = Log(store)
     commit_remote(log, store, [needs, dep])  # `needs` waits, then `dep` delivers it: same batch
     assert log.pending == 0
@@ -481,7 +525,7 @@ def parse(text: str) -> bytes:
 def test_every_finite_number_is_accepted(number: float) -> None:
     value = Value()
     value.list_value.values.add().number_value = number
-    assert validate_new_entry(value, ()).data == value
+    assert Value.FromString(validate_new_entry(value, ()).data) == value
 
 
 @given(
@@ -515,19 +559,21 @@ def test_a_nested_value_with_no_kind_is_refused() -> None:
     empty.struct_value.fields["a"].list_value.values.add().string_value = ""
     empty.struct_value.fields["b"].list_value.SetInParent()
     empty.struct_value.fields["c"].struct_value.SetInParent()
-    assert validate_new_entry(empty, ()).data == empty
+    assert Value.FromString(validate_new_entry(empty, ()).data) == empty
 
 
 def test_a_finite_number_that_looks_non_finite_in_its_bytes_is_accepted() -> None:
     [number] = struct.unpack("<d", b"\x00\x00\x00\xf5\xff\x00\x00\x40")  # about 2.0, bytes F5 FF inside
     assert math.isfinite(number)
-    assert validate_new_entry(Value(number_value=number), ()).data.number_value == number
+    assert Value.FromString(validate_new_entry(Value(number_value=number), ()).data).number_value == number
 
 
 @given(st.lists(st.sampled_from([b"", b"ab", b"a", b"b", b"xabx", b"xx"]), max_size=8))
 def test_marked_keeps_exactly_the_entries_whose_bytes_hold_the_mark(blobs: list[bytes]) -> None:
     # Marks split across neighbouring blobs ("a" then "b") must not count.
-    entries = [(i + 1, Entry(id=str(i))) for i in range(len(blobs))]
-    assert marked(entries, blobs, b"ab") == [
-        e for e, blob in zip(entries, blobs, strict=True) if b"ab" in blob
-    ]
+    entries = [Entry(id=str(i)) for i in range(len(blobs))]
+    batch = DeliveredBatch(range(1, len(blobs) + 1), blobs, entries)
+    kept = batch.marked(b"ab")
+    expected = [(i + 1, e) for i, (e, blob) in enumerate(zip(entries, blobs, strict=True)) if b"ab" in blob]
+    assert kept.entries == expected
+    assert kept.blobs == [blob for blob in blobs if b"ab" in blob]

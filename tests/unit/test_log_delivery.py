@@ -15,6 +15,7 @@ from potboiler.server.entries import NewEntry
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
 from potboiler.server.log import CASCADE_BUDGET, Log
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.log_plan import Plan
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry
@@ -30,7 +31,9 @@ def make_logs(rng: random.Random, owners: int, per_owner: int) -> list[list[Entr
     for step in range(owners * per_owner):
         o = rng.randrange(owners)
         deps = tuple(rng.sample(earlier, k=min(len(earlier), rng.randrange(3))))
-        [entry] = commit_local(origins[o], origins[o]._store, [NewEntry(value(step), deps)])
+        [entry] = commit_local(
+            origins[o], origins[o]._store, [NewEntry(value(step).SerializeToString(), deps)]
+        )
         chains[o].append(entry)
         earlier.append(parse_uuid(entry.id))
     return chains
@@ -86,10 +89,11 @@ def test_every_held_entry_is_delivered_after_what_it_needs(
             log.plan_remote(plan, batch, blobs)
         write_plan(log, plan)
         # What the plan hands to subscribers is what the log now reads back at those positions.
-        assert [parse_uuid(e.id) for e in plan.delivered_entries] == plan.delivered
-        assert [e.SerializeToString() for e in plan.delivered_entries] == plan.delivered_blobs
+        entries = [e for e in plan.delivered_entries if e is not None]  # received: all parsed
+        assert [parse_uuid(e.id) for e in entries] == plan.delivered
+        assert [e.SerializeToString() for e in entries] == plan.delivered_blobs
         again = log.delivered_batch(before, 10_000)
-        assert [e.id for _, e in again.entries] == [e.id for e in plan.delivered_entries]
+        assert [e.id for _, e in again.entries] == [e.id for e in entries]
         assert again.blobs == plan.delivered_blobs
         if rng.random() < 0.2:
             log = Log(store, cascade_budget=budget)  # a restart
@@ -132,7 +136,7 @@ def test_own_blocked_is_the_first_own_entry_waiting_and_service_appends_never_qu
     exactly while there is one, and are never stored behind it."""
     rng = random.Random(seed)
     origin = Log(MemoryStore())
-    deps = commit_local(origin, origin._store, [NewEntry(value(i)) for i in range(4)])
+    deps = commit_local(origin, origin._store, [NewEntry(value(i).SerializeToString()) for i in range(4)])
     store = MemoryStore()
     log = Log(store)
     services: set[str] = set()  # ids of the entries appended unless_blocked
@@ -144,10 +148,12 @@ def test_own_blocked_is_the_first_own_entry_waiting_and_service_appends_never_qu
                 log.plan_remote(plan, [copy(deps[rng.randrange(len(deps))])])  # out of order: skipped
             elif r < 0.45:
                 missing = parse_uuid(deps[rng.randrange(len(deps))].id)
-                log.plan_local(plan, [NewEntry(value("waits"), (missing,))])
+                log.plan_local(plan, [NewEntry(value("waits").SerializeToString(), (missing,))])
             else:
                 with contextlib.suppress(Unavailable):
-                    [entry] = log.plan_local(plan, [NewEntry(value("service"))], unless_blocked=True)
+                    [entry] = log.plan_local(
+                        plan, [NewEntry(value("service").SerializeToString())], unless_blocked=True
+                    )
                     services.add(entry.id)
         log.finish(plan)
         store.write(plan.writes)
@@ -163,10 +169,12 @@ def test_own_blocked_is_the_first_own_entry_waiting_and_service_appends_never_qu
         assert [e.seq for e in chain] == list(range(1, len(chain) + 1))  # delivered: a prefix
         assert services <= {e.id for e in chain}  # no service append ever waits
         if blocked_now is None:  # the next service append goes through
-            log.plan_local(log.begin(), [NewEntry(value("probe"))], unless_blocked=True)
+            log.plan_local(log.begin(), [NewEntry(value("probe").SerializeToString())], unless_blocked=True)
         else:
             with pytest.raises(Unavailable, match=blocked_now.entry):
-                log.plan_local(log.begin(), [NewEntry(value("probe"))], unless_blocked=True)
+                log.plan_local(
+                    log.begin(), [NewEntry(value("probe").SerializeToString())], unless_blocked=True
+                )
 
 
 class CountingStore(MemoryStore):
@@ -187,9 +195,36 @@ def test_a_byte_budget_stops_the_reading_not_only_what_is_kept() -> None:
     # hundreds of MiB for one subscription batch.
     store = CountingStore()
     log = Log(store)
-    commit_local(log, store, [NewEntry(value("x" * 1000))] * 200)
+    commit_local(log, store, [NewEntry(value("x" * 1000).SerializeToString())] * 200)
     sizes = [len(blob) for _, blob in log.delivered_blobs(0, 200)]
     store.read = 0
     got = log.delivered_blobs(0, 200, max_bytes=sum(sizes[:10]))
     assert len(got) == 10
     assert store.read <= 10 + 1 + 2  # the entries kept, the one beyond the budget, the delivery runs
+
+
+def test_a_batch_parses_only_the_entries_asked_for() -> None:
+    """A delivered batch parses entries on demand: those holding a mark (`marked`), or those not
+    parsed already (`entries`). Bytes that are no entry show which were parsed."""
+    log = Log(MemoryStore())
+    one, two = commit_local(
+        log, log._store, [NewEntry(value("mark").SerializeToString()), NewEntry(value(2).SerializeToString())]
+    )
+    broken = b"\xff\xff"  # parsing it fails
+    batch = DeliveredBatch([1, 2, 3], [broken, one.SerializeToString(), broken])
+    assert batch.marked(b"mark").entries == [(2, one)]
+    assert batch.marked(b"absent").entries == []
+    parsed = DeliveredBatch([1, 2], [broken, two.SerializeToString()], [one, None])
+    assert parsed.entries == [(1, one), (2, two)]
+    assert parsed.entries[0][1] is one  # given parsed: not parsed again
+    assert parsed.last() == 2 and len(parsed) == 2
+
+
+def test_the_newest_entry_of_each_owner_in_a_batch() -> None:
+    a, b = Log(MemoryStore()), Log(MemoryStore())
+    a1, a2 = commit_local(a, a._store, [NewEntry(value(i).SerializeToString()) for i in range(2)])
+    [b1] = commit_local(b, b._store, [NewEntry(value("b").SerializeToString())])
+    stretch = DeliveredBatch.parsed([(1, a1), (2, a2)])
+    assert stretch.newest_of_each_owner() == {a.node_id: a2}
+    mixed = DeliveredBatch.parsed([(1, a1), (2, b1), (3, a2)])
+    assert mixed.newest_of_each_owner() == {a.node_id: a2, b.node_id: b1}

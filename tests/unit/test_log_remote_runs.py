@@ -32,8 +32,8 @@ def make_chain(count: int) -> list[Entry]:
     origin = Log(MemoryStore())
     plan = origin.begin()
     data = Value(string_value="x")
-    entries = origin.plan_local(plan, [NewEntry(data) for _ in range(count)])
-    return entries
+    appended = origin.plan_local(plan, [NewEntry(data.SerializeToString()) for _ in range(count)])
+    return [a.entry() for a in appended]
 
 
 def commit(log: Log, entries: Sequence[Entry]) -> None:
@@ -80,7 +80,7 @@ def describe(plan: Plan) -> object:
         plan.heads,
         plan.position,
         plan.delivered,
-        [e.id for e in plan.entries],
+        plan.stored,
         plan.delivered_blobs,
     )
 

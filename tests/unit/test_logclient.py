@@ -35,7 +35,7 @@ async def test_an_applier_with_a_backlog_lets_the_event_loop_turn_between_batche
             done.set()
 
     try:
-        await appender.append([NewEntry(Value(number_value=n)) for n in range(1000)])
+        await appender.append([NewEntry(Value(number_value=n).SerializeToString()) for n in range(1000)])
         async with loop_turns() as turns:
             applier = asyncio.create_task(
                 apply_forever(LocalLogClient(appender), lambda: applied, apply, Linger(0.05), 100, "test")

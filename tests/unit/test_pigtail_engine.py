@@ -32,6 +32,7 @@ from potboiler.server.backoff import Backoff
 from potboiler.server.errors import AlreadyExists, Contended, InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from potboiler.server.log import Promise
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.logclient import APPLY_ATTEMPTS
 from potboiler.server.storage import MemoryStore, Write
 from potboiler.v1 import pigtail_pb2
@@ -843,8 +844,8 @@ async def failing_planning(
     await h.pigtail.create_queue("q", 1000)
     plan = h.pigtail.state.plan
 
-    def plan_or_fail(batch: Sequence[tuple[int, Entry]], *args: Any) -> Applied:
-        if (error := failure(batch)) is not None:
+    def plan_or_fail(batch: DeliveredBatch, *args: Any) -> Applied:
+        if (error := failure(batch.entries)) is not None:
             raise error
         return plan(batch, *args)
 

@@ -42,6 +42,7 @@ from potboiler.server.errors import InvalidArgument, TooLarge
 from potboiler.server.hlc import Stamp as HlcStamp
 from potboiler.server.jsonvalue import from_value, to_value
 from potboiler.server.log import Promise
+from potboiler.server.log_delivered import DeliveredBatch
 from potboiler.server.storage import MemoryStore
 from potboiler.v1.entry_pb2 import Entry, HlcTimestamp
 from tests.pigtail_oracle import apply_to_queue, list_tasks
@@ -220,7 +221,7 @@ def test_crash_between_plan_and_write_replays_from_old_cursor() -> None:
             log.event(A, T0 + 2, TaskClaimed("q", "t1", "w")),
         ]
     )
-    state.plan(batch)  # planned, never written: the process died here
+    state.plan(DeliveredBatch.parsed(batch))  # planned, never written: the process died here
     restarted = PigtailState(store)
     assert restarted.cursor == 0
     assert restarted.queue("q") is None

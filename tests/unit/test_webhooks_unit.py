@@ -136,7 +136,9 @@ class Harness:
             self.store.close()
 
     async def append(self, *values: float) -> list[str]:
-        entries = await self.appender.append([NewEntry(Value(number_value=v)) for v in values])
+        entries = await self.appender.append(
+            [NewEntry(Value(number_value=v).SerializeToString()) for v in values]
+        )
         return [e.id for e in entries]
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.wire import subscribe_entries_response, varint
+from potboiler.server.wire import new_entries, subscribe_entries_response, varint
 from potboiler.v1 import log_pb2
 from potboiler.v1.entry_pb2 import Entry
 
@@ -36,3 +38,54 @@ def test_subscribe_entries_response_is_the_message_protobuf_builds(
 
 def test_varint_of_zero() -> None:
     assert varint(0) == b"\x00"
+
+
+#: JSON values whose objects have one member at most: a Struct's members have no fixed order in
+#: its serialized forms (a copy of one may write them in another order than the original).
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=1),
+    max_leaves=8,
+)
+
+
+@given(
+    owner=st.uuids().map(str) | st.just(""),
+    first_seq=st.integers(1, 2**63),
+    prev=st.uuids().map(str) | st.just(""),
+    wall_ms=st.integers(0, 2**48),
+    logical=st.integers(0, 2**31),
+    new=st.lists(
+        st.tuples(json_values, st.lists(st.uuids().map(str), max_size=3), st.uuids().map(str)),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_new_entries_are_what_protobuf_serializes(
+    owner: str,
+    first_seq: int,
+    prev: str,
+    wall_ms: int,
+    logical: int,
+    new: list[tuple[object, list[str], str]],
+) -> None:
+    data = [json_format.ParseDict(value, Value()) for value, _, _ in new]
+    ids = [entry_id for _, _, entry_id in new]
+    built = new_entries(
+        owner,
+        first_seq,
+        prev,
+        ids,
+        (wall_ms, logical),
+        [d.SerializeToString() for d in data],
+        [deps for _, deps, _ in new],
+    )
+    expected = []
+    for i, (value, (_, deps, entry_id)) in enumerate(zip(data, new, strict=True)):
+        entry = Entry(id=entry_id, owner=owner, seq=first_seq + i, prev=prev, dependencies=deps)
+        entry.when.wall_ms = wall_ms
+        entry.when.logical = logical + i
+        entry.data.CopyFrom(value)
+        expected.append(entry.SerializeToString())
+        prev = entry_id
+    assert built == expected
