@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from potboiler.server.commit_window import CommitWindow
+from potboiler.server.commit_window import CommitWindow, thread_demand
 from potboiler.server.entries import Appended, NewEntry
 from potboiler.server.errors import PotboilerError, Unavailable
 from potboiler.server.log import Log
@@ -69,7 +70,11 @@ class Appender:
         self.log = log
         self._store = store
         self._sync = sync
-        self._window = window or CommitWindow()
+        #: Seconds spent in synced writes, which hold the GIL: the process does nothing else then,
+        #: so the commit window counts them as its thread's demand (a thread blocked in fsync is
+        #: neither running nor waiting to run).
+        self._synced_seconds = 0.0
+        self._window = window or CommitWindow(cpu_clock=lambda: thread_demand() + self._synced_seconds)
         self._queue: list[_Job] = []
         self._queued_entries = 0
         self._wake = asyncio.Event()
@@ -333,7 +338,12 @@ class Appender:
         self.log.finish(plan)
         # Written inline: rocksdict keeps the GIL during a write (fsync included), so a worker thread
         # would only add a hand-off. Calls arriving meanwhile queue up and form the next batch.
-        self._store.write(plan.writes, sync=self._sync)
+        if self._sync:
+            began = time.monotonic()
+            self._store.write(plan.writes, sync=True)
+            self._synced_seconds += time.monotonic() - began
+        else:
+            self._store.write(plan.writes)
         self.log.apply(plan)
         self._remember(plan)
         self.batches += 1

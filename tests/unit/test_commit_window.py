@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 from google.protobuf.struct_pb2 import Value
@@ -14,7 +15,7 @@ from potboiler.server.appender import Appender
 from potboiler.server.commit_window import CommitWindow, thread_demand
 from potboiler.server.entries import NewEntry
 from potboiler.server.log import Log
-from potboiler.server.storage import MemoryStore
+from potboiler.server.storage import MemoryStore, Write
 
 
 class Clocks:
@@ -291,3 +292,31 @@ def test_thread_demand_counts_what_the_thread_ran() -> None:
     while time.thread_time() < deadline:  # 20 ms of this thread's CPU
         pass
     assert thread_demand() - before >= 0.015
+
+
+async def test_synced_writes_count_as_the_writers_demand() -> None:
+    """A synced write blocks the writer's thread in fsync, holding the GIL: the process does nothing
+    else meanwhile, though the thread is neither running nor waiting to run. Counted as demand, a
+    writer that spends its time syncing holds writes open, and each fsync takes many appends."""
+
+    class SyncingStore(MemoryStore):
+        def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
+            super().write(batch, sync=sync)
+            if sync:
+                time.sleep(0.003)  # an fsync, the GIL held
+
+    store = SyncingStore()
+    appender = Appender(Log(store), store, sync=True)
+    appender.start()
+
+    async def client() -> None:
+        for n in range(40):
+            await appender.append([NewEntry(Value(number_value=n).SerializeToString())])
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(8))), 60)
+    finally:
+        await appender.stop()
+    assert appender.held_batches > 0
+    assert appender.appended == 320
+    assert appender.batches < 320 / 2  # one fsync per several appends
