@@ -292,13 +292,17 @@ class Appender:
                             job.done.set_exception(exc)
                     if not jobs:  # the next append tries again
                         break
-                self._window.committed(gathered)
+                if gathered is None:
+                    self._window.committed()
+                else:
+                    self._window.committed(*gathered)
             if self._closing:
                 return
 
-    async def _hold_open(self, seconds: float) -> int:
-        """Let appends gather for up to `seconds`, or until enough are queued; how many came."""
-        before = len(self._queue)
+    async def _hold_open(self, seconds: float) -> tuple[int, int]:
+        """Let appends gather for up to `seconds`, or until enough are queued; how many came (jobs,
+        and entries)."""
+        before, entries_before = len(self._queue), self._queued_entries
         self.held_batches += 1
         self._enough.clear()
         self._holding = True
@@ -308,7 +312,7 @@ class Appender:
                     await self._enough.wait()
         finally:
             self._holding = False
-        return len(self._queue) - before
+        return len(self._queue) - before, self._queued_entries - entries_before
 
     def _take(self) -> list[_Job]:
         jobs: list[_Job] = []

@@ -206,6 +206,24 @@ def test_holds_that_gather_keep_holding() -> None:
     assert w.holding
 
 
+def test_holds_that_gather_few_calls_of_many_entries_keep_holding() -> None:
+    """Batches of 100 entries, 4 calls in flight: a hold gathers 2 or 3 calls, hundreds of entries
+    for one write (with `--fsync`, one fsync)."""
+    clocks = Clocks()
+    w = window(clocks)
+    commit_for(w, clocks, 0.1, busy=0.95)
+    for _ in range(500):
+        clocks.run(0.002, busy=0.9)
+        w.committed(gathered=2, gathered_entries=200)
+    assert w.holding
+    for _ in range(80):  # then a streaming client's messages: few calls, few entries
+        clocks.run(0.002, busy=0.95)
+        w.committed(gathered=1, gathered_entries=16)
+        if not w.holding:
+            break
+    assert not w.holding
+
+
 class Recording(CommitWindow):
     """Holds every write (as if saturated) for up to `seconds`, and records what each write reports."""
 
@@ -213,14 +231,14 @@ class Recording(CommitWindow):
         super().__init__(enough_entries=enough_entries)
         self.seconds = seconds
         self.asked: list[tuple[int, int]] = []
-        self.reports: list[int | None] = []
+        self.reports: list[tuple[int, int] | None] = []
 
     def hold(self, queued_jobs: int, queued_entries: int) -> float:
         self.asked.append((queued_jobs, queued_entries))
         return 0.0 if self.enough(queued_jobs, queued_entries) else self.seconds
 
-    def committed(self, gathered: int | None = None) -> None:
-        self.reports.append(gathered)
+    def committed(self, gathered: int | None = None, gathered_entries: int = 0) -> None:
+        self.reports.append(None if gathered is None else (gathered, gathered_entries))
 
 
 def entries(n: int) -> list[NewEntry]:
@@ -238,10 +256,10 @@ async def test_a_hold_ends_once_enough_entries_are_queued_and_reports_what_it_ga
         assert not first.done()
         second = asyncio.create_task(appender.append(entries(3)))  # 6 entries queued: enough
         await asyncio.wait_for(asyncio.gather(first, second), 1.0)
-        assert window.reports == [1]  # held once; one more job joined it
+        assert window.reports == [(1, 3)]  # held once; one more job, of 3 entries, joined it
         assert appender.held_batches == appender.batches == 1
         await asyncio.wait_for(appender.append(entries(6)), 1.0)  # enough at once: not held
-        assert window.reports == [1, None]
+        assert window.reports == [(1, 3), None]
     finally:
         await appender.stop()
 
@@ -267,7 +285,7 @@ async def test_queued_entries_are_counted_across_a_batch_split_at_max_group(
 
 async def test_appends_are_refused_not_left_waiting_once_the_writer_has_died() -> None:
     class Broken(CommitWindow):
-        def committed(self, gathered: int | None = None) -> None:
+        def committed(self, gathered: int | None = None, gathered_entries: int = 0) -> None:
             raise ZeroDivisionError("a bug in the window")
 
     store = MemoryStore()
