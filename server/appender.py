@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from potboiler.server.commit_window import CommitWindow, thread_demand
-from potboiler.server.entries import Appended, NewEntry
+from potboiler.server.entries import AppendedEntries, NewEntry
 from potboiler.server.errors import PotboilerError, Unavailable
 from potboiler.server.log import Log
 from potboiler.server.log_delivered import DeliveredBatch, take_delivered
@@ -46,8 +46,9 @@ WIDE_BATCH = 10_000
 class _Job:
     local: Sequence[NewEntry] | None
     remote: Sequence[Entry] | None
-    #: Resolves to the entries appended (`Appended`, for local ones) or taken (`Entry`, for remote).
-    done: asyncio.Future[list[Any]]
+    #: Resolves to the entries appended (`AppendedEntries`, for local ones) or taken (a list of
+    #: `Entry`, for remote ones).
+    done: asyncio.Future[Any]
     #: The remote entries serialized, as received.
     blobs: Sequence[bytes] | None = None
     #: Refuse the local entries while this node's own log is blocked (see `Log.plan_local`).
@@ -120,17 +121,20 @@ class Appender:
         """Call `listener` with every plan once it is durable (on the event loop)."""
         self._listeners.append(listener)
 
-    async def append(self, entries: Sequence[NewEntry], *, unless_blocked: bool = False) -> list[Appended]:
+    async def append(self, entries: Sequence[NewEntry], *, unless_blocked: bool = False) -> AppendedEntries:
         """Append validated entries to this node's log; returns them once durable. `unless_blocked`:
         Unavailable instead while an entry of this node's own log waits for a dependency (the new
         ones would wait behind it)."""
-        loop = asyncio.get_running_loop()
-        return await self._submit(_Job(entries, None, loop.create_future(), unless_blocked=unless_blocked))
+        return await self.queue_append(entries, unless_blocked=unless_blocked)
 
-    def queue_append(self, entries: Sequence[NewEntry]) -> asyncio.Future[list[Appended]]:
+    def queue_append(
+        self, entries: Sequence[NewEntry], *, unless_blocked: bool = False
+    ) -> asyncio.Future[AppendedEntries]:
         """Queue appending validated entries; the future resolves to them once they are durable
         (for a caller that keeps several appends in flight without a task for each)."""
-        return self._submit(_Job(entries, None, asyncio.get_running_loop().create_future()))
+        done: asyncio.Future[AppendedEntries] = asyncio.get_running_loop().create_future()
+        self._submit(_Job(entries, None, done, unless_blocked=unless_blocked))
+        return done
 
     async def wait_own_log_unblocked(self, timeout: float) -> None:
         """Wait up to `timeout` seconds while an entry of this node's own log waits for a dependency;
@@ -150,10 +154,11 @@ class Appender:
     ) -> list[Entry]:
         """Store entries received from a peer, `source` (and, if given, each serialized as received,
         which is then stored as it is); returns those that were new, once durable."""
-        future = asyncio.get_running_loop().create_future()
-        return await self._submit(_Job(None, entries, future, blobs, source=source))
+        done: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
+        self._submit(_Job(None, entries, done, blobs, source=source))
+        return await done
 
-    def _submit(self, job: _Job) -> asyncio.Future[list[Any]]:
+    def _submit(self, job: _Job) -> None:
         if self._task is None or self._closing:
             raise RuntimeError("the log is not accepting writes: the node is stopping")
         if self._task.done():  # the writer failed outside a write (a bug): never wait on it
@@ -165,7 +170,6 @@ class Appender:
         self._wake.set()
         if self._holding and self._window.enough(len(queue), self._queued_entries):
             self._enough.set()
-        return job.done
 
     def delivered_blobs(
         self, after: int, limit: int, max_bytes: int | None = None
@@ -326,7 +330,7 @@ class Appender:
 
     async def _commit(self, jobs: list[_Job]) -> None:
         plan = self.log.begin()
-        results: list[tuple[_Job, list[Any]]] = []
+        results: list[tuple[_Job, Sequence[Any]]] = []
         for job in jobs:
             try:
                 if job.local is not None:

@@ -103,11 +103,36 @@ def transcoded(method: str) -> bool:
     return bool(found.GetOptions().HasExtension(annotations_pb2.http))
 
 
+#: Requests read as a twin of their type (the same bytes, some fields kept serialized), which the
+#: servicer gets: appends keep each entry's data as the bytes the client sent (see
+#: `potboiler.v1.SerializedAppendRequest`).
+_READ_AS: dict[str, type[Message]] = {
+    "/potboiler.v1.LogService/AppendEntries": log_pb2.SerializedAppendRequest,
+    "/potboiler.v1.LogService/AppendEntryStream": log_pb2.SerializedAppendRequest,
+}
+
+
+def _read_as(
+    parse: Callable[[bytes], Any] | None, twin: type[Message] | None
+) -> Callable[[bytes], Any] | None:
+    """`parse`, or, for a request read as `twin`: parse it (which checks every field of it), then
+    read it as the twin."""
+    if parse is None or twin is None:
+        return parse
+    read = twin.FromString
+
+    def parse_then_read(raw: bytes) -> Any:
+        parse(raw)
+        return read(raw)
+
+    return parse_then_read
+
+
 def guard(handler: Handler, method: str) -> Handler:
     """`handler` (of the RPC `method`, `/package.Service/Method`) with undecodable requests answered
     INVALID_ARGUMENT, and its answers serialized with sorted map keys if the RPC has a REST binding."""
     # The behaviours are coroutine functions (grpc.aio), which grpc's type stubs do not describe.
-    parse = _deserializer(handler.request_deserializer)
+    parse = _deserializer(_read_as(handler.request_deserializer, _READ_AS.get(method)))
     serialize = _serialize_sorted if transcoded(method) else _serialize_or_pass(handler.response_serializer)
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary

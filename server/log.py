@@ -9,12 +9,13 @@ state (`apply`), so a failed write changes nothing and a crash leaves the store 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from potboiler.server import wire
-from potboiler.server.entries import Appended, NewEntry
+from potboiler.server.entries import AppendedEntries, NewEntry
 from potboiler.server.entry_batches import run_owner
 from potboiler.server.errors import Conflict, InvalidArgument, NotFound, OutOfRange, Unavailable, quoted
 from potboiler.server.hlc import HybridClock, Stamp
@@ -329,7 +330,7 @@ class Log:
 
     def plan_local(
         self, plan: Plan, new: Sequence[NewEntry], *, unless_blocked: bool = False
-    ) -> list[Appended]:
+    ) -> AppendedEntries:
         """Add appending `new` to this node's own log, in order, to `plan`; returns the entries.
         `unless_blocked`: refuse (Unavailable) while an own entry waits for a dependency, as the new
         entries would wait behind it (see `own_blocked`)."""
@@ -358,7 +359,7 @@ class Log:
                 "replication has brought the rest back"
             )
         if not new:
-            return []
+            return AppendedEntries([], seq + 1, self.clock.last, [])
         # New entries without dependencies after a delivered one are delivered at once, in order: as
         # one stretch of this node's chain, stored and delivered a whole batch at a time, and not
         # parsed here (readers parse those they want from their bytes).
@@ -376,20 +377,14 @@ class Log:
             [item.data for item in new],
             [[uuid_str(d) for d in item.dependencies] if item.dependencies else () for item in new],
         )
-        wall_ms, logical = stamp
-        out = [
-            Appended(entry_id, first_seq + i, Stamp(wall_ms, logical + i), blob)
-            for i, (entry_id, blob) in enumerate(zip(ids, blobs, strict=True))
-        ]
         if run:
             plan.store_run(me, first_seq, raws, None, blobs)
         else:
-            for appended, item, raw in zip(out, new, raws, strict=True):
-                blob = appended.blob
-                self._take(plan, Entry.FromString(blob), raw, me, appended.seq, prev, item.dependencies, blob)
+            for seq, item, raw, blob in zip(itertools.count(first_seq), new, raws, blobs):
+                self._take(plan, Entry.FromString(blob), raw, me, seq, prev, item.dependencies, blob)
                 prev = raw
-        plan.heads[me] = (out[-1].seq, raws[-1])
-        return out
+        plan.heads[me] = (first_seq + len(new) - 1, raws[-1])
+        return AppendedEntries(ids, first_seq, stamp, blobs)
 
     def forks(self) -> dict[str, int]:
         """Each owner whose log has forked, as seen here (a peer holds other entries than this node

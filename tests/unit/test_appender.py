@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import pytest
 from google.protobuf.struct_pb2 import Value
@@ -37,7 +37,7 @@ async def started() -> AsyncIterator[Appender]:
         await appender.stop()
 
 
-def full(appended: list[Appended]) -> list[Entry]:
+def full(appended: Sequence[Appended]) -> list[Entry]:
     """Appended entries in full, as a peer receives them."""
     return [a.entry() for a in appended]
 

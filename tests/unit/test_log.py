@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from google.protobuf import json_format
@@ -13,7 +14,14 @@ from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.entries import MAX_DEPTH, MAX_ENTRY_BYTES, NewEntry, validate_new_entry
+from potboiler.server.entries import (
+    MAX_DEPTH,
+    MAX_ENTRY_BYTES,
+    NewEntry,
+    validate_new_entry,
+    validate_serialized_batch,
+    validate_serialized_entry,
+)
 from potboiler.server.errors import InvalidArgument, NotFound, TooLarge, Unavailable
 from potboiler.server.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from potboiler.server.ids import parse_uuid, uuid_str
@@ -450,6 +458,13 @@ _deep_json = st.recursive(
 )
 
 
+#: Both ways an entry's data is checked: as a Value, and serialized as a client sends it.
+VALIDATORS: list[Callable[[Value, Sequence[str]], NewEntry]] = [
+    validate_new_entry,
+    lambda value, dependencies: validate_serialized_entry(value.SerializeToString(), dependencies),
+]
+
+
 @given(
     st.integers(min_value=MAX_DEPTH - 3, max_value=MAX_DEPTH + 2),
     st.lists(st.booleans(), min_size=MAX_DEPTH + 2, max_size=MAX_DEPTH + 2),
@@ -463,11 +478,12 @@ def test_data_is_refused_exactly_when_it_nests_deeper_than_the_limit(
         data = {"*": data, "2": "2*"} if is_object else [data, "**22"]
     value = Value()
     json_format.ParseDict(data, value)
-    if _json_nesting(data) > MAX_DEPTH:
-        with pytest.raises(InvalidArgument, match="nested deeper"):
-            validate_new_entry(value, [])
-    else:
-        validate_new_entry(value, [])
+    for validate in VALIDATORS:
+        if _json_nesting(data) > MAX_DEPTH:
+            with pytest.raises(InvalidArgument, match="nested deeper"):
+                validate(value, [])
+        else:
+            validate(value, [])
 
 
 def test_uuid_helpers_agree_with_the_uuid_module() -> None:
@@ -543,8 +559,9 @@ def test_every_non_finite_number_is_refused_wherever_it_is(
     for other in others:
         items.values.add().number_value = other
     items.values.add().number_value = number
-    with pytest.raises(InvalidArgument, match="NaN or infinite"):
-        validate_new_entry(value, ())
+    for validate in VALIDATORS:
+        with pytest.raises(InvalidArgument, match="NaN or infinite"):
+            validate(value, ())
 
 
 def test_a_nested_value_with_no_kind_is_refused() -> None:
@@ -552,14 +569,39 @@ def test_a_nested_value_with_no_kind_is_refused() -> None:
     member, item = Value(), Value()
     member.struct_value.fields["a"].CopyFrom(Value())
     item.struct_value.fields["a"].list_value.values.add()
-    for value in (member, item):
+    for value, validate in itertools.product((member, item), VALIDATORS):
         with pytest.raises(InvalidArgument, match="no kind set"):
-            validate_new_entry(value, ())
+            validate(value, ())
     empty = Value()  # empty strings, lists and objects look alike in bytes, and are fine
     empty.struct_value.fields["a"].list_value.values.add().string_value = ""
     empty.struct_value.fields["b"].list_value.SetInParent()
     empty.struct_value.fields["c"].struct_value.SetInParent()
-    assert Value.FromString(validate_new_entry(empty, ()).data) == empty
+    for validate in VALIDATORS:
+        assert Value.FromString(validate(empty, ()).data) == empty
+
+
+def test_data_with_no_kind_is_refused_whether_parsed_or_serialized() -> None:
+    unknown = b"\xf8\x07\x01"  # field 127 (unknown to Value), first: a kind must still be found
+    for data in (b"", unknown):
+        with pytest.raises(InvalidArgument, match="needs data"):
+            validate_serialized_entry(data, ())
+        with pytest.raises(InvalidArgument, match="needs data"):
+            validate_new_entry(Value.FromString(data), ())
+    number = unknown + Value(number_value=1).SerializeToString()
+    assert validate_serialized_entry(number, ()).data == number
+    with pytest.raises(InvalidArgument, match="needs data"):
+        validate_new_entry(None, ())
+
+
+def test_a_batch_is_refused_whole_naming_its_first_bad_entry() -> None:
+    good = Value(string_value="x").SerializeToString()
+    assert [e.data for e in validate_serialized_batch([(good, ()), (good, ())])] == [good, good]
+    with pytest.raises(InvalidArgument, match="entry 1: an entry needs data"):
+        validate_serialized_batch([(good, ()), (b"", ()), (b"", ())])
+    with pytest.raises(InvalidArgument, match="at least one entry"):
+        validate_serialized_batch([])
+    with pytest.raises(TooLarge, match="at most 10000 entries"):
+        validate_serialized_batch([(good, ())] * 10_001)
 
 
 def test_a_finite_number_that_looks_non_finite_in_its_bytes_is_accepted() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from potboiler.server.wire import new_entries, subscribe_entries_response, varint
+from potboiler.server.entries import Appended, AppendedEntries
+from potboiler.server.hlc import Stamp
+from potboiler.server.wire import append_acks, new_entries, subscribe_entries_response, varint
 from potboiler.v1 import log_pb2
 from potboiler.v1.entry_pb2 import Entry
 
@@ -89,3 +92,31 @@ def test_new_entries_are_what_protobuf_serializes(
         expected.append(entry.SerializeToString())
         prev = entry_id
     assert built == expected
+
+
+@given(
+    ids=st.lists(st.uuids().map(str), max_size=5),
+    first_seq=st.integers(1, 2**63),
+    wall_ms=st.integers(0, 2**48),
+    logical=st.integers(0, 2**31),
+)
+def test_append_acks_are_what_protobuf_serializes(
+    ids: list[str], first_seq: int, wall_ms: int, logical: int
+) -> None:
+    response = log_pb2.AppendEntriesResponse()
+    for i, entry_id in enumerate(ids):
+        ack = response.entries.add(id=entry_id, seq=first_seq + i)
+        ack.when.wall_ms = wall_ms
+        ack.when.logical = logical + i
+    assert append_acks(ids, first_seq, (wall_ms, logical)) == response.SerializeToString()
+
+
+def test_appended_entries_are_a_sequence_of_appended() -> None:
+    entries = AppendedEntries(["a", "b", "c"], 7, Stamp(100, 5), [b"1", b"2", b"3"])
+    assert len(entries) == 3
+    assert entries[1] == Appended("b", 8, Stamp(100, 6), b"2")
+    assert entries[-1] == Appended("c", 9, Stamp(100, 7), b"3")
+    assert entries[:2] == [entries[0], entries[1]]
+    assert [a.id for a in entries] == ["a", "b", "c"]
+    with pytest.raises(IndexError):
+        entries[3]

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from potboiler.v1 import entry_pb2 as potboiler_dot_v1_dot_entry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16potboiler/v1/log.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18potboiler/v1/entry.proto\"P\n\x12\x41ppendEntryRequest\x12$\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x0c\x64\x65pendencies\x18\x02 \x03(\t\"X\n\x13\x41ppendEntryResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x04when\x18\x03 \x01(\x0b\x32\x1a.potboiler.v1.HlcTimestamp\"I\n\x14\x41ppendEntriesRequest\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .potboiler.v1.AppendEntryRequest\"K\n\x15\x41ppendEntriesResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.potboiler.v1.AppendEntryResponse\"M\n\x18\x41ppendEntryStreamRequest\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .potboiler.v1.AppendEntryRequest\"O\n\x19\x41ppendEntryStreamResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.potboiler.v1.AppendEntryResponse\"\x1d\n\x0fGetEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x10GetEntryResponse\x12\"\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x13.potboiler.v1.Entry\"\x12\n\x10ListHeadsRequest\"B\n\x07LogHead\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"9\n\x11ListHeadsResponse\x12$\n\x05heads\x18\x01 \x03(\x0b\x32\x15.potboiler.v1.LogHead\"V\n\x17SubscribeEntriesRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x04\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x10\n\x08\x61\x66ter_id\x18\x03 \x01(\t\"F\n\x0e\x44\x65liveredEntry\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\"\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x13.potboiler.v1.Entry\"I\n\x18SubscribeEntriesResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.potboiler.v1.DeliveredEntry2\xa2\x04\n\nLogService\x12R\n\x0b\x41ppendEntry\x12 .potboiler.v1.AppendEntryRequest\x1a!.potboiler.v1.AppendEntryResponse\x12X\n\rAppendEntries\x12\".potboiler.v1.AppendEntriesRequest\x1a#.potboiler.v1.AppendEntriesResponse\x12h\n\x11\x41ppendEntryStream\x12&.potboiler.v1.AppendEntryStreamRequest\x1a\'.potboiler.v1.AppendEntryStreamResponse(\x01\x30\x01\x12I\n\x08GetEntry\x12\x1d.potboiler.v1.GetEntryRequest\x1a\x1e.potboiler.v1.GetEntryResponse\x12L\n\tListHeads\x12\x1e.potboiler.v1.ListHeadsRequest\x1a\x1f.potboiler.v1.ListHeadsResponse\x12\x63\n\x10SubscribeEntries\x12%.potboiler.v1.SubscribeEntriesRequest\x1a&.potboiler.v1.SubscribeEntriesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16potboiler/v1/log.proto\x12\x0cpotboiler.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18potboiler/v1/entry.proto\"P\n\x12\x41ppendEntryRequest\x12$\n\x04\x64\x61ta\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x0c\x64\x65pendencies\x18\x02 \x03(\t\"X\n\x13\x41ppendEntryResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12(\n\x04when\x18\x03 \x01(\x0b\x32\x1a.potboiler.v1.HlcTimestamp\"I\n\x14\x41ppendEntriesRequest\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .potboiler.v1.AppendEntryRequest\"K\n\x15\x41ppendEntriesResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.potboiler.v1.AppendEntryResponse\"M\n\x18\x41ppendEntryStreamRequest\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .potboiler.v1.AppendEntryRequest\"\x98\x01\n\x17SerializedAppendRequest\x12\x46\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x35.potboiler.v1.SerializedAppendRequest.SerializedEntry\x1a\x35\n\x0fSerializedEntry\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x64\x65pendencies\x18\x02 \x03(\t\"O\n\x19\x41ppendEntryStreamResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.potboiler.v1.AppendEntryResponse\"\x1d\n\x0fGetEntryRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x10GetEntryResponse\x12\"\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x13.potboiler.v1.Entry\"\x12\n\x10ListHeadsRequest\"B\n\x07LogHead\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05\x66irst\x18\x02 \x01(\t\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"9\n\x11ListHeadsResponse\x12$\n\x05heads\x18\x01 \x03(\x0b\x32\x15.potboiler.v1.LogHead\"V\n\x17SubscribeEntriesRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x04\x12\x11\n\tmax_batch\x18\x02 \x01(\r\x12\x10\n\x08\x61\x66ter_id\x18\x03 \x01(\t\"F\n\x0e\x44\x65liveredEntry\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\"\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x13.potboiler.v1.Entry\"I\n\x18SubscribeEntriesResponse\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.potboiler.v1.DeliveredEntry2\xa2\x04\n\nLogService\x12R\n\x0b\x41ppendEntry\x12 .potboiler.v1.AppendEntryRequest\x1a!.potboiler.v1.AppendEntryResponse\x12X\n\rAppendEntries\x12\".potboiler.v1.AppendEntriesRequest\x1a#.potboiler.v1.AppendEntriesResponse\x12h\n\x11\x41ppendEntryStream\x12&.potboiler.v1.AppendEntryStreamRequest\x1a\'.potboiler.v1.AppendEntryStreamResponse(\x01\x30\x01\x12I\n\x08GetEntry\x12\x1d.potboiler.v1.GetEntryRequest\x1a\x1e.potboiler.v1.GetEntryResponse\x12L\n\tListHeads\x12\x1e.potboiler.v1.ListHeadsRequest\x1a\x1f.potboiler.v1.ListHeadsResponse\x12\x63\n\x10SubscribeEntries\x12%.potboiler.v1.SubscribeEntriesRequest\x1a&.potboiler.v1.SubscribeEntriesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,24 +43,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDENTRIESRESPONSE']._serialized_end=418
   _globals['_APPENDENTRYSTREAMREQUEST']._serialized_start=420
   _globals['_APPENDENTRYSTREAMREQUEST']._serialized_end=497
-  _globals['_APPENDENTRYSTREAMRESPONSE']._serialized_start=499
-  _globals['_APPENDENTRYSTREAMRESPONSE']._serialized_end=578
-  _globals['_GETENTRYREQUEST']._serialized_start=580
-  _globals['_GETENTRYREQUEST']._serialized_end=609
-  _globals['_GETENTRYRESPONSE']._serialized_start=611
-  _globals['_GETENTRYRESPONSE']._serialized_end=665
-  _globals['_LISTHEADSREQUEST']._serialized_start=667
-  _globals['_LISTHEADSREQUEST']._serialized_end=685
-  _globals['_LOGHEAD']._serialized_start=687
-  _globals['_LOGHEAD']._serialized_end=753
-  _globals['_LISTHEADSRESPONSE']._serialized_start=755
-  _globals['_LISTHEADSRESPONSE']._serialized_end=812
-  _globals['_SUBSCRIBEENTRIESREQUEST']._serialized_start=814
-  _globals['_SUBSCRIBEENTRIESREQUEST']._serialized_end=900
-  _globals['_DELIVEREDENTRY']._serialized_start=902
-  _globals['_DELIVEREDENTRY']._serialized_end=972
-  _globals['_SUBSCRIBEENTRIESRESPONSE']._serialized_start=974
-  _globals['_SUBSCRIBEENTRIESRESPONSE']._serialized_end=1047
-  _globals['_LOGSERVICE']._serialized_start=1050
-  _globals['_LOGSERVICE']._serialized_end=1596
+  _globals['_SERIALIZEDAPPENDREQUEST']._serialized_start=500
+  _globals['_SERIALIZEDAPPENDREQUEST']._serialized_end=652
+  _globals['_SERIALIZEDAPPENDREQUEST_SERIALIZEDENTRY']._serialized_start=599
+  _globals['_SERIALIZEDAPPENDREQUEST_SERIALIZEDENTRY']._serialized_end=652
+  _globals['_APPENDENTRYSTREAMRESPONSE']._serialized_start=654
+  _globals['_APPENDENTRYSTREAMRESPONSE']._serialized_end=733
+  _globals['_GETENTRYREQUEST']._serialized_start=735
+  _globals['_GETENTRYREQUEST']._serialized_end=764
+  _globals['_GETENTRYRESPONSE']._serialized_start=766
+  _globals['_GETENTRYRESPONSE']._serialized_end=820
+  _globals['_LISTHEADSREQUEST']._serialized_start=822
+  _globals['_LISTHEADSREQUEST']._serialized_end=840
+  _globals['_LOGHEAD']._serialized_start=842
+  _globals['_LOGHEAD']._serialized_end=908
+  _globals['_LISTHEADSRESPONSE']._serialized_start=910
+  _globals['_LISTHEADSRESPONSE']._serialized_end=967
+  _globals['_SUBSCRIBEENTRIESREQUEST']._serialized_start=969
+  _globals['_SUBSCRIBEENTRIESREQUEST']._serialized_end=1055
+  _globals['_DELIVEREDENTRY']._serialized_start=1057
+  _globals['_DELIVEREDENTRY']._serialized_end=1127
+  _globals['_SUBSCRIBEENTRIESRESPONSE']._serialized_start=1129
+  _globals['_SUBSCRIBEENTRIESRESPONSE']._serialized_end=1202
+  _globals['_LOGSERVICE']._serialized_start=1205
+  _globals['_LOGSERVICE']._serialized_end=1751
 # @@protoc_insertion_point(module_scope)

@@ -158,6 +158,61 @@ class AppendEntryStreamRequest(_message.Message):
 Global___AppendEntryStreamRequest: _TypeAlias = AppendEntryStreamRequest  # noqa: Y015
 
 @_typing.final
+class SerializedAppendRequest(_message.Message):
+    """An AppendEntriesRequest or AppendEntryStreamRequest (their one field is the
+    same) read with each entry's data left serialized: on the wire a message
+    field and `bytes` are alike. The node parses a request as its own type first,
+    which checks every field, then as this, and checks and stores each entry's
+    data from its bytes, never reading it into Values. Never sent as such.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SerializedEntry(_message.Message):
+        """One new entry, its data serialized."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        DATA_FIELD_NUMBER: _builtins.int
+        DEPENDENCIES_FIELD_NUMBER: _builtins.int
+        data: _builtins.bytes
+        """As AppendEntryRequest.data: a serialized google.protobuf.Value."""
+        @_builtins.property
+        def dependencies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+            """As AppendEntryRequest.dependencies."""
+
+        def __init__(
+            self,
+            *,
+            data: _builtins.bytes = ...,
+            dependencies: _abc.Iterable[_builtins.str] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dependencies", b"dependencies"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SerializedAppendRequest.SerializedEntry]:
+        """The entries of the request."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___SerializedAppendRequest.SerializedEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SerializedAppendRequest: _TypeAlias = SerializedAppendRequest  # noqa: Y015
+
+@_typing.final
 class AppendEntryStreamResponse(_message.Message):
     """The acknowledgement of one AppendEntryStreamRequest."""
 
