@@ -252,7 +252,7 @@ async def rebuild(data_dir: Path, events: int, scratch: Path) -> Json:
     try:
         target = node.log.position
         client = LocalLogClient(node.appender)
-        service = KvService(NodeContext(client, scratch, node.log.clock, False))
+        service = KvService(NodeContext(client, scratch, node.log.clock))
         progress(f"rebuilding KV state from {target} log entries")
         started = time.perf_counter()
         cpu_started = time.process_time()

@@ -65,9 +65,9 @@ class KvService:
     def __init__(self, context: NodeContext, store: Store | None = None) -> None:
         self._context = context
         self._store = store if store is not None else RocksStore(context.data_dir)
-        self.state = KvState(self._store, sync=context.fsync)
+        self.state = KvState(self._store)
         if discard_if_stale(context.log, self.state.position, self._store, "KV", STATE_FORMAT):
-            self.state = KvState(self._store, sync=context.fsync)
+            self.state = KvState(self._store)
         self._task: asyncio.Task[None] | None = None
         #: Readers waiting for this node's own entries to be applied, by the entry's seq.
         self._waiters: dict[int, asyncio.Future[None]] = {}

@@ -185,9 +185,8 @@ class EventFailed(Exception):
 class KvState:
     """The KV tables of one node in its own store. Single writer: `apply_batch` is called by one task."""
 
-    def __init__(self, store: Store, *, sync: bool = False) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._sync = sync
         raw = store.get(CURSOR_KEY)
         self._position = _U64.unpack(raw)[0] if raw is not None else 0
         self._tables: dict[str, TableInfo] = {}
@@ -530,7 +529,7 @@ class KvState:
         writes: list[Write] = [(k, encode(state)) for k, state in states.items()]
         writes.append((CURSOR_KEY, _U64.pack(last)))
         try:
-            self._store.write(writes, sync=self._sync)
+            self._store.write(writes)
         except BaseException:
             self._forget_cache()  # it may hold states that were not written
             raise

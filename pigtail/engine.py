@@ -157,13 +157,10 @@ def _share_of(count: int, index: int) -> Callable[[str], bool]:
 class Pigtail:
     """The task queues of one node."""
 
-    def __init__(
-        self, log_client: LogClient, store: Store, clock: HybridClock, *, sync: bool = False
-    ) -> None:
+    def __init__(self, log_client: LogClient, store: Store, clock: HybridClock) -> None:
         self._log = log_client
         self._store = store
         self._clock = clock
-        self._sync = sync
         self.state = PigtailState(store)
         if discard_if_stale(log_client, self.state.cursor, store, "Pigtail", STATE_FORMAT):
             self.state = PigtailState(store)
@@ -183,8 +180,6 @@ class Pigtail:
         #: waiting task may become claimable then (a due time or a lease end: time alone does it).
         self._timers: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._applier: asyncio.Task[None] | None = None
-        #: The newest synced store write (it runs in a thread, which a cancellation does not stop).
-        self._writing: asyncio.Future[None] | None = None
         self._linger = Linger(APPLY_LINGER_S)
         #: Failed tries at planning the entry at one position (see `_apply`).
         self._plan_failures = Attempts()
@@ -212,8 +207,6 @@ class Pigtail:
             applier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await applier
-        if self._writing is not None:
-            await asyncio.gather(self._writing, return_exceptions=True)
         for future in self._waiters.values():
             if not future.done():
                 future.set_exception(Unavailable("the node is stopping"))
@@ -288,14 +281,7 @@ class Pigtail:
 
     async def _write(self, applied: Applied) -> None:
         """Store a planned batch, then make it the current state and wake who waits for it."""
-        if self._sync:
-            # Shielded and kept: a stop meanwhile waits for the thread's write before the store closes.
-            self._writing = asyncio.ensure_future(
-                asyncio.to_thread(self._store.write, applied.writes, sync=True)
-            )
-            await asyncio.shield(self._writing)
-        else:
-            self._store.write(applied.writes)
+        self._store.write(applied.writes)
         changed = applied.queues.keys() | {queue for queue, _ in applied.keys}
         before = {name: self.state.queue(name) for name in changed}
         self.state.adopt(applied)

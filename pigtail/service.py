@@ -20,7 +20,7 @@ class PigtailService:
 
     def __init__(self, context: NodeContext) -> None:
         self._store = RocksStore(context.data_dir)
-        self.pigtail = Pigtail(context.log, self._store, context.clock, sync=context.fsync)
+        self.pigtail = Pigtail(context.log, self._store, context.clock)
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         pigtail_pb2_grpc.add_PigtailServiceServicer_to_server(PigtailServicer(self.pigtail), server)

@@ -514,11 +514,10 @@ class PigtailState:
         self,
         batch: Sequence[tuple[int, Entry]],
         *,
-        sync: bool = False,
         promises: Mapping[str, Promise] | None = None,
     ) -> Applied:
         """Plan, write and adopt a batch in one go."""
         applied = self.plan(DeliveredBatch.parsed(batch), promises)
-        self._store.write(applied.writes, sync=sync)
+        self._store.write(applied.writes)
         self.adopt(applied)
         return applied

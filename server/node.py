@@ -211,10 +211,9 @@ class Node:
             log=LocalLogClient(self.appender),
             data_dir=config.data_dir,
             clock=self.log.clock,
-            fsync=config.fsync,
         )
         for name, factory in config.services:
-            service = factory(NodeContext(context.log, config.data_dir / name, context.clock, context.fsync))
+            service = factory(NodeContext(context.log, config.data_dir / name, context.clock))
             names += service.register(ours)
             self.services[name] = service
         health_pb2_grpc.add_HealthServicer_to_server(self._health, ours)

@@ -14,14 +14,15 @@ from potboiler.server.logclient import LogClient
 
 @dataclass(frozen=True)
 class NodeContext:
-    """What a node gives each of its services."""
+    """What a node gives each of its services. A service's state is made from the log, which holds
+    every acknowledged write (synced with --fsync): its own store's writes need not be synced, as a
+    state that lost its last writes catches up from the log again (and one ahead of the log, which
+    lost writes without --fsync, is rebuilt from it: see `potboiler.server.logclient.discard_if_stale`)."""
 
     log: LogClient
     #: A directory of the service's own (its RocksDB store lives there).
     data_dir: Path
     clock: HybridClock
-    #: Sync every write of the service's store (the node's --fsync).
-    fsync: bool
 
 
 class NodeService(Protocol):

@@ -26,7 +26,7 @@ WAIT = 1.0
 async def kv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[KvService, FakeLog]]:
     monkeypatch.setattr(kv_service, "APPLY_WAIT", WAIT)
     log = FakeLog(HybridClock())
-    service = KvService(NodeContext(log, tmp_path, log.clock, False), store=MemoryStore())
+    service = KvService(NodeContext(log, tmp_path, log.clock), store=MemoryStore())
     await service.start()
     try:
         yield service, log
@@ -103,7 +103,7 @@ async def test_reads_after_a_restart_show_the_writes_answered_before_it(
     monkeypatch.setattr(kv_service, "APPLY_WAIT", WAIT)
     log = FakeLog(HybridClock())
     store = MemoryStore()
-    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    first = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     await first.start()
     await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
     await asyncio.wait_for(first.current(), WAIT / 2)
@@ -112,7 +112,7 @@ async def test_reads_after_a_restart_show_the_writes_answered_before_it(
     assert first._task is not None
     first._task.cancel()  # the node stops (its store stays as it was)
     log.release()  # delivered by the time the node is back
-    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    again = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     await again.start()
     try:
         async with asyncio.timeout(WAIT / 2):
@@ -127,7 +127,7 @@ async def applied_then_lost(tmp_path: Path) -> tuple[FakeLog, MemoryStore]:
     a log that came back without the write: the state is ahead of the log."""
     log = FakeLog(HybridClock())
     store = MemoryStore()
-    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    first = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     await first.start()
     await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "LWW"}))
     await first.write(first.state.plan_write("t", "lost", "set", 1))
@@ -145,7 +145,7 @@ async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
     """The log lost entries the KV state had applied (a power cut without --fsync): on start, the
     state is rebuilt from the log as it is, not resumed past entries that will take those positions."""
     log, store = await applied_then_lost(tmp_path)
-    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    again = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     assert "rebuilding the KV state from the log" in caplog.text
     await again.start()
     try:
@@ -162,7 +162,7 @@ async def test_a_rebuild_cut_short_is_made_again_on_the_next_start(tmp_path: Pat
     and left states: the next start clears again, though the cursor is no longer ahead of the log."""
     log, store = await applied_then_lost(tmp_path)
     store.write([(b"\x00clearing", b""), (CURSOR_KEY, None)])  # as a clear cut short leaves it
-    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    again = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     await again.start()
     try:
         state = await asyncio.wait_for(again.current(), WAIT)
@@ -179,7 +179,7 @@ async def test_a_state_written_by_older_code_is_rebuilt_from_the_log(
     nothing created): at start it is applied again from the log, which makes them as this code does."""
     log = FakeLog(HybridClock())
     store = MemoryStore()
-    first = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    first = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     await first.start()
     await first.write(first.state.plan_write("_config", "t", "set", {"crdt": "ORSET"}))
     await first.write(first.state.plan_write("t", "k", "add", {"item": "x", "key": "a"}))
@@ -193,7 +193,7 @@ async def test_a_state_written_by_older_code_is_rebuilt_from_the_log(
             (state_key(CrdtType.ORSET, "t", "ghost"), store.get(state_key(CrdtType.ORSET, "t", "k"))),
         ]
     )
-    again = KvService(NodeContext(log, tmp_path, log.clock, False), store=store)
+    again = KvService(NodeContext(log, tmp_path, log.clock), store=store)
     assert "written in format 1, and this node's code writes format 2" in caplog.text
     await again.start()
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import threading
 import uuid
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -1210,35 +1209,6 @@ async def test_a_state_ahead_of_the_log_is_rebuilt_from_it(
         await h.pigtail.get_task("q", lost)
     kept = await h.add()  # takes position 2
     assert (await h.pigtail.get_task("q", kept))["state"] == "pending"
-
-
-async def test_stop_waits_for_a_synced_write_in_flight() -> None:
-    """With --fsync the applier writes in a thread, which cancelling it does not stop: stop() returns
-    only once that write is done (the service closes the store next)."""
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowStore(MemoryStore):
-        def write(self, batch: Sequence[Write], *, sync: bool = False) -> None:
-            if sync:
-                entered.set()
-                release.wait(10)
-            super().write(batch, sync=sync)
-
-    clock = HybridClock()
-    log = FakeLog(clock)
-    store = SlowStore()
-    pigtail = Pigtail(log, store, clock, sync=True)
-    await pigtail.start()
-    creating = asyncio.create_task(pigtail.create_queue("q", 1000))
-    await asyncio.to_thread(entered.wait, 10)
-    stopping = asyncio.create_task(pigtail.stop())
-    await asyncio.sleep(0.05)
-    assert not stopping.done()  # the write is still in its thread
-    release.set()
-    await asyncio.wait_for(stopping, 5)
-    assert store.get(b"c") is not None  # the write, cursor included, was made before stop returned
-    creating.cancel()
-    await asyncio.gather(creating, return_exceptions=True)
 
 
 async def test_a_state_rebuilt_from_the_log_is_caught_up_before_it_answers(h: Harness) -> None:
