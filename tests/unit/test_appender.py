@@ -126,7 +126,8 @@ async def test_a_failing_commit_listener_fails_nothing_and_delivery_goes_on(
         await subscription.aclose()
 
 
-async def test_entries_waiting_for_one_are_delivered_over_several_writes_the_loop_turning_between() -> None:
+async def a_chain_waiting_for_one() -> tuple[Entry, list[Entry]]:
+    """An entry of one node, and 10 entries of another node's chain, the first depending on it."""
     async with started() as origin, started() as writer:
         [awaited] = full(await origin.append([NewEntry(Value(number_value=0).SerializeToString())]))
         chain = full(
@@ -137,35 +138,31 @@ async def test_entries_waiting_for_one_are_delivered_over_several_writes_the_loo
         chain += full(
             await writer.append([NewEntry(Value(number_value=n).SerializeToString()) for n in range(2, 11)])
         )
-        store = MemoryStore()
-        appender = Appender(Log(store, cascade_budget=3), store)
-        appender.start()
-        try:
-            await appender.ingest(chain)
-            assert appender.log.pending == 10
-            batches = appender.batches
-            async with loop_turns() as turns:
-                await appender.ingest([awaited])  # 1 + 3 delivered by this write, the rest by three more
-                assert appender.log.position == 4
-                assert await appender.wait_delivered(10, timeout=10)
-            assert appender.batches - batches == 4
-            assert turns.count >= 3
-            assert [e.id for _, e in appender.delivered(0, 20)] == [awaited.id, *(e.id for e in chain)]
-        finally:
-            await appender.stop()
+    return awaited, chain
+
+
+async def test_entries_waiting_for_one_are_delivered_over_several_writes_the_loop_turning_between() -> None:
+    awaited, chain = await a_chain_waiting_for_one()
+    store = MemoryStore()
+    appender = Appender(Log(store, cascade_budget=3), store)
+    appender.start()
+    try:
+        await appender.ingest(chain)
+        assert appender.log.pending == 10
+        batches = appender.batches
+        async with loop_turns() as turns:
+            await appender.ingest([awaited])  # 1 + 3 delivered by this write, the rest by three more
+            assert appender.log.position == 4
+            assert await appender.wait_delivered(10, timeout=10)
+        assert appender.batches - batches == 4
+        assert turns.count >= 3
+        assert [e.id for _, e in appender.delivered(0, 20)] == [awaited.id, *(e.id for e in chain)]
+    finally:
+        await appender.stop()
 
 
 async def test_a_restarted_writer_delivers_what_its_last_run_left_deliverable() -> None:
-    async with started() as origin, started() as writer:
-        [awaited] = full(await origin.append([NewEntry(Value(number_value=0).SerializeToString())]))
-        chain = full(
-            await writer.append(
-                [NewEntry(Value(number_value=1).SerializeToString(), (parse_uuid(awaited.id),))]
-            )
-        )
-        chain += full(
-            await writer.append([NewEntry(Value(number_value=n).SerializeToString()) for n in range(2, 11)])
-        )
+    awaited, chain = await a_chain_waiting_for_one()
     store = MemoryStore()
     log = Log(store, cascade_budget=3)
     for entries in (chain, [awaited]):  # as a writer that stops right after the second write
