@@ -66,13 +66,14 @@ class DeliveredBatch:
 
     def newest_of_each_owner(self) -> dict[str, Entry]:
         """The last entry of each owner in the batch: its newest, as each owner's entries come in
-        chain order. A stretch of one owner's chain (this node's own appends, a catch-up) is told
-        from the entries' shapes, and only its last entry parsed."""
-        owner = run_owner(self.blobs)
-        if owner is not None:
-            return {
-                owner: self.entries[-1][1] if self._pairs is not None else Entry.FromString(self.blobs[-1])
-            }
+        chain order. Entries parsed already (those received from peers) are read; of entries not
+        parsed (this node's own), a stretch of one owner's chain is told from the entries' shapes,
+        and only its last entry parsed."""
+        parsed = self._parsed
+        if self._pairs is None and (parsed is None or None in parsed):
+            owner = run_owner(self.blobs)
+            if owner is not None:
+                return {owner: Entry.FromString(self.blobs[-1])}
         return newest_of_each_owner([entry for _, entry in self.entries])
 
     def __len__(self) -> int:

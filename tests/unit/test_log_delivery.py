@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from potboiler.server.entries import NewEntry
+from potboiler.server.entry_batches import newest_of_each_owner
 from potboiler.server.errors import Unavailable
 from potboiler.server.ids import parse_uuid
 from potboiler.server.log import CASCADE_BUDGET, Log
@@ -228,3 +229,6 @@ def test_the_newest_entry_of_each_owner_in_a_batch() -> None:
     assert stretch.newest_of_each_owner() == {a.node_id: a2}
     mixed = DeliveredBatch.parsed([(1, a1), (2, b1), (3, a2)])
     assert mixed.newest_of_each_owner() == {a.node_id: a2, b.node_id: b1}
+    for pairs in ([(1, a1), (2, a2)], [(1, a1), (2, b1), (3, a2)]):  # none parsed yet
+        unparsed = DeliveredBatch([p for p, _ in pairs], [e.SerializeToString() for _, e in pairs])
+        assert unparsed.newest_of_each_owner() == newest_of_each_owner([e for _, e in pairs])
