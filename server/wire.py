@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 #: Field keys (field number << 3 | wire type 2, length-delimited; 0, varint).
 _RESPONSE_ENTRIES = b"\x0a"  # SubscribeEntriesResponse.entries = 1
@@ -69,6 +69,15 @@ def _text(key: bytes, text: bytes) -> bytes:
     return key + varint(len(text)) + text
 
 
+def _stamps(stamp: tuple[int, int], count: int) -> Iterator[bytes]:
+    """The serialized `HlcTimestamp`s of `count` stamps from `stamp` (wall_ms, logical) on, logical
+    counting up."""
+    wall_ms, logical = stamp
+    wall = _WHEN_WALL_MS + varint(wall_ms) if wall_ms else b""
+    for n in range(logical, logical + count):
+        yield wall + _WHEN_LOGICAL + varint(n) if n else wall
+
+
 def new_entries(
     owner: str,
     first_seq: int,
@@ -83,16 +92,14 @@ def new_entries(
     (wall_ms, logical) with logical counting up, the serialized `Value` of each one's data, and its
     dependencies. The bytes are exactly those `Entry.SerializeToString` writes: fields in number
     order, those with default values left out, nothing for `next` (no new entry has one)."""
-    wall_ms, logical = stamp
-    wall = _WHEN_WALL_MS + varint(wall_ms) if wall_ms else b""
     owner_field = _text(_ENTRY_OWNER, owner.encode()) if owner else b""
     previous = _text(_ENTRY_PREV, prev.encode()) if prev else b""
     out = []
     seq = first_seq
-    for entry_id, value, deps in zip(ids, data, dependencies, strict=True):
-        when = wall + _WHEN_LOGICAL + varint(logical) if logical else wall
+    for entry_id, when, value, deps in zip(ids, _stamps(stamp, len(ids)), data, dependencies, strict=True):
+        text = entry_id.encode()
         parts = [
-            _text(_ENTRY_ID, entry_id.encode()),
+            _text(_ENTRY_ID, text),
             owner_field,
             _ENTRY_SEQ + varint(seq) if seq else b"",
             previous,
@@ -102,9 +109,8 @@ def new_entries(
         if deps:
             parts += [_text(_ENTRY_DEPENDENCY, d.encode()) for d in deps]
         out.append(b"".join(parts))
-        previous = _text(_ENTRY_PREV, entry_id.encode())
+        previous = _text(_ENTRY_PREV, text)
         seq += 1
-        logical += 1
     return out
 
 
@@ -112,12 +118,9 @@ def append_acks(ids: Sequence[str], first_seq: int, stamp: tuple[int, int]) -> b
     """A serialized `AppendEntriesResponse` (or `AppendEntryStreamResponse`: the same field)
     acknowledging entries appended with the ids `ids`, seqs from `first_seq` on and stamps from
     `stamp` (wall_ms, logical) with logical counting up."""
-    wall_ms, logical = stamp
-    wall = _WHEN_WALL_MS + varint(wall_ms) if wall_ms else b""
     parts: list[bytes] = []
     seq = first_seq
-    for entry_id in ids:
-        when = wall + _WHEN_LOGICAL + varint(logical) if logical else wall
+    for entry_id, when in zip(ids, _stamps(stamp, len(ids)), strict=True):
         ack = b"".join(
             (
                 _text(_ACK_ID, entry_id.encode()) if entry_id else b"",
@@ -127,5 +130,4 @@ def append_acks(ids: Sequence[str], first_seq: int, stamp: tuple[int, int]) -> b
         )
         parts += (_ACKS_ENTRIES, varint(len(ack)), ack)
         seq += 1
-        logical += 1
     return b"".join(parts)
