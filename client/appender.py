@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -38,14 +38,18 @@ from google.protobuf.struct_pb2 import Value
 
 from potboiler.server.entries import MAX_DEPTH, validate_new_entry
 from potboiler.server.jsonvalue import JSON, checked_value
-from potboiler.v1 import log_pb2, log_pb2_grpc
+from potboiler.server.wire import append_request, append_stream_request
+from potboiler.v1 import log_pb2
 
 #: Most entries sent in one message, and about the most bytes of entries (the node takes 10,000
 #: entries and 64 MiB per message).
 MAX_ENTRIES = 1000
 MAX_BYTES = 4 << 20
 
-_Call = grpc.aio.StreamStreamCall[log_pb2.AppendEntryStreamRequest, log_pb2.AppendEntryStreamResponse]
+#: The stream's messages are written as bytes (see `potboiler.server.wire`), so the call is made
+#: without the generated stub's serializer.
+_METHOD = "/{}/AppendEntryStream".format(log_pb2.DESCRIPTOR.services_by_name["LogService"].full_name)
+_Call = grpc.aio.StreamStreamCall[bytes, log_pb2.AppendEntryStreamResponse]
 #: What grpc.aio raises on a call that has ended (its status, a usage error, or InvalidStateError
 #: "RPC already finished") when it is written to afterwards.
 _CALL_ENDED = (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError)
@@ -53,9 +57,9 @@ _CALL_ENDED = (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageEr
 
 @dataclass(eq=False)
 class _Append:
-    request: log_pb2.AppendEntryRequest
+    #: The serialized AppendEntryRequest.
+    request: bytes
     done: asyncio.Future[log_pb2.AppendEntryResponse]
-    size: int
 
 
 class StreamAppender:
@@ -63,7 +67,11 @@ class StreamAppender:
     async context manager, or call :meth:`close` when done."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = log_pb2_grpc.LogServiceStub(channel)
+        self._open: Callable[[], _Call] = channel.stream_stream(
+            _METHOD,
+            request_serializer=None,
+            response_deserializer=log_pb2.AppendEntryStreamResponse.FromString,
+        )
         self._waiting: deque[_Append] = deque()
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -94,9 +102,8 @@ class StreamAppender:
             raise TypeError("dependencies are a list of entry ids, not one string")
         dependencies = list(dependencies)
         value = data if isinstance(data, Value) else checked_value(data, MAX_DEPTH)
-        validate_new_entry(value, dependencies)
-        request = log_pb2.AppendEntryRequest(data=value, dependencies=dependencies)
-        item = _Append(request, asyncio.get_running_loop().create_future(), request.ByteSize())
+        entry = validate_new_entry(value, dependencies)
+        item = _Append(append_request(entry.data, dependencies), asyncio.get_running_loop().create_future())
         self._waiting.append(item)
         self._wake.set()
         runner = self._runner
@@ -139,7 +146,7 @@ class StreamAppender:
     async def _stream(self) -> None:
         sent: deque[list[_Append]] = deque()
         try:
-            call = self._stub.AppendEntryStream()
+            call = self._open()
         except Exception as error:  # no stream (the channel is closed, for one): no append made
             self._fail(error, sent)
             return
@@ -195,7 +202,7 @@ class StreamAppender:
             if not batch:
                 continue
             sent.append(batch)
-            await call.write(log_pb2.AppendEntryStreamRequest(entries=[item.request for item in batch]))
+            await call.write(append_stream_request([item.request for item in batch]))
 
     def _take(self, unacknowledged: int) -> list[_Append]:
         """The next message's appends (those whose caller gave up before they were sent are dropped):
@@ -209,10 +216,10 @@ class StreamAppender:
             if item.done.done():
                 waiting.popleft()
                 continue
-            if batch and size + item.size > MAX_BYTES:
+            if batch and size + len(item.request) > MAX_BYTES:
                 break
             batch.append(waiting.popleft())
-            size += item.size
+            size += len(item.request)
         return batch
 
     def _fail(self, error: Exception, sent: deque[list[_Append]]) -> None:

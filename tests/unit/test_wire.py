@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from potboiler.server.entries import Appended, AppendedEntries
 from potboiler.server.hlc import Stamp
-from potboiler.server.wire import append_acks, new_entries, subscribe_entries_response, varint
+from potboiler.server.wire import (
+    append_acks,
+    append_request,
+    append_stream_request,
+    new_entries,
+    subscribe_entries_response,
+    varint,
+)
 from potboiler.v1 import log_pb2
 from potboiler.v1.entry_pb2 import Entry
 
@@ -109,6 +116,21 @@ def test_append_acks_are_what_protobuf_serializes(
         ack.when.wall_ms = wall_ms
         ack.when.logical = logical + i
     assert append_acks(ids, first_seq, (wall_ms, logical)) == response.SerializeToString()
+
+
+@given(new=st.lists(st.tuples(json_values, st.lists(st.uuids().map(str), max_size=3)), max_size=5))
+def test_append_stream_requests_are_what_protobuf_serializes(new: list[tuple[object, list[str]]]) -> None:
+    data = [json_format.ParseDict(value, Value()) for value, _ in new]
+    built = append_stream_request(
+        [append_request(d.SerializeToString(), deps) for d, (_, deps) in zip(data, new, strict=True)]
+    )
+    expected = log_pb2.AppendEntryStreamRequest(
+        entries=[
+            log_pb2.AppendEntryRequest(data=d, dependencies=deps)
+            for d, (_, deps) in zip(data, new, strict=True)
+        ]
+    )
+    assert built == expected.SerializeToString()
 
 
 def test_appended_entries_are_a_sequence_of_appended() -> None:
