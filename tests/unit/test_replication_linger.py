@@ -1,5 +1,6 @@
 """How long a replication session waits after a message before sending the next (Session._linger):
-until LINGER_ENTRIES of this node's own entries are ready, or the replicator's linger is over."""
+until LINGER_ENTRIES of this node's own entries are ready and LINGER_GAP has passed, or the
+replicator's linger is over."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import contextlib
 from types import SimpleNamespace
 from typing import Any
 
-from potboiler.server.replication_session import LINGER_ENTRIES, Session
+import pytest
+
+from potboiler.server import replication_session
+from potboiler.server.replication_session import LINGER_ENTRIES, LINGER_GAP, Session
 from potboiler.v1 import replication_pb2
 
 ME = "me"
@@ -48,10 +52,22 @@ async def test_the_wait_ends_once_enough_entries_are_ready() -> None:
     await asyncio.wait_for(waiting, 5.0)
 
 
-async def test_the_wait_ends_at_once_when_enough_are_ready_already() -> None:
+async def test_with_enough_ready_already_the_wait_ends_after_the_gap() -> None:
+    """Under a load that readies LINGER_ENTRIES at once, messages still leave LINGER_GAP apart
+    (carrying more entries each)."""
     s, own = session(sent=10)
     own.seq += LINGER_ENTRIES
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     await asyncio.wait_for(s._linger(60.0), 5.0)
+    assert loop.time() - began >= LINGER_GAP
+
+
+async def test_a_linger_shorter_than_the_gap_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replication_session, "LINGER_GAP", 60.0)
+    s, own = session(sent=10)
+    own.seq += LINGER_ENTRIES
+    await asyncio.wait_for(s._linger(0.01), 5.0)
 
 
 async def test_what_the_peer_acknowledged_is_not_counted_as_ready() -> None:
