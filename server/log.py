@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from potboiler.server import wire
 from potboiler.server.entries import AppendedEntries, NewEntry
-from potboiler.server.entry_batches import run_owner
+from potboiler.server.entry_batches import parsed_run_owner
 from potboiler.server.errors import Conflict, InvalidArgument, NotFound, OutOfRange, Unavailable, quoted
 from potboiler.server.hlc import HybridClock, Stamp
 from potboiler.server.ids import canonical_uuid, new_uuid, new_uuids, parse_uuid, parse_uuids, uuid_str
@@ -473,7 +473,7 @@ class Log:
         count = len(entries)
         if not count or len(blobs) != count:
             return None
-        owner_text = run_owner(blobs)
+        owner_text = parsed_run_owner(entries)
         first_seq = entries[0].seq
         if owner_text is None or [e.seq for e in entries] != list(range(first_seq, first_seq + count)):
             return None

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potboiler.server.entries import NewEntry
-from potboiler.server.entry_batches import run_owner
+from potboiler.server.entry_batches import parsed_run_owner, run_owner
 from potboiler.server.errors import InvalidArgument
 from potboiler.server.ids import parse_uuid, parse_uuids
 from potboiler.server.log import Log
@@ -247,7 +247,7 @@ def naive_run_owner(entries: Sequence[Entry]) -> str | None:
         max_size=8,
     )
 )
-def test_run_owner_is_the_one_owner_of_plain_entries(picks: list[tuple[int, str]]) -> None:
+def test_run_owner_is_the_one_owner_of_plain_entries_read_either_way(picks: list[tuple[int, str]]) -> None:
     entries = []
     for i, change in picks:
         entry = copy(CHAIN[i])
@@ -265,6 +265,7 @@ def test_run_owner_is_the_one_owner_of_plain_entries(picks: list[tuple[int, str]
             entry.dependencies.extend([CHAIN[0].id, CHAIN[1].id])
         entries.append(entry)
     assert run_owner([e.SerializeToString() for e in entries]) == naive_run_owner(entries)
+    assert parsed_run_owner(entries) == naive_run_owner(entries)
 
 
 def test_run_owner_of_no_entries_or_of_bytes_that_are_not_entries_is_none() -> None:
